@@ -1,0 +1,516 @@
+#include "daemon/server.h"
+
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <unordered_map>
+
+#include "stmux/control.h"
+#include "stmux/json.h"
+#include "stmux/log.h"
+
+namespace stmux::daemon {
+namespace {
+
+// While busy, the control socket and doorbells are looked at this often.
+constexpr std::uint64_t kControlPeriodNs = 100'000;
+// Requests taken from one client's ring before moving to the next.
+constexpr int kBurst = 64;
+
+enum Tag : std::uint64_t {
+  kTagListen = 1,
+  kTagPending,
+  kTagSocket,
+  kTagDoorbell,
+  kTagSinkWake,
+  kTagStop
+};
+
+std::uint64_t tag(Tag kind, std::uint64_t id) {
+  return (std::uint64_t{kind} << 56) | id;
+}
+Tag tagKind(std::uint64_t value) {
+  return static_cast<Tag>(value >> 56);
+}
+std::uint64_t tagId(std::uint64_t value) {
+  return value & ((std::uint64_t{1} << 56) - 1);
+}
+
+void epollAdd(int epoll, int fd, std::uint32_t events, std::uint64_t data) {
+  epoll_event event{};
+  event.events = events;
+  event.data.u64 = data;
+  if (::epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &event) != 0) {
+    STMUX_ERROR(kTransport, "epoll_ctl(ADD, fd {}) failed: {}", fd, std::strerror(errno));
+  }
+}
+
+void epollDel(int epoll, int fd) {
+  if (fd >= 0) ::epoll_ctl(epoll, EPOLL_CTL_DEL, fd, nullptr);
+}
+
+void drainEventfd(int fd) {
+  std::uint64_t value;
+  while (::read(fd, &value, sizeof(value)) > 0) {
+  }
+}
+
+}  // namespace
+
+struct Server::Pending {
+  std::uint64_t id = 0;
+  UniqueFd socket;
+  std::uint64_t deadline_ns = 0;
+};
+
+Server::Server(ServerOptions options, RequestSink& sink)
+    : options_(std::move(options)),
+      sink_(sink),
+      layout_(SegmentLayout::compute(options_.slots)),
+      stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+void Server::requestStop() {
+  stop_.store(true, std::memory_order_relaxed);
+  const std::uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(stop_fd_.get(), &one, sizeof(one));
+}
+
+Server::~Server() {
+  if (listen_.valid()) ::unlink(options_.socket_path.c_str());
+}
+
+Status Server::listen() {
+  auto address = socketAddress(options_.socket_path);
+  if (!address) return address.status();
+  const auto* addr = reinterpret_cast<const sockaddr*>(&address.value());
+
+  // Is somebody answering on this path already?
+  {
+    UniqueFd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    if (::connect(probe.get(), addr, sizeof(sockaddr_un)) == 0) {
+      return Status::error(
+          fmt::format("another stmuxd is already listening on {}", options_.socket_path));
+    }
+    struct stat st {};
+    if (::lstat(options_.socket_path.c_str(), &st) == 0) {
+      if (!S_ISSOCK(st.st_mode)) {
+        return Status::error(fmt::format("{} exists and is not a socket; refusing to replace it",
+                                         options_.socket_path));
+      }
+      STMUX_INFO(kTransport, "removing stale socket {}", options_.socket_path);
+      ::unlink(options_.socket_path.c_str());
+    }
+  }
+
+  listen_.reset(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!listen_.valid()) {
+    return Status::error(fmt::format("socket() failed: {}", std::strerror(errno)));
+  }
+  if (::bind(listen_.get(), addr, sizeof(sockaddr_un)) != 0) {
+    const int err = errno;
+    listen_.reset();
+    return Status::error(fmt::format("cannot bind {}: {}{}", options_.socket_path,
+                                     std::strerror(err),
+                                     err == ENOENT ? " (does its directory exist?)" : ""));
+  }
+  // Tenants reach the daemon through group membership (README, systemd unit).
+  if (::chmod(options_.socket_path.c_str(), 0660) != 0) {
+    STMUX_WARN(kTransport, "chmod 0660 {} failed: {}", options_.socket_path, std::strerror(errno));
+  }
+  int rc;
+  STMUX_SYSCALL(rc, ::listen(listen_.get(), 128));
+  epoll_.reset(::epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll_.valid()) {
+    return Status::error(fmt::format("epoll_create1 failed: {}", std::strerror(errno)));
+  }
+  epollAdd(epoll_.get(), listen_.get(), EPOLLIN, tag(kTagListen, 0));
+  if (sink_.wakeFd() >= 0) epollAdd(epoll_.get(), sink_.wakeFd(), EPOLLIN, tag(kTagSinkWake, 0));
+  if (!stop_fd_.valid()) return Status::error(fmt::format("eventfd: {}", std::strerror(errno)));
+  epollAdd(epoll_.get(), stop_fd_.get(), EPOLLIN, tag(kTagStop, 0));
+  started_ns_ = nowNs();
+  STMUX_INFO(kTransport, "listening on {} ({} slots per client, segment {} bytes)",
+             options_.socket_path, layout_.slot_count, layout_.total_bytes);
+  return Status::okStatus();
+}
+
+void Server::run() {
+  std::uint64_t last_work = nowNs();
+  std::uint64_t last_control = 0;
+  while (true) {
+    std::uint64_t now = nowNs();
+    if (stop_.load(std::memory_order_relaxed) && !draining_) {
+      draining_ = true;
+      STMUX_INFO(kTransport, "draining: no new clients; finishing {} clients' work",
+                 clients_.size());
+      epollDel(epoll_.get(), listen_.get());
+      listen_.reset();
+      ::unlink(options_.socket_path.c_str());
+      for (const ClientPtr& client : clients_) {
+        client->view.header()->draining.store(1, std::memory_order_release);
+      }
+    }
+    bool progressed = drainRings(now);
+    std::uint64_t wake_at = 0;
+    progressed |= sink_.poll(now, wake_at);
+    if (draining_ && !progressed && !sink_.busy()) {
+      bool readable = false;
+      for (const ClientPtr& client : clients_)
+        readable |= client->ring.readable();
+      if (!readable) break;
+    }
+    if (progressed) {
+      last_work = now;
+    } else if (now - last_work >= options_.spin_ns) {
+      sleepUntil(wake_at);
+      last_work = nowNs();
+      last_control = last_work;
+      continue;
+    } else {
+      cpuRelax();
+    }
+    if (now - last_control >= kControlPeriodNs) {
+      handleEvents(0, 0);
+      expirePending(now);
+      last_control = now;
+    }
+  }
+  while (!clients_.empty())
+    detach(clients_.back(), "the daemon is shutting down");
+  pending_.clear();
+  STMUX_INFO(kTransport, "drained");
+}
+
+bool Server::drainRings(std::uint64_t now) {
+  bool any = false;
+  const std::size_t count = clients_.size();
+  for (std::size_t i = 0; i < count; ++i) {
+    const ClientPtr& client = clients_[(rotate_ + i) % count];
+    Request request;
+    for (int burst = 0; burst < kBurst && client->ring.tryPop(request); ++burst) {
+      any = true;
+      ++client->requests;
+      if (request.slot >= layout_.slot_count) {
+        if (client->bad_requests++ == 0) {
+          STMUX_WARN(kTransport, "client {} (pid {}) sent slot {} of {}; dropping such requests",
+                     client->id, client->pid, request.slot, layout_.slot_count);
+        }
+        continue;
+      }
+      sink_.onRequest(client, request, now);
+    }
+  }
+  ++rotate_;
+  return any;
+}
+
+bool Server::sleepUntil(std::uint64_t wake_at_ns) {
+  for (const ClientPtr& client : clients_) {
+    client->view.header()->consumer_sleeping.store(1, std::memory_order_relaxed);
+  }
+  // Pairs with the producer's fence between publishing and reading the flag.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  bool readable = false;
+  for (const ClientPtr& client : clients_)
+    readable |= client->ring.readable();
+  if (!readable) {
+    std::uint64_t deadline = wake_at_ns;
+    for (const auto& pending : pending_) {
+      if (deadline == 0 || pending->deadline_ns < deadline) deadline = pending->deadline_ns;
+    }
+    const std::uint64_t now = nowNs();
+    if (deadline == 0) {
+      handleEvents(-1, 0);
+    } else if (deadline > now) {
+      handleEvents(1, deadline - now);
+    } else {
+      handleEvents(0, 0);
+    }
+  }
+  for (const ClientPtr& client : clients_) {
+    client->view.header()->consumer_sleeping.store(0, std::memory_order_relaxed);
+  }
+  expirePending(nowNs());
+  return readable;
+}
+
+void Server::handleEvents(int mode, std::uint64_t timeout_ns) {
+  epoll_event events[64];
+  int ready;
+  if (mode == 1) {
+    timespec ts{static_cast<time_t>(timeout_ns / 1'000'000'000ull),
+                static_cast<long>(timeout_ns % 1'000'000'000ull)};
+    ready = ::epoll_pwait2(epoll_.get(), events, 64, &ts, nullptr);
+    if (ready < 0 && errno == ENOSYS) {
+      ready = ::epoll_wait(epoll_.get(), events, 64,
+                           static_cast<int>((timeout_ns + 999'999) / 1'000'000));
+    }
+  } else {
+    ready = ::epoll_wait(epoll_.get(), events, 64, mode);
+  }
+  if (ready < 0) {
+    if (errno != EINTR) STMUX_ERROR(kTransport, "epoll_wait failed: {}", std::strerror(errno));
+    return;
+  }
+  for (int i = 0; i < ready; ++i) {
+    const std::uint64_t data = events[i].data.u64;
+    const std::uint64_t id = tagId(data);
+    switch (tagKind(data)) {
+      case kTagListen:
+        acceptAll();
+        break;
+      case kTagSinkWake:
+        drainEventfd(sink_.wakeFd());
+        break;
+      case kTagStop:
+        break;  // run() looks at stop_ on its next turn
+      case kTagPending: {
+        auto it = std::find_if(pending_.begin(), pending_.end(),
+                               [id](const auto& p) { return p->id == id; });
+        if (it != pending_.end()) {
+          std::unique_ptr<Pending> pending = std::move(*it);
+          pending_.erase(it);
+          greet(*pending);
+        }
+        break;
+      }
+      case kTagSocket:
+      case kTagDoorbell: {
+        auto it = std::find_if(clients_.begin(), clients_.end(),
+                               [id](const ClientPtr& c) { return c->id == id; });
+        if (it == clients_.end()) break;
+        if (tagKind(data) == kTagDoorbell) {
+          drainEventfd((*it)->doorbell.get());
+        } else {
+          readClient(*it);
+        }
+        break;
+      }
+    }
+  }
+}
+
+void Server::acceptAll() {
+  while (listen_.valid()) {
+    UniqueFd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+    if (!fd.valid()) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        STMUX_WARN(kTransport, "accept failed: {}", std::strerror(errno));
+      }
+      return;
+    }
+    auto pending = std::make_unique<Pending>();
+    pending->id = next_id_++;
+    pending->deadline_ns = nowNs() + options_.hello_timeout_ns;
+    epollAdd(epoll_.get(), fd.get(), EPOLLIN | EPOLLRDHUP, tag(kTagPending, pending->id));
+    pending->socket = std::move(fd);
+    pending_.push_back(std::move(pending));
+  }
+}
+
+void Server::expirePending(std::uint64_t now) {
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    if ((*it)->deadline_ns <= now) {
+      STMUX_WARN(kTransport, "closing a connection that sent no hello within {} ms",
+                 options_.hello_timeout_ns / 1'000'000);
+      epollDel(epoll_.get(), (*it)->socket.get());
+      it = pending_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Server::refuse(int fd, const std::string& reason) {
+  STMUX_WARN(kTransport, "refusing a client: {}", reason);
+  auto msg = makeMessage<RefuseMsg>(MsgType::kRefuse);
+  msg.daemon_version = kProtocolVersion;
+  setField(msg.reason, reason);
+  (void)sendMessage(fd, &msg, sizeof(msg));
+}
+
+void Server::greet(Pending& pending) {
+  const int fd = pending.socket.get();
+  epollDel(epoll_.get(), fd);
+  auto received = recvMessage(fd, /*block=*/false);
+  if (!received || received->eof) return;  // gone before it said anything
+  if (received->would_block) {
+    // Spurious wake-up: keep waiting for the hello.
+    auto again = std::make_unique<Pending>(std::move(pending));
+    epollAdd(epoll_.get(), fd, EPOLLIN | EPOLLRDHUP, tag(kTagPending, again->id));
+    pending_.push_back(std::move(again));
+    return;
+  }
+  if (!received->fds.empty()) {
+    // Received's destructor closes them: a client hands the daemon nothing.
+    return refuse(fd, "a hello must not carry file descriptors");
+  }
+  MsgHeader header;
+  if (Status status = checkHeader(received.value(), header); !status.ok()) {
+    return refuse(fd, "malformed hello: " + status.message());
+  }
+  if (header.version != kProtocolVersion) {
+    return refuse(fd, fmt::format("protocol version mismatch: the client speaks {}, the daemon "
+                                  "speaks {}; use a libstmux.so and stmuxd of one release",
+                                  header.version, kProtocolVersion));
+  }
+  HelloMsg hello;
+  if (Status status = decodeMessage(received.value(), MsgType::kHello, hello); !status.ok()) {
+    return refuse(fd, "malformed hello: " + status.message());
+  }
+  ::ucred cred{};
+  socklen_t length = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0) {
+    return refuse(fd, fmt::format("cannot read peer credentials: {}", std::strerror(errno)));
+  }
+  switch (static_cast<Role>(hello.role)) {
+    case Role::kTenant:
+      return admitTenant(std::move(pending.socket), cred, hello);
+    case Role::kControl:
+      return answerControl(fd);
+  }
+  refuse(fd,
+         fmt::format("unknown role {} in hello; accepted: 1 (tenant), 2 (control)", hello.role));
+}
+
+void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& hello) {
+  const int fd = socket.get();
+  if (draining_) return refuse(fd, "the daemon is shutting down");
+  if (clients_.size() >= options_.max_clients) {
+    return refuse(fd, fmt::format("the daemon already serves its maximum of {} clients "
+                                  "(STMUX_MAX_CLIENTS)",
+                                  options_.max_clients));
+  }
+  auto client = std::make_shared<Client>();
+  client->id = next_id_++;
+  client->pid = cred.pid;
+  client->uid = cred.uid;
+  client->gid = cred.gid;
+  client->name = fieldString(hello.name);
+  client->attached_ns = nowNs();
+
+  // The segment: an anonymous memfd, sealed so the client cannot shrink it
+  // under the daemon's mapping (which would make the daemon fault).
+  UniqueFd memfd(::memfd_create("stmux-client", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!memfd.valid()) return refuse(fd, fmt::format("memfd_create: {}", std::strerror(errno)));
+  if (::ftruncate(memfd.get(), static_cast<off_t>(layout_.total_bytes)) != 0 ||
+      ::fcntl(memfd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return refuse(fd, fmt::format("cannot size and seal a segment: {}", std::strerror(errno)));
+  }
+  auto mapping = mapShared(memfd.get(), layout_.total_bytes);
+  if (!mapping) return refuse(fd, mapping.message());
+  initSegment(mapping->base(), layout_, client->id);
+  client->doorbell.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!client->doorbell.valid()) {
+    return refuse(fd, fmt::format("eventfd: {}", std::strerror(errno)));
+  }
+
+  auto welcome = makeMessage<WelcomeMsg>(MsgType::kWelcome);
+  welcome.client_id = client->id;
+  welcome.ring_capacity = layout_.ring_capacity;
+  welcome.slot_count = layout_.slot_count;
+  welcome.segment_bytes = layout_.total_bytes;
+  welcome.device_count = static_cast<std::uint32_t>(std::min(options_.devices.size(), kMaxDevices));
+  std::copy_n(options_.devices.begin(), welcome.device_count, welcome.devices);
+  const int fds[2] = {memfd.get(), client->doorbell.get()};
+  if (Status status = sendMessage(fd, &welcome, sizeof(welcome), fds, 2); !status.ok()) {
+    STMUX_WARN(kTransport, "could not welcome pid {}: {}", cred.pid, status.message());
+    return;
+  }
+  client->mapping = std::move(mapping).value();
+  client->view = SegmentView(client->mapping.base(), layout_);
+  client->ring = RingConsumer<Request>(client->view.cells(), layout_.ring_capacity);
+  client->socket = std::move(socket);
+  epollAdd(epoll_.get(), client->socket.get(), EPOLLIN | EPOLLRDHUP, tag(kTagSocket, client->id));
+  epollAdd(epoll_.get(), client->doorbell.get(), EPOLLIN, tag(kTagDoorbell, client->id));
+  clients_.push_back(client);
+  STMUX_INFO(kTransport, "client {} attached: pid {} ({}) uid {}", client->id, client->pid,
+             client->name, client->uid);
+  sink_.onAttach(client);
+}
+
+void Server::answerControl(int fd) {
+  const std::string json = statusJson();
+  std::vector<char> message(sizeof(MsgHeader) + json.size());
+  const MsgHeader header{kControlMagic, kProtocolVersion,
+                         static_cast<std::uint32_t>(MsgType::kStatusReply),
+                         static_cast<std::uint32_t>(message.size())};
+  std::memcpy(message.data(), &header, sizeof(header));
+  std::memcpy(message.data() + sizeof(header), json.data(), json.size());
+  if (Status status = sendMessage(fd, message.data(), message.size()); !status.ok()) {
+    STMUX_WARN(kTransport, "could not answer a status query: {}", status.message());
+  }
+}
+
+void Server::readClient(const ClientPtr& client) {
+  while (true) {
+    auto received = recvMessage(client->socket.get(), /*block=*/false);
+    if (!received) return detach(client, received.message().c_str());
+    if (received->would_block) return;
+    if (received->eof) return detach(client, "it closed its connection");
+    ReleaseMsg release;
+    if (!received->fds.empty() ||
+        !decodeMessage(received.value(), MsgType::kRelease, release).ok() ||
+        release.count > kMaxReleaseIds) {
+      return detach(client, "it sent a malformed control message");
+    }
+    sink_.onRelease(client, release.alloc_ids, release.count);
+  }
+}
+
+void Server::detach(const ClientPtr& client, const char* why) {
+  auto it = std::find(clients_.begin(), clients_.end(), client);
+  if (it == clients_.end()) return;
+  ClientPtr keep = *it;  // `client` may refer into clients_
+  clients_.erase(it);
+  epollDel(epoll_.get(), keep->socket.get());
+  epollDel(epoll_.get(), keep->doorbell.get());
+  keep->gone.store(true, std::memory_order_release);
+  keep->socket.reset();
+  keep->doorbell.reset();
+  STMUX_INFO(kTransport, "client {} (pid {}) detached: {}", keep->id, keep->pid, why);
+  sink_.onDetach(keep);
+}
+
+std::string Server::statusJson() const {
+  JsonWriter json;
+  json.beginObject();
+  json.key("daemon").beginObject();
+  json.field("pid", static_cast<std::int64_t>(::getpid()));
+  json.field("protocol", static_cast<std::int64_t>(kProtocolVersion));
+  json.field("uptime_s", static_cast<double>(nowNs() - started_ns_) / 1e9);
+  json.field("draining", draining_);
+  json.endObject();
+  json.key("clients").beginArray();
+  for (const ClientPtr& client : clients_) {
+    const ClientCounters& counters = client->view.header()->counters;
+    json.beginObject();
+    json.field("id", static_cast<std::int64_t>(client->id));
+    json.field("pid", static_cast<std::int64_t>(client->pid));
+    json.field("uid", static_cast<std::int64_t>(client->uid));
+    json.field("name", client->name);
+    json.field("attached_s", static_cast<double>(nowNs() - client->attached_ns) / 1e9);
+    json.field("requests", static_cast<std::int64_t>(client->requests));
+    json.field("forwarded", static_cast<std::int64_t>(counters.forwarded.load()));
+    json.field("failed", static_cast<std::int64_t>(counters.failed.load()));
+    json.key("fallbacks").beginObject();
+    for (std::size_t i = 0; i < kFallbackCount; ++i) {
+      json.field(kFallbackNames[i], static_cast<std::int64_t>(counters.fallback[i].load()));
+    }
+    json.endObject();
+    json.endObject();
+  }
+  json.endArray();
+  const std::string extra = sink_.statusJson();
+  if (!extra.empty()) json.raw(extra);
+  json.endObject();
+  return json.str();
+}
+
+}  // namespace stmux::daemon

@@ -1,0 +1,138 @@
+// The daemon's transport: the control socket, attached clients, their rings.
+//
+// One thread runs Server::run(): it accepts and greets clients, hands each a
+// sealed memfd segment and a doorbell eventfd, drains every ring round-robin
+// into a RequestSink, notices EOF, and sleeps on epoll when there is nothing
+// to do. It never blocks on a client: sockets are non-blocking, a greeting
+// must arrive within a bound, and a message that would block is dropped.
+#pragma once
+
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "stmux/segment.h"
+#include "stmux/status.h"
+#include "stmux/sys.h"
+#include "stmux/wire.h"
+
+namespace stmux::daemon {
+
+// An attached tenant process. Shared: batches in flight keep it (and so its
+// segment mapping) alive after it detaches, so completions can still be
+// written safely.
+struct Client {
+  std::uint32_t id = 0;
+  pid_t pid = 0;  // from SO_PEERCRED, not from the hello
+  uid_t uid = 0;
+  gid_t gid = 0;
+  std::string name;
+  std::uint64_t attached_ns = 0;
+  UniqueFd socket;
+  UniqueFd doorbell;
+  Mapping mapping;
+  SegmentView view;
+  RingConsumer<Request> ring;
+  std::atomic<bool> gone{false};
+  std::uint64_t requests = 0;      // popped from the ring
+  std::uint64_t bad_requests = 0;  // dropped by the transport (bad slot index)
+};
+using ClientPtr = std::shared_ptr<Client>;
+
+// What the server hands requests to: the scheduler in stmuxd, an
+// acknowledging stub in the transport benchmark and tests.
+class RequestSink {
+ public:
+  virtual ~RequestSink() = default;
+  virtual void onAttach(const ClientPtr&) {}
+  // The client is gone (EOF) or the daemon dropped it.
+  virtual void onDetach(const ClientPtr&) {}
+  // A request whose slot index is in range; nothing else is checked yet.
+  virtual void onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) = 0;
+  virtual void onRelease(const ClientPtr&, const std::uint64_t* /*alloc_ids*/,
+                         std::size_t /*count*/) {}
+  // Timed work: launch decisions, completions. Returns whether it made
+  // progress; sets `wake_at_ns` to when it next needs a turn (0: not before
+  // something arrives).
+  virtual bool poll(std::uint64_t /*now_ns*/, std::uint64_t& wake_at_ns) {
+    wake_at_ns = 0;
+    return false;
+  }
+  // True while work is in flight somewhere the server cannot see.
+  virtual bool busy() const { return false; }
+  // An eventfd the sink's other threads write to wake the server, or -1.
+  virtual int wakeFd() const { return -1; }
+  // Extra fields for `stmuxctl status --json`, as a JSON object's members.
+  virtual std::string statusJson() const { return ""; }
+};
+
+struct ServerOptions {
+  std::string socket_path;
+  std::uint32_t slots = 256;
+  std::uint32_t max_clients = 1024;
+  std::uint64_t spin_ns = 1'000'000;
+  std::uint64_t hello_timeout_ns = 2'000'000'000;  // a connection must greet within this
+  std::vector<Uuid> devices;                       // announced in the welcome
+};
+
+class Server {
+ public:
+  Server(ServerOptions options, RequestSink& sink);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Binds the socket. Refuses if another daemon is listening on it; removes a
+  // stale socket file left by one that died.
+  Status listen();
+
+  // Serves until requestStop(), then drains: no new clients, every segment
+  // marked draining, every request already submitted finished, then every
+  // client's socket closed so that they fall back to cuBLAS.
+  void run();
+
+  // Async-signal-safe: a SIGTERM handler may call it.
+  void requestStop();
+
+  std::size_t clientCount() const { return clients_.size(); }
+  const std::vector<ClientPtr>& clients() const { return clients_; }
+
+ private:
+  struct Pending;  // accepted, greeting not yet received
+
+  bool drainRings(std::uint64_t now);
+  void handleEvents(int timeout_ms_or_minus1, std::uint64_t timeout_ns);
+  void acceptAll();
+  void greet(Pending& pending);
+  void refuse(int fd, const std::string& reason);
+  void admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& hello);
+  void answerControl(int fd);
+  void readClient(const ClientPtr& client);
+  void detach(const ClientPtr& client, const char* why);
+  void expirePending(std::uint64_t now);
+  bool sleepUntil(std::uint64_t wake_at_ns);
+  std::string statusJson() const;
+
+  ServerOptions options_;
+  RequestSink& sink_;
+  SegmentLayout layout_;
+  UniqueFd listen_;
+  UniqueFd epoll_;
+  UniqueFd stop_fd_;  // an eventfd: requestStop() wakes a sleeping run()
+  std::atomic<bool> stop_{false};
+  std::vector<ClientPtr> clients_;
+  std::vector<std::unique_ptr<Pending>> pending_;
+  std::vector<int> controls_;  // stmuxctl connections awaiting a query
+  std::uint32_t next_id_ = 1;
+  std::size_t rotate_ = 0;
+  bool draining_ = false;
+  std::uint64_t started_ns_ = 0;
+};
+
+}  // namespace stmux::daemon

@@ -1,0 +1,381 @@
+// Every STMUX_* variable, in one table, parsed in one place.
+//
+// The table drives the Config struct, the parser, stmuxd's command-line flags
+// (STMUX_WINDOW_US is --window-us), `stmuxd --print-config` and the README's
+// list. An invalid value is an error naming the variable, the value and what is
+// accepted; it never silently becomes the default.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "stmux/log.h"
+#include "stmux/status.h"
+
+namespace stmux {
+
+// Who reads a variable. The shim parses only what it uses, so a daemon setting
+// left in a tenant's environment cannot disable the tenant's interception.
+enum class Scope { kShim, kDaemon, kBoth };
+
+enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice };
+
+// X(member, variable, kind, default, min, max, unit-or-choices, scope, help)
+#define STMUX_CONFIG_VARS(X)                                                                 \
+  X(disable, "STMUX_DISABLE", kBool, "0", 0, 1, "", kShim,                                   \
+    "Send every intercepted call straight to cuBLAS (the preload stays harmless).")          \
+  X(socket, "STMUX_SOCKET", kPath, "/run/stmux/stmuxd.sock", 1, 107, "", kBoth,              \
+    "Path of the daemon's Unix control socket.")                                             \
+  X(log, "STMUX_LOG", kLog, "warn", 0, 0, "", kBoth,                                         \
+    "Log threshold, e.g. 'info' or 'warn,sched=debug'; 'stats=info' prints the shim's "      \
+    "counters at exit.")                                                                     \
+  X(timeout_ms, "STMUX_TIMEOUT_MS", kInt, "10000", 1, 3600000, "ms", kShim,                  \
+    "Longest a call waits on the daemon; a request not yet started is then run directly.")   \
+  X(spin_us, "STMUX_SPIN_US", kInt, "20", 0, 1000000, "us", kShim,                           \
+    "How long a caller polls for its completion before it sleeps on a futex.")               \
+  X(reconnect_ms, "STMUX_RECONNECT_MS", kInt, "1000", 10, 600000, "ms", kShim,               \
+    "Longest back-off between attempts to attach to an absent daemon.")                      \
+  X(window_us, "STMUX_WINDOW_US", kInt, "100", 0, 1000000, "us", kDaemon,                    \
+    "Longest a request waits for others to batch with.")                                     \
+  X(max_batch, "STMUX_MAX_BATCH", kInt, "256", 1, 65536, "requests", kDaemon,                \
+    "Most requests launched in one batch.")                                                  \
+  X(active_us, "STMUX_ACTIVE_US", kInt, "2000", 0, 10000000, "us", kDaemon,                  \
+    "A tenant that submitted within this long counts as active when deciding whether all "   \
+    "tenants are waiting.")                                                                  \
+  X(devices, "STMUX_DEVICES", kDevices, "all", 0, 0, "", kDaemon,                            \
+    "GPUs the daemon serves: 'all' or a comma-separated list of indices and GPU-UUIDs.")     \
+  X(slots, "STMUX_SLOTS", kPow2, "256", 8, 16384, "requests", kDaemon,                       \
+    "Requests one client process may have in flight (its ring holds twice as many).")        \
+  X(max_clients, "STMUX_MAX_CLIENTS", kInt, "1024", 1, 65536, "clients", kDaemon,            \
+    "Most client processes attached at once; more are refused and run directly.")            \
+  X(max_mappings, "STMUX_MAX_MAPPINGS", kInt, "4096", 1, 1000000, "allocations", kDaemon,    \
+    "Client allocations the daemon keeps mapped per client; the least recently used closes " \
+    "first.")                                                                                \
+  X(daemon_spin_us, "STMUX_DAEMON_SPIN_US", kInt, "1000", 0, 10000000, "us", kDaemon,        \
+    "How long the daemon's threads poll for work after the last request before they sleep.")
+
+// The C++ type a kind parses to.
+template <Kind K>
+struct KindType;
+template <>
+struct KindType<Kind::kBool> {
+  using type = bool;
+};
+template <>
+struct KindType<Kind::kInt> {
+  using type = std::int64_t;
+};
+template <>
+struct KindType<Kind::kPow2> {
+  using type = std::int64_t;
+};
+template <>
+struct KindType<Kind::kPath> {
+  using type = std::string;
+};
+template <>
+struct KindType<Kind::kLog> {
+  using type = LogSpec;
+};
+template <>
+struct KindType<Kind::kDevices> {
+  using type = std::vector<std::string>;  // empty means all
+};
+template <>
+struct KindType<Kind::kChoice> {
+  using type = std::string;
+};
+
+struct Config {
+#define STMUX_X(member, var, kind, def, lo, hi, unit, scope, help) \
+  typename KindType<Kind::kind>::type member{};
+  STMUX_CONFIG_VARS(STMUX_X)
+#undef STMUX_X
+};
+
+// One row of the table, for printing and documentation.
+struct VarInfo {
+  std::string_view member;
+  std::string_view name;
+  Kind kind;
+  std::string_view default_text;
+  std::int64_t min;
+  std::int64_t max;
+  std::string_view unit;
+  Scope scope;
+  std::string_view help;
+};
+
+inline constexpr VarInfo kVars[] = {
+#define STMUX_X(member, var, kind, def, lo, hi, unit, scope, help) \
+  {#member, var, Kind::kind, def, lo, hi, unit, Scope::scope, help},
+    STMUX_CONFIG_VARS(STMUX_X)
+#undef STMUX_X
+};
+
+// What a kind accepts, in words; used in every error message and by --help.
+inline std::string describeAccepted(const VarInfo& var) {
+  const std::string unit = var.unit.empty() ? "" : fmt::format(" ({})", var.unit);
+  switch (var.kind) {
+    case Kind::kBool:
+      return "0, 1, true, false, yes, no, on or off";
+    case Kind::kInt:
+      return fmt::format("an integer from {} to {}{}", var.min, var.max, unit);
+    case Kind::kPow2:
+      return fmt::format("a power of two from {} to {}{}", var.min, var.max, unit);
+    case Kind::kPath:
+      return fmt::format("a path of {} to {} bytes", var.min, var.max);
+    case Kind::kLog:
+      return "LEVEL[,SUBSYSTEM=LEVEL...], LEVEL one of off|error|warn|info|debug|trace";
+    case Kind::kDevices:
+      return "'all' or a comma-separated list of device indices and GPU UUIDs (GPU-...)";
+    case Kind::kChoice:
+      return fmt::format("one of {}", var.unit);
+  }
+  return "?";
+}
+
+namespace detail {
+
+inline Status invalid(const VarInfo& var, std::string_view value, std::string_view why) {
+  return Status::error(
+      fmt::format("{}='{}' {}; accepted: {}", var.name, value, why, describeAccepted(var)));
+}
+
+inline Result<std::int64_t> parseInteger(const VarInfo& var, std::string_view text) {
+  std::int64_t value = 0;
+  const char* end = text.data() + text.size();
+  auto [ptr, ec] = std::from_chars(text.data(), end, value);
+  if (ec == std::errc::result_out_of_range) return invalid(var, text, "is out of range");
+  if (ec != std::errc() || ptr != end || text.empty()) {
+    return invalid(var, text, "is not an integer");
+  }
+  if (value < var.min || value > var.max) return invalid(var, text, "is out of range");
+  return value;
+}
+
+template <Kind K>
+Result<typename KindType<K>::type> parseValue(const VarInfo& var, std::string_view text);
+
+template <>
+inline Result<bool> parseValue<Kind::kBool>(const VarInfo& var, std::string_view text) {
+  std::string lower(text);
+  std::transform(lower.begin(), lower.end(), lower.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  if (lower == "1" || lower == "true" || lower == "yes" || lower == "on") return true;
+  if (lower == "0" || lower == "false" || lower == "no" || lower == "off") return false;
+  return invalid(var, text, "is not a boolean");
+}
+
+template <>
+inline Result<std::int64_t> parseValue<Kind::kInt>(const VarInfo& var, std::string_view text) {
+  return parseInteger(var, text);
+}
+
+template <>
+inline Result<std::int64_t> parseValue<Kind::kPow2>(const VarInfo& var, std::string_view text) {
+  auto value = parseInteger(var, text);
+  if (!value) return value;
+  if ((value.value() & (value.value() - 1)) != 0) {
+    return invalid(var, text, "is not a power of two");
+  }
+  return value;
+}
+
+template <>
+inline Result<std::string> parseValue<Kind::kPath>(const VarInfo& var, std::string_view text) {
+  if (text.empty()) return invalid(var, text, "is empty");
+  if (static_cast<std::int64_t>(text.size()) > var.max) {
+    return invalid(var, text, fmt::format("is too long ({} bytes)", text.size()));
+  }
+  if (text.find('\0') != std::string_view::npos) return invalid(var, text, "holds a NUL byte");
+  return std::string(text);
+}
+
+template <>
+inline Result<LogSpec> parseValue<Kind::kLog>(const VarInfo& var, std::string_view text) {
+  auto spec = parseLogSpec(text);
+  if (!spec) {
+    return Status::error(fmt::format("{}='{}' is invalid: {}", var.name, text, spec.message()));
+  }
+  return spec;
+}
+
+template <>
+inline Result<std::vector<std::string>> parseValue<Kind::kDevices>(const VarInfo& var,
+                                                                   std::string_view text) {
+  if (text == "all") return std::vector<std::string>{};
+  std::vector<std::string> items;
+  std::string_view rest = text;
+  while (true) {
+    const std::size_t comma = rest.find(',');
+    const std::string_view item = rest.substr(0, comma);
+    const bool index =
+        !item.empty() && item.size() <= 4 &&
+        std::all_of(item.begin(), item.end(), [](unsigned char c) { return std::isdigit(c) != 0; });
+    // GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, as nvidia-smi -L prints it.
+    const bool uuid = item.size() == 40 && item.substr(0, 4) == "GPU-" &&
+                      std::all_of(item.begin() + 4, item.end(), [](unsigned char c) {
+                        return std::isxdigit(c) != 0 || c == '-';
+                      });
+    if (!index && !uuid) {
+      return invalid(var, text, fmt::format("has '{}', neither an index nor a GPU UUID", item));
+    }
+    if (std::find(items.begin(), items.end(), item) != items.end()) {
+      return invalid(var, text, fmt::format("names '{}' twice", item));
+    }
+    items.emplace_back(item);
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
+  return items;
+}
+
+template <>
+inline Result<std::string> parseValue<Kind::kChoice>(const VarInfo& var, std::string_view text) {
+  std::string_view choices = var.unit;
+  while (true) {
+    const std::size_t bar = choices.find('|');
+    if (choices.substr(0, bar) == text) return std::string(text);
+    if (bar == std::string_view::npos) break;
+    choices.remove_prefix(bar + 1);
+  }
+  return invalid(var, text, "is not a choice");
+}
+
+inline bool inScope(Scope var, Scope wanted) {
+  return wanted == Scope::kBoth || var == Scope::kBoth || var == wanted;
+}
+
+}  // namespace detail
+
+// Looks a variable up by name: the environment, or flags layered over it.
+using Lookup = std::function<std::optional<std::string>(std::string_view name)>;
+
+inline Lookup environmentLookup() {
+  return [](std::string_view name) -> std::optional<std::string> {
+    const char* value = std::getenv(std::string(name).c_str());
+    if (value == nullptr) return std::nullopt;
+    return std::string(value);
+  };
+}
+
+// Parses the variables of `scope` (kBoth: all of them). Variables outside the
+// scope keep their defaults. All errors are reported, one per line.
+inline Result<Config> parseConfig(const Lookup& lookup, Scope scope) {
+  Config config;
+  std::string errors;
+#define STMUX_X(member, var, kind, def, lo, hi, unit, sc, help)                                   \
+  {                                                                                               \
+    static constexpr VarInfo kInfo{#member, var, Kind::kind, def, lo, hi, unit, Scope::sc, help}; \
+    const std::optional<std::string> given =                                                      \
+        detail::inScope(kInfo.scope, scope) ? lookup(kInfo.name) : std::nullopt;                  \
+    auto parsed = detail::parseValue<Kind::kind>(kInfo, given ? *given : kInfo.default_text);     \
+    if (parsed) {                                                                                 \
+      config.member = std::move(parsed).value();                                                  \
+    } else {                                                                                      \
+      errors += (errors.empty() ? "" : "\n") + parsed.message();                                  \
+    }                                                                                             \
+  }
+  STMUX_CONFIG_VARS(STMUX_X)
+#undef STMUX_X
+  if (!errors.empty()) return Status::error(errors);
+  return config;
+}
+
+inline const VarInfo* findVar(std::string_view name) {
+  for (const VarInfo& var : kVars) {
+    if (var.name == name) return &var;
+  }
+  return nullptr;
+}
+
+// Names of STMUX_* variables in `environ` that the table does not know:
+// usually a typo that would otherwise be ignored without a word.
+inline std::vector<std::string> unknownVariables(char** environ_ptr) {
+  std::vector<std::string> unknown;
+  for (char** entry = environ_ptr; entry != nullptr && *entry != nullptr; ++entry) {
+    std::string_view text(*entry);
+    if (text.substr(0, 6) != "STMUX_") continue;
+    const std::string_view name = text.substr(0, text.find('='));
+    if (findVar(name) == nullptr) unknown.emplace_back(name);
+  }
+  return unknown;
+}
+
+// "STMUX_WINDOW_US" -> "window-us": the daemon flag that mirrors a variable.
+inline std::string flagName(std::string_view variable) {
+  std::string flag(variable.substr(6));
+  for (char& c : flag)
+    c = c == '_' ? '-' : static_cast<char>(std::tolower(c));
+  return flag;
+}
+
+namespace detail {
+inline std::string formatOne(bool v) {
+  return v ? "1" : "0";
+}
+inline std::string formatOne(std::int64_t v) {
+  return std::to_string(v);
+}
+inline std::string formatOne(const std::string& v) {
+  return v;
+}
+inline std::string formatOne(const std::vector<std::string>& v) {
+  return v.empty() ? "all" : fmt::format("{}", fmt::join(v, ","));
+}
+inline std::string formatOne(const LogSpec& spec) {
+  // The most common threshold first, then the exceptions.
+  std::array<int, kLevelNames.size()> counts{};
+  for (Level level : spec.levels)
+    ++counts[static_cast<std::size_t>(level)];
+  const auto base =
+      static_cast<std::size_t>(std::max_element(counts.begin(), counts.end()) - counts.begin());
+  std::string text(kLevelNames[base]);
+  for (std::size_t i = 0; i < kSubsysCount; ++i) {
+    const auto level = static_cast<std::size_t>(spec.levels[i]);
+    if (level != base) text += fmt::format(",{}={}", kSubsysNames[i], kLevelNames[level]);
+  }
+  return text;
+}
+}  // namespace detail
+
+// The value as it would be written in the environment.
+inline std::string formatValue(const Config& config, std::string_view member) {
+#define STMUX_X(m, var, kind, def, lo, hi, unit, sc, help) \
+  if (member == #m) return detail::formatOne(config.m);
+  STMUX_CONFIG_VARS(STMUX_X)
+#undef STMUX_X
+  return "?";
+}
+
+// The README's configuration table, generated from kVars; a unit test checks
+// that the README holds exactly this text.
+inline std::string configMarkdownTable() {
+  std::string table =
+      "| Variable | Default | Accepted | Read by | Meaning |\n"
+      "| --- | --- | --- | --- | --- |\n";
+  for (const VarInfo& var : kVars) {
+    const char* reader = var.scope == Scope::kShim     ? "shim"
+                         : var.scope == Scope::kDaemon ? "daemon"
+                                                       : "both";
+    std::string accepted = describeAccepted(var);
+    std::string escaped;
+    for (char c : accepted)
+      escaped += c == '|' ? std::string("\\|") : std::string(1, c);
+    table += fmt::format("| `{}` | `{}` | {} | {} | {} |\n", var.name, var.default_text, escaped,
+                         reader, var.help);
+  }
+  return table;
+}
+
+}  // namespace stmux

@@ -1,0 +1,163 @@
+// The control channel: a SOCK_SEQPACKET Unix socket, one message per packet,
+// file descriptors passed with SCM_RIGHTS. It carries the hello and welcome,
+// free notices and status queries; the socket's EOF is how each side learns
+// the other is gone.
+#pragma once
+
+#include <fmt/format.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "stmux/status.h"
+#include "stmux/sys.h"
+#include "stmux/wire.h"
+
+namespace stmux {
+
+inline constexpr int kMaxPassedFds = 4;
+
+inline Result<sockaddr_un> socketAddress(std::string_view path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
+    return Status::error(
+        fmt::format("socket path '{}' must be 1 to {} bytes", path, sizeof(addr.sun_path) - 1));
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  return addr;
+}
+
+// Sends one whole message, with optional descriptors. Never blocks: a peer
+// whose socket buffer is full is a peer that is not reading, and the daemon
+// never waits for a client.
+inline Status sendMessage(int fd, const void* data, std::size_t bytes, const int* fds = nullptr,
+                          int fd_count = 0) {
+  iovec iov{const_cast<void*>(data), bytes};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxPassedFds)] = {};
+  if (fd_count > 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fd_count);
+    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int) * fd_count);
+    std::memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * fd_count);
+  }
+  ssize_t sent;
+  STMUX_SYSCALL(sent, ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT));
+  if (static_cast<std::size_t>(sent) != bytes) {
+    return Status::error(fmt::format("sent {} of {} bytes", sent, bytes));
+  }
+  return Status::okStatus();
+}
+
+struct Received {
+  std::vector<char> bytes;    // empty with eof
+  std::vector<UniqueFd> fds;  // every descriptor that arrived, owned
+  bool eof = false;           // the peer closed the socket
+  bool would_block = false;   // nothing to read (non-blocking)
+  bool truncated = false;     // message or descriptors cut off
+};
+
+// Receives one message of at most `max_bytes` (longer ones are marked
+// truncated). Descriptors that arrive are always taken into ownership, and
+// closed with `Received`, so a peer cannot leak them into us.
+inline Result<Received> recvMessage(int fd, bool block, std::size_t max_bytes = 4096) {
+  Received out;
+  out.bytes.resize(max_bytes);
+  iovec iov{out.bytes.data(), out.bytes.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxPassedFds)] = {};
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  ssize_t n;
+  do {
+    n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | (block ? 0 : MSG_DONTWAIT));
+  } while (n < 0 && errno == EINTR);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+    out.bytes.clear();
+    out.would_block = true;
+    return out;
+  }
+  if (n < 0 && errno == ECONNRESET) {
+    out.bytes.clear();
+    out.eof = true;
+    return out;
+  }
+  if (n < 0) return Status::error(fmt::format("recvmsg failed: {}", std::strerror(errno)));
+  for (cmsghdr* cmsg = CMSG_FIRSTHDR(&msg); cmsg != nullptr; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+    if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
+      const std::size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (std::size_t i = 0; i < count; ++i) {
+        int passed;
+        std::memcpy(&passed, CMSG_DATA(cmsg) + i * sizeof(int), sizeof(int));
+        out.fds.emplace_back(passed);
+      }
+    }
+  }
+  out.truncated = (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0;
+  out.bytes.resize(static_cast<std::size_t>(n));
+  out.eof = n == 0;
+  return out;
+}
+
+// Checks the common header of a received message; on success the message's
+// header is `header`.
+inline Status checkHeader(const Received& received, MsgHeader& header) {
+  if (received.bytes.size() < sizeof(MsgHeader)) {
+    return Status::error(
+        fmt::format("message of {} bytes is shorter than a header", received.bytes.size()));
+  }
+  std::memcpy(&header, received.bytes.data(), sizeof(header));
+  if (header.magic != kControlMagic) {
+    return Status::error(fmt::format("message magic {:#x} is not stmux's", header.magic));
+  }
+  if (header.bytes != received.bytes.size()) {
+    return Status::error(
+        fmt::format("message claims {} bytes but {} arrived", header.bytes, received.bytes.size()));
+  }
+  return Status::okStatus();
+}
+
+// Copies a fixed-size message out after checking its type and size.
+template <class T>
+Status decodeMessage(const Received& received, MsgType type, T& out) {
+  MsgHeader header;
+  STMUX_TRY(checkHeader(received, header));
+  if (header.type != static_cast<std::uint32_t>(type) || received.bytes.size() != sizeof(T)) {
+    return Status::error(fmt::format("expected message type {} of {} bytes, got type {} of {}",
+                                     static_cast<std::uint32_t>(type), sizeof(T), header.type,
+                                     received.bytes.size()));
+  }
+  std::memcpy(&out, received.bytes.data(), sizeof(T));
+  return Status::okStatus();
+}
+
+// Copies a fixed-size char field into a std::string, stopping at the first NUL.
+template <std::size_t N>
+std::string fieldString(const char (&field)[N]) {
+  std::size_t length = 0;
+  while (length < N && field[length] != '\0')
+    ++length;
+  return std::string(field, length);
+}
+
+template <std::size_t N>
+void setField(char (&field)[N], std::string_view text) {
+  const std::size_t length = text.size() < N - 1 ? text.size() : N - 1;
+  std::memcpy(field, text.data(), length);
+  field[length] = '\0';
+}
+
+}  // namespace stmux

@@ -1,0 +1,274 @@
+// The wire format between libstmux.so and stmuxd.
+//
+// Everything here crosses a process boundary, through the shared-memory
+// segment or the control socket, so every struct is trivially copyable with a
+// fixed size and layout (asserted below). Bump kProtocolVersion on any change:
+// a daemon and a shim of different versions refuse each other by name.
+//
+// Nothing here includes CUDA: the daemon's policy code and the CI tests use it
+// on machines with no GPU.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string_view>
+#include <type_traits>
+
+namespace stmux {
+
+inline constexpr std::uint32_t kProtocolVersion = 1;
+inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
+inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
+inline constexpr std::size_t kCacheLine = 64;
+inline constexpr std::size_t kMaxDevices = 16;
+
+// cublasStatus_t values, mirrored so that CUDA-free code can speak them;
+// daemon/executor.cc asserts they agree with cublas_api.h.
+enum WireStatus : std::int32_t {
+  kStatusSuccess = 0,
+  kStatusNotInitialized = 1,
+  kStatusAllocFailed = 3,
+  kStatusInvalidValue = 7,
+  kStatusArchMismatch = 8,
+  kStatusMappingError = 11,
+  kStatusExecutionFailed = 13,
+  kStatusInternalError = 14,
+  kStatusNotSupported = 15,
+};
+
+// cublasOperation_t values.
+enum WireTranspose : std::int32_t { kOpN = 0, kOpT = 1, kOpC = 2 };
+
+struct Uuid {
+  std::uint8_t bytes[16];
+  bool operator==(const Uuid& other) const { return std::memcmp(bytes, other.bytes, 16) == 0; }
+};
+
+// A cudaIpcMemHandle_t / CUipcMemHandle, as bytes.
+struct IpcHandle {
+  std::uint8_t bytes[64];
+  bool operator==(const IpcHandle& other) const { return std::memcmp(bytes, other.bytes, 64) == 0; }
+};
+
+enum class Op : std::uint32_t { kSgemm = 1 };
+
+// One matrix operand: where it lives, as the client describes it. The daemon
+// trusts none of it: it opens the handle, reads the real allocation size, and
+// checks the operand's whole extent against that.
+struct OperandDesc {
+  std::uint64_t alloc_id;     // the client's CU_POINTER_ATTRIBUTE_BUFFER_ID; 0: not referenced
+  std::uint64_t offset;       // bytes from the allocation's base to the first element
+  std::uint64_t alloc_bytes;  // the allocation's size as the client sees it
+  IpcHandle handle;
+};
+
+// A request descriptor: one SGEMM, everything the daemon needs to run it.
+struct Request {
+  std::uint32_t op;          // Op
+  std::uint32_t slot;        // completion slot index in the client's segment
+  std::uint32_t generation;  // the slot's generation when this request was made
+  std::int32_t transa;       // WireTranspose
+  std::int32_t transb;
+  std::uint32_t math_mode;  // cublasMath_t as the caller's handle had it
+  std::uint32_t emulation;  // cublasEmulationStrategy_t as the caller's handle had it
+  std::uint32_t flags;      // reserved, 0
+  std::int64_t m, n, k;
+  std::int64_t lda, ldb, ldc;
+  float alpha, beta;         // host pointer mode only: the values, read at call time
+  Uuid device;               // the GPU the operands live on
+  std::uint64_t request_id;  // unique per client, for logs
+  OperandDesc a, b, c;
+};
+
+// Completion slots. The slot's 32-bit word is both its state and the futex the
+// waiter sleeps on: generation << 8 | state. The generation makes a stale ring
+// entry (one whose caller gave up) harmless once the slot has been reused.
+enum class SlotState : std::uint32_t {
+  kIdle = 0,
+  kPending = 1,    // written by the client; the daemon may start it
+  kRunning = 2,    // claimed by the daemon: it may touch C from now on
+  kDone = 3,       // status is valid
+  kCancelled = 4,  // the client gave up before the daemon claimed it
+};
+
+inline constexpr std::uint32_t slotWord(std::uint32_t generation, SlotState state) {
+  return (generation << 8) | static_cast<std::uint32_t>(state);
+}
+inline constexpr SlotState slotState(std::uint32_t word) {
+  return static_cast<SlotState>(word & 0xffu);
+}
+inline constexpr std::uint32_t slotGeneration(std::uint32_t word) {
+  return word >> 8;
+}
+inline constexpr std::uint32_t kGenerationMask = 0x00ffffffu;
+
+struct alignas(kCacheLine) Slot {
+  std::atomic<std::uint32_t> word;
+  std::atomic<std::uint32_t> sleepers;  // non-zero while the waiter may sleep on word
+  std::atomic<std::int32_t> status;     // WireStatus, valid once kDone
+};
+
+// Why a call went straight to cuBLAS instead of to the daemon. The shim counts
+// each in its segment, where stmuxctl can read them.
+#define STMUX_FALLBACK_REASONS(X)                                                            \
+  X(kDisabled, "disabled", "STMUX_DISABLE is set")                                           \
+  X(kBadConfig, "bad_config", "an STMUX_* variable is invalid")                              \
+  X(kNoDaemon, "no_daemon", "no daemon is attached")                                         \
+  X(kRefused, "refused", "the daemon refused to attach this process")                        \
+  X(kDraining, "draining", "the daemon is shutting down")                                    \
+  X(kNullHandle, "null_handle", "the cuBLAS handle is null")                                 \
+  X(kInvalidArgs, "invalid_args", "the arguments are invalid; cuBLAS reports it")            \
+  X(kGraphCapture, "graph_capture", "the stream is being captured into a CUDA graph")        \
+  X(kDevicePointerMode, "device_pointer_mode", "alpha and beta are in device memory")        \
+  X(kNotExportable, "not_exportable", "an operand is in memory CUDA IPC cannot export")      \
+  X(kMixedDevices, "mixed_devices", "the operands live on different GPUs")                   \
+  X(kDeviceNotServed, "device_not_served", "the daemon does not serve this GPU")             \
+  X(kLegacyBeta, "legacy_beta", "legacy cublasSgemm with beta != 0 could not report a loss") \
+  X(kCudaError, "cuda_error", "a CUDA driver query failed")                                  \
+  X(kBusy, "busy", "no ring space or slot came free before the timeout")                     \
+  X(kTimeout, "timeout", "STMUX_TIMEOUT_MS passed before the daemon started the call")       \
+  X(kDaemonLost, "daemon_lost", "the daemon went away before starting the call")
+
+enum class Fallback : std::uint32_t {
+#define STMUX_X(id, name, help) id,
+  STMUX_FALLBACK_REASONS(STMUX_X)
+#undef STMUX_X
+      kCount
+};
+inline constexpr std::size_t kFallbackCount = static_cast<std::size_t>(Fallback::kCount);
+inline constexpr std::string_view kFallbackNames[] = {
+#define STMUX_X(id, name, help) name,
+    STMUX_FALLBACK_REASONS(STMUX_X)
+#undef STMUX_X
+};
+
+// Written by the client, read (and only displayed) by the daemon.
+struct ClientCounters {
+  std::atomic<std::uint64_t> forwarded;  // calls the daemon completed
+  std::atomic<std::uint64_t> failed;     // calls returned CUBLAS_STATUS_EXECUTION_FAILED
+  std::atomic<std::uint64_t> fallback[kFallbackCount];
+};
+
+// The first bytes of every client segment. The client checks magic, version
+// and every size before it uses the segment, and refuses to attach otherwise.
+struct SegmentHeader {
+  std::uint64_t magic;
+  std::uint32_t version;
+  std::uint32_t header_bytes;
+  std::uint32_t request_bytes;
+  std::uint32_t slot_bytes;
+  std::uint32_t ring_capacity;
+  std::uint32_t slot_count;
+  std::uint32_t client_id;
+  std::uint32_t reserved;
+  std::uint64_t ring_offset;
+  std::uint64_t slots_offset;
+  std::uint64_t total_bytes;
+  // Set by the daemon before it sleeps; a producer that sees it rings the
+  // eventfd. See ring.h for the ordering argument.
+  alignas(kCacheLine) std::atomic<std::uint32_t> consumer_sleeping;
+  // Set by the daemon when it shuts down: submit nothing new.
+  std::atomic<std::uint32_t> draining;
+  alignas(kCacheLine) ClientCounters counters;
+};
+
+// ---- control channel (SOCK_SEQPACKET Unix socket) --------------------------
+
+enum class MsgType : std::uint32_t {
+  kHello = 1,        // client -> daemon
+  kWelcome = 2,      // daemon -> client, with the segment memfd and the doorbell eventfd
+  kRefuse = 3,       // daemon -> client, then close
+  kRelease = 4,      // client -> daemon: these allocations are freed or no longer cached
+  kStatusQuery = 5,  // stmuxctl -> daemon
+  kStatusReply = 6,  // daemon -> stmuxctl: JSON text follows the header
+};
+
+// Every message starts with this header, in every protocol version, so that a
+// mismatch can always be recognised and reported.
+struct MsgHeader {
+  std::uint32_t magic;
+  std::uint32_t version;
+  std::uint32_t type;
+  std::uint32_t bytes;  // of the whole message
+};
+
+enum class Role : std::uint32_t { kTenant = 1, kControl = 2 };
+
+struct HelloMsg {
+  MsgHeader header;
+  std::int32_t pid;
+  std::uint32_t role;  // Role
+  char name[32];       // the program's name, for stmuxctl; NUL-terminated
+};
+
+struct WelcomeMsg {
+  MsgHeader header;
+  std::uint32_t client_id;
+  std::uint32_t ring_capacity;
+  std::uint32_t slot_count;
+  std::uint32_t device_count;
+  std::uint64_t segment_bytes;
+  Uuid devices[kMaxDevices];  // the GPUs this daemon serves
+};
+
+struct RefuseMsg {
+  MsgHeader header;
+  std::uint32_t daemon_version;
+  std::uint32_t reserved;
+  char reason[248];  // NUL-terminated
+};
+
+inline constexpr std::size_t kMaxReleaseIds = 62;
+struct ReleaseMsg {
+  MsgHeader header;
+  std::uint32_t count;
+  std::uint32_t reserved;
+  std::uint64_t alloc_ids[kMaxReleaseIds];
+};
+
+inline constexpr std::size_t kMaxMessageBytes = 1 << 20;  // a status reply at most
+
+template <class T>
+T makeMessage(MsgType type) {
+  T msg;
+  std::memset(&msg, 0, sizeof(msg));
+  msg.header = {kControlMagic, kProtocolVersion, static_cast<std::uint32_t>(type),
+                static_cast<std::uint32_t>(sizeof(T))};
+  return msg;
+}
+
+// ---- layout checks ---------------------------------------------------------
+
+#define STMUX_WIRE_STRUCT(T, bytes)                                        \
+  static_assert(std::is_trivially_copyable_v<T>, #T " crosses processes"); \
+  static_assert(std::is_standard_layout_v<T>, #T " crosses processes");    \
+  static_assert(sizeof(T) == (bytes), #T " changed size: bump kProtocolVersion")
+
+STMUX_WIRE_STRUCT(Uuid, 16);
+STMUX_WIRE_STRUCT(IpcHandle, 64);
+STMUX_WIRE_STRUCT(OperandDesc, 88);
+STMUX_WIRE_STRUCT(Request, 376);
+STMUX_WIRE_STRUCT(MsgHeader, 16);
+STMUX_WIRE_STRUCT(HelloMsg, 56);
+STMUX_WIRE_STRUCT(WelcomeMsg, 16 + 24 + 16 * kMaxDevices);
+STMUX_WIRE_STRUCT(RefuseMsg, 16 + 8 + 248);
+STMUX_WIRE_STRUCT(ReleaseMsg, 16 + 8 + 8 * kMaxReleaseIds);
+// Structs in shared memory that hold atomics: placed, never copied.
+#define STMUX_SHARED_STRUCT(T, bytes)                                           \
+  static_assert(std::is_standard_layout_v<T>, #T " lives in shared memory");    \
+  static_assert(std::is_trivially_destructible_v<T>, #T " is never destroyed"); \
+  static_assert(sizeof(T) == (bytes), #T " changed size: bump kProtocolVersion")
+
+STMUX_SHARED_STRUCT(Slot, 64);
+STMUX_SHARED_STRUCT(SegmentHeader, (128 + 8 * (2 + kFallbackCount) + 63) / 64 * 64);
+static_assert(offsetof(Request, a) % 8 == 0);
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free,
+              "futex words and slot states must be lock-free across processes");
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free,
+              "ring sequence numbers and counters must be lock-free across processes");
+static_assert(offsetof(SegmentHeader, consumer_sleeping) % kCacheLine == 0);
+static_assert(offsetof(SegmentHeader, counters) % kCacheLine == 0);
+
+}  // namespace stmux

@@ -1,0 +1,100 @@
+// The client end of the transport: one attached connection to stmuxd.
+//
+// A Connection is made once (connect, hello, welcome, segment checked) and is
+// then immutable; when the daemon goes away the shim drops it and makes a new
+// one later. Any number of threads may submit and wait on it at once.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "stmux/segment.h"
+#include "stmux/status.h"
+#include "stmux/sys.h"
+#include "stmux/wire.h"
+
+namespace stmux::shim {
+
+struct ConnectOptions {
+  std::string socket_path;
+  Role role = Role::kTenant;
+  std::string name;                          // shown by stmuxctl
+  std::uint32_t version = kProtocolVersion;  // tests speak other versions
+  std::uint64_t timeout_ns = 2'000'000'000;  // for the welcome
+};
+
+// A request in flight: which slot, which generation of it.
+struct Ticket {
+  std::uint32_t slot = 0;
+  std::uint32_t generation = 0;
+};
+
+struct WaitResult {
+  WaitOutcome outcome = WaitOutcome::kDone;
+  std::int32_t status = kStatusInternalError;  // valid when outcome == kDone
+  SlotState state = SlotState::kIdle;          // the slot's state when the wait ended
+};
+
+class Connection {
+ public:
+  // Connects and attaches. The error says why (no socket, refused and by what
+  // reason, a segment this library does not understand, ...).
+  static Result<std::unique_ptr<Connection>> open(const ConnectOptions& options);
+
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+  ~Connection();
+
+  // Takes a free slot, fills in request.slot and request.generation, arms the
+  // slot and pushes the request. Gives up (busy) when no slot or ring space
+  // comes free before `deadline_ns`.
+  Result<Ticket> submit(Request& request, std::uint64_t deadline_ns);
+
+  // Waits for a submitted request to be done, until `deadline_ns`, or until the
+  // daemon is found gone.
+  WaitResult wait(const Ticket& ticket, std::uint64_t deadline_ns, std::uint64_t spin_ns);
+
+  // Gives up on a request the daemon has not started. False once it started.
+  bool cancel(const Ticket& ticket);
+
+  // Returns the slot for reuse; after kDone or a successful cancel only.
+  void release(const Ticket& ticket);
+
+  // False once the daemon closed the socket (exited, crashed, was killed).
+  bool alive();
+  // True when the daemon asked clients to submit nothing new.
+  bool draining() const { return view_.header()->draining.load(std::memory_order_acquire) != 0; }
+
+  // Tells the daemon these allocations are gone; best effort, never blocks.
+  Status sendRelease(const std::vector<std::uint64_t>& alloc_ids);
+
+  ClientCounters& counters() const { return view_.header()->counters; }
+  const std::vector<Uuid>& devices() const { return devices_; }
+  std::uint32_t clientId() const { return client_id_; }
+  std::uint32_t slotCount() const { return view_.layout().slot_count; }
+  int socketFd() const { return socket_.get(); }
+  SegmentView& view() { return view_; }
+
+ private:
+  Connection() = default;
+  void ringDoorbell();
+
+  UniqueFd socket_;
+  UniqueFd doorbell_;
+  Mapping mapping_;
+  SegmentView view_;
+  RingProducer<Request> producer_;
+  std::uint32_t client_id_ = 0;
+  std::vector<Uuid> devices_;
+  std::atomic<bool> gone_{false};
+
+  std::mutex free_mutex_;
+  std::condition_variable free_cv_;
+  std::vector<std::uint32_t> free_slots_;
+};
+
+}  // namespace stmux::shim

@@ -1,0 +1,306 @@
+// The daemon's transport (daemon/server.cc): it notices dead clients, refuses
+// what it must with a reason, keeps each client to its own segment, detaches a
+// misbehaving client alone, and drains cleanly on shutdown.
+#include "daemon/server.h"
+
+#include <dirent.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <set>
+#include <thread>
+
+#include "shim/transport.h"
+#include "stmux/control.h"
+#include "test_support.h"
+
+namespace stmux {
+namespace {
+
+using shim::Connection;
+using shim::ConnectOptions;
+using testing::ServerThread;
+using testing::TempDir;
+using testing::TestSink;
+
+constexpr std::uint64_t kSecond = 1'000'000'000;
+
+ConnectOptions options(const TempDir& dir) {
+  ConnectOptions o;
+  o.socket_path = dir.socket();
+  o.name = "server_test";
+  return o;
+}
+
+// Connects and says hello by hand, so a test can send what a real client
+// never would.
+UniqueFd rawConnect(const TempDir& dir) {
+  auto address = socketAddress(dir.socket());
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  EXPECT_EQ(
+      ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()), sizeof(sockaddr_un)),
+      0);
+  return fd;
+}
+
+std::string refusalReason(int fd) {
+  auto received = recvMessage(fd, /*block=*/true);
+  if (!received.ok() || received->eof) return "<no answer>";
+  RefuseMsg refuse;
+  if (!decodeMessage(received.value(), MsgType::kRefuse, refuse).ok()) return "<not a refusal>";
+  return fieldString(refuse.reason);
+}
+
+std::set<std::string> shmEntries() {
+  std::set<std::string> names;
+  if (DIR* dir = ::opendir("/dev/shm")) {
+    while (dirent* entry = ::readdir(dir))
+      names.insert(entry->d_name);
+    ::closedir(dir);
+  }
+  return names;
+}
+
+TEST(Server, NoticesAClientKilledWithSigkill) {
+  TempDir dir;
+  // The client is forked before the server thread starts: fork only from a
+  // process with one thread.
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    if (!testing::waitFor([&] { return std::filesystem::exists(dir.socket()); })) ::_exit(1);
+    auto connection = Connection::open(options(dir));
+    if (!connection.ok()) ::_exit(2);
+    Request request{};
+    (void)connection.value()->submit(request, nowNs() + kSecond);
+    ::pause();
+    ::_exit(0);
+  }
+  TestSink sink;
+  sink.hold = true;
+  ServerThread server(testing::serverOptions(dir), sink);
+  ASSERT_TRUE(testing::waitFor([&] { return sink.attached == 1 && sink.heldCount() == 1; }));
+  const std::uint64_t killed_ns = nowNs();
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  ASSERT_TRUE(testing::waitFor([&] { return sink.detached == 1; }, std::chrono::seconds(5)));
+  EXPECT_LT(sink.detach_ns - killed_ns, kSecond / 2) << "took too long to notice";
+  sink.releaseHeld();  // completing for a dead client must be harmless
+}
+
+TEST(Server, AHelloCarryingDescriptorsIsRefused) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  UniqueFd fd = rawConnect(dir);
+  // A client offering the daemon a segment of its own making.
+  UniqueFd offered(::memfd_create("not-yours", MFD_CLOEXEC));
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.role = static_cast<std::uint32_t>(Role::kTenant);
+  const int fds[1] = {offered.get()};
+  ASSERT_TRUE(sendMessage(fd.get(), &hello, sizeof(hello), fds, 1).ok());
+  EXPECT_EQ(refusalReason(fd.get()), "a hello must not carry file descriptors");
+  EXPECT_EQ(sink.attached.load(), 0);
+}
+
+TEST(Server, MalformedHellosAreRefusedWithAReason) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  {
+    UniqueFd fd = rawConnect(dir);
+    const char garbage[] = "GET / HTTP/1.1\r\n";
+    ASSERT_TRUE(sendMessage(fd.get(), garbage, sizeof(garbage)).ok());
+    EXPECT_NE(refusalReason(fd.get()).find("malformed hello"), std::string::npos);
+  }
+  {
+    UniqueFd fd = rawConnect(dir);
+    auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+    hello.role = 99;
+    ASSERT_TRUE(sendMessage(fd.get(), &hello, sizeof(hello)).ok());
+    EXPECT_NE(refusalReason(fd.get()).find("unknown role 99"), std::string::npos);
+  }
+  EXPECT_EQ(sink.attached.load(), 0);
+}
+
+TEST(Server, EachClientGetsItsOwnUnnamedSegment) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  const auto shm_before = shmEntries();
+  auto a = Connection::open(options(dir));
+  auto b = Connection::open(options(dir));
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_NE(a.value()->clientId(), b.value()->clientId());
+  a.value()->counters().forwarded.store(12345);
+  EXPECT_EQ(b.value()->counters().forwarded.load(), 0u) << "two clients share memory";
+  EXPECT_EQ(shmEntries(), shm_before) << "a segment has a name another process could open";
+}
+
+TEST(Server, ClientsBeyondTheLimitAreRefused) {
+  TempDir dir;
+  TestSink sink;
+  auto server_options = testing::serverOptions(dir);
+  server_options.max_clients = 2;
+  ServerThread server(server_options, sink);
+  auto a = Connection::open(options(dir));
+  auto b = Connection::open(options(dir));
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = Connection::open(options(dir));
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.message().find("maximum of 2 clients (STMUX_MAX_CLIENTS)"), std::string::npos)
+      << c.message();
+  a = Status::error("closed");
+  ASSERT_TRUE(testing::waitFor([&] { return sink.detached == 1; }));
+  EXPECT_TRUE(Connection::open(options(dir)).ok()) << "a freed place was not reused";
+}
+
+TEST(Server, AMisbehavingClientIsDetachedAlone) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto good = Connection::open(options(dir));
+  auto bad = Connection::open(options(dir));
+  ASSERT_TRUE(good.ok() && bad.ok());
+  const char garbage[] = "not a control message";
+  ASSERT_TRUE(sendMessage(bad.value()->socketFd(), garbage, sizeof(garbage)).ok());
+  ASSERT_TRUE(testing::waitFor([&] { return !bad.value()->alive(); }));
+  EXPECT_EQ(sink.detached.load(), 1);
+  Request request{};
+  request.flags = 9;
+  auto ticket = good.value()->submit(request, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok());
+  auto result = good.value()->wait(ticket.value(), nowNs() + kSecond, 1'000);
+  EXPECT_EQ(result.outcome, WaitOutcome::kDone);
+  EXPECT_EQ(result.status, 9);
+}
+
+TEST(Server, RequestsNamingABadSlotAreDropped) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto connection = Connection::open(options(dir));
+  ASSERT_TRUE(connection.ok());
+  SegmentView& view = connection.value()->view();
+  RingProducer<Request> raw(view.ringHeader(), view.cells(), view.layout().ring_capacity);
+  Request forged{};
+  forged.slot = 1u << 30;
+  ASSERT_TRUE(raw.tryPush(forged));
+  Request fine{};
+  fine.flags = 4;
+  auto ticket = connection.value()->submit(fine, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok());
+  auto result = connection.value()->wait(ticket.value(), nowNs() + kSecond, 1'000);
+  EXPECT_EQ(result.status, 4);
+  EXPECT_EQ(sink.requests.load(), 1u) << "the forged request reached the sink";
+  EXPECT_TRUE(connection.value()->alive());
+}
+
+TEST(Server, ReleaseNoticesReachTheSinkInOrder) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto connection = Connection::open(options(dir));
+  ASSERT_TRUE(connection.ok());
+  std::vector<std::uint64_t> ids;
+  for (std::uint64_t i = 1; i <= 150; ++i)
+    ids.push_back(i * 1000);
+  ASSERT_TRUE(connection.value()->sendRelease(ids).ok());
+  ASSERT_TRUE(testing::waitFor([&] { return sink.released().size() == ids.size(); }));
+  EXPECT_EQ(sink.released(), ids);
+}
+
+TEST(Server, ShutdownFinishesSubmittedWorkThenHangsUp) {
+  TempDir dir;
+  TestSink sink;
+  sink.hold = true;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto connection = Connection::open(options(dir));
+  ASSERT_TRUE(connection.ok());
+  Connection& conn = *connection.value();
+  std::vector<shim::Ticket> tickets;
+  for (std::int32_t i = 0; i < 3; ++i) {
+    Request request{};
+    request.flags = static_cast<std::uint32_t>(20 + i);
+    auto ticket = conn.submit(request, nowNs() + kSecond);
+    ASSERT_TRUE(ticket.ok());
+    tickets.push_back(ticket.value());
+  }
+  ASSERT_TRUE(testing::waitFor([&] { return sink.heldCount() == 3; }));
+  std::thread stopper([&] { server.stop(); });
+  ASSERT_TRUE(testing::waitFor([&] { return conn.draining(); })) << "no draining flag";
+  EXPECT_TRUE(conn.alive()) << "hung up with work still in flight";
+  sink.releaseHeld();
+  stopper.join();
+  for (std::int32_t i = 0; i < 3; ++i) {
+    auto result = conn.wait(tickets[i], nowNs() + kSecond, 1'000);
+    EXPECT_EQ(result.outcome, WaitOutcome::kDone);
+    EXPECT_EQ(result.status, 20 + i);
+  }
+  EXPECT_TRUE(testing::waitFor([&] { return !conn.alive(); })) << "the daemon did not hang up";
+  EXPECT_FALSE(std::filesystem::exists(dir.socket())) << "the socket was left behind";
+}
+
+TEST(Server, RefusesToShareASocketWithALiveDaemonButReplacesAStaleOne) {
+  TempDir dir;
+  TestSink sink;
+  {
+    ServerThread first(testing::serverOptions(dir), sink);
+    daemon::Server second(testing::serverOptions(dir), sink);
+    Status status = second.listen();
+    ASSERT_FALSE(status.ok());
+    EXPECT_NE(status.message().find("another stmuxd is already listening"), std::string::npos);
+  }
+  // A socket file with nobody behind it, as a crashed daemon leaves.
+  {
+    auto address = socketAddress(dir.socket());
+    UniqueFd stale(::socket(AF_UNIX, SOCK_SEQPACKET, 0));
+    ASSERT_EQ(::bind(stale.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+                     sizeof(sockaddr_un)),
+              0);
+  }
+  ASSERT_TRUE(std::filesystem::exists(dir.socket()));
+  ServerThread replacement(testing::serverOptions(dir), sink);
+  EXPECT_TRUE(Connection::open(options(dir)).ok());
+}
+
+TEST(Server, ASilentConnectionIsClosed) {
+  TempDir dir;
+  TestSink sink;
+  auto server_options = testing::serverOptions(dir);
+  server_options.hello_timeout_ns = 100'000'000;
+  ServerThread server(server_options, sink);
+  UniqueFd fd = rawConnect(dir);
+  const std::uint64_t start = nowNs();
+  char byte;
+  const ssize_t n = ::recv(fd.get(), &byte, 1, 0);  // blocks until the daemon hangs up
+  EXPECT_EQ(n, 0);
+  EXPECT_LT(nowNs() - start, 5 * kSecond);
+}
+
+TEST(Server, AnswersAStatusQueryWithJson) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto tenant = Connection::open(options(dir));
+  ASSERT_TRUE(tenant.ok());
+  UniqueFd fd = rawConnect(dir);
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.role = static_cast<std::uint32_t>(Role::kControl);
+  ASSERT_TRUE(sendMessage(fd.get(), &hello, sizeof(hello)).ok());
+  auto reply = recvMessage(fd.get(), true, kMaxMessageBytes);
+  ASSERT_TRUE(reply.ok());
+  MsgHeader header;
+  ASSERT_TRUE(checkHeader(reply.value(), header).ok());
+  EXPECT_EQ(header.type, static_cast<std::uint32_t>(MsgType::kStatusReply));
+  const std::string json(reply->bytes.begin() + sizeof(MsgHeader), reply->bytes.end());
+  EXPECT_NE(json.find("\"name\":\"server_test\""), std::string::npos) << json;
+  EXPECT_NE(json.find(fmt::format("\"pid\":{}", ::getpid())), std::string::npos) << json;
+}
+
+}  // namespace
+}  // namespace stmux

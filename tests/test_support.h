@@ -1,0 +1,141 @@
+// Helpers shared by the transport tests: a private socket directory, a
+// RequestSink the test can script, and a Server running on its own thread.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "daemon/server.h"
+#include "stmux/segment.h"
+#include "stmux/sys.h"
+
+namespace stmux::testing {
+
+class TempDir {
+ public:
+  TempDir() {
+    char name[] = "/tmp/stmux-test-XXXXXX";
+    path_ = ::mkdtemp(name);
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  const std::string& path() const { return path_; }
+  std::string socket() const { return path_ + "/stmuxd.sock"; }
+
+ private:
+  std::string path_;
+};
+
+// Polls `condition` until it holds or `timeout` passes.
+inline bool waitFor(const std::function<bool()>& condition,
+                    std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return condition();
+}
+
+// Completes a request the way the executor does: claim, then publish.
+inline void completeRequest(const daemon::ClientPtr& client, const Request& request,
+                            std::int32_t status) {
+  Slot& slot = client->view.slot(request.slot);
+  if (slotClaim(slot, request.generation)) slotComplete(slot, request.generation, status);
+}
+
+class TestSink : public daemon::RequestSink {
+ public:
+  void onAttach(const daemon::ClientPtr&) override { ++attached; }
+  void onDetach(const daemon::ClientPtr&) override {
+    detach_ns = nowNs();
+    ++detached;
+  }
+  void onRequest(const daemon::ClientPtr& client, const Request& request, std::uint64_t) override {
+    ++requests;
+    if (hold) {
+      std::lock_guard lock(mutex_);
+      held_.emplace_back(client, request);
+      return;
+    }
+    // The test chooses each request's status through its `flags` field.
+    completeRequest(client, request, static_cast<std::int32_t>(request.flags));
+  }
+  void onRelease(const daemon::ClientPtr&, const std::uint64_t* ids, std::size_t count) override {
+    std::lock_guard lock(mutex_);
+    released_.insert(released_.end(), ids, ids + count);
+  }
+  bool busy() const override {
+    std::lock_guard lock(mutex_);
+    return !held_.empty();
+  }
+
+  // Completes every held request with its own `flags` as status.
+  std::size_t releaseHeld() {
+    std::lock_guard lock(mutex_);
+    for (auto& [client, request] : held_) {
+      completeRequest(client, request, static_cast<std::int32_t>(request.flags));
+    }
+    const std::size_t count = held_.size();
+    held_.clear();
+    return count;
+  }
+  std::size_t heldCount() const {
+    std::lock_guard lock(mutex_);
+    return held_.size();
+  }
+  std::vector<std::uint64_t> released() const {
+    std::lock_guard lock(mutex_);
+    return released_;
+  }
+
+  std::atomic<int> attached{0};
+  std::atomic<int> detached{0};
+  std::atomic<std::uint64_t> requests{0};
+  std::atomic<std::uint64_t> detach_ns{0};
+  std::atomic<bool> hold{false};
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<std::pair<daemon::ClientPtr, Request>> held_;
+  std::vector<std::uint64_t> released_;
+};
+
+class ServerThread {
+ public:
+  ServerThread(daemon::ServerOptions options, daemon::RequestSink& sink)
+      : server_(std::move(options), sink) {
+    Status status = server_.listen();
+    EXPECT_TRUE(status.ok()) << status.message();
+    if (status.ok()) thread_ = std::thread([this] { server_.run(); });
+  }
+  ~ServerThread() { stop(); }
+  void stop() {
+    server_.requestStop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  daemon::Server server_;
+  std::thread thread_;
+};
+
+inline daemon::ServerOptions serverOptions(const TempDir& dir) {
+  daemon::ServerOptions options;
+  options.socket_path = dir.socket();
+  options.slots = 64;
+  options.spin_ns = 200'000;
+  return options;
+}
+
+}  // namespace stmux::testing
