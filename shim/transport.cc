@@ -200,6 +200,13 @@ bool Connection::alive() {
   return true;
 }
 
+void Connection::abandonAfterFork() {
+  gone_.store(true, std::memory_order_relaxed);
+  socket_.reset();
+  doorbell_.reset();
+  mapping_.reset();
+}
+
 Status Connection::sendRelease(const std::vector<std::uint64_t>& alloc_ids) {
   for (std::size_t first = 0; first < alloc_ids.size(); first += kMaxReleaseIds) {
     auto msg = makeMessage<ReleaseMsg>(MsgType::kRelease);

@@ -69,6 +69,10 @@ class Connection {
   // True when the daemon asked clients to submit nothing new.
   bool draining() const { return view_.header()->draining.load(std::memory_order_acquire) != 0; }
 
+  // In a fork child: closes this process's copies of the socket, doorbell and
+  // segment without a word to the daemon (the connection is the parent's).
+  void abandonAfterFork();
+
   // Tells the daemon these allocations are gone; best effort, never blocks.
   Status sendRelease(const std::vector<std::uint64_t>& alloc_ids);
 

@@ -117,6 +117,17 @@ TEST(Config, ErrorsListEveryBadVariable) {
   EXPECT_NE(config.message().find("STMUX_LOG='x'"), std::string::npos);
 }
 
+TEST(Config, EachValidVariableCountsEvenWhenAnotherIsInvalid) {
+  std::string errors;
+  const Config config = parseEachVariable(
+      mapLookup({{"STMUX_TIMEOUT_MS", "0"}, {"STMUX_LOG", "info"}, {"STMUX_SPIN_US", "7"}}),
+      Scope::kShim, errors);
+  EXPECT_NE(errors.find("STMUX_TIMEOUT_MS='0' is out of range"), std::string::npos) << errors;
+  EXPECT_EQ(config.timeout_ms, 10000) << "an invalid value must not be used";
+  EXPECT_EQ(config.spin_us, 7);
+  EXPECT_EQ(config.log, LogSpec::uniform(Level::kInfo));
+}
+
 TEST(Config, ScopeLeavesTheOtherSidesVariablesAlone) {
   // A daemon-only variable, invalid, in a tenant's environment: the shim
   // must still parse (it would otherwise lose interception over a setting it

@@ -61,7 +61,10 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice };
     "Client allocations the daemon keeps mapped per client; the least recently used closes " \
     "first.")                                                                                \
   X(daemon_spin_us, "STMUX_DAEMON_SPIN_US", kInt, "1000", 0, 10000000, "us", kDaemon,        \
-    "How long the daemon's threads poll for work after the last request before they sleep.")
+    "How long the daemon's threads poll for work after the last request before they sleep.") \
+  X(launch, "STMUX_LAUNCH", kChoice, "auto", 0, 0, "auto|batched|grouped", kDaemon,          \
+    "How a batch that mixes shapes launches: one cublasSgemmBatched per shape, one "         \
+    "cublasSgemmGroupedBatched, or whichever measured faster for the mix (auto).")
 
 // The C++ type a kind parses to.
 template <Kind K>
@@ -269,25 +272,34 @@ inline Lookup environmentLookup() {
   };
 }
 
-// Parses the variables of `scope` (kBoth: all of them). Variables outside the
-// scope keep their defaults. All errors are reported, one per line.
-inline Result<Config> parseConfig(const Lookup& lookup, Scope scope) {
+// Parses the variables of `scope` (kBoth: all of them); the others keep their
+// defaults. An invalid variable also keeps its default, and its error (one
+// line each, naming variable, value and what is accepted) goes to `errors`;
+// callers treat any error as fatal (parseConfig) or, like the shim, stop
+// forwarding while still honouring the valid settings, such as STMUX_LOG.
+inline Config parseEachVariable(const Lookup& lookup, Scope scope, std::string& errors) {
   Config config;
-  std::string errors;
 #define STMUX_X(member, var, kind, def, lo, hi, unit, sc, help)                                   \
   {                                                                                               \
     static constexpr VarInfo kInfo{#member, var, Kind::kind, def, lo, hi, unit, Scope::sc, help}; \
     const std::optional<std::string> given =                                                      \
         detail::inScope(kInfo.scope, scope) ? lookup(kInfo.name) : std::nullopt;                  \
     auto parsed = detail::parseValue<Kind::kind>(kInfo, given ? *given : kInfo.default_text);     \
-    if (parsed) {                                                                                 \
-      config.member = std::move(parsed).value();                                                  \
-    } else {                                                                                      \
+    if (!parsed) {                                                                                \
       errors += (errors.empty() ? "" : "\n") + parsed.message();                                  \
+      parsed = detail::parseValue<Kind::kind>(kInfo, kInfo.default_text);                         \
     }                                                                                             \
+    config.member = std::move(parsed).value();                                                    \
   }
   STMUX_CONFIG_VARS(STMUX_X)
 #undef STMUX_X
+  return config;
+}
+
+// The configuration, or every error at once.
+inline Result<Config> parseConfig(const Lookup& lookup, Scope scope) {
+  std::string errors;
+  Config config = parseEachVariable(lookup, scope, errors);
   if (!errors.empty()) return Status::error(errors);
   return config;
 }

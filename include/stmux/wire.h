@@ -25,8 +25,11 @@ inline constexpr std::size_t kCacheLine = 64;
 inline constexpr std::size_t kMaxDevices = 16;
 
 // cublasStatus_t values, mirrored so that CUDA-free code can speak them;
-// daemon/executor.cc asserts they agree with cublas_api.h.
+// daemon/executor.cc asserts they agree with cublas_api.h. kStatusDeclined is
+// stmux's own: the daemon could not serve the request (an operand it could not
+// map, a GPU it cannot use) and never started it; the shim runs it directly.
 enum WireStatus : std::int32_t {
+  kStatusDeclined = -1,
   kStatusSuccess = 0,
   kStatusNotInitialized = 1,
   kStatusAllocFailed = 3,
@@ -112,24 +115,27 @@ struct alignas(kCacheLine) Slot {
 
 // Why a call went straight to cuBLAS instead of to the daemon. The shim counts
 // each in its segment, where stmuxctl can read them.
-#define STMUX_FALLBACK_REASONS(X)                                                            \
-  X(kDisabled, "disabled", "STMUX_DISABLE is set")                                           \
-  X(kBadConfig, "bad_config", "an STMUX_* variable is invalid")                              \
-  X(kNoDaemon, "no_daemon", "no daemon is attached")                                         \
-  X(kRefused, "refused", "the daemon refused to attach this process")                        \
-  X(kDraining, "draining", "the daemon is shutting down")                                    \
-  X(kNullHandle, "null_handle", "the cuBLAS handle is null")                                 \
-  X(kInvalidArgs, "invalid_args", "the arguments are invalid; cuBLAS reports it")            \
-  X(kGraphCapture, "graph_capture", "the stream is being captured into a CUDA graph")        \
-  X(kDevicePointerMode, "device_pointer_mode", "alpha and beta are in device memory")        \
-  X(kNotExportable, "not_exportable", "an operand is in memory CUDA IPC cannot export")      \
-  X(kMixedDevices, "mixed_devices", "the operands live on different GPUs")                   \
-  X(kDeviceNotServed, "device_not_served", "the daemon does not serve this GPU")             \
-  X(kLegacyBeta, "legacy_beta", "legacy cublasSgemm with beta != 0 could not report a loss") \
-  X(kCudaError, "cuda_error", "a CUDA driver query failed")                                  \
-  X(kBusy, "busy", "no ring space or slot came free before the timeout")                     \
-  X(kTimeout, "timeout", "STMUX_TIMEOUT_MS passed before the daemon started the call")       \
-  X(kDaemonLost, "daemon_lost", "the daemon went away before starting the call")
+#define STMUX_FALLBACK_REASONS(X)                                                               \
+  X(kDisabled, "disabled", "STMUX_DISABLE is set")                                              \
+  X(kBadConfig, "bad_config", "an STMUX_* variable is invalid")                                 \
+  X(kNoDaemon, "no_daemon", "no daemon is attached")                                            \
+  X(kRefused, "refused", "the daemon refused to attach this process")                           \
+  X(kDraining, "draining", "the daemon is shutting down")                                       \
+  X(kBadHandle, "bad_handle", "the cuBLAS handle is null or unusable")                          \
+  X(kNoOp, "no_op", "nothing to compute: cuBLAS returns at once")                               \
+  X(kInvalidArgs, "invalid_args", "the arguments are invalid; cuBLAS reports it")               \
+  X(kGraphCapture, "graph_capture", "the stream is being captured into a CUDA graph")           \
+  X(kDevicePointerMode, "device_pointer_mode", "alpha and beta are in device memory")           \
+  X(kNotExportable, "not_exportable", "an operand is in memory CUDA IPC cannot export")         \
+  X(kMixedDevices, "mixed_devices", "the operands live on different GPUs")                      \
+  X(kDeviceNotServed, "device_not_served", "the daemon does not serve this GPU")                \
+  X(kLegacyBeta, "legacy_beta", "legacy cublasSgemm with beta != 0 could not report a loss")    \
+  X(kCudaError, "cuda_error", "a CUDA driver query failed")                                     \
+  X(kBusy, "busy", "no ring space or slot came free before the timeout")                        \
+  X(kTimeout, "timeout", "STMUX_TIMEOUT_MS passed before the daemon started the call")          \
+  X(kDaemonLost, "daemon_lost", "the daemon went away; the call had not started, or beta == 0") \
+  X(kDeclined, "declined", "the daemon could not serve the call and did not start it")          \
+  X(kDaemonFailed, "daemon_failed", "the daemon's GPU failed the call; beta == 0, so re-run")
 
 enum class Fallback : std::uint32_t {
 #define STMUX_X(id, name, help) id,

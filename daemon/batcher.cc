@@ -1,0 +1,130 @@
+#include "daemon/batcher.h"
+
+#include <algorithm>
+
+namespace stmux::daemon {
+namespace {
+
+// Allowance on top of twice a tenant's think time before it counts as late.
+constexpr std::uint64_t kLateSlackNs = 20'000;
+
+}  // namespace
+
+void Batcher::add(Queued item, std::uint64_t now_ns) {
+  const std::uint32_t id = item.client->id;
+  auto [it, inserted] = tenants_.try_emplace(id);
+  Tenant& tenant = it->second;
+  if (inserted) order_.push_back(id);
+  // A think-time sample: the tenant had nothing outstanding since its last
+  // completion, so this gap is its own time between calls.
+  if (tenant.queue.empty() && tenant.in_flight == 0 && tenant.has_completed &&
+      now_ns >= tenant.last_completion_ns &&
+      now_ns - tenant.last_completion_ns < options_.active_ns) {
+    const std::uint64_t sample = now_ns - tenant.last_completion_ns;
+    tenant.think_ns = tenant.think_ns == 0 ? sample : (3 * tenant.think_ns + sample) / 4;
+  }
+  tenant.last_submit_ns = now_ns;
+  item.arrival_ns = now_ns;
+  tenant.queue.push_back(std::move(item));
+  ++queued_;
+  ++stats_.requests;
+}
+
+std::optional<Batch> Batcher::take(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
+  wake_at_ns = 0;
+  if (queued_ == 0 || in_flight_ >= options_.max_in_flight) return std::nullopt;
+
+  std::uint64_t oldest = UINT64_MAX;
+  for (const auto& [id, tenant] : tenants_) {
+    if (!tenant.queue.empty()) oldest = std::min(oldest, tenant.queue.front().arrival_ns);
+  }
+  const std::uint64_t deadline = oldest + options_.window_ns;
+
+  LaunchReason reason;
+  if (queued_ >= options_.max_batch) {
+    reason = LaunchReason::kFull;
+  } else if (now_ns >= deadline) {
+    reason = LaunchReason::kWindow;
+  } else {
+    bool all_waiting = true;
+    bool expected = false;
+    std::uint64_t expected_until = 0;
+    for (const auto& [id, tenant] : tenants_) {
+      if (!tenant.queue.empty()) continue;
+      // Every tenant in the map has submitted at least once.
+      if (now_ns - tenant.last_submit_ns >= options_.active_ns) continue;
+      all_waiting = false;
+      if (tenant.in_flight > 0) {
+        expected = true;  // back after its completion; bounded by the window
+        expected_until = deadline;
+      } else if (tenant.think_ns != 0) {
+        const std::uint64_t predicted = tenant.last_completion_ns + tenant.think_ns;
+        const std::uint64_t late = tenant.last_completion_ns + 2 * tenant.think_ns + kLateSlackNs;
+        if (predicted <= deadline && now_ns < late) {
+          expected = true;
+          expected_until = std::max(expected_until, std::min(late, deadline));
+        }
+      }
+    }
+    if (all_waiting) {
+      reason = LaunchReason::kAllWaiting;
+    } else if (in_flight_ == 0 && !expected) {
+      reason = LaunchReason::kIdle;
+    } else {
+      wake_at_ns = expected ? std::min(deadline, expected_until) : deadline;
+      return std::nullopt;
+    }
+  }
+
+  Batch batch;
+  batch.id = next_id_++;
+  batch.reason = reason;
+  batch.launched_ns = now_ns;
+  const std::size_t limit = std::min<std::size_t>(queued_, options_.max_batch);
+  batch.items.reserve(limit);
+  const std::size_t tenant_count = order_.size();
+  const std::size_t first = next_first_ % tenant_count;
+  while (batch.items.size() < limit) {
+    for (std::size_t i = 0; i < tenant_count && batch.items.size() < limit; ++i) {
+      Tenant& tenant = tenants_[order_[(first + i) % tenant_count]];
+      if (tenant.queue.empty()) continue;
+      stats_.wait_ns += now_ns - tenant.queue.front().arrival_ns;
+      batch.items.push_back(std::move(tenant.queue.front()));
+      tenant.queue.pop_front();
+      ++tenant.in_flight;
+    }
+  }
+  next_first_ = first + 1;
+  queued_ -= batch.items.size();
+  ++in_flight_;
+  ++stats_.batches;
+  stats_.launched += batch.items.size();
+  ++stats_.launches[static_cast<std::size_t>(reason)];
+  return batch;
+}
+
+void Batcher::completed(const Batch& batch, std::uint64_t now_ns) {
+  if (in_flight_ > 0) --in_flight_;
+  for (const Queued& item : batch.items) {
+    auto it = tenants_.find(item.client->id);
+    if (it == tenants_.end()) continue;  // removed while its batch ran
+    Tenant& tenant = it->second;
+    if (tenant.in_flight > 0) --tenant.in_flight;
+    tenant.last_completion_ns = now_ns;
+    tenant.has_completed = true;
+  }
+}
+
+std::vector<Queued> Batcher::removeTenant(std::uint32_t tenant_id) {
+  std::vector<Queued> dropped;
+  auto it = tenants_.find(tenant_id);
+  if (it == tenants_.end()) return dropped;
+  dropped.assign(std::make_move_iterator(it->second.queue.begin()),
+                 std::make_move_iterator(it->second.queue.end()));
+  queued_ -= dropped.size();
+  tenants_.erase(it);
+  order_.erase(std::find(order_.begin(), order_.end(), tenant_id));
+  return dropped;
+}
+
+}  // namespace stmux::daemon

@@ -1,0 +1,522 @@
+#include "daemon/executor.h"
+
+#include <cublas_v2.h>
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <time.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <deque>
+#include <future>
+#include <vector>
+
+#include "daemon/mapping_cache.h"
+#include "stmux/cublas_wire.h"
+#include "stmux/gemm.h"
+#include "stmux/log.h"
+#include "stmux/segment.h"
+
+namespace stmux::daemon {
+
+namespace {
+
+// A slot that must not be written: its client cancelled, died, or was
+// already answered.
+constexpr std::int32_t kNoWrite = INT32_MIN;
+
+using GetAddressRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
+
+std::string cudaError(cudaError_t error) {
+  return fmt::format("{} ({})", cudaGetErrorString(error), cudaGetErrorName(error));
+}
+
+#define STMUX_CUDA(call)                                                                    \
+  do {                                                                                      \
+    const cudaError_t stmux_err_ = (call);                                                  \
+    if (stmux_err_ != cudaSuccess) {                                                        \
+      return Status::error(fmt::format("{} failed at {}:{}: {}", #call, __FILE__, __LINE__, \
+                                       cudaError(stmux_err_)));                             \
+    }                                                                                       \
+  } while (0)
+
+#define STMUX_CUBLAS(call)                                                                  \
+  do {                                                                                      \
+    const cublasStatus_t stmux_st_ = (call);                                                \
+    if (stmux_st_ != CUBLAS_STATUS_SUCCESS) {                                               \
+      return Status::error(fmt::format("{} failed at {}:{}: {}", #call, __FILE__, __LINE__, \
+                                       cublasGetStatusString(stmux_st_)));                  \
+    }                                                                                       \
+  } while (0)
+
+}  // namespace
+
+Result<std::vector<GpuInfo>> listGpus() {
+  int count = 0;
+  const cudaError_t error = cudaGetDeviceCount(&count);
+  if (error != cudaSuccess) {
+    return Status::error(fmt::format("no usable CUDA device or driver: {}", cudaError(error)));
+  }
+  std::vector<GpuInfo> gpus;
+  for (int i = 0; i < count; ++i) {
+    cudaDeviceProp prop{};
+    STMUX_CUDA(cudaGetDeviceProperties(&prop, i));
+    GpuInfo gpu;
+    gpu.index = i;
+    std::memcpy(gpu.uuid.bytes, prop.uuid.bytes, sizeof(gpu.uuid.bytes));
+    gpu.name = prop.name;
+    gpus.push_back(std::move(gpu));
+  }
+  if (gpus.empty()) return Status::error("no CUDA device");
+  return gpus;
+}
+
+class Executor::Impl {
+ public:
+  Impl(ExecutorOptions options, ExecutorChannel& channel) : options_(options), channel_(channel) {}
+
+  Status start() {
+    std::promise<Status> ready;
+    auto started = ready.get_future();
+    thread_ = std::thread([this, &ready] {
+      Status status = init();
+      const bool ok = status.ok();
+      ready.set_value(std::move(status));
+      if (ok) run();
+      teardown();
+    });
+    Status status = started.get();
+    if (!status.ok()) {
+      thread_.join();
+      channel_.gauges().broken = true;
+    }
+    return status;
+  }
+
+  void stop() {
+    stop_.store(true, std::memory_order_release);
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  struct Buffer {
+    const float** host = nullptr;    // pinned: [A... | B... | C...] for one batch
+    const float** device = nullptr;  // what cuBLAS reads
+    cudaEvent_t done = nullptr;
+  };
+  struct InFlight {
+    std::unique_ptr<Batch> batch;
+    std::vector<std::int32_t> status;  // per item; kNoWrite: leave the slot alone
+    std::size_t buffer = 0;
+  };
+  struct Ready {
+    std::size_t item;  // index into the batch
+    const float* a;
+    const float* b;
+    float* c;
+  };
+  // A run of `count` requests with one key, at `start` in the launch order.
+  struct Group {
+    BatchKey key;
+    std::size_t start = 0;
+    std::size_t count = 0;
+  };
+
+  Status init() {
+    STMUX_CUDA(cudaSetDevice(options_.device));
+    STMUX_CUDA(cudaFree(nullptr));  // create the primary context now, not mid-batch
+    STMUX_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    STMUX_CUBLAS(cublasCreate(&handle_));
+    STMUX_CUBLAS(cublasSetStream(handle_, stream_));
+    STMUX_CUBLAS(cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST));
+    STMUX_CUDA(cudaMalloc(&scratch_, 256));
+    const std::size_t pointers = 3 * std::size_t{options_.max_batch};
+    buffers_.resize(std::max<std::uint32_t>(options_.max_in_flight, 1));
+    for (Buffer& buffer : buffers_) {
+      STMUX_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&buffer.host), pointers * sizeof(float*),
+                               cudaHostAllocDefault));
+      STMUX_CUDA(cudaMalloc(reinterpret_cast<void**>(&buffer.device), pointers * sizeof(float*)));
+      STMUX_CUDA(cudaEventCreateWithFlags(&buffer.done, cudaEventDisableTiming));
+    }
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    STMUX_CUDA(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000,
+                                                cudaEnableDefault, &found));
+    if (fn == nullptr || found != cudaDriverEntryPointSuccess) {
+      return Status::error("the driver has no cuMemGetAddressRange");
+    }
+    get_address_range_ = reinterpret_cast<GetAddressRangeFn>(fn);
+    cache_ = std::make_unique<MappingCache>(
+        options_.max_mappings, [this](const IpcHandle& h) { return openHandle(h); },
+        [](const Mapped& m) { closeMapping(m); });
+    STMUX_INFO(kExec, "GPU {}: ready ({} requests per batch, {} batches in flight)",
+               options_.device, options_.max_batch, buffers_.size());
+    return Status::okStatus();
+  }
+
+  void teardown() {
+    cache_.reset();  // closes every mapping
+    for (Buffer& buffer : buffers_) {
+      if (buffer.host != nullptr) cudaFreeHost(buffer.host);
+      if (buffer.device != nullptr) cudaFree(buffer.device);
+      if (buffer.done != nullptr) cudaEventDestroy(buffer.done);
+    }
+    if (scratch_ != nullptr) cudaFree(scratch_);
+    if (handle_ != nullptr) cublasDestroy(handle_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+
+  Result<Mapped> openHandle(const IpcHandle& bytes) {
+    cudaIpcMemHandle_t handle;
+    std::memcpy(&handle, bytes.bytes, sizeof(handle));
+    void* ptr = nullptr;
+    const cudaError_t error = cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess);
+    if (error != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: clear it so it is not reported later
+      return Status::error(fmt::format("cudaIpcOpenMemHandle: {}", cudaError(error)));
+    }
+    // The real size, from the driver: the client's claim is never trusted.
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    const CUresult result = get_address_range_(&base, &size, reinterpret_cast<CUdeviceptr>(ptr));
+    if (result != CUDA_SUCCESS || reinterpret_cast<CUdeviceptr>(ptr) < base) {
+      cudaIpcCloseMemHandle(ptr);
+      return Status::error(
+          fmt::format("cuMemGetAddressRange on a mapping failed ({})", static_cast<int>(result)));
+    }
+    const std::uint64_t start = reinterpret_cast<std::uint64_t>(ptr);
+    return Mapped{start, base + size - start};
+  }
+
+  static void closeMapping(const Mapped& mapped) {
+    const cudaError_t error = cudaIpcCloseMemHandle(reinterpret_cast<void*>(mapped.base));
+    if (error != cudaSuccess) {
+      STMUX_WARN(kMem, "cudaIpcCloseMemHandle: {}", cudaError(error));
+    }
+  }
+
+  void run() {
+    std::uint64_t last_work = nowNs();
+    while (true) {
+      bool progressed = false;
+      if (in_flight_.size() < buffers_.size()) {
+        if (std::unique_ptr<ExecCommand> command = channel_.takeCommand()) {
+          handle(std::move(command));
+          progressed = true;
+        }
+      }
+      progressed |= pollFront();
+      const std::uint64_t now = nowNs();
+      if (progressed) {
+        last_work = now;
+        continue;
+      }
+      if (stop_.load(std::memory_order_acquire) && in_flight_.empty()) break;
+      if (now - last_work < options_.spin_ns) {
+        cpuRelax();
+      } else if (!in_flight_.empty()) {
+        // A long batch: look every 20 us instead of spinning a core on it.
+        timespec ts{0, 20'000};
+        ::nanosleep(&ts, nullptr);
+      } else {
+        channel_.sleep(10'000'000);  // bounded, so stop() is noticed
+      }
+    }
+  }
+
+  void handle(std::unique_ptr<ExecCommand> command) {
+    switch (command->kind) {
+      case ExecCommand::Kind::kRun:
+        return launch(std::move(command->batch));
+      case ExecCommand::Kind::kRelease:
+        for (std::uint64_t id : command->alloc_ids)
+          cache_->release(command->client->id, id);
+        break;
+      case ExecCommand::Kind::kForget:
+        cache_->forgetClient(command->client->id);
+        break;
+    }
+    channel_.gauges().mapped.store(cache_->size(), std::memory_order_relaxed);
+  }
+
+  // Maps one operand; `extent` 0 means it is never touched.
+  std::int32_t resolve(const Queued& item, const OperandDesc& operand, std::uint64_t extent,
+                       std::uint64_t batch_id, std::uint64_t& address) {
+    if (extent == 0) {
+      address = reinterpret_cast<std::uint64_t>(scratch_);
+      return kStatusSuccess;
+    }
+    auto mapped = cache_->acquire(item.client->id, operand.alloc_id, operand.handle, batch_id);
+    if (!mapped) {
+      STMUX_WARN(kMem, "client {} (pid {}): cannot map allocation {}: {}", item.client->id,
+                 item.client->pid, operand.alloc_id, mapped.message());
+      return kStatusDeclined;
+    }
+    if (!operandFits(operand.offset, extent, mapped->bytes)) {
+      STMUX_DEBUG(kExec, "client {}: operand at offset {} spans {} bytes of a {}-byte allocation",
+                  item.client->id, operand.offset, extent, mapped->bytes);
+      return kStatusInvalidValue;
+    }
+    address = mapped->base + operand.offset;
+    return kStatusSuccess;
+  }
+
+  void launch(std::unique_ptr<Batch> batch) {
+    const std::size_t count = batch->items.size();
+    InFlight flight;
+    flight.status.assign(count, kNoWrite);
+    if (channel_.gauges().broken.load(std::memory_order_relaxed)) {
+      // This GPU is lost to the daemon: decline, and the shims run these
+      // themselves.
+      for (const Queued& item : batch->items) {
+        slotComplete(item.client->view.slot(item.request.slot), item.request.generation,
+                     kStatusDeclined);
+      }
+      channel_.finish(std::move(batch));
+      return;
+    }
+
+    std::vector<Ready> ready;
+    ready.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      const Queued& item = batch->items[i];
+      const Request& r = item.request;
+      if (item.client->gone.load(std::memory_order_acquire)) continue;
+      const auto extents = gemmExtents(GemmShape::of(r));  // validated by the scheduler
+      std::uint64_t a = 0, b = 0, c = 0;
+      std::int32_t status = resolve(item, r.a, extents->a, batch->id, a);
+      if (status == kStatusSuccess) status = resolve(item, r.b, extents->b, batch->id, b);
+      if (status == kStatusSuccess) status = resolve(item, r.c, extents->c, batch->id, c);
+      Slot& slot = item.client->view.slot(r.slot);
+      if (status != kStatusSuccess) {
+        slotComplete(slot, r.generation, status);  // never claimed: C untouched
+        continue;
+      }
+      if (!slotClaim(slot, r.generation)) continue;  // the caller cancelled
+      flight.status[i] = kStatusSuccess;
+      ready.push_back(Ready{i, reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b),
+                            reinterpret_cast<float*>(c)});
+    }
+    channel_.gauges().mapped.store(cache_->size(), std::memory_order_relaxed);
+
+    // Lay the requests out group by group, keys in first-seen order.
+    std::vector<Group> groups;
+    std::vector<std::size_t> group_of(ready.size());
+    for (std::size_t j = 0; j < ready.size(); ++j) {
+      const BatchKey& key = batch->items[ready[j].item].key;
+      std::size_t g = 0;
+      while (g < groups.size() && !(groups[g].key == key))
+        ++g;
+      if (g == groups.size()) groups.push_back(Group{key, 0, 0});
+      ++groups[g].count;
+      group_of[j] = g;
+    }
+    for (std::size_t g = 1; g < groups.size(); ++g) {
+      groups[g].start = groups[g - 1].start + groups[g - 1].count;
+    }
+    std::vector<Ready> ordered(ready.size());
+    std::vector<std::size_t> fill(groups.size(), 0);
+    for (std::size_t j = 0; j < ready.size(); ++j) {
+      const Group& group = groups[group_of[j]];
+      ordered[group.start + fill[group_of[j]]++] = ready[j];
+    }
+
+    flight.buffer = next_buffer_;
+    next_buffer_ = (next_buffer_ + 1) % buffers_.size();
+    if (Status status = submit(groups, ordered, buffers_[flight.buffer], flight); !status.ok()) {
+      fail(status.message());
+      for (std::int32_t& s : flight.status) {
+        if (s != kNoWrite) s = kStatusExecutionFailed;
+      }
+    }
+    flight.batch = std::move(batch);
+    in_flight_.push_back(std::move(flight));
+  }
+
+  // Uploads the pointer arrays, launches every group, and records the
+  // batch's event. A cuBLAS error fails the groups of that launch alone.
+  Status submit(const std::vector<Group>& groups, const std::vector<Ready>& ordered, Buffer& buffer,
+                InFlight& flight) {
+    const std::size_t n = ordered.size();
+    if (n > 0) {
+      for (std::size_t p = 0; p < n; ++p) {
+        buffer.host[p] = ordered[p].a;
+        buffer.host[n + p] = ordered[p].b;
+        buffer.host[2 * n + p] = ordered[p].c;
+      }
+      STMUX_CUDA(cudaMemcpyAsync(buffer.device, buffer.host, 3 * n * sizeof(float*),
+                                 cudaMemcpyHostToDevice, stream_));
+    }
+    const float* const* a_array = buffer.device;
+    const float* const* b_array = buffer.device + n;
+    float* const* c_array = const_cast<float* const*>(buffer.device + 2 * n);
+    auto failGroups = [&](std::size_t first, std::size_t last, cublasStatus_t status) {
+      for (std::size_t g = first; g < last; ++g) {
+        STMUX_WARN(kExec, "GPU {}: a launch of {} requests returned {}", options_.device,
+                   groups[g].count, cublasGetStatusString(status));
+        for (std::size_t p = groups[g].start; p < groups[g].start + groups[g].count; ++p) {
+          flight.status[ordered[p].item] = static_cast<std::int32_t>(status);
+        }
+      }
+    };
+
+    const bool grouped =
+        options_.launch == LaunchMode::kGrouped ||
+        (options_.launch == LaunchMode::kAuto && groups.size() >= options_.grouped_min_keys);
+    std::size_t first = 0;
+    while (first < groups.size()) {
+      // One grouped launch shares the handle's math mode: take a run of
+      // groups with the same modes whose sizes fit the int API.
+      std::size_t last = first + 1;
+      if (grouped && fitsInt(groups[first].key)) {
+        while (last < groups.size() && fitsInt(groups[last].key) &&
+               groups[last].key.math_mode == groups[first].key.math_mode &&
+               groups[last].key.emulation == groups[first].key.emulation) {
+          ++last;
+        }
+      }
+      const std::size_t offset = groups[first].start;
+      cublasStatus_t status = setModes(groups[first].key);
+      if (status == CUBLAS_STATUS_SUCCESS) {
+        status = last - first == 1 ? launchBatched(groups[first], a_array + offset,
+                                                   b_array + offset, c_array + offset)
+                                   : launchGrouped(groups, first, last, a_array + offset,
+                                                   b_array + offset, c_array + offset);
+        channel_.gauges().launches.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (status != CUBLAS_STATUS_SUCCESS) failGroups(first, last, status);
+      first = last;
+    }
+    STMUX_CUDA(cudaEventRecord(buffer.done, stream_));
+    return Status::okStatus();
+  }
+
+  static bool fitsInt(const BatchKey& k) {
+    return k.m <= INT_MAX && k.n <= INT_MAX && k.k <= INT_MAX && k.lda <= INT_MAX &&
+           k.ldb <= INT_MAX && k.ldc <= INT_MAX;
+  }
+
+  cublasStatus_t setModes(const BatchKey& key) {
+    cublasStatus_t status = cublasSetMathMode(handle_, static_cast<cublasMath_t>(key.math_mode));
+    if (status != CUBLAS_STATUS_SUCCESS) return status;
+    return cublasSetEmulationStrategy(handle_,
+                                      static_cast<cublasEmulationStrategy_t>(key.emulation));
+  }
+
+  cublasStatus_t launchBatched(const Group& group, const float* const* a, const float* const* b,
+                               float* const* c) {
+    const BatchKey& k = group.key;
+    float alpha, beta;
+    std::memcpy(&alpha, &k.alpha_bits, sizeof(float));
+    std::memcpy(&beta, &k.beta_bits, sizeof(float));
+    const auto ta = static_cast<cublasOperation_t>(k.transa);
+    const auto tb = static_cast<cublasOperation_t>(k.transb);
+    if (fitsInt(k) && group.count <= INT_MAX) {
+      return cublasSgemmBatched(handle_, ta, tb, static_cast<int>(k.m), static_cast<int>(k.n),
+                                static_cast<int>(k.k), &alpha, a, static_cast<int>(k.lda), b,
+                                static_cast<int>(k.ldb), &beta, c, static_cast<int>(k.ldc),
+                                static_cast<int>(group.count));
+    }
+    return cublasSgemmBatched_64(handle_, ta, tb, k.m, k.n, k.k, &alpha, a, k.lda, b, k.ldb, &beta,
+                                 c, k.ldc, static_cast<std::int64_t>(group.count));
+  }
+
+  cublasStatus_t launchGrouped(const std::vector<Group>& groups, std::size_t first,
+                               std::size_t last, const float* const* a, const float* const* b,
+                               float* const* c) {
+    const std::size_t count = last - first;
+    std::vector<cublasOperation_t> transa(count), transb(count);
+    std::vector<int> m(count), n(count), k(count), lda(count), ldb(count), ldc(count), sizes(count);
+    std::vector<float> alpha(count), beta(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      const BatchKey& key = groups[first + i].key;
+      transa[i] = static_cast<cublasOperation_t>(key.transa);
+      transb[i] = static_cast<cublasOperation_t>(key.transb);
+      m[i] = static_cast<int>(key.m);
+      n[i] = static_cast<int>(key.n);
+      k[i] = static_cast<int>(key.k);
+      lda[i] = static_cast<int>(key.lda);
+      ldb[i] = static_cast<int>(key.ldb);
+      ldc[i] = static_cast<int>(key.ldc);
+      std::memcpy(&alpha[i], &key.alpha_bits, sizeof(float));
+      std::memcpy(&beta[i], &key.beta_bits, sizeof(float));
+      sizes[i] = static_cast<int>(groups[first + i].count);
+    }
+    return cublasSgemmGroupedBatched(handle_, transa.data(), transb.data(), m.data(), n.data(),
+                                     k.data(), alpha.data(), a, lda.data(), b, ldb.data(),
+                                     beta.data(), c, ldc.data(), static_cast<int>(count),
+                                     sizes.data());
+  }
+
+  bool pollFront() {
+    if (in_flight_.empty()) return false;
+    const cudaError_t state = cudaEventQuery(buffers_[in_flight_.front().buffer].done);
+    if (state == cudaErrorNotReady) return false;
+    if (state != cudaSuccess) {
+      // A sticky error: this context can run nothing more. Whatever was in
+      // flight may have been partly done.
+      fail(fmt::format("the GPU failed a batch: {}", cudaError(state)));
+      for (InFlight& flight : in_flight_) {
+        for (std::int32_t& s : flight.status) {
+          if (s != kNoWrite) s = kStatusExecutionFailed;
+        }
+      }
+      while (!in_flight_.empty())
+        completeFront();
+      return true;
+    }
+    completeFront();
+    return true;
+  }
+
+  void completeFront() {
+    InFlight flight = std::move(in_flight_.front());
+    in_flight_.pop_front();
+    const std::vector<Queued>& items = flight.batch->items;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      if (flight.status[i] == kNoWrite) continue;
+      slotComplete(items[i].client->view.slot(items[i].request.slot), items[i].request.generation,
+                   flight.status[i]);
+    }
+    cache_->batchCompleted(flight.batch->id);
+    ExecutorGauges& gauges = channel_.gauges();
+    gauges.gpu_batches.fetch_add(1, std::memory_order_relaxed);
+    gauges.mapped.store(cache_->size(), std::memory_order_relaxed);
+    channel_.finish(std::move(flight.batch));
+  }
+
+  void fail(const std::string& why) {
+    if (!channel_.gauges().broken.exchange(true)) {
+      STMUX_ERROR(kExec, "GPU {}: {}; its calls now go back to the callers' own cuBLAS",
+                  options_.device, why);
+    }
+  }
+
+  ExecutorOptions options_;
+  ExecutorChannel& channel_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t handle_ = nullptr;
+  void* scratch_ = nullptr;
+  GetAddressRangeFn get_address_range_ = nullptr;
+  std::vector<Buffer> buffers_;
+  std::size_t next_buffer_ = 0;
+  std::deque<InFlight> in_flight_;
+  std::unique_ptr<MappingCache> cache_;
+};
+
+Executor::Executor(ExecutorOptions options, ExecutorChannel& channel)
+    : impl_(std::make_unique<Impl>(options, channel)) {}
+Executor::~Executor() {
+  stop();
+}
+Status Executor::start() {
+  return impl_->start();
+}
+void Executor::stop() {
+  impl_->stop();
+}
+
+}  // namespace stmux::daemon

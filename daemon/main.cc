@@ -1,0 +1,279 @@
+// stmuxd: the daemon that owns the GPUs. Runs in the foreground (systemd
+// starts it); SIGTERM drains and exits 0.
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "daemon/channel.h"
+#include "daemon/executor.h"
+#include "daemon/scheduler.h"
+#include "daemon/server.h"
+#include "stmux/config.h"
+#include "stmux/log.h"
+
+extern char** environ;
+
+namespace stmux::daemon {
+namespace {
+
+constexpr const char* kVersion = "0.1.0";
+
+Server* gServer = nullptr;
+
+void onSignal(int) {
+  // requestStop() is async-signal-safe: an atomic store and an eventfd write.
+  if (gServer != nullptr) gServer->requestStop();
+}
+
+bool daemonReads(const VarInfo& var) {
+  return var.scope != Scope::kShim;
+}
+
+void usage(FILE* out) {
+  std::fprintf(out,
+               "usage: stmuxd [options]\n"
+               "The stmux daemon: serves the cublasSgemm calls of processes running with\n"
+               "LD_PRELOAD=libstmux.so, batching them on this host's GPUs. Runs in the\n"
+               "foreground; SIGTERM finishes the work in flight and exits.\n\n"
+               "  --help            this text\n"
+               "  --version         the version and protocol\n"
+               "  --print-config    the configuration in effect, as an environment file\n\n"
+               "Every daemon setting is an STMUX_* environment variable and a flag that\n"
+               "overrides it (--window-us=100 or --window-us 100):\n");
+  for (const VarInfo& var : kVars) {
+    if (!daemonReads(var)) continue;
+    std::fprintf(out, "  --%-18s %s\n  %-20s %s; default %s\n", flagName(var.name).c_str(),
+                 std::string(var.name).c_str(), "", describeAccepted(var).c_str(),
+                 std::string(var.default_text).c_str());
+    std::fprintf(out, "  %-20s %s\n", "", std::string(var.help).c_str());
+  }
+}
+
+// Flags override the environment; the result is looked up like the
+// environment, so one parser serves both.
+struct Flags {
+  std::map<std::string, std::string, std::less<>> values;
+  bool help = false, version = false, print_config = false;
+};
+
+Result<Flags> parseFlags(int argc, char** argv) {
+  Flags flags;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      flags.help = true;
+      continue;
+    }
+    if (arg == "--version") {
+      flags.version = true;
+      continue;
+    }
+    if (arg == "--print-config") {
+      flags.print_config = true;
+      continue;
+    }
+    if (arg.rfind("--", 0) != 0) {
+      return Status::error(fmt::format("unexpected argument '{}'; see --help", arg));
+    }
+    std::string name = arg.substr(2), value;
+    bool has_value = false;
+    if (const auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_value = true;
+    }
+    const VarInfo* found = nullptr;
+    for (const VarInfo& var : kVars) {
+      if (daemonReads(var) && flagName(var.name) == name) found = &var;
+    }
+    if (found == nullptr)
+      return Status::error(fmt::format("unknown option '--{}'; see --help", name));
+    if (!has_value) {
+      if (i + 1 >= argc) return Status::error(fmt::format("--{} needs a value", name));
+      value = argv[++i];
+    }
+    flags.values[std::string(found->name)] = value;
+  }
+  return flags;
+}
+
+void notifySystemd(const char* state) {
+  const char* path = std::getenv("NOTIFY_SOCKET");
+  if (path == nullptr || path[0] == '\0') return;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  const std::size_t length = std::strlen(path);
+  if (length >= sizeof(addr.sun_path)) return;
+  std::memcpy(addr.sun_path, path, length);
+  if (addr.sun_path[0] == '@') addr.sun_path[0] = '\0';  // abstract namespace
+  UniqueFd fd(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return;
+  ::sendto(fd.get(), state, std::strlen(state), MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&addr),
+           static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + length));
+}
+
+Result<std::vector<GpuInfo>> selectGpus(const std::vector<std::string>& wanted) {
+  auto gpus = listGpus();
+  if (!gpus) return gpus;
+  if (wanted.empty()) return gpus;
+  std::vector<GpuInfo> chosen;
+  for (const std::string& item : wanted) {
+    auto it = std::find_if(gpus->begin(), gpus->end(), [&](const GpuInfo& gpu) {
+      if (std::isdigit(static_cast<unsigned char>(item[0]))) {
+        return std::to_string(gpu.index) == item;
+      }
+      std::string uuid = formatUuid(gpu.uuid), lower = item;
+      std::transform(lower.begin(), lower.end(), lower.begin(),
+                     [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+      std::transform(uuid.begin(), uuid.end(), uuid.begin(),
+                     [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+      return uuid == lower;
+    });
+    if (it == gpus->end()) {
+      std::string have;
+      for (const GpuInfo& gpu : gpus.value()) {
+        have += fmt::format("{}{} ({})", have.empty() ? "" : ", ", gpu.index, formatUuid(gpu.uuid));
+      }
+      return Status::error(fmt::format(
+          "STMUX_DEVICES names '{}', which is not a GPU here; the GPUs are: {}", item, have));
+    }
+    chosen.push_back(*it);
+  }
+  return chosen;
+}
+
+int run(int argc, char** argv) {
+  auto flags = parseFlags(argc, argv);
+  if (!flags) {
+    std::fprintf(stderr, "stmuxd: %s\n", flags.message().c_str());
+    return 2;
+  }
+  if (flags->help) {
+    usage(stdout);
+    return 0;
+  }
+  if (flags->version) {
+    std::printf("stmuxd %s (protocol %u)\n", kVersion, kProtocolVersion);
+    return 0;
+  }
+  const Lookup environment = environmentLookup();
+  const Lookup lookup = [&](std::string_view name) -> std::optional<std::string> {
+    auto it = flags->values.find(name);
+    if (it != flags->values.end()) return it->second;
+    return environment(name);
+  };
+  auto config = parseConfig(lookup, Scope::kDaemon);
+  if (!config) {
+    std::fprintf(stderr, "stmuxd: invalid configuration:\n%s\n", config.message().c_str());
+    return 2;
+  }
+  setLogSpec(config->log);
+  for (const std::string& name : unknownVariables(environ)) {
+    STMUX_WARN(kConfig, "{} is not a stmux variable; it is ignored (see stmuxd --help)", name);
+  }
+
+  if (flags->print_config) {
+    std::printf(
+        "# stmuxd configuration: flags override the environment, which overrides "
+        "the defaults\n");
+    for (const VarInfo& var : kVars) {
+      if (!daemonReads(var)) continue;
+      const std::string name(var.name);
+      const char* source = flags->values.count(name) != 0 ? "flag"
+                           : environment(name)            ? "environment"
+                                                          : "default";
+      std::printf("%s=%s\t# %s; %s\n", name.c_str(),
+                  formatValue(config.value(), var.member).c_str(), source,
+                  std::string(var.help).c_str());
+    }
+    return 0;
+  }
+
+  auto gpus = selectGpus(config->devices);
+  if (!gpus) {
+    std::fprintf(stderr, "stmuxd: %s\n", gpus.message().c_str());
+    return 1;
+  }
+
+  // One channel and one executor per GPU; the scheduler sleeps on wake_fd,
+  // which the executors ring.
+  UniqueFd wake_fd = Scheduler::makeWakeFd();
+  std::vector<std::unique_ptr<ExecutorChannel>> channels;
+  std::vector<std::unique_ptr<Executor>> executors;
+  std::vector<ExecutorChannel*> channel_ptrs;
+  BatcherOptions batcher;
+  batcher.window_ns = static_cast<std::uint64_t>(config->window_us) * 1000;
+  batcher.max_batch = static_cast<std::uint32_t>(config->max_batch);
+  batcher.active_ns = static_cast<std::uint64_t>(config->active_us) * 1000;
+  const LaunchMode launch = config->launch == "batched"   ? LaunchMode::kBatched
+                            : config->launch == "grouped" ? LaunchMode::kGrouped
+                                                          : LaunchMode::kAuto;
+  for (const GpuInfo& gpu : gpus.value()) {
+    channels.push_back(std::make_unique<ExecutorChannel>(wake_fd.get()));
+    channel_ptrs.push_back(channels.back().get());
+    ExecutorOptions options;
+    options.device = gpu.index;
+    options.max_batch = batcher.max_batch;
+    options.max_in_flight = batcher.max_in_flight;
+    options.max_mappings = static_cast<std::size_t>(config->max_mappings);
+    options.spin_ns = static_cast<std::uint64_t>(config->daemon_spin_us) * 1000;
+    options.launch = launch;
+    executors.push_back(std::make_unique<Executor>(options, *channels.back()));
+    if (Status status = executors.back()->start(); !status.ok()) {
+      std::fprintf(stderr, "stmuxd: GPU %d (%s): %s\n", gpu.index, formatUuid(gpu.uuid).c_str(),
+                   status.message().c_str());
+      return 1;
+    }
+    STMUX_INFO(kDaemon, "serving GPU {}: {} {}", gpu.index, gpu.name, formatUuid(gpu.uuid));
+  }
+  Scheduler scheduler(batcher, gpus.value(), channel_ptrs);
+  scheduler.adoptWakeFd(std::move(wake_fd));
+
+  ServerOptions server_options;
+  server_options.socket_path = config->socket;
+  server_options.slots = static_cast<std::uint32_t>(config->slots);
+  server_options.max_clients = static_cast<std::uint32_t>(config->max_clients);
+  server_options.spin_ns = static_cast<std::uint64_t>(config->daemon_spin_us) * 1000;
+  for (const GpuInfo& gpu : gpus.value())
+    server_options.devices.push_back(gpu.uuid);
+  Server server(server_options, scheduler);
+  if (Status status = server.listen(); !status.ok()) {
+    std::fprintf(stderr, "stmuxd: %s\n", status.message().c_str());
+    return 1;
+  }
+
+  gServer = &server;
+  struct sigaction action {};
+  action.sa_handler = onSignal;
+  sigemptyset(&action.sa_mask);
+  ::sigaction(SIGTERM, &action, nullptr);
+  ::sigaction(SIGINT, &action, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  STMUX_WARN(kDaemon, "stmuxd {} ready on {} with {} GPU(s), window {} us, max batch {}", kVersion,
+             config->socket, gpus->size(), config->window_us, config->max_batch);
+  notifySystemd("READY=1");
+  server.run();
+  notifySystemd("STOPPING=1");
+  gServer = nullptr;
+  for (auto& executor : executors)
+    executor->stop();
+  STMUX_WARN(kDaemon, "stmuxd stopped");
+  return 0;
+}
+
+}  // namespace
+}  // namespace stmux::daemon
+
+int main(int argc, char** argv) {
+  return stmux::daemon::run(argc, argv);
+}

@@ -1,0 +1,81 @@
+// Which client allocations one GPU's executor has mapped, and when each may
+// be closed.
+//
+// Keyed by (client, allocation id), never by address: a client that frees an
+// allocation and makes another gets the same address back with a new
+// CU_POINTER_ATTRIBUTE_BUFFER_ID (DESIGN.md, "Facts checked"). A mapping
+// closes when the client says it freed it, when the client detaches, or when
+// the client holds more than its limit (least recently used first), but never
+// while a batch still in flight uses it: batches complete in id order, and
+// each entry remembers the last batch that used it.
+//
+// The opening and closing themselves (CUDA IPC) are the executor's, passed in
+// as functions, so this bookkeeping is tested without a GPU.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <unordered_map>
+#include <vector>
+
+#include "stmux/status.h"
+#include "stmux/wire.h"
+
+namespace stmux::daemon {
+
+struct Mapped {
+  std::uint64_t base = 0;   // device address of the allocation in the daemon
+  std::uint64_t bytes = 0;  // its real size, as the driver reports it
+};
+
+class MappingCache {
+ public:
+  using OpenFn = std::function<Result<Mapped>(const IpcHandle&)>;
+  using CloseFn = std::function<void(const Mapped&)>;
+
+  MappingCache(std::size_t per_client_limit, OpenFn open, CloseFn close)
+      : limit_(per_client_limit), open_(std::move(open)), close_(std::move(close)) {}
+  ~MappingCache();
+
+  // The mapping for this allocation, opened if need be, marked as used by
+  // `batch_id` (not closable until that batch completes).
+  Result<Mapped> acquire(std::uint32_t client, std::uint64_t alloc_id, const IpcHandle& handle,
+                         std::uint64_t batch_id);
+
+  // The client freed the allocation.
+  void release(std::uint32_t client, std::uint64_t alloc_id);
+  // The client is gone.
+  void forgetClient(std::uint32_t client);
+  // Every batch up to and including `batch_id` has completed.
+  void batchCompleted(std::uint64_t batch_id);
+
+  std::size_t size() const { return open_count_; }
+  std::size_t clientSize(std::uint32_t client) const;
+  std::size_t pendingCloses() const { return deferred_.size(); }
+
+ private:
+  struct Entry {
+    IpcHandle handle;
+    Mapped mapped;
+    std::uint64_t last_batch = 0;
+    std::list<std::uint64_t>::iterator lru;  // position in the client's recency list
+  };
+  struct ClientMaps {
+    std::unordered_map<std::uint64_t, Entry> entries;
+    std::list<std::uint64_t> lru;  // alloc ids, most recently used first
+  };
+  // Closes now if no batch in flight uses it, else once its last batch is done.
+  void retire(const Entry& entry);
+  void evictIfFull(ClientMaps& maps);
+
+  std::size_t limit_;
+  OpenFn open_;
+  CloseFn close_;
+  std::unordered_map<std::uint32_t, ClientMaps> clients_;
+  std::vector<std::pair<std::uint64_t, Mapped>> deferred_;  // (last batch, mapping)
+  std::uint64_t completed_ = 0;
+  std::size_t open_count_ = 0;
+};
+
+}  // namespace stmux::daemon

@@ -1,0 +1,153 @@
+#include "daemon/scheduler.h"
+
+#include <algorithm>
+
+#include "stmux/gemm.h"
+#include "stmux/json.h"
+#include "stmux/log.h"
+#include "stmux/segment.h"
+
+namespace stmux::daemon {
+
+std::string formatUuid(const Uuid& uuid) {
+  const std::uint8_t* b = uuid.bytes;
+  return fmt::format(
+      "GPU-{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}"
+      "{:02x}{:02x}",
+      b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
+      b[15]);
+}
+
+Scheduler::Scheduler(BatcherOptions options, std::vector<GpuInfo> gpus,
+                     std::vector<ExecutorChannel*> channels) {
+  for (std::size_t i = 0; i < gpus.size(); ++i) {
+    gpus_.push_back(Gpu{std::move(gpus[i]), channels[i], Batcher(options)});
+  }
+}
+
+Scheduler::Gpu* Scheduler::route(const Uuid& uuid) {
+  for (Gpu& gpu : gpus_) {
+    if (gpu.info.uuid == uuid) return &gpu;
+  }
+  return nullptr;
+}
+
+void Scheduler::reject(const ClientPtr& client, const Request& request, std::int32_t status) {
+  ++rejected_;
+  // Unclaimed, so completing it from pending is allowed; a concurrent cancel
+  // by the client simply wins.
+  slotComplete(client->view.slot(request.slot), request.generation, status);
+}
+
+void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) {
+  if (request.op != static_cast<std::uint32_t>(Op::kSgemm)) {
+    return reject(client, request, kStatusDeclined);
+  }
+  Gpu* gpu = route(request.device);
+  if (gpu == nullptr || gpu->channel->gauges().broken.load(std::memory_order_relaxed)) {
+    return reject(client, request, kStatusDeclined);
+  }
+  const GemmShape shape = GemmShape::of(request);
+  if (const std::int32_t status = checkGemmArgs(shape); status != kStatusSuccess) {
+    STMUX_DEBUG(kSched, "client {} request {}: invalid arguments", client->id, request.request_id);
+    return reject(client, request, status);
+  }
+  if (gemmIsNoOp(request)) return reject(client, request, kStatusSuccess);
+  const auto extents = gemmExtents(shape);
+  // An operand that must be read or written has to be described; an extent
+  // past 2^63 bytes fits no allocation.
+  if (!extents || (extents->a != 0 && request.a.alloc_id == 0) ||
+      (extents->b != 0 && request.b.alloc_id == 0) || request.c.alloc_id == 0) {
+    return reject(client, request, kStatusInvalidValue);
+  }
+  gpu->batcher.add(Queued{client, request, BatchKey::of(request), now_ns}, now_ns);
+}
+
+void Scheduler::onDetach(const ClientPtr& client) {
+  for (Gpu& gpu : gpus_) {
+    (void)gpu.batcher.removeTenant(client->id);
+    auto command = std::make_unique<ExecCommand>();
+    command->kind = ExecCommand::Kind::kForget;
+    command->client = client;
+    gpu.channel->post(std::move(command));
+  }
+}
+
+void Scheduler::onRelease(const ClientPtr& client, const std::uint64_t* alloc_ids,
+                          std::size_t count) {
+  for (Gpu& gpu : gpus_) {
+    auto command = std::make_unique<ExecCommand>();
+    command->kind = ExecCommand::Kind::kRelease;
+    command->client = client;
+    command->alloc_ids.assign(alloc_ids, alloc_ids + count);
+    gpu.channel->post(std::move(command));
+  }
+}
+
+bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
+  bool progressed = false;
+  wake_at_ns = 0;
+  for (Gpu& gpu : gpus_) {
+    while (std::unique_ptr<Batch> done = gpu.channel->takeDone()) {
+      gpu.batcher.completed(*done, now_ns);
+      progressed = true;
+    }
+    gpu.channel->flush();
+    std::uint64_t wake = 0;
+    while (std::optional<Batch> batch = gpu.batcher.take(now_ns, wake)) {
+      STMUX_TRACE(kSched, "gpu {}: batch {} of {} ({})", gpu.info.index, batch->id,
+                  batch->items.size(), kLaunchReasonNames[static_cast<int>(batch->reason)]);
+      auto command = std::make_unique<ExecCommand>();
+      command->kind = ExecCommand::Kind::kRun;
+      command->batch = std::make_unique<Batch>(std::move(batch).value());
+      gpu.channel->post(std::move(command));
+      progressed = true;
+    }
+    if (wake != 0 && (wake_at_ns == 0 || wake < wake_at_ns)) wake_at_ns = wake;
+  }
+  return progressed;
+}
+
+bool Scheduler::busy() const {
+  return std::any_of(gpus_.begin(), gpus_.end(), [](const Gpu& gpu) {
+    return gpu.batcher.queued() > 0 || gpu.batcher.inFlight() > 0 || gpu.channel->backlog() > 0;
+  });
+}
+
+std::string Scheduler::statusJson() const {
+  JsonWriter json;
+  json.key("gpus").beginArray();
+  for (const Gpu& gpu : gpus_) {
+    const BatcherStats& stats = gpu.batcher.stats();
+    const ExecutorGauges& gauges = gpu.channel->gauges();
+    json.beginObject();
+    json.field("index", static_cast<std::int64_t>(gpu.info.index));
+    json.field("uuid", formatUuid(gpu.info.uuid));
+    json.field("name", gpu.info.name);
+    json.field("broken", gauges.broken.load());
+    json.field("queued", static_cast<std::int64_t>(gpu.batcher.queued()));
+    json.field("in_flight", static_cast<std::int64_t>(gpu.batcher.inFlight()));
+    json.field("requests", static_cast<std::int64_t>(stats.requests));
+    json.field("batches", static_cast<std::int64_t>(stats.batches));
+    json.field("mean_batch", stats.batches == 0 ? 0.0
+                                                : static_cast<double>(stats.launched) /
+                                                      static_cast<double>(stats.batches));
+    json.field("mean_wait_us", stats.launched == 0 ? 0.0
+                                                   : static_cast<double>(stats.wait_ns) / 1e3 /
+                                                         static_cast<double>(stats.launched));
+    json.key("launches").beginObject();
+    for (std::size_t i = 0; i < kLaunchReasonCount; ++i) {
+      json.field(kLaunchReasonNames[i], static_cast<std::int64_t>(stats.launches[i]));
+    }
+    json.endObject();
+    json.field("cublas_launches", static_cast<std::int64_t>(gauges.launches.load()));
+    json.field("mapped", static_cast<std::int64_t>(gauges.mapped.load()));
+    json.endObject();
+  }
+  json.endArray();
+  // The caller splices these members into its own object.
+  std::string text = json.str();
+  return text;
+}
+
+}  // namespace stmux::daemon

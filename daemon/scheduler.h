@@ -1,0 +1,62 @@
+// stmuxd's RequestSink: validates every request, routes it to its GPU's
+// batcher by UUID, hands launched batches to that GPU's executor and takes
+// finished ones back. Runs on the server's thread; no CUDA here, so it is
+// tested end to end on machines without a GPU against a fake executor.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "daemon/batcher.h"
+#include "daemon/channel.h"
+#include "daemon/server.h"
+#include "stmux/sys.h"
+
+namespace stmux::daemon {
+
+struct GpuInfo {
+  int index = 0;  // the daemon's CUDA ordinal
+  Uuid uuid{};
+  std::string name;
+};
+
+std::string formatUuid(const Uuid& uuid);  // GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx
+
+class Scheduler : public RequestSink {
+ public:
+  // One channel per GPU, in the same order as `gpus`; the channels' executors
+  // ring `wakeFd()` when they finish a batch.
+  Scheduler(BatcherOptions options, std::vector<GpuInfo> gpus,
+            std::vector<ExecutorChannel*> channels);
+
+  void onDetach(const ClientPtr& client) override;
+  void onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) override;
+  void onRelease(const ClientPtr& client, const std::uint64_t* alloc_ids,
+                 std::size_t count) override;
+  bool poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) override;
+  bool busy() const override;
+  int wakeFd() const override { return wake_fd_.get(); }
+  std::string statusJson() const override;
+
+  // For the executors' channels, made before the scheduler.
+  static UniqueFd makeWakeFd() { return UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }
+  void adoptWakeFd(UniqueFd fd) { wake_fd_ = std::move(fd); }
+
+  std::uint64_t rejected() const { return rejected_; }
+
+ private:
+  struct Gpu {
+    GpuInfo info;
+    ExecutorChannel* channel;
+    Batcher batcher;
+  };
+  Gpu* route(const Uuid& uuid);
+  void reject(const ClientPtr& client, const Request& request, std::int32_t status);
+
+  std::vector<Gpu> gpus_;
+  UniqueFd wake_fd_;
+  std::uint64_t rejected_ = 0;  // answered without reaching a batcher
+};
+
+}  // namespace stmux::daemon

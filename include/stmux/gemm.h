@@ -1,0 +1,125 @@
+// SGEMM argument rules, shared by the shim (to send invalid calls straight to
+// cuBLAS, which then reports them itself) and the daemon (which trusts no
+// client): cuBLAS's own checks and each operand's full extent in memory.
+//
+// Column-major, as cuBLAS: C (m x n) = alpha * op(A) (m x k) * op(B) (k x n)
+// + beta * C. op(A) = A stored m x k when transa is N, k x m otherwise.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#include "stmux/wire.h"
+
+namespace stmux {
+
+struct GemmShape {
+  std::int32_t transa = kOpN;
+  std::int32_t transb = kOpN;
+  std::int64_t m = 0, n = 0, k = 0;
+  std::int64_t lda = 1, ldb = 1, ldc = 1;
+
+  static GemmShape of(const Request& r) {
+    return {r.transa, r.transb, r.m, r.n, r.k, r.lda, r.ldb, r.ldc};
+  }
+  // Rows and columns of each operand as stored.
+  std::int64_t rowsA() const { return transa == kOpN ? m : k; }
+  std::int64_t colsA() const { return transa == kOpN ? k : m; }
+  std::int64_t rowsB() const { return transb == kOpN ? k : n; }
+  std::int64_t colsB() const { return transb == kOpN ? n : k; }
+};
+
+inline bool validTranspose(std::int32_t op) {
+  return op == kOpN || op == kOpT || op == kOpC;
+}
+
+// cuBLAS's argument checks for cublasSgemm: kStatusSuccess, or the status
+// cuBLAS returns for the first rule broken.
+inline std::int32_t checkGemmArgs(const GemmShape& s) {
+  if (!validTranspose(s.transa) || !validTranspose(s.transb)) return kStatusInvalidValue;
+  if (s.m < 0 || s.n < 0 || s.k < 0) return kStatusInvalidValue;
+  if (s.lda < std::max<std::int64_t>(1, s.rowsA())) return kStatusInvalidValue;
+  if (s.ldb < std::max<std::int64_t>(1, s.rowsB())) return kStatusInvalidValue;
+  if (s.ldc < std::max<std::int64_t>(1, s.m)) return kStatusInvalidValue;
+  return kStatusSuccess;
+}
+
+// Bytes from an operand's first element to one past its last: 0 when it has
+// no elements (it is then never read or written), nullopt when the extent
+// does not fit in 63 bits (no allocation is that large).
+inline std::optional<std::uint64_t> operandBytes(std::int64_t rows, std::int64_t cols,
+                                                 std::int64_t ld) {
+  if (rows <= 0 || cols <= 0) return 0;
+  const auto elements = static_cast<unsigned __int128>(cols - 1) * static_cast<std::uint64_t>(ld) +
+                        static_cast<std::uint64_t>(rows);
+  const unsigned __int128 bytes = elements * sizeof(float);
+  if (bytes > static_cast<unsigned __int128>(INT64_MAX)) return std::nullopt;
+  return static_cast<std::uint64_t>(bytes);
+}
+
+struct GemmExtents {
+  std::uint64_t a = 0, b = 0, c = 0;
+};
+
+// The extent of each operand for valid arguments (checkGemmArgs first).
+inline std::optional<GemmExtents> gemmExtents(const GemmShape& s) {
+  auto a = operandBytes(s.rowsA(), s.colsA(), s.lda);
+  auto b = operandBytes(s.rowsB(), s.colsB(), s.ldb);
+  auto c = operandBytes(s.m, s.n, s.ldc);
+  if (!a || !b || !c) return std::nullopt;
+  return GemmExtents{*a, *b, *c};
+}
+
+// Nothing to compute: cuBLAS returns success without touching memory.
+inline bool gemmIsNoOp(const Request& r) {
+  if (r.m == 0 || r.n == 0) return true;
+  return (r.k == 0 || r.alpha == 0.0f) && r.beta == 1.0f;
+}
+
+// Whether an operand, placed at `offset` in an allocation of `alloc_bytes`,
+// lies wholly inside it and is aligned for floats.
+inline bool operandFits(std::uint64_t offset, std::uint64_t extent, std::uint64_t alloc_bytes) {
+  if (extent == 0) return true;
+  if (offset % alignof(float) != 0) return false;
+  return offset <= alloc_bytes && extent <= alloc_bytes - offset;
+}
+
+// Requests that may share one cublasSgemmBatched launch: same GPU (one
+// batcher per GPU), transposes, sizes, leading dimensions, math mode and
+// scalars (compared bit for bit: -0.0 and 0.0, or two NaNs, are not merged).
+struct BatchKey {
+  std::int32_t transa, transb;
+  std::int64_t m, n, k, lda, ldb, ldc;
+  std::uint32_t math_mode, emulation;
+  std::uint32_t alpha_bits, beta_bits;
+
+  static BatchKey of(const Request& r) {
+    BatchKey key{r.transa, r.transb, r.m,         r.n,         r.k, r.lda,
+                 r.ldb,    r.ldc,    r.math_mode, r.emulation, 0,   0};
+    std::memcpy(&key.alpha_bits, &r.alpha, sizeof(float));
+    std::memcpy(&key.beta_bits, &r.beta, sizeof(float));
+    return key;
+  }
+  bool operator==(const BatchKey&) const = default;
+};
+
+struct BatchKeyHash {
+  std::size_t operator()(const BatchKey& key) const {
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    auto mix = [&h](std::uint64_t v) {
+      h ^= v;
+      h *= 0x100000001b3ull;
+    };
+    mix(static_cast<std::uint64_t>(key.transa) | static_cast<std::uint64_t>(key.transb) << 8);
+    for (std::int64_t v : {key.m, key.n, key.k, key.lda, key.ldb, key.ldc}) {
+      mix(static_cast<std::uint64_t>(v));
+    }
+    mix(key.math_mode | static_cast<std::uint64_t>(key.emulation) << 32);
+    mix(key.alpha_bits | static_cast<std::uint64_t>(key.beta_bits) << 32);
+    return static_cast<std::size_t>(h);
+  }
+};
+
+}  // namespace stmux

@@ -1,0 +1,104 @@
+#include "shim/allocations.h"
+
+#include <cstring>
+
+#include "stmux/log.h"
+
+namespace stmux::shim {
+
+AllocationCache::Described AllocationCache::describe(const Driver& driver, const void* pointer) {
+  Described out;
+  const auto address = reinterpret_cast<CUdeviceptr>(pointer);
+  unsigned long long buffer_id = 0;
+  int device = -1;
+  CUmemorytype type{};
+  unsigned int ipc_capable = 0;  // the driver writes a boolean
+  CUpointer_attribute attributes[] = {
+      CU_POINTER_ATTRIBUTE_BUFFER_ID, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+      CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE};
+  void* values[] = {&buffer_id, &device, &type, &ipc_capable};
+  if (driver.cuPointerGetAttributes(4, attributes, values, address) != CUDA_SUCCESS ||
+      buffer_id == 0) {
+    out.failure = Failure::kNotExportable;  // not memory CUDA knows
+    return out;
+  }
+  // Managed memory, host memory, stream-ordered pools and VMM allocations
+  // cannot be exported with cuIpcGetMemHandle.
+  if (type != CU_MEMORYTYPE_DEVICE || ipc_capable == 0) {
+    out.failure = Failure::kNotExportable;
+    return out;
+  }
+
+  std::lock_guard lock(mutex_);
+  auto it = by_id_.find(buffer_id);
+  if (it == by_id_.end()) {
+    CUdeviceptr base = 0;
+    size_t bytes = 0;
+    if (driver.cuMemGetAddressRange(&base, &bytes, address) != CUDA_SUCCESS) {
+      out.failure = Failure::kCudaError;
+      return out;
+    }
+    CUipcMemHandle handle;
+    if (driver.cuIpcGetMemHandle(&handle, base) != CUDA_SUCCESS) {
+      out.failure = Failure::kNotExportable;
+      return out;
+    }
+    // A different allocation at this base before: it was freed.
+    if (auto old = by_base_.find(base); old != by_base_.end()) {
+      gone_.push_back(old->second);
+      by_id_.erase(old->second);
+      by_base_.erase(old);
+    }
+    Entry entry{base, bytes, device, {}};
+    static_assert(sizeof(handle) == sizeof(entry.handle));
+    std::memcpy(entry.handle.bytes, &handle, sizeof(handle));
+    it = by_id_.emplace(buffer_id, entry).first;
+    by_base_[base] = buffer_id;
+    STMUX_DEBUG(kShim, "exported allocation {} ({} bytes on GPU {})", buffer_id, bytes, device);
+  }
+  const Entry& entry = it->second;
+  out.device = entry.device;
+  out.desc.alloc_id = buffer_id;
+  out.desc.offset = address - entry.base;
+  out.desc.alloc_bytes = entry.bytes;
+  out.desc.handle = entry.handle;
+  return out;
+}
+
+std::vector<std::uint64_t> AllocationCache::takeGone(const Driver& driver, std::uint64_t now_ns,
+                                                     std::uint64_t sweep_every_ns) {
+  std::lock_guard lock(mutex_);
+  if (now_ns - last_sweep_ns_ >= sweep_every_ns) {
+    last_sweep_ns_ = now_ns;
+    for (auto it = by_base_.begin(); it != by_base_.end();) {
+      unsigned long long id = 0;
+      const CUresult result =
+          driver.cuPointerGetAttribute(&id, CU_POINTER_ATTRIBUTE_BUFFER_ID, it->first);
+      if (result != CUDA_SUCCESS || id != it->second) {
+        gone_.push_back(it->second);
+        by_id_.erase(it->second);
+        it = by_base_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  std::vector<std::uint64_t> gone;
+  gone.swap(gone_);
+  return gone;
+}
+
+std::size_t AllocationCache::size() {
+  std::lock_guard lock(mutex_);
+  return by_id_.size();
+}
+
+void AllocationCache::forkChild() {
+  by_id_.clear();
+  by_base_.clear();
+  gone_.clear();
+  last_sweep_ns_ = 0;
+  mutex_.unlock();
+}
+
+}  // namespace stmux::shim

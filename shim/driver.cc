@@ -1,0 +1,61 @@
+#include "shim/driver.h"
+
+#include <dlfcn.h>
+
+#include <mutex>
+
+#include "stmux/log.h"
+
+namespace stmux::shim {
+namespace {
+
+using GetProcAddress = CUresult (*)(const char*, void**, int, cuuint64_t,
+                                    CUdriverProcAddressQueryResult*);
+
+template <class T>
+bool lookup(GetProcAddress get, T& slot, const char* name) {
+  void* fn = nullptr;
+  CUdriverProcAddressQueryResult found{};
+  // Versioned lookup: cuMemGetAddressRange resolves to its _v2, and so on, as
+  // the headers the shim was built with mean them.
+  const CUresult result = get(name, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_LEGACY_STREAM, &found);
+  if (result != CUDA_SUCCESS || found != CU_GET_PROC_ADDRESS_SUCCESS || fn == nullptr) {
+    STMUX_WARN(kShim, "the CUDA driver has no {}", name);
+    return false;
+  }
+  slot = reinterpret_cast<T>(fn);
+  return true;
+}
+
+}  // namespace
+
+const Driver* cudaDriver() {
+  static Driver driver;
+  static const Driver* result = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* library = ::dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (library == nullptr) {
+      STMUX_WARN(kShim, "cannot load libcuda.so.1: {}", ::dlerror());
+      return;
+    }
+    auto get = reinterpret_cast<GetProcAddress>(::dlsym(library, "cuGetProcAddress_v2"));
+    if (get == nullptr) {
+      STMUX_WARN(kShim, "libcuda.so.1 has no cuGetProcAddress_v2 (driver too old)");
+      return;
+    }
+    bool ok = lookup(get, driver.cuPointerGetAttributes, "cuPointerGetAttributes");
+    ok &= lookup(get, driver.cuPointerGetAttribute, "cuPointerGetAttribute");
+    ok &= lookup(get, driver.cuMemGetAddressRange, "cuMemGetAddressRange");
+    ok &= lookup(get, driver.cuIpcGetMemHandle, "cuIpcGetMemHandle");
+    ok &= lookup(get, driver.cuStreamSynchronize, "cuStreamSynchronize");
+    ok &= lookup(get, driver.cuStreamIsCapturing, "cuStreamIsCapturing");
+    ok &= lookup(get, driver.cuCtxSynchronize, "cuCtxSynchronize");
+    ok &= lookup(get, driver.cuDeviceGet, "cuDeviceGet");
+    ok &= lookup(get, driver.cuDeviceGetUuid, "cuDeviceGetUuid");
+    if (ok) result = &driver;
+  });
+  return result;
+}
+
+}  // namespace stmux::shim

@@ -1,0 +1,23 @@
+// The intercepted cuBLAS entry points: the one list. It drives the exported
+// functions (exports.cc), the table of real functions (real.h) and the
+// version script (exports.map.in), so the three cannot disagree.
+//
+// X(return type, name, (parameters), (arguments)). Pure macros: the version
+// script is made by running the preprocessor over this file alone.
+#pragma once
+
+#define STMUX_HOOKS(X)                                                                        \
+  X(cublasStatus_t, cublasSgemm_v2,                                                           \
+    (cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n, \
+     int k, const float* alpha, const float* A, int lda, const float* B, int ldb,             \
+     const float* beta, float* C, int ldc),                                                   \
+    (handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc))                   \
+  X(cublasStatus_t, cublasSgemm_v2_64,                                                        \
+    (cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int64_t m,    \
+     int64_t n, int64_t k, const float* alpha, const float* A, int64_t lda, const float* B,   \
+     int64_t ldb, const float* beta, float* C, int64_t ldc),                                  \
+    (handle, transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc))                   \
+  X(void, cublasSgemm,                                                                        \
+    (char transa, char transb, int m, int n, int k, float alpha, const float* A, int lda,     \
+     const float* B, int ldb, float beta, float* C, int ldc),                                 \
+    (transa, transb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc))

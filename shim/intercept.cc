@@ -1,0 +1,429 @@
+#include "shim/intercept.h"
+
+#include <errno.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "shim/allocations.h"
+#include "shim/driver.h"
+#include "shim/real.h"
+#include "shim/transport.h"
+#include "stmux/config.h"
+#include "stmux/cublas_wire.h"
+#include "stmux/gemm.h"
+#include "stmux/log.h"
+
+extern char** environ;
+
+namespace stmux::shim {
+namespace {
+
+// How often, at most, the shim asks the driver which exported allocations
+// were freed (each check is one driver query per cached allocation).
+constexpr std::uint64_t kSweepNs = 1'000'000'000;
+// A connection unused for this long is checked for life before a call, so a
+// daemon that died between calls costs no waiting.
+constexpr std::uint64_t kIdleCheckNs = 50'000'000;
+// The first wait between attach attempts; it doubles to STMUX_RECONNECT_MS.
+constexpr std::uint64_t kFirstBackoffNs = 10'000'000;
+constexpr std::uint64_t kWelcomeTimeoutNs = 1'000'000'000;
+constexpr int kMaxDevices = 64;
+
+class Shim {
+ public:
+  static Shim& get() {
+    // Never destroyed: threads may still be inside a call while the process
+    // exits.
+    static Shim* shim = new Shim();
+    return *shim;
+  }
+
+  cublasStatus_t call(const Gemm& gemm, DirectCall direct);
+
+ private:
+  Shim();
+  // The live connection, attaching if it is time to try; null with `why`.
+  std::shared_ptr<Connection> connection(Fallback& why);
+  void drop(const std::shared_ptr<Connection>& connection, const char* why);
+  cublasStatus_t fallback(Fallback reason, DirectCall direct, Connection* connection);
+  cublasStatus_t finish(std::int32_t status, float beta, DirectCall direct, Connection& connection);
+  cublasStatus_t failed(Connection* connection);
+  std::optional<Uuid> uuidOf(int device);
+  void printCounters();
+
+  static void forkPrepare();
+  static void forkParent();
+  static void forkChild();
+
+  bool config_ok_ = false;
+  Config config_;
+  const RealCublas& real_;
+  const Driver* driver_ = nullptr;
+  std::string name_;
+
+  std::mutex connection_mutex_;
+  std::shared_ptr<Connection> connection_;
+  std::uint64_t next_attempt_ns_ = 0;
+  std::uint64_t backoff_ns_ = kFirstBackoffNs;
+  std::uint64_t last_use_ns_ = 0;
+  bool warned_absent_ = false;
+  std::string last_failure_;
+
+  AllocationCache allocations_;
+  std::mutex uuid_mutex_;
+  std::optional<Uuid> uuids_[kMaxDevices];
+
+  std::atomic<std::uint64_t> calls_{0};
+  std::atomic<std::uint64_t> forwarded_{0};
+  std::atomic<std::uint64_t> failed_{0};
+  std::atomic<std::uint64_t> fallbacks_[kFallbackCount] = {};
+  std::atomic<std::uint64_t> next_request_id_{1};
+};
+
+Shim::Shim() : real_(realCublas()) {
+  std::string errors;
+  config_ = parseEachVariable(environmentLookup(), Scope::kShim, errors);
+  config_ok_ = errors.empty();
+  setLogSpec(config_.log);
+  if (!config_ok_) {
+    STMUX_ERROR(kConfig, "invalid configuration, every call goes straight to cuBLAS:\n{}", errors);
+  }
+  for (const std::string& name : unknownVariables(environ)) {
+    STMUX_WARN(kConfig, "{} is not a stmux variable; it is ignored", name);
+  }
+  if (config_ok_ && !config_.disable) driver_ = cudaDriver();
+  name_ = program_invocation_short_name;
+  pthread_atfork(&Shim::forkPrepare, &Shim::forkParent, &Shim::forkChild);
+  std::atexit([] { Shim::get().printCounters(); });
+}
+
+cublasStatus_t Shim::fallback(Fallback reason, DirectCall direct, Connection* connection) {
+  const auto index = static_cast<std::size_t>(reason);
+  fallbacks_[index].fetch_add(1, std::memory_order_relaxed);
+  if (connection != nullptr) {
+    connection->counters().fallback[index].fetch_add(1, std::memory_order_relaxed);
+  }
+  STMUX_TRACE(kShim, "direct ({})", kFallbackNames[index]);
+  return direct();
+}
+
+cublasStatus_t Shim::failed(Connection* connection) {
+  failed_.fetch_add(1, std::memory_order_relaxed);
+  if (connection != nullptr) connection->counters().failed.fetch_add(1, std::memory_order_relaxed);
+  return CUBLAS_STATUS_EXECUTION_FAILED;
+}
+
+cublasStatus_t Shim::finish(std::int32_t status, float beta, DirectCall direct,
+                            Connection& connection) {
+  // Declined: the daemon never touched C; run it here.
+  if (status == kStatusDeclined) return fallback(Fallback::kDeclined, direct, &connection);
+  if (status == kStatusExecutionFailed) {
+    // The daemon's GPU failed mid-call. With beta == 0 running it again
+    // gives the same C; otherwise C may be half updated, so say so.
+    if (beta == 0.0f) return fallback(Fallback::kDaemonFailed, direct, &connection);
+    return failed(&connection);
+  }
+  forwarded_.fetch_add(1, std::memory_order_relaxed);
+  connection.counters().forwarded.fetch_add(1, std::memory_order_relaxed);
+  return static_cast<cublasStatus_t>(status);
+}
+
+cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
+  calls_.fetch_add(1, std::memory_order_relaxed);
+  if (!config_ok_) return fallback(Fallback::kBadConfig, direct, nullptr);
+  if (config_.disable) return fallback(Fallback::kDisabled, direct, nullptr);
+  if (!gemm.legacy && gemm.handle == nullptr) {
+    return fallback(Fallback::kBadHandle, direct, nullptr);
+  }
+  const GemmShape shape{gemm.transa, gemm.transb, gemm.m,   gemm.n,
+                        gemm.k,      gemm.lda,    gemm.ldb, gemm.ldc};
+  if (checkGemmArgs(shape) != kStatusSuccess) {
+    return fallback(Fallback::kInvalidArgs, direct, nullptr);
+  }
+
+  Request request{};
+  request.op = static_cast<std::uint32_t>(Op::kSgemm);
+  request.transa = gemm.transa;
+  request.transb = gemm.transb;
+  request.m = gemm.m, request.n = gemm.n, request.k = gemm.k;
+  request.lda = gemm.lda, request.ldb = gemm.ldb, request.ldc = gemm.ldc;
+  cudaStream_t stream = nullptr;
+  if (gemm.legacy) {
+    request.alpha = gemm.alpha_value;
+    request.beta = gemm.beta_value;
+    // The legacy API returns no status, so a call the daemon may have started
+    // when it vanished could not be reported; with beta == 0 it can be re-run.
+    if (request.beta != 0.0f) return fallback(Fallback::kLegacyBeta, direct, nullptr);
+    request.math_mode = CUBLAS_DEFAULT_MATH;
+    request.emulation = CUBLAS_EMULATION_STRATEGY_DEFAULT;
+  } else {
+    // The handle's state now, not as it was when some setter ran.
+    cublasPointerMode_t mode;
+    cublasMath_t math;
+    cublasEmulationStrategy_t emulation;
+    if (real_.cublasGetPointerMode_v2(gemm.handle, &mode) != CUBLAS_STATUS_SUCCESS ||
+        real_.cublasGetStream_v2(gemm.handle, &stream) != CUBLAS_STATUS_SUCCESS ||
+        real_.cublasGetMathMode(gemm.handle, &math) != CUBLAS_STATUS_SUCCESS ||
+        real_.cublasGetEmulationStrategy(gemm.handle, &emulation) != CUBLAS_STATUS_SUCCESS) {
+      return fallback(Fallback::kBadHandle, direct, nullptr);
+    }
+    if (mode == CUBLAS_POINTER_MODE_DEVICE) {
+      return fallback(Fallback::kDevicePointerMode, direct, nullptr);
+    }
+    if (gemm.alpha == nullptr || gemm.beta == nullptr) {
+      return fallback(Fallback::kInvalidArgs, direct, nullptr);
+    }
+    request.alpha = *gemm.alpha;
+    request.beta = *gemm.beta;
+    request.math_mode = static_cast<std::uint32_t>(math);
+    request.emulation = static_cast<std::uint32_t>(emulation);
+  }
+  if (gemmIsNoOp(request)) return fallback(Fallback::kNoOp, direct, nullptr);
+  if (driver_ == nullptr) return fallback(Fallback::kCudaError, direct, nullptr);
+
+  CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
+  if (driver_->cuStreamIsCapturing(reinterpret_cast<CUstream>(stream), &capture) != CUDA_SUCCESS) {
+    return fallback(Fallback::kCudaError, direct, nullptr);
+  }
+  if (capture != CU_STREAM_CAPTURE_STATUS_NONE) {
+    return fallback(Fallback::kGraphCapture, direct, nullptr);
+  }
+
+  Fallback absent = Fallback::kNoDaemon;
+  std::shared_ptr<Connection> connection = this->connection(absent);
+  if (!connection) return fallback(absent, direct, nullptr);
+  Connection* conn = connection.get();
+  if (conn->draining()) return fallback(Fallback::kDraining, direct, conn);
+
+  const auto extents = gemmExtents(shape);
+  if (!extents) return fallback(Fallback::kInvalidArgs, direct, conn);
+  struct Operand {
+    OperandDesc& desc;
+    const void* pointer;
+    std::uint64_t extent;
+  } operands[] = {{request.a, gemm.a, extents->a},
+                  {request.b, gemm.b, extents->b},
+                  {request.c, gemm.c, extents->c}};
+  int device = -1;
+  for (Operand& operand : operands) {
+    if (operand.extent == 0) continue;  // never touched: nothing to describe
+    const AllocationCache::Described described = allocations_.describe(*driver_, operand.pointer);
+    if (described.failure == AllocationCache::Failure::kNotExportable) {
+      return fallback(Fallback::kNotExportable, direct, conn);
+    }
+    if (described.failure == AllocationCache::Failure::kCudaError) {
+      return fallback(Fallback::kCudaError, direct, conn);
+    }
+    if (device >= 0 && described.device != device) {
+      return fallback(Fallback::kMixedDevices, direct, conn);
+    }
+    device = described.device;
+    operand.desc = described.desc;
+  }
+  const std::optional<Uuid> uuid = uuidOf(device);
+  if (!uuid) return fallback(Fallback::kCudaError, direct, conn);
+  const std::vector<Uuid>& served = conn->devices();
+  if (std::find(served.begin(), served.end(), *uuid) == served.end()) {
+    return fallback(Fallback::kDeviceNotServed, direct, conn);
+  }
+  request.device = *uuid;
+
+  const std::uint64_t now = nowNs();
+  if (std::vector<std::uint64_t> gone = allocations_.takeGone(*driver_, now, kSweepNs);
+      !gone.empty()) {
+    STMUX_DEBUG(kShim, "telling the daemon {} allocations are gone", gone.size());
+    (void)conn->sendRelease(gone);
+  }
+
+  // Host mode: the daemon must not read A, B or C before the work this
+  // caller queued earlier is done. The legacy API's stream is not visible, so
+  // wait for the whole context there.
+  const CUresult synced = gemm.legacy
+                              ? driver_->cuCtxSynchronize()
+                              : driver_->cuStreamSynchronize(reinterpret_cast<CUstream>(stream));
+  if (synced != CUDA_SUCCESS) return fallback(Fallback::kCudaError, direct, conn);
+
+  request.request_id = next_request_id_.fetch_add(1, std::memory_order_relaxed);
+  const std::uint64_t timeout_ns = static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000;
+  const std::uint64_t spin_ns = static_cast<std::uint64_t>(config_.spin_us) * 1'000;
+  auto ticket = conn->submit(request, nowNs() + timeout_ns);
+  if (!ticket) return fallback(Fallback::kBusy, direct, conn);
+
+  WaitResult result = conn->wait(ticket.value(), nowNs() + timeout_ns, spin_ns);
+  if (result.outcome == WaitOutcome::kTimedOut) {
+    if (conn->cancel(ticket.value())) {
+      conn->release(ticket.value());
+      STMUX_WARN(kShim, "the daemon did not start a call within {} ms; running it directly",
+                 config_.timeout_ms);
+      return fallback(Fallback::kTimeout, direct, conn);
+    }
+    // Started: it is running on the daemon's GPU. Give it the same time again.
+    result = conn->wait(ticket.value(), nowNs() + timeout_ns, spin_ns);
+    if (result.outcome == WaitOutcome::kTimedOut) {
+      STMUX_ERROR(kShim, "a call the daemon started did not finish in {} ms; giving up on it",
+                  2 * config_.timeout_ms);
+      drop(connection, "it did not finish a call in time");
+      return failed(conn);
+    }
+  }
+  if (result.outcome == WaitOutcome::kDone) {
+    conn->release(ticket.value());
+    return finish(result.status, request.beta, direct, *conn);
+  }
+  // The daemon is gone.
+  drop(connection, "it closed the connection");
+  if (conn->cancel(ticket.value())) return fallback(Fallback::kDaemonLost, direct, conn);
+  // It claimed the call, so it may have run, wholly or partly.
+  if (request.beta == 0.0f) return fallback(Fallback::kDaemonLost, direct, conn);
+  STMUX_ERROR(kShim,
+              "the daemon vanished during a call with beta != 0; C may be partly "
+              "updated, returning CUBLAS_STATUS_EXECUTION_FAILED");
+  return failed(conn);
+}
+
+std::shared_ptr<Connection> Shim::connection(Fallback& why) {
+  const std::uint64_t now = nowNs();
+  {
+    std::lock_guard lock(connection_mutex_);
+    why = last_failure_.rfind("the daemon refused", 0) == 0 ? Fallback::kRefused
+                                                            : Fallback::kNoDaemon;
+    if (connection_) {
+      const bool suspect = connection_->draining() || now - last_use_ns_ > kIdleCheckNs;
+      if (!suspect || connection_->alive()) {
+        last_use_ns_ = now;
+        return connection_;
+      }
+      STMUX_WARN(kShim, "lost the daemon; calls run directly until it is back");
+      connection_.reset();
+      backoff_ns_ = kFirstBackoffNs;
+      next_attempt_ns_ = now;
+    }
+    if (now < next_attempt_ns_) return nullptr;
+    next_attempt_ns_ = now + backoff_ns_;  // this thread tries; the others go direct
+  }
+  ConnectOptions options;
+  options.socket_path = config_.socket;
+  options.name = name_;
+  options.timeout_ns = kWelcomeTimeoutNs;
+  auto opened = Connection::open(options);
+
+  std::lock_guard lock(connection_mutex_);
+  if (!opened) {
+    const std::uint64_t limit = static_cast<std::uint64_t>(config_.reconnect_ms) * 1'000'000;
+    backoff_ns_ = std::min(backoff_ns_ * 2, limit);
+    next_attempt_ns_ = nowNs() + backoff_ns_;
+    // One warning per absence; the retries' failures only at debug level.
+    if (!warned_absent_) {
+      STMUX_WARN(kShim, "not attached to stmuxd: {}; cuBLAS calls run directly, retrying",
+                 opened.message());
+      warned_absent_ = true;
+    } else {
+      STMUX_DEBUG(kShim, "still not attached to stmuxd: {}", opened.message());
+    }
+    last_failure_ = opened.message();
+    if (last_failure_.rfind("the daemon refused", 0) == 0) why = Fallback::kRefused;
+    return nullptr;
+  }
+  connection_ = std::shared_ptr<Connection>(std::move(opened).value());
+  backoff_ns_ = kFirstBackoffNs;
+  warned_absent_ = false;
+  last_failure_.clear();
+  last_use_ns_ = nowNs();
+  STMUX_INFO(kShim, "attached to stmuxd at {} as client {}", config_.socket,
+             connection_->clientId());
+  return connection_;
+}
+
+void Shim::drop(const std::shared_ptr<Connection>& connection, const char* why) {
+  std::lock_guard lock(connection_mutex_);
+  if (connection_ != connection) return;  // another thread dropped it already
+  STMUX_WARN(kShim, "detached from stmuxd ({}); calls run directly until it is back", why);
+  connection_.reset();
+  backoff_ns_ = kFirstBackoffNs;
+  next_attempt_ns_ = nowNs() + backoff_ns_;
+}
+
+std::optional<Uuid> Shim::uuidOf(int device) {
+  if (device < 0 || device >= kMaxDevices) return std::nullopt;
+  std::lock_guard lock(uuid_mutex_);
+  if (!uuids_[device]) {
+    CUdevice handle;
+    CUuuid uuid;
+    if (driver_->cuDeviceGet(&handle, device) != CUDA_SUCCESS ||
+        driver_->cuDeviceGetUuid(&uuid, handle) != CUDA_SUCCESS) {
+      return std::nullopt;
+    }
+    Uuid value;
+    std::memcpy(value.bytes, uuid.bytes, sizeof(value.bytes));
+    uuids_[device] = value;
+  }
+  return uuids_[device];
+}
+
+void Shim::printCounters() {
+  if (!logEnabled(Level::kInfo, Subsys::kStats) || calls_.load() == 0) return;
+  std::string direct;
+  for (std::size_t i = 0; i < kFallbackCount; ++i) {
+    if (const std::uint64_t n = fallbacks_[i].load(); n != 0) {
+      direct += fmt::format(" {}={}", kFallbackNames[i], n);
+    }
+  }
+  STMUX_INFO(kStats, "{} calls: {} served by stmuxd, {} failed; direct:{}", calls_.load(),
+             forwarded_.load(), failed_.load(), direct.empty() ? " none" : direct);
+}
+
+// fork(): no lock may be held by a thread that will not exist in the child,
+// and the child must not talk to the daemon on the parent's connection.
+void Shim::forkPrepare() {
+  Shim& shim = get();
+  shim.connection_mutex_.lock();
+  shim.uuid_mutex_.lock();
+  shim.allocations_.forkPrepare();
+}
+
+void Shim::forkParent() {
+  Shim& shim = get();
+  shim.allocations_.forkParent();
+  shim.uuid_mutex_.unlock();
+  shim.connection_mutex_.unlock();
+}
+
+void Shim::forkChild() {
+  Shim& shim = get();
+  shim.allocations_.forkChild();
+  shim.uuid_mutex_.unlock();
+  if (shim.connection_) {
+    shim.connection_->abandonAfterFork();
+    shim.connection_.reset();
+  }
+  shim.next_attempt_ns_ = 0;
+  shim.backoff_ns_ = kFirstBackoffNs;
+  shim.calls_ = 0;
+  shim.forwarded_ = 0;
+  shim.failed_ = 0;
+  for (auto& counter : shim.fallbacks_)
+    counter = 0;
+  shim.connection_mutex_.unlock();
+}
+
+}  // namespace
+
+cublasStatus_t intercept(const Gemm& gemm, DirectCall direct) noexcept {
+  try {
+    return Shim::get().call(gemm, direct);
+  } catch (...) {
+    // Out of memory somewhere in the shim: the application's call still runs.
+    return direct();
+  }
+}
+
+}  // namespace stmux::shim

@@ -1,0 +1,41 @@
+// The path of an intercepted SGEMM: check, submit to the daemon, or fall back
+// to the real cuBLAS, counting why.
+#pragma once
+
+#include <cublas_api.h>
+
+#include <cstdint>
+
+namespace stmux::shim {
+
+// One call as the application made it, whichever entry point it came through.
+struct Gemm {
+  bool legacy = false;  // cublasSgemm (v1): no handle, scalars by value, no status
+  cublasHandle_t handle = nullptr;
+  std::int32_t transa = 0, transb = 0;
+  std::int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldc = 0;
+  const float* alpha = nullptr;  // v2: as given (host or device pointer mode)
+  const float* beta = nullptr;
+  float alpha_value = 0, beta_value = 0;  // legacy: the values
+  const float* a = nullptr;
+  const float* b = nullptr;
+  float* c = nullptr;
+};
+
+// The real call with the application's own arguments, as a cheap reference to
+// a lambda at the entry point.
+class DirectCall {
+ public:
+  template <class F>
+  explicit DirectCall(F& f) : object_(&f), call_([](void* o) { return (*static_cast<F*>(o))(); }) {}
+  cublasStatus_t operator()() const { return call_(object_); }
+
+ private:
+  void* object_;
+  cublasStatus_t (*call_)(void*);
+};
+
+// Serves the call through the daemon, or runs `direct`. Never throws.
+cublasStatus_t intercept(const Gemm& gemm, DirectCall direct) noexcept;
+
+}  // namespace stmux::shim

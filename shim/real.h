@@ -1,0 +1,27 @@
+// The real cuBLAS functions behind the shim: resolved once, never per call.
+#pragma once
+
+#include <cublas_api.h>
+
+#include "shim/hooks.h"
+
+namespace stmux::shim {
+
+struct RealCublas {
+#define STMUX_REAL_POINTER(ret, name, params, args) ret(*name) params = nullptr;
+  STMUX_HOOKS(STMUX_REAL_POINTER)
+#undef STMUX_REAL_POINTER
+  // Read at call time, never intercepted.
+  cublasStatus_t (*cublasGetStream_v2)(cublasHandle_t, cudaStream_t*) = nullptr;
+  cublasStatus_t (*cublasGetPointerMode_v2)(cublasHandle_t, cublasPointerMode_t*) = nullptr;
+  cublasStatus_t (*cublasGetMathMode)(cublasHandle_t, cublasMath_t*) = nullptr;
+  cublasStatus_t (*cublasGetEmulationStrategy)(cublasHandle_t,
+                                               cublasEmulationStrategy_t*) = nullptr;
+};
+
+// The real functions: the next definitions after the shim (RTLD_NEXT), or
+// those of a libcublas the program loaded privately (dlopen RTLD_LOCAL, as a
+// Python extension may). A member is null only if no libcublas is loaded.
+const RealCublas& realCublas();
+
+}  // namespace stmux::shim

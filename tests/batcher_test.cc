@@ -1,0 +1,264 @@
+// The batching policy (daemon/batcher.cc) under a fake clock: each launch
+// rule, the think-time prediction, the in-flight limit, round-robin fairness
+// and per-tenant order.
+#include "daemon/batcher.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+
+namespace stmux::daemon {
+namespace {
+
+constexpr std::uint64_t kUs = 1000;
+
+class BatcherTest : public ::testing::Test {
+ protected:
+  BatcherOptions options() {
+    BatcherOptions o;
+    o.window_ns = 100 * kUs;
+    o.max_batch = 64;
+    o.active_ns = 2000 * kUs;
+    o.max_in_flight = 2;
+    return o;
+  }
+  ClientPtr tenant(std::uint32_t id) {
+    auto& client = clients_[id];
+    if (!client) {
+      client = std::make_shared<Client>();
+      client->id = id;
+    }
+    return client;
+  }
+  Queued request(std::uint32_t id, std::uint64_t sequence = 0, std::int64_t m = 16) {
+    Queued q;
+    q.client = tenant(id);
+    q.request.m = q.request.n = q.request.k = m;
+    q.request.request_id = sequence;
+    q.key = BatchKey::of(q.request);
+    return q;
+  }
+  // Runs a tenant through one full call so the batcher learns its think time:
+  // submit at `at`, launched and completed at `at + 10 us`.
+  void warm(Batcher& b, std::uint32_t id, std::uint64_t at) {
+    b.add(request(id), at);
+    std::uint64_t wake;
+    auto batch = b.take(at, wake);
+    ASSERT_TRUE(batch.has_value());
+    b.completed(*batch, at + 10 * kUs);
+  }
+
+  std::map<std::uint32_t, ClientPtr> clients_;
+};
+
+TEST_F(BatcherTest, ALoneTenantLaunchesAtOnce) {
+  Batcher b(options());
+  b.add(request(1), 1000 * kUs);
+  std::uint64_t wake = 0;
+  auto batch = b.take(1000 * kUs, wake);
+  ASSERT_TRUE(batch.has_value());
+  EXPECT_EQ(batch->items.size(), 1u);
+  EXPECT_EQ(batch->reason, LaunchReason::kAllWaiting);
+  EXPECT_EQ(b.inFlight(), 1u);
+  EXPECT_EQ(b.queued(), 0u);
+}
+
+TEST_F(BatcherTest, WaitsForAnExpectedTenantThenLaunchesWhenAllAreWaiting) {
+  Batcher b(options());
+  // Both tenants call in a closed loop with ~5 us between completion and the
+  // next call.
+  b.add(request(1), 0);
+  b.add(request(2), 0);
+  std::uint64_t wake;
+  auto first = b.take(0, wake);
+  ASSERT_TRUE(first.has_value());
+  b.completed(*first, 20 * kUs);
+  b.add(request(1), 25 * kUs);
+  b.add(request(2), 25 * kUs);
+  auto second = b.take(25 * kUs, wake);
+  ASSERT_TRUE(second.has_value());
+  b.completed(*second, 50 * kUs);
+
+  // Tenant 1 is back; tenant 2 is expected within its think time: wait.
+  b.add(request(1), 55 * kUs);
+  auto none = b.take(55 * kUs, wake);
+  EXPECT_FALSE(none.has_value()) << "launched without waiting for an expected tenant";
+  EXPECT_GT(wake, 55 * kUs);
+  EXPECT_LE(wake, 155 * kUs);
+  b.add(request(2), 57 * kUs);
+  auto both = b.take(57 * kUs, wake);
+  ASSERT_TRUE(both.has_value());
+  EXPECT_EQ(both->items.size(), 2u);
+  EXPECT_EQ(both->reason, LaunchReason::kAllWaiting);
+}
+
+TEST_F(BatcherTest, ALateTenantIsNotWaitedForPastItsUsualThinkTime) {
+  Batcher b(options());
+  b.add(request(1), 0);
+  b.add(request(2), 0);
+  std::uint64_t wake;
+  auto first = b.take(0, wake);
+  b.completed(*first, 10 * kUs);
+  b.add(request(1), 15 * kUs);
+  b.add(request(2), 15 * kUs);
+  auto second = b.take(15 * kUs, wake);
+  b.completed(*second, 30 * kUs);  // both think ~5 us
+  b.add(request(1), 35 * kUs);
+  EXPECT_FALSE(b.take(35 * kUs, wake).has_value());
+  // Tenant 2 is late: past twice its think time plus slack, well inside the
+  // window. The GPU is idle, so waiting longer gains nothing.
+  auto batch = b.take(wake, wake);
+  ASSERT_TRUE(batch.has_value());
+  EXPECT_EQ(batch->reason, LaunchReason::kIdle);
+  EXPECT_LT(batch->launched_ns, 35 * kUs + options().window_ns);
+}
+
+TEST_F(BatcherTest, IdleGpuLaunchesWhenNoTenantIsExpectedSoon) {
+  Batcher b(options());
+  // Tenant 2 calls once a millisecond: its next call is due after this
+  // window would close, so tenant 1 must not wait for it.
+  warm(b, 2, 0);
+  warm(b, 2, 1000 * kUs);
+  b.add(request(1), 1200 * kUs);
+  std::uint64_t wake;
+  auto batch = b.take(1200 * kUs, wake);
+  ASSERT_TRUE(batch.has_value());
+  EXPECT_EQ(batch->reason, LaunchReason::kIdle);
+}
+
+TEST_F(BatcherTest, TheWindowBoundsEveryWait) {
+  Batcher b(options());
+  b.add(request(1), 0);
+  b.add(request(2), 0);
+  std::uint64_t wake;
+  auto running = b.take(0, wake);  // in flight: tenants 1 and 2
+  ASSERT_TRUE(running.has_value());
+  b.add(request(3), 10 * kUs);
+  EXPECT_FALSE(b.take(10 * kUs, wake).has_value()) << "GPU busy, tenants 1 and 2 out";
+  EXPECT_EQ(wake, 110 * kUs);
+  EXPECT_FALSE(b.take(109 * kUs, wake).has_value());
+  auto batch = b.take(110 * kUs, wake);
+  ASSERT_TRUE(batch.has_value());
+  EXPECT_EQ(batch->reason, LaunchReason::kWindow);
+}
+
+TEST_F(BatcherTest, AFullBatchLaunchesWithoutWaiting) {
+  BatcherOptions o = options();
+  o.max_batch = 4;
+  Batcher b(o);
+  b.add(request(9), 0);
+  std::uint64_t wake;
+  auto running = b.take(0, wake);  // GPU busy from here on
+  ASSERT_TRUE(running.has_value());
+  for (int i = 0; i < 3; ++i)
+    b.add(request(1, i), 5 * kUs);
+  EXPECT_FALSE(b.take(5 * kUs, wake).has_value());
+  b.add(request(2), 6 * kUs);
+  auto batch = b.take(6 * kUs, wake);
+  ASSERT_TRUE(batch.has_value());
+  EXPECT_EQ(batch->reason, LaunchReason::kFull);
+  EXPECT_EQ(batch->items.size(), 4u);
+}
+
+TEST_F(BatcherTest, NoMoreThanMaxInFlightBatches) {
+  BatcherOptions o = options();
+  o.max_batch = 1;
+  Batcher b(o);
+  for (int i = 0; i < 5; ++i)
+    b.add(request(1, i), 0);
+  std::uint64_t wake;
+  auto first = b.take(0, wake);
+  auto second = b.take(0, wake);
+  ASSERT_TRUE(first && second);
+  EXPECT_FALSE(b.take(1'000'000 * kUs, wake).has_value()) << "a third batch in flight";
+  b.completed(*first, 1 * kUs);
+  EXPECT_TRUE(b.take(1 * kUs, wake).has_value());
+}
+
+TEST_F(BatcherTest, RoundRobinTakesOneFromEachTenantInTurn) {
+  BatcherOptions o = options();
+  o.max_batch = 3;
+  o.max_in_flight = 100;
+  Batcher b(o);
+  for (int i = 0; i < 10; ++i)
+    b.add(request(1, i), 0);  // a busy tenant
+  b.add(request(2, 100), 0);
+  b.add(request(3, 200), 0);
+  std::uint64_t wake;
+  auto batch = b.take(0, wake);
+  ASSERT_TRUE(batch.has_value());
+  std::map<std::uint32_t, int> per_tenant;
+  for (const Queued& q : batch->items)
+    ++per_tenant[q.client->id];
+  EXPECT_EQ(per_tenant, (std::map<std::uint32_t, int>{{1, 1}, {2, 1}, {3, 1}}))
+      << "the quiet tenants were crowded out";
+  // The busy tenant's requests come out in its own order.
+  std::uint64_t expected = 1;
+  for (int round = 0; round < 3; ++round) {
+    auto next = b.take(0, wake);
+    ASSERT_TRUE(next.has_value());
+    for (const Queued& q : next->items)
+      EXPECT_EQ(q.request.request_id, expected++);
+  }
+}
+
+TEST_F(BatcherTest, TheFirstTenantServedRotates) {
+  BatcherOptions o = options();
+  o.max_batch = 1;
+  o.max_in_flight = 100;
+  Batcher b(o);
+  for (int i = 0; i < 3; ++i) {
+    b.add(request(1, i), 0);
+    b.add(request(2, i), 0);
+  }
+  std::uint64_t wake;
+  std::vector<std::uint32_t> first_served;
+  for (int i = 0; i < 4; ++i)
+    first_served.push_back(b.take(0, wake)->items[0].client->id);
+  EXPECT_EQ(first_served, (std::vector<std::uint32_t>{1, 2, 1, 2}));
+}
+
+TEST_F(BatcherTest, MixedShapesShareABatch) {
+  Batcher b(options());
+  b.add(request(1, 0, 16), 0);
+  b.add(request(2, 0, 32), 0);
+  std::uint64_t wake;
+  auto batch = b.take(0, wake);
+  ASSERT_TRUE(batch.has_value());
+  ASSERT_EQ(batch->items.size(), 2u);
+  EXPECT_FALSE(batch->items[0].key == batch->items[1].key);
+}
+
+TEST_F(BatcherTest, ARemovedTenantsRequestsAreDropped) {
+  Batcher b(options());
+  b.add(request(1), 0);
+  b.add(request(1), 0);
+  b.add(request(2), 0);
+  EXPECT_EQ(b.removeTenant(1).size(), 2u);
+  EXPECT_EQ(b.queued(), 1u);
+  std::uint64_t wake;
+  auto batch = b.take(0, wake);
+  ASSERT_TRUE(batch.has_value());
+  ASSERT_EQ(batch->items.size(), 1u);
+  EXPECT_EQ(batch->items[0].client->id, 2u);
+  // A batch that still holds a removed tenant completes harmlessly.
+  b.completed(*batch, 1 * kUs);
+  EXPECT_EQ(b.removeTenant(42).size(), 0u);
+}
+
+TEST_F(BatcherTest, StatsCountWhatHappened) {
+  Batcher b(options());
+  b.add(request(1), 0);
+  b.add(request(2), 0);
+  std::uint64_t wake;
+  auto batch = b.take(30 * kUs, wake);
+  ASSERT_TRUE(batch.has_value());
+  EXPECT_EQ(b.stats().requests, 2u);
+  EXPECT_EQ(b.stats().batches, 1u);
+  EXPECT_EQ(b.stats().launched, 2u);
+  EXPECT_EQ(b.stats().wait_ns, 60 * kUs);
+  EXPECT_EQ(b.stats().launches[static_cast<int>(LaunchReason::kAllWaiting)], 1u);
+}
+
+}  // namespace
+}  // namespace stmux::daemon

@@ -1,0 +1,84 @@
+// stmuxd on a GPU: test clients in separate processes, through the real
+// transport and real CUDA IPC, against a float64 reference (tests/ipc_client.cc
+// does the checking). Skipped, saying so, where there is no CUDA device.
+#include "gpu_fixture.h"
+
+namespace stmux {
+namespace {
+
+using testing::Process;
+using testing::TempDir;
+
+using testing::daemonStatus;
+using testing::gpuField;
+
+class StmuxdOnGpu : public testing::DaemonFixture {
+ protected:
+  Process client(const std::vector<std::string>& args, const std::string& log) {
+    std::vector<std::string> argv = {IPC_CLIENT_PATH};
+    argv.insert(argv.end(), args.begin(), args.end());
+    argv.push_back("--socket");
+    argv.push_back(dir_.socket());
+    return Process(argv, {}, dir_.path() + "/" + log);
+  }
+  void expectPasses(Process& process, const char* what) {
+    const int status = process.wait(std::chrono::seconds(600));
+    EXPECT_EQ(status, 0) << what << "\n" << process.out() << process.err();
+  }
+};
+
+TEST_F(StmuxdOnGpu, TheCaseMatrixFromOneProcessIsRight) {
+  Process c = client({"cases"}, "cases");
+  expectPasses(c, "case matrix");
+  EXPECT_EQ(testing::countOf(c.out(), "FAIL"), 0) << c.out();
+  EXPECT_GE(testing::countOf(c.out(), "ok "), 20) << c.out();
+}
+
+TEST_F(StmuxdOnGpu, MixedShapesShareBatchesAndStayRight) {
+  Process c = client({"cases", "--together"}, "together");
+  expectPasses(c, "all cases submitted at once");
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  const double requests = gpuField(*status, "requests");
+  const double batches = gpuField(*status, "batches");
+  EXPECT_GT(requests, 0);
+  EXPECT_LT(batches, requests) << "no batch held more than one request";
+}
+
+TEST_F(StmuxdOnGpu, ThirtyTwoProcessesAtOnce) {
+  std::vector<Process> clients;
+  for (int i = 0; i < 32; ++i)
+    clients.push_back(client({"cases", "--quick"}, "c" + std::to_string(i)));
+  for (Process& c : clients)
+    expectPasses(c, "one of 32 clients");
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  EXPECT_LT(gpuField(*status, "batches"), gpuField(*status, "requests"));
+}
+
+TEST_F(StmuxdOnGpu, AnOverrunFailsAloneWhileOtherTenantsStayRight) {
+  std::vector<Process> good;
+  for (int i = 0; i < 8; ++i)
+    good.push_back(client({"cases", "--quick"}, "g" + std::to_string(i)));
+  Process bad = client({"overrun"}, "overrun");
+  expectPasses(bad, "every bad operand got CUBLAS_STATUS_INVALID_VALUE, memory untouched");
+  for (Process& c : good)
+    expectPasses(c, "a tenant next to the bad one");
+  EXPECT_TRUE(daemon_.running());
+}
+
+TEST_F(StmuxdOnGpu, AClientKilledMidRunHarmsNobody) {
+  Process doomed = client({"cases"}, "doomed");
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  doomed.signal(SIGKILL);
+  doomed.wait(std::chrono::seconds(30));
+  Process after = client({"cases", "--quick"}, "after");
+  expectPasses(after, "a client after another was killed");
+  ASSERT_TRUE(testing::waitFor([&] {
+    auto status = daemonStatus(dir_.socket());
+    return status && status->find("clients") != nullptr && status->find("clients")->size() == 0;
+  })) << "the killed client is still listed";
+}
+
+}  // namespace
+}  // namespace stmux

@@ -1,0 +1,83 @@
+// What the GPU tests share: a check for a CUDA device that skips the test,
+// saying why, where there is none; a running stmuxd on a private socket,
+// stopped with SIGTERM (which must exit 0); and its status as JSON.
+//
+// Every CUDA call happens in the programs the tests start, never in the test
+// process itself, so forking them is safe.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+
+#include <filesystem>
+#include <optional>
+
+#include "process.h"
+#include "stmux/control.h"
+#include "stmux/json_read.h"
+#include "test_support.h"
+
+namespace stmux::testing {
+
+// The daemon's status reply, as stmuxctl gets it.
+inline std::optional<JsonValue> daemonStatus(const std::string& socket) {
+  auto address = socketAddress(socket);
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!address.ok() || ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+                                 sizeof(sockaddr_un)) != 0) {
+    return std::nullopt;
+  }
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.role = static_cast<std::uint32_t>(Role::kControl);
+  if (!sendMessage(fd.get(), &hello, sizeof(hello)).ok()) return std::nullopt;
+  auto reply = recvMessage(fd.get(), true, kMaxMessageBytes);
+  if (!reply.ok() || reply->bytes.size() <= sizeof(MsgHeader)) return std::nullopt;
+  auto json = parseJson(std::string_view(reply->bytes.data() + sizeof(MsgHeader),
+                                         reply->bytes.size() - sizeof(MsgHeader)));
+  if (!json.ok()) return std::nullopt;
+  return std::move(json).value();
+}
+
+// A number from the first GPU's entry of a status reply, or -1.
+inline double gpuField(const JsonValue& status, const char* field) {
+  const JsonValue* gpus = status.find("gpus");
+  if (gpus == nullptr || gpus->size() == 0) return -1;
+  const JsonValue* value = gpus->at(0)->find(field);
+  return value == nullptr ? -1 : value->asNumber(-1);
+}
+
+class DaemonFixture : public ::testing::Test {
+ protected:
+  // Whether SetUp starts the daemon (a test may want to start it later).
+  virtual bool startDaemonAtSetUp() const { return true; }
+
+  void SetUp() override {
+    auto probe = run({IPC_CLIENT_PATH, "probe"}, {}, dir_.path() + "/probe");
+    if (probe.status == 77) GTEST_SKIP() << "GPU test skipped: " << probe.out << probe.err;
+    ASSERT_EQ(probe.status, 0) << probe.out << probe.err;
+    if (startDaemonAtSetUp()) startDaemon();
+  }
+
+  void TearDown() override { stopDaemon(); }
+
+  void startDaemon() {
+    daemon_ = Process({STMUXD_PATH, "--socket", dir_.socket()}, {{"STMUX_LOG", "info"}},
+                      dir_.path() + "/stmuxd" + std::to_string(++daemons_));
+    ASSERT_TRUE(
+        waitFor([&] { return daemonStatus(dir_.socket()).has_value(); }, std::chrono::seconds(60)))
+        << "stmuxd did not come up: " << daemon_.err();
+  }
+
+  // SIGTERM: finish what is in flight, exit 0.
+  void stopDaemon() {
+    if (!daemon_.running()) return;
+    daemon_.signal(SIGTERM);
+    EXPECT_EQ(daemon_.wait(std::chrono::seconds(30)), 0) << daemon_.err();
+  }
+
+  TempDir dir_;
+  Process daemon_;
+  int daemons_ = 0;
+};
+
+}  // namespace stmux::testing

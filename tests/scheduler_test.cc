@@ -1,0 +1,273 @@
+// The scheduler (daemon/scheduler.cc) end to end on the real transport, with a
+// fake executor standing in for the GPU (the real one runs in the gpu-labelled
+// tests): validation answers, routing by UUID, batching across clients, and
+// what reaches the executor when clients free memory or leave.
+#include "daemon/scheduler.h"
+
+#include <gtest/gtest.h>
+
+#include <mutex>
+#include <thread>
+
+#include "shim/transport.h"
+#include "stmux/control.h"
+#include "test_support.h"
+
+namespace stmux::daemon {
+namespace {
+
+using testing::TempDir;
+
+constexpr std::uint64_t kSecond = 1'000'000'000;
+
+// Does what the executor does with a batch, minus the GPU: claim each
+// request, complete it, hand the batch back. Optionally slow, like a GPU.
+class FakeExecutor {
+ public:
+  FakeExecutor(ExecutorChannel& channel, std::uint64_t batch_ns)
+      : channel_(channel), batch_ns_(batch_ns), thread_([this] { run(); }) {}
+  ~FakeExecutor() {
+    stop_ = true;
+    thread_.join();
+  }
+  std::vector<std::size_t> batchSizes() const {
+    std::lock_guard lock(mutex_);
+    return sizes_;
+  }
+  std::vector<std::uint32_t> forgotten() const {
+    std::lock_guard lock(mutex_);
+    return forgotten_;
+  }
+  std::vector<std::uint64_t> released() const {
+    std::lock_guard lock(mutex_);
+    return released_;
+  }
+
+ private:
+  void run() {
+    while (!stop_) {
+      std::unique_ptr<ExecCommand> command = channel_.takeCommand();
+      if (!command) {
+        channel_.sleep(1'000'000);
+        continue;
+      }
+      std::lock_guard lock(mutex_);
+      switch (command->kind) {
+        case ExecCommand::Kind::kRun: {
+          const std::uint64_t until = nowNs() + batch_ns_;
+          while (nowNs() < until)
+            cpuRelax();
+          for (const Queued& item : command->batch->items) {
+            Slot& slot = item.client->view.slot(item.request.slot);
+            if (slotClaim(slot, item.request.generation)) {
+              slotComplete(slot, item.request.generation, kStatusSuccess);
+            }
+          }
+          sizes_.push_back(command->batch->items.size());
+          channel_.finish(std::move(command->batch));
+          break;
+        }
+        case ExecCommand::Kind::kRelease:
+          released_.insert(released_.end(), command->alloc_ids.begin(), command->alloc_ids.end());
+          break;
+        case ExecCommand::Kind::kForget:
+          forgotten_.push_back(command->client->id);
+          break;
+      }
+    }
+  }
+
+  ExecutorChannel& channel_;
+  std::uint64_t batch_ns_;
+  mutable std::mutex mutex_;
+  std::vector<std::size_t> sizes_;
+  std::vector<std::uint32_t> forgotten_;
+  std::vector<std::uint64_t> released_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+Uuid uuid(std::uint8_t tag) {
+  Uuid u{};
+  for (std::uint8_t& b : u.bytes)
+    b = tag;
+  return u;
+}
+
+// A daemon made of the real server and scheduler, one fake GPU.
+class Daemon {
+ public:
+  explicit Daemon(const TempDir& dir, std::uint64_t batch_ns = 0)
+      : wake_(Scheduler::makeWakeFd()),
+        channel_(wake_.get()),
+        scheduler_(BatcherOptions{}, {GpuInfo{0, uuid(0xab), "fake"}}, {&channel_}),
+        executor_(channel_, batch_ns) {
+    scheduler_.adoptWakeFd(std::move(wake_));
+    auto options = testing::serverOptions(dir);
+    options.devices = {uuid(0xab)};
+    server_ = std::make_unique<testing::ServerThread>(options, scheduler_);
+  }
+  ~Daemon() { server_.reset(); }
+  FakeExecutor& executor() { return executor_; }
+  Scheduler& scheduler() { return scheduler_; }
+
+ private:
+  UniqueFd wake_;
+  ExecutorChannel channel_;
+  Scheduler scheduler_;
+  FakeExecutor executor_;
+  std::unique_ptr<testing::ServerThread> server_;
+};
+
+std::unique_ptr<shim::Connection> connect(const TempDir& dir) {
+  shim::ConnectOptions options;
+  options.socket_path = dir.socket();
+  options.name = "scheduler_test";
+  auto connection = shim::Connection::open(options);
+  EXPECT_TRUE(connection.ok()) << connection.message();
+  return connection.ok() ? std::move(connection).value() : nullptr;
+}
+
+Request validRequest() {
+  Request r{};
+  r.op = static_cast<std::uint32_t>(Op::kSgemm);
+  r.transa = r.transb = kOpN;
+  r.m = r.n = r.k = 8;
+  r.lda = r.ldb = r.ldc = 8;
+  r.alpha = 1.0f;
+  r.beta = 0.0f;
+  r.device = uuid(0xab);
+  r.a.alloc_id = 1;
+  r.b.alloc_id = 2;
+  r.c.alloc_id = 3;
+  return r;
+}
+
+std::int32_t call(shim::Connection& connection, Request request) {
+  auto ticket = connection.submit(request, nowNs() + kSecond);
+  if (!ticket.ok()) return INT32_MIN;
+  auto result = connection.wait(ticket.value(), nowNs() + 10 * kSecond, 10'000);
+  connection.release(ticket.value());
+  return result.outcome == WaitOutcome::kDone ? result.status : INT32_MIN + 1;
+}
+
+TEST(Scheduler, AValidRequestReachesTheExecutorAndCompletes) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  EXPECT_EQ(call(*connection, validRequest()), kStatusSuccess);
+  EXPECT_EQ(daemon.executor().batchSizes(), std::vector<std::size_t>{1});
+}
+
+TEST(Scheduler, InvalidArgumentsAreAnsweredWithoutTheGpu) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request bad_lda = validRequest();
+  bad_lda.lda = 7;
+  EXPECT_EQ(call(*connection, bad_lda), kStatusInvalidValue);
+  Request bad_op = validRequest();
+  bad_op.transb = 9;
+  EXPECT_EQ(call(*connection, bad_op), kStatusInvalidValue);
+  Request negative = validRequest();
+  negative.k = -1;
+  EXPECT_EQ(call(*connection, negative), kStatusInvalidValue);
+  Request no_c = validRequest();
+  no_c.c.alloc_id = 0;
+  EXPECT_EQ(call(*connection, no_c), kStatusInvalidValue) << "an undescribed operand";
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
+  EXPECT_EQ(daemon.scheduler().rejected(), 4u);
+}
+
+TEST(Scheduler, NoOpsSucceedWithoutALaunch) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request empty = validRequest();
+  empty.m = 0;
+  empty.a.alloc_id = empty.c.alloc_id = 0;  // nothing to describe
+  EXPECT_EQ(call(*connection, empty), kStatusSuccess);
+  Request keep_c = validRequest();
+  keep_c.k = 0;
+  keep_c.beta = 1.0f;
+  EXPECT_EQ(call(*connection, keep_c), kStatusSuccess);
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
+}
+
+TEST(Scheduler, AGpuTheDaemonDoesNotServeIsDeclined) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  ASSERT_EQ(connection->devices().size(), 1u);
+  EXPECT_EQ(connection->devices()[0], uuid(0xab));
+  Request elsewhere = validRequest();
+  elsewhere.device = uuid(0xcd);
+  EXPECT_EQ(call(*connection, elsewhere), kStatusDeclined);
+  Request future_op = validRequest();
+  future_op.op = 77;
+  EXPECT_EQ(call(*connection, future_op), kStatusDeclined);
+}
+
+TEST(Scheduler, ConcurrentClientsShareBatches) {
+  TempDir dir;
+  Daemon daemon(dir, /*batch_ns=*/200'000);  // a slow "GPU": requests pile up
+  constexpr int kClients = 8, kCalls = 100;
+  std::vector<std::unique_ptr<shim::Connection>> connections;
+  for (int i = 0; i < kClients; ++i)
+    connections.push_back(connect(dir));
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kClients; ++i) {
+    threads.emplace_back([&, i] {
+      for (int c = 0; c < kCalls; ++c) {
+        if (call(*connections[i], validRequest()) != kStatusSuccess) ++failures;
+      }
+    });
+  }
+  for (auto& thread : threads)
+    thread.join();
+  EXPECT_EQ(failures.load(), 0);
+  const auto sizes = daemon.executor().batchSizes();
+  std::size_t total = 0, largest = 0;
+  for (std::size_t size : sizes) {
+    total += size;
+    largest = std::max(largest, size);
+  }
+  EXPECT_EQ(total, std::size_t{kClients} * kCalls) << "requests lost or run twice";
+  EXPECT_GT(largest, 1u) << "no two clients' requests ever shared a batch";
+  EXPECT_LE(largest, std::size_t{kClients});
+}
+
+TEST(Scheduler, FreesAndDeparturesReachTheExecutor) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  const std::uint32_t id = connection->clientId();
+  ASSERT_TRUE(connection->sendRelease({11, 12, 13}).ok());
+  ASSERT_TRUE(testing::waitFor([&] { return daemon.executor().released().size() == 3; }));
+  EXPECT_EQ(daemon.executor().released(), (std::vector<std::uint64_t>{11, 12, 13}));
+  connection.reset();
+  ASSERT_TRUE(testing::waitFor([&] { return !daemon.executor().forgotten().empty(); }));
+  EXPECT_EQ(daemon.executor().forgotten(), std::vector<std::uint32_t>{id});
+}
+
+TEST(Scheduler, StatusReportsEachGpu) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  EXPECT_EQ(call(*connection, validRequest()), kStatusSuccess);
+  const std::string json = daemon.scheduler().statusJson();
+  EXPECT_NE(json.find("\"uuid\":\"GPU-abababab-abab-abab-abab-abababababab\""), std::string::npos)
+      << json;
+  EXPECT_NE(json.find("\"batches\":1"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"requests\":1"), std::string::npos) << json;
+}
+
+}  // namespace
+}  // namespace stmux::daemon

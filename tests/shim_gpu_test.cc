@@ -1,0 +1,174 @@
+// libstmux.so in front of an ordinary cuBLAS program (stmux-cublas-client),
+// with the real daemon on a GPU: the same results as without it, served by
+// the daemon, at 64 processes, and through the daemon's death and return.
+// Skipped, saying so, where there is no CUDA device.
+#include <regex>
+
+#include "gpu_fixture.h"
+
+namespace stmux {
+namespace {
+
+using testing::daemonStatus;
+using testing::gpuField;
+using testing::Process;
+
+// The shim's exit line (STMUX_LOG=stats=info):
+//   "N calls: S served by stmuxd, F failed; direct: reason=n ..."
+struct Stats {
+  long calls = -1, served = -1, failed = -1;
+  std::map<std::string, long> direct;
+};
+
+Stats shimStats(const std::string& err) {
+  Stats stats;
+  std::smatch match;
+  if (!std::regex_search(err, match,
+                         std::regex("([0-9]+) calls: ([0-9]+) served by stmuxd, ([0-9]+) "
+                                    "failed; direct:([^\n]*)"))) {
+    return stats;
+  }
+  stats.calls = std::stol(match[1]);
+  stats.served = std::stol(match[2]);
+  stats.failed = std::stol(match[3]);
+  const std::string direct = match[4];
+  const std::regex pair("([a-z_]+)=([0-9]+)");
+  for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
+       it != std::sregex_iterator(); ++it) {
+    stats.direct[(*it)[1]] = std::stol((*it)[2]);
+  }
+  return stats;
+}
+
+long outValue(const std::string& out, const std::string& key) {
+  std::smatch match;
+  if (!std::regex_search(out, match, std::regex(key + " ([0-9]+)"))) return -1;
+  return std::stol(match[1]);
+}
+
+class ShimOnGpu : public testing::DaemonFixture {
+ protected:
+  std::map<std::string, std::string> shimmed() const {
+    return {
+        {"LD_PRELOAD", SHIM_PATH}, {"STMUX_SOCKET", dir_.socket()}, {"STMUX_LOG", "stats=info"}};
+  }
+  Process client(const std::vector<std::string>& args, std::map<std::string, std::string> env,
+                 const std::string& log) {
+    std::vector<std::string> argv = {CUBLAS_CLIENT_PATH};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return Process(argv, env, dir_.path() + "/" + log);
+  }
+};
+
+TEST_F(ShimOnGpu, TheSameResultsWithAndWithoutThePreloadAndTheDaemonServedThem) {
+  Process plain = client({"check"}, {}, "plain");
+  ASSERT_EQ(plain.wait(), 0) << plain.out() << plain.err();
+  Process shim = client({"check"}, shimmed(), "shimmed");
+  ASSERT_EQ(shim.wait(), 0) << shim.out() << shim.err();
+  EXPECT_EQ(testing::countOf(shim.out(), "FAIL"), 0) << shim.out();
+  EXPECT_NE(shim.out().find("realloc same_address"), std::string::npos);
+
+  // Every call is accounted for: the daemon served all but the no-ops, the
+  // call cuBLAS refuses, and legacy calls with beta != 0 (DESIGN: a legacy call
+  // has no status to report a lost call with).
+  const Stats stats = shimStats(shim.err());
+  const long calls = outValue(shim.out(), "calls");
+  const long no_op = outValue(shim.out(), "no_op");
+  const long refused = outValue(shim.out(), "refused");
+  const long legacy = outValue(shim.out(), "legacy_nonzero_beta");
+  ASSERT_GE(stats.calls, 0) << "no stats line:\n" << shim.err();
+  EXPECT_EQ(stats.calls, calls);
+  EXPECT_EQ(stats.failed, 0);
+  EXPECT_EQ(stats.served, calls - no_op - refused - legacy) << shim.err();
+  EXPECT_EQ(stats.direct,
+            (std::map<std::string, long>{
+                {"no_op", no_op}, {"invalid_args", refused}, {"legacy_beta", legacy}}))
+      << shim.err();
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  EXPECT_GE(gpuField(*status, "requests"), stats.served);
+}
+
+TEST_F(ShimOnGpu, SixtyFourProcessesAtOnce) {
+  std::vector<Process> clients;
+  for (int i = 0; i < 64; ++i) {
+    clients.push_back(
+        client({"check", "--quick", "--api", "v2"}, shimmed(), "c" + std::to_string(i)));
+  }
+  for (Process& c : clients) {
+    ASSERT_EQ(c.wait(std::chrono::seconds(600)), 0) << c.out() << c.err();
+    const Stats stats = shimStats(c.err());
+    EXPECT_GT(stats.served, 0) << c.err();
+    EXPECT_EQ(stats.failed, 0) << c.err();
+    EXPECT_EQ(stats.direct.count("no_daemon") + stats.direct.count("busy") +
+                  stats.direct.count("timeout"),
+              0u)
+        << c.err();
+  }
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  EXPECT_LT(gpuField(*status, "batches"), gpuField(*status, "requests"))
+      << "64 processes and never two calls in one batch";
+}
+
+TEST_F(ShimOnGpu, ADaemonKilledMidRunLeavesNoCallerHangingOrWrongAndTheyComeBack) {
+  std::vector<Process> clients;
+  for (int i = 0; i < 8; ++i) {
+    const std::string beta = i % 2 == 0 ? "0" : "0.5";
+    clients.push_back(client({"stress", "--seconds", "12", "--beta", beta}, shimmed(),
+                             "stress" + std::to_string(i)));
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  daemon_.signal(SIGKILL);
+  ASSERT_EQ(daemon_.wait(std::chrono::seconds(30)), 128 + SIGKILL);
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  startDaemon();  // the stale socket file is replaced
+  // The clients attach again on their own and are served.
+  ASSERT_TRUE(testing::waitFor(
+      [&] {
+        auto status = daemonStatus(dir_.socket());
+        return status && status->find("clients")->size() > 0 && gpuField(*status, "requests") > 0;
+      },
+      std::chrono::seconds(5)))
+      << "no client came back to the restarted daemon";
+  for (int i = 0; i < 8; ++i) {
+    Process& c = clients[i];
+    ASSERT_EQ(c.wait(std::chrono::seconds(120)), 0) << "stress " << i << ": " << c.out() << c.err();
+    EXPECT_EQ(outValue(c.out(), "wrong"), 0) << c.out();
+    if (i % 2 == 0) {
+      EXPECT_EQ(outValue(c.out(), "execution_failed"), 0) << "beta == 0: " << c.out();
+    }
+    EXPECT_GE(testing::countOf(c.err(), "detached from stmuxd") +
+                  testing::countOf(c.err(), "lost the daemon"),
+              1)
+        << "stress " << i << " never noticed the daemon go: " << c.err();
+  }
+}
+
+class ShimBeforeTheDaemon : public ShimOnGpu {
+ protected:
+  bool startDaemonAtSetUp() const override { return false; }
+};
+
+TEST_F(ShimBeforeTheDaemon, CallsRunDirectlyThenTheDaemonIsFoundWithoutARestart) {
+  Process c = client({"stress", "--seconds", "8"}, shimmed(), "early");
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  startDaemon();
+  ASSERT_TRUE(testing::waitFor(
+      [&] {
+        auto status = daemonStatus(dir_.socket());
+        return status && status->find("clients")->size() == 1 && gpuField(*status, "requests") > 0;
+      },
+      std::chrono::seconds(5)))
+      << "the client did not attach to the daemon once it appeared";
+  ASSERT_EQ(c.wait(std::chrono::seconds(60)), 0) << c.out() << c.err();
+  const Stats stats = shimStats(c.err());
+  EXPECT_GT(stats.direct.count("no_daemon") ? stats.direct.at("no_daemon") : 0, 0) << c.err();
+  EXPECT_GT(stats.served, 0) << c.err();
+  EXPECT_EQ(testing::countOf(c.err(), "not attached to stmuxd"), 1)
+      << "the missing daemon should be reported once:\n"
+      << c.err();
+}
+
+}  // namespace
+}  // namespace stmux

@@ -1,0 +1,126 @@
+// libstmux.so preloaded into ordinary programs, on any machine (no GPU
+// needed): which symbols it exports, that the program's calls reach it, that
+// what cuBLAS answers comes back unchanged, and that it is harmless where it
+// has nothing to do.
+#include <gtest/gtest.h>
+
+#include <regex>
+#include <set>
+
+#include "process.h"
+#include "test_support.h"
+
+namespace stmux {
+namespace {
+
+using testing::TempDir;
+
+std::map<std::string, std::string> probeValues(const std::string& out) {
+  std::map<std::string, std::string> values;
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);) {
+    const auto space = line.find(' ');
+    if (space != std::string::npos) values[line.substr(0, space)] = line.substr(space + 1);
+  }
+  return values;
+}
+
+testing::Ran probe(const TempDir& dir, std::map<std::string, std::string> env) {
+  env.emplace("STMUX_SOCKET", dir.path() + "/nobody-here.sock");
+  return testing::run({CUBLAS_CLIENT_PATH, "probe"}, env, dir.path() + "/probe",
+                      std::chrono::seconds(120));
+}
+
+TEST(Shim, ExportsExactlyTheHookedNamesUnderCublasVersionNode) {
+  TempDir dir;
+  auto nm = testing::run(
+      {"/usr/bin/env", "nm", "-D", "--with-symbol-versions", "--defined-only", SHIM_PATH}, {},
+      dir.path() + "/nm");
+  if (nm.status == 127) GTEST_SKIP() << "nm (binutils) is not installed: export check skipped";
+  ASSERT_EQ(nm.status, 0) << nm.err;
+  std::set<std::string> exported;
+  std::istringstream lines(nm.out);
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream fields(line);
+    std::string address, type, name;
+    fields >> address >> type >> name;
+    exported.insert(type + " " + name);
+  }
+  const std::string node = "libcublas.so." + std::to_string(CUBLAS_MAJOR);
+  EXPECT_EQ(exported, (std::set<std::string>{"T cublasSgemm@@" + node, "T cublasSgemm_v2@@" + node,
+                                             "T cublasSgemm_v2_64@@" + node, "A " + node}))
+      << nm.out;
+}
+
+TEST(Shim, TheProgramsCallsReachThePreloadedShimAndStatusesComeBackUnchanged) {
+  TempDir dir;
+  auto plain = probe(dir, {});
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  auto shimmed = probe(dir, {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_LOG", "stats=info"}});
+  ASSERT_EQ(shimmed.status, 0) << shimmed.err;
+  auto before = probeValues(plain.out), after = probeValues(shimmed.out);
+  EXPECT_NE(before["cublasSgemm_v2"].find("libcublas.so"), std::string::npos) << plain.out;
+  EXPECT_NE(after["cublasSgemm_v2"].find("libstmux.so"), std::string::npos) << shimmed.out;
+  for (const char* key :
+       {"v2_null_handle", "v2_64_null_handle", "create", "v2_bad_lda", "legacy_bad_op"}) {
+    EXPECT_EQ(before[key], after[key]) << key;
+  }
+  // The shim's own account, printed at exit: every call went straight to
+  // cuBLAS, each for its reason.
+  EXPECT_NE(shimmed.err.find("0 served by stmuxd"), std::string::npos) << shimmed.err;
+  EXPECT_NE(shimmed.err.find("bad_handle=2"), std::string::npos) << shimmed.err;
+  EXPECT_NE(shimmed.err.find("invalid_args="), std::string::npos) << shimmed.err;
+}
+
+TEST(Shim, DisableSendsEveryCallStraightToCublas) {
+  TempDir dir;
+  auto plain = probe(dir, {});
+  auto disabled =
+      probe(dir, {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_DISABLE", "1"}, {"STMUX_LOG", "stats=info"}});
+  ASSERT_EQ(disabled.status, 0) << disabled.err;
+  EXPECT_EQ(probeValues(plain.out)["v2_null_handle"], probeValues(disabled.out)["v2_null_handle"]);
+  EXPECT_TRUE(std::regex_search(disabled.err, std::regex("direct: disabled=[0-9]+\n")))
+      << disabled.err;
+}
+
+TEST(Shim, AnInvalidSettingIsReportedAndCallsGoStraightToCublas) {
+  TempDir dir;
+  auto ran = probe(
+      dir, {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_TIMEOUT_MS", "0"}, {"STMUX_LOG", "stats=info"}});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_NE(ran.err.find("STMUX_TIMEOUT_MS='0' is out of range; accepted: an integer from 1 to "
+                         "3600000 (ms)"),
+            std::string::npos)
+      << ran.err;
+  EXPECT_NE(ran.err.find("bad_config="), std::string::npos) << ran.err;
+  EXPECT_EQ(testing::countOf(ran.err, "out of range"), 1) << "reported more than once";
+}
+
+TEST(Shim, ALibraryLoadedLaterWithDlopenIsServedToo) {
+  TempDir dir;
+  const std::string cublas = "libcublas.so." + std::to_string(CUBLAS_MAJOR);
+  auto ran = testing::run({DLOPEN_CLIENT_PATH, SGEMM_EXT_PATH, cublas},
+                          {{"LD_PRELOAD", SHIM_PATH},
+                           {"STMUX_SOCKET", dir.path() + "/none.sock"},
+                           {"STMUX_LOG", "stats=info"}},
+                          dir.path() + "/dlopen");
+  ASSERT_EQ(ran.status, 0) << ran.out << ran.err;
+  auto values = probeValues(ran.out);
+  EXPECT_NE(values["extension_binds_to"].find("libstmux.so"), std::string::npos) << ran.out;
+  EXPECT_NE(ran.err.find("bad_handle=1"), std::string::npos) << ran.err;
+  // What the README says plainly: a lookup on libcublas's own handle finds
+  // libcublas's function, which no preloaded library can stand in front of.
+  EXPECT_NE(values["dlsym_on_libcublas"].find("libcublas.so"), std::string::npos) << ran.out;
+}
+
+TEST(Shim, PreloadedIntoAProgramWithoutCudaItIsHarmless) {
+  TempDir dir;
+  auto ran = testing::run({"/bin/sh", "-c", "echo hello"},
+                          {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_LOG", "info"}}, dir.path() + "/sh");
+  EXPECT_EQ(ran.status, 0);
+  EXPECT_EQ(ran.out, "hello\n");
+  EXPECT_EQ(ran.err, "") << "the shim spoke up in a program that never called it";
+}
+
+}  // namespace
+}  // namespace stmux

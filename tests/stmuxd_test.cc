@@ -1,0 +1,79 @@
+// stmuxd as a program: what it says and how it exits when it cannot run, and
+// its configuration surface. No GPU needed: CUDA_VISIBLE_DEVICES="" hides any
+// GPU the machine has.
+#include <gtest/gtest.h>
+
+#include "process.h"
+#include "stmux/config.h"
+#include "test_support.h"
+
+namespace stmux {
+namespace {
+
+using testing::TempDir;
+
+testing::Ran stmuxd(const TempDir& dir, std::vector<std::string> args,
+                    std::map<std::string, std::string> env = {}) {
+  args.insert(args.begin(), STMUXD_PATH);
+  return testing::run(args, env, dir.path() + "/stmuxd", std::chrono::seconds(60));
+}
+
+TEST(Stmuxd, WithoutAGpuItExitsNonZeroSayingSo) {
+  TempDir dir;
+  auto ran = stmuxd(dir, {"--socket", dir.socket()}, {{"CUDA_VISIBLE_DEVICES", ""}});
+  EXPECT_EQ(ran.status, 1) << ran.err;
+  EXPECT_NE(ran.err.find("stmuxd: no usable CUDA device or driver"), std::string::npos) << ran.err;
+  EXPECT_FALSE(std::filesystem::exists(dir.socket())) << "it listened without a GPU";
+}
+
+TEST(Stmuxd, AnInvalidValueIsAnErrorThatNamesIt) {
+  TempDir dir;
+  auto ran = stmuxd(dir, {}, {{"STMUX_WINDOW_US", "-1"}});
+  EXPECT_EQ(ran.status, 2);
+  EXPECT_NE(ran.err.find("STMUX_WINDOW_US='-1' is out of range; accepted: an integer from 0 to "
+                         "1000000 (us)"),
+            std::string::npos)
+      << ran.err;
+  ran = stmuxd(dir, {"--max-batch=lots"});
+  EXPECT_EQ(ran.status, 2);
+  EXPECT_NE(ran.err.find("STMUX_MAX_BATCH='lots' is not an integer"), std::string::npos) << ran.err;
+}
+
+TEST(Stmuxd, UnknownOptionsAreRefused) {
+  TempDir dir;
+  auto ran = stmuxd(dir, {"--frobnicate"});
+  EXPECT_EQ(ran.status, 2);
+  EXPECT_NE(ran.err.find("unknown option '--frobnicate'"), std::string::npos) << ran.err;
+  // A shim-only variable has no daemon flag.
+  ran = stmuxd(dir, {"--spin-us=5"});
+  EXPECT_EQ(ran.status, 2);
+  ran = stmuxd(dir, {"--window-us"});
+  EXPECT_EQ(ran.status, 2);
+  EXPECT_NE(ran.err.find("--window-us needs a value"), std::string::npos) << ran.err;
+}
+
+TEST(Stmuxd, PrintConfigShowsEveryDaemonSettingAndWhereItCameFrom) {
+  TempDir dir;
+  auto ran = stmuxd(dir, {"--print-config", "--window-us", "250"}, {{"STMUX_MAX_BATCH", "64"}});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_NE(ran.out.find("STMUX_WINDOW_US=250\t# flag"), std::string::npos) << ran.out;
+  EXPECT_NE(ran.out.find("STMUX_MAX_BATCH=64\t# environment"), std::string::npos) << ran.out;
+  EXPECT_NE(ran.out.find("STMUX_SLOTS=256\t# default"), std::string::npos) << ran.out;
+  for (const VarInfo& var : kVars) {
+    const bool listed = ran.out.find(std::string(var.name) + "=") != std::string::npos;
+    EXPECT_EQ(listed, var.scope != Scope::kShim) << var.name;
+  }
+}
+
+TEST(Stmuxd, HelpListsTheFlags) {
+  TempDir dir;
+  auto ran = stmuxd(dir, {"--help"});
+  EXPECT_EQ(ran.status, 0);
+  for (const VarInfo& var : kVars) {
+    if (var.scope == Scope::kShim) continue;
+    EXPECT_NE(ran.out.find("--" + flagName(var.name)), std::string::npos) << var.name;
+  }
+}
+
+}  // namespace
+}  // namespace stmux

@@ -1,0 +1,548 @@
+// stmux-cublas-client: an ordinary cuBLAS program that knows nothing of stmux.
+//
+// It links libcublas like any application, so LD_PRELOAD=libstmux.so can sit
+// in front of it unseen; the shim's tests and stmux-bench run it with and
+// without. Modes:
+//   probe    no GPU needed: where cublasSgemm_v2 resolves, and the statuses of
+//            calls cuBLAS must refuse
+//   check    the case matrix against a float64 reference, through
+//            cublasSgemm_v2, cublasSgemm_v2_64 and the legacy cublasSgemm
+//   stress   verified calls in a loop for a while, counting what came back
+//   loop     a closed loop {sgemm; wait} between two instants (stmux-bench)
+//   ceiling  one cublasSgemmBatched of R per round instead (stmux-bench)
+#include <cublas_api.h>
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <getopt.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tools/gemm_check.h"
+
+// The legacy API lives in cublas.h, which may not be included with
+// cublas_api.h's users in mind (cublas_v2.h renames cublasSgemm); declared here.
+extern "C" {
+void cublasSgemm(char transa, char transb, int m, int n, int k, float alpha, const float* A,
+                 int lda, const float* B, int ldb, float beta, float* C, int ldc);
+cublasStatus_t cublasGetError(void);
+cublasStatus_t cublasInit(void);
+cublasStatus_t cublasShutdown(void);
+}
+
+namespace {
+
+using stmux::check::Buffers;
+using stmux::check::GemmCase;
+
+#define CUDA_OK(call)                                                     \
+  do {                                                                    \
+    const cudaError_t err_ = (call);                                      \
+    if (err_ != cudaSuccess) {                                            \
+      std::fprintf(stderr, "stmux-cublas-client: %s failed: %s\n", #call, \
+                   cudaGetErrorString(err_));                             \
+      std::exit(3);                                                       \
+    }                                                                     \
+  } while (0)
+
+std::uint64_t realtimeNs() {
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull + ts.tv_nsec;
+}
+
+std::uint64_t monotonicNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull + ts.tv_nsec;
+}
+
+cublasOperation_t op(int t) {
+  return static_cast<cublasOperation_t>(t);
+}
+char legacyOp(int t) {
+  return "NTC"[t];
+}
+
+struct Options {
+  std::string mode;
+  bool quick = false;
+  std::uint64_t seed = 0;
+  double seconds = 5;
+  float beta = 0.0f;
+  std::int64_t m = 256, n = 256, k = 256;
+  int count = 1;
+  std::uint64_t start_ns = 0, stop_ns = 0;
+  std::string out;
+  std::string apis = "all";
+};
+
+void usage(FILE* out) {
+  std::fprintf(
+      out,
+      "usage: stmux-cublas-client MODE [options]\n"
+      "An ordinary cuBLAS program (it knows nothing of stmux), for tests and benchmarks.\n"
+      "  probe                          no GPU needed: symbol binding and refusals\n"
+      "  check [--quick] [--seed N] [--api all|v2|v2_64|legacy]\n"
+      "                                 the case matrix against a float64 reference\n"
+      "  stress --seconds S [--beta B] [--seed N]\n"
+      "                                 verified calls in a loop; counts statuses\n"
+      "  loop --m M --n N --k K --start-ns T0 --stop-ns T1 --out FILE\n"
+      "                                 closed loop {sgemm; sync}, timed in [T0, T1)\n"
+      "                                 (CLOCK_REALTIME ns); latencies to FILE\n"
+      "  ceiling --count R --m M --n N --k K --start-ns T0 --stop-ns T1 --out FILE\n"
+      "                                 one cublasSgemmBatched of R per round\n"
+      "Exit status: 0 all right, 1 a wrong result or status, 2 bad usage, 3 CUDA error.\n");
+}
+
+bool parse(int argc, char** argv, Options& o) {
+  if (argc < 2) return false;
+  o.mode = argv[1];
+  if (o.mode == "--help" || o.mode == "-h") {
+    usage(stdout);
+    std::exit(0);
+  }
+  static const option kLong[] = {
+      {"quick", no_argument, nullptr, 'q'},          {"seed", required_argument, nullptr, 's'},
+      {"seconds", required_argument, nullptr, 'S'},  {"beta", required_argument, nullptr, 'b'},
+      {"m", required_argument, nullptr, 'm'},        {"n", required_argument, nullptr, 'n'},
+      {"k", required_argument, nullptr, 'k'},        {"count", required_argument, nullptr, 'c'},
+      {"start-ns", required_argument, nullptr, 'a'}, {"stop-ns", required_argument, nullptr, 'z'},
+      {"out", required_argument, nullptr, 'o'},      {"api", required_argument, nullptr, 'p'},
+      {"help", no_argument, nullptr, 'h'},           {nullptr, 0, nullptr, 0}};
+  optind = 2;
+  int c;
+  while ((c = getopt_long(argc, argv, "", kLong, nullptr)) != -1) {
+    switch (c) {
+      case 'q':
+        o.quick = true;
+        break;
+      case 's':
+        o.seed = std::strtoull(optarg, nullptr, 10);
+        break;
+      case 'S':
+        o.seconds = std::atof(optarg);
+        break;
+      case 'b':
+        o.beta = static_cast<float>(std::atof(optarg));
+        break;
+      case 'm':
+        o.m = std::atoll(optarg);
+        break;
+      case 'n':
+        o.n = std::atoll(optarg);
+        break;
+      case 'k':
+        o.k = std::atoll(optarg);
+        break;
+      case 'c':
+        o.count = std::atoi(optarg);
+        break;
+      case 'a':
+        o.start_ns = std::strtoull(optarg, nullptr, 10);
+        break;
+      case 'z':
+        o.stop_ns = std::strtoull(optarg, nullptr, 10);
+        break;
+      case 'o':
+        o.out = optarg;
+        break;
+      case 'p':
+        o.apis = optarg;
+        break;
+      case 'h':
+        usage(stdout);
+        std::exit(0);
+      default:
+        return false;
+    }
+  }
+  if (o.m < 1 || o.n < 1 || o.k < 1 || o.count < 1 || o.seconds <= 0) return false;
+  if ((o.mode == "loop" || o.mode == "ceiling") &&
+      (o.out.empty() || o.start_ns == 0 || o.stop_ns <= o.start_ns)) {
+    return false;
+  }
+  return o.mode == "probe" || o.mode == "check" || o.mode == "stress" || o.mode == "loop" ||
+         o.mode == "ceiling";
+}
+
+// ---- probe ------------------------------------------------------------------
+
+int probe() {
+  Dl_info info{};
+  const void* symbol = reinterpret_cast<const void*>(&cublasSgemm_v2);
+  std::printf("cublasSgemm_v2 %s\n",
+              dladdr(symbol, &info) != 0 && info.dli_fname ? info.dli_fname : "?");
+  const float one = 1.0f;
+  std::printf("v2_null_handle %d\n",
+              static_cast<int>(cublasSgemm_v2(nullptr, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one,
+                                              nullptr, 4, nullptr, 4, &one, nullptr, 4)));
+  std::printf("v2_64_null_handle %d\n",
+              static_cast<int>(cublasSgemm_v2_64(nullptr, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one,
+                                                 nullptr, 4, nullptr, 4, &one, nullptr, 4)));
+  cublasHandle_t handle = nullptr;
+  const cublasStatus_t created = cublasCreate_v2(&handle);
+  std::printf("create %d\n", static_cast<int>(created));
+  if (created == CUBLAS_STATUS_SUCCESS) {
+    std::printf("v2_bad_lda %d\n",
+                static_cast<int>(cublasSgemm_v2(handle, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one,
+                                                nullptr, 3, nullptr, 4, &one, nullptr, 4)));
+    cublasDestroy_v2(handle);
+  }
+  cublasSgemm('X', 'N', 4, 4, 4, 1.0f, nullptr, 4, nullptr, 4, 0.0f, nullptr, 4);
+  std::printf("legacy_bad_op %d\n", static_cast<int>(cublasGetError()));
+  return 0;
+}
+
+// ---- check ------------------------------------------------------------------
+
+struct Device {
+  float* a = nullptr;
+  float* b = nullptr;
+  float* c = nullptr;
+};
+
+enum class Api { kV2, kV2_64, kLegacy };
+const char* apiName(Api api) {
+  return api == Api::kV2 ? "v2" : api == Api::kV2_64 ? "v2_64" : "legacy";
+}
+
+// Runs one case: inputs copied in on the call's own stream with no wait, so
+// the call is correct only if it is ordered after them.
+cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaStream_t stream,
+                       const Buffers& in, std::vector<float>& result, Device& d) {
+  float* pinned = nullptr;
+  const std::size_t largest = std::max({in.a.size(), in.b.size(), in.c.size()});
+  CUDA_OK(cudaMallocHost(reinterpret_cast<void**>(&pinned), 3 * largest * sizeof(float)));
+  std::memcpy(pinned, in.a.data(), in.a.size() * sizeof(float));
+  std::memcpy(pinned + largest, in.b.data(), in.b.size() * sizeof(float));
+  std::memcpy(pinned + 2 * largest, in.c.data(), in.c.size() * sizeof(float));
+  CUDA_OK(
+      cudaMemcpyAsync(d.a, pinned, in.a.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+  CUDA_OK(cudaMemcpyAsync(d.b, pinned + largest, in.b.size() * sizeof(float),
+                          cudaMemcpyHostToDevice, stream));
+  CUDA_OK(cudaMemcpyAsync(d.c, pinned + 2 * largest, in.c.size() * sizeof(float),
+                          cudaMemcpyHostToDevice, stream));
+  cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
+  const float* a = d.a + c.a_offset;
+  const float* b = d.b + c.b_offset;
+  float* cc = d.c + c.c_offset;
+  switch (api) {
+    case Api::kV2:
+      status = cublasSgemm_v2(handle, op(c.transa), op(c.transb), static_cast<int>(c.m),
+                              static_cast<int>(c.n), static_cast<int>(c.k), &c.alpha, a,
+                              static_cast<int>(c.lda()), b, static_cast<int>(c.ldb()), &c.beta, cc,
+                              static_cast<int>(c.ldc()));
+      break;
+    case Api::kV2_64:
+      status = cublasSgemm_v2_64(handle, op(c.transa), op(c.transb), c.m, c.n, c.k, &c.alpha, a,
+                                 c.lda(), b, c.ldb(), &c.beta, cc, c.ldc());
+      break;
+    case Api::kLegacy:
+      // The legacy API runs on the legacy default stream, which waits for
+      // the copies on `stream` only if they are done: make them done.
+      CUDA_OK(cudaStreamSynchronize(stream));
+      cublasSgemm(legacyOp(c.transa), legacyOp(c.transb), static_cast<int>(c.m),
+                  static_cast<int>(c.n), static_cast<int>(c.k), c.alpha, a,
+                  static_cast<int>(c.lda()), b, static_cast<int>(c.ldb()), c.beta, cc,
+                  static_cast<int>(c.ldc()));
+      status = cublasGetError();
+      CUDA_OK(cudaDeviceSynchronize());
+      break;
+  }
+  result.assign(in.c.size(), 0.0f);
+  CUDA_OK(
+      cudaMemcpyAsync(pinned, d.c, result.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  std::memcpy(result.data(), pinned, result.size() * sizeof(float));
+  CUDA_OK(cudaFreeHost(pinned));
+  return status;
+}
+
+Device allocate(const GemmCase& c) {
+  Device d;
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d.a), c.aFloats() * sizeof(float)));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d.b), c.bFloats() * sizeof(float)));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d.c), c.cFloats() * sizeof(float)));
+  return d;
+}
+
+void release(Device& d) {
+  CUDA_OK(cudaFree(d.a));
+  CUDA_OK(cudaFree(d.b));
+  CUDA_OK(cudaFree(d.c));
+  d = {};
+}
+
+int check(const Options& o) {
+  std::mt19937_64 random(o.seed != 0 ? o.seed
+                                     : monotonicNs() ^ (std::uint64_t{1} << 32) * getpid());
+  std::vector<Api> apis;
+  if (o.apis == "all" || o.apis == "v2") apis.push_back(Api::kV2);
+  if (o.apis == "all" || o.apis == "v2_64") apis.push_back(Api::kV2_64);
+  if (o.apis == "all" || o.apis == "legacy") apis.push_back(Api::kLegacy);
+  if (apis.empty()) {
+    std::fprintf(stderr, "stmux-cublas-client: --api '%s': accepted: all, v2, v2_64, legacy\n",
+                 o.apis.c_str());
+    return 2;
+  }
+  cublasHandle_t handle;
+  if (cublasCreate_v2(&handle) != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "stmux-cublas-client: cublasCreate failed\n");
+    return 3;
+  }
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasSetStream_v2(handle, stream);
+  if (std::find(apis.begin(), apis.end(), Api::kLegacy) != apis.end()) cublasInit();
+
+  // What a reader of the output needs to account for each call: no-ops
+  // (cuBLAS returns at once) and legacy calls with beta != 0 counted apart.
+  int failures = 0, calls = 0, no_ops = 0, legacy_nonzero_beta = 0;
+  for (const GemmCase& c : stmux::check::caseMatrix(o.quick)) {
+    for (Api api : apis) {
+      // The legacy API has no handle: its math mode is the default, and
+      // beta != 0 goes straight to cuBLAS under stmux; run it anyway.
+      if (api == Api::kLegacy && c.math != stmux::check::kDefaultMath) continue;
+      cublasSetMathMode(handle, static_cast<cublasMath_t>(c.math));
+      const Buffers in = stmux::check::makeInputs(c, random);
+      Device d = allocate(c);
+      std::vector<float> result;
+      const cublasStatus_t status = runCase(c, api, handle, stream, in, result, d);
+      release(d);
+      ++calls;
+      if (api == Api::kLegacy && c.beta != 0.0f) {
+        ++legacy_nonzero_beta;
+      } else if (c.noOp()) {
+        ++no_ops;
+      }
+      if (status != CUBLAS_STATUS_SUCCESS) {
+        std::printf("FAIL %s %s: status %d\n", c.name.c_str(), apiName(api), status);
+        ++failures;
+        continue;
+      }
+      const auto verdict = stmux::check::verify(c, in, result);
+      if (!verdict.ok) {
+        std::printf("FAIL %s %s: %s\n", c.name.c_str(), apiName(api), verdict.problem.c_str());
+        ++failures;
+      } else {
+        std::printf("ok %s %s worst %.3f\n", c.name.c_str(), apiName(api), verdict.worst);
+      }
+    }
+  }
+
+  // A buffer freed and another made in its place between calls: the second
+  // call must use the new memory, whatever address it got.
+  const GemmCase& reuse = stmux::check::caseMatrix(true)[0];
+  cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH);
+  int reused = 0;
+  for (int round = 0; round < 4; ++round) {
+    Device d = allocate(reuse);
+    const void* before = d.c;
+    const Buffers in = stmux::check::makeInputs(reuse, random);
+    std::vector<float> result;
+    cublasStatus_t status = runCase(reuse, Api::kV2, handle, stream, in, result, d);
+    ++calls;
+    CUDA_OK(cudaFree(d.c));
+    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d.c), reuse.cFloats() * sizeof(float)));
+    reused += d.c == before ? 1 : 0;
+    const Buffers again = stmux::check::makeInputs(reuse, random);
+    if (status == CUBLAS_STATUS_SUCCESS) {
+      status = runCase(reuse, Api::kV2, handle, stream, again, result, d);
+      ++calls;
+    }
+    release(d);
+    const auto verdict = stmux::check::verify(reuse, again, result);
+    if (status != CUBLAS_STATUS_SUCCESS || !verdict.ok) {
+      std::printf("FAIL realloc round %d: status %d %s\n", round, status, verdict.problem.c_str());
+      ++failures;
+    }
+  }
+  std::printf("realloc same_address %d of 4\n", reused);
+
+  // Arguments cuBLAS refuses: the same status must come back.
+  const float one = 1.0f;
+  const cublasStatus_t bad = cublasSgemm_v2(handle, CUBLAS_OP_N, CUBLAS_OP_N, 8, 8, 8, &one,
+                                            nullptr, 7, nullptr, 8, &one, nullptr, 8);
+  ++calls;
+  if (bad != CUBLAS_STATUS_INVALID_VALUE) {
+    std::printf("FAIL bad-lda: status %d, cuBLAS says %d\n", bad, CUBLAS_STATUS_INVALID_VALUE);
+    ++failures;
+  }
+  std::printf("calls %d no_op %d refused 1 legacy_nonzero_beta %d failures %d\n", calls, no_ops,
+              legacy_nonzero_beta, failures);
+  if (std::find(apis.begin(), apis.end(), Api::kLegacy) != apis.end()) cublasShutdown();
+  cublasDestroy_v2(handle);
+  return failures == 0 ? 0 : 1;
+}
+
+// ---- stress -----------------------------------------------------------------
+
+int stress(const Options& o) {
+  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() * 31 + getpid());
+  std::uniform_int_distribution<int> size(8, 96);
+  cublasHandle_t handle;
+  if (cublasCreate_v2(&handle) != CUBLAS_STATUS_SUCCESS) return 3;
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasSetStream_v2(handle, stream);
+  GemmCase largest{"stress", 0, 0, 96, 96, 96};
+  Device d = allocate(largest);
+  long ok = 0, failed = 0, wrong = 0, other = 0;
+  const std::uint64_t until = monotonicNs() + static_cast<std::uint64_t>(o.seconds * 1e9);
+  while (monotonicNs() < until) {
+    GemmCase c{"stress", 0, 0, size(random), size(random), size(random)};
+    c.beta = o.beta;
+    const Buffers in = stmux::check::makeInputs(c, random);
+    std::vector<float> result;
+    const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d);
+    if (status == CUBLAS_STATUS_SUCCESS) {
+      if (stmux::check::verify(c, in, result).ok) {
+        ++ok;
+      } else {
+        ++wrong;
+      }
+    } else if (status == CUBLAS_STATUS_EXECUTION_FAILED) {
+      ++failed;  // allowed for beta != 0 when the daemon dies mid-call
+    } else {
+      ++other;
+    }
+  }
+  release(d);
+  cublasDestroy_v2(handle);
+  std::printf("stress ok %ld execution_failed %ld wrong %ld other %ld beta %g\n", ok, failed, wrong,
+              other, o.beta);
+  const bool failed_allowed = o.beta != 0.0f;
+  return wrong == 0 && other == 0 && (failed == 0 || failed_allowed) && ok > 0 ? 0 : 1;
+}
+
+// ---- loop and ceiling (stmux-bench) -------------------------------------------
+
+void fill(float* device, std::size_t count, std::mt19937_64& random) {
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  std::vector<float> host(count);
+  for (float& x : host)
+    x = value(random);
+  CUDA_OK(cudaMemcpy(device, host.data(), count * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+// Times `step` in a closed loop: untimed until `start_ns`, timed until
+// `stop_ns`. Writes one line "calls gemms_per_call" and then one latency in
+// nanoseconds per line.
+template <class Step>
+int timeLoop(const Options& o, int gemms_per_call, Step&& step) {
+  while (realtimeNs() < o.start_ns) {
+    if (step() != CUBLAS_STATUS_SUCCESS) return 1;
+  }
+  std::vector<std::uint32_t> latencies;
+  latencies.reserve(1 << 20);
+  while (true) {
+    const std::uint64_t begin = monotonicNs();
+    if (step() != CUBLAS_STATUS_SUCCESS) return 1;
+    const std::uint64_t end = monotonicNs();
+    latencies.push_back(
+        static_cast<std::uint32_t>(std::min<std::uint64_t>(end - begin, UINT32_MAX)));
+    if (realtimeNs() >= o.stop_ns) break;
+  }
+  FILE* out = std::fopen(o.out.c_str(), "w");
+  if (out == nullptr) {
+    std::fprintf(stderr, "stmux-cublas-client: cannot write %s\n", o.out.c_str());
+    return 1;
+  }
+  std::fprintf(out, "%zu %d\n", latencies.size(), gemms_per_call);
+  for (std::uint32_t latency : latencies)
+    std::fprintf(out, "%u\n", latency);
+  std::fclose(out);
+  return 0;
+}
+
+int loop(const Options& o) {
+  std::mt19937_64 random(monotonicNs() + getpid());
+  cublasHandle_t handle;
+  if (cublasCreate_v2(&handle) != CUBLAS_STATUS_SUCCESS) return 3;
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasSetStream_v2(handle, stream);
+  float *a, *b, *c;
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&a), o.m * o.k * sizeof(float)));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&b), o.k * o.n * sizeof(float)));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&c), o.m * o.n * sizeof(float)));
+  fill(a, o.m * o.k, random);
+  fill(b, o.k * o.n, random);
+  const float alpha = 1.0f, beta = 0.0f;
+  return timeLoop(o, 1, [&] {
+    const cublasStatus_t status = cublasSgemm_v2(
+        handle, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(o.m), static_cast<int>(o.n),
+        static_cast<int>(o.k), &alpha, a, static_cast<int>(o.m), b, static_cast<int>(o.k), &beta, c,
+        static_cast<int>(o.m));
+    if (status != CUBLAS_STATUS_SUCCESS) return status;
+    return cudaStreamSynchronize(stream) == cudaSuccess ? CUBLAS_STATUS_SUCCESS
+                                                        : CUBLAS_STATUS_EXECUTION_FAILED;
+  });
+}
+
+int ceiling(const Options& o) {
+  std::mt19937_64 random(monotonicNs() + getpid());
+  cublasHandle_t handle;
+  if (cublasCreate_v2(&handle) != CUBLAS_STATUS_SUCCESS) return 3;
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasSetStream_v2(handle, stream);
+  std::vector<const float*> as, bs;
+  std::vector<float*> cs;
+  for (int i = 0; i < o.count; ++i) {
+    float *a, *b, *c;
+    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&a), o.m * o.k * sizeof(float)));
+    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&b), o.k * o.n * sizeof(float)));
+    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&c), o.m * o.n * sizeof(float)));
+    fill(a, o.m * o.k, random);
+    fill(b, o.k * o.n, random);
+    as.push_back(a), bs.push_back(b), cs.push_back(c);
+  }
+  const float** da;
+  const float** db;
+  float** dc;
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&da), o.count * sizeof(float*)));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&db), o.count * sizeof(float*)));
+  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&dc), o.count * sizeof(float*)));
+  CUDA_OK(cudaMemcpy(da, as.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(db, bs.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dc, cs.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
+  const float alpha = 1.0f, beta = 0.0f;
+  return timeLoop(o, o.count, [&] {
+    const cublasStatus_t status = cublasSgemmBatched(
+        handle, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(o.m), static_cast<int>(o.n),
+        static_cast<int>(o.k), &alpha, da, static_cast<int>(o.m), db, static_cast<int>(o.k), &beta,
+        dc, static_cast<int>(o.m), o.count);
+    if (status != CUBLAS_STATUS_SUCCESS) return status;
+    return cudaStreamSynchronize(stream) == cudaSuccess ? CUBLAS_STATUS_SUCCESS
+                                                        : CUBLAS_STATUS_EXECUTION_FAILED;
+  });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options options;
+  if (!parse(argc, argv, options)) {
+    usage(stderr);
+    return 2;
+  }
+  if (options.mode == "probe") return probe();
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "stmux-cublas-client: no CUDA device\n");
+    return 3;
+  }
+  if (options.mode == "check") return check(options);
+  if (options.mode == "stress") return stress(options);
+  if (options.mode == "loop") return loop(options);
+  return ceiling(options);
+}

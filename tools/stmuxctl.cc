@@ -1,0 +1,483 @@
+// stmuxctl: asks a running stmuxd what it is doing.
+//
+//   stmuxctl status [--json] [--socket PATH]
+//
+// It connects to the daemon's control socket and says hello as a control
+// client; the daemon answers with one status message (JSON) and closes. With
+// --json that text is printed as it arrived, for scripts; otherwise it is read
+// (json_read.h) and printed as tables. The reply is the daemon's to shape and
+// grows over time (the scheduler adds "gpus"), so any field may be missing or
+// of an unexpected type: such a cell prints "-", never a crash.
+//
+// Exit status: 0 done, 1 the daemon could not be asked, 2 bad usage or
+// configuration.
+#include <fmt/format.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "stmux/config.h"
+#include "stmux/control.h"
+#include "stmux/json_read.h"
+#include "stmux/status.h"
+#include "stmux/sys.h"
+#include "stmux/wire.h"
+
+namespace stmux::tools {
+namespace {
+
+constexpr int kExitOk = 0;
+constexpr int kExitFailed = 1;
+constexpr int kExitUsage = 2;
+
+// The daemon answers from its event loop, which looks at new connections at
+// least every 100 us while busy: 2 s of silence means it is stuck.
+constexpr int kAnswerTimeoutMs = 2000;
+
+std::string_view defaultSocket() {
+  const VarInfo* var = findVar("STMUX_SOCKET");
+  return var != nullptr ? var->default_text : "";
+}
+
+void usage(std::FILE* out) {
+  fmt::print(out,
+             "usage: stmuxctl status [--json] [--socket PATH]\n"
+             "       stmuxctl help\n"
+             "Shows what the stmux daemon (stmuxd) is doing: the GPUs it serves, the\n"
+             "processes attached to it and how their cuBLAS calls fared.\n"
+             "\n"
+             "  status           the daemon, its GPUs and its clients, as tables\n"
+             "    --json         the daemon's status reply as it sent it (JSON)\n"
+             "    --socket PATH  the daemon's control socket (default: $STMUX_SOCKET,\n"
+             "                   else {})\n"
+             "  help, --help     this text\n"
+             "\n"
+             "Exit status: 0 done; 1 the daemon could not be asked (not running,\n"
+             "refused, no answer); 2 bad usage or configuration.\n",
+             defaultSocket());
+}
+
+struct Options {
+  std::string command;
+  bool json = false;
+  bool help = false;
+  std::optional<std::string> socket;
+};
+
+Result<Options> parseArgs(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      options.help = true;
+    } else if (arg == "--json") {
+      options.json = true;
+    } else if (arg == "--socket") {
+      if (i + 1 == argc) return Status::error("--socket needs a path");
+      options.socket = argv[++i];
+    } else if (arg.starts_with("--socket=")) {
+      options.socket = std::string(arg.substr(9));
+    } else if (arg.size() > 1 && arg[0] == '-') {
+      return Status::error(fmt::format("unknown option '{}'", arg));
+    } else if (options.command.empty()) {
+      options.command = arg;
+    } else {
+      return Status::error(fmt::format("unexpected argument '{}'", arg));
+    }
+  }
+  if (options.socket) {
+    if (auto address = socketAddress(*options.socket); !address) {
+      return Status::error("--socket: " + address.message());
+    }
+  }
+  if (options.help || options.command == "help") return options;
+  if (options.command.empty()) return Status::error("no command given");
+  if (options.command != "status") {
+    return Status::error(
+        fmt::format("unknown command '{}'; accepted: status, help", options.command));
+  }
+  return options;
+}
+
+// The socket: --socket, else STMUX_SOCKET through the configuration table.
+// Only STMUX_SOCKET is looked up: a tenant's setting left in the shell (a bad
+// STMUX_TIMEOUT_MS, say) must not stop an operator from asking the daemon.
+Result<std::string> socketPath(const Options& options) {
+  if (options.socket) return *options.socket;  // checked by parseArgs
+  const Lookup environment = environmentLookup();
+  const Lookup only_socket = [&](std::string_view name) -> std::optional<std::string> {
+    return name == "STMUX_SOCKET" ? environment(name) : std::nullopt;
+  };
+  auto config = parseConfig(only_socket, Scope::kShim);
+  if (!config) return config.status();
+  return config->socket;
+}
+
+// Asks the daemon at `path` for its status; returns the JSON text. Errors are
+// whole sentences for the one line stmuxctl prints.
+Result<std::string> queryStatus(const std::string& path) {
+  auto address = socketAddress(path);
+  if (!address) return address.status();
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return Status::error(fmt::format("socket() failed: {}", std::strerror(errno)));
+  int rc;
+  do {
+    rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+                   sizeof(sockaddr_un));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
+    const int err = errno;
+    // ENOENT: never started or exited cleanly (it removes its socket);
+    // ECONNREFUSED: a socket file left by a daemon that died.
+    if (err == ENOENT || err == ECONNREFUSED) {
+      return Status::error(fmt::format("no daemon at {}: {}", path, std::strerror(err)));
+    }
+    return Status::error(fmt::format(
+        "cannot connect to {}: {}{}", path, std::strerror(err),
+        err == EACCES ? " (the socket is for members of its group, stmux by default)" : ""));
+  }
+
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.pid = static_cast<std::int32_t>(::getpid());
+  hello.role = static_cast<std::uint32_t>(Role::kControl);
+  setField(hello.name, "stmuxctl");
+  if (Status sent = sendMessage(fd.get(), &hello, sizeof(hello)); !sent.ok()) {
+    return Status::error(fmt::format("cannot greet the daemon at {}: {}", path, sent.message()));
+  }
+
+  pollfd pfd{fd.get(), POLLIN, 0};
+  const std::uint64_t deadline = nowNs() + std::uint64_t{kAnswerTimeoutMs} * 1'000'000;
+  int ready;
+  do {
+    const std::uint64_t now = nowNs();
+    const int left_ms =
+        now >= deadline ? 0 : static_cast<int>((deadline - now + 999'999) / 1'000'000);
+    ready = ::poll(&pfd, 1, left_ms);
+  } while (ready < 0 && errno == EINTR);
+  if (ready < 0) return Status::error(fmt::format("poll failed: {}", std::strerror(errno)));
+  if (ready == 0) {
+    return Status::error(
+        fmt::format("the daemon at {} did not answer within {} s", path, kAnswerTimeoutMs / 1000));
+  }
+  auto received = recvMessage(fd.get(), /*block=*/true, kMaxMessageBytes);
+  if (!received) {
+    return Status::error(fmt::format("no answer from {}: {}", path, received.message()));
+  }
+  if (received->eof) {
+    return Status::error(
+        fmt::format("the daemon at {} closed the connection without answering", path));
+  }
+  if (received->truncated) {
+    return Status::error(
+        fmt::format("the answer from {} is longer than {} bytes", path, kMaxMessageBytes));
+  }
+  MsgHeader header;
+  if (Status status = checkHeader(received.value(), header); !status.ok()) {
+    return Status::error(fmt::format("unexpected answer from {}: {}", path, status.message()));
+  }
+  if (header.type == static_cast<std::uint32_t>(MsgType::kRefuse)) {
+    RefuseMsg refuse;
+    if (!decodeMessage(received.value(), MsgType::kRefuse, refuse).ok()) {
+      return Status::error(
+          fmt::format("the daemon at {} (protocol {}) refused in a message of {} "
+                      "bytes this stmuxctl cannot read",
+                      path, header.version, received->bytes.size()));
+    }
+    return Status::error(
+        fmt::format("the daemon at {} refused: {}", path, fieldString(refuse.reason)));
+  }
+  if (header.type != static_cast<std::uint32_t>(MsgType::kStatusReply)) {
+    return Status::error(fmt::format("unexpected answer from {}: message type {}, expected {}",
+                                     path, header.type,
+                                     static_cast<std::uint32_t>(MsgType::kStatusReply)));
+  }
+  return std::string(received->bytes.begin() + sizeof(MsgHeader), received->bytes.end());
+}
+
+// ---- the human summary -------------------------------------------------------
+
+// Text from the daemon made safe for a terminal: a tenant chooses its own
+// name, and must not be able to move the cursor or retitle the operator's
+// window. C0 and C1 controls and DEL are written as escapes.
+std::string printable(std::string_view text) {
+  std::string out;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const auto next = i + 1 < text.size() ? static_cast<unsigned char>(text[i + 1]) : 0;
+    if (c < 0x20 || c == 0x7f) {
+      out += fmt::format("\\x{:02x}", c);
+    } else if (c == 0xc2 && next >= 0x80 && next <= 0x9f) {  // U+0080..U+009F
+      out += fmt::format("\\u{:04x}", next);
+      ++i;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+// Columns line up by characters, not bytes, so UTF-8 names do not skew them.
+std::size_t displayWidth(std::string_view text) {
+  std::size_t width = 0;
+  for (unsigned char c : text)
+    width += (c & 0xc0) != 0x80;
+  return width;
+}
+
+const JsonValue* member(const JsonValue* object, std::string_view key) {
+  return object != nullptr ? object->find(key) : nullptr;
+}
+
+std::string numberText(double value) {
+  if (std::isfinite(value) && value == std::floor(value) && std::fabs(value) < 9.007e15) {
+    return fmt::format("{}", static_cast<std::int64_t>(value));
+  }
+  return fmt::format("{:.6g}", value);
+}
+
+std::string count(const JsonValue* value) {
+  return value != nullptr && value->isNumber() ? numberText(value->asNumber()) : "-";
+}
+
+std::string text(const JsonValue* value) {
+  const bool given = value != nullptr && value->isString() && !value->asString().empty();
+  return given ? printable(value->asString()) : "-";
+}
+
+std::string decimal(const JsonValue* value) {
+  return value != nullptr && value->isNumber() ? fmt::format("{:.1f}", value->asNumber()) : "-";
+}
+
+std::string duration(const JsonValue* value) {
+  if (value == nullptr || !value->isNumber() || !std::isfinite(value->asNumber()) ||
+      value->asNumber() < 0) {
+    return "-";
+  }
+  const double seconds = value->asNumber();
+  if (seconds < 60) return fmt::format("{:.1f}s", seconds);
+  if (seconds >= 1e15) return fmt::format("{:.3g}s", seconds);  // nonsense, but no overflow
+  const auto whole = static_cast<std::uint64_t>(seconds);
+  const std::uint64_t days = whole / 86400, hours = whole / 3600 % 24, minutes = whole / 60 % 60,
+                      secs = whole % 60;
+  if (days > 0) return fmt::format("{}d {:02}h {:02}m", days, hours, minutes);
+  if (hours > 0) return fmt::format("{}h {:02}m {:02}s", hours, minutes, secs);
+  return fmt::format("{}m {:02}s", minutes, secs);
+}
+
+// A sum over rows of a numeric field; unset until some row has the field.
+struct Sum {
+  std::optional<double> total;
+  void add(const JsonValue* value) {
+    if (value != nullptr && value->isNumber()) total = total.value_or(0) + value->asNumber();
+  }
+  std::string str() const { return total ? numberText(*total) : "-"; }
+};
+
+// Per-reason counts: a row's object of reason -> count, or the sum over rows,
+// in the order the reasons first appear.
+struct Reasons {
+  std::vector<std::pair<std::string, double>> counts;
+  bool seen = false;
+  void add(const JsonValue* object) {
+    if (object == nullptr || !object->isObject()) return;
+    seen = true;
+    for (std::size_t i = 0; i < object->size(); ++i) {
+      if (!object->at(i)->isNumber()) continue;
+      const std::string key = printable(object->keyAt(i));
+      auto it = std::find_if(counts.begin(), counts.end(),
+                             [&](const auto& entry) { return entry.first == key; });
+      if (it == counts.end()) it = counts.insert(counts.end(), {key, 0.0});
+      it->second += object->at(i)->asNumber();
+    }
+  }
+  std::string str(bool non_zero_only) const {
+    std::string out;
+    for (const auto& [key, value] : counts) {
+      if (non_zero_only && value == 0) continue;
+      out += fmt::format("{}{}={}", out.empty() ? "" : " ", key, numberText(value));
+    }
+    return out.empty() ? "-" : out;
+  }
+};
+
+class Table {
+ public:
+  // A header ending in '>' is right-aligned (numbers); the '>' is not shown.
+  explicit Table(std::vector<std::string> headers) {
+    for (std::string& header : headers) {
+      const bool right = !header.empty() && header.back() == '>';
+      if (right) header.pop_back();
+      right_.push_back(right);
+      widths_.push_back(displayWidth(header));
+    }
+    add(std::move(headers));
+  }
+  void add(std::vector<std::string> row) {
+    row.resize(widths_.size());
+    for (std::size_t i = 0; i < row.size(); ++i)
+      widths_[i] = std::max(widths_[i], displayWidth(row[i]));
+    rows_.push_back(std::move(row));
+  }
+  std::string str() const {
+    std::string out;
+    for (const auto& row : rows_) {
+      std::string line;
+      for (std::size_t i = 0; i < row.size(); ++i) {
+        const std::string pad(widths_[i] - displayWidth(row[i]), ' ');
+        if (i > 0) line += "  ";
+        line += right_[i] ? pad + row[i] : row[i] + (i + 1 < row.size() ? pad : "");
+      }
+      while (!line.empty() && line.back() == ' ')
+        line.pop_back();
+      out += line + '\n';
+    }
+    return out;
+  }
+
+ private:
+  std::vector<bool> right_;
+  std::vector<std::size_t> widths_;
+  std::vector<std::vector<std::string>> rows_;
+};
+
+std::string daemonLine(const JsonValue* daemon) {
+  const JsonValue* draining = member(daemon, "draining");
+  const std::string state = draining == nullptr || !draining->isBool() ? "-"
+                            : draining->asBool()                       ? "draining (shutting down)"
+                                                                       : "serving";
+  return fmt::format("stmuxd: pid {}, protocol {}, up {}, {}\n", count(member(daemon, "pid")),
+                     count(member(daemon, "protocol")), duration(member(daemon, "uptime_s")),
+                     state);
+}
+
+std::string gpuTable(const JsonValue* gpus) {
+  if (gpus == nullptr) return "GPUs: not reported by this daemon\n";
+  if (!gpus->isArray()) return "GPUs: -\n";
+  if (gpus->size() == 0) return "GPUs: none served\n";
+  Table table({"GPU", "NAME", "UUID", "STATE", "QUEUED>", "IN FLIGHT>", "REQUESTS>", "BATCHES>",
+               "MEAN BATCH>", "MAPPED>", "LAUNCHES"});
+  Sum queued, in_flight, requests, batches, mapped;
+  Reasons launches;
+  int broken = 0;
+  for (std::size_t i = 0; i < gpus->size(); ++i) {
+    const JsonValue* gpu = gpus->at(i);
+    const JsonValue* is_broken = member(gpu, "broken");
+    const bool known = is_broken != nullptr && is_broken->isBool();
+    broken += known && is_broken->asBool();
+    Reasons row_launches;
+    row_launches.add(member(gpu, "launches"));
+    launches.add(member(gpu, "launches"));
+    queued.add(member(gpu, "queued"));
+    in_flight.add(member(gpu, "in_flight"));
+    requests.add(member(gpu, "requests"));
+    batches.add(member(gpu, "batches"));
+    mapped.add(member(gpu, "mapped"));
+    table.add({count(member(gpu, "index")), text(member(gpu, "name")), text(member(gpu, "uuid")),
+               !known                ? "-"
+               : is_broken->asBool() ? "BROKEN"
+                                     : "ok",
+               count(member(gpu, "queued")), count(member(gpu, "in_flight")),
+               count(member(gpu, "requests")), count(member(gpu, "batches")),
+               decimal(member(gpu, "mean_batch")), count(member(gpu, "mapped")),
+               row_launches.str(/*non_zero_only=*/false)});
+  }
+  const bool mean = requests.total && batches.total && *batches.total > 0;
+  table.add({"total", fmt::format("{} GPU{}", gpus->size(), gpus->size() == 1 ? "" : "s"), "",
+             broken > 0 ? fmt::format("{} BROKEN", broken) : "", queued.str(), in_flight.str(),
+             requests.str(), batches.str(),
+             mean ? fmt::format("{:.1f}", *requests.total / *batches.total) : "-", mapped.str(),
+             launches.str(/*non_zero_only=*/false)});
+  return table.str();
+}
+
+std::string clientTable(const JsonValue* clients) {
+  if (clients == nullptr || !clients->isArray()) return "clients: -\n";
+  if (clients->size() == 0) return "clients: none attached\n";
+  Table table({"ID", "PID>", "UID>", "NAME", "ATTACHED>", "REQUESTS>", "FORWARDED>", "FAILED>",
+               "FALLBACKS"});
+  Sum requests, forwarded, failed;
+  Reasons fallbacks;
+  for (std::size_t i = 0; i < clients->size(); ++i) {
+    const JsonValue* client = clients->at(i);
+    Reasons row_fallbacks;
+    row_fallbacks.add(member(client, "fallbacks"));
+    fallbacks.add(member(client, "fallbacks"));
+    requests.add(member(client, "requests"));
+    forwarded.add(member(client, "forwarded"));
+    failed.add(member(client, "failed"));
+    table.add({count(member(client, "id")), count(member(client, "pid")),
+               count(member(client, "uid")), text(member(client, "name")),
+               duration(member(client, "attached_s")), count(member(client, "requests")),
+               count(member(client, "forwarded")), count(member(client, "failed")),
+               row_fallbacks.str(/*non_zero_only=*/true)});
+  }
+  table.add({"total", "", "",
+             fmt::format("{} client{}", clients->size(), clients->size() == 1 ? "" : "s"), "",
+             requests.str(), forwarded.str(), failed.str(), fallbacks.str(/*non_zero_only=*/true)});
+  return table.str();
+}
+
+std::string summary(const JsonValue& status) {
+  const JsonValue* daemon = member(&status, "daemon");
+  return daemonLine(daemon != nullptr && daemon->isObject() ? daemon : nullptr) + "\n" +
+         gpuTable(member(&status, "gpus")) + "\n" + clientTable(member(&status, "clients"));
+}
+
+int run(int argc, char** argv) {
+  auto options = parseArgs(argc, argv);
+  if (!options) {
+    fmt::print(stderr, "stmuxctl: {}\n", options.message());
+    usage(stderr);
+    return kExitUsage;
+  }
+  if (options->help || options->command == "help") {
+    usage(stdout);
+    return std::fflush(stdout) == 0 ? kExitOk : kExitFailed;
+  }
+  auto path = socketPath(options.value());
+  if (!path) {
+    fmt::print(stderr, "stmuxctl: {}\n", path.message());
+    return kExitUsage;
+  }
+  auto reply = queryStatus(path.value());
+  if (!reply) {
+    fmt::print(stderr, "stmuxctl: {}\n", reply.message());
+    return kExitFailed;
+  }
+  if (options->json) {
+    fmt::print("{}\n", reply.value());
+  } else {
+    auto status = parseJson(reply.value());
+    if (!status) {
+      fmt::print(stderr,
+                 "stmuxctl: the daemon's status reply is not valid JSON: {} "
+                 "('stmuxctl status --json' shows it as received)\n",
+                 status.message());
+      return kExitFailed;
+    }
+    fmt::print("{}", summary(status.value()));
+  }
+  if (std::fflush(stdout) != 0) {
+    fmt::print(stderr, "stmuxctl: cannot write the output: {}\n", std::strerror(errno));
+    return kExitFailed;
+  }
+  return kExitOk;
+}
+
+}  // namespace
+}  // namespace stmux::tools
+
+int main(int argc, char** argv) {
+  return stmux::tools::run(argc, argv);
+}
