@@ -2,6 +2,7 @@
 
 #include <cublas_v2.h>
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 #include <time.h>
 
@@ -25,8 +26,6 @@ namespace {
 // A slot that must not be written: its client cancelled, died, or was
 // already answered.
 constexpr std::int32_t kNoWrite = INT32_MIN;
-
-using GetAddressRangeFn = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
 
 std::string cudaError(cudaError_t error) {
   return fmt::format("{} ({})", cudaGetErrorString(error), cudaGetErrorName(error));
@@ -141,14 +140,16 @@ class Executor::Impl {
     }
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
-    STMUX_CUDA(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000,
+    // At the version its type was declared for (see shim/driver.h).
+    STMUX_CUDA(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 3020,
                                                 cudaEnableDefault, &found));
     if (fn == nullptr || found != cudaDriverEntryPointSuccess) {
       return Status::error("the driver has no cuMemGetAddressRange");
     }
-    get_address_range_ = reinterpret_cast<GetAddressRangeFn>(fn);
+    get_address_range_ = reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(fn);
     cache_ = std::make_unique<MappingCache>(
-        options_.max_mappings, [this](const IpcHandle& h) { return openHandle(h); },
+        options_.max_mappings,
+        [this](const IpcHandle& h, bool& already_mapped) { return openHandle(h, already_mapped); },
         [](const Mapped& m) { closeMapping(m); });
     STMUX_INFO(kExec, "GPU {}: ready ({} requests per batch, {} batches in flight)",
                options_.device, options_.max_batch, buffers_.size());
@@ -167,13 +168,14 @@ class Executor::Impl {
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
-  Result<Mapped> openHandle(const IpcHandle& bytes) {
+  Result<Mapped> openHandle(const IpcHandle& bytes, bool& already_mapped) {
     cudaIpcMemHandle_t handle;
     std::memcpy(&handle, bytes.bytes, sizeof(handle));
     void* ptr = nullptr;
     const cudaError_t error = cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess);
     if (error != cudaSuccess) {
       (void)cudaGetLastError();  // not sticky: clear it so it is not reported later
+      already_mapped = error == cudaErrorAlreadyMapped;
       return Status::error(fmt::format("cudaIpcOpenMemHandle: {}", cudaError(error)));
     }
     // The real size, from the driver: the client's claim is never trusted.
@@ -247,7 +249,7 @@ class Executor::Impl {
       address = reinterpret_cast<std::uint64_t>(scratch_);
       return kStatusSuccess;
     }
-    auto mapped = cache_->acquire(item.client->id, operand.alloc_id, operand.handle, batch_id);
+    auto mapped = cache_->acquire(item.client->id, operand, batch_id);
     if (!mapped) {
       STMUX_WARN(kMem, "client {} (pid {}): cannot map allocation {}: {}", item.client->id,
                  item.client->pid, operand.alloc_id, mapped.message());
@@ -500,7 +502,7 @@ class Executor::Impl {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   void* scratch_ = nullptr;
-  GetAddressRangeFn get_address_range_ = nullptr;
+  PFN_cuMemGetAddressRange_v3020 get_address_range_ = nullptr;
   std::vector<Buffer> buffers_;
   std::size_t next_buffer_ = 0;
   std::deque<InFlight> in_flight_;

@@ -31,8 +31,11 @@ struct ExecutorOptions {
   std::uint64_t spin_ns = 1'000'000;
   LaunchMode launch = LaunchMode::kAuto;
   // auto: one cublasSgemmGroupedBatched when a batch has at least this many
-  // keys, else one cublasSgemmBatched per key (docs/BENCHMARKS.md).
-  std::uint32_t grouped_min_keys = 2;
+  // keys, else one cublasSgemmBatched per key. Measured on an H200
+  // (docs/BENCHMARKS.md, stmux-launch-bench): per-key launches were 1.9-2.6x
+  // faster for 2 and 3 keys, the grouped launch 1.2x faster at 4 keys and
+  // 2.2-4.5x at 8 to 32.
+  std::uint32_t grouped_min_keys = 4;
 };
 
 // The GPUs of this host, as the daemon's CUDA runtime sees them.

@@ -16,63 +16,109 @@ MappingCache::~MappingCache() {
     close_(mapped);
 }
 
-Result<Mapped> MappingCache::acquire(std::uint32_t client, std::uint64_t alloc_id,
-                                     const IpcHandle& handle, std::uint64_t batch_id) {
+Result<Mapped> MappingCache::acquire(std::uint32_t client, const OperandDesc& operand,
+                                     std::uint64_t batch_id) {
   ClientMaps& maps = clients_[client];
-  auto it = maps.entries.find(alloc_id);
-  if (it != maps.entries.end()) {
-    if (it->second.handle == handle) {
-      it->second.last_batch = std::max(it->second.last_batch, batch_id);
-      maps.lru.splice(maps.lru.begin(), maps.lru, it->second.lru);
-      return it->second.mapped;
+  if (auto it = maps.entries.find(operand.alloc_id); it != maps.entries.end()) {
+    Entry& entry = it->second;
+    if (entry.handle == operand.handle && entry.client_base == operand.base) {
+      entry.last_batch = std::max(entry.last_batch, batch_id);
+      maps.lru.splice(maps.lru.begin(), maps.lru, entry.lru);
+      return entry.mapped;
     }
-    // Same id, other memory: only a broken or hostile client does this. The
-    // old mapping goes; the new handle is opened like any other.
-    STMUX_WARN(kMem, "client {} reused allocation id {} for another allocation", client, alloc_id);
-    retire(it->second);
-    maps.lru.erase(it->second.lru);
-    maps.entries.erase(it);
+    // Same id, other memory: only a broken or hostile client does this.
+    STMUX_WARN(kMem, "client {} reused allocation id {} for another allocation", client,
+               operand.alloc_id);
+    if (inUse(entry)) return Status::error("its allocation id names memory still in use");
+    drop(maps, operand.alloc_id);
+  }
+  if (!dropOverlapping(maps, operand.base, operand.alloc_bytes)) {
+    return Status::error("it overlaps an allocation a batch in flight still uses");
   }
   evictIfFull(maps);
-  auto opened = open_(handle);
+  bool already_mapped = false;
+  auto opened = open_(operand.handle, already_mapped);
+  if (!opened && already_mapped) {
+    // A freed predecessor we could not place (the client's description of it
+    // was not enough): close every idle mapping of this client and retry.
+    STMUX_DEBUG(kMem, "client {}: memory at {:#x} is mapped already; closing idle mappings", client,
+                operand.base);
+    std::vector<std::uint64_t> idle;
+    for (const auto& [id, entry] : maps.entries) {
+      if (!inUse(entry)) idle.push_back(id);
+    }
+    for (std::uint64_t id : idle)
+      drop(maps, id);
+    opened = open_(operand.handle, already_mapped);
+  }
   if (!opened) return opened;
-  maps.lru.push_front(alloc_id);
-  maps.entries.emplace(alloc_id, Entry{handle, opened.value(), batch_id, maps.lru.begin()});
+  maps.lru.push_front(operand.alloc_id);
+  maps.entries.emplace(operand.alloc_id, Entry{operand.handle, opened.value(), operand.base,
+                                               operand.alloc_bytes, batch_id, maps.lru.begin()});
+  maps.by_base[operand.base] = operand.alloc_id;
   ++open_count_;
-  STMUX_DEBUG(kMem, "client {}: mapped allocation {} ({} bytes)", client, alloc_id, opened->bytes);
+  STMUX_DEBUG(kMem, "client {}: mapped allocation {} ({} bytes)", client, operand.alloc_id,
+              opened->bytes);
   return opened;
+}
+
+bool MappingCache::dropOverlapping(ClientMaps& maps, std::uint64_t base, std::uint64_t bytes) {
+  const std::uint64_t end = base + std::max<std::uint64_t>(bytes, 1);
+  // Entries starting before `end`, from the last one starting at or before
+  // `base` (which may reach into the range) onwards.
+  auto it = maps.by_base.upper_bound(base);
+  if (it != maps.by_base.begin()) --it;
+  std::vector<std::uint64_t> overlapping;
+  for (; it != maps.by_base.end() && it->first < end; ++it) {
+    const Entry& entry = maps.entries.at(it->second);
+    if (entry.client_base + std::max<std::uint64_t>(entry.client_bytes, 1) <= base) continue;
+    if (inUse(entry)) return false;
+    overlapping.push_back(it->second);
+  }
+  for (std::uint64_t id : overlapping) {
+    STMUX_DEBUG(kMem, "allocation {} was freed (a new one overlaps it): closing it", id);
+    drop(maps, id);
+  }
+  return true;
 }
 
 void MappingCache::evictIfFull(ClientMaps& maps) {
   // Oldest first; one still used by a batch in flight stays (the limit is
   // then exceeded until that batch completes).
-  for (auto it = maps.lru.end(); maps.entries.size() >= limit_ && it != maps.lru.begin();) {
-    --it;
-    auto entry = maps.entries.find(*it);
-    if (entry->second.last_batch > completed_) continue;
-    retire(entry->second);
-    maps.entries.erase(entry);
-    it = maps.lru.erase(it);
+  std::vector<std::uint64_t> evict;
+  std::size_t size = maps.entries.size();
+  for (auto it = maps.lru.rbegin(); size >= limit_ && it != maps.lru.rend(); ++it) {
+    if (inUse(maps.entries.at(*it))) continue;
+    evict.push_back(*it);
+    --size;
   }
+  for (std::uint64_t id : evict)
+    drop(maps, id);
 }
 
 void MappingCache::retire(const Entry& entry) {
   --open_count_;
-  if (entry.last_batch <= completed_) {
+  if (!inUse(entry)) {
     close_(entry.mapped);
   } else {
     deferred_.emplace_back(entry.last_batch, entry.mapped);
   }
 }
 
-void MappingCache::release(std::uint32_t client, std::uint64_t alloc_id) {
-  auto maps = clients_.find(client);
-  if (maps == clients_.end()) return;
-  auto it = maps->second.entries.find(alloc_id);
-  if (it == maps->second.entries.end()) return;
+void MappingCache::drop(ClientMaps& maps, std::uint64_t alloc_id) {
+  auto it = maps.entries.find(alloc_id);
+  if (it == maps.entries.end()) return;
   retire(it->second);
-  maps->second.lru.erase(it->second.lru);
-  maps->second.entries.erase(it);
+  maps.lru.erase(it->second.lru);
+  if (auto base = maps.by_base.find(it->second.client_base);
+      base != maps.by_base.end() && base->second == alloc_id) {
+    maps.by_base.erase(base);
+  }
+  maps.entries.erase(it);
+}
+
+void MappingCache::release(std::uint32_t client, std::uint64_t alloc_id) {
+  if (auto maps = clients_.find(client); maps != clients_.end()) drop(maps->second, alloc_id);
 }
 
 void MappingCache::forgetClient(std::uint32_t client) {

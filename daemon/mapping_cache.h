@@ -4,10 +4,16 @@
 // Keyed by (client, allocation id), never by address: a client that frees an
 // allocation and makes another gets the same address back with a new
 // CU_POINTER_ATTRIBUTE_BUFFER_ID (DESIGN.md, "Facts checked"). A mapping
-// closes when the client says it freed it, when the client detaches, or when
-// the client holds more than its limit (least recently used first), but never
-// while a batch still in flight uses it: batches complete in id order, and
-// each entry remembers the last batch that used it.
+// closes when the client says it freed it, when the client detaches, when the
+// client holds more than its limit (least recently used first), or when a new
+// allocation of the client's overlaps it in the client's address space: live
+// allocations never overlap, so the old one was freed. That last rule matters
+// beyond memory: CUDA refuses to open a handle to memory at an address whose
+// freed predecessor is still mapped here (cudaErrorAlreadyMapped), and the
+// client's notice of the free travels on another channel than its next
+// request, so it may come second. A mapping is never closed while a batch in
+// flight uses it: batches complete in id order, and each entry remembers the
+// last batch that used it.
 //
 // The opening and closing themselves (CUDA IPC) are the executor's, passed in
 // as functions, so this bookkeeping is tested without a GPU.
@@ -16,6 +22,7 @@
 #include <cstdint>
 #include <functional>
 #include <list>
+#include <map>
 #include <unordered_map>
 #include <vector>
 
@@ -31,17 +38,18 @@ struct Mapped {
 
 class MappingCache {
  public:
-  using OpenFn = std::function<Result<Mapped>(const IpcHandle&)>;
+  // Opens a handle; sets `already_mapped` when CUDA refused because memory at
+  // that address is mapped already.
+  using OpenFn = std::function<Result<Mapped>(const IpcHandle&, bool& already_mapped)>;
   using CloseFn = std::function<void(const Mapped&)>;
 
   MappingCache(std::size_t per_client_limit, OpenFn open, CloseFn close)
       : limit_(per_client_limit), open_(std::move(open)), close_(std::move(close)) {}
   ~MappingCache();
 
-  // The mapping for this allocation, opened if need be, marked as used by
-  // `batch_id` (not closable until that batch completes).
-  Result<Mapped> acquire(std::uint32_t client, std::uint64_t alloc_id, const IpcHandle& handle,
-                         std::uint64_t batch_id);
+  // The mapping for the allocation an operand describes, opened if need be,
+  // marked as used by `batch_id` (not closable until that batch completes).
+  Result<Mapped> acquire(std::uint32_t client, const OperandDesc& operand, std::uint64_t batch_id);
 
   // The client freed the allocation.
   void release(std::uint32_t client, std::uint64_t alloc_id);
@@ -58,16 +66,24 @@ class MappingCache {
   struct Entry {
     IpcHandle handle;
     Mapped mapped;
+    std::uint64_t client_base = 0;  // where the client has it
+    std::uint64_t client_bytes = 0;
     std::uint64_t last_batch = 0;
     std::list<std::uint64_t>::iterator lru;  // position in the client's recency list
   };
   struct ClientMaps {
     std::unordered_map<std::uint64_t, Entry> entries;
-    std::list<std::uint64_t> lru;  // alloc ids, most recently used first
+    std::list<std::uint64_t> lru;                    // alloc ids, most recently used first
+    std::map<std::uint64_t, std::uint64_t> by_base;  // client base -> alloc id
   };
+  bool inUse(const Entry& entry) const { return entry.last_batch > completed_; }
   // Closes now if no batch in flight uses it, else once its last batch is done.
   void retire(const Entry& entry);
+  // Retires and forgets one entry of `maps`.
+  void drop(ClientMaps& maps, std::uint64_t alloc_id);
   void evictIfFull(ClientMaps& maps);
+  // Drops entries overlapping [base, base + bytes); false if one is in use.
+  bool dropOverlapping(ClientMaps& maps, std::uint64_t base, std::uint64_t bytes);
 
   std::size_t limit_;
   OpenFn open_;

@@ -59,6 +59,7 @@ AllocationCache::Described AllocationCache::describe(const Driver& driver, const
   const Entry& entry = it->second;
   out.device = entry.device;
   out.desc.alloc_id = buffer_id;
+  out.desc.base = entry.base;
   out.desc.offset = address - entry.base;
   out.desc.alloc_bytes = entry.bytes;
   out.desc.handle = entry.handle;

@@ -13,12 +13,10 @@ using GetProcAddress = CUresult (*)(const char*, void**, int, cuuint64_t,
                                     CUdriverProcAddressQueryResult*);
 
 template <class T>
-bool lookup(GetProcAddress get, T& slot, const char* name) {
+bool lookup(GetProcAddress get, T& slot, const char* name, int version) {
   void* fn = nullptr;
   CUdriverProcAddressQueryResult found{};
-  // Versioned lookup: cuMemGetAddressRange resolves to its _v2, and so on, as
-  // the headers the shim was built with mean them.
-  const CUresult result = get(name, &fn, CUDA_VERSION, CU_GET_PROC_ADDRESS_LEGACY_STREAM, &found);
+  const CUresult result = get(name, &fn, version, CU_GET_PROC_ADDRESS_LEGACY_STREAM, &found);
   if (result != CUDA_SUCCESS || found != CU_GET_PROC_ADDRESS_SUCCESS || fn == nullptr) {
     STMUX_WARN(kShim, "the CUDA driver has no {}", name);
     return false;
@@ -44,15 +42,10 @@ const Driver* cudaDriver() {
       STMUX_WARN(kShim, "libcuda.so.1 has no cuGetProcAddress_v2 (driver too old)");
       return;
     }
-    bool ok = lookup(get, driver.cuPointerGetAttributes, "cuPointerGetAttributes");
-    ok &= lookup(get, driver.cuPointerGetAttribute, "cuPointerGetAttribute");
-    ok &= lookup(get, driver.cuMemGetAddressRange, "cuMemGetAddressRange");
-    ok &= lookup(get, driver.cuIpcGetMemHandle, "cuIpcGetMemHandle");
-    ok &= lookup(get, driver.cuStreamSynchronize, "cuStreamSynchronize");
-    ok &= lookup(get, driver.cuStreamIsCapturing, "cuStreamIsCapturing");
-    ok &= lookup(get, driver.cuCtxSynchronize, "cuCtxSynchronize");
-    ok &= lookup(get, driver.cuDeviceGet, "cuDeviceGet");
-    ok &= lookup(get, driver.cuDeviceGetUuid, "cuDeviceGetUuid");
+    bool ok = true;
+#define STMUX_LOOKUP(name, version) ok &= lookup(get, driver.name, #name, version);
+    STMUX_DRIVER_FUNCTIONS(STMUX_LOOKUP)
+#undef STMUX_LOOKUP
     if (ok) result = &driver;
   });
   return result;

@@ -1,23 +1,36 @@
 // The CUDA driver functions the shim needs, found through the libcuda the
 // program already uses. The shim links no CUDA library, so preloading it into
 // a process that never touches a GPU (a shell script, say) costs nothing.
+//
+// Each function is looked up at the API version its type was declared for
+// (cudaTypedefs.h's PFN_name_vVERSION): cuGetProcAddress returns the newest
+// variant up to the version asked for, and a newer variant may take other
+// arguments (CUDA 13's cuCtxSynchronize_v2 takes a context).
 #pragma once
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 
 namespace stmux::shim {
 
+#define STMUX_DRIVER_FUNCTIONS(X) \
+  X(cuPointerGetAttributes, 7000) \
+  X(cuPointerGetAttribute, 4000)  \
+  X(cuMemGetAddressRange, 3020)   \
+  X(cuIpcGetMemHandle, 4010)      \
+  X(cuStreamIsCapturing, 10000)   \
+  X(cuCtxSynchronize, 2000)       \
+  X(cuCtxGetCurrent, 4000)        \
+  X(cuEventCreate, 2000)          \
+  X(cuEventRecord, 2000)          \
+  X(cuEventSynchronize, 2000)     \
+  X(cuDeviceGet, 2000)            \
+  X(cuDeviceGetUuid, 11040)
+
 struct Driver {
-  CUresult (*cuPointerGetAttributes)(unsigned int, CUpointer_attribute*, void**,
-                                     CUdeviceptr) = nullptr;
-  CUresult (*cuPointerGetAttribute)(void*, CUpointer_attribute, CUdeviceptr) = nullptr;
-  CUresult (*cuMemGetAddressRange)(CUdeviceptr*, size_t*, CUdeviceptr) = nullptr;
-  CUresult (*cuIpcGetMemHandle)(CUipcMemHandle*, CUdeviceptr) = nullptr;
-  CUresult (*cuStreamSynchronize)(CUstream) = nullptr;
-  CUresult (*cuStreamIsCapturing)(CUstream, CUstreamCaptureStatus*) = nullptr;
-  CUresult (*cuCtxSynchronize)() = nullptr;
-  CUresult (*cuDeviceGet)(CUdevice*, int) = nullptr;
-  CUresult (*cuDeviceGetUuid)(CUuuid*, CUdevice) = nullptr;
+#define STMUX_DRIVER_MEMBER(name, version) PFN_##name##_v##version name = nullptr;
+  STMUX_DRIVER_FUNCTIONS(STMUX_DRIVER_MEMBER)
+#undef STMUX_DRIVER_MEMBER
 };
 
 // Null when libcuda or one of these functions cannot be found.

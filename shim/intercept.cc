@@ -58,6 +58,7 @@ class Shim {
   cublasStatus_t finish(std::int32_t status, float beta, DirectCall direct, Connection& connection);
   cublasStatus_t failed(Connection* connection);
   std::optional<Uuid> uuidOf(int device);
+  CUresult waitAsAKernelWould(CUstream stream);
   void printCounters();
 
   static void forkPrepare();
@@ -247,9 +248,8 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   // Host mode: the daemon must not read A, B or C before the work this
   // caller queued earlier is done. The legacy API's stream is not visible, so
   // wait for the whole context there.
-  const CUresult synced = gemm.legacy
-                              ? driver_->cuCtxSynchronize()
-                              : driver_->cuStreamSynchronize(reinterpret_cast<CUstream>(stream));
+  const CUresult synced = gemm.legacy ? driver_->cuCtxSynchronize()
+                                      : waitAsAKernelWould(reinterpret_cast<CUstream>(stream));
   if (synced != CUDA_SUCCESS) return fallback(Fallback::kCudaError, direct, conn);
 
   request.request_id = next_request_id_.fetch_add(1, std::memory_order_relaxed);
@@ -350,6 +350,35 @@ void Shim::drop(const std::shared_ptr<Connection>& connection, const char* why) 
   connection_.reset();
   backoff_ns_ = kFirstBackoffNs;
   next_attempt_ns_ = nowNs() + backoff_ns_;
+}
+
+// Waits for what a kernel launched on `stream` would wait for. Not only the
+// stream's own work: on the legacy stream, or on a blocking stream, a kernel
+// also waits for earlier legacy-stream work, such as the DMA of a cudaMemcpy
+// from pageable memory, which may still be running when cudaMemcpy returns.
+// An event recorded on the stream inherits exactly those dependencies, and
+// waiting for it waits for them.
+CUresult Shim::waitAsAKernelWould(CUstream stream) {
+  // Events belong to a context: one per thread, remade when the thread's
+  // context changes (or its event stops working, after a context was
+  // destroyed and another made at the same address).
+  thread_local CUcontext event_context = nullptr;
+  thread_local CUevent event = nullptr;
+  CUcontext context = nullptr;
+  CUresult result = driver_->cuCtxGetCurrent(&context);
+  if (result != CUDA_SUCCESS || context == nullptr) return CUDA_ERROR_INVALID_CONTEXT;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    if (event == nullptr || event_context != context) {
+      // The old event is not destroyed: its context may be gone already.
+      result = driver_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
+      if (result != CUDA_SUCCESS) return result;
+      event_context = context;
+    }
+    result = driver_->cuEventRecord(event, stream);
+    if (result == CUDA_SUCCESS) return driver_->cuEventSynchronize(event);
+    event = nullptr;
+  }
+  return result;
 }
 
 std::optional<Uuid> Shim::uuidOf(int device) {

@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 
 #include <filesystem>
+#include <iostream>
 #include <optional>
 
 #include "process.h"
@@ -58,7 +59,15 @@ class DaemonFixture : public ::testing::Test {
     if (startDaemonAtSetUp()) startDaemon();
   }
 
-  void TearDown() override { stopDaemon(); }
+  void TearDown() override {
+    stopDaemon();
+    // What the daemon said is the first thing to read when a test failed.
+    if (HasFailure() && daemon_.started()) {
+      const std::string log = daemon_.err();
+      std::cerr << "---- stmuxd's log (last 4 KiB) ----\n"
+                << log.substr(log.size() > 4096 ? log.size() - 4096 : 0) << "----\n";
+    }
+  }
 
   void startDaemon() {
     daemon_ = Process({STMUXD_PATH, "--socket", dir_.socket()}, {{"STMUX_LOG", "info"}},

@@ -6,11 +6,16 @@
 //                              the case matrix through the daemon, each result
 //                              against a float64 reference; --together submits
 //                              every case at once, so shapes mix in batches
+//   facts                      what CUDA IPC does when an address is reused:
+//                              the handles and buffer ids of an allocation and
+//                              of the one made at its address after a free
 //   overrun                    operands past their allocation, misaligned, or
 //                              described with a lie about the allocation's
 //                              size: each must come back INVALID_VALUE and
 //                              leave memory alone
 // Always with --socket PATH (except probe). Exit 0: every answer was right.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 #include <getopt.h>
 #include <unistd.h>
@@ -63,7 +68,8 @@ struct Allocation {
   Allocation& operator=(const Allocation&) = delete;
 
   stmux::OperandDesc operand(std::int64_t offset_floats) const {
-    return stmux::OperandDesc{id, static_cast<std::uint64_t>(offset_floats) * sizeof(float), bytes,
+    return stmux::OperandDesc{id, reinterpret_cast<std::uint64_t>(base),
+                              static_cast<std::uint64_t>(offset_floats) * sizeof(float), bytes,
                               handle};
   }
 };
@@ -142,6 +148,9 @@ int cases(stmux::shim::Connection& connection, bool quick, bool together, std::u
     CUDA_OK(cudaMemcpy(p.a->base, p.in.a.data(), p.a->bytes, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(p.b->base, p.in.b.data(), p.b->bytes, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemcpy(p.cc->base, p.in.c.data(), p.cc->bytes, cudaMemcpyHostToDevice));
+    // A copy from pageable memory may return before its DMA lands: the daemon,
+    // in another process, must not start before it has.
+    CUDA_OK(cudaDeviceSynchronize());
     Request request = describe(c, *p.a, *p.b, *p.cc, device);
     auto ticket = connection.submit(request, stmux::nowNs() + kTimeoutNs);
     if (!ticket) {
@@ -191,6 +200,7 @@ int overrun(stmux::shim::Connection& connection) {
   Allocation a(64 * 64), b(64 * 64), small_c(64 * 32);
   std::vector<float> sentinel(64 * 32, stmux::check::kSentinel);
   CUDA_OK(cudaMemcpy(small_c.base, sentinel.data(), small_c.bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaDeviceSynchronize());
   expect("C past its allocation", describe(c, a, b, small_c, device), stmux::kStatusInvalidValue,
          small_c, sentinel);
   Request lying = describe(c, a, b, small_c, device);
@@ -214,6 +224,42 @@ int overrun(stmux::shim::Connection& connection) {
   return failures == 0 ? 0 : 1;
 }
 
+// An allocation freed and another made: same address? same handle bytes?
+int facts() {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  CUDA_OK(cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 4000, cudaEnableDefault,
+                                           &found));
+  auto getAttribute = reinterpret_cast<PFN_cuPointerGetAttribute_v4000>(fn);
+  for (std::size_t bytes : {std::size_t{4096}, std::size_t{1} << 20, std::size_t{64} << 20}) {
+    int same_address = 0, same_handle = 0;
+    for (int round = 0; round < 8; ++round) {
+      void* first = nullptr;
+      CUDA_OK(cudaMalloc(&first, bytes));
+      cudaIpcMemHandle_t h1, h2;
+      CUDA_OK(cudaIpcGetMemHandle(&h1, first));
+      unsigned long long id1 = 0, id2 = 0;
+      getAttribute(&id1, CU_POINTER_ATTRIBUTE_BUFFER_ID, reinterpret_cast<CUdeviceptr>(first));
+      CUDA_OK(cudaFree(first));
+      void* second = nullptr;
+      CUDA_OK(cudaMalloc(&second, bytes));
+      CUDA_OK(cudaIpcGetMemHandle(&h2, second));
+      getAttribute(&id2, CU_POINTER_ATTRIBUTE_BUFFER_ID, reinterpret_cast<CUdeviceptr>(second));
+      same_address += first == second;
+      same_handle += std::memcmp(&h1, &h2, sizeof(h1)) == 0;
+      if (round == 0) {
+        std::printf("bytes %zu address %s buffer ids %llu -> %llu handle %s\n", bytes,
+                    first == second ? "reused" : "new", id1, id2,
+                    std::memcmp(&h1, &h2, sizeof(h1)) == 0 ? "IDENTICAL" : "differs");
+      }
+      CUDA_OK(cudaFree(second));
+    }
+    std::printf("bytes %zu: same address %d of 8, identical handle %d of 8\n", bytes, same_address,
+                same_handle);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -226,6 +272,7 @@ int main(int argc, char** argv) {
   const std::string mode = argv[1];
   int devices = 0;
   const cudaError_t error = cudaGetDeviceCount(&devices);
+  if (mode == "facts") return facts();
   if (mode == "probe") {
     if (error != cudaSuccess || devices == 0) {
       std::printf("no CUDA device: %s\n",

@@ -1,6 +1,7 @@
 // Mapping bookkeeping (daemon/mapping_cache.cc) with fake open/close: keys
-// are allocations not addresses, limits evict least recently used first, and
-// nothing a batch in flight uses is ever closed under it.
+// are allocations not addresses, a new allocation overlapping an old one
+// retires it, limits evict least recently used first, and nothing a batch in
+// flight uses is ever closed under it.
 #include "daemon/mapping_cache.h"
 
 #include <gtest/gtest.h>
@@ -10,13 +11,22 @@
 namespace stmux::daemon {
 namespace {
 
+// Handles whose second byte is this make the fake driver answer "already
+// mapped" while anything is open, as CUDA does for memory at an address whose
+// freed predecessor is still mapped.
+constexpr std::uint8_t kClashes = 0xaa;
+
 class MappingCacheTest : public ::testing::Test {
  protected:
   MappingCache make(std::size_t limit) {
     return MappingCache(
         limit,
-        [this](const IpcHandle& handle) -> Result<Mapped> {
+        [this](const IpcHandle& handle, bool& already_mapped) -> Result<Mapped> {
           if (handle.bytes[0] == 0xee) return Status::error("cannot open");
+          if (handle.bytes[1] == kClashes && !open_.empty()) {
+            already_mapped = true;
+            return Status::error("already mapped");
+          }
           ++opens_;
           const std::uint64_t base = 0x10000 * (next_++);
           open_.insert(base);
@@ -27,10 +37,16 @@ class MappingCacheTest : public ::testing::Test {
           ++closes_;
         });
   }
-  static IpcHandle handle(std::uint8_t tag) {
-    IpcHandle h{};
-    h.bytes[0] = tag;
-    return h;
+  // An operand in allocation `id` of the client, at `base` there.
+  static OperandDesc operand(std::uint64_t id, std::uint8_t tag, std::uint64_t base = 0,
+                             std::uint64_t bytes = 4096) {
+    OperandDesc desc{};
+    desc.alloc_id = id;
+    desc.base = base != 0 ? base : 0x100000 * id;
+    desc.alloc_bytes = bytes;
+    desc.handle.bytes[0] = tag;
+    desc.handle.bytes[2] = static_cast<std::uint8_t>(id);
+    return desc;
   }
 
   int opens_ = 0, closes_ = 0;
@@ -40,8 +56,8 @@ class MappingCacheTest : public ::testing::Test {
 
 TEST_F(MappingCacheTest, OpensOncePerAllocation) {
   auto cache = make(16);
-  auto first = cache.acquire(1, 100, handle(1), 1);
-  auto again = cache.acquire(1, 100, handle(1), 2);
+  auto first = cache.acquire(1, operand(100, 1), 1);
+  auto again = cache.acquire(1, operand(100, 1), 2);
   ASSERT_TRUE(first.ok() && again.ok());
   EXPECT_EQ(first->base, again->base);
   EXPECT_EQ(opens_, 1);
@@ -50,17 +66,60 @@ TEST_F(MappingCacheTest, OpensOncePerAllocation) {
 
 TEST_F(MappingCacheTest, ClientsAreKeptApart) {
   auto cache = make(16);
-  auto a = cache.acquire(1, 100, handle(1), 1);
-  auto b = cache.acquire(2, 100, handle(1), 1);  // same id, another client
+  auto a = cache.acquire(1, operand(100, 1), 1);
+  auto b = cache.acquire(2, operand(100, 1), 1);  // same id and address, another client
   EXPECT_NE(a->base, b->base);
   EXPECT_EQ(opens_, 2);
 }
 
+TEST_F(MappingCacheTest, ANewAllocationAtAFreedOnesAddressReplacesIt) {
+  auto cache = make(16);
+  auto old = cache.acquire(1, operand(100, 1, 0x5000, 4096), 1);
+  cache.batchCompleted(1);
+  // The client freed 100 and made 101, partly over the same addresses.
+  auto fresh = cache.acquire(1, operand(101, 2, 0x5800, 4096), 2);
+  ASSERT_TRUE(old.ok() && fresh.ok());
+  EXPECT_NE(old->base, fresh->base);
+  EXPECT_EQ(closes_, 1) << "the freed allocation stayed mapped";
+  EXPECT_EQ(cache.clientSize(1), 1u);
+  // Neighbours that do not overlap stay.
+  ASSERT_TRUE(cache.acquire(1, operand(102, 3, 0x6800, 4096), 3).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(103, 4, 0x4000, 4096), 3).ok());
+  EXPECT_EQ(cache.clientSize(1), 3u);
+  EXPECT_EQ(closes_, 1);
+}
+
+TEST_F(MappingCacheTest, AnOverlapWithMemoryInUseIsRefused) {
+  auto cache = make(16);
+  ASSERT_TRUE(cache.acquire(1, operand(100, 1, 0x5000, 4096), 7).ok());
+  // Batch 7 is still in flight: the client cannot have freed it legitimately.
+  auto clash = cache.acquire(1, operand(101, 2, 0x5000, 4096), 8);
+  EXPECT_FALSE(clash.ok());
+  EXPECT_EQ(closes_, 0);
+}
+
+TEST_F(MappingCacheTest, AlreadyMappedClosesIdleMappingsAndRetries) {
+  auto cache = make(16);
+  ASSERT_TRUE(cache.acquire(1, operand(1, 1), 1).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(2, 1), 1).ok());
+  cache.batchCompleted(1);
+  ASSERT_TRUE(cache.acquire(1, operand(3, 1), 2).ok());  // in flight: must stay
+  ASSERT_TRUE(cache.acquire(2, operand(4, 1), 2).ok());  // another client's: must stay
+  OperandDesc clashing = operand(5, 1);
+  clashing.handle.bytes[1] = kClashes;
+  // The fake refuses while anything is open; 3 and 4 stay open, so it fails,
+  // but only after closing client 1's idle mappings 1 and 2.
+  EXPECT_FALSE(cache.acquire(1, clashing, 2).ok());
+  EXPECT_EQ(closes_, 2);
+  EXPECT_EQ(cache.clientSize(1), 1u);
+  EXPECT_EQ(cache.clientSize(2), 1u);
+}
+
 TEST_F(MappingCacheTest, ANewHandleUnderAnOldIdReplacesTheMapping) {
   auto cache = make(16);
-  auto old = cache.acquire(1, 100, handle(1), 1);
+  auto old = cache.acquire(1, operand(100, 1), 1);
   cache.batchCompleted(1);
-  auto fresh = cache.acquire(1, 100, handle(2), 2);
+  auto fresh = cache.acquire(1, operand(100, 2), 2);
   EXPECT_NE(old->base, fresh->base);
   EXPECT_EQ(closes_, 1) << "the old mapping was kept";
   EXPECT_EQ(cache.size(), 1u);
@@ -68,7 +127,7 @@ TEST_F(MappingCacheTest, ANewHandleUnderAnOldIdReplacesTheMapping) {
 
 TEST_F(MappingCacheTest, ReleaseClosesOnlyAfterTheBatchUsingItCompletes) {
   auto cache = make(16);
-  ASSERT_TRUE(cache.acquire(1, 100, handle(1), 7).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(100, 1), 7).ok());
   cache.release(1, 100);
   EXPECT_EQ(closes_, 0) << "closed while batch 7 may still read it";
   EXPECT_EQ(cache.pendingCloses(), 1u);
@@ -81,36 +140,36 @@ TEST_F(MappingCacheTest, ReleaseClosesOnlyAfterTheBatchUsingItCompletes) {
 
 TEST_F(MappingCacheTest, TheLeastRecentlyUsedGoesFirstAtTheLimit) {
   auto cache = make(2);
-  ASSERT_TRUE(cache.acquire(1, 1, handle(1), 1).ok());
-  ASSERT_TRUE(cache.acquire(1, 2, handle(2), 1).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(1, 1), 1).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(2, 2), 1).ok());
   cache.batchCompleted(1);
-  ASSERT_TRUE(cache.acquire(1, 1, handle(1), 2).ok());  // 1 is now the most recent
+  ASSERT_TRUE(cache.acquire(1, operand(1, 1), 2).ok());  // 1 is now the most recent
   cache.batchCompleted(2);
-  ASSERT_TRUE(cache.acquire(1, 3, handle(3), 3).ok());  // evicts 2
+  ASSERT_TRUE(cache.acquire(1, operand(3, 3), 3).ok());  // evicts 2
   EXPECT_EQ(cache.clientSize(1), 2u);
   EXPECT_EQ(closes_, 1);
   const int opens = opens_;
-  ASSERT_TRUE(cache.acquire(1, 1, handle(1), 3).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(1, 1), 3).ok());
   EXPECT_EQ(opens_, opens) << "the recently used mapping was evicted";
 }
 
 TEST_F(MappingCacheTest, MappingsInUseAreNotEvictedEvenAtTheLimit) {
   auto cache = make(2);
-  ASSERT_TRUE(cache.acquire(1, 1, handle(1), 5).ok());
-  ASSERT_TRUE(cache.acquire(1, 2, handle(2), 5).ok());
-  ASSERT_TRUE(cache.acquire(1, 3, handle(3), 5).ok());  // all three in batch 5
+  ASSERT_TRUE(cache.acquire(1, operand(1, 1), 5).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(2, 2), 5).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(3, 3), 5).ok());  // all three in batch 5
   EXPECT_EQ(closes_, 0);
   EXPECT_EQ(cache.clientSize(1), 3u);
   cache.batchCompleted(5);
-  ASSERT_TRUE(cache.acquire(1, 4, handle(4), 6).ok());
+  ASSERT_TRUE(cache.acquire(1, operand(4, 4), 6).ok());
   EXPECT_EQ(cache.clientSize(1), 2u);
 }
 
 TEST_F(MappingCacheTest, ForgettingAClientClosesAllItsMappings) {
   auto cache = make(16);
   for (std::uint64_t id = 1; id <= 5; ++id)
-    ASSERT_TRUE(cache.acquire(1, id, handle(1), 1).ok());
-  ASSERT_TRUE(cache.acquire(2, 1, handle(1), 1).ok());
+    ASSERT_TRUE(cache.acquire(1, operand(id, 1), 1).ok());
+  ASSERT_TRUE(cache.acquire(2, operand(1, 1), 1).ok());
   cache.forgetClient(1);
   EXPECT_EQ(closes_, 0) << "batch 1 is still in flight";
   cache.batchCompleted(1);
@@ -120,7 +179,7 @@ TEST_F(MappingCacheTest, ForgettingAClientClosesAllItsMappings) {
 
 TEST_F(MappingCacheTest, AFailedOpenIsReportedAndNotCached) {
   auto cache = make(16);
-  auto failed = cache.acquire(1, 9, handle(0xee), 1);
+  auto failed = cache.acquire(1, operand(9, 0xee), 1);
   ASSERT_FALSE(failed.ok());
   EXPECT_NE(failed.message().find("cannot open"), std::string::npos);
   EXPECT_EQ(cache.size(), 0u);
@@ -129,8 +188,8 @@ TEST_F(MappingCacheTest, AFailedOpenIsReportedAndNotCached) {
 TEST_F(MappingCacheTest, DestructionClosesEverything) {
   {
     auto cache = make(16);
-    ASSERT_TRUE(cache.acquire(1, 1, handle(1), 1).ok());
-    ASSERT_TRUE(cache.acquire(1, 2, handle(2), 2).ok());
+    ASSERT_TRUE(cache.acquire(1, operand(1, 1), 1).ok());
+    ASSERT_TRUE(cache.acquire(1, operand(2, 2), 2).ok());
     cache.release(1, 2);  // deferred
   }
   EXPECT_TRUE(open_.empty());

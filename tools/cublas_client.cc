@@ -340,7 +340,7 @@ int check(const Options& o) {
 
   // A buffer freed and another made in its place between calls: the second
   // call must use the new memory, whatever address it got.
-  const GemmCase& reuse = stmux::check::caseMatrix(true)[0];
+  const GemmCase reuse = stmux::check::caseMatrix(true)[0];
   cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH);
   int reused = 0;
   for (int round = 0; round < 4; ++round) {

@@ -62,6 +62,7 @@ enum class Op : std::uint32_t { kSgemm = 1 };
 // checks the operand's whole extent against that.
 struct OperandDesc {
   std::uint64_t alloc_id;     // the client's CU_POINTER_ATTRIBUTE_BUFFER_ID; 0: not referenced
+  std::uint64_t base;         // the allocation's address in the client
   std::uint64_t offset;       // bytes from the allocation's base to the first element
   std::uint64_t alloc_bytes;  // the allocation's size as the client sees it
   IpcHandle handle;
@@ -254,8 +255,8 @@ T makeMessage(MsgType type) {
 
 STMUX_WIRE_STRUCT(Uuid, 16);
 STMUX_WIRE_STRUCT(IpcHandle, 64);
-STMUX_WIRE_STRUCT(OperandDesc, 88);
-STMUX_WIRE_STRUCT(Request, 376);
+STMUX_WIRE_STRUCT(OperandDesc, 96);
+STMUX_WIRE_STRUCT(Request, 400);
 STMUX_WIRE_STRUCT(MsgHeader, 16);
 STMUX_WIRE_STRUCT(HelloMsg, 56);
 STMUX_WIRE_STRUCT(WelcomeMsg, 16 + 24 + 16 * kMaxDevices);
