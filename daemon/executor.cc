@@ -132,6 +132,9 @@ class Executor::Impl {
     STMUX_CUDA(cudaMalloc(&scratch_, 256));
     const std::size_t pointers = 3 * std::size_t{options_.max_batch};
     buffers_.resize(std::max<std::uint32_t>(options_.max_in_flight, 1));
+    // The GPU reads the arrays from device memory, copied ahead of each
+    // batch: measured faster than letting it read them from mapped host
+    // memory (docs/BENCHMARKS.md).
     for (Buffer& buffer : buffers_) {
       STMUX_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&buffer.host), pointers * sizeof(float*),
                                cudaHostAllocDefault));
@@ -476,11 +479,17 @@ class Executor::Impl {
     InFlight flight = std::move(in_flight_.front());
     in_flight_.pop_front();
     const std::vector<Queued>& items = flight.batch->items;
+    // Publish every status first, then wake the callers that sleep.
+    std::vector<Slot*> sleeping;
     for (std::size_t i = 0; i < items.size(); ++i) {
       if (flight.status[i] == kNoWrite) continue;
-      slotComplete(items[i].client->view.slot(items[i].request.slot), items[i].request.generation,
-                   flight.status[i]);
+      Slot& slot = items[i].client->view.slot(items[i].request.slot);
+      if (slotPublish(slot, items[i].request.generation, flight.status[i])) {
+        sleeping.push_back(&slot);
+      }
     }
+    for (Slot* slot : sleeping)
+      slotWake(*slot);
     cache_->batchCompleted(flight.batch->id);
     ExecutorGauges& gauges = channel_.gauges();
     gauges.gpu_batches.fetch_add(1, std::memory_order_relaxed);

@@ -20,10 +20,8 @@ namespace stmux::shim {
   X(cuIpcGetMemHandle, 4010)      \
   X(cuStreamIsCapturing, 10000)   \
   X(cuCtxSynchronize, 2000)       \
-  X(cuCtxGetCurrent, 4000)        \
-  X(cuEventCreate, 2000)          \
-  X(cuEventRecord, 2000)          \
-  X(cuEventSynchronize, 2000)     \
+  X(cuStreamSynchronize, 2000)    \
+  X(cuStreamGetFlags, 5050)       \
   X(cuDeviceGet, 2000)            \
   X(cuDeviceGetUuid, 11040)
 

@@ -352,33 +352,27 @@ void Shim::drop(const std::shared_ptr<Connection>& connection, const char* why) 
   next_attempt_ns_ = nowNs() + backoff_ns_;
 }
 
-// Waits for what a kernel launched on `stream` would wait for. Not only the
-// stream's own work: on the legacy stream, or on a blocking stream, a kernel
-// also waits for earlier legacy-stream work, such as the DMA of a cudaMemcpy
-// from pageable memory, which may still be running when cudaMemcpy returns.
-// An event recorded on the stream inherits exactly those dependencies, and
-// waiting for it waits for them.
+// Waits for what a kernel launched on `stream` would wait for, without
+// putting any work into the caller's context: work there would make the GPU
+// time-slice between the tenants' contexts and the daemon's, the very thing
+// stmux exists to avoid. A kernel on a non-blocking stream waits for that
+// stream alone; on a blocking stream (or the per-thread default stream) also
+// for the legacy stream's earlier work, such as the DMA of a cudaMemcpy from
+// pageable memory, which may still run when cudaMemcpy has returned; on the
+// legacy stream for every blocking stream, which only a context-wide wait
+// covers.
 CUresult Shim::waitAsAKernelWould(CUstream stream) {
-  // Events belong to a context: one per thread, remade when the thread's
-  // context changes (or its event stops working, after a context was
-  // destroyed and another made at the same address).
-  thread_local CUcontext event_context = nullptr;
-  thread_local CUevent event = nullptr;
-  CUcontext context = nullptr;
-  CUresult result = driver_->cuCtxGetCurrent(&context);
-  if (result != CUDA_SUCCESS || context == nullptr) return CUDA_ERROR_INVALID_CONTEXT;
-  for (int attempt = 0; attempt < 2; ++attempt) {
-    if (event == nullptr || event_context != context) {
-      // The old event is not destroyed: its context may be gone already.
-      result = driver_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
-      if (result != CUDA_SUCCESS) return result;
-      event_context = context;
-    }
-    result = driver_->cuEventRecord(event, stream);
-    if (result == CUDA_SUCCESS) return driver_->cuEventSynchronize(event);
-    event = nullptr;
+  const auto handle = reinterpret_cast<std::uintptr_t>(stream);
+  if (handle == 0 || stream == CU_STREAM_LEGACY) return driver_->cuCtxSynchronize();
+  CUresult result = driver_->cuStreamSynchronize(stream);
+  if (result != CUDA_SUCCESS) return result;
+  if (stream != CU_STREAM_PER_THREAD) {
+    unsigned int flags = 0;
+    result = driver_->cuStreamGetFlags(stream, &flags);
+    if (result != CUDA_SUCCESS) return result;
+    if ((flags & CU_STREAM_NON_BLOCKING) != 0) return CUDA_SUCCESS;
   }
-  return result;
+  return driver_->cuStreamSynchronize(CU_STREAM_LEGACY);
 }
 
 std::optional<Uuid> Shim::uuidOf(int device) {

@@ -6,7 +6,7 @@
 namespace stmux {
 namespace {
 
-using testing::Process;
+
 using testing::TempDir;
 
 using testing::daemonStatus;
@@ -30,8 +30,8 @@ class StmuxdOnGpu : public testing::DaemonFixture {
 TEST_F(StmuxdOnGpu, TheCaseMatrixFromOneProcessIsRight) {
   Process c = client({"cases"}, "cases");
   expectPasses(c, "case matrix");
-  EXPECT_EQ(testing::countOf(c.out(), "FAIL"), 0) << c.out();
-  EXPECT_GE(testing::countOf(c.out(), "ok "), 20) << c.out();
+  EXPECT_EQ(countOf(c.out(), "FAIL"), 0) << c.out();
+  EXPECT_GE(countOf(c.out(), "ok "), 20) << c.out();
 }
 
 TEST_F(StmuxdOnGpu, MixedShapesShareBatchesAndStayRight) {

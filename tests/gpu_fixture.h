@@ -13,7 +13,7 @@
 #include <iostream>
 #include <optional>
 
-#include "process.h"
+#include "tools/process.h"
 #include "stmux/control.h"
 #include "stmux/json_read.h"
 #include "test_support.h"

@@ -11,7 +11,7 @@ namespace {
 
 using testing::daemonStatus;
 using testing::gpuField;
-using testing::Process;
+
 
 // The shim's exit line (STMUX_LOG=stats=info):
 //   "N calls: S served by stmuxd, F failed; direct: reason=n ..."
@@ -65,7 +65,7 @@ TEST_F(ShimOnGpu, TheSameResultsWithAndWithoutThePreloadAndTheDaemonServedThem) 
   ASSERT_EQ(plain.wait(), 0) << plain.out() << plain.err();
   Process shim = client({"check"}, shimmed(), "shimmed");
   ASSERT_EQ(shim.wait(), 0) << shim.out() << shim.err();
-  EXPECT_EQ(testing::countOf(shim.out(), "FAIL"), 0) << shim.out();
+  EXPECT_EQ(countOf(shim.out(), "FAIL"), 0) << shim.out();
   EXPECT_NE(shim.out().find("realloc same_address"), std::string::npos);
 
   // Every call is accounted for: the daemon served all but the no-ops, the
@@ -138,8 +138,8 @@ TEST_F(ShimOnGpu, ADaemonKilledMidRunLeavesNoCallerHangingOrWrongAndTheyComeBack
     if (i % 2 == 0) {
       EXPECT_EQ(outValue(c.out(), "execution_failed"), 0) << "beta == 0: " << c.out();
     }
-    EXPECT_GE(testing::countOf(c.err(), "detached from stmuxd") +
-                  testing::countOf(c.err(), "lost the daemon"),
+    EXPECT_GE(countOf(c.err(), "detached from stmuxd") +
+                  countOf(c.err(), "lost the daemon"),
               1)
         << "stress " << i << " never noticed the daemon go: " << c.err();
   }
@@ -165,7 +165,7 @@ TEST_F(ShimBeforeTheDaemon, CallsRunDirectlyThenTheDaemonIsFoundWithoutARestart)
   const Stats stats = shimStats(c.err());
   EXPECT_GT(stats.direct.count("no_daemon") ? stats.direct.at("no_daemon") : 0, 0) << c.err();
   EXPECT_GT(stats.served, 0) << c.err();
-  EXPECT_EQ(testing::countOf(c.err(), "not attached to stmuxd"), 1)
+  EXPECT_EQ(countOf(c.err(), "not attached to stmuxd"), 1)
       << "the missing daemon should be reported once:\n"
       << c.err();
 }

@@ -7,7 +7,7 @@
 #include <regex>
 #include <set>
 
-#include "process.h"
+#include "tools/process.h"
 #include "test_support.h"
 
 namespace stmux {
@@ -25,15 +25,15 @@ std::map<std::string, std::string> probeValues(const std::string& out) {
   return values;
 }
 
-testing::Ran probe(const TempDir& dir, std::map<std::string, std::string> env) {
+Ran probe(const TempDir& dir, std::map<std::string, std::string> env) {
   env.emplace("STMUX_SOCKET", dir.path() + "/nobody-here.sock");
-  return testing::run({CUBLAS_CLIENT_PATH, "probe"}, env, dir.path() + "/probe",
+  return run({CUBLAS_CLIENT_PATH, "probe"}, env, dir.path() + "/probe",
                       std::chrono::seconds(120));
 }
 
 TEST(Shim, ExportsExactlyTheHookedNamesUnderCublasVersionNode) {
   TempDir dir;
-  auto nm = testing::run(
+  auto nm = run(
       {"/usr/bin/env", "nm", "-D", "--with-symbol-versions", "--defined-only", SHIM_PATH}, {},
       dir.path() + "/nm");
   if (nm.status == 127) GTEST_SKIP() << "nm (binutils) is not installed: export check skipped";
@@ -93,13 +93,13 @@ TEST(Shim, AnInvalidSettingIsReportedAndCallsGoStraightToCublas) {
             std::string::npos)
       << ran.err;
   EXPECT_NE(ran.err.find("bad_config="), std::string::npos) << ran.err;
-  EXPECT_EQ(testing::countOf(ran.err, "out of range"), 1) << "reported more than once";
+  EXPECT_EQ(countOf(ran.err, "out of range"), 1) << "reported more than once";
 }
 
 TEST(Shim, ALibraryLoadedLaterWithDlopenIsServedToo) {
   TempDir dir;
   const std::string cublas = "libcublas.so." + std::to_string(CUBLAS_MAJOR);
-  auto ran = testing::run({DLOPEN_CLIENT_PATH, SGEMM_EXT_PATH, cublas},
+  auto ran = run({DLOPEN_CLIENT_PATH, SGEMM_EXT_PATH, cublas},
                           {{"LD_PRELOAD", SHIM_PATH},
                            {"STMUX_SOCKET", dir.path() + "/none.sock"},
                            {"STMUX_LOG", "stats=info"}},
@@ -115,7 +115,7 @@ TEST(Shim, ALibraryLoadedLaterWithDlopenIsServedToo) {
 
 TEST(Shim, PreloadedIntoAProgramWithoutCudaItIsHarmless) {
   TempDir dir;
-  auto ran = testing::run({"/bin/sh", "-c", "echo hello"},
+  auto ran = run({"/bin/sh", "-c", "echo hello"},
                           {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_LOG", "info"}}, dir.path() + "/sh");
   EXPECT_EQ(ran.status, 0);
   EXPECT_EQ(ran.out, "hello\n");

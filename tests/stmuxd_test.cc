@@ -3,7 +3,7 @@
 // GPU the machine has.
 #include <gtest/gtest.h>
 
-#include "process.h"
+#include "tools/process.h"
 #include "stmux/config.h"
 #include "test_support.h"
 
@@ -12,10 +12,10 @@ namespace {
 
 using testing::TempDir;
 
-testing::Ran stmuxd(const TempDir& dir, std::vector<std::string> args,
+Ran stmuxd(const TempDir& dir, std::vector<std::string> args,
                     std::map<std::string, std::string> env = {}) {
   args.insert(args.begin(), STMUXD_PATH);
-  return testing::run(args, env, dir.path() + "/stmuxd", std::chrono::seconds(60));
+  return run(args, env, dir.path() + "/stmuxd", std::chrono::seconds(60));
 }
 
 TEST(Stmuxd, WithoutAGpuItExitsNonZeroSayingSo) {

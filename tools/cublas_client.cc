@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -82,7 +83,12 @@ struct Options {
   std::uint64_t start_ns = 0, stop_ns = 0;
   std::string out;
   std::string apis = "all";
+  bool mixed = false;  // loop: --tenant picks a seed shape; ceiling: all three, grouped
+  int tenant = 0;
 };
+
+// The seed shapes, for mixed-shape runs: RNN mat-vec, ResNet-18 conv2_2, a cube.
+constexpr std::int64_t kSeedShapes[3][3] = {{512, 1, 512}, {256, 128, 1152}, {256, 256, 256}};
 
 void usage(FILE* out) {
   std::fprintf(
@@ -99,6 +105,9 @@ void usage(FILE* out) {
       "                                 (CLOCK_REALTIME ns); latencies to FILE\n"
       "  ceiling --count R --m M --n N --k K --start-ns T0 --stop-ns T1 --out FILE\n"
       "                                 one cublasSgemmBatched of R per round\n"
+      "  --mixed (loop, ceiling)        the three seed shapes: loop takes shape\n"
+      "                                 --tenant %% 3; ceiling spreads R over all\n"
+      "                                 three in one cublasSgemmGroupedBatched\n"
       "Exit status: 0 all right, 1 a wrong result or status, 2 bad usage, 3 CUDA error.\n");
 }
 
@@ -169,8 +178,30 @@ bool parse(int argc, char** argv, Options& o) {
       (o.out.empty() || o.start_ns == 0 || o.stop_ns <= o.start_ns)) {
     return false;
   }
-  return o.mode == "probe" || o.mode == "check" || o.mode == "stress" || o.mode == "loop" ||
-         o.mode == "ceiling";
+  return o.mode == "probe" || o.mode == "devices" || o.mode == "check" || o.mode == "stress" ||
+         o.mode == "loop" || o.mode == "ceiling";
+}
+
+// A handle on its own non-blocking stream; on failure says why (with the
+// device's free memory, the usual cause when many processes share a GPU).
+bool makeHandle(cublasHandle_t& handle, cudaStream_t& stream) {
+  // The context first, so that a failure to make one is named as such.
+  if (const cudaError_t error = cudaFree(nullptr); error != cudaSuccess) {
+    std::fprintf(stderr, "stmux-cublas-client: cannot create a CUDA context: %s (%s)\n",
+                 cudaGetErrorString(error), cudaGetErrorName(error));
+    return false;
+  }
+  const cublasStatus_t status = cublasCreate_v2(&handle);
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    std::fprintf(stderr, "stmux-cublas-client: cublasCreate failed: %s (%zu of %zu MiB free)\n",
+                 cublasGetStatusString(status), free_bytes >> 20, total_bytes >> 20);
+    return false;
+  }
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasSetStream_v2(handle, stream);
+  return true;
 }
 
 // ---- probe ------------------------------------------------------------------
@@ -294,13 +325,8 @@ int check(const Options& o) {
     return 2;
   }
   cublasHandle_t handle;
-  if (cublasCreate_v2(&handle) != CUBLAS_STATUS_SUCCESS) {
-    std::fprintf(stderr, "stmux-cublas-client: cublasCreate failed\n");
-    return 3;
-  }
   cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasSetStream_v2(handle, stream);
+  if (!makeHandle(handle, stream)) return 3;
   if (std::find(apis.begin(), apis.end(), Api::kLegacy) != apis.end()) cublasInit();
 
   // What a reader of the output needs to account for each call: no-ops
@@ -389,10 +415,8 @@ int stress(const Options& o) {
   std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() * 31 + getpid());
   std::uniform_int_distribution<int> size(8, 96);
   cublasHandle_t handle;
-  if (cublasCreate_v2(&handle) != CUBLAS_STATUS_SUCCESS) return 3;
   cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasSetStream_v2(handle, stream);
+  if (!makeHandle(handle, stream)) return 3;
   GemmCase largest{"stress", 0, 0, 96, 96, 96};
   Device d = allocate(largest);
   long ok = 0, failed = 0, wrong = 0, other = 0;
@@ -463,13 +487,15 @@ int timeLoop(const Options& o, int gemms_per_call, Step&& step) {
   return 0;
 }
 
-int loop(const Options& o) {
+int loop(Options o) {
+  if (o.mixed) {
+    const auto& shape = kSeedShapes[o.tenant % 3];
+    o.m = shape[0], o.n = shape[1], o.k = shape[2];
+  }
   std::mt19937_64 random(monotonicNs() + getpid());
   cublasHandle_t handle;
-  if (cublasCreate_v2(&handle) != CUBLAS_STATUS_SUCCESS) return 3;
   cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasSetStream_v2(handle, stream);
+  if (!makeHandle(handle, stream)) return 3;
   float *a, *b, *c;
   CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&a), o.m * o.k * sizeof(float)));
   CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&b), o.k * o.n * sizeof(float)));
@@ -491,20 +517,34 @@ int loop(const Options& o) {
 int ceiling(const Options& o) {
   std::mt19937_64 random(monotonicNs() + getpid());
   cublasHandle_t handle;
-  if (cublasCreate_v2(&handle) != CUBLAS_STATUS_SUCCESS) return 3;
   cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasSetStream_v2(handle, stream);
+  if (!makeHandle(handle, stream)) return 3;
+  // Requests grouped by shape: one group, or the three seed shapes.
+  std::vector<std::array<int, 3>> shapes;
+  if (o.mixed) {
+    for (const auto& shape : kSeedShapes) {
+      shapes.push_back(
+          {static_cast<int>(shape[0]), static_cast<int>(shape[1]), static_cast<int>(shape[2])});
+    }
+  } else {
+    shapes.push_back({static_cast<int>(o.m), static_cast<int>(o.n), static_cast<int>(o.k)});
+  }
+  std::vector<int> sizes(shapes.size(), 0);
+  for (int i = 0; i < o.count; ++i)
+    ++sizes[i % shapes.size()];
   std::vector<const float*> as, bs;
   std::vector<float*> cs;
-  for (int i = 0; i < o.count; ++i) {
-    float *a, *b, *c;
-    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&a), o.m * o.k * sizeof(float)));
-    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&b), o.k * o.n * sizeof(float)));
-    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&c), o.m * o.n * sizeof(float)));
-    fill(a, o.m * o.k, random);
-    fill(b, o.k * o.n, random);
-    as.push_back(a), bs.push_back(b), cs.push_back(c);
+  for (std::size_t g = 0; g < shapes.size(); ++g) {
+    const auto [m, n, k] = shapes[g];
+    for (int i = 0; i < sizes[g]; ++i) {
+      float *a, *b, *c;
+      CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&a), std::size_t(m) * k * sizeof(float)));
+      CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&b), std::size_t(k) * n * sizeof(float)));
+      CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&c), std::size_t(m) * n * sizeof(float)));
+      fill(a, std::size_t(m) * k, random);
+      fill(b, std::size_t(k) * n, random);
+      as.push_back(a), bs.push_back(b), cs.push_back(c);
+    }
   }
   const float** da;
   const float** db;
@@ -515,12 +555,19 @@ int ceiling(const Options& o) {
   CUDA_OK(cudaMemcpy(da, as.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemcpy(db, bs.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemcpy(dc, cs.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
-  const float alpha = 1.0f, beta = 0.0f;
+  const int groups = static_cast<int>(shapes.size());
+  std::vector<cublasOperation_t> ops(groups, CUBLAS_OP_N);
+  std::vector<int> m(groups), n(groups), k(groups);
+  std::vector<float> alpha(groups, 1.0f), beta(groups, 0.0f);
+  for (int g = 0; g < groups; ++g)
+    m[g] = shapes[g][0], n[g] = shapes[g][1], k[g] = shapes[g][2];
   return timeLoop(o, o.count, [&] {
-    const cublasStatus_t status = cublasSgemmBatched(
-        handle, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(o.m), static_cast<int>(o.n),
-        static_cast<int>(o.k), &alpha, da, static_cast<int>(o.m), db, static_cast<int>(o.k), &beta,
-        dc, static_cast<int>(o.m), o.count);
+    const cublasStatus_t status =
+        groups == 1 ? cublasSgemmBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, m[0], n[0], k[0],
+                                         &alpha[0], da, m[0], db, k[0], &beta[0], dc, m[0], o.count)
+                    : cublasSgemmGroupedBatched(handle, ops.data(), ops.data(), m.data(), n.data(),
+                                                k.data(), alpha.data(), da, m.data(), db, k.data(),
+                                                beta.data(), dc, m.data(), groups, sizes.data());
     if (status != CUBLAS_STATUS_SUCCESS) return status;
     return cudaStreamSynchronize(stream) == cudaSuccess ? CUBLAS_STATUS_SUCCESS
                                                         : CUBLAS_STATUS_EXECUTION_FAILED;
@@ -537,9 +584,19 @@ int main(int argc, char** argv) {
   }
   if (options.mode == "probe") return probe();
   int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "stmux-cublas-client: no CUDA device\n");
+  if (const cudaError_t error = cudaGetDeviceCount(&devices);
+      error != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "stmux-cublas-client: no CUDA device (%s)\n",
+                 error != cudaSuccess ? cudaGetErrorString(error) : "none found");
     return 3;
+  }
+  if (options.mode == "devices") {
+    for (int i = 0; i < devices; ++i) {
+      cudaDeviceProp prop{};
+      CUDA_OK(cudaGetDeviceProperties(&prop, i));
+      std::printf("GPU %d: %s, %zu MiB\n", i, prop.name, prop.totalGlobalMem >> 20);
+    }
+    return 0;
   }
   if (options.mode == "check") return check(options);
   if (options.mode == "stress") return stress(options);

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The main job: build, start stmuxd, run a short comparison, print the table.
+# The main job: builds stmux if needed, then runs a short stmux-bench
+# comparison on this machine's GPU (time-only, MPS, stmux with its daemon, and
+# the in-process ceiling) and prints the table. Needs a CUDA device.
+# Arguments go to stmux-bench (see --help), e.g. --shapes rnn --tenants 1,16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-missing=()
-[ -x build/daemon/stmuxd ] || missing+=("the daemon (stmuxd)")
-[ -f build/shim/libstmux.so ] || missing+=("the preloaded library (libstmux.so)")
-[ -x build/tools/stmux-bench ] || missing+=("the benchmark (stmux-bench)")
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "stmux: not built yet: ${missing[*]}; see README.md, 'Status'" >&2
+build_dir=${STMUX_BUILD_DIR:-build}
+bash tools/build.sh >/dev/null
+if ! "$build_dir/tools/stmux-cublas-client" devices; then
+  echo "stmux: the demo needs a CUDA device, and this machine has none usable (see above);" \
+       "bash tools/test.sh still builds and tests everything that runs without one" >&2
   exit 1
 fi
+if [ $# -eq 0 ]; then
+  set -- --shapes cube,rnn --tenants 1,8,32 --seconds 1 --warmup 0.5
+fi
+exec "$build_dir/tools/stmux-bench" --out "$build_dir/demo" "$@"

@@ -2,6 +2,7 @@
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu launch bench transport
+# (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32")
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,8 +42,12 @@ for step in "$@"; do
       "$build/tools/stmux-transport-bench" --json "$out/transport.json" >"$out/transport.log" 2>&1 || status=1
       cat "$out/transport.log" ;;
     bench)
-      "$build/tools/stmux-bench" --out "$out" >"$out/bench.log" 2>&1 || status=1
-      tail -40 "$out/bench.log" ;;
+      # Arguments in $BENCH_ARGS; per-run files stay in /tmp, the results come back.
+      # shellcheck disable=SC2086
+      "$build/tools/stmux-bench" --out /tmp/stmux-bench ${BENCH_ARGS:-} >"$out/bench.log" 2>&1 || status=1
+      cp /tmp/stmux-bench/bench.json "$out/bench${BENCH_TAG:-}.json" 2>/dev/null
+      cp /tmp/stmux-bench/bench.png "$out/bench${BENCH_TAG:-}.png" 2>/dev/null
+      grep -vE "^\[[0-9]+/" "$out/bench.log" | tail -45 ;;
     *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"

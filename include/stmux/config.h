@@ -40,8 +40,9 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice };
     "counters at exit.")                                                                     \
   X(timeout_ms, "STMUX_TIMEOUT_MS", kInt, "10000", 1, 3600000, "ms", kShim,                  \
     "Longest a call waits on the daemon; a request not yet started is then run directly.")   \
-  X(spin_us, "STMUX_SPIN_US", kInt, "20", 0, 1000000, "us", kShim,                           \
-    "How long a caller polls for its completion before it sleeps on a futex.")               \
+  X(spin_us, "STMUX_SPIN_US", kInt, "100", 0, 1000000, "us", kShim,                          \
+    "How long a caller polls (yielding the core after 5 us) for its completion before it "   \
+    "sleeps on a futex.")                                                                    \
   X(reconnect_ms, "STMUX_RECONNECT_MS", kInt, "1000", 10, 600000, "ms", kShim,               \
     "Longest back-off between attempts to attach to an absent daemon.")                      \
   X(window_us, "STMUX_WINDOW_US", kInt, "100", 0, 1000000, "us", kDaemon,                    \

@@ -10,6 +10,8 @@
 
 #include <fmt/format.h>
 
+#include <sched.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -162,9 +164,12 @@ inline bool slotClaim(Slot& slot, std::uint32_t generation) {
 }
 
 // Daemon: publishes a status for a request it claimed (kRunning) or rejects
-// unclaimed (kPending, e.g. failed validation), then wakes a sleeping waiter.
-// Does nothing if the slot no longer holds that request.
-inline void slotComplete(Slot& slot, std::uint32_t generation, std::int32_t status) {
+// unclaimed (kPending, e.g. failed validation). Does nothing if the slot no
+// longer holds that request. True when the waiter may be asleep and needs
+// slotWake(): a batch publishes every slot first and wakes sleepers after,
+// so callers still spinning see their completion without waiting behind
+// other callers' system calls.
+inline bool slotPublish(Slot& slot, std::uint32_t generation, std::int32_t status) {
   std::uint32_t word = slot.word.load(std::memory_order_acquire);
   while (slotGeneration(word) == generation &&
          (slotState(word) == SlotState::kRunning || slotState(word) == SlotState::kPending)) {
@@ -172,13 +177,23 @@ inline void slotComplete(Slot& slot, std::uint32_t generation, std::int32_t stat
     // seq_cst pairs with the waiter's store to sleepers and load of word.
     if (slot.word.compare_exchange_weak(word, slotWord(generation, SlotState::kDone),
                                         std::memory_order_seq_cst)) {
-      if (slot.sleepers.load(std::memory_order_seq_cst) != 0) futexWake(&slot.word);
-      return;
+      return slot.sleepers.load(std::memory_order_seq_cst) != 0;
     }
   }
+  return false;
+}
+
+inline void slotWake(Slot& slot) {
+  futexWake(&slot.word);
+}
+
+inline void slotComplete(Slot& slot, std::uint32_t generation, std::int32_t status) {
+  if (slotPublish(slot, generation, status)) slotWake(slot);
 }
 
 enum class WaitOutcome { kDone, kTimedOut, kGone };
+
+inline constexpr std::uint64_t kPureSpinNs = 5'000;
 
 // Client: waits for a slot to be done, spinning for `spin_ns` and then
 // sleeping on the futex in slices of `slice_ns`, after each of which `alive()`
@@ -194,7 +209,14 @@ WaitOutcome slotWait(Slot& slot, std::uint32_t generation, std::uint64_t deadlin
   while (true) {
     last_word = slot.word.load(std::memory_order_acquire);
     if (last_word == done) return WaitOutcome::kDone;
-    if ((++spins & 63) == 0 && nowNs() - start >= spin_ns) break;
+    if ((++spins & 63) == 0) {
+      const std::uint64_t spun = nowNs() - start;
+      if (spun >= spin_ns) break;
+      // Past a short pure spin, give the core away between looks: with more
+      // runnable threads than cores (many tenants, the daemon), a spinning
+      // caller would hold the core the daemon needs to answer it.
+      if (spun >= kPureSpinNs) sched_yield();
+    }
     cpuRelax();
   }
   slot.sleepers.store(1, std::memory_order_seq_cst);

@@ -1,6 +1,6 @@
-// Running the programs under test (stmuxd, the clients) from tests: spawned
-// with an environment of the test's choosing, output captured in files, and
-// every wait bounded.
+// Running programs (stmuxd, the clients) from the tests and from stmux-bench:
+// spawned with an environment of the caller's choosing, output captured in
+// files, every wait bounded.
 #pragma once
 
 #include <fcntl.h>
@@ -19,7 +19,7 @@
 
 extern char** environ;
 
-namespace stmux::testing {
+namespace stmux {
 
 // A started program; its stdout and stderr go to files under `log_prefix`.
 class Process {
@@ -128,4 +128,4 @@ inline int countOf(const std::string& text, const std::string& needle) {
   return count;
 }
 
-}  // namespace stmux::testing
+}  // namespace stmux

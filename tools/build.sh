@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what is missing (Debian/Ubuntu packages) and builds stmux into
+# ${STMUX_BUILD_DIR:-build}. tools/test.sh and tools/demo.sh start with it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build_dir=${STMUX_BUILD_DIR:-build}
+jobs=$(nproc 2>/dev/null || echo 2)
+
+# The CUDA toolkit is not a Debian package we can install here: find it.
+if ! command -v nvcc >/dev/null 2>&1; then
+  for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin; do
+    if [ -x "$dir/nvcc" ]; then export PATH="$dir:$PATH"; break; fi
+  done
+fi
+if ! command -v nvcc >/dev/null 2>&1; then
+  echo "stmux: the CUDA toolkit (nvcc, cuBLAS headers and libraries) is required;" \
+       "install it from NVIDIA, or put its bin/ on PATH" >&2
+  exit 1
+fi
+
+# Install only what is missing, so that a machine with no network but all the
+# packages already present works.
+have_header() { echo "#include <$1>" | "${CXX:-c++}" -std=c++20 -fsyntax-only -x c++ - >/dev/null 2>&1; }
+missing=()
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v "${CXX:-c++}" >/dev/null 2>&1 || missing+=(g++)
+have_header boost/lockfree/spsc_queue.hpp || missing+=(libboost-dev)
+have_header fmt/format.h || missing+=(libfmt-dev)
+have_header gtest/gtest.h || missing+=(libgtest-dev libgmock-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "stmux: installing ${missing[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+generator=()
+command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
+if [ ! -f "$build_dir/CMakeCache.txt" ]; then
+  cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTMUX_WERROR=ON
+fi
+cmake --build "$build_dir" -j"$jobs"
