@@ -384,10 +384,15 @@ class Executor::Impl {
       const std::size_t offset = groups[first].start;
       cublasStatus_t status = setModes(groups[first].key);
       if (status == CUBLAS_STATUS_SUCCESS) {
-        status = last - first == 1 ? launchBatched(groups[first], a_array + offset,
-                                                   b_array + offset, c_array + offset)
-                                   : launchGrouped(groups, first, last, a_array + offset,
-                                                   b_array + offset, c_array + offset);
+        if (last - first > 1) {
+          status = launchGrouped(groups, first, last, a_array + offset, b_array + offset,
+                                 c_array + offset);
+        } else if (groups[first].count == 1) {
+          status = launchOne(groups[first].key, ordered[offset]);
+        } else {
+          status = launchBatched(groups[first], a_array + offset, b_array + offset,
+                                 c_array + offset);
+        }
         channel_.gauges().launches.fetch_add(1, std::memory_order_relaxed);
       }
       if (status != CUBLAS_STATUS_SUCCESS) failGroups(first, last, status);
@@ -407,6 +412,25 @@ class Executor::Impl {
     if (status != CUBLAS_STATUS_SUCCESS) return status;
     return cublasSetEmulationStrategy(handle_,
                                       static_cast<cublasEmulationStrategy_t>(key.emulation));
+  }
+
+  // A request alone: cublasSgemm itself. cuBLAS's batched kernels for a batch
+  // of one can be much slower (measured: 256x128x1152 took 34 us batched,
+  // 19 us plain, on an H200; docs/BENCHMARKS.md).
+  cublasStatus_t launchOne(const BatchKey& k, const Ready& ready) {
+    float alpha, beta;
+    std::memcpy(&alpha, &k.alpha_bits, sizeof(float));
+    std::memcpy(&beta, &k.beta_bits, sizeof(float));
+    const auto ta = static_cast<cublasOperation_t>(k.transa);
+    const auto tb = static_cast<cublasOperation_t>(k.transb);
+    if (fitsInt(k)) {
+      return cublasSgemm_v2(handle_, ta, tb, static_cast<int>(k.m), static_cast<int>(k.n),
+                            static_cast<int>(k.k), &alpha, ready.a, static_cast<int>(k.lda),
+                            ready.b, static_cast<int>(k.ldb), &beta, ready.c,
+                            static_cast<int>(k.ldc));
+    }
+    return cublasSgemm_v2_64(handle_, ta, tb, k.m, k.n, k.k, &alpha, ready.a, k.lda, ready.b,
+                             k.ldb, &beta, ready.c, k.ldc);
   }
 
   cublasStatus_t launchBatched(const Group& group, const float* const* a, const float* const* b,

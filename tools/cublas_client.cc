@@ -125,6 +125,7 @@ bool parse(int argc, char** argv, Options& o) {
       {"k", required_argument, nullptr, 'k'},        {"count", required_argument, nullptr, 'c'},
       {"start-ns", required_argument, nullptr, 'a'}, {"stop-ns", required_argument, nullptr, 'z'},
       {"out", required_argument, nullptr, 'o'},      {"api", required_argument, nullptr, 'p'},
+      {"mixed", no_argument, nullptr, 'x'},          {"tenant", required_argument, nullptr, 't'},
       {"help", no_argument, nullptr, 'h'},           {nullptr, 0, nullptr, 0}};
   optind = 2;
   int c;
@@ -165,6 +166,12 @@ bool parse(int argc, char** argv, Options& o) {
         break;
       case 'p':
         o.apis = optarg;
+        break;
+      case 'x':
+        o.mixed = true;
+        break;
+      case 't':
+        o.tenant = std::atoi(optarg);
         break;
       case 'h':
         usage(stdout);
