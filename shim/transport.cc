@@ -1,6 +1,5 @@
 #include "shim/transport.h"
 
-#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -17,20 +16,6 @@ namespace {
 // How often a sleeping waiter checks that the daemon is still there: the bound
 // on noticing a daemon killed with SIGKILL.
 constexpr std::uint64_t kAliveSliceNs = 5'000'000;
-
-Result<Received> awaitMessage(int fd, std::uint64_t timeout_ns) {
-  pollfd pfd{fd, POLLIN, 0};
-  const int timeout_ms = static_cast<int>((timeout_ns + 999'999) / 1'000'000);
-  int ready;
-  do {
-    ready = ::poll(&pfd, 1, timeout_ms);
-  } while (ready < 0 && errno == EINTR);
-  if (ready < 0) return Status::error(fmt::format("poll failed: {}", std::strerror(errno)));
-  if (ready == 0) {
-    return Status::error(fmt::format("the daemon did not answer within {} ms", timeout_ms));
-  }
-  return recvMessage(fd, /*block=*/false);
-}
 
 }  // namespace
 
@@ -60,6 +45,10 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
 
   auto received = awaitMessage(sock.get(), options.timeout_ns);
   if (!received) return received.status();
+  if (received->would_block) {
+    return Status::error(fmt::format("the daemon did not answer within {} ms",
+                                     (options.timeout_ns + 999'999) / 1'000'000));
+  }
   if (received->eof) return Status::error("the daemon closed the connection without an answer");
   if (received->truncated) return Status::error("the daemon's answer was cut off");
   MsgHeader header;

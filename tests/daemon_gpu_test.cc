@@ -6,7 +6,6 @@
 namespace stmux {
 namespace {
 
-
 using testing::TempDir;
 
 using testing::daemonStatus;

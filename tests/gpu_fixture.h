@@ -13,28 +13,18 @@
 #include <iostream>
 #include <optional>
 
-#include "tools/process.h"
 #include "stmux/control.h"
 #include "stmux/json_read.h"
 #include "test_support.h"
+#include "tools/process.h"
 
 namespace stmux::testing {
 
 // The daemon's status reply, as stmuxctl gets it.
 inline std::optional<JsonValue> daemonStatus(const std::string& socket) {
-  auto address = socketAddress(socket);
-  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  if (!address.ok() || ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
-                                 sizeof(sockaddr_un)) != 0) {
-    return std::nullopt;
-  }
-  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
-  hello.role = static_cast<std::uint32_t>(Role::kControl);
-  if (!sendMessage(fd.get(), &hello, sizeof(hello)).ok()) return std::nullopt;
-  auto reply = recvMessage(fd.get(), true, kMaxMessageBytes);
-  if (!reply.ok() || reply->bytes.size() <= sizeof(MsgHeader)) return std::nullopt;
-  auto json = parseJson(std::string_view(reply->bytes.data() + sizeof(MsgHeader),
-                                         reply->bytes.size() - sizeof(MsgHeader)));
+  auto reply = queryDaemonStatus(socket, "stmux-status", 2000);
+  if (!reply.ok()) return std::nullopt;
+  auto json = parseJson(reply.value());
   if (!json.ok()) return std::nullopt;
   return std::move(json).value();
 }

@@ -29,6 +29,7 @@
 
 #include "shim/transport.h"
 #include "stmux/gemm.h"
+#include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
 
 namespace {
@@ -36,15 +37,6 @@ namespace {
 using stmux::Request;
 using stmux::check::Buffers;
 using stmux::check::GemmCase;
-
-#define CUDA_OK(call)                                                                \
-  do {                                                                               \
-    const cudaError_t err_ = (call);                                                 \
-    if (err_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "ipc_client: %s: %s\n", #call, cudaGetErrorString(err_)); \
-      std::exit(3);                                                                  \
-    }                                                                                \
-  } while (0)
 
 constexpr std::uint64_t kTimeoutNs = 60'000'000'000ull;
 
@@ -57,10 +49,10 @@ struct Allocation {
 
   explicit Allocation(std::size_t floats) : bytes(floats * sizeof(float)) {
     static std::uint64_t next = 1;
-    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&base), bytes));
+    EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&base), bytes));
     id = next++;
     cudaIpcMemHandle_t h;
-    CUDA_OK(cudaIpcGetMemHandle(&h, base));
+    EXIT_ON_CUDA_ERROR(cudaIpcGetMemHandle(&h, base));
     std::memcpy(handle.bytes, &h, sizeof(h));
   }
   ~Allocation() { cudaFree(base); }
@@ -76,9 +68,9 @@ struct Allocation {
 
 stmux::Uuid deviceUuid() {
   int device = 0;
-  CUDA_OK(cudaGetDevice(&device));
+  EXIT_ON_CUDA_ERROR(cudaGetDevice(&device));
   cudaDeviceProp prop{};
-  CUDA_OK(cudaGetDeviceProperties(&prop, device));
+  EXIT_ON_CUDA_ERROR(cudaGetDeviceProperties(&prop, device));
   stmux::Uuid uuid;
   std::memcpy(uuid.bytes, prop.uuid.bytes, sizeof(uuid.bytes));
   return uuid;
@@ -129,7 +121,7 @@ int cases(stmux::shim::Connection& connection, bool quick, bool together, std::u
       return;
     }
     std::vector<float> out(p.in.c.size());
-    CUDA_OK(cudaMemcpy(out.data(), p.cc->base, p.cc->bytes, cudaMemcpyDeviceToHost));
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(out.data(), p.cc->base, p.cc->bytes, cudaMemcpyDeviceToHost));
     const auto verdict = stmux::check::verify(p.c, p.in, out);
     if (verdict.ok) {
       std::printf("ok %s worst %.3f\n", p.c.name.c_str(), verdict.worst);
@@ -145,12 +137,12 @@ int cases(stmux::shim::Connection& connection, bool quick, bool together, std::u
               std::make_unique<Allocation>(c.bFloats()),
               std::make_unique<Allocation>(c.cFloats()),
               {}};
-    CUDA_OK(cudaMemcpy(p.a->base, p.in.a.data(), p.a->bytes, cudaMemcpyHostToDevice));
-    CUDA_OK(cudaMemcpy(p.b->base, p.in.b.data(), p.b->bytes, cudaMemcpyHostToDevice));
-    CUDA_OK(cudaMemcpy(p.cc->base, p.in.c.data(), p.cc->bytes, cudaMemcpyHostToDevice));
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(p.a->base, p.in.a.data(), p.a->bytes, cudaMemcpyHostToDevice));
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(p.b->base, p.in.b.data(), p.b->bytes, cudaMemcpyHostToDevice));
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(p.cc->base, p.in.c.data(), p.cc->bytes, cudaMemcpyHostToDevice));
     // A copy from pageable memory may return before its DMA lands: the daemon,
     // in another process, must not start before it has.
-    CUDA_OK(cudaDeviceSynchronize());
+    EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
     Request request = describe(c, *p.a, *p.b, *p.cc, device);
     auto ticket = connection.submit(request, stmux::nowNs() + kTimeoutNs);
     if (!ticket) {
@@ -185,7 +177,8 @@ int overrun(stmux::shim::Connection& connection) {
     auto result = connection.wait(ticket.value(), stmux::nowNs() + kTimeoutNs, 20'000);
     connection.release(ticket.value());
     std::vector<float> after(before.size());
-    CUDA_OK(cudaMemcpy(after.data(), watched.base, watched.bytes, cudaMemcpyDeviceToHost));
+    EXIT_ON_CUDA_ERROR(
+        cudaMemcpy(after.data(), watched.base, watched.bytes, cudaMemcpyDeviceToHost));
     const bool untouched = std::memcmp(after.data(), before.data(), watched.bytes) == 0;
     if (result.outcome != stmux::WaitOutcome::kDone || result.status != wanted || !untouched) {
       std::printf("FAIL %s: status %d (wanted %d), C %s\n", what, result.status, wanted,
@@ -199,8 +192,9 @@ int overrun(stmux::shim::Connection& connection) {
   GemmCase c{"overrun", 0, 0, 64, 64, 64};
   Allocation a(64 * 64), b(64 * 64), small_c(64 * 32);
   std::vector<float> sentinel(64 * 32, stmux::check::kSentinel);
-  CUDA_OK(cudaMemcpy(small_c.base, sentinel.data(), small_c.bytes, cudaMemcpyHostToDevice));
-  CUDA_OK(cudaDeviceSynchronize());
+  EXIT_ON_CUDA_ERROR(
+      cudaMemcpy(small_c.base, sentinel.data(), small_c.bytes, cudaMemcpyHostToDevice));
+  EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
   expect("C past its allocation", describe(c, a, b, small_c, device), stmux::kStatusInvalidValue,
          small_c, sentinel);
   Request lying = describe(c, a, b, small_c, device);
@@ -218,7 +212,7 @@ int overrun(stmux::shim::Connection& connection) {
   expect("C with a huge leading dimension", huge_ld, stmux::kStatusInvalidValue, small_c, sentinel);
   Request past_a = describe(c, small_c, b, a, device);  // A is the small one now
   std::vector<float> a_before(64 * 64);
-  CUDA_OK(cudaMemcpy(a_before.data(), a.base, a.bytes, cudaMemcpyDeviceToHost));
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(a_before.data(), a.base, a.bytes, cudaMemcpyDeviceToHost));
   expect("A past its allocation", past_a, stmux::kStatusInvalidValue, a, a_before);
   std::printf("overrun failures %d\n", failures);
   return failures == 0 ? 0 : 1;
@@ -228,22 +222,22 @@ int overrun(stmux::shim::Connection& connection) {
 int facts() {
   void* fn = nullptr;
   cudaDriverEntryPointQueryResult found{};
-  CUDA_OK(cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 4000, cudaEnableDefault,
-                                           &found));
+  EXIT_ON_CUDA_ERROR(cudaGetDriverEntryPointByVersion("cuPointerGetAttribute", &fn, 4000,
+                                                      cudaEnableDefault, &found));
   auto getAttribute = reinterpret_cast<PFN_cuPointerGetAttribute_v4000>(fn);
   for (std::size_t bytes : {std::size_t{4096}, std::size_t{1} << 20, std::size_t{64} << 20}) {
     int same_address = 0, same_handle = 0;
     for (int round = 0; round < 8; ++round) {
       void* first = nullptr;
-      CUDA_OK(cudaMalloc(&first, bytes));
+      EXIT_ON_CUDA_ERROR(cudaMalloc(&first, bytes));
       cudaIpcMemHandle_t h1, h2;
-      CUDA_OK(cudaIpcGetMemHandle(&h1, first));
+      EXIT_ON_CUDA_ERROR(cudaIpcGetMemHandle(&h1, first));
       unsigned long long id1 = 0, id2 = 0;
       getAttribute(&id1, CU_POINTER_ATTRIBUTE_BUFFER_ID, reinterpret_cast<CUdeviceptr>(first));
-      CUDA_OK(cudaFree(first));
+      EXIT_ON_CUDA_ERROR(cudaFree(first));
       void* second = nullptr;
-      CUDA_OK(cudaMalloc(&second, bytes));
-      CUDA_OK(cudaIpcGetMemHandle(&h2, second));
+      EXIT_ON_CUDA_ERROR(cudaMalloc(&second, bytes));
+      EXIT_ON_CUDA_ERROR(cudaIpcGetMemHandle(&h2, second));
       getAttribute(&id2, CU_POINTER_ATTRIBUTE_BUFFER_ID, reinterpret_cast<CUdeviceptr>(second));
       same_address += first == second;
       same_handle += std::memcmp(&h1, &h2, sizeof(h1)) == 0;
@@ -252,7 +246,7 @@ int facts() {
                     first == second ? "reused" : "new", id1, id2,
                     std::memcmp(&h1, &h2, sizeof(h1)) == 0 ? "IDENTICAL" : "differs");
       }
-      CUDA_OK(cudaFree(second));
+      EXIT_ON_CUDA_ERROR(cudaFree(second));
     }
     std::printf("bytes %zu: same address %d of 8, identical handle %d of 8\n", bytes, same_address,
                 same_handle);

@@ -12,7 +12,6 @@ namespace {
 using testing::daemonStatus;
 using testing::gpuField;
 
-
 // The shim's exit line (STMUX_LOG=stats=info):
 //   "N calls: S served by stmuxd, F failed; direct: reason=n ..."
 struct Stats {
@@ -138,9 +137,7 @@ TEST_F(ShimOnGpu, ADaemonKilledMidRunLeavesNoCallerHangingOrWrongAndTheyComeBack
     if (i % 2 == 0) {
       EXPECT_EQ(outValue(c.out(), "execution_failed"), 0) << "beta == 0: " << c.out();
     }
-    EXPECT_GE(countOf(c.err(), "detached from stmuxd") +
-                  countOf(c.err(), "lost the daemon"),
-              1)
+    EXPECT_GE(countOf(c.err(), "detached from stmuxd") + countOf(c.err(), "lost the daemon"), 1)
         << "stress " << i << " never noticed the daemon go: " << c.err();
   }
 }

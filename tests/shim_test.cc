@@ -7,8 +7,8 @@
 #include <regex>
 #include <set>
 
-#include "tools/process.h"
 #include "test_support.h"
+#include "tools/process.h"
 
 namespace stmux {
 namespace {
@@ -27,15 +27,13 @@ std::map<std::string, std::string> probeValues(const std::string& out) {
 
 Ran probe(const TempDir& dir, std::map<std::string, std::string> env) {
   env.emplace("STMUX_SOCKET", dir.path() + "/nobody-here.sock");
-  return run({CUBLAS_CLIENT_PATH, "probe"}, env, dir.path() + "/probe",
-                      std::chrono::seconds(120));
+  return run({CUBLAS_CLIENT_PATH, "probe"}, env, dir.path() + "/probe", std::chrono::seconds(120));
 }
 
 TEST(Shim, ExportsExactlyTheHookedNamesUnderCublasVersionNode) {
   TempDir dir;
-  auto nm = run(
-      {"/usr/bin/env", "nm", "-D", "--with-symbol-versions", "--defined-only", SHIM_PATH}, {},
-      dir.path() + "/nm");
+  auto nm = run({"/usr/bin/env", "nm", "-D", "--with-symbol-versions", "--defined-only", SHIM_PATH},
+                {}, dir.path() + "/nm");
   if (nm.status == 127) GTEST_SKIP() << "nm (binutils) is not installed: export check skipped";
   ASSERT_EQ(nm.status, 0) << nm.err;
   std::set<std::string> exported;
@@ -100,10 +98,10 @@ TEST(Shim, ALibraryLoadedLaterWithDlopenIsServedToo) {
   TempDir dir;
   const std::string cublas = "libcublas.so." + std::to_string(CUBLAS_MAJOR);
   auto ran = run({DLOPEN_CLIENT_PATH, SGEMM_EXT_PATH, cublas},
-                          {{"LD_PRELOAD", SHIM_PATH},
-                           {"STMUX_SOCKET", dir.path() + "/none.sock"},
-                           {"STMUX_LOG", "stats=info"}},
-                          dir.path() + "/dlopen");
+                 {{"LD_PRELOAD", SHIM_PATH},
+                  {"STMUX_SOCKET", dir.path() + "/none.sock"},
+                  {"STMUX_LOG", "stats=info"}},
+                 dir.path() + "/dlopen");
   ASSERT_EQ(ran.status, 0) << ran.out << ran.err;
   auto values = probeValues(ran.out);
   EXPECT_NE(values["extension_binds_to"].find("libstmux.so"), std::string::npos) << ran.out;
@@ -116,7 +114,7 @@ TEST(Shim, ALibraryLoadedLaterWithDlopenIsServedToo) {
 TEST(Shim, PreloadedIntoAProgramWithoutCudaItIsHarmless) {
   TempDir dir;
   auto ran = run({"/bin/sh", "-c", "echo hello"},
-                          {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_LOG", "info"}}, dir.path() + "/sh");
+                 {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_LOG", "info"}}, dir.path() + "/sh");
   EXPECT_EQ(ran.status, 0);
   EXPECT_EQ(ran.out, "hello\n");
   EXPECT_EQ(ran.err, "") << "the shim spoke up in a program that never called it";

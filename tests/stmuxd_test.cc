@@ -3,9 +3,9 @@
 // GPU the machine has.
 #include <gtest/gtest.h>
 
-#include "tools/process.h"
 #include "stmux/config.h"
 #include "test_support.h"
+#include "tools/process.h"
 
 namespace stmux {
 namespace {
@@ -13,7 +13,7 @@ namespace {
 using testing::TempDir;
 
 Ran stmuxd(const TempDir& dir, std::vector<std::string> args,
-                    std::map<std::string, std::string> env = {}) {
+           std::map<std::string, std::string> env = {}) {
   args.insert(args.begin(), STMUXD_PATH);
   return run(args, env, dir.path() + "/stmuxd", std::chrono::seconds(60));
 }

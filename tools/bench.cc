@@ -33,6 +33,7 @@
 #include "stmux/control.h"
 #include "stmux/json.h"
 #include "stmux/json_read.h"
+#include "tools/latency.h"
 #include "tools/plot.h"
 #include "tools/process.h"
 
@@ -281,14 +282,6 @@ struct Latencies {
   long gemms = 0;
 };
 
-double percentileUs(std::vector<std::uint32_t>& values, double p) {
-  if (values.empty()) return 0;
-  const auto index = static_cast<std::size_t>(p * static_cast<double>(values.size() - 1));
-  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(index),
-                   values.end());
-  return values[index] / 1000.0;
-}
-
 // Reads one client's latency file: "calls gemms_per_call", then one latency
 // in nanoseconds per line.
 bool readLatencies(const std::string& path, Latencies& into) {
@@ -313,19 +306,9 @@ std::string firstLine(const std::string& text) {
 }
 
 std::optional<JsonValue> daemonStatus(const std::string& socket) {
-  auto address = socketAddress(socket);
-  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  if (!address.ok() || ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
-                                 sizeof(sockaddr_un)) != 0) {
-    return std::nullopt;
-  }
-  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
-  hello.role = static_cast<std::uint32_t>(Role::kControl);
-  if (!sendMessage(fd.get(), &hello, sizeof(hello)).ok()) return std::nullopt;
-  auto reply = recvMessage(fd.get(), true, kMaxMessageBytes);
-  if (!reply.ok() || reply->bytes.size() <= sizeof(MsgHeader)) return std::nullopt;
-  auto json = parseJson(std::string_view(reply->bytes.data() + sizeof(MsgHeader),
-                                         reply->bytes.size() - sizeof(MsgHeader)));
+  auto reply = queryDaemonStatus(socket, "stmux-status", 2000);
+  if (!reply.ok()) return std::nullopt;
+  auto json = parseJson(reply.value());
   if (!json.ok()) return std::nullopt;
   return std::move(json).value();
 }

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
 
 // The legacy API lives in cublas.h, which may not be included with
@@ -42,16 +43,6 @@ namespace {
 
 using stmux::check::Buffers;
 using stmux::check::GemmCase;
-
-#define CUDA_OK(call)                                                     \
-  do {                                                                    \
-    const cudaError_t err_ = (call);                                      \
-    if (err_ != cudaSuccess) {                                            \
-      std::fprintf(stderr, "stmux-cublas-client: %s failed: %s\n", #call, \
-                   cudaGetErrorString(err_));                             \
-      std::exit(3);                                                       \
-    }                                                                     \
-  } while (0)
 
 std::uint64_t realtimeNs() {
   timespec ts;
@@ -206,7 +197,7 @@ bool makeHandle(cublasHandle_t& handle, cudaStream_t& stream) {
                  cublasGetStatusString(status), free_bytes >> 20, total_bytes >> 20);
     return false;
   }
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  EXIT_ON_CUDA_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cublasSetStream_v2(handle, stream);
   return true;
 }
@@ -258,16 +249,17 @@ cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaSt
                        const Buffers& in, std::vector<float>& result, Device& d) {
   float* pinned = nullptr;
   const std::size_t largest = std::max({in.a.size(), in.b.size(), in.c.size()});
-  CUDA_OK(cudaMallocHost(reinterpret_cast<void**>(&pinned), 3 * largest * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(
+      cudaMallocHost(reinterpret_cast<void**>(&pinned), 3 * largest * sizeof(float)));
   std::memcpy(pinned, in.a.data(), in.a.size() * sizeof(float));
   std::memcpy(pinned + largest, in.b.data(), in.b.size() * sizeof(float));
   std::memcpy(pinned + 2 * largest, in.c.data(), in.c.size() * sizeof(float));
-  CUDA_OK(
+  EXIT_ON_CUDA_ERROR(
       cudaMemcpyAsync(d.a, pinned, in.a.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
-  CUDA_OK(cudaMemcpyAsync(d.b, pinned + largest, in.b.size() * sizeof(float),
-                          cudaMemcpyHostToDevice, stream));
-  CUDA_OK(cudaMemcpyAsync(d.c, pinned + 2 * largest, in.c.size() * sizeof(float),
-                          cudaMemcpyHostToDevice, stream));
+  EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(d.b, pinned + largest, in.b.size() * sizeof(float),
+                                     cudaMemcpyHostToDevice, stream));
+  EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(d.c, pinned + 2 * largest, in.c.size() * sizeof(float),
+                                     cudaMemcpyHostToDevice, stream));
   cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
   const float* a = d.a + c.a_offset;
   const float* b = d.b + c.b_offset;
@@ -286,36 +278,36 @@ cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaSt
     case Api::kLegacy:
       // The legacy API runs on the legacy default stream, which waits for
       // the copies on `stream` only if they are done: make them done.
-      CUDA_OK(cudaStreamSynchronize(stream));
+      EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
       cublasSgemm(legacyOp(c.transa), legacyOp(c.transb), static_cast<int>(c.m),
                   static_cast<int>(c.n), static_cast<int>(c.k), c.alpha, a,
                   static_cast<int>(c.lda()), b, static_cast<int>(c.ldb()), c.beta, cc,
                   static_cast<int>(c.ldc()));
       status = cublasGetError();
-      CUDA_OK(cudaDeviceSynchronize());
+      EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
       break;
   }
   result.assign(in.c.size(), 0.0f);
-  CUDA_OK(
+  EXIT_ON_CUDA_ERROR(
       cudaMemcpyAsync(pinned, d.c, result.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
-  CUDA_OK(cudaStreamSynchronize(stream));
+  EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
   std::memcpy(result.data(), pinned, result.size() * sizeof(float));
-  CUDA_OK(cudaFreeHost(pinned));
+  EXIT_ON_CUDA_ERROR(cudaFreeHost(pinned));
   return status;
 }
 
 Device allocate(const GemmCase& c) {
   Device d;
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d.a), c.aFloats() * sizeof(float)));
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d.b), c.bFloats() * sizeof(float)));
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d.c), c.cFloats() * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&d.a), c.aFloats() * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&d.b), c.bFloats() * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&d.c), c.cFloats() * sizeof(float)));
   return d;
 }
 
 void release(Device& d) {
-  CUDA_OK(cudaFree(d.a));
-  CUDA_OK(cudaFree(d.b));
-  CUDA_OK(cudaFree(d.c));
+  EXIT_ON_CUDA_ERROR(cudaFree(d.a));
+  EXIT_ON_CUDA_ERROR(cudaFree(d.b));
+  EXIT_ON_CUDA_ERROR(cudaFree(d.c));
   d = {};
 }
 
@@ -383,8 +375,8 @@ int check(const Options& o) {
     std::vector<float> result;
     cublasStatus_t status = runCase(reuse, Api::kV2, handle, stream, in, result, d);
     ++calls;
-    CUDA_OK(cudaFree(d.c));
-    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&d.c), reuse.cFloats() * sizeof(float)));
+    EXIT_ON_CUDA_ERROR(cudaFree(d.c));
+    EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&d.c), reuse.cFloats() * sizeof(float)));
     reused += d.c == before ? 1 : 0;
     const Buffers again = stmux::check::makeInputs(reuse, random);
     if (status == CUBLAS_STATUS_SUCCESS) {
@@ -461,7 +453,8 @@ void fill(float* device, std::size_t count, std::mt19937_64& random) {
   std::vector<float> host(count);
   for (float& x : host)
     x = value(random);
-  CUDA_OK(cudaMemcpy(device, host.data(), count * sizeof(float), cudaMemcpyHostToDevice));
+  EXIT_ON_CUDA_ERROR(
+      cudaMemcpy(device, host.data(), count * sizeof(float), cudaMemcpyHostToDevice));
 }
 
 // Times `step` in a closed loop: untimed until `start_ns`, timed until
@@ -504,9 +497,9 @@ int loop(Options o) {
   cudaStream_t stream;
   if (!makeHandle(handle, stream)) return 3;
   float *a, *b, *c;
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&a), o.m * o.k * sizeof(float)));
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&b), o.k * o.n * sizeof(float)));
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&c), o.m * o.n * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&a), o.m * o.k * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&b), o.k * o.n * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&c), o.m * o.n * sizeof(float)));
   fill(a, o.m * o.k, random);
   fill(b, o.k * o.n, random);
   const float alpha = 1.0f, beta = 0.0f;
@@ -545,9 +538,12 @@ int ceiling(const Options& o) {
     const auto [m, n, k] = shapes[g];
     for (int i = 0; i < sizes[g]; ++i) {
       float *a, *b, *c;
-      CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&a), std::size_t(m) * k * sizeof(float)));
-      CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&b), std::size_t(k) * n * sizeof(float)));
-      CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&c), std::size_t(m) * n * sizeof(float)));
+      EXIT_ON_CUDA_ERROR(
+          cudaMalloc(reinterpret_cast<void**>(&a), std::size_t(m) * k * sizeof(float)));
+      EXIT_ON_CUDA_ERROR(
+          cudaMalloc(reinterpret_cast<void**>(&b), std::size_t(k) * n * sizeof(float)));
+      EXIT_ON_CUDA_ERROR(
+          cudaMalloc(reinterpret_cast<void**>(&c), std::size_t(m) * n * sizeof(float)));
       fill(a, std::size_t(m) * k, random);
       fill(b, std::size_t(k) * n, random);
       as.push_back(a), bs.push_back(b), cs.push_back(c);
@@ -556,12 +552,12 @@ int ceiling(const Options& o) {
   const float** da;
   const float** db;
   float** dc;
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&da), o.count * sizeof(float*)));
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&db), o.count * sizeof(float*)));
-  CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&dc), o.count * sizeof(float*)));
-  CUDA_OK(cudaMemcpy(da, as.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(db, bs.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(dc, cs.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&da), o.count * sizeof(float*)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&db), o.count * sizeof(float*)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&dc), o.count * sizeof(float*)));
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(da, as.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(db, bs.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(dc, cs.data(), o.count * sizeof(float*), cudaMemcpyHostToDevice));
   const int groups = static_cast<int>(shapes.size());
   std::vector<cublasOperation_t> ops(groups, CUBLAS_OP_N);
   std::vector<int> m(groups), n(groups), k(groups);
@@ -600,7 +596,7 @@ int main(int argc, char** argv) {
   if (options.mode == "devices") {
     for (int i = 0; i < devices; ++i) {
       cudaDeviceProp prop{};
-      CUDA_OK(cudaGetDeviceProperties(&prop, i));
+      EXIT_ON_CUDA_ERROR(cudaGetDeviceProperties(&prop, i));
       std::printf("GPU %d: %s, %zu MiB\n", i, prop.name, prop.totalGlobalMem >> 20);
     }
     return 0;

@@ -16,25 +16,9 @@
 #include <random>
 #include <string>
 #include <vector>
+#include "tools/cuda_exit.h"
 
 namespace {
-
-#define CUDA_OK(call)                                                                    \
-  do {                                                                                   \
-    const cudaError_t err_ = (call);                                                     \
-    if (err_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "stmux-launch-bench: %s: %s\n", #call, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
-#define CUBLAS_OK(call)                                                                  \
-  do {                                                                                   \
-    const cublasStatus_t st_ = (call);                                                   \
-    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                  \
-      std::fprintf(stderr, "stmux-launch-bench: %s: %s\n", #call, cublasGetStatusString(st_)); \
-      std::exit(1);                                                                      \
-    }                                                                                    \
-  } while (0)
 
 struct Shape {
   int m, n, k;
@@ -62,10 +46,11 @@ Prepared prepare(const Mix& mix, std::mt19937& random) {
   std::uniform_real_distribution<float> value(-1, 1);
   auto alloc = [&](std::size_t floats) {
     float* d;
-    CUDA_OK(cudaMalloc(&d, floats * sizeof(float)));
+    EXIT_ON_CUDA_ERROR(cudaMalloc(&d, floats * sizeof(float)));
     std::vector<float> host(floats);
-    for (float& x : host) x = value(random);
-    CUDA_OK(cudaMemcpy(d, host.data(), floats * sizeof(float), cudaMemcpyHostToDevice));
+    for (float& x : host)
+      x = value(random);
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(d, host.data(), floats * sizeof(float), cudaMemcpyHostToDevice));
     p.owned.push_back(d);
     return d;
   };
@@ -77,17 +62,18 @@ Prepared prepare(const Mix& mix, std::mt19937& random) {
     }
   }
   p.total = static_cast<int>(as.size());
-  CUDA_OK(cudaMalloc(&p.a, p.total * sizeof(float*)));
-  CUDA_OK(cudaMalloc(&p.b, p.total * sizeof(float*)));
-  CUDA_OK(cudaMalloc(&p.c, p.total * sizeof(float*)));
-  CUDA_OK(cudaMemcpy(p.a, as.data(), p.total * sizeof(float*), cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(p.b, bs.data(), p.total * sizeof(float*), cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(p.c, cs.data(), p.total * sizeof(float*), cudaMemcpyHostToDevice));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&p.a, p.total * sizeof(float*)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&p.b, p.total * sizeof(float*)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&p.c, p.total * sizeof(float*)));
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(p.a, as.data(), p.total * sizeof(float*), cudaMemcpyHostToDevice));
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(p.b, bs.data(), p.total * sizeof(float*), cudaMemcpyHostToDevice));
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(p.c, cs.data(), p.total * sizeof(float*), cudaMemcpyHostToDevice));
   return p;
 }
 
 void release(Prepared& p) {
-  for (float* d : p.owned) cudaFree(d);
+  for (float* d : p.owned)
+    cudaFree(d);
   cudaFree(p.a);
   cudaFree(p.b);
   cudaFree(p.c);
@@ -97,9 +83,9 @@ void launchBatched(cublasHandle_t handle, const Mix& mix, const Prepared& p) {
   const float alpha = 1, beta = 0;
   int offset = 0;
   for (const Shape& s : mix.shapes) {
-    CUBLAS_OK(cublasSgemmBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &alpha,
-                                 p.a + offset, s.m, p.b + offset, s.k, &beta, p.c + offset, s.m,
-                                 mix.per_shape));
+    EXIT_ON_CUBLAS_ERROR(cublasSgemmBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &alpha,
+                                            p.a + offset, s.m, p.b + offset, s.k, &beta,
+                                            p.c + offset, s.m, mix.per_shape));
     offset += mix.per_shape;
   }
 }
@@ -109,27 +95,29 @@ void launchGrouped(cublasHandle_t handle, const Mix& mix, const Prepared& p) {
   std::vector<cublasOperation_t> ops(groups, CUBLAS_OP_N);
   std::vector<int> m, n, k, sizes(groups, mix.per_shape);
   std::vector<float> alpha(groups, 1), beta(groups, 0);
-  for (const Shape& s : mix.shapes) m.push_back(s.m), n.push_back(s.n), k.push_back(s.k);
-  CUBLAS_OK(cublasSgemmGroupedBatched(handle, ops.data(), ops.data(), m.data(), n.data(),
-                                      k.data(), alpha.data(), p.a, m.data(), p.b, k.data(),
-                                      beta.data(), p.c, m.data(), groups, sizes.data()));
+  for (const Shape& s : mix.shapes)
+    m.push_back(s.m), n.push_back(s.n), k.push_back(s.k);
+  EXIT_ON_CUBLAS_ERROR(cublasSgemmGroupedBatched(
+      handle, ops.data(), ops.data(), m.data(), n.data(), k.data(), alpha.data(), p.a, m.data(),
+      p.b, k.data(), beta.data(), p.c, m.data(), groups, sizes.data()));
 }
 
 template <class Launch>
 float medianUs(cudaStream_t stream, Launch&& launch, int reps) {
   cudaEvent_t start, stop;
-  CUDA_OK(cudaEventCreate(&start));
-  CUDA_OK(cudaEventCreate(&stop));
-  for (int i = 0; i < 10; ++i) launch();
-  CUDA_OK(cudaStreamSynchronize(stream));
+  EXIT_ON_CUDA_ERROR(cudaEventCreate(&start));
+  EXIT_ON_CUDA_ERROR(cudaEventCreate(&stop));
+  for (int i = 0; i < 10; ++i)
+    launch();
+  EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
   std::vector<float> times;
   for (int i = 0; i < reps; ++i) {
-    CUDA_OK(cudaEventRecord(start, stream));
+    EXIT_ON_CUDA_ERROR(cudaEventRecord(start, stream));
     launch();
-    CUDA_OK(cudaEventRecord(stop, stream));
-    CUDA_OK(cudaEventSynchronize(stop));
+    EXIT_ON_CUDA_ERROR(cudaEventRecord(stop, stream));
+    EXIT_ON_CUDA_ERROR(cudaEventSynchronize(stop));
     float ms = 0;
-    CUDA_OK(cudaEventElapsedTime(&ms, start, stop));
+    EXIT_ON_CUDA_ERROR(cudaEventElapsedTime(&ms, start, stop));
     times.push_back(ms * 1000);
   }
   std::nth_element(times.begin(), times.begin() + reps / 2, times.end());
@@ -142,18 +130,19 @@ float medianUs(cudaStream_t stream, Launch&& launch, int reps) {
 
 int main(int argc, char** argv) {
   if (argc > 1) {
-    std::printf("usage: stmux-launch-bench\n"
-                "Times K cublasSgemmBatched launches against one cublasSgemmGroupedBatched\n"
-                "for mixes of K shapes; prints a table (needs a CUDA device).\n");
+    std::printf(
+        "usage: stmux-launch-bench\n"
+        "Times K cublasSgemmBatched launches against one cublasSgemmGroupedBatched\n"
+        "for mixes of K shapes; prints a table (needs a CUDA device).\n");
     return std::string(argv[1]) == "--help" ? 0 : 2;
   }
   cudaDeviceProp prop{};
-  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  EXIT_ON_CUDA_ERROR(cudaGetDeviceProperties(&prop, 0));
   cublasHandle_t handle;
-  CUBLAS_OK(cublasCreate(&handle));
+  EXIT_ON_CUBLAS_ERROR(cublasCreate(&handle));
   cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  CUBLAS_OK(cublasSetStream(handle, stream));
+  EXIT_ON_CUDA_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  EXIT_ON_CUBLAS_ERROR(cublasSetStream(handle, stream));
   std::mt19937 random(1234);
 
   const Shape rnn{512, 1, 512}, conv{256, 128, 1152}, cube{256, 256, 256};
@@ -164,8 +153,14 @@ int main(int argc, char** argv) {
       {"3 seed shapes x 86", {rnn, conv, cube}, 86},
       {"4 squares x 8", {{64, 64, 64}, {96, 96, 96}, {128, 128, 128}, {160, 160, 160}}, 8},
       {"8 squares x 4",
-       {{32, 32, 32}, {48, 48, 48}, {64, 64, 64}, {80, 80, 80},
-        {96, 96, 96}, {112, 112, 112}, {128, 128, 128}, {144, 144, 144}},
+       {{32, 32, 32},
+        {48, 48, 48},
+        {64, 64, 64},
+        {80, 80, 80},
+        {96, 96, 96},
+        {112, 112, 112},
+        {128, 128, 128},
+        {144, 144, 144}},
        4},
       {"16 squares x 2", {}, 2},
       {"32 squares x 1", {}, 1},
@@ -175,11 +170,14 @@ int main(int argc, char** argv) {
   for (Mix mix : mixes) {
     if (mix.shapes.empty()) {
       const int count = mix.name.rfind("16", 0) == 0 ? 16 : 32;
-      for (int i = 0; i < count; ++i) mix.shapes.push_back({32 + 8 * i, 32 + 8 * i, 32 + 8 * i});
+      for (int i = 0; i < count; ++i)
+        mix.shapes.push_back({32 + 8 * i, 32 + 8 * i, 32 + 8 * i});
     }
     Prepared p = prepare(mix, random);
-    const float batched = medianUs(stream, [&] { launchBatched(handle, mix, p); }, 200);
-    const float grouped = medianUs(stream, [&] { launchGrouped(handle, mix, p); }, 200);
+    const float batched = medianUs(
+        stream, [&] { launchBatched(handle, mix, p); }, 200);
+    const float grouped = medianUs(
+        stream, [&] { launchGrouped(handle, mix, p); }, 200);
     std::printf("%-24s %6d %12.1f %12.1f %8.2f\n", mix.name.c_str(), p.total, batched, grouped,
                 batched / grouped);
     release(p);

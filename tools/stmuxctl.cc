@@ -124,87 +124,6 @@ Result<std::string> socketPath(const Options& options) {
   return config->socket;
 }
 
-// Asks the daemon at `path` for its status; returns the JSON text. Errors are
-// whole sentences for the one line stmuxctl prints.
-Result<std::string> queryStatus(const std::string& path) {
-  auto address = socketAddress(path);
-  if (!address) return address.status();
-  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  if (!fd.valid()) return Status::error(fmt::format("socket() failed: {}", std::strerror(errno)));
-  int rc;
-  do {
-    rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
-                   sizeof(sockaddr_un));
-  } while (rc != 0 && errno == EINTR);
-  if (rc != 0) {
-    const int err = errno;
-    // ENOENT: never started or exited cleanly (it removes its socket);
-    // ECONNREFUSED: a socket file left by a daemon that died.
-    if (err == ENOENT || err == ECONNREFUSED) {
-      return Status::error(fmt::format("no daemon at {}: {}", path, std::strerror(err)));
-    }
-    return Status::error(fmt::format(
-        "cannot connect to {}: {}{}", path, std::strerror(err),
-        err == EACCES ? " (the socket is for members of its group, stmux by default)" : ""));
-  }
-
-  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
-  hello.pid = static_cast<std::int32_t>(::getpid());
-  hello.role = static_cast<std::uint32_t>(Role::kControl);
-  setField(hello.name, "stmuxctl");
-  if (Status sent = sendMessage(fd.get(), &hello, sizeof(hello)); !sent.ok()) {
-    return Status::error(fmt::format("cannot greet the daemon at {}: {}", path, sent.message()));
-  }
-
-  pollfd pfd{fd.get(), POLLIN, 0};
-  const std::uint64_t deadline = nowNs() + std::uint64_t{kAnswerTimeoutMs} * 1'000'000;
-  int ready;
-  do {
-    const std::uint64_t now = nowNs();
-    const int left_ms =
-        now >= deadline ? 0 : static_cast<int>((deadline - now + 999'999) / 1'000'000);
-    ready = ::poll(&pfd, 1, left_ms);
-  } while (ready < 0 && errno == EINTR);
-  if (ready < 0) return Status::error(fmt::format("poll failed: {}", std::strerror(errno)));
-  if (ready == 0) {
-    return Status::error(
-        fmt::format("the daemon at {} did not answer within {} s", path, kAnswerTimeoutMs / 1000));
-  }
-  auto received = recvMessage(fd.get(), /*block=*/true, kMaxMessageBytes);
-  if (!received) {
-    return Status::error(fmt::format("no answer from {}: {}", path, received.message()));
-  }
-  if (received->eof) {
-    return Status::error(
-        fmt::format("the daemon at {} closed the connection without answering", path));
-  }
-  if (received->truncated) {
-    return Status::error(
-        fmt::format("the answer from {} is longer than {} bytes", path, kMaxMessageBytes));
-  }
-  MsgHeader header;
-  if (Status status = checkHeader(received.value(), header); !status.ok()) {
-    return Status::error(fmt::format("unexpected answer from {}: {}", path, status.message()));
-  }
-  if (header.type == static_cast<std::uint32_t>(MsgType::kRefuse)) {
-    RefuseMsg refuse;
-    if (!decodeMessage(received.value(), MsgType::kRefuse, refuse).ok()) {
-      return Status::error(
-          fmt::format("the daemon at {} (protocol {}) refused in a message of {} "
-                      "bytes this stmuxctl cannot read",
-                      path, header.version, received->bytes.size()));
-    }
-    return Status::error(
-        fmt::format("the daemon at {} refused: {}", path, fieldString(refuse.reason)));
-  }
-  if (header.type != static_cast<std::uint32_t>(MsgType::kStatusReply)) {
-    return Status::error(fmt::format("unexpected answer from {}: message type {}, expected {}",
-                                     path, header.type,
-                                     static_cast<std::uint32_t>(MsgType::kStatusReply)));
-  }
-  return std::string(received->bytes.begin() + sizeof(MsgHeader), received->bytes.end());
-}
-
 // ---- the human summary -------------------------------------------------------
 
 // Text from the daemon made safe for a terminal: a tenant chooses its own
@@ -450,7 +369,7 @@ int run(int argc, char** argv) {
     fmt::print(stderr, "stmuxctl: {}\n", path.message());
     return kExitUsage;
   }
-  auto reply = queryStatus(path.value());
+  auto reply = queryDaemonStatus(path.value(), "stmuxctl", kAnswerTimeoutMs);
   if (!reply) {
     fmt::print(stderr, "stmuxctl: {}\n", reply.message());
     return kExitFailed;

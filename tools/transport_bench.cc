@@ -24,6 +24,7 @@
 #include "stmux/json.h"
 #include "stmux/log.h"
 #include "stmux/segment.h"
+#include "tools/latency.h"
 
 namespace stmux::tools {
 namespace {
@@ -222,14 +223,6 @@ int runClient(const Options& options, const std::string& socket, int depth, std:
   return 0;
 }
 
-double percentile(std::vector<std::uint32_t>& values, double p) {
-  if (values.empty()) return 0;
-  const auto index = static_cast<std::size_t>(p * static_cast<double>(values.size() - 1));
-  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(index),
-                   values.end());
-  return values[index] / 1000.0;
-}
-
 std::optional<Row> runScenario(const Options& options, const std::string& socket,
                                const Scenario& scenario) {
   const std::size_t per_client = options.requests;
@@ -282,9 +275,9 @@ std::optional<Row> runScenario(const Options& options, const std::string& socket
   ::munmap(shared, bytes);
   if (failed) return std::nullopt;
   row.seconds = static_cast<double>(last - first) / 1e9;
-  row.p50_us = percentile(all, 0.50);
-  row.p99_us = percentile(all, 0.99);
-  row.p999_us = percentile(all, 0.999);
+  row.p50_us = percentileUs(all, 0.50);
+  row.p99_us = percentileUs(all, 0.99);
+  row.p999_us = percentileUs(all, 0.999);
   return row;
 }
 

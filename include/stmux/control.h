@@ -5,8 +5,10 @@
 #pragma once
 
 #include <fmt/format.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -112,6 +114,28 @@ inline Result<Received> recvMessage(int fd, bool block, std::size_t max_bytes = 
   return out;
 }
 
+// Waits up to `timeout_ns` for one message of at most `max_bytes`; nothing
+// in time comes back as `would_block`.
+inline Result<Received> awaitMessage(int fd, std::uint64_t timeout_ns,
+                                     std::size_t max_bytes = 4096) {
+  pollfd pfd{fd, POLLIN, 0};
+  const std::uint64_t deadline = nowNs() + timeout_ns;
+  int ready;
+  do {
+    const std::uint64_t now = nowNs();
+    const int left_ms =
+        now >= deadline ? 0 : static_cast<int>((deadline - now + 999'999) / 1'000'000);
+    ready = ::poll(&pfd, 1, left_ms);
+  } while (ready < 0 && errno == EINTR);
+  if (ready < 0) return Status::error(fmt::format("poll failed: {}", std::strerror(errno)));
+  if (ready == 0) {
+    Received nothing;
+    nothing.would_block = true;
+    return nothing;
+  }
+  return recvMessage(fd, /*block=*/false, max_bytes);
+}
+
 // Checks the common header of a received message; on success the message's
 // header is `header`.
 inline Status checkHeader(const Received& received, MsgHeader& header) {
@@ -158,6 +182,78 @@ void setField(char (&field)[N], std::string_view text) {
   const std::size_t length = text.size() < N - 1 ? text.size() : N - 1;
   std::memcpy(field, text.data(), length);
   field[length] = '\0';
+}
+
+// Asks the daemon at `path` for its status, as a control client named
+// `name`; returns the JSON text. Errors are whole sentences naming the path.
+inline Result<std::string> queryDaemonStatus(const std::string& path, std::string_view name,
+                                             int timeout_ms) {
+  auto address = socketAddress(path);
+  if (!address) return address.status();
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return Status::error(fmt::format("socket() failed: {}", std::strerror(errno)));
+  int rc;
+  do {
+    rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+                   sizeof(sockaddr_un));
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
+    const int err = errno;
+    // ENOENT: never started or exited cleanly (it removes its socket);
+    // ECONNREFUSED: a socket file left by a daemon that died.
+    if (err == ENOENT || err == ECONNREFUSED) {
+      return Status::error(fmt::format("no daemon at {}: {}", path, std::strerror(err)));
+    }
+    return Status::error(fmt::format(
+        "cannot connect to {}: {}{}", path, std::strerror(err),
+        err == EACCES ? " (the socket is for members of its group, stmux by default)" : ""));
+  }
+
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.pid = static_cast<std::int32_t>(::getpid());
+  hello.role = static_cast<std::uint32_t>(Role::kControl);
+  setField(hello.name, name);
+  if (Status sent = sendMessage(fd.get(), &hello, sizeof(hello)); !sent.ok()) {
+    return Status::error(fmt::format("cannot greet the daemon at {}: {}", path, sent.message()));
+  }
+
+  auto received = awaitMessage(fd.get(), std::uint64_t(timeout_ms) * 1'000'000, kMaxMessageBytes);
+  if (!received) {
+    return Status::error(fmt::format("no answer from {}: {}", path, received.message()));
+  }
+  if (received->would_block) {
+    return Status::error(
+        fmt::format("the daemon at {} did not answer within {} s", path, timeout_ms / 1000));
+  }
+  if (received->eof) {
+    return Status::error(
+        fmt::format("the daemon at {} closed the connection without answering", path));
+  }
+  if (received->truncated) {
+    return Status::error(
+        fmt::format("the answer from {} is longer than {} bytes", path, kMaxMessageBytes));
+  }
+  MsgHeader header;
+  if (Status status = checkHeader(received.value(), header); !status.ok()) {
+    return Status::error(fmt::format("unexpected answer from {}: {}", path, status.message()));
+  }
+  if (header.type == static_cast<std::uint32_t>(MsgType::kRefuse)) {
+    RefuseMsg refuse;
+    if (!decodeMessage(received.value(), MsgType::kRefuse, refuse).ok()) {
+      return Status::error(
+          fmt::format("the daemon at {} (protocol {}) refused in a message of {} "
+                      "bytes this stmuxctl cannot read",
+                      path, header.version, received->bytes.size()));
+    }
+    return Status::error(
+        fmt::format("the daemon at {} refused: {}", path, fieldString(refuse.reason)));
+  }
+  if (header.type != static_cast<std::uint32_t>(MsgType::kStatusReply)) {
+    return Status::error(fmt::format("unexpected answer from {}: message type {}, expected {}",
+                                     path, header.type,
+                                     static_cast<std::uint32_t>(MsgType::kStatusReply)));
+  }
+  return std::string(received->bytes.begin() + sizeof(MsgHeader), received->bytes.end());
 }
 
 }  // namespace stmux

@@ -1,0 +1,31 @@
+// For the standalone CUDA programs (stmux-cublas-client, stmux-launch-bench,
+// the daemon's test client): a CUDA or cuBLAS call that fails is reported with
+// its expression, and the program ends with exit status 3.
+#pragma once
+
+#include <cublas_api.h>
+#include <cuda_runtime_api.h>
+#include <errno.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#define EXIT_ON_CUDA_ERROR(call)                                                        \
+  do {                                                                                  \
+    const cudaError_t exit_error_ = (call);                                             \
+    if (exit_error_ != cudaSuccess) {                                                   \
+      std::fprintf(stderr, "%s: %s failed: %s\n", program_invocation_short_name, #call, \
+                   cudaGetErrorString(exit_error_));                                    \
+      std::exit(3);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+#define EXIT_ON_CUBLAS_ERROR(call)                                                      \
+  do {                                                                                  \
+    const cublasStatus_t exit_status_ = (call);                                         \
+    if (exit_status_ != CUBLAS_STATUS_SUCCESS) {                                        \
+      std::fprintf(stderr, "%s: %s failed: %s\n", program_invocation_short_name, #call, \
+                   cublasGetStatusString(exit_status_));                                \
+      std::exit(3);                                                                     \
+    }                                                                                   \
+  } while (0)

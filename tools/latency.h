@@ -1,0 +1,19 @@
+// Latency percentiles for the benchmarks, from samples in nanoseconds.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace stmux::tools {
+
+// The p-quantile (p in 0..1) in microseconds; reorders `values`.
+inline double percentileUs(std::vector<std::uint32_t>& values, double p) {
+  if (values.empty()) return 0;
+  const auto index = static_cast<std::size_t>(p * static_cast<double>(values.size() - 1));
+  std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(index),
+                   values.end());
+  return values[index] / 1000.0;
+}
+
+}  // namespace stmux::tools
