@@ -33,10 +33,9 @@ struct ExecCommand {
 
 // What the executor publishes for stmuxctl; written by the executor only.
 struct ExecutorGauges {
-  std::atomic<std::uint64_t> mapped{0};       // client allocations mapped now
-  std::atomic<std::uint64_t> gpu_batches{0};  // batches completed on the GPU
-  std::atomic<std::uint64_t> launches{0};     // cuBLAS launches issued
-  std::atomic<bool> broken{false};            // the GPU context failed; nothing runs here now
+  std::atomic<std::uint64_t> mapped{0};    // client allocations mapped now
+  std::atomic<std::uint64_t> launches{0};  // cuBLAS launches issued
+  std::atomic<bool> broken{false};         // the GPU context failed; nothing runs here now
 };
 
 class ExecutorChannel {

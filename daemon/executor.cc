@@ -390,8 +390,8 @@ class Executor::Impl {
         } else if (groups[first].count == 1) {
           status = launchOne(groups[first].key, ordered[offset]);
         } else {
-          status = launchBatched(groups[first], a_array + offset, b_array + offset,
-                                 c_array + offset);
+          status =
+              launchBatched(groups[first], a_array + offset, b_array + offset, c_array + offset);
         }
         channel_.gauges().launches.fetch_add(1, std::memory_order_relaxed);
       }
@@ -429,8 +429,8 @@ class Executor::Impl {
                             ready.b, static_cast<int>(k.ldb), &beta, ready.c,
                             static_cast<int>(k.ldc));
     }
-    return cublasSgemm_v2_64(handle_, ta, tb, k.m, k.n, k.k, &alpha, ready.a, k.lda, ready.b,
-                             k.ldb, &beta, ready.c, k.ldc);
+    return cublasSgemm_v2_64(handle_, ta, tb, k.m, k.n, k.k, &alpha, ready.a, k.lda, ready.b, k.ldb,
+                             &beta, ready.c, k.ldc);
   }
 
   cublasStatus_t launchBatched(const Group& group, const float* const* a, const float* const* b,
@@ -515,9 +515,7 @@ class Executor::Impl {
     for (Slot* slot : sleeping)
       slotWake(*slot);
     cache_->batchCompleted(flight.batch->id);
-    ExecutorGauges& gauges = channel_.gauges();
-    gauges.gpu_batches.fetch_add(1, std::memory_order_relaxed);
-    gauges.mapped.store(cache_->size(), std::memory_order_relaxed);
+    channel_.gauges().mapped.store(cache_->size(), std::memory_order_relaxed);
     channel_.finish(std::move(flight.batch));
   }
 

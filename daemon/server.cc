@@ -176,7 +176,7 @@ void Server::run() {
       cpuRelax();
     }
     if (now - last_control >= kControlPeriodNs) {
-      handleEvents(0, 0);
+      handleEvents(0);
       expirePending(now);
       last_control = now;
     }
@@ -210,7 +210,7 @@ bool Server::drainRings(std::uint64_t now) {
   return any;
 }
 
-bool Server::sleepUntil(std::uint64_t wake_at_ns) {
+void Server::sleepUntil(std::uint64_t wake_at_ns) {
   for (const ClientPtr& client : clients_) {
     client->view.header()->consumer_sleeping.store(1, std::memory_order_relaxed);
   }
@@ -225,34 +225,28 @@ bool Server::sleepUntil(std::uint64_t wake_at_ns) {
       if (deadline == 0 || pending->deadline_ns < deadline) deadline = pending->deadline_ns;
     }
     const std::uint64_t now = nowNs();
-    if (deadline == 0) {
-      handleEvents(-1, 0);
-    } else if (deadline > now) {
-      handleEvents(1, deadline - now);
-    } else {
-      handleEvents(0, 0);
-    }
+    handleEvents(deadline == 0 ? std::nullopt
+                               : std::optional<std::uint64_t>(deadline > now ? deadline - now : 0));
   }
   for (const ClientPtr& client : clients_) {
     client->view.header()->consumer_sleeping.store(0, std::memory_order_relaxed);
   }
   expirePending(nowNs());
-  return readable;
 }
 
-void Server::handleEvents(int mode, std::uint64_t timeout_ns) {
+void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
   epoll_event events[64];
   int ready;
-  if (mode == 1) {
-    timespec ts{static_cast<time_t>(timeout_ns / 1'000'000'000ull),
-                static_cast<long>(timeout_ns % 1'000'000'000ull)};
+  if (!timeout_ns) {
+    ready = ::epoll_wait(epoll_.get(), events, 64, -1);
+  } else {
+    timespec ts{static_cast<time_t>(*timeout_ns / 1'000'000'000ull),
+                static_cast<long>(*timeout_ns % 1'000'000'000ull)};
     ready = ::epoll_pwait2(epoll_.get(), events, 64, &ts, nullptr);
     if (ready < 0 && errno == ENOSYS) {
       ready = ::epoll_wait(epoll_.get(), events, 64,
-                           static_cast<int>((timeout_ns + 999'999) / 1'000'000));
+                           static_cast<int>((*timeout_ns + 999'999) / 1'000'000));
     }
-  } else {
-    ready = ::epoll_wait(epoll_.get(), events, 64, mode);
   }
   if (ready < 0) {
     if (errno != EINTR) STMUX_ERROR(kTransport, "epoll_wait failed: {}", std::strerror(errno));

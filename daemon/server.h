@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -107,7 +108,9 @@ class Server {
   struct Pending;  // accepted, greeting not yet received
 
   bool drainRings(std::uint64_t now);
-  void handleEvents(int timeout_ms_or_minus1, std::uint64_t timeout_ns);
+  // Handles what epoll reports within `timeout_ns` (0: only what is ready
+  // now; none: waits for something).
+  void handleEvents(std::optional<std::uint64_t> timeout_ns);
   void acceptAll();
   void greet(Pending& pending);
   void refuse(int fd, const std::string& reason);
@@ -116,7 +119,7 @@ class Server {
   void readClient(const ClientPtr& client);
   void detach(const ClientPtr& client, const char* why);
   void expirePending(std::uint64_t now);
-  bool sleepUntil(std::uint64_t wake_at_ns);
+  void sleepUntil(std::uint64_t wake_at_ns);
   std::string statusJson() const;
 
   ServerOptions options_;
