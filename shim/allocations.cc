@@ -66,24 +66,27 @@ AllocationCache::Described AllocationCache::describe(const Driver& driver, const
   return out;
 }
 
-std::vector<std::uint64_t> AllocationCache::takeGone(const Driver& driver, std::uint64_t now_ns,
-                                                     std::uint64_t sweep_every_ns) {
+void AllocationCache::sweep(const Driver& driver) {
   std::lock_guard lock(mutex_);
-  if (now_ns - last_sweep_ns_ >= sweep_every_ns) {
-    last_sweep_ns_ = now_ns;
-    for (auto it = by_base_.begin(); it != by_base_.end();) {
-      unsigned long long id = 0;
-      const CUresult result =
-          driver.cuPointerGetAttribute(&id, CU_POINTER_ATTRIBUTE_BUFFER_ID, it->first);
-      if (result != CUDA_SUCCESS || id != it->second) {
-        gone_.push_back(it->second);
-        by_id_.erase(it->second);
-        it = by_base_.erase(it);
-      } else {
-        ++it;
-      }
+  for (auto it = by_base_.begin(); it != by_base_.end();) {
+    // The plural query reports a freed address as buffer id 0 rather than
+    // failing, and needs no current context (the sweeper thread has none).
+    unsigned long long id = 0;
+    CUpointer_attribute attribute = CU_POINTER_ATTRIBUTE_BUFFER_ID;
+    void* value = &id;
+    const CUresult result = driver.cuPointerGetAttributes(1, &attribute, &value, it->first);
+    if (result != CUDA_SUCCESS || id != it->second) {
+      gone_.push_back(it->second);
+      by_id_.erase(it->second);
+      it = by_base_.erase(it);
+    } else {
+      ++it;
     }
   }
+}
+
+std::vector<std::uint64_t> AllocationCache::takeGone() {
+  std::lock_guard lock(mutex_);
   std::vector<std::uint64_t> gone;
   gone.swap(gone_);
   return gone;
@@ -98,7 +101,6 @@ void AllocationCache::forkChild() {
   by_id_.clear();
   by_base_.clear();
   gone_.clear();
-  last_sweep_ns_ = 0;
   mutex_.unlock();
 }
 

@@ -5,9 +5,10 @@
 // has a new buffer id, and gets a new entry and a new IPC handle. The shim
 // cannot see frees (it exports only cuBLAS names, and nvcc-built programs reach
 // the driver through cuGetProcAddress), so it finds them two ways: a new
-// buffer id at a cached base means the old one is gone; and a sweep, at most
-// once a second, asks the driver whether each cached allocation still
-// exists. Either way the daemon is told, so it unmaps the memory.
+// buffer id at a cached base means the old one is gone; and a sweep (the
+// shim's sweeper thread, once a second) asks the driver whether each cached
+// allocation still exists. Either way the daemon is told, so it unmaps the
+// memory.
 #pragma once
 
 #include <cstdint>
@@ -32,10 +33,13 @@ class AllocationCache {
 
   Described describe(const Driver& driver, const void* pointer);
 
+  // Asks the driver whether each cached allocation still exists; those that
+  // do not are dropped and handed out by the next takeGone().
+  void sweep(const Driver& driver);
+
   // Ids of allocations found gone since the last call: the daemon should
-  // unmap them. Sweeps the cache first when `sweep_every_ns` has passed.
-  std::vector<std::uint64_t> takeGone(const Driver& driver, std::uint64_t now_ns,
-                                      std::uint64_t sweep_every_ns);
+  // unmap them.
+  std::vector<std::uint64_t> takeGone();
 
   std::size_t size();
 
@@ -56,7 +60,6 @@ class AllocationCache {
   std::unordered_map<std::uint64_t, Entry> by_id_;  // buffer id -> allocation
   std::map<std::uint64_t, std::uint64_t> by_base_;  // base address -> buffer id
   std::vector<std::uint64_t> gone_;
-  std::uint64_t last_sweep_ns_ = 0;
 };
 
 }  // namespace stmux::shim

@@ -15,7 +15,6 @@ namespace stmux::shim {
 
 #define STMUX_DRIVER_FUNCTIONS(X) \
   X(cuPointerGetAttributes, 7000) \
-  X(cuPointerGetAttribute, 4000)  \
   X(cuMemGetAddressRange, 3020)   \
   X(cuIpcGetMemHandle, 4010)      \
   X(cuStreamIsCapturing, 10000)   \

@@ -2,15 +2,19 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "shim/allocations.h"
@@ -27,9 +31,10 @@ extern char** environ;
 namespace stmux::shim {
 namespace {
 
-// How often, at most, the shim asks the driver which exported allocations
-// were freed (each check is one driver query per cached allocation).
-constexpr std::uint64_t kSweepNs = 1'000'000'000;
+// How often the sweeper thread asks the driver which exported allocations
+// were freed (one driver query per cached allocation): the longest a freed
+// allocation stays mapped in the daemon while its owner is idle.
+constexpr auto kSweepInterval = std::chrono::seconds(1);
 // A connection unused for this long is checked for life before a call, so a
 // daemon that died between calls costs no waiting.
 constexpr std::uint64_t kIdleCheckNs = 50'000'000;
@@ -60,6 +65,9 @@ class Shim {
   std::optional<Uuid> uuidOf(int device);
   CUresult waitAsAKernelWould(CUstream stream);
   void printCounters();
+  void startSweeper();
+  void sweepLoop();
+  void atExit();
 
   static void forkPrepare();
   static void forkParent();
@@ -80,6 +88,9 @@ class Shim {
   std::string last_failure_;
 
   AllocationCache allocations_;
+  bool sweeper_started_ = false;  // under connection_mutex_
+  std::mutex sweep_mutex_;        // held while a sweep runs
+  bool stopping_ = false;         // under sweep_mutex_: the process is exiting
   std::mutex uuid_mutex_;
   std::optional<Uuid> uuids_[kMaxDevices];
 
@@ -104,7 +115,7 @@ Shim::Shim() : real_(realCublas()) {
   if (config_ok_ && !config_.disable) driver_ = cudaDriver();
   name_ = program_invocation_short_name;
   pthread_atfork(&Shim::forkPrepare, &Shim::forkParent, &Shim::forkChild);
-  std::atexit([] { Shim::get().printCounters(); });
+  std::atexit([] { Shim::get().atExit(); });
 }
 
 cublasStatus_t Shim::fallback(Fallback reason, DirectCall direct, Connection* connection) {
@@ -238,9 +249,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   }
   request.device = *uuid;
 
-  const std::uint64_t now = nowNs();
-  if (std::vector<std::uint64_t> gone = allocations_.takeGone(*driver_, now, kSweepNs);
-      !gone.empty()) {
+  if (std::vector<std::uint64_t> gone = allocations_.takeGone(); !gone.empty()) {
     STMUX_DEBUG(kShim, "telling the daemon {} allocations are gone", gone.size());
     (void)conn->sendRelease(gone);
   }
@@ -334,6 +343,7 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
     return nullptr;
   }
   connection_ = std::shared_ptr<Connection>(std::move(opened).value());
+  if (!sweeper_started_) startSweeper();
   backoff_ns_ = kFirstBackoffNs;
   warned_absent_ = false;
   last_failure_.clear();
@@ -392,6 +402,58 @@ std::optional<Uuid> Shim::uuidOf(int device) {
   return uuids_[device];
 }
 
+// Freed allocations must not stay mapped in the daemon while their owner is
+// idle (and so makes no call that would notice), so a thread of the shim's
+// own sweeps the cache once a second and tells the daemon what is gone.
+void Shim::startSweeper() {
+  // Signals stay with the application's threads.
+  sigset_t all, previous;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &previous);
+  try {
+    std::thread([this] { sweepLoop(); }).detach();
+    sweeper_started_ = true;
+  } catch (const std::system_error& error) {
+    STMUX_WARN(kShim,
+               "cannot start the sweeper thread ({}); freed memory stays mapped in the daemon "
+               "until a later call notices it",
+               error.what());
+  }
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+}
+
+void Shim::sweepLoop() {
+  pthread_setname_np(pthread_self(), "stmux-sweep");
+  while (true) {
+    std::this_thread::sleep_for(kSweepInterval);
+    std::lock_guard sweeping(sweep_mutex_);
+    if (stopping_) return;
+    std::shared_ptr<Connection> connection;
+    {
+      std::lock_guard lock(connection_mutex_);
+      connection = connection_;
+    }
+    // Detached, the daemon holds none of this process's memory; sweep when
+    // there is a daemon to tell.
+    if (!connection) continue;
+    allocations_.sweep(*driver_);
+    if (std::vector<std::uint64_t> gone = allocations_.takeGone(); !gone.empty()) {
+      STMUX_DEBUG(kShim, "telling the daemon {} freed allocations are gone", gone.size());
+      (void)connection->sendRelease(gone);
+    }
+  }
+}
+
+// Exit handlers run before libraries' destructors: stop sweeping while the
+// driver is still whole, waiting for a sweep under way.
+void Shim::atExit() {
+  {
+    std::lock_guard lock(sweep_mutex_);
+    stopping_ = true;
+  }
+  printCounters();
+}
+
 void Shim::printCounters() {
   if (!logEnabled(Level::kInfo, Subsys::kStats) || calls_.load() == 0) return;
   std::string direct;
@@ -408,6 +470,7 @@ void Shim::printCounters() {
 // and the child must not talk to the daemon on the parent's connection.
 void Shim::forkPrepare() {
   Shim& shim = get();
+  shim.sweep_mutex_.lock();
   shim.connection_mutex_.lock();
   shim.uuid_mutex_.lock();
   shim.allocations_.forkPrepare();
@@ -418,6 +481,7 @@ void Shim::forkParent() {
   shim.allocations_.forkParent();
   shim.uuid_mutex_.unlock();
   shim.connection_mutex_.unlock();
+  shim.sweep_mutex_.unlock();
 }
 
 void Shim::forkChild() {
@@ -428,6 +492,7 @@ void Shim::forkChild() {
     shim.connection_->abandonAfterFork();
     shim.connection_.reset();
   }
+  shim.sweeper_started_ = false;  // threads do not survive fork()
   shim.next_attempt_ns_ = 0;
   shim.backoff_ns_ = kFirstBackoffNs;
   shim.calls_ = 0;
@@ -436,6 +501,7 @@ void Shim::forkChild() {
   for (auto& counter : shim.fallbacks_)
     counter = 0;
   shim.connection_mutex_.unlock();
+  shim.sweep_mutex_.unlock();
 }
 
 }  // namespace

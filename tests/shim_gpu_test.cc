@@ -3,6 +3,7 @@
 // the daemon, at 64 processes, and through the daemon's death and return.
 // Skipped, saying so, where there is no CUDA device.
 #include <regex>
+#include <sstream>
 
 #include "gpu_fixture.h"
 
@@ -37,6 +38,19 @@ Stats shimStats(const std::string& err) {
     stats.direct[(*it)[1]] = std::stol((*it)[2]);
   }
   return stats;
+}
+
+// The exit line of process `pid`, where several processes share one log
+// (log lines start "host:pid:tid").
+Stats shimStatsOf(const std::string& err, long pid) {
+  std::istringstream lines(err);
+  const std::string tag = ":" + std::to_string(pid) + ":";
+  for (std::string line; std::getline(lines, line);) {
+    if (line.find(tag) != std::string::npos && line.find(" calls: ") != std::string::npos) {
+      return shimStats(line);
+    }
+  }
+  return {};
 }
 
 long outValue(const std::string& out, const std::string& key) {
@@ -140,6 +154,99 @@ TEST_F(ShimOnGpu, ADaemonKilledMidRunLeavesNoCallerHangingOrWrongAndTheyComeBack
     EXPECT_GE(countOf(c.err(), "detached from stmuxd") + countOf(c.err(), "lost the daemon"), 1)
         << "stress " << i << " never noticed the daemon go: " << c.err();
   }
+}
+
+TEST_F(ShimOnGpu, CallsItMustNotForwardGoToCublasAndComeOutRight) {
+  Process c = client({"paths"}, shimmed(), "paths");
+  ASSERT_EQ(c.wait(), 0) << c.out() << c.err();
+  EXPECT_EQ(countOf(c.out(), "FAIL"), 0) << c.out();
+  const long per_path = outValue(c.out(), "per_path");
+  ASSERT_GT(per_path, 0) << c.out();
+  const Stats stats = shimStats(c.err());
+  EXPECT_EQ(stats.served, per_path) << "the plain calls beside them: " << c.err();
+  EXPECT_EQ(stats.failed, 0);
+  // Pool and managed memory cannot be exported with an IPC handle.
+  EXPECT_EQ(stats.direct, (std::map<std::string, long>{{"device_pointer_mode", per_path},
+                                                       {"graph_capture", per_path},
+                                                       {"not_exportable", 2 * per_path}}))
+      << c.err();
+}
+
+TEST_F(ShimOnGpu, ManyThreadsOfOneProcessCallAtOnce) {
+  Process c =
+      client({"stress", "--threads", "8", "--seconds", "4", "--beta", "0.5"}, shimmed(), "threads");
+  ASSERT_EQ(c.wait(), 0) << c.out() << c.err();
+  EXPECT_EQ(outValue(c.out(), "wrong"), 0) << c.out();
+  const long ok = outValue(c.out(), "ok");
+  EXPECT_GT(ok, 8) << c.out();
+  const Stats stats = shimStats(c.err());
+  EXPECT_EQ(stats.calls, ok) << c.err();
+  EXPECT_EQ(stats.failed, 0) << c.err();
+  // While one thread attaches, the others' calls run directly (the shim never
+  // makes a call wait for an attach); every other call is served.
+  const long early = stats.direct.count("no_daemon") ? stats.direct.at("no_daemon") : 0;
+  EXPECT_GT(stats.served, ok / 2) << c.err();
+  EXPECT_EQ(stats.served, ok - early) << c.err();
+  EXPECT_EQ(stats.direct.size(), early > 0 ? 1u : 0u) << c.err();
+}
+
+TEST_F(ShimOnGpu, ForkedChildrenAttachOnTheirOwnAndLeaveTheParentsConnectionAlone) {
+  Process c = client({"fork"}, shimmed(), "fork");
+  ASSERT_EQ(c.wait(), 0) << c.out() << c.err();
+  EXPECT_EQ(countOf(c.out(), "FAIL"), 0) << c.out();
+  // Children forked before the parent used CUDA: served on connections of
+  // their own (the shim was loaded in the parent already).
+  const std::regex early("early_child ([0-9]+) failures 0");
+  int children = 0;
+  const std::string out = c.out();
+  for (auto it = std::sregex_iterator(out.begin(), out.end(), early); it != std::sregex_iterator();
+       ++it, ++children) {
+    const Stats stats = shimStatsOf(c.err(), std::stol((*it)[1]));
+    EXPECT_EQ(stats.served, 6) << (*it)[0] << "\n" << c.err();
+    EXPECT_TRUE(stats.direct.empty()) << (*it)[0] << "\n" << c.err();
+  }
+  EXPECT_EQ(children, 2) << out;
+  // A child forked after the parent attached makes no call and says nothing;
+  // its exit does not detach the parent, whose calls go on being served.
+  const long parent = outValue(out, "parent");
+  const long late = outValue(out, "late_child");
+  ASSERT_GT(parent, 0) << out;
+  ASSERT_GT(late, 0) << out;
+  EXPECT_EQ(shimStatsOf(c.err(), late).calls, -1) << c.err();
+  const Stats stats = shimStatsOf(c.err(), parent);
+  EXPECT_EQ(stats.served, 12) << c.err();
+  EXPECT_EQ(stats.failed, 0) << c.err();
+  EXPECT_EQ(stats.direct, (std::map<std::string, long>{{"bad_handle", 1}})) << c.err();
+  EXPECT_EQ(countOf(c.err(), "detached from stmuxd") + countOf(c.err(), "lost the daemon"), 0)
+      << c.err();
+}
+
+// Frees are invisible to the shim: its sweeper finds them, so memory freed by
+// a tenant that then makes no call is unmapped in the daemon within seconds,
+// while memory still in use stays mapped.
+TEST_F(ShimOnGpu, FreedMemoryIsUnmappedWhileTheTenantStaysIdle) {
+  Process c = client({"idle-free", "--seconds", "5"}, shimmed(), "idle");
+  auto mapped = [&] {
+    auto status = daemonStatus(dir_.socket());
+    return status ? gpuField(*status, "mapped") : -1;
+  };
+  ASSERT_TRUE(testing::waitFor([&] { return c.out().find("called") != std::string::npos; },
+                               std::chrono::seconds(60)))
+      << c.out() << c.err();
+  EXPECT_EQ(mapped(), 3) << "A, B and C mapped after the call";
+  // Several sweeps later the live allocations are still mapped.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  ASSERT_EQ(c.out().find("freed"), std::string::npos) << "the client went on too soon";
+  EXPECT_EQ(mapped(), 3) << "a sweep released memory still in use";
+  ASSERT_TRUE(testing::waitFor([&] { return c.out().find("freed") != std::string::npos; },
+                               std::chrono::seconds(10)));
+  EXPECT_TRUE(testing::waitFor([&] { return mapped() == 2; }, std::chrono::seconds(3)))
+      << "C is still mapped: " << mapped();
+  EXPECT_EQ(c.wait(std::chrono::milliseconds(0)), -1)
+      << "the check must happen while the client is idle";
+  ASSERT_EQ(c.wait(), 0) << c.out() << c.err();
+  EXPECT_TRUE(testing::waitFor([&] { return mapped() == 0; }, std::chrono::seconds(5)))
+      << "nothing stays mapped once the client is gone";
 }
 
 class ShimBeforeTheDaemon : public ShimOnGpu {

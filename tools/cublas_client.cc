@@ -7,23 +7,31 @@
 //            calls cuBLAS must refuse
 //   check    the case matrix against a float64 reference, through
 //            cublasSgemm_v2, cublasSgemm_v2_64 and the legacy cublasSgemm
-//   stress   verified calls in a loop for a while, counting what came back
+//   stress   verified calls in a loop for a while, counting what came back,
+//            from one thread or several
+//   paths    calls the shim must hand to cuBLAS itself (graph capture, device
+//            pointer mode, pool and managed memory), verified
+//   fork     children forked before and after this process used CUDA
+//   idle-free  one call, then memory freed while the process stays idle
 //   loop     a closed loop {sgemm; wait} between two instants (stmux-bench)
 //   ceiling  one cublasSgemmBatched of R per round instead (stmux-bench)
 #include <cublas_api.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <getopt.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tools/cuda_exit.h"
@@ -76,6 +84,7 @@ struct Options {
   std::string apis = "all";
   bool mixed = false;  // loop: --tenant picks a seed shape; ceiling: all three, grouped
   int tenant = 0;
+  int threads = 1;  // stress
 };
 
 // The seed shapes, for mixed-shape runs: RNN mat-vec, ResNet-18 conv2_2, a cube.
@@ -89,8 +98,16 @@ void usage(FILE* out) {
       "  probe                          no GPU needed: symbol binding and refusals\n"
       "  check [--quick] [--seed N] [--api all|v2|v2_64|legacy]\n"
       "                                 the case matrix against a float64 reference\n"
-      "  stress --seconds S [--beta B] [--seed N]\n"
-      "                                 verified calls in a loop; counts statuses\n"
+      "  stress --seconds S [--beta B] [--seed N] [--threads T]\n"
+      "                                 verified calls in a loop; counts statuses;\n"
+      "                                 T threads, each with its own handle\n"
+      "  paths                          verified calls the shim must leave to cuBLAS:\n"
+      "                                 graph capture, device pointer mode, pool\n"
+      "                                 (cudaMallocAsync) and managed memory\n"
+      "  fork                           verified calls in children forked before\n"
+      "                                 this process touches CUDA, then in itself\n"
+      "                                 around a child forked after\n"
+      "  idle-free --seconds S          one call; S s idle; C freed; S s idle\n"
       "  loop --m M --n N --k K --start-ns T0 --stop-ns T1 --out FILE\n"
       "                                 closed loop {sgemm; sync}, timed in [T0, T1)\n"
       "                                 (CLOCK_REALTIME ns); latencies to FILE\n"
@@ -109,15 +126,23 @@ bool parse(int argc, char** argv, Options& o) {
     usage(stdout);
     std::exit(0);
   }
-  static const option kLong[] = {
-      {"quick", no_argument, nullptr, 'q'},          {"seed", required_argument, nullptr, 's'},
-      {"seconds", required_argument, nullptr, 'S'},  {"beta", required_argument, nullptr, 'b'},
-      {"m", required_argument, nullptr, 'm'},        {"n", required_argument, nullptr, 'n'},
-      {"k", required_argument, nullptr, 'k'},        {"count", required_argument, nullptr, 'c'},
-      {"start-ns", required_argument, nullptr, 'a'}, {"stop-ns", required_argument, nullptr, 'z'},
-      {"out", required_argument, nullptr, 'o'},      {"api", required_argument, nullptr, 'p'},
-      {"mixed", no_argument, nullptr, 'x'},          {"tenant", required_argument, nullptr, 't'},
-      {"help", no_argument, nullptr, 'h'},           {nullptr, 0, nullptr, 0}};
+  static const option kLong[] = {{"quick", no_argument, nullptr, 'q'},
+                                 {"seed", required_argument, nullptr, 's'},
+                                 {"seconds", required_argument, nullptr, 'S'},
+                                 {"beta", required_argument, nullptr, 'b'},
+                                 {"m", required_argument, nullptr, 'm'},
+                                 {"n", required_argument, nullptr, 'n'},
+                                 {"k", required_argument, nullptr, 'k'},
+                                 {"count", required_argument, nullptr, 'c'},
+                                 {"start-ns", required_argument, nullptr, 'a'},
+                                 {"stop-ns", required_argument, nullptr, 'z'},
+                                 {"out", required_argument, nullptr, 'o'},
+                                 {"api", required_argument, nullptr, 'p'},
+                                 {"mixed", no_argument, nullptr, 'x'},
+                                 {"tenant", required_argument, nullptr, 't'},
+                                 {"threads", required_argument, nullptr, 'T'},
+                                 {"help", no_argument, nullptr, 'h'},
+                                 {nullptr, 0, nullptr, 0}};
   optind = 2;
   int c;
   while ((c = getopt_long(argc, argv, "", kLong, nullptr)) != -1) {
@@ -164,6 +189,9 @@ bool parse(int argc, char** argv, Options& o) {
       case 't':
         o.tenant = std::atoi(optarg);
         break;
+      case 'T':
+        o.threads = std::atoi(optarg);
+        break;
       case 'h':
         usage(stdout);
         std::exit(0);
@@ -171,13 +199,16 @@ bool parse(int argc, char** argv, Options& o) {
         return false;
     }
   }
-  if (o.m < 1 || o.n < 1 || o.k < 1 || o.count < 1 || o.seconds <= 0) return false;
+  if (o.m < 1 || o.n < 1 || o.k < 1 || o.count < 1 || o.seconds <= 0 || o.threads < 1) {
+    return false;
+  }
   if ((o.mode == "loop" || o.mode == "ceiling") &&
       (o.out.empty() || o.start_ns == 0 || o.stop_ns <= o.start_ns)) {
     return false;
   }
   return o.mode == "probe" || o.mode == "devices" || o.mode == "check" || o.mode == "stress" ||
-         o.mode == "loop" || o.mode == "ceiling";
+         o.mode == "loop" || o.mode == "ceiling" || o.mode == "paths" || o.mode == "fork" ||
+         o.mode == "idle-free";
 }
 
 // A handle on its own non-blocking stream; on failure says why (with the
@@ -243,10 +274,15 @@ const char* apiName(Api api) {
   return api == Api::kV2 ? "v2" : api == Api::kV2_64 ? "v2_64" : "legacy";
 }
 
+// How a v2 call is made: plainly, with alpha and beta in device memory, or
+// captured into a CUDA graph that is then launched.
+enum class Via { kPlain, kDevicePointers, kGraph };
+
 // Runs one case: inputs copied in on the call's own stream with no wait, so
 // the call is correct only if it is ordered after them.
 cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaStream_t stream,
-                       const Buffers& in, std::vector<float>& result, Device& d) {
+                       const Buffers& in, std::vector<float>& result, Device& d,
+                       Via via = Via::kPlain) {
   float* pinned = nullptr;
   const std::size_t largest = std::max({in.a.size(), in.b.size(), in.c.size()});
   EXIT_ON_CUDA_ERROR(
@@ -264,13 +300,40 @@ cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaSt
   const float* a = d.a + c.a_offset;
   const float* b = d.b + c.b_offset;
   float* cc = d.c + c.c_offset;
+  float* scalars = nullptr;  // alpha, beta on the device (Via::kDevicePointers)
   switch (api) {
-    case Api::kV2:
+    case Api::kV2: {
+      const float* alpha = &c.alpha;
+      const float* beta = &c.beta;
+      if (via == Via::kDevicePointers) {
+        const float values[2] = {c.alpha, c.beta};
+        EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(&scalars), sizeof(values)));
+        EXIT_ON_CUDA_ERROR(cudaMemcpy(scalars, values, sizeof(values), cudaMemcpyHostToDevice));
+        EXIT_ON_CUBLAS_ERROR(cublasSetPointerMode_v2(handle, CUBLAS_POINTER_MODE_DEVICE));
+        alpha = scalars, beta = scalars + 1;
+      }
+      if (via == Via::kGraph) {
+        EXIT_ON_CUDA_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      }
       status = cublasSgemm_v2(handle, op(c.transa), op(c.transb), static_cast<int>(c.m),
-                              static_cast<int>(c.n), static_cast<int>(c.k), &c.alpha, a,
-                              static_cast<int>(c.lda()), b, static_cast<int>(c.ldb()), &c.beta, cc,
+                              static_cast<int>(c.n), static_cast<int>(c.k), alpha, a,
+                              static_cast<int>(c.lda()), b, static_cast<int>(c.ldb()), beta, cc,
                               static_cast<int>(c.ldc()));
+      if (via == Via::kGraph) {
+        cudaGraph_t graph;
+        EXIT_ON_CUDA_ERROR(cudaStreamEndCapture(stream, &graph));
+        cudaGraphExec_t exec;
+        EXIT_ON_CUDA_ERROR(cudaGraphInstantiate(&exec, graph, 0));
+        EXIT_ON_CUDA_ERROR(cudaGraphLaunch(exec, stream));
+        EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+        EXIT_ON_CUDA_ERROR(cudaGraphExecDestroy(exec));
+        EXIT_ON_CUDA_ERROR(cudaGraphDestroy(graph));
+      }
+      if (via == Via::kDevicePointers) {
+        EXIT_ON_CUBLAS_ERROR(cublasSetPointerMode_v2(handle, CUBLAS_POINTER_MODE_HOST));
+      }
       break;
+    }
     case Api::kV2_64:
       status = cublasSgemm_v2_64(handle, op(c.transa), op(c.transb), c.m, c.n, c.k, &c.alpha, a,
                                  c.lda(), b, c.ldb(), &c.beta, cc, c.ldc());
@@ -293,6 +356,7 @@ cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaSt
   EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
   std::memcpy(result.data(), pinned, result.size() * sizeof(float));
   EXIT_ON_CUDA_ERROR(cudaFreeHost(pinned));
+  if (scalars != nullptr) EXIT_ON_CUDA_ERROR(cudaFree(scalars));
   return status;
 }
 
@@ -410,40 +474,250 @@ int check(const Options& o) {
 
 // ---- stress -----------------------------------------------------------------
 
-int stress(const Options& o) {
-  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() * 31 + getpid());
+struct StressCounts {
+  std::atomic<long> ok{0}, failed{0}, wrong{0}, other{0};
+};
+
+// Verified calls of random small shapes until `until_ns`, on a handle and
+// stream of this thread's own.
+void stressThread(const Options& o, std::uint64_t seed, std::uint64_t until_ns,
+                  StressCounts& counts) {
+  std::mt19937_64 random(seed);
   std::uniform_int_distribution<int> size(8, 96);
   cublasHandle_t handle;
   cudaStream_t stream;
-  if (!makeHandle(handle, stream)) return 3;
+  if (!makeHandle(handle, stream)) std::exit(3);
   GemmCase largest{"stress", 0, 0, 96, 96, 96};
   Device d = allocate(largest);
-  long ok = 0, failed = 0, wrong = 0, other = 0;
-  const std::uint64_t until = monotonicNs() + static_cast<std::uint64_t>(o.seconds * 1e9);
-  while (monotonicNs() < until) {
+  while (monotonicNs() < until_ns) {
     GemmCase c{"stress", 0, 0, size(random), size(random), size(random)};
     c.beta = o.beta;
     const Buffers in = stmux::check::makeInputs(c, random);
     std::vector<float> result;
     const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d);
     if (status == CUBLAS_STATUS_SUCCESS) {
-      if (stmux::check::verify(c, in, result).ok) {
-        ++ok;
-      } else {
-        ++wrong;
-      }
+      ++(stmux::check::verify(c, in, result).ok ? counts.ok : counts.wrong);
     } else if (status == CUBLAS_STATUS_EXECUTION_FAILED) {
-      ++failed;  // allowed for beta != 0 when the daemon dies mid-call
+      ++counts.failed;  // allowed for beta != 0 when the daemon dies mid-call
     } else {
-      ++other;
+      ++counts.other;
     }
   }
   release(d);
+  EXIT_ON_CUDA_ERROR(cudaStreamDestroy(stream));
   cublasDestroy_v2(handle);
-  std::printf("stress ok %ld execution_failed %ld wrong %ld other %ld beta %g\n", ok, failed, wrong,
-              other, o.beta);
+}
+
+int stress(const Options& o) {
+  const std::uint64_t seed = o.seed != 0 ? o.seed : monotonicNs() * 31 + getpid();
+  const std::uint64_t until = monotonicNs() + static_cast<std::uint64_t>(o.seconds * 1e9);
+  StressCounts counts;
+  std::vector<std::thread> threads;
+  for (int t = 1; t < o.threads; ++t)
+    threads.emplace_back([&, t] { stressThread(o, seed + t, until, counts); });
+  stressThread(o, seed, until, counts);
+  for (std::thread& thread : threads)
+    thread.join();
+  std::printf("stress ok %ld execution_failed %ld wrong %ld other %ld beta %g threads %d\n",
+              counts.ok.load(), counts.failed.load(), counts.wrong.load(), counts.other.load(),
+              o.beta, o.threads);
   const bool failed_allowed = o.beta != 0.0f;
-  return wrong == 0 && other == 0 && (failed == 0 || failed_allowed) && ok > 0 ? 0 : 1;
+  return counts.wrong == 0 && counts.other == 0 && (counts.failed == 0 || failed_allowed) &&
+                 counts.ok > 0
+             ? 0
+             : 1;
+}
+
+// ---- paths ------------------------------------------------------------------
+
+// Verified calls the shim must not send to the daemon, each made the way an
+// application would, beside plain calls it must send. Prints how many of
+// each, for the test to compare with the shim's counters.
+int paths(const Options& o) {
+  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() + getpid());
+  cublasHandle_t handle;
+  cudaStream_t stream;
+  if (!makeHandle(handle, stream)) return 3;
+  enum class Memory { kDevice, kPool, kManaged };
+  struct Path {
+    const char* name;
+    Via via;
+    Memory memory;
+  };
+  const Path kPaths[] = {{"plain", Via::kPlain, Memory::kDevice},
+                         {"device_pointer_mode", Via::kDevicePointers, Memory::kDevice},
+                         {"graph_capture", Via::kGraph, Memory::kDevice},
+                         {"pool", Via::kPlain, Memory::kPool},
+                         {"managed", Via::kPlain, Memory::kManaged}};
+  const GemmCase cases[] = {{"nt-odd", 0, 1, 33, 17, 29},
+                            {"beta-half", 0, 0, 48, 40, 32, 0, 0, 0, 1.0f, 0.5f}};
+  int failures = 0;
+  for (const Path& path : kPaths) {
+    for (const GemmCase& c : cases) {
+      Device d;
+      float** pointers[] = {&d.a, &d.b, &d.c};
+      const std::size_t floats[] = {c.aFloats(), c.bFloats(), c.cFloats()};
+      for (int i = 0; i < 3; ++i) {
+        void** p = reinterpret_cast<void**>(pointers[i]);
+        const std::size_t bytes = floats[i] * sizeof(float);
+        if (path.memory == Memory::kDevice) EXIT_ON_CUDA_ERROR(cudaMalloc(p, bytes));
+        if (path.memory == Memory::kPool) EXIT_ON_CUDA_ERROR(cudaMallocAsync(p, bytes, stream));
+        if (path.memory == Memory::kManaged) EXIT_ON_CUDA_ERROR(cudaMallocManaged(p, bytes));
+      }
+      const Buffers in = stmux::check::makeInputs(c, random);
+      std::vector<float> result;
+      const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d, path.via);
+      for (float* p : {d.a, d.b, d.c}) {
+        if (path.memory == Memory::kPool) {
+          EXIT_ON_CUDA_ERROR(cudaFreeAsync(p, stream));
+        } else {
+          EXIT_ON_CUDA_ERROR(cudaFree(p));
+        }
+      }
+      EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+      const auto verdict = stmux::check::verify(c, in, result);
+      if (status != CUBLAS_STATUS_SUCCESS || !verdict.ok) {
+        std::printf("FAIL %s %s: status %d %s\n", path.name, c.name.c_str(), status,
+                    verdict.problem.c_str());
+        ++failures;
+      } else {
+        std::printf("ok %s %s worst %.3f\n", path.name, c.name.c_str(), verdict.worst);
+      }
+    }
+  }
+  std::printf("per_path %zu failures %d\n", std::size(cases), failures);
+  cublasDestroy_v2(handle);
+  return failures == 0 ? 0 : 1;
+}
+
+// ---- fork -------------------------------------------------------------------
+
+// A few verified calls of the quick case matrix; the number that failed.
+int verifiedCalls(cublasHandle_t handle, cudaStream_t stream, std::mt19937_64& random) {
+  int failures = 0;
+  const auto cases = stmux::check::caseMatrix(true);
+  for (std::size_t i = 0; i < 6; ++i) {
+    const GemmCase& c = cases[i];
+    const Buffers in = stmux::check::makeInputs(c, random);
+    Device d = allocate(c);
+    std::vector<float> result;
+    const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d);
+    release(d);
+    if (status != CUBLAS_STATUS_SUCCESS || !stmux::check::verify(c, in, result).ok) {
+      std::printf("FAIL pid %d %s: status %d\n", getpid(), c.name.c_str(), status);
+      ++failures;
+    }
+  }
+  return failures;
+}
+
+// Exit status of child `pid`, 128 + signal when killed.
+int reap(pid_t pid) {
+  int raw = 0;
+  while (waitpid(pid, &raw, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
+}
+
+// What the fork tests need: children forked before this process touches
+// CUDA (as a pre-fork server does) each make calls of their own; a child
+// forked after it attached (as a data loader's workers are) leaves the
+// parent's connection alone, and the parent's calls go on being served.
+int forkMode(const Options& o) {
+  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() + getpid());
+  // A call cuBLAS refuses at once (no handle) loads whatever sits in front of
+  // cuBLAS without making a CUDA context.
+  const float one = 1.0f;
+  if (cublasSgemm_v2(nullptr, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one, nullptr, 4, nullptr, 4, &one,
+                     nullptr, 4) != CUBLAS_STATUS_NOT_INITIALIZED) {
+    std::printf("FAIL a call without a handle was not refused\n");
+    return 1;
+  }
+  std::fflush(stdout);
+  std::vector<pid_t> early;
+  for (int i = 0; i < 2; ++i) {
+    const pid_t pid = fork();
+    if (pid < 0) {
+      std::perror("stmux-cublas-client: fork");
+      return 3;
+    }
+    if (pid == 0) {
+      std::mt19937_64 child_random(random() + static_cast<std::uint64_t>(getpid()));
+      cublasHandle_t handle;
+      cudaStream_t stream;
+      if (!makeHandle(handle, stream)) std::exit(3);
+      const int failures = verifiedCalls(handle, stream, child_random);
+      std::printf("early_child %d failures %d\n", getpid(), failures);
+      cublasDestroy_v2(handle);
+      std::exit(failures == 0 ? 0 : 1);
+    }
+    early.push_back(pid);
+  }
+  int failures = 0;
+  for (pid_t pid : early) {
+    if (const int status = reap(pid); status != 0) {
+      std::printf("FAIL early child %d exited %d\n", pid, status);
+      ++failures;
+    }
+  }
+
+  cublasHandle_t handle;
+  cudaStream_t stream;
+  if (!makeHandle(handle, stream)) return 3;
+  failures += verifiedCalls(handle, stream, random);
+  std::fflush(stdout);
+  const pid_t late = fork();
+  if (late < 0) {
+    std::perror("stmux-cublas-client: fork");
+    return 3;
+  }
+  if (late == 0) {
+    // CUDA is not usable in a child forked after the parent made a context;
+    // such children do CPU work and exit, running exit handlers (the shim's
+    // among them).
+    std::printf("late_child %d\n", getpid());
+    std::exit(0);
+  }
+  if (const int status = reap(late); status != 0) {
+    std::printf("FAIL late child %d exited %d\n", late, status);
+    ++failures;
+  }
+  failures += verifiedCalls(handle, stream, random);
+  std::printf("parent %d failures %d\n", getpid(), failures);
+  cublasDestroy_v2(handle);
+  return failures == 0 ? 0 : 1;
+}
+
+// ---- idle-free --------------------------------------------------------------
+
+// One served call, then idleness around freeing C: the test watches the
+// daemon's mappings meanwhile. Each step is printed when it is done.
+int idleFree(const Options& o) {
+  std::mt19937_64 random(monotonicNs() + getpid());
+  cublasHandle_t handle;
+  cudaStream_t stream;
+  if (!makeHandle(handle, stream)) return 3;
+  const GemmCase c = stmux::check::caseMatrix(true)[0];
+  Device d = allocate(c);
+  const Buffers in = stmux::check::makeInputs(c, random);
+  std::vector<float> result;
+  const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d);
+  if (status != CUBLAS_STATUS_SUCCESS || !stmux::check::verify(c, in, result).ok) {
+    std::printf("FAIL call: status %d\n", status);
+    return 1;
+  }
+  const auto idle = std::chrono::duration<double>(o.seconds);
+  std::printf("called\n");
+  std::fflush(stdout);
+  std::this_thread::sleep_for(idle);
+  EXIT_ON_CUDA_ERROR(cudaFree(d.c));
+  std::printf("freed\n");
+  std::fflush(stdout);
+  std::this_thread::sleep_for(idle);
+  EXIT_ON_CUDA_ERROR(cudaFree(d.a));
+  EXIT_ON_CUDA_ERROR(cudaFree(d.b));
+  cublasDestroy_v2(handle);
+  return 0;
 }
 
 // ---- loop and ceiling (stmux-bench) -------------------------------------------
@@ -586,6 +860,8 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (options.mode == "probe") return probe();
+  // Its first children must be forked before this process initializes CUDA.
+  if (options.mode == "fork") return forkMode(options);
   int devices = 0;
   if (const cudaError_t error = cudaGetDeviceCount(&devices);
       error != cudaSuccess || devices == 0) {
@@ -604,5 +880,7 @@ int main(int argc, char** argv) {
   if (options.mode == "check") return check(options);
   if (options.mode == "stress") return stress(options);
   if (options.mode == "loop") return loop(options);
+  if (options.mode == "paths") return paths(options);
+  if (options.mode == "idle-free") return idleFree(options);
   return ceiling(options);
 }
