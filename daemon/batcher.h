@@ -53,7 +53,7 @@ struct Batch {
 };
 
 struct BatcherOptions {
-  std::uint64_t window_ns = 100'000;
+  std::uint64_t window_ns = 20'000;
   std::uint32_t max_batch = 256;
   std::uint64_t active_ns = 2'000'000;
   // Batches handed to the executor and not yet complete: one running and one

@@ -45,7 +45,7 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice };
     "sleeps on a futex.")                                                                    \
   X(reconnect_ms, "STMUX_RECONNECT_MS", kInt, "1000", 10, 600000, "ms", kShim,               \
     "Longest back-off between attempts to attach to an absent daemon.")                      \
-  X(window_us, "STMUX_WINDOW_US", kInt, "100", 0, 1000000, "us", kDaemon,                    \
+  X(window_us, "STMUX_WINDOW_US", kInt, "20", 0, 1000000, "us", kDaemon,                     \
     "Longest a request waits for others to batch with.")                                     \
   X(max_batch, "STMUX_MAX_BATCH", kInt, "256", 1, 65536, "requests", kDaemon,                \
     "Most requests launched in one batch.")                                                  \
