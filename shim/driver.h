@@ -22,7 +22,8 @@ namespace stmux::shim {
   X(cuStreamSynchronize, 2000)    \
   X(cuStreamGetFlags, 5050)       \
   X(cuDeviceGet, 2000)            \
-  X(cuDeviceGetUuid, 11040)
+  X(cuDeviceGetUuid, 11040)       \
+  X(cuThreadExchangeStreamCaptureMode, 10010)
 
 struct Driver {
 #define STMUX_DRIVER_MEMBER(name, version) PFN_##name##_v##version name = nullptr;

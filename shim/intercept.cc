@@ -424,6 +424,10 @@ void Shim::startSweeper() {
 
 void Shim::sweepLoop() {
   pthread_setname_np(pthread_self(), "stmux-sweep");
+  // Nothing this thread calls may disturb a graph the application captures
+  // in cudaStreamCaptureModeGlobal on another thread.
+  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+  driver_->cuThreadExchangeStreamCaptureMode(&mode);
   while (true) {
     std::this_thread::sleep_for(kSweepInterval);
     std::lock_guard sweeping(sweep_mutex_);

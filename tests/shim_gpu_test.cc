@@ -156,6 +156,10 @@ TEST_F(ShimOnGpu, ADaemonKilledMidRunLeavesNoCallerHangingOrWrongAndTheyComeBack
   }
 }
 
+// Graph capture (in cudaStreamCaptureModeGlobal, one capture held open while
+// the shim's sweeper runs: a capture it disturbed would fail to end, exit 3),
+// device pointer mode, pool and managed memory: each result right, each call
+// counted under its reason, and the plain calls beside them served.
 TEST_F(ShimOnGpu, CallsItMustNotForwardGoToCublasAndComeOutRight) {
   Process c = client({"paths"}, shimmed(), "paths");
   ASSERT_EQ(c.wait(), 0) << c.out() << c.err();
@@ -163,11 +167,12 @@ TEST_F(ShimOnGpu, CallsItMustNotForwardGoToCublasAndComeOutRight) {
   const long per_path = outValue(c.out(), "per_path");
   ASSERT_GT(per_path, 0) << c.out();
   const Stats stats = shimStats(c.err());
-  EXPECT_EQ(stats.served, per_path) << "the plain calls beside them: " << c.err();
+  EXPECT_EQ(stats.served, outValue(c.out(), "plain_calls"))
+      << "the plain calls beside them: " << c.err();
   EXPECT_EQ(stats.failed, 0);
   // Pool and managed memory cannot be exported with an IPC handle.
   EXPECT_EQ(stats.direct, (std::map<std::string, long>{{"device_pointer_mode", per_path},
-                                                       {"graph_capture", per_path},
+                                                       {"graph_capture", 2 * per_path},
                                                        {"not_exportable", 2 * per_path}}))
       << c.err();
 }

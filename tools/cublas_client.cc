@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -282,7 +283,7 @@ enum class Via { kPlain, kDevicePointers, kGraph };
 // the call is correct only if it is ordered after them.
 cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaStream_t stream,
                        const Buffers& in, std::vector<float>& result, Device& d,
-                       Via via = Via::kPlain) {
+                       Via via = Via::kPlain, double hold_capture_s = 0) {
   float* pinned = nullptr;
   const std::size_t largest = std::max({in.a.size(), in.b.size(), in.c.size()});
   EXIT_ON_CUDA_ERROR(
@@ -313,7 +314,9 @@ cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaSt
         alpha = scalars, beta = scalars + 1;
       }
       if (via == Via::kGraph) {
-        EXIT_ON_CUDA_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        // Global: any thread's unsafe call during the capture invalidates it.
+        EXIT_ON_CUDA_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        std::this_thread::sleep_for(std::chrono::duration<double>(hold_capture_s));
       }
       status = cublasSgemm_v2(handle, op(c.transa), op(c.transb), static_cast<int>(c.m),
                               static_cast<int>(c.n), static_cast<int>(c.k), alpha, a,
@@ -543,15 +546,34 @@ int paths(const Options& o) {
     const char* name;
     Via via;
     Memory memory;
+    double hold_capture_s = 0;  // the capture stays open this long
   };
   const Path kPaths[] = {{"plain", Via::kPlain, Memory::kDevice},
                          {"device_pointer_mode", Via::kDevicePointers, Memory::kDevice},
                          {"graph_capture", Via::kGraph, Memory::kDevice},
+                         // Long enough for the shim's sweeper to run meanwhile.
+                         {"graph_capture_held", Via::kGraph, Memory::kDevice, 2.5},
                          {"pool", Via::kPlain, Memory::kPool},
                          {"managed", Via::kPlain, Memory::kManaged}};
   const GemmCase cases[] = {{"nt-odd", 0, 1, 33, 17, 29},
                             {"beta-half", 0, 0, 48, 40, 32, 0, 0, 0, 1.0f, 0.5f}};
   int failures = 0;
+  std::size_t plain_calls = std::size(cases);
+  // Memory the shim has exported, alive throughout, so that its sweeper
+  // queries the driver while the held capture is open.
+  const GemmCase& kept_case = cases[0];
+  Device kept = allocate(kept_case);
+  const Buffers kept_in = stmux::check::makeInputs(kept_case, random);
+  {
+    std::vector<float> result;
+    const cublasStatus_t status =
+        runCase(kept_case, Api::kV2, handle, stream, kept_in, result, kept);
+    ++plain_calls;
+    if (status != CUBLAS_STATUS_SUCCESS || !stmux::check::verify(kept_case, kept_in, result).ok) {
+      std::printf("FAIL kept %s: status %d\n", kept_case.name.c_str(), status);
+      ++failures;
+    }
+  }
   for (const Path& path : kPaths) {
     for (const GemmCase& c : cases) {
       Device d;
@@ -566,7 +588,8 @@ int paths(const Options& o) {
       }
       const Buffers in = stmux::check::makeInputs(c, random);
       std::vector<float> result;
-      const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d, path.via);
+      const cublasStatus_t status =
+          runCase(c, Api::kV2, handle, stream, in, result, d, path.via, path.hold_capture_s);
       for (float* p : {d.a, d.b, d.c}) {
         if (path.memory == Memory::kPool) {
           EXIT_ON_CUDA_ERROR(cudaFreeAsync(p, stream));
@@ -585,7 +608,9 @@ int paths(const Options& o) {
       }
     }
   }
-  std::printf("per_path %zu failures %d\n", std::size(cases), failures);
+  release(kept);
+  std::printf("per_path %zu plain_calls %zu failures %d\n", std::size(cases), plain_calls,
+              failures);
   cublasDestroy_v2(handle);
   return failures == 0 ? 0 : 1;
 }
