@@ -416,7 +416,7 @@ void Shim::startSweeper() {
   } catch (const std::system_error& error) {
     STMUX_WARN(kShim,
                "cannot start the sweeper thread ({}); freed memory stays mapped in the daemon "
-               "until a later call notices it",
+               "until a new allocation reuses its address or this process exits",
                error.what());
   }
   pthread_sigmask(SIG_SETMASK, &previous, nullptr);

@@ -1,7 +1,9 @@
 // libstmux.so in front of an ordinary cuBLAS program (stmux-cublas-client),
 // with the real daemon on a GPU: the same results as without it, served by
-// the daemon, at 64 processes, and through the daemon's death and return.
-// Skipped, saying so, where there is no CUDA device.
+// the daemon, at 64 processes, and through the daemon's death and return;
+// the calls it must leave to cuBLAS; many threads of one process; fork; and
+// memory an idle tenant frees leaving the daemon. Skipped, saying so, where
+// there is no CUDA device.
 #include <regex>
 #include <sstream>
 
