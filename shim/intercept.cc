@@ -67,6 +67,7 @@ class Shim {
   void printCounters();
   void startSweeper();
   void sweepLoop();
+  void releaseGone(Connection& connection);
   void atExit();
 
   static void forkPrepare();
@@ -249,10 +250,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   }
   request.device = *uuid;
 
-  if (std::vector<std::uint64_t> gone = allocations_.takeGone(); !gone.empty()) {
-    STMUX_DEBUG(kShim, "telling the daemon {} allocations are gone", gone.size());
-    (void)conn->sendRelease(gone);
-  }
+  releaseGone(*conn);
 
   // Host mode: the daemon must not read A, B or C before the work this
   // caller queued earlier is done. The legacy API's stream is not visible, so
@@ -441,10 +439,15 @@ void Shim::sweepLoop() {
     // there is a daemon to tell.
     if (!connection) continue;
     allocations_.sweep(*driver_);
-    if (std::vector<std::uint64_t> gone = allocations_.takeGone(); !gone.empty()) {
-      STMUX_DEBUG(kShim, "telling the daemon {} freed allocations are gone", gone.size());
-      (void)connection->sendRelease(gone);
-    }
+    releaseGone(*connection);
+  }
+}
+
+// Tells the daemon which allocations were found freed, so it unmaps them.
+void Shim::releaseGone(Connection& connection) {
+  if (std::vector<std::uint64_t> gone = allocations_.takeGone(); !gone.empty()) {
+    STMUX_DEBUG(kShim, "telling the daemon {} freed allocations are gone", gone.size());
+    (void)connection.sendRelease(gone);
   }
 }
 

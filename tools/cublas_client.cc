@@ -378,6 +378,21 @@ void release(Device& d) {
   d = {};
 }
 
+// One cublasSgemm_v2 of `c` on fresh random inputs in `d`: its status, and
+// whether C matches the float64 reference.
+struct Checked {
+  cublasStatus_t status;
+  bool right;
+  bool ok() const { return status == CUBLAS_STATUS_SUCCESS && right; }
+};
+Checked callChecked(const GemmCase& c, cublasHandle_t handle, cudaStream_t stream, Device& d,
+                    std::mt19937_64& random) {
+  const Buffers in = stmux::check::makeInputs(c, random);
+  std::vector<float> result;
+  const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d);
+  return {status, status == CUBLAS_STATUS_SUCCESS && stmux::check::verify(c, in, result).ok};
+}
+
 int check(const Options& o) {
   std::mt19937_64 random(o.seed != 0 ? o.seed
                                      : monotonicNs() ^ (std::uint64_t{1} << 32) * getpid());
@@ -495,12 +510,10 @@ void stressThread(const Options& o, std::uint64_t seed, std::uint64_t until_ns,
   while (monotonicNs() < until_ns) {
     GemmCase c{"stress", 0, 0, size(random), size(random), size(random)};
     c.beta = o.beta;
-    const Buffers in = stmux::check::makeInputs(c, random);
-    std::vector<float> result;
-    const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d);
-    if (status == CUBLAS_STATUS_SUCCESS) {
-      ++(stmux::check::verify(c, in, result).ok ? counts.ok : counts.wrong);
-    } else if (status == CUBLAS_STATUS_EXECUTION_FAILED) {
+    const Checked call = callChecked(c, handle, stream, d, random);
+    if (call.status == CUBLAS_STATUS_SUCCESS) {
+      ++(call.right ? counts.ok : counts.wrong);
+    } else if (call.status == CUBLAS_STATUS_EXECUTION_FAILED) {
       ++counts.failed;  // allowed for beta != 0 when the daemon dies mid-call
     } else {
       ++counts.other;
@@ -561,18 +574,11 @@ int paths(const Options& o) {
   std::size_t plain_calls = std::size(cases);
   // Memory the shim has exported, alive throughout, so that its sweeper
   // queries the driver while the held capture is open.
-  const GemmCase& kept_case = cases[0];
-  Device kept = allocate(kept_case);
-  const Buffers kept_in = stmux::check::makeInputs(kept_case, random);
-  {
-    std::vector<float> result;
-    const cublasStatus_t status =
-        runCase(kept_case, Api::kV2, handle, stream, kept_in, result, kept);
-    ++plain_calls;
-    if (status != CUBLAS_STATUS_SUCCESS || !stmux::check::verify(kept_case, kept_in, result).ok) {
-      std::printf("FAIL kept %s: status %d\n", kept_case.name.c_str(), status);
-      ++failures;
-    }
+  Device kept = allocate(cases[0]);
+  ++plain_calls;
+  if (const Checked call = callChecked(cases[0], handle, stream, kept, random); !call.ok()) {
+    std::printf("FAIL kept %s: status %d\n", cases[0].name.c_str(), call.status);
+    ++failures;
   }
   for (const Path& path : kPaths) {
     for (const GemmCase& c : cases) {
@@ -623,13 +629,11 @@ int verifiedCalls(cublasHandle_t handle, cudaStream_t stream, std::mt19937_64& r
   const auto cases = stmux::check::caseMatrix(true);
   for (std::size_t i = 0; i < 6; ++i) {
     const GemmCase& c = cases[i];
-    const Buffers in = stmux::check::makeInputs(c, random);
     Device d = allocate(c);
-    std::vector<float> result;
-    const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d);
+    const Checked call = callChecked(c, handle, stream, d, random);
     release(d);
-    if (status != CUBLAS_STATUS_SUCCESS || !stmux::check::verify(c, in, result).ok) {
-      std::printf("FAIL pid %d %s: status %d\n", getpid(), c.name.c_str(), status);
+    if (!call.ok()) {
+      std::printf("FAIL pid %d %s: status %d\n", getpid(), c.name.c_str(), call.status);
       ++failures;
     }
   }
@@ -724,11 +728,8 @@ int idleFree(const Options& o) {
   if (!makeHandle(handle, stream)) return 3;
   const GemmCase c = stmux::check::caseMatrix(true)[0];
   Device d = allocate(c);
-  const Buffers in = stmux::check::makeInputs(c, random);
-  std::vector<float> result;
-  const cublasStatus_t status = runCase(c, Api::kV2, handle, stream, in, result, d);
-  if (status != CUBLAS_STATUS_SUCCESS || !stmux::check::verify(c, in, result).ok) {
-    std::printf("FAIL call: status %d\n", status);
+  if (const Checked call = callChecked(c, handle, stream, d, random); !call.ok()) {
+    std::printf("FAIL call: status %d\n", call.status);
     return 1;
   }
   const auto idle = std::chrono::duration<double>(o.seconds);
