@@ -20,7 +20,6 @@ namespace stmux::shim {
   X(cuStreamIsCapturing, 10000)   \
   X(cuCtxSynchronize, 2000)       \
   X(cuStreamSynchronize, 2000)    \
-  X(cuStreamGetFlags, 5050)       \
   X(cuDeviceGet, 2000)            \
   X(cuDeviceGetUuid, 11040)       \
   X(cuThreadExchangeStreamCaptureMode, 10010)

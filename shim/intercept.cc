@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -63,7 +64,7 @@ class Shim {
   cublasStatus_t finish(std::int32_t status, float beta, DirectCall direct, Connection& connection);
   cublasStatus_t failed(Connection* connection);
   std::optional<Uuid> uuidOf(int device);
-  CUresult waitAsAKernelWould(CUstream stream);
+  CUresult waitForPriorWork(CUstream stream);
   void printCounters();
   void startSweeper();
   void sweepLoop();
@@ -81,6 +82,8 @@ class Shim {
   std::string name_;
 
   std::mutex connection_mutex_;
+  std::condition_variable attached_cv_;  // signalled when an attach attempt ends
+  bool attaching_ = false;               // under connection_mutex_: one thread attaches
   std::shared_ptr<Connection> connection_;
   std::uint64_t next_attempt_ns_ = 0;
   std::uint64_t backoff_ns_ = kFirstBackoffNs;
@@ -256,7 +259,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   // caller queued earlier is done. The legacy API's stream is not visible, so
   // wait for the whole context there.
   const CUresult synced = gemm.legacy ? driver_->cuCtxSynchronize()
-                                      : waitAsAKernelWould(reinterpret_cast<CUstream>(stream));
+                                      : waitForPriorWork(reinterpret_cast<CUstream>(stream));
   if (synced != CUDA_SUCCESS) return fallback(Fallback::kCudaError, direct, conn);
 
   request.request_id = next_request_id_.fetch_add(1, std::memory_order_relaxed);
@@ -300,7 +303,13 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
 std::shared_ptr<Connection> Shim::connection(Fallback& why) {
   const std::uint64_t now = nowNs();
   {
-    std::lock_guard lock(connection_mutex_);
+    std::unique_lock lock(connection_mutex_);
+    // Another thread is attaching (a program's first calls often come from
+    // several threads at once): wait for its outcome rather than run
+    // directly beside a daemon that is up. The attach is bounded by the
+    // welcome timeout.
+    attached_cv_.wait_for(lock, std::chrono::nanoseconds(2 * kWelcomeTimeoutNs),
+                          [this] { return !attaching_; });
     why = last_failure_.rfind("the daemon refused", 0) == 0 ? Fallback::kRefused
                                                             : Fallback::kNoDaemon;
     if (connection_) {
@@ -314,8 +323,9 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
       backoff_ns_ = kFirstBackoffNs;
       next_attempt_ns_ = now;
     }
-    if (now < next_attempt_ns_) return nullptr;
-    next_attempt_ns_ = now + backoff_ns_;  // this thread tries; the others go direct
+    if (attaching_ || now < next_attempt_ns_) return nullptr;
+    next_attempt_ns_ = now + backoff_ns_;
+    attaching_ = true;
   }
   ConnectOptions options;
   options.socket_path = config_.socket;
@@ -324,6 +334,8 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
   auto opened = Connection::open(options);
 
   std::lock_guard lock(connection_mutex_);
+  attaching_ = false;
+  attached_cv_.notify_all();
   if (!opened) {
     const std::uint64_t limit = static_cast<std::uint64_t>(config_.reconnect_ms) * 1'000'000;
     backoff_ns_ = std::min(backoff_ns_ * 2, limit);
@@ -360,27 +372,32 @@ void Shim::drop(const std::shared_ptr<Connection>& connection, const char* why) 
   next_attempt_ns_ = nowNs() + backoff_ns_;
 }
 
-// Waits for what a kernel launched on `stream` would wait for, without
-// putting any work into the caller's context: work there would make the GPU
-// time-slice between the tenants' contexts and the daemon's, the very thing
-// stmux exists to avoid. A kernel on a non-blocking stream waits for that
-// stream alone; on a blocking stream (or the per-thread default stream) also
-// for the legacy stream's earlier work, such as the DMA of a cudaMemcpy from
-// pageable memory, which may still run when cudaMemcpy has returned; on the
-// legacy stream for every blocking stream, which only a context-wide wait
-// covers.
-CUresult Shim::waitAsAKernelWould(CUstream stream) {
+// Waits, without putting any work into the caller's context, for the work
+// this call's operands may depend on (docs/ARCHITECTURE.md, "Stream order"):
+// - everything queued earlier on the caller's stream, and what it was made to
+//   wait for (events of other streams and threads);
+// - everything queued earlier on the legacy default stream, whatever the
+//   caller's stream: a plain cudaMemcpy from pageable memory, a cudaMemset or
+//   a device-to-device cudaMemcpy runs there and may still be running when it
+//   returns. A kernel on a non-blocking stream would not wait for it by
+//   CUDA's letter, yet in practice it lands first when the kernel runs in the
+//   same context; the daemon's kernel runs in another, and read stale
+//   operands (seen on the H200: 2 calls of 320);
+// - the calling thread's per-thread default stream, where the same calls go
+//   in programs built with --default-stream per-thread;
+// - for the legacy stream itself, every blocking stream too, which only a
+//   context-wide wait covers.
+// Work put into the caller's context would make the GPU time-slice between
+// the tenants' contexts and the daemon's, the very thing stmux avoids.
+CUresult Shim::waitForPriorWork(CUstream stream) {
   const auto handle = reinterpret_cast<std::uintptr_t>(stream);
   if (handle == 0 || stream == CU_STREAM_LEGACY) return driver_->cuCtxSynchronize();
   CUresult result = driver_->cuStreamSynchronize(stream);
-  if (result != CUDA_SUCCESS) return result;
-  if (stream != CU_STREAM_PER_THREAD) {
-    unsigned int flags = 0;
-    result = driver_->cuStreamGetFlags(stream, &flags);
-    if (result != CUDA_SUCCESS) return result;
-    if ((flags & CU_STREAM_NON_BLOCKING) != 0) return CUDA_SUCCESS;
+  if (result == CUDA_SUCCESS && stream != CU_STREAM_PER_THREAD) {
+    result = driver_->cuStreamSynchronize(CU_STREAM_PER_THREAD);
   }
-  return driver_->cuStreamSynchronize(CU_STREAM_LEGACY);
+  if (result == CUDA_SUCCESS) result = driver_->cuStreamSynchronize(CU_STREAM_LEGACY);
+  return result;
 }
 
 std::optional<Uuid> Shim::uuidOf(int device) {
@@ -500,6 +517,7 @@ void Shim::forkChild() {
     shim.connection_.reset();
   }
   shim.sweeper_started_ = false;  // threads do not survive fork()
+  shim.attaching_ = false;
   shim.next_attempt_ns_ = 0;
   shim.backoff_ns_ = kFirstBackoffNs;
   shim.calls_ = 0;
