@@ -116,11 +116,28 @@ class Executor::Impl {
     float* c;
   };
   // A run of `count` requests with one key, at `start` in the launch order.
+  // `alone`: a request whose operands are not all 16-byte aligned, launched
+  // by itself as cublasSgemm, never in a batched or grouped launch.
   struct Group {
     BatchKey key;
     std::size_t start = 0;
     std::size_t count = 0;
+    bool alone = false;
   };
+
+  // The batched and grouped kernels read their pointers from device memory,
+  // where cuBLAS cannot look at them before choosing a kernel, and some of
+  // those kernels load 16 bytes at a time: operands at a 4-byte offset made
+  // the GPU fail a batch with cudaErrorMisalignedAddress (seen on the H200 by
+  // the differential suite), which is sticky and cost the daemon its GPU.
+  // cublasSgemm sees its pointers and picks a kernel that fits them.
+  static constexpr std::uintptr_t kBatchAlignment = 16;
+  static bool batchable(const Ready& r) {
+    const auto misaligned = [](const void* p) {
+      return (reinterpret_cast<std::uintptr_t>(p) % kBatchAlignment) != 0;
+    };
+    return !misaligned(r.a) && !misaligned(r.b) && !misaligned(r.c);
+  }
 
   Status init() {
     STMUX_CUDA(cudaSetDevice(options_.device));
@@ -310,10 +327,12 @@ class Executor::Impl {
     std::vector<std::size_t> group_of(ready.size());
     for (std::size_t j = 0; j < ready.size(); ++j) {
       const BatchKey& key = batch->items[ready[j].item].key;
+      const bool alone = !batchable(ready[j]);
       std::size_t g = 0;
-      while (g < groups.size() && !(groups[g].key == key))
+      while (!alone && g < groups.size() && (groups[g].alone || !(groups[g].key == key)))
         ++g;
-      if (g == groups.size()) groups.push_back(Group{key, 0, 0});
+      if (alone) g = groups.size();
+      if (g == groups.size()) groups.push_back(Group{key, 0, 0, alone});
       ++groups[g].count;
       group_of[j] = g;
     }
@@ -368,14 +387,17 @@ class Executor::Impl {
 
     const bool grouped =
         options_.launch == LaunchMode::kGrouped ||
-        (options_.launch == LaunchMode::kAuto && groups.size() >= options_.grouped_min_keys);
+        (options_.launch == LaunchMode::kAuto &&
+         static_cast<std::size_t>(std::count_if(groups.begin(), groups.end(), [](const Group& g) {
+           return !g.alone;
+         })) >= options_.grouped_min_keys);
     std::size_t first = 0;
     while (first < groups.size()) {
       // One grouped launch shares the handle's math mode: take a run of
       // groups with the same modes whose sizes fit the int API.
       std::size_t last = first + 1;
-      if (grouped && fitsInt(groups[first].key)) {
-        while (last < groups.size() && fitsInt(groups[last].key) &&
+      if (grouped && !groups[first].alone && fitsInt(groups[first].key)) {
+        while (last < groups.size() && !groups[last].alone && fitsInt(groups[last].key) &&
                groups[last].key.math_mode == groups[first].key.math_mode &&
                groups[last].key.emulation == groups[first].key.emulation) {
           ++last;

@@ -44,6 +44,22 @@ TEST_F(StmuxdOnGpu, MixedShapesShareBatchesAndStayRight) {
   EXPECT_LT(batches, requests) << "no batch held more than one request";
 }
 
+// Operands off 16-byte alignment in one batch with aligned ones: the batched
+// kernels must not see them (a misaligned load is a sticky CUDA error that
+// cost the daemon its GPU), and every result is right.
+TEST_F(StmuxdOnGpu, UnalignedOperandsInABatchAreRightAndTheGpuStaysWhole) {
+  Process c = client({"cases", "--together", "--unaligned"}, "unaligned");
+  expectPasses(c, "aligned and unaligned requests submitted at once");
+  EXPECT_EQ(countOf(c.out(), "ok "), 48) << c.out();
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  EXPECT_LT(gpuField(*status, "batches"), gpuField(*status, "requests"))
+      << "the aligned requests should have shared batches";
+  const JsonValue* broken = status->find("gpus")->at(0)->find("broken");
+  ASSERT_NE(broken, nullptr);
+  EXPECT_FALSE(broken->asBool()) << "the daemon lost its GPU";
+}
+
 TEST_F(StmuxdOnGpu, ThirtyTwoProcessesAtOnce) {
   std::vector<Process> clients;
   for (int i = 0; i < 32; ++i)

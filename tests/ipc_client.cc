@@ -2,10 +2,14 @@
 // transport and real CUDA IPC, without the shim: the daemon's own tests.
 //
 //   probe                      exit 0 if there is a CUDA device, 77 if not
-//   cases [--quick] [--together] [--seed N]
+//   cases [--quick] [--together] [--unaligned] [--seed N]
 //                              the case matrix through the daemon, each result
 //                              against a float64 reference; --together submits
-//                              every case at once, so shapes mix in batches
+//                              every case at once, so shapes mix in batches;
+//                              --unaligned: instead, four shapes twelve times
+//                              each, half of them with operands at offsets of
+//                              1 to 3 floats, so that such operands meet in one
+//                              batch
 //   facts                      what CUDA IPC does when an address is reused:
 //                              the handles and buffer ids of an allocation and
 //                              of the one made at its address after a free
@@ -101,7 +105,32 @@ struct Pending {
   stmux::shim::Ticket ticket;
 };
 
-int cases(stmux::shim::Connection& connection, bool quick, bool together, std::uint64_t seed) {
+// Requests that would share batched and grouped launches, half of them with
+// an operand off 16-byte alignment.
+std::vector<GemmCase> unalignedCases() {
+  std::vector<GemmCase> cases;
+  const std::int64_t shapes[4][5] = {
+      {0, 0, 64, 48, 40}, {1, 0, 33, 20, 17}, {0, 1, 96, 8, 64}, {1, 1, 16, 16, 16}};
+  for (int i = 0; i < 48; ++i) {
+    const auto& s = shapes[i % 4];
+    GemmCase c{"unaligned-" + std::to_string(i),
+               static_cast<int>(s[0]),
+               static_cast<int>(s[1]),
+               s[2],
+               s[3],
+               s[4]};
+    c.beta = (i / 4) % 2 == 0 ? 0.0f : 0.5f;
+    const bool odd = (i / 8) % 2 == 1;
+    c.a_offset = odd ? 1 + i % 3 : 4 * (i % 2);
+    c.b_offset = odd ? 1 + (i + 1) % 3 : 0;
+    c.c_offset = odd ? 1 + (i + 2) % 3 : 8;
+    cases.push_back(c);
+  }
+  return cases;
+}
+
+int cases(stmux::shim::Connection& connection, bool quick, bool together, bool unaligned,
+          std::uint64_t seed) {
   std::mt19937_64 random(seed);
   const stmux::Uuid device = deviceUuid();
   int failures = 0;
@@ -130,7 +159,7 @@ int cases(stmux::shim::Connection& connection, bool quick, bool together, std::u
       ++failures;
     }
   };
-  for (const GemmCase& c : stmux::check::caseMatrix(quick)) {
+  for (const GemmCase& c : unaligned ? unalignedCases() : stmux::check::caseMatrix(quick)) {
     Pending p{c,
               stmux::check::makeInputs(c, random),
               std::make_unique<Allocation>(c.aFloats()),
@@ -260,7 +289,7 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: stmux-ipc-client probe | cases|overrun --socket PATH "
-                 "[--quick] [--together] [--seed N]\n");
+                 "[--quick] [--together] [--unaligned] [--seed N]\n");
     return 2;
   }
   const std::string mode = argv[1];
@@ -276,13 +305,12 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::string socket;
-  bool quick = false, together = false;
+  bool quick = false, together = false, unaligned = false;
   std::uint64_t seed = stmux::nowNs() ^ static_cast<std::uint64_t>(getpid());
-  static const option kLong[] = {{"socket", required_argument, nullptr, 's'},
-                                 {"quick", no_argument, nullptr, 'q'},
-                                 {"together", no_argument, nullptr, 't'},
-                                 {"seed", required_argument, nullptr, 'r'},
-                                 {nullptr, 0, nullptr, 0}};
+  static const option kLong[] = {
+      {"socket", required_argument, nullptr, 's'}, {"quick", no_argument, nullptr, 'q'},
+      {"together", no_argument, nullptr, 't'},     {"unaligned", no_argument, nullptr, 'u'},
+      {"seed", required_argument, nullptr, 'r'},   {nullptr, 0, nullptr, 0}};
   optind = 2;
   for (int c; (c = getopt_long(argc, argv, "", kLong, nullptr)) != -1;) {
     if (c == 's')
@@ -291,6 +319,8 @@ int main(int argc, char** argv) {
       quick = true;
     else if (c == 't')
       together = true;
+    else if (c == 'u')
+      unaligned = true;
     else if (c == 'r')
       seed = std::strtoull(optarg, nullptr, 10);
     else
@@ -307,6 +337,6 @@ int main(int argc, char** argv) {
     return 4;
   }
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  return mode == "cases" ? cases(*connection.value(), quick, together, seed)
+  return mode == "cases" ? cases(*connection.value(), quick, together, unaligned, seed)
                          : overrun(*connection.value());
 }
