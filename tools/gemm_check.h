@@ -117,28 +117,56 @@ inline Buffers makeInputs(const GemmCase& c, std::mt19937_64& random) {
   return buffers;
 }
 
+// A and B in one buffer, the same pointer passed for both (cuBLAS only reads
+// them): `c` gets one leading dimension and offset for both, and the buffer
+// holds A's values where A reads, B's where only B reads, sentinels elsewhere.
+// `a` and `b` are then the same buffer, so the reference reads it for both.
+inline Buffers makeAliasedInputs(GemmCase& c, std::mt19937_64& random) {
+  const std::int64_t ld = std::max(c.lda(), c.ldb());
+  c.lda_pad += ld - c.lda();
+  c.ldb_pad += ld - c.ldb();
+  c.b_offset = c.a_offset;
+  Buffers buffers = makeInputs(c, random);
+  std::vector<float> shared(std::max(buffers.a.size(), buffers.b.size()), kSentinel);
+  std::copy(buffers.b.begin(), buffers.b.end(), shared.begin());
+  for (std::int64_t j = 0; j < c.colsA(); ++j) {
+    for (std::int64_t i = 0; i < c.rowsA(); ++i) {
+      const std::size_t index = c.a_offset + j * ld + i;
+      shared[index] = buffers.a[index];
+    }
+  }
+  buffers.a = shared;
+  buffers.b = std::move(shared);
+  return buffers;
+}
+
 struct Verdict {
   bool ok = true;
   double worst = 0;     // worst error over its allowed bound
   std::string problem;  // the first thing wrong
 };
 
-// Compares C after the call with a float64 reference. Each element may differ
-// by a bound from the FP32 (or TF32) error of its dot product; elements
-// outside the m x n block must be exactly as they were.
-inline Verdict verify(const GemmCase& c, const Buffers& in, const std::vector<float>& result) {
-  Verdict verdict;
-  const double unit = c.math == kTf32Math ? 1.0 / 1024 : 1.0 / (1 << 23);
-  const double allowed = unit * (2.0 * static_cast<double>(c.k) + 4.0);
+// The float64 reference of one case, m x n column-major: each element's
+// expected value and the scale of its error bound. Computed once, it checks
+// any number of results of the same call.
+struct Reference {
+  std::vector<double> expected, scale;
+};
+
+inline Reference reference(const GemmCase& c, const Buffers& in) {
+  Reference ref;
+  const std::size_t m = c.m > 0 ? static_cast<std::size_t>(c.m) : 0;
+  const std::size_t n = c.n > 0 ? static_cast<std::size_t>(c.n) : 0;
+  ref.expected.assign(m * n, 0.0);
+  ref.scale.assign(m * n, 0.0);
   auto a = [&](std::int64_t i, std::int64_t l) {
     return c.transa == 0 ? in.a[c.a_offset + l * c.lda() + i] : in.a[c.a_offset + i * c.lda() + l];
   };
   auto b = [&](std::int64_t l, std::int64_t j) {
     return c.transb == 0 ? in.b[c.b_offset + j * c.ldb() + l] : in.b[c.b_offset + l * c.ldb() + j];
   };
-  std::vector<bool> inside(result.size(), false);
-  std::vector<double> row_sum(c.m), row_abs(c.m);
-  for (std::int64_t j = 0; j < c.n && verdict.ok; ++j) {
+  std::vector<double> row_sum(m), row_abs(m);
+  for (std::int64_t j = 0; j < c.n; ++j) {
     std::fill(row_sum.begin(), row_sum.end(), 0.0);
     std::fill(row_abs.begin(), row_abs.end(), 0.0);
     for (std::int64_t l = 0; l < c.k; ++l) {
@@ -151,13 +179,31 @@ inline Verdict verify(const GemmCase& c, const Buffers& in, const std::vector<fl
     }
     for (std::int64_t i = 0; i < c.m; ++i) {
       const std::size_t index = c.c_offset + j * c.ldc() + i;
-      inside[index] = true;
       const double c0 = c.beta == 0.0f ? 0.0 : in.c0[index];
-      const double expected = c.alpha * row_sum[i] + c.beta * c0;
-      const double scale = std::fabs(c.alpha) * row_abs[i] + std::fabs(c.beta * c0);
+      ref.expected[j * m + i] = c.alpha * row_sum[i] + c.beta * c0;
+      ref.scale[j * m + i] = std::fabs(c.alpha) * row_abs[i] + std::fabs(c.beta * c0);
+    }
+  }
+  return ref;
+}
+
+// Compares C after the call with a float64 reference. Each element may differ
+// by a bound from the FP32 (or TF32) error of its dot product; elements
+// outside the m x n block must be exactly as they were.
+inline Verdict verify(const GemmCase& c, const Buffers& in, const Reference& ref,
+                      const std::vector<float>& result) {
+  Verdict verdict;
+  const double unit = c.math == kTf32Math ? 1.0 / 1024 : 1.0 / (1 << 23);
+  const double allowed = unit * (2.0 * static_cast<double>(c.k) + 4.0);
+  std::vector<bool> inside(result.size(), false);
+  for (std::int64_t j = 0; j < c.n && verdict.ok; ++j) {
+    for (std::int64_t i = 0; i < c.m; ++i) {
+      const std::size_t index = c.c_offset + j * c.ldc() + i;
+      inside[index] = true;
+      const double expected = ref.expected[j * c.m + i];
       const double got = result[index];
       const double error = std::fabs(got - expected);
-      const double bound = allowed * scale + 1e-30;
+      const double bound = allowed * ref.scale[j * c.m + i] + 1e-30;
       if (!(error <= bound)) {  // NaN fails too
         verdict.ok = false;
         char text[200];
@@ -177,6 +223,10 @@ inline Verdict verify(const GemmCase& c, const Buffers& in, const std::vector<fl
     }
   }
   return verdict;
+}
+
+inline Verdict verify(const GemmCase& c, const Buffers& in, const std::vector<float>& result) {
+  return verify(c, in, reference(c, in), result);
 }
 
 }  // namespace stmux::check
