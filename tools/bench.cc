@@ -1,16 +1,20 @@
 // stmux-bench: R tenant processes sharing one GPU, four ways, side by side.
 //
 // Each tenant is stmux-cublas-client, an ordinary cuBLAS program, running a
-// closed loop {sgemm; wait} on its own matrices between two instants that all
-// tenants share. Modes:
+// closed loop {sgemm; wait}. Modes:
 //   time-only  plain processes: the GPU's default time-slicing
 //   mps        under NVIDIA MPS, started and stopped by this tool
 //   stmux      stmuxd running, every tenant with LD_PRELOAD=libstmux.so
 //   ceiling    one process issuing one batched launch of R GEMMs per round
-// For each shape and R it reports GEMMs/s, GFLOP/s, the latency of every
-// call (p50/p99/p99.9 over all tenants' calls, and the worst tenant's p99),
-// ratios to the baselines, the stmux tenants' fallbacks and the daemon's mean
-// batch; then a table, JSON and a PNG plot, and whether the targets were met.
+// The clock starts for all tenants of a row at once, after every one of them
+// is set up, warmed up and (for stmux) attached, and a common warm-up has
+// passed (tools/barrier.h). A row counts only if every tenant ran through the
+// whole timed span and made progress (tools/row_validity.h); otherwise it is
+// printed with the reason and used for no ratio and no target.
+// For each valid row it reports GEMMs/s, GFLOP/s, the latency of every call
+// (p50/p99/p99.9 over all tenants' calls, and the worst tenant's p99), ratios
+// to the baselines, the stmux tenants' fallbacks and the daemon's mean batch;
+// then a table, JSON and a PNG plot, the targets met or missed, and a summary.
 #include <getopt.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -33,17 +37,19 @@
 #include "stmux/control.h"
 #include "stmux/json.h"
 #include "stmux/json_read.h"
+#include "tools/barrier.h"
 #include "tools/latency.h"
 #include "tools/plot.h"
 #include "tools/process.h"
+#include "tools/row_validity.h"
 
 namespace stmux::tools {
 namespace {
 
 namespace fs = std::filesystem;
 
-enum class Mode { kTime, kMps, kStmux, kCeiling };
-constexpr Mode kModes[] = {Mode::kTime, Mode::kMps, Mode::kStmux, Mode::kCeiling};
+enum class Mode { kTime, kMps, kStmux, kStmuxMps, kCeiling };
+constexpr Mode kModes[] = {Mode::kTime, Mode::kMps, Mode::kStmux, Mode::kStmuxMps, Mode::kCeiling};
 const char* modeName(Mode mode) {
   switch (mode) {
     case Mode::kTime:
@@ -52,6 +58,8 @@ const char* modeName(Mode mode) {
       return "mps";
     case Mode::kStmux:
       return "stmux";
+    case Mode::kStmuxMps:
+      return "stmux-mps";
     case Mode::kCeiling:
       return "ceiling";
   }
@@ -65,18 +73,30 @@ std::uint32_t modeColor(Mode mode) {
       return 0x1f77b4;
     case Mode::kStmux:
       return 0xd62728;
+    case Mode::kStmuxMps:
+      return 0xff7f0e;
     case Mode::kCeiling:
       return 0x2ca02c;
   }
   return 0;
+}
+bool usesMps(Mode mode) {
+  return mode == Mode::kMps || mode == Mode::kStmuxMps;
+}
+bool usesStmux(Mode mode) {
+  return mode == Mode::kStmux || mode == Mode::kStmuxMps;
 }
 
 struct Shape {
   std::string name;
   std::int64_t m = 0, n = 0, k = 0;
   bool mixed = false;  // the three seed shapes, one per tenant in turn
+  // A PyTorch tenant (stmux-torch-tenant) running this workload instead of
+  // stmux-cublas-client; its rows count model steps, not GEMMs.
+  std::string torch;
   // Floating-point operations of one GEMM (mixed: averaged over tenants).
   double flops(int tenants) const {
+    if (!torch.empty()) return 0;  // steps of a model, not one GEMM
     if (!mixed) return 2.0 * m * n * k;
     const double seeds[3] = {2.0 * 512 * 1 * 512, 2.0 * 256 * 128 * 1152, 2.0 * 256 * 256 * 256};
     double total = 0;
@@ -89,13 +109,16 @@ struct Shape {
 struct Options {
   std::vector<Shape> shapes;
   std::vector<int> tenants = {1, 8, 32, 128, 256};
-  std::vector<Mode> modes = {kModes, kModes + 4};
+  std::vector<Mode> modes = {std::begin(kModes), std::end(kModes)};
   double seconds = 2.0;
-  // Measured: with 32 tenants and 1 s or less, tenants still creating their
-  // CUDA contexts overlapped the timed span and cut stmux's rate up to 10x.
-  double warmup = 2.0;
+  // All tenants running together, untimed, once all are ready.
+  double warmup = 1.0;
+  // Longest wait for every tenant of a row to be ready (contexts, handles,
+  // buffers, first calls); a row whose tenants are not is invalid.
+  double ready_timeout = 120.0;
   std::string out = "bench-out";
-  std::string client, stmuxd, shim;
+  std::string client, stmuxd, shim, torch_tenant;
+  std::string python = "python3";
   std::string stmuxd_args;
 };
 
@@ -103,20 +126,15 @@ struct Point {
   std::string shape;
   int tenants = 0;
   Mode mode = Mode::kTime;
-  bool ran = false;
-  std::string note;  // why it did not run, or what went wrong
+  bool ran = false;    // ran and valid: every tenant ran through the timed span
+  std::string note;    // why it did not run or is invalid, or what went wrong
+  double ready_s = 0;  // from the first tenant's start until all were ready
   double gemms_per_s = 0, gflops = 0;
   double p50_us = 0, p99_us = 0, p999_us = 0, worst_p99_us = 0;
   long calls = 0;
   long fallbacks = -1;    // stmux rows: calls the shims sent straight to cuBLAS
   double mean_batch = 0;  // stmux rows: the daemon's mean batch
 };
-
-std::uint64_t realtimeNs() {
-  timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
-}
 
 void usage(FILE* out) {
   std::fprintf(
@@ -127,15 +145,23 @@ void usage(FILE* out) {
       "table, bench.json and bench.png to --out, and checks the targets.\n\n"
       "  --shapes LIST    rnn (512x1x512), resnet (256x128x1152), cube (256x256x256),\n"
       "                   mixed (the three, one per tenant in turn) or MxNxK;\n"
+      "                   or PyTorch tenants (stmux-torch-tenant; their rows count\n"
+      "                   model steps): torch-rnn, torch-cube, torch-mlp, torch-multi;\n"
       "                   default rnn,resnet,cube,mixed\n"
       "  --tenants LIST   values of R, each 1..256; default 1,8,32,128,256\n"
-      "  --modes LIST     time-only,mps,stmux,ceiling (default all)\n"
-      "  --seconds S      timed seconds per run (default 2)\n"
-      "  --warmup S       untimed seconds before (default 2)\n"
+      "  --modes LIST     time-only, mps, stmux (no MPS), stmux-mps (stmuxd and\n"
+      "                   its tenants on MPS), ceiling; default all\n"
+      "  --seconds S      timed seconds per row (default 2)\n"
+      "  --warmup S       seconds all tenants run untimed once all are ready,\n"
+      "                   before the clock starts (default 1)\n"
+      "  --ready-timeout S  longest wait for every tenant of a row to be set up\n"
+      "                   and warmed up; a row whose tenants are not ready by\n"
+      "                   then is invalid (default 120)\n"
       "  --out DIR        where results go (default bench-out)\n"
       "  --client PATH, --stmuxd PATH, --shim PATH\n"
       "                   the programs (default: found next to stmux-bench)\n"
       "  --stmuxd-args A  extra flags for stmuxd, e.g. \"--window-us=50\"\n"
+      "  --python PATH    the Python with PyTorch for torch-* shapes (default python3)\n"
       "  --help           this text\n"
       "Needs a CUDA device. Progress goes to stderr.\n");
 }
@@ -154,15 +180,18 @@ std::optional<std::vector<T>> splitList(const std::string& text, Parse&& parse) 
 }
 
 std::optional<Shape> parseShape(const std::string& text) {
-  if (text == "rnn") return Shape{"rnn-512x1x512", 512, 1, 512};
-  if (text == "resnet") return Shape{"resnet-256x128x1152", 256, 128, 1152};
-  if (text == "cube") return Shape{"cube-256", 256, 256, 256};
-  if (text == "mixed") return Shape{"mixed", 0, 0, 0, true};
+  if (text == "rnn") return Shape{"rnn-512x1x512", 512, 1, 512, false, ""};
+  if (text == "resnet") return Shape{"resnet-256x128x1152", 256, 128, 1152, false, ""};
+  if (text == "cube") return Shape{"cube-256", 256, 256, 256, false, ""};
+  if (text == "mixed") return Shape{"mixed", 0, 0, 0, true, ""};
+  for (const char* workload : {"rnn", "cube", "mlp", "multi"}) {
+    if (text == std::string("torch-") + workload) return Shape{text, 0, 0, 0, false, workload};
+  }
   long long m, n, k;
   char tail;
   if (std::sscanf(text.c_str(), "%lldx%lldx%lld%c", &m, &n, &k, &tail) == 3 && m > 0 && n > 0 &&
       k > 0 && m <= 65536 && n <= 65536 && k <= 65536) {
-    return Shape{text, m, n, k};
+    return Shape{text, m, n, k, false, ""};
   }
   return std::nullopt;
 }
@@ -176,13 +205,20 @@ std::string findProgram(const fs::path& self_dir, const std::vector<std::string>
 }
 
 bool parseArgs(int argc, char** argv, Options& o) {
-  static const option kLong[] = {
-      {"shapes", required_argument, nullptr, 's'}, {"tenants", required_argument, nullptr, 'r'},
-      {"modes", required_argument, nullptr, 'm'},  {"seconds", required_argument, nullptr, 'S'},
-      {"warmup", required_argument, nullptr, 'w'}, {"out", required_argument, nullptr, 'o'},
-      {"client", required_argument, nullptr, 'c'}, {"stmuxd", required_argument, nullptr, 'd'},
-      {"shim", required_argument, nullptr, 'l'},   {"stmuxd-args", required_argument, nullptr, 'a'},
-      {"help", no_argument, nullptr, 'h'},         {nullptr, 0, nullptr, 0}};
+  static const option kLong[] = {{"shapes", required_argument, nullptr, 's'},
+                                 {"tenants", required_argument, nullptr, 'r'},
+                                 {"modes", required_argument, nullptr, 'm'},
+                                 {"seconds", required_argument, nullptr, 'S'},
+                                 {"warmup", required_argument, nullptr, 'w'},
+                                 {"out", required_argument, nullptr, 'o'},
+                                 {"client", required_argument, nullptr, 'c'},
+                                 {"stmuxd", required_argument, nullptr, 'd'},
+                                 {"shim", required_argument, nullptr, 'l'},
+                                 {"stmuxd-args", required_argument, nullptr, 'a'},
+                                 {"ready-timeout", required_argument, nullptr, 'R'},
+                                 {"python", required_argument, nullptr, 'P'},
+                                 {"help", no_argument, nullptr, 'h'},
+                                 {nullptr, 0, nullptr, 0}};
   auto bad = [](const char* flag, const char* value, const char* accepted) {
     std::fprintf(stderr, "stmux-bench: %s '%s': accepted: %s\n", flag, value, accepted);
     return false;
@@ -212,18 +248,23 @@ bool parseArgs(int argc, char** argv, Options& o) {
           return std::nullopt;
         });
         if (!list)
-          return bad("--modes", optarg, "a comma-separated list of time-only, mps, stmux, ceiling");
+          return bad("--modes", optarg,
+                     "a comma-separated list of time-only, mps, stmux, stmux-mps, ceiling");
         o.modes = *list;
         break;
       }
       case 'S':
-      case 'w': {
+      case 'w':
+      case 'R': {
         char* end = nullptr;
         const double value = std::strtod(optarg, &end);
-        if (*end != '\0' || !(value >= 0.1 && value <= 600)) {
-          return bad(c == 'S' ? "--seconds" : "--warmup", optarg, "a number of seconds, 0.1..600");
+        const double least = c == 'w' ? 0.0 : 0.1;
+        const char* flag = c == 'S' ? "--seconds" : c == 'w' ? "--warmup" : "--ready-timeout";
+        if (end == optarg || *end != '\0' || !(value >= least && value <= 600)) {
+          return bad(flag, optarg,
+                     c == 'w' ? "a number of seconds, 0..600" : "a number of seconds, 0.1..600");
         }
-        (c == 'S' ? o.seconds : o.warmup) = value;
+        (c == 'S' ? o.seconds : c == 'w' ? o.warmup : o.ready_timeout) = value;
         break;
       }
       case 'o':
@@ -241,6 +282,9 @@ bool parseArgs(int argc, char** argv, Options& o) {
       case 'a':
         o.stmuxd_args = optarg;
         break;
+      case 'P':
+        o.python = optarg;
+        break;
       case 'h':
         usage(stdout);
         std::exit(0);
@@ -252,10 +296,23 @@ bool parseArgs(int argc, char** argv, Options& o) {
   if (optind != argc) return bad("argument", argv[optind], "options only (see --help)");
   auto parsed = splitList<Shape>(shapes, parseShape);
   if (!parsed)
-    return bad("--shapes", shapes.c_str(), "rnn, resnet, cube, mixed or MxNxK, comma-separated");
+    return bad("--shapes", shapes.c_str(),
+               "rnn, resnet, cube, mixed, MxNxK, torch-rnn, torch-cube, torch-mlp or "
+               "torch-multi, comma-separated");
   o.shapes = *parsed;
   const fs::path self = fs::canonical("/proc/self/exe").parent_path();
   if (o.client.empty()) o.client = findProgram(self, {"stmux-cublas-client"});
+  o.torch_tenant = findProgram(self, {"stmux-torch-tenant"});
+  if (o.python.find('/') == std::string::npos) {  // spawned by path: look it up now
+    const char* path = std::getenv("PATH");
+    std::stringstream dirs(path != nullptr ? path : "/usr/bin:/bin");
+    for (std::string dir; std::getline(dirs, dir, ':');) {
+      if (!dir.empty() && ::access((dir + "/" + o.python).c_str(), X_OK) == 0) {
+        o.python = dir + "/" + o.python;
+        break;
+      }
+    }
+  }
   if (o.stmuxd.empty())
     o.stmuxd = findProgram(self, {"stmuxd", "../daemon/stmuxd", "../sbin/stmuxd"});
   if (o.shim.empty()) {
@@ -276,33 +333,30 @@ bool parseArgs(int argc, char** argv, Options& o) {
 
 // ---- one measurement ----------------------------------------------------------
 
-struct Latencies {
-  std::vector<std::uint32_t> all;
-  double worst_p99_us = 0;
-  long gemms = 0;
-};
-
-// Reads one client's latency file: "calls gemms_per_call", then one latency
-// in nanoseconds per line.
-bool readLatencies(const std::string& path, Latencies& into) {
-  std::ifstream in(path);
-  std::size_t count = 0;
-  int per_call = 0;
-  if (!(in >> count >> per_call)) return false;
-  std::vector<std::uint32_t> mine;
-  mine.reserve(count);
-  for (std::uint32_t value; mine.size() < count && in >> value;)
-    mine.push_back(value);
-  if (mine.size() != count) return false;
-  into.gemms += static_cast<long>(count) * per_call;
-  into.all.insert(into.all.end(), mine.begin(), mine.end());
-  into.worst_p99_us = std::max(into.worst_p99_us, percentileUs(mine, 0.99));
-  return true;
-}
-
 std::string firstLine(const std::string& text) {
   const std::size_t end = text.find('\n');
   return text.substr(0, std::min<std::size_t>(end, 200));
+}
+
+// Python puts the error last, under its traceback.
+std::string lastLine(const std::string& text) {
+  const std::size_t end = text.find_last_not_of('\n');
+  if (end == std::string::npos) return "";
+  const std::size_t newline = text.rfind('\n', end);
+  const std::size_t begin = newline == std::string::npos ? 0 : newline + 1;
+  return firstLine(text.substr(begin, end + 1 - begin));
+}
+
+// What a failed tenant said: its first line of stderr that is not one of
+// stmux's own log lines ("host:pid:tid LEVEL subsystem: ..."), which a
+// preloaded shim may print before it.
+std::string tenantError(const std::string& err) {
+  static const std::regex stmux_line("^[^ :]+:[0-9]+:[0-9]+ [A-Z]+ [a-z]+: ");
+  std::istringstream lines(err);
+  for (std::string line; std::getline(lines, line);) {
+    if (!line.empty() && !std::regex_search(line, stmux_line)) return firstLine(line);
+  }
+  return firstLine(err);
 }
 
 std::optional<JsonValue> daemonStatus(const std::string& socket) {
@@ -323,6 +377,21 @@ bool waitUntil(const std::function<bool()>& condition, double seconds) {
   return condition();
 }
 
+// The pids of the tenants attached to the daemon at `socket`.
+std::vector<long> attachedPids(const std::string& socket) {
+  std::vector<long> pids;
+  if (auto status = daemonStatus(socket)) {
+    if (const JsonValue* clients = status->find("clients")) {
+      for (std::size_t i = 0; i < clients->size(); ++i) {
+        if (const JsonValue* pid = clients->at(i)->find("pid")) {
+          pids.push_back(static_cast<long>(pid->asNumber(-1)));
+        }
+      }
+    }
+  }
+  return pids;
+}
+
 class Bench {
  public:
   explicit Bench(Options options) : o_(std::move(options)) {}
@@ -337,122 +406,228 @@ class Bench {
     fs::remove_all(dir);
     fs::create_directories(dir);
 
-    std::map<std::string, std::string> env;
+    if (!shape.torch.empty()) {
+      if (mode == Mode::kCeiling) {
+        point.note = "skipped: no in-process ceiling for PyTorch tenants";
+        return point;
+      }
+      if (std::string why = torchMissing(); !why.empty()) {
+        point.note = "skipped: " + why;
+        return point;
+      }
+    }
+
+    std::map<std::string, std::string> env;  // the tenants'
     Process daemon;
     const std::string socket = (dir / "stmuxd.sock").string();
-    if (mode == Mode::kMps) {
+    if (usesMps(mode)) {
       if (std::string why; !startMps(dir, env, why)) {
         point.note = why;
         return point;
       }
     }
-    if (mode == Mode::kStmux) {
+    if (usesStmux(mode)) {
       std::vector<std::string> args = {o_.stmuxd, "--socket", socket};
       std::stringstream extra(o_.stmuxd_args);
       for (std::string word; extra >> word;)
         args.push_back(word);
-      daemon = Process(args, {{"STMUX_LOG", "warn"}}, (dir / "stmuxd").string());
+      std::map<std::string, std::string> daemon_env = env;  // on MPS with its tenants
+      daemon_env["STMUX_LOG"] = "warn";
+      daemon = Process(args, daemon_env, (dir / "stmuxd").string());
       if (!waitUntil([&] { return daemonStatus(socket).has_value() || !daemon.running(); }, 30) ||
           !daemon.running()) {
         point.note = "stmuxd did not start: " + firstLine(daemon.err());
+        if (usesMps(mode)) stopMps(env);
         return point;
       }
-      env = {{"LD_PRELOAD", o_.shim}, {"STMUX_SOCKET", socket}, {"STMUX_LOG", "stats=info"}};
+      env.insert({{"LD_PRELOAD", o_.shim}, {"STMUX_SOCKET", socket}, {"STMUX_LOG", "stats=info"}});
     }
 
-    // Every tenant starts its clock at the same instant, after enough time to
-    // start R CUDA processes (spaced out: many CUDA processes starting at
-    // once saw cublasCreate fail with "not initialized") and warm up.
-    const double prepare = 2.0 + 0.04 * tenants + o_.warmup;
-    const std::uint64_t start = realtimeNs() + static_cast<std::uint64_t>(prepare * 1e9);
-    const std::uint64_t stop = start + static_cast<std::uint64_t>(o_.seconds * 1e9);
+    const int processes = mode == Mode::kCeiling ? 1 : tenants;
     std::vector<Process> clients;
-    auto shapeArgs = [&](std::vector<std::string>& args, int tenant) {
-      if (shape.mixed) {
-        args.insert(args.end(), {"--mixed", "--tenant", std::to_string(tenant)});
+    auto file = [&](const std::string& name, int i) {
+      return (dir / (name + std::to_string(i))).string();
+    };
+    const std::string go = (dir / "go").string();
+    const auto began = std::chrono::steady_clock::now();
+    for (int i = 0; i < processes; ++i) {
+      std::vector<std::string> args = {o_.client, mode == Mode::kCeiling ? "ceiling" : "loop"};
+      if (!shape.torch.empty()) args = {o_.python, o_.torch_tenant, shape.torch};
+      args.insert(args.end(), {"--ready", file("ready", i), "--go", go, "--out", file("lat", i),
+                               "--tenant", std::to_string(i)});
+      if (mode == Mode::kCeiling) args.insert(args.end(), {"--count", std::to_string(tenants)});
+      if (!shape.torch.empty()) {
+        // The workload says it all.
+      } else if (shape.mixed) {
+        args.push_back("--mixed");
       } else {
         args.insert(args.end(), {"--m", std::to_string(shape.m), "--n", std::to_string(shape.n),
                                  "--k", std::to_string(shape.k)});
       }
-    };
-    const int processes = mode == Mode::kCeiling ? 1 : tenants;
-    for (int i = 0; i < processes; ++i) {
-      std::vector<std::string> args = {o_.client,    mode == Mode::kCeiling ? "ceiling" : "loop",
-                                       "--start-ns", std::to_string(start),
-                                       "--stop-ns",  std::to_string(stop),
-                                       "--out",      (dir / ("lat" + std::to_string(i))).string()};
-      if (mode == Mode::kCeiling) args.insert(args.end(), {"--count", std::to_string(tenants)});
-      shapeArgs(args, i);
-      clients.emplace_back(args, env, (dir / ("client" + std::to_string(i))).string());
+      clients.emplace_back(args, env, file("client", i));
+      // Spaced out: many CUDA processes starting at once saw cublasCreate
+      // fail with "not initialized".
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
-    const double grace = prepare + o_.seconds + 60;
-    Latencies latencies;
-    int failed = 0;
-    std::string failure;
-    long fallbacks = 0;
-    const std::regex stats("direct:([^\n]*)");
-    for (int i = 0; i < processes; ++i) {
-      const int status =
-          clients[i].wait(std::chrono::milliseconds(static_cast<long>(grace * 1000)));
-      const std::string err = clients[i].err();
-      if (status != 0) {
-        ++failed;
-        if (failure.empty()) {
-          failure = status < 0 ? "a tenant did not finish"
-                               : "exit " + std::to_string(status) + ": " + firstLine(err);
-        }
-        continue;
-      }
-      if (!readLatencies((dir / ("lat" + std::to_string(i))).string(), latencies)) {
-        ++failed;
-        if (failure.empty()) failure = "a tenant wrote no latencies";
-      }
-      if (mode == Mode::kStmux) {
-        std::smatch match;
-        if (!std::regex_search(err, match, stats)) {
-          fallbacks = -1000000;  // no stats line: cannot vouch for this row
-        } else {
-          const std::string direct = match[1];
-          const std::regex pair("[a-z_]+=([0-9]+)");
-          for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
-               it != std::sregex_iterator(); ++it) {
-            fallbacks += std::stol((*it)[1]);
-          }
-        }
-      }
+
+    std::string invalid = awaitReady(clients, file, socket, usesStmux(mode));
+    point.ready_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+    Span span;
+    std::vector<TenantOutcome> outcomes(processes);
+    if (invalid.empty()) {
+      span.start_ns = realtimeNs() + static_cast<std::uint64_t>((o_.warmup + 0.05) * 1e9);
+      span.stop_ns = span.start_ns + static_cast<std::uint64_t>(o_.seconds * 1e9);
+      if (!writeGo(go, span)) invalid = "cannot write " + go;
     }
-    if (mode == Mode::kStmux) {
+    if (invalid.empty()) {
+      const auto deadline =
+          std::chrono::steady_clock::now() +
+          std::chrono::milliseconds(static_cast<long>((o_.warmup + o_.seconds + 60) * 1000));
+      for (int i = 0; i < processes; ++i) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            deadline - std::chrono::steady_clock::now());
+        outcomes[i].exit_status = clients[i].wait(std::max(left, std::chrono::milliseconds(0)));
+        outcomes[i].error = tenantError(clients[i].err());
+        if (outcomes[i].exit_status == 0) outcomes[i].result = readResult(file("lat", i));
+      }
+      const RowVerdict verdict = judgeRow(outcomes, span);
+      if (!verdict.valid) invalid = verdict.why;
+    }
+    for (Process& client : clients)
+      client.signal(SIGKILL);  // those still running after a failed barrier
+    for (Process& client : clients)
+      client.wait(std::chrono::seconds(10));
+
+    if (usesStmux(mode)) {
+      point.fallbacks = countFallbacks(clients);
       if (auto status = daemonStatus(socket)) {
         if (const JsonValue* gpus = status->find("gpus"); gpus != nullptr && gpus->size() > 0) {
           point.mean_batch = gpus->at(0)->find("mean_batch")->asNumber(0);
         }
       }
       daemon.signal(SIGTERM);
-      if (daemon.wait(std::chrono::seconds(30)) != 0 && point.note.empty()) {
+      if (daemon.wait(std::chrono::seconds(30)) != 0 && invalid.empty()) {
         point.note = "stmuxd did not exit cleanly";
       }
-      point.fallbacks = fallbacks < 0 ? -1 : fallbacks;
     }
-    if (mode == Mode::kMps) stopMps(env);
-    if (failed > 0) {
-      point.note = std::to_string(failed) + " of " + std::to_string(processes) +
-                   " tenant(s) failed (" + failure + ")";
-      if (mode == Mode::kMps) point.note = "refused: " + point.note;
+    if (usesMps(mode)) stopMps(env);
+    if (!invalid.empty()) {
+      point.note = "invalid: " + invalid;
+      if (usesMps(mode) && tenants > 48) {
+        point.note += " (MPS admits at most 48 clients on CUDA 13.0)";
+      }
       return point;
     }
+
+    std::vector<std::uint32_t> all;
+    double gemms = 0, steps = 0;
+    for (TenantOutcome& outcome : outcomes) {
+      TenantResult& result = *outcome.result;
+      steps += static_cast<double>(result.calls);
+      gemms += static_cast<double>(result.calls) * result.gemms_per_step;
+      all.insert(all.end(), result.latencies_ns.begin(), result.latencies_ns.end());
+      point.worst_p99_us = std::max(point.worst_p99_us, percentileUs(result.latencies_ns, 0.99));
+    }
     point.ran = true;
-    point.calls = static_cast<long>(latencies.all.size());
-    point.gemms_per_s = static_cast<double>(latencies.gemms) / o_.seconds;
+    point.calls = static_cast<long>(all.size());
+    // PyTorch rows count model steps; cuBLAS rows GEMMs.
+    point.gemms_per_s = (shape.torch.empty() ? gemms : steps) / span.seconds();
     point.gflops = point.gemms_per_s * shape.flops(tenants) / 1e9;
-    point.p50_us = percentileUs(latencies.all, 0.50);
-    point.p99_us = percentileUs(latencies.all, 0.99);
-    point.p999_us = percentileUs(latencies.all, 0.999);
-    point.worst_p99_us = latencies.worst_p99_us;
+    point.p50_us = percentileUs(all, 0.50);
+    point.p99_us = percentileUs(all, 0.99);
+    point.p999_us = percentileUs(all, 0.999);
     return point;
   }
 
  private:
+  // Waits until every tenant has written its ready file and, for stmux rows,
+  // is attached to the daemon. Empty when they all are; otherwise why not.
+  std::string awaitReady(std::vector<Process>& clients,
+                         const std::function<std::string(const std::string&, int)>& file,
+                         const std::string& socket, bool attached) {
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::milliseconds(static_cast<long>(o_.ready_timeout * 1000));
+    std::vector<bool> ready(clients.size(), false);
+    std::size_t count = 0;
+    while (count < clients.size()) {
+      for (std::size_t i = 0; i < clients.size(); ++i) {
+        if (ready[i]) continue;
+        if (fs::exists(file("ready", static_cast<int>(i)))) {
+          ready[i] = true;
+          ++count;
+        } else if (const int status = clients[i].wait(std::chrono::milliseconds(0)); status >= 0) {
+          return fmt::format("tenant {} exited {} before it was ready: {}", i, status,
+                             tenantError(clients[i].err()));
+        }
+      }
+      if (count == clients.size()) break;
+      if (std::chrono::steady_clock::now() >= deadline) {
+        for (std::size_t i = 0; i < clients.size(); ++i) {
+          if (!ready[i]) {
+            return fmt::format(
+                "{} of {} tenants were not ready within {:g} s (--ready-timeout); "
+                "tenant {} among them",
+                clients.size() - count, clients.size(), o_.ready_timeout, i);
+          }
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (!attached) return "";
+    // Their first calls attached them; the daemon's list says so.
+    for (const Process& client : clients) {
+      const long pid = client.pid();
+      if (!waitUntil(
+              [&] {
+                const std::vector<long> pids = attachedPids(socket);
+                return std::find(pids.begin(), pids.end(), pid) != pids.end();
+              },
+              5)) {
+        return fmt::format("tenant pid {} was ready but is not attached to stmuxd", pid);
+      }
+    }
+    return "";
+  }
+
+  // Why PyTorch tenants cannot run here, or empty; asked once.
+  std::string torchMissing() {
+    if (!torch_checked_) {
+      torch_checked_ = true;
+      if (o_.torch_tenant.empty()) {
+        torch_missing_ = "stmux-torch-tenant is not next to stmux-bench";
+      } else if (::access(o_.python.c_str(), X_OK) != 0) {
+        torch_missing_ = fmt::format("no Python at {} (--python)", o_.python);
+      } else {
+        const Ran ran = stmux::run({o_.python, "-c", "import torch"}, {},
+                                   o_.out + "/runs/torch-probe", std::chrono::seconds(120));
+        if (ran.status != 0) {
+          torch_missing_ = fmt::format("PyTorch is not installed for {} (import torch: {})",
+                                       o_.python, lastLine(ran.err.empty() ? ran.out : ran.err));
+        }
+      }
+    }
+    return torch_missing_;
+  }
+
+  // The stmux tenants' calls that went straight to cuBLAS, from each shim's
+  // exit line; -1 when a tenant printed none (the row cannot be vouched for).
+  static long countFallbacks(const std::vector<Process>& clients) {
+    const std::regex stats("direct:([^\n]*)");
+    const std::regex pair("[a-z_]+=([0-9]+)");
+    long fallbacks = 0;
+    for (const Process& client : clients) {
+      const std::string err = client.err();
+      std::smatch match;
+      if (!std::regex_search(err, match, stats)) return -1;
+      const std::string direct = match[1];
+      for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
+           it != std::sregex_iterator(); ++it) {
+        fallbacks += std::stol((*it)[1]);
+      }
+    }
+    return fallbacks;
+  }
+
   // MPS with its pipes in our own directory, so that it neither meets nor
   // disturbs another MPS on the machine.
   bool startMps(const fs::path& dir, std::map<std::string, std::string>& env, std::string& why) {
@@ -485,6 +660,8 @@ class Bench {
   }
 
   Options o_;
+  bool torch_checked_ = false;
+  std::string torch_missing_;
 };
 
 // ---- reporting ------------------------------------------------------------------
@@ -502,9 +679,14 @@ std::string ratio(const Point& p, const Point* base) {
   return fmt::format("{:.2f}x", p.gemms_per_s / base->gemms_per_s);
 }
 
+const char* unit(const std::string& shape) {
+  return shape.rfind("torch-", 0) == 0 ? "steps/s" : "GEMMs/s";
+}
+
+// "rate/s" is GEMMs/s for cuBLAS tenants and model steps/s for PyTorch ones.
 void printTable(const std::vector<Point>& points, FILE* out) {
   std::fprintf(out, "%-20s %4s %-9s %12s %9s %9s %9s %9s %9s %8s %8s %8s %6s %6s  %s\n", "shape",
-               "R", "mode", "GEMMs/s", "GFLOP/s", "p50 us", "p99 us", "p99.9 us", "worst99",
+               "R", "mode", "rate/s", "GFLOP/s", "p50 us", "p99 us", "p99.9 us", "worst99",
                "vs time", "vs mps", "vs ceil", "fallbk", "batch", "note");
   for (const Point& p : points) {
     if (!p.ran) {
@@ -520,40 +702,51 @@ void printTable(const std::vector<Point>& points, FILE* out) {
         ratio(p, find(points, p.shape, p.tenants, Mode::kMps)).c_str(),
         ratio(p, find(points, p.shape, p.tenants, Mode::kCeiling)).c_str(),
         p.fallbacks < 0 ? "-" : std::to_string(p.fallbacks).c_str(),
-        p.mode == Mode::kStmux ? fmt::format("{:.1f}", p.mean_batch).c_str() : "-", p.note.c_str());
+        usesStmux(p.mode) ? fmt::format("{:.1f}", p.mean_batch).c_str() : "-", p.note.c_str());
   }
 }
 
-// The issue's targets, each said met or missed and by how much.
+// The issues' targets, each said met or missed and by how much, for each
+// stmux mode that ran. Only valid rows take part.
 void printTargets(const Options& o, const std::vector<Point>& points, FILE* out) {
   std::fprintf(out, "\ntargets:\n");
   auto line = [&](bool met, const std::string& what) {
     std::fprintf(out, "  %-6s %s\n", met ? "met" : "MISSED", what.c_str());
   };
   for (const Shape& shape : o.shapes) {
-    const Point* s32 = find(points, shape.name, 32, Mode::kStmux);
-    if (s32 != nullptr) {
+    for (Mode mode : {Mode::kStmux, Mode::kStmuxMps}) {
+      const std::string who = fmt::format("{} R=32: {}", shape.name, modeName(mode));
+      const Point* s32 = find(points, shape.name, 32, mode);
+      if (s32 == nullptr) continue;
       if (const Point* mps = find(points, shape.name, 32, Mode::kMps)) {
         const double r = s32->gemms_per_s / mps->gemms_per_s;
-        line(r >= 1.5, fmt::format("{} R=32: stmux {:.2f}x MPS (target 1.5x)", shape.name, r));
+        line(r >= 1.5, fmt::format("{} {:.2f}x MPS (target 1.5x)", who, r));
       }
       if (const Point* time = find(points, shape.name, 32, Mode::kTime)) {
         const double r = s32->gemms_per_s / time->gemms_per_s;
-        line(r >= 50, fmt::format("{} R=32: stmux {:.1f}x time-only (target 50x)", shape.name, r));
+        line(r >= 50, fmt::format("{} {:.1f}x time-only (target 50x)", who, r));
       }
       if (const Point* ceiling = find(points, shape.name, 32, Mode::kCeiling)) {
         const double r = s32->gemms_per_s / ceiling->gemms_per_s;
-        line(r >= 0.7,
-             fmt::format("{} R=32: stmux {:.2f}x the ceiling (target 0.7x)", shape.name, r));
+        line(r >= 0.7, fmt::format("{} {:.2f}x the ceiling (target 0.7x)", who, r));
       }
+      // A ratio of two stalls means nothing: the absolute tail goes beside it.
       line(s32->p99_us <= 3 * s32->p50_us,
-           fmt::format("{} R=32: stmux p99 {:.1f} us = {:.2f}x p50 (target <= 3x)", shape.name,
-                       s32->p99_us, s32->p99_us / std::max(s32->p50_us, 1e-9)));
+           fmt::format("{} p99 {:.1f} us = {:.2f}x its p50 of {:.1f} us (target <= 3x); p99.9 "
+                       "{:.1f} us",
+                       who, s32->p99_us, s32->p99_us / std::max(s32->p50_us, 1e-9), s32->p50_us,
+                       s32->p999_us));
+      const Point* mps = find(points, shape.name, 32, Mode::kMps);
+      line(
+          s32->worst_p99_us <= 1000,
+          fmt::format("{} worst-tenant p99 {:.1f} us (target <= 1000 us){}", who, s32->worst_p99_us,
+                      mps != nullptr ? fmt::format("; MPS's {:.1f} us", mps->worst_p99_us) : ""));
       for (int r : {128, 256}) {
-        if (const Point* big = find(points, shape.name, r, Mode::kStmux)) {
-          line(big->gemms_per_s >= s32->gemms_per_s,
-               fmt::format("{} R={}: stmux {:.0f} GEMMs/s vs {:.0f} at R=32 (target: no lower)",
-                           shape.name, r, big->gemms_per_s, s32->gemms_per_s));
+        if (const Point* big = find(points, shape.name, r, mode)) {
+          line(
+              big->gemms_per_s >= s32->gemms_per_s,
+              fmt::format("{} R={}: {} {:.0f} {} vs {:.0f} at R=32 (target: no lower)", shape.name,
+                          r, modeName(mode), big->gemms_per_s, unit(shape.name), s32->gemms_per_s));
         }
       }
     }
@@ -566,10 +759,53 @@ void printTargets(const Options& o, const std::vector<Point>& points, FILE* out)
     }
   }
   for (const Point& p : points) {
-    if (p.mode == Mode::kStmux && p.ran && p.fallbacks != 0) {
-      line(false, fmt::format("{} R={}: {} fallbacks on a stmux row (target 0)", p.shape, p.tenants,
-                              p.fallbacks));
+    if (usesStmux(p.mode) && p.ran && p.fallbacks != 0) {
+      line(false, fmt::format("{} R={} {}: {} fallbacks (target 0)", p.shape, p.tenants,
+                              modeName(p.mode), p.fallbacks));
     }
+  }
+}
+
+// What a person reads first: at the largest R with a valid stmux row, stmux
+// against MPS, time-slicing and the ceiling, shape by shape.
+void printSummary(const Options& o, const std::vector<Point>& points, FILE* out) {
+  std::fprintf(out, "\nsummary:\n");
+  for (const Shape& shape : o.shapes) {
+    auto rate = [&](const Point* p) {
+      return fmt::format("{:.0f} {}", p->gemms_per_s, unit(shape.name));
+    };
+    bool any = false;
+    for (Mode mode : {Mode::kStmux, Mode::kStmuxMps}) {
+      const Point* s = nullptr;
+      for (const Point& p : points) {
+        if (p.shape == shape.name && p.mode == mode && p.ran &&
+            (s == nullptr || p.tenants > s->tenants)) {
+          s = &p;
+        }
+      }
+      if (s == nullptr) continue;
+      any = true;
+      std::string text = fmt::format("  {} R={}: {} {}, worst-tenant p99 {:.0f} us", shape.name,
+                                     s->tenants, modeName(mode), rate(s), s->worst_p99_us);
+      for (Mode other : {Mode::kMps, Mode::kTime, Mode::kCeiling}) {
+        const Point* base = find(points, shape.name, s->tenants, other);
+        if (base != nullptr) {
+          text += fmt::format("; {:.2f}x {} ({}{})", s->gemms_per_s / base->gemms_per_s,
+                              modeName(other), rate(base),
+                              other == Mode::kCeiling ? ""
+                                                      : fmt::format(", worst-tenant p99 {:.0f} us",
+                                                                    base->worst_p99_us));
+        }
+      }
+      std::fprintf(out, "%s\n", text.c_str());
+    }
+    if (!any) std::fprintf(out, "  %s: no valid stmux row\n", shape.name.c_str());
+  }
+  int invalid = 0;
+  for (const Point& p : points)
+    invalid += p.ran ? 0 : 1;
+  if (invalid > 0) {
+    std::fprintf(out, "  %d row(s) did not run or were invalid; the table says why\n", invalid);
   }
 }
 
@@ -580,6 +816,7 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
   json.field("cpus", static_cast<std::int64_t>(std::thread::hardware_concurrency()));
   json.field("seconds", o.seconds);
   json.field("warmup", o.warmup);
+  json.field("ready_timeout", o.ready_timeout);
   json.field("stmuxd_args", o.stmuxd_args);
   json.key("points").beginArray();
   for (const Point& p : points) {
@@ -587,8 +824,9 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
     json.field("shape", p.shape);
     json.field("tenants", static_cast<std::int64_t>(p.tenants));
     json.field("mode", modeName(p.mode));
-    json.field("ran", p.ran);
+    json.field("valid", p.ran);
     json.field("note", p.note);
+    json.field("ready_s", p.ready_s);
     if (p.ran) {
       json.field("gemms_per_s", p.gemms_per_s);
       json.field("gflops", p.gflops);
@@ -597,7 +835,8 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       json.field("p999_us", p.p999_us);
       json.field("worst_tenant_p99_us", p.worst_p99_us);
       json.field("calls", static_cast<std::int64_t>(p.calls));
-      if (p.mode == Mode::kStmux) {
+      json.field("unit", unit(p.shape));
+      if (usesStmux(p.mode)) {
         json.field("fallbacks", static_cast<std::int64_t>(p.fallbacks));
         json.field("mean_batch", p.mean_batch);
       }
@@ -612,7 +851,7 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
 Status writePlot(const Options& o, const std::vector<Point>& points, const std::string& path) {
   std::vector<Chart> charts;
   for (const Shape& shape : o.shapes) {
-    Chart rate{shape.name + ": throughput", "tenants R", "GEMMs/s", true, true, {}};
+    Chart rate{shape.name + ": throughput", "tenants R", unit(shape.name), true, true, {}};
     Chart tail{shape.name + ": p99 latency", "tenants R", "us", true, true, {}};
     for (Mode mode : o.modes) {
       Series r{modeName(mode), {}, modeColor(mode)}, t{modeName(mode), {}, modeColor(mode)};
@@ -651,12 +890,13 @@ int run(int argc, char** argv) {
                      shape.name.c_str(), tenants, modeName(mode));
         const Point point = bench.run(shape, tenants, mode);
         if (point.ran) {
-          std::fprintf(stderr, "%.0f GEMMs/s, p50 %.1f us, p99 %.1f us%s\n", point.gemms_per_s,
-                       point.p50_us, point.p99_us,
-                       point.mode == Mode::kStmux ? fmt::format(", {} fallbacks, mean batch {:.1f}",
-                                                                point.fallbacks, point.mean_batch)
-                                                        .c_str()
-                                                  : "");
+          std::fprintf(stderr, "ready in %.1f s; %.0f %s, p50 %.1f us, p99 %.1f us%s\n",
+                       point.ready_s, point.gemms_per_s, unit(point.shape), point.p50_us,
+                       point.p99_us,
+                       usesStmux(point.mode) ? fmt::format(", {} fallbacks, mean batch {:.1f}",
+                                                           point.fallbacks, point.mean_batch)
+                                                   .c_str()
+                                             : "");
         } else {
           std::fprintf(stderr, "%s\n", point.note.c_str());
         }
@@ -672,7 +912,8 @@ int run(int argc, char** argv) {
   if (Status status = writePlot(options, points, plot_path); !status.ok()) {
     std::fprintf(stderr, "stmux-bench: %s\n", status.message().c_str());
   }
-  std::printf("\nwrote %s and %s\n", json_path.c_str(), plot_path.c_str());
+  printSummary(options, points, stdout);
+  std::printf("  plot: %s; numbers: %s\n", plot_path.c_str(), json_path.c_str());
   const bool any = std::any_of(points.begin(), points.end(), [](const Point& p) { return p.ran; });
   return any ? 0 : 1;
 }

@@ -30,7 +30,7 @@ have_header gtest/gtest.h || missing+=(libgtest-dev libgmock-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  echo "stmux: installing ${missing[*]}" >&2
+  echo "stmux: installing ${missing[*]} with apt-get (a minute or two)" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
@@ -38,6 +38,23 @@ fi
 generator=()
 command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
 if [ ! -f "$build_dir/CMakeCache.txt" ]; then
-  cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTMUX_WERROR=ON
+  echo "stmux: configuring $build_dir" >&2
+  mkdir -p "$build_dir"
+  cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DSTMUX_WERROR=ON >"$build_dir/configure.log" 2>&1 || { cat "$build_dir/configure.log" >&2; exit 1; }
 fi
-cmake --build "$build_dir" -j"$jobs"
+# Progress every tenth of the way ("[k/N]" from ninja, "[ p%]" from make);
+# every other line (warnings, errors) as it comes.
+echo "stmux: building in $build_dir with $jobs jobs (from scratch: a few minutes on 2 cores)" >&2
+cmake --build "$build_dir" -j"$jobs" 2>&1 | awk 'BEGIN { next_pct = 10 }
+  match($0, /^\[ *[0-9]+\/[0-9]+\]/) {
+    split(substr($0, 2, RLENGTH - 2), kn, "/"); pct = int(100 * kn[1] / kn[2])
+  }
+  match($0, /^\[ *[0-9]+%\]/) { pct = substr($0, 2, RLENGTH - 3) + 0 }
+  /^\[ *[0-9]+(\/[0-9]+|%)\]/ {
+    if (pct >= next_pct) { printf "stmux: built %d%%\n", pct > "/dev/stderr"; next_pct = pct - pct % 10 + 10 }
+    next
+  }
+  /^ninja: no work to do/ { next }
+  { print > "/dev/stderr" }'
+echo "stmux: build done" >&2

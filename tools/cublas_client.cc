@@ -13,7 +13,8 @@
 //            pointer mode, pool and managed memory), verified
 //   fork     children forked before and after this process used CUDA
 //   idle-free  one call, then memory freed while the process stays idle
-//   loop     a closed loop {sgemm; wait} between two instants (stmux-bench)
+//   loop     a closed loop {sgemm; wait}, a tenant of stmux-bench (its start
+//            barrier: tools/barrier.h)
 //   ceiling  one cublasSgemmBatched of R per round instead (stmux-bench)
 #include <cublas_api.h>
 #include <cuda_runtime.h>
@@ -26,6 +27,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -33,8 +35,10 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
+#include "tools/barrier.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
 
@@ -52,12 +56,6 @@ namespace {
 
 using stmux::check::Buffers;
 using stmux::check::GemmCase;
-
-std::uint64_t realtimeNs() {
-  timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull + ts.tv_nsec;
-}
 
 std::uint64_t monotonicNs() {
   timespec ts;
@@ -80,8 +78,7 @@ struct Options {
   float beta = 0.0f;
   std::int64_t m = 256, n = 256, k = 256;
   int count = 1;
-  std::uint64_t start_ns = 0, stop_ns = 0;
-  std::string out;
+  stmux::tools::TenantFiles files;  // loop, ceiling: the bench's barrier
   std::string apis = "all";
   bool mixed = false;  // loop: --tenant picks a seed shape; ceiling: all three, grouped
   int tenant = 0;
@@ -92,40 +89,74 @@ struct Options {
 constexpr std::int64_t kSeedShapes[3][3] = {{512, 1, 512}, {256, 128, 1152}, {256, 256, 256}};
 
 void usage(FILE* out) {
-  std::fprintf(
-      out,
-      "usage: stmux-cublas-client MODE [options]\n"
-      "An ordinary cuBLAS program (it knows nothing of stmux), for tests and benchmarks.\n"
-      "  probe                          no GPU needed: symbol binding and refusals\n"
-      "  check [--quick] [--seed N] [--api all|v2|v2_64|legacy]\n"
-      "                                 the case matrix against a float64 reference\n"
-      "  stress --seconds S [--beta B] [--seed N] [--threads T]\n"
-      "                                 verified calls in a loop; counts statuses;\n"
-      "                                 T threads, each with its own handle\n"
-      "  paths                          verified calls the shim must leave to cuBLAS:\n"
-      "                                 graph capture, device pointer mode, pool\n"
-      "                                 (cudaMallocAsync) and managed memory\n"
-      "  fork                           verified calls in children forked before\n"
-      "                                 this process touches CUDA, then in itself\n"
-      "                                 around a child forked after\n"
-      "  idle-free --seconds S          one call; S s idle; C freed; S s idle\n"
-      "  loop --m M --n N --k K --start-ns T0 --stop-ns T1 --out FILE\n"
-      "                                 closed loop {sgemm; sync}, timed in [T0, T1)\n"
-      "                                 (CLOCK_REALTIME ns); latencies to FILE\n"
-      "  ceiling --count R --m M --n N --k K --start-ns T0 --stop-ns T1 --out FILE\n"
-      "                                 one cublasSgemmBatched of R per round\n"
-      "  --mixed (loop, ceiling)        the three seed shapes: loop takes shape\n"
-      "                                 --tenant %% 3; ceiling spreads R over all\n"
-      "                                 three in one cublasSgemmGroupedBatched\n"
-      "Exit status: 0 all right, 1 a wrong result or status, 2 bad usage, 3 CUDA error.\n");
+  std::fprintf(out,
+               "usage: stmux-cublas-client MODE [options]\n"
+               "An ordinary cuBLAS program (it knows nothing of stmux), for tests and benchmarks.\n"
+               "  probe                          no GPU needed: symbol binding and refusals\n"
+               "  check [--quick] [--seed N] [--api all|v2|v2_64|legacy]\n"
+               "                                 the case matrix against a float64 reference\n"
+               "  stress --seconds S [--beta B] [--seed N] [--threads T]\n"
+               "                                 verified calls in a loop; counts statuses;\n"
+               "                                 T threads, each with its own handle\n"
+               "  paths                          verified calls the shim must leave to cuBLAS:\n"
+               "                                 graph capture, device pointer mode, pool\n"
+               "                                 (cudaMallocAsync) and managed memory\n"
+               "  fork                           verified calls in children forked before\n"
+               "                                 this process touches CUDA, then in itself\n"
+               "                                 around a child forked after\n"
+               "  idle-free --seconds S          one call; S s idle; C freed; S s idle\n"
+               "  loop --m M --n N --k K --ready FILE --go FILE --out FILE\n"
+               "                                 closed loop {sgemm; sync}: writes FILE ready\n"
+               "                                 once warm, times the span the go FILE names,\n"
+               "                                 results to --out (stmux-bench's protocol,\n"
+               "                                 tools/barrier.h)\n"
+               "  ceiling --count R --m M --n N --k K --ready F --go F --out F\n"
+               "                                 one cublasSgemmBatched of R per round\n"
+               "  --mixed (loop, ceiling)        the three seed shapes: loop takes shape\n"
+               "                                 --tenant %% 3; ceiling spreads R over all\n"
+               "                                 three in one cublasSgemmGroupedBatched\n"
+               "Exit status: 0 all right, 1 a wrong result or status, 2 bad usage, 3 CUDA error,\n"
+               "4 (loop, ceiling) no go file within 600 s of being ready.\n");
 }
 
+// Parses `text` as a number in [least, most]; otherwise says which flag had
+// what value and what it accepts.
+template <class T>
+bool number(const char* flag, const char* text, T least, T most, T& into) {
+  char* end = nullptr;
+  errno = 0;
+  const long double value = std::strtold(text, &end);
+  if (end == text || *end != '\0' || errno != 0 || !(value >= least && value <= most) ||
+      (std::is_integral_v<T> && value != static_cast<long double>(static_cast<long long>(value)))) {
+    std::fprintf(stderr, "stmux-cublas-client: %s '%s': accepted: %s from %s to %s\n", flag, text,
+                 std::is_integral_v<T> ? "an integer" : "a number", std::to_string(least).c_str(),
+                 std::to_string(most).c_str());
+    return false;
+  }
+  into = static_cast<T>(value);
+  return true;
+}
+
+// False (having said why) on bad usage.
 bool parse(int argc, char** argv, Options& o) {
-  if (argc < 2) return false;
+  if (argc < 2) {
+    std::fprintf(stderr, "stmux-cublas-client: no MODE given\n");
+    return false;
+  }
   o.mode = argv[1];
   if (o.mode == "--help" || o.mode == "-h") {
     usage(stdout);
     std::exit(0);
+  }
+  static const char* const kModeNames[] = {"probe",   "devices", "check", "stress",   "loop",
+                                           "ceiling", "paths",   "fork",  "idle-free"};
+  if (std::find_if(std::begin(kModeNames), std::end(kModeNames),
+                   [&](const char* name) { return o.mode == name; }) == std::end(kModeNames)) {
+    std::fprintf(stderr,
+                 "stmux-cublas-client: unknown MODE '%s': accepted: probe, devices, check, "
+                 "stress, paths, fork, idle-free, loop, ceiling\n",
+                 o.mode.c_str());
+    return false;
   }
   static const option kLong[] = {{"quick", no_argument, nullptr, 'q'},
                                  {"seed", required_argument, nullptr, 's'},
@@ -135,8 +166,8 @@ bool parse(int argc, char** argv, Options& o) {
                                  {"n", required_argument, nullptr, 'n'},
                                  {"k", required_argument, nullptr, 'k'},
                                  {"count", required_argument, nullptr, 'c'},
-                                 {"start-ns", required_argument, nullptr, 'a'},
-                                 {"stop-ns", required_argument, nullptr, 'z'},
+                                 {"ready", required_argument, nullptr, 'r'},
+                                 {"go", required_argument, nullptr, 'g'},
                                  {"out", required_argument, nullptr, 'o'},
                                  {"api", required_argument, nullptr, 'p'},
                                  {"mixed", no_argument, nullptr, 'x'},
@@ -146,40 +177,41 @@ bool parse(int argc, char** argv, Options& o) {
                                  {nullptr, 0, nullptr, 0}};
   optind = 2;
   int c;
-  while ((c = getopt_long(argc, argv, "", kLong, nullptr)) != -1) {
+  bool ok = true;
+  while (ok && (c = getopt_long(argc, argv, "", kLong, nullptr)) != -1) {
     switch (c) {
       case 'q':
         o.quick = true;
         break;
       case 's':
-        o.seed = std::strtoull(optarg, nullptr, 10);
+        ok = number<std::uint64_t>("--seed", optarg, 0, UINT64_MAX >> 1, o.seed);
         break;
       case 'S':
-        o.seconds = std::atof(optarg);
+        ok = number("--seconds", optarg, 0.001, 86400.0, o.seconds);
         break;
       case 'b':
-        o.beta = static_cast<float>(std::atof(optarg));
+        ok = number("--beta", optarg, -1e6f, 1e6f, o.beta);
         break;
       case 'm':
-        o.m = std::atoll(optarg);
+        ok = number<std::int64_t>("--m", optarg, 1, 65536, o.m);
         break;
       case 'n':
-        o.n = std::atoll(optarg);
+        ok = number<std::int64_t>("--n", optarg, 1, 65536, o.n);
         break;
       case 'k':
-        o.k = std::atoll(optarg);
+        ok = number<std::int64_t>("--k", optarg, 1, 65536, o.k);
         break;
       case 'c':
-        o.count = std::atoi(optarg);
+        ok = number("--count", optarg, 1, 65536, o.count);
         break;
-      case 'a':
-        o.start_ns = std::strtoull(optarg, nullptr, 10);
+      case 'r':
+        o.files.ready = optarg;
         break;
-      case 'z':
-        o.stop_ns = std::strtoull(optarg, nullptr, 10);
+      case 'g':
+        o.files.go = optarg;
         break;
       case 'o':
-        o.out = optarg;
+        o.files.out = optarg;
         break;
       case 'p':
         o.apis = optarg;
@@ -188,28 +220,29 @@ bool parse(int argc, char** argv, Options& o) {
         o.mixed = true;
         break;
       case 't':
-        o.tenant = std::atoi(optarg);
+        ok = number("--tenant", optarg, 0, 1 << 20, o.tenant);
         break;
       case 'T':
-        o.threads = std::atoi(optarg);
+        ok = number("--threads", optarg, 1, 256, o.threads);
         break;
       case 'h':
         usage(stdout);
         std::exit(0);
       default:
-        return false;
+        return false;  // getopt said what was wrong
     }
   }
-  if (o.m < 1 || o.n < 1 || o.k < 1 || o.count < 1 || o.seconds <= 0 || o.threads < 1) {
+  if (!ok) return false;
+  if (optind != argc) {
+    std::fprintf(stderr, "stmux-cublas-client: unexpected argument '%s'\n", argv[optind]);
     return false;
   }
   if ((o.mode == "loop" || o.mode == "ceiling") &&
-      (o.out.empty() || o.start_ns == 0 || o.stop_ns <= o.start_ns)) {
+      (o.files.ready.empty() || o.files.go.empty() || o.files.out.empty())) {
+    std::fprintf(stderr, "stmux-cublas-client: %s needs --ready, --go and --out\n", o.mode.c_str());
     return false;
   }
-  return o.mode == "probe" || o.mode == "devices" || o.mode == "check" || o.mode == "stress" ||
-         o.mode == "loop" || o.mode == "ceiling" || o.mode == "paths" || o.mode == "fork" ||
-         o.mode == "idle-free";
+  return true;
 }
 
 // A handle on its own non-blocking stream; on failure says why (with the
@@ -757,34 +790,14 @@ void fill(float* device, std::size_t count, std::mt19937_64& random) {
       cudaMemcpy(device, host.data(), count * sizeof(float), cudaMemcpyHostToDevice));
 }
 
-// Times `step` in a closed loop: untimed until `start_ns`, timed until
-// `stop_ns`. Writes one line "calls gemms_per_call" and then one latency in
-// nanoseconds per line.
+// Runs `step` under stmux-bench's start barrier (tools/barrier.h). A few
+// untimed steps first: context, handle, kernels and (under the preload) the
+// attach to stmuxd are all done before the tenant says it is ready.
 template <class Step>
-int timeLoop(const Options& o, int gemms_per_call, Step&& step) {
-  while (realtimeNs() < o.start_ns) {
-    if (step() != CUBLAS_STATUS_SUCCESS) return 1;
-  }
-  std::vector<std::uint32_t> latencies;
-  latencies.reserve(1 << 20);
-  while (true) {
-    const std::uint64_t begin = monotonicNs();
-    if (step() != CUBLAS_STATUS_SUCCESS) return 1;
-    const std::uint64_t end = monotonicNs();
-    latencies.push_back(
-        static_cast<std::uint32_t>(std::min<std::uint64_t>(end - begin, UINT32_MAX)));
-    if (realtimeNs() >= o.stop_ns) break;
-  }
-  FILE* out = std::fopen(o.out.c_str(), "w");
-  if (out == nullptr) {
-    std::fprintf(stderr, "stmux-cublas-client: cannot write %s\n", o.out.c_str());
-    return 1;
-  }
-  std::fprintf(out, "%zu %d\n", latencies.size(), gemms_per_call);
-  for (std::uint32_t latency : latencies)
-    std::fprintf(out, "%u\n", latency);
-  std::fclose(out);
-  return 0;
+int timeLoop(const Options& o, int gemms_per_step, Step&& step) {
+  constexpr int kWarmupSteps = 20;
+  return stmux::tools::runBarrierLoop(o.files, gemms_per_step, kWarmupSteps,
+                                      [&] { return step() == CUBLAS_STATUS_SUCCESS; });
 }
 
 int loop(Options o) {
@@ -882,7 +895,7 @@ int ceiling(const Options& o) {
 int main(int argc, char** argv) {
   Options options;
   if (!parse(argc, argv, options)) {
-    usage(stderr);
+    std::fprintf(stderr, "see stmux-cublas-client --help\n");
     return 2;
   }
   if (options.mode == "probe") return probe();

@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
 # The main job: builds stmux if needed, then runs a short stmux-bench
-# comparison on this machine's GPU (time-only, MPS, stmux with its daemon, and
-# the in-process ceiling) and prints the table. Needs a CUDA device.
-# Arguments go to stmux-bench (see --help), e.g. --shapes rnn --tenants 1,16.
+# comparison on this machine's GPU (time-slicing, MPS, stmux with its daemon,
+# and the in-process ceiling), prints the table, the targets and a summary.
+# Needs an NVIDIA GPU. Arguments go to stmux-bench (see its --help), e.g.
+# --shapes rnn --tenants 1,16; STMUX_BUILD_DIR names the build directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${STMUX_BUILD_DIR:-build}
-bash tools/build.sh >/dev/null
-if ! "$build_dir/tools/stmux-cublas-client" devices; then
-  echo "stmux: the demo needs a CUDA device, and this machine has none usable (see above);" \
+
+# The GPU first, so that a machine without one learns it before a long build.
+if ! command -v nvidia-smi >/dev/null 2>&1 && ! ls /dev/nvidia[0-9]* >/dev/null 2>&1; then
+  echo "stmux: the demo needs an NVIDIA GPU, and this machine has no NVIDIA driver" \
+       "(no nvidia-smi, no /dev/nvidia0); bash tools/test.sh builds and tests everything" \
+       "that runs without one" >&2
+  exit 1
+fi
+bash tools/build.sh
+if ! gpus=$("$build_dir/tools/stmux-cublas-client" devices 2>&1); then
+  echo "stmux: an NVIDIA driver is installed but no CUDA device is usable: $gpus;" \
        "bash tools/test.sh still builds and tests everything that runs without one" >&2
   exit 1
 fi
+echo "stmux: $gpus" >&2
 if [ $# -eq 0 ]; then
-  set -- --shapes cube,rnn --tenants 1,8,32 --seconds 1 --warmup 0.5
+  # About two minutes: 24 rows, each with every tenant ready and 1 s of
+  # common warm-up before its 2 timed seconds.
+  set -- --shapes cube,rnn --tenants 1,8,32 --seconds 2 --warmup 1
 fi
+echo "stmux: running stmux-bench $*; results in $build_dir/demo" >&2
 exec "$build_dir/tools/stmux-bench" --out "$build_dir/demo" "$@"

@@ -1,0 +1,126 @@
+// stmux-bench's start barrier and row validity, end to end with fake tenants
+// (tests/fake_tenant.cc) instead of CUDA programs: the clock starts only when
+// every tenant is ready, and a row whose tenants did not all run through the
+// timed span is printed with the reason and used for no ratio.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+#include "stmux/json_read.h"
+#include "test_support.h"
+#include "tools/barrier.h"
+#include "tools/process.h"
+
+namespace stmux {
+namespace {
+
+using testing::TempDir;
+
+struct BenchRun {
+  int status = -1;
+  std::string out, err;
+  std::optional<JsonValue> json;
+  std::string dir;
+};
+
+// stmux-bench over three fake tenants per row, time-only and ceiling.
+BenchRun runBench(const TempDir& dir, const std::string& plan, double ready_timeout = 5) {
+  BenchRun run;
+  run.dir = dir.path() + "/bench";
+  const Ran ran = stmux::run(
+      {STMUX_BENCH_PATH, "--client", FAKE_TENANT_PATH, "--modes", "time-only,ceiling", "--shapes",
+       "cube", "--tenants", "3", "--seconds", "0.4", "--warmup", "0.1", "--ready-timeout",
+       std::to_string(ready_timeout), "--out", run.dir},
+      {{"FAKE_TENANT_PLAN", plan}}, dir.path() + "/bench-log", std::chrono::seconds(120));
+  run.status = ran.status;
+  run.out = ran.out;
+  run.err = ran.err;
+  std::ifstream in(run.dir + "/bench.json");
+  std::stringstream text;
+  text << in.rdbuf();
+  if (auto parsed = parseJson(text.str()); parsed.ok()) run.json = std::move(parsed).value();
+  return run;
+}
+
+const JsonValue* row(const BenchRun& run, const std::string& mode) {
+  if (!run.json) return nullptr;
+  const JsonValue* points = run.json->find("points");
+  for (std::size_t i = 0; points != nullptr && i < points->size(); ++i) {
+    if (points->at(i)->find("mode")->asString() == mode) return points->at(i);
+  }
+  return nullptr;
+}
+
+TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
+  TempDir dir;
+  // Tenant i gets ready i * 300 ms after the others.
+  const BenchRun run = runBench(dir, "1=slow-ready,2=slow-ready");
+  ASSERT_EQ(run.status, 0) << run.out << run.err;
+  const JsonValue* time_only = row(run, "time-only");
+  ASSERT_NE(time_only, nullptr) << run.out;
+  EXPECT_TRUE(time_only->find("valid")->asBool()) << run.out;
+  EXPECT_GE(time_only->find("ready_s")->asNumber(0), 0.6) << "tenant 2 was 600 ms late";
+
+  const std::string runs = run.dir + "/runs/cube-256-r3-time-only";
+  const auto span = tools::readGo(runs + "/go");
+  ASSERT_TRUE(span.has_value());
+  std::uint64_t last_ready = 0;
+  for (int i = 0; i < 3; ++i) {
+    std::ifstream err(runs + "/client" + std::to_string(i) + ".out");
+    std::string word;
+    std::uint64_t ready_ns = 0;
+    ASSERT_TRUE(err >> word >> ready_ns) << "tenant " << i << " said nothing";
+    ASSERT_EQ(word, "ready_ns");
+    last_ready = std::max(last_ready, ready_ns);
+  }
+  EXPECT_GT(span->start_ns, last_ready) << "the clock started before the last tenant was ready";
+  // 200 us steps: at most 5,000 a second per tenant, and clearly some.
+  const double rate = time_only->find("gemms_per_s")->asNumber(0);
+  EXPECT_GT(rate, 3 * 500.0);
+  EXPECT_LT(rate, 3 * 5000.0 * 1.05);
+  EXPECT_NE(run.out.find("summary:"), std::string::npos) << run.out;
+}
+
+TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {
+  struct Case {
+    std::string plan;
+    std::string why;
+  };
+  const Case cases[] = {
+      {"1=never-ready", "were not ready within 2 s"},
+      {"2=exit-before-ready", "tenant 2 exited 3 before it was ready: fake tenant 2: cannot"},
+      {"0=exit-in-span", "tenant 0 exited 1: fake tenant 0: failing in the span"},
+      {"1=stall", "tenant 1 completed no step inside the timed span"},
+      {"2=early-stop", "tenant 2 stopped before the timed span ended"},
+  };
+  for (const Case& c : cases) {
+    TempDir dir;
+    const auto began = std::chrono::steady_clock::now();
+    const BenchRun run = runBench(dir, c.plan, 2);
+    EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(60)) << c.plan;
+    // The ceiling row has one tenant (index 0) and runs; time-only does not.
+    const JsonValue* time_only = row(run, "time-only");
+    ASSERT_NE(time_only, nullptr) << c.plan << "\n" << run.out << run.err;
+    EXPECT_FALSE(time_only->find("valid")->asBool()) << c.plan;
+    const std::string note(time_only->find("note")->asString());
+    EXPECT_EQ(note.rfind("invalid: ", 0), 0u) << note;
+    EXPECT_NE(note.find(c.why), std::string::npos) << c.plan << ": " << note;
+    EXPECT_EQ(time_only->find("gemms_per_s"), nullptr) << "an invalid row carries no figures";
+    EXPECT_NE(run.out.find(c.why), std::string::npos) << "the table shows why:\n" << run.out;
+    const JsonValue* ceiling = row(run, "ceiling");
+    ASSERT_NE(ceiling, nullptr);
+    if (ceiling->find("valid")->asBool()) {
+      // No ratio against the invalid row: the "vs time" column is "-".
+      const std::regex line(
+          "\ncube-256 +3 ceiling +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ "
+          "+[0-9.]+ +- ");
+      EXPECT_TRUE(std::regex_search(run.out, line)) << c.plan << "\n" << run.out;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace stmux

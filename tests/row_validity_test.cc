@@ -1,0 +1,99 @@
+// The rules that decide whether a stmux-bench row counts (tools/row_validity.h)
+// and the result files they read (tools/barrier.h).
+#include "tools/row_validity.h"
+
+#include <gtest/gtest.h>
+
+#include "test_support.h"
+
+namespace stmux::tools {
+namespace {
+
+constexpr Span kSpan{1'000'000'000, 3'000'000'000};
+
+TenantOutcome finished(std::uint64_t calls, std::uint64_t last_end_ns) {
+  TenantOutcome outcome;
+  outcome.exit_status = 0;
+  TenantResult result;
+  result.calls = calls;
+  result.latencies_ns.assign(calls, 1000);
+  result.last_end_ns = last_end_ns;
+  outcome.result = result;
+  return outcome;
+}
+
+TEST(RowValidity, ARowWhoseTenantsAllRanThroughTheSpanIsValid) {
+  const RowVerdict verdict =
+      judgeRow({finished(10, kSpan.stop_ns), finished(1, kSpan.stop_ns + 5)}, kSpan);
+  EXPECT_TRUE(verdict.valid) << verdict.why;
+  EXPECT_EQ(verdict.why, "");
+}
+
+TEST(RowValidity, EachWayATenantFailsMakesTheRowInvalidAndSaysWhich) {
+  struct Case {
+    TenantOutcome outcome;
+    std::string why;
+  };
+  TenantOutcome still_running;  // exit_status -1
+  TenantOutcome crashed;
+  crashed.exit_status = 3;
+  crashed.error = "cannot create a CUDA context";
+  TenantOutcome silent;
+  silent.exit_status = 0;
+  const Case cases[] = {
+      {still_running, "tenant 1 did not finish"},
+      {crashed, "tenant 1 exited 3: cannot create a CUDA context"},
+      {silent, "tenant 1 wrote no result"},
+      {finished(5, kSpan.stop_ns - 1), "tenant 1 stopped before the timed span ended"},
+      {finished(0, kSpan.stop_ns + 100), "tenant 1 completed no step inside the timed span"},
+  };
+  for (const Case& c : cases) {
+    const RowVerdict verdict = judgeRow({finished(10, kSpan.stop_ns), c.outcome}, kSpan);
+    EXPECT_FALSE(verdict.valid) << c.why;
+    EXPECT_EQ(verdict.why, c.why);
+  }
+}
+
+TEST(RowValidity, SeveralFaultyTenantsAreCountedAndTheFirstNamed) {
+  TenantOutcome crashed;
+  crashed.exit_status = 1;
+  const RowVerdict verdict =
+      judgeRow({finished(10, kSpan.stop_ns), crashed, finished(0, kSpan.stop_ns), crashed}, kSpan);
+  EXPECT_FALSE(verdict.valid);
+  EXPECT_EQ(verdict.why, "3 of 4 tenants failed the row; tenant 1 exited 1");
+}
+
+TEST(BarrierFiles, ResultsAndGoFilesRoundTripAndTruncatedOnesAreRefused) {
+  testing::TempDir dir;
+  TenantResult result;
+  result.calls = 3;
+  result.gemms_per_step = 32;
+  result.last_end_ns = 123456789012345;
+  result.latencies_ns = {10, 20, 4000000000u};
+  const std::string path = dir.path() + "/lat0";
+  ASSERT_TRUE(writeResult(path, result));
+  const auto read = readResult(path);
+  ASSERT_TRUE(read.has_value());
+  EXPECT_EQ(read->calls, 3u);
+  EXPECT_EQ(read->gemms_per_step, 32);
+  EXPECT_EQ(read->last_end_ns, result.last_end_ns);
+  EXPECT_EQ(read->latencies_ns, result.latencies_ns);
+  EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
+
+  ASSERT_TRUE(writeAtomically(path, "3 1 5\n10\n20\n"));  // one latency short
+  EXPECT_FALSE(readResult(path).has_value());
+  EXPECT_FALSE(readResult(dir.path() + "/absent").has_value());
+
+  const std::string go = dir.path() + "/go";
+  ASSERT_TRUE(writeGo(go, kSpan));
+  const auto span = readGo(go);
+  ASSERT_TRUE(span.has_value());
+  EXPECT_EQ(span->start_ns, kSpan.start_ns);
+  EXPECT_EQ(span->stop_ns, kSpan.stop_ns);
+  EXPECT_DOUBLE_EQ(span->seconds(), 2.0);
+  ASSERT_TRUE(writeAtomically(go, "5 5\n"));  // an empty span
+  EXPECT_FALSE(readGo(go).has_value());
+}
+
+}  // namespace
+}  // namespace stmux::tools

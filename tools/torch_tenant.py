@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""stmux-torch-tenant: an unmodified PyTorch inference process, for stmux-bench.
+
+It knows nothing of stmux: each step runs a small model in FP32 on the GPU and
+then torch.cuda.synchronize(), in a closed loop, under stmux-bench's start
+barrier (tools/barrier.h): a few untimed steps, the ready file, untimed steps
+until the go file names the span, then every step that ends inside the span is
+timed. Workloads (GEMMs per step in brackets):
+  rnn    h = tanh(mm(W, h) + mm(U, x)), 512 hidden, batch 1      [2]
+  cube   relu(mm(A, B)), 256 x 256 x 256                         [1]
+  mlp    3 x (nn.Linear(512, 512) with bias, ReLU), batch 4      [3]
+  multi  four independent mm of 256 x 64 x 256, summed           [4]
+Exit status: 0 done, 1 a failed step or an unwritable file, 2 bad usage,
+3 no usable CUDA device, 4 no go file in time, 5 PyTorch is not installed.
+"""
+import argparse
+import os
+import sys
+import time
+
+WORKLOADS = {"rnn": 2, "cube": 1, "mlp": 3, "multi": 4}
+WARMUP_STEPS = 20
+
+
+def write_atomically(path, text):
+    temporary = path + ".tmp"
+    with open(temporary, "w") as out:
+        out.write(text)
+    os.rename(temporary, path)
+
+
+def read_go(path):
+    try:
+        with open(path) as f:
+            start, stop = (int(word) for word in f.read().split()[:2])
+    except (OSError, ValueError):
+        return None
+    return (start, stop) if stop > start else None
+
+
+def make_step(torch, workload, tenant):
+    torch.manual_seed(1000 + tenant)
+    dev = torch.device("cuda")
+    randn = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
+    if workload == "rnn":
+        w, u, x = randn(512, 512) / 23, randn(512, 512) / 23, randn(512, 1)
+        state = {"h": randn(512, 1)}
+
+        def run():
+            state["h"] = torch.tanh(torch.mm(w, state["h"]) + torch.mm(u, x))
+    elif workload == "cube":
+        a, b = randn(256, 256), randn(256, 256)
+
+        def run():
+            torch.relu(torch.mm(a, b))
+    elif workload == "mlp":
+        model = torch.nn.Sequential(
+            torch.nn.Linear(512, 512), torch.nn.ReLU(),
+            torch.nn.Linear(512, 512), torch.nn.ReLU(),
+            torch.nn.Linear(512, 512), torch.nn.ReLU()).to(dev).eval()
+        x = randn(4, 512)
+
+        def run():
+            model(x)
+    else:  # multi
+        pairs = [(randn(256, 64), randn(64, 256)) for _ in range(4)]
+
+        def run():
+            sum(torch.mm(a, b) for a, b in pairs)
+
+    def step():
+        run()
+        torch.cuda.synchronize()
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Tenants of stmux-bench; see tools/barrier.h for the protocol.")
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("--ready", required=True, help="file to create once warm")
+    parser.add_argument("--go", required=True, help="file that names the timed span")
+    parser.add_argument("--out", required=True, help="file for the results")
+    parser.add_argument("--tenant", type=int, default=0, help="this tenant's index")
+    parser.add_argument("--wait-s", type=float, default=600,
+                        help="longest wait for the go file once ready (default 600)")
+    args = parser.parse_args()
+
+    try:
+        import torch
+    except ImportError as error:
+        print(f"stmux-torch-tenant: PyTorch is not installed for {sys.executable}: {error}",
+              file=sys.stderr)
+        return 5
+    if not torch.cuda.is_available():
+        print("stmux-torch-tenant: PyTorch sees no usable CUDA device", file=sys.stderr)
+        return 3
+    torch.backends.cuda.matmul.allow_tf32 = False  # FP32, as the cuBLAS tenants
+    with torch.inference_mode():
+        step = make_step(torch, args.workload, args.tenant)
+        for _ in range(WARMUP_STEPS):
+            step()
+        write_atomically(args.ready, f"{os.getpid()}\n")
+        give_up = time.time_ns() + int(args.wait_s * 1e9)
+        span, next_look = None, 0
+        while span is None:
+            step()
+            now = time.time_ns()
+            if now < next_look:
+                continue
+            next_look = now + 1_000_000
+            if os.path.exists(args.go):
+                span = read_go(args.go)
+            if span is None and now > give_up:
+                print(f"stmux-torch-tenant: no go file {args.go} within {args.wait_s:g} s",
+                      file=sys.stderr)
+                return 4
+        start, stop = span
+        while time.time_ns() < start:
+            step()
+        latencies = []
+        clock = time.perf_counter_ns
+        while True:
+            begin = clock()
+            step()
+            took = clock() - begin
+            ended = time.time_ns()
+            if ended >= stop:
+                break
+            latencies.append(took)
+    lines = [f"{len(latencies)} {WORKLOADS[args.workload]} {ended}"]
+    lines += [str(min(t, 2**32 - 1)) for t in latencies]
+    write_atomically(args.out, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
