@@ -383,19 +383,17 @@ void Shim::drop(const std::shared_ptr<Connection>& connection, const char* why) 
 //   CUDA's letter, yet in practice it lands first when the kernel runs in the
 //   same context; the daemon's kernel runs in another, and read stale
 //   operands (seen on the H200: 2 calls of 320);
-// - the calling thread's per-thread default stream, where the same calls go
-//   in programs built with --default-stream per-thread;
 // - for the legacy stream itself, every blocking stream too, which only a
 //   context-wide wait covers.
+// Not the per-thread default stream of a caller on another stream: waiting
+// for it creates it in every calling thread, and a child forked afterwards
+// crashed in its exit handlers (docs/ARCHITECTURE.md).
 // Work put into the caller's context would make the GPU time-slice between
 // the tenants' contexts and the daemon's, the very thing stmux avoids.
 CUresult Shim::waitForPriorWork(CUstream stream) {
   const auto handle = reinterpret_cast<std::uintptr_t>(stream);
   if (handle == 0 || stream == CU_STREAM_LEGACY) return driver_->cuCtxSynchronize();
   CUresult result = driver_->cuStreamSynchronize(stream);
-  if (result == CUDA_SUCCESS && stream != CU_STREAM_PER_THREAD) {
-    result = driver_->cuStreamSynchronize(CU_STREAM_PER_THREAD);
-  }
   if (result == CUDA_SUCCESS) result = driver_->cuStreamSynchronize(CU_STREAM_LEGACY);
   return result;
 }
