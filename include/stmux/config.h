@@ -312,6 +312,10 @@ inline const VarInfo* findVar(std::string_view name) {
   return nullptr;
 }
 
+// Settings of stmux's scripts (tools/*.sh), not of the daemon or the shim:
+// left in a tenant's environment they are no typo, so nobody warns of them.
+inline constexpr std::string_view kScriptVariables[] = {"STMUX_BUILD_DIR"};
+
 // Names of STMUX_* variables in `environ` that the table does not know:
 // usually a typo that would otherwise be ignored without a word.
 inline std::vector<std::string> unknownVariables(char** environ_ptr) {
@@ -320,7 +324,12 @@ inline std::vector<std::string> unknownVariables(char** environ_ptr) {
     std::string_view text(*entry);
     if (text.substr(0, 6) != "STMUX_") continue;
     const std::string_view name = text.substr(0, text.find('='));
-    if (findVar(name) == nullptr) unknown.emplace_back(name);
+    if (findVar(name) != nullptr ||
+        std::find(std::begin(kScriptVariables), std::end(kScriptVariables), name) !=
+            std::end(kScriptVariables)) {
+      continue;
+    }
+    unknown.emplace_back(name);
   }
   return unknown;
 }
