@@ -8,6 +8,16 @@
 #include "stmux/segment.h"
 
 namespace stmux::daemon {
+namespace {
+
+// These requests are done with (completed, or dropped with their client).
+void settle(const std::vector<Queued>& items) {
+  for (const Queued& item : items) {
+    if (item.client->outstanding > 0) --item.client->outstanding;
+  }
+}
+
+}  // namespace
 
 std::string formatUuid(const Uuid& uuid) {
   const std::uint8_t* b = uuid.bytes;
@@ -60,12 +70,25 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
       (extents->b != 0 && request.b.alloc_id == 0) || request.c.alloc_id == 0) {
     return reject(client, request, kStatusInvalidValue);
   }
+  // One request per completion slot is all an honest shim can have pending;
+  // beyond that a client only grows the daemon's memory. Declined: it runs
+  // directly, should a confused shim be the sender.
+  if (client->outstanding >= client->view.layout().slot_count) {
+    if (client->refused++ == 0) {
+      STMUX_WARN(kSched,
+                 "client {} (pid {}) has {} requests outstanding, as many as it has slots; "
+                 "declining the excess",
+                 client->id, client->pid, client->outstanding);
+    }
+    return reject(client, request, kStatusDeclined);
+  }
+  ++client->outstanding;
   gpu->batcher.add(Queued{client, request, BatchKey::of(request), now_ns}, now_ns);
 }
 
 void Scheduler::onDetach(const ClientPtr& client) {
   for (Gpu& gpu : gpus_) {
-    (void)gpu.batcher.removeTenant(client->id);
+    settle(gpu.batcher.removeTenant(client->id));
     auto command = std::make_unique<ExecCommand>();
     command->kind = ExecCommand::Kind::kForget;
     command->client = client;
@@ -90,6 +113,7 @@ bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
   for (Gpu& gpu : gpus_) {
     while (std::unique_ptr<Batch> done = gpu.channel->takeDone()) {
       gpu.batcher.completed(*done, now_ns);
+      settle(done->items);
       progressed = true;
     }
     gpu.channel->flush();

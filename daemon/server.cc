@@ -491,6 +491,8 @@ std::string Server::statusJson() const {
     json.field("name", client->name);
     json.field("attached_s", static_cast<double>(nowNs() - client->attached_ns) / 1e9);
     json.field("requests", static_cast<std::int64_t>(client->requests));
+    json.field("outstanding", static_cast<std::int64_t>(client->outstanding));
+    json.field("refused", static_cast<std::int64_t>(client->refused));
     json.field("forwarded", static_cast<std::int64_t>(counters.forwarded.load()));
     json.field("failed", static_cast<std::int64_t>(counters.failed.load()));
     json.key("fallbacks").beginObject();

@@ -43,6 +43,12 @@ struct Client {
   std::atomic<bool> gone{false};
   std::uint64_t requests = 0;      // popped from the ring
   std::uint64_t bad_requests = 0;  // dropped by the transport (bad slot index)
+  // Requests queued in a batcher or on a GPU and not yet complete. An honest
+  // shim never has more than its slot count; the scheduler refuses the rest,
+  // so that a hostile client cannot grow the daemon's queues (the ring cell is
+  // free again as soon as a request is popped).
+  std::uint32_t outstanding = 0;
+  std::uint64_t refused = 0;  // requests refused for being beyond that bound
 };
 using ClientPtr = std::shared_ptr<Client>;
 

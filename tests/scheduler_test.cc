@@ -11,6 +11,7 @@
 
 #include "shim/transport.h"
 #include "stmux/control.h"
+#include "stmux/json_read.h"
 #include "test_support.h"
 
 namespace stmux::daemon {
@@ -254,6 +255,72 @@ TEST(Scheduler, FreesAndDeparturesReachTheExecutor) {
   connection.reset();
   ASSERT_TRUE(testing::waitFor([&] { return !daemon.executor().forgotten().empty(); }));
   EXPECT_EQ(daemon.executor().forgotten(), std::vector<std::uint32_t>{id});
+}
+
+// A number from the daemon's status: `field` of the client with `id`.
+double clientField(const TempDir& dir, std::uint32_t id, const char* field) {
+  auto reply = queryDaemonStatus(dir.socket(), "scheduler_test", 2000);
+  if (!reply.ok()) return -1;
+  auto json = parseJson(reply.value());
+  if (!json.ok()) return -1;
+  const JsonValue* clients = json->find("clients");
+  for (std::size_t i = 0; clients != nullptr && i < clients->size(); ++i) {
+    if (clients->at(i)->find("id")->asNumber(-1) == id) {
+      return clients->at(i)->find(field)->asNumber(-1);
+    }
+  }
+  return -1;
+}
+
+// The ring frees a cell as soon as the daemon pops it, so a client that
+// writes its ring directly, bypassing the shim's slots, could queue without
+// end (issue 14: 4.3 GB in 20 s). The scheduler holds each client to one
+// request per slot; the excess is declined, and others are served as before.
+TEST(Scheduler, AClientFloodingItsRingIsHeldToItsSlotsAndOthersAreServed) {
+  TempDir dir;
+  Daemon daemon(dir, /*batch_ns=*/50'000'000);  // a slow GPU: everything piles up
+  auto hostile = connect(dir);
+  auto honest = connect(dir);
+  ASSERT_TRUE(hostile && honest);
+  const std::uint32_t slots = hostile->slotCount();
+  RingProducer<Request> ring(hostile->view().ringHeader(), hostile->view().cells(),
+                             hostile->view().layout().ring_capacity);
+  std::atomic<bool> flooding{true};
+  std::atomic<std::uint64_t> pushed{0};
+  std::thread flood([&] {
+    Request request = validRequest();
+    for (std::uint32_t i = 0; flooding; ++i) {
+      request.slot = i % slots;
+      request.generation = slotArm(hostile->view().slot(request.slot));
+      if (ring.tryPush(request)) {
+        ++pushed;
+      } else {
+        // Full, and the daemon may be asleep: a control message wakes it (this
+        // client bypasses the shim's doorbell along with its slots).
+        (void)hostile->sendRelease({0});
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    }
+  });
+  struct StopFlood {
+    std::atomic<bool>& flooding;
+    std::thread& thread;
+    ~StopFlood() {
+      flooding = false;
+      thread.join();
+    }
+  } stop_flood{flooding, flood};
+  ASSERT_TRUE(testing::waitFor([&] { return pushed > 20 * slots; }, std::chrono::seconds(20)));
+  double most = 0;
+  for (int i = 0; i < 20; ++i) {
+    most = std::max(most, clientField(dir, hostile->clientId(), "outstanding"));
+  }
+  EXPECT_LE(most, slots) << "queued and in flight beyond the client's slots";
+  EXPECT_GT(most, 0);
+  EXPECT_GT(clientField(dir, hostile->clientId(), "refused"), 0);
+  // Another tenant meanwhile: served, and nothing of its is refused.
+  EXPECT_EQ(call(*honest, validRequest()), kStatusSuccess);
+  EXPECT_EQ(clientField(dir, honest->clientId(), "refused"), 0);
 }
 
 TEST(Scheduler, StatusReportsEachGpu) {
