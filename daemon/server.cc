@@ -113,16 +113,22 @@ Status Server::listen() {
   if (!listen_.valid()) {
     return Status::error(fmt::format("socket() failed: {}", std::strerror(errno)));
   }
-  if (::bind(listen_.get(), addr, sizeof(sockaddr_un)) != 0) {
-    const int err = errno;
+  // Tenants reach the daemon through group membership (README, systemd unit),
+  // so the socket is made at most 0660, and the umask may take more away. bind
+  // gives it that mode from the start: a chmod afterwards would leave a window
+  // with the umask's mode, follow a symlink put at the path meanwhile, and
+  // widen the mode past what the umask allows. The umask is the process's;
+  // no other thread of the daemon creates files meanwhile.
+  const mode_t umask_before = ::umask(0);
+  ::umask(umask_before | 0117);
+  const int bound = ::bind(listen_.get(), addr, sizeof(sockaddr_un));
+  const int bind_error = errno;
+  ::umask(umask_before);
+  if (bound != 0) {
     listen_.reset();
     return Status::error(fmt::format("cannot bind {}: {}{}", options_.socket_path,
-                                     std::strerror(err),
-                                     err == ENOENT ? " (does its directory exist?)" : ""));
-  }
-  // Tenants reach the daemon through group membership (README, systemd unit).
-  if (::chmod(options_.socket_path.c_str(), 0660) != 0) {
-    STMUX_WARN(kTransport, "chmod 0660 {} failed: {}", options_.socket_path, std::strerror(errno));
+                                     std::strerror(bind_error),
+                                     bind_error == ENOENT ? " (does its directory exist?)" : ""));
   }
   int rc;
   STMUX_SYSCALL(rc, ::listen(listen_.get(), 128));

@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <filesystem>
@@ -266,6 +267,25 @@ TEST(Server, RefusesToShareASocketWithALiveDaemonButReplacesAStaleOne) {
   ASSERT_TRUE(std::filesystem::exists(dir.socket()));
   ServerThread replacement(testing::serverOptions(dir), sink);
   EXPECT_TRUE(Connection::open(options(dir)).ok());
+}
+
+// bind makes the socket with its final mode: 0660 at most, less what the
+// umask removes; never wider than the umask, never chmod-ed afterwards.
+TEST(Server, TheSocketIsCreatedWithGroupAccessWithinTheUmask) {
+  TempDir dir;
+  TestSink sink;
+  for (const auto& [mask, expected] :
+       {std::pair<mode_t, mode_t>{0022, 0640}, {0007, 0660}, {0077, 0600}, {0000, 0660}}) {
+    const mode_t before = ::umask(mask);
+    {
+      ServerThread server(testing::serverOptions(dir), sink);
+      struct stat st {};
+      ASSERT_EQ(::lstat(dir.socket().c_str(), &st), 0);
+      EXPECT_TRUE(S_ISSOCK(st.st_mode));
+      EXPECT_EQ(st.st_mode & 07777, expected) << "umask " << std::oct << mask;
+    }
+    EXPECT_EQ(::umask(before), mask) << "the daemon left the umask changed";
+  }
 }
 
 TEST(Server, ASilentConnectionIsClosed) {
