@@ -23,6 +23,10 @@ namespace {
 constexpr std::uint64_t kControlPeriodNs = 100'000;
 // Requests taken from one client's ring before moving to the next.
 constexpr int kBurst = 64;
+// A status reader gets this long to take the whole reply, and this many may
+// be served at once; the rest are refused.
+constexpr std::uint64_t kReplyTimeoutNs = 5'000'000'000;
+constexpr std::size_t kMaxReplies = 16;
 
 enum Tag : std::uint64_t {
   kTagListen = 1,
@@ -30,7 +34,8 @@ enum Tag : std::uint64_t {
   kTagSocket,
   kTagDoorbell,
   kTagSinkWake,
-  kTagStop
+  kTagStop,
+  kTagReply
 };
 
 std::uint64_t tag(Tag kind, std::uint64_t id) {
@@ -67,6 +72,14 @@ void drainEventfd(int fd) {
 struct Server::Pending {
   std::uint64_t id = 0;
   UniqueFd socket;
+  std::uint64_t deadline_ns = 0;
+};
+
+struct Server::Reply {
+  std::uint64_t id = 0;
+  UniqueFd socket;
+  std::string json;
+  std::size_t sent = 0;  // bytes of json sent
   std::uint64_t deadline_ns = 0;
 };
 
@@ -190,6 +203,7 @@ void Server::run() {
   while (!clients_.empty())
     detach(clients_.back(), "the daemon is shutting down");
   pending_.clear();
+  replies_.clear();
   STMUX_INFO(kTransport, "drained");
 }
 
@@ -229,6 +243,9 @@ void Server::sleepUntil(std::uint64_t wake_at_ns) {
     std::uint64_t deadline = wake_at_ns;
     for (const auto& pending : pending_) {
       if (deadline == 0 || pending->deadline_ns < deadline) deadline = pending->deadline_ns;
+    }
+    for (const auto& reply : replies_) {
+      if (deadline == 0 || reply->deadline_ns < deadline) deadline = reply->deadline_ns;
     }
     const std::uint64_t now = nowNs();
     handleEvents(deadline == 0 ? std::nullopt
@@ -270,6 +287,12 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
         break;
       case kTagStop:
         break;  // run() looks at stop_ on its next turn
+      case kTagReply: {
+        auto it = std::find_if(replies_.begin(), replies_.end(),
+                               [id](const auto& r) { return r->id == id; });
+        if (it != replies_.end() && !pumpReply(**it)) dropReply(id);
+        break;
+      }
       case kTagPending: {
         auto it = std::find_if(pending_.begin(), pending_.end(),
                                [id](const auto& p) { return p->id == id; });
@@ -325,6 +348,15 @@ void Server::expirePending(std::uint64_t now) {
       ++it;
     }
   }
+  for (std::size_t i = 0; i < replies_.size();) {
+    if (replies_[i]->deadline_ns <= now) {
+      STMUX_WARN(kTransport, "a status reader took {} of {} bytes in {} s; closing it",
+                 replies_[i]->sent, replies_[i]->json.size(), kReplyTimeoutNs / 1'000'000'000);
+      dropReply(replies_[i]->id);
+    } else {
+      ++i;
+    }
+  }
 }
 
 void Server::refuse(int fd, const std::string& reason) {
@@ -373,7 +405,7 @@ void Server::greet(Pending& pending) {
     case Role::kTenant:
       return admitTenant(std::move(pending.socket), cred, hello);
     case Role::kControl:
-      return answerControl(fd);
+      return answerControl(std::move(pending.socket));
   }
   refuse(fd,
          fmt::format("unknown role {} in hello; accepted: 1 (tenant), 2 (control)", hello.role));
@@ -435,17 +467,58 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
   sink_.onAttach(client);
 }
 
-void Server::answerControl(int fd) {
-  const std::string json = statusJson();
-  std::vector<char> message(sizeof(MsgHeader) + json.size());
-  const MsgHeader header{kControlMagic, kProtocolVersion,
-                         static_cast<std::uint32_t>(MsgType::kStatusReply),
-                         static_cast<std::uint32_t>(message.size())};
-  std::memcpy(message.data(), &header, sizeof(header));
-  std::memcpy(message.data() + sizeof(header), json.data(), json.size());
-  if (Status status = sendMessage(fd, message.data(), message.size()); !status.ok()) {
-    STMUX_WARN(kTransport, "could not answer a status query: {}", status.message());
+// The status goes out in parts of kStatusPartBytes, as fast as the reader
+// takes them: one message of it all failed beyond about 490 clients (larger
+// than the socket buffer), and the daemon never waits for a reader.
+void Server::answerControl(UniqueFd socket) {
+  if (replies_.size() >= kMaxReplies) {
+    return refuse(socket.get(), fmt::format("the daemon is answering {} status queries already; "
+                                            "try again",
+                                            replies_.size()));
   }
+  auto reply = std::make_unique<Reply>();
+  reply->id = next_id_++;
+  reply->socket = std::move(socket);
+  reply->json = statusJson();
+  reply->deadline_ns = nowNs() + kReplyTimeoutNs;
+  if (!pumpReply(*reply)) return;
+  epollAdd(epoll_.get(), reply->socket.get(), EPOLLOUT, tag(kTagReply, reply->id));
+  replies_.push_back(std::move(reply));
+}
+
+bool Server::pumpReply(Reply& reply) {
+  std::vector<char> message;
+  while (true) {
+    const std::size_t part = std::min(reply.json.size() - reply.sent, kStatusPartBytes);
+    const bool last = reply.sent + part == reply.json.size();
+    const MsgHeader header{
+        kControlMagic, kProtocolVersion,
+        static_cast<std::uint32_t>(last ? MsgType::kStatusReply : MsgType::kStatusPart),
+        static_cast<std::uint32_t>(sizeof(MsgHeader) + part)};
+    message.resize(sizeof(header) + part);
+    std::memcpy(message.data(), &header, sizeof(header));
+    std::memcpy(message.data() + sizeof(header), reply.json.data() + reply.sent, part);
+    ssize_t n;
+    do {
+      n = ::send(reply.socket.get(), message.data(), message.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;  // when it is writable
+    if (n != static_cast<ssize_t>(message.size())) {
+      STMUX_WARN(kTransport, "could not send a status reply: {}",
+                 n < 0 ? std::strerror(errno) : "a part was cut short");
+      return false;
+    }
+    reply.sent += part;
+    if (last) return false;
+  }
+}
+
+void Server::dropReply(std::uint64_t id) {
+  auto it =
+      std::find_if(replies_.begin(), replies_.end(), [id](const auto& r) { return r->id == id; });
+  if (it == replies_.end()) return;
+  epollDel(epoll_.get(), (*it)->socket.get());
+  replies_.erase(it);
 }
 
 void Server::readClient(const ClientPtr& client) {

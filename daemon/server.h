@@ -112,6 +112,7 @@ class Server {
 
  private:
   struct Pending;  // accepted, greeting not yet received
+  struct Reply;    // a status reply not yet wholly sent
 
   bool drainRings(std::uint64_t now);
   // Handles what epoll reports within `timeout_ns` (0: only what is ready
@@ -121,7 +122,10 @@ class Server {
   void greet(Pending& pending);
   void refuse(int fd, const std::string& reason);
   void admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& hello);
-  void answerControl(int fd);
+  void answerControl(UniqueFd socket);
+  // Sends what the socket takes now; false once the reply is done or failed.
+  bool pumpReply(Reply& reply);
+  void dropReply(std::uint64_t id);
   void readClient(const ClientPtr& client);
   void detach(const ClientPtr& client, const char* why);
   void expirePending(std::uint64_t now);
@@ -137,6 +141,7 @@ class Server {
   std::atomic<bool> stop_{false};
   std::vector<ClientPtr> clients_;
   std::vector<std::unique_ptr<Pending>> pending_;
+  std::vector<std::unique_ptr<Reply>> replies_;
   std::vector<int> controls_;  // stmuxctl connections awaiting a query
   std::uint32_t next_id_ = 1;
   std::size_t rotate_ = 0;

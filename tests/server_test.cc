@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -17,6 +18,7 @@
 
 #include "shim/transport.h"
 #include "stmux/control.h"
+#include "stmux/json_read.h"
 #include "test_support.h"
 
 namespace stmux {
@@ -320,6 +322,44 @@ TEST(Server, AnswersAStatusQueryWithJson) {
   const std::string json(reply->bytes.begin() + sizeof(MsgHeader), reply->bytes.end());
   EXPECT_NE(json.find("\"name\":\"server_test\""), std::string::npos) << json;
   EXPECT_NE(json.find(fmt::format("\"pid\":{}", ::getpid())), std::string::npos) << json;
+}
+
+// A status reply once was one message, and failed with EMSGSIZE beyond
+// about 490 clients (issue 14); it now comes in parts, at any count.
+TEST(Server, StatusListsEveryClientOfOverAThousand) {
+  constexpr int kClients = 1100;
+  rlimit files{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &files), 0);
+  const rlim_t needed = 8 * kClients;  // both ends of each connection live here
+  if (files.rlim_max != RLIM_INFINITY && files.rlim_max < needed) {
+    GTEST_SKIP() << "needs " << needed << " open files; the hard limit is " << files.rlim_max;
+  }
+  const rlimit before = files;
+  files.rlim_cur = std::max<rlim_t>(files.rlim_cur, needed);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &files), 0);
+  {
+    TempDir dir;
+    TestSink sink;
+    auto server_options = testing::serverOptions(dir);
+    server_options.slots = 8;
+    server_options.max_clients = 2 * kClients;
+    ServerThread server(server_options, sink);
+    std::vector<std::unique_ptr<Connection>> tenants;
+    for (int i = 0; i < kClients; ++i) {
+      auto tenant = Connection::open(options(dir));
+      ASSERT_TRUE(tenant.ok()) << "tenant " << i << ": " << tenant.message();
+      tenants.push_back(std::move(tenant).value());
+    }
+    auto reply = queryDaemonStatus(dir.socket(), "server_test", 10'000);
+    ASSERT_TRUE(reply.ok()) << reply.message();
+    EXPECT_GT(reply->size(), 4 * kStatusPartBytes) << "too small to need several parts";
+    auto json = parseJson(reply.value());
+    ASSERT_TRUE(json.ok()) << json.message();
+    const JsonValue* clients = json->find("clients");
+    ASSERT_NE(clients, nullptr);
+    EXPECT_EQ(clients->size(), std::size_t{kClients});
+  }
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &before), 0);
 }
 
 }  // namespace

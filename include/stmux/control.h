@@ -217,43 +217,57 @@ inline Result<std::string> queryDaemonStatus(const std::string& path, std::strin
     return Status::error(fmt::format("cannot greet the daemon at {}: {}", path, sent.message()));
   }
 
-  auto received = awaitMessage(fd.get(), std::uint64_t(timeout_ms) * 1'000'000, kMaxMessageBytes);
-  if (!received) {
-    return Status::error(fmt::format("no answer from {}: {}", path, received.message()));
-  }
-  if (received->would_block) {
-    return Status::error(
-        fmt::format("the daemon at {} did not answer within {} s", path, timeout_ms / 1000));
-  }
-  if (received->eof) {
-    return Status::error(
-        fmt::format("the daemon at {} closed the connection without answering", path));
-  }
-  if (received->truncated) {
-    return Status::error(
-        fmt::format("the answer from {} is longer than {} bytes", path, kMaxMessageBytes));
-  }
-  MsgHeader header;
-  if (Status status = checkHeader(received.value(), header); !status.ok()) {
-    return Status::error(fmt::format("unexpected answer from {}: {}", path, status.message()));
-  }
-  if (header.type == static_cast<std::uint32_t>(MsgType::kRefuse)) {
-    RefuseMsg refuse;
-    if (!decodeMessage(received.value(), MsgType::kRefuse, refuse).ok()) {
-      return Status::error(
-          fmt::format("the daemon at {} (protocol {}) refused in a message of {} "
-                      "bytes this stmuxctl cannot read",
-                      path, header.version, received->bytes.size()));
+  // The reply: parts (kStatusPart) then the last one (kStatusReply), all
+  // within the timeout.
+  const std::uint64_t deadline = nowNs() + std::uint64_t(timeout_ms) * 1'000'000;
+  std::string json;
+  while (true) {
+    const std::uint64_t now = nowNs();
+    auto received = awaitMessage(fd.get(), deadline > now ? deadline - now : 0, kMaxMessageBytes);
+    if (!received) {
+      return Status::error(fmt::format("no answer from {}: {}", path, received.message()));
     }
-    return Status::error(
-        fmt::format("the daemon at {} refused: {}", path, fieldString(refuse.reason)));
+    if (received->would_block) {
+      return Status::error(
+          fmt::format("the daemon at {} did not answer within {} s", path, timeout_ms / 1000));
+    }
+    if (received->eof) {
+      return Status::error(fmt::format("the daemon at {} closed the connection {}", path,
+                                       json.empty() ? "without answering" : "mid-answer"));
+    }
+    if (received->truncated) {
+      return Status::error(
+          fmt::format("a message from {} is longer than {} bytes", path, kMaxMessageBytes));
+    }
+    MsgHeader header;
+    if (Status status = checkHeader(received.value(), header); !status.ok()) {
+      return Status::error(fmt::format("unexpected answer from {}: {}", path, status.message()));
+    }
+    if (header.type == static_cast<std::uint32_t>(MsgType::kRefuse)) {
+      RefuseMsg refuse;
+      if (!decodeMessage(received.value(), MsgType::kRefuse, refuse).ok()) {
+        return Status::error(
+            fmt::format("the daemon at {} (protocol {}) refused in a message of {} "
+                        "bytes this stmuxctl cannot read",
+                        path, header.version, received->bytes.size()));
+      }
+      return Status::error(
+          fmt::format("the daemon at {} refused: {}", path, fieldString(refuse.reason)));
+    }
+    const bool last = header.type == static_cast<std::uint32_t>(MsgType::kStatusReply);
+    if (!last && header.type != static_cast<std::uint32_t>(MsgType::kStatusPart)) {
+      return Status::error(
+          fmt::format("unexpected answer from {}: message type {}, expected {} or {}", path,
+                      header.type, static_cast<std::uint32_t>(MsgType::kStatusPart),
+                      static_cast<std::uint32_t>(MsgType::kStatusReply)));
+    }
+    if (json.size() + received->bytes.size() - sizeof(MsgHeader) > kMaxStatusBytes) {
+      return Status::error(
+          fmt::format("the answer from {} is longer than {} bytes", path, kMaxStatusBytes));
+    }
+    json.append(received->bytes.begin() + sizeof(MsgHeader), received->bytes.end());
+    if (last) return json;
   }
-  if (header.type != static_cast<std::uint32_t>(MsgType::kStatusReply)) {
-    return Status::error(fmt::format("unexpected answer from {}: message type {}, expected {}",
-                                     path, header.type,
-                                     static_cast<std::uint32_t>(MsgType::kStatusReply)));
-  }
-  return std::string(received->bytes.begin() + sizeof(MsgHeader), received->bytes.end());
 }
 
 }  // namespace stmux

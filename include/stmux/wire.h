@@ -18,7 +18,8 @@
 
 namespace stmux {
 
-inline constexpr std::uint32_t kProtocolVersion = 1;
+// 2: a status reply may come in parts (kStatusPart).
+inline constexpr std::uint32_t kProtocolVersion = 2;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -189,7 +190,8 @@ enum class MsgType : std::uint32_t {
   kRefuse = 3,       // daemon -> client, then close
   kRelease = 4,      // client -> daemon: these allocations are freed or no longer cached
   kStatusQuery = 5,  // stmuxctl -> daemon
-  kStatusReply = 6,  // daemon -> stmuxctl: JSON text follows the header
+  kStatusReply = 6,  // daemon -> stmuxctl: the JSON text's last part follows the header
+  kStatusPart = 7,   // daemon -> stmuxctl: a part of the JSON text; more parts follow
 };
 
 // Every message starts with this header, in every protocol version, so that a
@@ -235,7 +237,11 @@ struct ReleaseMsg {
   std::uint64_t alloc_ids[kMaxReleaseIds];
 };
 
-inline constexpr std::size_t kMaxMessageBytes = 1 << 20;  // a status reply at most
+inline constexpr std::size_t kMaxMessageBytes = 1 << 20;  // any one message at most
+// A status reply is sent in parts of this size, well within a socket buffer,
+// so that it works at any client count; the whole is bounded by the reader.
+inline constexpr std::size_t kStatusPartBytes = 32 << 10;
+inline constexpr std::size_t kMaxStatusBytes = 256 << 20;
 
 template <class T>
 T makeMessage(MsgType type) {
