@@ -27,6 +27,14 @@ constexpr int kBurst = 64;
 // be served at once; the rest are refused.
 constexpr std::uint64_t kReplyTimeoutNs = 5'000'000'000;
 constexpr std::size_t kMaxReplies = 16;
+// Connections accepted that have not said hello yet: at most this many, and
+// this many per uid, so that one user's flood of silent connections neither
+// grows the daemon nor keeps others (stmuxctl, tenants) out.
+constexpr std::size_t kMaxPending = 64;
+constexpr std::size_t kMaxPendingPerUid = 8;
+// Out of descriptors (or memory): look at the listening socket again after
+// this long, rather than spin on it while it stays readable.
+constexpr std::uint64_t kAcceptBackoffNs = 100'000'000;
 
 enum Tag : std::uint64_t {
   kTagListen = 1,
@@ -72,6 +80,7 @@ void drainEventfd(int fd) {
 struct Server::Pending {
   std::uint64_t id = 0;
   UniqueFd socket;
+  uid_t uid = 0;
   std::uint64_t deadline_ns = 0;
 };
 
@@ -247,6 +256,9 @@ void Server::sleepUntil(std::uint64_t wake_at_ns) {
     for (const auto& reply : replies_) {
       if (deadline == 0 || reply->deadline_ns < deadline) deadline = reply->deadline_ns;
     }
+    if (accept_paused_until_ != 0 && (deadline == 0 || accept_paused_until_ < deadline)) {
+      deadline = accept_paused_until_;
+    }
     const std::uint64_t now = nowNs();
     handleEvents(deadline == 0 ? std::nullopt
                                : std::optional<std::uint64_t>(deadline > now ? deadline - now : 0));
@@ -299,7 +311,8 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
         if (it != pending_.end()) {
           std::unique_ptr<Pending> pending = std::move(*it);
           pending_.erase(it);
-          greet(*pending);
+          epollDel(epoll_.get(), pending->socket.get());
+          greet(std::move(pending));
         }
         break;
       }
@@ -320,24 +333,82 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
 }
 
 void Server::acceptAll() {
-  while (listen_.valid()) {
+  while (listen_.valid() && accept_paused_until_ == 0) {
+    const std::uint64_t now = nowNs();
+    if (pending_.size() >= kMaxPending) {
+      // Taken up again as the hellos arrive or time out.
+      pauseAccepting(now + options_.hello_timeout_ns / 20);
+      return;
+    }
     UniqueFd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
     if (!fd.valid()) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-        STMUX_WARN(kTransport, "accept failed: {}", std::strerror(errno));
+      const int err = errno;
+      if (err == EAGAIN || err == EWOULDBLOCK) return;
+      if (err == EINTR || err == ECONNABORTED) continue;
+      // The listening socket stays readable while the connection waits in
+      // the backlog: without a pause epoll would report it forever.
+      pauseAccepting(now + kAcceptBackoffNs);
+      if (std::uint64_t held = 0; accept_log_.allow(now, held)) {
+        STMUX_WARN(kTransport,
+                   "accept failed: {}; not accepting for {} ms ({} such failures not logged)",
+                   std::strerror(err), kAcceptBackoffNs / 1'000'000, held);
       }
       return;
     }
+    ::ucred cred{};
+    socklen_t length = sizeof(cred);
+    if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0) continue;
     auto pending = std::make_unique<Pending>();
     pending->id = next_id_++;
-    pending->deadline_ns = nowNs() + options_.hello_timeout_ns;
-    epollAdd(epoll_.get(), fd.get(), EPOLLIN | EPOLLRDHUP, tag(kTagPending, pending->id));
+    pending->uid = cred.uid;
+    pending->deadline_ns = now + options_.hello_timeout_ns;
     pending->socket = std::move(fd);
-    pending_.push_back(std::move(pending));
+    // A client says hello right after it connects, so the hello is usually
+    // here already: only a silent connection waits among the pending.
+    greet(std::move(pending));
   }
 }
 
+void Server::addPending(std::unique_ptr<Pending> pending) {
+  // A user's connections that stay silent longest go first, so that one
+  // user's flood cannot hold every place while a real client's hello is a
+  // moment away.
+  std::size_t mine = 0;
+  auto oldest = pending_.end();
+  for (auto it = pending_.begin(); it != pending_.end(); ++it) {
+    if ((*it)->uid != pending->uid) continue;
+    ++mine;
+    if (oldest == pending_.end()) oldest = it;
+  }
+  if (mine >= kMaxPendingPerUid) {
+    if (std::uint64_t held = 0; accept_log_.allow(nowNs(), held)) {
+      STMUX_WARN(kTransport,
+                 "uid {} has {} connections that have not said hello; closing its oldest ({} "
+                 "such closes not logged)",
+                 pending->uid, mine, held);
+    }
+    epollDel(epoll_.get(), (*oldest)->socket.get());
+    pending_.erase(oldest);
+  }
+  epollAdd(epoll_.get(), pending->socket.get(), EPOLLIN | EPOLLRDHUP,
+           tag(kTagPending, pending->id));
+  pending_.push_back(std::move(pending));
+}
+
+void Server::pauseAccepting(std::uint64_t until_ns) {
+  if (accept_paused_until_ == 0) epollDel(epoll_.get(), listen_.get());
+  accept_paused_until_ = until_ns;
+}
+
+void Server::resumeAccepting(std::uint64_t now) {
+  if (accept_paused_until_ == 0 || now < accept_paused_until_ || !listen_.valid()) return;
+  accept_paused_until_ = 0;
+  epollAdd(epoll_.get(), listen_.get(), EPOLLIN, tag(kTagListen, 0));
+  acceptAll();  // what waited meanwhile
+}
+
 void Server::expirePending(std::uint64_t now) {
+  resumeAccepting(now);
   for (auto it = pending_.begin(); it != pending_.end();) {
     if ((*it)->deadline_ns <= now) {
       STMUX_WARN(kTransport, "closing a connection that sent no hello within {} ms",
@@ -367,18 +438,11 @@ void Server::refuse(int fd, const std::string& reason) {
   (void)sendMessage(fd, &msg, sizeof(msg));
 }
 
-void Server::greet(Pending& pending) {
-  const int fd = pending.socket.get();
-  epollDel(epoll_.get(), fd);
+void Server::greet(std::unique_ptr<Pending> pending) {
+  const int fd = pending->socket.get();
   auto received = recvMessage(fd, /*block=*/false);
-  if (!received || received->eof) return;  // gone before it said anything
-  if (received->would_block) {
-    // Spurious wake-up: keep waiting for the hello.
-    auto again = std::make_unique<Pending>(std::move(pending));
-    epollAdd(epoll_.get(), fd, EPOLLIN | EPOLLRDHUP, tag(kTagPending, again->id));
-    pending_.push_back(std::move(again));
-    return;
-  }
+  if (!received || received->eof) return;                            // gone before it said anything
+  if (received->would_block) return addPending(std::move(pending));  // not yet
   if (!received->fds.empty()) {
     // Received's destructor closes them: a client hands the daemon nothing.
     return refuse(fd, "a hello must not carry file descriptors");
@@ -403,9 +467,9 @@ void Server::greet(Pending& pending) {
   }
   switch (static_cast<Role>(hello.role)) {
     case Role::kTenant:
-      return admitTenant(std::move(pending.socket), cred, hello);
+      return admitTenant(std::move(pending->socket), cred, hello);
     case Role::kControl:
-      return answerControl(std::move(pending.socket));
+      return answerControl(std::move(pending->socket));
   }
   refuse(fd,
          fmt::format("unknown role {} in hello; accepted: 1 (tenant), 2 (control)", hello.role));

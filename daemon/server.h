@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "stmux/log.h"
 #include "stmux/segment.h"
 #include "stmux/status.h"
 #include "stmux/sys.h"
@@ -119,7 +120,14 @@ class Server {
   // now; none: waits for something).
   void handleEvents(std::optional<std::uint64_t> timeout_ns);
   void acceptAll();
-  void greet(Pending& pending);
+  // Stops looking at the listening socket until `until_ns`, or takes it up
+  // again once that time has come.
+  void pauseAccepting(std::uint64_t until_ns);
+  void resumeAccepting(std::uint64_t now);
+  // Reads the hello and answers it; a connection whose hello has not come
+  // yet waits among the pending.
+  void greet(std::unique_ptr<Pending> pending);
+  void addPending(std::unique_ptr<Pending> pending);
   void refuse(int fd, const std::string& reason);
   void admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& hello);
   void answerControl(UniqueFd socket);
@@ -142,6 +150,8 @@ class Server {
   std::vector<ClientPtr> clients_;
   std::vector<std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Reply>> replies_;
+  std::uint64_t accept_paused_until_ = 0;  // 0: the listening socket is watched
+  LogLimiter accept_log_;
   std::vector<int> controls_;  // stmuxctl connections awaiting a query
   std::uint32_t next_id_ = 1;
   std::size_t rotate_ = 0;

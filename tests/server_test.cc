@@ -12,7 +12,11 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <fcntl.h>
+
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <set>
 #include <thread>
 
@@ -322,6 +326,113 @@ TEST(Server, AnswersAStatusQueryWithJson) {
   const std::string json(reply->bytes.begin() + sizeof(MsgHeader), reply->bytes.end());
   EXPECT_NE(json.find("\"name\":\"server_test\""), std::string::npos) << json;
   EXPECT_NE(json.find(fmt::format("\"pid\":{}", ::getpid())), std::string::npos) << json;
+}
+
+// Runs `child` in a forked process and returns its exit status.
+int inChild(const std::function<int()>& child) {
+  const pid_t pid = ::fork();
+  if (pid == 0) ::_exit(child());
+  int raw = 0;
+  ::waitpid(pid, &raw, 0);
+  return WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
+}
+
+// Opens `count` connections to the daemon that never say hello, holds them
+// for `hold_ms`, and returns how many the daemon closed meanwhile (254: a
+// connect failed). For a forked child: no gtest assertions.
+int silentConnections(const TempDir& dir, int count, int hold_ms) {
+  auto address = socketAddress(dir.socket());
+  std::vector<UniqueFd> fds;
+  for (int i = 0; i < count; ++i) {
+    UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+                  sizeof(sockaddr_un)) != 0) {
+      return 254;
+    }
+    fds.push_back(std::move(fd));
+  }
+  ::usleep(static_cast<useconds_t>(hold_ms) * 1000);
+  int closed = 0;
+  for (const UniqueFd& fd : fds) {
+    char byte;
+    closed += ::recv(fd.get(), &byte, 1, MSG_DONTWAIT) == 0 ? 1 : 0;
+  }
+  return closed;
+}
+
+// Out of descriptors, accept fails and the listening socket stays readable:
+// the daemon once spun on it (75% CPU, 59,000 log lines in 3 s; issue 14). It
+// now stops looking for a while, logs at most a line a second, and accepts
+// again once descriptors are free.
+TEST(Server, OutOfDescriptorsItNeitherSpinsNorFloodsTheLogAndRecovers) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  std::size_t open_fds = 0;
+  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd"))
+    ++open_fds;
+  rlimit before{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &before), 0);
+  // stderr to a file meanwhile, to count the daemon's lines.
+  const std::string log_path = dir.path() + "/stderr";
+  UniqueFd log(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  UniqueFd saved(::dup(STDERR_FILENO));
+  ASSERT_GE(::dup2(log.get(), STDERR_FILENO), 0);
+  rlimit tight = before;
+  tight.rlim_cur = open_fds + 2;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &tight), 0);
+  rusage usage_before{}, usage_after{};
+  ::getrusage(RUSAGE_SELF, &usage_before);
+  const int status = inChild([&] {
+    ::setrlimit(RLIMIT_NOFILE, &before);  // the daemon's limit is tight, not this child's
+    return silentConnections(dir, 20, 1500) == 254 ? 1 : 0;
+  });
+  ::getrusage(RUSAGE_SELF, &usage_after);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &before), 0);
+  ::dup2(saved.get(), STDERR_FILENO);
+  EXPECT_EQ(status, 0);
+  auto seconds = [](const timeval& t) { return t.tv_sec + t.tv_usec / 1e6; };
+  const double cpu = seconds(usage_after.ru_utime) + seconds(usage_after.ru_stime) -
+                     seconds(usage_before.ru_utime) - seconds(usage_before.ru_stime);
+  EXPECT_LT(cpu, 0.5) << "CPU seconds over 1.5 s of refused accepts: the daemon spun";
+  std::ifstream in(log_path);
+  int lines = 0, accept_lines = 0;
+  for (std::string line; std::getline(in, line); ++lines)
+    accept_lines += line.find("accept failed") != std::string::npos ? 1 : 0;
+  EXPECT_GE(accept_lines, 1) << "the failure went unreported";
+  EXPECT_LE(lines, 4) << "the log was flooded";
+  // Descriptors free again: a tenant attaches.
+  EXPECT_TRUE(Connection::open(options(dir)).ok());
+}
+
+// One user's silent connections take at most a few places among those
+// waiting for a hello; another user's status query is answered at once.
+TEST(Server, OneUsersSilentConnectionsDoNotKeepAnotherUserOut) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to connect as another uid";
+  TempDir dir;
+  TestSink sink;
+  ASSERT_EQ(::chmod(dir.path().c_str(), 0755), 0);
+  ServerThread server(testing::serverOptions(dir), sink);
+  ASSERT_EQ(::chmod(dir.socket().c_str(), 0666), 0);  // this test's own: let nobody in
+  std::atomic<bool> answered{false};
+  std::uint64_t took_ns = 0;
+  std::thread query([&] {
+    ::usleep(300'000);  // while the flood holds its connections
+    const std::uint64_t start = nowNs();
+    answered = queryDaemonStatus(dir.socket(), "server_test", 5000).ok();
+    took_ns = nowNs() - start;
+  });
+  const int closed = inChild([&] {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 255;
+    return silentConnections(dir, 40, 1000);
+  });
+  query.join();
+  ASSERT_NE(closed, 255) << "could not become uid 65534";
+  ASSERT_NE(closed, 254) << "uid 65534 could not connect";
+  EXPECT_GE(closed, 40 - 8) << "a uid kept more than 8 silent connections";
+  EXPECT_LE(closed, 40 - 8) << "closed more than it had to";
+  EXPECT_TRUE(answered);
+  EXPECT_LT(took_ns, kSecond) << "the status query waited behind another user's flood";
 }
 
 // A status reply once was one message, and failed with EMSGSIZE beyond

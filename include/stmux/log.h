@@ -212,6 +212,30 @@ void logFormat(Level level, Subsys subsys, fmt::format_string<Args...> format,
   }
 }
 
+// One line per period at most for a condition that can repeat without end
+// (a flood of connections, say): allow() says whether to log now, and how
+// many occurrences were held back since the last line. Not thread-safe: one
+// per thread that logs.
+class LogLimiter {
+ public:
+  explicit LogLimiter(std::uint64_t period_ns = 1'000'000'000) : period_ns_(period_ns) {}
+  bool allow(std::uint64_t now_ns, std::uint64_t& suppressed) {
+    if (last_ns_ != 0 && now_ns - last_ns_ < period_ns_) {
+      ++suppressed_;
+      return false;
+    }
+    last_ns_ = now_ns;
+    suppressed = suppressed_;
+    suppressed_ = 0;
+    return true;
+  }
+
+ private:
+  std::uint64_t period_ns_;
+  std::uint64_t last_ns_ = 0;
+  std::uint64_t suppressed_ = 0;
+};
+
 }  // namespace stmux
 
 #define STMUX_LOG(level, subsys, ...)                                                  \
