@@ -310,8 +310,7 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
     // welcome timeout.
     attached_cv_.wait_for(lock, std::chrono::nanoseconds(2 * kWelcomeTimeoutNs),
                           [this] { return !attaching_; });
-    why = last_failure_.rfind("the daemon refused", 0) == 0 ? Fallback::kRefused
-                                                            : Fallback::kNoDaemon;
+    why = refusedToAttach(last_failure_) ? Fallback::kRefused : Fallback::kNoDaemon;
     if (connection_) {
       const bool suspect = connection_->draining() || now - last_use_ns_ > kIdleCheckNs;
       if (!suspect || connection_->alive()) {
@@ -329,6 +328,7 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
   }
   ConnectOptions options;
   options.socket_path = config_.socket;
+  options.daemon_user = config_.daemon_user;
   options.name = name_;
   options.timeout_ns = kWelcomeTimeoutNs;
   auto opened = Connection::open(options);
@@ -349,7 +349,7 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
       STMUX_DEBUG(kShim, "still not attached to stmuxd: {}", opened.message());
     }
     last_failure_ = opened.message();
-    if (last_failure_.rfind("the daemon refused", 0) == 0) why = Fallback::kRefused;
+    if (refusedToAttach(last_failure_)) why = Fallback::kRefused;
     return nullptr;
   }
   connection_ = std::shared_ptr<Connection>(std::move(opened).value());

@@ -1,11 +1,16 @@
 #include "shim/transport.h"
 
+#include <fcntl.h>
+#include <pwd.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "stmux/control.h"
 #include "stmux/log.h"
@@ -17,7 +22,130 @@ namespace {
 // on noticing a daemon killed with SIGKILL.
 constexpr std::uint64_t kAliveSliceNs = 5'000'000;
 
+// How every refusal of a daemon by this process begins (refusedToAttach).
+constexpr std::string_view kRefusing = "refusing the daemon at ";
+
+// What the daemon seals a segment with; see checkSegmentFile.
+constexpr int kSegmentSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+
+// The uid a STMUX_DAEMON_USER value names: all digits is a uid, anything else
+// a user name. The error completes "STMUX_DAEMON_USER=x ...".
+Result<uid_t> resolveUser(const std::string& user) {
+  if (user.empty()) return Status::error("is empty");
+  std::uint32_t uid = 0;
+  const char* end = user.data() + user.size();
+  if (auto [ptr, ec] = std::from_chars(user.data(), end, uid); ec == std::errc() && ptr == end) {
+    return static_cast<uid_t>(uid);
+  }
+  const long hint = ::sysconf(_SC_GETPW_R_SIZE_MAX);
+  std::vector<char> buffer(hint > 0 ? static_cast<std::size_t>(hint) : 16384);
+  passwd entry{};
+  passwd* found = nullptr;
+  int rc;
+  while ((rc = ::getpwnam_r(user.c_str(), &entry, buffer.data(), buffer.size(), &found)) == EINTR ||
+         (rc == ERANGE && buffer.size() < (std::size_t{1} << 20))) {
+    if (rc == ERANGE) buffer.resize(buffer.size() * 2);
+  }
+  // Some NSS modules say "no such user" with an error rather than no entry.
+  if (found == nullptr && (rc == 0 || rc == ENOENT || rc == ESRCH)) {
+    return Status::error("names no user");
+  }
+  if (found == nullptr) {
+    return Status::error(fmt::format("could not be looked up: {}", std::strerror(rc)));
+  }
+  return found->pw_uid;
+}
+
+// A daemon receives CUDA IPC handles to this process's GPU memory, writes into
+// that memory and hands over memory this process maps; whoever can listen at
+// STMUX_SOCKET (a path in the environment, a stale /run/stmux) could pose as
+// one. Trusted: root, this process's own uid (a daemon it could have started
+// itself gains nothing) and the service user. SO_PEERCRED gives the daemon's
+// effective uid when it called listen(), so this process's effective uid is
+// the one compared.
+Status checkDaemonUid(int sock, const ConnectOptions& options) {
+  ucred cred{};
+  socklen_t length = sizeof(cred);
+  if (::getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0) {
+    return Status::error(fmt::format("{}{}: cannot read its credentials: {}", kRefusing,
+                                     options.socket_path, std::strerror(errno)));
+  }
+  const uid_t self = ::geteuid();
+  if (cred.uid == 0 || cred.uid == self) return Status::okStatus();
+  // Looked up only now: a daemon running as root or as this process's uid
+  // needs no passwd lookup, which may be slow or remote (NSS).
+  auto service = resolveUser(options.daemon_user);
+  if (service && service.value() == cred.uid) return Status::okStatus();
+  std::string accepted = self == 0 ? std::string("0 (root, this process)")
+                                   : fmt::format("0 (root), {} (this process)", self);
+  accepted +=
+      service ? fmt::format(", {} (STMUX_DAEMON_USER={})", service.value(), options.daemon_user)
+              : fmt::format("; STMUX_DAEMON_USER={} {}", options.daemon_user, service.message());
+  return Status::error(fmt::format("{}{}: it runs as uid {}, accepted: {}", kRefusing,
+                                   options.socket_path, cred.uid, accepted));
+}
+
+std::string sealNames(int seals) {
+  std::string names;
+  for (auto [seal, name] : {std::pair{F_SEAL_SHRINK, "F_SEAL_SHRINK"},
+                            {F_SEAL_GROW, "F_SEAL_GROW"},
+                            {F_SEAL_SEAL, "F_SEAL_SEAL"}}) {
+    if ((seals & seal) != 0) names += (names.empty() ? "" : ", ") + std::string(name);
+  }
+  return names;
+}
+
+// This process maps the segment and touches it in every call: a file shrunk
+// under the mapping kills it with SIGBUS at the next touch. So the segment
+// must be a memfd whose size is sealed for good, exactly the size announced.
+// The seals come first: they are what makes the size checked next final.
+Status checkSegmentFile(int fd, std::uint64_t welcome_bytes) {
+  const int seals = ::fcntl(fd, F_GET_SEALS);
+  if (seals < 0) {
+    return Status::error(
+        fmt::format("its segment is not a sealed memfd (F_GET_SEALS: {})", std::strerror(errno)));
+  }
+  if ((seals & kSegmentSeals) != kSegmentSeals) {
+    return Status::error(fmt::format(
+        "its segment is not sealed with {} (its seals: {:#x}), so its size could change under "
+        "this process",
+        sealNames(kSegmentSeals & ~seals), seals));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    return Status::error(fmt::format("fstat of its segment failed: {}", std::strerror(errno)));
+  }
+  if (static_cast<std::uint64_t>(st.st_size) != welcome_bytes) {
+    return Status::error(
+        fmt::format("its segment is {} bytes, the welcome says {}", st.st_size, welcome_bytes));
+  }
+  return Status::okStatus();
+}
+
+// Every submitting thread writes the doorbell: anything but an eventfd could
+// block it (a pipe nobody drains) or carry the bytes elsewhere. /proc names
+// what a descriptor is; without it the doorbell cannot be checked, and the
+// daemon is refused.
+Status checkDoorbell(int fd) {
+  const std::string path = fmt::format("/proc/self/fd/{}", fd);
+  char target[256];
+  const ssize_t n = ::readlink(path.c_str(), target, sizeof(target));
+  if (n < 0) {
+    return Status::error(
+        fmt::format("cannot tell what its doorbell is ({}: {})", path, std::strerror(errno)));
+  }
+  const std::string_view what(target, static_cast<std::size_t>(n));
+  if (what != "anon_inode:[eventfd]") {
+    return Status::error(fmt::format("its doorbell is {}, not an eventfd", what));
+  }
+  return Status::okStatus();
+}
+
 }  // namespace
+
+bool refusedToAttach(std::string_view open_error) {
+  return open_error.starts_with("the daemon refused") || open_error.starts_with(kRefusing);
+}
 
 Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& options) {
   auto address = socketAddress(options.socket_path);
@@ -35,6 +163,8 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
     return Status::error(
         fmt::format("cannot connect to {}: {}", options.socket_path, std::strerror(errno)));
   }
+  // Before the hello: an untrusted daemon learns nothing, not even the pid.
+  STMUX_TRY(checkDaemonUid(sock.get(), options));
 
   auto hello = makeMessage<HelloMsg>(MsgType::kHello);
   hello.header.version = options.version;
@@ -78,14 +208,16 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
 
   std::unique_ptr<Connection> connection(new Connection());
   UniqueFd memfd = std::move(received->fds[0]);
-  struct stat st {};
-  if (::fstat(memfd.get(), &st) != 0) {
-    return Status::error(fmt::format("fstat of the segment failed: {}", std::strerror(errno)));
+  auto refuse = [&](const Status& why) {
+    return Status::error(fmt::format("{}{}: {}", kRefusing, options.socket_path, why.message()));
+  };
+  if (Status why = checkSegmentFile(memfd.get(), welcome.segment_bytes); !why.ok()) {
+    return refuse(why);
   }
-  if (static_cast<std::uint64_t>(st.st_size) < welcome.segment_bytes ||
-      welcome.segment_bytes < sizeof(SegmentHeader)) {
-    return Status::error(fmt::format("the segment is {} bytes, the welcome says {}", st.st_size,
-                                     welcome.segment_bytes));
+  if (Status why = checkDoorbell(received->fds[1].get()); !why.ok()) return refuse(why);
+  if (welcome.segment_bytes < sizeof(SegmentHeader)) {
+    return Status::error(fmt::format("the segment is {} bytes, smaller than its header ({})",
+                                     welcome.segment_bytes, sizeof(SegmentHeader)));
   }
   auto mapping = mapShared(memfd.get(), welcome.segment_bytes);
   if (!mapping) return mapping.status();

@@ -10,8 +10,10 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "stmux/config.h"
 #include "stmux/segment.h"
 #include "stmux/status.h"
 #include "stmux/sys.h"
@@ -19,8 +21,14 @@
 
 namespace stmux::shim {
 
+// STMUX_DAEMON_USER's default, from the one table.
+inline constexpr std::string_view kDefaultDaemonUser = findVar("STMUX_DAEMON_USER")->default_text;
+
 struct ConnectOptions {
   std::string socket_path;
+  // Besides root and this process's own uid, the one user whose daemon this
+  // process attaches to: a user name or a numeric uid (STMUX_DAEMON_USER).
+  std::string daemon_user{kDefaultDaemonUser};
   Role role = Role::kTenant;
   std::string name;                          // shown by stmuxctl
   std::uint32_t version = kProtocolVersion;  // tests speak other versions
@@ -39,10 +47,16 @@ struct WaitResult {
   SlotState state = SlotState::kIdle;          // the slot's state when the wait ended
 };
 
+// True when Connection::open failed because one side refused the other: the
+// daemon this process, or this process a daemon it does not trust. False when
+// no daemon answered.
+bool refusedToAttach(std::string_view open_error);
+
 class Connection {
  public:
   // Connects and attaches. The error says why (no socket, refused and by what
-  // reason, a segment this library does not understand, ...).
+  // reason, a daemon running as a user it does not trust, a segment this
+  // library does not understand, ...).
   static Result<std::unique_ptr<Connection>> open(const ConnectOptions& options);
 
   Connection(const Connection&) = delete;

@@ -49,6 +49,11 @@ Samples samplesFor(const VarInfo& var) {
     case Kind::kDevices:
       return {{"all", "0", "0,1", "3,GPU-12345678-1234-1234-1234-123456789abc"},
               {"", "gpu0", "0,0", "-1", "0,,1", "GPU-1234", "all,0", "0,"}};
+    case Kind::kUser:
+      return {{"stmux", "_svc", "svc-stmux", "a.b", "Stmux2", std::string(kMaxUserName, 'u'),
+               str(var.min), str(var.max), "998"},
+              {"", str(var.max + 1), "99999999999999999999999", "-1", "stmux ", " stmux", "a:b",
+               "1abc", ".hidden", "-stmux", "st\xc3\xa9mux", std::string(kMaxUserName + 1, 'u')}};
     case Kind::kChoice: {
       Samples samples{{}, {"", "nope"}};
       std::string_view choices = var.unit;
@@ -138,6 +143,29 @@ TEST(Config, ScopeLeavesTheOtherSidesVariablesAlone) {
   EXPECT_FALSE(daemon.ok());
   auto shared = parseConfig(mapLookup({{"STMUX_SOCKET", ""}}), Scope::kShim);
   EXPECT_FALSE(shared.ok());
+}
+
+TEST(Config, DaemonUserIsANameOrAUidAndOnlyTheShimReadsIt) {
+  auto by_default = parseConfig(mapLookup({}), Scope::kShim);
+  ASSERT_TRUE(by_default.ok()) << by_default.message();
+  EXPECT_EQ(by_default->daemon_user, "stmux");
+  auto by_uid = parseConfig(mapLookup({{"STMUX_DAEMON_USER", "998"}}), Scope::kShim);
+  ASSERT_TRUE(by_uid.ok()) << by_uid.message();
+  EXPECT_EQ(by_uid->daemon_user, "998");
+  for (auto [value, why] : {std::pair{"", "is empty"},
+                            {"4294967295", "is out of range"},
+                            {"stmux daemon", "is neither a user name nor a uid"},
+                            {"-1", "is neither a user name nor a uid"}}) {
+    auto config = parseConfig(mapLookup({{"STMUX_DAEMON_USER", value}}), Scope::kShim);
+    ASSERT_FALSE(config.ok()) << value;
+    EXPECT_NE(config.message().find(fmt::format("STMUX_DAEMON_USER='{}' {}", value, why)),
+              std::string::npos)
+        << config.message();
+    EXPECT_NE(config.message().find("accepted: a user name"), std::string::npos)
+        << config.message();
+  }
+  // The daemon never reads it: a bad value there is not the daemon's error.
+  EXPECT_TRUE(parseConfig(mapLookup({{"STMUX_DAEMON_USER", ""}}), Scope::kDaemon).ok());
 }
 
 TEST(Config, DevicesParseToAList) {

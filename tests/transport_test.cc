@@ -1,18 +1,28 @@
 // The client end of the transport (shim/transport.cc) against a real server:
 // attach, round trips from many threads, refusals with their reasons, the slot
 // protocol's cancel and stale-generation rules, and a daemon killed mid-call.
+// Against fake daemons: what the client checks before it trusts one (its uid,
+// the segment's seals and size, the doorbell).
 #include "shim/transport.h"
 
+#include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <pwd.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <cstring>
 #include <filesystem>
 #include <functional>
+#include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "stmux/control.h"
@@ -145,6 +155,7 @@ TEST(Transport, NoDaemonSaysWhere) {
   ASSERT_FALSE(connection.ok());
   EXPECT_NE(connection.message().find("cannot connect to " + dir.socket()), std::string::npos)
       << connection.message();
+  EXPECT_FALSE(shim::refusedToAttach(connection.message())) << "no daemon is no refusal";
 }
 
 TEST(Transport, CancelWinsOnlyBeforeTheDaemonClaims) {
@@ -244,33 +255,100 @@ TEST(Transport, NoticesADaemonKilledWithSigkill) {
   EXPECT_FALSE(connection.value()->alive());
 }
 
-// A fake daemon that answers a hello with a welcome and a segment of its
-// choosing, to show the client checks what it is handed.
-std::string attachWithForgedSegment(const TempDir& dir,
-                                    const std::function<void(void* base)>& forge) {
-  auto address = socketAddress(dir.socket());
+// ---- fake daemons: what the client checks before it trusts what it is handed ----
+
+constexpr int kAllSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+
+// What a fake daemon hands over in its welcome; by default what the real
+// daemon does (Server::admitTenant).
+struct Forgery {
+  std::function<void(void* base)> segment = [](void*) {};  // edits the segment's contents
+  int seals = kAllSeals;
+  off_t extra_bytes = 0;       // the segment's size beyond what the welcome says
+  bool regular_file = false;   // the segment is a file in the test's directory
+  bool pipe_doorbell = false;  // the doorbell is a pipe nobody drains
+};
+
+struct Handover {
+  WelcomeMsg welcome;
+  UniqueFd segment;
+  UniqueFd doorbell;
+  UniqueFd drain;  // a pipe doorbell's read end
+};
+
+// No gtest macros: it also runs in child processes.
+Result<Handover> forge(const TempDir& dir, const Forgery& forgery) {
+  const SegmentLayout layout = SegmentLayout::compute(64);
+  const auto bytes = static_cast<off_t>(layout.total_bytes);
+  Handover handover;
+  handover.segment.reset(
+      forgery.regular_file
+          ? ::open((dir.path() + "/segment").c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)
+          : ::memfd_create("forged", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  const int fd = handover.segment.get();
+  if (fd < 0 || ::ftruncate(fd, bytes) != 0) {
+    return Status::error(fmt::format("cannot make a segment: {}", std::strerror(errno)));
+  }
+  {
+    auto mapping = mapShared(fd, layout.total_bytes);
+    if (!mapping) return mapping.status();
+    initSegment(mapping->base(), layout, /*client_id=*/7);
+    forgery.segment(mapping->base());
+  }
+  if ((forgery.extra_bytes != 0 && ::ftruncate(fd, bytes + forgery.extra_bytes) != 0) ||
+      (forgery.seals != 0 && ::fcntl(fd, F_ADD_SEALS, forgery.seals) != 0)) {
+    return Status::error(fmt::format("cannot size or seal the segment: {}", std::strerror(errno)));
+  }
+  if (forgery.pipe_doorbell) {
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0) return Status::error("pipe2 failed");
+    handover.drain.reset(ends[0]);
+    handover.doorbell.reset(ends[1]);
+  } else {
+    handover.doorbell.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  }
+  handover.welcome = makeMessage<WelcomeMsg>(MsgType::kWelcome);
+  handover.welcome.client_id = 7;
+  handover.welcome.slot_count = 64;
+  handover.welcome.ring_capacity = layout.ring_capacity;
+  handover.welcome.segment_bytes = layout.total_bytes;
+  return handover;
+}
+
+Status sendWelcome(int peer, const Handover& handover) {
+  const int fds[2] = {handover.segment.get(), handover.doorbell.get()};
+  return sendMessage(peer, &handover.welcome, sizeof(handover.welcome), fds, 2);
+}
+
+UniqueFd listenAt(const std::string& path) {
+  auto address = socketAddress(path);
   UniqueFd listener(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  EXPECT_EQ(::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address.value()),
-                   sizeof(sockaddr_un)),
-            0);
-  EXPECT_EQ(::listen(listener.get(), 4), 0);
+  if (!address ||
+      ::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+             sizeof(sockaddr_un)) != 0 ||
+      ::listen(listener.get(), 4) != 0) {
+    return UniqueFd();
+  }
+  return listener;
+}
+
+std::string refusal(const TempDir& dir, std::string_view why) {
+  return fmt::format("refusing the daemon at {}: {}", dir.socket(), why);
+}
+
+// Attaches to a fake daemon (of this process's uid, so trusted as such) that
+// hands over what `forgery` says; returns the client's error, empty if it
+// attached.
+std::string attachForged(const TempDir& dir, const Forgery& forgery) {
+  UniqueFd listener = listenAt(dir.socket());
+  auto handover = forge(dir, forgery);
+  EXPECT_TRUE(listener.valid());
+  EXPECT_TRUE(handover.ok()) << handover.message();
+  if (!listener.valid() || !handover.ok()) return "the fake daemon could not start";
   std::thread fake([&] {
     UniqueFd peer(::accept(listener.get(), nullptr, nullptr));
     auto hello = recvMessage(peer.get(), true);
-    const SegmentLayout layout = SegmentLayout::compute(64);
-    UniqueFd memfd(::memfd_create("forged", MFD_CLOEXEC));
-    ASSERT_EQ(::ftruncate(memfd.get(), static_cast<off_t>(layout.total_bytes)), 0);
-    auto mapping = mapShared(memfd.get(), layout.total_bytes);
-    initSegment(mapping->base(), layout, /*client_id=*/7);
-    forge(mapping->base());
-    UniqueFd doorbell(::eventfd(0, EFD_CLOEXEC));
-    auto welcome = makeMessage<WelcomeMsg>(MsgType::kWelcome);
-    welcome.client_id = 7;
-    welcome.slot_count = 64;
-    welcome.ring_capacity = layout.ring_capacity;
-    welcome.segment_bytes = layout.total_bytes;
-    const int fds[2] = {memfd.get(), doorbell.get()};
-    ASSERT_TRUE(sendMessage(peer.get(), &welcome, sizeof(welcome), fds, 2).ok());
+    EXPECT_TRUE(sendWelcome(peer.get(), handover.value()).ok());
     char byte;
     (void)::recv(peer.get(), &byte, 1, 0);  // until the client hangs up
   });
@@ -285,21 +363,313 @@ std::string attachWithForgedSegment(const TempDir& dir,
 TEST(Transport, RefusesASegmentThatIsNotItsOwn) {
   TempDir dir;
   // Another client's segment: its header names client 8, the welcome said 7.
-  std::string message = attachWithForgedSegment(
-      dir, [](void* base) { static_cast<SegmentHeader*>(base)->client_id = 8; });
+  std::string message = attachForged(
+      dir, {.segment = [](void* base) { static_cast<SegmentHeader*>(base)->client_id = 8; }});
   EXPECT_NE(message.find("refusing the segment"), std::string::npos) << message;
   EXPECT_NE(message.find("client 8"), std::string::npos) << message;
 
-  message = attachWithForgedSegment(
-      dir, [](void* base) { static_cast<SegmentHeader*>(base)->magic = 0xbadull; });
+  message = attachForged(
+      dir, {.segment = [](void* base) { static_cast<SegmentHeader*>(base)->magic = 0xbadull; }});
   EXPECT_NE(message.find("segment magic"), std::string::npos) << message;
 
-  message = attachWithForgedSegment(
-      dir, [](void* base) { static_cast<SegmentHeader*>(base)->version = kProtocolVersion + 3; });
+  message = attachForged(dir, {.segment = [](void* base) {
+                           static_cast<SegmentHeader*>(base)->version = kProtocolVersion + 3;
+                         }});
   EXPECT_NE(message.find("segment speaks protocol"), std::string::npos) << message;
 
-  message = attachWithForgedSegment(dir, [](void*) {});
+  message = attachForged(dir, {});
   EXPECT_EQ(message, "") << "a well-formed segment was refused";
+}
+
+TEST(Transport, RefusesASegmentWhoseSizeCouldChange) {
+  TempDir dir;
+  const std::string unsealed = attachForged(dir, {.seals = 0});
+  EXPECT_EQ(unsealed,
+            refusal(dir,
+                    "its segment is not sealed with F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL (its "
+                    "seals: 0x0), so its size could change under this process"));
+  EXPECT_TRUE(shim::refusedToAttach(unsealed)) << "the shim would count it as no_daemon";
+  for (auto [seal, name] : {std::pair{F_SEAL_SHRINK, "F_SEAL_SHRINK"},
+                            {F_SEAL_GROW, "F_SEAL_GROW"},
+                            {F_SEAL_SEAL, "F_SEAL_SEAL"}}) {
+    const std::string message = attachForged(dir, {.seals = kAllSeals & ~seal});
+    EXPECT_EQ(message.find(refusal(dir, fmt::format("its segment is not sealed with {} (", name))),
+              0u)
+        << message;
+  }
+  // A plain file: no seals at all, or F_SEAL_SEAL alone where it lives on tmpfs.
+  const std::string file = attachForged(dir, {.seals = 0, .regular_file = true});
+  EXPECT_TRUE(file == refusal(dir,
+                              "its segment is not a sealed memfd (F_GET_SEALS: Invalid "
+                              "argument)") ||
+              file.find(refusal(dir,
+                                "its segment is not sealed with F_SEAL_SHRINK, F_SEAL_GROW "
+                                "(its seals: 0x1)")) == 0)
+      << file;
+}
+
+TEST(Transport, RefusesASegmentOfAnotherSizeThanTheWelcomeSays) {
+  TempDir dir;
+  const std::size_t bytes = SegmentLayout::compute(64).total_bytes;
+  for (off_t extra : {off_t{4096}, off_t{-4096}}) {
+    EXPECT_EQ(attachForged(dir, {.extra_bytes = extra}),
+              refusal(dir, fmt::format("its segment is {} bytes, the welcome says {}",
+                                       static_cast<off_t>(bytes) + extra, bytes)));
+  }
+}
+
+TEST(Transport, RefusesADoorbellThatIsNotAnEventfd) {
+  TempDir dir;
+  const std::string message = attachForged(dir, {.pipe_doorbell = true});
+  EXPECT_EQ(message.find(refusal(dir, "its doorbell is pipe:[")), 0u) << message;
+  EXPECT_NE(message.find("], not an eventfd"), std::string::npos) << message;
+}
+
+// The attack of the hardening issue: a fake daemon hands over an unsealed
+// segment and shrinks it once the client attached. A client that mapped it
+// dies of SIGBUS at its next look; this one never maps it.
+TEST(Transport, ADaemonThatShrinksTheSegmentCannotKillTheClient) {
+  TempDir dir;
+  UniqueFd listener = listenAt(dir.socket());
+  ASSERT_TRUE(listener.valid());
+  int reports[2], go[2];
+  ASSERT_EQ(::pipe2(reports, O_CLOEXEC), 0);
+  ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+  UniqueFd report_read(reports[0]), report_write(reports[1]), go_read(go[0]), go_write(go[1]);
+  const pid_t client = ::fork();
+  ASSERT_GE(client, 0);
+  if (client == 0) {
+    auto connection = Connection::open(options(dir));
+    const std::string report = connection.ok() ? "attached" : connection.message();
+    (void)!::write(report_write.get(), report.data(), report.size());
+    char byte;
+    (void)!::read(go_read.get(), &byte, 1);  // the daemon shrinks the segment meanwhile
+    if (connection.ok()) {
+      // What every call does first: look at the segment.
+      Request request = withStatus(0);
+      (void)connection.value()->draining();
+      (void)connection.value()->submit(request, nowNs() + kSecond);
+    }
+    ::_exit(0);
+  }
+  auto handover = forge(dir, {.seals = 0});
+  ASSERT_TRUE(handover.ok()) << handover.message();
+  UniqueFd peer(::accept(listener.get(), nullptr, nullptr));
+  auto hello = recvMessage(peer.get(), true);
+  ASSERT_TRUE(hello.ok() && !hello->eof);
+  ASSERT_TRUE(sendWelcome(peer.get(), handover.value()).ok());
+  char text[4096];
+  const ssize_t n = ::read(report_read.get(), text, sizeof(text));
+  const std::string report(text, n > 0 ? static_cast<std::size_t>(n) : 0);
+  ASSERT_EQ(::ftruncate(handover->segment.get(), 0), 0);
+  ASSERT_EQ(::write(go_write.get(), "g", 1), 1);
+  int status = 0;
+  ASSERT_EQ(::waitpid(client, &status, 0), client);
+  EXPECT_FALSE(WIFSIGNALED(status))
+      << "the client died of " << ::strsignal(WTERMSIG(status)) << " after it " << report;
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_EQ(report.find(refusal(dir, "its segment is not sealed with F_SEAL_SHRINK")), 0u)
+      << report;
+}
+
+// ---- the daemon's uid ----
+
+constexpr uid_t kDaemonUid = 65534;  // nobody
+constexpr uid_t kServiceUid = 65533;
+constexpr uid_t kTenantUid = 65532;
+constexpr const char* kNeedsRoot = "needs root to run a daemon under another uid";
+
+// In a child process: becomes `uid` for good, its group too, with no others.
+bool becomeUser(uid_t uid) {
+  return ::setgroups(0, nullptr) == 0 && ::setresgid(uid, uid, uid) == 0 &&
+         ::setresuid(uid, uid, uid) == 0;
+}
+
+// A fake daemon in a child process running as `uid`. It welcomes each tenant
+// as the real daemon does, and reports per connection whether a hello came
+// ('H') or the tenant hung up without one ('E').
+class FakeDaemonAs {
+ public:
+  FakeDaemonAs(const TempDir& dir, uid_t uid) {
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0) {
+      failure_ = "pipe2 failed";
+      return;
+    }
+    UniqueFd read_end(ends[0]), write_end(ends[1]);
+    // Its own directory, where it can make the socket; anyone may enter.
+    if (::chown(dir.path().c_str(), uid, uid) != 0 || ::chmod(dir.path().c_str(), 0755) != 0) {
+      failure_ = fmt::format("cannot hand {} over: {}", dir.path(), std::strerror(errno));
+      return;
+    }
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      read_end.reset();
+      serve(dir, uid, write_end.get());
+    }
+    write_end.reset();
+    reports_ = std::move(read_end);
+    const char first = next();
+    if (first == 'R') return;
+    char text[512];
+    const ssize_t n = ::read(reports_.get(), text, sizeof(text));
+    (first == 'S' ? cannot_switch_ : failure_) =
+        std::string(text, n > 0 ? static_cast<std::size_t>(n) : 0);
+    if (failure_.empty() && cannot_switch_.empty()) failure_ = "the fake daemon did not start";
+  }
+  ~FakeDaemonAs() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+  }
+  // Why it could not become its uid (the test is skipped), or failed otherwise.
+  const std::string& cannotSwitch() const { return cannot_switch_; }
+  const std::string& failure() const { return failure_; }
+
+  // The next report, or '?' when none comes within 10 s.
+  char next() {
+    pollfd pfd{reports_.get(), POLLIN, 0};
+    char byte = '?';
+    if (::poll(&pfd, 1, 10'000) != 1 || ::read(reports_.get(), &byte, 1) != 1) return '?';
+    return byte;
+  }
+
+ private:
+  [[noreturn]] static void serve(const TempDir& dir, uid_t uid, int report) {
+    auto fail = [&](char kind, const std::string& why) {
+      const std::string text = kind + why;
+      (void)!::write(report, text.data(), text.size());
+      ::_exit(1);
+    };
+    if (!becomeUser(uid)) {
+      fail('S', fmt::format("cannot become uid {}: {}", uid, std::strerror(errno)));
+    }
+    UniqueFd listener = listenAt(dir.socket());
+    // Any tenant may connect, as to the real daemon's socket for its group.
+    if (!listener.valid() || ::chmod(dir.socket().c_str(), 0777) != 0) {
+      fail('F', fmt::format("cannot listen at {}: {}", dir.socket(), std::strerror(errno)));
+    }
+    (void)!::write(report, "R", 1);
+    while (true) {
+      UniqueFd peer(::accept(listener.get(), nullptr, nullptr));
+      auto hello = recvMessage(peer.get(), true);
+      const bool greeted = hello.ok() && !hello->eof && !hello->bytes.empty();
+      (void)!::write(report, greeted ? "H" : "E", 1);
+      if (!greeted) continue;
+      auto handover = forge(dir, {});
+      if (!handover.ok()) fail('F', handover.message());
+      if (Status sent = sendWelcome(peer.get(), handover.value()); !sent.ok()) {
+        fail('F', sent.message());
+      }
+      char byte;
+      (void)::recv(peer.get(), &byte, 1, 0);  // until the tenant hangs up
+    }
+  }
+
+  pid_t pid_ = -1;
+  UniqueFd reports_;
+  std::string cannot_switch_;
+  std::string failure_;
+};
+
+// Connection::open in a child process running as `uid`: "attached", or why not.
+std::string attachAs(uid_t uid, const ConnectOptions& connect) {
+  int ends[2];
+  if (::pipe2(ends, O_CLOEXEC) != 0) return "pipe2 failed";
+  UniqueFd read_end(ends[0]), write_end(ends[1]);
+  const pid_t child = ::fork();
+  if (child == 0) {
+    std::string report = fmt::format("cannot become uid {}: {}", uid, std::strerror(errno));
+    if (becomeUser(uid)) {
+      auto connection = Connection::open(connect);
+      report = connection.ok() ? "attached" : connection.message();
+    }
+    (void)!::write(write_end.get(), report.data(), report.size());
+    ::_exit(0);
+  }
+  write_end.reset();
+  std::string report;
+  char text[512];
+  for (ssize_t n; (n = ::read(read_end.get(), text, sizeof(text))) > 0;)
+    report.append(text, static_cast<std::size_t>(n));
+  ::waitpid(child, nullptr, 0);
+  return report;
+}
+
+TEST(TransportTrust, ADaemonOfAnotherUserIsRefusedBeforeTheHello) {
+  TempDir dir;
+  if (::geteuid() != 0) GTEST_SKIP() << kNeedsRoot;
+  FakeDaemonAs daemon(dir, kDaemonUid);
+  if (!daemon.cannotSwitch().empty()) GTEST_SKIP() << kNeedsRoot << ": " << daemon.cannotSwitch();
+  ASSERT_EQ(daemon.failure(), "");
+  ConnectOptions connect = options(dir);
+  connect.daemon_user = std::to_string(kServiceUid);
+
+  // An ordinary tenant of a third uid: the attack the check is for.
+  EXPECT_EQ(attachAs(kTenantUid, connect),
+            fmt::format("refusing the daemon at {}: it runs as uid {}, accepted: 0 (root), {} "
+                        "(this process), {} (STMUX_DAEMON_USER={})",
+                        dir.socket(), kDaemonUid, kTenantUid, kServiceUid, kServiceUid));
+  EXPECT_EQ(daemon.next(), 'E') << "the tenant greeted a daemon it does not trust";
+
+  // Root trusts itself, not everyone.
+  auto as_root = Connection::open(connect);
+  ASSERT_FALSE(as_root.ok()) << "root attached to a daemon of uid " << kDaemonUid;
+  EXPECT_EQ(as_root.message(),
+            fmt::format("refusing the daemon at {}: it runs as uid {}, accepted: 0 (root, this "
+                        "process), {} (STMUX_DAEMON_USER={})",
+                        dir.socket(), kDaemonUid, kServiceUid, kServiceUid));
+  EXPECT_TRUE(shim::refusedToAttach(as_root.message()));
+  EXPECT_EQ(daemon.next(), 'E');
+
+  // A service user that does not exist adds nobody.
+  connect.daemon_user = "stmux-no-such-user";
+  auto unknown = Connection::open(connect);
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(
+      unknown.message().find(fmt::format("it runs as uid {}, accepted: 0 (root, this process); "
+                                         "STMUX_DAEMON_USER=stmux-no-such-user names no user",
+                                         kDaemonUid)),
+      std::string::npos)
+      << unknown.message();
+  EXPECT_EQ(daemon.next(), 'E');
+}
+
+TEST(TransportTrust, TheServiceUserAndTheTenantsOwnUidAreTrusted) {
+  TempDir dir;
+  if (::geteuid() != 0) GTEST_SKIP() << kNeedsRoot;
+  FakeDaemonAs daemon(dir, kDaemonUid);
+  if (!daemon.cannotSwitch().empty()) GTEST_SKIP() << kNeedsRoot << ": " << daemon.cannotSwitch();
+  ASSERT_EQ(daemon.failure(), "");
+  ConnectOptions connect = options(dir);
+  connect.daemon_user = std::to_string(kDaemonUid);
+  EXPECT_EQ(attachAs(kTenantUid, connect), "attached");
+  EXPECT_EQ(daemon.next(), 'H');
+  {
+    auto as_root = Connection::open(connect);
+    EXPECT_TRUE(as_root.ok()) << as_root.message();
+  }
+  EXPECT_EQ(daemon.next(), 'H');
+  // A daemon the tenant could have started itself, whatever the service user.
+  connect.daemon_user = std::to_string(kServiceUid);
+  EXPECT_EQ(attachAs(kDaemonUid, connect), "attached");
+  EXPECT_EQ(daemon.next(), 'H');
+}
+
+TEST(TransportTrust, TheServiceUserMayBeNamed) {
+  const passwd* user = ::getpwuid(kDaemonUid);
+  if (user == nullptr) GTEST_SKIP() << "no user has uid " << kDaemonUid << " here to name";
+  const std::string name = user->pw_name;
+  TempDir dir;
+  if (::geteuid() != 0) GTEST_SKIP() << kNeedsRoot;
+  FakeDaemonAs daemon(dir, kDaemonUid);
+  if (!daemon.cannotSwitch().empty()) GTEST_SKIP() << kNeedsRoot << ": " << daemon.cannotSwitch();
+  ASSERT_EQ(daemon.failure(), "");
+  ConnectOptions connect = options(dir);
+  connect.daemon_user = name;
+  EXPECT_EQ(attachAs(kTenantUid, connect), "attached") << "STMUX_DAEMON_USER=" << name;
+  EXPECT_EQ(daemon.next(), 'H');
 }
 
 }  // namespace

@@ -27,7 +27,7 @@ namespace stmux {
 // left in a tenant's environment cannot disable the tenant's interception.
 enum class Scope { kShim, kDaemon, kBoth };
 
-enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice };
+enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser };
 
 // X(member, variable, kind, default, min, max, unit-or-choices, scope, help)
 #define STMUX_CONFIG_VARS(X)                                                                 \
@@ -45,6 +45,9 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice };
     "sleeps on a futex.")                                                                    \
   X(reconnect_ms, "STMUX_RECONNECT_MS", kInt, "1000", 10, 600000, "ms", kShim,               \
     "Longest back-off between attempts to attach to an absent daemon.")                      \
+  X(daemon_user, "STMUX_DAEMON_USER", kUser, "stmux", 0, 4294967294, "", kShim,              \
+    "The user stmuxd runs as. A tenant attaches only to a daemon running as root, as the "   \
+    "tenant's own uid or as this user, and otherwise runs every call directly.")             \
   X(window_us, "STMUX_WINDOW_US", kInt, "20", 0, 1000000, "us", kDaemon,                     \
     "Longest a request waits for others to batch with.")                                     \
   X(max_batch, "STMUX_MAX_BATCH", kInt, "256", 1, 65536, "requests", kDaemon,                \
@@ -98,6 +101,10 @@ template <>
 struct KindType<Kind::kChoice> {
   using type = std::string;
 };
+template <>
+struct KindType<Kind::kUser> {
+  using type = std::string;  // as given: resolved when the shim attaches
+};
 
 struct Config {
 #define STMUX_X(member, var, kind, def, lo, hi, unit, scope, help) \
@@ -126,6 +133,9 @@ inline constexpr VarInfo kVars[] = {
 #undef STMUX_X
 };
 
+// useradd's limit on a user name.
+inline constexpr std::size_t kMaxUserName = 32;
+
 // What a kind accepts, in words; used in every error message and by --help.
 inline std::string describeAccepted(const VarInfo& var) {
   const std::string unit = var.unit.empty() ? "" : fmt::format(" ({})", var.unit);
@@ -144,6 +154,11 @@ inline std::string describeAccepted(const VarInfo& var) {
       return "'all' or a comma-separated list of device indices and GPU UUIDs (GPU-...)";
     case Kind::kChoice:
       return fmt::format("one of {}", var.unit);
+    case Kind::kUser:
+      return fmt::format(
+          "a user name of at most {} ASCII letters, digits, '_', '.' and '-', starting with a "
+          "letter or '_', or a uid from {} to {}",
+          kMaxUserName, var.min, var.max);
   }
   return "?";
 }
@@ -256,6 +271,27 @@ inline Result<std::string> parseValue<Kind::kChoice>(const VarInfo& var, std::st
   return invalid(var, text, "is not a choice");
 }
 
+template <>
+inline Result<std::string> parseValue<Kind::kUser>(const VarInfo& var, std::string_view text) {
+  if (text.empty()) return invalid(var, text, "is empty");
+  // All digits is a uid, as chown and systemd read it.
+  if (std::all_of(text.begin(), text.end(), [](unsigned char c) { return std::isdigit(c) != 0; })) {
+    auto uid = parseInteger(var, text);
+    if (!uid) return uid.status();
+    return std::string(text);
+  }
+  if (text.size() > kMaxUserName) {
+    return invalid(var, text, fmt::format("is too long ({} bytes)", text.size()));
+  }
+  // ASCII by hand: isalpha() follows the tenant's locale.
+  auto letter = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; };
+  const bool valid = letter(text.front()) && std::all_of(text.begin() + 1, text.end(), [&](char c) {
+                       return letter(c) || (c >= '0' && c <= '9') || c == '.' || c == '-';
+                     });
+  if (!valid) return invalid(var, text, "is neither a user name nor a uid");
+  return std::string(text);
+}
+
 inline bool inScope(Scope var, Scope wanted) {
   return wanted == Scope::kBoth || var == Scope::kBoth || var == wanted;
 }
@@ -305,7 +341,7 @@ inline Result<Config> parseConfig(const Lookup& lookup, Scope scope) {
   return config;
 }
 
-inline const VarInfo* findVar(std::string_view name) {
+constexpr const VarInfo* findVar(std::string_view name) {
   for (const VarInfo& var : kVars) {
     if (var.name == name) return &var;
   }

@@ -121,7 +121,7 @@ struct alignas(kCacheLine) Slot {
   X(kDisabled, "disabled", "STMUX_DISABLE is set")                                              \
   X(kBadConfig, "bad_config", "an STMUX_* variable is invalid")                                 \
   X(kNoDaemon, "no_daemon", "no daemon is attached")                                            \
-  X(kRefused, "refused", "the daemon refused to attach this process")                           \
+  X(kRefused, "refused", "the daemon refused this process, or this process the daemon")         \
   X(kDraining, "draining", "the daemon is shutting down")                                       \
   X(kBadHandle, "bad_handle", "the cuBLAS handle is null or unusable")                          \
   X(kNoOp, "no_op", "nothing to compute: cuBLAS returns at once")                               \
