@@ -483,6 +483,13 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
                                   "(STMUX_MAX_CLIENTS)",
                                   options_.max_clients));
   }
+  const auto same_user = static_cast<std::size_t>(std::count_if(
+      clients_.begin(), clients_.end(), [&](const ClientPtr& c) { return c->uid == cred.uid; }));
+  if (same_user >= options_.max_clients_per_uid) {
+    return refuse(fd, fmt::format("uid {} already has {} clients attached, the most one user may "
+                                  "have (STMUX_MAX_CLIENTS_PER_UID)",
+                                  cred.uid, same_user));
+  }
   auto client = std::make_shared<Client>();
   client->id = next_id_++;
   client->pid = cred.pid;

@@ -84,6 +84,7 @@ struct ServerOptions {
   std::string socket_path;
   std::uint32_t slots = 256;
   std::uint32_t max_clients = 1024;
+  std::uint32_t max_clients_per_uid = 512;
   std::uint64_t spin_ns = 1'000'000;
   std::uint64_t hello_timeout_ns = 2'000'000'000;  // a connection must greet within this
   std::vector<Uuid> devices;                       // announced in the welcome

@@ -62,6 +62,15 @@ std::string refusalReason(int fd) {
   return fieldString(refuse.reason);
 }
 
+// Runs `child` in a forked process and returns its exit status.
+int inChild(const std::function<int()>& child) {
+  const pid_t pid = ::fork();
+  if (pid == 0) ::_exit(child());
+  int raw = 0;
+  ::waitpid(pid, &raw, 0);
+  return WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
+}
+
 std::set<std::string> shmEntries() {
   std::set<std::string> names;
   if (DIR* dir = ::opendir("/dev/shm")) {
@@ -79,9 +88,12 @@ TEST(Server, NoticesAClientKilledWithSigkill) {
   const pid_t child = ::fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
-    if (!testing::waitFor([&] { return std::filesystem::exists(dir.socket()); })) ::_exit(1);
-    auto connection = Connection::open(options(dir));
-    if (!connection.ok()) ::_exit(2);
+    // The socket file appears at bind(), a moment before listen(): until
+    // then a connect is refused, so try until one is accepted.
+    Result<std::unique_ptr<Connection>> connection = Status::error("not tried");
+    if (!testing::waitFor([&] { return (connection = Connection::open(options(dir))).ok(); })) {
+      ::_exit(2);
+    }
     Request request{};
     (void)connection.value()->submit(request, nowNs() + kSecond);
     ::pause();
@@ -164,6 +176,34 @@ TEST(Server, ClientsBeyondTheLimitAreRefused) {
   a = Status::error("closed");
   ASSERT_TRUE(testing::waitFor([&] { return sink.detached == 1; }));
   EXPECT_TRUE(Connection::open(options(dir)).ok()) << "a freed place was not reused";
+}
+
+// One user's clients cannot take every place (issue 14): beyond its share
+// they are refused with the reason, while another user still attaches.
+TEST(Server, OneUsersClientsBeyondItsShareAreRefusedAndOthersStillAttach) {
+  TempDir dir;
+  TestSink sink;
+  auto server_options = testing::serverOptions(dir);
+  server_options.max_clients = 10;
+  server_options.max_clients_per_uid = 2;
+  ServerThread server(server_options, sink);
+  auto a = Connection::open(options(dir));
+  auto b = Connection::open(options(dir));
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto c = Connection::open(options(dir));
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.message().find(fmt::format("uid {} already has 2 clients attached", ::geteuid())),
+            std::string::npos)
+      << c.message();
+  EXPECT_NE(c.message().find("STMUX_MAX_CLIENTS_PER_UID"), std::string::npos) << c.message();
+  if (::geteuid() != 0) GTEST_SKIP() << "another user's attach needs root to become uid 65534";
+  ASSERT_EQ(::chmod(dir.path().c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(dir.socket().c_str(), 0666), 0);  // this test's own: let nobody in
+  const int attached = inChild([&] {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 2;
+    return Connection::open(options(dir)).ok() ? 0 : 1;
+  });
+  EXPECT_EQ(attached, 0) << "uid 65534 was refused a place (2: could not become it)";
 }
 
 TEST(Server, AMisbehavingClientIsDetachedAlone) {
@@ -328,15 +368,6 @@ TEST(Server, AnswersAStatusQueryWithJson) {
   EXPECT_NE(json.find(fmt::format("\"pid\":{}", ::getpid())), std::string::npos) << json;
 }
 
-// Runs `child` in a forked process and returns its exit status.
-int inChild(const std::function<int()>& child) {
-  const pid_t pid = ::fork();
-  if (pid == 0) ::_exit(child());
-  int raw = 0;
-  ::waitpid(pid, &raw, 0);
-  return WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
-}
-
 // Opens `count` connections to the daemon that never say hello, holds them
 // for `hold_ms`, and returns how many the daemon closed meanwhile (254: a
 // connect failed). For a forked child: no gtest assertions.
@@ -454,6 +485,7 @@ TEST(Server, StatusListsEveryClientOfOverAThousand) {
     auto server_options = testing::serverOptions(dir);
     server_options.slots = 8;
     server_options.max_clients = 2 * kClients;
+    server_options.max_clients_per_uid = 2 * kClients;  // all of them are this test's
     ServerThread server(server_options, sink);
     std::vector<std::unique_ptr<Connection>> tenants;
     for (int i = 0; i < kClients; ++i) {
