@@ -106,6 +106,26 @@ Result<Flags> parseFlags(int argc, char** argv) {
   return flags;
 }
 
+// The configuration's errors name the variable ("STMUX_WINDOW_US='abc' is
+// not an integer; ..."); where a flag gave the value, the flag is named
+// instead, as the user typed it.
+std::string nameTheFlags(const std::string& errors, const Flags& flags) {
+  std::string out;
+  std::size_t begin = 0;
+  while (begin <= errors.size()) {
+    std::size_t end = errors.find('\n', begin);
+    if (end == std::string::npos) end = errors.size();
+    std::string line = errors.substr(begin, end - begin);
+    const std::size_t eq = line.find('=');
+    if (eq != std::string::npos && flags.values.count(line.substr(0, eq)) != 0) {
+      line = "--" + flagName(line.substr(0, eq)) + line.substr(eq);
+    }
+    out += (out.empty() ? "" : "\n") + line;
+    begin = end + 1;
+  }
+  return out;
+}
+
 void notifySystemd(const char* state) {
   const char* path = std::getenv("NOTIFY_SOCKET");
   if (path == nullptr || path[0] == '\0') return;
@@ -173,7 +193,8 @@ int run(int argc, char** argv) {
   };
   auto config = parseConfig(lookup, Scope::kDaemon);
   if (!config) {
-    std::fprintf(stderr, "stmuxd: invalid configuration:\n%s\n", config.message().c_str());
+    std::fprintf(stderr, "stmuxd: invalid configuration:\n%s\n",
+                 nameTheFlags(config.message(), flags.value()).c_str());
     return 2;
   }
   setLogSpec(config->log);

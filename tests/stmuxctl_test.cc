@@ -470,6 +470,12 @@ TEST(Stmuxctl, NoDaemonNamesTheSocket) {
   EXPECT_EQ(stale.exit_code, 1) << describe(stale);
   EXPECT_EQ(stale.err, "stmuxctl: no daemon at " + dir.socket() + ": Connection refused\n");
 
+  // An STMUX_LOG the daemon and the shim would refuse gets a word, not silence,
+  // and stops nothing.
+  const CtlRun noted = runCtl({"status", "--socket", dir.socket()}, {"STMUX_LOG=loud"});
+  EXPECT_EQ(noted.exit_code, 1) << describe(noted);
+  EXPECT_TRUE(contains(noted.err, "stmuxctl: note: STMUX_LOG='loud' is invalid")) << noted.err;
+
   // With neither --socket nor STMUX_SOCKET: the configuration table's default.
   if (!std::filesystem::exists("/run/stmux/stmuxd.sock")) {
     const CtlRun fallback = runCtl({"status"});

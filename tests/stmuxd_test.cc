@@ -34,9 +34,15 @@ TEST(Stmuxd, AnInvalidValueIsAnErrorThatNamesIt) {
                          "1000000 (us)"),
             std::string::npos)
       << ran.err;
-  ran = stmuxd(dir, {"--max-batch=lots"});
+  // A value from a flag: the error names the flag as it was typed.
+  ran = stmuxd(dir, {"--max-batch=lots", "--log", "loud"}, {{"STMUX_WINDOW_US", "x"}});
   EXPECT_EQ(ran.status, 2);
-  EXPECT_NE(ran.err.find("STMUX_MAX_BATCH='lots' is not an integer"), std::string::npos) << ran.err;
+  EXPECT_NE(ran.err.find("--max-batch='lots' is not an integer"), std::string::npos) << ran.err;
+  EXPECT_NE(ran.err.find("--log='loud' is invalid"), std::string::npos) << ran.err;
+  EXPECT_NE(ran.err.find("STMUX_WINDOW_US='x' is not an integer"), std::string::npos) << ran.err;
+  // Every level is among those it says it accepts.
+  EXPECT_NE(ran.err.find("LEVEL one of off|error|warn|info|debug|trace"), std::string::npos)
+      << ran.err;
 }
 
 TEST(Stmuxd, UnknownOptionsAreRefused) {

@@ -130,11 +130,16 @@ float medianUs(cudaStream_t stream, Launch&& launch, int reps) {
 
 int main(int argc, char** argv) {
   if (argc > 1) {
-    std::printf(
-        "usage: stmux-launch-bench\n"
-        "Times K cublasSgemmBatched launches against one cublasSgemmGroupedBatched\n"
-        "for mixes of K shapes; prints a table (needs a CUDA device).\n");
-    return std::string(argv[1]) == "--help" ? 0 : 2;
+    const bool help = std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h";
+    if (!help) {
+      std::fprintf(stderr, "stmux-launch-bench: unexpected argument '%s'; it takes none\n",
+                   argv[1]);
+    }
+    std::fprintf(help ? stdout : stderr,
+                 "usage: stmux-launch-bench [--help]\n"
+                 "Times K cublasSgemmBatched launches against one cublasSgemmGroupedBatched\n"
+                 "for mixes of K shapes; prints a table (needs a CUDA device).\n");
+    return help ? 0 : 2;
   }
   cudaDeviceProp prop{};
   EXIT_ON_CUDA_ERROR(cudaGetDeviceProperties(&prop, 0));

@@ -30,6 +30,7 @@
 #include "stmux/config.h"
 #include "stmux/control.h"
 #include "stmux/json_read.h"
+#include "stmux/log.h"
 #include "stmux/status.h"
 #include "stmux/sys.h"
 #include "stmux/wire.h"
@@ -368,6 +369,16 @@ int run(int argc, char** argv) {
   if (!path) {
     fmt::print(stderr, "stmuxctl: {}\n", path.message());
     return kExitUsage;
+  }
+  // stmuxctl logs nothing, but an STMUX_LOG in this shell that the daemon and
+  // the shim would refuse is worth a word, not silence.
+  if (const char* log = std::getenv("STMUX_LOG"); log != nullptr) {
+    if (auto spec = parseLogSpec(log); !spec) {
+      fmt::print(stderr,
+                 "stmuxctl: note: STMUX_LOG='{}' is invalid ({}); stmuxd and libstmux.so "
+                 "would refuse it\n",
+                 log, spec.message());
+    }
   }
   auto reply = queryDaemonStatus(path.value(), "stmuxctl", kAnswerTimeoutMs);
   if (!reply) {

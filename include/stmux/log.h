@@ -109,8 +109,8 @@ inline const std::string& hostName() {
 inline Result<LogSpec> parseLogSpec(std::string_view text) {
   auto accepted = [] {
     std::string levels, subsystems;
-    for (std::size_t i = 1; i < kLevelNames.size(); ++i) {
-      levels += (i > 1 ? "|" : "") + std::string(kLevelNames[i]);
+    for (std::size_t i = 0; i < kLevelNames.size(); ++i) {
+      levels += (i > 0 ? "|" : "") + std::string(kLevelNames[i]);
     }
     for (std::size_t i = 0; i < kSubsysNames.size(); ++i) {
       subsystems += (i > 0 ? "|" : "") + std::string(kSubsysNames[i]);
