@@ -14,7 +14,8 @@
 // For each valid row it reports GEMMs/s, GFLOP/s, the latency of every call
 // (p50/p99/p99.9 over all tenants' calls, and the worst tenant's p99), ratios
 // to the baselines, the stmux tenants' fallbacks and the daemon's mean batch;
-// then a table, JSON and a PNG plot, the targets met or missed, and a summary.
+// then a table and JSON (stmux-plot draws them), the targets met or missed,
+// and a summary.
 #include <getopt.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -39,7 +40,6 @@
 #include "stmux/json_read.h"
 #include "tools/barrier.h"
 #include "tools/latency.h"
-#include "tools/plot.h"
 #include "tools/process.h"
 #include "tools/row_validity.h"
 
@@ -64,21 +64,6 @@ const char* modeName(Mode mode) {
       return "ceiling";
   }
   return "?";
-}
-std::uint32_t modeColor(Mode mode) {
-  switch (mode) {
-    case Mode::kTime:
-      return 0x888888;
-    case Mode::kMps:
-      return 0x1f77b4;
-    case Mode::kStmux:
-      return 0xd62728;
-    case Mode::kStmuxMps:
-      return 0xff7f0e;
-    case Mode::kCeiling:
-      return 0x2ca02c;
-  }
-  return 0;
 }
 bool usesMps(Mode mode) {
   return mode == Mode::kMps || mode == Mode::kStmuxMps;
@@ -137,33 +122,34 @@ struct Point {
 };
 
 void usage(FILE* out) {
-  std::fprintf(
-      out,
-      "usage: stmux-bench [options]\n"
-      "Runs R tenant processes of an ordinary cuBLAS program (stmux-cublas-client) in a\n"
-      "closed loop, four ways: time-only, mps, stmux and the in-process ceiling; writes a\n"
-      "table, bench.json and bench.png to --out, and checks the targets.\n\n"
-      "  --shapes LIST    rnn (512x1x512), resnet (256x128x1152), cube (256x256x256),\n"
-      "                   mixed (the three, one per tenant in turn) or MxNxK;\n"
-      "                   or PyTorch tenants (stmux-torch-tenant; their rows count\n"
-      "                   model steps): torch-rnn, torch-cube, torch-mlp, torch-multi;\n"
-      "                   default rnn,resnet,cube,mixed\n"
-      "  --tenants LIST   values of R, each 1..256; default 1,8,32,128,256\n"
-      "  --modes LIST     time-only, mps, stmux (no MPS), stmux-mps (stmuxd and\n"
-      "                   its tenants on MPS), ceiling; default all\n"
-      "  --seconds S      timed seconds per row (default 2)\n"
-      "  --warmup S       seconds all tenants run untimed once all are ready,\n"
-      "                   before the clock starts (default 1)\n"
-      "  --ready-timeout S  longest wait for every tenant of a row to be set up\n"
-      "                   and warmed up; a row whose tenants are not ready by\n"
-      "                   then is invalid (default 120)\n"
-      "  --out DIR        where results go (default bench-out)\n"
-      "  --client PATH, --stmuxd PATH, --shim PATH\n"
-      "                   the programs (default: found next to stmux-bench)\n"
-      "  --stmuxd-args A  extra flags for stmuxd, e.g. \"--window-us=50\"\n"
-      "  --python PATH    the Python with PyTorch for torch-* shapes (default python3)\n"
-      "  --help           this text\n"
-      "Needs a CUDA device. Progress goes to stderr.\n");
+  std::fprintf(out,
+               "usage: stmux-bench [options]\n"
+               "Runs R tenant processes of an ordinary cuBLAS program (stmux-cublas-client), or\n"
+               "of PyTorch, in a closed loop, five ways: time-only, mps, stmux, stmux-mps and the\n"
+               "in-process ceiling; each row's clock starts once every tenant is ready, and a row\n"
+               "whose tenants did not all run through it is invalid. Prints a table, the targets\n"
+               "and a summary, and writes bench.json to --out (stmux-plot draws it).\n\n"
+               "  --shapes LIST    rnn (512x1x512), resnet (256x128x1152), cube (256x256x256),\n"
+               "                   mixed (the three, one per tenant in turn) or MxNxK;\n"
+               "                   or PyTorch tenants (stmux-torch-tenant; their rows count\n"
+               "                   model steps): torch-rnn, torch-cube, torch-mlp, torch-multi;\n"
+               "                   default rnn,resnet,cube,mixed\n"
+               "  --tenants LIST   values of R, each 1..256; default 1,8,32,128,256\n"
+               "  --modes LIST     time-only, mps, stmux (no MPS), stmux-mps (stmuxd and\n"
+               "                   its tenants on MPS), ceiling; default all\n"
+               "  --seconds S      timed seconds per row (default 2)\n"
+               "  --warmup S       seconds all tenants run untimed once all are ready,\n"
+               "                   before the clock starts (default 1)\n"
+               "  --ready-timeout S  longest wait for every tenant of a row to be set up\n"
+               "                   and warmed up; a row whose tenants are not ready by\n"
+               "                   then is invalid (default 120)\n"
+               "  --out DIR        where results go (default bench-out)\n"
+               "  --client PATH, --stmuxd PATH, --shim PATH\n"
+               "                   the programs (default: found next to stmux-bench)\n"
+               "  --stmuxd-args A  extra flags for stmuxd, e.g. \"--window-us=50\"\n"
+               "  --python PATH    the Python with PyTorch for torch-* shapes (default python3)\n"
+               "  --help           this text\n"
+               "Needs a CUDA device. Progress goes to stderr.\n");
 }
 
 template <class T, class Parse>
@@ -848,28 +834,6 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
   return json.str();
 }
 
-Status writePlot(const Options& o, const std::vector<Point>& points, const std::string& path) {
-  std::vector<Chart> charts;
-  for (const Shape& shape : o.shapes) {
-    Chart rate{shape.name + ": throughput", "tenants R", unit(shape.name), true, true, {}};
-    Chart tail{shape.name + ": p99 latency", "tenants R", "us", true, true, {}};
-    for (Mode mode : o.modes) {
-      Series r{modeName(mode), {}, modeColor(mode)}, t{modeName(mode), {}, modeColor(mode)};
-      for (const Point& p : points) {
-        if (p.shape != shape.name || p.mode != mode || !p.ran) continue;
-        r.points.emplace_back(p.tenants, p.gemms_per_s);
-        t.points.emplace_back(p.tenants, p.p99_us);
-      }
-      rate.series.push_back(r);
-      tail.series.push_back(t);
-    }
-    charts.push_back(rate);
-    charts.push_back(tail);
-  }
-  const int width = std::min(8192, 700 * static_cast<int>(charts.size()));
-  return writePng(path, charts, width, 520);
-}
-
 int run(int argc, char** argv) {
   Options options;
   if (!parseArgs(argc, argv, options)) return 2;
@@ -908,12 +872,8 @@ int run(int argc, char** argv) {
   printTargets(options, points, stdout);
   const std::string json_path = options.out + "/bench.json";
   if (std::ofstream json(json_path); json) json << toJson(options, points) << "\n";
-  const std::string plot_path = options.out + "/bench.png";
-  if (Status status = writePlot(options, points, plot_path); !status.ok()) {
-    std::fprintf(stderr, "stmux-bench: %s\n", status.message().c_str());
-  }
   printSummary(options, points, stdout);
-  std::printf("  plot: %s; numbers: %s\n", plot_path.c_str(), json_path.c_str());
+  std::printf("  numbers: %s (plots: stmux-plot %s)\n", json_path.c_str(), json_path.c_str());
   const bool any = std::any_of(points.begin(), points.end(), [](const Point& p) { return p.ran; });
   return any ? 0 : 1;
 }

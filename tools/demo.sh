@@ -28,4 +28,15 @@ if [ $# -eq 0 ]; then
   set -- --shapes cube,rnn --tenants 1,8,32 --seconds 2 --warmup 1
 fi
 echo "stmux: running stmux-bench $*; results in $build_dir/demo" >&2
-exec "$build_dir/tools/stmux-bench" --out "$build_dir/demo" "$@"
+status=0
+"$build_dir/tools/stmux-bench" --out "$build_dir/demo" "$@" || status=$?
+# The plot, by stmux-plot with whichever python3 has matplotlib.
+for py in python3 /usr/bin/python3; do
+  if "$py" -c 'import matplotlib' 2>/dev/null; then
+    "$py" "$build_dir/tools/stmux-plot" "$build_dir/demo/bench.json" -o "$build_dir/demo/bench.png" &&
+      echo "  plot: $build_dir/demo/bench.png"
+    exit $status
+  fi
+done
+echo "  no plot: matplotlib is not installed (apt-get install python3-matplotlib)"
+exit $status

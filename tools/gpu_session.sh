@@ -46,7 +46,8 @@ for step in "$@"; do
       # shellcheck disable=SC2086
       "$build/tools/stmux-bench" --out /tmp/stmux-bench ${BENCH_ARGS:-} >"$out/bench.log" 2>&1 || status=1
       cp /tmp/stmux-bench/bench.json "$out/bench${BENCH_TAG:-}.json" 2>/dev/null
-      cp /tmp/stmux-bench/bench.png "$out/bench${BENCH_TAG:-}.png" 2>/dev/null
+      python3 "$build/tools/stmux-plot" /tmp/stmux-bench/bench.json -o "$out/bench${BENCH_TAG:-}.png" \
+        >/dev/null 2>&1
       grep -vE "^\[[0-9]+/" "$out/bench.log" | tail -45 ;;
     *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport" >&2; exit 2 ;;
   esac
