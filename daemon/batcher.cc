@@ -8,6 +8,15 @@ namespace {
 // Allowance on top of twice a tenant's think time before it counts as late.
 constexpr std::uint64_t kLateSlackNs = 20'000;
 
+// The first bucket whose bound holds `value`, or the last (above them all).
+template <std::size_t N>
+std::size_t bucketOf(const double (&bounds)[N], double value) {
+  std::size_t i = 0;
+  while (i < N && value > bounds[i])
+    ++i;
+  return i;
+}
+
 }  // namespace
 
 void Batcher::add(Queued item, std::uint64_t now_ns) {
@@ -88,7 +97,9 @@ std::optional<Batch> Batcher::take(std::uint64_t now_ns, std::uint64_t& wake_at_
     for (std::size_t i = 0; i < tenant_count && batch.items.size() < limit; ++i) {
       Tenant& tenant = tenants_[order_[(first + i) % tenant_count]];
       if (tenant.queue.empty()) continue;
-      stats_.wait_ns += now_ns - tenant.queue.front().arrival_ns;
+      const std::uint64_t waited = now_ns - tenant.queue.front().arrival_ns;
+      stats_.wait_ns += waited;
+      ++stats_.waits[bucketOf(kWaitBoundsS, static_cast<double>(waited) / 1e9)];
       batch.items.push_back(std::move(tenant.queue.front()));
       tenant.queue.pop_front();
       ++tenant.in_flight;
@@ -98,6 +109,7 @@ std::optional<Batch> Batcher::take(std::uint64_t now_ns, std::uint64_t& wake_at_
   queued_ -= batch.items.size();
   ++in_flight_;
   ++stats_.batches;
+  ++stats_.batch_sizes[bucketOf(kBatchSizeBounds, static_cast<double>(batch.items.size()))];
   stats_.launched += batch.items.size();
   ++stats_.launches[static_cast<std::size_t>(reason)];
   return batch;

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <string_view>
@@ -62,12 +63,22 @@ struct BatcherOptions {
   std::uint32_t max_in_flight = 2;
 };
 
+// Histogram buckets (upper bounds) of the batch sizes and of each request's
+// wait between arrival and launch; one more bucket holds what is above.
+inline constexpr double kBatchSizeBounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256};
+inline constexpr double kWaitBoundsS[] = {5e-6,   10e-6,  20e-6, 50e-6, 100e-6,
+                                          200e-6, 500e-6, 1e-3,  5e-3};
+inline constexpr std::size_t kBatchSizeBuckets = std::size(kBatchSizeBounds) + 1;
+inline constexpr std::size_t kWaitBuckets = std::size(kWaitBoundsS) + 1;
+
 struct BatcherStats {
   std::uint64_t requests = 0;
   std::uint64_t batches = 0;
   std::uint64_t launched = 0;  // requests in launched batches
   std::uint64_t wait_ns = 0;   // their summed time between arrival and launch
   std::uint64_t launches[kLaunchReasonCount] = {};
+  std::uint64_t batch_sizes[kBatchSizeBuckets] = {};  // batches, by size
+  std::uint64_t waits[kWaitBuckets] = {};             // launched requests, by wait
 };
 
 class Batcher {

@@ -15,6 +15,7 @@
 
 #include "daemon/channel.h"
 #include "daemon/executor.h"
+#include "daemon/metrics.h"
 #include "daemon/scheduler.h"
 #include "daemon/server.h"
 #include "stmux/config.h"
@@ -267,6 +268,15 @@ int run(int argc, char** argv) {
   server_options.spin_ns = static_cast<std::uint64_t>(config->daemon_spin_us) * 1000;
   for (const GpuInfo& gpu : gpus.value())
     server_options.devices.push_back(gpu.uuid);
+  std::unique_ptr<MetricsFile> metrics;
+  if (!config->metrics_file.empty()) {
+    metrics = std::make_unique<MetricsFile>(config->metrics_file);
+    server_options.metrics_period_ns = 1'000'000'000;
+    server_options.publish_metrics = [&metrics](std::string text) {
+      metrics->publish(std::move(text));
+    };
+    STMUX_INFO(kDaemon, "writing metrics to {} once a second", config->metrics_file);
+  }
   Server server(server_options, scheduler);
   if (Status status = server.listen(); !status.ok()) {
     std::fprintf(stderr, "stmuxd: %s\n", status.message().c_str());

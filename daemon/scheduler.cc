@@ -174,4 +174,57 @@ std::string Scheduler::statusJson() const {
   return text;
 }
 
+void Scheduler::addMetrics(MetricsText& out) const {
+  auto labels = [](const Gpu& gpu) {
+    return Labels{{"gpu", std::to_string(gpu.info.index)},
+                  {"uuid", formatUuid(gpu.info.uuid)},
+                  {"name", gpu.info.name}};
+  };
+  auto perGpu = [&](std::string_view name, std::string_view type, std::string_view help,
+                    auto&& value) {
+    out.family(name, type, help);
+    for (const Gpu& gpu : gpus_)
+      out.sample(name, labels(gpu), static_cast<double>(value(gpu)));
+  };
+  perGpu("stmux_gpu_requests_total", "counter", "Valid requests queued for the GPU.",
+         [](const Gpu& g) { return g.batcher.stats().requests; });
+  perGpu("stmux_gpu_batches_total", "counter", "Batches launched on the GPU.",
+         [](const Gpu& g) { return g.batcher.stats().batches; });
+  perGpu("stmux_gpu_cublas_launches_total", "counter",
+         "cuBLAS launches the batches took (a batch of several shapes takes several).",
+         [](const Gpu& g) { return g.channel->gauges().launches.load(); });
+  perGpu("stmux_gpu_queued_requests", "gauge", "Requests waiting for a batch.",
+         [](const Gpu& g) { return g.batcher.queued(); });
+  perGpu("stmux_gpu_batches_in_flight", "gauge", "Batches handed to the GPU, not yet done.",
+         [](const Gpu& g) { return g.batcher.inFlight(); });
+  perGpu("stmux_gpu_mapped_allocations", "gauge",
+         "Client allocations the daemon holds mapped (the mapping cache).",
+         [](const Gpu& g) { return g.channel->gauges().mapped.load(); });
+  perGpu("stmux_gpu_broken", "gauge",
+         "1 once a sticky CUDA error cost the daemon this GPU (its calls then run directly).",
+         [](const Gpu& g) { return g.channel->gauges().broken.load() ? 1 : 0; });
+  out.family("stmux_gpu_launches_total", "counter", "Batches launched, by what launched them.");
+  for (const Gpu& gpu : gpus_) {
+    for (std::size_t i = 0; i < kLaunchReasonCount; ++i) {
+      Labels with_reason = labels(gpu);
+      with_reason.emplace_back("reason", std::string(kLaunchReasonNames[i]));
+      out.sample("stmux_gpu_launches_total", with_reason,
+                 static_cast<double>(gpu.batcher.stats().launches[i]));
+    }
+  }
+  out.family("stmux_batch_size", "histogram", "Requests per launched batch.");
+  for (const Gpu& gpu : gpus_) {
+    const BatcherStats& stats = gpu.batcher.stats();
+    out.histogram("stmux_batch_size", labels(gpu), kBatchSizeBounds, stats.batch_sizes,
+                  std::size(kBatchSizeBounds), static_cast<double>(stats.launched));
+  }
+  out.family("stmux_batch_wait_seconds", "histogram",
+             "Each launched request's wait between its arrival and its batch's launch.");
+  for (const Gpu& gpu : gpus_) {
+    const BatcherStats& stats = gpu.batcher.stats();
+    out.histogram("stmux_batch_wait_seconds", labels(gpu), kWaitBoundsS, stats.waits,
+                  std::size(kWaitBoundsS), static_cast<double>(stats.wait_ns) / 1e9);
+  }
+}
+
 }  // namespace stmux::daemon

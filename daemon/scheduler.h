@@ -38,6 +38,7 @@ class Scheduler : public RequestSink {
   bool busy() const override;
   int wakeFd() const override { return wake_fd_.get(); }
   std::string statusJson() const override;
+  void addMetrics(MetricsText& out) const override;
 
   // For the executors' channels, made before the scheduler.
   static UniqueFd makeWakeFd() { return UniqueFd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }

@@ -259,6 +259,9 @@ void Server::sleepUntil(std::uint64_t wake_at_ns) {
     if (accept_paused_until_ != 0 && (deadline == 0 || accept_paused_until_ < deadline)) {
       deadline = accept_paused_until_;
     }
+    if (options_.metrics_period_ns != 0 && (deadline == 0 || next_metrics_ns_ < deadline)) {
+      deadline = next_metrics_ns_;
+    }
     const std::uint64_t now = nowNs();
     handleEvents(deadline == 0 ? std::nullopt
                                : std::optional<std::uint64_t>(deadline > now ? deadline - now : 0));
@@ -409,6 +412,7 @@ void Server::resumeAccepting(std::uint64_t now) {
 
 void Server::expirePending(std::uint64_t now) {
   resumeAccepting(now);
+  publishMetrics(now);
   for (auto it = pending_.begin(); it != pending_.end();) {
     if ((*it)->deadline_ns <= now) {
       STMUX_WARN(kTransport, "closing a connection that sent no hello within {} ms",
@@ -657,6 +661,62 @@ std::string Server::statusJson() const {
   if (!extra.empty()) json.raw(extra);
   json.endObject();
   return json.str();
+}
+
+void Server::publishMetrics(std::uint64_t now) {
+  if (options_.metrics_period_ns == 0 || now < next_metrics_ns_) return;
+  next_metrics_ns_ = now + options_.metrics_period_ns;
+  MetricsText out;
+  addMetrics(out);
+  sink_.addMetrics(out);
+  options_.publish_metrics(out.str());
+}
+
+void Server::addMetrics(MetricsText& out) const {
+  out.family("stmux_daemon_uptime_seconds", "gauge", "Seconds since stmuxd started serving.");
+  out.sample("stmux_daemon_uptime_seconds", {}, static_cast<double>(nowNs() - started_ns_) / 1e9);
+  out.family("stmux_daemon_draining", "gauge", "1 while stmuxd shuts down, else 0.");
+  out.sample("stmux_daemon_draining", {}, draining_ ? 1 : 0);
+  out.family("stmux_clients", "gauge", "Tenant processes attached.");
+  out.sample("stmux_clients", {}, static_cast<double>(clients_.size()));
+  // Per tenant; the served, failed and direct counts are the shim's own,
+  // kept in its segment.
+  auto labels = [](const Client& c) {
+    return Labels{{"client", std::to_string(c.id)},
+                  {"pid", std::to_string(c.pid)},
+                  {"uid", std::to_string(c.uid)},
+                  {"program", c.name}};
+  };
+  auto perClient = [&](std::string_view name, std::string_view type, std::string_view help,
+                       auto&& value) {
+    out.family(name, type, help);
+    for (const ClientPtr& client : clients_)
+      out.sample(name, labels(*client), static_cast<double>(value(*client)));
+  };
+  perClient("stmux_client_requests_total", "counter",
+            "Requests the daemon took from the tenant's ring.",
+            [](const Client& c) { return c.requests; });
+  perClient("stmux_client_served_total", "counter", "Calls the daemon completed for the tenant.",
+            [](const Client& c) { return c.view.header()->counters.forwarded.load(); });
+  perClient("stmux_client_failed_total", "counter",
+            "Calls the tenant returned CUBLAS_STATUS_EXECUTION_FAILED for.",
+            [](const Client& c) { return c.view.header()->counters.failed.load(); });
+  perClient("stmux_client_outstanding_requests", "gauge",
+            "Requests of the tenant queued or on a GPU.",
+            [](const Client& c) { return c.outstanding; });
+  perClient("stmux_client_refused_total", "counter",
+            "Requests declined for being beyond the tenant's slots.",
+            [](const Client& c) { return c.refused; });
+  out.family("stmux_client_direct_total", "counter",
+             "Calls the tenant's shim ran directly, by reason.");
+  for (const ClientPtr& client : clients_) {
+    for (std::size_t i = 0; i < kFallbackCount; ++i) {
+      Labels with_reason = labels(*client);
+      with_reason.emplace_back("reason", std::string(kFallbackNames[i]));
+      out.sample("stmux_client_direct_total", with_reason,
+                 static_cast<double>(client->view.header()->counters.fallback[i].load()));
+    }
+  }
 }
 
 }  // namespace stmux::daemon

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "daemon/metrics.h"
 #include "stmux/log.h"
 #include "stmux/segment.h"
 #include "stmux/status.h"
@@ -78,6 +79,8 @@ class RequestSink {
   virtual int wakeFd() const { return -1; }
   // Extra fields for `stmuxctl status --json`, as a JSON object's members.
   virtual std::string statusJson() const { return ""; }
+  // Its metric families, after the server's (daemon/metrics.h).
+  virtual void addMetrics(MetricsText& /*out*/) const {}
 };
 
 struct ServerOptions {
@@ -88,6 +91,10 @@ struct ServerOptions {
   std::uint64_t spin_ns = 1'000'000;
   std::uint64_t hello_timeout_ns = 2'000'000'000;  // a connection must greet within this
   std::vector<Uuid> devices;                       // announced in the welcome
+  // Every `metrics_period_ns` the metrics' text goes to `publish_metrics`
+  // (a MetricsFile in stmuxd); 0: none are made.
+  std::uint64_t metrics_period_ns = 0;
+  std::function<void(std::string)> publish_metrics;
 };
 
 class Server {
@@ -140,6 +147,8 @@ class Server {
   void expirePending(std::uint64_t now);
   void sleepUntil(std::uint64_t wake_at_ns);
   std::string statusJson() const;
+  void addMetrics(MetricsText& out) const;
+  void publishMetrics(std::uint64_t now);
 
   ServerOptions options_;
   RequestSink& sink_;
@@ -152,6 +161,7 @@ class Server {
   std::vector<std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Reply>> replies_;
   std::uint64_t accept_paused_until_ = 0;  // 0: the listening socket is watched
+  std::uint64_t next_metrics_ns_ = 0;
   LogLimiter accept_log_;
   std::vector<int> controls_;  // stmuxctl connections awaiting a query
   std::uint32_t next_id_ = 1;

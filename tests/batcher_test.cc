@@ -258,6 +258,14 @@ TEST_F(BatcherTest, StatsCountWhatHappened) {
   EXPECT_EQ(b.stats().launched, 2u);
   EXPECT_EQ(b.stats().wait_ns, 60 * kUs);
   EXPECT_EQ(b.stats().launches[static_cast<int>(LaunchReason::kAllWaiting)], 1u);
+  // The histograms: one batch of 2 (bucket "<= 2"), two waits of 30 us
+  // (bucket "<= 50 us").
+  const std::uint64_t* sizes = b.stats().batch_sizes;
+  EXPECT_EQ(std::vector<std::uint64_t>(sizes, sizes + kBatchSizeBuckets),
+            (std::vector<std::uint64_t>{0, 1, 0, 0, 0, 0, 0, 0, 0, 0}));
+  const std::uint64_t* waits = b.stats().waits;
+  EXPECT_EQ(std::vector<std::uint64_t>(waits, waits + kWaitBuckets),
+            (std::vector<std::uint64_t>{0, 0, 0, 2, 0, 0, 0, 0, 0, 0}));
 }
 
 }  // namespace

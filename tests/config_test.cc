@@ -49,6 +49,9 @@ Samples samplesFor(const VarInfo& var) {
     case Kind::kDevices:
       return {{"all", "0", "0,1", "3,GPU-12345678-1234-1234-1234-123456789abc"},
               {"", "gpu0", "0,0", "-1", "0,,1", "GPU-1234", "all,0", "0,"}};
+    case Kind::kFileOrOff:
+      return {{"off", "/run/stmux/stmuxd.prom", "/" + std::string(var.max - 1, 'p')},
+              {"", "Off", "relative.prom", "/run/stmux/", "/" + std::string(var.max, 'p')}};
     case Kind::kUser:
       return {{"stmux", "_svc", "svc-stmux", "a.b", "Stmux2", std::string(kMaxUserName, 'u'),
                str(var.min), str(var.max), "998"},

@@ -1,7 +1,11 @@
 // stmuxd on a GPU: test clients in separate processes, through the real
 // transport and real CUDA IPC, against a float64 reference (tests/ipc_client.cc
 // does the checking). Skipped, saying so, where there is no CUDA device.
+#include <fstream>
+#include <sstream>
+
 #include "gpu_fixture.h"
+#include "prometheus_format.h"
 
 namespace stmux {
 namespace {
@@ -93,6 +97,38 @@ TEST_F(StmuxdOnGpu, AClientKilledMidRunHarmsNobody) {
     auto status = daemonStatus(dir_.socket());
     return status && status->find("clients") != nullptr && status->find("clients")->size() == 0;
   })) << "the killed client is still listed";
+}
+
+// STMUX_METRICS_FILE: the real daemon writes well-formed metrics that count
+// what it served.
+class StmuxdMetricsOnGpu : public StmuxdOnGpu {
+ protected:
+  std::map<std::string, std::string> daemonEnv() const override {
+    return {{"STMUX_METRICS_FILE", dir_.path() + "/stmuxd.prom"}};
+  }
+};
+
+TEST_F(StmuxdMetricsOnGpu, TheMetricsFileIsWrittenWellFormedAndCounts) {
+  Process c = client({"cases", "--quick"}, "cases");
+  expectPasses(c, "case matrix");
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  const double requests = gpuField(*status, "requests");
+  ASSERT_GT(requests, 0);
+  const std::string path = dir_.path() + "/stmuxd.prom";
+  std::string text;
+  ASSERT_TRUE(testing::waitFor(
+      [&] {
+        std::ifstream in(path);
+        std::stringstream all;
+        all << in.rdbuf();
+        text = all.str();
+        return testing::prometheusValue(text, "stmux_gpu_requests_total") == requests;
+      },
+      std::chrono::seconds(5)))
+      << text;
+  EXPECT_EQ(testing::prometheusFault(text), "") << text;
+  EXPECT_GT(testing::prometheusValue(text, "stmux_gpu_cublas_launches_total").value_or(0), 0);
 }
 
 }  // namespace

@@ -59,8 +59,13 @@ class DaemonFixture : public ::testing::Test {
     }
   }
 
+  // The daemon's environment beyond STMUX_LOG; a test may add to it.
+  virtual std::map<std::string, std::string> daemonEnv() const { return {}; }
+
   void startDaemon() {
-    daemon_ = Process({STMUXD_PATH, "--socket", dir_.socket()}, {{"STMUX_LOG", "info"}},
+    std::map<std::string, std::string> env = daemonEnv();
+    env["STMUX_LOG"] = "info";
+    daemon_ = Process({STMUXD_PATH, "--socket", dir_.socket()}, env,
                       dir_.path() + "/stmuxd" + std::to_string(++daemons_));
     ASSERT_TRUE(
         waitFor([&] { return daemonStatus(dir_.socket()).has_value(); }, std::chrono::seconds(60)))

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <thread>
 
+#include "prometheus_format.h"
 #include "shim/transport.h"
 #include "stmux/control.h"
 #include "stmux/json_read.h"
@@ -98,7 +99,8 @@ Uuid uuid(std::uint8_t tag) {
 // A daemon made of the real server and scheduler, one fake GPU.
 class Daemon {
  public:
-  explicit Daemon(const TempDir& dir, std::uint64_t batch_ns = 0)
+  explicit Daemon(const TempDir& dir, std::uint64_t batch_ns = 0,
+                  const std::function<void(daemon::ServerOptions&)>& adjust = {})
       : wake_(Scheduler::makeWakeFd()),
         channel_(wake_.get()),
         scheduler_(BatcherOptions{}, {GpuInfo{0, uuid(0xab), "fake"}}, {&channel_}),
@@ -106,11 +108,15 @@ class Daemon {
     scheduler_.adoptWakeFd(std::move(wake_));
     auto options = testing::serverOptions(dir);
     options.devices = {uuid(0xab)};
+    if (adjust) adjust(options);
     server_ = std::make_unique<testing::ServerThread>(options, scheduler_);
   }
   ~Daemon() { server_.reset(); }
   FakeExecutor& executor() { return executor_; }
+  // The scheduler is the server thread's: stop() (join that thread) before
+  // reading it from the test's.
   Scheduler& scheduler() { return scheduler_; }
+  void stop() { server_->stop(); }
 
  private:
   UniqueFd wake_;
@@ -179,6 +185,7 @@ TEST(Scheduler, InvalidArgumentsAreAnsweredWithoutTheGpu) {
   no_c.c.alloc_id = 0;
   EXPECT_EQ(call(*connection, no_c), kStatusInvalidValue) << "an undescribed operand";
   EXPECT_TRUE(daemon.executor().batchSizes().empty());
+  daemon.stop();
   EXPECT_EQ(daemon.scheduler().rejected(), 4u);
 }
 
@@ -323,12 +330,59 @@ TEST(Scheduler, AClientFloodingItsRingIsHeldToItsSlotsAndOthersAreServed) {
   EXPECT_EQ(clientField(dir, honest->clientId(), "refused"), 0);
 }
 
+// The metrics the daemon publishes (stmuxd writes them to
+// STMUX_METRICS_FILE) are well formed and count what happened.
+TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
+  TempDir dir;
+  std::mutex mutex;
+  std::string latest;
+  Daemon daemon(dir, 0, [&](daemon::ServerOptions& options) {
+    options.metrics_period_ns = 10'000'000;
+    options.publish_metrics = [&](std::string text) {
+      std::lock_guard lock(mutex);
+      latest = std::move(text);
+    };
+  });
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  for (int i = 0; i < 5; ++i)
+    ASSERT_EQ(call(*connection, validRequest()), kStatusSuccess);
+  Request bad = validRequest();
+  bad.lda = 1;
+  ASSERT_EQ(call(*connection, bad), kStatusInvalidValue);  // answered, never queued
+  connection->counters().fallback[static_cast<std::size_t>(Fallback::kNoOp)] = 3;
+  auto text = [&] {
+    std::lock_guard lock(mutex);
+    return latest;
+  };
+  const std::string gpu = "uuid=\"GPU-abababab-abab-abab-abab-abababababab\"";
+  ASSERT_TRUE(testing::waitFor([&] {
+    return testing::prometheusValue(text(), "stmux_client_direct_total", {"reason=\"no_op\""}) ==
+               3 &&
+           testing::prometheusValue(text(), "stmux_gpu_requests_total", {gpu}) == 5;
+  })) << text();
+  const std::string metrics = text();
+  EXPECT_EQ(testing::prometheusFault(metrics), "") << metrics;
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_clients"), 1);
+  const std::string me = "program=\"scheduler_test\"";
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_client_requests_total", {me}), 6);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_client_outstanding_requests", {me}), 0);
+  const auto batches = testing::prometheusValue(metrics, "stmux_gpu_batches_total", {gpu});
+  ASSERT_TRUE(batches.has_value());
+  EXPECT_GE(*batches, 1);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_size_count", {gpu}), batches);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_size_sum", {gpu}), 5);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_wait_seconds_count", {gpu}), 5);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_broken", {gpu}), 0);
+}
+
 TEST(Scheduler, StatusReportsEachGpu) {
   TempDir dir;
   Daemon daemon(dir);
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
   EXPECT_EQ(call(*connection, validRequest()), kStatusSuccess);
+  daemon.stop();
   const std::string json = daemon.scheduler().statusJson();
   EXPECT_NE(json.find("\"uuid\":\"GPU-abababab-abab-abab-abab-abababababab\""), std::string::npos)
       << json;

@@ -27,7 +27,7 @@ namespace stmux {
 // left in a tenant's environment cannot disable the tenant's interception.
 enum class Scope { kShim, kDaemon, kBoth };
 
-enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser };
+enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFileOrOff };
 
 // X(member, variable, kind, default, min, max, unit-or-choices, scope, help)
 #define STMUX_CONFIG_VARS(X)                                                                     \
@@ -69,6 +69,10 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser };
     "first.")                                                                                    \
   X(daemon_spin_us, "STMUX_DAEMON_SPIN_US", kInt, "1000", 0, 10000000, "us", kDaemon,            \
     "How long the daemon's threads poll for work after the last request before they sleep.")     \
+  X(metrics_file, "STMUX_METRICS_FILE", kFileOrOff, "off", 1, 4095, "", kDaemon,                 \
+    "Where stmuxd writes its metrics in the Prometheus text format, once a second, for "         \
+    "node-exporter's textfile collector (a *.prom file in the directory it reads); 'off': "      \
+    "none.")                                                                                     \
   X(launch, "STMUX_LAUNCH", kChoice, "auto", 0, 0, "auto|batched|grouped", kDaemon,              \
     "How a batch that mixes shapes launches: one cublasSgemmBatched per shape, one "             \
     "cublasSgemmGroupedBatched, or whichever measured faster for the mix (auto).")
@@ -107,6 +111,10 @@ struct KindType<Kind::kChoice> {
 template <>
 struct KindType<Kind::kUser> {
   using type = std::string;  // as given: resolved when the shim attaches
+};
+template <>
+struct KindType<Kind::kFileOrOff> {
+  using type = std::string;  // empty: off
 };
 
 struct Config {
@@ -157,6 +165,8 @@ inline std::string describeAccepted(const VarInfo& var) {
       return "'all' or a comma-separated list of device indices and GPU UUIDs (GPU-...)";
     case Kind::kChoice:
       return fmt::format("one of {}", var.unit);
+    case Kind::kFileOrOff:
+      return fmt::format("'off' or an absolute path of at most {} bytes", var.max);
     case Kind::kUser:
       return fmt::format(
           "a user name of at most {} ASCII letters, digits, '_', '.' and '-', starting with a "
@@ -272,6 +282,18 @@ inline Result<std::string> parseValue<Kind::kChoice>(const VarInfo& var, std::st
     choices.remove_prefix(bar + 1);
   }
   return invalid(var, text, "is not a choice");
+}
+
+template <>
+inline Result<std::string> parseValue<Kind::kFileOrOff>(const VarInfo& var, std::string_view text) {
+  if (text == "off") return std::string();
+  if (text.empty() || text.front() != '/') return invalid(var, text, "is not an absolute path");
+  if (static_cast<std::int64_t>(text.size()) > var.max) {
+    return invalid(var, text, fmt::format("is too long ({} bytes)", text.size()));
+  }
+  if (text.find('\0') != std::string_view::npos) return invalid(var, text, "holds a NUL byte");
+  if (text.back() == '/') return invalid(var, text, "names a directory, not a file");
+  return std::string(text);
 }
 
 template <>
@@ -412,8 +434,13 @@ inline std::string formatOne(const LogSpec& spec) {
 
 // The value as it would be written in the environment.
 inline std::string formatValue(const Config& config, std::string_view member) {
-#define STMUX_X(m, var, kind, def, lo, hi, unit, sc, help) \
-  if (member == #m) return detail::formatOne(config.m);
+#define STMUX_X(m, var, kind, def, lo, hi, unit, sc, help)   \
+  if (member == #m) {                                        \
+    if constexpr (Kind::kind == Kind::kFileOrOff) {          \
+      if (detail::formatOne(config.m).empty()) return "off"; \
+    }                                                        \
+    return detail::formatOne(config.m);                      \
+  }
   STMUX_CONFIG_VARS(STMUX_X)
 #undef STMUX_X
   return "?";

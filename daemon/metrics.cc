@@ -1,0 +1,158 @@
+#include "daemon/metrics.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+
+#include "stmux/log.h"
+#include "stmux/sys.h"
+
+namespace stmux::daemon {
+namespace {
+
+// Label values are any text (a tenant names its own program): the format's
+// three escapes, and nothing else, keep them on one line.
+void appendEscaped(std::string& out, std::string_view value) {
+  for (const char c : value) {
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '"') {
+      out += "\\\"";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else {
+      out += c;
+    }
+  }
+}
+
+void appendNumber(std::string& out, double value) {
+  if (std::isnan(value)) {
+    out += "NaN";
+  } else if (std::isinf(value)) {
+    out += value > 0 ? "+Inf" : "-Inf";
+  } else {
+    out += fmt::format("{}", value);
+  }
+}
+
+}  // namespace
+
+void MetricsText::family(std::string_view name, std::string_view type, std::string_view help) {
+  text_ += fmt::format("# HELP {} ", name);
+  // HELP text escapes backslash and newline.
+  for (const char c : help) {
+    if (c == '\\') {
+      text_ += "\\\\";
+    } else if (c == '\n') {
+      text_ += "\\n";
+    } else {
+      text_ += c;
+    }
+  }
+  text_ += fmt::format("\n# TYPE {} {}\n", name, type);
+}
+
+void MetricsText::labels(const Labels& labels, std::string_view extra_name,
+                         std::string_view extra_value) {
+  if (labels.empty() && extra_name.empty()) return;
+  text_ += '{';
+  bool first = true;
+  for (const auto& [name, value] : labels) {
+    text_ += first ? "" : ",";
+    first = false;
+    text_ += name;
+    text_ += "=\"";
+    appendEscaped(text_, value);
+    text_ += '"';
+  }
+  if (!extra_name.empty()) {
+    text_ += first ? "" : ",";
+    text_ += fmt::format("{}=\"{}\"", extra_name, extra_value);
+  }
+  text_ += '}';
+}
+
+void MetricsText::sample(std::string_view name, const Labels& labels, double value) {
+  text_ += name;
+  this->labels(labels);
+  text_ += ' ';
+  appendNumber(text_, value);
+  text_ += '\n';
+}
+
+void MetricsText::histogram(std::string_view name, const Labels& labels, const double* bounds,
+                            const std::uint64_t* counts, std::size_t bound_count, double sum) {
+  std::uint64_t cumulative = 0;
+  for (std::size_t i = 0; i <= bound_count; ++i) {
+    cumulative += counts[i];
+    text_ += fmt::format("{}_bucket", name);
+    this->labels(labels, "le", i < bound_count ? fmt::format("{}", bounds[i]) : "+Inf");
+    text_ += fmt::format(" {}\n", cumulative);
+  }
+  text_ += fmt::format("{}_sum", name);
+  this->labels(labels);
+  text_ += ' ';
+  appendNumber(text_, sum);
+  text_ += fmt::format("\n{}_count", name);
+  this->labels(labels);
+  text_ += fmt::format(" {}\n", cumulative);
+}
+
+MetricsFile::MetricsFile(std::string path) : path_(std::move(path)), thread_([this] { run(); }) {}
+
+MetricsFile::~MetricsFile() {
+  {
+    std::lock_guard lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_one();
+  thread_.join();
+}
+
+void MetricsFile::publish(std::string text) {
+  {
+    std::lock_guard lock(mutex_);
+    next_ = std::move(text);
+    have_next_ = true;
+  }
+  wake_.notify_one();
+}
+
+void MetricsFile::run() {
+  LogLimiter failures(60'000'000'000ull);
+  const std::string temporary = path_ + ".tmp";
+  while (true) {
+    std::string text;
+    {
+      std::unique_lock lock(mutex_);
+      wake_.wait(lock, [this] { return stop_ || have_next_; });
+      if (!have_next_) return;  // stopping, nothing left to write
+      text.swap(next_);
+      have_next_ = false;
+    }
+    std::string error;
+    UniqueFd fd(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+    if (!fd.valid()) error = fmt::format("cannot create {}: {}", temporary, std::strerror(errno));
+    for (std::size_t done = 0; error.empty() && done < text.size();) {
+      const ssize_t n = ::write(fd.get(), text.data() + done, text.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) error = fmt::format("cannot write {}: {}", temporary, std::strerror(errno));
+      done += n > 0 ? static_cast<std::size_t>(n) : 0;
+    }
+    fd.reset();
+    if (error.empty() && ::rename(temporary.c_str(), path_.c_str()) != 0) {
+      error = fmt::format("cannot rename {} to {}: {}", temporary, path_, std::strerror(errno));
+    }
+    if (!error.empty()) {
+      if (std::uint64_t held = 0; failures.allow(nowNs(), held)) {
+        STMUX_WARN(kDaemon, "metrics: {} ({} more failures not logged)", error, held);
+      }
+    }
+  }
+}
+
+}  // namespace stmux::daemon
