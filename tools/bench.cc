@@ -442,11 +442,9 @@ class Bench {
       args.insert(args.end(), {"--ready", file("ready", i), "--go", go, "--out", file("lat", i),
                                "--tenant", std::to_string(i)});
       if (mode == Mode::kCeiling) args.insert(args.end(), {"--count", std::to_string(tenants)});
-      if (!shape.torch.empty()) {
-        // The workload says it all.
-      } else if (shape.mixed) {
+      if (shape.mixed) {
         args.push_back("--mixed");
-      } else {
+      } else if (shape.torch.empty()) {  // a PyTorch workload names its own sizes
         args.insert(args.end(), {"--m", std::to_string(shape.m), "--n", std::to_string(shape.n),
                                  "--k", std::to_string(shape.k)});
       }
