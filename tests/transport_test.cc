@@ -230,9 +230,20 @@ TEST(Transport, NoticesADaemonKilledWithSigkill) {
     server.run();
     ::_exit(0);
   }
-  ASSERT_TRUE(testing::waitFor([&] { return std::filesystem::exists(dir.socket()); }));
-  auto connection = Connection::open(options(dir));
-  ASSERT_TRUE(connection.ok()) << connection.message();
+  // The daemon child dies with the test, whatever assertion ends it: a child
+  // left running would hold ctest's output open until its timeout.
+  struct KillAtExit {
+    pid_t pid;
+    ~KillAtExit() {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } reaper{daemon};
+  // The socket file appears at bind(), a moment before listen(): until then a
+  // connect is refused, so try until one is accepted.
+  Result<std::unique_ptr<Connection>> connection = Status::error("not tried");
+  ASSERT_TRUE(testing::waitFor([&] { return (connection = Connection::open(options(dir))).ok(); }))
+      << connection.message();
   Request request = withStatus(0);
   auto ticket = connection.value()->submit(request, nowNs() + kSecond);
   ASSERT_TRUE(ticket.ok());
@@ -246,7 +257,6 @@ TEST(Transport, NoticesADaemonKilledWithSigkill) {
   auto result = connection.value()->wait(ticket.value(), nowNs() + 60 * kSecond, 20'000);
   const std::uint64_t noticed_ns = nowNs();
   killer.join();
-  ::waitpid(daemon, nullptr, 0);
   EXPECT_EQ(result.outcome, WaitOutcome::kGone);
   EXPECT_EQ(result.state, SlotState::kPending);
   EXPECT_LT(noticed_ns - killed_ns.load(), kSecond) << "took too long to notice";
