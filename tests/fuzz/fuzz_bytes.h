@@ -23,6 +23,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "stmux/log.h"
+
 namespace stmux::fuzz {
 
 class ByteReader {
@@ -120,6 +122,19 @@ inline void writeSeed(const char* dir, const std::string& name,
     std::exit(1);
   }
   std::fclose(file);
+}
+
+// What every target's LLVMFuzzerInitialize does first: in the seed-writing
+// mode, write the seeds and exit; otherwise keep stmux's logs quiet unless
+// STMUX_LOG asks for them (a target runs millions of inputs).
+inline void startTarget(void (*write_seeds)(const char* dir)) {
+  if (const char* dir = seedDirectory()) {
+    write_seeds(dir);
+    std::exit(0);
+  }
+  const char* log = std::getenv("STMUX_LOG");
+  auto spec = parseLogSpec(log != nullptr ? log : "off");
+  setLogSpec(spec ? spec.value() : LogSpec::uniform(Level::kOff));
 }
 
 // Aborts with a message: what libFuzzer reports as a crash, with the input

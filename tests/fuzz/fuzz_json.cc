@@ -103,10 +103,7 @@ using namespace stmux;
 using namespace stmux::fuzz;
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  if (const char* dir = seedDirectory()) {
-    writeSeeds(dir);
-    std::exit(0);
-  }
+  startTarget(writeSeeds);
   return 0;
 }
 

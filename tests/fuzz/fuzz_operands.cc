@@ -250,13 +250,7 @@ using namespace stmux;
 using namespace stmux::fuzz;
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  if (const char* dir = seedDirectory()) {
-    writeSeeds(dir);
-    std::exit(0);
-  }
-  const char* log = std::getenv("STMUX_LOG");
-  auto spec = parseLogSpec(log != nullptr ? log : "off");
-  setLogSpec(spec ? spec.value() : LogSpec::uniform(Level::kOff));
+  startTarget(writeSeeds);
   return 0;
 }
 
