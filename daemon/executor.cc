@@ -65,6 +65,9 @@ Result<std::vector<GpuInfo>> listGpus() {
     gpu.index = i;
     std::memcpy(gpu.uuid.bytes, prop.uuid.bytes, sizeof(gpu.uuid.bytes));
     gpu.name = prop.name;
+    int mps = 0;
+    STMUX_CUDA(cudaDeviceGetAttribute(&mps, cudaDevAttrMpsEnabled, i));
+    gpu.mps = mps != 0;
     gpus.push_back(std::move(gpu));
   }
   if (gpus.empty()) return Status::error("no CUDA device");

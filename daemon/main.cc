@@ -266,8 +266,10 @@ int run(int argc, char** argv) {
   server_options.max_clients = static_cast<std::uint32_t>(config->max_clients);
   server_options.max_clients_per_uid = static_cast<std::uint32_t>(config->max_clients_per_uid);
   server_options.spin_ns = static_cast<std::uint64_t>(config->daemon_spin_us) * 1000;
-  for (const GpuInfo& gpu : gpus.value())
+  for (const GpuInfo& gpu : gpus.value()) {
     server_options.devices.push_back(gpu.uuid);
+    server_options.device_mps.push_back(gpu.mps ? 1 : 0);
+  }
   std::unique_ptr<MetricsFile> metrics;
   if (!config->metrics_file.empty()) {
     metrics = std::make_unique<MetricsFile>(config->metrics_file);

@@ -148,6 +148,7 @@ std::string Scheduler::statusJson() const {
     json.field("index", static_cast<std::int64_t>(gpu.info.index));
     json.field("uuid", formatUuid(gpu.info.uuid));
     json.field("name", gpu.info.name);
+    json.field("mps", gpu.info.mps);
     json.field("broken", gauges.broken.load());
     json.field("queued", static_cast<std::int64_t>(gpu.batcher.queued()));
     json.field("in_flight", static_cast<std::int64_t>(gpu.batcher.inFlight()));

@@ -19,6 +19,7 @@ struct GpuInfo {
   int index = 0;  // the daemon's CUDA ordinal
   Uuid uuid{};
   std::string name;
+  bool mps = false;  // the daemon's context on it is an MPS client
 };
 
 std::string formatUuid(const Uuid& uuid);  // GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx

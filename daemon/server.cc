@@ -525,6 +525,9 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
   welcome.segment_bytes = layout_.total_bytes;
   welcome.device_count = static_cast<std::uint32_t>(std::min(options_.devices.size(), kMaxDevices));
   std::copy_n(options_.devices.begin(), welcome.device_count, welcome.devices);
+  for (std::uint32_t i = 0; i < welcome.device_count && i < options_.device_mps.size(); ++i) {
+    welcome.device_mps[i] = options_.device_mps[i];
+  }
   const int fds[2] = {memfd.get(), client->doorbell.get()};
   if (Status status = sendMessage(fd, &welcome, sizeof(welcome), fds, 2); !status.ok()) {
     STMUX_WARN(kTransport, "could not welcome pid {}: {}", cred.pid, status.message());
@@ -654,6 +657,9 @@ std::string Server::statusJson() const {
       json.field(kFallbackNames[i], static_cast<std::int64_t>(counters.fallback[i].load()));
     }
     json.endObject();
+    json.field("route", counters.route.load(std::memory_order_relaxed) == 1 ? "direct" : "served");
+    const auto mps = static_cast<ClientMps>(counters.mps.load(std::memory_order_relaxed));
+    json.field("mps", mps == ClientMps::kYes ? "yes" : mps == ClientMps::kNo ? "no" : "unknown");
     json.endObject();
   }
   json.endArray();

@@ -91,6 +91,7 @@ struct ServerOptions {
   std::uint64_t spin_ns = 1'000'000;
   std::uint64_t hello_timeout_ns = 2'000'000'000;  // a connection must greet within this
   std::vector<Uuid> devices;                       // announced in the welcome
+  std::vector<std::uint8_t> device_mps;            // per device: 1 if the daemon is on MPS there
   // Every `metrics_period_ns` the metrics' text goes to `publish_metrics`
   // (a MetricsFile in stmuxd); 0: none are made.
   std::uint64_t metrics_period_ns = 0;

@@ -22,6 +22,7 @@ namespace stmux::shim {
   X(cuStreamSynchronize, 2000)    \
   X(cuDeviceGet, 2000)            \
   X(cuDeviceGetUuid, 11040)       \
+  X(cuDeviceGetAttribute, 2000)   \
   X(cuThreadExchangeStreamCaptureMode, 10010)
 
 struct Driver {

@@ -21,6 +21,7 @@
 #include "shim/allocations.h"
 #include "shim/driver.h"
 #include "shim/real.h"
+#include "shim/route.h"
 #include "shim/transport.h"
 #include "stmux/config.h"
 #include "stmux/cublas_wire.h"
@@ -63,7 +64,14 @@ class Shim {
   cublasStatus_t fallback(Fallback reason, DirectCall direct, Connection* connection);
   cublasStatus_t finish(std::int32_t status, float beta, DirectCall direct, Connection& connection);
   cublasStatus_t failed(Connection* connection);
-  std::optional<Uuid> uuidOf(int device);
+  // A device as the shim needs it: its UUID (what the daemon names it by) and
+  // whether this process's context on it is on MPS.
+  struct DeviceInfo {
+    Uuid uuid;
+    bool mps = false;
+  };
+  std::optional<DeviceInfo> deviceInfo(int device);
+  Route chooseRoute(Connection& connection);
   CUresult waitForPriorWork(CUstream stream);
   void printCounters();
   void startSweeper();
@@ -95,8 +103,11 @@ class Shim {
   bool sweeper_started_ = false;  // under connection_mutex_
   std::mutex sweep_mutex_;        // held while a sweep runs
   bool stopping_ = false;         // under sweep_mutex_: the process is exiting
-  std::mutex uuid_mutex_;
-  std::optional<Uuid> uuids_[kMaxDevices];
+  std::mutex device_mutex_;
+  std::optional<DeviceInfo> devices_[kMaxDevices];
+  std::mutex route_mutex_;
+  RouteChooser chooser_;  // under route_mutex_ (STMUX_ROUTE=auto)
+  std::atomic<bool> said_direct_{false};
 
   std::atomic<std::uint64_t> calls_{0};
   std::atomic<std::uint64_t> forwarded_{0};
@@ -245,13 +256,23 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     device = described.device;
     operand.desc = described.desc;
   }
-  const std::optional<Uuid> uuid = uuidOf(device);
-  if (!uuid) return fallback(Fallback::kCudaError, direct, conn);
+  const std::optional<DeviceInfo> info = deviceInfo(device);
+  if (!info) return fallback(Fallback::kCudaError, direct, conn);
   const std::vector<Uuid>& served = conn->devices();
-  if (std::find(served.begin(), served.end(), *uuid) == served.end()) {
-    return fallback(Fallback::kDeviceNotServed, direct, conn);
+  const auto found = std::find(served.begin(), served.end(), info->uuid);
+  if (found == served.end()) return fallback(Fallback::kDeviceNotServed, direct, conn);
+  request.device = info->uuid;
+  conn->counters().mps.store(
+      static_cast<std::uint32_t>(info->mps ? ClientMps::kYes : ClientMps::kNo),
+      std::memory_order_relaxed);
+  // With both contexts on MPS a hand-off costs little: always serve. Otherwise
+  // each one is a GPU context switch, and STMUX_ROUTE=auto measures whether
+  // this process is better off direct (shim/route.h).
+  const bool shared_on_mps =
+      info->mps && conn->deviceOnMps(static_cast<std::size_t>(found - served.begin()));
+  if (config_.route == "auto" && !shared_on_mps && chooseRoute(*conn) == Route::kDirect) {
+    return fallback(Fallback::kMeasuredDirect, direct, conn);
   }
-  request.device = *uuid;
 
   releaseGone(*conn);
 
@@ -398,21 +419,51 @@ CUresult Shim::waitForPriorWork(CUstream stream) {
   return result;
 }
 
-std::optional<Uuid> Shim::uuidOf(int device) {
+std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
   if (device < 0 || device >= kMaxDevices) return std::nullopt;
-  std::lock_guard lock(uuid_mutex_);
-  if (!uuids_[device]) {
+  std::lock_guard lock(device_mutex_);
+  if (!devices_[device]) {
     CUdevice handle;
     CUuuid uuid;
+    int mps = 0;
     if (driver_->cuDeviceGet(&handle, device) != CUDA_SUCCESS ||
-        driver_->cuDeviceGetUuid(&uuid, handle) != CUDA_SUCCESS) {
+        driver_->cuDeviceGetUuid(&uuid, handle) != CUDA_SUCCESS ||
+        driver_->cuDeviceGetAttribute(&mps, CU_DEVICE_ATTRIBUTE_MPS_ENABLED, handle) !=
+            CUDA_SUCCESS) {
       return std::nullopt;
     }
-    Uuid value;
-    std::memcpy(value.bytes, uuid.bytes, sizeof(value.bytes));
-    uuids_[device] = value;
+    DeviceInfo info;
+    std::memcpy(info.uuid.bytes, uuid.bytes, sizeof(info.uuid.bytes));
+    info.mps = mps != 0;
+    devices_[device] = info;
   }
-  return uuids_[device];
+  return devices_[device];
+}
+
+Route Shim::chooseRoute(Connection& connection) {
+  RouteDecision decision;
+  Route route;
+  {
+    std::lock_guard lock(route_mutex_);
+    route = chooser_.onCall(nowNs(), &decision);
+  }
+  connection.counters().route.store(static_cast<std::uint32_t>(route), std::memory_order_relaxed);
+  if (decision.decided && decision.to != decision.from) {
+    const bool to_direct = decision.to == Route::kDirect;
+    if (to_direct && !said_direct_.exchange(true)) {
+      STMUX_WARN(kShim,
+                 "this process made {:.0f} GEMM calls/s served and {:.0f}/s direct: its GPU "
+                 "context and stmuxd's are not both on MPS, so each hand-off is a context "
+                 "switch. Running its calls directly, and measuring again from time to time "
+                 "(STMUX_ROUTE=serve serves them regardless)",
+                 decision.from_rate, decision.to_rate);
+    } else {
+      STMUX_INFO(kShim, "measured {:.0f} calls/s {} and {:.0f}/s {}: calls now go {}",
+                 decision.from_rate, to_direct ? "served" : "direct", decision.to_rate,
+                 to_direct ? "direct" : "served", to_direct ? "direct" : "to stmuxd");
+    }
+  }
+  return route;
 }
 
 // Freed allocations must not stay mapped in the daemon while their owner is
@@ -494,14 +545,16 @@ void Shim::forkPrepare() {
   Shim& shim = get();
   shim.sweep_mutex_.lock();
   shim.connection_mutex_.lock();
-  shim.uuid_mutex_.lock();
+  shim.device_mutex_.lock();
+  shim.route_mutex_.lock();
   shim.allocations_.forkPrepare();
 }
 
 void Shim::forkParent() {
   Shim& shim = get();
   shim.allocations_.forkParent();
-  shim.uuid_mutex_.unlock();
+  shim.route_mutex_.unlock();
+  shim.device_mutex_.unlock();
   shim.connection_mutex_.unlock();
   shim.sweep_mutex_.unlock();
 }
@@ -509,7 +562,10 @@ void Shim::forkParent() {
 void Shim::forkChild() {
   Shim& shim = get();
   shim.allocations_.forkChild();
-  shim.uuid_mutex_.unlock();
+  shim.chooser_ = RouteChooser{};  // a new process: measured afresh
+  shim.said_direct_ = false;
+  shim.route_mutex_.unlock();
+  shim.device_mutex_.unlock();
   if (shim.connection_) {
     shim.connection_->abandonAfterFork();
     shim.connection_.reset();

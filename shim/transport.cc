@@ -233,6 +233,7 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
                                                 connection->view_.cells(), layout->ring_capacity);
   connection->client_id_ = welcome.client_id;
   connection->devices_.assign(welcome.devices, welcome.devices + welcome.device_count);
+  connection->device_mps_.assign(welcome.device_mps, welcome.device_mps + welcome.device_count);
   connection->free_slots_.reserve(layout->slot_count);
   for (std::uint32_t i = layout->slot_count; i > 0; --i)
     connection->free_slots_.push_back(i - 1);

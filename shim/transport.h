@@ -92,6 +92,8 @@ class Connection {
 
   ClientCounters& counters() const { return view_.header()->counters; }
   const std::vector<Uuid>& devices() const { return devices_; }
+  // Whether the daemon's context on devices()[i] is on MPS.
+  bool deviceOnMps(std::size_t i) const { return i < device_mps_.size() && device_mps_[i] != 0; }
   std::uint32_t clientId() const { return client_id_; }
   std::uint32_t slotCount() const { return view_.layout().slot_count; }
   int socketFd() const { return socket_.get(); }
@@ -108,6 +110,7 @@ class Connection {
   RingProducer<Request> producer_;
   std::uint32_t client_id_ = 0;
   std::vector<Uuid> devices_;
+  std::vector<std::uint8_t> device_mps_;
   std::atomic<bool> gone_{false};
 
   std::mutex free_mutex_;

@@ -4,10 +4,12 @@
 // the calls it must leave to cuBLAS; many threads of one process; fork; and
 // memory an idle tenant frees leaving the daemon. Skipped, saying so, where
 // there is no CUDA device.
+#include <filesystem>
 #include <regex>
 
 #include "gpu_fixture.h"
 #include "shim_stats.h"
+#include "tools/barrier.h"
 
 namespace stmux {
 namespace {
@@ -21,9 +23,13 @@ using testing::shimStatsOf;
 
 class ShimOnGpu : public testing::DaemonFixture {
  protected:
+  // STMUX_ROUTE=serve: these tests count what the daemon serves, and a lone
+  // tenant off MPS may measure itself faster direct under auto.
   std::map<std::string, std::string> shimmed() const {
-    return {
-        {"LD_PRELOAD", SHIM_PATH}, {"STMUX_SOCKET", dir_.socket()}, {"STMUX_LOG", "stats=info"}};
+    return {{"LD_PRELOAD", SHIM_PATH},
+            {"STMUX_SOCKET", dir_.socket()},
+            {"STMUX_LOG", "stats=info"},
+            {"STMUX_ROUTE", "serve"}};
   }
   Process client(const std::vector<std::string>& args, std::map<std::string, std::string> env,
                  const std::string& log) {
@@ -210,6 +216,48 @@ TEST_F(ShimOnGpu, FreedMemoryIsUnmappedWhileTheTenantStaysIdle) {
   ASSERT_EQ(c.wait(), 0) << c.out() << c.err();
   EXPECT_TRUE(testing::waitFor([&] { return mapped() == 0; }, std::chrono::seconds(5)))
       << "nothing stays mapped once the client is gone";
+}
+
+// STMUX_ROUTE=auto, off MPS: a lone tenant whose calls run faster direct (no
+// other tenant to batch with, every call a hand-off between two contexts)
+// is measured so, its calls go direct, it says so once, and stmuxctl shows it.
+TEST_F(ShimOnGpu, AutoRouteSendsALoneTenantDirectWhenThatIsFasterAndSaysSo) {
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status);
+  const JsonValue* gpus = status->find("gpus");
+  ASSERT_TRUE(gpus != nullptr && gpus->size() > 0);
+  if (gpus->at(0)->find("mps")->asBool(false)) {
+    GTEST_SKIP() << "GPU test skipped: an MPS control daemon is running, and on MPS auto serves";
+  }
+  std::map<std::string, std::string> env = shimmed();
+  env["STMUX_ROUTE"] = "auto";
+  const std::string ready = dir_.path() + "/ready", go = dir_.path() + "/go";
+  // rnn's mat-vec: microseconds on the GPU, so the hand-off dominates.
+  Process c = client({"loop", "--m", "512", "--n", "1", "--k", "512", "--ready", ready, "--go", go,
+                      "--out", dir_.path() + "/lat"},
+                     env, "auto");
+  ASSERT_TRUE(
+      testing::waitFor([&] { return std::filesystem::exists(ready); }, std::chrono::seconds(60)))
+      << c.err();
+  tools::Span span;
+  span.start_ns = tools::realtimeNs() + 2'000'000'000ull;
+  span.stop_ns = span.start_ns + 1'000'000'000ull;
+  ASSERT_TRUE(tools::writeGo(go, span));
+  // Within the span the client is direct, and the daemon's status says so.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status);
+  const JsonValue* clients = status->find("clients");
+  ASSERT_TRUE(clients != nullptr && clients->size() == 1) << c.err();
+  EXPECT_EQ(clients->at(0)->find("route")->asString(), "direct") << c.err();
+  EXPECT_EQ(clients->at(0)->find("mps")->asString(), "no");
+  ASSERT_EQ(c.wait(std::chrono::seconds(60)), 0) << c.out() << c.err();
+  const ShimStats stats = shimStats(c.err());
+  const long direct =
+      stats.direct.count("measured_direct") ? stats.direct.at("measured_direct") : 0;
+  EXPECT_GT(direct, stats.served) << c.err();
+  EXPECT_GT(stats.served, 0) << "the first calls are served, and later looks: " << c.err();
+  EXPECT_EQ(countOf(c.err(), "Running its calls directly"), 1) << c.err();
 }
 
 class ShimBeforeTheDaemon : public ShimOnGpu {

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -209,18 +210,18 @@ constexpr char kFullReply[] = R"({
   "clients": [
     {"id": 1, "pid": 1001, "uid": 1000, "name": "infer-a", "attached_s": 65.2,
      "requests": 5000, "forwarded": 4990, "failed": 2,
-     "fallbacks": {"no_daemon": 1, "busy": 2, "timeout": 0}},
+     "fallbacks": {"no_daemon": 1, "busy": 2, "timeout": 0}, "route": "served", "mps": "yes"},
     {"id": 7, "pid": 1002, "uid": 1000, "name": "infer-b", "attached_s": 3.25,
      "requests": 7345, "forwarded": 7345, "failed": 0,
-     "fallbacks": {"no_daemon": 0, "busy": 0, "timeout": 0}}
+     "fallbacks": {"no_daemon": 0, "busy": 0, "timeout": 0}, "route": "direct", "mps": "no"}
   ],
   "gpus": [
     {"index": 0, "uuid": "GPU-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
-     "name": "NVIDIA H100 80GB HBM3", "broken": false, "queued": 3, "in_flight": 1,
+     "name": "NVIDIA H100 80GB HBM3", "broken": false, "mps": true, "queued": 3, "in_flight": 1,
      "requests": 12345, "batches": 400, "mean_batch": 30.8625,
      "launches": {"full": 0, "window": 10, "all_waiting": 380, "idle": 10}, "mapped": 57},
     {"index": 1, "uuid": "GPU-11111111-2222-3333-4444-555555555555",
-     "name": "NVIDIA H100 80GB HBM3", "broken": true, "queued": 0, "in_flight": 0,
+     "name": "NVIDIA H100 80GB HBM3", "broken": true, "mps": false, "queued": 0, "in_flight": 0,
      "requests": 0, "batches": 0, "mean_batch": 0,
      "launches": {"full": 0, "window": 0, "all_waiting": 0, "idle": 0}, "mapped": 0}
   ]
@@ -321,6 +322,9 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
     EXPECT_TRUE(contains(gpu0, part)) << "'" << part << "' missing from\n" << out;
   }
   EXPECT_TRUE(contains(gpu1, " BROKEN ")) << out;
+  // Whether the daemon's context is on MPS, in its own column.
+  EXPECT_TRUE(std::regex_search(gpu0, std::regex(" ok +yes +3 "))) << out;
+  EXPECT_TRUE(std::regex_search(gpu1, std::regex(" BROKEN +no +0 "))) << out;
   // Numbers are right-aligned under their headers.
   EXPECT_EQ(header.find("MEAN BATCH") + 10, gpu0.find(" 30.9 ") + 5) << out;
   EXPECT_EQ(header.find("REQUESTS") + 8, gpu0.find(" 12345 ") + 6) << out;
@@ -333,7 +337,9 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   const std::string b = lineStarting(out, "7      1002 ");
   ASSERT_FALSE(a.empty() || b.empty()) << out;
   EXPECT_TRUE(contains(a, " infer-a ")) << a;
-  EXPECT_TRUE(contains(a, " 1m 05s ")) << a;
+  // The tenant's MPS state and the route STMUX_ROUTE=auto chose for it.
+  EXPECT_TRUE(std::regex_search(a, std::regex(" 1m 05s +yes +served +5000 "))) << a;
+  EXPECT_TRUE(std::regex_search(b, std::regex(" 3.2s +no +direct +7345 "))) << b;
   EXPECT_TRUE(a.ends_with(" no_daemon=1 busy=2")) << "only non-zero fallbacks: " << a;
   EXPECT_TRUE(contains(b, " 3.2s ")) << b;
   EXPECT_TRUE(b.ends_with(" -")) << "no fallbacks at all: " << b;

@@ -117,8 +117,9 @@ struct Point {
   double gemms_per_s = 0, gflops = 0;
   double p50_us = 0, p99_us = 0, p999_us = 0, worst_p99_us = 0;
   long calls = 0;
-  long fallbacks = -1;    // stmux rows: calls the shims sent straight to cuBLAS
-  double mean_batch = 0;  // stmux rows: the daemon's mean batch
+  long fallbacks = -1;       // stmux rows: calls the shims sent straight to cuBLAS
+  double routed_direct = 0;  // stmux rows: share of calls STMUX_ROUTE=auto sent direct
+  double mean_batch = 0;     // stmux rows: the daemon's mean batch
 };
 
 void usage(FILE* out) {
@@ -483,7 +484,7 @@ class Bench {
       client.wait(std::chrono::seconds(10));
 
     if (usesStmux(mode)) {
-      point.fallbacks = countFallbacks(clients);
+      countDirect(clients, point);
       if (auto status = daemonStatus(socket)) {
         if (const JsonValue* gpus = status->find("gpus"); gpus != nullptr && gpus->size() > 0) {
           point.mean_batch = gpus->at(0)->find("mean_batch")->asNumber(0);
@@ -513,6 +514,10 @@ class Bench {
       point.worst_p99_us = std::max(point.worst_p99_us, percentileUs(result.latencies_ns, 0.99));
     }
     point.ran = true;
+    if (point.routed_direct >= 0.005) {
+      point.note = fmt::format("STMUX_ROUTE=auto ran {:.0f}% of calls direct (measured faster)",
+                               100 * point.routed_direct);
+    }
     point.calls = static_cast<long>(all.size());
     // PyTorch rows count model steps; cuBLAS rows GEMMs.
     point.gemms_per_s = (shape.torch.empty() ? gemms : steps) / span.seconds();
@@ -593,23 +598,35 @@ class Bench {
     return torch_missing_;
   }
 
-  // The stmux tenants' calls that went straight to cuBLAS, from each shim's
-  // exit line; -1 when a tenant printed none (the row cannot be vouched for).
-  static long countFallbacks(const std::vector<Process>& clients) {
-    const std::regex stats("direct:([^\n]*)");
-    const std::regex pair("[a-z_]+=([0-9]+)");
+  // From each stmux tenant's exit line: the calls that fell back to cuBLAS
+  // (-1 when a tenant printed none: the row cannot be vouched for), and the
+  // share that STMUX_ROUTE=auto sent direct because it measured that faster
+  // (a choice, not a fallback).
+  static void countDirect(const std::vector<Process>& clients, Point& point) {
+    const std::regex stats("([0-9]+) calls: [^\n]*direct:([^\n]*)");
+    const std::regex pair("([a-z_]+)=([0-9]+)");
     long fallbacks = 0;
+    double calls = 0, routed = 0;
     for (const Process& client : clients) {
       const std::string err = client.err();
       std::smatch match;
-      if (!std::regex_search(err, match, stats)) return -1;
-      const std::string direct = match[1];
+      if (!std::regex_search(err, match, stats)) {
+        point.fallbacks = -1;
+        return;
+      }
+      calls += std::stod(match[1]);
+      const std::string direct = match[2];
       for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
            it != std::sregex_iterator(); ++it) {
-        fallbacks += std::stol((*it)[1]);
+        if ((*it)[1] == "measured_direct") {
+          routed += std::stod((*it)[2]);
+        } else {
+          fallbacks += std::stol((*it)[2]);
+        }
       }
     }
-    return fallbacks;
+    point.fallbacks = fallbacks;
+    point.routed_direct = calls > 0 ? routed / calls : 0;
   }
 
   // MPS with its pipes in our own directory, so that it neither meets nor
@@ -822,6 +839,7 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       json.field("unit", unit(p.shape));
       if (usesStmux(p.mode)) {
         json.field("fallbacks", static_cast<std::int64_t>(p.fallbacks));
+        json.field("routed_direct", p.routed_direct);
         json.field("mean_batch", p.mean_batch);
       }
     }

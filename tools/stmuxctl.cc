@@ -175,6 +175,11 @@ std::string text(const JsonValue* value) {
   return given ? printable(value->asString()) : "-";
 }
 
+std::string yesNo(const JsonValue* value) {
+  if (value == nullptr || !value->isBool()) return "-";
+  return value->asBool() ? "yes" : "no";
+}
+
 std::string decimal(const JsonValue* value) {
   return value != nullptr && value->isNumber() ? fmt::format("{:.1f}", value->asNumber()) : "-";
 }
@@ -285,8 +290,8 @@ std::string gpuTable(const JsonValue* gpus) {
   if (gpus == nullptr) return "GPUs: not reported by this daemon\n";
   if (!gpus->isArray()) return "GPUs: -\n";
   if (gpus->size() == 0) return "GPUs: none served\n";
-  Table table({"GPU", "NAME", "UUID", "STATE", "QUEUED>", "IN FLIGHT>", "REQUESTS>", "BATCHES>",
-               "MEAN BATCH>", "MAPPED>", "LAUNCHES"});
+  Table table({"GPU", "NAME", "UUID", "STATE", "MPS", "QUEUED>", "IN FLIGHT>", "REQUESTS>",
+               "BATCHES>", "MEAN BATCH>", "MAPPED>", "LAUNCHES"});
   Sum queued, in_flight, requests, batches, mapped;
   Reasons launches;
   int broken = 0;
@@ -307,14 +312,14 @@ std::string gpuTable(const JsonValue* gpus) {
                !known                ? "-"
                : is_broken->asBool() ? "BROKEN"
                                      : "ok",
-               count(member(gpu, "queued")), count(member(gpu, "in_flight")),
-               count(member(gpu, "requests")), count(member(gpu, "batches")),
-               decimal(member(gpu, "mean_batch")), count(member(gpu, "mapped")),
-               row_launches.str(/*non_zero_only=*/false)});
+               yesNo(member(gpu, "mps")), count(member(gpu, "queued")),
+               count(member(gpu, "in_flight")), count(member(gpu, "requests")),
+               count(member(gpu, "batches")), decimal(member(gpu, "mean_batch")),
+               count(member(gpu, "mapped")), row_launches.str(/*non_zero_only=*/false)});
   }
   const bool mean = requests.total && batches.total && *batches.total > 0;
   table.add({"total", fmt::format("{} GPU{}", gpus->size(), gpus->size() == 1 ? "" : "s"), "",
-             broken > 0 ? fmt::format("{} BROKEN", broken) : "", queued.str(), in_flight.str(),
+             broken > 0 ? fmt::format("{} BROKEN", broken) : "", "", queued.str(), in_flight.str(),
              requests.str(), batches.str(),
              mean ? fmt::format("{:.1f}", *requests.total / *batches.total) : "-", mapped.str(),
              launches.str(/*non_zero_only=*/false)});
@@ -324,8 +329,8 @@ std::string gpuTable(const JsonValue* gpus) {
 std::string clientTable(const JsonValue* clients) {
   if (clients == nullptr || !clients->isArray()) return "clients: -\n";
   if (clients->size() == 0) return "clients: none attached\n";
-  Table table({"ID", "PID>", "UID>", "NAME", "ATTACHED>", "REQUESTS>", "FORWARDED>", "FAILED>",
-               "FALLBACKS"});
+  Table table({"ID", "PID>", "UID>", "NAME", "ATTACHED>", "MPS", "ROUTE", "REQUESTS>", "FORWARDED>",
+               "FAILED>", "FALLBACKS"});
   Sum requests, forwarded, failed;
   Reasons fallbacks;
   for (std::size_t i = 0; i < clients->size(); ++i) {
@@ -338,13 +343,15 @@ std::string clientTable(const JsonValue* clients) {
     failed.add(member(client, "failed"));
     table.add({count(member(client, "id")), count(member(client, "pid")),
                count(member(client, "uid")), text(member(client, "name")),
-               duration(member(client, "attached_s")), count(member(client, "requests")),
+               duration(member(client, "attached_s")), text(member(client, "mps")),
+               text(member(client, "route")), count(member(client, "requests")),
                count(member(client, "forwarded")), count(member(client, "failed")),
                row_fallbacks.str(/*non_zero_only=*/true)});
   }
   table.add({"total", "", "",
-             fmt::format("{} client{}", clients->size(), clients->size() == 1 ? "" : "s"), "",
-             requests.str(), forwarded.str(), failed.str(), fallbacks.str(/*non_zero_only=*/true)});
+             fmt::format("{} client{}", clients->size(), clients->size() == 1 ? "" : "s"), "", "",
+             "", requests.str(), forwarded.str(), failed.str(),
+             fallbacks.str(/*non_zero_only=*/true)});
   return table.str();
 }
 

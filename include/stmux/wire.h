@@ -19,7 +19,9 @@
 namespace stmux {
 
 // 2: a status reply may come in parts (kStatusPart).
-inline constexpr std::uint32_t kProtocolVersion = 2;
+// 3: the welcome says which GPUs the daemon uses through MPS; a client's
+//    counters say which route STMUX_ROUTE=auto chose and whether it is on MPS.
+inline constexpr std::uint32_t kProtocolVersion = 3;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -137,7 +139,9 @@ struct alignas(kCacheLine) Slot {
   X(kTimeout, "timeout", "STMUX_TIMEOUT_MS passed before the daemon started the call")          \
   X(kDaemonLost, "daemon_lost", "the daemon went away; the call had not started, or beta == 0") \
   X(kDeclined, "declined", "the daemon could not serve the call and did not start it")          \
-  X(kDaemonFailed, "daemon_failed", "the daemon's GPU failed the call; beta == 0, so re-run")
+  X(kDaemonFailed, "daemon_failed", "the daemon's GPU failed the call; beta == 0, so re-run")   \
+  X(kMeasuredDirect, "measured_direct",                                                         \
+    "STMUX_ROUTE=auto measured this process faster with its calls direct")
 
 enum class Fallback : std::uint32_t {
 #define STMUX_X(id, name, help) id,
@@ -157,7 +161,11 @@ struct ClientCounters {
   std::atomic<std::uint64_t> forwarded;  // calls the daemon completed
   std::atomic<std::uint64_t> failed;     // calls returned CUBLAS_STATUS_EXECUTION_FAILED
   std::atomic<std::uint64_t> fallback[kFallbackCount];
+  std::atomic<std::uint32_t> route;  // shim::Route: 0 served, 1 direct (STMUX_ROUTE=auto)
+  std::atomic<std::uint32_t> mps;    // ClientMps: whether the client's context is on MPS
 };
+
+enum class ClientMps : std::uint32_t { kUnknown = 0, kNo = 1, kYes = 2 };
 
 // The first bytes of every client segment. The client checks magic, version
 // and every size before it uses the segment, and refuses to attach otherwise.
@@ -219,7 +227,8 @@ struct WelcomeMsg {
   std::uint32_t slot_count;
   std::uint32_t device_count;
   std::uint64_t segment_bytes;
-  Uuid devices[kMaxDevices];  // the GPUs this daemon serves
+  Uuid devices[kMaxDevices];             // the GPUs this daemon serves
+  std::uint8_t device_mps[kMaxDevices];  // 1: the daemon's context on devices[i] is on MPS
 };
 
 struct RefuseMsg {
@@ -265,7 +274,7 @@ STMUX_WIRE_STRUCT(OperandDesc, 96);
 STMUX_WIRE_STRUCT(Request, 400);
 STMUX_WIRE_STRUCT(MsgHeader, 16);
 STMUX_WIRE_STRUCT(HelloMsg, 56);
-STMUX_WIRE_STRUCT(WelcomeMsg, 16 + 24 + 16 * kMaxDevices);
+STMUX_WIRE_STRUCT(WelcomeMsg, 16 + 24 + 17 * kMaxDevices);
 STMUX_WIRE_STRUCT(RefuseMsg, 16 + 8 + 248);
 STMUX_WIRE_STRUCT(ReleaseMsg, 16 + 8 + 8 * kMaxReleaseIds);
 // Structs in shared memory that hold atomics: placed, never copied.
@@ -275,7 +284,7 @@ STMUX_WIRE_STRUCT(ReleaseMsg, 16 + 8 + 8 * kMaxReleaseIds);
   static_assert(sizeof(T) == (bytes), #T " changed size: bump kProtocolVersion")
 
 STMUX_SHARED_STRUCT(Slot, 64);
-STMUX_SHARED_STRUCT(SegmentHeader, (128 + 8 * (2 + kFallbackCount) + 63) / 64 * 64);
+STMUX_SHARED_STRUCT(SegmentHeader, (128 + 8 * (3 + kFallbackCount) + 63) / 64 * 64);
 static_assert(offsetof(Request, a) % 8 == 0);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free,
               "futex words and slot states must be lock-free across processes");

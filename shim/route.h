@@ -1,0 +1,147 @@
+// Which way a process's GEMMs go under STMUX_ROUTE=auto: served by the
+// daemon, or straight to cuBLAS, chosen by measuring both.
+//
+// Serving pays off when the GPU is shared: without MPS, tenants that call
+// cuBLAS directly time-slice the GPU, and one batched launch replaces dozens of
+// context switches. It loses when the process launches kernels of its own
+// between GEMMs and the two contexts (the tenant's, the daemon's) are not
+// both on MPS: each hand-off is then a GPU context switch, and one such tenant
+// alone runs several times slower served than direct. Which case a process is
+// in cannot be told from the calls, so it is measured: now and then a short
+// window of the process's calls goes the other way, and the rate at which the
+// process makes calls (its closed loop's speed) in that window is compared
+// with the window just before it. A route is left only when the other one was
+// clearly faster; each confirmation doubles the time to the next look, so a
+// settled process spends a window of calls in some tens of seconds on the
+// route it does not take.
+//
+// Pure logic on a clock the caller passes in; the shim holds one per process
+// under its own lock.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace stmux::shim {
+
+enum class Route : std::uint32_t { kServe = 0, kDirect = 1 };
+
+struct RouteOptions {
+  // A window closes after this many calls and at least `window_min_ns`...
+  std::uint32_t window_calls = 16;
+  std::uint64_t window_min_ns = 2'000'000;
+  // ...and a look the other way ends early once it has taken this many times
+  // as long as the window before it: it already lost. (Without MPS, calls
+  // made directly next to busy tenants wait for time slices of milliseconds.)
+  double probe_cutoff = 2.0;
+  // A window with a gap this long between two calls measured the program's
+  // pauses, not a route: it is dropped.
+  std::uint64_t max_gap_ns = 100'000'000;
+  // The first look: after this many calls and this long on the first route.
+  std::uint32_t first_calls = 64;
+  std::uint64_t first_ns = 300'000'000;
+  // Later looks: from `first_interval_ns`, doubling to `max_interval_ns`.
+  std::uint64_t first_interval_ns = 1'000'000'000;
+  std::uint64_t max_interval_ns = 64'000'000'000;
+  // The other route must make calls this much faster to be taken.
+  double margin = 1.15;
+};
+
+// What one measured pair of windows decided; returned by onCall when it did.
+struct RouteDecision {
+  bool decided = false;
+  Route from = Route::kServe;
+  Route to = Route::kServe;
+  double from_rate = 0;  // calls per second on each
+  double to_rate = 0;
+};
+
+class RouteChooser {
+ public:
+  explicit RouteChooser(RouteOptions options = {})
+      : o_(options), interval_ns_(options.first_interval_ns) {}
+
+  // The route of a call made at `now_ns`; counts it. `decision` says whether
+  // this call ended a look the other way, and what it found.
+  Route onCall(std::uint64_t now_ns, RouteDecision* decision = nullptr) {
+    if (decision != nullptr) *decision = {};
+    ++calls_;
+    if (first_call_ns_ == 0) first_call_ns_ = now_ns;
+    if (phase_ == Phase::kSettled) {
+      const bool first = next_look_ns_ == 0;
+      const bool due = first ? calls_ >= o_.first_calls && now_ns - first_call_ns_ >= o_.first_ns
+                             : now_ns >= next_look_ns_;
+      if (due) startWindow(Phase::kBaseline, now_ns);
+      return route_;
+    }
+    if (now_ns - last_ns_ > o_.max_gap_ns) {  // a pause: measure again later
+      phase_ = Phase::kSettled;
+      next_look_ns_ = now_ns + interval_ns_;
+      return route_;
+    }
+    last_ns_ = now_ns;
+    ++window_count_;
+    const std::uint64_t elapsed = now_ns - window_start_ns_;
+    if (phase_ == Phase::kBaseline) {
+      if (window_count_ >= o_.window_calls && elapsed >= o_.window_min_ns) {
+        baseline_rate_ = rate(window_count_, elapsed);
+        baseline_ns_ = elapsed;
+        startWindow(Phase::kProbe, now_ns);
+        return other(route_);
+      }
+      return route_;
+    }
+    // A look the other way.
+    const bool full = window_count_ >= o_.window_calls && elapsed >= o_.window_min_ns;
+    const bool lost = static_cast<double>(elapsed) >= o_.probe_cutoff * baseline_ns_;
+    if (!full && !lost) return other(route_);
+    const double probe_rate = rate(window_count_, elapsed);
+    RouteDecision made{true, route_, route_, baseline_rate_, probe_rate};
+    if (probe_rate > o_.margin * baseline_rate_) {
+      route_ = other(route_);
+      made.to = route_;
+      interval_ns_ = o_.first_interval_ns;
+    } else {
+      interval_ns_ = std::min(interval_ns_ * 2, o_.max_interval_ns);
+    }
+    if (decision != nullptr) *decision = made;
+    phase_ = Phase::kSettled;
+    next_look_ns_ = now_ns + interval_ns_;
+    return route_;
+  }
+
+  Route route() const { return route_; }
+
+ private:
+  enum class Phase { kSettled, kBaseline, kProbe };
+
+  static Route other(Route route) {
+    return route == Route::kServe ? Route::kDirect : Route::kServe;
+  }
+  // Calls per second over a window: its calls after the first, over its span.
+  static double rate(std::uint32_t calls, std::uint64_t elapsed_ns) {
+    return elapsed_ns == 0 ? 0.0
+                           : static_cast<double>(calls) * 1e9 / static_cast<double>(elapsed_ns);
+  }
+  void startWindow(Phase phase, std::uint64_t now_ns) {
+    phase_ = phase;
+    window_start_ns_ = now_ns;
+    last_ns_ = now_ns;
+    window_count_ = 0;
+  }
+
+  RouteOptions o_;
+  Route route_ = Route::kServe;
+  Phase phase_ = Phase::kSettled;
+  std::uint64_t calls_ = 0;
+  std::uint64_t first_call_ns_ = 0;
+  std::uint64_t next_look_ns_ = 0;  // 0: the first look has not come
+  std::uint64_t interval_ns_;
+  std::uint64_t window_start_ns_ = 0;
+  std::uint64_t last_ns_ = 0;
+  std::uint32_t window_count_ = 0;
+  double baseline_rate_ = 0;
+  double baseline_ns_ = 0;
+};
+
+}  // namespace stmux::shim
