@@ -9,18 +9,22 @@
 // alone runs several times slower served than direct. Which case a process is
 // in cannot be told from the calls, so it is measured: now and then a short
 // window of the process's calls goes the other way, and the rate at which the
-// process makes calls (its closed loop's speed) in that window is compared
-// with the window just before it. A route is left only when the other one was
-// clearly faster; each confirmation doubles the time to the next look, so a
-// settled process spends a window of calls in some tens of seconds on the
-// route it does not take.
+// process makes calls (its closed loop's speed: the mean time between calls,
+// the longest tenth left out so that a rare hiccup of the program's own does
+// not decide) in that window is compared with the window just before it. A route is left only when
+// the other one was clearly faster in two looks in a row (one look is noise-prone: a pause of a few
+// milliseconds in one window, and a wrong switch costs a whole interval); each confirmation doubles
+// the time to the next look, so a settled process spends a window of calls in some tens of seconds
+// on the route it does not take.
 //
 // Pure logic on a clock the caller passes in; the shim holds one per process
 // under its own lock.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <numeric>
 
 namespace stmux::shim {
 
@@ -28,8 +32,8 @@ enum class Route : std::uint32_t { kServe = 0, kDirect = 1 };
 
 struct RouteOptions {
   // A window closes after this many calls and at least `window_min_ns`...
-  std::uint32_t window_calls = 16;
-  std::uint64_t window_min_ns = 2'000'000;
+  std::uint32_t window_calls = 32;
+  std::uint64_t window_min_ns = 5'000'000;
   // ...and a look the other way ends early once it has taken this many times
   // as long as the window before it: it already lost. (Without MPS, calls
   // made directly next to busy tenants wait for time slices of milliseconds.)
@@ -43,8 +47,10 @@ struct RouteOptions {
   // Later looks: from `first_interval_ns`, doubling to `max_interval_ns`.
   std::uint64_t first_interval_ns = 1'000'000'000;
   std::uint64_t max_interval_ns = 64'000'000'000;
-  // The other route must make calls this much faster to be taken.
+  // The other route must make calls this much faster, in this many looks in
+  // a row, to be taken.
   double margin = 1.15;
+  std::uint32_t confirmations = 2;
 };
 
 // What one measured pair of windows decided; returned by onCall when it did.
@@ -76,15 +82,18 @@ class RouteChooser {
     }
     if (now_ns - last_ns_ > o_.max_gap_ns) {  // a pause: measure again later
       phase_ = Phase::kSettled;
+      wins_ = 0;
       next_look_ns_ = now_ns + interval_ns_;
       return route_;
     }
+    gaps_[window_count_++] = static_cast<std::uint32_t>(now_ns - last_ns_);
     last_ns_ = now_ns;
-    ++window_count_;
     const std::uint64_t elapsed = now_ns - window_start_ns_;
+    const bool full = window_count_ == gaps_.size() ||
+                      (window_count_ >= o_.window_calls && elapsed >= o_.window_min_ns);
     if (phase_ == Phase::kBaseline) {
-      if (window_count_ >= o_.window_calls && elapsed >= o_.window_min_ns) {
-        baseline_rate_ = rate(window_count_, elapsed);
+      if (full) {
+        baseline_rate_ = windowRate();
         baseline_ns_ = elapsed;
         startWindow(Phase::kProbe, now_ns);
         return other(route_);
@@ -92,18 +101,22 @@ class RouteChooser {
       return route_;
     }
     // A look the other way.
-    const bool full = window_count_ >= o_.window_calls && elapsed >= o_.window_min_ns;
     const bool lost = static_cast<double>(elapsed) >= o_.probe_cutoff * baseline_ns_;
     if (!full && !lost) return other(route_);
-    const double probe_rate = rate(window_count_, elapsed);
+    const double probe_rate = windowRate();
+    if (probe_rate > o_.margin * baseline_rate_ && ++wins_ < o_.confirmations) {
+      startWindow(Phase::kBaseline, now_ns);  // won: look again at once
+      return route_;
+    }
     RouteDecision made{true, route_, route_, baseline_rate_, probe_rate};
-    if (probe_rate > o_.margin * baseline_rate_) {
+    if (wins_ >= o_.confirmations) {
       route_ = other(route_);
       made.to = route_;
       interval_ns_ = o_.first_interval_ns;
     } else {
       interval_ns_ = std::min(interval_ns_ * 2, o_.max_interval_ns);
     }
+    wins_ = 0;
     if (decision != nullptr) *decision = made;
     phase_ = Phase::kSettled;
     next_look_ns_ = now_ns + interval_ns_;
@@ -118,10 +131,13 @@ class RouteChooser {
   static Route other(Route route) {
     return route == Route::kServe ? Route::kDirect : Route::kServe;
   }
-  // Calls per second over a window: its calls after the first, over its span.
-  static double rate(std::uint32_t calls, std::uint64_t elapsed_ns) {
-    return elapsed_ns == 0 ? 0.0
-                           : static_cast<double>(calls) * 1e9 / static_cast<double>(elapsed_ns);
+  // Calls per second in the window now closing: one over the mean gap between
+  // its calls, the longest tenth of the gaps left out. (Reorders gaps_.)
+  double windowRate() {
+    const std::uint32_t kept = window_count_ - window_count_ / 10;
+    std::nth_element(gaps_.begin(), gaps_.begin() + kept - 1, gaps_.begin() + window_count_);
+    const double total = std::accumulate(gaps_.begin(), gaps_.begin() + kept, 0.0);
+    return 1e9 * kept / std::max(total, 1.0);
   }
   void startWindow(Phase phase, std::uint64_t now_ns) {
     phase_ = phase;
@@ -139,7 +155,9 @@ class RouteChooser {
   std::uint64_t interval_ns_;
   std::uint64_t window_start_ns_ = 0;
   std::uint64_t last_ns_ = 0;
-  std::uint32_t window_count_ = 0;
+  std::uint32_t window_count_ = 0;             // gaps in the window so far
+  std::array<std::uint32_t, 1024> gaps_ = {};  // between its calls, ns
+  std::uint32_t wins_ = 0;                     // looks in a row in which the other route won
   double baseline_rate_ = 0;
   double baseline_ns_ = 0;
 };

@@ -78,9 +78,9 @@ TEST(RouteChooser, AProcessFasterServedStaysServedAndItsLooksAreCutShort) {
     EXPECT_EQ(d.to, Route::kServe);
     EXPECT_LT(d.to_rate, d.from_rate);
   }
-  // Each look ends after 2x the baseline window (16 served calls, 1.28 ms,
-  // raised to the 2 ms minimum: so 4 ms), i.e. after one or two direct calls.
-  EXPECT_LE(p.direct_calls, 2 * p.decisions.size());
+  // Each look ends after 2x the baseline window (63 served calls to pass the
+  // 5 ms minimum: so 10.08 ms), i.e. after three direct calls.
+  EXPECT_LE(p.direct_calls, 3 * p.decisions.size());
 }
 
 TEST(RouteChooser, ItTurnsBackWhenTheOtherRouteBecomesFaster) {
@@ -95,6 +95,39 @@ TEST(RouteChooser, ItTurnsBackWhenTheOtherRouteBecomesFaster) {
   p.runFor(120 * kS);
   EXPECT_EQ(p.chooser.route(), Route::kServe);
   EXPECT_EQ(p.decisions.back().to, Route::kServe);
+}
+
+// A program's own hiccups (a collector, a page fault, another thread) land
+// in some windows: one such window must not move the process to the slower
+// route for a whole interval.
+std::uint64_t withHiccups(std::uint64_t gap, std::uint64_t& n) {
+  // About one call in 150 takes 8 ms longer (a fixed pseudo-random sequence).
+  n = n * 6364136223846793005ull + 1442695040888963407ull;
+  return gap + ((n >> 33) % 150 == 0 ? 8 * kMs : 0);
+}
+
+TEST(RouteChooser, HiccupsInOneWindowDoNotMoveAProcessToTheSlowerRoute) {
+  std::uint64_t n = 1;
+  Process served_faster{[&n](Route r, std::uint64_t) {
+    return withHiccups(r == Route::kServe ? 30 * kUs : 42 * kUs, n);
+  }};
+  served_faster.runFor(60 * kS);
+  const double direct_share =
+      static_cast<double>(served_faster.direct_calls) /
+      static_cast<double>(served_faster.direct_calls + served_faster.served_calls);
+  EXPECT_LT(direct_share, 0.02) << served_faster.decisions.size() << " decisions";
+  EXPECT_EQ(served_faster.chooser.route(), Route::kServe);
+
+  n = 7;
+  Process direct_faster{[&n](Route r, std::uint64_t) {
+    return withHiccups(r == Route::kServe ? 42 * kUs : 30 * kUs, n);
+  }};
+  direct_faster.runFor(60 * kS);
+  const double served_share =
+      static_cast<double>(direct_faster.served_calls) /
+      static_cast<double>(direct_faster.direct_calls + direct_faster.served_calls);
+  EXPECT_LT(served_share, 0.02) << direct_faster.decisions.size() << " decisions";
+  EXPECT_EQ(direct_faster.chooser.route(), Route::kDirect);
 }
 
 TEST(RouteChooser, RatesWithinTheMarginKeepTheRouteItHas) {
