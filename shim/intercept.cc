@@ -106,7 +106,8 @@ class Shim {
   std::mutex device_mutex_;
   std::optional<DeviceInfo> devices_[kMaxDevices];
   std::mutex route_mutex_;
-  RouteChooser chooser_;  // under route_mutex_ (STMUX_ROUTE=auto)
+  bool route_auto_ = false;  // STMUX_ROUTE=auto
+  RouteChooser chooser_;     // under route_mutex_
   std::atomic<bool> said_direct_{false};
 
   std::atomic<std::uint64_t> calls_{0};
@@ -128,6 +129,7 @@ Shim::Shim() : real_(realCublas()) {
     STMUX_WARN(kConfig, "{} is not a stmux variable; it is ignored", name);
   }
   if (config_ok_ && !config_.disable) driver_ = cudaDriver();
+  route_auto_ = config_.route == "auto";
   name_ = program_invocation_short_name;
   pthread_atfork(&Shim::forkPrepare, &Shim::forkParent, &Shim::forkChild);
   std::atexit([] { Shim::get().atExit(); });
@@ -270,7 +272,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   // this process is better off direct (shim/route.h).
   const bool shared_on_mps =
       info->mps && conn->deviceOnMps(static_cast<std::size_t>(found - served.begin()));
-  if (config_.route == "auto" && !shared_on_mps && chooseRoute(*conn) == Route::kDirect) {
+  if (route_auto_ && !shared_on_mps && chooseRoute(*conn) == Route::kDirect) {
     return fallback(Fallback::kMeasuredDirect, direct, conn);
   }
 
