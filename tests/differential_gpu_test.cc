@@ -310,9 +310,7 @@ TEST_F(Preloaded, TwoDaemonRestartsMidRunLoseNoCallAndTheProcessesComeBack) {
     EXPECT_EQ(stats.served + direct + stats.failed, calls)
         << name << ": direct" << directText(stats);
     // Decided before the shim looks for the daemon, so exact whatever it did.
-    auto reason = [&](const char* key) {
-      return stats.direct.count(key) ? stats.direct.at(key) : 0L;
-    };
+    auto reason = [&](const char* key) { return stats.directCalls(key); };
     EXPECT_EQ(reason("no_op"), totals.at("expected_direct_no_op")) << name;
     EXPECT_EQ(reason("invalid_args"), totals.at("expected_direct_invalid_args")) << name;
     EXPECT_LE(reason("not_exportable"), totals.at("expected_direct_not_exportable")) << name;

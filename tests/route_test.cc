@@ -38,6 +38,12 @@ struct Process {
       now += gap(route, now);
     }
   }
+
+  // The share of the calls so far that took `route`.
+  double share(Route route) const {
+    const auto on = route == Route::kDirect ? direct_calls : served_calls;
+    return static_cast<double>(on) / static_cast<double>(direct_calls + served_calls);
+  }
 };
 
 TEST(RouteChooser, AProcessFasterDirectGoesDirectSoonAndStays) {
@@ -107,27 +113,16 @@ std::uint64_t withHiccups(std::uint64_t gap, std::uint64_t& n) {
 }
 
 TEST(RouteChooser, HiccupsInOneWindowDoNotMoveAProcessToTheSlowerRoute) {
-  std::uint64_t n = 1;
-  Process served_faster{[&n](Route r, std::uint64_t) {
-    return withHiccups(r == Route::kServe ? 30 * kUs : 42 * kUs, n);
-  }};
-  served_faster.runFor(60 * kS);
-  const double direct_share =
-      static_cast<double>(served_faster.direct_calls) /
-      static_cast<double>(served_faster.direct_calls + served_faster.served_calls);
-  EXPECT_LT(direct_share, 0.02) << served_faster.decisions.size() << " decisions";
-  EXPECT_EQ(served_faster.chooser.route(), Route::kServe);
-
-  n = 7;
-  Process direct_faster{[&n](Route r, std::uint64_t) {
-    return withHiccups(r == Route::kServe ? 42 * kUs : 30 * kUs, n);
-  }};
-  direct_faster.runFor(60 * kS);
-  const double served_share =
-      static_cast<double>(direct_faster.served_calls) /
-      static_cast<double>(direct_faster.direct_calls + direct_faster.served_calls);
-  EXPECT_LT(served_share, 0.02) << direct_faster.decisions.size() << " decisions";
-  EXPECT_EQ(direct_faster.chooser.route(), Route::kDirect);
+  for (const Route faster : {Route::kServe, Route::kDirect}) {
+    const Route slower = faster == Route::kServe ? Route::kDirect : Route::kServe;
+    std::uint64_t n = faster == Route::kServe ? 1 : 7;
+    Process p{[&n, faster](Route r, std::uint64_t) {
+      return withHiccups(r == faster ? 30 * kUs : 42 * kUs, n);
+    }};
+    p.runFor(60 * kS);
+    EXPECT_LT(p.share(slower), 0.02) << p.decisions.size() << " decisions";
+    EXPECT_EQ(p.chooser.route(), faster);
+  }
 }
 
 TEST(RouteChooser, RatesWithinTheMarginKeepTheRouteItHas) {

@@ -253,8 +253,7 @@ TEST_F(ShimOnGpu, AutoRouteSendsALoneTenantDirectWhenThatIsFasterAndSaysSo) {
   EXPECT_EQ(clients->at(0)->find("mps")->asString(), "no");
   ASSERT_EQ(c.wait(std::chrono::seconds(60)), 0) << c.out() << c.err();
   const ShimStats stats = shimStats(c.err());
-  const long direct =
-      stats.direct.count("measured_direct") ? stats.direct.at("measured_direct") : 0;
+  const long direct = stats.directCalls("measured_direct");
   EXPECT_GT(direct, stats.served) << c.err();
   EXPECT_GT(stats.served, 0) << "the first calls are served, and later looks: " << c.err();
   EXPECT_EQ(countOf(c.err(), "Running its calls directly"), 1) << c.err();
@@ -278,7 +277,7 @@ TEST_F(ShimBeforeTheDaemon, CallsRunDirectlyThenTheDaemonIsFoundWithoutARestart)
       << "the client did not attach to the daemon once it appeared";
   ASSERT_EQ(c.wait(std::chrono::seconds(60)), 0) << c.out() << c.err();
   const ShimStats stats = shimStats(c.err());
-  EXPECT_GT(stats.direct.count("no_daemon") ? stats.direct.at("no_daemon") : 0, 0) << c.err();
+  EXPECT_GT(stats.directCalls("no_daemon"), 0) << c.err();
   EXPECT_GT(stats.served, 0) << c.err();
   EXPECT_EQ(countOf(c.err(), "not attached to stmuxd"), 1)
       << "the missing daemon should be reported once:\n"

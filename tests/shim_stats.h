@@ -1,7 +1,6 @@
 // What the GPU tests read from the programs they preload the shim into: the
-// shim's exit line (STMUX_LOG=stats=info),
-//   "N calls: S served by stmuxd, F failed; direct: reason=n ...",
-// and "key N" values the programs print.
+// shim's exit line (tools/shim_stats.h), and "key N" values the programs
+// print.
 #pragma once
 
 #include <map>
@@ -9,32 +8,12 @@
 #include <sstream>
 #include <string>
 
+#include "tools/shim_stats.h"
+
 namespace stmux::testing {
 
-struct ShimStats {
-  long calls = -1, served = -1, failed = -1;
-  std::map<std::string, long> direct;  // reason -> calls; reasons with none are not printed
-};
-
-inline ShimStats shimStats(const std::string& err) {
-  ShimStats stats;
-  std::smatch match;
-  if (!std::regex_search(err, match,
-                         std::regex("([0-9]+) calls: ([0-9]+) served by stmuxd, ([0-9]+) "
-                                    "failed; direct:([^\n]*)"))) {
-    return stats;
-  }
-  stats.calls = std::stol(match[1]);
-  stats.served = std::stol(match[2]);
-  stats.failed = std::stol(match[3]);
-  const std::string direct = match[4];
-  const std::regex pair("([a-z_]+)=([0-9]+)");
-  for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
-       it != std::sregex_iterator(); ++it) {
-    stats.direct[(*it)[1]] = std::stol((*it)[2]);
-  }
-  return stats;
-}
+using tools::ShimStats;
+using tools::shimStats;
 
 // The exit line of process `pid`, where several processes share one log
 // (log lines start "host:pid:tid").

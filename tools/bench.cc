@@ -42,6 +42,7 @@
 #include "tools/latency.h"
 #include "tools/process.h"
 #include "tools/row_validity.h"
+#include "tools/shim_stats.h"
 
 namespace stmux::tools {
 namespace {
@@ -603,25 +604,20 @@ class Bench {
   // share that STMUX_ROUTE=auto sent direct because it measured that faster
   // (a choice, not a fallback).
   static void countDirect(const std::vector<Process>& clients, Point& point) {
-    const std::regex stats("([0-9]+) calls: [^\n]*direct:([^\n]*)");
-    const std::regex pair("([a-z_]+)=([0-9]+)");
     long fallbacks = 0;
     double calls = 0, routed = 0;
     for (const Process& client : clients) {
-      const std::string err = client.err();
-      std::smatch match;
-      if (!std::regex_search(err, match, stats)) {
+      const ShimStats stats = shimStats(client.err());
+      if (stats.calls < 0) {
         point.fallbacks = -1;
         return;
       }
-      calls += std::stod(match[1]);
-      const std::string direct = match[2];
-      for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
-           it != std::sregex_iterator(); ++it) {
-        if ((*it)[1] == "measured_direct") {
-          routed += std::stod((*it)[2]);
+      calls += static_cast<double>(stats.calls);
+      for (const auto& [reason, n] : stats.direct) {
+        if (reason == "measured_direct") {
+          routed += static_cast<double>(n);
         } else {
-          fallbacks += std::stol((*it)[2]);
+          fallbacks += n;
         }
       }
     }
