@@ -21,6 +21,10 @@ namespace {
 
 // While busy, the control socket and doorbells are looked at this often.
 constexpr std::uint64_t kControlPeriodNs = 100'000;
+// How often each client learns how many other tenants are active, and how
+// long after its last call a tenant still counts as active.
+constexpr std::uint64_t kCompanyPeriodNs = 100'000'000;
+constexpr std::uint64_t kActiveNs = 1'000'000'000;
 // Requests taken from one client's ring before moving to the next.
 constexpr int kBurst = 64;
 // A status reader gets this long to take the whole reply, and this many may
@@ -262,6 +266,11 @@ void Server::sleepUntil(std::uint64_t wake_at_ns) {
     if (options_.metrics_period_ns != 0 && (deadline == 0 || next_metrics_ns_ < deadline)) {
       deadline = next_metrics_ns_;
     }
+    // A tenant whose calls all run directly never wakes the daemon; the others
+    // must still learn that it is active.
+    if (!clients_.empty() && (deadline == 0 || next_company_ns_ < deadline)) {
+      deadline = next_company_ns_;
+    }
     const std::uint64_t now = nowNs();
     handleEvents(deadline == 0 ? std::nullopt
                                : std::optional<std::uint64_t>(deadline > now ? deadline - now : 0));
@@ -413,6 +422,7 @@ void Server::resumeAccepting(std::uint64_t now) {
 void Server::expirePending(std::uint64_t now) {
   resumeAccepting(now);
   publishMetrics(now);
+  publishCompany(now);
   for (auto it = pending_.begin(); it != pending_.end();) {
     if ((*it)->deadline_ns <= now) {
       STMUX_WARN(kTransport, "closing a connection that sent no hello within {} ms",
@@ -676,6 +686,31 @@ void Server::publishMetrics(std::uint64_t now) {
   addMetrics(out);
   sink_.addMetrics(out);
   options_.publish_metrics(out.str());
+}
+
+// Tells each client how many other tenants made calls in the last second.
+// Their counts are read from their segments (a client can only make itself
+// look busy, which at worst keeps the others served).
+void Server::publishCompany(std::uint64_t now) {
+  if (now < next_company_ns_) return;
+  next_company_ns_ = now + kCompanyPeriodNs;
+  std::uint32_t active = 0;
+  for (const ClientPtr& client : clients_) {
+    const ClientCounters& counters = client->view.header()->counters;
+    std::uint64_t calls = counters.forwarded.load(std::memory_order_relaxed) +
+                          counters.failed.load(std::memory_order_relaxed);
+    for (const auto& fallback : counters.fallback)
+      calls += fallback.load(std::memory_order_relaxed);
+    if (calls != client->calls_seen) {
+      client->calls_seen = calls;
+      client->active_until_ns = now + kActiveNs;
+    }
+    if (now < client->active_until_ns) ++active;
+  }
+  for (const ClientPtr& client : clients_) {
+    const std::uint32_t self = now < client->active_until_ns ? 1 : 0;
+    client->view.header()->other_tenants.store(active - self, std::memory_order_relaxed);
+  }
 }
 
 void Server::addMetrics(MetricsText& out) const {

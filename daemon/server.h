@@ -51,6 +51,10 @@ struct Client {
   // free again as soon as a request is popped).
   std::uint32_t outstanding = 0;
   std::uint64_t refused = 0;  // requests refused for being beyond that bound
+  // Its calls, served or direct, as its counters said when last looked at,
+  // and until when it counts as active for the others' other_tenants.
+  std::uint64_t calls_seen = 0;
+  std::uint64_t active_until_ns = 0;
 };
 using ClientPtr = std::shared_ptr<Client>;
 
@@ -150,6 +154,7 @@ class Server {
   std::string statusJson() const;
   void addMetrics(MetricsText& out) const;
   void publishMetrics(std::uint64_t now);
+  void publishCompany(std::uint64_t now);
 
   ServerOptions options_;
   RequestSink& sink_;
@@ -163,6 +168,7 @@ class Server {
   std::vector<std::unique_ptr<Reply>> replies_;
   std::uint64_t accept_paused_until_ = 0;  // 0: the listening socket is watched
   std::uint64_t next_metrics_ns_ = 0;
+  std::uint64_t next_company_ns_ = 0;
   LogLimiter accept_log_;
   std::vector<int> controls_;  // stmuxctl connections awaiting a query
   std::uint32_t next_id_ = 1;

@@ -19,6 +19,7 @@ namespace stmux::shim {
   X(cuIpcGetMemHandle, 4010)      \
   X(cuStreamIsCapturing, 10000)   \
   X(cuCtxSynchronize, 2000)       \
+  X(cuCtxGetDevice, 2000)         \
   X(cuStreamSynchronize, 2000)    \
   X(cuDeviceGet, 2000)            \
   X(cuDeviceGetUuid, 11040)       \

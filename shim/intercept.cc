@@ -232,6 +232,12 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (!connection) return fallback(absent, direct, nullptr);
   Connection* conn = connection.get();
   if (conn->draining()) return fallback(Fallback::kDraining, direct, conn);
+  // STMUX_ROUTE=auto chooses before the operands are described (a driver
+  // query each), so that a process measured faster direct pays little for the
+  // preload.
+  if (route_auto_ && chooseRoute(*conn) == Route::kDirect) {
+    return fallback(Fallback::kMeasuredDirect, direct, conn);
+  }
 
   const auto extents = gemmExtents(shape);
   if (!extents) return fallback(Fallback::kInvalidArgs, direct, conn);
@@ -267,14 +273,6 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   conn->counters().mps.store(
       static_cast<std::uint32_t>(info->mps ? ClientMps::kYes : ClientMps::kNo),
       std::memory_order_relaxed);
-  // With both contexts on MPS a hand-off costs little: always serve. Otherwise
-  // each one is a GPU context switch, and STMUX_ROUTE=auto measures whether
-  // this process is better off direct (shim/route.h).
-  const bool shared_on_mps =
-      info->mps && conn->deviceOnMps(static_cast<std::size_t>(found - served.begin()));
-  if (route_auto_ && !shared_on_mps && chooseRoute(*conn) == Route::kDirect) {
-    return fallback(Fallback::kMeasuredDirect, direct, conn);
-  }
 
   releaseGone(*conn);
 
@@ -442,14 +440,38 @@ std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
   return devices_[device];
 }
 
+// The route of a call under STMUX_ROUTE=auto. With the calling thread's
+// device (where cuBLAS runs the call) and stmuxd's both on MPS, a hand-off
+// costs little: always serve. Otherwise each one is a GPU context switch, and
+// the chooser (shim/route.h) serves while other tenants make calls and, while
+// this one is alone, measures whether it is better off direct.
 Route Shim::chooseRoute(Connection& connection) {
+  CUdevice device = -1;
+  if (driver_->cuCtxGetDevice(&device) != CUDA_SUCCESS) return Route::kServe;  // it falls back
+  const std::optional<DeviceInfo> info = deviceInfo(device);
+  if (!info) return Route::kServe;
+  const std::vector<Uuid>& served = connection.devices();
+  const auto found = std::find(served.begin(), served.end(), info->uuid);
+  if (found == served.end()) return Route::kServe;  // falls back: not served
+  if (info->mps && connection.deviceOnMps(static_cast<std::size_t>(found - served.begin()))) {
+    return Route::kServe;
+  }
   RouteDecision decision;
   Route route;
   {
     std::lock_guard lock(route_mutex_);
-    route = chooser_.onCall(nowNs(), &decision);
+    route = chooser_.onCall(nowNs(), connection.otherTenants() > 0, &decision);
   }
   connection.counters().route.store(static_cast<std::uint32_t>(route), std::memory_order_relaxed);
+  if (decision.company) {
+    STMUX_INFO(kShim, "other tenants are making calls: this process's calls go to stmuxd again");
+    return route;
+  }
+  if (decision.decided) {
+    STMUX_DEBUG(kShim, "route look: {:.0f} calls/s {}, {:.0f}/s {}; calls go {}",
+                decision.from_rate, routeName(decision.from), decision.to_rate,
+                routeName(other(decision.from)), routeName(decision.to));
+  }
   if (decision.decided && decision.to != decision.from) {
     const bool to_direct = decision.to == Route::kDirect;
     if (to_direct && !said_direct_.exchange(true)) {
@@ -461,8 +483,8 @@ Route Shim::chooseRoute(Connection& connection) {
                  decision.from_rate, decision.to_rate);
     } else {
       STMUX_INFO(kShim, "measured {:.0f} calls/s {} and {:.0f}/s {}: calls now go {}",
-                 decision.from_rate, to_direct ? "served" : "direct", decision.to_rate,
-                 to_direct ? "direct" : "served", to_direct ? "direct" : "to stmuxd");
+                 decision.from_rate, routeName(decision.from), decision.to_rate,
+                 routeName(decision.to), to_direct ? "direct" : "to stmuxd");
     }
   }
   return route;

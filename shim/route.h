@@ -6,8 +6,14 @@
 // context switches. It loses when the process launches kernels of its own
 // between GEMMs and the two contexts (the tenant's, the daemon's) are not
 // both on MPS: each hand-off is then a GPU context switch, and one such tenant
-// alone runs several times slower served than direct. Which case a process is
-// in cannot be told from the calls, so it is measured: now and then a short
+// alone runs several times slower served than direct.
+//
+// So a process is served whenever other tenants of the daemon are making
+// calls (the daemon says how many): serving them together is the point, and
+// each direct call would switch the GPU's context under their batches (a look
+// at the direct route by each of 32 tenants cut their GEMMs/s by half, measured
+// on the H200). Alone, which route is faster cannot be told from the calls, so
+// it is measured: now and then a short
 // window of the process's calls goes the other way, and the rate at which the
 // process makes calls (its closed loop's speed: the mean time between calls,
 // the longest tenth left out so that a rare hiccup of the program's own does
@@ -15,7 +21,9 @@
 // the other one was clearly faster in two looks in a row (one look is noise-prone: a pause of a few
 // milliseconds in one window, and a wrong switch costs a whole interval); each confirmation doubles
 // the time to the next look, so a settled process spends a window of calls in some tens of seconds
-// on the route it does not take.
+// on the route it does not take. The first look at a route is never cut short: its first calls pay
+// one-off costs (CUDA loads lazily, milliseconds each, the kernels a process has not yet run
+// itself) that a full window's trimmed mean leaves out but an early cut-off would take for a loss.
 //
 // Pure logic on a clock the caller passes in; the shim holds one per process
 // under its own lock.
@@ -23,12 +31,20 @@
 
 #include <algorithm>
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <numeric>
 
 namespace stmux::shim {
 
 enum class Route : std::uint32_t { kServe = 0, kDirect = 1 };
+
+inline Route other(Route route) {
+  return route == Route::kServe ? Route::kDirect : Route::kServe;
+}
+inline const char* routeName(Route route) {
+  return route == Route::kServe ? "served" : "direct";
+}
 
 struct RouteOptions {
   // A window closes after this many calls and at least `window_min_ns`...
@@ -58,8 +74,9 @@ struct RouteDecision {
   bool decided = false;
   Route from = Route::kServe;
   Route to = Route::kServe;
-  double from_rate = 0;  // calls per second on each
+  double from_rate = 0;  // calls per second on each; 0 when company decided
   double to_rate = 0;
+  bool company = false;  // other tenants came: back to serving, unmeasured
 };
 
 class RouteChooser {
@@ -67,12 +84,25 @@ class RouteChooser {
   explicit RouteChooser(RouteOptions options = {})
       : o_(options), interval_ns_(options.first_interval_ns) {}
 
-  // The route of a call made at `now_ns`; counts it. `decision` says whether
-  // this call ended a look the other way, and what it found.
-  Route onCall(std::uint64_t now_ns, RouteDecision* decision = nullptr) {
+  // The route of a call made at `now_ns`, with `company` when other tenants
+  // are making calls; counts it. `decision` says whether this call ended a
+  // look the other way, and what it found, or left the direct route for
+  // company.
+  Route onCall(std::uint64_t now_ns, bool company, RouteDecision* decision = nullptr) {
     if (decision != nullptr) *decision = {};
     ++calls_;
     if (first_call_ns_ == 0) first_call_ns_ = now_ns;
+    if (company) {
+      if (route_ == Route::kDirect && decision != nullptr) {
+        *decision = {true, Route::kDirect, Route::kServe, 0, 0, true};
+      }
+      route_ = Route::kServe;
+      phase_ = Phase::kSettled;  // a look under way measured the others too
+      wins_ = 0;
+      interval_ns_ = o_.first_interval_ns;
+      next_look_ns_ = now_ns + o_.first_ns;  // alone again: look soon
+      return route_;
+    }
     if (phase_ == Phase::kSettled) {
       const bool first = next_look_ns_ == 0;
       const bool due = first ? calls_ >= o_.first_calls && now_ns - first_call_ns_ >= o_.first_ns
@@ -81,6 +111,7 @@ class RouteChooser {
       return route_;
     }
     if (now_ns - last_ns_ > o_.max_gap_ns) {  // a pause: measure again later
+      if (phase_ == Phase::kProbe) looked_[index(other(route_))] = true;
       phase_ = Phase::kSettled;
       wins_ = 0;
       next_look_ns_ = now_ns + interval_ns_;
@@ -101,8 +132,10 @@ class RouteChooser {
       return route_;
     }
     // A look the other way.
-    const bool lost = static_cast<double>(elapsed) >= o_.probe_cutoff * baseline_ns_;
+    const bool lost = looked_[index(other(route_))] &&
+                      static_cast<double>(elapsed) >= o_.probe_cutoff * baseline_ns_;
     if (!full && !lost) return other(route_);
+    looked_[index(other(route_))] = true;
     const double probe_rate = windowRate();
     if (probe_rate > o_.margin * baseline_rate_ && ++wins_ < o_.confirmations) {
       startWindow(Phase::kBaseline, now_ns);  // won: look again at once
@@ -128,9 +161,7 @@ class RouteChooser {
  private:
   enum class Phase { kSettled, kBaseline, kProbe };
 
-  static Route other(Route route) {
-    return route == Route::kServe ? Route::kDirect : Route::kServe;
-  }
+  static std::size_t index(Route route) { return static_cast<std::size_t>(route); }
   // Calls per second in the window now closing: one over the mean gap between
   // its calls, the longest tenth of the gaps left out. (Reorders gaps_.)
   double windowRate() {
@@ -155,9 +186,10 @@ class RouteChooser {
   std::uint64_t interval_ns_;
   std::uint64_t window_start_ns_ = 0;
   std::uint64_t last_ns_ = 0;
-  std::uint32_t window_count_ = 0;             // gaps in the window so far
-  std::array<std::uint32_t, 1024> gaps_ = {};  // between its calls, ns
-  std::uint32_t wins_ = 0;                     // looks in a row in which the other route won
+  std::uint32_t window_count_ = 0;              // gaps in the window so far
+  std::array<std::uint32_t, 1024> gaps_ = {};   // between its calls, ns
+  std::uint32_t wins_ = 0;                      // looks in a row in which the other route won
+  std::array<bool, 2> looked_ = {true, false};  // by Route: taken, or looked at, before
   double baseline_rate_ = 0;
   double baseline_ns_ = 0;
 };

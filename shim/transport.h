@@ -82,6 +82,10 @@ class Connection {
   bool alive();
   // True when the daemon asked clients to submit nothing new.
   bool draining() const { return view_.header()->draining.load(std::memory_order_acquire) != 0; }
+  // Other tenants of the daemon that made calls in the last second.
+  std::uint32_t otherTenants() const {
+    return view_.header()->other_tenants.load(std::memory_order_relaxed);
+  }
 
   // In a fork child: closes this process's copies of the socket, doorbell and
   // segment without a word to the daemon (the connection is the parent's).

@@ -24,6 +24,7 @@ struct Process {
 
   RouteChooser chooser;
   Gap gap;
+  bool company = false;  // other tenants are making calls
   std::uint64_t now = 1 * kS;
   std::uint64_t direct_calls = 0, served_calls = 0;
   std::vector<RouteDecision> decisions;
@@ -32,7 +33,7 @@ struct Process {
     const std::uint64_t end = now + ns;
     while (now < end) {
       RouteDecision decision;
-      const Route route = chooser.onCall(now, &decision);
+      const Route route = chooser.onCall(now, company, &decision);
       if (decision.decided) decisions.push_back(decision);
       (route == Route::kDirect ? direct_calls : served_calls)++;
       now += gap(route, now);
@@ -84,9 +85,24 @@ TEST(RouteChooser, AProcessFasterServedStaysServedAndItsLooksAreCutShort) {
     EXPECT_EQ(d.to, Route::kServe);
     EXPECT_LT(d.to_rate, d.from_rate);
   }
-  // Each look ends after 2x the baseline window (63 served calls to pass the
-  // 5 ms minimum: so 10.08 ms), i.e. after three direct calls.
-  EXPECT_LE(p.direct_calls, 3 * p.decisions.size());
+  // The first look runs a whole window (32 calls); each later one ends after
+  // 2x the baseline window (63 served calls to pass the 5 ms minimum: so
+  // 10.08 ms), i.e. after three direct calls.
+  EXPECT_LE(p.direct_calls, 32 + 3 * (p.decisions.size() - 1));
+}
+
+TEST(RouteChooser, TheFirstCallsARouteEverMakesDoNotDecideAgainstIt) {
+  // A process's first direct calls load its kernels (CUDA loads them lazily):
+  // milliseconds each, once. The first look must still find direct faster.
+  std::uint64_t first_direct = 0;
+  Process p{[&first_direct](Route r, std::uint64_t) {
+    if (r == Route::kServe) return 360 * kUs;
+    return ++first_direct <= 2 ? 15 * kMs : 60 * kUs;
+  }};
+  p.runFor(1 * kS);
+  ASSERT_FALSE(p.decisions.empty());
+  EXPECT_EQ(p.decisions.front().to, Route::kDirect);
+  EXPECT_EQ(p.chooser.route(), Route::kDirect);
 }
 
 TEST(RouteChooser, ItTurnsBackWhenTheOtherRouteBecomesFaster) {
@@ -141,6 +157,27 @@ TEST(RouteChooser, TheFirstLookWaitsForCallsAndTime) {
   Process slow{[](Route, std::uint64_t) { return 10 * kMs; }};
   slow.runFor(600 * kMs);
   EXPECT_EQ(slow.direct_calls, 0u);
+}
+
+TEST(RouteChooser, OtherTenantsMakingCallsBringAProcessBackToServingWithoutALook) {
+  Process p{[](Route r, std::uint64_t) { return r == Route::kServe ? 360 * kUs : 60 * kUs; }};
+  p.runFor(1 * kS);
+  ASSERT_EQ(p.chooser.route(), Route::kDirect);
+  const std::size_t alone_decisions = p.decisions.size();
+  // Others come: the next call is served, and while they stay no call goes
+  // direct, however much faster direct measured.
+  p.company = true;
+  const std::uint64_t direct_before = p.direct_calls;
+  p.runFor(30 * kS);
+  EXPECT_EQ(p.direct_calls, direct_before);
+  ASSERT_EQ(p.decisions.size(), alone_decisions + 1);
+  EXPECT_TRUE(p.decisions.back().company);
+  EXPECT_EQ(p.decisions.back().to, Route::kServe);
+  // Alone again: measured, and direct again within a second.
+  p.company = false;
+  p.runFor(1 * kS);
+  EXPECT_EQ(p.chooser.route(), Route::kDirect);
+  EXPECT_FALSE(p.decisions.back().company);
 }
 
 TEST(RouteChooser, APauseInsideAWindowMeasuresNothing) {

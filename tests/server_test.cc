@@ -160,6 +160,37 @@ TEST(Server, EachClientGetsItsOwnUnnamedSegment) {
   EXPECT_EQ(shmEntries(), shm_before) << "a segment has a name another process could open";
 }
 
+// STMUX_ROUTE=auto serves a process while others make calls: each client
+// learns from the daemon how many others made calls, served or direct (the
+// shim counts a direct call too), in the last second.
+TEST(Server, EachClientLearnsHowManyOthersMakeCalls) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto a = Connection::open(options(dir));
+  auto b = Connection::open(options(dir));
+  auto c = Connection::open(options(dir));
+  ASSERT_TRUE(a.ok() && b.ok() && c.ok());
+  auto others = [&](auto& connection) { return connection.value()->otherTenants(); };
+  // a runs its calls direct, b has them served, c is idle.
+  std::atomic<bool> stop{false};
+  std::thread calls([&] {
+    while (!stop.load()) {
+      a.value()->counters().fallback[0].fetch_add(1);
+      b.value()->counters().forwarded.fetch_add(1);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
+  EXPECT_TRUE(testing::waitFor([&] { return others(c) == 2; }, std::chrono::seconds(5)));
+  EXPECT_EQ(others(a), 1u);
+  EXPECT_EQ(others(b), 1u);
+  stop = true;
+  calls.join();
+  // A second after their last calls, nobody has company.
+  EXPECT_TRUE(testing::waitFor([&] { return others(a) + others(b) + others(c) == 0; },
+                               std::chrono::seconds(5)));
+}
+
 TEST(Server, ClientsBeyondTheLimitAreRefused) {
   TempDir dir;
   TestSink sink;

@@ -231,6 +231,7 @@ TEST_F(ShimOnGpu, AutoRouteSendsALoneTenantDirectWhenThatIsFasterAndSaysSo) {
   }
   std::map<std::string, std::string> env = shimmed();
   env["STMUX_ROUTE"] = "auto";
+  env["STMUX_LOG"] = "stats=info,shim=debug";  // every look, for a failure's message
   const std::string ready = dir_.path() + "/ready", go = dir_.path() + "/go";
   // rnn's mat-vec: microseconds on the GPU, so the hand-off dominates.
   Process c = client({"loop", "--m", "512", "--n", "1", "--k", "512", "--ready", ready, "--go", go,
@@ -257,6 +258,51 @@ TEST_F(ShimOnGpu, AutoRouteSendsALoneTenantDirectWhenThatIsFasterAndSaysSo) {
   EXPECT_GT(direct, stats.served) << c.err();
   EXPECT_GT(stats.served, 0) << "the first calls are served, and later looks: " << c.err();
   EXPECT_EQ(countOf(c.err(), "Running its calls directly"), 1) << c.err();
+}
+
+// STMUX_ROUTE=auto, off MPS, two tenants: while the other makes calls each
+// is served (their batches are the point), even the one that was alone first.
+TEST_F(ShimOnGpu, AutoRouteServesATenantWhileAnotherMakesCalls) {
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status);
+  if (status->find("gpus")->at(0)->find("mps")->asBool(false)) {
+    GTEST_SKIP() << "GPU test skipped: an MPS control daemon is running, and on MPS auto serves";
+  }
+  std::map<std::string, std::string> env = shimmed();
+  env["STMUX_ROUTE"] = "auto";
+  env["STMUX_LOG"] = "stats=info,shim=debug";
+  const std::string go = dir_.path() + "/go";
+  std::vector<Process> clients;
+  for (const char* name : {"first", "second"}) {
+    const std::string ready = dir_.path() + "/ready-" + name;
+    clients.push_back(client({"loop", "--m", "512", "--n", "1", "--k", "512", "--ready", ready,
+                              "--go", go, "--out", dir_.path() + "/lat-" + name},
+                             env, name));
+    // The first runs alone for a while: long enough for its first look.
+    ASSERT_TRUE(
+        testing::waitFor([&] { return std::filesystem::exists(ready); }, std::chrono::seconds(60)))
+        << clients.back().err();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+  }
+  tools::Span span;
+  span.start_ns = tools::realtimeNs() + 1'000'000'000ull;
+  span.stop_ns = span.start_ns + 1'000'000'000ull;
+  ASSERT_TRUE(tools::writeGo(go, span));
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status);
+  const JsonValue* attached = status->find("clients");
+  ASSERT_TRUE(attached != nullptr && attached->size() == 2);
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(attached->at(i)->find("route")->asString(), "served")
+        << clients[0].err() << clients[1].err();
+  }
+  for (Process& c : clients)
+    ASSERT_EQ(c.wait(std::chrono::seconds(60)), 0) << c.out() << c.err();
+  // The second had company from its first call: nothing of it went direct.
+  const ShimStats second = shimStats(clients[1].err());
+  EXPECT_EQ(second.directCalls("measured_direct"), 0) << clients[1].err();
+  EXPECT_GT(second.served, 0);
 }
 
 class ShimBeforeTheDaemon : public ShimOnGpu {

@@ -47,9 +47,9 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "Longest back-off between attempts to attach to an absent daemon.")                           \
   X(route, "STMUX_ROUTE", kChoice, "auto", 0, 0, "auto|serve", kShim,                             \
     "Which calls stmuxd serves: 'serve': every call it can; 'auto': the same, but a process "     \
-    "whose GPU context and stmuxd's are not both on MPS is measured now and then with its calls " \
-    "direct, and runs them directly while that is clearly faster (kernels of its own between "    \
-    "GEMMs make each hand-off a context switch).")                                                \
+    "whose GPU context and stmuxd's are not both on MPS, while no other tenant makes calls, is "  \
+    "measured now and then with its calls direct, and runs them directly while that is clearly "  \
+    "faster (kernels of its own between GEMMs make each hand-off a context switch).")             \
   X(daemon_user, "STMUX_DAEMON_USER", kUser, "stmux", 0, 4294967294, "", kShim,                   \
     "The user stmuxd runs as. A tenant attaches only to a daemon running as root, as the "        \
     "tenant's own uid or as this user, and otherwise runs every call directly.")                  \

@@ -21,7 +21,8 @@ namespace stmux {
 // 2: a status reply may come in parts (kStatusPart).
 // 3: the welcome says which GPUs the daemon uses through MPS; a client's
 //    counters say which route STMUX_ROUTE=auto chose and whether it is on MPS.
-inline constexpr std::uint32_t kProtocolVersion = 3;
+// 4: the daemon tells each client how many other tenants are making calls.
+inline constexpr std::uint32_t kProtocolVersion = 4;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -187,6 +188,10 @@ struct SegmentHeader {
   alignas(kCacheLine) std::atomic<std::uint32_t> consumer_sleeping;
   // Set by the daemon when it shuts down: submit nothing new.
   std::atomic<std::uint32_t> draining;
+  // Set by the daemon about every 100 ms: how many other tenants made GEMM
+  // calls, served or direct, in the last second. STMUX_ROUTE=auto sends a
+  // process direct only while it has no such company (shim/route.h).
+  std::atomic<std::uint32_t> other_tenants;
   alignas(kCacheLine) ClientCounters counters;
 };
 
