@@ -82,6 +82,19 @@ TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
   EXPECT_GT(rate, 3 * 500.0);
   EXPECT_LT(rate, 3 * 5000.0 * 1.05);
   EXPECT_NE(run.out.find("summary:"), std::string::npos) << run.out;
+
+  // The CPU over the span, from /proc: each fake step is a 200 us sleep, so
+  // every step gives the core up, and little CPU is used; nothing serves
+  // time-only tenants.
+  const JsonValue* tenants_cpu = time_only->find("tenants_cpu");
+  ASSERT_NE(tenants_cpu, nullptr);
+  EXPECT_GT(tenants_cpu->find("cores")->asNumber(0), 0.0);
+  EXPECT_LT(tenants_cpu->find("cores")->asNumber(9), 3.0);
+  EXPECT_GE(tenants_cpu->find("switches_per_s")->asNumber(0), rate * 0.9);
+  const JsonValue* busiest = time_only->find("busiest_tenant_cpu");
+  EXPECT_LE(busiest->find("cores")->asNumber(9), tenants_cpu->find("cores")->asNumber(0));
+  EXPECT_GE(busiest->find("cores")->asNumber(0), tenants_cpu->find("cores")->asNumber(0) / 3);
+  EXPECT_EQ(time_only->find("serving_cpu")->find("cores")->asNumber(-1), 0.0);
 }
 
 TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {

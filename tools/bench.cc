@@ -40,6 +40,7 @@
 #include "stmux/json_read.h"
 #include "tools/barrier.h"
 #include "tools/latency.h"
+#include "tools/proc_cpu.h"
 #include "tools/process.h"
 #include "tools/row_validity.h"
 #include "tools/shim_stats.h"
@@ -121,6 +122,12 @@ struct Point {
   long fallbacks = -1;       // stmux rows: calls the shims sent straight to cuBLAS
   double routed_direct = 0;  // stmux rows: share of calls STMUX_ROUTE=auto sent direct
   double mean_batch = 0;     // stmux rows: the daemon's mean batch
+  // The CPU over the timed span (tools/proc_cpu.h), per second of it: cores
+  // busy, context switches and preemptions; of all tenants together, of the
+  // busiest tenant, and of the processes that serve them (stmuxd, MPS's).
+  struct Cpu {
+    double cores = 0, switches = 0, preemptions = 0;
+  } tenants_cpu, busiest_cpu, serving_cpu;
 };
 
 void usage(FILE* out) {
@@ -130,7 +137,10 @@ void usage(FILE* out) {
                "of PyTorch, in a closed loop, five ways: time-only, mps, stmux, stmux-mps and the\n"
                "in-process ceiling; each row's clock starts once every tenant is ready, and a row\n"
                "whose tenants did not all run through it is invalid. Prints a table, the targets\n"
-               "and a summary, and writes bench.json to --out (stmux-plot draws it).\n\n"
+               "and a summary, and writes bench.json to --out (stmux-plot draws it). Beside\n"
+               "throughput and tails, each row says what the CPU did over the timed span (from\n"
+               "/proc): cores busy, the tenants' + the serving processes' (stmuxd, MPS), and\n"
+               "preemptions per second (a core taken from a busy thread).\n\n"
                "  --shapes LIST    rnn (512x1x512), resnet (256x128x1152), cube (256x256x256),\n"
                "                   mixed (the three, one per tenant in turn) or MxNxK;\n"
                "                   or PyTorch tenants (stmux-torch-tenant; their rows count\n"
@@ -489,6 +499,15 @@ class Bench {
       if (!writeGo(go, span)) invalid = "cannot write " + go;
     }
     if (invalid.empty()) {
+      std::vector<long> tenant_pids, serving_pids;
+      for (const Process& client : clients)
+        tenant_pids.push_back(client.pid());
+      if (usesStmux(mode)) serving_pids.push_back(daemon.pid());
+      if (usesMps(mode)) {
+        for (long pid : mpsProcesses(env.at("CUDA_MPS_PIPE_DIRECTORY")))
+          serving_pids.push_back(pid);
+      }
+      measureCpu(span, tenant_pids, serving_pids, point);
       const auto deadline =
           std::chrono::steady_clock::now() +
           std::chrono::milliseconds(static_cast<long>((o_.warmup + o_.seconds + 60) * 1000));
@@ -622,6 +641,46 @@ class Bench {
     return torch_missing_;
   }
 
+  // Samples the tenants and the serving processes as the span starts and as
+  // it ends (sleeping in between), into the point's CPU figures.
+  static void measureCpu(const Span& span, const std::vector<long>& tenants,
+                         const std::vector<long>& serving, Point& point) {
+    auto sampleAll = [](const std::vector<long>& pids) {
+      std::vector<std::optional<CpuSample>> samples;
+      for (long pid : pids)
+        samples.push_back(sampleCpu(pid));
+      return samples;
+    };
+    auto sleepUntil = [](std::uint64_t realtime_ns) {
+      const std::uint64_t now = realtimeNs();
+      if (realtime_ns > now)
+        std::this_thread::sleep_for(std::chrono::nanoseconds(realtime_ns - now));
+    };
+    sleepUntil(span.start_ns);
+    const auto tenants_before = sampleAll(tenants), serving_before = sampleAll(serving);
+    sleepUntil(span.stop_ns);
+    const auto tenants_after = sampleAll(tenants), serving_after = sampleAll(serving);
+    const double seconds = span.seconds();
+    auto perSecond = [seconds](const CpuSample& used) {
+      return Point::Cpu{used.cpu_s / seconds, static_cast<double>(used.voluntary) / seconds,
+                        static_cast<double>(used.involuntary) / seconds};
+    };
+    CpuSample all_tenants, all_serving;
+    for (std::size_t i = 0; i < tenants.size(); ++i) {
+      if (!tenants_before[i] || !tenants_after[i]) continue;  // gone: the row is invalid
+      const CpuSample used = tenants_after[i]->since(*tenants_before[i]);
+      all_tenants += used;
+      if (used.cpu_s / seconds > point.busiest_cpu.cores) point.busiest_cpu = perSecond(used);
+    }
+    for (std::size_t i = 0; i < serving.size(); ++i) {
+      if (serving_before[i] && serving_after[i]) {
+        all_serving += serving_after[i]->since(*serving_before[i]);
+      }
+    }
+    point.tenants_cpu = perSecond(all_tenants);
+    point.serving_cpu = perSecond(all_serving);
+  }
+
   // From each stmux tenant's exit line: the calls that fell back to cuBLAS
   // (-1 when a tenant printed none: the row cannot be vouched for), and the
   // share that STMUX_ROUTE=auto sent direct because it measured that faster
@@ -708,24 +767,30 @@ const char* unit(const std::string& shape) {
 
 // "rate/s" is GEMMs/s for cuBLAS tenants and model steps/s for PyTorch ones.
 void printTable(const std::vector<Point>& points, FILE* out) {
-  std::fprintf(out, "%-20s %4s %-9s %12s %9s %9s %9s %9s %9s %8s %8s %8s %6s %6s  %s\n", "shape",
-               "R", "mode", "rate/s", "GFLOP/s", "p50 us", "p99 us", "p99.9 us", "worst99",
-               "vs time", "vs mps", "vs ceil", "fallbk", "batch", "note");
+  // cores: CPU cores busy over the span, the tenants' + the serving processes';
+  // preempt/s: how often the scheduler took a core from any of them.
+  std::fprintf(out, "%-20s %4s %-9s %12s %9s %9s %9s %9s %9s %8s %8s %8s %6s %6s %11s %9s  %s\n",
+               "shape", "R", "mode", "rate/s", "GFLOP/s", "p50 us", "p99 us", "p99.9 us", "worst99",
+               "vs time", "vs mps", "vs ceil", "fallbk", "batch", "cores", "preempt/s", "note");
   for (const Point& p : points) {
     if (!p.ran) {
-      std::fprintf(out, "%-20s %4d %-9s %12s %9s %9s %9s %9s %9s %8s %8s %8s %6s %6s  %s\n",
+      std::fprintf(out,
+                   "%-20s %4d %-9s %12s %9s %9s %9s %9s %9s %8s %8s %8s %6s %6s %11s %9s  %s\n",
                    p.shape.c_str(), p.tenants, modeName(p.mode), "-", "-", "-", "-", "-", "-", "-",
-                   "-", "-", "-", "-", p.note.c_str());
+                   "-", "-", "-", "-", "-", "-", p.note.c_str());
       continue;
     }
     std::fprintf(
-        out, "%-20s %4d %-9s %12.0f %9.1f %9.1f %9.1f %9.1f %9.1f %8s %8s %8s %6s %6s  %s\n",
+        out,
+        "%-20s %4d %-9s %12.0f %9.1f %9.1f %9.1f %9.1f %9.1f %8s %8s %8s %6s %6s %11s %9.0f  %s\n",
         p.shape.c_str(), p.tenants, modeName(p.mode), p.gemms_per_s, p.gflops, p.p50_us, p.p99_us,
         p.p999_us, p.worst_p99_us, ratio(p, find(points, p.shape, p.tenants, Mode::kTime)).c_str(),
         ratio(p, find(points, p.shape, p.tenants, Mode::kMps)).c_str(),
         ratio(p, find(points, p.shape, p.tenants, Mode::kCeiling)).c_str(),
         p.fallbacks < 0 ? "-" : std::to_string(p.fallbacks).c_str(),
-        usesStmux(p.mode) ? fmt::format("{:.1f}", p.mean_batch).c_str() : "-", p.note.c_str());
+        usesStmux(p.mode) ? fmt::format("{:.1f}", p.mean_batch).c_str() : "-",
+        fmt::format("{:.1f}+{:.1f}", p.tenants_cpu.cores, p.serving_cpu.cores).c_str(),
+        p.tenants_cpu.preemptions + p.serving_cpu.preemptions, p.note.c_str());
   }
 }
 
@@ -870,6 +935,18 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       json.field("worst_tenant_p99_us", p.worst_p99_us);
       json.field("calls", static_cast<std::int64_t>(p.calls));
       json.field("unit", unit(p.shape));
+      // CPU over the timed span, per second of it (tools/proc_cpu.h).
+      auto cpu = [&](const char* name, const Point::Cpu& c) {
+        json.key(name);
+        json.beginObject();
+        json.field("cores", c.cores);
+        json.field("switches_per_s", c.switches);
+        json.field("preemptions_per_s", c.preemptions);
+        json.endObject();
+      };
+      cpu("tenants_cpu", p.tenants_cpu);
+      cpu("busiest_tenant_cpu", p.busiest_cpu);
+      cpu("serving_cpu", p.serving_cpu);
       if (usesStmux(p.mode)) {
         json.field("fallbacks", static_cast<std::int64_t>(p.fallbacks));
         json.field("routed_direct", p.routed_direct);
@@ -906,9 +983,11 @@ int run(int argc, char** argv) {
         const double took =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
         if (point.ran) {
-          std::fprintf(stderr, "ready in %.1f s; %.0f %s, p50 %.1f us, p99 %.1f us%s (%.1f s)\n",
+          std::fprintf(stderr,
+                       "ready in %.1f s; %.0f %s, p50 %.1f us, p99 %.1f us, cpu %.1f+%.1f "
+                       "cores%s (%.1f s)\n",
                        point.ready_s, point.gemms_per_s, unit(point.shape), point.p50_us,
-                       point.p99_us,
+                       point.p99_us, point.tenants_cpu.cores, point.serving_cpu.cores,
                        usesStmux(point.mode) ? fmt::format(", {} fallbacks, mean batch {:.1f}",
                                                            point.fallbacks, point.mean_batch)
                                                    .c_str()
