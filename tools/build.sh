@@ -6,6 +6,7 @@
 #   STMUX_SANITIZE=address,undefined or thread   every target with that sanitizer
 #   STMUX_FUZZ=1                                 clang, and the libFuzzer targets
 #   STMUX_BUILD_TARGETS="t1 t2"                  build only these targets
+# and tools/package.sh sets STMUX_PACKAGE=1: the prefix /usr, no tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${STMUX_BUILD_DIR:-build}
@@ -13,6 +14,7 @@ jobs=$(nproc 2>/dev/null || echo 2)
 sanitize=${STMUX_SANITIZE:-}
 fuzz=${STMUX_FUZZ:-}
 targets=${STMUX_BUILD_TARGETS:-}
+package=${STMUX_PACKAGE:-}
 # The fuzz targets need clang (libFuzzer); CMake reads CXX when it configures.
 [ -z "$fuzz" ] || export CXX=clang++
 
@@ -79,6 +81,7 @@ command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
 options=()
 [ -z "$sanitize" ] || options+=(-DSTMUX_SANITIZE="$sanitize")
 [ -z "$fuzz" ] || options+=(-DSTMUX_FUZZ=ON)
+[ -z "$package" ] || options+=(-DCMAKE_INSTALL_PREFIX=/usr -DSTMUX_BUILD_TESTS=OFF)
 if [ ! -f "$build_dir/CMakeCache.txt" ]; then
   echo "stmux: configuring $build_dir${options[*]+ (${options[*]})}" >&2
   mkdir -p "$build_dir"

@@ -8,20 +8,22 @@
 #   tsan    <build dir>-tsan            TSan (g++): every test that needs no GPU
 #   fuzz    <build dir>-fuzz            clang: each libFuzzer target for
 #                                       STMUX_FUZZ_SECONDS (default 20) seconds
+#   package <build dir>-deb             the Debian package (tools/package.sh),
+#                                       built and checked (tests/package_check.sh)
 # STMUX_TEST_PASSES picks passes, e.g. STMUX_TEST_PASSES=normal for the quick
-# one (default: "normal asan tsan fuzz"). Extra arguments go to the normal
+# one (default: "normal asan tsan fuzz package"). Extra arguments go to the normal
 # pass's ctest, e.g. -L unit. A pass whose tests fail does not stop the next;
 # the script fails at the end if any did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${STMUX_BUILD_DIR:-build}
 jobs=$(nproc 2>/dev/null || echo 2)
-passes=${STMUX_TEST_PASSES:-normal asan tsan fuzz}
+passes=${STMUX_TEST_PASSES:-normal asan tsan fuzz package}
 for pass in $passes; do
   case $pass in
-    normal | asan | tsan | fuzz) ;;
+    normal | asan | tsan | fuzz | package) ;;
     *)
-      echo "stmux: STMUX_TEST_PASSES names '$pass'; accepted: normal, asan, tsan, fuzz" >&2
+      echo "stmux: STMUX_TEST_PASSES names '$pass'; accepted: normal, asan, tsan, fuzz, package" >&2
       exit 2
       ;;
   esac
@@ -55,12 +57,16 @@ run_pass() {
   echo "stmux: pass $name: $title ($dir)" >&2
   env STMUX_BUILD_DIR="$dir" ${vars[@]+"${vars[@]}"} bash tools/build.sh
   ctest --test-dir "$dir" --output-on-failure -j"$jobs" "$@" || status=$?
-  local took
-  took=$(seconds $((SECONDS - start)))
-  local result=passed
-  [ $status -eq 0 ] || { result=FAILED; failed=1; }
-  summary+=("$name $result in $took")
-  echo "stmux: pass $name $result in $took" >&2
+  passed "$name" $status $start
+}
+
+# passed NAME STATUS START: records and prints how a pass ended.
+passed() {
+  local took result=passed
+  took=$(seconds $((SECONDS - $3)))
+  [ "$2" -eq 0 ] || { result=FAILED; failed=1; }
+  summary+=("$1 $result in $took")
+  echo "stmux: pass $1 $result in $took" >&2
 }
 
 for pass in $passes; do
@@ -81,6 +87,13 @@ for pass in $passes; do
     fuzz)
       run_pass fuzz "libFuzzer targets, ${STMUX_FUZZ_SECONDS:-20} s each" "${build_dir}-fuzz" \
         STMUX_FUZZ=1 STMUX_BUILD_TARGETS=stmux_fuzz -- -L '^fuzz$'
+      ;;
+    package)
+      start=$SECONDS
+      echo "stmux: pass package: the Debian package, built and checked (${build_dir}-deb)" >&2
+      status=0
+      STMUX_BUILD_DIR=$build_dir bash tools/package.sh >/dev/null || status=$?
+      passed package $status $start
       ;;
   esac
 done
