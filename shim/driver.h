@@ -20,6 +20,9 @@ namespace stmux::shim {
   X(cuStreamIsCapturing, 10000)   \
   X(cuCtxSynchronize, 2000)       \
   X(cuCtxGetDevice, 2000)         \
+  X(cuCtxGetCurrent, 4000)        \
+  X(cuCtxGetFlags, 7000)          \
+  X(cuCtxSetFlags, 12010)         \
   X(cuStreamSynchronize, 2000)    \
   X(cuDeviceGet, 2000)            \
   X(cuDeviceGetUuid, 11040)       \

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include "shim/driver.h"
 #include "shim/real.h"
 #include "shim/route.h"
+#include "shim/sync_policy.h"
 #include "shim/transport.h"
 #include "stmux/config.h"
 #include "stmux/cublas_wire.h"
@@ -31,6 +33,9 @@
 extern char** environ;
 
 namespace stmux::shim {
+static_assert(kSchedAuto == CU_CTX_SCHED_AUTO && kSchedSpin == CU_CTX_SCHED_SPIN &&
+              kSchedYield == CU_CTX_SCHED_YIELD && kSchedBlocking == CU_CTX_SCHED_BLOCKING_SYNC &&
+              kSchedMask == CU_CTX_SCHED_MASK);
 namespace {
 
 // How often the sweeper thread asks the driver which exported allocations
@@ -71,6 +76,7 @@ class Shim {
     bool mps = false;
   };
   std::optional<DeviceInfo> deviceInfo(int device);
+  SyncChoice applySync(const Connection& connection);
   Route chooseRoute(Connection& connection);
   CUresult waitForPriorWork(CUstream stream);
   void printCounters();
@@ -109,6 +115,12 @@ class Shim {
   bool route_auto_ = false;  // STMUX_ROUTE=auto
   RouteChooser chooser_;     // under route_mutex_
   std::atomic<bool> said_direct_{false};
+  SyncMode sync_mode_ = SyncMode::kKeep;
+  unsigned cores_ = 1;  // the CPUs this process may run on, at start
+  std::mutex sync_mutex_;
+  // The contexts whose scheduling flag the shim set, and to what; under
+  // sync_mutex_.
+  std::vector<std::pair<CUcontext, unsigned>> synced_;
 
   std::atomic<std::uint64_t> calls_{0};
   std::atomic<std::uint64_t> forwarded_{0};
@@ -130,6 +142,9 @@ Shim::Shim() : real_(realCublas()) {
   }
   if (config_ok_ && !config_.disable) driver_ = cudaDriver();
   route_auto_ = config_.route == "auto";
+  sync_mode_ = parseSyncMode(config_.sync).value_or(SyncMode::kKeep);
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) cores_ = std::max(1, CPU_COUNT(&cpus));
   name_ = program_invocation_short_name;
   pthread_atfork(&Shim::forkPrepare, &Shim::forkParent, &Shim::forkChild);
   std::atexit([] { Shim::get().atExit(); });
@@ -232,6 +247,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (!connection) return fallback(absent, direct, nullptr);
   Connection* conn = connection.get();
   if (conn->draining()) return fallback(Fallback::kDraining, direct, conn);
+  const SyncChoice sync = applySync(*conn);
   // STMUX_ROUTE=auto chooses before the operands are described (a driver
   // query each), so that a process measured faster direct pays little for the
   // preload.
@@ -285,7 +301,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
 
   request.request_id = next_request_id_.fetch_add(1, std::memory_order_relaxed);
   const std::uint64_t timeout_ns = static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000;
-  const std::uint64_t spin_ns = static_cast<std::uint64_t>(config_.spin_us) * 1'000;
+  const std::uint64_t spin_ns = sync.spin ? static_cast<std::uint64_t>(config_.spin_us) * 1'000 : 0;
   auto ticket = conn->submit(request, nowNs() + timeout_ns);
   if (!ticket) return fallback(Fallback::kBusy, direct, conn);
 
@@ -438,6 +454,59 @@ std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
     devices_[device] = info;
   }
   return devices_[device];
+}
+
+// STMUX_SYNC (shim/sync_policy.h): gives the calling thread's context the
+// scheduling flag the mode wants, once per context and change; says how the
+// shim's own wait goes.
+SyncChoice Shim::applySync(const Connection& connection) {
+  if (sync_mode_ == SyncMode::kKeep) return {};
+  const SyncChoice choice = chooseSync(sync_mode_, connection.otherTenants() + 1, cores_);
+  CUcontext context = nullptr;
+  if (driver_->cuCtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) return choice;
+  // What this thread last saw: most calls stop here.
+  thread_local CUcontext seen_context = nullptr;
+  thread_local unsigned seen_sched = ~0u;
+  if (context == seen_context && choice.sched == seen_sched) return choice;
+  seen_context = context;
+  seen_sched = choice.sched;
+
+  std::lock_guard lock(sync_mutex_);
+  auto entry = std::find_if(synced_.begin(), synced_.end(),
+                            [&](const auto& synced) { return synced.first == context; });
+  std::optional<unsigned> ours;
+  if (entry != synced_.end()) ours = entry->second;
+  unsigned flags = 0;
+  if (driver_->cuCtxGetFlags(&flags) != CUDA_SUCCESS) return choice;
+  const std::optional<unsigned> wanted = contextFlags(flags, ours, choice.sched);
+  if (!wanted) {
+    if ((flags & kSchedMask) != choice.sched) {
+      STMUX_INFO(kShim,
+                 "the program chose its own CUDA scheduling (context flags {:#x}); "
+                 "STMUX_SYNC leaves it",
+                 flags);
+    }
+    return choice;
+  }
+  if (driver_->cuCtxSetFlags(*wanted) != CUDA_SUCCESS) {
+    STMUX_WARN(kShim, "cannot set the CUDA context's flags to {:#x}; STMUX_SYNC leaves them",
+               *wanted);
+    return choice;
+  }
+  if (entry != synced_.end()) {
+    entry->second = choice.sched;
+  } else {
+    synced_.emplace_back(context, choice.sched);
+  }
+  STMUX_INFO(kShim,
+             "STMUX_SYNC={}: {} tenants making calls on {} cores: CUDA's "
+             "synchronizations here now {}",
+             config_.sync, connection.otherTenants() + 1, cores_,
+             choice.sched == kSchedBlocking ? "block"
+             : choice.sched == kSchedYield  ? "yield"
+             : choice.sched == kSchedSpin   ? "spin"
+                                            : "follow CUDA's default");
+  return choice;
 }
 
 // The route of a call under STMUX_ROUTE=auto. With the calling thread's

@@ -84,11 +84,11 @@ TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
   EXPECT_NE(run.out.find("summary:"), std::string::npos) << run.out;
 
   // The CPU over the span, from /proc: each fake step is a 200 us sleep, so
-  // every step gives the core up, and little CPU is used; nothing serves
-  // time-only tenants.
+  // every step gives the core up, and little CPU is used (too little to
+  // expect a 10 ms tick of it for sure); nothing serves time-only tenants.
   const JsonValue* tenants_cpu = time_only->find("tenants_cpu");
   ASSERT_NE(tenants_cpu, nullptr);
-  EXPECT_GT(tenants_cpu->find("cores")->asNumber(0), 0.0);
+  EXPECT_GE(tenants_cpu->find("cores")->asNumber(-1), 0.0);
   EXPECT_LT(tenants_cpu->find("cores")->asNumber(9), 3.0);
   EXPECT_GE(tenants_cpu->find("switches_per_s")->asNumber(0), rate * 0.9);
   const JsonValue* busiest = time_only->find("busiest_tenant_cpu");

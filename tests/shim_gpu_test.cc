@@ -305,6 +305,30 @@ TEST_F(ShimOnGpu, AutoRouteServesATenantWhileAnotherMakesCalls) {
   EXPECT_GT(second.served, 0);
 }
 
+// STMUX_SYNC sets the tenant's context scheduling flag at its first calls,
+// unless the program chose one itself; 'keep' leaves CUDA's default, and
+// 'auto' does too while the tenants do not outnumber the cores.
+TEST_F(ShimOnGpu, SyncSetsTheContextsSchedulingUnlessTheProgramChoseItsOwn) {
+  struct Case {
+    const char* sync;
+    const char* own;  // the program's --sync, or ""
+    const char* expected;
+  } const cases[] = {{"keep", "", "sched 0x0"},          {"blocking", "", "sched 0x4"},
+                     {"yield", "", "sched 0x2"},         {"spin", "", "sched 0x1"},
+                     {"blocking", "yield", "sched 0x2"}, {"auto", "", "sched 0x0"}};
+  for (const Case& c : cases) {
+    std::map<std::string, std::string> env = shimmed();
+    env["STMUX_SYNC"] = c.sync;
+    std::vector<std::string> args = {"sync-flags"};
+    if (*c.own != '\0') args.insert(args.end(), {"--sync", c.own});
+    Process p = client(args, env, std::string("sync-") + c.sync + c.own);
+    ASSERT_EQ(p.wait(std::chrono::seconds(60)), 0) << p.out() << p.err();
+    EXPECT_NE(p.out().find(c.expected), std::string::npos)
+        << "STMUX_SYNC=" << c.sync << " own '" << c.own << "': " << p.out() << p.err();
+    EXPECT_GT(shimStats(p.err()).served, 0) << p.err();
+  }
+}
+
 class ShimBeforeTheDaemon : public ShimOnGpu {
  protected:
   bool startDaemonAtSetUp() const override { return false; }

@@ -107,6 +107,9 @@ struct Options {
   std::string client, stmuxd, shim, torch_tenant;
   std::string python = "python3";
   std::string stmuxd_args;
+  int stmuxd_nice = 0;                            // stmuxd runs under `nice -n`
+  std::string tenant_args;                        // appended to every tenant's
+  std::map<std::string, std::string> tenant_env;  // added to every tenant's
 };
 
 struct Point {
@@ -159,6 +162,10 @@ void usage(FILE* out) {
                "  --client PATH, --stmuxd PATH, --shim PATH\n"
                "                   the programs (default: found next to stmux-bench)\n"
                "  --stmuxd-args A  extra flags for stmuxd, e.g. \"--window-us=50\"\n"
+               "  --stmuxd-nice N  run stmuxd at niceness N (-20..19; below 0 needs root)\n"
+               "  --tenant-args A  extra arguments for every tenant, e.g. \"--sync blocking\"\n"
+               "                   (the program's own choice of how CUDA waits)\n"
+               "  --tenant-env E   variables for every tenant, e.g. \"STMUX_SYNC=auto\"\n"
                "  --python PATH    the Python with PyTorch for torch-* shapes (default python3)\n"
                "  --help           this text\n"
                "Needs a CUDA device. Progress goes to stderr.\n");
@@ -215,6 +222,9 @@ bool parseArgs(int argc, char** argv, Options& o) {
                                  {"stmuxd-args", required_argument, nullptr, 'a'},
                                  {"ready-timeout", required_argument, nullptr, 'R'},
                                  {"python", required_argument, nullptr, 'P'},
+                                 {"stmuxd-nice", required_argument, nullptr, 'N'},
+                                 {"tenant-args", required_argument, nullptr, 'A'},
+                                 {"tenant-env", required_argument, nullptr, 'E'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
   auto bad = [](const char* flag, const char* value, const char* accepted) {
@@ -283,6 +293,29 @@ bool parseArgs(int argc, char** argv, Options& o) {
       case 'P':
         o.python = optarg;
         break;
+      case 'N': {
+        char* end = nullptr;
+        const long value = std::strtol(optarg, &end, 10);
+        if (end == optarg || *end != '\0' || value < -20 || value > 19) {
+          return bad("--stmuxd-nice", optarg, "a niceness from -20 to 19");
+        }
+        o.stmuxd_nice = static_cast<int>(value);
+        break;
+      }
+      case 'A':
+        o.tenant_args = optarg;
+        break;
+      case 'E': {
+        std::stringstream items(optarg);
+        for (std::string item; items >> item;) {
+          const std::size_t equals = item.find('=');
+          if (equals == 0 || equals == std::string::npos) {
+            return bad("--tenant-env", optarg, "space-separated VARIABLE=VALUE items");
+          }
+          o.tenant_env[item.substr(0, equals)] = item.substr(equals + 1);
+        }
+        break;
+      }
       case 'h':
         usage(stdout);
         std::exit(0);
@@ -449,6 +482,9 @@ class Bench {
     }
     if (usesStmux(mode)) {
       std::vector<std::string> args = {o_.stmuxd, "--socket", socket};
+      if (o_.stmuxd_nice != 0) {
+        args.insert(args.begin(), {"/usr/bin/nice", "-n", std::to_string(o_.stmuxd_nice)});
+      }
       std::stringstream extra(o_.stmuxd_args);
       for (std::string word; extra >> word;)
         args.push_back(word);
@@ -470,6 +506,9 @@ class Bench {
       return (dir / (name + std::to_string(i))).string();
     };
     const std::string go = (dir / "go").string();
+    // --tenant-env's variables, where the bench's own (the preload, the
+    // socket, the log the row is counted from, MPS's pipes) do not stand.
+    env.insert(o_.tenant_env.begin(), o_.tenant_env.end());
     const auto began = std::chrono::steady_clock::now();
     for (int i = 0; i < processes; ++i) {
       std::vector<std::string> args = {o_.client, mode == Mode::kCeiling ? "ceiling" : "loop"};
@@ -483,6 +522,9 @@ class Bench {
         args.insert(args.end(), {"--m", std::to_string(shape.m), "--n", std::to_string(shape.n),
                                  "--k", std::to_string(shape.k)});
       }
+      std::stringstream extra(o_.tenant_args);
+      for (std::string word; extra >> word;)
+        args.push_back(word);
       clients.emplace_back(args, env, file("client", i));
       // Spaced out: many CUDA processes starting at once saw cublasCreate
       // fail with "not initialized".
@@ -917,6 +959,12 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
   json.field("warmup", o.warmup);
   json.field("ready_timeout", o.ready_timeout);
   json.field("stmuxd_args", o.stmuxd_args);
+  json.field("stmuxd_nice", static_cast<std::int64_t>(o.stmuxd_nice));
+  json.field("tenant_args", o.tenant_args);
+  std::string tenant_env;
+  for (const auto& [name, value] : o.tenant_env)
+    tenant_env += (tenant_env.empty() ? "" : " ") + name + "=" + value;
+  json.field("tenant_env", tenant_env);
   json.key("points").beginArray();
   for (const Point& p : points) {
     json.beginObject();

@@ -17,6 +17,7 @@
 //            barrier: tools/barrier.h)
 //   ceiling  one cublasSgemmBatched of R per round instead (stmux-bench)
 #include <cublas_api.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <getopt.h>
@@ -83,6 +84,9 @@ struct Options {
   bool mixed = false;  // loop: --tenant picks a seed shape; ceiling: all three, grouped
   int tenant = 0;
   int threads = 1;  // stress
+  // The program's own scheduling choice (cudaSetDeviceFlags before its
+  // context): 0 leaves CUDA's default.
+  unsigned sync_flag = 0;
 };
 
 // The seed shapes, for mixed-shape runs: RNN mat-vec, ResNet-18 conv2_2, a cube.
@@ -110,11 +114,16 @@ void usage(FILE* out) {
                "                                 once warm, times the span the go FILE names,\n"
                "                                 results to --out (stmux-bench's protocol,\n"
                "                                 tools/barrier.h)\n"
+               "  sync-flags                     200 calls {sgemm; sync}, then prints its CUDA\n"
+               "                                 context's scheduling flag: \"sched 0xN\"\n"
                "  ceiling --count R --m M --n N --k K --ready F --go F --out F\n"
                "                                 one cublasSgemmBatched of R per round\n"
                "  --mixed (loop, ceiling)        the three seed shapes: loop takes shape\n"
                "                                 --tenant %% 3; ceiling spreads R over all\n"
                "                                 three in one cublasSgemmGroupedBatched\n"
+               "  --sync spin|yield|blocking (any mode)  the program's own choice of how\n"
+               "                                 CUDA waits (cudaSetDeviceFlags before its\n"
+               "                                 context); default CUDA's\n"
                "Exit status: 0 all right, 1 a wrong result or status, 2 bad usage, 3 CUDA error,\n"
                "4 (loop, ceiling) no go file within 600 s of being ready.\n");
 }
@@ -148,33 +157,27 @@ bool parse(int argc, char** argv, Options& o) {
     usage(stdout);
     std::exit(0);
   }
-  static const char* const kModeNames[] = {"probe",   "devices", "check", "stress",   "loop",
-                                           "ceiling", "paths",   "fork",  "idle-free"};
+  static const char* const kModeNames[] = {"probe",     "devices",   "check", "stress",
+                                           "loop",      "ceiling",   "paths", "fork",
+                                           "idle-free", "sync-flags"};
   if (std::find_if(std::begin(kModeNames), std::end(kModeNames),
                    [&](const char* name) { return o.mode == name; }) == std::end(kModeNames)) {
     std::fprintf(stderr,
                  "stmux-cublas-client: unknown MODE '%s': accepted: probe, devices, check, "
-                 "stress, paths, fork, idle-free, loop, ceiling\n",
+                 "stress, paths, fork, idle-free, sync-flags, loop, ceiling\n",
                  o.mode.c_str());
     return false;
   }
-  static const option kLong[] = {{"quick", no_argument, nullptr, 'q'},
-                                 {"seed", required_argument, nullptr, 's'},
-                                 {"seconds", required_argument, nullptr, 'S'},
-                                 {"beta", required_argument, nullptr, 'b'},
-                                 {"m", required_argument, nullptr, 'm'},
-                                 {"n", required_argument, nullptr, 'n'},
-                                 {"k", required_argument, nullptr, 'k'},
-                                 {"count", required_argument, nullptr, 'c'},
-                                 {"ready", required_argument, nullptr, 'r'},
-                                 {"go", required_argument, nullptr, 'g'},
-                                 {"out", required_argument, nullptr, 'o'},
-                                 {"api", required_argument, nullptr, 'p'},
-                                 {"mixed", no_argument, nullptr, 'x'},
-                                 {"tenant", required_argument, nullptr, 't'},
-                                 {"threads", required_argument, nullptr, 'T'},
-                                 {"help", no_argument, nullptr, 'h'},
-                                 {nullptr, 0, nullptr, 0}};
+  static const option kLong[] = {
+      {"quick", no_argument, nullptr, 'q'},         {"seed", required_argument, nullptr, 's'},
+      {"seconds", required_argument, nullptr, 'S'}, {"beta", required_argument, nullptr, 'b'},
+      {"m", required_argument, nullptr, 'm'},       {"n", required_argument, nullptr, 'n'},
+      {"k", required_argument, nullptr, 'k'},       {"count", required_argument, nullptr, 'c'},
+      {"ready", required_argument, nullptr, 'r'},   {"go", required_argument, nullptr, 'g'},
+      {"out", required_argument, nullptr, 'o'},     {"api", required_argument, nullptr, 'p'},
+      {"mixed", no_argument, nullptr, 'x'},         {"tenant", required_argument, nullptr, 't'},
+      {"threads", required_argument, nullptr, 'T'}, {"sync", required_argument, nullptr, 'y'},
+      {"help", no_argument, nullptr, 'h'},          {nullptr, 0, nullptr, 0}};
   optind = 2;
   int c;
   bool ok = true;
@@ -224,6 +227,20 @@ bool parse(int argc, char** argv, Options& o) {
         break;
       case 'T':
         ok = number("--threads", optarg, 1, 256, o.threads);
+        break;
+      case 'y':
+        if (std::strcmp(optarg, "spin") == 0) {
+          o.sync_flag = cudaDeviceScheduleSpin;
+        } else if (std::strcmp(optarg, "yield") == 0) {
+          o.sync_flag = cudaDeviceScheduleYield;
+        } else if (std::strcmp(optarg, "blocking") == 0) {
+          o.sync_flag = cudaDeviceScheduleBlockingSync;
+        } else {
+          std::fprintf(stderr,
+                       "stmux-cublas-client: --sync '%s': accepted: spin, yield, blocking\n",
+                       optarg);
+          ok = false;
+        }
         break;
       case 'h':
         usage(stdout);
@@ -752,6 +769,42 @@ int forkMode(const Options& o) {
 
 // ---- idle-free --------------------------------------------------------------
 
+// Calls, then the context's scheduling flag as they left it (STMUX_SYNC's
+// GPU test). The driver's cuCtxGetFlags, through the runtime: this program
+// links no libcuda.
+int syncFlags() {
+  cublasHandle_t handle;
+  cudaStream_t stream;
+  if (!makeHandle(handle, stream)) return 3;
+  constexpr int kN = 64;
+  float *a = nullptr, *b = nullptr, *c = nullptr;
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&a, kN * kN * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&b, kN * kN * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&c, kN * kN * sizeof(float)));
+  const float one = 1.0f, zero = 0.0f;
+  for (int i = 0; i < 200; ++i) {
+    if (cublasSgemm_v2(handle, CUBLAS_OP_N, CUBLAS_OP_N, kN, kN, kN, &one, a, kN, b, kN, &zero, c,
+                       kN) != CUBLAS_STATUS_SUCCESS) {
+      std::fprintf(stderr, "stmux-cublas-client: sgemm failed\n");
+      return 1;
+    }
+    EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+  }
+  using GetFlags = CUresult (*)(unsigned int*);
+  void* function = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  EXIT_ON_CUDA_ERROR(cudaGetDriverEntryPointByVersion("cuCtxGetFlags", &function, 7000,
+                                                      cudaEnableDefault, &found));
+  unsigned int flags = 0;
+  if (found != cudaDriverEntryPointSuccess ||
+      reinterpret_cast<GetFlags>(function)(&flags) != CUDA_SUCCESS) {
+    std::fprintf(stderr, "stmux-cublas-client: cuCtxGetFlags failed\n");
+    return 3;
+  }
+  std::printf("sched 0x%x\n", flags & CU_CTX_SCHED_MASK);
+  return 0;
+}
+
 // One served call, then idleness around freeing C: the test watches the
 // daemon's mappings meanwhile. Each step is printed when it is done.
 int idleFree(const Options& o) {
@@ -908,6 +961,7 @@ int main(int argc, char** argv) {
                  error != cudaSuccess ? cudaGetErrorString(error) : "none found");
     return 3;
   }
+  if (options.sync_flag != 0) EXIT_ON_CUDA_ERROR(cudaSetDeviceFlags(options.sync_flag));
   if (options.mode == "devices") {
     for (int i = 0; i < devices; ++i) {
       cudaDeviceProp prop{};
@@ -921,5 +975,6 @@ int main(int argc, char** argv) {
   if (options.mode == "loop") return loop(options);
   if (options.mode == "paths") return paths(options);
   if (options.mode == "idle-free") return idleFree(options);
+  if (options.mode == "sync-flags") return syncFlags();
   return ceiling(options);
 }

@@ -11,7 +11,8 @@ timed. Workloads (GEMMs per step in brackets):
   mlp    3 x (nn.Linear(512, 512) with bias, ReLU), batch 4      [3]
   multi  four independent mm of 256 x 64 x 256, summed           [4]
 Exit status: 0 done, 1 a failed step or an unwritable file, 2 bad usage,
-3 no usable CUDA device, 4 no go file in time, 5 PyTorch is not installed.
+3 no usable CUDA device or --sync refused, 4 no go file in time, 5 PyTorch is
+not installed.
 """
 import argparse
 import os
@@ -19,6 +20,7 @@ import sys
 import time
 
 WORKLOADS = {"rnn": 2, "cube": 1, "mlp": 3, "multi": 4}
+SYNC_FLAGS = {"spin": 1, "yield": 2, "blocking": 4}  # cudaDeviceSchedule*
 WARMUP_STEPS = 20
 
 
@@ -36,6 +38,20 @@ def read_go(path):
     except (OSError, ValueError):
         return None
     return (start, stop) if stop > start else None
+
+
+def set_sync(flag):
+    """The program's own choice of how CUDA waits, made as an application
+    would: cudaSetDeviceFlags, through the CUDA runtime PyTorch loaded, before
+    its context exists."""
+    import ctypes
+    with open("/proc/self/maps") as maps:
+        path = next((line.split()[-1] for line in maps if "/libcudart.so" in line), None)
+    if path is None:
+        raise RuntimeError("PyTorch has not loaded libcudart.so")
+    status = ctypes.CDLL(path).cudaSetDeviceFlags(ctypes.c_uint(flag))
+    if status != 0:
+        raise RuntimeError(f"cudaSetDeviceFlags({flag}) returned {status}")
 
 
 def make_step(torch, workload, tenant):
@@ -85,6 +101,8 @@ def main():
     parser.add_argument("--tenant", type=int, default=0, help="this tenant's index")
     parser.add_argument("--wait-s", type=float, default=600,
                         help="longest wait for the go file once ready (default 600)")
+    parser.add_argument("--sync", choices=sorted(SYNC_FLAGS),
+                        help="how CUDA waits, chosen by the program (default CUDA's)")
     args = parser.parse_args()
 
     try:
@@ -96,6 +114,12 @@ def main():
     if not torch.cuda.is_available():
         print("stmux-torch-tenant: PyTorch sees no usable CUDA device", file=sys.stderr)
         return 3
+    if args.sync:
+        try:
+            set_sync(SYNC_FLAGS[args.sync])
+        except (OSError, RuntimeError) as error:
+            print(f"stmux-torch-tenant: --sync {args.sync}: {error}", file=sys.stderr)
+            return 3
     torch.backends.cuda.matmul.allow_tf32 = False  # FP32, as the cuBLAS tenants
     with torch.inference_mode():
         step = make_step(torch, args.workload, args.tenant)

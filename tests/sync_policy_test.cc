@@ -1,0 +1,45 @@
+// STMUX_SYNC's choices (shim/sync_policy.h): which scheduling flag a tenant's
+// context gets, and when the program's own choice is left alone.
+#include "shim/sync_policy.h"
+
+#include <gtest/gtest.h>
+
+namespace stmux::shim {
+namespace {
+
+TEST(SyncPolicy, EachModeNamesItsFlag) {
+  EXPECT_EQ(parseSyncMode("blocking"), SyncMode::kBlocking);
+  EXPECT_EQ(parseSyncMode("keep"), SyncMode::kKeep);
+  EXPECT_FALSE(parseSyncMode("Blocking").has_value());
+  EXPECT_EQ(chooseSync(SyncMode::kSpin, 1, 16).sched, kSchedSpin);
+  EXPECT_EQ(chooseSync(SyncMode::kYield, 1, 16).sched, kSchedYield);
+  const SyncChoice blocking = chooseSync(SyncMode::kBlocking, 1, 16);
+  EXPECT_EQ(blocking.sched, kSchedBlocking);
+  EXPECT_FALSE(blocking.spin) << "a blocking tenant does not spin in the shim's wait either";
+  EXPECT_TRUE(chooseSync(SyncMode::kKeep, 500, 2).spin);
+}
+
+TEST(SyncPolicy, AutoBlocksOnlyWhileTenantsOutnumberTheCores) {
+  EXPECT_EQ(chooseSync(SyncMode::kAuto, 16, 16).sched, kSchedAuto);
+  EXPECT_TRUE(chooseSync(SyncMode::kAuto, 16, 16).spin);
+  EXPECT_EQ(chooseSync(SyncMode::kAuto, 17, 16).sched, kSchedBlocking);
+  EXPECT_FALSE(chooseSync(SyncMode::kAuto, 17, 16).spin);
+  EXPECT_EQ(chooseSync(SyncMode::kAuto, 1, 1).sched, kSchedAuto);
+}
+
+TEST(SyncPolicy, TheProgramsOwnFlagIsKeptAndTheShimsOwnIsChanged) {
+  constexpr unsigned kOther = 0x10;  // a flag that is not about scheduling
+  // CUDA's default: set, the other bits kept.
+  EXPECT_EQ(contextFlags(kOther | kSchedAuto, std::nullopt, kSchedBlocking),
+            kOther | kSchedBlocking);
+  // Already so: nothing to do.
+  EXPECT_FALSE(contextFlags(kSchedBlocking, kSchedBlocking, kSchedBlocking).has_value());
+  // The program chose yield itself: kept, whatever the shim wants.
+  EXPECT_FALSE(contextFlags(kSchedYield, std::nullopt, kSchedBlocking).has_value());
+  EXPECT_FALSE(contextFlags(kSchedYield, kSchedBlocking, kSchedAuto).has_value());
+  // The shim set blocking; back to CUDA's default when it wants that.
+  EXPECT_EQ(contextFlags(kOther | kSchedBlocking, kSchedBlocking, kSchedAuto), kOther | kSchedAuto);
+}
+
+}  // namespace
+}  // namespace stmux::shim
