@@ -27,14 +27,30 @@ struct BenchRun {
 };
 
 // stmux-bench over three fake tenants per row, time-only and ceiling.
-BenchRun runBench(const TempDir& dir, const std::string& plan, double ready_timeout = 5) {
+BenchRun runBench(const TempDir& dir, const std::string& plan, double ready_timeout = 5,
+                  const std::vector<std::string>& extra = {}) {
   BenchRun run;
   run.dir = dir.path() + "/bench";
-  const Ran ran = stmux::run(
-      {STMUX_BENCH_PATH, "--client", FAKE_TENANT_PATH, "--modes", "time-only,ceiling", "--shapes",
-       "cube", "--tenants", "3", "--seconds", "0.4", "--warmup", "0.1", "--ready-timeout",
-       std::to_string(ready_timeout), "--out", run.dir},
-      {{"FAKE_TENANT_PLAN", plan}}, dir.path() + "/bench-log", std::chrono::seconds(120));
+  std::vector<std::string> args = {STMUX_BENCH_PATH,
+                                   "--client",
+                                   FAKE_TENANT_PATH,
+                                   "--modes",
+                                   "time-only,ceiling",
+                                   "--shapes",
+                                   "cube",
+                                   "--tenants",
+                                   "3",
+                                   "--seconds",
+                                   "0.4",
+                                   "--warmup",
+                                   "0.1",
+                                   "--ready-timeout",
+                                   std::to_string(ready_timeout),
+                                   "--out",
+                                   run.dir};
+  args.insert(args.end(), extra.begin(), extra.end());
+  const Ran ran = stmux::run(args, {{"FAKE_TENANT_PLAN", plan}}, dir.path() + "/bench-log",
+                             std::chrono::seconds(120));
   run.status = ran.status;
   run.out = ran.out;
   run.err = ran.err;
@@ -95,6 +111,25 @@ TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
   EXPECT_LE(busiest->find("cores")->asNumber(9), tenants_cpu->find("cores")->asNumber(0));
   EXPECT_GE(busiest->find("cores")->asNumber(0), tenants_cpu->find("cores")->asNumber(0) / 3);
   EXPECT_EQ(time_only->find("serving_cpu")->find("cores")->asNumber(-1), 0.0);
+}
+
+// --repeat: every row again, round after round; the run of median rate is
+// the row, every valid run's rate beside it.
+TEST(BenchBarrier, RepeatedRowsReportTheirMedianRun) {
+  TempDir dir;
+  const BenchRun run = runBench(dir, "", 5, {"--repeat", "3"});
+  ASSERT_EQ(run.status, 0) << run.out << run.err;
+  EXPECT_EQ(countOf(run.err, "] cube-256 R=3 time-only ..."), 3) << run.err;
+  const JsonValue* time_only = row(run, "time-only");
+  ASSERT_NE(time_only, nullptr) << run.out;
+  const JsonValue* repeats = time_only->find("repeats");
+  ASSERT_TRUE(repeats != nullptr && repeats->size() == 3) << run.out;
+  std::vector<double> rates;
+  for (std::size_t i = 0; i < 3; ++i)
+    rates.push_back(repeats->at(i)->asNumber(-1));
+  EXPECT_TRUE(std::is_sorted(rates.begin(), rates.end()));
+  EXPECT_EQ(time_only->find("gemms_per_s")->asNumber(0), rates[1]);
+  EXPECT_NE(time_only->find("note")->asString().find("median of 3 runs"), std::string::npos);
 }
 
 TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {

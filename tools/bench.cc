@@ -107,6 +107,7 @@ struct Options {
   std::string client, stmuxd, shim, torch_tenant;
   std::string python = "python3";
   std::string stmuxd_args;
+  int repeat = 1;                                 // runs of each row
   int stmuxd_nice = 0;                            // stmuxd runs under `nice -n`
   std::string tenant_args;                        // appended to every tenant's
   std::map<std::string, std::string> tenant_env;  // added to every tenant's
@@ -131,6 +132,7 @@ struct Point {
   struct Cpu {
     double cores = 0, switches = 0, preemptions = 0;
   } tenants_cpu, busiest_cpu, serving_cpu;
+  std::vector<double> repeats;  // --repeat: each valid run's rate
 };
 
 void usage(FILE* out) {
@@ -162,6 +164,8 @@ void usage(FILE* out) {
                "  --client PATH, --stmuxd PATH, --shim PATH\n"
                "                   the programs (default: found next to stmux-bench)\n"
                "  --stmuxd-args A  extra flags for stmuxd, e.g. \"--window-us=50\"\n"
+               "  --repeat N       run every row N times, round after round, and report\n"
+               "                   the run of median rate (default 1)\n"
                "  --stmuxd-nice N  run stmuxd at niceness N (-20..19; below 0 needs root)\n"
                "  --tenant-args A  extra arguments for every tenant, e.g. \"--sync blocking\"\n"
                "                   (the program's own choice of how CUDA waits)\n"
@@ -223,6 +227,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
                                  {"ready-timeout", required_argument, nullptr, 'R'},
                                  {"python", required_argument, nullptr, 'P'},
                                  {"stmuxd-nice", required_argument, nullptr, 'N'},
+                                 {"repeat", required_argument, nullptr, 'n'},
                                  {"tenant-args", required_argument, nullptr, 'A'},
                                  {"tenant-env", required_argument, nullptr, 'E'},
                                  {"help", no_argument, nullptr, 'h'},
@@ -305,6 +310,15 @@ bool parseArgs(int argc, char** argv, Options& o) {
       case 'A':
         o.tenant_args = optarg;
         break;
+      case 'n': {
+        char* end = nullptr;
+        const long value = std::strtol(optarg, &end, 10);
+        if (end == optarg || *end != '\0' || value < 1 || value > 20) {
+          return bad("--repeat", optarg, "a number of runs per row, 1..20");
+        }
+        o.repeat = static_cast<int>(value);
+        break;
+      }
       case 'E': {
         std::stringstream items(optarg);
         for (std::string item; items >> item;) {
@@ -807,6 +821,31 @@ const char* unit(const std::string& shape) {
   return shape.rfind("torch-", 0) == 0 ? "steps/s" : "GEMMs/s";
 }
 
+// One row's runs (--repeat) as one point: the valid run of median rate (the
+// lower of the two middle ones), with every valid run's rate beside it; the
+// first run if none was valid.
+Point medianRun(std::vector<Point> runs) {
+  std::vector<Point> valid;
+  for (const Point& run : runs) {
+    if (run.ran) valid.push_back(run);
+  }
+  if (runs.size() == 1 || valid.empty()) return runs.front();
+  std::sort(valid.begin(), valid.end(),
+            [](const Point& a, const Point& b) { return a.gemms_per_s < b.gemms_per_s; });
+  Point median = valid[(valid.size() - 1) / 2];
+  for (const Point& run : valid)
+    median.repeats.push_back(run.gemms_per_s);
+  std::string said = fmt::format("median of {} runs ({:.0f} to {:.0f})", valid.size(),
+                                 valid.front().gemms_per_s, valid.back().gemms_per_s);
+  if (valid.size() < runs.size()) {
+    const auto invalid =
+        std::find_if(runs.begin(), runs.end(), [](const Point& run) { return !run.ran; });
+    said += fmt::format("; {} invalid: {}", runs.size() - valid.size(), invalid->note);
+  }
+  median.note = median.note.empty() ? said : said + "; " + median.note;
+  return median;
+}
+
 // "rate/s" is GEMMs/s for cuBLAS tenants and model steps/s for PyTorch ones.
 void printTable(const std::vector<Point>& points, FILE* out) {
   // cores: CPU cores busy over the span, the tenants' + the serving processes';
@@ -960,6 +999,7 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
   json.field("ready_timeout", o.ready_timeout);
   json.field("stmuxd_args", o.stmuxd_args);
   json.field("stmuxd_nice", static_cast<std::int64_t>(o.stmuxd_nice));
+  json.field("repeat", static_cast<std::int64_t>(o.repeat));
   json.field("tenant_args", o.tenant_args);
   std::string tenant_env;
   for (const auto& [name, value] : o.tenant_env)
@@ -995,6 +1035,13 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       cpu("tenants_cpu", p.tenants_cpu);
       cpu("busiest_tenant_cpu", p.busiest_cpu);
       cpu("serving_cpu", p.serving_cpu);
+      if (!p.repeats.empty()) {
+        json.key("repeats");
+        json.beginArray();
+        for (double rate : p.repeats)
+          json.value(rate);
+        json.endArray();
+      }
       if (usesStmux(p.mode)) {
         json.field("fallbacks", static_cast<std::int64_t>(p.fallbacks));
         json.field("routed_direct", p.routed_direct);
@@ -1019,35 +1066,51 @@ int run(int argc, char** argv) {
     return 2;
   }
   Bench bench(options);
-  std::vector<Point> points;
-  const std::size_t total = options.shapes.size() * options.tenants.size() * options.modes.size();
+  struct Row {
+    const Shape* shape;
+    int tenants;
+    Mode mode;
+    std::vector<Point> runs;
+  };
+  std::vector<Row> rows;
   for (const Shape& shape : options.shapes) {
     for (int tenants : options.tenants) {
-      for (Mode mode : options.modes) {
-        std::fprintf(stderr, "[%zu/%zu] %s R=%d %s ... ", points.size() + 1, total,
-                     shape.name.c_str(), tenants, modeName(mode));
-        const auto began = std::chrono::steady_clock::now();
-        const Point point = bench.run(shape, tenants, mode);
-        const double took =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
-        if (point.ran) {
-          std::fprintf(stderr,
-                       "ready in %.1f s; %.0f %s, p50 %.1f us, p99 %.1f us, cpu %.1f+%.1f "
-                       "cores%s (%.1f s)\n",
-                       point.ready_s, point.gemms_per_s, unit(point.shape), point.p50_us,
-                       point.p99_us, point.tenants_cpu.cores, point.serving_cpu.cores,
-                       usesStmux(point.mode) ? fmt::format(", {} fallbacks, mean batch {:.1f}",
-                                                           point.fallbacks, point.mean_batch)
-                                                   .c_str()
-                                             : "",
-                       took);
-        } else {
-          std::fprintf(stderr, "%s (%.1f s)\n", point.note.c_str(), took);
-        }
-        points.push_back(point);
-      }
+      for (Mode mode : options.modes)
+        rows.push_back({&shape, tenants, mode, {}});
     }
   }
+  // With --repeat, round after round of every row, so that drift over the
+  // run falls on all modes alike.
+  const std::size_t total = rows.size() * static_cast<std::size_t>(options.repeat);
+  std::size_t done = 0;
+  for (int round = 0; round < options.repeat; ++round) {
+    for (Row& row : rows) {
+      std::fprintf(stderr, "[%zu/%zu] %s R=%d %s ... ", ++done, total, row.shape->name.c_str(),
+                   row.tenants, modeName(row.mode));
+      const auto began = std::chrono::steady_clock::now();
+      const Point point = bench.run(*row.shape, row.tenants, row.mode);
+      const double took =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+      if (point.ran) {
+        std::fprintf(stderr,
+                     "ready in %.1f s; %.0f %s, p50 %.1f us, p99 %.1f us, cpu %.1f+%.1f "
+                     "cores%s (%.1f s)\n",
+                     point.ready_s, point.gemms_per_s, unit(point.shape), point.p50_us,
+                     point.p99_us, point.tenants_cpu.cores, point.serving_cpu.cores,
+                     usesStmux(point.mode) ? fmt::format(", {} fallbacks, mean batch {:.1f}",
+                                                         point.fallbacks, point.mean_batch)
+                                                 .c_str()
+                                           : "",
+                     took);
+      } else {
+        std::fprintf(stderr, "%s (%.1f s)\n", point.note.c_str(), took);
+      }
+      row.runs.push_back(point);
+    }
+  }
+  std::vector<Point> points;
+  for (Row& row : rows)
+    points.push_back(medianRun(std::move(row.runs)));
   printTable(points, stdout);
   printTargets(options, points, stdout);
   const std::string json_path = options.out + "/bench.json";
