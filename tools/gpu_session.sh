@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu launch bench transport
+#   info build unit gpu launch bench transport handoff
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32")
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-gpu-logs}
 build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
@@ -41,6 +41,16 @@ for step in "$@"; do
     transport)
       "$build/tools/stmux-transport-bench" --json "$out/transport.json" >"$out/transport.log" 2>&1 || status=1
       cat "$out/transport.log" ;;
+    handoff)
+      # Without MPS, then with an MPS control daemon of its own (stopped after).
+      "$build/tools/stmux-handoff-bench" --json "$out/handoff.json" >"$out/handoff.log" 2>&1 || status=1
+      mps=$(mktemp -d)
+      if CUDA_MPS_PIPE_DIRECTORY=$mps CUDA_MPS_LOG_DIRECTORY=$mps nvidia-cuda-mps-control -d; then
+        CUDA_MPS_PIPE_DIRECTORY=$mps "$build/tools/stmux-handoff-bench" --json "$out/handoff-mps.json" \
+          >>"$out/handoff.log" 2>&1 || status=1
+        echo quit | CUDA_MPS_PIPE_DIRECTORY=$mps nvidia-cuda-mps-control
+      fi
+      cat "$out/handoff.log" ;;
     bench)
       # Arguments in $BENCH_ARGS; per-run files stay in /tmp, the results come back.
       # shellcheck disable=SC2086
@@ -49,7 +59,7 @@ for step in "$@"; do
       python3 "$build/tools/stmux-plot" /tmp/stmux-bench/bench.json -o "$out/bench${BENCH_TAG:-}.png" \
         >/dev/null 2>&1
       grep -vE "^\[[0-9]+/" "$out/bench.log" | tail -45 ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done

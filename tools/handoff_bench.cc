@@ -1,0 +1,433 @@
+// stmux-handoff-bench: what it costs to hand GPU work from one process's
+// stream to another's and back, the step a stream-ordered stmux makes for
+// every call (issue 12): the daemon's batch must wait on the GPU for the
+// tenant's prior work, and the tenant's stream for the batch.
+//
+// Two processes, forked before either touches CUDA: a "tenant" and a
+// "daemon". A round is three small GPU steps (each a cudaMemsetAsync): the
+// tenant's, then the daemon's, then the tenant's again, ordered one way per
+// mechanism:
+//   alone  the tenant runs all three on its own stream: the floor
+//   host   each side synchronizes its stream and tells the other through
+//          shared memory (what host mode does)
+//   event  interprocess events: the daemon's stream waits for the tenant's
+//          event, the tenant's for the daemon's; the host only passes the
+//          round number, and the tenant must learn that the daemon recorded
+//          before it can wait (an event wait takes the latest record)
+//   memop  stream memory operations on host memory both processes map:
+//          cuStreamWriteValue32 after a step, cuStreamWaitValue32 before the
+//          next; the tenant queues its wait at once and never waits on the
+//          host for the daemon
+// The tenant times each round from its first step to the end of a
+// synchronize after its last (a closed loop, as a program's step is).
+// Whether the contexts are on MPS is the environment's doing; it is printed.
+#include <getopt.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "stmux/json.h"
+#include "tools/cuda_exit.h"
+#include "tools/latency.h"
+
+namespace {
+
+std::uint64_t nowNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
+}
+
+enum class Mechanism { kAlone, kHost, kEvent, kMemop };
+constexpr const char* kNames[] = {"alone", "host", "event", "memop"};
+
+struct Options {
+  std::vector<Mechanism> mechanisms = {Mechanism::kAlone, Mechanism::kHost, Mechanism::kEvent,
+                                       Mechanism::kMemop};
+  int rounds = 5000;
+  int warmup = 500;
+  std::size_t bytes = 4096;  // each step's memset
+  std::string json;
+};
+
+// Shared by the two processes (mapped before the fork). The round numbers
+// pass on the host; the handles are written by each side before it says so.
+struct Shared {
+  std::atomic<std::uint32_t> mechanism;
+  std::atomic<std::uint32_t> requested;  // tenant: the round whose step 2 it wants
+  std::atomic<std::uint32_t> answered;   // daemon: the round whose step 2 is queued (or done)
+  std::atomic<std::uint32_t> daemon_ready;
+  std::atomic<std::uint32_t> tenant_ready;
+  std::atomic<std::uint32_t> start;  // the tenant found a device: the daemon may begin
+  std::atomic<std::uint32_t> stop;
+  cudaIpcEventHandle_t tenant_event;
+  cudaIpcEventHandle_t daemon_event;
+};
+
+// The page both processes register with CUDA for memop: one word each way,
+// on separate cache lines.
+struct Flags {
+  std::uint32_t to_daemon;
+  std::uint32_t pad1[15];
+  std::uint32_t to_tenant;
+  std::uint32_t pad2[15];
+};
+
+using WaitValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+using WriteValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+
+template <class F>
+F driverFunction(const char* name, int version) {
+  void* function = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  EXIT_ON_CUDA_ERROR(
+      cudaGetDriverEntryPointByVersion(name, &function, version, cudaEnableDefault, &found));
+  if (found != cudaDriverEntryPointSuccess || function == nullptr) {
+    std::fprintf(stderr, "stmux-handoff-bench: the CUDA driver has no %s\n", name);
+    std::exit(3);
+  }
+  return reinterpret_cast<F>(function);
+}
+
+#define EXIT_ON_DRIVER_ERROR(call)                                              \
+  do {                                                                          \
+    if (const CUresult driver_error_ = (call); driver_error_ != CUDA_SUCCESS) { \
+      std::fprintf(stderr, "stmux-handoff-bench: %s failed: %d\n", #call,       \
+                   static_cast<int>(driver_error_));                            \
+      std::exit(3);                                                             \
+    }                                                                           \
+  } while (0)
+
+// Spins until `word` reaches `value`; false if the other process died or
+// nothing came within 10 s, so that nothing hangs.
+bool awaitValue(const std::atomic<std::uint32_t>& word, std::uint32_t value, pid_t other) {
+  const std::uint64_t give_up = nowNs() + 10'000'000'000ull;
+  for (std::uint32_t spins = 0; word.load(std::memory_order_acquire) < value; ++spins) {
+    if ((spins & 0xfff) == 0) {
+      if (nowNs() > give_up) return false;
+      if (other > 0 && ::kill(other, 0) != 0) return false;
+    }
+  }
+  return true;
+}
+
+struct Side {
+  cudaStream_t stream = nullptr;
+  void* buffer = nullptr;
+  std::size_t bytes = 0;
+  cudaEvent_t own_event = nullptr;    // recorded by this side
+  cudaEvent_t other_event = nullptr;  // the other side's, opened
+  CUdeviceptr to_daemon = 0, to_tenant = 0;
+  WaitValue wait_value = nullptr;
+  WriteValue write_value = nullptr;
+};
+
+void setUp(Side& side, const Options& o, Flags* flags) {
+  EXIT_ON_CUDA_ERROR(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&side.buffer, o.bytes));
+  side.bytes = o.bytes;
+  EXIT_ON_CUDA_ERROR(
+      cudaEventCreateWithFlags(&side.own_event, cudaEventDisableTiming | cudaEventInterprocess));
+  EXIT_ON_CUDA_ERROR(cudaHostRegister(flags, sizeof(Flags), cudaHostRegisterMapped));
+  void* device = nullptr;
+  EXIT_ON_CUDA_ERROR(cudaHostGetDevicePointer(&device, flags, 0));
+  side.to_daemon = reinterpret_cast<CUdeviceptr>(device) + offsetof(Flags, to_daemon);
+  side.to_tenant = reinterpret_cast<CUdeviceptr>(device) + offsetof(Flags, to_tenant);
+  side.wait_value = driverFunction<WaitValue>("cuStreamWaitValue32", 12000);
+  side.write_value = driverFunction<WriteValue>("cuStreamWriteValue32", 12000);
+}
+
+void step(const Side& side, std::uint32_t round) {
+  EXIT_ON_CUDA_ERROR(
+      cudaMemsetAsync(side.buffer, static_cast<int>(round & 0xff), side.bytes, side.stream));
+}
+
+// The daemon: answers rounds until told to stop.
+int daemonLoop(Shared* shared, Flags* flags, const Options& o) {
+  while (shared->start.load(std::memory_order_acquire) == 0) {
+    if (shared->stop.load(std::memory_order_acquire) != 0 || ::getppid() == 1) return 0;
+    ::usleep(1000);
+  }
+  Side side;
+  setUp(side, o, flags);
+  EXIT_ON_CUDA_ERROR(cudaIpcGetEventHandle(&shared->daemon_event, side.own_event));
+  shared->daemon_ready.store(1, std::memory_order_release);
+  if (!awaitValue(shared->tenant_ready, 1, ::getppid())) return 1;
+  EXIT_ON_CUDA_ERROR(cudaIpcOpenEventHandle(&side.other_event, shared->tenant_event));
+  const auto cu_stream = reinterpret_cast<CUstream>(side.stream);
+  for (std::uint32_t round = 1;; ++round) {
+    while (shared->requested.load(std::memory_order_acquire) < round) {
+      if (shared->stop.load(std::memory_order_acquire) != 0) return 0;
+      if (::getppid() == 1) return 1;  // the tenant died
+    }
+    switch (static_cast<Mechanism>(shared->mechanism.load(std::memory_order_acquire))) {
+      case Mechanism::kAlone:
+        break;
+      case Mechanism::kHost:
+        step(side, round);
+        EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(side.stream));
+        break;
+      case Mechanism::kEvent:
+        EXIT_ON_CUDA_ERROR(cudaStreamWaitEvent(side.stream, side.other_event, 0));
+        step(side, round);
+        EXIT_ON_CUDA_ERROR(cudaEventRecord(side.own_event, side.stream));
+        break;
+      case Mechanism::kMemop:
+        EXIT_ON_DRIVER_ERROR(
+            side.wait_value(cu_stream, side.to_daemon, round, CU_STREAM_WAIT_VALUE_GEQ));
+        step(side, round);
+        EXIT_ON_DRIVER_ERROR(side.write_value(cu_stream, side.to_tenant, round, 0));
+        break;
+    }
+    shared->answered.store(round, std::memory_order_release);
+  }
+}
+
+struct Result {
+  Mechanism mechanism;
+  double rounds_per_s = 0, p50_us = 0, p99_us = 0;
+};
+
+// The tenant: each mechanism's rounds, timed. Round numbers keep rising
+// across mechanisms, so the flags and events never go back.
+bool tenantRun(Shared* shared, Flags* flags, const Options& o, pid_t daemon,
+               std::vector<Result>& results) {
+  Side side;
+  setUp(side, o, flags);
+  EXIT_ON_CUDA_ERROR(cudaIpcGetEventHandle(&shared->tenant_event, side.own_event));
+  if (!awaitValue(shared->daemon_ready, 1, daemon)) return false;
+  EXIT_ON_CUDA_ERROR(cudaIpcOpenEventHandle(&side.other_event, shared->daemon_event));
+  shared->tenant_ready.store(1, std::memory_order_release);
+  const auto cu_stream = reinterpret_cast<CUstream>(side.stream);
+  std::uint32_t round = 0;
+  for (Mechanism mechanism : o.mechanisms) {
+    shared->mechanism.store(static_cast<std::uint32_t>(mechanism), std::memory_order_release);
+    std::vector<std::uint32_t> latencies;
+    latencies.reserve(static_cast<std::size_t>(o.rounds));
+    const std::uint64_t began = nowNs();
+    std::uint64_t timed_from = began;
+    for (int i = 0; i < o.warmup + o.rounds; ++i) {
+      if (i == o.warmup) timed_from = nowNs();
+      ++round;
+      const std::uint64_t start = nowNs();
+      step(side, round);
+      switch (mechanism) {
+        case Mechanism::kAlone:
+          step(side, round);
+          break;
+        case Mechanism::kHost:
+          EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(side.stream));
+          shared->requested.store(round, std::memory_order_release);
+          if (!awaitValue(shared->answered, round, daemon)) return false;
+          break;
+        case Mechanism::kEvent:
+          EXIT_ON_CUDA_ERROR(cudaEventRecord(side.own_event, side.stream));
+          shared->requested.store(round, std::memory_order_release);
+          if (!awaitValue(shared->answered, round, daemon)) return false;
+          EXIT_ON_CUDA_ERROR(cudaStreamWaitEvent(side.stream, side.other_event, 0));
+          break;
+        case Mechanism::kMemop:
+          EXIT_ON_DRIVER_ERROR(side.write_value(cu_stream, side.to_daemon, round, 0));
+          shared->requested.store(round, std::memory_order_release);
+          EXIT_ON_DRIVER_ERROR(
+              side.wait_value(cu_stream, side.to_tenant, round, CU_STREAM_WAIT_VALUE_GEQ));
+          break;
+      }
+      step(side, round);
+      EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(side.stream));
+      const std::uint64_t took = nowNs() - start;
+      if (i >= o.warmup) {
+        latencies.push_back(static_cast<std::uint32_t>(std::min<std::uint64_t>(took, UINT32_MAX)));
+      }
+      // Untimed: the daemon answers every round, even one it had no part in,
+      // so that both keep count.
+      if (mechanism == Mechanism::kAlone) shared->requested.store(round, std::memory_order_release);
+      if (!awaitValue(shared->answered, round, daemon)) return false;
+    }
+    const double seconds = static_cast<double>(nowNs() - timed_from) / 1e9;
+    Result r{mechanism};
+    r.rounds_per_s = static_cast<double>(o.rounds) / seconds;
+    r.p50_us = stmux::tools::percentileUs(latencies, 0.50);
+    r.p99_us = stmux::tools::percentileUs(latencies, 0.99);
+    results.push_back(r);
+    std::fprintf(stderr, "  %-6s %8.0f rounds/s, p50 %7.1f us, p99 %7.1f us\n",
+                 kNames[static_cast<int>(mechanism)], r.rounds_per_s, r.p50_us, r.p99_us);
+  }
+  return true;
+}
+
+void usage(FILE* out) {
+  std::fprintf(out,
+               "usage: stmux-handoff-bench [--mechanisms LIST] [--rounds N] [--warmup N]\n"
+               "                           [--json FILE]\n"
+               "What it costs to hand GPU work from one process's stream to another's and\n"
+               "back (a stream-ordered stmux's every call): a tenant process and a daemon\n"
+               "process, rounds of three small GPU steps (tenant, daemon, tenant), ordered\n"
+               "  alone  all three on the tenant's stream (the floor)\n"
+               "  host   each side synchronizes and tells the other through shared memory\n"
+               "  event  interprocess events waited on by the other's stream\n"
+               "  memop  cuStreamWriteValue32 / cuStreamWaitValue32 on shared host memory\n"
+               "Prints rounds/s and p50/p99 round latency per mechanism. Run it with an MPS\n"
+               "control daemon up and without to compare the two.\n"
+               "  --mechanisms LIST  comma-separated, default alone,host,event,memop\n"
+               "  --rounds N         timed rounds per mechanism, default 5000\n"
+               "  --warmup N         untimed rounds first, default 500\n"
+               "  --json FILE        the results as JSON too\n"
+               "Needs a CUDA device. Exit status: 0 done, 2 bad usage, 3 CUDA error,\n"
+               "1 the other process died or stopped answering.\n");
+}
+
+bool parse(int argc, char** argv, Options& o) {
+  static const option kLong[] = {{"mechanisms", required_argument, nullptr, 'm'},
+                                 {"rounds", required_argument, nullptr, 'r'},
+                                 {"warmup", required_argument, nullptr, 'w'},
+                                 {"json", required_argument, nullptr, 'j'},
+                                 {"help", no_argument, nullptr, 'h'},
+                                 {nullptr, 0, nullptr, 0}};
+  for (int c; (c = getopt_long(argc, argv, "h", kLong, nullptr)) != -1;) {
+    switch (c) {
+      case 'm': {
+        o.mechanisms.clear();
+        std::string list = optarg;
+        for (std::size_t at = 0; at <= list.size();) {
+          const std::size_t comma = std::min(list.find(',', at), list.size());
+          const std::string name = list.substr(at, comma - at);
+          const auto found = std::find(std::begin(kNames), std::end(kNames), name);
+          if (found == std::end(kNames)) {
+            std::fprintf(stderr,
+                         "stmux-handoff-bench: --mechanisms '%s': accepted: a comma-separated "
+                         "list of alone, host, event, memop\n",
+                         optarg);
+            return false;
+          }
+          o.mechanisms.push_back(static_cast<Mechanism>(found - std::begin(kNames)));
+          at = comma + 1;
+        }
+        break;
+      }
+      case 'r':
+      case 'w': {
+        char* end = nullptr;
+        const long value = std::strtol(optarg, &end, 10);
+        const long least = c == 'r' ? 1 : 0;
+        if (end == optarg || *end != '\0' || value < least || value > 10'000'000) {
+          std::fprintf(stderr, "stmux-handoff-bench: %s '%s': accepted: %ld to 10000000\n",
+                       c == 'r' ? "--rounds" : "--warmup", optarg, least);
+          return false;
+        }
+        (c == 'r' ? o.rounds : o.warmup) = static_cast<int>(value);
+        break;
+      }
+      case 'j':
+        o.json = optarg;
+        break;
+      case 'h':
+        usage(stdout);
+        std::exit(0);
+      default:
+        return false;
+    }
+  }
+  if (optind != argc) {
+    std::fprintf(stderr, "stmux-handoff-bench: unexpected argument '%s'\n", argv[optind]);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  if (!parse(argc, argv, o)) {
+    std::fprintf(stderr, "see stmux-handoff-bench --help\n");
+    return 2;
+  }
+  // Both before CUDA: the shared block and the registered page.
+  auto* shared = static_cast<Shared*>(
+      ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  auto* flags = static_cast<Flags*>(
+      ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  if (shared == MAP_FAILED || flags == MAP_FAILED) {
+    std::perror("stmux-handoff-bench: mmap");
+    return 3;
+  }
+  new (shared) Shared{};
+  new (flags) Flags{};
+  const pid_t daemon = ::fork();
+  if (daemon < 0) {
+    std::perror("stmux-handoff-bench: fork");
+    return 3;
+  }
+  if (daemon == 0) ::_exit(daemonLoop(shared, flags, o));
+
+  int devices = 0;
+  if (const cudaError_t error = cudaGetDeviceCount(&devices);
+      error != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "stmux-handoff-bench: no usable CUDA device (%s)\n",
+                 error != cudaSuccess ? cudaGetErrorString(error) : "none found");
+    shared->stop.store(1, std::memory_order_release);
+    ::waitpid(daemon, nullptr, 0);
+    return 3;
+  }
+  shared->start.store(1, std::memory_order_release);
+  int mps = 0;
+  EXIT_ON_CUDA_ERROR(cudaDeviceGetAttribute(&mps, cudaDevAttrMpsEnabled, 0));
+  cudaDeviceProp prop{};
+  EXIT_ON_CUDA_ERROR(cudaGetDeviceProperties(&prop, 0));
+  std::fprintf(stderr, "stmux-handoff-bench: %s, MPS %s; %d rounds per mechanism\n", prop.name,
+               mps ? "yes" : "no", o.rounds);
+  std::vector<Result> results;
+  const bool ok = tenantRun(shared, flags, o, daemon, results);
+  shared->stop.store(1, std::memory_order_release);
+  int status = 0;
+  ::waitpid(daemon, &status, 0);
+  if (!ok) {
+    std::fprintf(stderr, "stmux-handoff-bench: the daemon process died or stopped answering\n");
+    return 1;
+  }
+  const double alone = results.front().mechanism == Mechanism::kAlone ? results.front().p50_us : 0;
+  std::printf("%-8s %12s %10s %10s %14s\n", "handoff", "rounds/s", "p50 us", "p99 us",
+              "p50 - alone");
+  for (const Result& r : results) {
+    std::printf("%-8s %12.0f %10.1f %10.1f %14s\n", kNames[static_cast<int>(r.mechanism)],
+                r.rounds_per_s, r.p50_us, r.p99_us,
+                alone > 0 ? std::to_string(static_cast<int>(r.p50_us - alone)).c_str() : "-");
+  }
+  if (!o.json.empty()) {
+    stmux::JsonWriter json;
+    json.beginObject();
+    json.field("device", std::string(prop.name));
+    json.field("mps", mps != 0);
+    json.field("rounds", static_cast<std::int64_t>(o.rounds));
+    json.field("bytes_per_step", static_cast<std::int64_t>(o.bytes));
+    json.key("results");
+    json.beginArray();
+    for (const Result& r : results) {
+      json.beginObject();
+      json.field("mechanism", kNames[static_cast<int>(r.mechanism)]);
+      json.field("rounds_per_s", r.rounds_per_s);
+      json.field("p50_us", r.p50_us);
+      json.field("p99_us", r.p99_us);
+      json.endObject();
+    }
+    json.endArray();
+    json.endObject();
+    std::ofstream(o.json) << json.str() << "\n";
+  }
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+}
