@@ -23,9 +23,9 @@ if ! gpus=$("$build_dir/tools/stmux-cublas-client" devices 2>&1); then
 fi
 echo "stmux: $gpus" >&2
 if [ $# -eq 0 ]; then
-  # About three minutes on an H200 with 16 cores: 20 rows (one tenant and
-  # 32; five modes; two shapes), each with every tenant ready and 1 s of
-  # common warm-up before its 2 timed seconds. (30 rows took 300 s there.)
+  # About two minutes on an H200 with 16 cores (128 s, after a 45 s build):
+  # 20 rows (one tenant and 32; five modes; two shapes), each with every
+  # tenant ready and 1 s of common warm-up before its 2 timed seconds.
   set -- --shapes cube,rnn --tenants 1,32 --seconds 2 --warmup 1
 fi
 echo "stmux: running stmux-bench $*; results in $build_dir/demo" >&2
