@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what is missing, builds stmux and runs every test. GPU tests skip,
 # saying so, where there is no GPU. CI runs exactly this (.ci/run), all passes.
-# Four passes, each in a build directory of its own (docs/TESTING.md says what
+# Five passes, each in a build directory of its own (docs/TESTING.md says what
 # runs in each and why):
 #   normal  ${STMUX_BUILD_DIR:-build}   every test
 #   asan    <build dir>-asan            ASan+UBSan (g++): every test that needs no GPU
