@@ -213,6 +213,14 @@ std::string findProgram(const fs::path& self_dir, const std::vector<std::string>
   return "";
 }
 
+// `text` as a whole integer in [least, most], or nothing.
+std::optional<int> intIn(const std::string& text, int least, int most) {
+  char* end = nullptr;
+  const long value = std::strtol(text.c_str(), &end, 10);
+  if (end == text.c_str() || *end != '\0' || value < least || value > most) return std::nullopt;
+  return static_cast<int>(value);
+}
+
 bool parseArgs(int argc, char** argv, Options& o) {
   static const option kLong[] = {{"shapes", required_argument, nullptr, 's'},
                                  {"tenants", required_argument, nullptr, 'r'},
@@ -243,12 +251,8 @@ bool parseArgs(int argc, char** argv, Options& o) {
         shapes = optarg;
         break;
       case 'r': {
-        auto list = splitList<int>(optarg, [](const std::string& item) -> std::optional<int> {
-          char* end = nullptr;
-          const long value = std::strtol(item.c_str(), &end, 10);
-          if (*end != '\0' || value < 1 || value > 256) return std::nullopt;
-          return static_cast<int>(value);
-        });
+        auto list =
+            splitList<int>(optarg, [](const std::string& item) { return intIn(item, 1, 256); });
         if (!list) return bad("--tenants", optarg, "a comma-separated list of 1..256");
         o.tenants = *list;
         break;
@@ -299,24 +303,18 @@ bool parseArgs(int argc, char** argv, Options& o) {
         o.python = optarg;
         break;
       case 'N': {
-        char* end = nullptr;
-        const long value = std::strtol(optarg, &end, 10);
-        if (end == optarg || *end != '\0' || value < -20 || value > 19) {
-          return bad("--stmuxd-nice", optarg, "a niceness from -20 to 19");
-        }
-        o.stmuxd_nice = static_cast<int>(value);
+        const auto nice = intIn(optarg, -20, 19);
+        if (!nice) return bad("--stmuxd-nice", optarg, "a niceness from -20 to 19");
+        o.stmuxd_nice = *nice;
         break;
       }
       case 'A':
         o.tenant_args = optarg;
         break;
       case 'n': {
-        char* end = nullptr;
-        const long value = std::strtol(optarg, &end, 10);
-        if (end == optarg || *end != '\0' || value < 1 || value > 20) {
-          return bad("--repeat", optarg, "a number of runs per row, 1..20");
-        }
-        o.repeat = static_cast<int>(value);
+        const auto repeat = intIn(optarg, 1, 20);
+        if (!repeat) return bad("--repeat", optarg, "a number of runs per row, 1..20");
+        o.repeat = *repeat;
         break;
       }
       case 'E': {
@@ -446,15 +444,12 @@ std::vector<long> mpsProcesses(const std::string& pipe_dir) {
   for (const fs::directory_entry& entry : fs::directory_iterator("/proc", error)) {
     const std::string name = entry.path().filename().string();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream comm(entry.path() / "comm");
-    std::string command;
-    if (!std::getline(comm, command) || command.rfind("nvidia-cuda-mps", 0) != 0) continue;
-    std::ifstream environ(entry.path() / "environ", std::ios::binary);
-    for (std::string variable; std::getline(environ, variable, '\0');) {
-      if (variable == wanted) {
-        pids.push_back(std::stol(name));
-        break;
-      }
+    const std::string dir = entry.path().string();
+    if (readText(dir + "/comm").rfind("nvidia-cuda-mps", 0) != 0) continue;
+    // NUL-separated, each variable followed by a NUL.
+    const std::string nul(1, '\0');
+    if ((nul + readText(dir + "/environ")).find(nul + wanted + nul) != std::string::npos) {
+      pids.push_back(std::stol(name));
     }
   }
   return pids;

@@ -25,7 +25,6 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <cuda.h>
@@ -41,16 +40,13 @@
 #include <vector>
 
 #include "stmux/json.h"
+#include "stmux/sys.h"
 #include "tools/cuda_exit.h"
 #include "tools/latency.h"
 
 namespace {
 
-std::uint64_t nowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1'000'000'000ull + ts.tv_nsec;
-}
+using stmux::nowNs;
 
 enum class Mechanism { kAlone, kHost, kEvent, kMemop };
 constexpr const char* kNames[] = {"alone", "host", "event", "memop"};
