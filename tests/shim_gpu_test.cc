@@ -218,35 +218,55 @@ TEST_F(ShimOnGpu, FreedMemoryIsUnmappedWhileTheTenantStaysIdle) {
       << "nothing stays mapped once the client is gone";
 }
 
-// STMUX_ROUTE=auto, off MPS: a lone tenant whose calls run faster direct (no
-// other tenant to batch with, every call a hand-off between two contexts)
-// is measured so, its calls go direct, it says so once, and stmuxctl shows it.
-TEST_F(ShimOnGpu, AutoRouteSendsALoneTenantDirectWhenThatIsFasterAndSaysSo) {
-  auto status = daemonStatus(dir_.socket());
-  ASSERT_TRUE(status);
-  const JsonValue* gpus = status->find("gpus");
-  ASSERT_TRUE(gpus != nullptr && gpus->size() > 0);
-  if (gpus->at(0)->find("mps")->asBool(false)) {
-    GTEST_SKIP() << "GPU test skipped: an MPS control daemon is running, and on MPS auto serves";
+// STMUX_ROUTE=auto off MPS (on MPS auto always serves): rnn mat-vec tenants,
+// microseconds on the GPU, so that the hand-off dominates, behind the
+// bench's barrier.
+class AutoRouteOnGpu : public ShimOnGpu {
+ protected:
+  void SetUp() override {
+    ShimOnGpu::SetUp();
+    if (HasFatalFailure() || IsSkipped()) return;
+    auto status = daemonStatus(dir_.socket());
+    ASSERT_TRUE(status);
+    const JsonValue* gpus = status->find("gpus");
+    ASSERT_TRUE(gpus != nullptr && gpus->size() > 0);
+    if (gpus->at(0)->find("mps")->asBool(false)) {
+      GTEST_SKIP() << "GPU test skipped: an MPS control daemon is running, and on MPS auto serves";
+    }
   }
-  std::map<std::string, std::string> env = shimmed();
-  env["STMUX_ROUTE"] = "auto";
-  env["STMUX_LOG"] = "stats=info,shim=debug";  // every look, for a failure's message
-  const std::string ready = dir_.path() + "/ready", go = dir_.path() + "/go";
-  // rnn's mat-vec: microseconds on the GPU, so the hand-off dominates.
-  Process c = client({"loop", "--m", "512", "--n", "1", "--k", "512", "--ready", ready, "--go", go,
-                      "--out", dir_.path() + "/lat"},
-                     env, "auto");
-  ASSERT_TRUE(
-      testing::waitFor([&] { return std::filesystem::exists(ready); }, std::chrono::seconds(60)))
+  std::string ready(const std::string& name) const { return dir_.path() + "/ready-" + name; }
+  std::string go() const { return dir_.path() + "/go"; }
+  // A tenant under auto, logging every look (for a failure's message); it is
+  // ready once ready(name) exists, and times the span go() names.
+  Process rnnTenant(const std::string& name) {
+    std::map<std::string, std::string> env = shimmed();
+    env["STMUX_ROUTE"] = "auto";
+    env["STMUX_LOG"] = "stats=info,shim=debug";
+    return client({"loop", "--m", "512", "--n", "1", "--k", "512", "--ready", ready(name), "--go",
+                   go(), "--out", dir_.path() + "/lat-" + name},
+                  env, name);
+  }
+  // The timed span: from `after` now, for a second.
+  bool startSpan(std::uint64_t after_ns) const {
+    tools::Span span;
+    span.start_ns = tools::realtimeNs() + after_ns;
+    span.stop_ns = span.start_ns + 1'000'000'000ull;
+    return tools::writeGo(go(), span);
+  }
+};
+
+// A lone tenant whose calls run faster direct (no other tenant to batch
+// with, every call a hand-off between two contexts) is measured so, its
+// calls go direct, it says so once, and stmuxctl shows it.
+TEST_F(AutoRouteOnGpu, ALoneTenantGoesDirectWhenThatIsFasterAndSaysSo) {
+  Process c = rnnTenant("alone");
+  ASSERT_TRUE(testing::waitFor([&] { return std::filesystem::exists(ready("alone")); },
+                               std::chrono::seconds(60)))
       << c.err();
-  tools::Span span;
-  span.start_ns = tools::realtimeNs() + 2'000'000'000ull;
-  span.stop_ns = span.start_ns + 1'000'000'000ull;
-  ASSERT_TRUE(tools::writeGo(go, span));
+  ASSERT_TRUE(startSpan(2'000'000'000ull));
   // Within the span the client is direct, and the daemon's status says so.
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
-  status = daemonStatus(dir_.socket());
+  const auto status = daemonStatus(dir_.socket());
   ASSERT_TRUE(status);
   const JsonValue* clients = status->find("clients");
   ASSERT_TRUE(clients != nullptr && clients->size() == 1) << c.err();
@@ -260,36 +280,21 @@ TEST_F(ShimOnGpu, AutoRouteSendsALoneTenantDirectWhenThatIsFasterAndSaysSo) {
   EXPECT_EQ(countOf(c.err(), "Running its calls directly"), 1) << c.err();
 }
 
-// STMUX_ROUTE=auto, off MPS, two tenants: while the other makes calls each
-// is served (their batches are the point), even the one that was alone first.
-TEST_F(ShimOnGpu, AutoRouteServesATenantWhileAnotherMakesCalls) {
-  auto status = daemonStatus(dir_.socket());
-  ASSERT_TRUE(status);
-  if (status->find("gpus")->at(0)->find("mps")->asBool(false)) {
-    GTEST_SKIP() << "GPU test skipped: an MPS control daemon is running, and on MPS auto serves";
-  }
-  std::map<std::string, std::string> env = shimmed();
-  env["STMUX_ROUTE"] = "auto";
-  env["STMUX_LOG"] = "stats=info,shim=debug";
-  const std::string go = dir_.path() + "/go";
+// Two tenants: while the other makes calls each is served (their batches
+// are the point), even the one that was alone first.
+TEST_F(AutoRouteOnGpu, ATenantIsServedWhileAnotherMakesCalls) {
   std::vector<Process> clients;
   for (const char* name : {"first", "second"}) {
-    const std::string ready = dir_.path() + "/ready-" + name;
-    clients.push_back(client({"loop", "--m", "512", "--n", "1", "--k", "512", "--ready", ready,
-                              "--go", go, "--out", dir_.path() + "/lat-" + name},
-                             env, name));
+    clients.push_back(rnnTenant(name));
     // The first runs alone for a while: long enough for its first look.
-    ASSERT_TRUE(
-        testing::waitFor([&] { return std::filesystem::exists(ready); }, std::chrono::seconds(60)))
+    ASSERT_TRUE(testing::waitFor([&] { return std::filesystem::exists(ready(name)); },
+                                 std::chrono::seconds(60)))
         << clients.back().err();
     std::this_thread::sleep_for(std::chrono::milliseconds(1000));
   }
-  tools::Span span;
-  span.start_ns = tools::realtimeNs() + 1'000'000'000ull;
-  span.stop_ns = span.start_ns + 1'000'000'000ull;
-  ASSERT_TRUE(tools::writeGo(go, span));
+  ASSERT_TRUE(startSpan(1'000'000'000ull));
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
-  status = daemonStatus(dir_.socket());
+  const auto status = daemonStatus(dir_.socket());
   ASSERT_TRUE(status);
   const JsonValue* attached = status->find("clients");
   ASSERT_TRUE(attached != nullptr && attached->size() == 2);
