@@ -295,8 +295,7 @@ class Executor::Impl {
       // This GPU is lost to the daemon: decline, and the shims run these
       // themselves.
       for (const Queued& item : batch->items) {
-        slotComplete(item.client->view.slot(item.request.slot), item.request.generation,
-                     kStatusDeclined);
+        requestComplete(item.client->view, item.request, kStatusDeclined);
       }
       channel_.finish(std::move(batch));
       return;
@@ -313,12 +312,12 @@ class Executor::Impl {
       std::int32_t status = resolve(item, r.a, extents->a, batch->id, a);
       if (status == kStatusSuccess) status = resolve(item, r.b, extents->b, batch->id, b);
       if (status == kStatusSuccess) status = resolve(item, r.c, extents->c, batch->id, c);
-      Slot& slot = item.client->view.slot(r.slot);
       if (status != kStatusSuccess) {
-        slotComplete(slot, r.generation, status);  // never claimed: C untouched
+        requestComplete(item.client->view, r, status);  // never claimed: C untouched
         continue;
       }
-      if (!slotClaim(slot, r.generation)) continue;  // the caller cancelled
+      // The caller cancelled.
+      if (!slotClaim(item.client->view.slot(r.slot), r.generation)) continue;
       flight.status[i] = kStatusSuccess;
       ready.push_back(Ready{i, reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b),
                             reinterpret_cast<float*>(c)});
@@ -532,9 +531,8 @@ class Executor::Impl {
     std::vector<Slot*> sleeping;
     for (std::size_t i = 0; i < items.size(); ++i) {
       if (flight.status[i] == kNoWrite) continue;
-      Slot& slot = items[i].client->view.slot(items[i].request.slot);
-      if (slotPublish(slot, items[i].request.generation, flight.status[i])) {
-        sleeping.push_back(&slot);
+      if (requestPublish(items[i].client->view, items[i].request, flight.status[i])) {
+        sleeping.push_back(&items[i].client->view.slot(items[i].request.slot));
       }
     }
     for (Slot* slot : sleeping)

@@ -17,6 +17,14 @@ void settle(const std::vector<Queued>& items) {
   }
 }
 
+// How often the server looks at the ready words of requests still awaiting
+// their callers' streams once it stops spinning: a tenth of how long the
+// oldest has waited, between 20 us and 1 ms, so that a stream held up for
+// long (its caller queued a long kernel first) costs the daemon little, and
+// a short wait little latency.
+constexpr std::uint64_t kReadyLookMinNs = 20'000;
+constexpr std::uint64_t kReadyLookMaxNs = 1'000'000;
+
 }  // namespace
 
 std::string formatUuid(const Uuid& uuid) {
@@ -31,7 +39,7 @@ std::string formatUuid(const Uuid& uuid) {
 Scheduler::Scheduler(BatcherOptions options, std::vector<GpuInfo> gpus,
                      std::vector<ExecutorChannel*> channels) {
   for (std::size_t i = 0; i < gpus.size(); ++i) {
-    gpus_.push_back(Gpu{std::move(gpus[i]), channels[i], Batcher(options)});
+    gpus_.push_back(Gpu{std::move(gpus[i]), channels[i], Batcher(options), {}});
   }
 }
 
@@ -46,7 +54,7 @@ void Scheduler::reject(const ClientPtr& client, const Request& request, std::int
   ++rejected_;
   // Unclaimed, so completing it from pending is allowed; a concurrent cancel
   // by the client simply wins.
-  slotComplete(client->view.slot(request.slot), request.generation, status);
+  requestComplete(client->view, request, status);
 }
 
 void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) {
@@ -83,12 +91,46 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
     return reject(client, request, kStatusDeclined);
   }
   ++client->outstanding;
-  gpu->batcher.add(Queued{client, request, BatchKey::of(request), now_ns}, now_ns);
+  Queued item{client, request, BatchKey::of(request), now_ns};
+  if (!requestReady(client->view.slot(request.slot), request)) {
+    gpu->awaiting.push_back(std::move(item));
+    return;
+  }
+  gpu->batcher.add(std::move(item), now_ns);
+}
+
+bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
+  bool progressed = false;
+  std::uint64_t oldest = now_ns;
+  auto kept = gpu.awaiting.begin();
+  for (auto it = gpu.awaiting.begin(); it != gpu.awaiting.end(); ++it) {
+    if (requestReady(it->client->view.slot(it->request.slot), it->request)) {
+      // Its wait in the batcher starts now: the time before was the caller's.
+      it->arrival_ns = now_ns;
+      gpu.batcher.add(std::move(*it), now_ns);
+      progressed = true;
+      continue;
+    }
+    oldest = std::min(oldest, it->arrival_ns);
+    if (kept != it) *kept = std::move(*it);
+    ++kept;
+  }
+  gpu.awaiting.erase(kept, gpu.awaiting.end());
+  if (!gpu.awaiting.empty()) {
+    const std::uint64_t look = std::clamp((now_ns - oldest) / 10, kReadyLookMinNs, kReadyLookMaxNs);
+    if (wake_at_ns == 0 || now_ns + look < wake_at_ns) wake_at_ns = now_ns + look;
+  }
+  return progressed;
 }
 
 void Scheduler::onDetach(const ClientPtr& client) {
   for (Gpu& gpu : gpus_) {
     settle(gpu.batcher.removeTenant(client->id));
+    const auto gone = std::stable_partition(gpu.awaiting.begin(), gpu.awaiting.end(),
+                                            [&](const Queued& q) { return q.client != client; });
+    settle(std::vector<Queued>(std::make_move_iterator(gone),
+                               std::make_move_iterator(gpu.awaiting.end())));
+    gpu.awaiting.erase(gone, gpu.awaiting.end());
     auto command = std::make_unique<ExecCommand>();
     command->kind = ExecCommand::Kind::kForget;
     command->client = client;
@@ -118,6 +160,7 @@ bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
     }
     gpu.channel->flush();
     std::uint64_t wake = 0;
+    progressed |= admitReady(gpu, now_ns, wake_at_ns);
     while (std::optional<Batch> batch = gpu.batcher.take(now_ns, wake)) {
       STMUX_TRACE(kSched, "gpu {}: batch {} of {} ({})", gpu.info.index, batch->id,
                   batch->items.size(), kLaunchReasonNames[static_cast<int>(batch->reason)]);
@@ -151,6 +194,7 @@ std::string Scheduler::statusJson() const {
     json.field("mps", gpu.info.mps);
     json.field("broken", gauges.broken.load());
     json.field("queued", static_cast<std::int64_t>(gpu.batcher.queued()));
+    json.field("awaiting_streams", static_cast<std::int64_t>(gpu.awaiting.size()));
     json.field("in_flight", static_cast<std::int64_t>(gpu.batcher.inFlight()));
     json.field("requests", static_cast<std::int64_t>(stats.requests));
     json.field("batches", static_cast<std::int64_t>(stats.batches));
@@ -196,6 +240,9 @@ void Scheduler::addMetrics(MetricsText& out) const {
          [](const Gpu& g) { return g.channel->gauges().launches.load(); });
   perGpu("stmux_gpu_queued_requests", "gauge", "Requests waiting for a batch.",
          [](const Gpu& g) { return g.batcher.queued(); });
+  perGpu("stmux_gpu_awaiting_stream_requests", "gauge",
+         "Stream-ordered requests waiting for their callers' streams to reach them.",
+         [](const Gpu& g) { return g.awaiting.size(); });
   perGpu("stmux_gpu_batches_in_flight", "gauge", "Batches handed to the GPU, not yet done.",
          [](const Gpu& g) { return g.batcher.inFlight(); });
   perGpu("stmux_gpu_mapped_allocations", "gauge",

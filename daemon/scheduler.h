@@ -52,7 +52,14 @@ class Scheduler : public RequestSink {
     GpuInfo info;
     ExecutorChannel* channel;
     Batcher batcher;
+    // Stream-ordered requests whose callers' streams have not yet done the
+    // work queued before them: they join the batcher when they are ready, so
+    // that a late tenant never holds up a batch.
+    std::vector<Queued> awaiting;
   };
+  // Moves the ready ones of `gpu.awaiting` to its batcher; sets `wake_at_ns`
+  // to when to look again while some are left.
+  bool admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_at_ns);
   Gpu* route(const Uuid& uuid);
   void reject(const ClientPtr& client, const Request& request, std::int32_t status);
 

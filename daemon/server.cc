@@ -200,9 +200,11 @@ void Server::run() {
     if (progressed) {
       last_work = now;
     } else if (now - last_work >= options_.spin_ns) {
+      // Spinning resumes only once a wake-up brings work: a wake-up that only
+      // found the time come (a stream-ordered request whose caller's stream
+      // is still busy, metrics) goes back to sleep at once.
       sleepUntil(wake_at);
-      last_work = nowNs();
-      last_control = last_work;
+      last_control = nowNs();
       continue;
     } else {
       cpuRelax();
@@ -670,6 +672,10 @@ std::string Server::statusJson() const {
     json.field("route", counters.route.load(std::memory_order_relaxed) == 1 ? "direct" : "served");
     const auto mps = static_cast<ClientMps>(counters.mps.load(std::memory_order_relaxed));
     json.field("mps", mps == ClientMps::kYes ? "yes" : mps == ClientMps::kNo ? "no" : "unknown");
+    const auto mode = static_cast<ClientMode>(counters.mode.load(std::memory_order_relaxed));
+    json.field("mode", mode == ClientMode::kStream ? "stream"
+                       : mode == ClientMode::kHost ? "host"
+                                                   : "unknown");
     json.endObject();
   }
   json.endArray();

@@ -23,6 +23,7 @@
 #include "shim/driver.h"
 #include "shim/real.h"
 #include "shim/route.h"
+#include "shim/stream_order.h"
 #include "shim/sync_policy.h"
 #include "shim/transport.h"
 #include "stmux/config.h"
@@ -49,6 +50,9 @@ constexpr std::uint64_t kIdleCheckNs = 50'000'000;
 constexpr std::uint64_t kFirstBackoffNs = 10'000'000;
 constexpr std::uint64_t kWelcomeTimeoutNs = 1'000'000'000;
 constexpr int kMaxDevices = 64;
+// How long the exit handler waits for stream-ordered calls still in flight,
+// so that the counters it prints account for them.
+constexpr std::uint64_t kExitSettleNs = 2'000'000'000;
 
 class Shim {
  public:
@@ -67,6 +71,9 @@ class Shim {
   std::shared_ptr<Connection> connection(Fallback& why);
   void drop(const std::shared_ptr<Connection>& connection, const char* why);
   cublasStatus_t fallback(Fallback reason, DirectCall direct, Connection* connection);
+  void countDirect(Fallback reason, Connection* connection);
+  void countServed(Connection& connection);
+  void account(Connection& connection, const StreamOutcome& outcome);
   cublasStatus_t finish(std::int32_t status, float beta, DirectCall direct, Connection& connection);
   cublasStatus_t failed(Connection* connection);
   // A device as the shim needs it: its UUID (what the daemon names it by) and
@@ -78,6 +85,7 @@ class Shim {
   std::optional<DeviceInfo> deviceInfo(int device);
   SyncChoice applySync(const Connection& connection);
   Route chooseRoute(Connection& connection);
+  bool streamOrdered(const DeviceInfo& info, const Connection& connection, const Uuid& device);
   CUresult waitForPriorWork(CUstream stream);
   void printCounters();
   void startSweeper();
@@ -115,6 +123,7 @@ class Shim {
   bool route_auto_ = false;  // STMUX_ROUTE=auto
   RouteChooser chooser_;     // under route_mutex_
   std::atomic<bool> said_direct_{false};
+  std::unique_ptr<StreamOrder> stream_;  // null when there is no driver
   SyncMode sync_mode_ = SyncMode::kKeep;
   unsigned cores_ = 1;  // the CPUs this process may run on, at start
   std::mutex sync_mutex_;
@@ -124,6 +133,7 @@ class Shim {
 
   std::atomic<std::uint64_t> calls_{0};
   std::atomic<std::uint64_t> forwarded_{0};
+  std::atomic<std::uint64_t> stream_served_{0};  // of forwarded_
   std::atomic<std::uint64_t> failed_{0};
   std::atomic<std::uint64_t> fallbacks_[kFallbackCount] = {};
   std::atomic<std::uint64_t> next_request_id_{1};
@@ -141,6 +151,13 @@ Shim::Shim() : real_(realCublas()) {
     STMUX_WARN(kConfig, "{} is not a stmux variable; it is ignored", name);
   }
   if (config_ok_ && !config_.disable) driver_ = cudaDriver();
+  if (driver_ != nullptr && config_.mode != "host") {
+    stream_ = std::make_unique<StreamOrder>(
+        *driver_, real_, static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000,
+        [this](Connection& connection, const StreamOutcome& outcome) {
+          account(connection, outcome);
+        });
+  }
   route_auto_ = config_.route == "auto";
   sync_mode_ = parseSyncMode(config_.sync).value_or(SyncMode::kKeep);
   cpu_set_t cpus;
@@ -150,14 +167,35 @@ Shim::Shim() : real_(realCublas()) {
   std::atexit([] { Shim::get().atExit(); });
 }
 
-cublasStatus_t Shim::fallback(Fallback reason, DirectCall direct, Connection* connection) {
+void Shim::countDirect(Fallback reason, Connection* connection) {
   const auto index = static_cast<std::size_t>(reason);
   fallbacks_[index].fetch_add(1, std::memory_order_relaxed);
   if (connection != nullptr) {
     connection->counters().fallback[index].fetch_add(1, std::memory_order_relaxed);
   }
   STMUX_TRACE(kShim, "direct ({})", kFallbackNames[index]);
+}
+
+cublasStatus_t Shim::fallback(Fallback reason, DirectCall direct, Connection* connection) {
+  countDirect(reason, connection);
   return direct();
+}
+
+void Shim::countServed(Connection& connection) {
+  forwarded_.fetch_add(1, std::memory_order_relaxed);
+  connection.counters().forwarded.fetch_add(1, std::memory_order_relaxed);
+}
+
+// A stream-ordered call is counted when it is settled, not when it returns.
+void Shim::account(Connection& connection, const StreamOutcome& outcome) {
+  if (outcome.failed) {
+    (void)failed(&connection);
+  } else if (outcome.direct) {
+    countDirect(*outcome.direct, &connection);
+  } else {
+    countServed(connection);
+    stream_served_.fetch_add(1, std::memory_order_relaxed);
+  }
 }
 
 cublasStatus_t Shim::failed(Connection* connection) {
@@ -176,8 +214,7 @@ cublasStatus_t Shim::finish(std::int32_t status, float beta, DirectCall direct,
     if (beta == 0.0f) return fallback(Fallback::kDaemonFailed, direct, &connection);
     return failed(&connection);
   }
-  forwarded_.fetch_add(1, std::memory_order_relaxed);
-  connection.counters().forwarded.fetch_add(1, std::memory_order_relaxed);
+  countServed(connection);
   return static_cast<cublasStatus_t>(status);
 }
 
@@ -292,6 +329,24 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
 
   releaseGone(*conn);
 
+  request.request_id = next_request_id_.fetch_add(1, std::memory_order_relaxed);
+  const std::uint64_t timeout_ns = static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000;
+  // Stream order for the calls that can be run again should the daemon not
+  // finish them (beta == 0); the legacy API's stream is not visible.
+  if (streamOrdered(*info, *conn, request.device) && !gemm.legacy && request.beta == 0.0f) {
+    StreamCall ordered{request, reinterpret_cast<CUstream>(stream), gemm.a, gemm.b, gemm.c};
+    switch (stream_->submit(connection, ordered, nowNs() + timeout_ns)) {
+      case StreamOrder::Queued::kYes:
+        return CUBLAS_STATUS_SUCCESS;
+      case StreamOrder::Queued::kBusy:
+        return fallback(Fallback::kBusy, direct, conn);
+      case StreamOrder::Queued::kCudaError:
+        return fallback(Fallback::kCudaError, direct, conn);
+      case StreamOrder::Queued::kHost:
+        break;
+    }
+  }
+
   // Host mode: the daemon must not read A, B or C before the work this
   // caller queued earlier is done. The legacy API's stream is not visible, so
   // wait for the whole context there.
@@ -299,8 +354,6 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
                                       : waitForPriorWork(reinterpret_cast<CUstream>(stream));
   if (synced != CUDA_SUCCESS) return fallback(Fallback::kCudaError, direct, conn);
 
-  request.request_id = next_request_id_.fetch_add(1, std::memory_order_relaxed);
-  const std::uint64_t timeout_ns = static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000;
   const std::uint64_t spin_ns = sync.spin ? static_cast<std::uint64_t>(config_.spin_us) * 1'000 : 0;
   auto ticket = conn->submit(request, nowNs() + timeout_ns);
   if (!ticket) return fallback(Fallback::kBusy, direct, conn);
@@ -433,6 +486,28 @@ CUresult Shim::waitForPriorWork(CUstream stream) {
   CUresult result = driver_->cuStreamSynchronize(stream);
   if (result == CUDA_SUCCESS) result = driver_->cuStreamSynchronize(CU_STREAM_LEGACY);
   return result;
+}
+
+// STMUX_MODE for a call on `device`: 'auto' orders on the GPU where this
+// process's context and the daemon's are both on MPS. Off MPS every hand-off
+// between the contexts is a context switch either way, and host mode puts no
+// work into the tenant's context, so that tenants doing nothing but GEMMs
+// leave the GPU to the daemon's context alone.
+bool Shim::streamOrdered(const DeviceInfo& info, const Connection& connection, const Uuid& device) {
+  bool stream = false;
+  if (stream_ && config_.mode == "stream") {
+    stream = true;
+  } else if (stream_ && config_.mode == "auto" && info.mps) {
+    const std::vector<Uuid>& served = connection.devices();
+    const auto found = std::find(served.begin(), served.end(), device);
+    stream = found != served.end() &&
+             connection.deviceOnMps(static_cast<std::size_t>(found - served.begin()));
+  }
+  const_cast<Connection&>(connection)
+      .counters()
+      .mode.store(static_cast<std::uint32_t>(stream ? ClientMode::kStream : ClientMode::kHost),
+                  std::memory_order_relaxed);
+  return stream;
 }
 
 std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
@@ -617,6 +692,7 @@ void Shim::atExit() {
     std::lock_guard lock(sweep_mutex_);
     stopping_ = true;
   }
+  if (stream_) stream_->stop(kExitSettleNs);
   printCounters();
 }
 
@@ -628,8 +704,9 @@ void Shim::printCounters() {
       direct += fmt::format(" {}={}", kFallbackNames[i], n);
     }
   }
-  STMUX_INFO(kStats, "{} calls: {} served by stmuxd, {} failed; direct:{}", calls_.load(),
-             forwarded_.load(), failed_.load(), direct.empty() ? " none" : direct);
+  STMUX_INFO(kStats, "{} calls: {} served by stmuxd ({} stream-ordered), {} failed; direct:{}",
+             calls_.load(), forwarded_.load(), stream_served_.load(), failed_.load(),
+             direct.empty() ? " none" : direct);
 }
 
 // fork(): no lock may be held by a thread that will not exist in the child,
@@ -641,10 +718,12 @@ void Shim::forkPrepare() {
   shim.device_mutex_.lock();
   shim.route_mutex_.lock();
   shim.allocations_.forkPrepare();
+  if (shim.stream_) shim.stream_->forkPrepare();
 }
 
 void Shim::forkParent() {
   Shim& shim = get();
+  if (shim.stream_) shim.stream_->forkParent();
   shim.allocations_.forkParent();
   shim.route_mutex_.unlock();
   shim.device_mutex_.unlock();
@@ -654,6 +733,7 @@ void Shim::forkParent() {
 
 void Shim::forkChild() {
   Shim& shim = get();
+  if (shim.stream_) shim.stream_->forkChild();
   shim.allocations_.forkChild();
   shim.chooser_ = RouteChooser{};  // a new process: measured afresh
   shim.said_direct_ = false;
@@ -669,6 +749,7 @@ void Shim::forkChild() {
   shim.backoff_ns_ = kFirstBackoffNs;
   shim.calls_ = 0;
   shim.forwarded_ = 0;
+  shim.stream_served_ = 0;
   shim.failed_ = 0;
   for (auto& counter : shim.fallbacks_)
     counter = 0;

@@ -234,15 +234,25 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
   connection->client_id_ = welcome.client_id;
   connection->devices_.assign(welcome.devices, welcome.devices + welcome.device_count);
   connection->device_mps_.assign(welcome.device_mps, welcome.device_mps + welcome.device_count);
+  connection->seqs_.assign(layout->slot_count, 0);
   connection->free_slots_.reserve(layout->slot_count);
   for (std::uint32_t i = layout->slot_count; i > 0; --i)
     connection->free_slots_.push_back(i - 1);
   return connection;
 }
 
-Connection::~Connection() = default;
+Connection::~Connection() {
+  if (keep_mapped_.load(std::memory_order_relaxed)) mapping_.leak();
+}
 
 Result<Ticket> Connection::submit(Request& request, std::uint64_t deadline_ns) {
+  auto ticket = reserve(deadline_ns);
+  if (!ticket) return ticket.status();
+  STMUX_TRY(push(request, ticket.value(), deadline_ns));
+  return ticket;
+}
+
+Result<Ticket> Connection::reserve(std::uint64_t deadline_ns) {
   Ticket ticket;
   {
     std::unique_lock lock(free_mutex_);
@@ -255,22 +265,23 @@ Result<Ticket> Connection::submit(Request& request, std::uint64_t deadline_ns) {
     free_slots_.pop_back();
   }
   ticket.generation = slotArm(view_.slot(ticket.slot));
+  return ticket;
+}
+
+Status Connection::push(Request& request, const Ticket& ticket, std::uint64_t deadline_ns) {
   request.slot = ticket.slot;
   request.generation = ticket.generation;
   while (!producer_.tryPush(request)) {
     // Full: the daemon is behind or stale cancelled entries fill the ring.
     if (nowNs() >= deadline_ns || !alive()) {
-      // Never published, so nobody else knows this generation: cancel it so
-      // the slot's word is consistent, then hand the slot back.
-      (void)slotCancel(view_.slot(ticket.slot), ticket.generation);
-      release(ticket);
+      abandon(ticket);
       return Status::error("the request ring stayed full");
     }
     ringDoorbell();
     ::sched_yield();
   }
   ringDoorbell();
-  return ticket;
+  return Status::okStatus();
 }
 
 void Connection::ringDoorbell() {
@@ -309,6 +320,13 @@ void Connection::release(const Ticket& ticket) {
     free_slots_.push_back(ticket.slot);
   }
   free_cv_.notify_one();
+}
+
+// Never published, so nobody else knows this generation: cancel it so the
+// slot's word is consistent, then hand the slot back.
+void Connection::abandon(const Ticket& ticket) {
+  (void)slotCancel(view_.slot(ticket.slot), ticket.generation);
+  release(ticket);
 }
 
 bool Connection::alive() {

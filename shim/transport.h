@@ -67,6 +67,14 @@ class Connection {
   // slot and pushes the request. Gives up (busy) when no slot or ring space
   // comes free before `deadline_ns`.
   Result<Ticket> submit(Request& request, std::uint64_t deadline_ns);
+  // submit() in two steps, for a caller with work to do between them: a
+  // free slot, armed; then the request pushed for it. A failed push cancels
+  // the request and hands the slot back.
+  Result<Ticket> reserve(std::uint64_t deadline_ns);
+  Status push(Request& request, const Ticket& ticket, std::uint64_t deadline_ns);
+  // The next stream sequence number of a slot the caller holds: one more
+  // than the slot's last, so its ready and released words only ever rise.
+  std::uint32_t nextSeq(std::uint32_t slot) { return ++seqs_[slot]; }
 
   // Waits for a submitted request to be done, until `deadline_ns`, or until the
   // daemon is found gone.
@@ -77,6 +85,8 @@ class Connection {
 
   // Returns the slot for reuse; after kDone or a successful cancel only.
   void release(const Ticket& ticket);
+  // Hands back a slot reserved but never pushed.
+  void abandon(const Ticket& ticket);
 
   // False once the daemon closed the socket (exited, crashed, was killed).
   bool alive();
@@ -90,6 +100,11 @@ class Connection {
   // In a fork child: closes this process's copies of the socket, doorbell and
   // segment without a word to the daemon (the connection is the parent's).
   void abandonAfterFork();
+
+  // The segment is registered with CUDA and GPU streams may still wait on
+  // its words: it is never unmapped, not even when this connection ends
+  // (one segment per daemon this process attached to).
+  void keepSegmentMapped() { keep_mapped_.store(true, std::memory_order_relaxed); }
 
   // Tells the daemon these allocations are gone; best effort, never blocks.
   Status sendRelease(const std::vector<std::uint64_t>& alloc_ids);
@@ -116,6 +131,8 @@ class Connection {
   std::vector<Uuid> devices_;
   std::vector<std::uint8_t> device_mps_;
   std::atomic<bool> gone_{false};
+  std::atomic<bool> keep_mapped_{false};
+  std::vector<std::uint32_t> seqs_;  // per slot: its last stream sequence number
 
   std::mutex free_mutex_;
   std::condition_variable free_cv_;

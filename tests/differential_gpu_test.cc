@@ -117,7 +117,9 @@ std::string directText(const ShimStats& stats) {
   return text.empty() ? " none" : text;
 }
 
-class Preloaded : public testing::DaemonFixture {
+// Each test runs in both ways of keeping stream order (STMUX_MODE): host,
+// and stream, where the call returns once queued and the GPU keeps the order.
+class Preloaded : public testing::DaemonFixture, public ::testing::WithParamInterface<std::string> {
  protected:
   struct Run {
     std::uint64_t seed;
@@ -137,7 +139,8 @@ class Preloaded : public testing::DaemonFixture {
     const std::map<std::string, std::string> env = {{"LD_PRELOAD", SHIM_PATH},
                                                     {"STMUX_SOCKET", dir_.socket()},
                                                     {"STMUX_LOG", "stats=info"},
-                                                    {"STMUX_ROUTE", "serve"}};
+                                                    {"STMUX_ROUTE", "serve"},
+                                                    {"STMUX_MODE", GetParam()}};
     return Run{seed, threads, calls,
                Process(argv, env, dir_.path() + "/differential" + std::to_string(index))};
   }
@@ -152,7 +155,7 @@ class Preloaded : public testing::DaemonFixture {
 // the shim's counters account for every call exactly: served, except the
 // no-ops, the calls cuBLAS refuses and those on memory CUDA IPC cannot
 // export, which go straight to cuBLAS by design under those reasons alone.
-TEST_F(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
+TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
   const std::uint64_t master = masterSeed();
   std::cout << "master seed " << master << " (rerun: STMUX_DIFF_SEED=" << master
             << " ctest -R differential)" << std::endl;
@@ -206,9 +209,16 @@ TEST_F(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
     EXPECT_EQ(stats.direct, expected_direct) << name << ": direct" << directText(stats);
     const double share = should > 0 ? static_cast<double>(stats.served) / should : 1.0;
     EXPECT_GE(share, 0.999) << name;
+    // Stream order takes the calls with beta == 0 (the others go the host way).
+    if (GetParam() == "stream") {
+      EXPECT_GT(stats.stream_ordered, 0) << name << ": " << run.process.err();
+    } else {
+      EXPECT_EQ(stats.stream_ordered, 0) << name;
+    }
     std::cout << name << ": calls " << calls << ", served " << stats.served << " of " << should
-              << " (" << 100.0 * share << "%), failed " << stats.failed << ", direct"
-              << directText(stats) << "; " << elapsedOf(run.process.out()) << std::endl;
+              << " (" << 100.0 * share << "%, " << stats.stream_ordered
+              << " stream-ordered), failed " << stats.failed << ", direct" << directText(stats)
+              << "; " << elapsedOf(run.process.out()) << std::endl;
     total_calls += calls;
     total_served += stats.served;
     total_should += should;
@@ -237,7 +247,7 @@ TEST_F(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
 // call: no mismatch; a call reported lost only with beta != 0 (the program
 // counts one with beta == 0 as a mismatch); every call accounted for; the
 // processes attach again and are served.
-TEST_F(Preloaded, TwoDaemonRestartsMidRunLoseNoCallAndTheProcessesComeBack) {
+TEST_P(Preloaded, TwoDaemonRestartsMidRunLoseNoCallAndTheProcessesComeBack) {
   const std::uint64_t master = masterSeed();
   std::cout << "master seed " << master << " (rerun: STMUX_DIFF_SEED=" << master
             << " ctest -R differential)" << std::endl;
@@ -331,6 +341,11 @@ TEST_F(Preloaded, TwoDaemonRestartsMidRunLoseNoCallAndTheProcessesComeBack) {
             << total_lost << std::endl;
   EXPECT_GT(requests(), 0) << "nothing served after the last restart";
 }
+
+INSTANTIATE_TEST_SUITE_P(Mode, Preloaded, ::testing::Values("host", "stream"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
 
 }  // namespace
 }  // namespace stmux

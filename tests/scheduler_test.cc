@@ -62,7 +62,7 @@ class FakeExecutor {
           for (const Queued& item : command->batch->items) {
             Slot& slot = item.client->view.slot(item.request.slot);
             if (slotClaim(slot, item.request.generation)) {
-              slotComplete(slot, item.request.generation, kStatusSuccess);
+              requestComplete(item.client->view, item.request, kStatusSuccess);
             }
           }
           sizes_.push_back(command->batch->items.size());
@@ -374,6 +374,108 @@ TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_size_sum", {gpu}), 5);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_wait_seconds_count", {gpu}), 5);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_broken", {gpu}), 0);
+}
+
+// A stream-ordered request as the shim sends one: its caller's stream will
+// write `seq` into the slot's ready word.
+struct StreamRequest {
+  shim::Ticket ticket;
+  std::uint32_t seq = 0;
+};
+StreamRequest submitStreamOrdered(shim::Connection& connection, Request request) {
+  StreamRequest sent;
+  auto ticket = connection.reserve(nowNs() + kSecond);
+  EXPECT_TRUE(ticket.ok()) << ticket.message();
+  if (!ticket.ok()) return sent;
+  sent.ticket = ticket.value();
+  sent.seq = connection.nextSeq(sent.ticket.slot);
+  request.flags |= kRequestStreamOrdered;
+  request.stream_seq = sent.seq;
+  EXPECT_TRUE(connection.push(request, sent.ticket, nowNs() + kSecond).ok());
+  return sent;
+}
+
+SlotState stateOf(shim::Connection& connection, const shim::Ticket& ticket) {
+  return slotState(connection.view().slot(ticket.slot).word.load());
+}
+
+// The daemon starts a stream-ordered request only once its caller's stream
+// says the work before it is done, lets others' requests pass meanwhile, and
+// on success releases the caller's stream (the released word).
+TEST(Scheduler, AStreamOrderedRequestStartsWhenItsStreamIsReadyAndReleasesIt) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto late = connect(dir);
+  auto other = connect(dir);
+  ASSERT_TRUE(late && other);
+  const StreamRequest sent = submitStreamOrdered(*late, validRequest());
+  Slot& slot = late->view().slot(sent.ticket.slot);
+  ASSERT_TRUE(
+      testing::waitFor([&] { return clientField(dir, late->clientId(), "outstanding") == 1; }));
+  // Not ready: it waits, and holds up nobody.
+  EXPECT_EQ(call(*other, validRequest()), kStatusSuccess);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(stateOf(*late, sent.ticket), SlotState::kPending);
+  EXPECT_EQ(daemon.executor().batchSizes(), std::vector<std::size_t>{1});
+  EXPECT_EQ(slot.released.load(), 0u);
+  // A ready word from an older use of the slot is not this request's.
+  slot.ready.store(sent.seq - 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(stateOf(*late, sent.ticket), SlotState::kPending);
+  slot.ready.store(sent.seq);  // what the caller's stream writes
+  ASSERT_TRUE(testing::waitFor([&] { return stateOf(*late, sent.ticket) == SlotState::kDone; }));
+  EXPECT_EQ(slot.status.load(), kStatusSuccess);
+  EXPECT_EQ(slot.released.load(), sent.seq);
+  EXPECT_EQ(late->view().header()->attention.load(), 0u);
+  EXPECT_EQ(daemon.executor().batchSizes(), (std::vector<std::size_t>{1, 1}));
+}
+
+// A stream-ordered request the daemon will not run leaves the caller's stream
+// waiting: the shim's watcher is told (the attention word), never the stream.
+TEST(Scheduler, AStreamOrderedRequestRefusedTellsTheWatcherAndReleasesNothing) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request bad = validRequest();
+  bad.lda = 1;
+  Request elsewhere = validRequest();
+  elsewhere.device = uuid(0xcd);
+  std::uint32_t told = 0;
+  for (const Request& request : {bad, elsewhere}) {
+    const StreamRequest sent = submitStreamOrdered(*connection, request);
+    ASSERT_TRUE(
+        testing::waitFor([&] { return stateOf(*connection, sent.ticket) == SlotState::kDone; }));
+    const Slot& slot = connection->view().slot(sent.ticket.slot);
+    EXPECT_NE(slot.status.load(), kStatusSuccess);
+    EXPECT_EQ(slot.released.load(), 0u);
+    EXPECT_EQ(connection->view().header()->attention.load(), ++told);
+    connection->release(sent.ticket);
+  }
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
+}
+
+// A client that leaves with requests still awaiting its streams: they are
+// dropped, not left holding its places.
+TEST(Scheduler, AwaitingRequestsOfAClientThatLeftAreDropped) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto leaving = connect(dir);
+  ASSERT_TRUE(leaving);
+  for (int i = 0; i < 3; ++i)
+    (void)submitStreamOrdered(*leaving, validRequest());
+  ASSERT_TRUE(
+      testing::waitFor([&] { return clientField(dir, leaving->clientId(), "outstanding") == 3; }));
+  const std::uint32_t id = leaving->clientId();
+  leaving.reset();
+  ASSERT_TRUE(testing::waitFor([&] {
+    const auto forgotten = daemon.executor().forgotten();
+    return std::find(forgotten.begin(), forgotten.end(), id) != forgotten.end();
+  }));
+  daemon.stop();
+  const std::string json = daemon.scheduler().statusJson();
+  EXPECT_NE(json.find("\"awaiting_streams\":0"), std::string::npos) << json;
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
 }
 
 TEST(Scheduler, StatusReportsEachGpu) {

@@ -1,6 +1,6 @@
 // The shim's exit line (STMUX_LOG=stats=info), as the programs that preload
 // it read it back (stmux-bench, the GPU tests):
-//   "N calls: S served by stmuxd, F failed; direct: reason=n ..."
+//   "N calls: S served by stmuxd (O stream-ordered), F failed; direct: reason=n ..."
 #pragma once
 
 #include <map>
@@ -11,6 +11,7 @@ namespace stmux::tools {
 
 struct ShimStats {
   long calls = -1, served = -1, failed = -1;  // -1: no exit line was found
+  long stream_ordered = -1;                   // of those served
   std::map<std::string, long> direct;         // reason -> calls; reasons with none are not printed
 
   // The calls that went direct for `reason`; 0 when it was not printed.
@@ -25,14 +26,15 @@ inline ShimStats shimStats(const std::string& err) {
   ShimStats stats;
   std::smatch match;
   if (!std::regex_search(err, match,
-                         std::regex("([0-9]+) calls: ([0-9]+) served by stmuxd, ([0-9]+) "
-                                    "failed; direct:([^\n]*)"))) {
+                         std::regex("([0-9]+) calls: ([0-9]+) served by stmuxd \\(([0-9]+) "
+                                    "stream-ordered\\), ([0-9]+) failed; direct:([^\n]*)"))) {
     return stats;
   }
   stats.calls = std::stol(match[1]);
   stats.served = std::stol(match[2]);
-  stats.failed = std::stol(match[3]);
-  const std::string direct = match[4];
+  stats.stream_ordered = std::stol(match[3]);
+  stats.failed = std::stol(match[4]);
+  const std::string direct = match[5];
   const std::regex pair("([a-z_]+)=([0-9]+)");
   for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
        it != std::sregex_iterator(); ++it) {

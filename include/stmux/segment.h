@@ -191,6 +191,41 @@ inline void slotComplete(Slot& slot, std::uint32_t generation, std::int32_t stat
   if (slotPublish(slot, generation, status)) slotWake(slot);
 }
 
+inline bool streamOrdered(const Request& request) {
+  return (request.flags & kRequestStreamOrdered) != 0;
+}
+
+// Daemon: whether the caller's stream has done the work queued before a
+// stream-ordered request, so that the request may start. True for any other.
+inline bool requestReady(const Slot& slot, const Request& request) {
+  return !streamOrdered(request) ||
+         seqReached(slot.ready.load(std::memory_order_acquire), request.stream_seq);
+}
+
+// Daemon: slotPublish for any request. A stream-ordered request's caller is
+// not waiting on the slot but its GPU stream is, on the released word: on
+// success that is stored first (the daemon's kernels are done, the caller's
+// stream goes on); on anything else the shim must run the request itself and
+// release the stream, so its watcher is told through the header's attention
+// word. Returns whether the slot's waiter needs slotWake().
+inline bool requestPublish(SegmentView view, const Request& request, std::int32_t status) {
+  Slot& slot = view.slot(request.slot);
+  if (!streamOrdered(request)) return slotPublish(slot, request.generation, status);
+  if (status == kStatusSuccess) {
+    slot.released.store(request.stream_seq, std::memory_order_release);
+    return slotPublish(slot, request.generation, status);
+  }
+  const bool wake = slotPublish(slot, request.generation, status);
+  std::atomic<std::uint32_t>& attention = view.header()->attention;
+  attention.fetch_add(1, std::memory_order_seq_cst);
+  futexWake(&attention);
+  return wake;
+}
+
+inline void requestComplete(SegmentView view, const Request& request, std::int32_t status) {
+  if (requestPublish(view, request, status)) slotWake(view.slot(request.slot));
+}
+
 enum class WaitOutcome { kDone, kTimedOut, kGone };
 
 inline constexpr std::uint64_t kPureSpinNs = 5'000;

@@ -94,6 +94,12 @@ class Mapping {
     base_ = nullptr;
     bytes_ = 0;
   }
+  // Gives the mapping up without unmapping it: it stays for the process's
+  // life.
+  void leak() {
+    base_ = nullptr;
+    bytes_ = 0;
+  }
 
  private:
   void* base_ = nullptr;

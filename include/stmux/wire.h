@@ -22,7 +22,10 @@ namespace stmux {
 // 3: the welcome says which GPUs the daemon uses through MPS; a client's
 //    counters say which route STMUX_ROUTE=auto chose and whether it is on MPS.
 // 4: the daemon tells each client how many other tenants are making calls.
-inline constexpr std::uint32_t kProtocolVersion = 4;
+// 5: stream-ordered requests (a request flag, its sequence number, the slot's
+//    ready and released words, the header's attention word); a client's
+//    counters say which mode its calls go by.
+inline constexpr std::uint32_t kProtocolVersion = 5;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -81,14 +84,26 @@ struct Request {
   std::int32_t transb;
   std::uint32_t math_mode;  // cublasMath_t as the caller's handle had it
   std::uint32_t emulation;  // cublasEmulationStrategy_t as the caller's handle had it
-  std::uint32_t flags;      // reserved, 0
+  std::uint32_t flags;      // kRequest* bits
   std::int64_t m, n, k;
   std::int64_t lda, ldb, ldc;
   float alpha, beta;         // host pointer mode only: the values, read at call time
   Uuid device;               // the GPU the operands live on
   std::uint64_t request_id;  // unique per client, for logs
   OperandDesc a, b, c;
+  // Stream-ordered requests: the number the caller's stream writes to the
+  // slot's `ready` word once its earlier work is done, and waits for in its
+  // `released` word. Rises with each use of the slot; compared cyclically.
+  std::uint32_t stream_seq;
+  std::uint32_t reserved;
 };
+
+// Request::flags. Stream-ordered: the caller did not wait for its stream
+// before submitting and does not wait for the answer; the daemon starts the
+// request only once the slot's ready word reaches stream_seq, and on success
+// stores stream_seq in its released word, which the caller's stream waits for
+// (docs/ARCHITECTURE.md, "Stream-ordered mode").
+inline constexpr std::uint32_t kRequestStreamOrdered = 1u << 0;
 
 // Completion slots. The slot's 32-bit word is both its state and the futex the
 // waiter sleeps on: generation << 8 | state. The generation makes a stale ring
@@ -116,7 +131,20 @@ struct alignas(kCacheLine) Slot {
   std::atomic<std::uint32_t> word;
   std::atomic<std::uint32_t> sleepers;  // non-zero while the waiter may sleep on word
   std::atomic<std::int32_t> status;     // WireStatus, valid once kDone
+  // Stream-ordered requests only. Written by the caller's GPU stream (a
+  // stream memory operation on this host memory) when the caller's earlier
+  // work is done; read by the daemon.
+  std::atomic<std::uint32_t> ready;
+  // Written by whoever finished the request (the daemon, or the shim when it
+  // ran the request itself); the caller's GPU stream waits for it.
+  std::atomic<std::uint32_t> released;
 };
+
+// Whether a sequence word has reached `seq`, cyclically: the comparison
+// cuStreamWaitValue32's CU_STREAM_WAIT_VALUE_GEQ makes.
+inline constexpr bool seqReached(std::uint32_t word, std::uint32_t seq) {
+  return static_cast<std::int32_t>(word - seq) >= 0;
+}
 
 // Why a call went straight to cuBLAS instead of to the daemon. The shim counts
 // each in its segment, where stmuxctl can read them.
@@ -164,9 +192,12 @@ struct ClientCounters {
   std::atomic<std::uint64_t> fallback[kFallbackCount];
   std::atomic<std::uint32_t> route;  // shim::Route: 0 served, 1 direct (STMUX_ROUTE=auto)
   std::atomic<std::uint32_t> mps;    // ClientMps: whether the client's context is on MPS
+  std::atomic<std::uint32_t> mode;   // ClientMode: how its served calls are ordered (STMUX_MODE)
+  std::uint32_t reserved;
 };
 
 enum class ClientMps : std::uint32_t { kUnknown = 0, kNo = 1, kYes = 2 };
+enum class ClientMode : std::uint32_t { kUnknown = 0, kHost = 1, kStream = 2 };
 
 // The first bytes of every client segment. The client checks magic, version
 // and every size before it uses the segment, and refuses to attach otherwise.
@@ -192,6 +223,9 @@ struct SegmentHeader {
   // calls, served or direct, in the last second. STMUX_ROUTE=auto sends a
   // process direct only while it has no such company (shim/route.h).
   std::atomic<std::uint32_t> other_tenants;
+  // Bumped (and woken, as a futex) by the daemon whenever a stream-ordered
+  // request ends in anything but success: the shim's watcher then runs it.
+  std::atomic<std::uint32_t> attention;
   alignas(kCacheLine) ClientCounters counters;
 };
 
@@ -276,7 +310,7 @@ T makeMessage(MsgType type) {
 STMUX_WIRE_STRUCT(Uuid, 16);
 STMUX_WIRE_STRUCT(IpcHandle, 64);
 STMUX_WIRE_STRUCT(OperandDesc, 96);
-STMUX_WIRE_STRUCT(Request, 400);
+STMUX_WIRE_STRUCT(Request, 408);
 STMUX_WIRE_STRUCT(MsgHeader, 16);
 STMUX_WIRE_STRUCT(HelloMsg, 56);
 STMUX_WIRE_STRUCT(WelcomeMsg, 16 + 24 + 17 * kMaxDevices);
@@ -289,7 +323,7 @@ STMUX_WIRE_STRUCT(ReleaseMsg, 16 + 8 + 8 * kMaxReleaseIds);
   static_assert(sizeof(T) == (bytes), #T " changed size: bump kProtocolVersion")
 
 STMUX_SHARED_STRUCT(Slot, 64);
-STMUX_SHARED_STRUCT(SegmentHeader, (128 + 8 * (3 + kFallbackCount) + 63) / 64 * 64);
+STMUX_SHARED_STRUCT(SegmentHeader, (128 + 8 * (4 + kFallbackCount) + 63) / 64 * 64);
 static_assert(offsetof(Request, a) % 8 == 0);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free,
               "futex words and slot states must be lock-free across processes");

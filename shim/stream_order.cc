@@ -1,0 +1,398 @@
+#include "shim/stream_order.h"
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <system_error>
+#include <thread>
+
+#include "stmux/log.h"
+#include "stmux/segment.h"
+
+namespace stmux::shim {
+namespace {
+
+// How long the watcher sleeps between looks while calls are in flight: the
+// bound on noticing a daemon that died (as a waiting caller's in host mode).
+constexpr std::uint64_t kWatchSliceNs = 5'000'000;
+// How long a thread that found no free slot waits for one before it settles
+// finished calls again.
+constexpr std::uint64_t kSlotWaitNs = 50'000;
+
+}  // namespace
+
+StreamOrder::StreamOrder(const Driver& driver, const RealCublas& real, std::uint64_t timeout_ns,
+                         StreamAccount account)
+    : driver_(driver), real_(real), timeout_ns_(timeout_ns), account_(std::move(account)) {}
+
+// The segment's address on the GPU in `context`. Registered with CUDA once
+// per segment (portable: every context of the process may use it); from then
+// on it is never unmapped, since a stream may still wait on it.
+std::optional<CUdeviceptr> StreamOrder::segmentOnGpu(Connection& connection, CUcontext context) {
+  const void* host = connection.view().header();
+  thread_local const void* seen_host = nullptr;
+  thread_local CUcontext seen_context = nullptr;
+  thread_local CUdeviceptr seen_device = 0;
+  if (host == seen_host && context == seen_context) return seen_device;
+
+  std::lock_guard lock(register_mutex_);
+  const bool known = std::any_of(registered_.begin(), registered_.end(),
+                                 [&](const Registered& r) { return r.host == host; });
+  auto found = std::find_if(registered_.begin(), registered_.end(), [&](const Registered& r) {
+    return r.host == host && (r.context == context || r.device == 0);
+  });
+  if (found == registered_.end()) {
+    if (!known) {
+      // Kept mapped whatever the outcome, so that no later segment can come
+      // to this address and be taken for this one.
+      connection.keepSegmentMapped();
+      const CUresult result =
+          driver_.cuMemHostRegister(const_cast<void*>(host), connection.view().layout().total_bytes,
+                                    CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP);
+      if (result != CUDA_SUCCESS && result != CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED) {
+        STMUX_WARN(kShim,
+                   "cannot register the daemon's segment with CUDA (cuMemHostRegister: {}); "
+                   "calls are served in host mode",
+                   static_cast<int>(result));
+        registered_.push_back(Registered{host, nullptr, 0});
+        return std::nullopt;
+      }
+    }
+    CUdeviceptr device = 0;
+    if (driver_.cuMemHostGetDevicePointer(&device, const_cast<void*>(host), 0) != CUDA_SUCCESS ||
+        device == 0) {
+      return std::nullopt;
+    }
+    found = registered_.insert(registered_.end(), Registered{host, context, device});
+  }
+  if (found->device == 0) return std::nullopt;
+  seen_host = host;
+  seen_context = context;
+  seen_device = found->device;
+  return found->device;
+}
+
+// The ordering guarantee's second item on the GPU (docs/ARCHITECTURE.md,
+// "Stream order"): the legacy default stream's earlier work. A blocking
+// stream and the per-thread default stream wait for it by CUDA's own rules,
+// and the legacy stream is itself; only a non-blocking stream must be made
+// to, and only while something is left on the legacy stream.
+CUresult StreamOrder::joinLegacyStream(CUstream stream, CUcontext context) {
+  if (stream == nullptr || stream == CU_STREAM_LEGACY || stream == CU_STREAM_PER_THREAD) {
+    return CUDA_SUCCESS;
+  }
+  unsigned flags = 0;
+  if (const CUresult result = driver_.cuStreamGetFlags(stream, &flags); result != CUDA_SUCCESS) {
+    return result;
+  }
+  if ((flags & CU_STREAM_NON_BLOCKING) == 0) return CUDA_SUCCESS;
+  const CUresult idle = driver_.cuStreamQuery(CU_STREAM_LEGACY);
+  if (idle != CUDA_ERROR_NOT_READY) return idle;
+  thread_local CUcontext event_context = nullptr;
+  thread_local CUevent event = nullptr;
+  if (event_context != context) {
+    if (const CUresult result = driver_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
+        result != CUDA_SUCCESS) {
+      return result;
+    }
+    event_context = context;
+  }
+  if (const CUresult result = driver_.cuEventRecord(event, CU_STREAM_LEGACY);
+      result != CUDA_SUCCESS) {
+    return result;
+  }
+  return driver_.cuStreamWaitEvent(stream, event, 0);
+}
+
+Result<Ticket> StreamOrder::reserve(Connection& connection, std::uint64_t deadline_ns) {
+  // Slots of finished calls come back when calls are settled, which is done
+  // here when none is free, and by the watcher.
+  auto ticket = connection.reserve(nowNs());
+  while (!ticket) {
+    {
+      std::lock_guard lock(mutex_);
+      reapLocked(/*watcher=*/false);
+    }
+    const std::uint64_t now = nowNs();
+    if (now >= deadline_ns) return ticket;
+    ticket = connection.reserve(std::min(deadline_ns, now + kSlotWaitNs));
+  }
+  return ticket;
+}
+
+StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& connection,
+                                        StreamCall& call, std::uint64_t deadline_ns) {
+  Connection& conn = *connection;
+  CUcontext context = nullptr;
+  if (driver_.cuCtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) {
+    return Queued::kHost;
+  }
+  const std::optional<CUdeviceptr> segment = segmentOnGpu(conn, context);
+  if (!segment) return Queued::kHost;
+  if (joinLegacyStream(call.stream, context) != CUDA_SUCCESS) return Queued::kCudaError;
+  startWatcher();
+
+  auto ticket = reserve(conn, deadline_ns);
+  if (!ticket) return Queued::kBusy;
+  InFlight entry;
+  entry.ticket = ticket.value();
+  entry.seq = conn.nextSeq(entry.ticket.slot);
+  entry.context = context;
+  const CUdeviceptr slot =
+      *segment + conn.view().layout().slots_offset + std::size_t{entry.ticket.slot} * sizeof(Slot);
+  entry.ready = slot + offsetof(Slot, ready);
+  entry.released = slot + offsetof(Slot, released);
+  if (driver_.cuStreamWriteValue32(call.stream, entry.ready, entry.seq,
+                                   CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS) {
+    conn.abandon(entry.ticket);
+    return Queued::kCudaError;
+  }
+  call.request.flags |= kRequestStreamOrdered;
+  call.request.stream_seq = entry.seq;
+  // A failed push hands the slot back; the ready word it wrote is never
+  // looked at, and the slot's next use writes a higher one.
+  if (!conn.push(call.request, entry.ticket, deadline_ns).ok()) return Queued::kBusy;
+  entry.connection = connection;
+  entry.request = call.request;
+  entry.a = call.a, entry.b = call.b, entry.c = call.c;
+  const bool waits = driver_.cuStreamWaitValue32(call.stream, entry.released, entry.seq,
+                                                 CU_STREAM_WAIT_VALUE_GEQ) == CUDA_SUCCESS;
+  if (!waits && conn.cancel(entry.ticket)) {
+    conn.release(entry.ticket);
+    return Queued::kCudaError;  // never started: the caller runs it
+  }
+  const Ticket mine = entry.ticket;
+  std::unique_lock lock(mutex_);
+  in_flight_.push_back(std::move(entry));
+  if (in_flight_.size() == 1) changed_.notify_all();
+  if (!waits) {
+    // The daemon has it, and the caller's stream cannot be made to wait for
+    // it: it must be done before the call returns.
+    auto mineIn = [&] {
+      return std::any_of(in_flight_.begin(), in_flight_.end(), [&](const InFlight& f) {
+        return f.connection == connection && f.ticket.slot == mine.slot &&
+               f.ticket.generation == mine.generation;
+      });
+    };
+    while (mineIn()) {
+      reapLocked(/*watcher=*/false);
+      changed_.wait_for(lock, std::chrono::microseconds(20));
+    }
+  }
+  return Queued::kYes;
+}
+
+void StreamOrder::reapLocked(bool watcher) {
+  if (in_flight_.empty()) return;
+  const std::uint64_t now = nowNs();
+  std::vector<const Connection*> gone;  // asked once per look
+  std::vector<const Connection*> here;
+  auto alive = [&](Connection& connection) {
+    if (std::find(here.begin(), here.end(), &connection) != here.end()) return true;
+    if (std::find(gone.begin(), gone.end(), &connection) != gone.end()) return false;
+    const bool is = connection.alive();
+    (is ? here : gone).push_back(&connection);
+    return is;
+  };
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < in_flight_.size(); ++i) {
+    InFlight& call = in_flight_[i];
+    Connection& connection = *call.connection;
+    Slot& slot = connection.view().slot(call.ticket.slot);
+    bool settled = false;
+    if (call.taken_over) {
+      settled = seqReached(slot.released.load(std::memory_order_acquire), call.seq);
+    } else {
+      const std::uint32_t word = slot.word.load(std::memory_order_acquire);
+      const std::uint32_t generation = call.ticket.generation;
+      if (word == slotWord(generation, SlotState::kDone)) {
+        const std::int32_t status = slot.status.load(std::memory_order_acquire);
+        if (status == kStatusSuccess) {
+          settled = true;  // the daemon stored released before it said done
+        } else if (watcher) {
+          takeOver(call, status == kStatusExecutionFailed ? Fallback::kDaemonFailed
+                                                          : Fallback::kDeclined);
+        }
+      } else if (watcher) {
+        // Only the watcher looks for a daemon that went away or got stuck.
+        if (call.ready_ns == 0 &&
+            seqReached(slot.ready.load(std::memory_order_acquire), call.seq)) {
+          call.ready_ns = now;
+        }
+        const bool running = word == slotWord(generation, SlotState::kRunning);
+        if (!alive(connection)) {
+          // Not started: cancelled, it is the shim's. Started: with beta == 0
+          // running it again gives the same C.
+          if (running || connection.cancel(call.ticket)) takeOver(call, Fallback::kDaemonLost);
+        } else if (call.ready_ns != 0 && !running && now - call.ready_ns > timeout_ns_ &&
+                   connection.cancel(call.ticket)) {
+          STMUX_WARN(kShim, "the daemon did not start a call within {} ms; running it directly",
+                     timeout_ns_ / 1'000'000);
+          takeOver(call, Fallback::kTimeout);
+        } else if (call.ready_ns != 0 && running && now - call.ready_ns > 2 * timeout_ns_) {
+          STMUX_ERROR(kShim, "a call the daemon started did not finish in {} ms; running it here",
+                      2 * timeout_ns_ / 1'000'000);
+          takeOver(call, Fallback::kTimeout);
+        }
+      }
+    }
+    if (settled) {
+      connection.release(call.ticket);
+      StreamOutcome outcome;
+      outcome.direct = call.taken_over;
+      outcome.failed = call.failed;
+      account_(connection, outcome);
+      continue;
+    }
+    if (kept != i) in_flight_[kept] = std::move(call);
+    ++kept;
+  }
+  in_flight_.resize(kept);
+  changed_.notify_all();
+}
+
+// The shim runs the call itself, ordered on the GPU as the daemon's run would
+// have been; if even that fails, its stream is let go from here, loudly.
+void StreamOrder::takeOver(InFlight& call, Fallback why) {
+  call.taken_over = why;
+  if (runItself(call)) return;
+  call.failed = true;
+  STMUX_ERROR(kShim,
+              "a stream-ordered call ({}) could be run neither by the daemon nor here; its "
+              "stream goes on with C not computed",
+              kFallbackNames[static_cast<std::size_t>(why)]);
+  call.connection->view()
+      .slot(call.ticket.slot)
+      .released.store(call.seq, std::memory_order_release);
+}
+
+StreamOrder::Runner* StreamOrder::runnerFor(CUcontext context) {
+  for (Runner& runner : runners_) {
+    if (runner.context == context) return &runner;
+  }
+  Runner runner{context, nullptr, nullptr};
+  if (driver_.cuStreamCreate(&runner.stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
+    return nullptr;
+  }
+  if (real_.cublasCreate_v2 == nullptr ||
+      real_.cublasCreate_v2(&runner.handle) != CUBLAS_STATUS_SUCCESS ||
+      real_.cublasSetStream_v2(runner.handle, reinterpret_cast<cudaStream_t>(runner.stream)) !=
+          CUBLAS_STATUS_SUCCESS) {
+    return nullptr;
+  }
+  runners_.push_back(runner);
+  return &runners_.back();
+}
+
+bool StreamOrder::runItself(const InFlight& call) {
+  if (driver_.cuCtxSetCurrent(call.context) != CUDA_SUCCESS) return false;
+  Runner* runner = runnerFor(call.context);
+  if (runner == nullptr) return false;
+  if (driver_.cuStreamWaitValue32(runner->stream, call.ready, call.seq, CU_STREAM_WAIT_VALUE_GEQ) !=
+      CUDA_SUCCESS) {
+    return false;
+  }
+  const Request& r = call.request;
+  (void)real_.cublasSetMathMode(runner->handle, static_cast<cublasMath_t>(r.math_mode));
+  (void)real_.cublasSetEmulationStrategy(runner->handle,
+                                         static_cast<cublasEmulationStrategy_t>(r.emulation));
+  const auto ta = static_cast<cublasOperation_t>(r.transa);
+  const auto tb = static_cast<cublasOperation_t>(r.transb);
+  const auto fits = [](std::int64_t v) { return v <= INT32_MAX; };
+  const cublasStatus_t status =
+      fits(r.m) && fits(r.n) && fits(r.k) && fits(r.lda) && fits(r.ldb) && fits(r.ldc)
+          ? real_.cublasSgemm_v2(runner->handle, ta, tb, static_cast<int>(r.m),
+                                 static_cast<int>(r.n), static_cast<int>(r.k), &r.alpha, call.a,
+                                 static_cast<int>(r.lda), call.b, static_cast<int>(r.ldb), &r.beta,
+                                 call.c, static_cast<int>(r.ldc))
+          : real_.cublasSgemm_v2_64(runner->handle, ta, tb, r.m, r.n, r.k, &r.alpha, call.a, r.lda,
+                                    call.b, r.ldb, &r.beta, call.c, r.ldc);
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    STMUX_WARN(kShim, "running a stream-ordered call here: cuBLAS returned {}",
+               static_cast<int>(status));
+  }
+  return driver_.cuStreamWriteValue32(runner->stream, call.released, call.seq,
+                                      CU_STREAM_WRITE_VALUE_DEFAULT) == CUDA_SUCCESS;
+}
+
+void StreamOrder::startWatcher() {
+  std::lock_guard lock(mutex_);
+  if (watcher_started_ || stopping_) return;
+  // Signals stay with the application's threads.
+  sigset_t all, previous;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &previous);
+  try {
+    std::thread([this] { watch(); }).detach();
+    watcher_started_ = true;
+  } catch (const std::system_error& error) {
+    STMUX_WARN(kShim,
+               "cannot start the stream-order watcher ({}); a call the daemon cannot finish is "
+               "run here only when another call needs its slot",
+               error.what());
+  }
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+}
+
+void StreamOrder::watch() {
+  pthread_setname_np(pthread_self(), "stmux-watch");
+  // Nothing this thread calls may disturb a graph the application captures
+  // in cudaStreamCaptureModeGlobal on another thread.
+  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+  driver_.cuThreadExchangeStreamCaptureMode(&mode);
+  std::unique_lock lock(mutex_);
+  while (true) {
+    changed_.wait(lock, [this] { return stopped_ || !in_flight_.empty(); });
+    if (stopped_) return;
+    // Read before the look, so that news after it cuts the sleep short.
+    std::shared_ptr<Connection> connection = in_flight_.front().connection;
+    std::atomic<std::uint32_t>& attention = connection->view().header()->attention;
+    const std::uint32_t seen = attention.load(std::memory_order_seq_cst);
+    reapLocked(/*watcher=*/true);
+    if (in_flight_.empty()) continue;
+    lock.unlock();
+    futexWait(&attention, seen, kWatchSliceNs);
+    lock.lock();
+  }
+}
+
+void StreamOrder::stop(std::uint64_t bound_ns) {
+  std::unique_lock lock(mutex_);
+  stopping_ = true;
+  const std::uint64_t give_up = nowNs() + bound_ns;
+  while (!in_flight_.empty() && watcher_started_ && nowNs() < give_up) {
+    reapLocked(/*watcher=*/false);
+    changed_.wait_for(lock, std::chrono::milliseconds(1));
+  }
+  reapLocked(/*watcher=*/false);
+  if (!in_flight_.empty()) {
+    STMUX_WARN(kShim, "{} stream-ordered calls still in flight at exit", in_flight_.size());
+  }
+  stopped_ = true;
+  changed_.notify_all();
+}
+
+void StreamOrder::forkPrepare() {
+  register_mutex_.lock();
+  mutex_.lock();
+}
+
+void StreamOrder::forkParent() {
+  mutex_.unlock();
+  register_mutex_.unlock();
+}
+
+// The child has no CUDA of its own from the parent, nor its calls.
+void StreamOrder::forkChild() {
+  in_flight_.clear();
+  runners_.clear();
+  registered_.clear();
+  watcher_started_ = false;
+  mutex_.unlock();
+  register_mutex_.unlock();
+}
+
+}  // namespace stmux::shim

@@ -1,0 +1,129 @@
+// Stream-ordered calls (STMUX_MODE=stream): a served call returns as soon as
+// it is queued, as cuBLAS's own does, and the GPU keeps its stream's order.
+//
+// For each call the caller's stream gets two stream memory operations on
+// words of the call's completion slot, host memory that this process and
+// stmuxd share (the segment, registered with CUDA here):
+//   write ready = seq     once the work queued before the call is done
+//   wait released >= seq  before anything queued after it
+// The daemon starts the request only once it sees `ready` (it never touches
+// the operands earlier, and a stream still busy holds up no batch), and on
+// success stores `released` when its kernels are done. Whatever else happens
+// (declined, the daemon gone or stuck) the watcher thread runs the call
+// itself on a stream of its own that waits for `ready`, then writes
+// `released`: the caller's stream is always let go, with C computed. That is
+// why only calls with beta == 0 go this way: run again, they give the same C
+// whether or not the daemon had started (or half done) them.
+// docs/ARCHITECTURE.md, "Stream-ordered mode".
+#pragma once
+
+#include <cuda.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "shim/driver.h"
+#include "shim/real.h"
+#include "shim/transport.h"
+
+namespace stmux::shim {
+
+// What became of a stream-ordered call: served (no reason), run by the shim
+// itself (the reason), or, when even that was impossible, failed.
+struct StreamOutcome {
+  std::optional<Fallback> direct;
+  bool failed = false;
+};
+using StreamAccount = std::function<void(Connection&, const StreamOutcome&)>;
+
+// A served call: described and routed; the rest is filled in here.
+struct StreamCall {
+  Request request;
+  CUstream stream = nullptr;  // the handle's
+  const float* a = nullptr;   // the caller's operands, should the shim run it
+  const float* b = nullptr;
+  float* c = nullptr;
+};
+
+class StreamOrder {
+ public:
+  StreamOrder(const Driver& driver, const RealCublas& real, std::uint64_t timeout_ns,
+              StreamAccount account);
+
+  enum class Queued {
+    kYes,        // queued: return CUBLAS_STATUS_SUCCESS
+    kHost,       // stream order is not available here: serve it in host mode
+    kBusy,       // no slot or ring space before the deadline: run it directly
+    kCudaError,  // a driver call failed: run it directly
+  };
+  Queued submit(const std::shared_ptr<Connection>& connection, StreamCall& call,
+                std::uint64_t deadline_ns);
+
+  // At exit: waits up to `bound_ns` for the calls in flight to be settled
+  // (counted), then stops the watcher.
+  void stop(std::uint64_t bound_ns);
+
+  void forkPrepare();
+  void forkParent();
+  void forkChild();
+
+ private:
+  struct InFlight {
+    std::shared_ptr<Connection> connection;
+    Ticket ticket;
+    std::uint32_t seq = 0;
+    CUcontext context = nullptr;
+    CUdeviceptr ready = 0, released = 0;  // the slot's words, as the GPU sees them
+    Request request;
+    const float* a = nullptr;
+    const float* b = nullptr;
+    float* c = nullptr;
+    std::uint64_t ready_ns = 0;          // when the watcher first saw the caller's stream reach it
+    std::optional<Fallback> taken_over;  // the shim runs it: settled once released reaches seq
+    bool failed = false;                 // the shim could not run it either
+  };
+  struct Registered {
+    const void* host;
+    CUcontext context;
+    CUdeviceptr device;
+  };
+  struct Runner {
+    CUcontext context;
+    CUstream stream;
+    cublasHandle_t handle;
+  };
+
+  std::optional<CUdeviceptr> segmentOnGpu(Connection& connection, CUcontext context);
+  CUresult joinLegacyStream(CUstream stream, CUcontext context);
+  Result<Ticket> reserve(Connection& connection, std::uint64_t deadline_ns);
+  // Settles what it can; only the watcher (`watcher`) takes calls over.
+  void reapLocked(bool watcher);
+  void takeOver(InFlight& call, Fallback why);
+  bool runItself(const InFlight& call);
+  Runner* runnerFor(CUcontext context);
+  void startWatcher();
+  void watch();
+
+  const Driver& driver_;
+  const RealCublas& real_;
+  std::uint64_t timeout_ns_;
+  StreamAccount account_;
+
+  std::mutex register_mutex_;
+  std::vector<Registered> registered_;  // under register_mutex_
+
+  std::mutex mutex_;  // guards what follows
+  std::condition_variable changed_;
+  std::vector<InFlight> in_flight_;
+  bool watcher_started_ = false;
+  bool stopping_ = false;
+  bool stopped_ = false;
+  std::vector<Runner> runners_;  // the watcher's own handles, one per context
+};
+
+}  // namespace stmux::shim
