@@ -85,7 +85,7 @@ class Shim {
   std::optional<DeviceInfo> deviceInfo(int device);
   SyncChoice applySync(const Connection& connection);
   Route chooseRoute(Connection& connection);
-  bool streamOrdered(const DeviceInfo& info, const Connection& connection, const Uuid& device);
+  bool streamOrdered(Connection& connection);
   CUresult waitForPriorWork(CUstream stream);
   void printCounters();
   void startSweeper();
@@ -151,7 +151,7 @@ Shim::Shim() : real_(realCublas()) {
     STMUX_WARN(kConfig, "{} is not a stmux variable; it is ignored", name);
   }
   if (config_ok_ && !config_.disable) driver_ = cudaDriver();
-  if (driver_ != nullptr && config_.mode != "host") {
+  if (driver_ != nullptr && config_.mode == "stream") {
     stream_ = std::make_unique<StreamOrder>(
         *driver_, real_, static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000,
         [this](Connection& connection, const StreamOutcome& outcome) {
@@ -333,7 +333,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   const std::uint64_t timeout_ns = static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000;
   // Stream order for the calls that can be run again should the daemon not
   // finish them (beta == 0); the legacy API's stream is not visible.
-  if (streamOrdered(*info, *conn, request.device) && !gemm.legacy && request.beta == 0.0f) {
+  if (streamOrdered(*conn) && !gemm.legacy && request.beta == 0.0f) {
     StreamCall ordered{request, reinterpret_cast<CUstream>(stream), gemm.a, gemm.b, gemm.c};
     switch (stream_->submit(connection, ordered, nowNs() + timeout_ns)) {
       case StreamOrder::Queued::kYes:
@@ -488,25 +488,13 @@ CUresult Shim::waitForPriorWork(CUstream stream) {
   return result;
 }
 
-// STMUX_MODE for a call on `device`: 'auto' orders on the GPU where this
-// process's context and the daemon's are both on MPS. Off MPS every hand-off
-// between the contexts is a context switch either way, and host mode puts no
-// work into the tenant's context, so that tenants doing nothing but GEMMs
-// leave the GPU to the daemon's context alone.
-bool Shim::streamOrdered(const DeviceInfo& info, const Connection& connection, const Uuid& device) {
-  bool stream = false;
-  if (stream_ && config_.mode == "stream") {
-    stream = true;
-  } else if (stream_ && config_.mode == "auto" && info.mps) {
-    const std::vector<Uuid>& served = connection.devices();
-    const auto found = std::find(served.begin(), served.end(), device);
-    stream = found != served.end() &&
-             connection.deviceOnMps(static_cast<std::size_t>(found - served.begin()));
-  }
-  const_cast<Connection&>(connection)
-      .counters()
-      .mode.store(static_cast<std::uint32_t>(stream ? ClientMode::kStream : ClientMode::kHost),
-                  std::memory_order_relaxed);
+// STMUX_MODE: stream order only where chosen; host mode measured faster on
+// every row so far (docs/ARCHITECTURE.md, "Stream-ordered mode").
+bool Shim::streamOrdered(Connection& connection) {
+  const bool stream = stream_ != nullptr;
+  connection.counters().mode.store(
+      static_cast<std::uint32_t>(stream ? ClientMode::kStream : ClientMode::kHost),
+      std::memory_order_relaxed);
   return stream;
 }
 

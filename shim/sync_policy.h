@@ -55,6 +55,10 @@ inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores) {
     case SyncMode::kAuto:
       break;
   }
+  // Blocking in both waits: with the shim's own wait still polling (it
+  // yields the core after 5 us) PyTorch tenants on MPS at R=32 kept a worst
+  // p99 of 4.0 ms (torch-cube); blocking in both met 1 ms on every R=32 row,
+  // at a cost in throughput (docs/BENCHMARKS.md, "How tenants wait").
   if (tenants > cores) return {kSchedBlocking, false};
   return {kSchedAuto, true};
 }

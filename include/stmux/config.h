@@ -57,12 +57,11 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "whose GPU context and stmuxd's are not both on MPS, while no other tenant makes calls, is " \
     "measured now and then with its calls direct, and runs them directly while that is clearly " \
     "faster (kernels of its own between GEMMs make each hand-off a context switch).")            \
-  X(mode, "STMUX_MODE", kChoice, "auto", 0, 0, "auto|host|stream", kShim,                        \
+  X(mode, "STMUX_MODE", kChoice, "host", 0, 0, "host|stream", kShim,                             \
     "How a served call keeps its stream's order. 'host': the caller's thread waits for its "     \
     "stream, then for the daemon; 'stream': the call returns once queued, as cuBLAS's does, "    \
-    "and the GPU keeps the order (calls with beta != 0 and the legacy API still go 'host'); "    \
-    "'auto': 'stream' where this process's GPU context and stmuxd's are both on MPS, else "      \
-    "'host'.")                                                                                   \
+    "and the GPU keeps the order (calls with beta != 0 and the legacy API still go 'host'). "    \
+    "'host' measured faster on every row so far (docs/BENCHMARKS.md).")                          \
   X(daemon_user, "STMUX_DAEMON_USER", kUser, "stmux", 0, 4294967294, "", kShim,                  \
     "The user stmuxd runs as. A tenant attaches only to a daemon running as root, as the "       \
     "tenant's own uid or as this user, and otherwise runs every call directly.")                 \
