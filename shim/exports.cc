@@ -7,6 +7,7 @@
 #include "shim/hooks.h"
 #include "shim/intercept.h"
 #include "shim/real.h"
+#include "stmux/gemm.h"
 #include "stmux/wire.h"
 
 namespace stmux::shim::hooks {
@@ -48,6 +49,73 @@ std::int32_t legacyOp(char op) {
     default:
       return -1;
   }
+}
+
+// A GEMV as the GEMM that computes it (stmux/gemm.h, gemvAsGemm), in the
+// precision of cublasSgemv: full FP32, whatever the handle's math mode.
+template <class Int>
+Gemm makeGemv(cublasHandle_t handle, cublasOperation_t trans, Int m, Int n, const float* alpha,
+              const float* a, Int lda, const float* x, Int incx, const float* beta, float* y,
+              Int incy) {
+  const GemvShape shape{static_cast<std::int32_t>(trans), m, n, lda, incx, incy};
+  Gemm gemm;
+  gemm.handle = handle;
+  gemm.alpha = alpha, gemm.beta = beta;
+  gemm.math_mode = CUBLAS_DEFAULT_MATH;
+  gemm.emulation = CUBLAS_EMULATION_STRATEGY_DEFAULT;
+  if (checkGemvArgs(shape) != kStatusSuccess) {
+    gemm.direct_because = Fallback::kInvalidArgs;
+    return gemm;
+  }
+  // cuBLAS returns at once when m or n is 0, leaving y as it is; the GEMM
+  // would scale y by beta.
+  if (m == 0 || n == 0) {
+    gemm.direct_because = Fallback::kNoOp;
+    return gemm;
+  }
+  const std::optional<GemvAsGemm> as = gemvAsGemm(shape);
+  if (!as) {
+    gemm.direct_because = Fallback::kUnservedForm;
+    return gemm;
+  }
+  const GemmShape& g = as->shape;
+  gemm.transa = g.transa, gemm.transb = g.transb;
+  gemm.m = g.m, gemm.n = g.n, gemm.k = g.k;
+  gemm.lda = g.lda, gemm.ldb = g.ldb, gemm.ldc = g.ldc;
+  gemm.a = as->x_first ? x : a;
+  gemm.b = as->x_first ? a : x;
+  gemm.c = y;
+  return gemm;
+}
+
+// A GemmEx: served when it is an SGEMM, all data FP32 and FP32 compute; the
+// compute type sets the precision (32F: the handle's math mode, as
+// cublasSgemm; PEDANTIC: never reduced; FAST_TF32: TF32 allowed).
+template <class Int>
+Gemm makeGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, Int m,
+                Int n, Int k, const void* alpha, const void* a, cudaDataType atype, Int lda,
+                const void* b, cudaDataType btype, Int ldb, const void* beta, void* c,
+                cudaDataType ctype, Int ldc, cublasComputeType_t compute) {
+  Gemm gemm = makeGemm(handle, transa, transb, m, n, k, static_cast<const float*>(alpha),
+                       static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb,
+                       static_cast<const float*>(beta), static_cast<float*>(c), ldc);
+  if (atype != CUDA_R_32F || btype != CUDA_R_32F || ctype != CUDA_R_32F) {
+    gemm.direct_because = Fallback::kUnservedForm;
+    return gemm;
+  }
+  switch (compute) {
+    case CUBLAS_COMPUTE_32F:
+      break;
+    case CUBLAS_COMPUTE_32F_PEDANTIC:
+      gemm.math_mode = CUBLAS_PEDANTIC_MATH;
+      break;
+    case CUBLAS_COMPUTE_32F_FAST_TF32:
+      gemm.math_mode = CUBLAS_TF32_TENSOR_OP_MATH;
+      break;
+    default:
+      gemm.direct_because = Fallback::kUnservedForm;
+  }
+  return gemm;
 }
 
 }  // namespace
@@ -97,6 +165,65 @@ void cublasSgemm(char transa, char transb, int m, int n, int k, float alpha, con
   gemm.alpha_value = alpha, gemm.beta_value = beta;
   gemm.a = A, gemm.b = B, gemm.c = C;
   (void)intercept(gemm, DirectCall(direct));
+}
+
+cublasStatus_t cublasSgemv_v2(cublasHandle_t handle, cublasOperation_t trans, int m, int n,
+                              const float* alpha, const float* A, int lda, const float* x, int incx,
+                              const float* beta, float* y, int incy) noexcept {
+  const RealCublas& real = realCublas();
+  if (real.cublasSgemv_v2 == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  auto direct = [&] {
+    return real.cublasSgemv_v2(handle, trans, m, n, alpha, A, lda, x, incx, beta, y, incy);
+  };
+  return intercept(makeGemv(handle, trans, m, n, alpha, A, lda, x, incx, beta, y, incy),
+                   DirectCall(direct));
+}
+
+cublasStatus_t cublasSgemv_v2_64(cublasHandle_t handle, cublasOperation_t trans, int64_t m,
+                                 int64_t n, const float* alpha, const float* A, int64_t lda,
+                                 const float* x, int64_t incx, const float* beta, float* y,
+                                 int64_t incy) noexcept {
+  const RealCublas& real = realCublas();
+  if (real.cublasSgemv_v2_64 == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  auto direct = [&] {
+    return real.cublasSgemv_v2_64(handle, trans, m, n, alpha, A, lda, x, incx, beta, y, incy);
+  };
+  return intercept(makeGemv(handle, trans, m, n, alpha, A, lda, x, incx, beta, y, incy),
+                   DirectCall(direct));
+}
+
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
+                            cublasOperation_t transb, int m, int n, int k, const void* alpha,
+                            const void* A, cudaDataType Atype, int lda, const void* B,
+                            cudaDataType Btype, int ldb, const void* beta, void* C,
+                            cudaDataType Ctype, int ldc, cublasComputeType_t computeType,
+                            cublasGemmAlgo_t algo) noexcept {
+  const RealCublas& real = realCublas();
+  if (real.cublasGemmEx == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  auto direct = [&] {
+    return real.cublasGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
+                             beta, C, Ctype, ldc, computeType, algo);
+  };
+  return intercept(makeGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
+                              beta, C, Ctype, ldc, computeType),
+                   DirectCall(direct));
+}
+
+cublasStatus_t cublasGemmEx_64(cublasHandle_t handle, cublasOperation_t transa,
+                               cublasOperation_t transb, int64_t m, int64_t n, int64_t k,
+                               const void* alpha, const void* A, cudaDataType Atype, int64_t lda,
+                               const void* B, cudaDataType Btype, int64_t ldb, const void* beta,
+                               void* C, cudaDataType Ctype, int64_t ldc,
+                               cublasComputeType_t computeType, cublasGemmAlgo_t algo) noexcept {
+  const RealCublas& real = realCublas();
+  if (real.cublasGemmEx_64 == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  auto direct = [&] {
+    return real.cublasGemmEx_64(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype,
+                                ldb, beta, C, Ctype, ldc, computeType, algo);
+  };
+  return intercept(makeGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
+                              beta, C, Ctype, ldc, computeType),
+                   DirectCall(direct));
 }
 
 }  // namespace stmux::shim::hooks

@@ -222,6 +222,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   calls_.fetch_add(1, std::memory_order_relaxed);
   if (!config_ok_) return fallback(Fallback::kBadConfig, direct, nullptr);
   if (config_.disable) return fallback(Fallback::kDisabled, direct, nullptr);
+  if (gemm.direct_because) return fallback(*gemm.direct_because, direct, nullptr);
   if (!gemm.legacy && gemm.handle == nullptr) {
     return fallback(Fallback::kBadHandle, direct, nullptr);
   }
@@ -265,8 +266,9 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     }
     request.alpha = *gemm.alpha;
     request.beta = *gemm.beta;
-    request.math_mode = static_cast<std::uint32_t>(math);
-    request.emulation = static_cast<std::uint32_t>(emulation);
+    request.math_mode = static_cast<std::uint32_t>(gemm.math_mode >= 0 ? gemm.math_mode : math);
+    request.emulation =
+        static_cast<std::uint32_t>(gemm.emulation >= 0 ? gemm.emulation : emulation);
   }
   if (gemmIsNoOp(request)) return fallback(Fallback::kNoOp, direct, nullptr);
   if (driver_ == nullptr) return fallback(Fallback::kCudaError, direct, nullptr);

@@ -5,6 +5,9 @@
 #include <cublas_api.h>
 
 #include <cstdint>
+#include <optional>
+
+#include "stmux/wire.h"
 
 namespace stmux::shim {
 
@@ -20,6 +23,14 @@ struct Gemm {
   const float* a = nullptr;
   const float* b = nullptr;
   float* c = nullptr;
+  // Set by entry points whose precision is not the handle's math mode (a
+  // GEMV never uses TF32; GemmEx's compute type may say): the cublasMath_t
+  // and cublasEmulationStrategy_t to run with. -1: the handle's.
+  std::int32_t math_mode = -1;
+  std::int32_t emulation = -1;
+  // The entry point already knows the call runs directly, and why (a form
+  // stmux does not serve, or one cuBLAS refuses or returns from at once).
+  std::optional<Fallback> direct_because;
 };
 
 // The real call with the application's own arguments, as a cheap reference to

@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <climits>
+#include <random>
+#include <vector>
 
 namespace stmux {
 namespace {
@@ -131,6 +133,108 @@ TEST(Gemm, BatchKeysSplitOnEveryField) {
   other.a.offset = 64;
   other.slot = 3;
   EXPECT_EQ(BatchKey::of(other), key);
+}
+
+// Column-major references, as BLAS defines them, in double: GEMV with any
+// non-zero increments (a negative one starts at the far end), and GEMM.
+void referenceGemv(const GemvShape& s, double alpha, const std::vector<double>& a,
+                   const std::vector<double>& x, double beta, std::vector<double>& y) {
+  const std::int64_t rows = s.rowsY(), length = s.lengthX();
+  auto at = [](std::int64_t i, std::int64_t count, std::int64_t inc) {
+    return static_cast<std::size_t>(inc > 0 ? i * inc : (count - 1 - i) * -inc);
+  };
+  for (std::int64_t i = 0; i < rows; ++i) {
+    double sum = 0;
+    for (std::int64_t j = 0; j < length; ++j) {
+      const double aij = s.trans == kOpN ? a[static_cast<std::size_t>(i + j * s.lda)]
+                                         : a[static_cast<std::size_t>(j + i * s.lda)];
+      sum += aij * x[at(j, length, s.incx)];
+    }
+    double& out = y[at(i, rows, s.incy)];
+    out = alpha * sum + beta * out;
+  }
+}
+
+void referenceGemm(const GemmShape& s, double alpha, const double* a, const double* b, double beta,
+                   double* c) {
+  for (std::int64_t i = 0; i < s.m; ++i) {
+    for (std::int64_t j = 0; j < s.n; ++j) {
+      double sum = 0;
+      for (std::int64_t p = 0; p < s.k; ++p) {
+        const double aip = s.transa == kOpN ? a[i + p * s.lda] : a[p + i * s.lda];
+        const double bpj = s.transb == kOpN ? b[p + j * s.ldb] : b[j + p * s.ldb];
+        sum += aip * bpj;
+      }
+      c[i + j * s.ldc] = alpha * sum + beta * c[i + j * s.ldc];
+    }
+  }
+}
+
+TEST(Gemv, ArgumentsAreCheckedAsCublasDoes) {
+  EXPECT_EQ(checkGemvArgs({kOpN, 3, 2, 3, 1, 1}), kStatusSuccess);
+  EXPECT_EQ(checkGemvArgs({kOpT, 3, 2, 3, -2, 5}), kStatusSuccess);
+  EXPECT_EQ(checkGemvArgs({kOpN, 0, 0, 1, 1, 1}), kStatusSuccess);
+  EXPECT_EQ(checkGemvArgs({7, 3, 2, 3, 1, 1}), kStatusInvalidValue);
+  EXPECT_EQ(checkGemvArgs({kOpN, -1, 2, 3, 1, 1}), kStatusInvalidValue);
+  EXPECT_EQ(checkGemvArgs({kOpN, 3, -1, 3, 1, 1}), kStatusInvalidValue);
+  EXPECT_EQ(checkGemvArgs({kOpN, 3, 2, 2, 1, 1}), kStatusInvalidValue) << "lda < m";
+  EXPECT_EQ(checkGemvArgs({kOpN, 0, 2, 0, 1, 1}), kStatusInvalidValue) << "lda < 1";
+  EXPECT_EQ(checkGemvArgs({kOpN, 3, 2, 3, 0, 1}), kStatusInvalidValue) << "incx 0";
+  EXPECT_EQ(checkGemvArgs({kOpN, 3, 2, 3, 1, 0}), kStatusInvalidValue) << "incy 0";
+}
+
+// Every GEMV with positive increments, computed as the GEMM gemvAsGemm
+// gives (its arguments valid for cuBLAS, its operands where the GEMV's are),
+// equals the GEMV; negative increments are not taken.
+TEST(Gemv, TheGemmItMapsToComputesTheSameY) {
+  std::mt19937 random(7);
+  std::uniform_real_distribution<double> value(-1, 1);
+  int checked = 0;
+  for (std::int32_t trans : {kOpN, kOpT, kOpC}) {
+    for (std::int64_t m = 1; m <= 5; ++m) {
+      for (std::int64_t n = 1; n <= 5; ++n) {
+        for (std::int64_t incx : {1, 2, 3}) {
+          for (std::int64_t incy : {1, 2, 4}) {
+            const GemvShape s{trans, m, n, m + (m + n) % 3, incx, incy};
+            ASSERT_EQ(checkGemvArgs(s), kStatusSuccess);
+            const auto as = gemvAsGemm(s);
+            ASSERT_TRUE(as.has_value());
+            ASSERT_EQ(checkGemmArgs(as->shape), kStatusSuccess)
+                << "trans " << trans << " m " << m << " n " << n;
+            std::vector<double> a(static_cast<std::size_t>(s.lda * n));
+            std::vector<double> x(static_cast<std::size_t>((s.lengthX() - 1) * incx + 1));
+            std::vector<double> y(static_cast<std::size_t>((s.rowsY() - 1) * incy + 1));
+            for (auto* v : {&a, &x, &y}) {
+              for (double& e : *v)
+                e = value(random);
+            }
+            // Each GEMM operand must lie within the GEMV operand it stands for.
+            const auto extents = gemmExtents(as->shape);
+            ASSERT_TRUE(extents.has_value());
+            const auto bytes = [](const std::vector<double>& v) {
+              return v.size() * sizeof(float);
+            };
+            EXPECT_LE(extents->a, bytes(as->x_first ? x : a));
+            EXPECT_LE(extents->b, bytes(as->x_first ? a : x));
+            EXPECT_LE(extents->c, bytes(y));
+            std::vector<double> by_gemv = y, by_gemm = y;
+            referenceGemv(s, 0.75, a, x, -0.5, by_gemv);
+            referenceGemm(as->shape, 0.75, as->x_first ? x.data() : a.data(),
+                          as->x_first ? a.data() : x.data(), -0.5, by_gemm.data());
+            for (std::size_t i = 0; i < y.size(); ++i) {
+              ASSERT_DOUBLE_EQ(by_gemv[i], by_gemm[i])
+                  << "element " << i << ", trans " << trans << " m " << m << " n " << n << " incx "
+                  << incx << " incy " << incy;
+            }
+            ++checked;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(checked, 3 * 5 * 5 * 3 * 3);
+  EXPECT_FALSE(gemvAsGemm({kOpN, 3, 2, 3, -1, 1}).has_value());
+  EXPECT_FALSE(gemvAsGemm({kOpN, 3, 2, 3, 1, -2}).has_value());
 }
 
 }  // namespace

@@ -72,6 +72,46 @@ inline std::optional<GemmExtents> gemmExtents(const GemmShape& s) {
   return GemmExtents{*a, *b, *c};
 }
 
+// cublasSgemv: y = alpha * op(A) x + beta * y, A stored m x n.
+struct GemvShape {
+  std::int32_t trans = kOpN;
+  std::int64_t m = 0, n = 0, lda = 1, incx = 1, incy = 1;
+  std::int64_t rowsY() const { return trans == kOpN ? m : n; }  // op(A)'s rows
+  std::int64_t lengthX() const { return trans == kOpN ? n : m; }
+};
+
+// cuBLAS's argument checks for cublasSgemv.
+inline std::int32_t checkGemvArgs(const GemvShape& s) {
+  if (!validTranspose(s.trans)) return kStatusInvalidValue;
+  if (s.m < 0 || s.n < 0) return kStatusInvalidValue;
+  if (s.lda < std::max<std::int64_t>(1, s.m)) return kStatusInvalidValue;
+  if (s.incx == 0 || s.incy == 0) return kStatusInvalidValue;
+  return kStatusSuccess;
+}
+
+// The GEMM that computes a GEMV (valid arguments, m and n > 0), so that the
+// daemon batches GEMVs with GEMMs of the same shape. With unit increments, x
+// and y are columns: C = y (rows(y) x 1) = op(A) x, the GEMM's A being A.
+// With other positive increments they are rows whose leading dimension is
+// the increment: y^T (1 x rows(y)) = x^T op(A)^T, the GEMM's A being x and
+// its B being A. A negative increment walks backwards, which no GEMM does:
+// nullopt. `x_first` says which layout.
+struct GemvAsGemm {
+  GemmShape shape;
+  bool x_first = false;
+};
+inline std::optional<GemvAsGemm> gemvAsGemm(const GemvShape& s) {
+  const std::int64_t rows = s.rowsY(), length = s.lengthX();
+  if (s.incx == 1 && s.incy == 1) {
+    return GemvAsGemm{GemmShape{s.trans, kOpN, rows, 1, length, s.lda,
+                                std::max<std::int64_t>(1, length), std::max<std::int64_t>(1, rows)},
+                      false};
+  }
+  if (s.incx < 1 || s.incy < 1) return std::nullopt;
+  return GemvAsGemm{
+      GemmShape{kOpN, s.trans == kOpN ? kOpT : kOpN, 1, rows, length, s.incx, s.lda, s.incy}, true};
+}
+
 // Nothing to compute: cuBLAS returns success without touching memory.
 inline bool gemmIsNoOp(const Request& r) {
   if (r.m == 0 || r.n == 0) return true;

@@ -25,7 +25,8 @@ namespace stmux {
 // 5: stream-ordered requests (a request flag, its sequence number, the slot's
 //    ready and released words, the header's attention word); a client's
 //    counters say which mode its calls go by.
-inline constexpr std::uint32_t kProtocolVersion = 5;
+// 6: a fallback reason more (unserved_form): the client's counters grew.
+inline constexpr std::uint32_t kProtocolVersion = 6;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -170,7 +171,10 @@ inline constexpr bool seqReached(std::uint32_t word, std::uint32_t seq) {
   X(kDeclined, "declined", "the daemon could not serve the call and did not start it")          \
   X(kDaemonFailed, "daemon_failed", "the daemon's GPU failed the call; beta == 0, so re-run")   \
   X(kMeasuredDirect, "measured_direct",                                                         \
-    "STMUX_ROUTE=auto measured this process faster with its calls direct")
+    "STMUX_ROUTE=auto measured this process faster with its calls direct")                      \
+  X(kUnservedForm, "unserved_form",                                                             \
+    "a form stmux does not serve: GemmEx with other than FP32 data and compute, GEMV with a "   \
+    "negative increment")
 
 enum class Fallback : std::uint32_t {
 #define STMUX_X(id, name, help) id,
