@@ -181,42 +181,34 @@ bool Scheduler::busy() const {
   });
 }
 
-std::string Scheduler::statusJson() const {
-  JsonWriter json;
-  json.key("gpus").beginArray();
+void Scheduler::addStatus(Json& status) const {
+  Json& gpus = status["gpus"] = Json::array();
   for (const Gpu& gpu : gpus_) {
     const BatcherStats& stats = gpu.batcher.stats();
     const ExecutorGauges& gauges = gpu.channel->gauges();
-    json.beginObject();
-    json.field("index", static_cast<std::int64_t>(gpu.info.index));
-    json.field("uuid", formatUuid(gpu.info.uuid));
-    json.field("name", gpu.info.name);
-    json.field("mps", gpu.info.mps);
-    json.field("broken", gauges.broken.load());
-    json.field("queued", static_cast<std::int64_t>(gpu.batcher.queued()));
-    json.field("awaiting_streams", static_cast<std::int64_t>(gpu.awaiting.size()));
-    json.field("in_flight", static_cast<std::int64_t>(gpu.batcher.inFlight()));
-    json.field("requests", static_cast<std::int64_t>(stats.requests));
-    json.field("batches", static_cast<std::int64_t>(stats.batches));
-    json.field("mean_batch", stats.batches == 0 ? 0.0
-                                                : static_cast<double>(stats.launched) /
-                                                      static_cast<double>(stats.batches));
-    json.field("mean_wait_us", stats.launched == 0 ? 0.0
-                                                   : static_cast<double>(stats.wait_ns) / 1e3 /
-                                                         static_cast<double>(stats.launched));
-    json.key("launches").beginObject();
-    for (std::size_t i = 0; i < kLaunchReasonCount; ++i) {
-      json.field(kLaunchReasonNames[i], static_cast<std::int64_t>(stats.launches[i]));
-    }
-    json.endObject();
-    json.field("cublas_launches", static_cast<std::int64_t>(gauges.launches.load()));
-    json.field("mapped", static_cast<std::int64_t>(gauges.mapped.load()));
-    json.endObject();
+    Json& entry = gpus.emplace_back();
+    entry["index"] = gpu.info.index;
+    entry["uuid"] = formatUuid(gpu.info.uuid);
+    entry["name"] = gpu.info.name;
+    entry["mps"] = gpu.info.mps;
+    entry["broken"] = gauges.broken.load();
+    entry["queued"] = gpu.batcher.queued();
+    entry["awaiting_streams"] = gpu.awaiting.size();
+    entry["in_flight"] = gpu.batcher.inFlight();
+    entry["requests"] = stats.requests;
+    entry["batches"] = stats.batches;
+    entry["mean_batch"] = stats.batches == 0 ? 0.0
+                                             : static_cast<double>(stats.launched) /
+                                                   static_cast<double>(stats.batches);
+    entry["mean_wait_us"] = stats.launched == 0 ? 0.0
+                                                : static_cast<double>(stats.wait_ns) / 1e3 /
+                                                      static_cast<double>(stats.launched);
+    Json& launches = entry["launches"] = Json::object();
+    for (std::size_t i = 0; i < kLaunchReasonCount; ++i)
+      launches[kLaunchReasonNames[i]] = stats.launches[i];
+    entry["cublas_launches"] = gauges.launches.load();
+    entry["mapped"] = gauges.mapped.load();
   }
-  json.endArray();
-  // The caller splices these members into its own object.
-  std::string text = json.str();
-  return text;
 }
 
 void Scheduler::addMetrics(MetricsText& out) const {

@@ -38,7 +38,7 @@ class Scheduler : public RequestSink {
   bool poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) override;
   bool busy() const override;
   int wakeFd() const override { return wake_fd_.get(); }
-  std::string statusJson() const override;
+  void addStatus(nlohmann::ordered_json& status) const override;
   void addMetrics(MetricsText& out) const override;
 
   // For the executors' channels, made before the scheduler.

@@ -642,47 +642,39 @@ void Server::detach(const ClientPtr& client, const char* why) {
 }
 
 std::string Server::statusJson() const {
-  JsonWriter json;
-  json.beginObject();
-  json.key("daemon").beginObject();
-  json.field("pid", static_cast<std::int64_t>(::getpid()));
-  json.field("protocol", static_cast<std::int64_t>(kProtocolVersion));
-  json.field("uptime_s", static_cast<double>(nowNs() - started_ns_) / 1e9);
-  json.field("draining", draining_);
-  json.endObject();
-  json.key("clients").beginArray();
+  Json status;
+  Json& daemon = status["daemon"];
+  daemon["pid"] = ::getpid();
+  daemon["protocol"] = kProtocolVersion;
+  daemon["uptime_s"] = static_cast<double>(nowNs() - started_ns_) / 1e9;
+  daemon["draining"] = draining_;
+  Json& clients = status["clients"] = Json::array();
   for (const ClientPtr& client : clients_) {
     const ClientCounters& counters = client->view.header()->counters;
-    json.beginObject();
-    json.field("id", static_cast<std::int64_t>(client->id));
-    json.field("pid", static_cast<std::int64_t>(client->pid));
-    json.field("uid", static_cast<std::int64_t>(client->uid));
-    json.field("name", client->name);
-    json.field("attached_s", static_cast<double>(nowNs() - client->attached_ns) / 1e9);
-    json.field("requests", static_cast<std::int64_t>(client->requests));
-    json.field("outstanding", static_cast<std::int64_t>(client->outstanding));
-    json.field("refused", static_cast<std::int64_t>(client->refused));
-    json.field("forwarded", static_cast<std::int64_t>(counters.forwarded.load()));
-    json.field("failed", static_cast<std::int64_t>(counters.failed.load()));
-    json.key("fallbacks").beginObject();
-    for (std::size_t i = 0; i < kFallbackCount; ++i) {
-      json.field(kFallbackNames[i], static_cast<std::int64_t>(counters.fallback[i].load()));
-    }
-    json.endObject();
-    json.field("route", counters.route.load(std::memory_order_relaxed) == 1 ? "direct" : "served");
+    Json& entry = clients.emplace_back();
+    entry["id"] = client->id;
+    entry["pid"] = client->pid;
+    entry["uid"] = client->uid;
+    entry["name"] = client->name;
+    entry["attached_s"] = static_cast<double>(nowNs() - client->attached_ns) / 1e9;
+    entry["requests"] = client->requests;
+    entry["outstanding"] = client->outstanding;
+    entry["refused"] = client->refused;
+    entry["forwarded"] = counters.forwarded.load();
+    entry["failed"] = counters.failed.load();
+    Json& fallbacks = entry["fallbacks"] = Json::object();
+    for (std::size_t i = 0; i < kFallbackCount; ++i)
+      fallbacks[kFallbackNames[i]] = counters.fallback[i].load();
+    entry["route"] = counters.route.load(std::memory_order_relaxed) == 1 ? "direct" : "served";
     const auto mps = static_cast<ClientMps>(counters.mps.load(std::memory_order_relaxed));
-    json.field("mps", mps == ClientMps::kYes ? "yes" : mps == ClientMps::kNo ? "no" : "unknown");
+    entry["mps"] = mps == ClientMps::kYes ? "yes" : mps == ClientMps::kNo ? "no" : "unknown";
     const auto mode = static_cast<ClientMode>(counters.mode.load(std::memory_order_relaxed));
-    json.field("mode", mode == ClientMode::kStream ? "stream"
-                       : mode == ClientMode::kHost ? "host"
-                                                   : "unknown");
-    json.endObject();
+    entry["mode"] = mode == ClientMode::kStream ? "stream"
+                    : mode == ClientMode::kHost ? "host"
+                                                : "unknown";
   }
-  json.endArray();
-  const std::string extra = sink_.statusJson();
-  if (!extra.empty()) json.raw(extra);
-  json.endObject();
-  return json.str();
+  sink_.addStatus(status);
+  return dumpJson(status);
 }
 
 void Server::publishMetrics(std::uint64_t now) {

@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json_fwd.hpp>
+
 #include "daemon/metrics.h"
 #include "stmux/log.h"
 #include "stmux/segment.h"
@@ -81,8 +83,9 @@ class RequestSink {
   virtual bool busy() const { return false; }
   // An eventfd the sink's other threads write to wake the server, or -1.
   virtual int wakeFd() const { return -1; }
-  // Extra fields for `stmuxctl status --json`, as a JSON object's members.
-  virtual std::string statusJson() const { return ""; }
+  // Adds its members to the status object that `stmuxctl status --json`
+  // prints (a stmux::Json, stmux/json.h).
+  virtual void addStatus(nlohmann::ordered_json& /*status*/) const {}
   // Its metric families, after the server's (daemon/metrics.h).
   virtual void addMetrics(MetricsText& /*out*/) const {}
 };

@@ -9,7 +9,7 @@
 #include <regex>
 #include <sstream>
 
-#include "stmux/json_read.h"
+#include "stmux/json.h"
 #include "test_support.h"
 #include "tools/barrier.h"
 #include "tools/process.h"
@@ -22,7 +22,7 @@ using testing::TempDir;
 struct BenchRun {
   int status = -1;
   std::string out, err;
-  std::optional<JsonValue> json;
+  std::optional<Json> json;
   std::string dir;
 };
 
@@ -61,11 +61,11 @@ BenchRun runBench(const TempDir& dir, const std::string& plan, double ready_time
   return run;
 }
 
-const JsonValue* row(const BenchRun& run, const std::string& mode) {
+const Json* row(const BenchRun& run, const std::string& mode) {
   if (!run.json) return nullptr;
-  const JsonValue* points = run.json->find("points");
-  for (std::size_t i = 0; points != nullptr && i < points->size(); ++i) {
-    if (points->at(i)->find("mode")->asString() == mode) return points->at(i);
+  const Json* points = jsonFind(*run.json, "points");
+  for (std::size_t i = 0; jsonAt(points, i) != nullptr; ++i) {
+    if (jsonString(jsonFind(jsonAt(points, i), "mode")) == mode) return jsonAt(points, i);
   }
   return nullptr;
 }
@@ -75,10 +75,10 @@ TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
   // Tenant i gets ready i * 300 ms after the others.
   const BenchRun run = runBench(dir, "1=slow-ready,2=slow-ready");
   ASSERT_EQ(run.status, 0) << run.out << run.err;
-  const JsonValue* time_only = row(run, "time-only");
+  const Json* time_only = row(run, "time-only");
   ASSERT_NE(time_only, nullptr) << run.out;
-  EXPECT_TRUE(time_only->find("valid")->asBool()) << run.out;
-  EXPECT_GE(time_only->find("ready_s")->asNumber(0), 0.6) << "tenant 2 was 600 ms late";
+  EXPECT_TRUE(jsonBool(jsonFind(time_only, "valid"))) << run.out;
+  EXPECT_GE(jsonNumber(jsonFind(time_only, "ready_s"), 0), 0.6) << "tenant 2 was 600 ms late";
 
   const std::string runs = run.dir + "/runs/cube-256-r3-time-only";
   const auto span = tools::readGo(runs + "/go");
@@ -94,7 +94,7 @@ TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
   }
   EXPECT_GT(span->start_ns, last_ready) << "the clock started before the last tenant was ready";
   // 200 us steps: at most 5,000 a second per tenant, and clearly some.
-  const double rate = time_only->find("gemms_per_s")->asNumber(0);
+  const double rate = jsonNumber(jsonFind(time_only, "gemms_per_s"), 0);
   EXPECT_GT(rate, 3 * 500.0);
   EXPECT_LT(rate, 3 * 5000.0 * 1.05);
   EXPECT_NE(run.out.find("summary:"), std::string::npos) << run.out;
@@ -102,15 +102,17 @@ TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
   // The CPU over the span, from /proc: each fake step is a 200 us sleep, so
   // every step gives the core up, and little CPU is used (too little to
   // expect a 10 ms tick of it for sure); nothing serves time-only tenants.
-  const JsonValue* tenants_cpu = time_only->find("tenants_cpu");
+  const Json* tenants_cpu = jsonFind(time_only, "tenants_cpu");
   ASSERT_NE(tenants_cpu, nullptr);
-  EXPECT_GE(tenants_cpu->find("cores")->asNumber(-1), 0.0);
-  EXPECT_LT(tenants_cpu->find("cores")->asNumber(9), 3.0);
-  EXPECT_GE(tenants_cpu->find("switches_per_s")->asNumber(0), rate * 0.9);
-  const JsonValue* busiest = time_only->find("busiest_tenant_cpu");
-  EXPECT_LE(busiest->find("cores")->asNumber(9), tenants_cpu->find("cores")->asNumber(0));
-  EXPECT_GE(busiest->find("cores")->asNumber(0), tenants_cpu->find("cores")->asNumber(0) / 3);
-  EXPECT_EQ(time_only->find("serving_cpu")->find("cores")->asNumber(-1), 0.0);
+  EXPECT_GE(jsonNumber(jsonFind(tenants_cpu, "cores"), -1), 0.0);
+  EXPECT_LT(jsonNumber(jsonFind(tenants_cpu, "cores"), 9), 3.0);
+  EXPECT_GE(jsonNumber(jsonFind(tenants_cpu, "switches_per_s"), 0), rate * 0.9);
+  const Json* busiest = jsonFind(time_only, "busiest_tenant_cpu");
+  EXPECT_LE(jsonNumber(jsonFind(busiest, "cores"), 9),
+            jsonNumber(jsonFind(tenants_cpu, "cores"), 0));
+  EXPECT_GE(jsonNumber(jsonFind(busiest, "cores"), 0),
+            jsonNumber(jsonFind(tenants_cpu, "cores"), 0) / 3);
+  EXPECT_EQ(jsonNumber(jsonFind(jsonFind(time_only, "serving_cpu"), "cores"), -1), 0.0);
 }
 
 // --repeat: every row again, round after round; the run of median rate is
@@ -120,16 +122,16 @@ TEST(BenchBarrier, RepeatedRowsReportTheirMedianRun) {
   const BenchRun run = runBench(dir, "", 5, {"--repeat", "3"});
   ASSERT_EQ(run.status, 0) << run.out << run.err;
   EXPECT_EQ(countOf(run.err, "] cube-256 R=3 time-only ..."), 3) << run.err;
-  const JsonValue* time_only = row(run, "time-only");
+  const Json* time_only = row(run, "time-only");
   ASSERT_NE(time_only, nullptr) << run.out;
-  const JsonValue* repeats = time_only->find("repeats");
+  const Json* repeats = jsonFind(time_only, "repeats");
   ASSERT_TRUE(repeats != nullptr && repeats->size() == 3) << run.out;
   std::vector<double> rates;
   for (std::size_t i = 0; i < 3; ++i)
-    rates.push_back(repeats->at(i)->asNumber(-1));
+    rates.push_back(jsonNumber(jsonAt(repeats, i), -1));
   EXPECT_TRUE(std::is_sorted(rates.begin(), rates.end()));
-  EXPECT_EQ(time_only->find("gemms_per_s")->asNumber(0), rates[1]);
-  EXPECT_NE(time_only->find("note")->asString().find("median of 3 runs"), std::string::npos);
+  EXPECT_EQ(jsonNumber(jsonFind(time_only, "gemms_per_s"), 0), rates[1]);
+  EXPECT_NE(jsonString(jsonFind(time_only, "note")).find("median of 3 runs"), std::string::npos);
 }
 
 TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {
@@ -150,17 +152,17 @@ TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {
     const BenchRun run = runBench(dir, c.plan, 2);
     EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(60)) << c.plan;
     // The ceiling row has one tenant (index 0) and runs; time-only does not.
-    const JsonValue* time_only = row(run, "time-only");
+    const Json* time_only = row(run, "time-only");
     ASSERT_NE(time_only, nullptr) << c.plan << "\n" << run.out << run.err;
-    EXPECT_FALSE(time_only->find("valid")->asBool()) << c.plan;
-    const std::string note(time_only->find("note")->asString());
+    EXPECT_FALSE(jsonBool(jsonFind(time_only, "valid"), true)) << c.plan;
+    const std::string note(jsonString(jsonFind(time_only, "note")));
     EXPECT_EQ(note.rfind("invalid: ", 0), 0u) << note;
     EXPECT_NE(note.find(c.why), std::string::npos) << c.plan << ": " << note;
-    EXPECT_EQ(time_only->find("gemms_per_s"), nullptr) << "an invalid row carries no figures";
+    EXPECT_EQ(jsonFind(time_only, "gemms_per_s"), nullptr) << "an invalid row carries no figures";
     EXPECT_NE(run.out.find(c.why), std::string::npos) << "the table shows why:\n" << run.out;
-    const JsonValue* ceiling = row(run, "ceiling");
+    const Json* ceiling = row(run, "ceiling");
     ASSERT_NE(ceiling, nullptr);
-    if (ceiling->find("valid")->asBool()) {
+    if (jsonBool(jsonFind(ceiling, "valid"))) {
       // No ratio against the invalid row: the "vs time" column is "-".
       const std::regex line(
           "\ncube-256 +3 ceiling +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+ "

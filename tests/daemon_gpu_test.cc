@@ -59,9 +59,9 @@ TEST_F(StmuxdOnGpu, UnalignedOperandsInABatchAreRightAndTheGpuStaysWhole) {
   ASSERT_TRUE(status.has_value());
   EXPECT_LT(gpuField(*status, "batches"), gpuField(*status, "requests"))
       << "the aligned requests should have shared batches";
-  const JsonValue* broken = status->find("gpus")->at(0)->find("broken");
+  const Json* broken = jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "broken");
   ASSERT_NE(broken, nullptr);
-  EXPECT_FALSE(broken->asBool()) << "the daemon lost its GPU";
+  EXPECT_FALSE(jsonBool(broken, true)) << "the daemon lost its GPU";
 }
 
 TEST_F(StmuxdOnGpu, ThirtyTwoProcessesAtOnce) {
@@ -95,7 +95,7 @@ TEST_F(StmuxdOnGpu, AClientKilledMidRunHarmsNobody) {
   expectPasses(after, "a client after another was killed");
   ASSERT_TRUE(testing::waitFor([&] {
     auto status = daemonStatus(dir_.socket());
-    return status && status->find("clients") != nullptr && status->find("clients")->size() == 0;
+    return status && status->at("clients").empty();
   })) << "the killed client is still listed";
 }
 

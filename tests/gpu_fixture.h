@@ -14,27 +14,24 @@
 #include <optional>
 
 #include "stmux/control.h"
-#include "stmux/json_read.h"
+#include "stmux/json.h"
 #include "test_support.h"
 #include "tools/process.h"
 
 namespace stmux::testing {
 
 // The daemon's status reply, as stmuxctl gets it.
-inline std::optional<JsonValue> daemonStatus(const std::string& socket) {
+inline std::optional<Json> daemonStatus(const std::string& socket) {
   auto reply = queryDaemonStatus(socket, "stmux-status", 2000);
   if (!reply.ok()) return std::nullopt;
-  auto json = parseJson(reply.value());
+  auto json = parseJson(reply.value(), "the status reply", kMaxStatusBytes);
   if (!json.ok()) return std::nullopt;
   return std::move(json).value();
 }
 
 // A number from the first GPU's entry of a status reply, or -1.
-inline double gpuField(const JsonValue& status, const char* field) {
-  const JsonValue* gpus = status.find("gpus");
-  if (gpus == nullptr || gpus->size() == 0) return -1;
-  const JsonValue* value = gpus->at(0)->find(field);
-  return value == nullptr ? -1 : value->asNumber(-1);
+inline double gpuField(const Json& status, const char* field) {
+  return jsonNumber(jsonFind(jsonAt(jsonFind(status, "gpus"), 0), field), -1);
 }
 
 class DaemonFixture : public ::testing::Test {

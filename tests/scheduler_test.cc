@@ -12,7 +12,7 @@
 #include "prometheus_format.h"
 #include "shim/transport.h"
 #include "stmux/control.h"
-#include "stmux/json_read.h"
+#include "stmux/json.h"
 #include "test_support.h"
 
 namespace stmux::daemon {
@@ -270,10 +270,10 @@ double clientField(const TempDir& dir, std::uint32_t id, const char* field) {
   if (!reply.ok()) return -1;
   auto json = parseJson(reply.value());
   if (!json.ok()) return -1;
-  const JsonValue* clients = json->find("clients");
-  for (std::size_t i = 0; clients != nullptr && i < clients->size(); ++i) {
-    if (clients->at(i)->find("id")->asNumber(-1) == id) {
-      return clients->at(i)->find(field)->asNumber(-1);
+  const Json* clients = jsonFind(json.value(), "clients");
+  for (std::size_t i = 0; jsonAt(clients, i) != nullptr; ++i) {
+    if (jsonNumber(jsonFind(jsonAt(clients, i), "id"), -1) == id) {
+      return jsonNumber(jsonFind(jsonAt(clients, i), field), -1);
     }
   }
   return -1;
@@ -473,7 +473,9 @@ TEST(Scheduler, AwaitingRequestsOfAClientThatLeftAreDropped) {
     return std::find(forgotten.begin(), forgotten.end(), id) != forgotten.end();
   }));
   daemon.stop();
-  const std::string json = daemon.scheduler().statusJson();
+  Json status;
+  daemon.scheduler().addStatus(status);
+  const std::string json = dumpJson(status);
   EXPECT_NE(json.find("\"awaiting_streams\":0"), std::string::npos) << json;
   EXPECT_TRUE(daemon.executor().batchSizes().empty());
 }
@@ -485,7 +487,9 @@ TEST(Scheduler, StatusReportsEachGpu) {
   ASSERT_TRUE(connection);
   EXPECT_EQ(call(*connection, validRequest()), kStatusSuccess);
   daemon.stop();
-  const std::string json = daemon.scheduler().statusJson();
+  Json status;
+  daemon.scheduler().addStatus(status);
+  const std::string json = dumpJson(status);
   EXPECT_NE(json.find("\"uuid\":\"GPU-abababab-abab-abab-abab-abababababab\""), std::string::npos)
       << json;
   EXPECT_NE(json.find("\"batches\":1"), std::string::npos) << json;

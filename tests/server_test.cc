@@ -22,7 +22,7 @@
 
 #include "shim/transport.h"
 #include "stmux/control.h"
-#include "stmux/json_read.h"
+#include "stmux/json.h"
 #include "test_support.h"
 
 namespace stmux {
@@ -529,7 +529,7 @@ TEST(Server, StatusListsEveryClientOfOverAThousand) {
     EXPECT_GT(reply->size(), 4 * kStatusPartBytes) << "too small to need several parts";
     auto json = parseJson(reply.value());
     ASSERT_TRUE(json.ok()) << json.message();
-    const JsonValue* clients = json->find("clients");
+    const Json* clients = jsonFind(json.value(), "clients");
     ASSERT_NE(clients, nullptr);
     EXPECT_EQ(clients->size(), std::size_t{kClients});
   }

@@ -106,7 +106,7 @@ TEST_F(ShimOnGpu, ADaemonKilledMidRunLeavesNoCallerHangingOrWrongAndTheyComeBack
   ASSERT_TRUE(testing::waitFor(
       [&] {
         auto status = daemonStatus(dir_.socket());
-        return status && status->find("clients")->size() > 0 && gpuField(*status, "requests") > 0;
+        return status && status->at("clients").size() > 0 && gpuField(*status, "requests") > 0;
       },
       std::chrono::seconds(5)))
       << "no client came back to the restarted daemon";
@@ -228,9 +228,9 @@ class AutoRouteOnGpu : public ShimOnGpu {
     if (HasFatalFailure() || IsSkipped()) return;
     auto status = daemonStatus(dir_.socket());
     ASSERT_TRUE(status);
-    const JsonValue* gpus = status->find("gpus");
+    const Json* gpus = jsonFind(*status, "gpus");
     ASSERT_TRUE(gpus != nullptr && gpus->size() > 0);
-    if (gpus->at(0)->find("mps")->asBool(false)) {
+    if (jsonBool(jsonFind(jsonAt(gpus, 0), "mps"))) {
       GTEST_SKIP() << "GPU test skipped: an MPS control daemon is running, and on MPS auto serves";
     }
   }
@@ -268,10 +268,10 @@ TEST_F(AutoRouteOnGpu, ALoneTenantGoesDirectWhenThatIsFasterAndSaysSo) {
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   const auto status = daemonStatus(dir_.socket());
   ASSERT_TRUE(status);
-  const JsonValue* clients = status->find("clients");
+  const Json* clients = jsonFind(*status, "clients");
   ASSERT_TRUE(clients != nullptr && clients->size() == 1) << c.err();
-  EXPECT_EQ(clients->at(0)->find("route")->asString(), "direct") << c.err();
-  EXPECT_EQ(clients->at(0)->find("mps")->asString(), "no");
+  EXPECT_EQ(jsonString(jsonFind(jsonAt(clients, 0), "route")), "direct") << c.err();
+  EXPECT_EQ(jsonString(jsonFind(jsonAt(clients, 0), "mps")), "no");
   ASSERT_EQ(c.wait(std::chrono::seconds(60)), 0) << c.out() << c.err();
   const ShimStats stats = shimStats(c.err());
   const long direct = stats.directCalls("measured_direct");
@@ -296,10 +296,10 @@ TEST_F(AutoRouteOnGpu, ATenantIsServedWhileAnotherMakesCalls) {
   std::this_thread::sleep_for(std::chrono::milliseconds(1500));
   const auto status = daemonStatus(dir_.socket());
   ASSERT_TRUE(status);
-  const JsonValue* attached = status->find("clients");
+  const Json* attached = jsonFind(*status, "clients");
   ASSERT_TRUE(attached != nullptr && attached->size() == 2);
   for (std::size_t i = 0; i < 2; ++i) {
-    EXPECT_EQ(attached->at(i)->find("route")->asString(), "served")
+    EXPECT_EQ(jsonString(jsonFind(jsonAt(attached, i), "route")), "served")
         << clients[0].err() << clients[1].err();
   }
   for (Process& c : clients)
@@ -346,7 +346,7 @@ TEST_F(ShimBeforeTheDaemon, CallsRunDirectlyThenTheDaemonIsFoundWithoutARestart)
   ASSERT_TRUE(testing::waitFor(
       [&] {
         auto status = daemonStatus(dir_.socket());
-        return status && status->find("clients")->size() == 1 && gpuField(*status, "requests") > 0;
+        return status && status->at("clients").size() == 1 && gpuField(*status, "requests") > 0;
       },
       std::chrono::seconds(5)))
       << "the client did not attach to the daemon once it appeared";

@@ -22,7 +22,7 @@
 
 #include "shim/transport.h"
 #include "stmux/control.h"
-#include "stmux/json_read.h"
+#include "stmux/json.h"
 #include "test_support.h"
 
 #ifndef STMUXCTL_PATH
@@ -254,16 +254,16 @@ TEST(Stmuxctl, ShowsARealDaemonAndItsTenant) {
   EXPECT_EQ(json.out.back(), '\n');
   auto parsed = parseJson(json.out);
   ASSERT_TRUE(parsed.ok()) << parsed.message() << "\n" << json.out;
-  const JsonValue* clients = parsed->find("clients");
+  const Json* clients = jsonFind(parsed.value(), "clients");
   ASSERT_NE(clients, nullptr);
   ASSERT_EQ(clients->size(), 1u) << json.out;
-  const JsonValue* client = clients->at(0);
-  EXPECT_EQ(client->find("name")->asString(), "ctl-tenant");
-  EXPECT_EQ(client->find("pid")->asNumber(), ::getpid());
-  EXPECT_EQ(client->find("requests")->asNumber(), 1);
-  EXPECT_EQ(client->find("forwarded")->asNumber(), 1);
-  EXPECT_EQ(client->find("fallbacks")->find("busy")->asNumber(), 3);
-  EXPECT_EQ(parsed->find("daemon")->find("pid")->asNumber(), ::getpid());
+  const Json* client = jsonAt(clients, 0);
+  EXPECT_EQ(jsonString(jsonFind(client, "name")), "ctl-tenant");
+  EXPECT_EQ(jsonNumber(jsonFind(client, "pid")), ::getpid());
+  EXPECT_EQ(jsonNumber(jsonFind(client, "requests")), 1);
+  EXPECT_EQ(jsonNumber(jsonFind(client, "forwarded")), 1);
+  EXPECT_EQ(jsonNumber(jsonFind(jsonFind(client, "fallbacks"), "busy")), 3);
+  EXPECT_EQ(jsonNumber(jsonFind(jsonFind(parsed.value(), "daemon"), "pid")), ::getpid());
 
   // --socket wins over STMUX_SOCKET.
   const CtlRun human =

@@ -37,7 +37,6 @@
 
 #include "stmux/control.h"
 #include "stmux/json.h"
-#include "stmux/json_read.h"
 #include "tools/barrier.h"
 #include "tools/latency.h"
 #include "tools/proc_cpu.h"
@@ -402,10 +401,10 @@ std::string tenantError(const std::string& err) {
   return firstLine(err);
 }
 
-std::optional<JsonValue> daemonStatus(const std::string& socket) {
+std::optional<Json> daemonStatus(const std::string& socket) {
   auto reply = queryDaemonStatus(socket, "stmux-status", 2000);
   if (!reply.ok()) return std::nullopt;
-  auto json = parseJson(reply.value());
+  auto json = parseJson(reply.value(), "the status reply", kMaxStatusBytes);
   if (!json.ok()) return std::nullopt;
   return std::move(json).value();
 }
@@ -424,10 +423,10 @@ bool waitUntil(const std::function<bool()>& condition, double seconds) {
 std::vector<long> attachedPids(const std::string& socket) {
   std::vector<long> pids;
   if (auto status = daemonStatus(socket)) {
-    if (const JsonValue* clients = status->find("clients")) {
-      for (std::size_t i = 0; i < clients->size(); ++i) {
-        if (const JsonValue* pid = clients->at(i)->find("pid")) {
-          pids.push_back(static_cast<long>(pid->asNumber(-1)));
+    if (const Json* clients = jsonFind(*status, "clients"); clients && clients->is_array()) {
+      for (const Json& client : *clients) {
+        if (const Json* pid = jsonFind(client, "pid")) {
+          pids.push_back(static_cast<long>(jsonNumber(pid, -1)));
         }
       }
     }
@@ -580,9 +579,7 @@ class Bench {
     if (usesStmux(mode)) {
       countDirect(clients, point);
       if (auto status = daemonStatus(socket)) {
-        if (const JsonValue* gpus = status->find("gpus"); gpus != nullptr && gpus->size() > 0) {
-          point.mean_batch = gpus->at(0)->find("mean_batch")->asNumber(0);
-        }
+        point.mean_batch = jsonNumber(jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "mean_batch"));
       }
       daemon.signal(SIGTERM);
       if (daemon.wait(std::chrono::seconds(30)) != 0 && invalid.empty()) {
@@ -985,69 +982,58 @@ void printSummary(const Options& o, const std::vector<Point>& points, FILE* out)
 }
 
 std::string toJson(const Options& o, const std::vector<Point>& points) {
-  JsonWriter json;
-  json.beginObject();
-  json.field("date_unix_s", static_cast<std::int64_t>(realtimeNs() / 1'000'000'000));
-  json.field("cpus", static_cast<std::int64_t>(std::thread::hardware_concurrency()));
-  json.field("seconds", o.seconds);
-  json.field("warmup", o.warmup);
-  json.field("ready_timeout", o.ready_timeout);
-  json.field("stmuxd_args", o.stmuxd_args);
-  json.field("stmuxd_nice", static_cast<std::int64_t>(o.stmuxd_nice));
-  json.field("repeat", static_cast<std::int64_t>(o.repeat));
-  json.field("tenant_args", o.tenant_args);
+  Json json;
+  json["date_unix_s"] = realtimeNs() / 1'000'000'000;
+  json["cpus"] = std::thread::hardware_concurrency();
+  json["seconds"] = o.seconds;
+  json["warmup"] = o.warmup;
+  json["ready_timeout"] = o.ready_timeout;
+  json["stmuxd_args"] = o.stmuxd_args;
+  json["stmuxd_nice"] = o.stmuxd_nice;
+  json["repeat"] = o.repeat;
+  json["tenant_args"] = o.tenant_args;
   std::string tenant_env;
   for (const auto& [name, value] : o.tenant_env)
     tenant_env += (tenant_env.empty() ? "" : " ") + name + "=" + value;
-  json.field("tenant_env", tenant_env);
-  json.key("points").beginArray();
+  json["tenant_env"] = tenant_env;
+  Json& rows = json["points"] = Json::array();
   for (const Point& p : points) {
-    json.beginObject();
-    json.field("shape", p.shape);
-    json.field("tenants", static_cast<std::int64_t>(p.tenants));
-    json.field("mode", modeName(p.mode));
-    json.field("valid", p.ran);
-    json.field("note", p.note);
-    json.field("ready_s", p.ready_s);
+    Json& row = rows.emplace_back();
+    row["shape"] = p.shape;
+    row["tenants"] = p.tenants;
+    row["mode"] = modeName(p.mode);
+    row["valid"] = p.ran;
+    row["note"] = p.note;
+    row["ready_s"] = p.ready_s;
     if (p.ran) {
-      json.field("gemms_per_s", p.gemms_per_s);
-      json.field("gflops", p.gflops);
-      json.field("p50_us", p.p50_us);
-      json.field("p99_us", p.p99_us);
-      json.field("p999_us", p.p999_us);
-      json.field("worst_tenant_p99_us", p.worst_p99_us);
-      json.field("calls", static_cast<std::int64_t>(p.calls));
-      json.field("unit", unit(p.shape));
+      row["gemms_per_s"] = p.gemms_per_s;
+      row["gflops"] = p.gflops;
+      row["p50_us"] = p.p50_us;
+      row["p99_us"] = p.p99_us;
+      row["p999_us"] = p.p999_us;
+      row["worst_tenant_p99_us"] = p.worst_p99_us;
+      row["calls"] = p.calls;
+      row["unit"] = unit(p.shape);
       // CPU over the timed span, per second of it (tools/proc_cpu.h).
-      auto cpu = [&](const char* name, const Point::Cpu& c) {
-        json.key(name);
-        json.beginObject();
-        json.field("cores", c.cores);
-        json.field("switches_per_s", c.switches);
-        json.field("preemptions_per_s", c.preemptions);
-        json.endObject();
+      auto cpu = [](const Point::Cpu& c) {
+        Json out;
+        out["cores"] = c.cores;
+        out["switches_per_s"] = c.switches;
+        out["preemptions_per_s"] = c.preemptions;
+        return out;
       };
-      cpu("tenants_cpu", p.tenants_cpu);
-      cpu("busiest_tenant_cpu", p.busiest_cpu);
-      cpu("serving_cpu", p.serving_cpu);
-      if (!p.repeats.empty()) {
-        json.key("repeats");
-        json.beginArray();
-        for (double rate : p.repeats)
-          json.value(rate);
-        json.endArray();
-      }
+      row["tenants_cpu"] = cpu(p.tenants_cpu);
+      row["busiest_tenant_cpu"] = cpu(p.busiest_cpu);
+      row["serving_cpu"] = cpu(p.serving_cpu);
+      if (!p.repeats.empty()) row["repeats"] = p.repeats;
       if (usesStmux(p.mode)) {
-        json.field("fallbacks", static_cast<std::int64_t>(p.fallbacks));
-        json.field("routed_direct", p.routed_direct);
-        json.field("mean_batch", p.mean_batch);
+        row["fallbacks"] = p.fallbacks;
+        row["routed_direct"] = p.routed_direct;
+        row["mean_batch"] = p.mean_batch;
       }
     }
-    json.endObject();
   }
-  json.endArray();
-  json.endObject();
-  return json.str();
+  return dumpJson(json);
 }
 
 int run(int argc, char** argv) {

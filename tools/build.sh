@@ -38,6 +38,7 @@ command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v "${CXX:-c++}" >/dev/null 2>&1 || missing+=(g++)
 have_header boost/lockfree/spsc_queue.hpp || missing+=(libboost-dev)
 have_header fmt/format.h || missing+=(libfmt-dev)
+have_header nlohmann/json.hpp || missing+=(nlohmann-json3-dev)
 have_header gtest/gtest.h || missing+=(libgtest-dev libgmock-dev)
 # stmux-plot and the tests of it and of deploy/: matplotlib and PyYAML for the
 # system's python3 (or whichever python3 is first on PATH).

@@ -411,25 +411,20 @@ int main(int argc, char** argv) {
                 alone > 0 ? std::to_string(static_cast<int>(r.p50_us - alone)).c_str() : "-");
   }
   if (!o.json.empty()) {
-    stmux::JsonWriter json;
-    json.beginObject();
-    json.field("device", std::string(prop.name));
-    json.field("mps", mps != 0);
-    json.field("rounds", static_cast<std::int64_t>(o.rounds));
-    json.field("bytes_per_step", static_cast<std::int64_t>(o.bytes));
-    json.key("results");
-    json.beginArray();
+    stmux::Json json;
+    json["device"] = std::string(prop.name);
+    json["mps"] = mps != 0;
+    json["rounds"] = o.rounds;
+    json["bytes_per_step"] = o.bytes;
+    stmux::Json& rows = json["results"] = stmux::Json::array();
     for (const Result& r : results) {
-      json.beginObject();
-      json.field("mechanism", kNames[static_cast<int>(r.mechanism)]);
-      json.field("rounds_per_s", r.rounds_per_s);
-      json.field("p50_us", r.p50_us);
-      json.field("p99_us", r.p99_us);
-      json.endObject();
+      stmux::Json& row = rows.emplace_back();
+      row["mechanism"] = kNames[static_cast<int>(r.mechanism)];
+      row["rounds_per_s"] = r.rounds_per_s;
+      row["p50_us"] = r.p50_us;
+      row["p99_us"] = r.p99_us;
     }
-    json.endArray();
-    json.endObject();
-    std::ofstream(o.json) << json.str() << "\n";
+    std::ofstream(o.json) << stmux::dumpJson(json) << "\n";
   }
   return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
 }

@@ -5,9 +5,10 @@
 // It connects to the daemon's control socket and says hello as a control
 // client; the daemon answers with one status message (JSON) and closes. With
 // --json that text is printed as it arrived, for scripts; otherwise it is read
-// (json_read.h) and printed as tables. The reply is the daemon's to shape and
-// grows over time (the scheduler adds "gpus"), so any field may be missing or
-// of an unexpected type: such a cell prints "-", never a crash.
+// (stmux/json.h, over nlohmann/json) and printed as tables. The reply is the
+// daemon's to shape and grows over time (the scheduler adds "gpus"), so any
+// field may be missing or of an unexpected type: such a cell prints "-",
+// never a crash.
 //
 // Exit status: 0 done, 1 the daemon could not be asked, 2 bad usage or
 // configuration.
@@ -29,7 +30,7 @@
 
 #include "stmux/config.h"
 #include "stmux/control.h"
-#include "stmux/json_read.h"
+#include "stmux/json.h"
 #include "stmux/log.h"
 #include "stmux/status.h"
 #include "stmux/sys.h"
@@ -155,8 +156,8 @@ std::size_t displayWidth(std::string_view text) {
   return width;
 }
 
-const JsonValue* member(const JsonValue* object, std::string_view key) {
-  return object != nullptr ? object->find(key) : nullptr;
+const Json* member(const Json* object, std::string_view key) {
+  return jsonFind(object, key);
 }
 
 std::string numberText(double value) {
@@ -166,30 +167,35 @@ std::string numberText(double value) {
   return fmt::format("{:.6g}", value);
 }
 
-std::string count(const JsonValue* value) {
-  return value != nullptr && value->isNumber() ? numberText(value->asNumber()) : "-";
+bool isNumber(const Json* value) {
+  return value != nullptr && value->is_number();
 }
 
-std::string text(const JsonValue* value) {
-  const bool given = value != nullptr && value->isString() && !value->asString().empty();
-  return given ? printable(value->asString()) : "-";
+bool isBool(const Json* value) {
+  return value != nullptr && value->is_boolean();
 }
 
-std::string yesNo(const JsonValue* value) {
-  if (value == nullptr || !value->isBool()) return "-";
-  return value->asBool() ? "yes" : "no";
+std::string count(const Json* value) {
+  return isNumber(value) ? numberText(jsonNumber(value)) : "-";
 }
 
-std::string decimal(const JsonValue* value) {
-  return value != nullptr && value->isNumber() ? fmt::format("{:.1f}", value->asNumber()) : "-";
+std::string text(const Json* value) {
+  const std::string_view given = jsonString(value);
+  return given.empty() ? "-" : printable(given);
 }
 
-std::string duration(const JsonValue* value) {
-  if (value == nullptr || !value->isNumber() || !std::isfinite(value->asNumber()) ||
-      value->asNumber() < 0) {
-    return "-";
-  }
-  const double seconds = value->asNumber();
+std::string yesNo(const Json* value) {
+  if (!isBool(value)) return "-";
+  return jsonBool(value) ? "yes" : "no";
+}
+
+std::string decimal(const Json* value) {
+  return isNumber(value) ? fmt::format("{:.1f}", jsonNumber(value)) : "-";
+}
+
+std::string duration(const Json* value) {
+  if (!isNumber(value) || !std::isfinite(jsonNumber(value)) || jsonNumber(value) < 0) return "-";
+  const double seconds = jsonNumber(value);
   if (seconds < 60) return fmt::format("{:.1f}s", seconds);
   if (seconds >= 1e15) return fmt::format("{:.3g}s", seconds);  // nonsense, but no overflow
   const auto whole = static_cast<std::uint64_t>(seconds);
@@ -203,8 +209,8 @@ std::string duration(const JsonValue* value) {
 // A sum over rows of a numeric field; unset until some row has the field.
 struct Sum {
   std::optional<double> total;
-  void add(const JsonValue* value) {
-    if (value != nullptr && value->isNumber()) total = total.value_or(0) + value->asNumber();
+  void add(const Json* value) {
+    if (isNumber(value)) total = total.value_or(0) + jsonNumber(value);
   }
   std::string str() const { return total ? numberText(*total) : "-"; }
 };
@@ -214,16 +220,16 @@ struct Sum {
 struct Reasons {
   std::vector<std::pair<std::string, double>> counts;
   bool seen = false;
-  void add(const JsonValue* object) {
-    if (object == nullptr || !object->isObject()) return;
+  void add(const Json* object) {
+    if (object == nullptr || !object->is_object()) return;
     seen = true;
-    for (std::size_t i = 0; i < object->size(); ++i) {
-      if (!object->at(i)->isNumber()) continue;
-      const std::string key = printable(object->keyAt(i));
+    for (const auto& [name, value] : object->items()) {
+      if (!value.is_number()) continue;
+      const std::string key = printable(name);
       auto it = std::find_if(counts.begin(), counts.end(),
                              [&](const auto& entry) { return entry.first == key; });
       if (it == counts.end()) it = counts.insert(counts.end(), {key, 0.0});
-      it->second += object->at(i)->asNumber();
+      it->second += value.get<double>();
     }
   }
   std::string str(bool non_zero_only) const {
@@ -276,19 +282,19 @@ class Table {
   std::vector<std::vector<std::string>> rows_;
 };
 
-std::string daemonLine(const JsonValue* daemon) {
-  const JsonValue* draining = member(daemon, "draining");
-  const std::string state = draining == nullptr || !draining->isBool() ? "-"
-                            : draining->asBool()                       ? "draining (shutting down)"
-                                                                       : "serving";
+std::string daemonLine(const Json* daemon) {
+  const Json* draining = member(daemon, "draining");
+  const std::string state = !isBool(draining)    ? "-"
+                            : jsonBool(draining) ? "draining (shutting down)"
+                                                 : "serving";
   return fmt::format("stmuxd: pid {}, protocol {}, up {}, {}\n", count(member(daemon, "pid")),
                      count(member(daemon, "protocol")), duration(member(daemon, "uptime_s")),
                      state);
 }
 
-std::string gpuTable(const JsonValue* gpus) {
+std::string gpuTable(const Json* gpus) {
   if (gpus == nullptr) return "GPUs: not reported by this daemon\n";
-  if (!gpus->isArray()) return "GPUs: -\n";
+  if (!gpus->is_array()) return "GPUs: -\n";
   if (gpus->size() == 0) return "GPUs: none served\n";
   Table table({"GPU", "NAME", "UUID", "STATE", "MPS", "QUEUED>", "IN FLIGHT>", "REQUESTS>",
                "BATCHES>", "MEAN BATCH>", "MAPPED>", "LAUNCHES"});
@@ -296,10 +302,10 @@ std::string gpuTable(const JsonValue* gpus) {
   Reasons launches;
   int broken = 0;
   for (std::size_t i = 0; i < gpus->size(); ++i) {
-    const JsonValue* gpu = gpus->at(i);
-    const JsonValue* is_broken = member(gpu, "broken");
-    const bool known = is_broken != nullptr && is_broken->isBool();
-    broken += known && is_broken->asBool();
+    const Json* gpu = jsonAt(gpus, i);
+    const Json* is_broken = member(gpu, "broken");
+    const bool known = isBool(is_broken);
+    broken += known && jsonBool(is_broken);
     Reasons row_launches;
     row_launches.add(member(gpu, "launches"));
     launches.add(member(gpu, "launches"));
@@ -310,7 +316,7 @@ std::string gpuTable(const JsonValue* gpus) {
     mapped.add(member(gpu, "mapped"));
     table.add({count(member(gpu, "index")), text(member(gpu, "name")), text(member(gpu, "uuid")),
                !known                ? "-"
-               : is_broken->asBool() ? "BROKEN"
+               : jsonBool(is_broken) ? "BROKEN"
                                      : "ok",
                yesNo(member(gpu, "mps")), count(member(gpu, "queued")),
                count(member(gpu, "in_flight")), count(member(gpu, "requests")),
@@ -326,15 +332,15 @@ std::string gpuTable(const JsonValue* gpus) {
   return table.str();
 }
 
-std::string clientTable(const JsonValue* clients) {
-  if (clients == nullptr || !clients->isArray()) return "clients: -\n";
+std::string clientTable(const Json* clients) {
+  if (clients == nullptr || !clients->is_array()) return "clients: -\n";
   if (clients->size() == 0) return "clients: none attached\n";
   Table table({"ID", "PID>", "UID>", "NAME", "ATTACHED>", "MPS", "ROUTE", "REQUESTS>", "FORWARDED>",
                "FAILED>", "FALLBACKS"});
   Sum requests, forwarded, failed;
   Reasons fallbacks;
   for (std::size_t i = 0; i < clients->size(); ++i) {
-    const JsonValue* client = clients->at(i);
+    const Json* client = jsonAt(clients, i);
     Reasons row_fallbacks;
     row_fallbacks.add(member(client, "fallbacks"));
     fallbacks.add(member(client, "fallbacks"));
@@ -355,9 +361,9 @@ std::string clientTable(const JsonValue* clients) {
   return table.str();
 }
 
-std::string summary(const JsonValue& status) {
-  const JsonValue* daemon = member(&status, "daemon");
-  return daemonLine(daemon != nullptr && daemon->isObject() ? daemon : nullptr) + "\n" +
+std::string summary(const Json& status) {
+  const Json* daemon = member(&status, "daemon");
+  return daemonLine(daemon != nullptr && daemon->is_object() ? daemon : nullptr) + "\n" +
          gpuTable(member(&status, "gpus")) + "\n" + clientTable(member(&status, "clients"));
 }
 
@@ -395,7 +401,7 @@ int run(int argc, char** argv) {
   if (options->json) {
     fmt::print("{}\n", reply.value());
   } else {
-    auto status = parseJson(reply.value());
+    auto status = parseJson(reply.value(), "the status reply", kMaxStatusBytes);
     if (!status) {
       fmt::print(stderr,
                  "stmuxctl: the daemon's status reply is not valid JSON: {} "

@@ -330,33 +330,31 @@ int run(int argc, char** argv) {
 
   std::printf("%8s %8s %12s %10s %10s %10s %14s %8s\n", "clients", "depth", "requests", "p50 us",
               "p99 us", "p99.9 us", "requests/s", "errors");
-  JsonWriter json;
-  json.beginObject().key("scenarios").beginArray();
+  Json json;
+  Json& scenarios = json["scenarios"] = Json::array();
   for (const Row& row : rows) {
     const double rate = row.seconds > 0 ? static_cast<double>(row.requests) / row.seconds : 0;
     std::printf("%8d %8d %12llu %10.2f %10.2f %10.2f %14.0f %8llu\n", row.scenario.clients,
                 row.scenario.depth, static_cast<unsigned long long>(row.requests), row.p50_us,
                 row.p99_us, row.p999_us, rate, static_cast<unsigned long long>(row.errors));
-    json.beginObject()
-        .field("clients", static_cast<std::int64_t>(row.scenario.clients))
-        .field("depth", static_cast<std::int64_t>(row.scenario.depth))
-        .field("requests", static_cast<std::int64_t>(row.requests))
-        .field("errors", static_cast<std::int64_t>(row.errors))
-        .field("p50_us", row.p50_us)
-        .field("p99_us", row.p99_us)
-        .field("p999_us", row.p999_us)
-        .field("requests_per_s", rate)
-        .endObject();
+    Json& scenario = scenarios.emplace_back();
+    scenario["clients"] = row.scenario.clients;
+    scenario["depth"] = row.scenario.depth;
+    scenario["requests"] = row.requests;
+    scenario["errors"] = row.errors;
+    scenario["p50_us"] = row.p50_us;
+    scenario["p99_us"] = row.p99_us;
+    scenario["p999_us"] = row.p999_us;
+    scenario["requests_per_s"] = rate;
   }
-  json.endArray().field("cpus", static_cast<std::int64_t>(std::thread::hardware_concurrency()));
-  json.endObject();
+  json["cpus"] = std::thread::hardware_concurrency();
   if (!options.json_path.empty()) {
     FILE* file = std::fopen(options.json_path.c_str(), "w");
     if (file == nullptr) {
       std::fprintf(stderr, "stmux-transport-bench: cannot write %s\n", options.json_path.c_str());
       return 1;
     }
-    std::fprintf(file, "%s\n", json.str().c_str());
+    std::fprintf(file, "%s\n", dumpJson(json).c_str());
     std::fclose(file);
   }
   bool errors = false;

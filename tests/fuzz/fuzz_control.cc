@@ -27,7 +27,7 @@
 
 #include "daemon/server.h"
 #include "stmux/control.h"
-#include "stmux/json_read.h"
+#include "stmux/json.h"
 #include "stmux/log.h"
 #include "tests/fuzz/fuzz_bytes.h"
 #include "tests/test_support.h"
@@ -116,7 +116,8 @@ void checkServerAnswers() {
     if (header.type == static_cast<std::uint32_t>(MsgType::kStatusReply)) break;
   }
   auto json = parseJson(text);
-  if (!json || json->find("daemon") == nullptr || json->find("clients") == nullptr) {
+  if (!json || jsonFind(json.value(), "daemon") == nullptr ||
+      jsonFind(json.value(), "clients") == nullptr) {
     fail("the server's status reply is not the JSON it should be");
   }
 }

@@ -1,83 +1,26 @@
-// Fuzzes the JSON the tools read from the daemon (include/stmux/json_read.h:
-// stmuxctl and stmux-bench parse its status reply) and the writer that makes
-// it from client-supplied strings (include/stmux/json.h: program names).
+// Fuzzes the JSON the tools read from the daemon (include/stmux/json.h's
+// parseJson over nlohmann/json: stmuxctl and stmux-bench parse its status
+// reply with it) and the dump that writes it from client-supplied strings
+// (dumpJson: program names).
 //
 // For any input:
-//   - parseJson() accepts or refuses it with a message; what it accepts,
-//     written again with JsonWriter, parses to the same tree (numbers to six
-//     significant digits, as the writer keeps them);
-//   - the input as a string value, written by JsonWriter, is always valid
-//     JSON; it reads back as itself when it is ASCII, and what was read
-//     (invalid UTF-8 now U+FFFD) reads back unchanged when written again.
-#include <cmath>
+//   - parseJson() accepts it or refuses it with a message that says so;
+//     what it accepts, dumped, parses to the same tree and dumps to the same
+//     text;
+//   - with a nesting limit of 4, it accepts the same tree or refuses for the
+//     nesting, saying where;
+//   - the input as a string value, dumped, is always valid JSON; it reads
+//     back as itself when it is ASCII, and what was read (invalid UTF-8 now
+//     U+FFFD) reads back unchanged when dumped again.
 #include <cstdlib>
 #include <string>
 #include <string_view>
 
 #include "stmux/json.h"
-#include "stmux/json_read.h"
 #include "tests/fuzz/fuzz_bytes.h"
 
 namespace stmux::fuzz {
 namespace {
-
-void write(const JsonValue& value, JsonWriter& out) {
-  switch (value.type()) {
-    case JsonValue::Type::kNull:
-      out.raw("null");
-      break;
-    case JsonValue::Type::kBool:
-      out.value(value.asBool());
-      break;
-    case JsonValue::Type::kNumber:
-      out.value(value.asNumber());
-      break;
-    case JsonValue::Type::kString:
-      out.value(value.asString());
-      break;
-    case JsonValue::Type::kArray:
-      out.beginArray();
-      for (std::size_t i = 0; i < value.size(); ++i)
-        write(*value.at(i), out);
-      out.endArray();
-      break;
-    case JsonValue::Type::kObject:
-      out.beginObject();
-      for (std::size_t i = 0; i < value.size(); ++i) {
-        out.key(value.keyAt(i));
-        write(*value.at(i), out);
-      }
-      out.endObject();
-      break;
-  }
-}
-
-bool sameNumber(double a, double b) {
-  return std::fabs(a - b) <= 1e-5 * std::fabs(a) + 1e-300;
-}
-
-bool same(const JsonValue& a, const JsonValue& b) {
-  if (a.type() != b.type() || a.size() != b.size()) return false;
-  switch (a.type()) {
-    case JsonValue::Type::kNull:
-      return true;
-    case JsonValue::Type::kBool:
-      return a.asBool() == b.asBool();
-    case JsonValue::Type::kNumber:
-      return sameNumber(a.asNumber(), b.asNumber());
-    case JsonValue::Type::kString:
-      return a.asString() == b.asString();
-    case JsonValue::Type::kArray:
-    case JsonValue::Type::kObject:
-      for (std::size_t i = 0; i < a.size(); ++i) {
-        if (a.keyAt(i) != b.keyAt(i) || !same(*a.at(i), *b.at(i))) return false;
-      }
-      // find() agrees with the first member of that name.
-      if (a.isObject() && a.size() > 0) return a.find(a.keyAt(0)) == a.at(0);
-      return true;
-  }
-  return false;
-}
 
 void writeSeeds(const char* dir) {
   auto text = [dir](const char* name, std::string_view json) {
@@ -112,27 +55,35 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   auto parsed = parseJson(input);
   if (parsed) {
-    JsonWriter out;
-    write(parsed.value(), out);
-    auto again = parseJson(out.str());
+    const std::string text = dumpJson(parsed.value());
+    auto again = parseJson(text);
     STMUX_FUZZ_CHECK(again.ok());
-    STMUX_FUZZ_CHECK(same(parsed.value(), again.value()));
+    STMUX_FUZZ_CHECK(again.value() == parsed.value());
+    STMUX_FUZZ_CHECK(dumpJson(again.value()) == text);
   } else {
-    STMUX_FUZZ_CHECK(parsed.message().rfind("invalid JSON at byte ", 0) == 0);
+    STMUX_FUZZ_CHECK(parsed.message().rfind("invalid JSON", 0) == 0);
   }
 
-  JsonWriter name;
-  name.value(input);
-  auto read = parseJson(name.str());
-  STMUX_FUZZ_CHECK(read.ok() && read->isString());
+  auto shallow = parseJson(input, "the input", kJsonMaxBytes, 4);
+  if (shallow) {
+    STMUX_FUZZ_CHECK(parsed.ok() && shallow.value() == parsed.value());
+  } else if (parsed) {
+    const std::string& message = shallow.message();
+    STMUX_FUZZ_CHECK(message.rfind("invalid JSON at byte ", 0) == 0);
+    STMUX_FUZZ_CHECK(message.find(": nesting deeper than 4 levels") != std::string::npos);
+    const std::size_t at = std::strtoul(message.c_str() + 21, nullptr, 10);
+    STMUX_FUZZ_CHECK(at < input.size() && (input[at] == '[' || input[at] == '{'));
+  }
+
+  Json name = std::string(input);
+  auto read = parseJson(dumpJson(name));
+  STMUX_FUZZ_CHECK(read.ok() && read->is_string());
   bool ascii = true;
   for (unsigned char c : input)
     ascii &= c < 0x80;
-  if (ascii) STMUX_FUZZ_CHECK(read->asString() == input);
+  if (ascii) STMUX_FUZZ_CHECK(read.value() == input);
   // Once through, the string is valid UTF-8 and stays what it is.
-  JsonWriter rewritten;
-  rewritten.value(read->asString());
-  auto reread = parseJson(rewritten.str());
-  STMUX_FUZZ_CHECK(reread.ok() && reread->asString() == read->asString());
+  auto reread = parseJson(dumpJson(read.value()));
+  STMUX_FUZZ_CHECK(reread.ok() && reread.value() == read.value());
   return 0;
 }
