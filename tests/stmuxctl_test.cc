@@ -210,10 +210,12 @@ constexpr char kFullReply[] = R"({
   "clients": [
     {"id": 1, "pid": 1001, "uid": 1000, "name": "infer-a", "attached_s": 65.2,
      "requests": 5000, "forwarded": 4990, "failed": 2,
-     "fallbacks": {"no_daemon": 1, "busy": 2, "timeout": 0}, "route": "served", "mps": "yes"},
+     "fallbacks": {"no_daemon": 1, "busy": 2, "timeout": 0}, "route": "served", "mps": "yes",
+     "mode": "stream"},
     {"id": 7, "pid": 1002, "uid": 1000, "name": "infer-b", "attached_s": 3.25,
      "requests": 7345, "forwarded": 7345, "failed": 0,
-     "fallbacks": {"no_daemon": 0, "busy": 0, "timeout": 0}, "route": "direct", "mps": "no"}
+     "fallbacks": {"no_daemon": 0, "busy": 0, "timeout": 0}, "route": "direct", "mps": "no",
+     "mode": "host"}
   ],
   "gpus": [
     {"index": 0, "uuid": "GPU-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
@@ -337,9 +339,10 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   const std::string b = lineStarting(out, "7      1002 ");
   ASSERT_FALSE(a.empty() || b.empty()) << out;
   EXPECT_TRUE(contains(a, " infer-a ")) << a;
-  // The tenant's MPS state and the route STMUX_ROUTE=auto chose for it.
-  EXPECT_TRUE(std::regex_search(a, std::regex(" 1m 05s +yes +served +5000 "))) << a;
-  EXPECT_TRUE(std::regex_search(b, std::regex(" 3.2s +no +direct +7345 "))) << b;
+  // The tenant's MPS state, the route STMUX_ROUTE=auto chose for it and how
+  // its served calls keep order (STMUX_MODE).
+  EXPECT_TRUE(std::regex_search(a, std::regex(" 1m 05s +yes +served +stream +5000 "))) << a;
+  EXPECT_TRUE(std::regex_search(b, std::regex(" 3.2s +no +direct +host +7345 "))) << b;
   EXPECT_TRUE(a.ends_with(" no_daemon=1 busy=2")) << "only non-zero fallbacks: " << a;
   EXPECT_TRUE(contains(b, " 3.2s ")) << b;
   EXPECT_TRUE(b.ends_with(" -")) << "no fallbacks at all: " << b;
