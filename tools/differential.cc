@@ -53,6 +53,18 @@ constexpr const char* kCublasSoname = "libcublas.so." DIFFERENTIAL_STR(CUBLAS_VE
 using SgemmFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
                                    int, const float*, const float*, int, const float*, int,
                                    const float*, float*, int);
+using GemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
+                                    int, const void*, const void*, cudaDataType, int, const void*,
+                                    cudaDataType, int, const void*, void*, cudaDataType, int,
+                                    cublasComputeType_t, cublasGemmAlgo_t);
+using SgemvFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, int, int, const float*,
+                                   const float*, int, const float*, int, const float*, float*, int);
+// libcublas's own functions, past any preload.
+struct RealFunctions {
+  SgemmFn sgemm = nullptr;
+  GemmExFn gemm_ex = nullptr;
+  SgemvFn gemv = nullptr;
+};
 
 constexpr int kMaxThreads = 16;
 
@@ -72,6 +84,7 @@ enum Class {
   kSize,
   kArgs,
   kRoute,
+  kEntry,
   kClassCount
 };
 
@@ -99,6 +112,9 @@ enum Args { kValid, kBadLda, kBadLdb, kBadLdc, kNegativeDim };
 // Where the shim must send the call: to the daemon, or straight to cuBLAS
 // for one of the reasons it counts.
 enum Route { kServed, kNoOp, kInvalidArgs, kNotExportable };
+// The entry point called: cublasSgemm_v2; cublasGemmEx with FP32 data; or,
+// for a GEMM with one column (op(B) = x, unit increments), cublasSgemv_v2.
+enum Entry { kSgemm, kGemmEx, kGemv };
 
 constexpr std::string_view kStreamNames[] = {"legacy", "per_thread", "blocking", "non_blocking"};
 constexpr std::string_view kWriteNames[] = {
@@ -119,6 +135,7 @@ constexpr std::string_view kSizeNames[] = {"zero", "one", "small", "large"};
 constexpr std::string_view kArgsNames[] = {"valid", "bad_lda", "bad_ldb", "bad_ldc",
                                            "negative_dim"};
 constexpr std::string_view kRouteNames[] = {"served", "no_op", "invalid_args", "not_exportable"};
+constexpr std::string_view kEntryNames[] = {"sgemm", "gemm_ex", "gemv"};
 
 struct ClassInfo {
   std::string_view name;
@@ -128,7 +145,7 @@ constexpr ClassInfo kClasses[kClassCount] = {
     {"stream", kStreamNames}, {"write", kWriteNames}, {"read", kReadNames}, {"alloc", kAllocNames},
     {"transa", kOpNames},     {"transb", kOpNames},   {"ld", kLdNames},     {"alpha", kAlphaNames},
     {"beta", kBetaNames},     {"math", kMathNames},   {"size", kSizeNames}, {"args", kArgsNames},
-    {"route", kRouteNames}};
+    {"route", kRouteNames},   {"entry", kEntryNames}};
 constexpr std::size_t kMaxValues = std::size(kWriteNames);
 
 // Bounds of what is drawn, which size every buffer below.
@@ -184,6 +201,7 @@ struct Case {
   GemmCase gemm;
   std::size_t gap[3] = {};  // floats before A's, B's and C's buffers in an arena
   Buffers in;               // in.c: written before the call; in.c0: C as the call finds it
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;  // kGemmEx's
   bool stream_waits_for_legacy() const { return value[kStream] != kNonBlockingStream; }
 };
 
@@ -228,6 +246,23 @@ Case draw(std::uint64_t seed, int thread, std::uint64_t call, bool pageable_unor
   g.beta = kBetas[v[kBeta]];
   v[kMath] = chance(random, 0.3) ? 1 : 0;
   g.math = v[kMath] == 1 ? stmux::check::kTf32Math : stmux::check::kDefaultMath;
+  v[kEntry] = pick(random, {60, 20, 20});
+  // GemmEx: FP32 compute, TF32 allowed where the math class allows it.
+  c.compute = v[kMath] == 1
+                  ? (chance(random, 0.5) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F)
+              : chance(random, 0.3) ? CUBLAS_COMPUTE_32F_PEDANTIC
+                                    : CUBLAS_COMPUTE_32F;
+  // A GEMV is the GEMM with one column, x contiguous; valid arguments only
+  // (it has no ldb or ldc to get wrong), m and k at least 1 (a GEMV returns
+  // at once on an empty A, where the GEMM would scale C by beta).
+  if (v[kEntry] == kGemv && v[kArgs] != kValid) v[kEntry] = kSgemm;
+  if (v[kEntry] == kGemv) {
+    g.n = 1;
+    g.transb = 0;
+    g.ldb_pad = 0;
+    g.m = std::max<std::int64_t>(g.m, 1);
+    g.k = std::max<std::int64_t>(g.k, 1);
+  }
 
   // Arguments cuBLAS refuses: every dimension at least 1, so that nothing
   // but the broken rule could make cuBLAS return early.
@@ -552,7 +587,7 @@ cublasOperation_t op(int t) {
 
 class Worker {
  public:
-  Worker(int index, const Options& options, SgemmFn real, Counts& counts)
+  Worker(int index, const Options& options, RealFunctions real, Counts& counts)
       : index_(index), options_(options), real_(real), counts_(counts) {
     EXIT_ON_CUBLAS_ERROR(cublasCreate_v2(&handle_));
     EXIT_ON_CUBLAS_ERROR(cublasCreate_v2(&helper_));
@@ -832,12 +867,29 @@ class Worker {
                ldc = static_cast<int>(g.ldc());
     const float* a = d.a + g.a_offset;
     const float* b = d.b + g.b_offset;
+    // The GEMV's A is stored rows(op(A)) x k when transa is N, k x m otherwise.
+    const int gemv_m = g.transa == 0 ? m : k, gemv_n = g.transa == 0 ? k : m;
+    // The same call through the interposed symbol (sgemm, gemm_ex, gemv),
+    // or through libcublas's own, into C.
+    auto call = [&](SgemmFn sgemm, GemmExFn gemm_ex, SgemvFn gemv, float* out) {
+      switch (c.value[kEntry]) {
+        case kGemmEx:
+          return gemm_ex(handle_, op(g.transa), op(g.transb), m, n, k, &g.alpha, a, CUDA_R_32F, lda,
+                         b, CUDA_R_32F, ldb, &g.beta, out, CUDA_R_32F, ldc, c.compute,
+                         CUBLAS_GEMM_DEFAULT);
+        case kGemv:
+          return gemv(handle_, op(g.transa), gemv_m, gemv_n, &g.alpha, a, lda, b, 1, &g.beta, out,
+                      1);
+        default:
+          return sgemm(handle_, op(g.transa), op(g.transb), m, n, k, &g.alpha, a, lda, b, ldb,
+                       &g.beta, out, ldc);
+      }
+    };
     const cublasStatus_t status =
-        cublasSgemm_v2(handle_, op(g.transa), op(g.transb), m, n, k, &g.alpha, a, lda, b, ldb,
-                       &g.beta, d.c + g.c_offset, ldc);
+        call(&cublasSgemm_v2, &cublasGemmEx, &cublasSgemv_v2, d.c + g.c_offset);
     const std::vector<float> result = readBack(c.value[kRead], d.c, nc, stream);
-    const cublasStatus_t real_status = real_(handle_, op(g.transa), op(g.transb), m, n, k, &g.alpha,
-                                             a, lda, b, ldb, &g.beta, ref_c_ + g.c_offset, ldc);
+    const cublasStatus_t real_status =
+        call(real_.sgemm, real_.gemm_ex, real_.gemv, ref_c_ + g.c_offset);
     const std::vector<float> real_result = readBack(kReadAsync, ref_c_, nc, stream);
     release(c, d, stream);
 
@@ -877,7 +929,7 @@ class Worker {
 
   const int index_;
   const Options& options_;
-  const SgemmFn real_;
+  const RealFunctions real_;
   Counts& counts_;
   cublasHandle_t handle_ = nullptr;  // the calls
   cublasHandle_t helper_ = nullptr;  // the kernels that write operands
@@ -899,17 +951,24 @@ std::uint64_t monotonicNs() {
   return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull + ts.tv_nsec;
 }
 
-// libcublas's own cublasSgemm_v2: dlsym on libcublas's handle searches that
+// libcublas's own functions: dlsym on libcublas's handle searches that
 // library (and what it needs), never a preloaded one.
-SgemmFn realSgemm() {
+RealFunctions realFunctions() {
   void* cublas = dlopen(kCublasSoname, RTLD_NOW | RTLD_NOLOAD);
-  void* real = cublas != nullptr ? dlsym(cublas, "cublasSgemm_v2") : nullptr;
-  if (real == nullptr) {
-    std::fprintf(stderr, "stmux-differential: cannot find cublasSgemm_v2 in %s: %s\n",
-                 kCublasSoname, dlerror());
-    std::exit(3);
-  }
-  return reinterpret_cast<SgemmFn>(real);
+  auto find = [&](const char* name) {
+    void* real = cublas != nullptr ? dlsym(cublas, name) : nullptr;
+    if (real == nullptr) {
+      std::fprintf(stderr, "stmux-differential: cannot find %s in %s: %s\n", name, kCublasSoname,
+                   dlerror());
+      std::exit(3);
+    }
+    return real;
+  };
+  RealFunctions real;
+  real.sgemm = reinterpret_cast<SgemmFn>(find("cublasSgemm_v2"));
+  real.gemm_ex = reinterpret_cast<GemmExFn>(find("cublasGemmEx"));
+  real.gemv = reinterpret_cast<SgemvFn>(find("cublasSgemv_v2"));
+  return real;
 }
 
 }  // namespace
@@ -944,11 +1003,11 @@ int main(int argc, char** argv) {
                  error != cudaSuccess ? cudaGetErrorString(error) : "none found");
     return 3;
   }
-  const SgemmFn real = realSgemm();
+  const RealFunctions real = realFunctions();
   // What the program's own calls bind to, looked up as the dynamic linker
   // would: the preloaded shim, when there is one.
   const void* bound = dlsym(RTLD_DEFAULT, "cublasSgemm_v2");
-  const bool preloaded = bound != reinterpret_cast<const void*>(real);
+  const bool preloaded = bound != reinterpret_cast<const void*>(real.sgemm);
   std::printf("real cuBLAS resolved past the preload: %s\n", preloaded ? "yes" : "no");
   // Without the preload, or with the daemon expected to go away, a served
   // call may run straight through cuBLAS, which does not order it.
