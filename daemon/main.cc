@@ -1,13 +1,13 @@
 // stmuxd: the daemon that owns the GPUs. Runs in the foreground (systemd
 // starts it); SIGTERM drains and exits 0.
+#include <dlfcn.h>
 #include <signal.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
@@ -127,19 +127,29 @@ std::string nameTheFlags(const std::string& errors, const Flags& flags) {
   return out;
 }
 
+// systemd's readiness protocol, through libsystemd's sd_notify, loaded only
+// when systemd asks for it (NOTIFY_SOCKET): every host that runs systemd has
+// libsystemd.so.0, and stmuxd needs neither its headers to build nor the
+// library to run anywhere else.
 void notifySystemd(const char* state) {
   const char* path = std::getenv("NOTIFY_SOCKET");
   if (path == nullptr || path[0] == '\0') return;
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  const std::size_t length = std::strlen(path);
-  if (length >= sizeof(addr.sun_path)) return;
-  std::memcpy(addr.sun_path, path, length);
-  if (addr.sun_path[0] == '@') addr.sun_path[0] = '\0';  // abstract namespace
-  UniqueFd fd(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
-  if (!fd.valid()) return;
-  ::sendto(fd.get(), state, std::strlen(state), MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&addr),
-           static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + length));
+  using SdNotify = int (*)(int unset_environment, const char* state);
+  static const SdNotify sd_notify = []() -> SdNotify {
+    void* library = ::dlopen("libsystemd.so.0", RTLD_NOW | RTLD_LOCAL);
+    void* function = library != nullptr ? ::dlsym(library, "sd_notify") : nullptr;
+    if (function == nullptr) {
+      STMUX_WARN(kDaemon,
+                 "NOTIFY_SOCKET is set, but sd_notify cannot be loaded from libsystemd.so.0 ({}); "
+                 "systemd will not hear that stmuxd is ready",
+                 ::dlerror());
+    }
+    return reinterpret_cast<SdNotify>(function);
+  }();
+  if (sd_notify == nullptr) return;
+  if (const int rc = sd_notify(0, state); rc < 0) {
+    STMUX_WARN(kDaemon, "sd_notify(\"{}\") failed: {}", state, std::strerror(-rc));
+  }
 }
 
 Result<std::vector<GpuInfo>> selectGpus(const std::vector<std::string>& wanted) {

@@ -1,6 +1,12 @@
 // stmuxd on a GPU: test clients in separate processes, through the real
 // transport and real CUDA IPC, against a float64 reference (tests/ipc_client.cc
 // does the checking). Skipped, saying so, where there is no CUDA device.
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -129,6 +135,45 @@ TEST_F(StmuxdMetricsOnGpu, TheMetricsFileIsWrittenWellFormedAndCounts) {
       << text;
   EXPECT_EQ(testing::prometheusFault(text), "") << text;
   EXPECT_GT(testing::prometheusValue(text, "stmux_gpu_cublas_launches_total").value_or(0), 0);
+}
+
+// Under systemd (Type=notify) stmuxd says READY=1 once it listens and
+// STOPPING=1 once it has drained, through libsystemd's sd_notify: the test
+// stands in for systemd at NOTIFY_SOCKET.
+class StmuxdNotifyOnGpu : public StmuxdOnGpu {
+ protected:
+  void SetUp() override {
+    notify_.reset(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    ASSERT_TRUE(notify_.valid());
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    ASSERT_LT(notifyPath().size(), sizeof(address.sun_path));
+    std::memcpy(address.sun_path, notifyPath().c_str(), notifyPath().size());
+    ASSERT_EQ(::bind(notify_.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)),
+              0)
+        << std::strerror(errno);
+    StmuxdOnGpu::SetUp();
+  }
+  std::map<std::string, std::string> daemonEnv() const override {
+    return {{"NOTIFY_SOCKET", notifyPath()}};
+  }
+  std::string notifyPath() const { return dir_.path() + "/notify"; }
+  // The next datagram within `limit`, or "" when none came.
+  std::string nextNotice(std::chrono::milliseconds limit) {
+    pollfd fd{notify_.get(), POLLIN, 0};
+    if (::poll(&fd, 1, static_cast<int>(limit.count())) != 1) return "";
+    char buffer[256];
+    const ssize_t n = ::recv(notify_.get(), buffer, sizeof(buffer), 0);
+    return n > 0 ? std::string(buffer, static_cast<std::size_t>(n)) : "";
+  }
+  UniqueFd notify_;
+};
+
+TEST_F(StmuxdNotifyOnGpu, SystemdHearsReadyOnceItListensAndStoppingOnceDrained) {
+  // SetUp waited for the daemon to answer status: it listens.
+  EXPECT_EQ(nextNotice(std::chrono::seconds(5)), "READY=1") << daemon_.err();
+  stopDaemon();
+  EXPECT_EQ(nextNotice(std::chrono::seconds(5)), "STOPPING=1") << daemon_.err();
 }
 
 }  // namespace
