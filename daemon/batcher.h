@@ -43,13 +43,15 @@ struct Queued {
   ClientPtr client;
   Request request;
   BatchKey key;
-  std::uint64_t arrival_ns = 0;
+  std::uint64_t arrival_ns = 0;  // in the batcher: popped, or, stream-ordered, found ready
 };
 
 struct Batch {
   std::uint64_t id = 0;  // per GPU, increasing; batches complete in id order
   LaunchReason reason = LaunchReason::kIdle;
-  std::uint64_t launched_ns = 0;
+  std::uint64_t launched_ns = 0;   // taken from the batcher
+  std::uint64_t submitted_ns = 0;  // the executor had queued its launches
+  std::uint64_t done_ns = 0;       // the executor saw it done and published its statuses
   std::vector<Queued> items;
 };
 

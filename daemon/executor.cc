@@ -356,6 +356,7 @@ class Executor::Impl {
         if (s != kNoWrite) s = kStatusExecutionFailed;
       }
     }
+    batch->submitted_ns = nowNs();
     flight.batch = std::move(batch);
     in_flight_.push_back(std::move(flight));
   }
@@ -537,6 +538,7 @@ class Executor::Impl {
     }
     for (Slot* slot : sleeping)
       slotWake(*slot);
+    flight.batch->done_ns = nowNs();
     cache_->batchCompleted(flight.batch->id);
     channel_.gauges().mapped.store(cache_->size(), std::memory_order_relaxed);
     channel_.finish(std::move(flight.batch));

@@ -23,6 +23,9 @@ void settle(const std::vector<Queued>& items) {
 // long (its caller queued a long kernel first) costs the daemon little, and
 // a short wait little latency.
 constexpr std::uint64_t kReadyLookMinNs = 20'000;
+// A request whose submit time is further back than this was not timed by an
+// honest clock (a ring holds requests for microseconds, at most the timeout).
+constexpr std::uint64_t kPlausibleRingNs = 3'600'000'000'000;
 constexpr std::uint64_t kReadyLookMaxNs = 1'000'000;
 
 }  // namespace
@@ -39,7 +42,7 @@ std::string formatUuid(const Uuid& uuid) {
 Scheduler::Scheduler(BatcherOptions options, std::vector<GpuInfo> gpus,
                      std::vector<ExecutorChannel*> channels) {
   for (std::size_t i = 0; i < gpus.size(); ++i) {
-    gpus_.push_back(Gpu{std::move(gpus[i]), channels[i], Batcher(options), {}});
+    gpus_.push_back(Gpu{std::move(gpus[i]), channels[i], Batcher(options), {}, {}});
   }
 }
 
@@ -91,6 +94,13 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
     return reject(client, request, kStatusDeclined);
   }
   ++client->outstanding;
+  // The client's clock is this host's CLOCK_MONOTONIC; a time it could not
+  // have written (ahead, or absurdly far behind) is left out.
+  if (request.submit_ns != 0 && request.submit_ns <= now_ns &&
+      now_ns - request.submit_ns < kPlausibleRingNs) {
+    ++gpu->round.popped;
+    gpu->round.ring_ns += now_ns - request.submit_ns;
+  }
   Queued item{client, request, BatchKey::of(request), now_ns};
   if (!requestReady(client->view.slot(request.slot), request)) {
     gpu->awaiting.push_back(std::move(item));
@@ -106,6 +116,8 @@ bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_a
   for (auto it = gpu.awaiting.begin(); it != gpu.awaiting.end(); ++it) {
     if (requestReady(it->client->view.slot(it->request.slot), it->request)) {
       // Its wait in the batcher starts now: the time before was the caller's.
+      ++gpu.round.readied;
+      gpu.round.ready_ns += now_ns - it->arrival_ns;
       it->arrival_ns = now_ns;
       gpu.batcher.add(std::move(*it), now_ns);
       progressed = true;
@@ -154,6 +166,13 @@ bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
   wake_at_ns = 0;
   for (Gpu& gpu : gpus_) {
     while (std::unique_ptr<Batch> done = gpu.channel->takeDone()) {
+      if (done->launched_ns != 0 && done->submitted_ns >= done->launched_ns &&
+          done->done_ns >= done->submitted_ns) {
+        const std::uint64_t items = done->items.size();
+        gpu.round.completed += items;
+        gpu.round.launch_ns += items * (done->submitted_ns - done->launched_ns);
+        gpu.round.gpu_ns += items * (done->done_ns - done->submitted_ns);
+      }
       gpu.batcher.completed(*done, now_ns);
       settle(done->items);
       progressed = true;
@@ -206,6 +225,16 @@ void Scheduler::addStatus(Json& status) const {
     Json& launches = entry["launches"] = Json::object();
     for (std::size_t i = 0; i < kLaunchReasonCount; ++i)
       launches[kLaunchReasonNames[i]] = stats.launches[i];
+    const RoundTimes& r = gpu.round;
+    auto mean = [](std::uint64_t ns, std::uint64_t n) {
+      return n == 0 ? 0.0 : static_cast<double>(ns) / 1e3 / static_cast<double>(n);
+    };
+    Json& round = entry["round_us"] = Json::object();
+    round["ring"] = mean(r.ring_ns, r.popped);
+    round["stream_ready"] = mean(r.ready_ns, r.readied);
+    round["batch_wait"] = mean(stats.wait_ns, stats.launched);
+    round["launch"] = mean(r.launch_ns, r.completed);
+    round["gpu"] = mean(r.gpu_ns, r.completed);
     entry["cublas_launches"] = gauges.launches.load();
     entry["mapped"] = gauges.mapped.load();
   }

@@ -48,6 +48,17 @@ class Scheduler : public RequestSink {
   std::uint64_t rejected() const { return rejected_; }
 
  private:
+  // Where a round's time goes in the daemon, summed over requests
+  // (docs/BENCHMARKS.md): the client's push to the daemon's pop; for
+  // stream-ordered requests the pop to their streams' being ready; the batch
+  // taken to its launches queued by the executor; those queued to the batch
+  // seen done and its statuses published. The batcher's own wait is its
+  // stats' wait_ns.
+  struct RoundTimes {
+    std::uint64_t popped = 0, ring_ns = 0;
+    std::uint64_t readied = 0, ready_ns = 0;
+    std::uint64_t completed = 0, launch_ns = 0, gpu_ns = 0;
+  };
   struct Gpu {
     GpuInfo info;
     ExecutorChannel* channel;
@@ -56,6 +67,7 @@ class Scheduler : public RequestSink {
     // work queued before them: they join the batcher when they are ready, so
     // that a late tenant never holds up a batch.
     std::vector<Queued> awaiting;
+    RoundTimes round;
   };
   // Moves the ready ones of `gpu.awaiting` to its batcher; sets `wake_at_ns`
   // to when to look again while some are left.

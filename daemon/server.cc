@@ -672,6 +672,16 @@ std::string Server::statusJson() const {
     entry["mode"] = mode == ClientMode::kStream ? "stream"
                     : mode == ClientMode::kHost ? "host"
                                                 : "unknown";
+    // The client's side of a round (host mode), in means.
+    const std::uint64_t timed = counters.timed_calls.load(std::memory_order_relaxed);
+    auto mean = [&](const std::atomic<std::uint64_t>& ns) {
+      return timed == 0 ? 0.0
+                        : static_cast<double>(ns.load(std::memory_order_relaxed)) / 1e3 /
+                              static_cast<double>(timed);
+    };
+    Json& round = entry["round_us"] = Json::object();
+    round["prior_wait"] = mean(counters.prior_wait_ns);
+    round["completion"] = mean(counters.completion_ns);
   }
   sink_.addStatus(status);
   return dumpJson(status);

@@ -134,6 +134,11 @@ class Shim {
   std::atomic<std::uint64_t> calls_{0};
   std::atomic<std::uint64_t> forwarded_{0};
   std::atomic<std::uint64_t> stream_served_{0};  // of forwarded_
+  // Host-mode calls served, and their summed waits for the caller's earlier
+  // work and for seeing the daemon's answer once published.
+  std::atomic<std::uint64_t> timed_calls_{0};
+  std::atomic<std::uint64_t> prior_wait_ns_{0};
+  std::atomic<std::uint64_t> completion_ns_{0};
   std::atomic<std::uint64_t> failed_{0};
   std::atomic<std::uint64_t> fallbacks_[kFallbackCount] = {};
   std::atomic<std::uint64_t> next_request_id_{1};
@@ -352,9 +357,11 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   // Host mode: the daemon must not read A, B or C before the work this
   // caller queued earlier is done. The legacy API's stream is not visible, so
   // wait for the whole context there.
+  const std::uint64_t prior_from = nowNs();
   const CUresult synced = gemm.legacy ? driver_->cuCtxSynchronize()
                                       : waitForPriorWork(reinterpret_cast<CUstream>(stream));
   if (synced != CUDA_SUCCESS) return fallback(Fallback::kCudaError, direct, conn);
+  const std::uint64_t prior_ns = nowNs() - prior_from;
 
   const std::uint64_t spin_ns = sync.spin ? static_cast<std::uint64_t>(config_.spin_us) * 1'000 : 0;
   auto ticket = conn->submit(request, nowNs() + timeout_ns);
@@ -378,7 +385,17 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     }
   }
   if (result.outcome == WaitOutcome::kDone) {
+    const std::uint64_t seen = nowNs();
     conn->release(ticket.value());
+    // Where the round's time went on this side (docs/BENCHMARKS.md).
+    const std::uint64_t completion_ns = seen >= result.done_ns ? seen - result.done_ns : 0;
+    ClientCounters& counters = conn->counters();
+    counters.timed_calls.fetch_add(1, std::memory_order_relaxed);
+    counters.prior_wait_ns.fetch_add(prior_ns, std::memory_order_relaxed);
+    counters.completion_ns.fetch_add(completion_ns, std::memory_order_relaxed);
+    timed_calls_.fetch_add(1, std::memory_order_relaxed);
+    prior_wait_ns_.fetch_add(prior_ns, std::memory_order_relaxed);
+    completion_ns_.fetch_add(completion_ns, std::memory_order_relaxed);
     return finish(result.status, request.beta, direct, *conn);
   }
   // The daemon is gone.
@@ -697,6 +714,13 @@ void Shim::printCounters() {
   STMUX_INFO(kStats, "{} calls: {} served by stmuxd ({} stream-ordered), {} failed; direct:{}",
              calls_.load(), forwarded_.load(), stream_served_.load(), failed_.load(),
              direct.empty() ? " none" : direct);
+  if (const std::uint64_t timed = timed_calls_.load(); timed != 0) {
+    STMUX_INFO(
+        kStats,
+        "round: {} host-mode calls, mean prior-work wait {:.1f} us, mean completion {:.1f} us",
+        timed, static_cast<double>(prior_wait_ns_.load()) / 1e3 / static_cast<double>(timed),
+        static_cast<double>(completion_ns_.load()) / 1e3 / static_cast<double>(timed));
+  }
 }
 
 // fork(): no lock may be held by a thread that will not exist in the child,
@@ -740,6 +764,9 @@ void Shim::forkChild() {
   shim.calls_ = 0;
   shim.forwarded_ = 0;
   shim.stream_served_ = 0;
+  shim.timed_calls_ = 0;
+  shim.prior_wait_ns_ = 0;
+  shim.completion_ns_ = 0;
   shim.failed_ = 0;
   for (auto& counter : shim.fallbacks_)
     counter = 0;

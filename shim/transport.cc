@@ -271,6 +271,7 @@ Result<Ticket> Connection::reserve(std::uint64_t deadline_ns) {
 Status Connection::push(Request& request, const Ticket& ticket, std::uint64_t deadline_ns) {
   request.slot = ticket.slot;
   request.generation = ticket.generation;
+  request.submit_ns = nowNs();
   while (!producer_.tryPush(request)) {
     // Full: the daemon is behind or stale cancelled entries fill the ring.
     if (nowNs() >= deadline_ns || !alive()) {
@@ -306,6 +307,7 @@ WaitResult Connection::wait(const Ticket& ticket, std::uint64_t deadline_ns,
   result.state = slotState(last);
   if (result.outcome == WaitOutcome::kDone) {
     result.status = slot.status.load(std::memory_order_acquire);
+    result.done_ns = slot.done_ns.load(std::memory_order_relaxed);
   }
   return result;
 }

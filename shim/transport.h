@@ -45,6 +45,7 @@ struct WaitResult {
   WaitOutcome outcome = WaitOutcome::kDone;
   std::int32_t status = kStatusInternalError;  // valid when outcome == kDone
   SlotState state = SlotState::kIdle;          // the slot's state when the wait ended
+  std::uint64_t done_ns = 0;                   // with kDone: when the daemon published the status
 };
 
 // True when Connection::open failed because one side refused the other: the

@@ -56,6 +56,7 @@ class FakeExecutor {
       std::lock_guard lock(mutex_);
       switch (command->kind) {
         case ExecCommand::Kind::kRun: {
+          command->batch->submitted_ns = nowNs();
           const std::uint64_t until = nowNs() + batch_ns_;
           while (nowNs() < until)
             cpuRelax();
@@ -66,6 +67,7 @@ class FakeExecutor {
             }
           }
           sizes_.push_back(command->batch->items.size());
+          command->batch->done_ns = nowNs();
           channel_.finish(std::move(command->batch));
           break;
         }
@@ -478,6 +480,40 @@ TEST(Scheduler, AwaitingRequestsOfAClientThatLeftAreDropped) {
   const std::string json = dumpJson(status);
   EXPECT_NE(json.find("\"awaiting_streams\":0"), std::string::npos) << json;
   EXPECT_TRUE(daemon.executor().batchSizes().empty());
+}
+
+// Where a round's time goes, as the daemon sees it (round_us per GPU): the
+// fake GPU takes 3 ms a batch, and a stream-ordered request waits 20 ms for
+// its stream; each shows where it belongs and nowhere else.
+TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
+  TempDir dir;
+  Daemon daemon(dir, /*batch_ns=*/3'000'000);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  EXPECT_EQ(call(*connection, validRequest()), kStatusSuccess);
+  const StreamRequest sent = submitStreamOrdered(*connection, validRequest());
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  connection->view().slot(sent.ticket.slot).ready.store(sent.seq);
+  ASSERT_TRUE(
+      testing::waitFor([&] { return stateOf(*connection, sent.ticket) == SlotState::kDone; }));
+  auto gpuRound = [&](const char* field) {
+    auto reply = queryDaemonStatus(dir.socket(), "scheduler_test", 2000);
+    if (!reply.ok()) return -1.0;
+    auto json = parseJson(reply.value());
+    if (!json.ok()) return -1.0;
+    return jsonNumber(
+        jsonFind(jsonFind(jsonAt(jsonFind(json.value(), "gpus"), 0), "round_us"), field), -1);
+  };
+  ASSERT_TRUE(testing::waitFor([&] { return gpuRound("gpu") > 0; }));
+  EXPECT_GE(gpuRound("gpu"), 3000) << "the fake GPU's 3 ms per batch";
+  EXPECT_LT(gpuRound("gpu"), 1e6);
+  // One of the two requests waited 20 ms for its stream; that is its
+  // stream's time, not the batcher's.
+  EXPECT_GE(gpuRound("stream_ready"), 20'000);
+  EXPECT_LT(gpuRound("batch_wait"), 10'000);
+  EXPECT_GE(gpuRound("ring"), 0);
+  EXPECT_LT(gpuRound("ring"), 10'000);
+  EXPECT_GE(gpuRound("launch"), 0);
 }
 
 TEST(Scheduler, StatusReportsEachGpu) {

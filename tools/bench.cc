@@ -125,6 +125,16 @@ struct Point {
   long fallbacks = -1;       // stmux rows: calls the shims sent straight to cuBLAS
   double routed_direct = 0;  // stmux rows: share of calls STMUX_ROUTE=auto sent direct
   double mean_batch = 0;     // stmux rows: the daemon's mean batch
+  // stmux rows: where a served call's time went, means in us (-1: not
+  // measured): the tenants' wait for their own earlier work (host mode); the
+  // ring (push to the daemon's pop); stream-ordered, the pop to the caller's
+  // stream being ready; the batcher's wait; the executor queueing the
+  // launches; the GPU (queued to seen done, statuses published); the tenants
+  // seeing the answer (host mode).
+  struct Round {
+    double prior_wait = -1, ring = -1, stream_ready = -1, batch_wait = -1, launch = -1, gpu = -1,
+           completion = -1;
+  } round;
   // The CPU over the timed span (tools/proc_cpu.h), per second of it: cores
   // busy, context switches and preemptions; of all tenants together, of the
   // busiest tenant, and of the processes that serve them (stmuxd, MPS's).
@@ -579,7 +589,14 @@ class Bench {
     if (usesStmux(mode)) {
       countDirect(clients, point);
       if (auto status = daemonStatus(socket)) {
-        point.mean_batch = jsonNumber(jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "mean_batch"));
+        const Json* gpu = jsonAt(jsonFind(*status, "gpus"), 0);
+        point.mean_batch = jsonNumber(jsonFind(gpu, "mean_batch"));
+        const Json* round = jsonFind(gpu, "round_us");
+        point.round.ring = jsonNumber(jsonFind(round, "ring"), -1);
+        point.round.stream_ready = jsonNumber(jsonFind(round, "stream_ready"), -1);
+        point.round.batch_wait = jsonNumber(jsonFind(round, "batch_wait"), -1);
+        point.round.launch = jsonNumber(jsonFind(round, "launch"), -1);
+        point.round.gpu = jsonNumber(jsonFind(round, "gpu"), -1);
       }
       daemon.signal(SIGTERM);
       if (daemon.wait(std::chrono::seconds(30)) != 0 && invalid.empty()) {
@@ -753,6 +770,19 @@ class Bench {
     }
     point.fallbacks = fallbacks;
     point.routed_direct = calls > 0 ? routed / calls : 0;
+    // The tenants' side of a round, weighted by their timed calls.
+    double timed = 0, prior = 0, completion = 0;
+    for (const Process& client : clients) {
+      const ShimStats stats = shimStats(client.err());
+      if (stats.timed <= 0) continue;
+      timed += static_cast<double>(stats.timed);
+      prior += static_cast<double>(stats.timed) * stats.prior_wait_us;
+      completion += static_cast<double>(stats.timed) * stats.completion_us;
+    }
+    if (timed > 0) {
+      point.round.prior_wait = prior / timed;
+      point.round.completion = completion / timed;
+    }
   }
 
   // MPS with its pipes in our own directory, so that it neither meets nor
@@ -864,6 +894,26 @@ void printTable(const std::vector<Point>& points, FILE* out) {
         usesStmux(p.mode) ? fmt::format("{:.1f}", p.mean_batch).c_str() : "-",
         fmt::format("{:.1f}+{:.1f}", p.tenants_cpu.cores, p.serving_cpu.cores).c_str(),
         p.tenants_cpu.preemptions + p.serving_cpu.preemptions, p.note.c_str());
+  }
+}
+
+// Where a served call's time went, for each stmux row that ran.
+void printRounds(const std::vector<Point>& points, FILE* out) {
+  bool header = false;
+  auto us = [](double v) { return v < 0 ? std::string("-") : fmt::format("{:.1f}", v); };
+  for (const Point& p : points) {
+    if (!p.ran || !usesStmux(p.mode)) continue;
+    if (!header) {
+      std::fprintf(out, "\nround (mean us): %-20s %4s %-9s %10s %7s %12s %10s %7s %7s %10s\n",
+                   "shape", "R", "mode", "prior-wait", "ring", "stream-ready", "batch-wait",
+                   "launch", "gpu", "completion");
+      header = true;
+    }
+    const Point::Round& r = p.round;
+    std::fprintf(out, "                  %-20s %4d %-9s %10s %7s %12s %10s %7s %7s %10s\n",
+                 p.shape.c_str(), p.tenants, modeName(p.mode), us(r.prior_wait).c_str(),
+                 us(r.ring).c_str(), us(r.stream_ready).c_str(), us(r.batch_wait).c_str(),
+                 us(r.launch).c_str(), us(r.gpu).c_str(), us(r.completion).c_str());
   }
 }
 
@@ -1030,6 +1080,11 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
         row["fallbacks"] = p.fallbacks;
         row["routed_direct"] = p.routed_direct;
         row["mean_batch"] = p.mean_batch;
+        const Point::Round& r = p.round;
+        row["round_us"] = {
+            {"prior_wait", r.prior_wait}, {"ring", r.ring},     {"stream_ready", r.stream_ready},
+            {"batch_wait", r.batch_wait}, {"launch", r.launch}, {"gpu", r.gpu},
+            {"completion", r.completion}};
       }
     }
   }
@@ -1093,6 +1148,7 @@ int run(int argc, char** argv) {
   for (Row& row : rows)
     points.push_back(medianRun(std::move(row.runs)));
   printTable(points, stdout);
+  printRounds(points, stdout);
   printTargets(options, points, stdout);
   const std::string json_path = options.out + "/bench.json";
   if (std::ofstream json(json_path); json) json << toJson(options, points) << "\n";

@@ -12,7 +12,11 @@ namespace stmux::tools {
 struct ShimStats {
   long calls = -1, served = -1, failed = -1;  // -1: no exit line was found
   long stream_ordered = -1;                   // of those served
-  std::map<std::string, long> direct;         // reason -> calls; reasons with none are not printed
+  // The round line: host-mode calls served, and their mean waits for the
+  // caller's earlier work and for seeing the daemon's answer (-1: no line).
+  long timed = -1;
+  double prior_wait_us = -1, completion_us = -1;
+  std::map<std::string, long> direct;  // reason -> calls; reasons with none are not printed
 
   // The calls that went direct for `reason`; 0 when it was not printed.
   long directCalls(const std::string& reason) const {
@@ -39,6 +43,13 @@ inline ShimStats shimStats(const std::string& err) {
   for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
        it != std::sregex_iterator(); ++it) {
     stats.direct[(*it)[1]] = std::stol((*it)[2]);
+  }
+  if (std::regex_search(err, match,
+                        std::regex("round: ([0-9]+) host-mode calls, mean prior-work wait "
+                                   "([0-9.]+) us, mean completion ([0-9.]+) us"))) {
+    stats.timed = std::stol(match[1]);
+    stats.prior_wait_us = std::stod(match[2]);
+    stats.completion_us = std::stod(match[3]);
   }
   return stats;
 }

@@ -174,6 +174,7 @@ inline bool slotPublish(Slot& slot, std::uint32_t generation, std::int32_t statu
   while (slotGeneration(word) == generation &&
          (slotState(word) == SlotState::kRunning || slotState(word) == SlotState::kPending)) {
     slot.status.store(status, std::memory_order_relaxed);
+    slot.done_ns.store(nowNs(), std::memory_order_relaxed);
     // seq_cst pairs with the waiter's store to sleepers and load of word.
     if (slot.word.compare_exchange_weak(word, slotWord(generation, SlotState::kDone),
                                         std::memory_order_seq_cst)) {

@@ -26,7 +26,9 @@ namespace stmux {
 //    ready and released words, the header's attention word); a client's
 //    counters say which mode its calls go by.
 // 6: a fallback reason more (unserved_form): the client's counters grew.
-inline constexpr std::uint32_t kProtocolVersion = 6;
+// 7: where a round's time goes: a request's submit time, a slot's done time,
+//    the client's timing counters.
+inline constexpr std::uint32_t kProtocolVersion = 7;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -97,6 +99,7 @@ struct Request {
   // `released` word. Rises with each use of the slot; compared cyclically.
   std::uint32_t stream_seq;
   std::uint32_t reserved;
+  std::uint64_t submit_ns;  // CLOCK_MONOTONIC when the client pushed it, for the daemon's timing
 };
 
 // Request::flags. Stream-ordered: the caller did not wait for its stream
@@ -139,6 +142,9 @@ struct alignas(kCacheLine) Slot {
   // Written by whoever finished the request (the daemon, or the shim when it
   // ran the request itself); the caller's GPU stream waits for it.
   std::atomic<std::uint32_t> released;
+  // CLOCK_MONOTONIC when the daemon published the status: the caller times
+  // how long it took to see it.
+  std::atomic<std::uint64_t> done_ns;
 };
 
 // Whether a sequence word has reached `seq`, cyclically: the comparison
@@ -198,6 +204,12 @@ struct ClientCounters {
   std::atomic<std::uint32_t> mps;    // ClientMps: whether the client's context is on MPS
   std::atomic<std::uint32_t> mode;   // ClientMode: how its served calls are ordered (STMUX_MODE)
   std::uint32_t reserved;
+  // Where a served call's time goes on the client's side (host mode): calls
+  // timed, their summed waits for the caller's earlier work, and their summed
+  // time from the daemon's publishing the status to the caller's seeing it.
+  std::atomic<std::uint64_t> timed_calls;
+  std::atomic<std::uint64_t> prior_wait_ns;
+  std::atomic<std::uint64_t> completion_ns;
 };
 
 enum class ClientMps : std::uint32_t { kUnknown = 0, kNo = 1, kYes = 2 };
@@ -314,7 +326,7 @@ T makeMessage(MsgType type) {
 STMUX_WIRE_STRUCT(Uuid, 16);
 STMUX_WIRE_STRUCT(IpcHandle, 64);
 STMUX_WIRE_STRUCT(OperandDesc, 96);
-STMUX_WIRE_STRUCT(Request, 408);
+STMUX_WIRE_STRUCT(Request, 416);
 STMUX_WIRE_STRUCT(MsgHeader, 16);
 STMUX_WIRE_STRUCT(HelloMsg, 56);
 STMUX_WIRE_STRUCT(WelcomeMsg, 16 + 24 + 17 * kMaxDevices);
@@ -327,7 +339,7 @@ STMUX_WIRE_STRUCT(ReleaseMsg, 16 + 8 + 8 * kMaxReleaseIds);
   static_assert(sizeof(T) == (bytes), #T " changed size: bump kProtocolVersion")
 
 STMUX_SHARED_STRUCT(Slot, 64);
-STMUX_SHARED_STRUCT(SegmentHeader, (128 + 8 * (4 + kFallbackCount) + 63) / 64 * 64);
+STMUX_SHARED_STRUCT(SegmentHeader, (128 + 8 * (7 + kFallbackCount) + 63) / 64 * 64);
 static_assert(offsetof(Request, a) % 8 == 0);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free,
               "futex words and slot states must be lock-free across processes");
