@@ -152,16 +152,20 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   }
   call.request.flags |= kRequestStreamOrdered;
   call.request.stream_seq = entry.seq;
-  // A failed push hands the slot back; the ready word it wrote is never
-  // looked at, and the slot's next use writes a higher one.
-  if (!conn.push(call.request, entry.ticket, deadline_ns).ok()) return Queued::kBusy;
   entry.connection = connection;
+  if (!conn.push(call.request, entry.ticket, deadline_ns).ok()) {
+    (void)conn.cancel(entry.ticket);  // never queued: nobody else knows it
+    std::lock_guard lock(mutex_);
+    retireLocked(std::move(entry));
+    return Queued::kBusy;
+  }
   entry.request = call.request;
   entry.a = call.a, entry.b = call.b, entry.c = call.c;
   const bool waits = driver_.cuStreamWaitValue32(call.stream, entry.released, entry.seq,
                                                  CU_STREAM_WAIT_VALUE_GEQ) == CUDA_SUCCESS;
   if (!waits && conn.cancel(entry.ticket)) {
-    conn.release(entry.ticket);
+    std::lock_guard lock(mutex_);
+    retireLocked(std::move(entry));
     return Queued::kCudaError;  // never started: the caller runs it
   }
   const Ticket mine = entry.ticket;
@@ -185,6 +189,12 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   return Queued::kYes;
 }
 
+void StreamOrder::retireLocked(InFlight entry) {
+  entry.retired = true;
+  in_flight_.push_back(std::move(entry));
+  if (in_flight_.size() == 1) changed_.notify_all();
+}
+
 void StreamOrder::reapLocked(bool watcher) {
   if (in_flight_.empty()) return;
   const std::uint64_t now = nowNs();
@@ -203,7 +213,12 @@ void StreamOrder::reapLocked(bool watcher) {
     Connection& connection = *call.connection;
     Slot& slot = connection.view().slot(call.ticket.slot);
     bool settled = false;
-    if (call.taken_over) {
+    if (call.retired) {
+      if (seqReached(slot.ready.load(std::memory_order_acquire), call.seq)) {
+        connection.release(call.ticket);  // counted when the call went direct
+        continue;
+      }
+    } else if (call.taken_over) {
       settled = seqReached(slot.released.load(std::memory_order_acquire), call.seq);
     } else {
       const std::uint32_t word = slot.word.load(std::memory_order_acquire);

@@ -86,7 +86,14 @@ class StreamOrder {
     std::uint64_t ready_ns = 0;          // when the watcher first saw the caller's stream reach it
     std::optional<Fallback> taken_over;  // the shim runs it: settled once released reaches seq
     bool failed = false;                 // the shim could not run it either
+    // Never run by anyone (the call went direct), but the caller's stream
+    // will still write `ready`: the slot is reused only once it has, so that
+    // a late write never lowers the word under the slot's next request.
+    bool retired = false;
   };
+  // Keeps a slot whose ready write is still on its way out of use until it
+  // lands (InFlight::retired). Under mutex_.
+  void retireLocked(InFlight entry);
   struct Registered {
     const void* host;
     CUcontext context;

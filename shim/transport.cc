@@ -248,7 +248,10 @@ Connection::~Connection() {
 Result<Ticket> Connection::submit(Request& request, std::uint64_t deadline_ns) {
   auto ticket = reserve(deadline_ns);
   if (!ticket) return ticket.status();
-  STMUX_TRY(push(request, ticket.value(), deadline_ns));
+  if (Status pushed = push(request, ticket.value(), deadline_ns); !pushed.ok()) {
+    abandon(ticket.value());
+    return pushed;
+  }
   return ticket;
 }
 
@@ -274,10 +277,7 @@ Status Connection::push(Request& request, const Ticket& ticket, std::uint64_t de
   request.submit_ns = nowNs();
   while (!producer_.tryPush(request)) {
     // Full: the daemon is behind or stale cancelled entries fill the ring.
-    if (nowNs() >= deadline_ns || !alive()) {
-      abandon(ticket);
-      return Status::error("the request ring stayed full");
-    }
+    if (nowNs() >= deadline_ns || !alive()) return Status::error("the request ring stayed full");
     ringDoorbell();
     ::sched_yield();
   }

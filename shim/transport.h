@@ -69,8 +69,8 @@ class Connection {
   // comes free before `deadline_ns`.
   Result<Ticket> submit(Request& request, std::uint64_t deadline_ns);
   // submit() in two steps, for a caller with work to do between them: a
-  // free slot, armed; then the request pushed for it. A failed push cancels
-  // the request and hands the slot back.
+  // free slot, armed; then the request pushed for it. After a failed push
+  // the slot is still the caller's, to abandon().
   Result<Ticket> reserve(std::uint64_t deadline_ns);
   Status push(Request& request, const Ticket& ticket, std::uint64_t deadline_ns);
   // The next stream sequence number of a slot the caller holds: one more
