@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu launch bench transport handoff
-# (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32")
+#   info build unit gpu launch bench transport handoff sync modes demo2
+# (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
+# sync, modes and demo2 are the comparisons of issues 17, 12 and 18, each on
+# one machine; $TENANTS overrides their tenant counts)
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -11,7 +13,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -59,7 +61,45 @@ for step in "$@"; do
       python3 "$build/tools/stmux-plot" /tmp/stmux-bench/bench.json -o "$out/bench${BENCH_TAG:-}.png" \
         >/dev/null 2>&1
       grep -vE "^\[[0-9]+/" "$out/bench.log" | tail -45 ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff" >&2; exit 2 ;;
+    sync)
+      # Issue 17: how tenants wait. stmux on MPS with STMUX_SYNC=keep and
+      # auto, MPS alone with its tenants spinning (CUDA's default) and
+      # blocking; one rows line per variant in sync.log.
+      for variant in "keep stmux-mps --tenant-env STMUX_SYNC=keep" \
+                     "auto stmux-mps --tenant-env STMUX_SYNC=auto" \
+                     "mps-spin mps" "mps-blocking mps --tenant-args=--sync=blocking"; do
+        # shellcheck disable=SC2086  # the variant's words are its arguments
+        set -- $variant
+        tag=$1 mode=$2; shift 2
+        "$build/tools/stmux-bench" --out "/tmp/stmux-sync-$tag" --shapes cube,torch-rnn,torch-cube \
+          --tenants "${TENANTS:-8,32,48}" --modes "$mode" "$@" >"$out/sync-$tag.log" 2>&1 || status=1
+        cp "/tmp/stmux-sync-$tag/bench.json" "$out/sync-$tag.json" 2>/dev/null
+        grep -E "^(cube|torch)" "$out/sync-$tag.log" | sed "s/^/$tag: /"
+      done ;;
+    modes)
+      # Issue 12: host against stream-ordered mode on MPS, with where a
+      # round's time goes; tenants' CUDA waits as STMUX_SYNC=auto sets them.
+      for mode in host stream; do
+        "$build/tools/stmux-bench" --out "/tmp/stmux-modes-$mode" --shapes cube,rnn,torch-rnn,torch-cube \
+          --tenants "${TENANTS:-1,32}" --modes stmux-mps --tenant-env "STMUX_MODE=$mode" \
+          --tenant-env STMUX_SYNC=auto >"$out/modes-$mode.log" 2>&1 || status=1
+        cp "/tmp/stmux-modes-$mode/bench.json" "$out/modes-$mode.json" 2>/dev/null
+        grep -E "^(cube|rnn|torch)|^round|^  " "$out/modes-$mode.log" | grep -v "numbers:" | sed "s/^/$mode: /"
+      done ;;
+    demo2)
+      # Issue 18: the demo twice, each from a fresh clone and build, then a
+      # 10-second run of the same rows (R = 32) with the first clone's build.
+      for n in 1 2; do
+        fresh=$(mktemp -d)/stmux
+        git clone -q . "$fresh" || { echo "demo2: not a git work tree" >&2; exit 1; }
+        ( cd "$fresh" && time bash tools/demo.sh ) >"$out/demo$n.log" 2>&1 || status=1
+        grep -E "^(cube|rnn)[^ ]* +32 " "$out/demo$n.log" | sed "s/^/demo $n: /"
+        [ "$n" = 1 ] && first=$fresh
+      done
+      "$first/build/tools/stmux-bench" --out /tmp/stmux-demo10 --shapes cube,rnn --tenants 32 \
+        --seconds 10 >"$out/demo10.log" 2>&1 || status=1
+      grep -E "^(cube|rnn)" "$out/demo10.log" | sed "s/^/10 s: /" ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff sync modes demo2" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
