@@ -483,8 +483,9 @@ TEST(Scheduler, AwaitingRequestsOfAClientThatLeftAreDropped) {
 }
 
 // Where a round's time goes, as the daemon sees it (round_us per GPU): the
-// fake GPU takes 3 ms a batch, and a stream-ordered request waits 20 ms for
-// its stream; each shows where it belongs and nowhere else.
+// fake GPU takes 3 ms a batch, and a stream-ordered request waits 50 ms for
+// its stream; each shows where it belongs and nowhere else (with margins: the
+// daemon pops a request a little after the test pushed it).
 TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
   TempDir dir;
   Daemon daemon(dir, /*batch_ns=*/3'000'000);
@@ -492,7 +493,7 @@ TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
   ASSERT_TRUE(connection);
   EXPECT_EQ(call(*connection, validRequest()), kStatusSuccess);
   const StreamRequest sent = submitStreamOrdered(*connection, validRequest());
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
   connection->view().slot(sent.ticket.slot).ready.store(sent.seq);
   ASSERT_TRUE(
       testing::waitFor([&] { return stateOf(*connection, sent.ticket) == SlotState::kDone; }));
@@ -507,9 +508,9 @@ TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
   ASSERT_TRUE(testing::waitFor([&] { return gpuRound("gpu") > 0; }));
   EXPECT_GE(gpuRound("gpu"), 3000) << "the fake GPU's 3 ms per batch";
   EXPECT_LT(gpuRound("gpu"), 1e6);
-  // One of the two requests waited 20 ms for its stream; that is its
+  // One of the two requests waited 50 ms for its stream; that is its
   // stream's time, not the batcher's.
-  EXPECT_GE(gpuRound("stream_ready"), 20'000);
+  EXPECT_GE(gpuRound("stream_ready"), 25'000);
   EXPECT_LT(gpuRound("batch_wait"), 10'000);
   EXPECT_GE(gpuRound("ring"), 0);
   EXPECT_LT(gpuRound("ring"), 10'000);
