@@ -3,7 +3,6 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,11 +14,11 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <vector>
 
 #include "shim/allocations.h"
+#include "shim/background.h"
 #include "shim/driver.h"
 #include "shim/real.h"
 #include "shim/route.h"
@@ -645,28 +644,19 @@ Route Shim::chooseRoute(Connection& connection) {
 // idle (and so makes no call that would notice), so a thread of the shim's
 // own sweeps the cache once a second and tells the daemon what is gone.
 void Shim::startSweeper() {
-  // Signals stay with the application's threads.
-  sigset_t all, previous;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &previous);
-  try {
-    std::thread([this] { sweepLoop(); }).detach();
+  const std::string failure =
+      startBackgroundThread(*driver_, "stmux-sweep", [this] { sweepLoop(); });
+  if (failure.empty()) {
     sweeper_started_ = true;
-  } catch (const std::system_error& error) {
+  } else {
     STMUX_WARN(kShim,
                "cannot start the sweeper thread ({}); freed memory stays mapped in the daemon "
                "until a new allocation reuses its address or this process exits",
-               error.what());
+               failure);
   }
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
 }
 
 void Shim::sweepLoop() {
-  pthread_setname_np(pthread_self(), "stmux-sweep");
-  // Nothing this thread calls may disturb a graph the application captures
-  // in cudaStreamCaptureModeGlobal on another thread.
-  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
-  driver_->cuThreadExchangeStreamCaptureMode(&mode);
   while (true) {
     std::this_thread::sleep_for(kSweepInterval);
     std::lock_guard sweeping(sweep_mutex_);

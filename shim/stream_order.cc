@@ -1,14 +1,10 @@
 #include "shim/stream_order.h"
 
-#include <pthread.h>
-#include <signal.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
-#include <system_error>
-#include <thread>
 
+#include "shim/background.h"
 #include "stmux/log.h"
 #include "stmux/segment.h"
 
@@ -133,7 +129,6 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   const std::optional<CUdeviceptr> segment = segmentOnGpu(conn, context);
   if (!segment) return Queued::kHost;
   if (joinLegacyStream(call.stream, context) != CUDA_SUCCESS) return Queued::kCudaError;
-  startWatcher();
 
   auto ticket = reserve(conn, deadline_ns);
   if (!ticket) return Queued::kBusy;
@@ -170,8 +165,7 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   }
   const Ticket mine = entry.ticket;
   std::unique_lock lock(mutex_);
-  in_flight_.push_back(std::move(entry));
-  if (in_flight_.size() == 1) changed_.notify_all();
+  trackLocked(std::move(entry));
   if (!waits) {
     // The daemon has it, and the caller's stream cannot be made to wait for
     // it: it must be done before the call returns.
@@ -191,8 +185,22 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
 
 void StreamOrder::retireLocked(InFlight entry) {
   entry.retired = true;
+  trackLocked(std::move(entry));
+}
+
+void StreamOrder::trackLocked(InFlight entry) {
   in_flight_.push_back(std::move(entry));
   if (in_flight_.size() == 1) changed_.notify_all();
+  if (watcher_started_ || stopping_) return;
+  const std::string failure = startBackgroundThread(driver_, "stmux-watch", [this] { watch(); });
+  if (failure.empty()) {
+    watcher_started_ = true;
+  } else {
+    STMUX_WARN(kShim,
+               "cannot start the stream-order watcher ({}); a call the daemon cannot finish is "
+               "run here only when another call needs its slot",
+               failure);
+  }
 }
 
 void StreamOrder::reapLocked(bool watcher) {
@@ -333,31 +341,7 @@ bool StreamOrder::runItself(const InFlight& call) {
                                       CU_STREAM_WRITE_VALUE_DEFAULT) == CUDA_SUCCESS;
 }
 
-void StreamOrder::startWatcher() {
-  std::lock_guard lock(mutex_);
-  if (watcher_started_ || stopping_) return;
-  // Signals stay with the application's threads.
-  sigset_t all, previous;
-  sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &previous);
-  try {
-    std::thread([this] { watch(); }).detach();
-    watcher_started_ = true;
-  } catch (const std::system_error& error) {
-    STMUX_WARN(kShim,
-               "cannot start the stream-order watcher ({}); a call the daemon cannot finish is "
-               "run here only when another call needs its slot",
-               error.what());
-  }
-  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-}
-
 void StreamOrder::watch() {
-  pthread_setname_np(pthread_self(), "stmux-watch");
-  // Nothing this thread calls may disturb a graph the application captures
-  // in cudaStreamCaptureModeGlobal on another thread.
-  CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
-  driver_.cuThreadExchangeStreamCaptureMode(&mode);
   std::unique_lock lock(mutex_);
   while (true) {
     changed_.wait(lock, [this] { return stopped_ || !in_flight_.empty(); });

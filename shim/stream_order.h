@@ -94,6 +94,9 @@ class StreamOrder {
   // Keeps a slot whose ready write is still on its way out of use until it
   // lands (InFlight::retired). Under mutex_.
   void retireLocked(InFlight entry);
+  // Adds a call to those in flight, starting the watcher with the first.
+  // Under mutex_.
+  void trackLocked(InFlight entry);
   struct Registered {
     const void* host;
     CUcontext context;
@@ -113,7 +116,6 @@ class StreamOrder {
   void takeOver(InFlight& call, Fallback why);
   bool runItself(const InFlight& call);
   Runner* runnerFor(CUcontext context);
-  void startWatcher();
   void watch();
 
   const Driver& driver_;

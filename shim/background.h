@@ -1,0 +1,41 @@
+// The shim's own threads (the sweeper, the stream-order watcher): started
+// with every signal blocked, so that the application's handlers run on its
+// own threads, named, and in the relaxed stream-capture mode, so that
+// nothing they call can break a graph the application captures in
+// cudaStreamCaptureModeGlobal on another thread.
+#pragma once
+
+#include <pthread.h>
+#include <signal.h>
+
+#include <string>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+#include "shim/driver.h"
+
+namespace stmux::shim {
+
+// Starts `body` on a detached thread. Empty when it started, else why not.
+template <class Body>
+std::string startBackgroundThread(const Driver& driver, const char* name, Body body) {
+  sigset_t all, previous;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &previous);
+  std::string failure;
+  try {
+    std::thread([&driver, name, body = std::move(body)]() mutable {
+      pthread_setname_np(pthread_self(), name);
+      CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+      driver.cuThreadExchangeStreamCaptureMode(&mode);
+      body();
+    }).detach();
+  } catch (const std::system_error& error) {
+    failure = error.what();
+  }
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  return failure;
+}
+
+}  // namespace stmux::shim
