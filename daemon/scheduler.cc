@@ -1,6 +1,7 @@
 #include "daemon/scheduler.h"
 
 #include <algorithm>
+#include <span>
 
 #include "stmux/gemm.h"
 #include "stmux/json.h"
@@ -11,7 +12,7 @@ namespace stmux::daemon {
 namespace {
 
 // These requests are done with (completed, or dropped with their client).
-void settle(const std::vector<Queued>& items) {
+void settle(std::span<const Queued> items) {
   for (const Queued& item : items) {
     if (item.client->outstanding > 0) --item.client->outstanding;
   }
@@ -140,8 +141,7 @@ void Scheduler::onDetach(const ClientPtr& client) {
     settle(gpu.batcher.removeTenant(client->id));
     const auto gone = std::stable_partition(gpu.awaiting.begin(), gpu.awaiting.end(),
                                             [&](const Queued& q) { return q.client != client; });
-    settle(std::vector<Queued>(std::make_move_iterator(gone),
-                               std::make_move_iterator(gpu.awaiting.end())));
+    settle(std::span<const Queued>(gone, gpu.awaiting.end()));
     gpu.awaiting.erase(gone, gpu.awaiting.end());
     auto command = std::make_unique<ExecCommand>();
     command->kind = ExecCommand::Kind::kForget;

@@ -753,6 +753,8 @@ class Bench {
   static void countDirect(const std::vector<Process>& clients, Point& point) {
     long fallbacks = 0;
     double calls = 0, routed = 0;
+    // The tenants' side of a round, weighted by their timed calls.
+    double timed = 0, prior = 0, completion = 0;
     for (const Process& client : clients) {
       const ShimStats stats = shimStats(client.err());
       if (stats.calls < 0) {
@@ -767,18 +769,14 @@ class Bench {
           fallbacks += n;
         }
       }
+      if (stats.timed > 0) {
+        timed += static_cast<double>(stats.timed);
+        prior += static_cast<double>(stats.timed) * stats.prior_wait_us;
+        completion += static_cast<double>(stats.timed) * stats.completion_us;
+      }
     }
     point.fallbacks = fallbacks;
     point.routed_direct = calls > 0 ? routed / calls : 0;
-    // The tenants' side of a round, weighted by their timed calls.
-    double timed = 0, prior = 0, completion = 0;
-    for (const Process& client : clients) {
-      const ShimStats stats = shimStats(client.err());
-      if (stats.timed <= 0) continue;
-      timed += static_cast<double>(stats.timed);
-      prior += static_cast<double>(stats.timed) * stats.prior_wait_us;
-      completion += static_cast<double>(stats.timed) * stats.completion_us;
-    }
     if (timed > 0) {
       point.round.prior_wait = prior / timed;
       point.round.completion = completion / timed;
