@@ -180,7 +180,9 @@ TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
   ClassTable classes;
   for (std::size_t i = 0; i < runs.size(); ++i) {
     Run& run = runs[i];
-    const int status = run.process.wait(std::chrono::seconds(600));
+    // About a minute's work; a process still calling after five is stuck.
+    const int status = run.process.wait(std::chrono::seconds(300));
+    if (status < 0) ADD_FAILURE() << "stuck:\n" << run.process.stuckReport();
     const std::string out = run.process.out();
     const std::string name = "process " + std::to_string(i) + " (--seed " +
                              std::to_string(run.seed) + " --threads " +
@@ -296,7 +298,10 @@ TEST_P(Preloaded, TwoDaemonRestartsMidRunLoseNoCallAndTheProcessesComeBack) {
   long total_calls = 0, total_served = 0, total_should = 0, total_lost = 0;
   for (std::size_t i = 0; i < runs.size(); ++i) {
     Run& run = runs[i];
-    const int status = run.process.wait(std::chrono::seconds(600));
+    // About ten seconds' work; a process still calling after two minutes
+    // is stuck.
+    const int status = run.process.wait(std::chrono::seconds(120));
+    if (status < 0) ADD_FAILURE() << "process " << i << " stuck:\n" << run.process.stuckReport();
     const std::string name = "process " + std::to_string(i) + " (--seed " +
                              std::to_string(run.seed) + " --threads " +
                              std::to_string(run.threads) + ")";

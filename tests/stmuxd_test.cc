@@ -81,5 +81,21 @@ TEST(Stmuxd, HelpListsTheFlags) {
   }
 }
 
+// The report a test prints for a process that should have ended: each of
+// its threads, by name and state (the stacks too, where a debugger is).
+TEST(Process, AStuckProcessIsDescribedThreadByThread) {
+  TempDir dir;
+  Process sleeper({"/bin/sleep", "30"}, {}, dir.path() + "/sleeper");
+  ASSERT_TRUE(sleeper.started());
+  EXPECT_EQ(sleeper.wait(std::chrono::milliseconds(100)), -1);
+  const std::string report = sleeper.stuckReport();
+  EXPECT_NE(report.find("threads of pid " + std::to_string(sleeper.pid())), std::string::npos)
+      << report;
+  EXPECT_NE(report.find(" sleep S "), std::string::npos) << "the sleeping thread: " << report;
+  sleeper.signal(SIGKILL);
+  EXPECT_EQ(sleeper.wait(), 128 + SIGKILL);
+  EXPECT_EQ(sleeper.stuckReport(), "(not running)\n");
+}
+
 }  // namespace
 }  // namespace stmux

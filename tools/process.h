@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -93,6 +94,38 @@ class Process {
 
   std::string out() const { return slurp(out_path_); }
   std::string err() const { return slurp(err_path_); }
+
+  // What a process that should have ended is doing: each thread's name,
+  // state and kernel wait channel (/proc), then, where cuda-gdb or gdb is
+  // installed, every thread's stack. For a test's failure message.
+  std::string stuckReport() const {
+    if (!running()) return "(not running)\n";
+    const std::string proc = "/proc/" + std::to_string(pid_) + "/task";
+    std::string text = "threads of pid " + std::to_string(pid_) + " (tid name state wchan):\n";
+    std::error_code error;
+    for (const auto& task : std::filesystem::directory_iterator(proc, error)) {
+      const std::string dir = task.path().string();
+      std::string name = slurp(dir + "/comm"), stat = slurp(dir + "/stat");
+      if (!name.empty() && name.back() == '\n') name.pop_back();
+      const std::size_t close = stat.rfind(')');
+      const std::string state =
+          close != std::string::npos && close + 2 < stat.size() ? stat.substr(close + 2, 1) : "?";
+      text += "  " + task.path().filename().string() + " " + name + " " + state + " " +
+              slurp(dir + "/wchan") + "\n";
+    }
+    for (const char* debugger :
+         {"/usr/local/cuda/bin/cuda-gdb", "/usr/bin/cuda-gdb", "/usr/bin/gdb"}) {
+      if (::access(debugger, X_OK) != 0) continue;
+      Process gdb({debugger, "-p", std::to_string(pid_), "-batch", "-ex", "thread apply all bt 30"},
+                  {}, out_path_ + ".stacks");
+      gdb.wait(std::chrono::seconds(120));
+      const std::string stacks = gdb.out();
+      text += "stacks (" + std::string(debugger) + "):\n" +
+              stacks.substr(0, std::min<std::size_t>(stacks.size(), 60'000));
+      break;
+    }
+    return text;
+  }
 
  private:
   static std::string slurp(const std::string& path) {
