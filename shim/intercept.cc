@@ -123,7 +123,7 @@ class Shim {
   RouteChooser chooser_;     // under route_mutex_
   std::atomic<bool> said_direct_{false};
   std::unique_ptr<StreamOrder> stream_;  // null when there is no driver
-  SyncMode sync_mode_ = SyncMode::kKeep;
+  SyncMode sync_mode_ = SyncMode::kAuto;
   unsigned cores_ = 1;  // the CPUs this process may run on, at start
   std::mutex sync_mutex_;
   // The contexts whose scheduling flag the shim set, and to what; under

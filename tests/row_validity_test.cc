@@ -63,6 +63,21 @@ TEST(RowValidity, SeveralFaultyTenantsAreCountedAndTheFirstNamed) {
   EXPECT_EQ(verdict.why, "3 of 4 tenants failed the row; tenant 1 exited 1");
 }
 
+TEST(RowValidity, ATenantsErrorIsItsOwnLineOrItsPythonExceptionWithTheMpsLimitNamed) {
+  EXPECT_EQ(tenantError("vm:1:1 WARN  shim: no daemon\nclient: bad shape\nmore\n"),
+            "client: bad shape")
+      << "stmux's own log lines are skipped";
+  EXPECT_EQ(tenantError("Traceback (most recent call last):\n  File \"t.py\", line 3\n"
+                        "ValueError: bad shape\n\n"),
+            "ValueError: bad shape");
+  const std::string refused = tenantError(
+      "Traceback (most recent call last):\n  File \"t.py\"\nRuntimeError: CUDA "
+      "error: CUDA-capable device(s) is/are busy or unavailable\n");
+  EXPECT_EQ(refused.rfind("RuntimeError: CUDA error", 0), 0u) << refused;
+  EXPECT_NE(refused.find("client limit"), std::string::npos) << refused;
+  EXPECT_EQ(tenantError(""), "");
+}
+
 TEST(BarrierFiles, ResultsAndGoFilesRoundTripAndTruncatedOnesAreRefused) {
   testing::TempDir dir;
   TenantResult result;

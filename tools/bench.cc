@@ -385,32 +385,6 @@ bool parseArgs(int argc, char** argv, Options& o) {
 
 // ---- one measurement ----------------------------------------------------------
 
-std::string firstLine(const std::string& text) {
-  const std::size_t end = text.find('\n');
-  return text.substr(0, std::min<std::size_t>(end, 200));
-}
-
-// Python puts the error last, under its traceback.
-std::string lastLine(const std::string& text) {
-  const std::size_t end = text.find_last_not_of('\n');
-  if (end == std::string::npos) return "";
-  const std::size_t newline = text.rfind('\n', end);
-  const std::size_t begin = newline == std::string::npos ? 0 : newline + 1;
-  return firstLine(text.substr(begin, end + 1 - begin));
-}
-
-// What a failed tenant said: its first line of stderr that is not one of
-// stmux's own log lines ("host:pid:tid LEVEL subsystem: ..."), which a
-// preloaded shim may print before it.
-std::string tenantError(const std::string& err) {
-  static const std::regex stmux_line("^[^ :]+:[0-9]+:[0-9]+ [A-Z]+ [a-z]+: ");
-  std::istringstream lines(err);
-  for (std::string line; std::getline(lines, line);) {
-    if (!line.empty() && !std::regex_search(line, stmux_line)) return firstLine(line);
-  }
-  return firstLine(err);
-}
-
 std::optional<Json> daemonStatus(const std::string& socket) {
   auto reply = queryDaemonStatus(socket, "stmux-status", 2000);
   if (!reply.ok()) return std::nullopt;

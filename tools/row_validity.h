@@ -4,13 +4,52 @@
 // tenants (tests/row_validity_test.cc, tests/bench_test.cc).
 #pragma once
 
+#include <algorithm>
 #include <optional>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "tools/barrier.h"
 
 namespace stmux::tools {
+
+inline std::string firstLine(const std::string& text) {
+  const std::size_t end = text.find('\n');
+  return text.substr(0, std::min<std::size_t>(end, 200));
+}
+
+// Python puts the error last, under its traceback.
+inline std::string lastLine(const std::string& text) {
+  const std::size_t end = text.find_last_not_of('\n');
+  if (end == std::string::npos) return "";
+  const std::size_t newline = text.rfind('\n', end);
+  const std::size_t begin = newline == std::string::npos ? 0 : newline + 1;
+  return firstLine(text.substr(begin, end + 1 - begin));
+}
+
+// What a failed tenant said: its first line of stderr that is not one of
+// stmux's own log lines ("host:pid:tid LEVEL subsystem: ..."), which a
+// preloaded shim may print before it, or, under a Python traceback, the
+// exception at its end. A GPU that refused the tenant a context while MPS
+// serves it is most often MPS's client limit, which stmuxd counts against
+// when it is on MPS too: said so.
+inline std::string tenantError(const std::string& err) {
+  static const std::regex stmux_line("^[^ :]+:[0-9]+:[0-9]+ [A-Z]+ +[a-z]+: ");
+  std::istringstream lines(err);
+  std::string said = firstLine(err);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || std::regex_search(line, stmux_line)) continue;
+    said = line.rfind("Traceback", 0) == 0 ? lastLine(err) : firstLine(line);
+    break;
+  }
+  if (said.find("busy or unavailable") != std::string::npos ||
+      said.find("MPS_MAX_CLIENTS") != std::string::npos) {
+    said += " (on MPS: its client limit, which stmuxd counts against in mode stmux-mps)";
+  }
+  return said;
+}
 
 // How one tenant of a row ended.
 struct TenantOutcome {

@@ -45,7 +45,7 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "sleeps on a futex.")                                                                        \
   X(reconnect_ms, "STMUX_RECONNECT_MS", kInt, "1000", 10, 600000, "ms", kShim,                   \
     "Longest back-off between attempts to attach to an absent daemon.")                          \
-  X(sync, "STMUX_SYNC", kChoice, "keep", 0, 0, "keep|auto|spin|yield|blocking", kShim,           \
+  X(sync, "STMUX_SYNC", kChoice, "auto", 0, 0, "keep|auto|spin|yield|blocking", kShim,           \
     "How the tenant's threads wait for its GPU: its CUDA context's scheduling flag (set at its " \
     "first GEMM; a flag the program chose itself is kept), which CUDA's own synchronizations "   \
     "follow. 'keep': CUDA's default (spin while the process has fewer contexts than cores); "    \
