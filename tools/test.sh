@@ -57,6 +57,13 @@ run_pass() {
   echo "stmux: pass $name: $title ($dir)" >&2
   env STMUX_BUILD_DIR="$dir" ${vars[@]+"${vars[@]}"} bash tools/build.sh
   ctest --test-dir "$dir" --output-on-failure -j"$jobs" "$@" || status=$?
+  # ctest lists skipped tests without their reason: say why, once per reason.
+  local log="$dir/Testing/Temporary/LastTest.log"
+  if [ -f "$log" ]; then
+    grep -ho "\(GPU\|PyTorch\) test skipped: .*" "$log" | sort | uniq -c |
+      sed 's/^ *\([0-9]*\) \([A-Za-z]*\) test skipped: /stmux: \1 \2 tests skipped: /' >&2 ||
+      true
+  fi
   passed "$name" $status $start
 }
 
