@@ -3,6 +3,8 @@
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu launch bench transport handoff sync modes demo2
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
+# gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
+# "differential" (default all: more than one 600 s call may hold);
 # sync, modes and demo2 are the comparisons of issues 17, 12 and 18, each on
 # one machine; $TENANTS overrides their tenant counts)
 # e.g. bash tools/gpu_session.sh info build gpu launch
@@ -13,7 +15,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -35,7 +37,8 @@ for step in "$@"; do
         >"$out/unit.log" 2>&1 || status=1
       grep -E "tests passed|\*\*\*Failed|Timeout" "$out/unit.log" | tail -8 ;;
     gpu)
-      ctest --test-dir "$build" -L gpu --timeout 900 --output-on-failure -V >"$out/gpu.log" 2>&1 || status=1
+      ctest --test-dir "$build" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
+        >"$out/gpu.log" 2>&1 || status=1
       grep -E "tests passed|\*\*\*Failed|Timeout|Skipped|Failure|FAIL " "$out/gpu.log" | tail -30 ;;
     launch)
       "$build/tools/stmux-launch-bench" >"$out/launch.log" 2>&1 || status=1
