@@ -54,7 +54,7 @@ inline std::string tenantError(const std::string& err) {
 // How one tenant of a row ended.
 struct TenantOutcome {
   int exit_status = -1;  // -1: still running when the bench stopped waiting
-  std::string error;     // the first line of its stderr, for the reason
+  std::string error;     // what it said (tenantError), for the reason
   std::optional<TenantResult> result;
 };
 
