@@ -38,7 +38,10 @@ namespace stmux::shim {
   X(cuStreamWriteValue32, 11070)              \
   X(cuStreamWaitValue32, 11070)               \
   X(cuMemHostRegister, 6050)                  \
-  X(cuMemHostGetDevicePointer, 3020)
+  X(cuMemHostGetDevicePointer, 3020)          \
+  X(cuModuleLoadData, 2000)                   \
+  X(cuModuleGetFunction, 2000)                \
+  X(cuLaunchKernel, 4000)
 
 struct Driver {
 #define STMUX_DRIVER_MEMBER(name, version) PFN_##name##_v##version name = nullptr;

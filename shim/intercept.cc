@@ -157,7 +157,7 @@ Shim::Shim() : real_(realCublas()) {
   if (config_ok_ && !config_.disable) driver_ = cudaDriver();
   if (driver_ != nullptr && config_.mode == "stream") {
     stream_ = std::make_unique<StreamOrder>(
-        *driver_, real_, static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000,
+        *driver_, static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000,
         [this](Connection& connection, const StreamOutcome& outcome) {
           account(connection, outcome);
         });

@@ -35,10 +35,6 @@ const RealCublas& realCublas() {
     resolve(real.cublasGetPointerMode_v2, "cublasGetPointerMode_v2", library);
     resolve(real.cublasGetMathMode, "cublasGetMathMode", library);
     resolve(real.cublasGetEmulationStrategy, "cublasGetEmulationStrategy", library);
-    resolve(real.cublasCreate_v2, "cublasCreate_v2", library);
-    resolve(real.cublasSetStream_v2, "cublasSetStream_v2", library);
-    resolve(real.cublasSetMathMode, "cublasSetMathMode", library);
-    resolve(real.cublasSetEmulationStrategy, "cublasSetEmulationStrategy", library);
   });
   return real;
 }

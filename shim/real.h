@@ -17,12 +17,6 @@ struct RealCublas {
   cublasStatus_t (*cublasGetMathMode)(cublasHandle_t, cublasMath_t*) = nullptr;
   cublasStatus_t (*cublasGetEmulationStrategy)(cublasHandle_t,
                                                cublasEmulationStrategy_t*) = nullptr;
-  // For the shim's own handles, which run stream-ordered calls the daemon
-  // could not (shim/stream_order.cc).
-  cublasStatus_t (*cublasCreate_v2)(cublasHandle_t*) = nullptr;
-  cublasStatus_t (*cublasSetStream_v2)(cublasHandle_t, cudaStream_t) = nullptr;
-  cublasStatus_t (*cublasSetMathMode)(cublasHandle_t, cublasMath_t) = nullptr;
-  cublasStatus_t (*cublasSetEmulationStrategy)(cublasHandle_t, cublasEmulationStrategy_t) = nullptr;
 };
 
 // The real functions: the next definitions after the shim (RTLD_NEXT), or

@@ -5,6 +5,7 @@
 #include <cstddef>
 
 #include "shim/background.h"
+#include "shim/takeover_kernel.h"
 #include "stmux/log.h"
 #include "stmux/segment.h"
 
@@ -20,9 +21,8 @@ constexpr std::uint64_t kSlotWaitNs = 50'000;
 
 }  // namespace
 
-StreamOrder::StreamOrder(const Driver& driver, const RealCublas& real, std::uint64_t timeout_ns,
-                         StreamAccount account)
-    : driver_(driver), real_(real), timeout_ns_(timeout_ns), account_(std::move(account)) {}
+StreamOrder::StreamOrder(const Driver& driver, std::uint64_t timeout_ns, StreamAccount account)
+    : driver_(driver), timeout_ns_(timeout_ns), account_(std::move(account)) {}
 
 // The segment's address on the GPU in `context`. Registered with CUDA once
 // per segment (portable: every context of the process may use it); from then
@@ -127,7 +127,7 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
     return Queued::kHost;
   }
   const std::optional<CUdeviceptr> segment = segmentOnGpu(conn, context);
-  if (!segment) return Queued::kHost;
+  if (!segment || !haveRunner(context)) return Queued::kHost;
   if (joinLegacyStream(call.stream, context) != CUDA_SUCCESS) return Queued::kCudaError;
 
   auto ticket = reserve(conn, deadline_ns);
@@ -292,50 +292,58 @@ void StreamOrder::takeOver(InFlight& call, Fallback why) {
       .released.store(call.seq, std::memory_order_release);
 }
 
-StreamOrder::Runner* StreamOrder::runnerFor(CUcontext context) {
-  for (Runner& runner : runners_) {
-    if (runner.context == context) return &runner;
+bool StreamOrder::haveRunner(CUcontext context) {
+  thread_local CUcontext seen = nullptr;
+  if (context == seen) return true;
+  std::lock_guard lock(mutex_);
+  if (runnerLocked(context) == nullptr) return false;
+  seen = context;
+  return true;
+}
+
+const StreamOrder::Runner* StreamOrder::runnerLocked(CUcontext context) {
+  for (const Runner& runner : runners_) {
+    if (runner.context == context) return runner.kernel != nullptr ? &runner : nullptr;
   }
-  Runner runner{context, nullptr, nullptr};
-  if (driver_.cuStreamCreate(&runner.stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) {
+  // Tried once per context: a failure is remembered (kernel null), and that
+  // context's calls are served in host mode.
+  Runner& runner = runners_.emplace_back();
+  runner.context = context;
+  CUresult result = driver_.cuStreamCreate(&runner.stream, CU_STREAM_NON_BLOCKING);
+  CUfunction kernel = nullptr;
+  if (result == CUDA_SUCCESS) result = loadTakeoverKernel(driver_, &kernel);
+  if (result != CUDA_SUCCESS) {
+    STMUX_WARN(kShim,
+               "cannot prepare to run stream-ordered calls here should the daemon fail them "
+               "(CUDA error {}); this context's calls are served in host mode",
+               static_cast<int>(result));
     return nullptr;
   }
-  if (real_.cublasCreate_v2 == nullptr ||
-      real_.cublasCreate_v2(&runner.handle) != CUBLAS_STATUS_SUCCESS ||
-      real_.cublasSetStream_v2(runner.handle, reinterpret_cast<cudaStream_t>(runner.stream)) !=
-          CUBLAS_STATUS_SUCCESS) {
-    return nullptr;
-  }
-  runners_.push_back(runner);
-  return &runners_.back();
+  runner.kernel = kernel;
+  return &runner;
 }
 
 bool StreamOrder::runItself(const InFlight& call) {
   if (driver_.cuCtxSetCurrent(call.context) != CUDA_SUCCESS) return false;
-  Runner* runner = runnerFor(call.context);
+  const Runner* runner = runnerLocked(call.context);
   if (runner == nullptr) return false;
   if (driver_.cuStreamWaitValue32(runner->stream, call.ready, call.seq, CU_STREAM_WAIT_VALUE_GEQ) !=
       CUDA_SUCCESS) {
     return false;
   }
   const Request& r = call.request;
-  (void)real_.cublasSetMathMode(runner->handle, static_cast<cublasMath_t>(r.math_mode));
-  (void)real_.cublasSetEmulationStrategy(runner->handle,
-                                         static_cast<cublasEmulationStrategy_t>(r.emulation));
-  const auto ta = static_cast<cublasOperation_t>(r.transa);
-  const auto tb = static_cast<cublasOperation_t>(r.transb);
-  const auto fits = [](std::int64_t v) { return v <= INT32_MAX; };
-  const cublasStatus_t status =
-      fits(r.m) && fits(r.n) && fits(r.k) && fits(r.lda) && fits(r.ldb) && fits(r.ldc)
-          ? real_.cublasSgemm_v2(runner->handle, ta, tb, static_cast<int>(r.m),
-                                 static_cast<int>(r.n), static_cast<int>(r.k), &r.alpha, call.a,
-                                 static_cast<int>(r.lda), call.b, static_cast<int>(r.ldb), &r.beta,
-                                 call.c, static_cast<int>(r.ldc))
-          : real_.cublasSgemm_v2_64(runner->handle, ta, tb, r.m, r.n, r.k, &r.alpha, call.a, r.lda,
-                                    call.b, r.ldb, &r.beta, call.c, r.ldc);
-  if (status != CUBLAS_STATUS_SUCCESS) {
-    STMUX_WARN(kShim, "running a stream-ordered call here: cuBLAS returned {}",
-               static_cast<int>(status));
+  TakeoverParams params{};
+  params.a = call.a, params.b = call.b, params.c = call.c;
+  params.m = r.m, params.n = r.n, params.k = r.k;
+  params.lda = r.lda, params.ldb = r.ldb, params.ldc = r.ldc;
+  params.count = 1;
+  params.alpha = r.alpha, params.beta = r.beta;
+  params.transa = r.transa, params.transb = r.transb;
+  if (const CUresult result = launchTakeoverKernel(driver_, runner->kernel, runner->stream, params);
+      result != CUDA_SUCCESS) {
+    STMUX_WARN(kShim, "running a stream-ordered call here: the launch failed (CUDA error {})",
+               static_cast<int>(result));
+    return false;
   }
   return driver_.cuStreamWriteValue32(runner->stream, call.released, call.seq,
                                       CU_STREAM_WRITE_VALUE_DEFAULT) == CUDA_SUCCESS;

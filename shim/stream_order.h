@@ -10,8 +10,10 @@
 // the operands earlier, and a stream still busy holds up no batch), and on
 // success stores `released` when its kernels are done. Whatever else happens
 // (declined, the daemon gone or stuck) the watcher thread runs the call
-// itself on a stream of its own that waits for `ready`, then writes
-// `released`: the caller's stream is always let go, with C computed. That is
+// itself, with the shim's own kernel (loaded before the context's first such
+// call: shim/takeover_kernel.h), on a stream of its own that waits for
+// `ready`, then writes `released`: the caller's stream is always let go, with
+// C computed. That is
 // why only calls with beta == 0 go this way: run again, they give the same C
 // whether or not the daemon had started (or half done) them.
 // docs/ARCHITECTURE.md, "Stream-ordered mode".
@@ -28,7 +30,6 @@
 #include <vector>
 
 #include "shim/driver.h"
-#include "shim/real.h"
 #include "shim/transport.h"
 
 namespace stmux::shim {
@@ -52,8 +53,7 @@ struct StreamCall {
 
 class StreamOrder {
  public:
-  StreamOrder(const Driver& driver, const RealCublas& real, std::uint64_t timeout_ns,
-              StreamAccount account);
+  StreamOrder(const Driver& driver, std::uint64_t timeout_ns, StreamAccount account);
 
   enum class Queued {
     kYes,        // queued: return CUBLAS_STATUS_SUCCESS
@@ -102,10 +102,12 @@ class StreamOrder {
     CUcontext context;
     CUdeviceptr device;
   };
+  // What the watcher runs calls with in one context, made before the
+  // context's first call (nothing may be loaded while a stream waits).
   struct Runner {
-    CUcontext context;
-    CUstream stream;
-    cublasHandle_t handle;
+    CUcontext context = nullptr;
+    CUstream stream = nullptr;
+    CUfunction kernel = nullptr;
   };
 
   std::optional<CUdeviceptr> segmentOnGpu(Connection& connection, CUcontext context);
@@ -115,11 +117,13 @@ class StreamOrder {
   void reapLocked(bool watcher);
   void takeOver(InFlight& call, Fallback why);
   bool runItself(const InFlight& call);
-  Runner* runnerFor(CUcontext context);
+  // The context's runner, made on first use; null if it cannot be. Under
+  // mutex_.
+  const Runner* runnerLocked(CUcontext context);
+  bool haveRunner(CUcontext context);
   void watch();
 
   const Driver& driver_;
-  const RealCublas& real_;
   std::uint64_t timeout_ns_;
   StreamAccount account_;
 
@@ -132,7 +136,7 @@ class StreamOrder {
   bool watcher_started_ = false;
   bool stopping_ = false;
   bool stopped_ = false;
-  std::vector<Runner> runners_;  // the watcher's own handles, one per context
+  std::vector<Runner> runners_;  // one per context, never removed (but at fork)
 };
 
 }  // namespace stmux::shim

@@ -1,0 +1,27 @@
+// The arguments of the shim's own SGEMM kernel (shim/takeover_sgemm.cu),
+// shared by the kernel and the host code that launches it, passed by value as
+// the kernel's one parameter. Plain C types only: nvcc and the host compiler
+// must lay it out alike.
+#pragma once
+
+#include <stdint.h>
+
+namespace stmux::shim {
+
+// Column-major, as cuBLAS: for each of `count` problems,
+// C = alpha * op(A) * op(B) + beta * C, with C not read when beta == 0 and A
+// and B not read when alpha == 0 or k == 0. Problem i's operands are the
+// pointers plus i times the strides (in elements).
+struct TakeoverParams {
+  const float* a;
+  const float* b;
+  float* c;
+  int64_t m, n, k;
+  int64_t lda, ldb, ldc;
+  int64_t count;
+  int64_t stride_a, stride_b, stride_c;
+  float alpha, beta;
+  int32_t transa, transb;  // cublasOperation_t: 0 N, otherwise T (C is T for real data)
+};
+
+}  // namespace stmux::shim

@@ -1,0 +1,67 @@
+// The shim's own FP32 GEMM, used only when the shim must run a stream-ordered
+// call itself (the daemon lost, stuck, or declining it) while the caller's
+// stream waits on the GPU for that very call. cuBLAS cannot be used there: a
+// cuBLAS kernel the process has not run yet is loaded on first use (CUDA's
+// lazy loading), and loading may wait for the context's work, which includes
+// the waiting stream: a deadlock. This kernel is loaded, explicitly, before
+// the first stream-ordered call of each context (shim/takeover_kernel.h).
+//
+// A plain shared-memory tiled kernel: correct for every shape, transpose and
+// batch count, with 64-bit indices; speed matters little on this path.
+#include "shim/takeover_params.h"
+
+namespace {
+
+constexpr int kTile = 16;
+
+__device__ __forceinline__ float loadA(const stmux::shim::TakeoverParams& p, const float* a,
+                                       int64_t row, int64_t col) {
+  // op(A)[row, col]: A is m x k (N) or k x m (T).
+  return p.transa == 0 ? a[row + col * p.lda] : a[col + row * p.lda];
+}
+
+__device__ __forceinline__ float loadB(const stmux::shim::TakeoverParams& p, const float* b,
+                                       int64_t row, int64_t col) {
+  // op(B)[row, col]: B is k x n (N) or n x k (T).
+  return p.transb == 0 ? b[row + col * p.ldb] : b[col + row * p.ldb];
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kTile* kTile)
+    stmux_takeover_sgemm(const stmux::shim::TakeoverParams p) {
+  __shared__ float tile_a[kTile][kTile + 1];
+  __shared__ float tile_b[kTile][kTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t row_tiles = (p.m + kTile - 1) / kTile;
+  const int64_t col_tiles = (p.n + kTile - 1) / kTile;
+  const bool reads = p.alpha != 0.0f && p.k > 0;
+  // Every loop bound is the same for the whole block, so __syncthreads is
+  // reached by all its threads.
+  for (int64_t problem = blockIdx.z; problem < p.count; problem += gridDim.z) {
+    const float* a = p.a + problem * p.stride_a;
+    const float* b = p.b + problem * p.stride_b;
+    float* c = p.c + problem * p.stride_c;
+    for (int64_t col_tile = blockIdx.y; col_tile < col_tiles; col_tile += gridDim.y) {
+      for (int64_t row_tile = blockIdx.x; row_tile < row_tiles; row_tile += gridDim.x) {
+        const int64_t row = row_tile * kTile + tx;
+        const int64_t col = col_tile * kTile + ty;
+        float sum = 0.0f;
+        for (int64_t k0 = 0; reads && k0 < p.k; k0 += kTile) {
+          tile_a[ty][tx] = row < p.m && k0 + ty < p.k ? loadA(p, a, row, k0 + ty) : 0.0f;
+          const int64_t b_col = col_tile * kTile + ty;
+          tile_b[ty][tx] = k0 + tx < p.k && b_col < p.n ? loadB(p, b, k0 + tx, b_col) : 0.0f;
+          __syncthreads();
+#pragma unroll
+          for (int i = 0; i < kTile; ++i)
+            sum = fmaf(tile_a[i][tx], tile_b[ty][i], sum);
+          __syncthreads();
+        }
+        if (row < p.m && col < p.n) {
+          float* out = c + row + col * p.ldc;
+          *out = p.beta == 0.0f ? p.alpha * sum : p.alpha * sum + p.beta * *out;
+        }
+      }
+    }
+  }
+}
