@@ -13,6 +13,7 @@
 #include <future>
 #include <vector>
 
+#include "daemon/launch_plan.h"
 #include "daemon/mapping_cache.h"
 #include "stmux/cublas_wire.h"
 #include "stmux/gemm.h"
@@ -117,16 +118,10 @@ class Executor::Impl {
     const float* a;
     const float* b;
     float* c;
+    std::int64_t count;  // problems: a strided batch's, else 1
+    std::int64_t stride_a, stride_b, stride_c;
   };
-  // A run of `count` requests with one key, at `start` in the launch order.
-  // `alone`: a request whose operands are not all 16-byte aligned, launched
-  // by itself as cublasSgemm, never in a batched or grouped launch.
-  struct Group {
-    BatchKey key;
-    std::size_t start = 0;
-    std::size_t count = 0;
-    bool alone = false;
-  };
+  using Group = LaunchGroup;
 
   // The batched and grouped kernels read their pointers from device memory,
   // where cuBLAS cannot look at them before choosing a kernel, and some of
@@ -139,7 +134,12 @@ class Executor::Impl {
     const auto misaligned = [](const void* p) {
       return (reinterpret_cast<std::uintptr_t>(p) % kBatchAlignment) != 0;
     };
-    return !misaligned(r.a) && !misaligned(r.b) && !misaligned(r.c);
+    // Each problem of a strided batch is its own pointer in the arrays.
+    const auto uneven = [&r](std::int64_t stride) {
+      return r.count > 1 && (static_cast<std::uint64_t>(stride) * sizeof(float)) % kBatchAlignment;
+    };
+    return !misaligned(r.a) && !misaligned(r.b) && !misaligned(r.c) && !uneven(r.stride_a) &&
+           !uneven(r.stride_b) && !uneven(r.stride_c);
   }
 
   Status init() {
@@ -307,7 +307,8 @@ class Executor::Impl {
       const Queued& item = batch->items[i];
       const Request& r = item.request;
       if (item.client->gone.load(std::memory_order_acquire)) continue;
-      const auto extents = gemmExtents(GemmShape::of(r));  // validated by the scheduler
+      const GemmShape shape = GemmShape::of(r);
+      const auto extents = gemmExtents(shape);  // validated by the scheduler
       std::uint64_t a = 0, b = 0, c = 0;
       std::int32_t status = resolve(item, r.a, extents->a, batch->id, a);
       if (status == kStatusSuccess) status = resolve(item, r.b, extents->b, batch->id, b);
@@ -319,38 +320,29 @@ class Executor::Impl {
       // The caller cancelled.
       if (!slotClaim(item.client->view.slot(r.slot), r.generation)) continue;
       flight.status[i] = kStatusSuccess;
+      // An operand never touched points at the scratch buffer, for every problem.
+      const auto stride = [](std::uint64_t extent, std::int64_t s) { return extent == 0 ? 0 : s; };
       ready.push_back(Ready{i, reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b),
-                            reinterpret_cast<float*>(c)});
+                            reinterpret_cast<float*>(c), shape.count,
+                            stride(extents->a, shape.stride_a), stride(extents->b, shape.stride_b),
+                            stride(extents->c, shape.stride_c)});
     }
     channel_.gauges().mapped.store(cache_->size(), std::memory_order_relaxed);
 
-    // Lay the requests out group by group, keys in first-seen order.
-    std::vector<Group> groups;
-    std::vector<std::size_t> group_of(ready.size());
-    for (std::size_t j = 0; j < ready.size(); ++j) {
-      const BatchKey& key = batch->items[ready[j].item].key;
-      const bool alone = !batchable(ready[j]);
-      std::size_t g = 0;
-      while (!alone && g < groups.size() && (groups[g].alone || !(groups[g].key == key)))
-        ++g;
-      if (alone) g = groups.size();
-      if (g == groups.size()) groups.push_back(Group{key, 0, 0, alone});
-      ++groups[g].count;
-      group_of[j] = g;
+    std::vector<PlanItem> items;
+    items.reserve(ready.size());
+    for (const Ready& r : ready) {
+      items.push_back(PlanItem{batch->items[r.item].key, r.count, batchable(r)});
     }
-    for (std::size_t g = 1; g < groups.size(); ++g) {
-      groups[g].start = groups[g - 1].start + groups[g - 1].count;
-    }
-    std::vector<Ready> ordered(ready.size());
-    std::vector<std::size_t> fill(groups.size(), 0);
-    for (std::size_t j = 0; j < ready.size(); ++j) {
-      const Group& group = groups[group_of[j]];
-      ordered[group.start + fill[group_of[j]]++] = ready[j];
-    }
+    const LaunchPlan plan = planLaunches(items, options_.max_batch);
+    std::vector<Ready> ordered;
+    ordered.reserve(ready.size());
+    for (std::size_t j : plan.order)
+      ordered.push_back(ready[j]);
 
     flight.buffer = next_buffer_;
     next_buffer_ = (next_buffer_ + 1) % buffers_.size();
-    if (Status status = submit(groups, ordered, buffers_[flight.buffer], flight); !status.ok()) {
+    if (Status status = submit(plan, ordered, buffers_[flight.buffer], flight); !status.ok()) {
       fail(status.message());
       for (std::int32_t& s : flight.status) {
         if (s != kNoWrite) s = kStatusExecutionFailed;
@@ -363,14 +355,22 @@ class Executor::Impl {
 
   // Uploads the pointer arrays, launches every group, and records the
   // batch's event. A cuBLAS error fails the groups of that launch alone.
-  Status submit(const std::vector<Group>& groups, const std::vector<Ready>& ordered, Buffer& buffer,
+  Status submit(const LaunchPlan& plan, const std::vector<Ready>& ordered, Buffer& buffer,
                 InFlight& flight) {
-    const std::size_t n = ordered.size();
+    const std::vector<Group>& groups = plan.groups;
+    const std::size_t n = plan.problems;
     if (n > 0) {
-      for (std::size_t p = 0; p < n; ++p) {
-        buffer.host[p] = ordered[p].a;
-        buffer.host[n + p] = ordered[p].b;
-        buffer.host[2 * n + p] = ordered[p].c;
+      std::size_t p = 0;
+      for (const Group& group : groups) {
+        if (group.alone) continue;
+        for (std::size_t r = group.start; r < group.start + group.count; ++r) {
+          const Ready& ready = ordered[r];
+          for (std::int64_t i = 0; i < ready.count; ++i, ++p) {
+            buffer.host[p] = ready.a + i * ready.stride_a;
+            buffer.host[n + p] = ready.b + i * ready.stride_b;
+            buffer.host[2 * n + p] = ready.c + i * ready.stride_c;
+          }
+        }
       }
       STMUX_CUDA(cudaMemcpyAsync(buffer.device, buffer.host, 3 * n * sizeof(float*),
                                  cudaMemcpyHostToDevice, stream_));
@@ -406,14 +406,14 @@ class Executor::Impl {
           ++last;
         }
       }
-      const std::size_t offset = groups[first].start;
+      const std::size_t offset = groups[first].first;
       cublasStatus_t status = setModes(groups[first].key);
       if (status == CUBLAS_STATUS_SUCCESS) {
         if (last - first > 1) {
           status = launchGrouped(groups, first, last, a_array + offset, b_array + offset,
                                  c_array + offset);
-        } else if (groups[first].count == 1) {
-          status = launchOne(groups[first].key, ordered[offset]);
+        } else if (groups[first].count == 1) {  // alone, or the only request of its key
+          status = launchOne(groups[first].key, ordered[groups[first].start]);
         } else {
           status =
               launchBatched(groups[first], a_array + offset, b_array + offset, c_array + offset);
@@ -439,15 +439,28 @@ class Executor::Impl {
                                       static_cast<cublasEmulationStrategy_t>(key.emulation));
   }
 
-  // A request alone: cublasSgemm itself. cuBLAS's batched kernels for a batch
-  // of one can be much slower (measured: 256x128x1152 took 34 us batched,
-  // 19 us plain, on an H200; docs/BENCHMARKS.md).
+  // A request alone: cublasSgemm itself, or cublasSgemmStridedBatched for a
+  // strided batch. cuBLAS's batched kernels for a batch of one can be much
+  // slower (measured: 256x128x1152 took 34 us batched, 19 us plain, on an
+  // H200; docs/BENCHMARKS.md).
   cublasStatus_t launchOne(const BatchKey& k, const Ready& ready) {
     float alpha, beta;
     std::memcpy(&alpha, &k.alpha_bits, sizeof(float));
     std::memcpy(&beta, &k.beta_bits, sizeof(float));
     const auto ta = static_cast<cublasOperation_t>(k.transa);
     const auto tb = static_cast<cublasOperation_t>(k.transb);
+    if (ready.count > 1) {
+      if (fitsInt(k) && ready.count <= INT_MAX) {
+        return cublasSgemmStridedBatched(
+            handle_, ta, tb, static_cast<int>(k.m), static_cast<int>(k.n), static_cast<int>(k.k),
+            &alpha, ready.a, static_cast<int>(k.lda), ready.stride_a, ready.b,
+            static_cast<int>(k.ldb), ready.stride_b, &beta, ready.c, static_cast<int>(k.ldc),
+            ready.stride_c, static_cast<int>(ready.count));
+      }
+      return cublasSgemmStridedBatched_64(handle_, ta, tb, k.m, k.n, k.k, &alpha, ready.a, k.lda,
+                                          ready.stride_a, ready.b, k.ldb, ready.stride_b, &beta,
+                                          ready.c, k.ldc, ready.stride_c, ready.count);
+    }
     if (fitsInt(k)) {
       return cublasSgemm_v2(handle_, ta, tb, static_cast<int>(k.m), static_cast<int>(k.n),
                             static_cast<int>(k.k), &alpha, ready.a, static_cast<int>(k.lda),
@@ -466,14 +479,14 @@ class Executor::Impl {
     std::memcpy(&beta, &k.beta_bits, sizeof(float));
     const auto ta = static_cast<cublasOperation_t>(k.transa);
     const auto tb = static_cast<cublasOperation_t>(k.transb);
-    if (fitsInt(k) && group.count <= INT_MAX) {
+    if (fitsInt(k) && group.problems <= INT_MAX) {
       return cublasSgemmBatched(handle_, ta, tb, static_cast<int>(k.m), static_cast<int>(k.n),
                                 static_cast<int>(k.k), &alpha, a, static_cast<int>(k.lda), b,
                                 static_cast<int>(k.ldb), &beta, c, static_cast<int>(k.ldc),
-                                static_cast<int>(group.count));
+                                static_cast<int>(group.problems));
     }
     return cublasSgemmBatched_64(handle_, ta, tb, k.m, k.n, k.k, &alpha, a, k.lda, b, k.ldb, &beta,
-                                 c, k.ldc, static_cast<std::int64_t>(group.count));
+                                 c, k.ldc, static_cast<std::int64_t>(group.problems));
   }
 
   cublasStatus_t launchGrouped(const std::vector<Group>& groups, std::size_t first,
@@ -495,7 +508,7 @@ class Executor::Impl {
       ldc[i] = static_cast<int>(key.ldc);
       std::memcpy(&alpha[i], &key.alpha_bits, sizeof(float));
       std::memcpy(&beta[i], &key.beta_bits, sizeof(float));
-      sizes[i] = static_cast<int>(groups[first + i].count);
+      sizes[i] = static_cast<int>(groups[first + i].problems);
     }
     return cublasSgemmGroupedBatched(handle_, transa.data(), transb.data(), m.data(), n.data(),
                                      k.data(), alpha.data(), a, lda.data(), b, ldb.data(),

@@ -118,6 +118,28 @@ Gemm makeGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation
   return gemm;
 }
 
+// A strided batch (bmm): `count` GEMMs whose operands lie `stride` floats
+// apart. Served unless a stride is negative or the outputs overlap.
+template <class Int>
+Gemm makeStrided(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, Int m,
+                 Int n, Int k, const float* alpha, const float* a, Int lda, long long stride_a,
+                 const float* b, Int ldb, long long stride_b, const float* beta, float* c, Int ldc,
+                 long long stride_c, Int count) {
+  Gemm gemm = makeGemm(handle, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm.count = count;
+  gemm.stride_a = stride_a, gemm.stride_b = stride_b, gemm.stride_c = stride_c;
+  const GemmShape shape{gemm.transa, gemm.transb, m,     n,        k,        lda,
+                        ldb,         ldc,         count, stride_a, stride_b, stride_c};
+  if (checkGemmArgs(shape) != kStatusSuccess) {
+    gemm.direct_because = Fallback::kInvalidArgs;
+  } else if (count == 0) {
+    gemm.direct_because = Fallback::kNoOp;
+  } else if (!servedStrides(shape)) {
+    gemm.direct_because = Fallback::kUnservedForm;
+  }
+  return gemm;
+}
+
 }  // namespace
 
 cublasStatus_t cublasSgemm_v2(cublasHandle_t handle, cublasOperation_t transa,
@@ -223,6 +245,42 @@ cublasStatus_t cublasGemmEx_64(cublasHandle_t handle, cublasOperation_t transa,
   };
   return intercept(makeGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
                               beta, C, Ctype, ldc, computeType),
+                   DirectCall(direct));
+}
+
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_t transa,
+                                         cublasOperation_t transb, int m, int n, int k,
+                                         const float* alpha, const float* A, int lda,
+                                         long long int strideA, const float* B, int ldb,
+                                         long long int strideB, const float* beta, float* C,
+                                         int ldc, long long int strideC, int batchCount) noexcept {
+  const RealCublas& real = realCublas();
+  if (real.cublasSgemmStridedBatched == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  auto direct = [&] {
+    return real.cublasSgemmStridedBatched(handle, transa, transb, m, n, k, alpha, A, lda, strideA,
+                                          B, ldb, strideB, beta, C, ldc, strideC, batchCount);
+  };
+  return intercept(makeStrided(handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb,
+                               strideB, beta, C, ldc, strideC, batchCount),
+                   DirectCall(direct));
+}
+
+cublasStatus_t cublasSgemmStridedBatched_64(cublasHandle_t handle, cublasOperation_t transa,
+                                            cublasOperation_t transb, int64_t m, int64_t n,
+                                            int64_t k, const float* alpha, const float* A,
+                                            int64_t lda, long long int strideA, const float* B,
+                                            int64_t ldb, long long int strideB, const float* beta,
+                                            float* C, int64_t ldc, long long int strideC,
+                                            int64_t batchCount) noexcept {
+  const RealCublas& real = realCublas();
+  if (real.cublasSgemmStridedBatched_64 == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  auto direct = [&] {
+    return real.cublasSgemmStridedBatched_64(handle, transa, transb, m, n, k, alpha, A, lda,
+                                             strideA, B, ldb, strideB, beta, C, ldc, strideC,
+                                             batchCount);
+  };
+  return intercept(makeStrided(handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb,
+                               strideB, beta, C, ldc, strideC, batchCount),
                    DirectCall(direct));
 }
 

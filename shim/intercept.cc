@@ -230,8 +230,9 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (!gemm.legacy && gemm.handle == nullptr) {
     return fallback(Fallback::kBadHandle, direct, nullptr);
   }
-  const GemmShape shape{gemm.transa, gemm.transb, gemm.m,   gemm.n,
-                        gemm.k,      gemm.lda,    gemm.ldb, gemm.ldc};
+  const GemmShape shape{gemm.transa, gemm.transb,   gemm.m,        gemm.n,
+                        gemm.k,      gemm.lda,      gemm.ldb,      gemm.ldc,
+                        gemm.count,  gemm.stride_a, gemm.stride_b, gemm.stride_c};
   if (checkGemmArgs(shape) != kStatusSuccess) {
     return fallback(Fallback::kInvalidArgs, direct, nullptr);
   }
@@ -242,6 +243,9 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   request.transb = gemm.transb;
   request.m = gemm.m, request.n = gemm.n, request.k = gemm.k;
   request.lda = gemm.lda, request.ldb = gemm.ldb, request.ldc = gemm.ldc;
+  request.batch_count = gemm.count;
+  request.stride_a = gemm.stride_a, request.stride_b = gemm.stride_b;
+  request.stride_c = gemm.stride_c;
   cudaStream_t stream = nullptr;
   if (gemm.legacy) {
     request.alpha = gemm.alpha_value;

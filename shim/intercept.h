@@ -23,6 +23,10 @@ struct Gemm {
   const float* a = nullptr;
   const float* b = nullptr;
   float* c = nullptr;
+  // Strided-batched calls: problems, and floats between one's operands and
+  // the next's.
+  std::int64_t count = 1;
+  std::int64_t stride_a = 0, stride_b = 0, stride_c = 0;
   // Set by entry points whose precision is not the handle's math mode (a
   // GEMV never uses TF32; GemmEx's compute type may say): the cublasMath_t
   // and cublasEmulationStrategy_t to run with. -1: the handle's.

@@ -6,6 +6,7 @@
 
 #include "shim/background.h"
 #include "shim/takeover_kernel.h"
+#include "stmux/gemm.h"
 #include "stmux/log.h"
 #include "stmux/segment.h"
 
@@ -336,7 +337,8 @@ bool StreamOrder::runItself(const InFlight& call) {
   params.a = call.a, params.b = call.b, params.c = call.c;
   params.m = r.m, params.n = r.n, params.k = r.k;
   params.lda = r.lda, params.ldb = r.ldb, params.ldc = r.ldc;
-  params.count = 1;
+  params.count = problemsOf(r);
+  params.stride_a = r.stride_a, params.stride_b = r.stride_b, params.stride_c = r.stride_c;
   params.alpha = r.alpha, params.beta = r.beta;
   params.transa = r.transa, params.transb = r.transb;
   if (const CUresult result = launchTakeoverKernel(driver_, runner->kernel, runner->stream, params);

@@ -81,6 +81,36 @@ TEST(Gemm, AnExtentBeyondAnyAllocationIsRefused) {
   EXPECT_EQ(operandBytes(INT_MAX, 1, INT_MAX).value(), std::uint64_t{INT_MAX} * 4);
 }
 
+TEST(Gemm, AStridedBatchSpansEveryProblemAndAZeroStrideSharesTheOperand) {
+  // 3 problems of A 4 x 6 (ld 4) 30 floats apart, B shared, C 20 apart.
+  GemmShape s = shape(kOpN, kOpN, 4, 5, 6, 4, 6, 4);
+  s.count = 3, s.stride_a = 30, s.stride_b = 0, s.stride_c = 20;
+  ASSERT_EQ(checkGemmArgs(s), kStatusSuccess);
+  auto e = gemmExtents(s);
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->a, (2 * 30 + (6 - 1) * 4 + 4) * 4u);
+  EXPECT_EQ(e->b, ((5 - 1) * 6 + 6) * 4u);
+  EXPECT_EQ(e->c, (2 * 20 + (5 - 1) * 4 + 4) * 4u);
+  EXPECT_TRUE(servedStrides(s));
+  s.stride_c = 19;  // problem 1's C would begin inside problem 0's
+  EXPECT_FALSE(servedStrides(s));
+  s.stride_c = 20, s.stride_a = -30;
+  EXPECT_FALSE(servedStrides(s));
+  EXPECT_FALSE(gemmExtents(s).has_value()) << "the daemon refuses what the shim never sends";
+  s.stride_a = INT64_MAX / 8;
+  EXPECT_FALSE(gemmExtents(s).has_value()) << "past 2^63 bytes";
+  s.count = -1;
+  EXPECT_EQ(checkGemmArgs(s), kStatusInvalidValue);
+}
+
+TEST(Gemm, ARequestsBatchCountOfZeroIsOneProblem) {
+  Request r{};
+  EXPECT_EQ(problemsOf(r), 1);
+  r.batch_count = 7;
+  EXPECT_EQ(problemsOf(r), 7);
+  EXPECT_EQ(GemmShape::of(r).count, 7);
+}
+
 TEST(Gemm, OperandsMustFitTheirAllocation) {
   EXPECT_TRUE(operandFits(0, 400, 400));
   EXPECT_TRUE(operandFits(100, 300, 400));

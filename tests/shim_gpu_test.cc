@@ -42,30 +42,37 @@ class ShimOnGpu : public testing::DaemonFixture {
 TEST_F(ShimOnGpu, TheSameResultsWithAndWithoutThePreloadAndTheDaemonServedThem) {
   Process plain = client({"check"}, {}, "plain");
   ASSERT_EQ(plain.wait(), 0) << plain.out() << plain.err();
-  Process shim = client({"check"}, shimmed(), "shimmed");
-  ASSERT_EQ(shim.wait(), 0) << shim.out() << shim.err();
-  EXPECT_EQ(countOf(shim.out(), "FAIL"), 0) << shim.out();
-  EXPECT_NE(shim.out().find("realloc same_address"), std::string::npos);
+  // In both modes: host (the default) and stream-ordered.
+  for (const std::string mode : {"host", "stream"}) {
+    SCOPED_TRACE("STMUX_MODE=" + mode);
+    auto env = shimmed();
+    env["STMUX_MODE"] = mode;
+    Process shim = client({"check"}, env, "shimmed-" + mode);
+    ASSERT_EQ(shim.wait(), 0) << shim.out() << shim.err();
+    EXPECT_EQ(countOf(shim.out(), "FAIL"), 0) << shim.out();
+    EXPECT_NE(shim.out().find("realloc same_address"), std::string::npos);
+    EXPECT_GT(outValue(shim.out(), "strided batches"), 0) << shim.out();
 
-  // Every call is accounted for: the daemon served all but the no-ops, the
-  // call cuBLAS refuses, and legacy calls with beta != 0 (DESIGN: a legacy call
-  // has no status to report a lost call with).
-  const ShimStats stats = shimStats(shim.err());
-  const long calls = outValue(shim.out(), "calls");
-  const long no_op = outValue(shim.out(), "no_op");
-  const long refused = outValue(shim.out(), "refused");
-  const long legacy = outValue(shim.out(), "legacy_nonzero_beta");
-  ASSERT_GE(stats.calls, 0) << "no stats line:\n" << shim.err();
-  EXPECT_EQ(stats.calls, calls);
-  EXPECT_EQ(stats.failed, 0);
-  EXPECT_EQ(stats.served, calls - no_op - refused - legacy) << shim.err();
-  EXPECT_EQ(stats.direct,
-            (std::map<std::string, long>{
-                {"no_op", no_op}, {"invalid_args", refused}, {"legacy_beta", legacy}}))
-      << shim.err();
-  auto status = daemonStatus(dir_.socket());
-  ASSERT_TRUE(status.has_value());
-  EXPECT_GE(gpuField(*status, "requests"), stats.served);
+    // Every call is accounted for: the daemon served all but the no-ops, the
+    // call cuBLAS refuses, and legacy calls with beta != 0 (DESIGN: a legacy
+    // call has no status to report a lost call with).
+    const ShimStats stats = shimStats(shim.err());
+    const long calls = outValue(shim.out(), "calls");
+    const long no_op = outValue(shim.out(), "no_op");
+    const long refused = outValue(shim.out(), "refused");
+    const long legacy = outValue(shim.out(), "legacy_nonzero_beta");
+    ASSERT_GE(stats.calls, 0) << "no stats line:\n" << shim.err();
+    EXPECT_EQ(stats.calls, calls);
+    EXPECT_EQ(stats.failed, 0);
+    EXPECT_EQ(stats.served, calls - no_op - refused - legacy) << shim.err();
+    EXPECT_EQ(stats.direct,
+              (std::map<std::string, long>{
+                  {"no_op", no_op}, {"invalid_args", refused}, {"legacy_beta", legacy}}))
+        << shim.err();
+    auto status = daemonStatus(dir_.socket());
+    ASSERT_TRUE(status.has_value());
+    EXPECT_GE(gpuField(*status, "requests"), stats.served);
+  }
 }
 
 TEST_F(ShimOnGpu, SixtyFourProcessesAtOnce) {

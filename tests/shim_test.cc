@@ -45,11 +45,12 @@ TEST(Shim, ExportsExactlyTheHookedNamesUnderCublasVersionNode) {
     exported.insert(type + " " + name);
   }
   const std::string node = "libcublas.so." + std::to_string(CUBLAS_MAJOR);
-  EXPECT_EQ(exported,
-            (std::set<std::string>{"T cublasSgemm@@" + node, "T cublasSgemm_v2@@" + node,
-                                   "T cublasSgemm_v2_64@@" + node, "T cublasSgemv_v2@@" + node,
-                                   "T cublasSgemv_v2_64@@" + node, "T cublasGemmEx@@" + node,
-                                   "T cublasGemmEx_64@@" + node, "A " + node}))
+  EXPECT_EQ(exported, (std::set<std::string>{
+                          "T cublasSgemm@@" + node, "T cublasSgemm_v2@@" + node,
+                          "T cublasSgemm_v2_64@@" + node, "T cublasSgemv_v2@@" + node,
+                          "T cublasSgemv_v2_64@@" + node, "T cublasGemmEx@@" + node,
+                          "T cublasGemmEx_64@@" + node, "T cublasSgemmStridedBatched@@" + node,
+                          "T cublasSgemmStridedBatched_64@@" + node, "A " + node}))
       << nm.out;
 }
 

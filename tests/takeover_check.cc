@@ -24,6 +24,7 @@ using stmux::shim::Driver;
 using stmux::shim::TakeoverParams;
 
 int failures = 0;
+constexpr std::chrono::seconds kWaitBound{20};
 
 #define CHECK_CUDA(call)                                                                    \
   do {                                                                                      \
@@ -33,68 +34,67 @@ int failures = 0;
     }                                                                                       \
   } while (0)
 
-TakeoverParams paramsFor(const GemmCase& c, float* a, float* b, float* c_ptr) {
-  TakeoverParams p{};
-  p.a = a + c.a_offset, p.b = b + c.b_offset, p.c = c_ptr + c.c_offset;
+// A strided batch (stmux::check::StridedBatch) in GPU memory, ready to run.
+struct Staged {
+  Staged(const GemmCase& c, int count, bool broadcast, std::mt19937_64& random)
+      : batch(stmux::check::makeStridedInputs(c, count, broadcast, random)) {}
+  Staged(const Staged&) = delete;
+  Staged& operator=(const Staged&) = delete;
+  ~Staged() { cudaFree(a), cudaFree(b), cudaFree(c); }
+
+  stmux::check::StridedBatch batch;
+  float *a = nullptr, *b = nullptr, *c = nullptr;
+  TakeoverParams params{};
+};
+
+bool stage(Staged& s) {
+  const stmux::check::StridedBatch& batch = s.batch;
+  const GemmCase& c = batch.c;
+  for (auto [buffer, host] :
+       {std::pair{&s.a, &batch.a}, std::pair{&s.b, &batch.b}, std::pair{&s.c, &batch.c_all}}) {
+    CHECK_CUDA(cudaMalloc(buffer, sizeof(float) * host->size()));
+    CHECK_CUDA(
+        cudaMemcpy(*buffer, host->data(), sizeof(float) * host->size(), cudaMemcpyHostToDevice));
+  }
+  TakeoverParams& p = s.params;
+  p.a = s.a + c.a_offset, p.b = s.b + c.b_offset, p.c = s.c + c.c_offset;
   p.m = c.m, p.n = c.n, p.k = c.k;
   p.lda = c.lda(), p.ldb = c.ldb(), p.ldc = c.ldc();
-  p.count = 1;
+  p.count = batch.count;
+  p.stride_a = batch.stride_a, p.stride_b = batch.stride_b, p.stride_c = batch.stride_c;
   p.alpha = c.alpha, p.beta = c.beta;
   p.transa = c.transa, p.transb = c.transb;
-  return p;
+  return true;
 }
 
-// `count` problems of case `c`, each with its own A, B and C at `stride`
-// floats from the last, or sharing A (and B) where `broadcast` says so.
+// Checks each problem's C once the kernel is done.
+bool verify(const Staged& s) {
+  std::vector<float> result(s.batch.c_all.size());
+  CHECK_CUDA(cudaMemcpy(result.data(), s.c, sizeof(float) * result.size(), cudaMemcpyDeviceToHost));
+  const auto verdict = stmux::check::verifyStrided(s.batch, result);
+  if (!verdict.ok) {
+    std::printf("FAIL %s: %s\n", s.batch.c.name.c_str(), verdict.problem.c_str());
+    return false;
+  }
+  return true;
+}
+
 bool checkCase(const Driver& driver, CUfunction kernel, CUstream stream, const GemmCase& c,
                int count, bool broadcast, std::mt19937_64& random) {
-  std::vector<stmux::check::Buffers> inputs;
-  for (int i = 0; i < count; ++i)
-    inputs.push_back(stmux::check::makeInputs(c, random));
-  if (broadcast) {
-    for (auto& in : inputs)
-      in.a = inputs[0].a, in.b = inputs[0].b;
-  }
-  const std::size_t sa = broadcast ? 0 : c.aFloats(), sb = broadcast ? 0 : c.bFloats();
-  const std::size_t sc = c.cFloats();
-  float *a = nullptr, *b = nullptr, *c_dev = nullptr;
-  CHECK_CUDA(cudaMalloc(&a, sizeof(float) * (broadcast ? c.aFloats() : sa * count)));
-  CHECK_CUDA(cudaMalloc(&b, sizeof(float) * (broadcast ? c.bFloats() : sb * count)));
-  CHECK_CUDA(cudaMalloc(&c_dev, sizeof(float) * sc * count));
-  for (int i = 0; i < count; ++i) {
-    CHECK_CUDA(cudaMemcpy(a + sa * i, inputs[i].a.data(), sizeof(float) * c.aFloats(),
-                          cudaMemcpyHostToDevice));
-    CHECK_CUDA(cudaMemcpy(b + sb * i, inputs[i].b.data(), sizeof(float) * c.bFloats(),
-                          cudaMemcpyHostToDevice));
-    CHECK_CUDA(
-        cudaMemcpy(c_dev + sc * i, inputs[i].c.data(), sizeof(float) * sc, cudaMemcpyHostToDevice));
-  }
-  TakeoverParams p = paramsFor(c, a, b, c_dev);
-  p.count = count;
-  p.stride_a = static_cast<int64_t>(sa), p.stride_b = static_cast<int64_t>(sb);
-  p.stride_c = static_cast<int64_t>(sc);
-  CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, p));
+  Staged s(c, count, broadcast, random);
+  if (!stage(s)) return false;
+  CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, s.params));
   CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
-  bool ok = true;
-  for (int i = 0; i < count; ++i) {
-    std::vector<float> result(sc);
-    CHECK_CUDA(
-        cudaMemcpy(result.data(), c_dev + sc * i, sizeof(float) * sc, cudaMemcpyDeviceToHost));
-    const auto verdict = stmux::check::verify(c, inputs[i], result);
-    if (!verdict.ok) {
-      std::printf("FAIL %s (problem %d of %d%s): %s\n", c.name.c_str(), i, count,
-                  broadcast ? ", A and B broadcast" : "", verdict.problem.c_str());
-      ok = false;
-      break;
-    }
-  }
-  cudaFree(a), cudaFree(b), cudaFree(c_dev);
-  return ok;
+  return verify(s);
 }
 
 // One stream waits on the GPU for a host word; the kernel must still run to
-// completion on another stream of the same context.
+// completion on another stream of the same context. Nothing that waits for
+// the whole device (cudaMalloc, cudaFree) may happen while the stream waits.
 bool checkRunsWhileAStreamWaits(const Driver& driver, CUfunction kernel, CUstream stream) {
+  std::mt19937_64 random(7);
+  Staged s(GemmCase{"while-waiting", 0, 0, 64, 64, 64}, 1, false, random);
+  if (!stage(s)) return false;
   unsigned* word = nullptr;
   CHECK_CUDA(cudaHostAlloc(&word, sizeof(unsigned), cudaHostAllocMapped));
   *word = 0;
@@ -104,30 +104,26 @@ bool checkRunsWhileAStreamWaits(const Driver& driver, CUfunction kernel, CUstrea
   CHECK_CUDA(driver.cuStreamCreate(&waiting, CU_STREAM_NON_BLOCKING));
   CHECK_CUDA(driver.cuStreamWaitValue32(waiting, device_word, 1, CU_STREAM_WAIT_VALUE_GEQ));
 
-  GemmCase c{"while-waiting", 0, 0, 64, 64, 64};
-  std::mt19937_64 random(7);
-  bool finished = false;
-  std::thread watchdog([&] {
-    // Lets the waiting stream go after 20 s whatever happens, so that a
-    // failure is reported rather than hung on.
-    for (int i = 0; i < 2000 && !__atomic_load_n(&finished, __ATOMIC_ACQUIRE); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    __atomic_store_n(word, 1u, __ATOMIC_RELEASE);
-  });
   const auto start = std::chrono::steady_clock::now();
-  const bool ok = checkCase(driver, kernel, stream, c, 1, false, random);
-  const bool in_time = __atomic_load_n(word, __ATOMIC_ACQUIRE) == 0;
-  __atomic_store_n(&finished, true, __ATOMIC_RELEASE);
-  watchdog.join();
-  CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(waiting)));
+  CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, s.params));
+  // Polled, with a bound, so that a failure is reported rather than hung on.
+  CUresult done = CUDA_ERROR_NOT_READY;
+  while (done == CUDA_ERROR_NOT_READY && std::chrono::steady_clock::now() - start < kWaitBound) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    done = driver.cuStreamQuery(stream);
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  __atomic_store_n(word, 1u, __ATOMIC_RELEASE);
+  CHECK_CUDA(driver.cuStreamSynchronize(waiting));
+  CHECK_CUDA(driver.cuStreamSynchronize(stream));
   cudaFreeHost(word);
-  if (!in_time) {
-    std::printf("FAIL the kernel did not finish while another stream waited (%.1f s)\n",
-                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  if (done != CUDA_SUCCESS) {
+    std::printf("FAIL the kernel did not finish while another stream waited (%.1f s, CUDA %d)\n",
+                seconds, static_cast<int>(done));
     return false;
   }
-  return ok;
+  return verify(s);
 }
 
 }  // namespace

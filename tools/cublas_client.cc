@@ -443,6 +443,32 @@ Checked callChecked(const GemmCase& c, cublasHandle_t handle, cudaStream_t strea
   return {status, status == CUBLAS_STATUS_SUCCESS && stmux::check::verify(c, in, result).ok};
 }
 
+// One cublasSgemmStridedBatched of `batch`, inputs copied in on the call's
+// stream with no wait; C's whole buffer comes back in `result`.
+cublasStatus_t runStrided(const stmux::check::StridedBatch& batch, cublasHandle_t handle,
+                          cudaStream_t stream, std::vector<float>& result) {
+  const GemmCase& c = batch.c;
+  float *a = nullptr, *b = nullptr, *cc = nullptr;
+  for (auto [device, host] :
+       {std::pair{&a, &batch.a}, std::pair{&b, &batch.b}, std::pair{&cc, &batch.c_all}}) {
+    EXIT_ON_CUDA_ERROR(cudaMalloc(reinterpret_cast<void**>(device), host->size() * sizeof(float)));
+    EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(*device, host->data(), host->size() * sizeof(float),
+                                       cudaMemcpyHostToDevice, stream));
+  }
+  const cublasStatus_t status = cublasSgemmStridedBatched(
+      handle, op(c.transa), op(c.transb), static_cast<int>(c.m), static_cast<int>(c.n),
+      static_cast<int>(c.k), &c.alpha, a + c.a_offset, static_cast<int>(c.lda()), batch.stride_a,
+      b + c.b_offset, static_cast<int>(c.ldb()), batch.stride_b, &c.beta, cc + c.c_offset,
+      static_cast<int>(c.ldc()), batch.stride_c, static_cast<int>(batch.count));
+  result.resize(batch.c_all.size());
+  EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(result.data(), cc, result.size() * sizeof(float),
+                                     cudaMemcpyDeviceToHost, stream));
+  EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+  for (float* p : {a, b, cc})
+    EXIT_ON_CUDA_ERROR(cudaFree(p));
+  return status;
+}
+
 int check(const Options& o) {
   std::mt19937_64 random(o.seed != 0 ? o.seed
                                      : monotonicNs() ^ (std::uint64_t{1} << 32) * getpid());
@@ -523,6 +549,29 @@ int check(const Options& o) {
     }
   }
   std::printf("realloc same_address %d of 4\n", reused);
+
+  // Strided batches (bmm): one problem, several, and A and B shared by all
+  // (stride 0), each problem checked.
+  int strided = 0;
+  for (const GemmCase& c : stmux::check::caseMatrix(true)) {
+    for (auto [count, broadcast] : {std::pair{1, false}, {3, false}, {2, true}}) {
+      cublasSetMathMode(handle, static_cast<cublasMath_t>(c.math));
+      const stmux::check::StridedBatch batch =
+          stmux::check::makeStridedInputs(c, count, broadcast, random);
+      std::vector<float> result;
+      const cublasStatus_t status = runStrided(batch, handle, stream, result);
+      ++calls, ++strided;
+      if (c.noOp()) ++no_ops;
+      const auto verdict =
+          status == CUBLAS_STATUS_SUCCESS
+              ? stmux::check::verifyStrided(batch, result)
+              : stmux::check::Verdict{false, 0, "status " + std::to_string(status)};
+      std::printf("%s strided %s x%d%s%s%s\n", verdict.ok ? "ok" : "FAIL", c.name.c_str(), count,
+                  broadcast ? " broadcast" : "", verdict.ok ? "" : ": ", verdict.problem.c_str());
+      failures += verdict.ok ? 0 : 1;
+    }
+  }
+  std::printf("strided batches %d\n", strided);
 
   // Arguments cuBLAS refuses: the same status must come back.
   const float one = 1.0f;

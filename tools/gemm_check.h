@@ -229,4 +229,61 @@ inline Verdict verify(const GemmCase& c, const Buffers& in, const std::vector<fl
   return verify(c, in, reference(c, in), result);
 }
 
+// A strided batch of `count` problems of case `c` (cublasSgemmStridedBatched):
+// problem i's A, B and C at i times the stride in one buffer each, each
+// problem's operands as makeInputs lays them out; with `broadcast`, A and B
+// are one problem's, shared (stride 0), as PyTorch's bmm of an expanded
+// tensor passes them.
+struct StridedBatch {
+  GemmCase c;
+  std::int64_t count = 1;
+  bool broadcast = false;
+  std::int64_t stride_a = 0, stride_b = 0, stride_c = 0;  // floats
+  std::vector<Buffers> problems;                          // what each problem sees
+  std::vector<float> a, b, c_all;                         // the whole buffers
+};
+
+inline StridedBatch makeStridedInputs(const GemmCase& c, std::int64_t count, bool broadcast,
+                                      std::mt19937_64& random) {
+  StridedBatch batch;
+  batch.c = c;
+  batch.count = count;
+  batch.broadcast = broadcast;
+  batch.stride_a = broadcast ? 0 : static_cast<std::int64_t>(c.aFloats());
+  batch.stride_b = broadcast ? 0 : static_cast<std::int64_t>(c.bFloats());
+  batch.stride_c = static_cast<std::int64_t>(c.cFloats());
+  for (std::int64_t i = 0; i < count; ++i) {
+    batch.problems.push_back(makeInputs(c, random));
+    if (broadcast) {
+      batch.problems[i].a = batch.problems[0].a;
+      batch.problems[i].b = batch.problems[0].b;
+    }
+    const Buffers& in = batch.problems[i];
+    if (!broadcast || i == 0) {
+      batch.a.insert(batch.a.end(), in.a.begin(), in.a.end());
+      batch.b.insert(batch.b.end(), in.b.begin(), in.b.end());
+    }
+    batch.c_all.insert(batch.c_all.end(), in.c.begin(), in.c.end());
+  }
+  return batch;
+}
+
+// Checks every problem's C in `c_all` (the C buffer after the call); the
+// first problem that is wrong says so.
+inline Verdict verifyStrided(const StridedBatch& batch, const std::vector<float>& c_all) {
+  Verdict all;
+  for (std::int64_t i = 0; i < batch.count; ++i) {
+    const auto from = c_all.begin() + i * batch.stride_c;
+    const std::vector<float> result(from, from + batch.stride_c);
+    Verdict verdict = verify(batch.c, batch.problems[i], result);
+    if (!verdict.ok) {
+      verdict.problem = "problem " + std::to_string(i) + " of " + std::to_string(batch.count) +
+                        (batch.broadcast ? " (A and B shared)" : "") + ": " + verdict.problem;
+      return verdict;
+    }
+    all.worst = std::max(all.worst, verdict.worst);
+  }
+  return all;
+}
+
 }  // namespace stmux::check

@@ -15,14 +15,25 @@
 
 namespace stmux {
 
+// Request::batch_count as a number of problems: 0 (a request that is not
+// batched) is one.
+inline std::int64_t problemsOf(const Request& r) {
+  return r.batch_count == 0 ? 1 : r.batch_count;
+}
+
 struct GemmShape {
   std::int32_t transa = kOpN;
   std::int32_t transb = kOpN;
   std::int64_t m = 0, n = 0, k = 0;
   std::int64_t lda = 1, ldb = 1, ldc = 1;
+  // Strided-batched calls: `count` problems, problem i's operands `i *
+  // stride` floats after the first's (a stride of 0 shares the operand).
+  std::int64_t count = 1;
+  std::int64_t stride_a = 0, stride_b = 0, stride_c = 0;
 
   static GemmShape of(const Request& r) {
-    return {r.transa, r.transb, r.m, r.n, r.k, r.lda, r.ldb, r.ldc};
+    return {r.transa, r.transb, r.m,           r.n,        r.k,        r.lda,
+            r.ldb,    r.ldc,    problemsOf(r), r.stride_a, r.stride_b, r.stride_c};
   }
   // Rows and columns of each operand as stored.
   std::int64_t rowsA() const { return transa == kOpN ? m : k; }
@@ -39,7 +50,7 @@ inline bool validTranspose(std::int32_t op) {
 // cuBLAS returns for the first rule broken.
 inline std::int32_t checkGemmArgs(const GemmShape& s) {
   if (!validTranspose(s.transa) || !validTranspose(s.transb)) return kStatusInvalidValue;
-  if (s.m < 0 || s.n < 0 || s.k < 0) return kStatusInvalidValue;
+  if (s.m < 0 || s.n < 0 || s.k < 0 || s.count < 0) return kStatusInvalidValue;
   if (s.lda < std::max<std::int64_t>(1, s.rowsA())) return kStatusInvalidValue;
   if (s.ldb < std::max<std::int64_t>(1, s.rowsB())) return kStatusInvalidValue;
   if (s.ldc < std::max<std::int64_t>(1, s.m)) return kStatusInvalidValue;
@@ -59,17 +70,42 @@ inline std::optional<std::uint64_t> operandBytes(std::int64_t rows, std::int64_t
   return static_cast<std::uint64_t>(bytes);
 }
 
+// An operand's extent over `count` problems `stride` floats apart: nullopt
+// for a negative stride (no served form walks backwards) or past 63 bits.
+inline std::optional<std::uint64_t> stridedBytes(std::optional<std::uint64_t> one,
+                                                 std::int64_t count, std::int64_t stride) {
+  if (!one || *one == 0 || count <= 1) return one;
+  if (stride < 0) return std::nullopt;
+  const unsigned __int128 bytes = static_cast<unsigned __int128>(count - 1) *
+                                      static_cast<std::uint64_t>(stride) * sizeof(float) +
+                                  *one;
+  if (bytes > static_cast<unsigned __int128>(INT64_MAX)) return std::nullopt;
+  return static_cast<std::uint64_t>(bytes);
+}
+
 struct GemmExtents {
   std::uint64_t a = 0, b = 0, c = 0;
 };
 
-// The extent of each operand for valid arguments (checkGemmArgs first).
+// The extent of each operand for valid arguments (checkGemmArgs first), over
+// all of its problems.
 inline std::optional<GemmExtents> gemmExtents(const GemmShape& s) {
-  auto a = operandBytes(s.rowsA(), s.colsA(), s.lda);
-  auto b = operandBytes(s.rowsB(), s.colsB(), s.ldb);
-  auto c = operandBytes(s.m, s.n, s.ldc);
+  auto a = stridedBytes(operandBytes(s.rowsA(), s.colsA(), s.lda), s.count, s.stride_a);
+  auto b = stridedBytes(operandBytes(s.rowsB(), s.colsB(), s.ldb), s.count, s.stride_b);
+  auto c = stridedBytes(operandBytes(s.m, s.n, s.ldc), s.count, s.stride_c);
   if (!a || !b || !c) return std::nullopt;
   return GemmExtents{*a, *b, *c};
+}
+
+// Whether stmux serves a strided-batched call of these (valid) arguments:
+// strides not negative, and each problem's C apart from the others' (cuBLAS
+// gives no order between problems, so overlapping outputs are left to it).
+inline bool servedStrides(const GemmShape& s) {
+  if (s.count <= 1) return true;
+  if (s.stride_a < 0 || s.stride_b < 0) return false;
+  if (s.m == 0 || s.n == 0) return s.stride_c >= 0;
+  const std::int64_t c_elements = (s.n - 1) * s.ldc + s.m;  // valid args: no overflow
+  return s.stride_c >= c_elements;
 }
 
 // cublasSgemv: y = alpha * op(A) x + beta * y, A stored m x n.

@@ -28,7 +28,8 @@ namespace stmux {
 // 6: a fallback reason more (unserved_form): the client's counters grew.
 // 7: where a round's time goes: a request's submit time, a slot's done time,
 //    the client's timing counters.
-inline constexpr std::uint32_t kProtocolVersion = 7;
+// 8: strided-batched requests (a batch count and strides).
+inline constexpr std::uint32_t kProtocolVersion = 8;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -78,7 +79,8 @@ struct OperandDesc {
   IpcHandle handle;
 };
 
-// A request descriptor: one SGEMM, everything the daemon needs to run it.
+// A request descriptor: one SGEMM (or a strided batch of them), everything
+// the daemon needs to run it.
 struct Request {
   std::uint32_t op;          // Op
   std::uint32_t slot;        // completion slot index in the client's segment
@@ -90,6 +92,11 @@ struct Request {
   std::uint32_t flags;      // kRequest* bits
   std::int64_t m, n, k;
   std::int64_t lda, ldb, ldc;
+  // Strided-batched calls: the number of problems (0 means one: a call that
+  // is not batched) and the floats between one problem's operands and the
+  // next's (0: the same operand for every problem).
+  std::int64_t batch_count;
+  std::int64_t stride_a, stride_b, stride_c;
   float alpha, beta;         // host pointer mode only: the values, read at call time
   Uuid device;               // the GPU the operands live on
   std::uint64_t request_id;  // unique per client, for logs
@@ -180,7 +187,7 @@ inline constexpr bool seqReached(std::uint32_t word, std::uint32_t seq) {
     "STMUX_ROUTE=auto measured this process faster with its calls direct")                      \
   X(kUnservedForm, "unserved_form",                                                             \
     "a form stmux does not serve: GemmEx with other than FP32 data and compute, GEMV with a "   \
-    "negative increment")
+    "negative increment, strided batches with a negative stride or overlapping outputs")
 
 enum class Fallback : std::uint32_t {
 #define STMUX_X(id, name, help) id,
@@ -326,7 +333,7 @@ T makeMessage(MsgType type) {
 STMUX_WIRE_STRUCT(Uuid, 16);
 STMUX_WIRE_STRUCT(IpcHandle, 64);
 STMUX_WIRE_STRUCT(OperandDesc, 96);
-STMUX_WIRE_STRUCT(Request, 416);
+STMUX_WIRE_STRUCT(Request, 448);
 STMUX_WIRE_STRUCT(MsgHeader, 16);
 STMUX_WIRE_STRUCT(HelloMsg, 56);
 STMUX_WIRE_STRUCT(WelcomeMsg, 16 + 24 + 17 * kMaxDevices);
