@@ -192,9 +192,7 @@ void Shim::countServed(Connection& connection) {
 
 // A stream-ordered call is counted when it is settled, not when it returns.
 void Shim::account(Connection& connection, const StreamOutcome& outcome) {
-  if (outcome.failed) {
-    (void)failed(&connection);
-  } else if (outcome.direct) {
+  if (outcome.direct) {
     countDirect(*outcome.direct, &connection);
   } else {
     countServed(connection);

@@ -128,7 +128,9 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
     return Queued::kHost;
   }
   const std::optional<CUdeviceptr> segment = segmentOnGpu(conn, context);
-  if (!segment || !haveRunner(context)) return Queued::kHost;
+  if (!segment) return Queued::kHost;
+  const CUfunction kernel = kernelFor(context);
+  if (kernel == nullptr) return Queued::kHost;
   if (joinLegacyStream(call.stream, context) != CUDA_SUCCESS) return Queued::kCudaError;
 
   auto ticket = reserve(conn, deadline_ns);
@@ -136,51 +138,51 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   InFlight entry;
   entry.ticket = ticket.value();
   entry.seq = conn.nextSeq(entry.ticket.slot);
-  entry.context = context;
+  entry.connection = connection;
   const CUdeviceptr slot =
       *segment + conn.view().layout().slots_offset + std::size_t{entry.ticket.slot} * sizeof(Slot);
-  entry.ready = slot + offsetof(Slot, ready);
-  entry.released = slot + offsetof(Slot, released);
-  if (driver_.cuStreamWriteValue32(call.stream, entry.ready, entry.seq,
+  // Everything the caller's stream will do for this call is queued before
+  // the daemon hears of it: mark `ready`, wait for `released`, then the
+  // shim's kernel, which computes the call only if the shim gave up on the
+  // daemon. From here on no CUDA call is needed to let the stream go.
+  if (driver_.cuStreamWriteValue32(call.stream, slot + offsetof(Slot, ready), entry.seq,
                                    CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS) {
     conn.abandon(entry.ticket);
     return Queued::kCudaError;
   }
+  Slot& words = conn.view().slot(entry.ticket.slot);
+  const Request& r = call.request;
+  TakeoverParams params{};
+  params.a = call.a, params.b = call.b, params.c = call.c;
+  params.m = r.m, params.n = r.n, params.k = r.k;
+  params.lda = r.lda, params.ldb = r.ldb, params.ldc = r.ldc;
+  params.count = problemsOf(r);
+  params.stride_a = r.stride_a, params.stride_b = r.stride_b, params.stride_c = r.stride_c;
+  params.alpha = r.alpha, params.beta = r.beta;
+  params.transa = r.transa, params.transb = r.transb;
+  params.takeover = reinterpret_cast<const std::uint32_t*>(slot + offsetof(Slot, takeover));
+  params.seq = entry.seq;
+  if (driver_.cuStreamWaitValue32(call.stream, slot + offsetof(Slot, released), entry.seq,
+                                  CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS ||
+      launchTakeoverKernel(driver_, kernel, call.stream, params) != CUDA_SUCCESS) {
+    // Never queued: let the stream go (the kernel, if queued, finds no
+    // takeover) and run the call directly behind it.
+    words.released.store(entry.seq, std::memory_order_release);
+    std::lock_guard lock(mutex_);
+    retireLocked(std::move(entry));
+    return Queued::kCudaError;
+  }
   call.request.flags |= kRequestStreamOrdered;
   call.request.stream_seq = entry.seq;
-  entry.connection = connection;
   if (!conn.push(call.request, entry.ticket, deadline_ns).ok()) {
     (void)conn.cancel(entry.ticket);  // never queued: nobody else knows it
+    words.released.store(entry.seq, std::memory_order_release);
     std::lock_guard lock(mutex_);
     retireLocked(std::move(entry));
     return Queued::kBusy;
   }
-  entry.request = call.request;
-  entry.a = call.a, entry.b = call.b, entry.c = call.c;
-  const bool waits = driver_.cuStreamWaitValue32(call.stream, entry.released, entry.seq,
-                                                 CU_STREAM_WAIT_VALUE_GEQ) == CUDA_SUCCESS;
-  if (!waits && conn.cancel(entry.ticket)) {
-    std::lock_guard lock(mutex_);
-    retireLocked(std::move(entry));
-    return Queued::kCudaError;  // never started: the caller runs it
-  }
-  const Ticket mine = entry.ticket;
-  std::unique_lock lock(mutex_);
+  std::lock_guard lock(mutex_);
   trackLocked(std::move(entry));
-  if (!waits) {
-    // The daemon has it, and the caller's stream cannot be made to wait for
-    // it: it must be done before the call returns.
-    auto mineIn = [&] {
-      return std::any_of(in_flight_.begin(), in_flight_.end(), [&](const InFlight& f) {
-        return f.connection == connection && f.ticket.slot == mine.slot &&
-               f.ticket.generation == mine.generation;
-      });
-    };
-    while (mineIn()) {
-      reapLocked(/*watcher=*/false);
-      changed_.wait_for(lock, std::chrono::microseconds(20));
-    }
-  }
   return Queued::kYes;
 }
 
@@ -228,7 +230,7 @@ void StreamOrder::reapLocked(bool watcher) {
         continue;
       }
     } else if (call.taken_over) {
-      settled = seqReached(slot.released.load(std::memory_order_acquire), call.seq);
+      settled = true;
     } else {
       const std::uint32_t word = slot.word.load(std::memory_order_acquire);
       const std::uint32_t generation = call.ticket.generation;
@@ -267,7 +269,6 @@ void StreamOrder::reapLocked(bool watcher) {
       connection.release(call.ticket);
       StreamOutcome outcome;
       outcome.direct = call.taken_over;
-      outcome.failed = call.failed;
       account_(connection, outcome);
       continue;
     }
@@ -278,77 +279,39 @@ void StreamOrder::reapLocked(bool watcher) {
   changed_.notify_all();
 }
 
-// The shim runs the call itself, ordered on the GPU as the daemon's run would
-// have been; if even that fails, its stream is let go from here, loudly.
+// The shim gives up on the daemon: its kernel, queued behind the caller's
+// wait, computes the call, and the stream is let go. Host memory writes only:
+// nothing here can block on the GPU or on CUDA's locks.
 void StreamOrder::takeOver(InFlight& call, Fallback why) {
   call.taken_over = why;
-  if (runItself(call)) return;
-  call.failed = true;
-  STMUX_ERROR(kShim,
-              "a stream-ordered call ({}) could be run neither by the daemon nor here; its "
-              "stream goes on with C not computed",
-              kFallbackNames[static_cast<std::size_t>(why)]);
-  call.connection->view()
-      .slot(call.ticket.slot)
-      .released.store(call.seq, std::memory_order_release);
+  Slot& slot = call.connection->view().slot(call.ticket.slot);
+  slot.takeover.store(call.seq, std::memory_order_release);
+  slot.released.store(call.seq, std::memory_order_release);
 }
 
-bool StreamOrder::haveRunner(CUcontext context) {
-  thread_local CUcontext seen = nullptr;
-  if (context == seen) return true;
+CUfunction StreamOrder::kernelFor(CUcontext context) {
+  thread_local CUcontext seen_context = nullptr;
+  thread_local CUfunction seen_kernel = nullptr;
+  if (context == seen_context) return seen_kernel;
   std::lock_guard lock(mutex_);
-  if (runnerLocked(context) == nullptr) return false;
-  seen = context;
-  return true;
-}
-
-const StreamOrder::Runner* StreamOrder::runnerLocked(CUcontext context) {
-  for (const Runner& runner : runners_) {
-    if (runner.context == context) return runner.kernel != nullptr ? &runner : nullptr;
+  auto found = std::find_if(kernels_.begin(), kernels_.end(),
+                            [&](const auto& k) { return k.first == context; });
+  if (found == kernels_.end()) {
+    // Tried once per context: a failure is remembered (null), and that
+    // context's calls are served in host mode.
+    CUfunction kernel = nullptr;
+    if (const CUresult result = loadTakeoverKernel(driver_, &kernel); result != CUDA_SUCCESS) {
+      STMUX_WARN(kShim,
+                 "cannot load the kernel that runs stream-ordered calls the daemon does not "
+                 "finish (CUDA error {}); this context's calls are served in host mode",
+                 static_cast<int>(result));
+      kernel = nullptr;
+    }
+    found = kernels_.insert(kernels_.end(), {context, kernel});
   }
-  // Tried once per context: a failure is remembered (kernel null), and that
-  // context's calls are served in host mode.
-  Runner& runner = runners_.emplace_back();
-  runner.context = context;
-  CUresult result = driver_.cuStreamCreate(&runner.stream, CU_STREAM_NON_BLOCKING);
-  CUfunction kernel = nullptr;
-  if (result == CUDA_SUCCESS) result = loadTakeoverKernel(driver_, &kernel);
-  if (result != CUDA_SUCCESS) {
-    STMUX_WARN(kShim,
-               "cannot prepare to run stream-ordered calls here should the daemon fail them "
-               "(CUDA error {}); this context's calls are served in host mode",
-               static_cast<int>(result));
-    return nullptr;
-  }
-  runner.kernel = kernel;
-  return &runner;
-}
-
-bool StreamOrder::runItself(const InFlight& call) {
-  if (driver_.cuCtxSetCurrent(call.context) != CUDA_SUCCESS) return false;
-  const Runner* runner = runnerLocked(call.context);
-  if (runner == nullptr) return false;
-  if (driver_.cuStreamWaitValue32(runner->stream, call.ready, call.seq, CU_STREAM_WAIT_VALUE_GEQ) !=
-      CUDA_SUCCESS) {
-    return false;
-  }
-  const Request& r = call.request;
-  TakeoverParams params{};
-  params.a = call.a, params.b = call.b, params.c = call.c;
-  params.m = r.m, params.n = r.n, params.k = r.k;
-  params.lda = r.lda, params.ldb = r.ldb, params.ldc = r.ldc;
-  params.count = problemsOf(r);
-  params.stride_a = r.stride_a, params.stride_b = r.stride_b, params.stride_c = r.stride_c;
-  params.alpha = r.alpha, params.beta = r.beta;
-  params.transa = r.transa, params.transb = r.transb;
-  if (const CUresult result = launchTakeoverKernel(driver_, runner->kernel, runner->stream, params);
-      result != CUDA_SUCCESS) {
-    STMUX_WARN(kShim, "running a stream-ordered call here: the launch failed (CUDA error {})",
-               static_cast<int>(result));
-    return false;
-  }
-  return driver_.cuStreamWriteValue32(runner->stream, call.released, call.seq,
-                                      CU_STREAM_WRITE_VALUE_DEFAULT) == CUDA_SUCCESS;
+  seen_context = context;
+  seen_kernel = found->second;
+  return seen_kernel;
 }
 
 void StreamOrder::watch() {
@@ -397,7 +360,7 @@ void StreamOrder::forkParent() {
 // The child has no CUDA of its own from the parent, nor its calls.
 void StreamOrder::forkChild() {
   in_flight_.clear();
-  runners_.clear();
+  kernels_.clear();
   registered_.clear();
   watcher_started_ = false;
   mutex_.unlock();

@@ -3,19 +3,19 @@
 //
 // For each call the caller's stream gets two stream memory operations on
 // words of the call's completion slot, host memory that this process and
-// stmuxd share (the segment, registered with CUDA here):
+// stmuxd share (the segment, registered with CUDA here), and a kernel:
 //   write ready = seq     once the work queued before the call is done
 //   wait released >= seq  before anything queued after it
+//   the shim's own kernel computes the call if takeover >= seq
 // The daemon starts the request only once it sees `ready` (it never touches
 // the operands earlier, and a stream still busy holds up no batch), and on
-// success stores `released` when its kernels are done. Whatever else happens
-// (declined, the daemon gone or stuck) the watcher thread runs the call
-// itself, with the shim's own kernel (loaded before the context's first such
-// call: shim/takeover_kernel.h), on a stream of its own that waits for
-// `ready`, then writes `released`: the caller's stream is always let go, with
-// C computed. That is
-// why only calls with beta == 0 go this way: run again, they give the same C
-// whether or not the daemon had started (or half done) them.
+// success stores `released` when its kernels are done; the kernel then
+// returns at once. Whatever else happens (declined, the daemon gone or stuck)
+// the watcher thread stores `takeover`, then `released`: the caller's stream
+// is always let go, with C computed, and the shim makes no CUDA call to do it
+// (shim/takeover_sgemm.cu says why that matters). That is why only calls with
+// beta == 0 go this way: run again, they give the same C whether or not the
+// daemon had started (or half done) them.
 // docs/ARCHITECTURE.md, "Stream-ordered mode".
 #pragma once
 
@@ -34,11 +34,10 @@
 
 namespace stmux::shim {
 
-// What became of a stream-ordered call: served (no reason), run by the shim
-// itself (the reason), or, when even that was impossible, failed.
+// What became of a stream-ordered call: served (no reason), or computed by
+// the shim's kernel (the reason).
 struct StreamOutcome {
   std::optional<Fallback> direct;
-  bool failed = false;
 };
 using StreamAccount = std::function<void(Connection&, const StreamOutcome&)>;
 
@@ -59,7 +58,7 @@ class StreamOrder {
     kYes,        // queued: return CUBLAS_STATUS_SUCCESS
     kHost,       // stream order is not available here: serve it in host mode
     kBusy,       // no slot or ring space before the deadline: run it directly
-    kCudaError,  // a driver call failed: run it directly
+    kCudaError,  // a driver call failed: run it directly (the stream goes on)
   };
   Queued submit(const std::shared_ptr<Connection>& connection, StreamCall& call,
                 std::uint64_t deadline_ns);
@@ -77,15 +76,8 @@ class StreamOrder {
     std::shared_ptr<Connection> connection;
     Ticket ticket;
     std::uint32_t seq = 0;
-    CUcontext context = nullptr;
-    CUdeviceptr ready = 0, released = 0;  // the slot's words, as the GPU sees them
-    Request request;
-    const float* a = nullptr;
-    const float* b = nullptr;
-    float* c = nullptr;
     std::uint64_t ready_ns = 0;          // when the watcher first saw the caller's stream reach it
-    std::optional<Fallback> taken_over;  // the shim runs it: settled once released reaches seq
-    bool failed = false;                 // the shim could not run it either
+    std::optional<Fallback> taken_over;  // given to the shim's kernel
     // Never run by anyone (the call went direct), but the caller's stream
     // will still write `ready`: the slot is reused only once it has, so that
     // a late write never lowers the word under the slot's next request.
@@ -102,13 +94,6 @@ class StreamOrder {
     CUcontext context;
     CUdeviceptr device;
   };
-  // What the watcher runs calls with in one context, made before the
-  // context's first call (nothing may be loaded while a stream waits).
-  struct Runner {
-    CUcontext context = nullptr;
-    CUstream stream = nullptr;
-    CUfunction kernel = nullptr;
-  };
 
   std::optional<CUdeviceptr> segmentOnGpu(Connection& connection, CUcontext context);
   CUresult joinLegacyStream(CUstream stream, CUcontext context);
@@ -116,11 +101,10 @@ class StreamOrder {
   // Settles what it can; only the watcher (`watcher`) takes calls over.
   void reapLocked(bool watcher);
   void takeOver(InFlight& call, Fallback why);
-  bool runItself(const InFlight& call);
-  // The context's runner, made on first use; null if it cannot be. Under
-  // mutex_.
-  const Runner* runnerLocked(CUcontext context);
-  bool haveRunner(CUcontext context);
+  // The takeover kernel in `context`, loaded on first use (before the
+  // context's first call, so never while one of its streams waits); null if
+  // it cannot be.
+  CUfunction kernelFor(CUcontext context);
   void watch();
 
   const Driver& driver_;
@@ -136,7 +120,8 @@ class StreamOrder {
   bool watcher_started_ = false;
   bool stopping_ = false;
   bool stopped_ = false;
-  std::vector<Runner> runners_;  // one per context, never removed (but at fork)
+  // The kernel per context, never removed (but at fork).
+  std::vector<std::pair<CUcontext, CUfunction>> kernels_;
 };
 
 }  // namespace stmux::shim

@@ -2,9 +2,8 @@
 // libstmux.so as a fat binary (PTX for any GPU CUDA 13 supports, SASS for the
 // common ones) and driven through the driver API: the shim links no CUDA
 // library. Stream-ordered mode loads it into each context before the
-// context's first stream-ordered call, so that running a call itself later
-// never loads code while a stream waits (docs/ARCHITECTURE.md,
-// "Stream-ordered mode").
+// context's first stream-ordered call and queues it behind each call
+// (docs/ARCHITECTURE.md, "Stream-ordered mode").
 #pragma once
 
 #include <cuda.h>

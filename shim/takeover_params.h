@@ -22,6 +22,11 @@ struct TakeoverParams {
   int64_t stride_a, stride_b, stride_c;
   float alpha, beta;
   int32_t transa, transb;  // cublasOperation_t: 0 N, otherwise T (C is T for real data)
+  // Stream order (shim/stream_order.h): when not null, the kernel computes
+  // only if this word (host memory) has reached `seq`, compared cyclically,
+  // and returns at once otherwise.
+  const uint32_t* takeover;
+  uint32_t seq;
 };
 
 }  // namespace stmux::shim

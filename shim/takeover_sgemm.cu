@@ -1,10 +1,13 @@
-// The shim's own FP32 GEMM, used only when the shim must run a stream-ordered
-// call itself (the daemon lost, stuck, or declining it) while the caller's
-// stream waits on the GPU for that very call. cuBLAS cannot be used there: a
-// cuBLAS kernel the process has not run yet is loaded on first use (CUDA's
-// lazy loading), and loading may wait for the context's work, which includes
-// the waiting stream: a deadlock. This kernel is loaded, explicitly, before
-// the first stream-ordered call of each context (shim/takeover_kernel.h).
+// The shim's own FP32 GEMM, for stream-ordered calls the daemon does not
+// finish (lost, stuck, or declining them). It is queued on the caller's
+// stream behind the wait for the call, at the call, and computes only if the
+// shim gave up on the daemon (TakeoverParams::takeover); so the shim never
+// launches anything while a stream waits on the daemon. Launching then was
+// seen to deadlock: a kernel loaded on first use (CUDA's lazy loading, cuBLAS's
+// included) may wait for the context's work, which includes the waiting
+// stream, and the program's own lazy loads block other threads' launches.
+// Loaded explicitly before the context's first stream-ordered call
+// (shim/takeover_kernel.h).
 //
 // A plain shared-memory tiled kernel: correct for every shape, transpose and
 // batch count, with 64-bit indices; speed matters little on this path.
@@ -30,6 +33,10 @@ __device__ __forceinline__ float loadB(const stmux::shim::TakeoverParams& p, con
 
 extern "C" __global__ void __launch_bounds__(kTile* kTile)
     stmux_takeover_sgemm(const stmux::shim::TakeoverParams p) {
+  if (p.takeover != nullptr &&
+      static_cast<int32_t>(*static_cast<const volatile uint32_t*>(p.takeover) - p.seq) < 0) {
+    return;  // the daemon computed it
+  }
   __shared__ float tile_a[kTile][kTile + 1];
   __shared__ float tile_b[kTile][kTile + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;

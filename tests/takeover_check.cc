@@ -2,13 +2,16 @@
 // - every case of the SGEMM case matrix, and strided batches (stride 0 too),
 //   against a float64 reference, writes outside C caught;
 // - that it runs while another stream of its context waits on the GPU for a
-//   word no one has written yet: the situation it exists for.
+//   word no one has written yet;
+// - that, queued behind a stream-ordered call, it computes only when the
+//   takeover word says the shim gave up on the daemon.
 // Exit 0: all passed; 1: a failure (printed); 77: no CUDA device (skipped).
 #include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -126,6 +129,48 @@ bool checkRunsWhileAStreamWaits(const Driver& driver, CUfunction kernel, CUstrea
   return verify(s);
 }
 
+// Queued behind a call, the kernel computes only once the shim has given up
+// on the daemon: the takeover word at the call's number or past it
+// (cyclically); below it, C is left exactly as it was.
+bool checkStandby(const Driver& driver, CUfunction kernel, CUstream stream) {
+  std::uint32_t* word = nullptr;
+  CHECK_CUDA(cudaHostAlloc(&word, sizeof(std::uint32_t), cudaHostAllocMapped));
+  CUdeviceptr device_word = 0;
+  CHECK_CUDA(driver.cuMemHostGetDevicePointer(&device_word, word, 0));
+  std::mt19937_64 random(11);
+  bool ok = true;
+  struct Case {
+    std::uint32_t word, seq;
+    bool computes;
+  } cases[] = {{0, 1, false},
+               {6, 7, false},
+               {7, 7, true},
+               {9, 7, true},
+               {0xfffffff0u, 3, true} /* wrapped */,
+               {3, 0xfffffff0u, false}};
+  for (const Case& c : cases) {
+    Staged s(GemmCase{"standby", 1, 0, 33, 17, 29}, 2, false, random);
+    if (!stage(s)) return false;
+    *word = c.word;
+    s.params.takeover = reinterpret_cast<const std::uint32_t*>(device_word);
+    s.params.seq = c.seq;
+    CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, s.params));
+    CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+    if (c.computes) {
+      ok &= verify(s);
+      continue;
+    }
+    std::vector<float> after(s.batch.c_all.size());
+    CHECK_CUDA(cudaMemcpy(after.data(), s.c, sizeof(float) * after.size(), cudaMemcpyDeviceToHost));
+    if (std::memcmp(after.data(), s.batch.c_all.data(), sizeof(float) * after.size()) != 0) {
+      std::printf("FAIL standby: takeover word %u, call %u: C was written\n", c.word, c.seq);
+      ok = false;
+    }
+  }
+  cudaFreeHost(word);
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -178,7 +223,8 @@ int main(int argc, char** argv) {
                          1, false, random);
   cases += 2;
   failures += !checkRunsWhileAStreamWaits(*driver, kernel, stream);
-  ++cases;
+  failures += !checkStandby(*driver, kernel, stream);
+  cases += 2;
   std::printf("%d of %d checks passed\n", cases - failures, cases);
   return failures == 0 ? 0 : 1;
 }

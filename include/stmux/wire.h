@@ -28,7 +28,8 @@ namespace stmux {
 // 6: a fallback reason more (unserved_form): the client's counters grew.
 // 7: where a round's time goes: a request's submit time, a slot's done time,
 //    the client's timing counters.
-// 8: strided-batched requests (a batch count and strides).
+// 8: strided-batched requests (a batch count and strides); a slot's takeover
+//    word.
 inline constexpr std::uint32_t kProtocolVersion = 8;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
@@ -147,8 +148,12 @@ struct alignas(kCacheLine) Slot {
   // work is done; read by the daemon.
   std::atomic<std::uint32_t> ready;
   // Written by whoever finished the request (the daemon, or the shim when it
-  // ran the request itself); the caller's GPU stream waits for it.
+  // gave up on the daemon); the caller's GPU stream waits for it.
   std::atomic<std::uint32_t> released;
+  // Written by the shim alone, before `released`, when it gives up on the
+  // daemon: the shim's own kernel, queued behind the caller's wait, computes
+  // the call when this word has reached the call's stream_seq.
+  std::atomic<std::uint32_t> takeover;
   // CLOCK_MONOTONIC when the daemon published the status: the caller times
   // how long it took to see it.
   std::atomic<std::uint64_t> done_ns;
