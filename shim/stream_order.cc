@@ -141,16 +141,35 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   entry.connection = connection;
   const CUdeviceptr slot =
       *segment + conn.view().layout().slots_offset + std::size_t{entry.ticket.slot} * sizeof(Slot);
-  // Everything the caller's stream will do for this call is queued before
-  // the daemon hears of it: mark `ready`, wait for `released`, then the
-  // shim's kernel, which computes the call only if the shim gave up on the
-  // daemon. From here on no CUDA call is needed to let the stream go.
+  // The caller's stream marks `ready` and waits for `released`; once the
+  // daemon and the watcher know of the call, the shim's kernel is queued
+  // behind, to compute it should the shim give up on the daemon.
   if (driver_.cuStreamWriteValue32(call.stream, slot + offsetof(Slot, ready), entry.seq,
                                    CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS) {
     conn.abandon(entry.ticket);
     return Queued::kCudaError;
   }
   Slot& words = conn.view().slot(entry.ticket.slot);
+  if (driver_.cuStreamWaitValue32(call.stream, slot + offsetof(Slot, released), entry.seq,
+                                  CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS) {
+    std::lock_guard lock(mutex_);
+    retireLocked(std::move(entry));
+    return Queued::kCudaError;
+  }
+  // From here on the stream waits for this call, and the caller's other
+  // threads may be inside CUDA calls that wait for the stream (cudaFree,
+  // a lazy module load) holding locks any CUDA call here would queue on
+  // (seen on the H200): the call must reach the daemon, and the watcher,
+  // before this thread makes another CUDA call.
+  call.request.flags |= kRequestStreamOrdered;
+  call.request.stream_seq = entry.seq;
+  if (!conn.push(call.request, entry.ticket, deadline_ns).ok()) {
+    (void)conn.cancel(entry.ticket);  // never queued: nobody else knows it
+    words.released.store(entry.seq, std::memory_order_release);
+    std::lock_guard lock(mutex_);
+    retireLocked(std::move(entry));
+    return Queued::kBusy;
+  }
   const Request& r = call.request;
   TakeoverParams params{};
   params.a = call.a, params.b = call.b, params.c = call.c;
@@ -162,28 +181,37 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   params.transa = r.transa, params.transb = r.transb;
   params.takeover = reinterpret_cast<const std::uint32_t*>(slot + offsetof(Slot, takeover));
   params.seq = entry.seq;
-  if (driver_.cuStreamWaitValue32(call.stream, slot + offsetof(Slot, released), entry.seq,
-                                  CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS ||
-      launchTakeoverKernel(driver_, kernel, call.stream, params) != CUDA_SUCCESS) {
-    // Never queued: let the stream go (the kernel, if queued, finds no
-    // takeover) and run the call directly behind it.
-    words.released.store(entry.seq, std::memory_order_release);
+  const Ticket mine = entry.ticket;
+  auto report = std::make_shared<std::optional<StreamOutcome>>();
+  entry.report = report;
+  {
     std::lock_guard lock(mutex_);
-    retireLocked(std::move(entry));
-    return Queued::kCudaError;
+    trackLocked(std::move(entry));
   }
-  call.request.flags |= kRequestStreamOrdered;
-  call.request.stream_seq = entry.seq;
-  if (!conn.push(call.request, entry.ticket, deadline_ns).ok()) {
-    (void)conn.cancel(entry.ticket);  // never queued: nobody else knows it
-    words.released.store(entry.seq, std::memory_order_release);
-    std::lock_guard lock(mutex_);
-    retireLocked(std::move(entry));
-    return Queued::kBusy;
+  const bool queued = launchTakeoverKernel(driver_, kernel, call.stream, params) == CUDA_SUCCESS;
+  std::unique_lock lock(mutex_);
+  auto mineIn = [&] {
+    return std::find_if(in_flight_.begin(), in_flight_.end(), [&](const InFlight& f) {
+      return f.connection == connection && f.ticket.slot == mine.slot &&
+             f.ticket.generation == mine.generation;
+    });
+  };
+  if (queued) {
+    if (auto found = mineIn(); found != in_flight_.end()) {
+      found->report.reset();
+    } else if (report->has_value()) {
+      account_(conn, **report);  // taken over already: the kernel computes it
+    }
+    return Queued::kYes;
   }
-  std::lock_guard lock(mutex_);
-  trackLocked(std::move(entry));
-  return Queued::kYes;
+  // No kernel behind the wait: should the shim take the call over, nothing
+  // would compute it. Wait until it is settled; if the daemon did not finish
+  // it, the caller runs it directly, behind the wait.
+  while (mineIn() != in_flight_.end()) {
+    reapLocked(/*watcher=*/false);
+    changed_.wait_for(lock, std::chrono::microseconds(20));
+  }
+  return report->has_value() && (*report)->direct ? Queued::kCudaError : Queued::kYes;
 }
 
 void StreamOrder::retireLocked(InFlight entry) {
@@ -230,7 +258,10 @@ void StreamOrder::reapLocked(bool watcher) {
         continue;
       }
     } else if (call.taken_over) {
-      settled = true;
+      // As a retired call's: the slot is reused only once the caller's
+      // stream has written `ready`, so that the late write never lowers the
+      // word under the slot's next call.
+      settled = seqReached(slot.ready.load(std::memory_order_acquire), call.seq);
     } else {
       const std::uint32_t word = slot.word.load(std::memory_order_acquire);
       const std::uint32_t generation = call.ticket.generation;
@@ -269,7 +300,11 @@ void StreamOrder::reapLocked(bool watcher) {
       connection.release(call.ticket);
       StreamOutcome outcome;
       outcome.direct = call.taken_over;
-      account_(connection, outcome);
+      if (call.report && outcome.direct) {
+        *call.report = outcome;  // its caller runs it and counts it
+      } else {
+        account_(connection, outcome);
+      }
       continue;
     }
     if (kept != i) in_flight_[kept] = std::move(call);
@@ -293,7 +328,7 @@ CUfunction StreamOrder::kernelFor(CUcontext context) {
   thread_local CUcontext seen_context = nullptr;
   thread_local CUfunction seen_kernel = nullptr;
   if (context == seen_context) return seen_kernel;
-  std::lock_guard lock(mutex_);
+  std::lock_guard lock(kernel_mutex_);
   auto found = std::find_if(kernels_.begin(), kernels_.end(),
                             [&](const auto& k) { return k.first == context; });
   if (found == kernels_.end()) {
@@ -348,6 +383,7 @@ void StreamOrder::stop(std::uint64_t bound_ns) {
 }
 
 void StreamOrder::forkPrepare() {
+  kernel_mutex_.lock();
   register_mutex_.lock();
   mutex_.lock();
 }
@@ -355,6 +391,7 @@ void StreamOrder::forkPrepare() {
 void StreamOrder::forkParent() {
   mutex_.unlock();
   register_mutex_.unlock();
+  kernel_mutex_.unlock();
 }
 
 // The child has no CUDA of its own from the parent, nor its calls.
@@ -365,6 +402,7 @@ void StreamOrder::forkChild() {
   watcher_started_ = false;
   mutex_.unlock();
   register_mutex_.unlock();
+  kernel_mutex_.unlock();
 }
 
 }  // namespace stmux::shim

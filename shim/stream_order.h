@@ -78,6 +78,9 @@ class StreamOrder {
     std::uint32_t seq = 0;
     std::uint64_t ready_ns = 0;          // when the watcher first saw the caller's stream reach it
     std::optional<Fallback> taken_over;  // given to the shim's kernel
+    // Set while the caller may still find that the shim's kernel could not
+    // be queued: an outcome the caller must act on (and count) goes here.
+    std::shared_ptr<std::optional<StreamOutcome>> report;
     // Never run by anyone (the call went direct), but the caller's stream
     // will still write `ready`: the slot is reused only once it has, so that
     // a late write never lowers the word under the slot's next request.
@@ -114,14 +117,17 @@ class StreamOrder {
   std::mutex register_mutex_;
   std::vector<Registered> registered_;  // under register_mutex_
 
+  // Apart from mutex_, which the watcher needs to let streams go: loading
+  // the kernel may wait on CUDA's locks.
+  std::mutex kernel_mutex_;
+  std::vector<std::pair<CUcontext, CUfunction>> kernels_;  // never removed (but at fork)
+
   std::mutex mutex_;  // guards what follows
   std::condition_variable changed_;
   std::vector<InFlight> in_flight_;
   bool watcher_started_ = false;
   bool stopping_ = false;
   bool stopped_ = false;
-  // The kernel per context, never removed (but at fork).
-  std::vector<std::pair<CUcontext, CUfunction>> kernels_;
 };
 
 }  // namespace stmux::shim

@@ -146,8 +146,8 @@ bool checkStandby(const Driver& driver, CUfunction kernel, CUstream stream) {
                {6, 7, false},
                {7, 7, true},
                {9, 7, true},
-               {0xfffffff0u, 3, true} /* wrapped */,
-               {3, 0xfffffff0u, false}};
+               {3, 0xfffffff0u, true} /* past it, wrapped */,
+               {0xfffffff0u, 3, false} /* below it, wrapped */};
   for (const Case& c : cases) {
     Staged s(GemmCase{"standby", 1, 0, 33, 17, 29}, 2, false, random);
     if (!stage(s)) return false;
