@@ -660,11 +660,27 @@ std::string Server::statusJson() const {
     entry["requests"] = client->requests;
     entry["outstanding"] = client->outstanding;
     entry["refused"] = client->refused;
-    entry["forwarded"] = counters.forwarded.load();
-    entry["failed"] = counters.failed.load();
+    const CounterTotals sum = totals(counters);
+    entry["forwarded"] = sum.forwarded;
+    entry["failed"] = sum.failed;
     Json& fallbacks = entry["fallbacks"] = Json::object();
     for (std::size_t i = 0; i < kFallbackCount; ++i)
-      fallbacks[kFallbackNames[i]] = counters.fallback[i].load();
+      fallbacks[kFallbackNames[i]] = sum.fallback[i];
+    // By entry point, those with calls only; direct calls by reason, those
+    // with calls only.
+    Json& entry_points = entry["entry_points"] = Json::object();
+    for (std::size_t e = 0; e < kEntryPointCount; ++e) {
+      const CounterTotals one = totals(counters.entry[e]);
+      if (one.calls() == 0) continue;
+      Json& point = entry_points[kEntryPointNames[e]];
+      point["calls"] = one.calls();
+      point["forwarded"] = one.forwarded;
+      point["failed"] = one.failed;
+      Json& direct = point["fallbacks"] = Json::object();
+      for (std::size_t i = 0; i < kFallbackCount; ++i) {
+        if (one.fallback[i] != 0) direct[kFallbackNames[i]] = one.fallback[i];
+      }
+    }
     entry["route"] = counters.route.load(std::memory_order_relaxed) == 1 ? "direct" : "served";
     const auto mps = static_cast<ClientMps>(counters.mps.load(std::memory_order_relaxed));
     entry["mps"] = mps == ClientMps::kYes ? "yes" : mps == ClientMps::kNo ? "no" : "unknown";
@@ -704,11 +720,7 @@ void Server::publishCompany(std::uint64_t now) {
   next_company_ns_ = now + kCompanyPeriodNs;
   std::uint32_t active = 0;
   for (const ClientPtr& client : clients_) {
-    const ClientCounters& counters = client->view.header()->counters;
-    std::uint64_t calls = counters.forwarded.load(std::memory_order_relaxed) +
-                          counters.failed.load(std::memory_order_relaxed);
-    for (const auto& fallback : counters.fallback)
-      calls += fallback.load(std::memory_order_relaxed);
+    const std::uint64_t calls = totals(client->view.header()->counters).calls();
     if (calls != client->calls_seen) {
       client->calls_seen = calls;
       client->active_until_ns = now + kActiveNs;
@@ -746,10 +758,10 @@ void Server::addMetrics(MetricsText& out) const {
             "Requests the daemon took from the tenant's ring.",
             [](const Client& c) { return c.requests; });
   perClient("stmux_client_served_total", "counter", "Calls the daemon completed for the tenant.",
-            [](const Client& c) { return c.view.header()->counters.forwarded.load(); });
+            [](const Client& c) { return totals(c.view.header()->counters).forwarded; });
   perClient("stmux_client_failed_total", "counter",
             "Calls the tenant returned CUBLAS_STATUS_EXECUTION_FAILED for.",
-            [](const Client& c) { return c.view.header()->counters.failed.load(); });
+            [](const Client& c) { return totals(c.view.header()->counters).failed; });
   perClient("stmux_client_outstanding_requests", "gauge",
             "Requests of the tenant queued or on a GPU.",
             [](const Client& c) { return c.outstanding; });
@@ -759,11 +771,27 @@ void Server::addMetrics(MetricsText& out) const {
   out.family("stmux_client_direct_total", "counter",
              "Calls the tenant's shim ran directly, by reason.");
   for (const ClientPtr& client : clients_) {
+    const CounterTotals sum = totals(client->view.header()->counters);
     for (std::size_t i = 0; i < kFallbackCount; ++i) {
       Labels with_reason = labels(*client);
       with_reason.emplace_back("reason", std::string(kFallbackNames[i]));
-      out.sample("stmux_client_direct_total", with_reason,
-                 static_cast<double>(client->view.header()->counters.fallback[i].load()));
+      out.sample("stmux_client_direct_total", with_reason, static_cast<double>(sum.fallback[i]));
+    }
+  }
+  out.family("stmux_client_entry_point_calls_total", "counter",
+             "The tenant's calls by cuBLAS entry point and outcome (served, failed, direct).");
+  for (const ClientPtr& client : clients_) {
+    for (std::size_t e = 0; e < kEntryPointCount; ++e) {
+      const CounterTotals one = totals(client->view.header()->counters.entry[e]);
+      if (one.calls() == 0) continue;
+      const std::uint64_t direct = one.calls() - one.forwarded - one.failed;
+      for (auto [outcome, value] : {std::pair{"served", one.forwarded},
+                                    std::pair{"failed", one.failed}, std::pair{"direct", direct}}) {
+        Labels with = labels(*client);
+        with.emplace_back("entry_point", std::string(kEntryPointNames[e]));
+        with.emplace_back("outcome", outcome);
+        out.sample("stmux_client_entry_point_calls_total", with, static_cast<double>(value));
+      }
     }
   }
 }

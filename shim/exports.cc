@@ -59,6 +59,7 @@ Gemm makeGemv(cublasHandle_t handle, cublasOperation_t trans, Int m, Int n, cons
               Int incy) {
   const GemvShape shape{static_cast<std::int32_t>(trans), m, n, lda, incx, incy};
   Gemm gemm;
+  gemm.entry = EntryPoint::kGemv;
   gemm.handle = handle;
   gemm.alpha = alpha, gemm.beta = beta;
   gemm.math_mode = CUBLAS_DEFAULT_MATH;
@@ -99,6 +100,7 @@ Gemm makeGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation
   Gemm gemm = makeGemm(handle, transa, transb, m, n, k, static_cast<const float*>(alpha),
                        static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb,
                        static_cast<const float*>(beta), static_cast<float*>(c), ldc);
+  gemm.entry = EntryPoint::kGemmEx;
   if (atype != CUDA_R_32F || btype != CUDA_R_32F || ctype != CUDA_R_32F) {
     gemm.direct_because = Fallback::kUnservedForm;
     return gemm;
@@ -126,6 +128,7 @@ Gemm makeStrided(cublasHandle_t handle, cublasOperation_t transa, cublasOperatio
                  const float* b, Int ldb, long long stride_b, const float* beta, float* c, Int ldc,
                  long long stride_c, Int count) {
   Gemm gemm = makeGemm(handle, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm.entry = EntryPoint::kStridedBatched;
   gemm.count = count;
   gemm.stride_a = stride_a, gemm.stride_b = stride_b, gemm.stride_c = stride_c;
   const GemmShape shape{gemm.transa, gemm.transb, m,     n,        k,        lda,
@@ -179,6 +182,7 @@ void cublasSgemm(char transa, char transb, int m, int n, int k, float alpha, con
     return CUBLAS_STATUS_SUCCESS;  // the legacy API reports through cublasGetError()
   };
   Gemm gemm;
+  gemm.entry = EntryPoint::kSgemmLegacy;
   gemm.legacy = true;
   gemm.transa = legacyOp(transa);
   gemm.transb = legacyOp(transb);

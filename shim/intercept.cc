@@ -69,12 +69,14 @@ class Shim {
   // The live connection, attaching if it is time to try; null with `why`.
   std::shared_ptr<Connection> connection(Fallback& why);
   void drop(const std::shared_ptr<Connection>& connection, const char* why);
-  cublasStatus_t fallback(Fallback reason, DirectCall direct, Connection* connection);
-  void countDirect(Fallback reason, Connection* connection);
-  void countServed(Connection& connection);
+  cublasStatus_t fallback(Fallback reason, EntryPoint entry, DirectCall direct,
+                          Connection* connection);
+  void countDirect(Fallback reason, EntryPoint entry, Connection* connection);
+  void countServed(EntryPoint entry, Connection& connection);
   void account(Connection& connection, const StreamOutcome& outcome);
-  cublasStatus_t finish(std::int32_t status, float beta, DirectCall direct, Connection& connection);
-  cublasStatus_t failed(Connection* connection);
+  cublasStatus_t finish(std::int32_t status, float beta, EntryPoint entry, DirectCall direct,
+                        Connection& connection);
+  cublasStatus_t failed(EntryPoint entry, Connection* connection);
   // A device as the shim needs it: its UUID (what the daemon names it by) and
   // whether this process's context on it is on MPS.
   struct DeviceInfo {
@@ -140,6 +142,11 @@ class Shim {
   std::atomic<std::uint64_t> completion_ns_{0};
   std::atomic<std::uint64_t> failed_{0};
   std::atomic<std::uint64_t> fallbacks_[kFallbackCount] = {};
+  // The same by entry point: calls, served, failed, direct (any reason).
+  std::atomic<std::uint64_t> entry_calls_[kEntryPointCount] = {};
+  std::atomic<std::uint64_t> entry_served_[kEntryPointCount] = {};
+  std::atomic<std::uint64_t> entry_failed_[kEntryPointCount] = {};
+  std::atomic<std::uint64_t> entry_direct_[kEntryPointCount] = {};
   std::atomic<std::uint64_t> next_request_id_{1};
 };
 
@@ -171,68 +178,78 @@ Shim::Shim() : real_(realCublas()) {
   std::atexit([] { Shim::get().atExit(); });
 }
 
-void Shim::countDirect(Fallback reason, Connection* connection) {
+void Shim::countDirect(Fallback reason, EntryPoint entry, Connection* connection) {
   const auto index = static_cast<std::size_t>(reason);
   fallbacks_[index].fetch_add(1, std::memory_order_relaxed);
+  entry_direct_[static_cast<std::size_t>(entry)].fetch_add(1, std::memory_order_relaxed);
   if (connection != nullptr) {
-    connection->counters().fallback[index].fetch_add(1, std::memory_order_relaxed);
+    connection->counters().entry[static_cast<std::size_t>(entry)].fallback[index].fetch_add(
+        1, std::memory_order_relaxed);
   }
   STMUX_TRACE(kShim, "direct ({})", kFallbackNames[index]);
 }
 
-cublasStatus_t Shim::fallback(Fallback reason, DirectCall direct, Connection* connection) {
-  countDirect(reason, connection);
+cublasStatus_t Shim::fallback(Fallback reason, EntryPoint entry, DirectCall direct,
+                              Connection* connection) {
+  countDirect(reason, entry, connection);
   return direct();
 }
 
-void Shim::countServed(Connection& connection) {
+void Shim::countServed(EntryPoint entry, Connection& connection) {
   forwarded_.fetch_add(1, std::memory_order_relaxed);
-  connection.counters().forwarded.fetch_add(1, std::memory_order_relaxed);
+  entry_served_[static_cast<std::size_t>(entry)].fetch_add(1, std::memory_order_relaxed);
+  connection.counters().entry[static_cast<std::size_t>(entry)].forwarded.fetch_add(
+      1, std::memory_order_relaxed);
 }
 
 // A stream-ordered call is counted when it is settled, not when it returns.
 void Shim::account(Connection& connection, const StreamOutcome& outcome) {
   if (outcome.direct) {
-    countDirect(*outcome.direct, &connection);
+    countDirect(*outcome.direct, outcome.entry, &connection);
   } else {
-    countServed(connection);
+    countServed(outcome.entry, connection);
     stream_served_.fetch_add(1, std::memory_order_relaxed);
   }
 }
 
-cublasStatus_t Shim::failed(Connection* connection) {
+cublasStatus_t Shim::failed(EntryPoint entry, Connection* connection) {
   failed_.fetch_add(1, std::memory_order_relaxed);
-  if (connection != nullptr) connection->counters().failed.fetch_add(1, std::memory_order_relaxed);
+  entry_failed_[static_cast<std::size_t>(entry)].fetch_add(1, std::memory_order_relaxed);
+  if (connection != nullptr) {
+    connection->counters().entry[static_cast<std::size_t>(entry)].failed.fetch_add(
+        1, std::memory_order_relaxed);
+  }
   return CUBLAS_STATUS_EXECUTION_FAILED;
 }
 
-cublasStatus_t Shim::finish(std::int32_t status, float beta, DirectCall direct,
+cublasStatus_t Shim::finish(std::int32_t status, float beta, EntryPoint entry, DirectCall direct,
                             Connection& connection) {
   // Declined: the daemon never touched C; run it here.
-  if (status == kStatusDeclined) return fallback(Fallback::kDeclined, direct, &connection);
+  if (status == kStatusDeclined) return fallback(Fallback::kDeclined, entry, direct, &connection);
   if (status == kStatusExecutionFailed) {
     // The daemon's GPU failed mid-call. With beta == 0 running it again
     // gives the same C; otherwise C may be half updated, so say so.
-    if (beta == 0.0f) return fallback(Fallback::kDaemonFailed, direct, &connection);
-    return failed(&connection);
+    if (beta == 0.0f) return fallback(Fallback::kDaemonFailed, entry, direct, &connection);
+    return failed(entry, &connection);
   }
-  countServed(connection);
+  countServed(entry, connection);
   return static_cast<cublasStatus_t>(status);
 }
 
 cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   calls_.fetch_add(1, std::memory_order_relaxed);
-  if (!config_ok_) return fallback(Fallback::kBadConfig, direct, nullptr);
-  if (config_.disable) return fallback(Fallback::kDisabled, direct, nullptr);
-  if (gemm.direct_because) return fallback(*gemm.direct_because, direct, nullptr);
+  entry_calls_[static_cast<std::size_t>(gemm.entry)].fetch_add(1, std::memory_order_relaxed);
+  if (!config_ok_) return fallback(Fallback::kBadConfig, gemm.entry, direct, nullptr);
+  if (config_.disable) return fallback(Fallback::kDisabled, gemm.entry, direct, nullptr);
+  if (gemm.direct_because) return fallback(*gemm.direct_because, gemm.entry, direct, nullptr);
   if (!gemm.legacy && gemm.handle == nullptr) {
-    return fallback(Fallback::kBadHandle, direct, nullptr);
+    return fallback(Fallback::kBadHandle, gemm.entry, direct, nullptr);
   }
   const GemmShape shape{gemm.transa, gemm.transb,   gemm.m,        gemm.n,
                         gemm.k,      gemm.lda,      gemm.ldb,      gemm.ldc,
                         gemm.count,  gemm.stride_a, gemm.stride_b, gemm.stride_c};
   if (checkGemmArgs(shape) != kStatusSuccess) {
-    return fallback(Fallback::kInvalidArgs, direct, nullptr);
+    return fallback(Fallback::kInvalidArgs, gemm.entry, direct, nullptr);
   }
 
   Request request{};
@@ -250,7 +267,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     request.beta = gemm.beta_value;
     // The legacy API returns no status, so a call the daemon may have started
     // when it vanished could not be reported; with beta == 0 it can be re-run.
-    if (request.beta != 0.0f) return fallback(Fallback::kLegacyBeta, direct, nullptr);
+    if (request.beta != 0.0f) return fallback(Fallback::kLegacyBeta, gemm.entry, direct, nullptr);
     request.math_mode = CUBLAS_DEFAULT_MATH;
     request.emulation = CUBLAS_EMULATION_STRATEGY_DEFAULT;
   } else {
@@ -262,13 +279,13 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
         real_.cublasGetStream_v2(gemm.handle, &stream) != CUBLAS_STATUS_SUCCESS ||
         real_.cublasGetMathMode(gemm.handle, &math) != CUBLAS_STATUS_SUCCESS ||
         real_.cublasGetEmulationStrategy(gemm.handle, &emulation) != CUBLAS_STATUS_SUCCESS) {
-      return fallback(Fallback::kBadHandle, direct, nullptr);
+      return fallback(Fallback::kBadHandle, gemm.entry, direct, nullptr);
     }
     if (mode == CUBLAS_POINTER_MODE_DEVICE) {
-      return fallback(Fallback::kDevicePointerMode, direct, nullptr);
+      return fallback(Fallback::kDevicePointerMode, gemm.entry, direct, nullptr);
     }
     if (gemm.alpha == nullptr || gemm.beta == nullptr) {
-      return fallback(Fallback::kInvalidArgs, direct, nullptr);
+      return fallback(Fallback::kInvalidArgs, gemm.entry, direct, nullptr);
     }
     request.alpha = *gemm.alpha;
     request.beta = *gemm.beta;
@@ -276,32 +293,32 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     request.emulation =
         static_cast<std::uint32_t>(gemm.emulation >= 0 ? gemm.emulation : emulation);
   }
-  if (gemmIsNoOp(request)) return fallback(Fallback::kNoOp, direct, nullptr);
-  if (driver_ == nullptr) return fallback(Fallback::kCudaError, direct, nullptr);
+  if (gemmIsNoOp(request)) return fallback(Fallback::kNoOp, gemm.entry, direct, nullptr);
+  if (driver_ == nullptr) return fallback(Fallback::kCudaError, gemm.entry, direct, nullptr);
 
   CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
   if (driver_->cuStreamIsCapturing(reinterpret_cast<CUstream>(stream), &capture) != CUDA_SUCCESS) {
-    return fallback(Fallback::kCudaError, direct, nullptr);
+    return fallback(Fallback::kCudaError, gemm.entry, direct, nullptr);
   }
   if (capture != CU_STREAM_CAPTURE_STATUS_NONE) {
-    return fallback(Fallback::kGraphCapture, direct, nullptr);
+    return fallback(Fallback::kGraphCapture, gemm.entry, direct, nullptr);
   }
 
   Fallback absent = Fallback::kNoDaemon;
   std::shared_ptr<Connection> connection = this->connection(absent);
-  if (!connection) return fallback(absent, direct, nullptr);
+  if (!connection) return fallback(absent, gemm.entry, direct, nullptr);
   Connection* conn = connection.get();
-  if (conn->draining()) return fallback(Fallback::kDraining, direct, conn);
+  if (conn->draining()) return fallback(Fallback::kDraining, gemm.entry, direct, conn);
   const SyncChoice sync = applySync(*conn);
   // STMUX_ROUTE=auto chooses before the operands are described (a driver
   // query each), so that a process measured faster direct pays little for the
   // preload.
   if (route_auto_ && chooseRoute(*conn) == Route::kDirect) {
-    return fallback(Fallback::kMeasuredDirect, direct, conn);
+    return fallback(Fallback::kMeasuredDirect, gemm.entry, direct, conn);
   }
 
   const auto extents = gemmExtents(shape);
-  if (!extents) return fallback(Fallback::kInvalidArgs, direct, conn);
+  if (!extents) return fallback(Fallback::kInvalidArgs, gemm.entry, direct, conn);
   struct Operand {
     OperandDesc& desc;
     const void* pointer;
@@ -314,22 +331,22 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     if (operand.extent == 0) continue;  // never touched: nothing to describe
     const AllocationCache::Described described = allocations_.describe(*driver_, operand.pointer);
     if (described.failure == AllocationCache::Failure::kNotExportable) {
-      return fallback(Fallback::kNotExportable, direct, conn);
+      return fallback(Fallback::kNotExportable, gemm.entry, direct, conn);
     }
     if (described.failure == AllocationCache::Failure::kCudaError) {
-      return fallback(Fallback::kCudaError, direct, conn);
+      return fallback(Fallback::kCudaError, gemm.entry, direct, conn);
     }
     if (device >= 0 && described.device != device) {
-      return fallback(Fallback::kMixedDevices, direct, conn);
+      return fallback(Fallback::kMixedDevices, gemm.entry, direct, conn);
     }
     device = described.device;
     operand.desc = described.desc;
   }
   const std::optional<DeviceInfo> info = deviceInfo(device);
-  if (!info) return fallback(Fallback::kCudaError, direct, conn);
+  if (!info) return fallback(Fallback::kCudaError, gemm.entry, direct, conn);
   const std::vector<Uuid>& served = conn->devices();
   const auto found = std::find(served.begin(), served.end(), info->uuid);
-  if (found == served.end()) return fallback(Fallback::kDeviceNotServed, direct, conn);
+  if (found == served.end()) return fallback(Fallback::kDeviceNotServed, gemm.entry, direct, conn);
   request.device = info->uuid;
   conn->counters().mps.store(
       static_cast<std::uint32_t>(info->mps ? ClientMps::kYes : ClientMps::kNo),
@@ -342,14 +359,15 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   // Stream order for the calls that can be run again should the daemon not
   // finish them (beta == 0); the legacy API's stream is not visible.
   if (streamOrdered(*conn) && !gemm.legacy && request.beta == 0.0f) {
-    StreamCall ordered{request, reinterpret_cast<CUstream>(stream), gemm.a, gemm.b, gemm.c};
+    StreamCall ordered{request,   reinterpret_cast<CUstream>(stream), gemm.a, gemm.b, gemm.c,
+                       gemm.entry};
     switch (stream_->submit(connection, ordered, nowNs() + timeout_ns)) {
       case StreamOrder::Queued::kYes:
         return CUBLAS_STATUS_SUCCESS;
       case StreamOrder::Queued::kBusy:
-        return fallback(Fallback::kBusy, direct, conn);
+        return fallback(Fallback::kBusy, gemm.entry, direct, conn);
       case StreamOrder::Queued::kCudaError:
-        return fallback(Fallback::kCudaError, direct, conn);
+        return fallback(Fallback::kCudaError, gemm.entry, direct, conn);
       case StreamOrder::Queued::kHost:
         break;
     }
@@ -361,12 +379,12 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   const std::uint64_t prior_from = nowNs();
   const CUresult synced = gemm.legacy ? driver_->cuCtxSynchronize()
                                       : waitForPriorWork(reinterpret_cast<CUstream>(stream));
-  if (synced != CUDA_SUCCESS) return fallback(Fallback::kCudaError, direct, conn);
+  if (synced != CUDA_SUCCESS) return fallback(Fallback::kCudaError, gemm.entry, direct, conn);
   const std::uint64_t prior_ns = nowNs() - prior_from;
 
   const std::uint64_t spin_ns = sync.spin ? static_cast<std::uint64_t>(config_.spin_us) * 1'000 : 0;
   auto ticket = conn->submit(request, nowNs() + timeout_ns);
-  if (!ticket) return fallback(Fallback::kBusy, direct, conn);
+  if (!ticket) return fallback(Fallback::kBusy, gemm.entry, direct, conn);
 
   WaitResult result = conn->wait(ticket.value(), nowNs() + timeout_ns, spin_ns);
   if (result.outcome == WaitOutcome::kTimedOut) {
@@ -374,7 +392,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
       conn->release(ticket.value());
       STMUX_WARN(kShim, "the daemon did not start a call within {} ms; running it directly",
                  config_.timeout_ms);
-      return fallback(Fallback::kTimeout, direct, conn);
+      return fallback(Fallback::kTimeout, gemm.entry, direct, conn);
     }
     // Started: it is running on the daemon's GPU. Give it the same time again.
     result = conn->wait(ticket.value(), nowNs() + timeout_ns, spin_ns);
@@ -382,7 +400,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
       STMUX_ERROR(kShim, "a call the daemon started did not finish in {} ms; giving up on it",
                   2 * config_.timeout_ms);
       drop(connection, "it did not finish a call in time");
-      return failed(conn);
+      return failed(gemm.entry, conn);
     }
   }
   if (result.outcome == WaitOutcome::kDone) {
@@ -397,17 +415,18 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     timed_calls_.fetch_add(1, std::memory_order_relaxed);
     prior_wait_ns_.fetch_add(prior_ns, std::memory_order_relaxed);
     completion_ns_.fetch_add(completion_ns, std::memory_order_relaxed);
-    return finish(result.status, request.beta, direct, *conn);
+    return finish(result.status, request.beta, gemm.entry, direct, *conn);
   }
   // The daemon is gone.
   drop(connection, "it closed the connection");
-  if (conn->cancel(ticket.value())) return fallback(Fallback::kDaemonLost, direct, conn);
+  if (conn->cancel(ticket.value()))
+    return fallback(Fallback::kDaemonLost, gemm.entry, direct, conn);
   // It claimed the call, so it may have run, wholly or partly.
-  if (request.beta == 0.0f) return fallback(Fallback::kDaemonLost, direct, conn);
+  if (request.beta == 0.0f) return fallback(Fallback::kDaemonLost, gemm.entry, direct, conn);
   STMUX_ERROR(kShim,
               "the daemon vanished during a call with beta != 0; C may be partly "
               "updated, returning CUBLAS_STATUS_EXECUTION_FAILED");
-  return failed(conn);
+  return failed(gemm.entry, conn);
 }
 
 std::shared_ptr<Connection> Shim::connection(Fallback& why) {
@@ -706,6 +725,16 @@ void Shim::printCounters() {
   STMUX_INFO(kStats, "{} calls: {} served by stmuxd ({} stream-ordered), {} failed; direct:{}",
              calls_.load(), forwarded_.load(), stream_served_.load(), failed_.load(),
              direct.empty() ? " none" : direct);
+  std::string entries;
+  for (std::size_t i = 0; i < kEntryPointCount; ++i) {
+    if (const std::uint64_t n = entry_calls_[i].load(); n != 0) {
+      entries +=
+          fmt::format("{} {}={} calls, {} served, {} failed, {} direct", entries.empty() ? "" : ";",
+                      kEntryPointNames[i], n, entry_served_[i].load(), entry_failed_[i].load(),
+                      entry_direct_[i].load());
+    }
+  }
+  STMUX_INFO(kStats, "by entry point:{}", entries);
   if (const std::uint64_t timed = timed_calls_.load(); timed != 0) {
     STMUX_INFO(
         kStats,
@@ -762,6 +791,10 @@ void Shim::forkChild() {
   shim.failed_ = 0;
   for (auto& counter : shim.fallbacks_)
     counter = 0;
+  for (std::size_t i = 0; i < kEntryPointCount; ++i) {
+    shim.entry_calls_[i] = 0, shim.entry_served_[i] = 0;
+    shim.entry_failed_[i] = 0, shim.entry_direct_[i] = 0;
+  }
   shim.connection_mutex_.unlock();
   shim.sweep_mutex_.unlock();
 }

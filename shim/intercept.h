@@ -13,6 +13,7 @@ namespace stmux::shim {
 
 // One call as the application made it, whichever entry point it came through.
 struct Gemm {
+  EntryPoint entry = EntryPoint::kSgemm;  // which, for the counts
   bool legacy = false;  // cublasSgemm (v1): no handle, scalars by value, no status
   cublasHandle_t handle = nullptr;
   std::int32_t transa = 0, transb = 0;

@@ -139,6 +139,7 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   entry.ticket = ticket.value();
   entry.seq = conn.nextSeq(entry.ticket.slot);
   entry.connection = connection;
+  entry.entry = call.entry;
   const CUdeviceptr slot =
       *segment + conn.view().layout().slots_offset + std::size_t{entry.ticket.slot} * sizeof(Slot);
   // The caller's stream marks `ready` and waits for `released`; once the
@@ -300,6 +301,7 @@ void StreamOrder::reapLocked(bool watcher) {
       connection.release(call.ticket);
       StreamOutcome outcome;
       outcome.direct = call.taken_over;
+      outcome.entry = call.entry;
       if (call.report && outcome.direct) {
         *call.report = outcome;  // its caller runs it and counts it
       } else {

@@ -38,6 +38,7 @@ namespace stmux::shim {
 // the shim's kernel (the reason).
 struct StreamOutcome {
   std::optional<Fallback> direct;
+  EntryPoint entry = EntryPoint::kSgemm;
 };
 using StreamAccount = std::function<void(Connection&, const StreamOutcome&)>;
 
@@ -48,6 +49,7 @@ struct StreamCall {
   const float* a = nullptr;   // the caller's operands, should the shim run it
   const float* b = nullptr;
   float* c = nullptr;
+  EntryPoint entry = EntryPoint::kSgemm;
 };
 
 class StreamOrder {
@@ -76,6 +78,7 @@ class StreamOrder {
     std::shared_ptr<Connection> connection;
     Ticket ticket;
     std::uint32_t seq = 0;
+    EntryPoint entry = EntryPoint::kSgemm;
     std::uint64_t ready_ns = 0;          // when the watcher first saw the caller's stream reach it
     std::optional<Fallback> taken_over;  // given to the shim's kernel
     // Set while the caller may still find that the shim's kernel could not

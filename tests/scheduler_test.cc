@@ -352,7 +352,7 @@ TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
   Request bad = validRequest();
   bad.lda = 1;
   ASSERT_EQ(call(*connection, bad), kStatusInvalidValue);  // answered, never queued
-  connection->counters().fallback[static_cast<std::size_t>(Fallback::kNoOp)] = 3;
+  connection->counters().entry[0].fallback[static_cast<std::size_t>(Fallback::kNoOp)] = 3;
   auto text = [&] {
     std::lock_guard lock(mutex);
     return latest;

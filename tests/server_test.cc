@@ -155,8 +155,8 @@ TEST(Server, EachClientGetsItsOwnUnnamedSegment) {
   auto b = Connection::open(options(dir));
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_NE(a.value()->clientId(), b.value()->clientId());
-  a.value()->counters().forwarded.store(12345);
-  EXPECT_EQ(b.value()->counters().forwarded.load(), 0u) << "two clients share memory";
+  a.value()->counters().entry[0].forwarded.store(12345);
+  EXPECT_EQ(b.value()->counters().entry[0].forwarded.load(), 0u) << "two clients share memory";
   EXPECT_EQ(shmEntries(), shm_before) << "a segment has a name another process could open";
 }
 
@@ -176,8 +176,8 @@ TEST(Server, EachClientLearnsHowManyOthersMakeCalls) {
   std::atomic<bool> stop{false};
   std::thread calls([&] {
     while (!stop.load()) {
-      a.value()->counters().fallback[0].fetch_add(1);
-      b.value()->counters().forwarded.fetch_add(1);
+      a.value()->counters().entry[0].fallback[0].fetch_add(1);
+      b.value()->counters().entry[0].forwarded.fetch_add(1);
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   });

@@ -69,6 +69,16 @@ TEST_F(ShimOnGpu, TheSameResultsWithAndWithoutThePreloadAndTheDaemonServedThem) 
               (std::map<std::string, long>{
                   {"no_op", no_op}, {"invalid_args", refused}, {"legacy_beta", legacy}}))
         << shim.err();
+    // Counted by entry point too: the client's strided batches, all served
+    // but the no-ops among them.
+    ASSERT_EQ(stats.entries.count("strided_batched"), 1u) << shim.err();
+    EXPECT_EQ(stats.entries.at("strided_batched").calls, outValue(shim.out(), "strided batches"));
+    EXPECT_EQ(stats.entries.at("strided_batched").failed, 0);
+    EXPECT_GT(stats.entries.at("strided_batched").served, 0);
+    long entry_calls = 0;
+    for (const auto& [name, entry] : stats.entries)
+      entry_calls += entry.calls;
+    EXPECT_EQ(entry_calls, stats.calls) << shim.err();
     auto status = daemonStatus(dir_.socket());
     ASSERT_TRUE(status.has_value());
     EXPECT_GE(gpuField(*status, "requests"), stats.served);

@@ -12,6 +12,8 @@ TEST(ShimStats, TheExitLinesParseFieldByField) {
   const std::string err =
       "host:12:12 INFO  stats: 1500 calls: 1200 served by stmuxd (800 stream-ordered), 3 failed; "
       "direct: no_op=200 measured_direct=97\n"
+      "host:12:12 INFO  stats: by entry point: sgemm=1000 calls, 900 served, 3 failed, 97 "
+      "direct; strided_batched=500 calls, 300 served, 0 failed, 200 direct\n"
       "host:12:12 INFO  stats: round: 400 host-mode calls, mean prior-work wait 12.5 us, mean "
       "completion 3.0 us\n";
   const ShimStats stats = shimStats(err);
@@ -25,6 +27,13 @@ TEST(ShimStats, TheExitLinesParseFieldByField) {
   EXPECT_EQ(stats.timed, 400);
   EXPECT_DOUBLE_EQ(stats.prior_wait_us, 12.5);
   EXPECT_DOUBLE_EQ(stats.completion_us, 3.0);
+  ASSERT_EQ(stats.entries.size(), 2u);
+  EXPECT_EQ(stats.entries.at("sgemm").calls, 1000);
+  EXPECT_EQ(stats.entries.at("sgemm").served, 900);
+  EXPECT_EQ(stats.entries.at("sgemm").failed, 3);
+  EXPECT_EQ(stats.entries.at("sgemm").direct, 97);
+  EXPECT_EQ(stats.entries.at("strided_batched").calls, 500);
+  EXPECT_EQ(stats.entries.at("strided_batched").direct, 200);
 }
 
 TEST(ShimStats, NoLinesMeanNothingWasCounted) {

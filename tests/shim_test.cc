@@ -7,6 +7,8 @@
 #include <regex>
 #include <set>
 
+#include <fmt/format.h>
+
 #include "test_support.h"
 #include "tools/process.h"
 
@@ -63,15 +65,29 @@ TEST(Shim, TheProgramsCallsReachThePreloadedShimAndStatusesComeBackUnchanged) {
   auto before = probeValues(plain.out), after = probeValues(shimmed.out);
   EXPECT_NE(before["cublasSgemm_v2"].find("libcublas.so"), std::string::npos) << plain.out;
   EXPECT_NE(after["cublasSgemm_v2"].find("libstmux.so"), std::string::npos) << shimmed.out;
-  for (const char* key :
-       {"v2_null_handle", "v2_64_null_handle", "create", "v2_bad_lda", "legacy_bad_op"}) {
+  for (const char* key : {"v2_null_handle", "v2_64_null_handle", "strided_null_handle", "create",
+                          "v2_bad_lda", "strided_negative_count", "legacy_bad_op"}) {
     EXPECT_EQ(before[key], after[key]) << key;
   }
   // The shim's own account, printed at exit: every call went straight to
   // cuBLAS, each for its reason.
   EXPECT_NE(shimmed.err.find("0 served by stmuxd"), std::string::npos) << shimmed.err;
-  EXPECT_NE(shimmed.err.find("bad_handle=2"), std::string::npos) << shimmed.err;
+  EXPECT_NE(shimmed.err.find("bad_handle=3"), std::string::npos) << shimmed.err;
   EXPECT_NE(shimmed.err.find("invalid_args="), std::string::npos) << shimmed.err;
+  // And by entry point (where no GPU lets cublasCreate succeed, the calls
+  // that need a handle are not made).
+  const bool handle = after["create"] == "0";
+  EXPECT_NE(shimmed.err.find(fmt::format("sgemm={} calls, 0 served, 0 failed, {} direct",
+                                         handle ? 3 : 2, handle ? 3 : 2)),
+            std::string::npos)
+      << shimmed.err;
+  EXPECT_NE(
+      shimmed.err.find(fmt::format("strided_batched={} calls, 0 served, 0 failed", handle ? 2 : 1)),
+      std::string::npos)
+      << shimmed.err;
+  EXPECT_NE(shimmed.err.find("sgemm_legacy=1 calls, 0 served, 0 failed, 1 direct"),
+            std::string::npos)
+      << shimmed.err;
 }
 
 TEST(Shim, DisableSendsEveryCallStraightToCublas) {

@@ -245,8 +245,12 @@ TEST(Stmuxctl, ShowsARealDaemonAndItsTenant) {
             WaitOutcome::kDone);
   tenant.value()->release(ticket.value());
   // What the shim would have counted.
-  tenant.value()->counters().forwarded.store(1);
-  tenant.value()->counters().fallback[static_cast<std::size_t>(Fallback::kBusy)].store(3);
+  ClientCounters& counters = tenant.value()->counters();
+  counters.entry[static_cast<std::size_t>(EntryPoint::kSgemm)].forwarded.store(1);
+  counters.entry[static_cast<std::size_t>(EntryPoint::kSgemm)]
+      .fallback[static_cast<std::size_t>(Fallback::kBusy)]
+      .store(3);
+  counters.entry[static_cast<std::size_t>(EntryPoint::kStridedBatched)].forwarded.store(2);
   const std::string pid = std::to_string(::getpid());
 
   const CtlRun json = runCtl({"status", "--json"}, {"STMUX_SOCKET=" + dir.socket()});
@@ -263,8 +267,15 @@ TEST(Stmuxctl, ShowsARealDaemonAndItsTenant) {
   EXPECT_EQ(jsonString(jsonFind(client, "name")), "ctl-tenant");
   EXPECT_EQ(jsonNumber(jsonFind(client, "pid")), ::getpid());
   EXPECT_EQ(jsonNumber(jsonFind(client, "requests")), 1);
-  EXPECT_EQ(jsonNumber(jsonFind(client, "forwarded")), 1);
+  EXPECT_EQ(jsonNumber(jsonFind(client, "forwarded")), 3) << "summed over entry points";
   EXPECT_EQ(jsonNumber(jsonFind(jsonFind(client, "fallbacks"), "busy")), 3);
+  const Json* entry_points = jsonFind(client, "entry_points");
+  EXPECT_EQ(jsonNumber(jsonFind(jsonFind(entry_points, "sgemm"), "calls")), 4) << json.out;
+  EXPECT_EQ(jsonNumber(jsonFind(jsonFind(entry_points, "sgemm"), "forwarded")), 1);
+  EXPECT_EQ(jsonNumber(jsonFind(jsonFind(jsonFind(entry_points, "sgemm"), "fallbacks"), "busy")),
+            3);
+  EXPECT_EQ(jsonNumber(jsonFind(jsonFind(entry_points, "strided_batched"), "calls")), 2);
+  EXPECT_EQ(jsonFind(entry_points, "gemv"), nullptr) << "entry points with no calls are left out";
   EXPECT_EQ(jsonNumber(jsonFind(jsonFind(parsed.value(), "daemon"), "pid")), ::getpid());
 
   // --socket wins over STMUX_SOCKET.
@@ -286,6 +297,11 @@ TEST(Stmuxctl, ShowsARealDaemonAndItsTenant) {
   EXPECT_TRUE(contains(row, " busy=3")) << row;
   EXPECT_FALSE(contains(row, "=0")) << "zero fallbacks are left out: " << row;
   EXPECT_TRUE(contains(lineStarting(human.out, "total"), "1 client")) << human.out;
+  EXPECT_TRUE(contains(human.out, "ENTRY POINT")) << human.out;
+  const std::string sgemm = lineStarting(human.out, "sgemm ");
+  EXPECT_TRUE(contains(sgemm, " 4 ") && contains(sgemm, " busy=3")) << human.out;
+  EXPECT_FALSE(lineStarting(human.out, "strided_batched ").empty()) << human.out;
+  EXPECT_TRUE(lineStarting(human.out, "gemv ").empty()) << human.out;
 }
 
 TEST(Stmuxctl, ATenantsNameCannotDriveTheTerminal) {

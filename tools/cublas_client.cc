@@ -298,6 +298,10 @@ int probe() {
   std::printf("v2_64_null_handle %d\n",
               static_cast<int>(cublasSgemm_v2_64(nullptr, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one,
                                                  nullptr, 4, nullptr, 4, &one, nullptr, 4)));
+  std::printf("strided_null_handle %d\n",
+              static_cast<int>(cublasSgemmStridedBatched(nullptr, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4,
+                                                         &one, nullptr, 4, 16, nullptr, 4, 16, &one,
+                                                         nullptr, 4, 16, 2)));
   cublasHandle_t handle = nullptr;
   const cublasStatus_t created = cublasCreate_v2(&handle);
   std::printf("create %d\n", static_cast<int>(created));
@@ -305,6 +309,10 @@ int probe() {
     std::printf("v2_bad_lda %d\n",
                 static_cast<int>(cublasSgemm_v2(handle, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one,
                                                 nullptr, 3, nullptr, 4, &one, nullptr, 4)));
+    std::printf("strided_negative_count %d\n",
+                static_cast<int>(cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4,
+                                                           4, &one, nullptr, 4, 16, nullptr, 4, 16,
+                                                           &one, nullptr, 4, 16, -1)));
     cublasDestroy_v2(handle);
   }
   cublasSgemm('X', 'N', 4, 4, 4, 1.0f, nullptr, 4, nullptr, 4, 0.0f, nullptr, 4);

@@ -1,6 +1,7 @@
 // The shim's exit line (STMUX_LOG=stats=info), as the programs that preload
 // it read it back (stmux-bench, the GPU tests):
 //   "N calls: S served by stmuxd (O stream-ordered), F failed; direct: reason=n ..."
+//   "by entry point: name=N calls, S served, F failed, D direct; ..."
 #pragma once
 
 #include <map>
@@ -17,6 +18,11 @@ struct ShimStats {
   long timed = -1;
   double prior_wait_us = -1, completion_us = -1;
   std::map<std::string, long> direct;  // reason -> calls; reasons with none are not printed
+  // By entry point (sgemm, gemv, ...); entry points with no calls are not printed.
+  struct Entry {
+    long calls = 0, served = 0, failed = 0, direct = 0;
+  };
+  std::map<std::string, Entry> entries;
 
   // The calls that went direct for `reason`; 0 when it was not printed.
   long directCalls(const std::string& reason) const {
@@ -43,6 +49,16 @@ inline ShimStats shimStats(const std::string& err) {
   for (auto it = std::sregex_iterator(direct.begin(), direct.end(), pair);
        it != std::sregex_iterator(); ++it) {
     stats.direct[(*it)[1]] = std::stol((*it)[2]);
+  }
+  if (std::regex_search(err, match, std::regex("by entry point:([^\n]*)"))) {
+    const std::string line = match[1];
+    const std::regex entry(
+        "([a-z_]+)=([0-9]+) calls, ([0-9]+) served, ([0-9]+) failed, ([0-9]+) direct");
+    for (auto it = std::sregex_iterator(line.begin(), line.end(), entry);
+         it != std::sregex_iterator(); ++it) {
+      stats.entries[(*it)[1]] = {std::stol((*it)[2]), std::stol((*it)[3]), std::stol((*it)[4]),
+                                 std::stol((*it)[5])};
+    }
   }
   if (std::regex_search(err, match,
                         std::regex("round: ([0-9]+) host-mode calls, mean prior-work wait "

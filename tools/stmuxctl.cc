@@ -361,10 +361,35 @@ std::string clientTable(const Json* clients) {
   return table.str();
 }
 
+// The clients' calls summed by cuBLAS entry point, in the order of the
+// shim's list; entry points no client called are left out.
+std::string entryPointTable(const Json* clients) {
+  if (clients == nullptr || !clients->is_array()) return "";
+  Table table({"ENTRY POINT", "CALLS>", "FORWARDED>", "FAILED>", "FALLBACKS"});
+  bool any = false;
+  for (std::string_view name : kEntryPointNames) {
+    Sum calls, forwarded, failed;
+    Reasons fallbacks;
+    for (std::size_t i = 0; i < clients->size(); ++i) {
+      const Json* point = member(member(jsonAt(clients, i), "entry_points"), std::string(name));
+      calls.add(member(point, "calls"));
+      forwarded.add(member(point, "forwarded"));
+      failed.add(member(point, "failed"));
+      fallbacks.add(member(point, "fallbacks"));
+    }
+    if (!calls.total) continue;
+    any = true;
+    table.add({std::string(name), calls.str(), forwarded.str(), failed.str(),
+               fallbacks.str(/*non_zero_only=*/true)});
+  }
+  return any ? "\n" + table.str() : "";
+}
+
 std::string summary(const Json& status) {
   const Json* daemon = member(&status, "daemon");
+  const Json* clients = member(&status, "clients");
   return daemonLine(daemon != nullptr && daemon->is_object() ? daemon : nullptr) + "\n" +
-         gpuTable(member(&status, "gpus")) + "\n" + clientTable(member(&status, "clients"));
+         gpuTable(member(&status, "gpus")) + "\n" + clientTable(clients) + entryPointTable(clients);
 }
 
 int run(int argc, char** argv) {

@@ -29,7 +29,7 @@ namespace stmux {
 // 7: where a round's time goes: a request's submit time, a slot's done time,
 //    the client's timing counters.
 // 8: strided-batched requests (a batch count and strides); a slot's takeover
-//    word.
+//    word; a client's counters per entry point.
 inline constexpr std::uint32_t kProtocolVersion = 8;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
@@ -207,11 +207,37 @@ inline constexpr std::string_view kFallbackNames[] = {
 #undef STMUX_X
 };
 
-// Written by the client, read (and only displayed) by the daemon.
-struct ClientCounters {
+// The cuBLAS entry points the shim serves, each counted apart.
+#define STMUX_ENTRY_POINTS(X)                               \
+  X(kSgemm, "sgemm", "cublasSgemm_v2, cublasSgemm_v2_64")   \
+  X(kSgemmLegacy, "sgemm_legacy", "the legacy cublasSgemm") \
+  X(kGemv, "gemv", "cublasSgemv_v2, cublasSgemv_v2_64")     \
+  X(kGemmEx, "gemm_ex", "cublasGemmEx, cublasGemmEx_64")    \
+  X(kStridedBatched, "strided_batched", "cublasSgemmStridedBatched(_64)")
+
+enum class EntryPoint : std::uint32_t {
+#define STMUX_X(id, name, help) id,
+  STMUX_ENTRY_POINTS(STMUX_X)
+#undef STMUX_X
+      kCount
+};
+inline constexpr std::size_t kEntryPointCount = static_cast<std::size_t>(EntryPoint::kCount);
+inline constexpr std::string_view kEntryPointNames[] = {
+#define STMUX_X(id, name, help) name,
+    STMUX_ENTRY_POINTS(STMUX_X)
+#undef STMUX_X
+};
+
+// What became of one entry point's calls.
+struct EntryCounters {
   std::atomic<std::uint64_t> forwarded;  // calls the daemon completed
   std::atomic<std::uint64_t> failed;     // calls returned CUBLAS_STATUS_EXECUTION_FAILED
   std::atomic<std::uint64_t> fallback[kFallbackCount];
+};
+
+// Written by the client, read (and only displayed) by the daemon.
+struct ClientCounters {
+  EntryCounters entry[kEntryPointCount];
   std::atomic<std::uint32_t> route;  // shim::Route: 0 served, 1 direct (STMUX_ROUTE=auto)
   std::atomic<std::uint32_t> mps;    // ClientMps: whether the client's context is on MPS
   std::atomic<std::uint32_t> mode;   // ClientMode: how its served calls are ordered (STMUX_MODE)
@@ -223,6 +249,38 @@ struct ClientCounters {
   std::atomic<std::uint64_t> prior_wait_ns;
   std::atomic<std::uint64_t> completion_ns;
 };
+
+// A client's counts summed over its entry points.
+struct CounterTotals {
+  std::uint64_t forwarded = 0, failed = 0;
+  std::uint64_t fallback[kFallbackCount] = {};
+  std::uint64_t calls() const {
+    std::uint64_t n = forwarded + failed;
+    for (std::uint64_t f : fallback)
+      n += f;
+    return n;
+  }
+};
+inline CounterTotals totals(const EntryCounters& entry) {
+  CounterTotals sum;
+  sum.forwarded = entry.forwarded.load(std::memory_order_relaxed);
+  sum.failed = entry.failed.load(std::memory_order_relaxed);
+  for (std::size_t i = 0; i < kFallbackCount; ++i) {
+    sum.fallback[i] = entry.fallback[i].load(std::memory_order_relaxed);
+  }
+  return sum;
+}
+inline CounterTotals totals(const ClientCounters& counters) {
+  CounterTotals sum;
+  for (const EntryCounters& entry : counters.entry) {
+    const CounterTotals one = totals(entry);
+    sum.forwarded += one.forwarded;
+    sum.failed += one.failed;
+    for (std::size_t i = 0; i < kFallbackCount; ++i)
+      sum.fallback[i] += one.fallback[i];
+  }
+  return sum;
+}
 
 enum class ClientMps : std::uint32_t { kUnknown = 0, kNo = 1, kYes = 2 };
 enum class ClientMode : std::uint32_t { kUnknown = 0, kHost = 1, kStream = 2 };
@@ -351,7 +409,8 @@ STMUX_WIRE_STRUCT(ReleaseMsg, 16 + 8 + 8 * kMaxReleaseIds);
   static_assert(sizeof(T) == (bytes), #T " changed size: bump kProtocolVersion")
 
 STMUX_SHARED_STRUCT(Slot, 64);
-STMUX_SHARED_STRUCT(SegmentHeader, (128 + 8 * (7 + kFallbackCount) + 63) / 64 * 64);
+STMUX_SHARED_STRUCT(SegmentHeader,
+                    (128 + 8 * (5 + kEntryPointCount * (2 + kFallbackCount)) + 63) / 64 * 64);
 static_assert(offsetof(Request, a) % 8 == 0);
 static_assert(std::atomic<std::uint32_t>::is_always_lock_free,
               "futex words and slot states must be lock-free across processes");
