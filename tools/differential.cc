@@ -59,11 +59,16 @@ using GemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOpe
                                     cublasComputeType_t, cublasGemmAlgo_t);
 using SgemvFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, int, int, const float*,
                                    const float*, int, const float*, int, const float*, float*, int);
+using StridedFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
+                                     int, const float*, const float*, int, long long int,
+                                     const float*, int, long long int, const float*, float*, int,
+                                     long long int, int);
 // libcublas's own functions, past any preload.
 struct RealFunctions {
   SgemmFn sgemm = nullptr;
   GemmExFn gemm_ex = nullptr;
   SgemvFn gemv = nullptr;
+  StridedFn strided = nullptr;
 };
 
 constexpr int kMaxThreads = 16;
@@ -112,9 +117,11 @@ enum Args { kValid, kBadLda, kBadLdb, kBadLdc, kNegativeDim };
 // Where the shim must send the call: to the daemon, or straight to cuBLAS
 // for one of the reasons it counts.
 enum Route { kServed, kNoOp, kInvalidArgs, kNotExportable };
-// The entry point called: cublasSgemm_v2; cublasGemmEx with FP32 data; or,
-// for a GEMM with one column (op(B) = x, unit increments), cublasSgemv_v2.
-enum Entry { kSgemm, kGemmEx, kGemv };
+// The entry point called: cublasSgemm_v2; cublasGemmEx with FP32 data; for
+// a GEMM with one column (op(B) = x, unit increments), cublasSgemv_v2; or
+// cublasSgemmStridedBatched with a batch of one (its batches of several are
+// checked problem by problem by stmux-cublas-client's check).
+enum Entry { kSgemm, kGemmEx, kGemv, kStrided };
 
 constexpr std::string_view kStreamNames[] = {"legacy", "per_thread", "blocking", "non_blocking"};
 constexpr std::string_view kWriteNames[] = {
@@ -135,7 +142,7 @@ constexpr std::string_view kSizeNames[] = {"zero", "one", "small", "large"};
 constexpr std::string_view kArgsNames[] = {"valid", "bad_lda", "bad_ldb", "bad_ldc",
                                            "negative_dim"};
 constexpr std::string_view kRouteNames[] = {"served", "no_op", "invalid_args", "not_exportable"};
-constexpr std::string_view kEntryNames[] = {"sgemm", "gemm_ex", "gemv"};
+constexpr std::string_view kEntryNames[] = {"sgemm", "gemm_ex", "gemv", "strided_batched"};
 
 struct ClassInfo {
   std::string_view name;
@@ -246,7 +253,7 @@ Case draw(std::uint64_t seed, int thread, std::uint64_t call, bool pageable_unor
   g.beta = kBetas[v[kBeta]];
   v[kMath] = chance(random, 0.3) ? 1 : 0;
   g.math = v[kMath] == 1 ? stmux::check::kTf32Math : stmux::check::kDefaultMath;
-  v[kEntry] = pick(random, {60, 20, 20});
+  v[kEntry] = pick(random, {50, 17, 17, 16});
   // GemmEx: FP32 compute, TF32 allowed where the math class allows it.
   c.compute = v[kMath] == 1
                   ? (chance(random, 0.5) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F)
@@ -871,8 +878,13 @@ class Worker {
     const int gemv_m = g.transa == 0 ? m : k, gemv_n = g.transa == 0 ? k : m;
     // The same call through the interposed symbol (sgemm, gemm_ex, gemv),
     // or through libcublas's own, into C.
-    auto call = [&](SgemmFn sgemm, GemmExFn gemm_ex, SgemvFn gemv, float* out) {
+    auto call = [&](SgemmFn sgemm, GemmExFn gemm_ex, SgemvFn gemv, StridedFn strided, float* out) {
       switch (c.value[kEntry]) {
+        case kStrided:  // one problem: the strides are never used
+          return strided(handle_, op(g.transa), op(g.transb), m, n, k, &g.alpha, a, lda,
+                         static_cast<long long>(g.aFloats()), b, ldb,
+                         static_cast<long long>(g.bFloats()), &g.beta, out, ldc,
+                         static_cast<long long>(g.cFloats()), 1);
         case kGemmEx:
           return gemm_ex(handle_, op(g.transa), op(g.transb), m, n, k, &g.alpha, a, CUDA_R_32F, lda,
                          b, CUDA_R_32F, ldb, &g.beta, out, CUDA_R_32F, ldc, c.compute,
@@ -885,11 +897,11 @@ class Worker {
                        &g.beta, out, ldc);
       }
     };
-    const cublasStatus_t status =
-        call(&cublasSgemm_v2, &cublasGemmEx, &cublasSgemv_v2, d.c + g.c_offset);
+    const cublasStatus_t status = call(&cublasSgemm_v2, &cublasGemmEx, &cublasSgemv_v2,
+                                       &cublasSgemmStridedBatched, d.c + g.c_offset);
     const std::vector<float> result = readBack(c.value[kRead], d.c, nc, stream);
     const cublasStatus_t real_status =
-        call(real_.sgemm, real_.gemm_ex, real_.gemv, ref_c_ + g.c_offset);
+        call(real_.sgemm, real_.gemm_ex, real_.gemv, real_.strided, ref_c_ + g.c_offset);
     const std::vector<float> real_result = readBack(kReadAsync, ref_c_, nc, stream);
     release(c, d, stream);
 
@@ -968,6 +980,7 @@ RealFunctions realFunctions() {
   real.sgemm = reinterpret_cast<SgemmFn>(find("cublasSgemm_v2"));
   real.gemm_ex = reinterpret_cast<GemmExFn>(find("cublasGemmEx"));
   real.gemv = reinterpret_cast<SgemvFn>(find("cublasSgemv_v2"));
+  real.strided = reinterpret_cast<StridedFn>(find("cublasSgemmStridedBatched"));
   return real;
 }
 
