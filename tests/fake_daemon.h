@@ -1,0 +1,124 @@
+// A daemon for CPU tests: the real server and scheduler on the real
+// transport, with a fake executor standing in for the GPU.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "daemon/channel.h"
+#include "daemon/scheduler.h"
+#include "stmux/segment.h"
+#include "test_support.h"
+
+namespace stmux::daemon {
+
+// Does what the executor does with a batch, minus the GPU: claim each
+// request, complete it, hand the batch back. Optionally slow, like a GPU.
+class FakeExecutor {
+ public:
+  FakeExecutor(ExecutorChannel& channel, std::uint64_t batch_ns)
+      : channel_(channel), batch_ns_(batch_ns), thread_([this] { run(); }) {}
+  ~FakeExecutor() {
+    stop_ = true;
+    thread_.join();
+  }
+  std::vector<std::size_t> batchSizes() const {
+    std::lock_guard lock(mutex_);
+    return sizes_;
+  }
+  std::vector<std::uint32_t> forgotten() const {
+    std::lock_guard lock(mutex_);
+    return forgotten_;
+  }
+  std::vector<std::uint64_t> released() const {
+    std::lock_guard lock(mutex_);
+    return released_;
+  }
+
+ private:
+  void run() {
+    while (!stop_) {
+      std::unique_ptr<ExecCommand> command = channel_.takeCommand();
+      if (!command) {
+        channel_.sleep(1'000'000);
+        continue;
+      }
+      std::lock_guard lock(mutex_);
+      switch (command->kind) {
+        case ExecCommand::Kind::kRun: {
+          command->batch->submitted_ns = nowNs();
+          const std::uint64_t until = nowNs() + batch_ns_;
+          while (nowNs() < until)
+            cpuRelax();
+          for (const Queued& item : command->batch->items) {
+            Slot& slot = item.client->view.slot(item.request.slot);
+            if (slotClaim(slot, item.request.generation)) {
+              requestComplete(item.client->view, item.request, kStatusSuccess);
+            }
+          }
+          sizes_.push_back(command->batch->items.size());
+          command->batch->done_ns = nowNs();
+          channel_.finish(std::move(command->batch));
+          break;
+        }
+        case ExecCommand::Kind::kRelease:
+          released_.insert(released_.end(), command->alloc_ids.begin(), command->alloc_ids.end());
+          break;
+        case ExecCommand::Kind::kForget:
+          forgotten_.push_back(command->client->id);
+          break;
+      }
+    }
+  }
+
+  ExecutorChannel& channel_;
+  std::uint64_t batch_ns_;
+  mutable std::mutex mutex_;
+  std::vector<std::size_t> sizes_;
+  std::vector<std::uint32_t> forgotten_;
+  std::vector<std::uint64_t> released_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+inline Uuid uuid(std::uint8_t tag) {
+  Uuid u{};
+  for (std::uint8_t& b : u.bytes)
+    b = tag;
+  return u;
+}
+
+// A daemon made of the real server and scheduler, one fake GPU.
+class Daemon {
+ public:
+  explicit Daemon(const testing::TempDir& dir, std::uint64_t batch_ns = 0,
+                  const std::function<void(daemon::ServerOptions&)>& adjust = {})
+      : wake_(Scheduler::makeWakeFd()),
+        channel_(wake_.get()),
+        scheduler_(BatcherOptions{}, {GpuInfo{0, uuid(0xab), "fake"}}, {&channel_}),
+        executor_(channel_, batch_ns) {
+    scheduler_.adoptWakeFd(std::move(wake_));
+    auto options = testing::serverOptions(dir);
+    options.devices = {uuid(0xab)};
+    if (adjust) adjust(options);
+    server_ = std::make_unique<testing::ServerThread>(options, scheduler_);
+  }
+  ~Daemon() { server_.reset(); }
+  FakeExecutor& executor() { return executor_; }
+  // The scheduler is the server thread's: stop() (join that thread) before
+  // reading it from the test's.
+  Scheduler& scheduler() { return scheduler_; }
+  void stop() { server_->stop(); }
+
+ private:
+  UniqueFd wake_;
+  ExecutorChannel channel_;
+  Scheduler scheduler_;
+  FakeExecutor executor_;
+  std::unique_ptr<testing::ServerThread> server_;
+};
+
+}  // namespace stmux::daemon

@@ -1,0 +1,301 @@
+// Stream-ordered mode's protocol (shim/stream_order.cc) on any machine: the
+// real shim code, transport, server and scheduler, with a fake CUDA driver
+// whose one stream runs its queued operations in order on a thread of its
+// own, and a fake executor. What the GPU tests cannot show on demand: a
+// launch that waits for the device to drain (as one behind another thread's
+// cudaFree does) never deadlocks, a call of a lost daemon is computed by the
+// kernel queued behind its wait, and one whose kernel cannot be queued is
+// left to its caller.
+#include "shim/stream_order.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "fake_daemon.h"
+#include "shim/takeover_params.h"
+
+namespace stmux::shim {
+namespace {
+
+using daemon::Daemon;
+using testing::TempDir;
+
+constexpr std::uint64_t kSecond = 1'000'000'000;
+const CUcontext kContext = reinterpret_cast<CUcontext>(0x10);
+const CUstream kStream = reinterpret_cast<CUstream>(0x20);
+
+// One GPU stream: operations run in order; a wait blocks those behind it.
+class FakeStream {
+ public:
+  FakeStream() : worker_([this] { run(); }) {}
+  ~FakeStream() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    changed_.notify_all();
+    worker_.join();
+  }
+  // `op` returns false while it cannot complete (a wait), and is retried.
+  void enqueue(std::function<bool()> op) {
+    {
+      std::lock_guard lock(mutex_);
+      ops_.push_back(std::move(op));
+    }
+    changed_.notify_all();
+  }
+  void pause(bool paused) {
+    {
+      std::lock_guard lock(mutex_);
+      paused_ = paused;
+    }
+    changed_.notify_all();
+  }
+  // Whether everything queued has run, waiting up to `ns` for it.
+  bool drained(std::uint64_t ns) {
+    std::unique_lock lock(mutex_);
+    return changed_.wait_for(lock, std::chrono::nanoseconds(ns), [&] { return ops_.empty(); });
+  }
+
+ private:
+  void run() {
+    std::unique_lock lock(mutex_);
+    while (!stop_) {
+      if (paused_ || ops_.empty()) {
+        changed_.wait_for(lock, std::chrono::milliseconds(1));
+        continue;
+      }
+      if (ops_.front()()) {
+        ops_.pop_front();
+        changed_.notify_all();
+      } else {
+        changed_.wait_for(lock, std::chrono::microseconds(100));
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<std::function<bool()>> ops_;
+  bool paused_ = false;
+  bool stop_ = false;
+  std::thread worker_;
+};
+
+// What the fake driver does and saw.
+struct FakeGpu {
+  FakeStream stream;
+  // A launch waits (up to 2 s) for the stream to drain first, as a launch
+  // queued on CUDA's lock behind another thread's cudaFree would.
+  std::atomic<bool> launch_waits_for_drain{false};
+  std::atomic<bool> launch_fails{false};
+  std::atomic<bool> launch_found_it_stuck{false};
+  std::atomic<int> launches{0};
+  std::atomic<int> computed{0};
+};
+FakeGpu* gpu = nullptr;
+
+std::atomic_ref<std::uint32_t> word(CUdeviceptr address) {
+  return std::atomic_ref<std::uint32_t>(*reinterpret_cast<std::uint32_t*>(address));
+}
+
+CUresult fakeCtxGetCurrent(CUcontext* context) {
+  *context = kContext;
+  return CUDA_SUCCESS;
+}
+CUresult fakeMemHostRegister(void*, size_t, unsigned) {
+  return CUDA_SUCCESS;
+}
+CUresult fakeMemHostGetDevicePointer(CUdeviceptr* device, void* host, unsigned) {
+  *device = reinterpret_cast<CUdeviceptr>(host);  // one address space, as with UVA
+  return CUDA_SUCCESS;
+}
+CUresult fakeModuleLoadData(CUmodule* module, const void*) {
+  *module = reinterpret_cast<CUmodule>(0x30);
+  return CUDA_SUCCESS;
+}
+CUresult fakeModuleGetFunction(CUfunction* function, CUmodule, const char*) {
+  *function = reinterpret_cast<CUfunction>(0x40);
+  return CUDA_SUCCESS;
+}
+CUresult fakeStreamGetFlags(CUstream, unsigned* flags) {
+  *flags = CU_STREAM_DEFAULT;  // a blocking stream: no legacy-stream join
+  return CUDA_SUCCESS;
+}
+CUresult fakeStreamWriteValue32(CUstream, CUdeviceptr address, cuuint32_t value, unsigned) {
+  gpu->stream.enqueue([address, value] {
+    word(address).store(value, std::memory_order_release);
+    return true;
+  });
+  return CUDA_SUCCESS;
+}
+CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, unsigned) {
+  gpu->stream.enqueue([address, value] {
+    return seqReached(word(address).load(std::memory_order_acquire), value);
+  });
+  return CUDA_SUCCESS;
+}
+CUresult fakeLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                          unsigned, CUstream, void** arguments, void**) {
+  ++gpu->launches;
+  if (gpu->launch_waits_for_drain && !gpu->stream.drained(2 * kSecond)) {
+    gpu->launch_found_it_stuck = true;
+  }
+  if (gpu->launch_fails) return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+  const TakeoverParams params = *static_cast<const TakeoverParams*>(arguments[0]);
+  gpu->stream.enqueue([params] {
+    // The kernel: computes only once the shim gave up on the daemon.
+    const std::uint32_t takeover =
+        std::atomic_ref<const std::uint32_t>(*params.takeover).load(std::memory_order_acquire);
+    if (seqReached(takeover, params.seq)) {
+      *params.c = 42.0f;
+      ++gpu->computed;
+    }
+    return true;
+  });
+  return CUDA_SUCCESS;
+}
+CUresult fakeThreadExchangeStreamCaptureMode(CUstreamCaptureMode*) {
+  return CUDA_SUCCESS;
+}
+
+Driver fakeDriver() {
+  Driver d;
+  d.cuCtxGetCurrent = fakeCtxGetCurrent;
+  d.cuMemHostRegister = fakeMemHostRegister;
+  d.cuMemHostGetDevicePointer = fakeMemHostGetDevicePointer;
+  d.cuModuleLoadData = fakeModuleLoadData;
+  d.cuModuleGetFunction = fakeModuleGetFunction;
+  d.cuStreamGetFlags = fakeStreamGetFlags;
+  d.cuStreamWriteValue32 = fakeStreamWriteValue32;
+  d.cuStreamWaitValue32 = fakeStreamWaitValue32;
+  d.cuLaunchKernel = fakeLaunchKernel;
+  d.cuThreadExchangeStreamCaptureMode = fakeThreadExchangeStreamCaptureMode;
+  return d;  // anything else is null: a call to it fails the test by crashing
+}
+
+Request request() {
+  Request r{};
+  r.op = static_cast<std::uint32_t>(Op::kSgemm);
+  r.transa = r.transb = kOpN;
+  r.m = r.n = r.k = 8;
+  r.lda = r.ldb = r.ldc = 8;
+  r.alpha = 1.0f;
+  r.device = daemon::uuid(0xab);
+  r.a.alloc_id = 1, r.b.alloc_id = 2, r.c.alloc_id = 3;
+  return r;
+}
+
+class StreamOrderTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    gpu = &gpu_;
+    daemon_ = std::make_unique<Daemon>(dir_);
+    ConnectOptions options;
+    options.socket_path = dir_.socket();
+    options.name = "stream_order_test";
+    auto opened = Connection::open(options);
+    ASSERT_TRUE(opened.ok()) << opened.message();
+    connection_ = std::shared_ptr<Connection>(std::move(opened).value());
+    // Never destroyed (and kept reachable, for the leak checker): the watcher
+    // is a detached thread that may still be returning from its last look
+    // when a test ends.
+    static std::vector<std::unique_ptr<StreamOrder>> kept;
+    static const Driver driver = fakeDriver();
+    order_ = kept.emplace_back(std::make_unique<StreamOrder>(
+                                   driver, /*timeout_ns=*/kSecond / 2,
+                                   [this](Connection&, const StreamOutcome& outcome) {
+                                     std::lock_guard lock(mutex_);
+                                     outcomes_.push_back(outcome);
+                                   }))
+                 .get();
+  }
+  void TearDown() override {
+    order_->stop(kSecond);
+    gpu_.stream.pause(false);
+    EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was left waiting";
+  }
+
+  StreamOrder::Queued submit(float* c) {
+    StreamCall call{request(), kStream, nullptr, nullptr, c, EntryPoint::kSgemm};
+    return order_->submit(connection_, call, nowNs() + kSecond);
+  }
+  std::vector<StreamOutcome> outcomes() {
+    std::lock_guard lock(mutex_);
+    return outcomes_;
+  }
+  bool settled(std::size_t count) {
+    return testing::waitFor([&] { return outcomes().size() >= count; });
+  }
+
+  TempDir dir_;
+  FakeGpu gpu_;
+  std::unique_ptr<Daemon> daemon_;
+  std::shared_ptr<Connection> connection_;
+  StreamOrder* order_ = nullptr;
+  std::mutex mutex_;
+  std::vector<StreamOutcome> outcomes_;
+};
+
+TEST_F(StreamOrderTest, AServedCallReleasesItsStreamAndItsKernelLeavesCAlone) {
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  ASSERT_TRUE(gpu_.stream.drained(2 * kSecond));
+  ASSERT_TRUE(settled(1));
+  EXPECT_FALSE(outcomes()[0].direct.has_value()) << "counted served";
+  EXPECT_EQ(gpu_.launches, 1);
+  EXPECT_EQ(gpu_.computed, 0);
+  EXPECT_EQ(c, 0.0f);
+}
+
+// The deadlock seen on the H200: a launch made while the call's stream waits
+// for a request the daemon has not been given can never finish.
+TEST_F(StreamOrderTest, ALaunchThatWaitsForTheStreamToDrainNeverWaitsOnACallTheDaemonLacks) {
+  gpu_.launch_waits_for_drain = true;
+  float c = 0.0f;
+  for (int i = 0; i < 3; ++i)
+    ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  EXPECT_FALSE(gpu_.launch_found_it_stuck) << "a launch waited on a call the daemon did not have";
+  ASSERT_TRUE(settled(3));
+  EXPECT_EQ(gpu_.computed, 0);
+}
+
+TEST_F(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
+  gpu_.stream.pause(true);  // the caller's earlier work is still running
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  daemon_.reset();  // the daemon goes away before the stream is ready
+  // Taken over at once, settled only once the stream wrote `ready`.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_TRUE(outcomes().empty());
+  gpu_.stream.pause(false);
+  ASSERT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was not let go";
+  EXPECT_EQ(c, 42.0f) << "the kernel did not compute the call";
+  ASSERT_TRUE(settled(1));
+  ASSERT_TRUE(outcomes()[0].direct.has_value());
+  EXPECT_EQ(*outcomes()[0].direct, Fallback::kDaemonLost);
+}
+
+TEST_F(StreamOrderTest, WithoutItsKernelACallIsLeftToItsCallerIfTheDaemonDoesNotFinishIt) {
+  gpu_.launch_fails = true;
+  float c = 0.0f;
+  // The daemon finishes it: served, nothing left to the caller.
+  EXPECT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  ASSERT_TRUE(settled(1));
+  EXPECT_FALSE(outcomes()[0].direct.has_value());
+  // The daemon is gone: the caller must run it (and counts it itself).
+  daemon_.reset();
+  EXPECT_EQ(submit(&c), StreamOrder::Queued::kCudaError);
+  ASSERT_TRUE(gpu_.stream.drained(2 * kSecond));
+  EXPECT_EQ(outcomes().size(), 1u) << "counted twice";
+  EXPECT_EQ(gpu_.computed, 0);
+}
+
+}  // namespace
+}  // namespace stmux::shim
