@@ -123,7 +123,10 @@ struct Point {
   long calls = 0;
   long fallbacks = -1;       // stmux rows: calls the shims sent straight to cuBLAS
   double routed_direct = 0;  // stmux rows: share of calls STMUX_ROUTE=auto sent direct
-  double mean_batch = 0;     // stmux rows: the daemon's mean batch
+  // stmux rows: the tenants' calls by cuBLAS entry point, and how many of
+  // them stmuxd served (PyTorch reaches cuBLAS through several).
+  std::map<std::string, ShimStats::Entry> entries;
+  double mean_batch = 0;  // stmux rows: the daemon's mean batch
   // stmux rows: where a served call's time went, means in us (-1: not
   // measured): the tenants' wait for their own earlier work (host mode); the
   // ring (push to the daemon's pop); stream-ordered, the pop to the caller's
@@ -735,6 +738,11 @@ class Bench {
         return;
       }
       calls += static_cast<double>(stats.calls);
+      for (const auto& [name, entry] : stats.entries) {
+        ShimStats::Entry& sum = point.entries[name];
+        sum.calls += entry.calls, sum.served += entry.served;
+        sum.failed += entry.failed, sum.direct += entry.direct;
+      }
       for (const auto& [reason, n] : stats.direct) {
         if (reason == "measured_direct") {
           routed += static_cast<double>(n);
@@ -885,6 +893,28 @@ void printRounds(const std::vector<Point>& points, FILE* out) {
                  p.shape.c_str(), p.tenants, modeName(p.mode), us(r.prior_wait).c_str(),
                  us(r.ring).c_str(), us(r.stream_ready).c_str(), us(r.batch_wait).c_str(),
                  us(r.launch).c_str(), us(r.gpu).c_str(), us(r.completion).c_str());
+  }
+}
+
+// Which cuBLAS entry points each stmux row's tenants called, and the share
+// stmuxd served.
+void printEntryPoints(const std::vector<Point>& points, FILE* out) {
+  bool header = false;
+  for (const Point& p : points) {
+    if (!p.ran || !usesStmux(p.mode) || p.entries.empty()) continue;
+    if (!header) {
+      std::fprintf(out, "\nserved by entry point: shape, R, mode, then calls (served %%)\n");
+      header = true;
+    }
+    std::string line;
+    for (const auto& [name, entry] : p.entries) {
+      line += fmt::format("  {} {} ({:.1f}%)", name, entry.calls,
+                          entry.calls > 0 ? 100.0 * static_cast<double>(entry.served) /
+                                                static_cast<double>(entry.calls)
+                                          : 0.0);
+    }
+    std::fprintf(out, "  %-20s %4d %-9s%s\n", p.shape.c_str(), p.tenants, modeName(p.mode),
+                 line.c_str());
   }
 }
 
@@ -1051,6 +1081,13 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
         row["fallbacks"] = p.fallbacks;
         row["routed_direct"] = p.routed_direct;
         row["mean_batch"] = p.mean_batch;
+        Json& entries = row["entry_points"] = Json::object();
+        for (const auto& [name, entry] : p.entries) {
+          entries[name] = {{"calls", entry.calls},
+                           {"served", entry.served},
+                           {"failed", entry.failed},
+                           {"direct", entry.direct}};
+        }
         const Point::Round& r = p.round;
         row["round_us"] = {
             {"prior_wait", r.prior_wait}, {"ring", r.ring},     {"stream_ready", r.stream_ready},
@@ -1120,6 +1157,7 @@ int run(int argc, char** argv) {
     points.push_back(medianRun(std::move(row.runs)));
   printTable(points, stdout);
   printRounds(points, stdout);
+  printEntryPoints(points, stdout);
   printTargets(options, points, stdout);
   const std::string json_path = options.out + "/bench.json";
   if (std::ofstream json(json_path); json) json << toJson(options, points) << "\n";
