@@ -85,6 +85,29 @@ TEST_F(ShimOnGpu, TheSameResultsWithAndWithoutThePreloadAndTheDaemonServedThem) 
   }
 }
 
+// An unmodified PyTorch process: its GEMM operators give the same results
+// under the preload, and reach stmuxd through the entry points PyTorch uses
+// for them, every such call served. Skipped where PyTorch with CUDA is not
+// installed.
+TEST_F(ShimOnGpu, PyTorchsGemmOperatorsAreRightAndServedThroughTheirEntryPoints) {
+  Process plain({"python3", TORCH_FIDELITY_PATH}, {}, dir_.path() + "/torch-plain");
+  const int plain_status = plain.wait();
+  if (plain_status == 77) GTEST_SKIP() << "GPU test skipped: " << plain.out();
+  ASSERT_EQ(plain_status, 0) << plain.out() << plain.err();
+  Process torch({"python3", TORCH_FIDELITY_PATH}, shimmed(), dir_.path() + "/torch");
+  ASSERT_EQ(torch.wait(), 0) << torch.out() << torch.err();
+  EXPECT_EQ(countOf(torch.out(), "FAIL"), 0) << torch.out();
+  EXPECT_GT(outValue(torch.out(), "ops"), 0) << torch.out();
+  const ShimStats stats = shimStats(torch.err());
+  ASSERT_GE(stats.calls, 0) << "no stats line:\n" << torch.err();
+  EXPECT_EQ(stats.failed, 0);
+  for (const char* entry : {"sgemm", "strided_batched", "gemv"}) {
+    ASSERT_EQ(stats.entries.count(entry), 1u) << entry << " never called:\n" << torch.err();
+    EXPECT_EQ(stats.entries.at(entry).served, stats.entries.at(entry).calls) << entry << ":\n"
+                                                                             << torch.err();
+  }
+}
+
 TEST_F(ShimOnGpu, SixtyFourProcessesAtOnce) {
   std::vector<Process> clients;
   for (int i = 0; i < 64; ++i) {
