@@ -31,14 +31,14 @@ CUresult loadTakeoverKernel(const Driver& driver, CUfunction* function) {
 
 CUresult launchTakeoverKernel(const Driver& driver, CUfunction function, CUstream stream,
                               const TakeoverParams& params) {
-  // The kernel loops over whatever the grid does not cover. Queued at every
-  // stream-ordered call, where it almost always returns at once, it gets a
-  // small grid: its blocks cost the caller's stream little, and it is fast
-  // enough for the rare call it computes.
+  // The kernel loops over whatever the grid does not cover. Queued behind
+  // every stream-ordered call, where it almost always returns at once, it
+  // gets at most 64 blocks, a single wave on the GPUs stmux serves, and is
+  // still fast enough for the rare call it computes.
   const bool standby = params.takeover != nullptr;
-  const unsigned x = gridSize((params.m + kTile - 1) / kTile, standby ? 16 : kMaxGridX);
-  const unsigned y = gridSize((params.n + kTile - 1) / kTile, standby ? 16 : kMaxGridYZ);
-  const unsigned z = gridSize(params.count, standby ? 4 : kMaxGridYZ);
+  const unsigned x = gridSize((params.m + kTile - 1) / kTile, standby ? 8 : kMaxGridX);
+  const unsigned y = gridSize((params.n + kTile - 1) / kTile, standby ? 8 : kMaxGridYZ);
+  const unsigned z = gridSize(params.count, standby ? 1 : kMaxGridYZ);
   TakeoverParams copy = params;
   void* arguments[] = {&copy};
   return driver.cuLaunchKernel(function, x, y, z, kTile, kTile, 1, 0, stream, arguments, nullptr);

@@ -167,6 +167,16 @@ bool checkStandby(const Driver& driver, CUfunction kernel, CUstream stream) {
       ok = false;
     }
   }
+  // A call larger than the standby grid: its loops cover every tile and
+  // problem.
+  Staged large(GemmCase{"standby-large", 1, 1, 300, 260, 70}, 5, false, random);
+  if (!stage(large)) return false;
+  *word = 12;
+  large.params.takeover = reinterpret_cast<const std::uint32_t*>(device_word);
+  large.params.seq = 12;
+  CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, large.params));
+  CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+  ok &= verify(large);
   cudaFreeHost(word);
   return ok;
 }
