@@ -222,8 +222,8 @@ class StreamOrderTest : public ::testing::Test {
     EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was left waiting";
   }
 
-  StreamOrder::Queued submit(float* c) {
-    StreamCall call{request(), kStream, nullptr, nullptr, c, EntryPoint::kSgemm};
+  StreamOrder::Queued submit(float* c, Request r = request()) {
+    StreamCall call{r, kStream, nullptr, nullptr, c, EntryPoint::kSgemm};
     return order_->submit(connection_, call, nowNs() + kSecond);
   }
   std::vector<StreamOutcome> outcomes() {
@@ -280,6 +280,38 @@ TEST_F(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
   ASSERT_TRUE(settled(1));
   ASSERT_TRUE(outcomes()[0].direct.has_value());
   EXPECT_EQ(*outcomes()[0].direct, Fallback::kDaemonLost);
+}
+
+TEST_F(StreamOrderTest, ACallTheDaemonDeclinesIsComputedByTheKernel) {
+  Request r = request();
+  r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c, r), StreamOrder::Queued::kYes);
+  ASSERT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was not let go";
+  EXPECT_EQ(c, 42.0f);
+  ASSERT_TRUE(settled(1));
+  ASSERT_TRUE(outcomes()[0].direct.has_value());
+  EXPECT_EQ(*outcomes()[0].direct, Fallback::kDeclined);
+}
+
+TEST_F(StreamOrderTest, ACallTheDaemonStartedButDidNotFinishInTimeIsComputedByTheKernel) {
+  // A GPU that takes 2 s per batch; the shim gives up after twice its
+  // 0.5 s timeout.
+  connection_.reset();
+  daemon_.reset();
+  daemon_ = std::make_unique<Daemon>(dir_, 2 * kSecond);
+  ConnectOptions options;
+  options.socket_path = dir_.socket();
+  auto opened = Connection::open(options);
+  ASSERT_TRUE(opened.ok()) << opened.message();
+  connection_ = std::shared_ptr<Connection>(std::move(opened).value());
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  ASSERT_TRUE(gpu_.stream.drained(3 * kSecond / 2)) << "the stream was not let go in time";
+  EXPECT_EQ(c, 42.0f);
+  ASSERT_TRUE(settled(1));
+  ASSERT_TRUE(outcomes()[0].direct.has_value());
+  EXPECT_EQ(*outcomes()[0].direct, Fallback::kTimeout);
 }
 
 TEST_F(StreamOrderTest, WithoutItsKernelACallIsLeftToItsCallerIfTheDaemonDoesNotFinishIt) {
