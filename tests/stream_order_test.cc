@@ -206,14 +206,14 @@ class StreamOrderTest : public ::testing::Test {
     // Never destroyed (and kept reachable, for the leak checker): the watcher
     // is a detached thread that may still be returning from its last look
     // when a test ends.
-    static std::vector<std::unique_ptr<StreamOrder>> kept;
+    static auto* kept = new std::vector<std::unique_ptr<StreamOrder>>;  // not even at exit
     static const Driver driver = fakeDriver();
-    order_ = kept.emplace_back(std::make_unique<StreamOrder>(
-                                   driver, /*timeout_ns=*/kSecond / 2,
-                                   [this](Connection&, const StreamOutcome& outcome) {
-                                     std::lock_guard lock(mutex_);
-                                     outcomes_.push_back(outcome);
-                                   }))
+    order_ = kept->emplace_back(std::make_unique<StreamOrder>(
+                                    driver, /*timeout_ns=*/kSecond / 2,
+                                    [this](Connection&, const StreamOutcome& outcome) {
+                                      std::lock_guard lock(mutex_);
+                                      outcomes_.push_back(outcome);
+                                    }))
                  .get();
   }
   void TearDown() override {

@@ -296,7 +296,7 @@ void touchSegment(shim::Connection& connection) {
   STMUX_FUZZ_CHECK(connection.slotCount() == view.header()->slot_count);
   (void)connection.alive();
   (void)connection.draining();
-  (void)connection.counters().forwarded.load();
+  (void)totals(connection.counters()).forwarded;
 }
 
 // ---- seeds ----
