@@ -5,11 +5,13 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "daemon/channel.h"
 #include "daemon/scheduler.h"
+#include "shim/transport.h"
 #include "stmux/segment.h"
 #include "test_support.h"
 
@@ -120,5 +122,34 @@ class Daemon {
   FakeExecutor executor_;
   std::unique_ptr<testing::ServerThread> server_;
 };
+
+// A tenant's connection to the daemon at `dir`; null (the test failed) if
+// it could not attach.
+inline std::unique_ptr<shim::Connection> connectTo(const testing::TempDir& dir,
+                                                   const std::string& name) {
+  shim::ConnectOptions options;
+  options.socket_path = dir.socket();
+  options.name = name;
+  auto connection = shim::Connection::open(options);
+  EXPECT_TRUE(connection.ok()) << connection.message();
+  return connection.ok() ? std::move(connection).value() : nullptr;
+}
+
+// An 8 x 8 x 8 SGEMM the Daemon's scheduler accepts: its GPU, every operand
+// described.
+inline Request validRequest() {
+  Request r{};
+  r.op = static_cast<std::uint32_t>(Op::kSgemm);
+  r.transa = r.transb = kOpN;
+  r.m = r.n = r.k = 8;
+  r.lda = r.ldb = r.ldc = 8;
+  r.alpha = 1.0f;
+  r.beta = 0.0f;
+  r.device = uuid(0xab);
+  r.a.alloc_id = 1;
+  r.b.alloc_id = 2;
+  r.c.alloc_id = 3;
+  return r;
+}
 
 }  // namespace stmux::daemon

@@ -24,27 +24,7 @@ using testing::TempDir;
 constexpr std::uint64_t kSecond = 1'000'000'000;
 
 std::unique_ptr<shim::Connection> connect(const TempDir& dir) {
-  shim::ConnectOptions options;
-  options.socket_path = dir.socket();
-  options.name = "scheduler_test";
-  auto connection = shim::Connection::open(options);
-  EXPECT_TRUE(connection.ok()) << connection.message();
-  return connection.ok() ? std::move(connection).value() : nullptr;
-}
-
-Request validRequest() {
-  Request r{};
-  r.op = static_cast<std::uint32_t>(Op::kSgemm);
-  r.transa = r.transb = kOpN;
-  r.m = r.n = r.k = 8;
-  r.lda = r.ldb = r.ldc = 8;
-  r.alpha = 1.0f;
-  r.beta = 0.0f;
-  r.device = uuid(0xab);
-  r.a.alloc_id = 1;
-  r.b.alloc_id = 2;
-  r.c.alloc_id = 3;
-  return r;
+  return connectTo(dir, "scheduler_test");
 }
 
 std::int32_t call(shim::Connection& connection, Request request) {

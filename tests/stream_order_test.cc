@@ -180,29 +180,13 @@ Driver fakeDriver() {
   return d;  // anything else is null: a call to it fails the test by crashing
 }
 
-Request request() {
-  Request r{};
-  r.op = static_cast<std::uint32_t>(Op::kSgemm);
-  r.transa = r.transb = kOpN;
-  r.m = r.n = r.k = 8;
-  r.lda = r.ldb = r.ldc = 8;
-  r.alpha = 1.0f;
-  r.device = daemon::uuid(0xab);
-  r.a.alloc_id = 1, r.b.alloc_id = 2, r.c.alloc_id = 3;
-  return r;
-}
-
 class StreamOrderTest : public ::testing::Test {
  protected:
   void SetUp() override {
     gpu = &gpu_;
     daemon_ = std::make_unique<Daemon>(dir_);
-    ConnectOptions options;
-    options.socket_path = dir_.socket();
-    options.name = "stream_order_test";
-    auto opened = Connection::open(options);
-    ASSERT_TRUE(opened.ok()) << opened.message();
-    connection_ = std::shared_ptr<Connection>(std::move(opened).value());
+    connection_ = daemon::connectTo(dir_, "stream_order_test");
+    ASSERT_NE(connection_, nullptr);
     // Never destroyed (and kept reachable, for the leak checker): the watcher
     // is a detached thread that may still be returning from its last look
     // when a test ends.
@@ -222,7 +206,7 @@ class StreamOrderTest : public ::testing::Test {
     EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was left waiting";
   }
 
-  StreamOrder::Queued submit(float* c, Request r = request()) {
+  StreamOrder::Queued submit(float* c, Request r = daemon::validRequest()) {
     StreamCall call{r, kStream, nullptr, nullptr, c, EntryPoint::kSgemm};
     return order_->submit(connection_, call, nowNs() + kSecond);
   }
@@ -283,7 +267,7 @@ TEST_F(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
 }
 
 TEST_F(StreamOrderTest, ACallTheDaemonDeclinesIsComputedByTheKernel) {
-  Request r = request();
+  Request r = daemon::validRequest();
   r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve
   float c = 0.0f;
   ASSERT_EQ(submit(&c, r), StreamOrder::Queued::kYes);
@@ -300,11 +284,8 @@ TEST_F(StreamOrderTest, ACallTheDaemonStartedButDidNotFinishInTimeIsComputedByTh
   connection_.reset();
   daemon_.reset();
   daemon_ = std::make_unique<Daemon>(dir_, 2 * kSecond);
-  ConnectOptions options;
-  options.socket_path = dir_.socket();
-  auto opened = Connection::open(options);
-  ASSERT_TRUE(opened.ok()) << opened.message();
-  connection_ = std::shared_ptr<Connection>(std::move(opened).value());
+  connection_ = daemon::connectTo(dir_, "stream_order_test");
+  ASSERT_NE(connection_, nullptr);
   float c = 0.0f;
   ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
   ASSERT_TRUE(gpu_.stream.drained(3 * kSecond / 2)) << "the stream was not let go in time";
