@@ -91,6 +91,7 @@ TEST_F(ShimOnGpu, TheSameResultsWithAndWithoutThePreloadAndTheDaemonServedThem) 
 // installed.
 TEST_F(ShimOnGpu, PyTorchsGemmOperatorsAreRightAndServedThroughTheirEntryPoints) {
   Process plain({"python3", TORCH_FIDELITY_PATH}, {}, dir_.path() + "/torch-plain");
+  if (!plain.started()) GTEST_SKIP() << "GPU test skipped: no python3 in PATH";
   const int plain_status = plain.wait();
   if (plain_status == 77) GTEST_SKIP() << "GPU test skipped: " << plain.out();
   ASSERT_EQ(plain_status, 0) << plain.out() << plain.err();
