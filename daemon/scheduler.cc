@@ -79,7 +79,8 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
   // An operand that must be read or written has to be described; an extent
   // past 2^63 bytes fits no allocation.
   if (!extents || (extents->a != 0 && request.a.alloc_id == 0) ||
-      (extents->b != 0 && request.b.alloc_id == 0) || request.c.alloc_id == 0) {
+      (extents->b != 0 && request.b.alloc_id == 0) || request.c.alloc_id == 0 ||
+      (extents->bias != 0 && request.bias.alloc_id == 0)) {
     return reject(client, request, kStatusInvalidValue);
   }
   // One request per completion slot is all an honest shim can have pending;

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <optional>
 
+#include "stmux/epilogue.h"
 #include "stmux/wire.h"
 
 namespace stmux {
@@ -30,10 +31,13 @@ struct GemmShape {
   // stride` floats after the first's (a stride of 0 shares the operand).
   std::int64_t count = 1;
   std::int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+  // Applied to every problem's C afterwards (stmux/epilogue.h); with
+  // kEpilogueBias, one bias vector of m floats for all of them.
+  std::uint32_t epilogue = kEpilogueNone;
 
   static GemmShape of(const Request& r) {
-    return {r.transa, r.transb, r.m,           r.n,        r.k,        r.lda,
-            r.ldb,    r.ldc,    problemsOf(r), r.stride_a, r.stride_b, r.stride_c};
+    return {r.transa, r.transb,      r.m,        r.n,        r.k,        r.lda,     r.ldb,
+            r.ldc,    problemsOf(r), r.stride_a, r.stride_b, r.stride_c, r.epilogue};
   }
   // Rows and columns of each operand as stored.
   std::int64_t rowsA() const { return transa == kOpN ? m : k; }
@@ -50,6 +54,7 @@ inline bool validTranspose(std::int32_t op) {
 // cuBLAS returns for the first rule broken.
 inline std::int32_t checkGemmArgs(const GemmShape& s) {
   if (!validTranspose(s.transa) || !validTranspose(s.transb)) return kStatusInvalidValue;
+  if (!validEpilogue(s.epilogue)) return kStatusInvalidValue;
   if (s.m < 0 || s.n < 0 || s.k < 0 || s.count < 0) return kStatusInvalidValue;
   if (s.lda < std::max<std::int64_t>(1, s.rowsA())) return kStatusInvalidValue;
   if (s.ldb < std::max<std::int64_t>(1, s.rowsB())) return kStatusInvalidValue;
@@ -85,6 +90,7 @@ inline std::optional<std::uint64_t> stridedBytes(std::optional<std::uint64_t> on
 
 struct GemmExtents {
   std::uint64_t a = 0, b = 0, c = 0;
+  std::uint64_t bias = 0;
 };
 
 // The extent of each operand for valid arguments (checkGemmArgs first), over
@@ -94,7 +100,10 @@ inline std::optional<GemmExtents> gemmExtents(const GemmShape& s) {
   auto b = stridedBytes(operandBytes(s.rowsB(), s.colsB(), s.ldb), s.count, s.stride_b);
   auto c = stridedBytes(operandBytes(s.m, s.n, s.ldc), s.count, s.stride_c);
   if (!a || !b || !c) return std::nullopt;
-  return GemmExtents{*a, *b, *c};
+  const std::uint64_t bias = (s.epilogue & kEpilogueBias) != 0 && s.m > 0 && s.n > 0
+                                 ? static_cast<std::uint64_t>(s.m) * sizeof(float)
+                                 : 0;
+  return GemmExtents{*a, *b, *c, bias};
 }
 
 // Whether stmux serves a strided-batched call of these (valid) arguments:
@@ -148,10 +157,11 @@ inline std::optional<GemvAsGemm> gemvAsGemm(const GemvShape& s) {
       GemmShape{kOpN, s.trans == kOpN ? kOpT : kOpN, 1, rows, length, s.incx, s.lda, s.incy}, true};
 }
 
-// Nothing to compute: cuBLAS returns success without touching memory.
+// Nothing to compute: cuBLAS returns success without touching memory. An
+// epilogue always has something to do to a C that is not empty.
 inline bool gemmIsNoOp(const Request& r) {
   if (r.m == 0 || r.n == 0) return true;
-  return (r.k == 0 || r.alpha == 0.0f) && r.beta == 1.0f;
+  return (r.k == 0 || r.alpha == 0.0f) && r.beta == 1.0f && r.epilogue == kEpilogueNone;
 }
 
 // Whether an operand, placed at `offset` in an allocation of `alloc_bytes`,

@@ -30,7 +30,9 @@ namespace stmux {
 //    the client's timing counters.
 // 8: strided-batched requests (a batch count and strides); a slot's takeover
 //    word; a client's counters per entry point.
-inline constexpr std::uint32_t kProtocolVersion = 8;
+// 9: epilogues (a bias operand and an epilogue word: cublasLtMatmul); an
+//    entry point more.
+inline constexpr std::uint32_t kProtocolVersion = 9;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -102,11 +104,16 @@ struct Request {
   Uuid device;               // the GPU the operands live on
   std::uint64_t request_id;  // unique per client, for logs
   OperandDesc a, b, c;
+  // The bias vector (m floats) of an epilogue with kEpilogueBias; otherwise
+  // not referenced (alloc_id 0).
+  OperandDesc bias;
   // Stream-ordered requests: the number the caller's stream writes to the
   // slot's `ready` word once its earlier work is done, and waits for in its
   // `released` word. Rises with each use of the slot; compared cyclically.
   std::uint32_t stream_seq;
-  std::uint32_t reserved;
+  // What is applied to C after the GEMM, to every problem: kEpilogue* bits
+  // (stmux/epilogue.h).
+  std::uint32_t epilogue;
   std::uint64_t submit_ns;  // CLOCK_MONOTONIC when the client pushed it, for the daemon's timing
 };
 
@@ -192,7 +199,9 @@ inline constexpr bool seqReached(std::uint32_t word, std::uint32_t seq) {
     "STMUX_ROUTE=auto measured this process faster with its calls direct")                      \
   X(kUnservedForm, "unserved_form",                                                             \
     "a form stmux does not serve: GemmEx with other than FP32 data and compute, GEMV with a "   \
-    "negative increment, strided batches with a negative stride or overlapping outputs")
+    "negative increment, strided batches with a negative stride or overlapping outputs, "       \
+    "cublasLtMatmul with other than FP32 column-major data, an epilogue other than bias, ReLU " \
+    "and GELU, or an output apart from C with beta != 0")
 
 enum class Fallback : std::uint32_t {
 #define STMUX_X(id, name, help) id,
@@ -208,12 +217,13 @@ inline constexpr std::string_view kFallbackNames[] = {
 };
 
 // The cuBLAS entry points the shim serves, each counted apart.
-#define STMUX_ENTRY_POINTS(X)                               \
-  X(kSgemm, "sgemm", "cublasSgemm_v2, cublasSgemm_v2_64")   \
-  X(kSgemmLegacy, "sgemm_legacy", "the legacy cublasSgemm") \
-  X(kGemv, "gemv", "cublasSgemv_v2, cublasSgemv_v2_64")     \
-  X(kGemmEx, "gemm_ex", "cublasGemmEx, cublasGemmEx_64")    \
-  X(kStridedBatched, "strided_batched", "cublasSgemmStridedBatched(_64)")
+#define STMUX_ENTRY_POINTS(X)                                             \
+  X(kSgemm, "sgemm", "cublasSgemm_v2, cublasSgemm_v2_64")                 \
+  X(kSgemmLegacy, "sgemm_legacy", "the legacy cublasSgemm")               \
+  X(kGemv, "gemv", "cublasSgemv_v2, cublasSgemv_v2_64")                   \
+  X(kGemmEx, "gemm_ex", "cublasGemmEx, cublasGemmEx_64")                  \
+  X(kStridedBatched, "strided_batched", "cublasSgemmStridedBatched(_64)") \
+  X(kLtMatmul, "lt_matmul", "cublasLtMatmul")
 
 enum class EntryPoint : std::uint32_t {
 #define STMUX_X(id, name, help) id,
@@ -396,7 +406,7 @@ T makeMessage(MsgType type) {
 STMUX_WIRE_STRUCT(Uuid, 16);
 STMUX_WIRE_STRUCT(IpcHandle, 64);
 STMUX_WIRE_STRUCT(OperandDesc, 96);
-STMUX_WIRE_STRUCT(Request, 448);
+STMUX_WIRE_STRUCT(Request, 544);
 STMUX_WIRE_STRUCT(MsgHeader, 16);
 STMUX_WIRE_STRUCT(HelloMsg, 56);
 STMUX_WIRE_STRUCT(WelcomeMsg, 16 + 24 + 17 * kMaxDevices);
