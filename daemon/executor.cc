@@ -13,6 +13,8 @@
 #include <future>
 #include <vector>
 
+#include "daemon/epilogue_fatbin.h"  // generated: stmux_epilogue_fatbin
+#include "daemon/epilogue_params.h"
 #include "daemon/launch_plan.h"
 #include "daemon/mapping_cache.h"
 #include "stmux/cublas_wire.h"
@@ -104,8 +106,10 @@ class Executor::Impl {
 
  private:
   struct Buffer {
-    const float** host = nullptr;    // pinned: [A... | B... | C...] for one batch
-    const float** device = nullptr;  // what cuBLAS reads
+    const float** host = nullptr;             // pinned: [A... | B... | C...] for one batch
+    const float** device = nullptr;           // what cuBLAS reads
+    EpilogueItem* epilogue_host = nullptr;    // pinned: a request with an epilogue each
+    EpilogueItem* epilogue_device = nullptr;  // what the epilogue kernel reads
     cudaEvent_t done = nullptr;
   };
   struct InFlight {
@@ -120,6 +124,8 @@ class Executor::Impl {
     float* c;
     std::int64_t count;  // problems: a strided batch's, else 1
     std::int64_t stride_a, stride_b, stride_c;
+    const float* bias;       // read only with kEpilogueBias
+    std::uint32_t epilogue;  // kEpilogue* bits: applied after the GEMM (launchEpilogues)
   };
   using Group = LaunchGroup;
 
@@ -159,8 +165,20 @@ class Executor::Impl {
       STMUX_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&buffer.host), pointers * sizeof(float*),
                                cudaHostAllocDefault));
       STMUX_CUDA(cudaMalloc(reinterpret_cast<void**>(&buffer.device), pointers * sizeof(float*)));
+      STMUX_CUDA(cudaHostAlloc(reinterpret_cast<void**>(&buffer.epilogue_host),
+                               options_.max_batch * sizeof(EpilogueItem), cudaHostAllocDefault));
+      STMUX_CUDA(cudaMalloc(reinterpret_cast<void**>(&buffer.epilogue_device),
+                            options_.max_batch * sizeof(EpilogueItem)));
       STMUX_CUDA(cudaEventCreateWithFlags(&buffer.done, cudaEventDisableTiming));
     }
+    STMUX_CUDA(cudaLibraryLoadData(&epilogue_library_, stmux_epilogue_fatbin, nullptr, nullptr, 0,
+                                   nullptr, nullptr, 0));
+    STMUX_CUDA(cudaLibraryGetKernel(&epilogue_kernel_, epilogue_library_, "stmux_epilogue"));
+    // The attributes are those of the code loaded for this GPU: asking for
+    // them loads it now rather than at the first epilogue (lazy loading), and
+    // a fat binary with nothing this GPU runs fails here, at start.
+    cudaFuncAttributes attributes{};
+    STMUX_CUDA(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(epilogue_kernel_)));
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
     // At the version its type was declared for (see shim/driver.h).
@@ -184,8 +202,11 @@ class Executor::Impl {
     for (Buffer& buffer : buffers_) {
       if (buffer.host != nullptr) cudaFreeHost(buffer.host);
       if (buffer.device != nullptr) cudaFree(buffer.device);
+      if (buffer.epilogue_host != nullptr) cudaFreeHost(buffer.epilogue_host);
+      if (buffer.epilogue_device != nullptr) cudaFree(buffer.epilogue_device);
       if (buffer.done != nullptr) cudaEventDestroy(buffer.done);
     }
+    if (epilogue_library_ != nullptr) cudaLibraryUnload(epilogue_library_);
     if (scratch_ != nullptr) cudaFree(scratch_);
     if (handle_ != nullptr) cublasDestroy(handle_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
@@ -309,10 +330,11 @@ class Executor::Impl {
       if (item.client->gone.load(std::memory_order_acquire)) continue;
       const GemmShape shape = GemmShape::of(r);
       const auto extents = gemmExtents(shape);  // validated by the scheduler
-      std::uint64_t a = 0, b = 0, c = 0;
+      std::uint64_t a = 0, b = 0, c = 0, bias = 0;
       std::int32_t status = resolve(item, r.a, extents->a, batch->id, a);
       if (status == kStatusSuccess) status = resolve(item, r.b, extents->b, batch->id, b);
       if (status == kStatusSuccess) status = resolve(item, r.c, extents->c, batch->id, c);
+      if (status == kStatusSuccess) status = resolve(item, r.bias, extents->bias, batch->id, bias);
       if (status != kStatusSuccess) {
         requestComplete(item.client->view, r, status);  // never claimed: C untouched
         continue;
@@ -325,7 +347,8 @@ class Executor::Impl {
       ready.push_back(Ready{i, reinterpret_cast<const float*>(a), reinterpret_cast<const float*>(b),
                             reinterpret_cast<float*>(c), shape.count,
                             stride(extents->a, shape.stride_a), stride(extents->b, shape.stride_b),
-                            stride(extents->c, shape.stride_c)});
+                            stride(extents->c, shape.stride_c),
+                            reinterpret_cast<const float*>(bias), shape.epilogue});
     }
     channel_.gauges().mapped.store(cache_->size(), std::memory_order_relaxed);
 
@@ -353,8 +376,9 @@ class Executor::Impl {
     in_flight_.push_back(std::move(flight));
   }
 
-  // Uploads the pointer arrays, launches every group, and records the
-  // batch's event. A cuBLAS error fails the groups of that launch alone.
+  // Uploads the pointer arrays, launches every group, applies the epilogues,
+  // and records the batch's event. A cuBLAS error fails the groups of that
+  // launch alone.
   Status submit(const LaunchPlan& plan, const std::vector<Ready>& ordered, Buffer& buffer,
                 InFlight& flight) {
     const std::vector<Group>& groups = plan.groups;
@@ -423,8 +447,69 @@ class Executor::Impl {
       if (status != CUBLAS_STATUS_SUCCESS) failGroups(first, last, status);
       first = last;
     }
+    launchEpilogues(plan, ordered, buffer, flight);
     STMUX_CUDA(cudaEventRecord(buffer.done, stream_));
     return Status::okStatus();
+  }
+
+  // Every epilogue of the batch in one launch, behind its GEMMs on the one
+  // stream. The BatchKey has no epilogue, so that requests with and without
+  // one (or with different ones) share GEMM launches; the epilogue is then a
+  // pass over each C of its own, one kernel for the batch however many keys it
+  // has. A request whose GEMM launch failed is left out: its status says so.
+  void launchEpilogues(const LaunchPlan& plan, const std::vector<Ready>& ordered, Buffer& buffer,
+                       InFlight& flight) {
+    const auto wanted = [&](const Ready& ready) {
+      return ready.epilogue != kEpilogueNone && flight.status[ready.item] == kStatusSuccess;
+    };
+    // The kernel strides over what the grid does not cover: at most
+    // kEpilogueBlocks blocks of kEpilogueThreads (its __launch_bounds__) for
+    // each request, as many as the largest needs.
+    constexpr std::int64_t kEpilogueThreads = 256;
+    constexpr std::int64_t kEpilogueBlocks = 1024;
+    constexpr std::int64_t kMostElements = kEpilogueThreads * kEpilogueBlocks;
+    // One item per request, and a batch holds at most max_batch requests
+    // (the batcher's limit, which the pointer arrays rely on too).
+    std::size_t count = 0;
+    std::int64_t widest = 1;  // elements of the largest item, up to kMostElements
+    for (const Group& group : plan.groups) {
+      const BatchKey& key = group.key;
+      for (std::size_t r = group.start; r < group.start + group.count; ++r) {
+        const Ready& ready = ordered[r];
+        if (!wanted(ready)) continue;
+        const float* bias = (ready.epilogue & kEpilogueBias) != 0 ? ready.bias : nullptr;
+        buffer.epilogue_host[count++] = EpilogueItem{
+            ready.c, bias, key.m, key.n, key.ldc, ready.count, ready.stride_c, ready.epilogue, 0};
+        // m, n > 0: a request with an empty C was answered as a no-op.
+        const std::int64_t per_problem = key.m * key.n;
+        const std::int64_t elements =
+            ready.count > kMostElements / per_problem ? kMostElements : ready.count * per_problem;
+        widest = std::max(widest, elements);
+      }
+    }
+    if (count == 0) return;
+    cudaError_t error =
+        cudaMemcpyAsync(buffer.epilogue_device, buffer.epilogue_host, count * sizeof(EpilogueItem),
+                        cudaMemcpyHostToDevice, stream_);
+    if (error == cudaSuccess) {
+      const dim3 grid(static_cast<unsigned>(std::min(
+                          (widest + kEpilogueThreads - 1) / kEpilogueThreads, kEpilogueBlocks)),
+                      static_cast<unsigned>(std::min<std::size_t>(count, 65535)));
+      const EpilogueItem* items = buffer.epilogue_device;
+      std::int64_t items_count = static_cast<std::int64_t>(count);
+      void* arguments[] = {&items, &items_count};
+      error = cudaLaunchKernel(reinterpret_cast<const void*>(epilogue_kernel_), grid,
+                               dim3(kEpilogueThreads), arguments, 0, stream_);
+    }
+    if (error == cudaSuccess) return;
+    // Not sticky (a sticky error fails the batch's event): clear it, or the
+    // next cuBLAS call would take it for a failure of its own.
+    (void)cudaGetLastError();
+    STMUX_WARN(kExec, "GPU {}: the epilogue launch for {} requests failed: {}", options_.device,
+               count, cudaError(error));
+    for (const Ready& ready : ordered) {
+      if (wanted(ready)) flight.status[ready.item] = kStatusExecutionFailed;
+    }
   }
 
   static bool fitsInt(const BatchKey& k) {
@@ -571,6 +656,8 @@ class Executor::Impl {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   void* scratch_ = nullptr;
+  cudaLibrary_t epilogue_library_ = nullptr;
+  cudaKernel_t epilogue_kernel_ = nullptr;
   PFN_cuMemGetAddressRange_v3020 get_address_range_ = nullptr;
   std::vector<Buffer> buffers_;
   std::size_t next_buffer_ = 0;

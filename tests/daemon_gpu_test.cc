@@ -70,6 +70,26 @@ TEST_F(StmuxdOnGpu, UnalignedOperandsInABatchAreRightAndTheGpuStaysWhole) {
   EXPECT_FALSE(jsonBool(broken, true)) << "the daemon lost its GPU";
 }
 
+// Epilogues (bias, ReLU, GELU, each activation with a bias), on single
+// requests and strided batches of 3, in one batch with plain requests of the
+// same shapes: the epilogue must not split their GEMM launch, and is applied
+// after it to the requests that asked for it alone, within each C's m x n
+// block (tests/ipc_client.cc checks each C against a float64 reference).
+TEST_F(StmuxdOnGpu, EpiloguesAreAppliedAfterTheLaunchesTheyShareWithPlainRequests) {
+  Process c = client({"epilogues"}, "epilogues");
+  expectPasses(c, "requests with and without epilogues submitted at once");
+  EXPECT_EQ(countOf(c.out(), "FAIL"), 0) << c.out();
+  EXPECT_EQ(countOf(c.out(), "ok "), 13) << c.out();
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  const double requests = gpuField(*status, "requests");
+  EXPECT_EQ(requests, 15) << "13 cases and the 2 GEMMs ahead of them";
+  EXPECT_LE(gpuField(*status, "batches"), 5) << "the cases should have met in batches";
+  const Json* broken = jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "broken");
+  ASSERT_NE(broken, nullptr);
+  EXPECT_FALSE(jsonBool(broken, true)) << "the daemon lost its GPU";
+}
+
 TEST_F(StmuxdOnGpu, ThirtyTwoProcessesAtOnce) {
   std::vector<Process> clients;
   for (int i = 0; i < 32; ++i)

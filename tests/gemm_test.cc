@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <climits>
+#include <cmath>
 #include <random>
 #include <vector>
 
@@ -135,6 +136,89 @@ TEST(Gemm, NoOpsAreThoseCublasReturnsEarlyOn) {
   EXPECT_TRUE(gemmIsNoOp(r));
 }
 
+TEST(Gemm, EpiloguesAreCheckedAndOneActivationAtMost) {
+  GemmShape s = shape(kOpN, kOpN, 4, 5, 6, 4, 6, 4);
+  for (std::uint32_t epilogue : {kEpilogueNone, kEpilogueBias, kEpilogueRelu, kEpilogueGelu,
+                                 kEpilogueRelu | kEpilogueBias, kEpilogueGelu | kEpilogueBias}) {
+    s.epilogue = epilogue;
+    EXPECT_EQ(checkGemmArgs(s), kStatusSuccess) << "epilogue " << epilogue;
+  }
+  for (std::uint32_t epilogue :
+       {kEpilogueRelu | kEpilogueGelu, kEpilogueRelu | kEpilogueGelu | kEpilogueBias, 1u << 3,
+        1u << 31, kEpilogueBias | 1u << 4}) {
+    s.epilogue = epilogue;
+    EXPECT_FALSE(validEpilogue(epilogue)) << "epilogue " << epilogue;
+    EXPECT_EQ(checkGemmArgs(s), kStatusInvalidValue) << "epilogue " << epilogue;
+  }
+}
+
+TEST(Gemm, ABiasSpansMFloatsForEveryProblemAndOnlyWhenItIsRead) {
+  GemmShape s = shape(kOpN, kOpN, 7, 5, 6, 7, 6, 9);
+  EXPECT_EQ(gemmExtents(s)->bias, 0u) << "no epilogue";
+  s.epilogue = kEpilogueRelu;
+  EXPECT_EQ(gemmExtents(s)->bias, 0u) << "an activation reads no bias";
+  for (std::uint32_t epilogue : {kEpilogueBias, kEpilogueBias | kEpilogueGelu}) {
+    s.epilogue = epilogue;
+    EXPECT_EQ(gemmExtents(s)->bias, 7u * 4) << "m floats, not ldc";
+  }
+  s.count = 3, s.stride_a = 42, s.stride_b = 30, s.stride_c = 45;
+  EXPECT_EQ(gemmExtents(s)->bias, 7u * 4) << "one bias vector for every problem";
+  s.count = 1;
+  s.n = 0;
+  EXPECT_EQ(gemmExtents(s)->bias, 0u) << "an empty C: nothing is read";
+  s.n = 5, s.m = 0, s.lda = 1, s.ldc = 1;
+  EXPECT_EQ(gemmExtents(s)->bias, 0u);
+}
+
+TEST(Gemm, AnEpilogueIsNeverANoOpUnlessCIsEmpty) {
+  Request r{};
+  r.m = 4, r.n = 5, r.k = 0, r.alpha = 1, r.beta = 1;
+  ASSERT_TRUE(gemmIsNoOp(r));
+  for (std::uint32_t epilogue : {kEpilogueBias, kEpilogueRelu, kEpilogueGelu}) {
+    r.epilogue = epilogue;
+    EXPECT_FALSE(gemmIsNoOp(r)) << "k = 0, beta = 1, epilogue " << epilogue;
+  }
+  r.k = 6, r.alpha = 0;
+  EXPECT_FALSE(gemmIsNoOp(r)) << "alpha = 0, beta = 1 with an epilogue";
+  r.m = 0;
+  EXPECT_TRUE(gemmIsNoOp(r)) << "m = 0: no element to apply it to";
+  r.m = 4, r.n = 0;
+  EXPECT_TRUE(gemmIsNoOp(r)) << "n = 0";
+}
+
+// The tanh approximation of GELU (cuBLASLt's, and PyTorch's
+// gelu(approximate="tanh")), in double.
+double referenceGelu(double x) {
+  const double kSqrt2OverPi = std::sqrt(2.0 / std::acos(-1.0));
+  return 0.5 * x * (1.0 + std::tanh(kSqrt2OverPi * (x + 0.044715 * x * x * x)));
+}
+
+TEST(Gemm, EpiloguesComputeBiasReluAndTanhGelu) {
+  EXPECT_EQ(applyEpilogue(kEpilogueNone, -1.5f, 100.0f), -1.5f) << "the bias is not read";
+  EXPECT_EQ(applyEpilogue(kEpilogueBias, -1.5f, 0.25f), -1.25f);
+  EXPECT_EQ(applyEpilogue(kEpilogueRelu, -1.5f, 100.0f), 0.0f);
+  EXPECT_EQ(applyEpilogue(kEpilogueRelu, 2.5f, 100.0f), 2.5f);
+  EXPECT_EQ(applyEpilogue(kEpilogueRelu | kEpilogueBias, -1.5f, 2.0f), 0.5f) << "bias first";
+  EXPECT_EQ(applyEpilogue(kEpilogueRelu | kEpilogueBias, 1.5f, -2.0f), 0.0f) << "bias first";
+  // GELU against the float64 formula, from deep in the negative tail (where
+  // 1 + tanh cancels in FP32, so the bound is absolute there) to where it is
+  // x itself; the erf form differs by up to about 1e-3 and would fail.
+  std::mt19937 random(11);
+  std::uniform_real_distribution<float> value(-12.0f, 12.0f);
+  std::vector<float> xs = {0.0f, -0.0f, 1.0f, -1.0f, 0.5f, -0.5f, 3.0f, -3.0f, 1e-4f, -1e-4f};
+  for (int i = 0; i < 2000; ++i)
+    xs.push_back(value(random));
+  for (float x : xs) {
+    const double expected = referenceGelu(x);
+    const double bound = 1e-6 * std::max(1.0, std::fabs(static_cast<double>(x)));
+    EXPECT_NEAR(applyEpilogue(kEpilogueGelu, x, 100.0f), expected, bound) << "x = " << x;
+    EXPECT_NEAR(applyEpilogue(kEpilogueGelu | kEpilogueBias, x - 0.75f, 0.75f), expected, bound)
+        << "x = " << x << " as (x - 0.75) + 0.75";
+  }
+  EXPECT_GT(std::fabs(referenceGelu(1.0) - 0.5 * (1.0 + std::erf(1.0 / std::sqrt(2.0)))), 1e-4)
+      << "the two GELUs differ by more than the bound";
+}
+
 TEST(Gemm, BatchKeysSplitOnEveryField) {
   Request base{};
   base.m = base.n = base.k = 8;
@@ -162,6 +246,11 @@ TEST(Gemm, BatchKeysSplitOnEveryField) {
   Request other = base;
   other.a.offset = 64;
   other.slot = 3;
+  EXPECT_EQ(BatchKey::of(other), key);
+  // Nor the epilogue: requests with and without one share a GEMM launch and
+  // the executor applies it afterwards.
+  other.epilogue = kEpilogueGelu | kEpilogueBias;
+  other.bias.alloc_id = 9;
   EXPECT_EQ(BatchKey::of(other), key);
 }
 

@@ -17,6 +17,13 @@
 //                              described with a lie about the allocation's
 //                              size: each must come back INVALID_VALUE and
 //                              leave memory alone
+//   epilogues [--seed N]       every epilogue (bias, ReLU, GELU, each activation
+//                              with a bias), strided batches of 3 with a bias,
+//                              and plain requests of the same shapes, submitted
+//                              at once behind two long GEMMs that hold the
+//                              daemon at its batches in flight, so that they
+//                              meet in one batch; each C against a float64 GEMM
+//                              with the epilogue applied, each bias unchanged
 // Always with --socket PATH (except probe). Exit 0: every answer was right.
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -24,6 +31,7 @@
 #include <getopt.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -32,6 +40,7 @@
 #include <vector>
 
 #include "shim/transport.h"
+#include "stmux/epilogue.h"
 #include "stmux/gemm.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
@@ -41,6 +50,7 @@ namespace {
 using stmux::Request;
 using stmux::check::Buffers;
 using stmux::check::GemmCase;
+using stmux::check::StridedBatch;
 
 constexpr std::uint64_t kTimeoutNs = 60'000'000'000ull;
 
@@ -247,6 +257,193 @@ int overrun(stmux::shim::Connection& connection) {
   return failures == 0 ? 0 : 1;
 }
 
+// One request of the epilogue mode: `count` problems of case `c` (a strided
+// batch when more than one), with `epilogue` applied to each; the bias at
+// `bias_offset` floats into its allocation.
+struct EpilogueCase {
+  std::string name;
+  GemmCase c;
+  std::uint32_t epilogue = stmux::kEpilogueNone;
+  std::int64_t count = 1;
+  std::int64_t bias_offset = 0;
+};
+
+std::vector<EpilogueCase> epilogueCases() {
+  using stmux::kEpilogueBias, stmux::kEpilogueGelu, stmux::kEpilogueNone, stmux::kEpilogueRelu;
+  // Every size and stride a multiple of 16 bytes, so that all of these share
+  // one batched launch (strided batches included); beta != 0, so C's old
+  // values count.
+  const GemmCase shared{"shared", 0, 1, 36, 20, 28, 0, 0, 4, 1.0f, 0.5f};
+  // Operands at odd offsets: each runs alone (cublasSgemm), and the epilogue
+  // must keep to C's m x n block inside the padding of ldc.
+  const GemmCase odd{"odd", 1, 0, 33, 17, 29, 2, 0, 3, -1.5f, 0.0f, 1, 2, 5};
+  std::vector<EpilogueCase> cases;
+  const auto add = [&](const char* name, const GemmCase& c, std::uint32_t epilogue,
+                       std::int64_t count = 1, std::int64_t bias_offset = 0) {
+    cases.push_back({c.name + "-" + name, c, epilogue, count, bias_offset});
+  };
+  add("plain", shared, kEpilogueNone);
+  add("bias", shared, kEpilogueBias);
+  add("relu", shared, kEpilogueRelu);
+  add("gelu", shared, kEpilogueGelu);
+  add("relu-bias", shared, kEpilogueRelu | kEpilogueBias, 1, 4);
+  add("gelu-bias", shared, kEpilogueGelu | kEpilogueBias);
+  add("strided3-bias", shared, kEpilogueBias, 3);
+  add("strided3-gelu-bias", shared, kEpilogueGelu | kEpilogueBias, 3, 8);
+  add("strided3-plain", shared, kEpilogueNone, 3);
+  add("plain-again", shared, kEpilogueNone);
+  add("plain", odd, kEpilogueNone);
+  add("relu-bias", odd, kEpilogueRelu | kEpilogueBias, 1, 3);
+  add("gelu", odd, kEpilogueGelu);
+  return cases;
+}
+
+// C after an epilogue against the float64 GEMM with the epilogue applied
+// (stmux/epilogue.h's own function, so the same formula), through
+// check::verify: each element within the GEMM's FP32 bound carried through
+// the epilogue (no slope is above 1.2: GELU's largest is 1.13), plus a few
+// units in the last place for the epilogue's own arithmetic, which may round
+// differently on the GPU; elements outside the m x n block exactly as they
+// were.
+stmux::check::Verdict verifyEpilogue(const GemmCase& c, const Buffers& in, const float* bias,
+                                     std::uint32_t epilogue, const std::vector<float>& result) {
+  stmux::check::Reference ref = stmux::check::reference(c, in);
+  const double unit = c.math == stmux::check::kTf32Math ? 1.0 / 1024 : 1.0 / (1 << 23);
+  const double allowed = unit * (2.0 * static_cast<double>(c.k) + 4.0);
+  for (std::int64_t j = 0; j < c.n; ++j) {
+    for (std::int64_t i = 0; i < c.m; ++i) {
+      const std::size_t e = static_cast<std::size_t>(j * c.m + i);
+      const double x = ref.expected[e];
+      ref.expected[e] = stmux::applyEpilogue(epilogue, static_cast<float>(x), bias[i]);
+      const double rounding = 1e-6 * (1.0 + std::fabs(x) + std::fabs(bias[i]));
+      ref.scale[e] = 1.2 * ref.scale[e] + rounding / allowed;
+    }
+  }
+  return stmux::check::verify(c, in, ref, result);
+}
+
+int epilogues(stmux::shim::Connection& connection, std::uint64_t seed) {
+  std::mt19937_64 random(seed);
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  const stmux::Uuid device = deviceUuid();
+  int failures = 0;
+  struct Sent {
+    EpilogueCase e;
+    StridedBatch in;
+    std::vector<float> bias;  // the whole allocation
+    std::unique_ptr<Allocation> a, b, cc, bias_alloc;
+    stmux::shim::Ticket ticket;
+    bool submitted = false;
+  };
+  std::vector<Sent> sent;
+  for (const EpilogueCase& e : epilogueCases()) {
+    Sent s;
+    s.e = e;
+    s.in = stmux::check::makeStridedInputs(e.c, e.count, false, random);
+    s.bias.assign(static_cast<std::size_t>(e.bias_offset + e.c.m + 64), stmux::check::kSentinel);
+    for (std::int64_t i = 0; i < e.c.m; ++i)
+      s.bias[e.bias_offset + i] = value(random);
+    s.a = std::make_unique<Allocation>(s.in.a.size());
+    s.b = std::make_unique<Allocation>(s.in.b.size());
+    s.cc = std::make_unique<Allocation>(s.in.c_all.size());
+    s.bias_alloc = std::make_unique<Allocation>(s.bias.size());
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(s.a->base, s.in.a.data(), s.a->bytes, cudaMemcpyHostToDevice));
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(s.b->base, s.in.b.data(), s.b->bytes, cudaMemcpyHostToDevice));
+    EXIT_ON_CUDA_ERROR(
+        cudaMemcpy(s.cc->base, s.in.c_all.data(), s.cc->bytes, cudaMemcpyHostToDevice));
+    EXIT_ON_CUDA_ERROR(
+        cudaMemcpy(s.bias_alloc->base, s.bias.data(), s.bias_alloc->bytes, cudaMemcpyHostToDevice));
+    sent.push_back(std::move(s));
+  }
+  // The ballast: two GEMMs of some milliseconds each, values irrelevant. The
+  // daemon launches each alone and then, with two batches in flight, holds
+  // what comes next until one is done: the cases, all waiting by then.
+  constexpr std::int64_t kBallast = 4096;
+  Allocation ballast_a(kBallast * kBallast), ballast_b(kBallast * kBallast);
+  Allocation ballast_c[2] = {Allocation(kBallast * kBallast), Allocation(kBallast * kBallast)};
+  for (const Allocation* m : {&ballast_a, &ballast_b})
+    EXIT_ON_CUDA_ERROR(cudaMemset(m->base, 0, m->bytes));
+  // Copies from pageable memory may return before their DMA lands: the daemon,
+  // in another process, must not start before they have.
+  EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
+  const GemmCase ballast{"ballast", 0, 0, kBallast, kBallast, kBallast};
+  std::vector<stmux::shim::Ticket> ballast_tickets;
+  for (int i = 0; i < 2; ++i) {
+    Request request = describe(ballast, ballast_a, ballast_b, ballast_c[i], device);
+    auto ticket = connection.submit(request, stmux::nowNs() + kTimeoutNs);
+    if (!ticket) {
+      std::printf("FAIL ballast: %s\n", ticket.message().c_str());
+      return 1;
+    }
+    ballast_tickets.push_back(ticket.value());
+  }
+  for (Sent& s : sent) {
+    Request r = describe(s.e.c, *s.a, *s.b, *s.cc, device);
+    if (s.e.count > 1) {
+      r.batch_count = s.e.count;
+      r.stride_a = s.in.stride_a, r.stride_b = s.in.stride_b, r.stride_c = s.in.stride_c;
+    }
+    r.epilogue = s.e.epilogue;
+    if ((s.e.epilogue & stmux::kEpilogueBias) != 0) r.bias = s.bias_alloc->operand(s.e.bias_offset);
+    auto ticket = connection.submit(r, stmux::nowNs() + kTimeoutNs);
+    if (!ticket) {
+      std::printf("FAIL %s: %s\n", s.e.name.c_str(), ticket.message().c_str());
+      ++failures;
+      continue;
+    }
+    s.ticket = ticket.value();
+    s.submitted = true;
+  }
+  for (const stmux::shim::Ticket& ticket : ballast_tickets) {
+    auto result = connection.wait(ticket, stmux::nowNs() + kTimeoutNs, 20'000);
+    connection.release(ticket);
+    if (result.outcome != stmux::WaitOutcome::kDone || result.status != stmux::kStatusSuccess) {
+      std::printf("FAIL ballast: outcome %d status %d\n", static_cast<int>(result.outcome),
+                  result.status);
+      ++failures;
+    }
+  }
+  for (Sent& s : sent) {
+    if (!s.submitted) continue;
+    auto result = connection.wait(s.ticket, stmux::nowNs() + kTimeoutNs, 20'000);
+    connection.release(s.ticket);
+    if (result.outcome != stmux::WaitOutcome::kDone || result.status != stmux::kStatusSuccess) {
+      std::printf("FAIL %s: outcome %d status %d\n", s.e.name.c_str(),
+                  static_cast<int>(result.outcome), result.status);
+      ++failures;
+      continue;
+    }
+    std::vector<float> c_all(s.in.c_all.size()), bias(s.bias.size());
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(c_all.data(), s.cc->base, s.cc->bytes, cudaMemcpyDeviceToHost));
+    EXIT_ON_CUDA_ERROR(
+        cudaMemcpy(bias.data(), s.bias_alloc->base, s.bias_alloc->bytes, cudaMemcpyDeviceToHost));
+    stmux::check::Verdict all;
+    for (std::int64_t i = 0; i < s.e.count && all.ok; ++i) {
+      const auto from = c_all.begin() + i * s.in.stride_c;
+      const std::vector<float> result(from, from + s.in.stride_c);
+      const stmux::check::Verdict one = verifyEpilogue(
+          s.e.c, s.in.problems[i], s.bias.data() + s.e.bias_offset, s.e.epilogue, result);
+      if (!one.ok) {
+        all = one;
+        all.problem = "problem " + std::to_string(i) + ": " + one.problem;
+      }
+      all.worst = std::max(all.worst, one.worst);
+    }
+    if (all.ok && bias != s.bias) {
+      all.ok = false;
+      all.problem = "the bias changed";
+    }
+    if (all.ok) {
+      std::printf("ok %s worst %.3f\n", s.e.name.c_str(), all.worst);
+    } else {
+      std::printf("FAIL %s: %s\n", s.e.name.c_str(), all.problem.c_str());
+      ++failures;
+    }
+  }
+  std::printf("epilogues failures %d\n", failures);
+  return failures == 0 ? 0 : 1;
+}
+
 // An allocation freed and another made: same address? same handle bytes?
 int facts() {
   void* fn = nullptr;
@@ -288,7 +485,7 @@ int facts() {
 int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
-                 "usage: stmux-ipc-client probe | cases|overrun --socket PATH "
+                 "usage: stmux-ipc-client probe | cases|overrun|epilogues --socket PATH "
                  "[--quick] [--together] [--unaligned] [--seed N]\n");
     return 2;
   }
@@ -325,7 +522,7 @@ int main(int argc, char** argv) {
     else
       return 2;
   }
-  if (socket.empty() || (mode != "cases" && mode != "overrun")) return 2;
+  if (socket.empty() || (mode != "cases" && mode != "overrun" && mode != "epilogues")) return 2;
   if (error != cudaSuccess || devices == 0) return 77;
   stmux::shim::ConnectOptions options;
   options.socket_path = socket;
@@ -336,6 +533,7 @@ int main(int argc, char** argv) {
     return 4;
   }
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  if (mode == "epilogues") return epilogues(*connection.value(), seed);
   return mode == "cases" ? cases(*connection.value(), quick, together, unaligned, seed)
                          : overrun(*connection.value());
 }

@@ -13,6 +13,7 @@
 #include "prometheus_format.h"
 #include "shim/transport.h"
 #include "stmux/control.h"
+#include "stmux/epilogue.h"
 #include "stmux/json.h"
 #include "test_support.h"
 
@@ -66,6 +67,35 @@ TEST(Scheduler, InvalidArgumentsAreAnsweredWithoutTheGpu) {
   EXPECT_EQ(daemon.scheduler().rejected(), 4u);
 }
 
+// An epilogue's bias is an operand like A, B and C: one that will be read
+// has to be described, and the epilogue's bits have to be ones stmux knows.
+TEST(Scheduler, AnEpilogueIsCheckedBeforeTheGpu) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request no_bias = validRequest();
+  no_bias.epilogue = kEpilogueBias | kEpilogueRelu;
+  EXPECT_EQ(call(*connection, no_bias), kStatusInvalidValue) << "a bias that is not described";
+  Request both = validRequest();
+  both.epilogue = kEpilogueRelu | kEpilogueGelu;
+  EXPECT_EQ(call(*connection, both), kStatusInvalidValue) << "two activations";
+  Request unknown = validRequest();
+  unknown.epilogue = 1u << 7;
+  EXPECT_EQ(call(*connection, unknown), kStatusInvalidValue) << "an unknown bit";
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
+  // Described, or not read at all: queued like any other request.
+  Request with_bias = no_bias;
+  with_bias.bias.alloc_id = 4;
+  EXPECT_EQ(call(*connection, with_bias), kStatusSuccess);
+  Request gelu = validRequest();
+  gelu.epilogue = kEpilogueGelu;
+  EXPECT_EQ(call(*connection, gelu), kStatusSuccess);
+  EXPECT_EQ(daemon.executor().batchSizes(), (std::vector<std::size_t>{1, 1}));
+  daemon.stop();
+  EXPECT_EQ(daemon.scheduler().rejected(), 3u);
+}
+
 TEST(Scheduler, NoOpsSucceedWithoutALaunch) {
   TempDir dir;
   Daemon daemon(dir);
@@ -79,6 +109,9 @@ TEST(Scheduler, NoOpsSucceedWithoutALaunch) {
   keep_c.k = 0;
   keep_c.beta = 1.0f;
   EXPECT_EQ(call(*connection, keep_c), kStatusSuccess);
+  Request empty_relu = empty;
+  empty_relu.epilogue = kEpilogueRelu | kEpilogueBias;  // no element, no bias to describe
+  EXPECT_EQ(call(*connection, empty_relu), kStatusSuccess);
   EXPECT_TRUE(daemon.executor().batchSizes().empty());
 }
 
