@@ -1,9 +1,11 @@
-// libstmux.so's exported functions. Their shells come from the hook list
+// libstmux.so's exported functions. Their shells come from the hook lists
 // (hooks.h); each forwards to a hooks:: function below, which turns the call
 // into a Gemm and a DirectCall with the caller's own arguments. A hook added to
-// the list without its function here fails to compile.
+// a list without its function here fails to compile.
+#include <cublasLt.h>
 #include <cublas_api.h>
 
+#include "shim/callers.h"
 #include "shim/hooks.h"
 #include "shim/intercept.h"
 #include "shim/real.h"
@@ -14,6 +16,12 @@ namespace stmux::shim::hooks {
 
 #define STMUX_DECLARE(ret, name, params, args) ret name params noexcept;
 STMUX_HOOKS(STMUX_DECLARE)
+#undef STMUX_DECLARE
+// cuBLASLt's take their caller's return address first (shim/callers.h).
+#define STMUX_DECLARE(ret, name, params, args) \
+  ret name(const void* caller, STMUX_UNPAREN params) noexcept;
+#define STMUX_UNPAREN(...) __VA_ARGS__
+STMUX_LT_HOOKS(STMUX_DECLARE)
 #undef STMUX_DECLARE
 
 namespace {
@@ -140,6 +148,218 @@ Gemm makeStrided(cublasHandle_t handle, cublasOperation_t transa, cublasOperatio
   } else if (!servedStrides(shape)) {
     gemm.direct_because = Fallback::kUnservedForm;
   }
+  return gemm;
+}
+
+// What a cublasLtMatmul call's descriptors say, read through the real
+// cuBLASLt; false where an attribute cannot be read.
+class LtReader {
+ public:
+  explicit LtReader(const RealCublasLt& real) : real_(real) {}
+  template <class T>
+  bool get(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attribute, T& value) const {
+    std::size_t written = 0;
+    return real_.cublasLtMatmulDescGetAttribute(desc, attribute, &value, sizeof(T), &written) ==
+               CUBLAS_STATUS_SUCCESS &&
+           written == sizeof(T);
+  }
+  template <class T>
+  bool get(cublasLtMatrixLayout_t layout, cublasLtMatrixLayoutAttribute_t attribute,
+           T& value) const {
+    std::size_t written = 0;
+    return real_.cublasLtMatrixLayoutGetAttribute(layout, attribute, &value, sizeof(T), &written) ==
+               CUBLAS_STATUS_SUCCESS &&
+           written == sizeof(T);
+  }
+
+ private:
+  const RealCublasLt& real_;
+};
+
+// One matrix as a cuBLASLt layout describes it.
+struct LtLayout {
+  std::uint32_t type = 0;
+  std::int32_t order = 0;
+  std::uint64_t rows = 0, cols = 0;
+  std::int64_t ld = 0;
+  std::int32_t count = 1;
+  std::int64_t stride = 0;
+  std::uint32_t batch_mode = 0;  // 0: strided; otherwise arrays of pointers
+};
+
+bool readLayout(const LtReader& lt, cublasLtMatrixLayout_t layout, LtLayout& out) {
+  if (layout == nullptr) return false;
+  if (!lt.get(layout, CUBLASLT_MATRIX_LAYOUT_TYPE, out.type) ||
+      !lt.get(layout, CUBLASLT_MATRIX_LAYOUT_ORDER, out.order) ||
+      !lt.get(layout, CUBLASLT_MATRIX_LAYOUT_ROWS, out.rows) ||
+      !lt.get(layout, CUBLASLT_MATRIX_LAYOUT_COLS, out.cols) ||
+      !lt.get(layout, CUBLASLT_MATRIX_LAYOUT_LD, out.ld) ||
+      !lt.get(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, out.count) ||
+      !lt.get(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, out.stride)) {
+    return false;
+  }
+  // A cuBLASLt too old to know batch modes has only strided batches.
+  if (!lt.get(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, out.batch_mode)) out.batch_mode = 0;
+  return true;
+}
+
+// cuBLASLt's epilogues that stmux applies, as kEpilogue* bits; nullopt for
+// the others (auxiliary outputs, gradients).
+std::optional<std::uint32_t> epilogueOf(std::uint32_t lt) {
+  switch (lt) {
+    case CUBLASLT_EPILOGUE_DEFAULT:
+      return kEpilogueNone;
+    case CUBLASLT_EPILOGUE_BIAS:
+      return kEpilogueBias;
+    case CUBLASLT_EPILOGUE_RELU:
+      return kEpilogueRelu;
+    case CUBLASLT_EPILOGUE_RELU_BIAS:
+      return kEpilogueRelu | kEpilogueBias;
+    case CUBLASLT_EPILOGUE_GELU:
+      return kEpilogueGelu;
+    case CUBLASLT_EPILOGUE_GELU_BIAS:
+      return kEpilogueGelu | kEpilogueBias;
+    default:
+      return std::nullopt;
+  }
+}
+
+// A cublasLtMatmul: served when it is an FP32 GEMM (all four matrices FP32,
+// column-major, strided batches of one count; FP32 scalars in host memory;
+// compute 32F, 32F_PEDANTIC or 32F_FAST_TF32, which sets the precision as
+// for GemmEx) with an epilogue stmux applies, writing D in place of C or not
+// reading C (beta == 0). PyTorch's nn.Linear with a bias is one.
+Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
+                  const void* alpha, const void* a, cublasLtMatrixLayout_t a_layout, const void* b,
+                  cublasLtMatrixLayout_t b_layout, const void* beta, const void* c,
+                  cublasLtMatrixLayout_t c_layout, void* d, cublasLtMatrixLayout_t d_layout,
+                  cudaStream_t stream) {
+  Gemm gemm;
+  gemm.entry = EntryPoint::kLtMatmul;
+  gemm.lt = true;
+  gemm.stream = stream;
+  const auto direct = [&gemm](Fallback why) {
+    gemm.direct_because = why;
+    return gemm;
+  };
+  if (handle == nullptr) return direct(Fallback::kBadHandle);
+  const LtReader lt(real);
+  std::int32_t compute = 0, scale_type = 0, pointer_mode = 0, transa = 0, transb = 0;
+  std::int32_t bias_type = -1;
+  std::uint32_t epilogue = 0;
+  const void* bias = nullptr;
+  std::int64_t bias_stride = 0;
+  if (desc == nullptr || !lt.get(desc, CUBLASLT_MATMUL_DESC_COMPUTE_TYPE, compute) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_SCALE_TYPE, scale_type) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, pointer_mode) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_TRANSA, transa) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_TRANSB, transb) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, bias_type) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, bias_stride)) {
+    return direct(Fallback::kInvalidArgs);
+  }
+  if (pointer_mode != CUBLASLT_POINTER_MODE_HOST) return direct(Fallback::kDevicePointerMode);
+  // Scaling factors and their like are for narrow types; with FP32 cuBLASLt
+  // refuses them, and it reports that itself.
+  for (const cublasLtMatmulDescAttributes_t attribute :
+       {CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+        CUBLASLT_MATMUL_DESC_C_SCALE_POINTER, CUBLASLT_MATMUL_DESC_D_SCALE_POINTER,
+        CUBLASLT_MATMUL_DESC_AMAX_D_POINTER, CUBLASLT_MATMUL_DESC_EMULATION_DESCRIPTOR}) {
+    const void* pointer = nullptr;
+    if (!lt.get(desc, attribute, pointer)) return direct(Fallback::kInvalidArgs);
+    if (pointer != nullptr) return direct(Fallback::kUnservedForm);
+  }
+  switch (compute) {
+    case CUBLAS_COMPUTE_32F:
+      gemm.math_mode = CUBLAS_DEFAULT_MATH;
+      break;
+    case CUBLAS_COMPUTE_32F_PEDANTIC:
+      gemm.math_mode = CUBLAS_PEDANTIC_MATH;
+      break;
+    case CUBLAS_COMPUTE_32F_FAST_TF32:
+      gemm.math_mode = CUBLAS_TF32_TENSOR_OP_MATH;
+      break;
+    default:
+      return direct(Fallback::kUnservedForm);
+  }
+  gemm.emulation = CUBLAS_EMULATION_STRATEGY_DEFAULT;
+  const std::optional<std::uint32_t> ours = epilogueOf(epilogue);
+  if (scale_type != CUDA_R_32F || !ours) return direct(Fallback::kUnservedForm);
+  gemm.epilogue = *ours;
+  if ((gemm.epilogue & kEpilogueBias) != 0) {
+    if (bias_type != -1 && bias_type != CUDA_R_32F) return direct(Fallback::kUnservedForm);
+    if (bias == nullptr) return direct(Fallback::kInvalidArgs);
+    gemm.bias = static_cast<const float*>(bias);
+  }
+
+  LtLayout la, lb, lc, ld;
+  if (!readLayout(lt, a_layout, la) || !readLayout(lt, b_layout, lb) ||
+      !readLayout(lt, c_layout, lc) || !readLayout(lt, d_layout, ld)) {
+    return direct(Fallback::kInvalidArgs);
+  }
+  for (const LtLayout* layout : {&la, &lb, &lc, &ld}) {
+    if (layout->type != CUDA_R_32F || layout->order != CUBLASLT_ORDER_COL ||
+        layout->batch_mode != 0 || layout->count != ld.count) {
+      return direct(Fallback::kUnservedForm);
+    }
+    if (layout->rows > INT64_MAX || layout->cols > INT64_MAX) {
+      return direct(Fallback::kInvalidArgs);
+    }
+  }
+  if (!validTranspose(transa) || !validTranspose(transb) || ld.count < 1) {
+    return direct(Fallback::kInvalidArgs);
+  }
+  // D is m x n; op(A) m x k; op(B) k x n; C as D.
+  const auto m = static_cast<std::int64_t>(ld.rows), n = static_cast<std::int64_t>(ld.cols);
+  const auto a_rows = static_cast<std::int64_t>(la.rows),
+             a_cols = static_cast<std::int64_t>(la.cols);
+  const auto b_rows = static_cast<std::int64_t>(lb.rows),
+             b_cols = static_cast<std::int64_t>(lb.cols);
+  const std::int64_t k = transa == kOpN ? a_cols : a_rows;
+  if ((transa == kOpN ? a_rows : a_cols) != m || (transb == kOpN ? b_rows : b_cols) != k ||
+      (transb == kOpN ? b_cols : b_rows) != n || lc.rows != ld.rows || lc.cols != ld.cols) {
+    return direct(Fallback::kInvalidArgs);
+  }
+  gemm.transa = transa, gemm.transb = transb;
+  gemm.m = m, gemm.n = n, gemm.k = k;
+  gemm.lda = la.ld, gemm.ldb = lb.ld, gemm.ldc = ld.ld;
+  gemm.alpha = static_cast<const float*>(alpha);
+  gemm.beta = static_cast<const float*>(beta);
+  gemm.a = static_cast<const float*>(a);
+  gemm.b = static_cast<const float*>(b);
+  gemm.c = static_cast<float*>(d);
+  gemm.count = ld.count;
+  if (gemm.count > 1) {
+    gemm.stride_a = la.stride, gemm.stride_b = lb.stride, gemm.stride_c = ld.stride;
+    // One bias for every problem, as the daemon applies it.
+    if ((gemm.epilogue & kEpilogueBias) != 0 && bias_stride != 0) {
+      return direct(Fallback::kUnservedForm);
+    }
+  }
+  // D in place of C, or C not read at all.
+  if (c != d) {
+    if (beta == nullptr) return direct(Fallback::kInvalidArgs);
+    if (*static_cast<const float*>(beta) != 0.0f) return direct(Fallback::kUnservedForm);
+  } else if (lc.ld != ld.ld || (gemm.count > 1 && lc.stride != ld.stride)) {
+    return direct(Fallback::kUnservedForm);
+  }
+  const GemmShape shape{gemm.transa,
+                        gemm.transb,
+                        m,
+                        n,
+                        k,
+                        gemm.lda,
+                        gemm.ldb,
+                        gemm.ldc,
+                        gemm.count,
+                        gemm.stride_a,
+                        gemm.stride_b,
+                        gemm.stride_c,
+                        gemm.epilogue};
+  if (checkGemmArgs(shape) != kStatusSuccess) return direct(Fallback::kInvalidArgs);
+  if (!servedStrides(shape)) return direct(Fallback::kUnservedForm);
   return gemm;
 }
 
@@ -288,6 +508,25 @@ cublasStatus_t cublasSgemmStridedBatched_64(cublasHandle_t handle, cublasOperati
                    DirectCall(direct));
 }
 
+cublasStatus_t cublasLtMatmul(const void* caller, cublasLtHandle_t lightHandle,
+                              cublasLtMatmulDesc_t computeDesc, const void* alpha, const void* A,
+                              cublasLtMatrixLayout_t Adesc, const void* B,
+                              cublasLtMatrixLayout_t Bdesc, const void* beta, const void* C,
+                              cublasLtMatrixLayout_t Cdesc, void* D, cublasLtMatrixLayout_t Ddesc,
+                              const cublasLtMatmulAlgo_t* algo, void* workspace,
+                              size_t workspaceSizeInBytes, cudaStream_t stream) noexcept {
+  const RealCublasLt& real = realCublasLt();
+  if (real.cublasLtMatmul == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  auto direct = [&] {
+    return real.cublasLtMatmul(lightHandle, computeDesc, alpha, A, Adesc, B, Bdesc, beta, C, Cdesc,
+                               D, Ddesc, algo, workspace, workspaceSizeInBytes, stream);
+  };
+  if (calledFromCublas(caller)) return direct();
+  return intercept(makeLtMatmul(real, lightHandle, computeDesc, alpha, A, Adesc, B, Bdesc, beta, C,
+                                Cdesc, D, Ddesc, stream),
+                   DirectCall(direct));
+}
+
 }  // namespace stmux::shim::hooks
 
 extern "C" {
@@ -296,5 +535,11 @@ extern "C" {
     return stmux::shim::hooks::name args;                  \
   }
 STMUX_HOOKS(STMUX_EXPORT)
+#undef STMUX_EXPORT
+#define STMUX_EXPORT(ret, name, params, args)                                         \
+  __attribute__((visibility("default"), noinline)) ret name params {                  \
+    return stmux::shim::hooks::name(__builtin_return_address(0), STMUX_UNPAREN args); \
+  }
+STMUX_LT_HOOKS(STMUX_EXPORT)
 #undef STMUX_EXPORT
 }

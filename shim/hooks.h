@@ -1,6 +1,7 @@
 // The intercepted cuBLAS entry points: the one list. It drives the exported
 // functions (exports.cc), the table of real functions (real.h) and the
-// version script (exports.map.in), so the three cannot disagree.
+// version script (exports.map.in), so the three cannot disagree. Two lists,
+// one per library, for the two version nodes: libcublas's and cuBLASLt's.
 //
 // X(return type, name, (parameters), (arguments)). Pure macros: the version
 // script is made by running the preprocessor over this file alone.
@@ -58,3 +59,16 @@
      long long int strideC, int64_t batchCount),                                                   \
     (handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc,       \
      strideC, batchCount))
+
+// cuBLASLt's. libcublas calls these itself (its own GEMMs may run through
+// cublasLtMatmul); the shim passes such calls through untouched, telling them
+// by their return address (shim/callers.h).
+#define STMUX_LT_HOOKS(X)                                                                      \
+  X(cublasStatus_t, cublasLtMatmul,                                                            \
+    (cublasLtHandle_t lightHandle, cublasLtMatmulDesc_t computeDesc, const void* alpha,        \
+     const void* A, cublasLtMatrixLayout_t Adesc, const void* B, cublasLtMatrixLayout_t Bdesc, \
+     const void* beta, const void* C, cublasLtMatrixLayout_t Cdesc, void* D,                   \
+     cublasLtMatrixLayout_t Ddesc, const cublasLtMatmulAlgo_t* algo, void* workspace,          \
+     size_t workspaceSizeInBytes, cudaStream_t stream),                                        \
+    (lightHandle, computeDesc, alpha, A, Adesc, B, Bdesc, beta, C, Cdesc, D, Ddesc, algo,      \
+     workspace, workspaceSizeInBytes, stream))

@@ -242,12 +242,12 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (!config_ok_) return fallback(Fallback::kBadConfig, gemm.entry, direct, nullptr);
   if (config_.disable) return fallback(Fallback::kDisabled, gemm.entry, direct, nullptr);
   if (gemm.direct_because) return fallback(*gemm.direct_because, gemm.entry, direct, nullptr);
-  if (!gemm.legacy && gemm.handle == nullptr) {
+  if (!gemm.legacy && !gemm.lt && gemm.handle == nullptr) {
     return fallback(Fallback::kBadHandle, gemm.entry, direct, nullptr);
   }
-  const GemmShape shape{gemm.transa, gemm.transb,   gemm.m,        gemm.n,
-                        gemm.k,      gemm.lda,      gemm.ldb,      gemm.ldc,
-                        gemm.count,  gemm.stride_a, gemm.stride_b, gemm.stride_c};
+  const GemmShape shape{gemm.transa,   gemm.transb,   gemm.m,       gemm.n,     gemm.k,
+                        gemm.lda,      gemm.ldb,      gemm.ldc,     gemm.count, gemm.stride_a,
+                        gemm.stride_b, gemm.stride_c, gemm.epilogue};
   if (checkGemmArgs(shape) != kStatusSuccess) {
     return fallback(Fallback::kInvalidArgs, gemm.entry, direct, nullptr);
   }
@@ -261,7 +261,8 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   request.batch_count = gemm.count;
   request.stride_a = gemm.stride_a, request.stride_b = gemm.stride_b;
   request.stride_c = gemm.stride_c;
-  cudaStream_t stream = nullptr;
+  request.epilogue = gemm.epilogue;
+  cudaStream_t stream = gemm.stream;
   if (gemm.legacy) {
     request.alpha = gemm.alpha_value;
     request.beta = gemm.beta_value;
@@ -270,6 +271,15 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     if (request.beta != 0.0f) return fallback(Fallback::kLegacyBeta, gemm.entry, direct, nullptr);
     request.math_mode = CUBLAS_DEFAULT_MATH;
     request.emulation = CUBLAS_EMULATION_STRATEGY_DEFAULT;
+  } else if (gemm.lt) {
+    // Host scalars and the precision, as the entry point found them.
+    if (gemm.alpha == nullptr || gemm.beta == nullptr) {
+      return fallback(Fallback::kInvalidArgs, gemm.entry, direct, nullptr);
+    }
+    request.alpha = *gemm.alpha;
+    request.beta = *gemm.beta;
+    request.math_mode = static_cast<std::uint32_t>(gemm.math_mode);
+    request.emulation = static_cast<std::uint32_t>(gemm.emulation);
   } else {
     // The handle's state now, not as it was when some setter ran.
     cublasPointerMode_t mode;
@@ -325,7 +335,8 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
     std::uint64_t extent;
   } operands[] = {{request.a, gemm.a, extents->a},
                   {request.b, gemm.b, extents->b},
-                  {request.c, gemm.c, extents->c}};
+                  {request.c, gemm.c, extents->c},
+                  {request.bias, gemm.bias, extents->bias}};
   int device = -1;
   for (Operand& operand : operands) {
     if (operand.extent == 0) continue;  // never touched: nothing to describe
@@ -359,8 +370,8 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   // Stream order for the calls that can be run again should the daemon not
   // finish them (beta == 0); the legacy API's stream is not visible.
   if (streamOrdered(*conn) && !gemm.legacy && request.beta == 0.0f) {
-    StreamCall ordered{request,   reinterpret_cast<CUstream>(stream), gemm.a, gemm.b, gemm.c,
-                       gemm.entry};
+    StreamCall ordered{
+        request, reinterpret_cast<CUstream>(stream), gemm.a, gemm.b, gemm.c, gemm.bias, gemm.entry};
     switch (stream_->submit(connection, ordered, nowNs() + timeout_ns)) {
       case StreamOrder::Queued::kYes:
         return CUBLAS_STATUS_SUCCESS;

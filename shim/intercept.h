@@ -33,6 +33,14 @@ struct Gemm {
   // and cublasEmulationStrategy_t to run with. -1: the handle's.
   std::int32_t math_mode = -1;
   std::int32_t emulation = -1;
+  // cublasLtMatmul: no handle. The call names its stream, and the entry
+  // point has checked that alpha and beta are host pointers and set the
+  // precision (math_mode, emulation).
+  bool lt = false;
+  cudaStream_t stream = nullptr;
+  // Applied to C after the GEMM (stmux/epilogue.h), with `bias` (m floats).
+  std::uint32_t epilogue = 0;
+  const float* bias = nullptr;
   // The entry point already knows the call runs directly, and why (a form
   // stmux does not serve, or one cuBLAS refuses or returns from at once).
   std::optional<Fallback> direct_because;

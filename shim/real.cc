@@ -9,8 +9,9 @@
 namespace stmux::shim {
 namespace {
 
-// The name of the library whose symbols the shim stands in for.
+// The names of the libraries whose symbols the shim stands in for.
 constexpr const char* kCublasLibrary = STMUX_CUBLAS_LIBRARY;
+constexpr const char* kCublasLtLibrary = STMUX_CUBLASLT_LIBRARY;
 
 template <class T>
 void resolve(T& slot, const char* name, void* fallback) {
@@ -35,6 +36,20 @@ const RealCublas& realCublas() {
     resolve(real.cublasGetPointerMode_v2, "cublasGetPointerMode_v2", library);
     resolve(real.cublasGetMathMode, "cublasGetMathMode", library);
     resolve(real.cublasGetEmulationStrategy, "cublasGetEmulationStrategy", library);
+  });
+  return real;
+}
+
+const RealCublasLt& realCublasLt() {
+  static RealCublasLt real;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* library = ::dlopen(kCublasLtLibrary, RTLD_NOW | RTLD_NOLOAD | RTLD_LOCAL);
+#define STMUX_RESOLVE(ret, name, params, args) resolve(real.name, #name, library);
+    STMUX_LT_HOOKS(STMUX_RESOLVE)
+#undef STMUX_RESOLVE
+    resolve(real.cublasLtMatmulDescGetAttribute, "cublasLtMatmulDescGetAttribute", library);
+    resolve(real.cublasLtMatrixLayoutGetAttribute, "cublasLtMatrixLayoutGetAttribute", library);
   });
   return real;
 }

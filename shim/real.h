@@ -1,6 +1,7 @@
 // The real cuBLAS functions behind the shim: resolved once, never per call.
 #pragma once
 
+#include <cublasLt.h>
 #include <cublas_api.h>
 
 #include "shim/hooks.h"
@@ -23,5 +24,22 @@ struct RealCublas {
 // those of a libcublas the program loaded privately (dlopen RTLD_LOCAL, as a
 // Python extension may). A member is null only if no libcublas is loaded.
 const RealCublas& realCublas();
+
+struct RealCublasLt {
+#define STMUX_REAL_POINTER(ret, name, params, args) ret(*name) params = nullptr;
+  STMUX_LT_HOOKS(STMUX_REAL_POINTER)
+#undef STMUX_REAL_POINTER
+  // What a call's descriptors say, read at call time, never intercepted.
+  cublasStatus_t (*cublasLtMatmulDescGetAttribute)(cublasLtMatmulDesc_t,
+                                                   cublasLtMatmulDescAttributes_t, void*, size_t,
+                                                   size_t*) = nullptr;
+  cublasStatus_t (*cublasLtMatrixLayoutGetAttribute)(cublasLtMatrixLayout_t,
+                                                     cublasLtMatrixLayoutAttribute_t, void*, size_t,
+                                                     size_t*) = nullptr;
+};
+
+// The same for cuBLASLt, resolved on its first use (a program may call
+// cuBLASLt before, or without, libcublas).
+const RealCublasLt& realCublasLt();
 
 }  // namespace stmux::shim

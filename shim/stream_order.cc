@@ -174,6 +174,7 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   const Request& r = call.request;
   TakeoverParams params{};
   params.a = call.a, params.b = call.b, params.c = call.c;
+  params.bias = call.bias, params.epilogue = r.epilogue;
   params.m = r.m, params.n = r.n, params.k = r.k;
   params.lda = r.lda, params.ldb = r.ldb, params.ldc = r.ldc;
   params.count = problemsOf(r);

@@ -49,6 +49,7 @@ struct StreamCall {
   const float* a = nullptr;   // the caller's operands, should the shim run it
   const float* b = nullptr;
   float* c = nullptr;
+  const float* bias = nullptr;  // with an epilogue's bias
   EntryPoint entry = EntryPoint::kSgemm;
 };
 

@@ -10,12 +10,16 @@ namespace stmux::shim {
 
 // Column-major, as cuBLAS: for each of `count` problems,
 // C = alpha * op(A) * op(B) + beta * C, with C not read when beta == 0 and A
-// and B not read when alpha == 0 or k == 0. Problem i's operands are the
-// pointers plus i times the strides (in elements).
+// and B not read when alpha == 0 or k == 0, then the epilogue
+// (stmux/epilogue.h) with `bias` (m floats, the same for every problem).
+// Problem i's operands are the pointers plus i times the strides (in
+// elements).
 struct TakeoverParams {
   const float* a;
   const float* b;
   float* c;
+  const float* bias;
+  uint32_t epilogue;
   int64_t m, n, k;
   int64_t lda, ldb, ldc;
   int64_t count;

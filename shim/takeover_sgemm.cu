@@ -12,6 +12,7 @@
 // A plain shared-memory tiled kernel: correct for every shape, transpose and
 // batch count, with 64-bit indices; speed matters little on this path.
 #include "shim/takeover_params.h"
+#include "stmux/epilogue.h"
 
 namespace {
 
@@ -66,7 +67,12 @@ extern "C" __global__ void __launch_bounds__(kTile* kTile)
         }
         if (row < p.m && col < p.n) {
           float* out = c + row + col * p.ldc;
-          *out = p.beta == 0.0f ? p.alpha * sum : p.alpha * sum + p.beta * *out;
+          const float value = p.beta == 0.0f ? p.alpha * sum : p.alpha * sum + p.beta * *out;
+          *out = p.epilogue == stmux::kEpilogueNone
+                     ? value
+                     : stmux::applyEpilogue(
+                           p.epilogue, value,
+                           (p.epilogue & stmux::kEpilogueBias) != 0 ? p.bias[row] : 0.0f);
         }
       }
     }

@@ -1,12 +1,14 @@
 // stmux-bench's start barrier and row validity, end to end with fake tenants
 // (tests/fake_tenant.cc) instead of CUDA programs: the clock starts only when
 // every tenant is ready, and a row whose tenants did not all run through the
-// timed span is printed with the reason and used for no ratio.
+// timed span is printed with the reason and used for no ratio. And its
+// PyTorch shapes are stmux-torch-tenant's workloads.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 #include <regex>
+#include <set>
 #include <sstream>
 
 #include "stmux/json.h"
@@ -170,6 +172,65 @@ TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {
       EXPECT_TRUE(std::regex_search(run.out, line)) << c.plan << "\n" << run.out;
     }
   }
+}
+
+// The PyTorch shapes stmux-bench offers are the workloads stmux-torch-tenant
+// runs, one for one (the two lists live in two languages), and each is taken
+// as a shape: without a Python its row is skipped, saying why, not refused.
+TEST(BenchShapes, ItsPyTorchShapesAreTheTenantsWorkloads) {
+  TempDir dir;
+  const Ran help = stmux::run({STMUX_BENCH_PATH, "--help"}, {}, dir.path() + "/help");
+  ASSERT_EQ(help.status, 0) << help.err;
+  std::set<std::string> shapes;
+  const std::regex torch_shape("(?:^|[^-a-z])torch-([a-z]+)");  // not stmux-torch-tenant
+  for (auto it = std::sregex_iterator(help.out.begin(), help.out.end(), torch_shape);
+       it != std::sregex_iterator(); ++it) {
+    shapes.insert((*it)[1]);
+  }
+  EXPECT_EQ(shapes.count("attn"), 1u) << help.out;
+
+  const std::string tenant =
+      (std::filesystem::path(STMUX_BENCH_PATH).parent_path() / "stmux-torch-tenant").string();
+  Process tenant_help({"python3", tenant, "--help"}, {}, dir.path() + "/tenant-help");
+  if (!tenant_help.started()) GTEST_SKIP() << "skipped: no python3 in PATH";
+  ASSERT_EQ(tenant_help.wait(), 0) << tenant_help.out() << tenant_help.err();
+  std::smatch choices;
+  const std::string usage = tenant_help.out();
+  ASSERT_TRUE(
+      std::regex_search(usage, choices, std::regex("positional arguments:\\s*\\{([a-z,]+)\\}")))
+      << usage;
+  std::set<std::string> workloads;
+  std::stringstream list(choices[1].str());
+  for (std::string workload; std::getline(list, workload, ',');)
+    workloads.insert(workload);
+  EXPECT_EQ(shapes, workloads) << "stmux-bench --help:\n"
+                               << help.out << "\nthe tenant's:\n"
+                               << usage;
+
+  std::string names;
+  for (const std::string& shape : shapes)
+    names += (names.empty() ? "torch-" : ",torch-") + shape;
+  const std::string out = dir.path() + "/bench";
+  const Ran ran =
+      stmux::run({STMUX_BENCH_PATH, "--client", FAKE_TENANT_PATH, "--shapes", names, "--tenants",
+                  "1", "--modes", "time-only", "--python", dir.path() + "/no-python", "--out", out},
+                 {}, dir.path() + "/bench-log", std::chrono::seconds(60));
+  EXPECT_EQ(ran.status, 1) << "no row can run without a Python\n" << ran.out << ran.err;
+  std::ifstream in(out + "/bench.json");
+  std::stringstream text;
+  text << in.rdbuf();
+  auto json = parseJson(text.str());
+  ASSERT_TRUE(json.ok()) << text.str();
+  const Json* points = jsonFind(json.value(), "points");
+  std::set<std::string> skipped;
+  for (std::size_t i = 0; jsonAt(points, i) != nullptr; ++i) {
+    const Json* point = jsonAt(points, i);
+    EXPECT_NE(jsonString(jsonFind(point, "note")).find("skipped: no Python at"), std::string::npos)
+        << jsonString(jsonFind(point, "note"));
+    skipped.insert(std::string(jsonString(jsonFind(point, "shape"))));
+  }
+  EXPECT_EQ(skipped.size(), shapes.size()) << text.str();
+  EXPECT_EQ(skipped.count("torch-attn"), 1u) << text.str();
 }
 
 }  // namespace

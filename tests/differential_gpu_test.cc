@@ -1,8 +1,9 @@
 // The differential correctness suite: stmux-differential (tools/differential.cc)
 // preloaded with libstmux.so in several processes against a real daemon on a
-// GPU. Every call is made through the shim and through libcublas's own
-// function and both are checked against a float64 reference; the shim's
-// counters must account for every call, and the daemon must have served all
+// GPU. Every call (cuBLAS's entry points and cublasLtMatmul) is made through
+// the shim and through the real library's own function and both are checked
+// against a float64 reference; the shim's counters must account for every
+// call, by reason and by entry point, and the daemon must have served all
 // that it should (a suite that silently falls back proves nothing). Then the
 // same through two daemon restarts. Seeded: the master seed is printed with
 // the command that reruns it, and a mismatch prints the call's replay
@@ -30,8 +31,8 @@ using testing::gpuField;
 using testing::shimStats;
 using testing::ShimStats;
 
-// The totals line, "calls N mismatches M lost L expected_direct_no_op A
-// expected_direct_invalid_args B expected_direct_not_exportable C", as a map.
+// The totals line, "calls N mismatches M lost L expected_direct_REASON N ..."
+// (one for each reason the program predicts), as a map.
 std::map<std::string, long> totalsOf(const std::string& out) {
   std::istringstream lines(out);
   for (std::string line; std::getline(lines, line);) {
@@ -45,6 +46,43 @@ std::map<std::string, long> totalsOf(const std::string& out) {
     return totals;
   }
   return {};
+}
+
+// The direct calls the program predicts, by the shim's reason, from its
+// totals: reasons with none left out, as the shim prints them.
+std::map<std::string, long> expectedDirect(const std::map<std::string, long>& totals) {
+  const std::string prefix = "expected_direct_";
+  std::map<std::string, long> direct;
+  for (const auto& [key, n] : totals) {
+    if (key.rfind(prefix, 0) == 0 && n > 0) direct[key.substr(prefix.size())] = n;
+  }
+  return direct;
+}
+
+long sum(const std::map<std::string, long>& counts) {
+  long total = 0;
+  for (const auto& [key, n] : counts)
+    total += n;
+  return total;
+}
+
+// The program's lines "entry NAME calls N expected_served S expected_direct
+// D", entry points it called alone (the shim prints no others).
+std::map<std::string, ShimStats::Entry> expectedEntries(const std::string& out) {
+  std::istringstream lines(out);
+  std::map<std::string, ShimStats::Entry> entries;
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream words(line);
+    std::string tag, name, calls_word, served_word, direct_word;
+    ShimStats::Entry entry;
+    if (!(words >> tag >> name >> calls_word >> entry.calls >> served_word >> entry.served >>
+          direct_word >> entry.direct) ||
+        tag != "entry") {
+      continue;
+    }
+    if (entry.calls > 0) entries[name] = entry;
+  }
+  return entries;
 }
 
 // What a failed run said: its mismatch lines (each with its replay command),
@@ -153,8 +191,11 @@ class Preloaded : public testing::DaemonFixture, public ::testing::WithParamInte
 
 // 8 processes of 1 to 16 threads, at least 100,000 calls: no mismatch, and
 // the shim's counters account for every call exactly: served, except the
-// no-ops, the calls cuBLAS refuses and those on memory CUDA IPC cannot
-// export, which go straight to cuBLAS by design under those reasons alone.
+// no-ops, the calls cuBLAS refuses, those on memory CUDA IPC cannot export,
+// the cublasLtMatmul forms stmux does not serve and those with alpha and
+// beta in device memory, which go straight to cuBLAS by design under those
+// reasons alone; and so for each entry point (libcublas's own calls into
+// cuBLASLt are not counted).
 TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
   const std::uint64_t master = masterSeed();
   std::cout << "master seed " << master << " (rerun: STMUX_DIFF_SEED=" << master
@@ -197,18 +238,31 @@ TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
     const ShimStats stats = shimStats(run.process.err());
     ASSERT_GE(stats.calls, 0) << name << ": no shim stats line:\n" << failureText(run.process);
     const long calls = totals.at("calls");
-    const long no_op = totals.at("expected_direct_no_op");
-    const long invalid = totals.at("expected_direct_invalid_args");
-    const long not_exportable = totals.at("expected_direct_not_exportable");
-    const long should = calls - no_op - invalid - not_exportable;
-    std::map<std::string, long> expected_direct;
-    if (no_op > 0) expected_direct["no_op"] = no_op;
-    if (invalid > 0) expected_direct["invalid_args"] = invalid;
-    if (not_exportable > 0) expected_direct["not_exportable"] = not_exportable;
+    const std::map<std::string, long> expected_direct = expectedDirect(totals);
+    const long should = calls - sum(expected_direct);
     EXPECT_EQ(stats.calls, calls) << name;
     EXPECT_EQ(stats.failed, 0) << name;
     EXPECT_EQ(stats.served, should) << name << ": " << run.process.err();
     EXPECT_EQ(stats.direct, expected_direct) << name << ": direct" << directText(stats);
+    const auto entries = expectedEntries(out);
+    EXPECT_FALSE(entries.empty()) << name << " printed no entry lines";
+    for (const auto& [entry, want] : entries) {
+      const auto it = stats.entries.find(entry);
+      if (it == stats.entries.end()) {
+        ADD_FAILURE() << name << ": the shim counted no " << entry << " call, the program made "
+                      << want.calls;
+        continue;
+      }
+      const ShimStats::Entry& got = it->second;
+      EXPECT_EQ(got.calls, want.calls) << name << ": " << entry << " calls";
+      EXPECT_EQ(got.served, want.served) << name << ": " << entry << " served";
+      EXPECT_EQ(got.failed, 0) << name << ": " << entry << " failed";
+      EXPECT_EQ(got.direct, want.direct) << name << ": " << entry << " direct";
+    }
+    for (const auto& [entry, got] : stats.entries) {
+      EXPECT_TRUE(entries.count(entry)) << name << ": the shim counted " << got.calls << " "
+                                        << entry << " calls, the program made none";
+    }
     const double share = should > 0 ? static_cast<double>(stats.served) / should : 1.0;
     EXPECT_GE(share, 0.999) << name;
     // Stream order takes the calls with beta == 0 (the others go the host way).
@@ -292,9 +346,9 @@ TEST_P(Preloaded, TwoDaemonRestartsMidRunLoseNoCallAndTheProcessesComeBack) {
   ASSERT_TRUE(served_again()) << "no process came back after the SIGKILL restart";
   say("served again after both restarts");
 
-  const std::set<std::string> allowed = {"no_op",     "invalid_args", "not_exportable",
-                                         "no_daemon", "draining",     "daemon_lost",
-                                         "declined",  "daemon_failed"};
+  const std::set<std::string> allowed = {
+      "no_op",     "invalid_args", "not_exportable", "unserved_form", "device_pointer_mode",
+      "no_daemon", "draining",     "daemon_lost",    "declined",      "daemon_failed"};
   long total_calls = 0, total_served = 0, total_should = 0, total_lost = 0;
   for (std::size_t i = 0; i < runs.size(); ++i) {
     Run& run = runs[i];
@@ -326,12 +380,27 @@ TEST_P(Preloaded, TwoDaemonRestartsMidRunLoseNoCallAndTheProcessesComeBack) {
         << name << ": direct" << directText(stats);
     // Decided before the shim looks for the daemon, so exact whatever it did.
     auto reason = [&](const char* key) { return stats.directCalls(key); };
-    EXPECT_EQ(reason("no_op"), totals.at("expected_direct_no_op")) << name;
-    EXPECT_EQ(reason("invalid_args"), totals.at("expected_direct_invalid_args")) << name;
+    // (Exportability is looked at once the daemon is found, so at most.)
+    const std::map<std::string, long> expected_direct = expectedDirect(totals);
+    for (const std::string key :
+         {"no_op", "invalid_args", "unserved_form", "device_pointer_mode"}) {
+      EXPECT_EQ(reason(key.c_str()), totals.at("expected_direct_" + key)) << name << ": " << key;
+    }
     EXPECT_LE(reason("not_exportable"), totals.at("expected_direct_not_exportable")) << name;
-    const long should = calls - totals.at("expected_direct_no_op") -
-                        totals.at("expected_direct_invalid_args") -
-                        totals.at("expected_direct_not_exportable");
+    const long should = calls - sum(expected_direct);
+    // By entry point: every call counted once, each served, failed or direct
+    // (at least those predicted direct).
+    for (const auto& [entry, want] : expectedEntries(run.process.out())) {
+      const auto it = stats.entries.find(entry);
+      if (it == stats.entries.end()) {
+        ADD_FAILURE() << name << ": the shim counted no " << entry << " call";
+        continue;
+      }
+      const ShimStats::Entry& got = it->second;
+      EXPECT_EQ(got.calls, want.calls) << name << ": " << entry << " calls";
+      EXPECT_EQ(got.served + got.failed + got.direct, got.calls) << name << ": " << entry;
+      EXPECT_GE(got.direct, want.direct) << name << ": " << entry << " direct";
+    }
     std::cout << name << ": calls " << calls << ", served " << stats.served << " of " << should
               << ", lost " << totals.at("lost") << ", failed " << stats.failed << ", direct"
               << directText(stats) << "; " << elapsedOf(run.process.out()) << std::endl;

@@ -85,10 +85,13 @@ TEST_F(ShimOnGpu, TheSameResultsWithAndWithoutThePreloadAndTheDaemonServedThem) 
   }
 }
 
-// An unmodified PyTorch process: its GEMM operators give the same results
-// under the preload, and reach stmuxd through the entry points PyTorch uses
-// for them, every such call served. Skipped where PyTorch with CUDA is not
-// installed.
+// An unmodified PyTorch process: its GEMM operators and a small transformer
+// encoder layer, TF32 off and on, give results as right under the preload
+// as without it (tests/torch_fidelity.py checks each against float64), and
+// reach stmuxd through the entry points PyTorch uses for them: mm and
+// F.linear without a bias sgemm, bmm strided_batched, mv gemv, addmm with a
+// bias and nn.Linear with one lt_matmul, every such call served. Skipped where
+// PyTorch with CUDA is not installed.
 TEST_F(ShimOnGpu, PyTorchsGemmOperatorsAreRightAndServedThroughTheirEntryPoints) {
   Process plain({"python3", TORCH_FIDELITY_PATH}, {}, dir_.path() + "/torch-plain");
   if (!plain.started()) GTEST_SKIP() << "GPU test skipped: no python3 in PATH";
@@ -102,11 +105,13 @@ TEST_F(ShimOnGpu, PyTorchsGemmOperatorsAreRightAndServedThroughTheirEntryPoints)
   const ShimStats stats = shimStats(torch.err());
   ASSERT_GE(stats.calls, 0) << "no stats line:\n" << torch.err();
   EXPECT_EQ(stats.failed, 0);
-  for (const char* entry : {"sgemm", "strided_batched", "gemv"}) {
+  for (const char* entry : {"sgemm", "strided_batched", "gemv", "lt_matmul"}) {
     ASSERT_EQ(stats.entries.count(entry), 1u) << entry << " never called:\n" << torch.err();
     EXPECT_EQ(stats.entries.at(entry).served, stats.entries.at(entry).calls) << entry << ":\n"
                                                                              << torch.err();
   }
+  for (const auto& [name, entry] : stats.entries)
+    EXPECT_EQ(entry.failed, 0) << name << ":\n" << torch.err();
 }
 
 TEST_F(ShimOnGpu, SixtyFourProcessesAtOnce) {

@@ -32,7 +32,7 @@ Ran probe(const TempDir& dir, std::map<std::string, std::string> env) {
   return run({CUBLAS_CLIENT_PATH, "probe"}, env, dir.path() + "/probe", std::chrono::seconds(120));
 }
 
-TEST(Shim, ExportsExactlyTheHookedNamesUnderCublasVersionNode) {
+TEST(Shim, ExportsExactlyTheHookedNamesUnderCublasVersionNodes) {
   TempDir dir;
   auto nm = run({"/usr/bin/env", "nm", "-D", "--with-symbol-versions", "--defined-only", SHIM_PATH},
                 {}, dir.path() + "/nm");
@@ -47,12 +47,14 @@ TEST(Shim, ExportsExactlyTheHookedNamesUnderCublasVersionNode) {
     exported.insert(type + " " + name);
   }
   const std::string node = "libcublas.so." + std::to_string(CUBLAS_MAJOR);
+  const std::string lt_node = "libcublasLt.so." + std::to_string(CUBLAS_MAJOR);
   EXPECT_EQ(exported, (std::set<std::string>{
                           "T cublasSgemm@@" + node, "T cublasSgemm_v2@@" + node,
                           "T cublasSgemm_v2_64@@" + node, "T cublasSgemv_v2@@" + node,
                           "T cublasSgemv_v2_64@@" + node, "T cublasGemmEx@@" + node,
                           "T cublasGemmEx_64@@" + node, "T cublasSgemmStridedBatched@@" + node,
-                          "T cublasSgemmStridedBatched_64@@" + node, "A " + node}))
+                          "T cublasSgemmStridedBatched_64@@" + node, "A " + node,
+                          "T cublasLtMatmul@@" + lt_node, "A " + lt_node}))
       << nm.out;
 }
 
@@ -65,14 +67,17 @@ TEST(Shim, TheProgramsCallsReachThePreloadedShimAndStatusesComeBackUnchanged) {
   auto before = probeValues(plain.out), after = probeValues(shimmed.out);
   EXPECT_NE(before["cublasSgemm_v2"].find("libcublas.so"), std::string::npos) << plain.out;
   EXPECT_NE(after["cublasSgemm_v2"].find("libstmux.so"), std::string::npos) << shimmed.out;
-  for (const char* key : {"v2_null_handle", "v2_64_null_handle", "strided_null_handle", "create",
-                          "v2_bad_lda", "strided_negative_count", "legacy_bad_op"}) {
+  EXPECT_NE(before["cublasLtMatmul"].find("libcublasLt.so"), std::string::npos) << plain.out;
+  EXPECT_NE(after["cublasLtMatmul"].find("libstmux.so"), std::string::npos) << shimmed.out;
+  for (const char* key :
+       {"v2_null_handle", "v2_64_null_handle", "strided_null_handle", "create", "v2_bad_lda",
+        "strided_negative_count", "legacy_bad_op", "lt_null_handle"}) {
     EXPECT_EQ(before[key], after[key]) << key;
   }
   // The shim's own account, printed at exit: every call went straight to
   // cuBLAS, each for its reason.
   EXPECT_NE(shimmed.err.find("0 served by stmuxd"), std::string::npos) << shimmed.err;
-  EXPECT_NE(shimmed.err.find("bad_handle=3"), std::string::npos) << shimmed.err;
+  EXPECT_NE(shimmed.err.find("bad_handle=4"), std::string::npos) << shimmed.err;
   EXPECT_NE(shimmed.err.find("invalid_args="), std::string::npos) << shimmed.err;
   // And by entry point (where no GPU lets cublasCreate succeed, the calls
   // that need a handle are not made).
@@ -87,6 +92,8 @@ TEST(Shim, TheProgramsCallsReachThePreloadedShimAndStatusesComeBackUnchanged) {
       << shimmed.err;
   EXPECT_NE(shimmed.err.find("sgemm_legacy=1 calls, 0 served, 0 failed, 1 direct"),
             std::string::npos)
+      << shimmed.err;
+  EXPECT_NE(shimmed.err.find("lt_matmul=1 calls, 0 served, 0 failed, 1 direct"), std::string::npos)
       << shimmed.err;
 }
 

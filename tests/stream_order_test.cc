@@ -207,7 +207,7 @@ class StreamOrderTest : public ::testing::Test {
   }
 
   StreamOrder::Queued submit(float* c, Request r = daemon::validRequest()) {
-    StreamCall call{r, kStream, nullptr, nullptr, c, EntryPoint::kSgemm};
+    StreamCall call{r, kStream, nullptr, nullptr, c, nullptr, EntryPoint::kSgemm};
     return order_->submit(connection_, call, nowNs() + kSecond);
   }
   std::vector<StreamOutcome> outcomes() {

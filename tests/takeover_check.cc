@@ -1,6 +1,7 @@
 // Checks the shim's own SGEMM kernel (shim/takeover_kernel.h) on a GPU:
 // - every case of the SGEMM case matrix, and strided batches (stride 0 too),
 //   against a float64 reference, writes outside C caught;
+// - epilogues (bias, ReLU, GELU), against the same call without one;
 // - that it runs while another stream of its context waits on the GPU for a
 //   word no one has written yet;
 // - that, queued behind a stream-ordered call, it computes only when the
@@ -10,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "shim/takeover_kernel.h"
+#include "stmux/epilogue.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
 
@@ -89,6 +92,71 @@ bool checkCase(const Driver& driver, CUfunction kernel, CUstream stream, const G
   CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, s.params));
   CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
   return verify(s);
+}
+
+// Each epilogue, with beta 0 and not, on a strided batch: the same inputs
+// run without the epilogue (checked against the reference), then with it,
+// where every element must be the epilogue of the first result with its
+// row's bias, and nothing outside C written.
+bool checkEpilogues(const Driver& driver, CUfunction kernel, CUstream stream) {
+  using namespace stmux;
+  std::mt19937_64 random(13);
+  bool ok = true;
+  for (const std::uint32_t epilogue :
+       {kEpilogueBias, kEpilogueRelu, kEpilogueGelu, kEpilogueRelu | kEpilogueBias,
+        kEpilogueGelu | kEpilogueBias}) {
+    for (const float beta : {0.0f, 0.5f}) {
+      GemmCase c{"epilogue", 1, 0, 37, 19, 23};
+      c.beta = beta;
+      c.ldc_pad = 3;
+      const std::uint64_t seed = random();
+      std::mt19937_64 plain_random(seed), epilogue_random(seed);
+      Staged plain(c, 2, false, plain_random), with(c, 2, false, epilogue_random);
+      if (!stage(plain) || !stage(with)) return false;
+      std::vector<float> bias(c.m);
+      std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+      for (float& b : bias)
+        b = uniform(random);
+      float* device_bias = nullptr;
+      CHECK_CUDA(cudaMalloc(&device_bias, sizeof(float) * bias.size()));
+      CHECK_CUDA(cudaMemcpy(device_bias, bias.data(), sizeof(float) * bias.size(),
+                            cudaMemcpyHostToDevice));
+      with.params.epilogue = epilogue;
+      with.params.bias = device_bias;
+      CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, plain.params));
+      CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, with.params));
+      CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+      cudaFree(device_bias);
+      ok &= verify(plain);
+      std::vector<float> want(plain.batch.c_all.size()), got(want.size());
+      CHECK_CUDA(
+          cudaMemcpy(want.data(), plain.c, sizeof(float) * want.size(), cudaMemcpyDeviceToHost));
+      CHECK_CUDA(
+          cudaMemcpy(got.data(), with.c, sizeof(float) * got.size(), cudaMemcpyDeviceToHost));
+      // Inside C: the epilogue applied; anywhere else: as it was.
+      std::vector<bool> in_c(want.size(), false);
+      for (std::int64_t p = 0; p < 2; ++p) {
+        for (std::int64_t col = 0; col < c.n; ++col) {
+          for (std::int64_t row = 0; row < c.m; ++row) {
+            const std::size_t i = c.c_offset + p * plain.batch.stride_c + col * c.ldc() + row;
+            in_c[i] = true;
+            want[i] = applyEpilogue(epilogue, want[i], bias[row]);
+          }
+        }
+      }
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        const float bound = in_c[i] ? 1e-5f * (std::fabs(want[i]) + 1.0f) : 0.0f;
+        if (!(std::fabs(got[i] - want[i]) <= bound)) {
+          std::printf("FAIL epilogue %u, beta %g: element %zu is %g, want %g%s\n", epilogue,
+                      static_cast<double>(beta), i, static_cast<double>(got[i]),
+                      static_cast<double>(want[i]), in_c[i] ? "" : " (outside C)");
+          ok = false;
+          break;
+        }
+      }
+    }
+  }
+  return ok;
 }
 
 // One stream waits on the GPU for a host word; the kernel must still run to
@@ -232,9 +300,10 @@ int main(int argc, char** argv) {
   failures += !checkCase(*driver, kernel, stream, GemmCase{"wide-1x1100000x2", 0, 1, 1, 1100000, 2},
                          1, false, random);
   cases += 2;
+  failures += !checkEpilogues(*driver, kernel, stream);
   failures += !checkRunsWhileAStreamWaits(*driver, kernel, stream);
   failures += !checkStandby(*driver, kernel, stream);
-  cases += 2;
+  cases += 3;
   std::printf("%d of %d checks passed\n", cases - failures, cases);
   return failures == 0 ? 0 : 1;
 }

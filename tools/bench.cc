@@ -160,7 +160,8 @@ void usage(FILE* out) {
                "  --shapes LIST    rnn (512x1x512), resnet (256x128x1152), cube (256x256x256),\n"
                "                   mixed (the three, one per tenant in turn) or MxNxK;\n"
                "                   or PyTorch tenants (stmux-torch-tenant; their rows count\n"
-               "                   model steps): torch-rnn, torch-cube, torch-mlp, torch-multi;\n"
+               "                   model steps): torch-rnn, torch-cube, torch-mlp, torch-multi,\n"
+               "                   torch-attn (self-attention: nn.Linear and bmm);\n"
                "                   default rnn,resnet,cube,mixed\n"
                "  --tenants LIST   values of R, each 1..256; default 1,8,32,128,256\n"
                "  --modes LIST     time-only, mps, stmux (no MPS), stmux-mps (stmuxd and\n"
@@ -204,7 +205,7 @@ std::optional<Shape> parseShape(const std::string& text) {
   if (text == "resnet") return Shape{"resnet-256x128x1152", 256, 128, 1152, false, ""};
   if (text == "cube") return Shape{"cube-256", 256, 256, 256, false, ""};
   if (text == "mixed") return Shape{"mixed", 0, 0, 0, true, ""};
-  for (const char* workload : {"rnn", "cube", "mlp", "multi"}) {
+  for (const char* workload : {"rnn", "cube", "mlp", "multi", "attn"}) {
     if (text == std::string("torch-") + workload) return Shape{text, 0, 0, 0, false, workload};
   }
   long long m, n, k;
@@ -351,8 +352,8 @@ bool parseArgs(int argc, char** argv, Options& o) {
   auto parsed = splitList<Shape>(shapes, parseShape);
   if (!parsed)
     return bad("--shapes", shapes.c_str(),
-               "rnn, resnet, cube, mixed, MxNxK, torch-rnn, torch-cube, torch-mlp or "
-               "torch-multi, comma-separated");
+               "rnn, resnet, cube, mixed, MxNxK, torch-rnn, torch-cube, torch-mlp, "
+               "torch-multi or torch-attn, comma-separated");
   o.shapes = *parsed;
   const fs::path self = fs::canonical("/proc/self/exe").parent_path();
   if (o.client.empty()) o.client = findProgram(self, {"stmux-cublas-client"});

@@ -3,8 +3,8 @@
 // It links libcublas like any application, so LD_PRELOAD=libstmux.so can sit
 // in front of it unseen; the shim's tests and stmux-bench run it with and
 // without. Modes:
-//   probe    no GPU needed: where cublasSgemm_v2 resolves, and the statuses of
-//            calls cuBLAS must refuse
+//   probe    no GPU needed: where cublasSgemm_v2 and cublasLtMatmul resolve,
+//            and the statuses of calls cuBLAS must refuse
 //   check    the case matrix against a float64 reference, through
 //            cublasSgemm_v2, cublasSgemm_v2_64 and the legacy cublasSgemm
 //   stress   verified calls in a loop for a while, counting what came back,
@@ -16,6 +16,7 @@
 //   loop     a closed loop {sgemm; wait}, a tenant of stmux-bench (its start
 //            barrier: tools/barrier.h)
 //   ceiling  one cublasSgemmBatched of R per round instead (stmux-bench)
+#include <cublasLt.h>
 #include <cublas_api.h>
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -298,6 +299,13 @@ int probe() {
   std::printf("v2_64_null_handle %d\n",
               static_cast<int>(cublasSgemm_v2_64(nullptr, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4, &one,
                                                  nullptr, 4, nullptr, 4, &one, nullptr, 4)));
+  symbol = reinterpret_cast<const void*>(&cublasLtMatmul);
+  std::printf("cublasLtMatmul %s\n",
+              dladdr(symbol, &info) != 0 && info.dli_fname ? info.dli_fname : "?");
+  std::printf("lt_null_handle %d\n",
+              static_cast<int>(cublasLtMatmul(nullptr, nullptr, &one, nullptr, nullptr, nullptr,
+                                              nullptr, &one, nullptr, nullptr, nullptr, nullptr,
+                                              nullptr, nullptr, 0, nullptr)));
   std::printf("strided_null_handle %d\n",
               static_cast<int>(cublasSgemmStridedBatched(nullptr, CUBLAS_OP_N, CUBLAS_OP_N, 4, 4, 4,
                                                          &one, nullptr, 4, 16, nullptr, 4, 16, &one,

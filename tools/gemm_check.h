@@ -148,9 +148,12 @@ struct Verdict {
 
 // The float64 reference of one case, m x n column-major: each element's
 // expected value and the scale of its error bound. Computed once, it checks
-// any number of results of the same call.
+// any number of results of the same call. `slack`, where a caller sets it:
+// each element's error allowed on top, for what is applied after the dot
+// product (an epilogue) and does not scale with it.
 struct Reference {
   std::vector<double> expected, scale;
+  std::vector<double> slack;  // empty: none
 };
 
 inline Reference reference(const GemmCase& c, const Buffers& in) {
@@ -203,7 +206,8 @@ inline Verdict verify(const GemmCase& c, const Buffers& in, const Reference& ref
       const double expected = ref.expected[j * c.m + i];
       const double got = result[index];
       const double error = std::fabs(got - expected);
-      const double bound = allowed * ref.scale[j * c.m + i] + 1e-30;
+      const double slack = ref.slack.empty() ? 0.0 : ref.slack[j * c.m + i];
+      const double bound = allowed * ref.scale[j * c.m + i] + slack + 1e-30;
       if (!(error <= bound)) {  // NaN fails too
         verdict.ok = false;
         char text[200];

@@ -5,11 +5,14 @@ It knows nothing of stmux: each step runs a small model in FP32 on the GPU and
 then torch.cuda.synchronize(), in a closed loop, under stmux-bench's start
 barrier (tools/barrier.h): a few untimed steps, the ready file, untimed steps
 until the go file names the span, then every step that ends inside the span is
-timed. Workloads (GEMMs per step in brackets):
+timed. Workloads (cuBLAS calls per step in brackets):
   rnn    h = tanh(mm(W, h) + mm(U, x)), 512 hidden, batch 1      [2]
   cube   relu(mm(A, B)), 256 x 256 x 256                         [1]
   mlp    3 x (nn.Linear(512, 512) with bias, ReLU), batch 4      [3]
   multi  four independent mm of 256 x 64 x 256, summed           [4]
+  attn   self-attention, batch 4, sequence 64, 8 heads of 64:    [6]
+         q, k, v and output nn.Linear(512, 512) with bias, and
+         softmax(bmm(q, k^T)) and its bmm with v, 32 GEMMs each
 Exit status: 0 done, 1 a failed step or an unwritable file, 2 bad usage,
 3 no usable CUDA device or --sync refused, 4 no go file in time, 5 PyTorch is
 not installed.
@@ -19,7 +22,7 @@ import os
 import sys
 import time
 
-WORKLOADS = {"rnn": 2, "cube": 1, "mlp": 3, "multi": 4}
+WORKLOADS = {"rnn": 2, "cube": 1, "mlp": 3, "multi": 4, "attn": 6}
 SYNC_FLAGS = {"spin": 1, "yield": 2, "blocking": 4}  # cudaDeviceSchedule*
 WARMUP_STEPS = 20
 
@@ -78,11 +81,28 @@ def make_step(torch, workload, tenant):
 
         def run():
             model(x)
-    else:  # multi
+    elif workload == "multi":
         pairs = [(randn(256, 64), randn(64, 256)) for _ in range(4)]
 
         def run():
             sum(torch.mm(a, b) for a, b in pairs)
+    else:  # attn
+        batch, seq, heads, dim = 4, 64, 8, 64
+        width = heads * dim
+        q_proj, k_proj, v_proj, out_proj = (
+            torch.nn.Linear(width, width).to(dev).eval() for _ in range(4))
+        x = randn(batch, seq, width)
+
+        def split(t):  # [batch, seq, width] -> [batch * heads, seq, dim]
+            return t.view(batch, seq, heads, dim).transpose(1, 2).reshape(-1, seq, dim)
+
+        def run():
+            # Spelled out rather than nn.MultiheadAttention, whose fused
+            # kernels may bypass cuBLAS: bmm is cublasSgemmStridedBatched.
+            q, k, v = split(q_proj(x)) * dim ** -0.5, split(k_proj(x)), split(v_proj(x))
+            weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
+            context = torch.bmm(weights, v).view(batch, heads, seq, dim).transpose(1, 2)
+            out_proj(context.reshape(batch, seq, width))
 
     def step():
         run()
