@@ -1,7 +1,7 @@
 // Fuzzes what the daemon does with a request's operand descriptors and sizes:
 // cuBLAS's argument rules, each operand's extent and whether it fits its
 // allocation (include/stmux/gemm.h), with any m, n, k, leading dimensions,
-// offsets and sizes, int64 extremes included; and the MappingCache
+// epilogues, offsets and sizes, int64 extremes included; and the MappingCache
 // (daemon/mapping_cache.cc), which keeps client allocations mapped keyed by
 // the ids, bases and sizes a client claims.
 //
@@ -66,11 +66,15 @@ void checkShape(ByteReader& in) {
   s.lda = in.integer<std::int64_t>();
   s.ldb = in.integer<std::int64_t>();
   s.ldc = in.integer<std::int64_t>();
+  s.epilogue = in.u32();
 
   const bool ops_ok = (s.transa >= 0 && s.transa <= 2) && (s.transb >= 0 && s.transb <= 2);
-  const bool valid =
-      ops_ok && s.m >= 0 && s.n >= 0 && s.k >= 0 && s.lda >= std::max<std::int64_t>(1, s.rowsA()) &&
-      s.ldb >= std::max<std::int64_t>(1, s.rowsB()) && s.ldc >= std::max<std::int64_t>(1, s.m);
+  // Bias (1), ReLU (2), GELU (4), no other bit, not both activations.
+  const bool epilogue_ok = s.epilogue <= 7 && (s.epilogue & 6) != 6;
+  const bool valid = ops_ok && epilogue_ok && s.m >= 0 && s.n >= 0 && s.k >= 0 &&
+                     s.lda >= std::max<std::int64_t>(1, s.rowsA()) &&
+                     s.ldb >= std::max<std::int64_t>(1, s.rowsB()) &&
+                     s.ldc >= std::max<std::int64_t>(1, s.m);
   const std::int32_t status = checkGemmArgs(s);
   STMUX_FUZZ_CHECK((status == kStatusSuccess) == valid);
   STMUX_FUZZ_CHECK(status == kStatusSuccess || status == kStatusInvalidValue);
@@ -83,9 +87,12 @@ void checkShape(ByteReader& in) {
   STMUX_FUZZ_CHECK(extents.has_value() == (a && b && c));
   if (!extents) return;
   STMUX_FUZZ_CHECK(extents->a == *a && extents->b == *b && extents->c == *c);
+  // The bias: one float per row of C, read only with a bias and a C.
+  const bool bias = (s.epilogue & 1) != 0 && s.m > 0 && s.n > 0;
+  STMUX_FUZZ_CHECK(extents->bias == (bias ? static_cast<std::uint64_t>(s.m) * 4 : 0));
 
   // Each operand placed somewhere in an allocation of some size.
-  const std::uint64_t sizes[3] = {extents->a, extents->b, extents->c};
+  const std::uint64_t sizes[4] = {extents->a, extents->b, extents->c, extents->bias};
   for (std::uint64_t extent : sizes) {
     const std::uint64_t offset = in.u64();
     const std::uint64_t alloc = in.u64();
@@ -99,6 +106,7 @@ void checkShape(ByteReader& in) {
   Request r{};
   r.transa = s.transa, r.transb = s.transb;
   r.m = s.m, r.n = s.n, r.k = s.k, r.lda = s.lda, r.ldb = s.ldb, r.ldc = s.ldc;
+  r.epilogue = s.epilogue;
   const std::uint32_t alpha_bits = in.u32(), beta_bits = in.u32();
   std::memcpy(&r.alpha, &alpha_bits, sizeof(float));
   std::memcpy(&r.beta, &beta_bits, sizeof(float));
@@ -106,7 +114,8 @@ void checkShape(ByteReader& in) {
   STMUX_FUZZ_CHECK(key == BatchKey::of(r));
   STMUX_FUZZ_CHECK(BatchKeyHash{}(key) == BatchKeyHash{}(BatchKey::of(r)));
   STMUX_FUZZ_CHECK(key.alpha_bits == alpha_bits && key.beta_bits == beta_bits);
-  (void)gemmIsNoOp(r);
+  // An epilogue has work wherever C has an element.
+  if (s.epilogue != 0 && s.m > 0 && s.n > 0) STMUX_FUZZ_CHECK(!gemmIsNoOp(r));
 }
 
 // ---- the mapping cache ----
@@ -204,10 +213,11 @@ class CacheWorld {
 // ---- seeds ----
 
 void shape(ByteWriter& w, std::int32_t ta, std::int32_t tb, std::int64_t m, std::int64_t n,
-           std::int64_t k, std::int64_t lda, std::int64_t ldb, std::int64_t ldc) {
+           std::int64_t k, std::int64_t lda, std::int64_t ldb, std::int64_t ldc,
+           std::uint32_t epilogue = 0) {
   w.u8(kShape).integer(ta).integer(tb).integer(m).integer(n).integer(k);
-  w.integer(lda).integer(ldb).integer(ldc);
-  for (int i = 0; i < 3; ++i)
+  w.integer(lda).integer(ldb).integer(ldc).u32(epilogue);
+  for (int i = 0; i < 4; ++i)
     w.u64(16).u64(1 << 20);
   w.u32(0x3f800000).u32(0);
 }
@@ -227,6 +237,8 @@ void writeSeeds(const char* dir) {
     shape(w, kOpN, kOpN, INT64_MAX, 1, 1, INT64_MAX, 1, INT64_MAX);
     shape(w, kOpN, kOpT, 1, INT64_MAX / 4, 1, 1, INT64_MAX / 4, 1);
     shape(w, kOpN, kOpN, 0, 0, 0, 1, 1, 1);
+    shape(w, kOpN, kOpN, 64, 64, 64, 64, 64, 64, kEpilogueBias | kEpilogueGelu);
+    shape(w, kOpN, kOpN, 64, 64, 64, 64, 64, 64, kEpilogueRelu | kEpilogueGelu);  // refused
     writeSeed(dir, "shapes", w.data());
   }
   {

@@ -180,10 +180,12 @@ class FakeExecutor {
       STMUX_FUZZ_CHECK(r.c.alloc_id != 0);
       STMUX_FUZZ_CHECK(extents->a == 0 || r.a.alloc_id != 0);
       STMUX_FUZZ_CHECK(extents->b == 0 || r.b.alloc_id != 0);
+      STMUX_FUZZ_CHECK(extents->bias == 0 || r.bias.alloc_id != 0);
       STMUX_FUZZ_CHECK(item.key == BatchKey::of(r));
       std::int32_t status = resolve(item, r.a, extents->a, batch->id);
       if (status == kStatusSuccess) status = resolve(item, r.b, extents->b, batch->id);
       if (status == kStatusSuccess) status = resolve(item, r.c, extents->c, batch->id);
+      if (status == kStatusSuccess) status = resolve(item, r.bias, extents->bias, batch->id);
       if (status != kStatusSuccess) {
         slotComplete(slot, r.generation, status);
         continue;
@@ -404,7 +406,12 @@ void writeSeeds(const char* dir) {
     ByteWriter w;  // two tenants, a request each, batched, run
     w.u8(two_tenants_eight_slots).u8(batch_of_four);
     cell(w, 0, validRequest());
-    cell(w, 1, validRequest());
+    Request with_bias = validRequest();  // an epilogue, its bias described
+    with_bias.epilogue = kEpilogueBias | kEpilogueGelu;
+    with_bias.bias = with_bias.c;
+    with_bias.bias.alloc_id = 4;
+    with_bias.bias.handle.bytes[8] = 3;
+    cell(w, 1, with_bias);
     w.u8(kDrain).u8(0).u8(kDrain).u8(1);
     w.u8(kAdvance).u8(0).u32(30'000).u8(kExecute).u8(0).u8(0);
     writeSeed(dir, "two-tenants", w.data());
@@ -427,6 +434,12 @@ void writeSeeds(const char* dir) {
     cell(w, 0, r);
     r = validRequest();
     r.beta = 1.0f, r.k = 0;  // a no-op
+    cell(w, 0, r);
+    r = validRequest();
+    r.epilogue = kEpilogueBias;  // a bias not described
+    cell(w, 0, r);
+    r = validRequest();
+    r.epilogue = kEpilogueRelu | kEpilogueGelu;  // two activations
     cell(w, 0, r);
     w.u8(kDrain).u8(0);
     writeSeed(dir, "rejects", w.data());
