@@ -33,9 +33,10 @@ struct ExecCommand {
 
 // What the executor publishes for stmuxctl; written by the executor only.
 struct ExecutorGauges {
-  std::atomic<std::uint64_t> mapped{0};    // client allocations mapped now
-  std::atomic<std::uint64_t> launches{0};  // cuBLAS launches issued
-  std::atomic<bool> broken{false};         // the GPU context failed; nothing runs here now
+  std::atomic<std::uint64_t> mapped{0};             // client allocations mapped now
+  std::atomic<std::uint64_t> launches{0};           // cuBLAS launches issued
+  std::atomic<std::uint64_t> epilogue_launches{0};  // epilogue kernels launched (one per batch)
+  std::atomic<bool> broken{false};                  // the GPU context failed; nothing runs here now
 };
 
 class ExecutorChannel {

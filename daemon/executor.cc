@@ -501,7 +501,10 @@ class Executor::Impl {
       error = cudaLaunchKernel(reinterpret_cast<const void*>(epilogue_kernel_), grid,
                                dim3(kEpilogueThreads), arguments, 0, stream_);
     }
-    if (error == cudaSuccess) return;
+    if (error == cudaSuccess) {
+      channel_.gauges().epilogue_launches.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
     // Not sticky (a sticky error fails the batch's event): clear it, or the
     // next cuBLAS call would take it for a failure of its own.
     (void)cudaGetLastError();

@@ -237,6 +237,7 @@ void Scheduler::addStatus(Json& status) const {
     round["launch"] = mean(r.launch_ns, r.completed);
     round["gpu"] = mean(r.gpu_ns, r.completed);
     entry["cublas_launches"] = gauges.launches.load();
+    entry["epilogue_launches"] = gauges.epilogue_launches.load();
     entry["mapped"] = gauges.mapped.load();
   }
 }
@@ -260,6 +261,9 @@ void Scheduler::addMetrics(MetricsText& out) const {
   perGpu("stmux_gpu_cublas_launches_total", "counter",
          "cuBLAS launches the batches took (a batch of several shapes takes several).",
          [](const Gpu& g) { return g.channel->gauges().launches.load(); });
+  perGpu("stmux_gpu_epilogue_launches_total", "counter",
+         "Epilogue kernels (bias, ReLU, GELU) the batches took: one per batch with any.",
+         [](const Gpu& g) { return g.channel->gauges().epilogue_launches.load(); });
   perGpu("stmux_gpu_queued_requests", "gauge", "Requests waiting for a batch.",
          [](const Gpu& g) { return g.batcher.queued(); });
   perGpu("stmux_gpu_awaiting_stream_requests", "gauge",

@@ -85,6 +85,9 @@ TEST_F(StmuxdOnGpu, EpiloguesAreAppliedAfterTheLaunchesTheyShareWithPlainRequest
   const double requests = gpuField(*status, "requests");
   EXPECT_EQ(requests, 15) << "13 cases and the 2 GEMMs ahead of them";
   EXPECT_LE(gpuField(*status, "batches"), 5) << "the cases should have met in batches";
+  // One epilogue kernel for each batch that had an epilogue in it.
+  EXPECT_GE(gpuField(*status, "epilogue_launches"), 1);
+  EXPECT_LE(gpuField(*status, "epilogue_launches"), gpuField(*status, "batches"));
   const Json* broken = jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "broken");
   ASSERT_NE(broken, nullptr);
   EXPECT_FALSE(jsonBool(broken, true)) << "the daemon lost its GPU";

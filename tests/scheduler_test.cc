@@ -284,6 +284,8 @@ TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_size_sum", {gpu}), 5);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_wait_seconds_count", {gpu}), 5);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_broken", {gpu}), 0);
+  // No request had an epilogue: the family is there, at 0.
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_epilogue_launches_total", {gpu}), 0);
 }
 
 // A stream-ordered request as the shim sends one: its caller's stream will
