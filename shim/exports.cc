@@ -5,6 +5,8 @@
 #include <cublasLt.h>
 #include <cublas_api.h>
 
+#include <optional>
+
 #include "shim/callers.h"
 #include "shim/hooks.h"
 #include "shim/intercept.h"
@@ -97,9 +99,25 @@ Gemm makeGemv(cublasHandle_t handle, cublasOperation_t trans, Int m, Int n, cons
   return gemm;
 }
 
+// The cublasMath_t an FP32 compute type asks for: 32F `plain` (whatever
+// else sets the precision), PEDANTIC never reduced, FAST_TF32 TF32 allowed;
+// nullopt for a compute type that is not FP32.
+std::optional<std::int32_t> fp32MathMode(cublasComputeType_t compute, std::int32_t plain) {
+  switch (compute) {
+    case CUBLAS_COMPUTE_32F:
+      return plain;
+    case CUBLAS_COMPUTE_32F_PEDANTIC:
+      return CUBLAS_PEDANTIC_MATH;
+    case CUBLAS_COMPUTE_32F_FAST_TF32:
+      return CUBLAS_TF32_TENSOR_OP_MATH;
+    default:
+      return std::nullopt;
+  }
+}
+
 // A GemmEx: served when it is an SGEMM, all data FP32 and FP32 compute; the
-// compute type sets the precision (32F: the handle's math mode, as
-// cublasSgemm; PEDANTIC: never reduced; FAST_TF32: TF32 allowed).
+// compute type sets the precision (fp32MathMode; 32F: the handle's math mode,
+// as cublasSgemm).
 template <class Int>
 Gemm makeGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, Int m,
                 Int n, Int k, const void* alpha, const void* a, cudaDataType atype, Int lda,
@@ -109,22 +127,12 @@ Gemm makeGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation
                        static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb,
                        static_cast<const float*>(beta), static_cast<float*>(c), ldc);
   gemm.entry = EntryPoint::kGemmEx;
-  if (atype != CUDA_R_32F || btype != CUDA_R_32F || ctype != CUDA_R_32F) {
+  const std::optional<std::int32_t> math = fp32MathMode(compute, gemm.math_mode);
+  if (atype != CUDA_R_32F || btype != CUDA_R_32F || ctype != CUDA_R_32F || !math) {
     gemm.direct_because = Fallback::kUnservedForm;
     return gemm;
   }
-  switch (compute) {
-    case CUBLAS_COMPUTE_32F:
-      break;
-    case CUBLAS_COMPUTE_32F_PEDANTIC:
-      gemm.math_mode = CUBLAS_PEDANTIC_MATH;
-      break;
-    case CUBLAS_COMPUTE_32F_FAST_TF32:
-      gemm.math_mode = CUBLAS_TF32_TENSOR_OP_MATH;
-      break;
-    default:
-      gemm.direct_because = Fallback::kUnservedForm;
-  }
+  gemm.math_mode = *math;
   return gemm;
 }
 
@@ -271,22 +279,13 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
     if (!lt.get(desc, attribute, pointer)) return direct(Fallback::kInvalidArgs);
     if (pointer != nullptr) return direct(Fallback::kUnservedForm);
   }
-  switch (compute) {
-    case CUBLAS_COMPUTE_32F:
-      gemm.math_mode = CUBLAS_DEFAULT_MATH;
-      break;
-    case CUBLAS_COMPUTE_32F_PEDANTIC:
-      gemm.math_mode = CUBLAS_PEDANTIC_MATH;
-      break;
-    case CUBLAS_COMPUTE_32F_FAST_TF32:
-      gemm.math_mode = CUBLAS_TF32_TENSOR_OP_MATH;
-      break;
-    default:
-      return direct(Fallback::kUnservedForm);
-  }
-  gemm.emulation = CUBLAS_EMULATION_STRATEGY_DEFAULT;
+  // No handle: 32F is full FP32, as cuBLASLt computes it.
+  const std::optional<std::int32_t> math =
+      fp32MathMode(static_cast<cublasComputeType_t>(compute), CUBLAS_DEFAULT_MATH);
   const std::optional<std::uint32_t> ours = epilogueOf(epilogue);
-  if (scale_type != CUDA_R_32F || !ours) return direct(Fallback::kUnservedForm);
+  if (!math || scale_type != CUDA_R_32F || !ours) return direct(Fallback::kUnservedForm);
+  gemm.math_mode = *math;
+  gemm.emulation = CUBLAS_EMULATION_STRATEGY_DEFAULT;
   gemm.epilogue = *ours;
   if ((gemm.epilogue & kEpilogueBias) != 0) {
     if (bias_type != -1 && bias_type != CUDA_R_32F) return direct(Fallback::kUnservedForm);

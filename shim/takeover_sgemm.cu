@@ -68,11 +68,8 @@ extern "C" __global__ void __launch_bounds__(kTile* kTile)
         if (row < p.m && col < p.n) {
           float* out = c + row + col * p.ldc;
           const float value = p.beta == 0.0f ? p.alpha * sum : p.alpha * sum + p.beta * *out;
-          *out = p.epilogue == stmux::kEpilogueNone
-                     ? value
-                     : stmux::applyEpilogue(
-                           p.epilogue, value,
-                           (p.epilogue & stmux::kEpilogueBias) != 0 ? p.bias[row] : 0.0f);
+          const float bias = (p.epilogue & stmux::kEpilogueBias) != 0 ? p.bias[row] : 0.0f;
+          *out = stmux::applyEpilogue(p.epilogue, value, bias);
         }
       }
     }
