@@ -100,7 +100,8 @@ Server::Server(ServerOptions options, RequestSink& sink)
     : options_(std::move(options)),
       sink_(sink),
       layout_(SegmentLayout::compute(options_.slots)),
-      stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+      stop_fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)),
+      fleet_(options_.fleet) {}
 
 void Server::requestStop() {
   stop_.store(true, std::memory_order_relaxed);
@@ -273,6 +274,10 @@ void Server::sleepUntil(std::uint64_t wake_at_ns) {
     if (!clients_.empty() && (deadline == 0 || next_company_ns_ < deadline)) {
       deadline = next_company_ns_;
     }
+    if (const std::uint64_t fleet = fleet_.nextStepNs();
+        fleet != 0 && (deadline == 0 || fleet < deadline)) {
+      deadline = fleet;
+    }
     const std::uint64_t now = nowNs();
     handleEvents(deadline == 0 ? std::nullopt
                                : std::optional<std::uint64_t>(deadline > now ? deadline - now : 0));
@@ -425,6 +430,9 @@ void Server::expirePending(std::uint64_t now) {
   resumeAccepting(now);
   publishMetrics(now);
   publishCompany(now);
+  if (const std::uint64_t fleet = fleet_.nextStepNs(); fleet != 0 && now >= fleet) {
+    steerFleet(now);
+  }
   for (auto it = pending_.begin(); it != pending_.end();) {
     if ((*it)->deadline_ns <= now) {
       STMUX_WARN(kTransport, "closing a connection that sent no hello within {} ms",
@@ -548,6 +556,7 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
   client->mapping = std::move(mapping).value();
   client->view = SegmentView(client->mapping.base(), layout_);
   client->ring = RingConsumer<Request>(client->view.cells(), layout_.ring_capacity);
+  client->view.header()->fleet_route.store(fleet_word_, std::memory_order_relaxed);
   client->socket = std::move(socket);
   epollAdd(epoll_.get(), client->socket.get(), EPOLLIN | EPOLLRDHUP, tag(kTagSocket, client->id));
   epollAdd(epoll_.get(), client->doorbell.get(), EPOLLIN, tag(kTagDoorbell, client->id));
@@ -648,6 +657,13 @@ std::string Server::statusJson() const {
   daemon["protocol"] = kProtocolVersion;
   daemon["uptime_s"] = static_cast<double>(nowNs() - started_ns_) / 1e9;
   daemon["draining"] = draining_;
+  // STMUX_ROUTE=auto's route for the tenants on MPS (daemon/fleet_route.h).
+  Json& fleet = status["mps_route"];
+  fleet["route"] = fleet_.direct() ? "direct" : "served";
+  fleet["looking"] = fleet_.looking();
+  fleet["looks"] = fleet_.looks();
+  fleet["last_gain"] = fleet_.lastLook().gain;  // the other route's calls/s over the taken one's
+  fleet["last_tenants"] = fleet_.lastLook().tenants;
   Json& clients = status["clients"] = Json::array();
   for (const ClientPtr& client : clients_) {
     const ClientCounters& counters = client->view.header()->counters;
@@ -731,6 +747,45 @@ void Server::publishCompany(std::uint64_t now) {
     const std::uint32_t self = now < client->active_until_ns ? 1 : 0;
     client->view.header()->other_tenants.store(active - self, std::memory_order_relaxed);
   }
+  steerFleet(now);
+}
+
+// The route of the tenants on MPS (daemon/fleet_route.h): those that follow
+// it (STMUX_ROUTE=auto, on MPS) and made calls in the last second take part. Only where the daemon
+// is on MPS too: elsewhere each tenant's shim chooses its own (shim/route.h).
+void Server::steerFleet(std::uint64_t now) {
+  const bool on_mps = std::any_of(options_.device_mps.begin(), options_.device_mps.end(),
+                                  [](std::uint8_t m) { return m != 0; });
+  std::vector<TenantCalls> tenants;
+  for (const ClientPtr& client : clients_) {
+    const ClientCounters& counters = client->view.header()->counters;
+    if (!on_mps || now >= client->active_until_ns ||
+        counters.follows_route.load(std::memory_order_relaxed) == 0) {
+      continue;
+    }
+    tenants.push_back({client->id, totals(counters).calls()});
+  }
+  FleetLook look;
+  const std::uint32_t word = fleet_.step(now, tenants, &look);
+  if (look.tenants != 0 || (look.direct_before != look.direct_after)) {
+    const char* before = look.direct_before ? "direct" : "served";
+    const char* other = look.direct_before ? "served" : "direct";
+    if (look.direct_after != look.direct_before) {
+      STMUX_INFO(kSched,
+                 "the {} tenants on MPS made {:.2f}x as many calls {} as {}: their calls now go "
+                 "{} (STMUX_ROUTE=auto; a tenant with STMUX_ROUTE=serve stays served)",
+                 look.tenants, look.gain, other, before, other);
+    } else {
+      STMUX_DEBUG(kSched, "route look{}: {} tenants on MPS, {:.2f}x as many calls {} as {}",
+                  look.warm_up ? " (warm-up, decides nothing)" : "", look.tenants, look.gain, other,
+                  before);
+    }
+  }
+  if (word == fleet_word_) return;
+  fleet_word_ = word;
+  for (const ClientPtr& client : clients_) {
+    client->view.header()->fleet_route.store(word, std::memory_order_relaxed);
+  }
 }
 
 void Server::addMetrics(MetricsText& out) const {
@@ -738,6 +793,13 @@ void Server::addMetrics(MetricsText& out) const {
   out.sample("stmux_daemon_uptime_seconds", {}, static_cast<double>(nowNs() - started_ns_) / 1e9);
   out.family("stmux_daemon_draining", "gauge", "1 while stmuxd shuts down, else 0.");
   out.sample("stmux_daemon_draining", {}, draining_ ? 1 : 0);
+  out.family("stmux_mps_route_direct", "gauge",
+             "1 while STMUX_ROUTE=auto sends the calls of the tenants on MPS directly to cuBLAS "
+             "(measured faster), else 0.");
+  out.sample("stmux_mps_route_direct", {}, fleet_.direct() ? 1 : 0);
+  out.family("stmux_mps_route_looks_total", "counter",
+             "Looks at both routes of the tenants on MPS, each three windows of their calls.");
+  out.sample("stmux_mps_route_looks_total", {}, static_cast<double>(fleet_.looks()));
   out.family("stmux_clients", "gauge", "Tenant processes attached.");
   out.sample("stmux_clients", {}, static_cast<double>(clients_.size()));
   // Per tenant; the served, failed and direct counts are the shim's own,

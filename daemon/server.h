@@ -20,6 +20,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "daemon/fleet_route.h"
 #include "daemon/metrics.h"
 #include "stmux/log.h"
 #include "stmux/segment.h"
@@ -99,6 +100,9 @@ struct ServerOptions {
   std::uint64_t hello_timeout_ns = 2'000'000'000;  // a connection must greet within this
   std::vector<Uuid> devices;                       // announced in the welcome
   std::vector<std::uint8_t> device_mps;            // per device: 1 if the daemon is on MPS there
+  // How the route of the tenants on MPS is measured (only where the daemon
+  // is on MPS itself).
+  FleetRouteOptions fleet;
   // Every `metrics_period_ns` the metrics' text goes to `publish_metrics`
   // (a MetricsFile in stmuxd); 0: none are made.
   std::uint64_t metrics_period_ns = 0;
@@ -158,6 +162,7 @@ class Server {
   void addMetrics(MetricsText& out) const;
   void publishMetrics(std::uint64_t now);
   void publishCompany(std::uint64_t now);
+  void steerFleet(std::uint64_t now);
 
   ServerOptions options_;
   RequestSink& sink_;
@@ -172,6 +177,8 @@ class Server {
   std::uint64_t accept_paused_until_ = 0;  // 0: the listening socket is watched
   std::uint64_t next_metrics_ns_ = 0;
   std::uint64_t next_company_ns_ = 0;
+  FleetRoute fleet_;              // the route of the tenants on MPS
+  std::uint32_t fleet_word_ = 0;  // as published
   LogLimiter accept_log_;
   std::vector<int> controls_;  // stmuxctl connections awaiting a query
   std::uint32_t next_id_ = 1;

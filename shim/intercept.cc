@@ -84,8 +84,10 @@ class Shim {
     bool mps = false;
   };
   std::optional<DeviceInfo> deviceInfo(int device);
-  SyncChoice applySync(const Connection& connection);
+  // Sets the context's scheduling flag for a call `served` by the daemon or not.
+  SyncChoice applySync(const Connection& connection, bool served);
   Route chooseRoute(Connection& connection);
+  Route followFleet(Connection& connection);
   bool streamOrdered(Connection& connection);
   CUresult waitForPriorWork(CUstream stream);
   void printCounters();
@@ -319,13 +321,14 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (!connection) return fallback(absent, gemm.entry, direct, nullptr);
   Connection* conn = connection.get();
   if (conn->draining()) return fallback(Fallback::kDraining, gemm.entry, direct, conn);
-  const SyncChoice sync = applySync(*conn);
   // STMUX_ROUTE=auto chooses before the operands are described (a driver
   // query each), so that a process measured faster direct pays little for the
   // preload.
   if (route_auto_ && chooseRoute(*conn) == Route::kDirect) {
+    (void)applySync(*conn, /*served=*/false);
     return fallback(Fallback::kMeasuredDirect, gemm.entry, direct, conn);
   }
+  const SyncChoice sync = applySync(*conn, /*served=*/true);
 
   const auto extents = gemmExtents(shape);
   if (!extents) return fallback(Fallback::kInvalidArgs, gemm.entry, direct, conn);
@@ -572,9 +575,9 @@ std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
 // STMUX_SYNC (shim/sync_policy.h): gives the calling thread's context the
 // scheduling flag the mode wants, once per context and change; says how the
 // shim's own wait goes.
-SyncChoice Shim::applySync(const Connection& connection) {
+SyncChoice Shim::applySync(const Connection& connection, bool served) {
   if (sync_mode_ == SyncMode::kKeep) return {};
-  const SyncChoice choice = chooseSync(sync_mode_, connection.otherTenants() + 1, cores_);
+  const SyncChoice choice = chooseSync(sync_mode_, connection.otherTenants() + 1, cores_, served);
   CUcontext context = nullptr;
   if (driver_->cuCtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) return choice;
   // What this thread last saw: most calls stop here.
@@ -612,9 +615,9 @@ SyncChoice Shim::applySync(const Connection& connection) {
     synced_.emplace_back(context, choice.sched);
   }
   STMUX_INFO(kShim,
-             "STMUX_SYNC={}: {} tenants making calls on {} cores: CUDA's "
+             "STMUX_SYNC={}: {} tenants making calls on {} cores, this one's calls {}: CUDA's "
              "synchronizations here now {}",
-             config_.sync, connection.otherTenants() + 1, cores_,
+             config_.sync, connection.otherTenants() + 1, cores_, served ? "served" : "direct",
              choice.sched == kSchedBlocking ? "block"
              : choice.sched == kSchedYield  ? "yield"
              : choice.sched == kSchedSpin   ? "spin"
@@ -624,9 +627,11 @@ SyncChoice Shim::applySync(const Connection& connection) {
 
 // The route of a call under STMUX_ROUTE=auto. With the calling thread's
 // device (where cuBLAS runs the call) and stmuxd's both on MPS, a hand-off
-// costs little: always serve. Otherwise each one is a GPU context switch, and
-// the chooser (shim/route.h) serves while other tenants make calls and, while
-// this one is alone, measures whether it is better off direct.
+// costs no context switch, and the daemon measures for all the tenants on MPS
+// together which route is faster (daemon/fleet_route.h): follow it.
+// Otherwise each hand-off is a GPU context switch, and the chooser
+// (shim/route.h) serves while other tenants make calls and, while this one is
+// alone, measures whether it is better off direct.
 Route Shim::chooseRoute(Connection& connection) {
   CUdevice device = -1;
   if (driver_->cuCtxGetDevice(&device) != CUDA_SUCCESS) return Route::kServe;  // it falls back
@@ -636,7 +641,7 @@ Route Shim::chooseRoute(Connection& connection) {
   const auto found = std::find(served.begin(), served.end(), info->uuid);
   if (found == served.end()) return Route::kServe;  // falls back: not served
   if (info->mps && connection.deviceOnMps(static_cast<std::size_t>(found - served.begin()))) {
-    return Route::kServe;
+    return followFleet(connection);
   }
   RouteDecision decision;
   Route route;
@@ -668,6 +673,27 @@ Route Shim::chooseRoute(Connection& connection) {
                  decision.from_rate, routeName(decision.from), decision.to_rate,
                  routeName(decision.to), to_direct ? "direct" : "to stmuxd");
     }
+  }
+  return route;
+}
+
+// A call on MPS under STMUX_ROUTE=auto: the daemon's route for its tenants on
+// MPS. The daemon counts this process among them (its calls, direct or
+// served, are the measure) once it says it follows the route.
+Route Shim::followFleet(Connection& connection) {
+  ClientCounters& counters = connection.counters();
+  counters.mps.store(static_cast<std::uint32_t>(ClientMps::kYes), std::memory_order_relaxed);
+  counters.follows_route.store(1, std::memory_order_relaxed);
+  const std::uint32_t word = connection.fleetRoute();
+  const Route route = (word & kFleetDirect) != 0 ? Route::kDirect : Route::kServe;
+  counters.route.store(static_cast<std::uint32_t>(route), std::memory_order_relaxed);
+  // Said once per process, and only of a settled route, not of a look.
+  if (route == Route::kDirect && (word & kFleetLook) == 0 && !said_direct_.exchange(true)) {
+    STMUX_WARN(kShim,
+               "stmuxd measured the tenants on MPS faster with their GEMMs direct than served "
+               "(stmuxctl status says by how much): this process runs its calls directly, and "
+               "stmuxd measures again from time to time (STMUX_ROUTE=serve serves them "
+               "regardless)");
   }
   return route;
 }

@@ -41,8 +41,12 @@ struct SyncChoice {
 };
 
 // What the context should have: `tenants` are those making calls (this one
-// among them), `cores` the CPUs this process may run on.
-inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores) {
+// among them), `cores` the CPUs this process may run on, `served` whether
+// this call goes to the daemon (under 'auto', a process whose calls
+// STMUX_ROUTE=auto sends direct waits as it would without stmux: at R = 32 on
+// MPS, PyTorch tenants sent direct made 17% fewer steps blocking than MPS
+// alone's spinning ones, docs/BENCHMARKS.md).
+inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores, bool served = true) {
   switch (mode) {
     case SyncMode::kKeep:
       return {kSchedAuto, true};
@@ -59,7 +63,7 @@ inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores) {
   // yields the core after 5 us) PyTorch tenants on MPS at R=32 kept a worst
   // p99 of 4.0 ms (torch-cube); blocking in both met 1 ms on every R=32 row,
   // at a cost in throughput (docs/BENCHMARKS.md, "How tenants wait").
-  if (tenants > cores) return {kSchedBlocking, false};
+  if (served && tenants > cores) return {kSchedBlocking, false};
   return {kSchedAuto, true};
 }
 

@@ -97,6 +97,10 @@ class Connection {
   std::uint32_t otherTenants() const {
     return view_.header()->other_tenants.load(std::memory_order_relaxed);
   }
+  // The daemon's route for its tenants on MPS (kFleetDirect, kFleetLook).
+  std::uint32_t fleetRoute() const {
+    return view_.header()->fleet_route.load(std::memory_order_relaxed);
+  }
 
   // In a fork child: closes this process's copies of the socket, doorbell and
   // segment without a word to the daemon (the connection is the parent's).

@@ -191,6 +191,63 @@ TEST(Server, EachClientLearnsHowManyOthersMakeCalls) {
                                std::chrono::seconds(5)));
 }
 
+// STMUX_ROUTE=auto on MPS: the daemon measures its tenants on MPS both ways
+// and tells each which route their calls take (daemon/fleet_route.h). Here
+// two tenants make calls five times as fast direct; a third, which does not
+// follow the route, takes no part. A daemon not on MPS never looks.
+TEST(Server, TenantsOnMpsAreSentTheRouteMeasuredFasterForThemAll) {
+  for (const bool daemon_on_mps : {true, false}) {
+    SCOPED_TRACE(daemon_on_mps ? "the daemon on MPS" : "the daemon not on MPS");
+    TempDir dir;
+    TestSink sink;
+    daemon::ServerOptions o = testing::serverOptions(dir);
+    o.device_mps = {static_cast<std::uint8_t>(daemon_on_mps ? 1 : 0)};
+    o.fleet.first_look_ns = 200'000'000;
+    o.fleet.first_interval_ns = 200'000'000;
+    o.fleet.window_min_ns = 20'000'000;
+    ServerThread server(o, sink);
+    auto a = Connection::open(options(dir));
+    auto b = Connection::open(options(dir));
+    auto c = Connection::open(options(dir));
+    ASSERT_TRUE(a.ok() && b.ok() && c.ok());
+    a.value()->counters().follows_route.store(1);
+    b.value()->counters().follows_route.store(1);  // c does not (not on MPS, or STMUX_ROUTE=serve)
+    std::atomic<bool> stop{false};
+    std::atomic<std::uint64_t> looks_seen{0};
+    auto tenant = [&](Connection& connection) {
+      while (!stop.load()) {
+        const std::uint32_t word = connection.fleetRoute();
+        if ((word & kFleetLook) != 0) looks_seen.fetch_add(1);
+        connection.counters().entry[0].forwarded.fetch_add(1);
+        std::this_thread::sleep_for(std::chrono::microseconds((word & kFleetDirect) ? 200 : 1000));
+      }
+    };
+    std::thread ta(tenant, std::ref(*a.value())), tb(tenant, std::ref(*b.value()));
+    std::thread tc([&] {  // 50x slower direct: counted, it would keep them all served
+      while (!stop.load()) {
+        c.value()->counters().entry[0].forwarded.fetch_add(1);
+        const bool direct = (c.value()->fleetRoute() & kFleetDirect) != 0;
+        std::this_thread::sleep_for(std::chrono::microseconds(direct ? 5000 : 100));
+      }
+    });
+    auto settledDirect = [&] { return a.value()->fleetRoute() == kFleetDirect; };
+    if (daemon_on_mps) {
+      EXPECT_TRUE(testing::waitFor(settledDirect, std::chrono::seconds(10)));
+      EXPECT_EQ(b.value()->fleetRoute(), kFleetDirect);
+      EXPECT_EQ(c.value()->fleetRoute(),
+                kFleetDirect);  // the word is everyone's; c's shim ignores it
+    } else {
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+      EXPECT_EQ(a.value()->fleetRoute(), 0u);
+      EXPECT_EQ(looks_seen.load(), 0u);
+    }
+    stop = true;
+    ta.join();
+    tb.join();
+    tc.join();
+  }
+}
+
 TEST(Server, ClientsBeyondTheLimitAreRefused) {
   TempDir dir;
   TestSink sink;

@@ -264,28 +264,19 @@ TEST_F(ShimOnGpu, FreedMemoryIsUnmappedWhileTheTenantStaysIdle) {
       << "nothing stays mapped once the client is gone";
 }
 
-// STMUX_ROUTE=auto off MPS (on MPS auto always serves): rnn mat-vec tenants,
-// microseconds on the GPU, so that the hand-off dominates, behind the
-// bench's barrier.
-class AutoRouteOnGpu : public ShimOnGpu {
+// Tenants under STMUX_ROUTE=auto: rnn mat-vec calls, microseconds on the
+// GPU, so that the hand-off dominates, behind the bench's barrier.
+class RouteOnGpu : public ShimOnGpu {
  protected:
-  void SetUp() override {
-    ShimOnGpu::SetUp();
-    if (HasFatalFailure() || IsSkipped()) return;
-    auto status = daemonStatus(dir_.socket());
-    ASSERT_TRUE(status);
-    const Json* gpus = jsonFind(*status, "gpus");
-    ASSERT_TRUE(gpus != nullptr && gpus->size() > 0);
-    if (jsonBool(jsonFind(jsonAt(gpus, 0), "mps"))) {
-      GTEST_SKIP() << "GPU test skipped: an MPS control daemon is running, and on MPS auto serves";
-    }
-  }
+  // The tenants' environment beyond the preload's.
+  virtual std::map<std::string, std::string> tenantEnv() const { return {}; }
   std::string ready(const std::string& name) const { return dir_.path() + "/ready-" + name; }
   std::string go() const { return dir_.path() + "/go"; }
   // A tenant under auto, logging every look (for a failure's message); it is
   // ready once ready(name) exists, and times the span go() names.
   Process rnnTenant(const std::string& name) {
     std::map<std::string, std::string> env = shimmed();
+    env.merge(tenantEnv());
     env["STMUX_ROUTE"] = "auto";
     env["STMUX_LOG"] = "stats=info,shim=debug";
     return client({"loop", "--m", "512", "--n", "1", "--k", "512", "--ready", ready(name), "--go",
@@ -300,6 +291,89 @@ class AutoRouteOnGpu : public ShimOnGpu {
     return tools::writeGo(go(), span);
   }
 };
+
+// Off MPS: each tenant's shim chooses (shim/route.h).
+class AutoRouteOnGpu : public RouteOnGpu {
+ protected:
+  void SetUp() override {
+    RouteOnGpu::SetUp();
+    if (HasFatalFailure() || IsSkipped()) return;
+    auto status = daemonStatus(dir_.socket());
+    ASSERT_TRUE(status);
+    const Json* gpus = jsonFind(*status, "gpus");
+    ASSERT_TRUE(gpus != nullptr && gpus->size() > 0);
+    if (jsonBool(jsonFind(jsonAt(gpus, 0), "mps"))) {
+      GTEST_SKIP() << "GPU test skipped: an MPS control daemon is running, and on MPS the "
+                      "daemon chooses the route (MpsRouteOnGpu tests that)";
+    }
+  }
+};
+
+// On MPS: the daemon chooses for its tenants on MPS (daemon/fleet_route.h).
+// An MPS control daemon of the test's own, with its pipes in the test's
+// directory, under stmuxd and the tenants.
+class MpsRouteOnGpu : public RouteOnGpu {
+ protected:
+  bool startDaemonAtSetUp() const override { return false; }
+  std::map<std::string, std::string> mpsEnv() const {
+    return {{"CUDA_MPS_PIPE_DIRECTORY", dir_.path() + "/mps-pipe"},
+            {"CUDA_MPS_LOG_DIRECTORY", dir_.path() + "/mps-log"}};
+  }
+  std::map<std::string, std::string> daemonEnv() const override { return mpsEnv(); }
+  std::map<std::string, std::string> tenantEnv() const override { return mpsEnv(); }
+  void SetUp() override {
+    RouteOnGpu::SetUp();
+    if (HasFatalFailure() || IsSkipped()) return;
+    std::filesystem::create_directories(dir_.path() + "/mps-pipe");
+    std::filesystem::create_directories(dir_.path() + "/mps-log");
+    auto started = run({"/usr/bin/env", "nvidia-cuda-mps-control", "-d"}, mpsEnv(),
+                       dir_.path() + "/mps-start");
+    if (started.status == 127) {
+      GTEST_SKIP() << "GPU test skipped: nvidia-cuda-mps-control is not installed";
+    }
+    ASSERT_EQ(started.status, 0) << started.out << started.err;
+    mps_started_ = true;
+    startDaemon();
+    auto status = daemonStatus(dir_.socket());
+    ASSERT_TRUE(status);
+    ASSERT_TRUE(jsonBool(jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "mps")))
+        << "stmuxd is not on the test's MPS: " << daemon_.err();
+  }
+  void TearDown() override {
+    RouteOnGpu::TearDown();
+    if (mps_started_) {
+      (void)run({"/bin/sh", "-c", "echo quit | nvidia-cuda-mps-control"}, mpsEnv(),
+                dir_.path() + "/mps-stop");
+    }
+  }
+  bool mps_started_ = false;
+};
+
+// A lone rnn tenant on MPS makes more calls direct (no batch to join, each
+// call a round trip through stmuxd): the daemon measures that, sends its calls
+// direct, the shim says so once, and stmuxctl's status shows it.
+TEST_F(MpsRouteOnGpu, TheDaemonSendsTenantsOnMpsDirectWhenThatIsFasterAndSaysSo) {
+  Process c = rnnTenant("alone");
+  ASSERT_TRUE(testing::waitFor([&] { return std::filesystem::exists(ready("alone")); },
+                               std::chrono::seconds(60)))
+      << c.err();
+  ASSERT_TRUE(startSpan(3'000'000'000ull));
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));
+  const auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status);
+  const Json* route = jsonFind(*status, "mps_route");
+  EXPECT_EQ(jsonString(jsonFind(route, "route")), "direct") << daemon_.err();
+  EXPECT_GE(jsonNumber(jsonFind(route, "looks")), 3) << daemon_.err();  // warm-up, two wins
+  const Json* clients = jsonFind(*status, "clients");
+  ASSERT_TRUE(clients != nullptr && clients->size() == 1) << c.err();
+  EXPECT_EQ(jsonString(jsonFind(jsonAt(clients, 0), "route")), "direct") << c.err();
+  EXPECT_EQ(jsonString(jsonFind(jsonAt(clients, 0), "mps")), "yes");
+  ASSERT_EQ(c.wait(std::chrono::seconds(60)), 0) << c.out() << c.err();
+  const ShimStats stats = shimStats(c.err());
+  EXPECT_GT(stats.directCalls("measured_direct"), stats.served) << c.err();
+  EXPECT_GT(stats.served, 0) << "the first calls are served: " << c.err();
+  EXPECT_EQ(countOf(c.err(), "stmuxd measured the tenants on MPS faster"), 1) << c.err();
+}
 
 // A lone tenant whose calls run faster direct (no other tenant to batch
 // with, every call a hand-off between two contexts) is measured so, its

@@ -207,6 +207,8 @@ class ScriptedDaemon {
 // two clients.
 constexpr char kFullReply[] = R"({
   "daemon": {"pid": 4242, "protocol": 1, "uptime_s": 3725.5, "draining": false},
+  "mps_route": {"route": "direct", "looking": true, "looks": 6, "last_gain": 0.2512,
+                "last_tenants": 32},
   "clients": [
     {"id": 1, "pid": 1001, "uid": 1000, "name": "infer-a", "attached_s": 65.2,
      "requests": 5000, "forwarded": 4990, "failed": 2,
@@ -289,6 +291,8 @@ TEST(Stmuxctl, ShowsARealDaemonAndItsTenant) {
       0u)
       << human.out;
   EXPECT_TRUE(contains(human.out, ", serving\n")) << human.out;
+  EXPECT_TRUE(contains(human.out, "\ntenants on MPS: calls go served (0 looks; no look yet)\n"))
+      << human.out;
   EXPECT_TRUE(contains(human.out, "GPUs: not reported by this daemon")) << human.out;
   const std::string row = lineStarting(human.out, std::to_string(tenant.value()->clientId()) + " ");
   ASSERT_FALSE(row.empty()) << human.out;
@@ -329,6 +333,9 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   EXPECT_EQ(run.err, "");
   const std::string& out = run.out;
   EXPECT_EQ(lines(out)[0], "stmuxd: pid 4242, protocol 1, up 1h 02m 05s, serving");
+  EXPECT_EQ(lines(out)[1],
+            "tenants on MPS: calls go direct, looking at the other route (6 looks; last look: "
+            "0.25x as many calls the other way, 32 tenants)");
 
   const std::string header = lineStarting(out, "GPU ");
   const std::string gpu0 = lineStarting(out, "0 ");

@@ -24,6 +24,9 @@ TEST(SyncPolicy, AutoBlocksOnlyWhileTenantsOutnumberTheCores) {
   EXPECT_TRUE(chooseSync(SyncMode::kAuto, 16, 16).spin);
   EXPECT_EQ(chooseSync(SyncMode::kAuto, 17, 16).sched, kSchedBlocking);
   EXPECT_FALSE(chooseSync(SyncMode::kAuto, 17, 16).spin);
+  // Calls sent direct: the process waits as it would without stmux.
+  EXPECT_EQ(chooseSync(SyncMode::kAuto, 17, 16, /*served=*/false).sched, kSchedAuto);
+  EXPECT_EQ(chooseSync(SyncMode::kBlocking, 17, 16, /*served=*/false).sched, kSchedBlocking);
   EXPECT_EQ(chooseSync(SyncMode::kAuto, 1, 1).sched, kSchedAuto);
 }
 

@@ -123,6 +123,11 @@ struct Point {
   long calls = 0;
   long fallbacks = -1;       // stmux rows: calls the shims sent straight to cuBLAS
   double routed_direct = 0;  // stmux rows: share of calls STMUX_ROUTE=auto sent direct
+  // stmux rows on MPS: the daemon's looks at both routes for its tenants on
+  // MPS, and what the last found (the other route's calls/s over the taken
+  // one's; daemon/fleet_route.h).
+  double route_looks = 0;
+  double route_gain = 0;
   // stmux rows: the tenants' calls by cuBLAS entry point, and how many of
   // them stmuxd served (PyTorch reaches cuBLAS through several).
   std::map<std::string, ShimStats::Entry> entries;
@@ -484,7 +489,9 @@ class Bench {
       for (std::string word; extra >> word;)
         args.push_back(word);
       std::map<std::string, std::string> daemon_env = env;  // on MPS with its tenants
-      daemon_env["STMUX_LOG"] = "warn";
+      // The route looks of STMUX_ROUTE=auto on MPS, one line each, in the
+      // row's stmuxd.err.
+      daemon_env["STMUX_LOG"] = "warn,sched=debug";
       daemon = Process(args, daemon_env, (dir / "stmuxd").string());
       if (!waitUntil([&] { return daemonStatus(socket).has_value() || !daemon.running(); }, 30) ||
           !daemon.running()) {
@@ -574,6 +581,9 @@ class Bench {
         point.round.batch_wait = jsonNumber(jsonFind(round, "batch_wait"), -1);
         point.round.launch = jsonNumber(jsonFind(round, "launch"), -1);
         point.round.gpu = jsonNumber(jsonFind(round, "gpu"), -1);
+        const Json* route = jsonFind(*status, "mps_route");
+        point.route_looks = jsonNumber(jsonFind(route, "looks"));
+        point.route_gain = jsonNumber(jsonFind(route, "last_gain"));
       }
       daemon.signal(SIGTERM);
       if (daemon.wait(std::chrono::seconds(30)) != 0 && invalid.empty()) {
@@ -602,6 +612,11 @@ class Bench {
     if (point.routed_direct >= 0.005) {
       point.note = fmt::format("STMUX_ROUTE=auto ran {:.0f}% of calls direct (measured faster)",
                                100 * point.routed_direct);
+    }
+    if (point.route_looks > 0) {
+      point.note +=
+          fmt::format("{}{:.0f} route looks, the last {:.2f}x the other way",
+                      point.note.empty() ? "" : "; ", point.route_looks, point.route_gain);
     }
     point.calls = static_cast<long>(all.size());
     // PyTorch rows count model steps; cuBLAS rows GEMMs.
@@ -1081,6 +1096,8 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       if (usesStmux(p.mode)) {
         row["fallbacks"] = p.fallbacks;
         row["routed_direct"] = p.routed_direct;
+        row["route_looks"] = p.route_looks;
+        row["route_gain"] = p.route_gain;
         row["mean_batch"] = p.mean_batch;
         Json& entries = row["entry_points"] = Json::object();
         for (const auto& [name, entry] : p.entries) {

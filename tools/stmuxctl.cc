@@ -292,6 +292,23 @@ std::string daemonLine(const Json* daemon) {
                      state);
 }
 
+// STMUX_ROUTE=auto's route for the tenants on MPS; nothing from a daemon
+// that does not report one.
+std::string mpsRouteLine(const Json* route) {
+  if (route == nullptr || !route->is_object()) return "";
+  const Json* looking = member(route, "looking");
+  const Json* tenants = member(route, "last_tenants");
+  std::string last = "no look yet";
+  const Json* gain = member(route, "last_gain");
+  if (isNumber(tenants) && jsonNumber(tenants) > 0 && isNumber(gain)) {
+    last = fmt::format("last look: {:.2f}x as many calls the other way, {} tenants",
+                       jsonNumber(gain), count(tenants));
+  }
+  return fmt::format("tenants on MPS: calls go {}{} ({} looks; {})\n", text(member(route, "route")),
+                     isBool(looking) && jsonBool(looking) ? ", looking at the other route" : "",
+                     count(member(route, "looks")), last);
+}
+
 std::string gpuTable(const Json* gpus) {
   if (gpus == nullptr) return "GPUs: not reported by this daemon\n";
   if (!gpus->is_array()) return "GPUs: -\n";
@@ -388,8 +405,9 @@ std::string entryPointTable(const Json* clients) {
 std::string summary(const Json& status) {
   const Json* daemon = member(&status, "daemon");
   const Json* clients = member(&status, "clients");
-  return daemonLine(daemon != nullptr && daemon->is_object() ? daemon : nullptr) + "\n" +
-         gpuTable(member(&status, "gpus")) + "\n" + clientTable(clients) + entryPointTable(clients);
+  return daemonLine(daemon != nullptr && daemon->is_object() ? daemon : nullptr) +
+         mpsRouteLine(member(&status, "mps_route")) + "\n" + gpuTable(member(&status, "gpus")) +
+         "\n" + clientTable(clients) + entryPointTable(clients);
 }
 
 int run(int argc, char** argv) {

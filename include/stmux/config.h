@@ -51,12 +51,12 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "follow. 'keep': CUDA's default (spin while the process has fewer contexts than cores); "    \
     "'spin', 'yield', 'blocking': that flag, 'blocking' also with no spinning before the "       \
     "shim's own futex wait; 'auto': 'blocking' while the tenants making calls outnumber this "   \
-    "process's cores, else CUDA's default.")                                                     \
+    "process's cores and its calls are served, else CUDA's default.")                            \
   X(route, "STMUX_ROUTE", kChoice, "auto", 0, 0, "auto|serve", kShim,                            \
-    "Which calls stmuxd serves: 'serve': every call it can; 'auto': the same, but a process "    \
-    "whose GPU context and stmuxd's are not both on MPS, while no other tenant makes calls, is " \
-    "measured now and then with its calls direct, and runs them directly while that is clearly " \
-    "faster (kernels of its own between GEMMs make each hand-off a context switch).")            \
+    "Which calls stmuxd serves: 'serve': every call it can; 'auto': the same, but measured now " \
+    "and then with calls direct, which they take while that is clearly faster: on MPS stmuxd "   \
+    "measures all its tenants on MPS together and sends them all one way; off MPS a process "    \
+    "measures itself while no other tenant makes calls.")                                        \
   X(mode, "STMUX_MODE", kChoice, "host", 0, 0, "host|stream", kShim,                             \
     "How a served call keeps its stream's order. 'host': the caller's thread waits for its "     \
     "stream, then for the daemon; 'stream': the call returns once queued, as cuBLAS's does, "    \

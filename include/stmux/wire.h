@@ -32,7 +32,9 @@ namespace stmux {
 //    word; a client's counters per entry point.
 // 9: epilogues (a bias operand and an epilogue word: cublasLtMatmul); an
 //    entry point more.
-inline constexpr std::uint32_t kProtocolVersion = 9;
+// 10: the daemon chooses the route of its tenants on MPS (the header's
+//    fleet_route word).
+inline constexpr std::uint32_t kProtocolVersion = 10;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -251,7 +253,10 @@ struct ClientCounters {
   std::atomic<std::uint32_t> route;  // shim::Route: 0 served, 1 direct (STMUX_ROUTE=auto)
   std::atomic<std::uint32_t> mps;    // ClientMps: whether the client's context is on MPS
   std::atomic<std::uint32_t> mode;   // ClientMode: how its served calls are ordered (STMUX_MODE)
-  std::uint32_t reserved;
+  // 1 once the client's calls follow the daemon's route for its tenants on
+  // MPS (STMUX_ROUTE=auto, its context and the daemon's on MPS): only such
+  // clients are measured for it.
+  std::atomic<std::uint32_t> follows_route;
   // Where a served call's time goes on the client's side (host mode): calls
   // timed, their summed waits for the caller's earlier work, and their summed
   // time from the daemon's publishing the status to the caller's seeing it.
@@ -292,6 +297,9 @@ inline CounterTotals totals(const ClientCounters& counters) {
   return sum;
 }
 
+inline constexpr std::uint32_t kFleetDirect = 1;
+inline constexpr std::uint32_t kFleetLook = 2;
+
 enum class ClientMps : std::uint32_t { kUnknown = 0, kNo = 1, kYes = 2 };
 enum class ClientMode : std::uint32_t { kUnknown = 0, kHost = 1, kStream = 2 };
 
@@ -322,6 +330,10 @@ struct SegmentHeader {
   // Bumped (and woken, as a futex) by the daemon whenever a stream-ordered
   // request ends in anything but success: the shim's watcher then runs it.
   std::atomic<std::uint32_t> attention;
+  // Set by the daemon: which way STMUX_ROUTE=auto sends the calls of a
+  // client on MPS (daemon/fleet_route.h): kFleetDirect or not, and
+  // kFleetLook while that is a look at the route not taken.
+  std::atomic<std::uint32_t> fleet_route;
   alignas(kCacheLine) ClientCounters counters;
 };
 

@@ -1,0 +1,208 @@
+#include "daemon/fleet_route.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "stmux/wire.h"
+
+namespace stmux::daemon {
+namespace {
+
+std::uint64_t callsOf(const std::vector<TenantCalls>& sorted, std::uint32_t id, bool* found) {
+  const auto it =
+      std::lower_bound(sorted.begin(), sorted.end(), id,
+                       [](const TenantCalls& t, std::uint32_t key) { return t.id < key; });
+  *found = it != sorted.end() && it->id == id;
+  return *found ? it->calls : 0;
+}
+
+double rateOf(const std::vector<std::pair<std::uint32_t, double>>& rates, std::uint32_t id) {
+  const auto it = std::lower_bound(
+      rates.begin(), rates.end(), id,
+      [](const std::pair<std::uint32_t, double>& r, std::uint32_t key) { return r.first < key; });
+  return it != rates.end() && it->first == id ? it->second : -1;
+}
+
+}  // namespace
+
+FleetRoute::FleetRoute(FleetRouteOptions options)
+    : o_(options), interval_ns_(options.first_interval_ns) {}
+
+std::uint32_t FleetRoute::word() const {
+  const bool other_way = phase_ == Phase::kFlipOut || phase_ == Phase::kOther;
+  std::uint32_t w = (direct_ != other_way) ? kFleetDirect : 0;
+  if (phase_ != Phase::kSettled) w |= kFleetLook;
+  return w;
+}
+
+std::uint64_t FleetRoute::nextStepNs() const {
+  if (taking_part_ == 0) return 0;
+  if (phase_ == Phase::kSettled) return next_look_ns_;
+  return last_step_ns_ + o_.tick_ns;  // a window's end is found by looking
+}
+
+void FleetRoute::settle(std::uint64_t next_look_ns) {
+  phase_ = Phase::kSettled;
+  next_look_ns_ = next_look_ns;
+  before_.clear();
+  other_.clear();
+}
+
+void FleetRoute::startWindow(Phase phase, std::uint64_t now_ns,
+                             const std::vector<TenantCalls>& tenants) {
+  phase_ = phase;
+  phase_start_ns_ = now_ns;
+  window_start_ = tenants;
+  std::sort(window_start_.begin(), window_start_.end(),
+            [](const TenantCalls& x, const TenantCalls& y) { return x.id < y.id; });
+}
+
+bool FleetRoute::windowFull(std::uint64_t now_ns, const std::vector<TenantCalls>& tenants) const {
+  const std::uint64_t elapsed = now_ns - phase_start_ns_;
+  if (elapsed >= o_.window_max_ns) return true;
+  if (elapsed < o_.window_min_ns) return false;
+  std::uint64_t calls = 0;
+  for (const TenantCalls& t : tenants) {
+    bool found = false;
+    const std::uint64_t start = callsOf(window_start_, t.id, &found);
+    if (found && t.calls > start) calls += t.calls - start;
+  }
+  return calls >= o_.calls_per_tenant * tenants.size();
+}
+
+FleetRoute::Rates FleetRoute::windowRates(std::uint64_t now_ns,
+                                          const std::vector<TenantCalls>& tenants) const {
+  const double seconds = static_cast<double>(now_ns - phase_start_ns_) / 1e9;
+  Rates rates;
+  for (const TenantCalls& t : tenants) {
+    bool found = false;
+    const std::uint64_t start = callsOf(window_start_, t.id, &found);
+    if (!found || t.calls < start + o_.min_calls) continue;
+    rates.emplace_back(t.id, static_cast<double>(t.calls - start) / seconds);
+  }
+  std::sort(rates.begin(), rates.end());
+  return rates;
+}
+
+FleetLook FleetRoute::finishLook() const {
+  FleetLook look;
+  look.direct_before = direct_;
+  double log_sum = 0;
+  // before_ holds the first window's rates; other_ the other route's; the
+  // third window's were folded into before_ as the mean of the two.
+  for (const auto& [id, around] : before_) {
+    const double other = rateOf(other_, id);
+    if (other <= 0 || around <= 0) continue;
+    log_sum += std::log(other / around);
+    ++look.tenants;
+  }
+  look.gain = look.tenants == 0 ? 0 : std::exp(log_sum / static_cast<double>(look.tenants));
+  return look;
+}
+
+std::uint32_t FleetRoute::step(std::uint64_t now_ns, const std::vector<TenantCalls>& tenants,
+                               FleetLook* look) {
+  if (look != nullptr) *look = {};
+  last_step_ns_ = now_ns;
+  if (tenants.empty()) {
+    // Nobody left: the next fleet starts afresh, served.
+    taking_part_ = 0;
+    direct_ = false;
+    wins_ = 0;
+    interval_ns_ = o_.first_interval_ns;
+    settle(0);
+    return word();
+  }
+  if (tenants.size() != taking_part_) {
+    // Others now: a look under way measured the wrong fleet, and the answer
+    // may have changed. Keep the route; look again soon, but no later than
+    // a look already due (tenants that start one by one would otherwise put
+    // the look off for as long as they keep coming).
+    const bool first = taking_part_ == 0;
+    taking_part_ = tenants.size();
+    wins_ = 0;
+    warming_up_ = true;
+    interval_ns_ = o_.first_interval_ns;
+    const std::uint64_t soon = now_ns + o_.first_look_ns;
+    settle(first ? soon : std::min(next_look_ns_, soon));
+    return word();
+  }
+  switch (phase_) {
+    case Phase::kSettled:
+      if (now_ns >= next_look_ns_) startWindow(Phase::kBefore, now_ns, tenants);
+      break;
+    case Phase::kBefore:
+      if (windowFull(now_ns, tenants)) {
+        before_ = windowRates(now_ns, tenants);
+        phase_ = Phase::kFlipOut;
+        phase_start_ns_ = now_ns;
+      }
+      break;
+    case Phase::kFlipOut:
+      if (now_ns - phase_start_ns_ >= o_.settle_ns) startWindow(Phase::kOther, now_ns, tenants);
+      break;
+    case Phase::kOther:
+      if (windowFull(now_ns, tenants)) {
+        other_ = windowRates(now_ns, tenants);
+        phase_ = Phase::kFlipBack;
+        phase_start_ns_ = now_ns;
+      }
+      break;
+    case Phase::kFlipBack:
+      if (now_ns - phase_start_ns_ >= o_.settle_ns) startWindow(Phase::kAfter, now_ns, tenants);
+      break;
+    case Phase::kAfter:
+      if (windowFull(now_ns, tenants)) {
+        // The taken route's rate: the mean of its windows before and after
+        // the other route's, for tenants in both.
+        const Rates after = windowRates(now_ns, tenants);
+        Rates around;
+        for (const auto& [id, rate] : before_) {
+          const double later = rateOf(after, id);
+          if (later > 0) around.emplace_back(id, (rate + later) / 2);
+        }
+        before_ = std::move(around);
+        FleetLook made = finishLook();
+        ++looks_;
+        if (warming_up_ && made.tenants != 0) {
+          // The first look since the fleet changed paid one-off costs on the
+          // route not taken (a process's first direct calls load cuBLAS's
+          // kernels lazily; its first served ones open its memory in the
+          // daemon): it decides nothing, and the next follows at once.
+          warming_up_ = false;
+          made.direct_after = direct_;
+          made.warm_up = true;
+          last_ = made;
+          if (look != nullptr) *look = made;
+          startWindow(Phase::kBefore, now_ns, tenants);
+          return word();
+        }
+        if (made.tenants == 0) {  // too few calls to tell: later, as if confirmed
+          wins_ = 0;
+        } else if (made.gain > o_.margin && ++wins_ >= o_.confirmations) {
+          direct_ = !direct_;
+          wins_ = 0;
+          interval_ns_ = o_.first_interval_ns;
+        } else if (made.gain > o_.margin) {
+          made.direct_after = direct_;
+          last_ = made;
+          if (look != nullptr) *look = made;
+          startWindow(Phase::kBefore, now_ns, tenants);  // won once: look again at once
+          return word();
+        } else {
+          wins_ = 0;
+        }
+        if (made.direct_before == direct_) {
+          interval_ns_ = std::min(interval_ns_ * 2, o_.max_interval_ns);
+        }
+        made.direct_after = direct_;
+        last_ = made;
+        if (look != nullptr) *look = made;
+        settle(now_ns + interval_ns_);
+      }
+      break;
+  }
+  return word();
+}
+
+}  // namespace stmux::daemon
