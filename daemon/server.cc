@@ -751,8 +751,9 @@ void Server::publishCompany(std::uint64_t now) {
 }
 
 // The route of the tenants on MPS (daemon/fleet_route.h): those that follow
-// it (STMUX_ROUTE=auto, on MPS) and made calls in the last second take part. Only where the daemon
-// is on MPS too: elsewhere each tenant's shim chooses its own (shim/route.h).
+// it (STMUX_ROUTE=auto, on MPS) and made calls in the last second take part.
+// Only where the daemon is on MPS too: elsewhere each tenant's shim chooses
+// its own (shim/route.h).
 void Server::steerFleet(std::uint64_t now) {
   const bool on_mps = std::any_of(options_.device_mps.begin(), options_.device_mps.end(),
                                   [](std::uint8_t m) { return m != 0; });
