@@ -84,16 +84,17 @@ FleetRoute::Rates FleetRoute::windowRates(std::uint64_t now_ns,
   return rates;
 }
 
-FleetLook FleetRoute::finishLook() const {
+// What the look found once its third window closed (`after`): each tenant's
+// rate on the other route over the mean of its two windows on the taken one.
+FleetLook FleetRoute::finishLook(const Rates& after) const {
   FleetLook look;
   look.direct_before = direct_;
   double log_sum = 0;
-  // before_ holds the first window's rates; other_ the other route's; the
-  // third window's were folded into before_ as the mean of the two.
-  for (const auto& [id, around] : before_) {
+  for (const auto& [id, before] : before_) {
+    const double later = rateOf(after, id);
     const double other = rateOf(other_, id);
-    if (other <= 0 || around <= 0) continue;
-    log_sum += std::log(other / around);
+    if (later <= 0 || other <= 0) continue;
+    log_sum += std::log(other / ((before + later) / 2));
     ++look.tenants;
   }
   look.gain = look.tenants == 0 ? 0 : std::exp(log_sum / static_cast<double>(look.tenants));
@@ -132,75 +133,59 @@ std::uint32_t FleetRoute::step(std::uint64_t now_ns, const std::vector<TenantCal
       if (now_ns >= next_look_ns_) startWindow(Phase::kBefore, now_ns, tenants);
       break;
     case Phase::kBefore:
+    case Phase::kOther:
       if (windowFull(now_ns, tenants)) {
-        before_ = windowRates(now_ns, tenants);
-        phase_ = Phase::kFlipOut;
+        (phase_ == Phase::kBefore ? before_ : other_) = windowRates(now_ns, tenants);
+        phase_ = phase_ == Phase::kBefore ? Phase::kFlipOut : Phase::kFlipBack;
         phase_start_ns_ = now_ns;
       }
       break;
     case Phase::kFlipOut:
-      if (now_ns - phase_start_ns_ >= o_.settle_ns) startWindow(Phase::kOther, now_ns, tenants);
-      break;
-    case Phase::kOther:
-      if (windowFull(now_ns, tenants)) {
-        other_ = windowRates(now_ns, tenants);
-        phase_ = Phase::kFlipBack;
-        phase_start_ns_ = now_ns;
+    case Phase::kFlipBack:
+      if (now_ns - phase_start_ns_ >= o_.settle_ns) {
+        startWindow(phase_ == Phase::kFlipOut ? Phase::kOther : Phase::kAfter, now_ns, tenants);
       }
       break;
-    case Phase::kFlipBack:
-      if (now_ns - phase_start_ns_ >= o_.settle_ns) startWindow(Phase::kAfter, now_ns, tenants);
-      break;
-    case Phase::kAfter:
-      if (windowFull(now_ns, tenants)) {
-        // The taken route's rate: the mean of its windows before and after
-        // the other route's, for tenants in both.
-        const Rates after = windowRates(now_ns, tenants);
-        Rates around;
-        for (const auto& [id, rate] : before_) {
-          const double later = rateOf(after, id);
-          if (later > 0) around.emplace_back(id, (rate + later) / 2);
-        }
-        before_ = std::move(around);
-        FleetLook made = finishLook();
-        ++looks_;
-        if (warming_up_ && made.tenants != 0) {
-          // The first look since the fleet changed paid one-off costs on the
-          // route not taken (a process's first direct calls load cuBLAS's
-          // kernels lazily; its first served ones open its memory in the
-          // daemon): it decides nothing, and the next follows at once.
-          warming_up_ = false;
-          made.direct_after = direct_;
-          made.warm_up = true;
-          last_ = made;
-          if (look != nullptr) *look = made;
-          startWindow(Phase::kBefore, now_ns, tenants);
-          return word();
-        }
-        if (made.tenants == 0) {  // too few calls to tell: later, as if confirmed
-          wins_ = 0;
-        } else if (made.gain > o_.margin && ++wins_ >= o_.confirmations) {
-          direct_ = !direct_;
-          wins_ = 0;
-          interval_ns_ = o_.first_interval_ns;
-        } else if (made.gain > o_.margin) {
-          made.direct_after = direct_;
-          last_ = made;
-          if (look != nullptr) *look = made;
-          startWindow(Phase::kBefore, now_ns, tenants);  // won once: look again at once
-          return word();
-        } else {
-          wins_ = 0;
-        }
-        if (made.direct_before == direct_) {
-          interval_ns_ = std::min(interval_ns_ * 2, o_.max_interval_ns);
-        }
+    case Phase::kAfter: {
+      if (!windowFull(now_ns, tenants)) break;
+      FleetLook made = finishLook(windowRates(now_ns, tenants));
+      ++looks_;
+      // Records the look, then either looks again at once or settles.
+      auto report = [&](bool again) {
         made.direct_after = direct_;
         last_ = made;
         if (look != nullptr) *look = made;
-        settle(now_ns + interval_ns_);
+        if (again) {
+          startWindow(Phase::kBefore, now_ns, tenants);
+        } else {
+          settle(now_ns + interval_ns_);
+        }
+      };
+      if (warming_up_ && made.tenants != 0) {
+        // The first look since the fleet changed paid one-off costs on the
+        // route not taken (a process's first direct calls load cuBLAS's
+        // kernels lazily; its first served ones open its memory in the
+        // daemon): it decides nothing, and the next follows at once.
+        warming_up_ = false;
+        made.warm_up = true;
+        report(/*again=*/true);
+        break;
       }
+      if (made.tenants != 0 && made.gain > o_.margin && ++wins_ < o_.confirmations) {
+        report(/*again=*/true);  // won once: look again at once
+        break;
+      }
+      if (made.tenants != 0 && made.gain > o_.margin) {
+        direct_ = !direct_;
+        interval_ns_ = o_.first_interval_ns;
+      } else {
+        // Confirmed, or too few calls to tell: later, as if confirmed.
+        interval_ns_ = std::min(interval_ns_ * 2, o_.max_interval_ns);
+      }
+      wins_ = 0;
+      report(/*again=*/false);
       break;
+    }
   }
   return word();
 }

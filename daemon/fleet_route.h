@@ -100,7 +100,7 @@ class FleetRoute {
   void startWindow(Phase phase, std::uint64_t now_ns, const std::vector<TenantCalls>& tenants);
   bool windowFull(std::uint64_t now_ns, const std::vector<TenantCalls>& tenants) const;
   Rates windowRates(std::uint64_t now_ns, const std::vector<TenantCalls>& tenants) const;
-  FleetLook finishLook() const;
+  FleetLook finishLook(const Rates& after) const;
   void settle(std::uint64_t next_look_ns);
   std::uint32_t word() const;
 

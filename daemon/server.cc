@@ -429,10 +429,10 @@ void Server::resumeAccepting(std::uint64_t now) {
 void Server::expirePending(std::uint64_t now) {
   resumeAccepting(now);
   publishMetrics(now);
-  publishCompany(now);
-  if (const std::uint64_t fleet = fleet_.nextStepNs(); fleet != 0 && now >= fleet) {
-    steerFleet(now);
-  }
+  // The route takes a step with each new count of active tenants, and when
+  // a look wants one.
+  const std::uint64_t fleet = fleet_.nextStepNs();
+  if (publishCompany(now) || (fleet != 0 && now >= fleet)) steerFleet(now);
   for (auto it = pending_.begin(); it != pending_.end();) {
     if ((*it)->deadline_ns <= now) {
       STMUX_WARN(kTransport, "closing a connection that sent no hello within {} ms",
@@ -728,11 +728,12 @@ void Server::publishMetrics(std::uint64_t now) {
   options_.publish_metrics(out.str());
 }
 
-// Tells each client how many other tenants made calls in the last second.
+// Tells each client how many other tenants made calls in the last second;
+// returns whether it was time to.
 // Their counts are read from their segments (a client can only make itself
 // look busy, which at worst keeps the others served).
-void Server::publishCompany(std::uint64_t now) {
-  if (now < next_company_ns_) return;
+bool Server::publishCompany(std::uint64_t now) {
+  if (now < next_company_ns_) return false;
   next_company_ns_ = now + kCompanyPeriodNs;
   std::uint32_t active = 0;
   for (const ClientPtr& client : clients_) {
@@ -747,7 +748,7 @@ void Server::publishCompany(std::uint64_t now) {
     const std::uint32_t self = now < client->active_until_ns ? 1 : 0;
     client->view.header()->other_tenants.store(active - self, std::memory_order_relaxed);
   }
-  steerFleet(now);
+  return true;
 }
 
 // The route of the tenants on MPS (daemon/fleet_route.h): those that follow

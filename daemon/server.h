@@ -161,7 +161,7 @@ class Server {
   std::string statusJson() const;
   void addMetrics(MetricsText& out) const;
   void publishMetrics(std::uint64_t now);
-  void publishCompany(std::uint64_t now);
+  bool publishCompany(std::uint64_t now);
   void steerFleet(std::uint64_t now);
 
   ServerOptions options_;
