@@ -171,11 +171,12 @@ std::uint32_t FleetRoute::step(std::uint64_t now_ns, const std::vector<TenantCal
         report(/*again=*/true);
         break;
       }
-      if (made.tenants != 0 && made.gain > o_.margin && ++wins_ < o_.confirmations) {
+      const bool won = made.tenants != 0 && made.gain > (direct_ ? o_.back_margin : o_.margin);
+      if (won && ++wins_ < o_.confirmations) {
         report(/*again=*/true);  // won once: look again at once
         break;
       }
-      if (made.tenants != 0 && made.gain > o_.margin) {
+      if (won) {
         direct_ = !direct_;
         interval_ns_ = o_.first_interval_ns;
       } else {

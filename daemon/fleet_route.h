@@ -19,14 +19,16 @@
 // route is compared with the mean of its two windows around it, which cancels
 // a steady drift; the look's gain is the geometric mean over the tenants that
 // made calls in all three windows, so that each tenant counts once whatever
-// its speed. A route is left only when the other won by `margin` in
-// `confirmations` looks in a row; each look that confirms the route doubles
-// the time to the next. A change in how many tenants take part voids a look
-// under way and starts over from the first interval (the answer may have
-// changed with them), with the next look no later than one already due; the
-// first look after it only warms up (one-off costs on the route not taken:
-// a cuBLAS tenant on the H200 made 0.03x as many calls in its first direct
-// window as served) and is followed at once by one that counts.
+// its speed. A route is left only when the other won in `confirmations`
+// looks in a row: direct must beat served by `margin`, served need only be
+// as fast as direct (`back_margin`), since served is what batches and, at
+// many tenants, what keeps the tail (cube 256³ at R = 32 on the H200: worst
+// p99 197 us served against MPS alone's 4,060 us, as many calls); each look
+// that confirms the route doubles the time to the next. A change in how many tenants take part
+// voids a look under way and starts over from the first interval (the answer may have changed with
+// them), with the next look no later than one already due; the first look after it only warms up
+// (one-off costs on the route not taken: a cuBLAS tenant on the H200 made 0.03x as many calls in
+// its first direct window as served) and is followed at once by one that counts.
 //
 // Pure logic on a clock the caller passes in; the server holds one.
 #pragma once
@@ -53,7 +55,8 @@ struct FleetRouteOptions {
   // Later looks: from `first_interval_ns`, doubling to `max_interval_ns`.
   std::uint64_t first_interval_ns = 1'000'000'000;
   std::uint64_t max_interval_ns = 64'000'000'000;
-  double margin = 1.15;
+  double margin = 1.15;      // direct over served, to go direct
+  double back_margin = 1.0;  // served over direct, to go back to served
   std::uint32_t confirmations = 2;
   // How often the route wants a look at the counts during a look.
   std::uint64_t tick_ns = 1'000'000;

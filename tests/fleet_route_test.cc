@@ -127,6 +127,43 @@ TEST(FleetRoute, WithinTheMarginTheRouteTakenStays) {
     EXPECT_FALSE(look.direct_after);
 }
 
+TEST(FleetRoute, FromDirectServedNeedOnlyBeAsFastToBeTakenBack) {
+  // The fleet went direct while serving lost (3.6x); then serving is 5%
+  // slower than direct: that is not enough to go back. Then it is 5%
+  // faster: back to served, where it stays, since going direct again would
+  // take a 15% win.
+  double direct_rate = 13'000.0, served_rate = 3'600.0;
+  Fleet f(16, [&](std::size_t, bool direct, std::uint64_t) {
+    return direct ? direct_rate : served_rate;
+  });
+  f.runFor(3 * kS);
+  ASSERT_TRUE(f.route.direct());
+
+  direct_rate = 10'500.0;
+  served_rate = 10'000.0;
+  std::size_t looks_before = f.looks.size();
+  f.runFor(20 * kS);
+  EXPECT_TRUE(f.route.direct());
+  ASSERT_GT(f.looks.size(), looks_before);
+  for (std::size_t i = looks_before; i < f.looks.size(); ++i) {
+    EXPECT_TRUE(f.looks[i].direct_after);
+    EXPECT_NEAR(f.looks[i].gain, 10'000.0 / 10'500.0, 0.02);
+  }
+
+  direct_rate = 10'000.0;
+  served_rate = 10'500.0;
+  f.runFor(40 * kS);  // the next look within 32 s, then a second at once
+  EXPECT_FALSE(f.route.direct());
+  looks_before = f.looks.size();
+  const std::uint64_t direct_before = f.direct_ns;
+  f.runFor(60 * kS);
+  EXPECT_FALSE(f.route.direct());
+  ASSERT_GT(f.looks.size(), looks_before);
+  for (std::size_t i = looks_before; i < f.looks.size(); ++i)
+    EXPECT_FALSE(f.looks[i].direct_after);
+  EXPECT_LT(static_cast<double>(f.direct_ns - direct_before) / (60.0 * kS), 0.01);
+}
+
 TEST(FleetRoute, ASteadyDriftIsNotTakenForTheOtherRoute) {
   // Both routes equal, every tenant speeding up fast from the first look on
   // (by a quarter every 22 ms, the time from one window's start to the
