@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu launch bench transport handoff sync modes demo2
+#   info build unit gpu launch bench transport handoff waiters sync modes demo2
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold);
 # sync, modes and demo2 are the comparisons of issues 17, 12 and 18, each on
-# one machine; $TENANTS overrides their tenant counts)
+# one machine; $TENANTS overrides their tenant counts; waiters runs the
+# hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
+# GPU, on each thing they can wait on)
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -15,7 +17,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -56,6 +58,28 @@ for step in "$@"; do
         echo quit | CUDA_MPS_PIPE_DIRECTORY=$mps nvidia-cuda-mps-control
       fi
       cat "$out/handoff.log" ;;
+    waiters)
+      # Issue 12: what streams waiting on the GPU, as stream-ordered tenants'
+      # do, cost another process's hand-off; on an MPS control daemon of its own.
+      mps=$(mktemp -d)
+      if CUDA_MPS_PIPE_DIRECTORY=$mps CUDA_MPS_LOG_DIRECTORY=$mps nvidia-cuda-mps-control -d; then
+        for n in ${WAITERS:-0 31}; do
+          for on in none host device kernel; do
+            [ "$n" = 0 ] && [ "$on" != none ] && continue
+            echo "-- $n waiters on $on" >>"$out/waiters.log"
+            CUDA_MPS_PIPE_DIRECTORY=$mps "$build/tools/stmux-handoff-bench" --mechanisms alone,host,memop \
+              --rounds 2000 --waiters "$n" --wait-on "$on" --json "$mps/waiters-$n-$on.json" \
+              >>"$out/waiters.log" 2>&1 || status=1
+          done
+        done
+        echo quit | CUDA_MPS_PIPE_DIRECTORY=$mps nvidia-cuda-mps-control
+        # One file of all the runs' results (few files come back from a GPU machine).
+        python3 -c 'import json, sys; print(json.dumps([json.load(open(f)) for f in sys.argv[1:]], indent=1))' \
+          "$mps"/waiters-*.json >"$out/waiters.json"
+      else
+        echo "waiters: could not start an MPS control daemon" >>"$out/waiters.log"; status=1
+      fi
+      cat "$out/waiters.log" ;;
     bench)
       # Arguments in $BENCH_ARGS; per-run files stay in /tmp, the results come back.
       # shellcheck disable=SC2086
@@ -108,7 +132,7 @@ for step in "$@"; do
       "$first/build/tools/stmux-bench" --out /tmp/stmux-demo10 --shapes cube,rnn --tenants 32 \
         --seconds 10 >"$out/demo10.log" 2>&1 || status=1
       grep -E "^(cube|rnn)" "$out/demo10.log" | sed "s/^/10 s: /" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff sync modes demo2" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff waiters sync modes demo2" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done

@@ -21,6 +21,15 @@
 // The tenant times each round from its first step to the end of a
 // synchronize after its last (a closed loop, as a program's step is).
 // Whether the contexts are on MPS is the environment's doing; it is printed.
+//
+// --waiters N adds N more processes whose streams wait on the GPU through
+// the whole run, as the streams of N stream-ordered tenants waiting for
+// their batch do, each with a step queued behind its wait; --wait-on says
+// on what: a stream memory operation on a word in host memory (what
+// stream-ordered mode does) or in device memory, or a one-thread kernel
+// polling a word in host memory; or, for comparison, nothing (N more MPS
+// clients with idle streams). What they cost the two processes above is the
+// question.
 #include <getopt.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -43,6 +52,7 @@
 #include "stmux/sys.h"
 #include "tools/cuda_exit.h"
 #include "tools/latency.h"
+#include "tools/spin_wait_fatbin.h"  // generated: stmux_spin_wait_fatbin
 
 namespace {
 
@@ -51,14 +61,21 @@ using stmux::nowNs;
 enum class Mechanism { kAlone, kHost, kEvent, kMemop };
 constexpr const char* kNames[] = {"alone", "host", "event", "memop"};
 
+enum class WaitOn { kNothing, kHostWord, kDeviceWord, kKernel };
+constexpr const char* kWaitOnNames[] = {"none", "host", "device", "kernel"};
+
 struct Options {
   std::vector<Mechanism> mechanisms = {Mechanism::kAlone, Mechanism::kHost, Mechanism::kEvent,
                                        Mechanism::kMemop};
   int rounds = 5000;
   int warmup = 500;
   std::size_t bytes = 4096;  // each step's memset
+  int waiters = 0;
+  WaitOn wait_on = WaitOn::kHostWord;
   std::string json;
 };
+
+constexpr int kMostWaiters = 64;
 
 // Shared by the two processes (mapped before the fork). The round numbers
 // pass on the host; the handles are written by each side before it says so.
@@ -70,6 +87,8 @@ struct Shared {
   std::atomic<std::uint32_t> tenant_ready;
   std::atomic<std::uint32_t> start;  // the tenant found a device: the daemon may begin
   std::atomic<std::uint32_t> stop;
+  std::atomic<std::uint32_t> waiters_up;      // waiters whose streams wait
+  std::atomic<std::uint32_t> waiters_failed;  // waiters that could not set up
   cudaIpcEventHandle_t tenant_event;
   cudaIpcEventHandle_t daemon_event;
 };
@@ -81,7 +100,13 @@ struct Flags {
   std::uint32_t pad1[15];
   std::uint32_t to_tenant;
   std::uint32_t pad2[15];
+  struct {
+    std::uint32_t word;  // a waiter's stream waits for it to reach 1
+    std::uint32_t pad[15];
+  } waiter[kMostWaiters];
 };
+constexpr std::size_t kFlagsBytes = 8192;  // mapped and registered whole
+static_assert(sizeof(Flags) <= kFlagsBytes);
 
 using WaitValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 using WriteValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
@@ -144,7 +169,7 @@ void setUp(Side& side, const Options& o, Flags* flags) {
   side.bytes = o.bytes;
   EXIT_ON_CUDA_ERROR(
       cudaEventCreateWithFlags(&side.own_event, cudaEventDisableTiming | cudaEventInterprocess));
-  EXIT_ON_CUDA_ERROR(cudaHostRegister(flags, sizeof(Flags), cudaHostRegisterMapped));
+  EXIT_ON_CUDA_ERROR(cudaHostRegister(flags, kFlagsBytes, cudaHostRegisterMapped));
   void* device = nullptr;
   EXIT_ON_CUDA_ERROR(cudaHostGetDevicePointer(&device, flags, 0));
   side.to_daemon = reinterpret_cast<CUdeviceptr>(device) + offsetof(Flags, to_daemon);
@@ -199,6 +224,76 @@ int daemonLoop(Shared* shared, Flags* flags, const Options& o) {
   }
 }
 
+// A waiter: its stream waits (on what --wait-on says) until the run ends,
+// with a step queued behind the wait; then the waiter releases it itself, a
+// host word with a store, a device word from a second stream.
+int waiterLoop(Shared* shared, Flags* flags, const Options& o, int index) {
+  while (shared->start.load(std::memory_order_acquire) == 0) {
+    if (shared->stop.load(std::memory_order_acquire) != 0 || ::getppid() == 1) return 0;
+    ::usleep(1000);
+  }
+  const auto failed = [&] {
+    shared->waiters_failed.fetch_add(1, std::memory_order_acq_rel);
+    return 3;
+  };
+  Side side;
+  setUp(side, o, flags);
+  std::uint32_t& host_word = flags->waiter[index].word;
+  void* mapped = nullptr;
+  if (cudaHostGetDevicePointer(&mapped, &host_word, 0) != cudaSuccess) return failed();
+  const auto cu_stream = reinterpret_cast<CUstream>(side.stream);
+  std::uint32_t* device_word = nullptr;
+  cudaStream_t releaser = nullptr;
+  switch (o.wait_on) {
+    case WaitOn::kNothing:
+      break;
+    case WaitOn::kHostWord:
+      if (side.wait_value(cu_stream, reinterpret_cast<CUdeviceptr>(mapped), 1,
+                          CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS) {
+        return failed();
+      }
+      break;
+    case WaitOn::kDeviceWord:
+      if (cudaMalloc(&device_word, sizeof(std::uint32_t)) != cudaSuccess ||
+          cudaMemset(device_word, 0, sizeof(std::uint32_t)) != cudaSuccess ||
+          cudaStreamCreateWithFlags(&releaser, cudaStreamNonBlocking) != cudaSuccess ||
+          side.wait_value(cu_stream, reinterpret_cast<CUdeviceptr>(device_word), 1,
+                          CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS) {
+        return failed();
+      }
+      break;
+    case WaitOn::kKernel: {
+      cudaLibrary_t library = nullptr;
+      cudaKernel_t kernel = nullptr;
+      if (cudaLibraryLoadData(&library, stmux_spin_wait_fatbin, nullptr, nullptr, 0, nullptr,
+                              nullptr, 0) != cudaSuccess ||
+          cudaLibraryGetKernel(&kernel, library, "stmux_spin_until") != cudaSuccess) {
+        return failed();
+      }
+      const unsigned value = 1;
+      void* args[] = {&mapped, const_cast<unsigned*>(&value)};
+      if (cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(1), dim3(1), args, 0,
+                           side.stream) != cudaSuccess) {
+        return failed();
+      }
+      break;
+    }
+  }
+  step(side, 1);
+  shared->waiters_up.fetch_add(1, std::memory_order_acq_rel);
+  while (shared->stop.load(std::memory_order_acquire) == 0) {
+    if (::getppid() == 1) break;
+    ::usleep(1000);
+  }
+  if (device_word != nullptr) {
+    EXIT_ON_CUDA_ERROR(cudaMemsetAsync(device_word, 1, sizeof(std::uint32_t), releaser));
+  } else {
+    std::atomic_ref<std::uint32_t>(host_word).store(1, std::memory_order_release);
+  }
+  EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(side.stream));
+  return 0;
+}
+
 struct Result {
   Mechanism mechanism;
   double rounds_per_s = 0, p50_us = 0, p99_us = 0;
@@ -213,6 +308,16 @@ bool tenantRun(Shared* shared, Flags* flags, const Options& o, pid_t daemon,
   EXIT_ON_CUDA_ERROR(cudaIpcGetEventHandle(&shared->tenant_event, side.own_event));
   if (!awaitValue(shared->daemon_ready, 1, daemon)) return false;
   EXIT_ON_CUDA_ERROR(cudaIpcOpenEventHandle(&side.other_event, shared->daemon_event));
+  for (const std::uint64_t give_up = nowNs() + 60'000'000'000ull;
+       shared->waiters_up.load(std::memory_order_acquire) <
+       static_cast<std::uint32_t>(o.waiters);) {
+    if (shared->waiters_failed.load(std::memory_order_acquire) != 0 || nowNs() > give_up) {
+      std::fprintf(stderr, "stmux-handoff-bench: %u of %d waiters set up (%u failed)\n",
+                   shared->waiters_up.load(), o.waiters, shared->waiters_failed.load());
+      return false;
+    }
+    ::usleep(1000);
+  }
   shared->tenant_ready.store(1, std::memory_order_release);
   const auto cu_stream = reinterpret_cast<CUstream>(side.stream);
   std::uint32_t round = 0;
@@ -275,7 +380,7 @@ bool tenantRun(Shared* shared, Flags* flags, const Options& o, pid_t daemon,
 void usage(FILE* out) {
   std::fprintf(out,
                "usage: stmux-handoff-bench [--mechanisms LIST] [--rounds N] [--warmup N]\n"
-               "                           [--json FILE]\n"
+               "                           [--waiters N] [--wait-on WHAT] [--json FILE]\n"
                "What it costs to hand GPU work from one process's stream to another's and\n"
                "back (a stream-ordered stmux's every call): a tenant process and a daemon\n"
                "process, rounds of three small GPU steps (tenant, daemon, tenant), ordered\n"
@@ -288,6 +393,14 @@ void usage(FILE* out) {
                "  --mechanisms LIST  comma-separated, default alone,host,event,memop\n"
                "  --rounds N         timed rounds per mechanism, default 5000\n"
                "  --warmup N         untimed rounds first, default 500\n"
+               "  --waiters N        N more processes (0 to 64, default 0) whose streams wait\n"
+               "                     on the GPU through the whole run, as stream-ordered\n"
+               "                     tenants' streams wait for their batch\n"
+               "  --wait-on WHAT     what the waiters wait on: host (a stream memory operation\n"
+               "                     on a word in host memory, as stream-ordered mode does;\n"
+               "                     the default), device (the same on a word in device\n"
+               "                     memory) or kernel (a one-thread kernel polling a word in\n"
+               "                     host memory), or none (idle streams, for comparison)\n"
                "  --json FILE        the results as JSON too\n"
                "Needs a CUDA device. Exit status: 0 done, 2 bad usage, 3 CUDA error,\n"
                "1 the other process died or stopped answering.\n");
@@ -298,6 +411,8 @@ bool parse(int argc, char** argv, Options& o) {
                                  {"rounds", required_argument, nullptr, 'r'},
                                  {"warmup", required_argument, nullptr, 'w'},
                                  {"json", required_argument, nullptr, 'j'},
+                                 {"waiters", required_argument, nullptr, 'n'},
+                                 {"wait-on", required_argument, nullptr, 'o'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
   for (int c; (c = getopt_long(argc, argv, "h", kLong, nullptr)) != -1;) {
@@ -337,6 +452,30 @@ bool parse(int argc, char** argv, Options& o) {
       case 'j':
         o.json = optarg;
         break;
+      case 'n': {
+        char* end = nullptr;
+        const long value = std::strtol(optarg, &end, 10);
+        if (end == optarg || *end != '\0' || value < 0 || value > kMostWaiters) {
+          std::fprintf(stderr, "stmux-handoff-bench: --waiters '%s': accepted: 0 to %d\n", optarg,
+                       kMostWaiters);
+          return false;
+        }
+        o.waiters = static_cast<int>(value);
+        break;
+      }
+      case 'o': {
+        const auto found =
+            std::find_if(std::begin(kWaitOnNames), std::end(kWaitOnNames),
+                         [](const char* name) { return std::strcmp(name, optarg) == 0; });
+        if (found == std::end(kWaitOnNames)) {
+          std::fprintf(
+              stderr, "stmux-handoff-bench: --wait-on '%s': accepted: none, host, device, kernel\n",
+              optarg);
+          return false;
+        }
+        o.wait_on = static_cast<WaitOn>(found - std::begin(kWaitOnNames));
+        break;
+      }
       case 'h':
         usage(stdout);
         std::exit(0);
@@ -363,7 +502,7 @@ int main(int argc, char** argv) {
   auto* shared = static_cast<Shared*>(
       ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
   auto* flags = static_cast<Flags*>(
-      ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+      ::mmap(nullptr, kFlagsBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
   if (shared == MAP_FAILED || flags == MAP_FAILED) {
     std::perror("stmux-handoff-bench: mmap");
     return 3;
@@ -376,6 +515,17 @@ int main(int argc, char** argv) {
     return 3;
   }
   if (daemon == 0) ::_exit(daemonLoop(shared, flags, o));
+  std::vector<pid_t> waiters;
+  for (int i = 0; i < o.waiters; ++i) {
+    const pid_t waiter = ::fork();
+    if (waiter < 0) {
+      std::perror("stmux-handoff-bench: fork");
+      shared->stop.store(1, std::memory_order_release);
+      return 3;
+    }
+    if (waiter == 0) ::_exit(waiterLoop(shared, flags, o, i));
+    waiters.push_back(waiter);
+  }
 
   int devices = 0;
   if (const cudaError_t error = cudaGetDeviceCount(&devices);
@@ -391,13 +541,22 @@ int main(int argc, char** argv) {
   EXIT_ON_CUDA_ERROR(cudaDeviceGetAttribute(&mps, cudaDevAttrMpsEnabled, 0));
   cudaDeviceProp prop{};
   EXIT_ON_CUDA_ERROR(cudaGetDeviceProperties(&prop, 0));
-  std::fprintf(stderr, "stmux-handoff-bench: %s, MPS %s; %d rounds per mechanism\n", prop.name,
-               mps ? "yes" : "no", o.rounds);
+  std::fprintf(stderr,
+               "stmux-handoff-bench: %s, MPS %s; %d rounds per mechanism; %d waiters on %s\n",
+               prop.name, mps ? "yes" : "no", o.rounds, o.waiters,
+               kWaitOnNames[static_cast<int>(o.wait_on)]);
   std::vector<Result> results;
   const bool ok = tenantRun(shared, flags, o, daemon, results);
   shared->stop.store(1, std::memory_order_release);
   int status = 0;
   ::waitpid(daemon, &status, 0);
+  bool waiters_ok = true;
+  for (const pid_t waiter : waiters) {
+    int waiter_status = 0;
+    ::waitpid(waiter, &waiter_status, 0);
+    waiters_ok = waiters_ok && WIFEXITED(waiter_status) && WEXITSTATUS(waiter_status) == 0;
+  }
+  if (!waiters_ok) std::fprintf(stderr, "stmux-handoff-bench: a waiter failed\n");
   if (!ok) {
     std::fprintf(stderr, "stmux-handoff-bench: the daemon process died or stopped answering\n");
     return 1;
@@ -416,6 +575,8 @@ int main(int argc, char** argv) {
     json["mps"] = mps != 0;
     json["rounds"] = o.rounds;
     json["bytes_per_step"] = o.bytes;
+    json["waiters"] = o.waiters;
+    json["wait_on"] = kWaitOnNames[static_cast<int>(o.wait_on)];
     stmux::Json& rows = json["results"] = stmux::Json::array();
     for (const Result& r : results) {
       stmux::Json& row = rows.emplace_back();
@@ -426,5 +587,5 @@ int main(int argc, char** argv) {
     }
     std::ofstream(o.json) << stmux::dumpJson(json) << "\n";
   }
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0 && waiters_ok ? 0 : 1;
 }
