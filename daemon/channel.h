@@ -1,10 +1,13 @@
-// The queues between the scheduler thread and one GPU's executor thread.
+// The queues between the scheduler thread and one GPU's executor and mapper
+// threads.
 //
-// Both ends are threads of stmuxd, trusted, one producer and one consumer per
-// direction: Boost.Lockfree's spsc_queue is the right tool here (unlike the
-// client rings, see ring.h). Commands go down (run this batch, close these
-// mappings, forget this client); finished batches come back, and the executor
-// rings the scheduler's eventfd so a sleeping scheduler notices.
+// All ends are threads of stmuxd, trusted, one producer and one consumer per
+// queue: Boost.Lockfree's spsc_queue is the right tool here (unlike the
+// client rings, see ring.h). Commands go down to the executor (run this
+// batch, adopt this mapping, close these mappings, forget this client);
+// finished batches come back. Allocations to map go down to the mapper, which
+// opens them off the executor's thread, and come back opened or not. Both
+// threads ring the scheduler's eventfd so a sleeping scheduler notices.
 #pragma once
 
 #include <sys/eventfd.h>
@@ -19,16 +22,60 @@
 #include <vector>
 
 #include "daemon/batcher.h"
+#include "daemon/mapping_cache.h"
 #include "stmux/sys.h"
 
 namespace stmux::daemon {
 
 struct ExecCommand {
-  enum class Kind { kRun, kRelease, kForget };
+  enum class Kind { kRun, kAdopt, kClose, kRelease, kForget };
   Kind kind = Kind::kRun;
   std::unique_ptr<Batch> batch;          // kRun
-  ClientPtr client;                      // kRelease, kForget
+  ClientPtr client;                      // kAdopt, kRelease, kForget
+  OperandDesc operand;                   // kAdopt: the allocation, as the client described it
+  Mapped mapped;                         // kAdopt, kClose: the mapper's mapping of it
   std::vector<std::uint64_t> alloc_ids;  // kRelease
+};
+
+// One client allocation for the mapper to open (cudaIpcOpenMemHandle), and
+// what came of it.
+struct OpenJob {
+  ClientPtr client;
+  OperandDesc operand;
+  bool ok = false;
+  bool already_mapped = false;  // memory at its address is mapped already (by the executor)
+  Mapped mapped;                // ok
+  std::string error;            // not ok
+};
+
+// A futex a thread sleeps on until another rings it.
+class Bell {
+ public:
+  void ring() {
+    bell_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) != 0) {
+      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&bell_), FUTEX_WAKE_PRIVATE, 1, nullptr,
+                nullptr, 0);
+    }
+  }
+  // Sleeps until rung or `timeout_ns` passes, unless `has_work()` says there
+  // is something to do already.
+  template <class HasWork>
+  void sleep(std::uint64_t timeout_ns, HasWork has_work) {
+    const std::uint32_t seen = bell_.load(std::memory_order_acquire);
+    sleeping_.store(1, std::memory_order_seq_cst);
+    if (!has_work()) {
+      timespec ts{static_cast<time_t>(timeout_ns / 1'000'000'000ull),
+                  static_cast<long>(timeout_ns % 1'000'000'000ull)};
+      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&bell_), FUTEX_WAIT_PRIVATE, seen, &ts,
+                nullptr, 0);
+    }
+    sleeping_.store(0, std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<std::uint32_t> bell_{0};
+  std::atomic<std::uint32_t> sleeping_{0};
 };
 
 // What the executor publishes for stmuxctl; written by the executor only.
@@ -36,7 +83,10 @@ struct ExecutorGauges {
   std::atomic<std::uint64_t> mapped{0};             // client allocations mapped now
   std::atomic<std::uint64_t> launches{0};           // cuBLAS launches issued
   std::atomic<std::uint64_t> epilogue_launches{0};  // epilogue kernels launched (one per batch)
-  std::atomic<bool> broken{false};                  // the GPU context failed; nothing runs here now
+  // Allocations the executor had to open itself, on its own thread (the
+  // mapper could not: memory at the address was still mapped there).
+  std::atomic<std::uint64_t> inline_opens{0};
+  std::atomic<bool> broken{false};  // the GPU context failed; nothing runs here now
 };
 
 class ExecutorChannel {
@@ -46,25 +96,28 @@ class ExecutorChannel {
 
   // ---- scheduler side ----
 
-  // Never blocks: what does not fit waits in an overflow list until flush().
+  // Never block: what does not fit waits in an overflow list until flush().
   void post(std::unique_ptr<ExecCommand> command) {
     overflow_.push_back(std::move(command));
     flush();
   }
-  // Moves overflow into the queue; true while some is still left over.
+  void postOpen(std::unique_ptr<OpenJob> job) {
+    open_overflow_.push_back(std::move(job));
+    flush();
+  }
+  // Moves overflow into the queues; true while some is still left over.
   bool flush() {
-    bool moved = false;
-    while (!overflow_.empty() && commands_.push(overflow_.front().get())) {
-      overflow_.front().release();
-      overflow_.pop_front();
-      moved = true;
-    }
-    if (moved) wakeExecutor();
-    return !overflow_.empty();
+    if (move(overflow_, commands_)) executor_bell_.ring();
+    if (move(open_overflow_, opens_)) mapper_bell_.ring();
+    return !overflow_.empty() || !open_overflow_.empty();
   }
   std::unique_ptr<Batch> takeDone() {
     Batch* batch = nullptr;
     return done_.pop(batch) ? std::unique_ptr<Batch>(batch) : nullptr;
+  }
+  std::unique_ptr<OpenJob> takeOpened() {
+    OpenJob* job = nullptr;
+    return opened_.pop(job) ? std::unique_ptr<OpenJob>(job) : nullptr;
   }
 
   // ---- executor side ----
@@ -79,50 +132,75 @@ class ExecutorChannel {
     Batch* raw = batch.release();
     while (!done_.push(raw))
       cpuRelax();
-    if (scheduler_wake_fd_ >= 0) {
-      const std::uint64_t one = 1;
-      [[maybe_unused]] ssize_t n = ::write(scheduler_wake_fd_, &one, sizeof(one));
-    }
+    wakeScheduler();
   }
   // Sleeps until a command may be waiting or `timeout_ns` passes.
   void sleep(std::uint64_t timeout_ns) {
-    const std::uint32_t seen = bell_.load(std::memory_order_acquire);
-    sleeping_.store(1, std::memory_order_seq_cst);
-    if (commands_.read_available() == 0) futexWaitPrivate(seen, timeout_ns);
-    sleeping_.store(0, std::memory_order_relaxed);
+    executor_bell_.sleep(timeout_ns, [this] { return commands_.read_available() != 0; });
   }
+
+  // ---- mapper side ----
+
+  std::unique_ptr<OpenJob> takeOpen() {
+    OpenJob* job = nullptr;
+    return opens_.pop(job) ? std::unique_ptr<OpenJob>(job) : nullptr;
+  }
+  void finishOpen(std::unique_ptr<OpenJob> job) {
+    // The scheduler takes these at every turn; spin rather than lose a
+    // mapping if the queue is ever full.
+    OpenJob* raw = job.release();
+    while (!opened_.push(raw))
+      cpuRelax();
+    wakeScheduler();
+  }
+  void sleepMapper(std::uint64_t timeout_ns) {
+    mapper_bell_.sleep(timeout_ns, [this] { return opens_.read_available() != 0; });
+  }
+  // Wakes a sleeping mapper (to notice a stop).
+  void wakeMapper() { mapper_bell_.ring(); }
 
   ExecutorGauges& gauges() { return gauges_; }
   const ExecutorGauges& gauges() const { return gauges_; }
-  std::size_t backlog() const { return overflow_.size(); }
+  std::size_t backlog() const { return overflow_.size() + open_overflow_.size(); }
 
   ~ExecutorChannel() {
     while (takeCommand()) {
     }
     while (takeDone()) {
     }
+    while (takeOpen()) {
+    }
+    while (takeOpened()) {
+    }
   }
 
  private:
-  void wakeExecutor() {
-    bell_.fetch_add(1, std::memory_order_seq_cst);
-    if (sleeping_.load(std::memory_order_seq_cst) != 0) {
-      ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&bell_), FUTEX_WAKE_PRIVATE, 1, nullptr,
-                nullptr, 0);
+  static constexpr std::size_t kCapacity = 1024;
+
+  template <class T, class Queue>
+  static bool move(std::deque<std::unique_ptr<T>>& from, Queue& to) {
+    bool moved = false;
+    while (!from.empty() && to.push(from.front().get())) {
+      from.front().release();
+      from.pop_front();
+      moved = true;
+    }
+    return moved;
+  }
+  void wakeScheduler() {
+    if (scheduler_wake_fd_ >= 0) {
+      const std::uint64_t one = 1;
+      [[maybe_unused]] ssize_t n = ::write(scheduler_wake_fd_, &one, sizeof(one));
     }
   }
-  void futexWaitPrivate(std::uint32_t seen, std::uint64_t timeout_ns) {
-    timespec ts{static_cast<time_t>(timeout_ns / 1'000'000'000ull),
-                static_cast<long>(timeout_ns % 1'000'000'000ull)};
-    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&bell_), FUTEX_WAIT_PRIVATE, seen, &ts,
-              nullptr, 0);
-  }
 
-  boost::lockfree::spsc_queue<ExecCommand*, boost::lockfree::capacity<1024>> commands_;
-  boost::lockfree::spsc_queue<Batch*, boost::lockfree::capacity<1024>> done_;
-  std::deque<std::unique_ptr<ExecCommand>> overflow_;  // scheduler thread only
-  std::atomic<std::uint32_t> bell_{0};
-  std::atomic<std::uint32_t> sleeping_{0};
+  boost::lockfree::spsc_queue<ExecCommand*, boost::lockfree::capacity<kCapacity>> commands_;
+  boost::lockfree::spsc_queue<Batch*, boost::lockfree::capacity<kCapacity>> done_;
+  boost::lockfree::spsc_queue<OpenJob*, boost::lockfree::capacity<kCapacity>> opens_;
+  boost::lockfree::spsc_queue<OpenJob*, boost::lockfree::capacity<kCapacity>> opened_;
+  std::deque<std::unique_ptr<ExecCommand>> overflow_;   // scheduler thread only
+  std::deque<std::unique_ptr<OpenJob>> open_overflow_;  // scheduler thread only
+  Bell executor_bell_, mapper_bell_;
   int scheduler_wake_fd_;
   ExecutorGauges gauges_;
 };

@@ -88,7 +88,13 @@ class Executor::Impl {
       Status status = init();
       const bool ok = status.ok();
       ready.set_value(std::move(status));
-      if (ok) run();
+      if (ok) {
+        mapper_ = std::thread([this] { runMapper(); });
+        run();
+        mapper_stop_.store(true, std::memory_order_release);
+        channel_.wakeMapper();
+        mapper_.join();
+      }
       teardown();
     });
     Status status = started.get();
@@ -190,7 +196,11 @@ class Executor::Impl {
     get_address_range_ = reinterpret_cast<PFN_cuMemGetAddressRange_v3020>(fn);
     cache_ = std::make_unique<MappingCache>(
         options_.max_mappings,
-        [this](const IpcHandle& h, bool& already_mapped) { return openHandle(h, already_mapped); },
+        [this](const IpcHandle& h, bool& already_mapped) {
+          // Only what the mapper could not open (or what was closed since).
+          channel_.gauges().inline_opens.fetch_add(1, std::memory_order_relaxed);
+          return openHandle(h, already_mapped);
+        },
         [](const Mapped& m) { closeMapping(m); });
     STMUX_INFO(kExec, "GPU {}: ready ({} requests per batch, {} batches in flight)",
                options_.device, options_.max_batch, buffers_.size());
@@ -235,6 +245,52 @@ class Executor::Impl {
     return Mapped{start, base + size - start};
   }
 
+  // The mapper thread: opens client allocations for the scheduler, so that
+  // an open (a fresh allocation, a churning tenant, a garbage handle) never
+  // holds up this GPU's batches, which the executor's thread launches.
+  void runMapper() {
+    const cudaError_t error = cudaSetDevice(options_.device);
+    while (!mapper_stop_.load(std::memory_order_acquire)) {
+      std::unique_ptr<OpenJob> job = channel_.takeOpen();
+      if (!job) {
+        channel_.sleepMapper(10'000'000);  // bounded, so a stop is noticed
+        continue;
+      }
+      if (error != cudaSuccess) {
+        job->error = fmt::format("cudaSetDevice on the mapper thread: {}", cudaError(error));
+      } else {
+        open(*job);
+      }
+      channel_.finishOpen(std::move(job));
+    }
+  }
+
+  void open(OpenJob& job) {
+    // CUDA will not open memory at an address still mapped here. Where the
+    // client's freed allocation there is mapped, the scheduler has had the
+    // executor close it, which it does at its next command or once no batch
+    // in flight uses it: try again for a while (1.6 ms in all), then leave
+    // the open to the executor, which closes what is in the way.
+    std::uint64_t pause_ns = 25'000;
+    for (int attempt = 0;; ++attempt) {
+      bool already_mapped = false;
+      auto opened = openHandle(job.operand.handle, already_mapped);
+      if (opened) {
+        job.ok = true;
+        job.mapped = opened.value();
+        return;
+      }
+      if (!already_mapped || attempt == 6 || mapper_stop_.load(std::memory_order_acquire)) {
+        job.already_mapped = already_mapped;
+        job.error = opened.message();
+        return;
+      }
+      timespec ts{0, static_cast<long>(pause_ns)};
+      ::nanosleep(&ts, nullptr);
+      pause_ns *= 2;
+    }
+  }
+
   static void closeMapping(const Mapped& mapped) {
     const cudaError_t error = cudaIpcCloseMemHandle(reinterpret_cast<void*>(mapped.base));
     if (error != cudaSuccess) {
@@ -275,6 +331,14 @@ class Executor::Impl {
     switch (command->kind) {
       case ExecCommand::Kind::kRun:
         return launch(std::move(command->batch));
+      case ExecCommand::Kind::kAdopt:
+        if (!cache_->adopt(command->client->id, command->operand, command->mapped)) {
+          closeMapping(command->mapped);
+        }
+        break;
+      case ExecCommand::Kind::kClose:
+        closeMapping(command->mapped);
+        break;
       case ExecCommand::Kind::kRelease:
         for (std::uint64_t id : command->alloc_ids)
           cache_->release(command->client->id, id);
@@ -656,6 +720,8 @@ class Executor::Impl {
   ExecutorChannel& channel_;
   std::thread thread_;
   std::atomic<bool> stop_{false};
+  std::thread mapper_;
+  std::atomic<bool> mapper_stop_{false};
   cudaStream_t stream_ = nullptr;
   cublasHandle_t handle_ = nullptr;
   void* scratch_ = nullptr;

@@ -52,14 +52,36 @@ Result<Mapped> MappingCache::acquire(std::uint32_t client, const OperandDesc& op
     opened = open_(operand.handle, already_mapped);
   }
   if (!opened) return opened;
-  maps.lru.push_front(operand.alloc_id);
-  maps.entries.emplace(operand.alloc_id, Entry{operand.handle, opened.value(), operand.base,
-                                               operand.alloc_bytes, batch_id, maps.lru.begin()});
-  maps.by_base[operand.base] = operand.alloc_id;
-  ++open_count_;
+  insert(maps, operand, opened.value(), batch_id);
   STMUX_DEBUG(kMem, "client {}: mapped allocation {} ({} bytes)", client, operand.alloc_id,
               opened->bytes);
   return opened;
+}
+
+bool MappingCache::adopt(std::uint32_t client, const OperandDesc& operand, const Mapped& mapped) {
+  ClientMaps& maps = clients_[client];
+  if (auto it = maps.entries.find(operand.alloc_id); it != maps.entries.end()) {
+    if (it->second.handle == operand.handle && it->second.client_base == operand.base) {
+      return false;  // mapped already: keep that one
+    }
+    if (inUse(it->second)) return false;
+    drop(maps, operand.alloc_id);
+  }
+  if (!dropOverlapping(maps, operand.base, operand.alloc_bytes)) return false;
+  evictIfFull(maps);
+  insert(maps, operand, mapped, /*batch_id=*/0);
+  STMUX_DEBUG(kMem, "client {}: adopted allocation {} ({} bytes)", client, operand.alloc_id,
+              mapped.bytes);
+  return true;
+}
+
+void MappingCache::insert(ClientMaps& maps, const OperandDesc& operand, const Mapped& mapped,
+                          std::uint64_t batch_id) {
+  maps.lru.push_front(operand.alloc_id);
+  maps.entries.emplace(operand.alloc_id, Entry{operand.handle, mapped, operand.base,
+                                               operand.alloc_bytes, batch_id, maps.lru.begin()});
+  maps.by_base[operand.base] = operand.alloc_id;
+  ++open_count_;
 }
 
 bool MappingCache::dropOverlapping(ClientMaps& maps, std::uint64_t base, std::uint64_t bytes) {

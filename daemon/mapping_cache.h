@@ -15,8 +15,11 @@
 // flight uses it: batches complete in id order, and each entry remembers the
 // last batch that used it.
 //
-// The opening and closing themselves (CUDA IPC) are the executor's, passed in
-// as functions, so this bookkeeping is tested without a GPU.
+// The opening and closing themselves (CUDA IPC) are passed in as functions,
+// so this bookkeeping is tested without a GPU. Opening is mostly the mapper
+// thread's (the scheduler holds a request until its memory is mapped, and
+// the executor adopts the mapping); `acquire` opens only what the mapper
+// could not, or what was closed since.
 #pragma once
 
 #include <cstdint>
@@ -51,6 +54,11 @@ class MappingCache {
   // marked as used by `batch_id` (not closable until that batch completes).
   Result<Mapped> acquire(std::uint32_t client, const OperandDesc& operand, std::uint64_t batch_id);
 
+  // Takes a mapping opened elsewhere (the mapper) for the allocation an
+  // operand describes, by the same rules as `acquire`. False if it cannot
+  // (the allocation is mapped already, or overlaps one a batch in flight
+  // uses): the caller closes it.
+  bool adopt(std::uint32_t client, const OperandDesc& operand, const Mapped& mapped);
   // The client freed the allocation.
   void release(std::uint32_t client, std::uint64_t alloc_id);
   // The client is gone.
@@ -84,6 +92,8 @@ class MappingCache {
   void evictIfFull(ClientMaps& maps);
   // Drops entries overlapping [base, base + bytes); false if one is in use.
   bool dropOverlapping(ClientMaps& maps, std::uint64_t base, std::uint64_t bytes);
+  void insert(ClientMaps& maps, const OperandDesc& operand, const Mapped& mapped,
+              std::uint64_t batch_id);
 
   std::size_t limit_;
   OpenFn open_;

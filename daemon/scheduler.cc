@@ -29,6 +29,23 @@ constexpr std::uint64_t kReadyLookMinNs = 20'000;
 constexpr std::uint64_t kPlausibleRingNs = 3'600'000'000'000;
 constexpr std::uint64_t kReadyLookMaxNs = 1'000'000;
 
+// Calls `f` with each operand a (valid) request reads or writes.
+template <class F>
+void forEachTouched(const Request& r, F&& f) {
+  const auto extents = gemmExtents(GemmShape::of(r));
+  if (!extents) return;
+  if (extents->a != 0) f(r.a);
+  if (extents->b != 0) f(r.b);
+  if (extents->c != 0) f(r.c);
+  if (extents->bias != 0) f(r.bias);
+}
+
+bool overlaps(std::uint64_t base, std::uint64_t bytes, std::uint64_t other_base,
+              std::uint64_t other_bytes) {
+  return base < other_base + std::max<std::uint64_t>(other_bytes, 1) &&
+         other_base < base + std::max<std::uint64_t>(bytes, 1);
+}
+
 }  // namespace
 
 std::string formatUuid(const Uuid& uuid) {
@@ -43,7 +60,7 @@ std::string formatUuid(const Uuid& uuid) {
 Scheduler::Scheduler(BatcherOptions options, std::vector<GpuInfo> gpus,
                      std::vector<ExecutorChannel*> channels) {
   for (std::size_t i = 0; i < gpus.size(); ++i) {
-    gpus_.push_back(Gpu{std::move(gpus[i]), channels[i], Batcher(options), {}, {}});
+    gpus_.push_back(Gpu{std::move(gpus[i]), channels[i], Batcher(options), {}, {}, {}});
   }
 }
 
@@ -104,33 +121,137 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
     gpu->round.ring_ns += now_ns - request.submit_ns;
   }
   Queued item{client, request, BatchKey::of(request), now_ns};
-  if (!requestReady(client->view.slot(request.slot), request)) {
+  const bool mapped = memoryMapped(*gpu, item);
+  if (!mapped || !requestReady(client->view.slot(request.slot), request)) {
     gpu->awaiting.push_back(std::move(item));
     return;
   }
   gpu->batcher.add(std::move(item), now_ns);
 }
 
+bool Scheduler::memoryMapped(Gpu& gpu, const Queued& item) {
+  const std::uint32_t client = item.client->id;
+  bool all = true;
+  forEachTouched(item.request, [&](const OperandDesc& operand) {
+    auto [it, fresh] = gpu.memory.try_emplace(MemoryKey{client, operand.alloc_id});
+    Memory& memory = it->second;
+    if (!fresh &&
+        (!memory.mapped || (memory.handle == operand.handle && memory.base == operand.base))) {
+      all = all && memory.mapped;  // mapped, or being opened (then look again once it is)
+      return;
+    }
+    // New, or mapped as other memory under the same id (only a confused
+    // client does that): the mapper opens it. The client's mapped
+    // allocations that overlap it were freed, since live ones never overlap:
+    // the executor closes them first (or once no batch in flight uses them),
+    // as CUDA will not open memory at an address still mapped.
+    all = false;
+    memory = Memory{operand.handle, operand.base, operand.alloc_bytes, false};
+    auto release = std::make_unique<ExecCommand>();
+    for (auto other = gpu.memory.lower_bound(MemoryKey{client, 0});
+         other != gpu.memory.end() && other->first.first == client;) {
+      if (other != it && other->second.mapped &&
+          overlaps(operand.base, operand.alloc_bytes, other->second.base, other->second.bytes)) {
+        release->alloc_ids.push_back(other->first.second);
+        other = gpu.memory.erase(other);
+      } else {
+        ++other;
+      }
+    }
+    if (!release->alloc_ids.empty()) {
+      release->kind = ExecCommand::Kind::kRelease;
+      release->client = item.client;
+      gpu.channel->post(std::move(release));
+    }
+    auto job = std::make_unique<OpenJob>();
+    job->client = item.client;
+    job->operand = operand;
+    gpu.channel->postOpen(std::move(job));
+  });
+  return all;
+}
+
+bool Scheduler::takeOpened(Gpu& gpu) {
+  bool progressed = false;
+  while (std::unique_ptr<OpenJob> job = gpu.channel->takeOpened()) {
+    progressed = true;
+    const ClientPtr& client = job->client;
+    const OperandDesc& operand = job->operand;
+    const auto it = gpu.memory.find(MemoryKey{client->id, operand.alloc_id});
+    // Still wanted: its client is here, has not released it, and no other
+    // memory took its id since.
+    const bool wanted = it != gpu.memory.end() && !it->second.mapped &&
+                        it->second.handle == operand.handle && it->second.base == operand.base;
+    if (job->ok) {
+      auto command = std::make_unique<ExecCommand>();
+      command->kind = wanted ? ExecCommand::Kind::kAdopt : ExecCommand::Kind::kClose;
+      command->client = client;
+      command->operand = operand;
+      command->mapped = job->mapped;
+      gpu.channel->post(std::move(command));
+      if (wanted) it->second.mapped = true;
+    } else if (wanted && job->already_mapped) {
+      // Memory at its address is still mapped by the executor (a freed
+      // predecessor it has not closed yet): the executor maps it itself at
+      // the first batch that needs it, closing what is in the way.
+      it->second.mapped = true;
+    } else if (wanted) {
+      STMUX_WARN(kMem, "client {} (pid {}): cannot map allocation {}: {}", client->id, client->pid,
+                 operand.alloc_id, job->error);
+      gpu.memory.erase(it);
+      // What waited for it runs in its caller, as a request the executor
+      // cannot map is answered.
+      const auto declined =
+          std::stable_partition(gpu.awaiting.begin(), gpu.awaiting.end(), [&](const Queued& q) {
+            if (q.client != client) return true;
+            bool uses = false;
+            forEachTouched(q.request,
+                           [&](const OperandDesc& o) { uses |= o.alloc_id == operand.alloc_id; });
+            return !uses;
+          });
+      for (auto q = declined; q != gpu.awaiting.end(); ++q)
+        reject(q->client, q->request, kStatusDeclined);
+      settle(std::span<const Queued>(declined, gpu.awaiting.end()));
+      gpu.awaiting.erase(declined, gpu.awaiting.end());
+    }
+  }
+  return progressed;
+}
+
+void Scheduler::forgetMemory(Gpu& gpu, std::uint32_t client) {
+  gpu.memory.erase(gpu.memory.lower_bound(MemoryKey{client, 0}),
+                   gpu.memory.upper_bound(MemoryKey{client, UINT64_MAX}));
+}
+
 bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
   bool progressed = false;
   std::uint64_t oldest = now_ns;
+  bool streams_awaited = false;
   auto kept = gpu.awaiting.begin();
   for (auto it = gpu.awaiting.begin(); it != gpu.awaiting.end(); ++it) {
-    if (requestReady(it->client->view.slot(it->request.slot), it->request)) {
-      // Its wait in the batcher starts now: the time before was the caller's.
-      ++gpu.round.readied;
-      gpu.round.ready_ns += now_ns - it->arrival_ns;
+    const bool ready = requestReady(it->client->view.slot(it->request.slot), it->request);
+    if (ready && memoryMapped(gpu, *it)) {
+      // Its wait in the batcher starts now: the time before was the
+      // caller's (and the mapper's).
+      if (streamOrdered(it->request)) {
+        ++gpu.round.readied;
+        gpu.round.ready_ns += now_ns - it->arrival_ns;
+      }
       it->arrival_ns = now_ns;
       gpu.batcher.add(std::move(*it), now_ns);
       progressed = true;
       continue;
     }
-    oldest = std::min(oldest, it->arrival_ns);
+    if (!ready) {
+      streams_awaited = true;
+      oldest = std::min(oldest, it->arrival_ns);
+    }
     if (kept != it) *kept = std::move(*it);
     ++kept;
   }
   gpu.awaiting.erase(kept, gpu.awaiting.end());
-  if (!gpu.awaiting.empty()) {
+  // The mapper rings when it is done; a stream's ready word only is looked at.
+  if (streams_awaited) {
     const std::uint64_t look = std::clamp((now_ns - oldest) / 10, kReadyLookMinNs, kReadyLookMaxNs);
     if (wake_at_ns == 0 || now_ns + look < wake_at_ns) wake_at_ns = now_ns + look;
   }
@@ -144,6 +265,7 @@ void Scheduler::onDetach(const ClientPtr& client) {
                                             [&](const Queued& q) { return q.client != client; });
     settle(std::span<const Queued>(gone, gpu.awaiting.end()));
     gpu.awaiting.erase(gone, gpu.awaiting.end());
+    forgetMemory(gpu, client->id);
     auto command = std::make_unique<ExecCommand>();
     command->kind = ExecCommand::Kind::kForget;
     command->client = client;
@@ -154,6 +276,8 @@ void Scheduler::onDetach(const ClientPtr& client) {
 void Scheduler::onRelease(const ClientPtr& client, const std::uint64_t* alloc_ids,
                           std::size_t count) {
   for (Gpu& gpu : gpus_) {
+    for (std::size_t i = 0; i < count; ++i)
+      gpu.memory.erase(MemoryKey{client->id, alloc_ids[i]});
     auto command = std::make_unique<ExecCommand>();
     command->kind = ExecCommand::Kind::kRelease;
     command->client = client;
@@ -178,6 +302,7 @@ bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
       settle(done->items);
       progressed = true;
     }
+    progressed |= takeOpened(gpu);
     gpu.channel->flush();
     std::uint64_t wake = 0;
     progressed |= admitReady(gpu, now_ns, wake_at_ns);
@@ -213,7 +338,9 @@ void Scheduler::addStatus(Json& status) const {
     entry["mps"] = gpu.info.mps;
     entry["broken"] = gauges.broken.load();
     entry["queued"] = gpu.batcher.queued();
-    entry["awaiting_streams"] = gpu.awaiting.size();
+    entry["awaiting"] = gpu.awaiting.size();
+    entry["opening"] = std::count_if(gpu.memory.begin(), gpu.memory.end(),
+                                     [](const auto& m) { return !m.second.mapped; });
     entry["in_flight"] = gpu.batcher.inFlight();
     entry["requests"] = stats.requests;
     entry["batches"] = stats.batches;
@@ -239,6 +366,7 @@ void Scheduler::addStatus(Json& status) const {
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
     entry["mapped"] = gauges.mapped.load();
+    entry["inline_opens"] = gauges.inline_opens.load();
   }
 }
 
@@ -266,8 +394,9 @@ void Scheduler::addMetrics(MetricsText& out) const {
          [](const Gpu& g) { return g.channel->gauges().epilogue_launches.load(); });
   perGpu("stmux_gpu_queued_requests", "gauge", "Requests waiting for a batch.",
          [](const Gpu& g) { return g.batcher.queued(); });
-  perGpu("stmux_gpu_awaiting_stream_requests", "gauge",
-         "Stream-ordered requests waiting for their callers' streams to reach them.",
+  perGpu("stmux_gpu_awaiting_requests", "gauge",
+         "Requests waiting for their callers' streams to reach them (stream-ordered) or for "
+         "their memory to be mapped.",
          [](const Gpu& g) { return g.awaiting.size(); });
   perGpu("stmux_gpu_batches_in_flight", "gauge", "Batches handed to the GPU, not yet done.",
          [](const Gpu& g) { return g.batcher.inFlight(); });

@@ -4,8 +4,10 @@
 // tested end to end on machines without a GPU against a fake executor.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "daemon/batcher.h"
@@ -59,19 +61,38 @@ class Scheduler : public RequestSink {
     std::uint64_t readied = 0, ready_ns = 0;
     std::uint64_t completed = 0, launch_ns = 0, gpu_ns = 0;
   };
+  // A client allocation on one GPU, as far as the scheduler knows: mapped
+  // (the mapper opened it and the executor adopted it, or the executor maps
+  // it itself), or being opened by the mapper.
+  struct Memory {
+    IpcHandle handle{};
+    std::uint64_t base = 0, bytes = 0;  // where the client has it
+    bool mapped = false;
+  };
+  using MemoryKey = std::pair<std::uint32_t, std::uint64_t>;  // client id, allocation id
   struct Gpu {
     GpuInfo info;
     ExecutorChannel* channel;
     Batcher batcher;
-    // Stream-ordered requests whose callers' streams have not yet done the
-    // work queued before them: they join the batcher when they are ready, so
-    // that a late tenant never holds up a batch.
+    // Requests not yet for the batcher: stream-ordered ones whose callers'
+    // streams have not yet done the work queued before them, and any whose
+    // memory the mapper is still opening. They join the batcher when both
+    // are done, so that neither a late tenant nor an allocation being opened
+    // holds up a batch (an open takes the executor's thread no more).
     std::vector<Queued> awaiting;
+    std::map<MemoryKey, Memory> memory;
     RoundTimes round;
   };
   // Moves the ready ones of `gpu.awaiting` to its batcher; sets `wake_at_ns`
-  // to when to look again while some are left.
+  // to when to look again while streams are awaited.
   bool admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_at_ns);
+  // Whether every allocation the request touches is mapped on `gpu`; has the
+  // mapper open those that are not and are not being opened.
+  bool memoryMapped(Gpu& gpu, const Queued& item);
+  // What the mapper did: mappings go to the executor; a failure declines the
+  // requests that waited for it (their callers run them themselves).
+  bool takeOpened(Gpu& gpu);
+  void forgetMemory(Gpu& gpu, std::uint32_t client);
   Gpu* route(const Uuid& uuid);
   void reject(const ClientPtr& client, const Request& request, std::int32_t status);
 

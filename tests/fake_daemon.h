@@ -19,13 +19,30 @@ namespace stmux::daemon {
 
 // Does what the executor does with a batch, minus the GPU: claim each
 // request, complete it, hand the batch back. Optionally slow, like a GPU.
+// Its mapper "opens" every allocation it is asked for, or does what
+// `setOpen` says.
 class FakeExecutor {
  public:
+  using OpenFn = std::function<void(OpenJob&)>;
+
   FakeExecutor(ExecutorChannel& channel, std::uint64_t batch_ns)
-      : channel_(channel), batch_ns_(batch_ns), thread_([this] { run(); }) {}
+      : channel_(channel),
+        batch_ns_(batch_ns),
+        thread_([this] { run(); }),
+        mapper_([this] { runMapper(); }) {}
   ~FakeExecutor() {
     stop_ = true;
+    channel_.wakeMapper();
+    mapper_.join();
     thread_.join();
+  }
+  void setOpen(OpenFn open) {
+    std::lock_guard lock(mutex_);
+    open_ = std::move(open);
+  }
+  std::vector<std::uint64_t> adopted() const {
+    std::lock_guard lock(mutex_);
+    return adopted_;
   }
   std::vector<std::size_t> batchSizes() const {
     std::lock_guard lock(mutex_);
@@ -66,6 +83,11 @@ class FakeExecutor {
           channel_.finish(std::move(command->batch));
           break;
         }
+        case ExecCommand::Kind::kAdopt:
+          adopted_.push_back(command->operand.alloc_id);
+          break;
+        case ExecCommand::Kind::kClose:
+          break;
         case ExecCommand::Kind::kRelease:
           released_.insert(released_.end(), command->alloc_ids.begin(), command->alloc_ids.end());
           break;
@@ -76,14 +98,39 @@ class FakeExecutor {
     }
   }
 
+  void runMapper() {
+    while (!stop_) {
+      std::unique_ptr<OpenJob> job = channel_.takeOpen();
+      if (!job) {
+        channel_.sleepMapper(1'000'000);
+        continue;
+      }
+      OpenFn open;
+      {
+        std::lock_guard lock(mutex_);
+        open = open_;
+      }
+      if (open) {
+        open(*job);
+      } else {
+        job->ok = true;
+        job->mapped = Mapped{job->operand.base, job->operand.alloc_bytes};
+      }
+      channel_.finishOpen(std::move(job));
+    }
+  }
+
   ExecutorChannel& channel_;
   std::uint64_t batch_ns_;
   mutable std::mutex mutex_;
+  OpenFn open_;
+  std::vector<std::uint64_t> adopted_;
   std::vector<std::size_t> sizes_;
   std::vector<std::uint32_t> forgotten_;
   std::vector<std::uint64_t> released_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
+  std::thread mapper_;
 };
 
 inline Uuid uuid(std::uint8_t tag) {

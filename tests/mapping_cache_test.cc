@@ -64,6 +64,33 @@ TEST_F(MappingCacheTest, OpensOncePerAllocation) {
   EXPECT_EQ(cache.size(), 1u);
 }
 
+// What the mapper opened: adopted, then found without opening again; a
+// second mapping of the same allocation, or one over memory a batch in
+// flight uses, is refused (the caller closes it).
+TEST_F(MappingCacheTest, AdoptsWhatTheMapperOpenedByTheSameRules) {
+  auto cache = make(16);
+  // Opened elsewhere, as the mapper does; closed by the cache's close.
+  auto opened = [this](std::uint64_t base) {
+    open_.insert(base);
+    return Mapped{base, 4096};
+  };
+  EXPECT_TRUE(cache.adopt(1, operand(100, 1), opened(0xa0000)));
+  auto found = cache.acquire(1, operand(100, 1), 1);
+  ASSERT_TRUE(found.ok());
+  EXPECT_EQ(found->base, 0xa0000u);
+  EXPECT_EQ(opens_, 0);
+  EXPECT_FALSE(cache.adopt(1, operand(100, 1), Mapped{0xb0000, 4096}));  // mapped already
+  // Another allocation over 100's addresses while batch 1 uses 100: refused.
+  const OperandDesc over = operand(101, 2, 0x100000 * 100, 4096);
+  EXPECT_FALSE(cache.adopt(1, over, Mapped{0xc0000, 4096}));
+  cache.batchCompleted(1);
+  EXPECT_TRUE(cache.adopt(1, over, opened(0xc0000)));
+  EXPECT_EQ(closes_, 1);  // 100, retired for it
+  EXPECT_EQ(cache.size(), 1u);
+  cache.forgetClient(1);
+  EXPECT_TRUE(open_.empty());
+}
+
 TEST_F(MappingCacheTest, ClientsAreKeptApart) {
   auto cache = make(16);
   auto a = cache.acquire(1, operand(100, 1), 1);

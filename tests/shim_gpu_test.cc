@@ -249,6 +249,12 @@ TEST_F(ShimOnGpu, FreedMemoryIsUnmappedWhileTheTenantStaysIdle) {
                                std::chrono::seconds(60)))
       << c.out() << c.err();
   EXPECT_EQ(mapped(), 3) << "A, B and C mapped after the call";
+  {
+    // By the mapper thread, not the executor's.
+    auto status = daemonStatus(dir_.socket());
+    ASSERT_TRUE(status);
+    EXPECT_EQ(gpuField(*status, "inline_opens"), 0);
+  }
   // Several sweeps later the live allocations are still mapped.
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   ASSERT_EQ(c.out().find("freed"), std::string::npos) << "the client went on too soon";

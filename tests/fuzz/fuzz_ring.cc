@@ -5,10 +5,11 @@
 // RingConsumer pops (with the server's slot check, daemon/server.cc), the
 // Scheduler validates and routes (daemon/scheduler.cc), its Batchers decide
 // (daemon/batcher.cc), and a fake executor per GPU does what
-// daemon/executor.cc does minus CUDA: maps each operand through the real
-// MappingCache (daemon/mapping_cache.cc; the "driver" reports the size the
-// handle's first 8 bytes name), checks it with operandFits, claims and
-// completes.
+// daemon/executor.cc does minus CUDA: opens the allocations the scheduler
+// asks its mapper for, adopts them into the real MappingCache
+// (daemon/mapping_cache.cc; the "driver" reports the size the handle's first
+// 8 bytes name), maps each operand through it, checks it with operandFits,
+// claims and completes.
 //
 // Checked: no read outside the segments (each is one heap block, so ASan sees
 // a stray access), the consumer pops at most a ring's capacity without new
@@ -111,25 +112,32 @@ class FakeExecutor {
       : channel_(channel),
         cache_(
             4,
-            [this](const IpcHandle& handle, bool& already_mapped) -> Result<Mapped> {
-              already_mapped = false;
-              const std::uint64_t bytes = driverBytes(handle);
-              if (bytes == 0) return Status::error("no such allocation");
-              const std::uint64_t base = next_base_;
-              next_base_ += 1ull << 40;
-              STMUX_FUZZ_CHECK(open_.insert(base).second);
-              return Mapped{base, bytes};
+            [this](const IpcHandle& handle, bool& already_mapped) {
+              return open(handle, already_mapped);
             },
-            [this](const Mapped& mapped) {
-              STMUX_FUZZ_CHECK(open_.erase(mapped.base) == 1);  // closed once, and opened
-            }) {}
+            [this](const Mapped& mapped) { close(mapped); }) {}
 
-  // Everything waiting in the channel, as daemon/executor.cc handles it.
+  // Everything waiting in the channel, as daemon/executor.cc and its mapper
+  // handle it.
   void runAll() {
+    while (std::unique_ptr<daemon::OpenJob> job = channel_.takeOpen()) {
+      auto opened = open(job->operand.handle, job->already_mapped);
+      job->ok = opened.ok();
+      if (opened) job->mapped = opened.value();
+      channel_.finishOpen(std::move(job));
+    }
     while (std::unique_ptr<ExecCommand> command = channel_.takeCommand()) {
       switch (command->kind) {
         case ExecCommand::Kind::kRun:
           launch(std::move(command->batch));
+          break;
+        case ExecCommand::Kind::kAdopt:
+          if (!cache_.adopt(command->client->id, command->operand, command->mapped)) {
+            close(command->mapped);
+          }
+          break;
+        case ExecCommand::Kind::kClose:
+          close(command->mapped);
           break;
         case ExecCommand::Kind::kRelease:
           for (std::uint64_t id : command->alloc_ids)
@@ -152,6 +160,19 @@ class FakeExecutor {
   }
 
  private:
+  Result<Mapped> open(const IpcHandle& handle, bool& already_mapped) {
+    already_mapped = false;
+    const std::uint64_t bytes = driverBytes(handle);
+    if (bytes == 0) return Status::error("no such allocation");
+    const std::uint64_t base = next_base_;
+    next_base_ += 1ull << 40;
+    STMUX_FUZZ_CHECK(open_.insert(base).second);
+    return Mapped{base, bytes};
+  }
+  void close(const Mapped& mapped) {
+    STMUX_FUZZ_CHECK(open_.erase(mapped.base) == 1);  // closed once, and opened
+  }
+
   std::int32_t resolve(const Queued& item, const OperandDesc& operand, std::uint64_t extent,
                        std::uint64_t batch_id) {
     if (extent == 0) return kStatusSuccess;
@@ -375,8 +396,13 @@ class World {
       tenant.client->gone.store(true);
       scheduler_.onDetach(tenant.client);
     }
-    for (FakeExecutor& executor : executors_)
-      executor.runAll();
+    // Twice: what the mappers opened for clients now gone comes back to the
+    // scheduler, which has the executors close it.
+    for (int pass = 0; pass < 2; ++pass) {
+      for (FakeExecutor& executor : executors_)
+        executor.runAll();
+      (void)poll();
+    }
     for (const Tenant& tenant : tenants_)
       STMUX_FUZZ_CHECK(tenant.client->outstanding == 0);
     for (FakeExecutor& executor : executors_)
