@@ -267,7 +267,8 @@ int run(int argc, char** argv) {
     }
     STMUX_INFO(kDaemon, "serving GPU {}: {} {}", gpu.index, gpu.name, formatUuid(gpu.uuid));
   }
-  Scheduler scheduler(batcher, gpus.value(), channel_ptrs);
+  Scheduler scheduler(batcher, gpus.value(), channel_ptrs,
+                      static_cast<std::size_t>(config->max_mappings));
   scheduler.adoptWakeFd(std::move(wake_fd));
 
   ServerOptions server_options;

@@ -58,7 +58,8 @@ std::string formatUuid(const Uuid& uuid) {
 }
 
 Scheduler::Scheduler(BatcherOptions options, std::vector<GpuInfo> gpus,
-                     std::vector<ExecutorChannel*> channels) {
+                     std::vector<ExecutorChannel*> channels, std::size_t mappings_per_client)
+    : mappings_per_client_(mappings_per_client) {
   for (std::size_t i = 0; i < gpus.size(); ++i) {
     gpus_.push_back(Gpu{std::move(gpus[i]), channels[i], Batcher(options), {}, {}, {}});
   }
@@ -148,14 +149,26 @@ bool Scheduler::memoryMapped(Gpu& gpu, const Queued& item) {
     all = false;
     memory = Memory{operand.handle, operand.base, operand.alloc_bytes, false};
     auto release = std::make_unique<ExecCommand>();
+    std::size_t known = 0;
     for (auto other = gpu.memory.lower_bound(MemoryKey{client, 0});
-         other != gpu.memory.end() && other->first.first == client;) {
+         other != gpu.memory.end() && other->first.first == client; ++known) {
       if (other != it && other->second.mapped &&
           overlaps(operand.base, operand.alloc_bytes, other->second.base, other->second.bytes)) {
         release->alloc_ids.push_back(other->first.second);
         other = gpu.memory.erase(other);
       } else {
         ++other;
+      }
+    }
+    if (known > 2 * mappings_per_client_) {
+      // A client with this many live allocations outgrew the executor's
+      // cache, which closes its least recently used: forget what is mapped,
+      // so that this list stays bounded. Forgotten allocations are opened
+      // again at their next use (the same handle opened twice in a process
+      // is counted, not mapped twice, and the executor closes the copy).
+      for (auto other = gpu.memory.lower_bound(MemoryKey{client, 0});
+           other != gpu.memory.end() && other->first.first == client;) {
+        other = other != it && other->second.mapped ? gpu.memory.erase(other) : std::next(other);
       }
     }
     if (!release->alloc_ids.empty()) {

@@ -29,9 +29,11 @@ std::string formatUuid(const Uuid& uuid);  // GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxx
 class Scheduler : public RequestSink {
  public:
   // One channel per GPU, in the same order as `gpus`; the channels' executors
-  // ring `wakeFd()` when they finish a batch.
+  // ring `wakeFd()` when they finish a batch. `mappings_per_client`: the
+  // executors' STMUX_MAX_MAPPINGS, which bounds what the scheduler keeps
+  // track of too.
   Scheduler(BatcherOptions options, std::vector<GpuInfo> gpus,
-            std::vector<ExecutorChannel*> channels);
+            std::vector<ExecutorChannel*> channels, std::size_t mappings_per_client = 4096);
 
   void onDetach(const ClientPtr& client) override;
   void onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) override;
@@ -97,6 +99,7 @@ class Scheduler : public RequestSink {
   void reject(const ClientPtr& client, const Request& request, std::int32_t status);
 
   std::vector<Gpu> gpus_;
+  std::size_t mappings_per_client_;
   UniqueFd wake_fd_;
   std::uint64_t rejected_ = 0;  // answered without reaching a batcher
 };

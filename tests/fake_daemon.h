@@ -144,10 +144,12 @@ inline Uuid uuid(std::uint8_t tag) {
 class Daemon {
  public:
   explicit Daemon(const testing::TempDir& dir, std::uint64_t batch_ns = 0,
-                  const std::function<void(daemon::ServerOptions&)>& adjust = {})
+                  const std::function<void(daemon::ServerOptions&)>& adjust = {},
+                  std::size_t mappings_per_client = 4096)
       : wake_(Scheduler::makeWakeFd()),
         channel_(wake_.get()),
-        scheduler_(BatcherOptions{}, {GpuInfo{0, uuid(0xab), "fake"}}, {&channel_}),
+        scheduler_(BatcherOptions{}, {GpuInfo{0, uuid(0xab), "fake"}}, {&channel_},
+                   mappings_per_client),
         executor_(channel_, batch_ns) {
     scheduler_.adoptWakeFd(std::move(wake_));
     auto options = testing::serverOptions(dir);

@@ -260,6 +260,27 @@ TEST(Scheduler, MemoryThatCannotBeMappedIsDeclined) {
   EXPECT_EQ(call(*connection, requestOn(1)), kStatusSuccess);
 }
 
+// A client with more live allocations than the executor keeps mapped: the
+// scheduler forgets what is mapped rather than grow, and opens it again at
+// its next use.
+TEST(Scheduler, WhatItKnowsOfAClientsMemoryStaysBounded) {
+  TempDir dir;
+  Daemon daemon(dir, 0, {}, /*mappings_per_client=*/2);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  std::atomic<int> opens{0};
+  daemon.executor().setOpen([&](OpenJob& job) {
+    ++opens;
+    job.ok = true;
+    job.mapped = Mapped{job.operand.base, job.operand.alloc_bytes};
+  });
+  for (std::uint64_t first : {1, 4, 7})
+    EXPECT_EQ(call(*connection, requestOn(first)), kStatusSuccess);
+  EXPECT_EQ(opens, 9);
+  EXPECT_EQ(call(*connection, requestOn(1)), kStatusSuccess);
+  EXPECT_EQ(opens, 12) << "1, 2 and 3 were forgotten and opened again";
+}
+
 // A new allocation where a mapped one was (freed, since live ones never
 // overlap): the executor is told to close the old before the new is opened,
 // as CUDA will not open memory at an address still mapped.
