@@ -223,7 +223,8 @@ constexpr char kFullReply[] = R"({
     {"index": 0, "uuid": "GPU-0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
      "name": "NVIDIA H100 80GB HBM3", "broken": false, "mps": true, "queued": 3, "in_flight": 1,
      "requests": 12345, "batches": 400, "mean_batch": 30.8625,
-     "launches": {"full": 0, "window": 10, "all_waiting": 380, "idle": 10}, "mapped": 57},
+     "launches": {"full": 0, "window": 10, "all_waiting": 380, "idle": 10}, "mapped": 57,
+     "inline_opens": 12},
     {"index": 1, "uuid": "GPU-11111111-2222-3333-4444-555555555555",
      "name": "NVIDIA H100 80GB HBM3", "broken": true, "mps": false, "queued": 0, "in_flight": 0,
      "requests": 0, "batches": 0, "mean_batch": 0,
@@ -357,6 +358,11 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   ASSERT_FALSE(gpu_total.empty()) << out;
   EXPECT_TRUE(contains(gpu_total, "1 BROKEN")) << gpu_total;
   EXPECT_TRUE(contains(gpu_total, " 12345 ")) << gpu_total;
+  // Opens the mapper could not do, where there were any.
+  EXPECT_EQ(lineStarting(out, "GPU 0: "),
+            "GPU 0: 12 allocations were opened on the executor's thread, not the mapper's "
+            "(memory still mapped at their address, or closed since)");
+  EXPECT_EQ(lineStarting(out, "GPU 1: "), "") << out;
 
   const std::string a = lineStarting(out, "1      1001 ");
   const std::string b = lineStarting(out, "7      1002 ");

@@ -340,13 +340,25 @@ std::string gpuTable(const Json* gpus) {
                count(member(gpu, "batches")), decimal(member(gpu, "mean_batch")),
                count(member(gpu, "mapped")), row_launches.str(/*non_zero_only=*/false)});
   }
+  // Opens the mapper could not do hold up the GPU's batches (docs/ARCHITECTURE.md,
+  // "Client memory"): said where there were any.
+  std::string notes;
+  for (std::size_t i = 0; i < gpus->size(); ++i) {
+    const Json* inline_opens = member(jsonAt(gpus, i), "inline_opens");
+    if (isNumber(inline_opens) && jsonNumber(inline_opens) > 0) {
+      notes += fmt::format(
+          "GPU {}: {} allocations were opened on the executor's thread, not the mapper's "
+          "(memory still mapped at their address, or closed since)\n",
+          count(member(jsonAt(gpus, i), "index")), count(inline_opens));
+    }
+  }
   const bool mean = requests.total && batches.total && *batches.total > 0;
   table.add({"total", fmt::format("{} GPU{}", gpus->size(), gpus->size() == 1 ? "" : "s"), "",
              broken > 0 ? fmt::format("{} BROKEN", broken) : "", "", queued.str(), in_flight.str(),
              requests.str(), batches.str(),
              mean ? fmt::format("{:.1f}", *requests.total / *batches.total) : "-", mapped.str(),
              launches.str(/*non_zero_only=*/false)});
-  return table.str();
+  return table.str() + notes;
 }
 
 std::string clientTable(const Json* clients) {
