@@ -19,6 +19,7 @@
 #include <deque>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "daemon/batcher.h"
@@ -111,29 +112,15 @@ class ExecutorChannel {
     if (move(open_overflow_, opens_)) mapper_bell_.ring();
     return !overflow_.empty() || !open_overflow_.empty();
   }
-  std::unique_ptr<Batch> takeDone() {
-    Batch* batch = nullptr;
-    return done_.pop(batch) ? std::unique_ptr<Batch>(batch) : nullptr;
-  }
-  std::unique_ptr<OpenJob> takeOpened() {
-    OpenJob* job = nullptr;
-    return opened_.pop(job) ? std::unique_ptr<OpenJob>(job) : nullptr;
-  }
+  std::unique_ptr<Batch> takeDone() { return take(done_); }
+  std::unique_ptr<OpenJob> takeOpened() { return take(opened_); }
 
   // ---- executor side ----
 
-  std::unique_ptr<ExecCommand> takeCommand() {
-    ExecCommand* command = nullptr;
-    return commands_.pop(command) ? std::unique_ptr<ExecCommand>(command) : nullptr;
-  }
-  void finish(std::unique_ptr<Batch> batch) {
-    // The done queue holds more than the batcher ever lets be in flight, so
-    // this push cannot fail; spin rather than lose a batch if it ever did.
-    Batch* raw = batch.release();
-    while (!done_.push(raw))
-      cpuRelax();
-    wakeScheduler();
-  }
+  std::unique_ptr<ExecCommand> takeCommand() { return take(commands_); }
+  // The done queue holds more than the batcher ever lets be in flight, so
+  // this push cannot fail; it spins rather than lose a batch if it ever did.
+  void finish(std::unique_ptr<Batch> batch) { handBack(done_, std::move(batch)); }
   // Sleeps until a command may be waiting or `timeout_ns` passes.
   void sleep(std::uint64_t timeout_ns) {
     executor_bell_.sleep(timeout_ns, [this] { return commands_.read_available() != 0; });
@@ -141,18 +128,10 @@ class ExecutorChannel {
 
   // ---- mapper side ----
 
-  std::unique_ptr<OpenJob> takeOpen() {
-    OpenJob* job = nullptr;
-    return opens_.pop(job) ? std::unique_ptr<OpenJob>(job) : nullptr;
-  }
-  void finishOpen(std::unique_ptr<OpenJob> job) {
-    // The scheduler takes these at every turn; spin rather than lose a
-    // mapping if the queue is ever full.
-    OpenJob* raw = job.release();
-    while (!opened_.push(raw))
-      cpuRelax();
-    wakeScheduler();
-  }
+  std::unique_ptr<OpenJob> takeOpen() { return take(opens_); }
+  // The scheduler takes these at every turn; spins rather than lose a
+  // mapping if the queue is ever full.
+  void finishOpen(std::unique_ptr<OpenJob> job) { handBack(opened_, std::move(job)); }
   void sleepMapper(std::uint64_t timeout_ns) {
     mapper_bell_.sleep(timeout_ns, [this] { return opens_.read_available() != 0; });
   }
@@ -186,6 +165,21 @@ class ExecutorChannel {
       moved = true;
     }
     return moved;
+  }
+  template <class Queue>
+  using Item = std::remove_pointer_t<typename Queue::value_type>;
+  template <class Queue>
+  static std::unique_ptr<Item<Queue>> take(Queue& queue) {
+    Item<Queue>* item = nullptr;
+    return queue.pop(item) ? std::unique_ptr<Item<Queue>>(item) : nullptr;
+  }
+  // Pushes onto a queue the scheduler drains, and wakes it.
+  template <class T, class Queue>
+  void handBack(Queue& queue, std::unique_ptr<T> item) {
+    T* raw = item.release();
+    while (!queue.push(raw))
+      cpuRelax();
+    wakeScheduler();
   }
   void wakeScheduler() {
     if (scheduler_wake_fd_ >= 0) {

@@ -93,7 +93,7 @@ bool MappingCache::dropOverlapping(ClientMaps& maps, std::uint64_t base, std::ui
   std::vector<std::uint64_t> overlapping;
   for (; it != maps.by_base.end() && it->first < end; ++it) {
     const Entry& entry = maps.entries.at(it->second);
-    if (entry.client_base + std::max<std::uint64_t>(entry.client_bytes, 1) <= base) continue;
+    if (!allocationsOverlap(base, bytes, entry.client_base, entry.client_bytes)) continue;
     if (inUse(entry)) return false;
     overlapping.push_back(it->second);
   }

@@ -22,6 +22,7 @@
 // could not, or what was closed since.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <list>
@@ -38,6 +39,14 @@ struct Mapped {
   std::uint64_t base = 0;   // device address of the allocation in the daemon
   std::uint64_t bytes = 0;  // its real size, as the driver reports it
 };
+
+// Whether two allocations of a client overlap in its address space (one of
+// 0 bytes counts as 1, as it still holds its address).
+inline bool allocationsOverlap(std::uint64_t base, std::uint64_t bytes, std::uint64_t other_base,
+                               std::uint64_t other_bytes) {
+  return base < other_base + std::max<std::uint64_t>(other_bytes, 1) &&
+         other_base < base + std::max<std::uint64_t>(bytes, 1);
+}
 
 class MappingCache {
  public:

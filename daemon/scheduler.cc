@@ -40,12 +40,6 @@ void forEachTouched(const Request& r, F&& f) {
   if (extents->bias != 0) f(r.bias);
 }
 
-bool overlaps(std::uint64_t base, std::uint64_t bytes, std::uint64_t other_base,
-              std::uint64_t other_bytes) {
-  return base < other_base + std::max<std::uint64_t>(other_bytes, 1) &&
-         other_base < base + std::max<std::uint64_t>(bytes, 1);
-}
-
 }  // namespace
 
 std::string formatUuid(const Uuid& uuid) {
@@ -153,7 +147,8 @@ bool Scheduler::memoryMapped(Gpu& gpu, const Queued& item) {
     for (auto other = gpu.memory.lower_bound(MemoryKey{client, 0});
          other != gpu.memory.end() && other->first.first == client; ++known) {
       if (other != it && other->second.mapped &&
-          overlaps(operand.base, operand.alloc_bytes, other->second.base, other->second.bytes)) {
+          allocationsOverlap(operand.base, operand.alloc_bytes, other->second.base,
+                             other->second.bytes)) {
         release->alloc_ids.push_back(other->first.second);
         other = gpu.memory.erase(other);
       } else {

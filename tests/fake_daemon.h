@@ -19,11 +19,16 @@ namespace stmux::daemon {
 
 // Does what the executor does with a batch, minus the GPU: claim each
 // request, complete it, hand the batch back. Optionally slow, like a GPU.
-// Its mapper "opens" every allocation it is asked for, or does what
-// `setOpen` says.
+// Its mapper "opens" every allocation it is asked for (`openAsAsked`), or
+// does what `setOpen` says, and counts the jobs.
 class FakeExecutor {
  public:
   using OpenFn = std::function<void(OpenJob&)>;
+
+  static void openAsAsked(OpenJob& job) {
+    job.ok = true;
+    job.mapped = Mapped{job.operand.base, job.operand.alloc_bytes};
+  }
 
   FakeExecutor(ExecutorChannel& channel, std::uint64_t batch_ns)
       : channel_(channel),
@@ -44,6 +49,7 @@ class FakeExecutor {
     std::lock_guard lock(mutex_);
     return adopted_;
   }
+  int opens() const { return opens_; }
   std::vector<std::size_t> batchSizes() const {
     std::lock_guard lock(mutex_);
     return sizes_;
@@ -108,14 +114,10 @@ class FakeExecutor {
       OpenFn open;
       {
         std::lock_guard lock(mutex_);
-        open = open_;
+        open = open_ ? open_ : openAsAsked;
       }
-      if (open) {
-        open(*job);
-      } else {
-        job->ok = true;
-        job->mapped = Mapped{job->operand.base, job->operand.alloc_bytes};
-      }
+      ++opens_;
+      open(*job);
       channel_.finishOpen(std::move(job));
     }
   }
@@ -124,6 +126,7 @@ class FakeExecutor {
   std::uint64_t batch_ns_;
   mutable std::mutex mutex_;
   OpenFn open_;
+  std::atomic<int> opens_{0};
   std::vector<std::uint64_t> adopted_;
   std::vector<std::size_t> sizes_;
   std::vector<std::uint32_t> forgotten_;

@@ -200,15 +200,9 @@ TEST(Scheduler, MemoryIsOpenedOnceByTheMapperAndAdoptedByTheExecutor) {
   Daemon daemon(dir);
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
-  std::atomic<int> opens{0};
-  daemon.executor().setOpen([&](OpenJob& job) {
-    ++opens;
-    job.ok = true;
-    job.mapped = Mapped{job.operand.base, job.operand.alloc_bytes};
-  });
   for (int i = 0; i < 3; ++i)
     EXPECT_EQ(call(*connection, requestOn(1)), kStatusSuccess);
-  EXPECT_EQ(opens, 3);
+  EXPECT_EQ(daemon.executor().opens(), 3);
   EXPECT_EQ(sorted(daemon.executor().adopted()), (std::vector<std::uint64_t>{1, 2, 3}));
 }
 
@@ -225,8 +219,7 @@ TEST(Scheduler, ATenantWhoseMemoryIsSlowToOpenHoldsUpNoOneElse) {
   daemon.executor().setOpen([&](OpenJob& job) {
     while (job.operand.alloc_id >= 100 && !let_go)
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    job.ok = true;
-    job.mapped = Mapped{job.operand.base, job.operand.alloc_bytes};
+    FakeExecutor::openAsAsked(job);
   });
   Request request = requestOn(100);
   auto ticket = slow->submit(request, nowNs() + kSecond);
@@ -250,8 +243,7 @@ TEST(Scheduler, MemoryThatCannotBeMappedIsDeclined) {
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
   daemon.executor().setOpen([](OpenJob& job) {
-    job.ok = job.operand.alloc_id != 2;
-    if (job.ok) job.mapped = Mapped{job.operand.base, job.operand.alloc_bytes};
+    if (job.operand.alloc_id != 2) return FakeExecutor::openAsAsked(job);
     job.error = "invalid argument";
   });
   EXPECT_EQ(call(*connection, requestOn(1)), kStatusDeclined);
@@ -268,17 +260,11 @@ TEST(Scheduler, WhatItKnowsOfAClientsMemoryStaysBounded) {
   Daemon daemon(dir, 0, {}, /*mappings_per_client=*/2);
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
-  std::atomic<int> opens{0};
-  daemon.executor().setOpen([&](OpenJob& job) {
-    ++opens;
-    job.ok = true;
-    job.mapped = Mapped{job.operand.base, job.operand.alloc_bytes};
-  });
   for (std::uint64_t first : {1, 4, 7})
     EXPECT_EQ(call(*connection, requestOn(first)), kStatusSuccess);
-  EXPECT_EQ(opens, 9);
+  EXPECT_EQ(daemon.executor().opens(), 9);
   EXPECT_EQ(call(*connection, requestOn(1)), kStatusSuccess);
-  EXPECT_EQ(opens, 12) << "1, 2 and 3 were forgotten and opened again";
+  EXPECT_EQ(daemon.executor().opens(), 12) << "1, 2 and 3 were forgotten and opened again";
 }
 
 // A new allocation where a mapped one was (freed, since live ones never
