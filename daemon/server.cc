@@ -39,6 +39,11 @@ constexpr std::size_t kMaxPendingPerUid = 8;
 // Out of descriptors (or memory): look at the listening socket again after
 // this long, rather than spin on it while it stays readable.
 constexpr std::uint64_t kAcceptBackoffNs = 100'000'000;
+// Connections accepted in one turn of the loop at most: a flood of them
+// (garbage hellos at full speed, measured by stmux-fault dos) would otherwise
+// keep the loop in accept() and away from the tenants' rings. The listening
+// socket stays readable, so the rest wait for the next turn.
+constexpr int kMaxAcceptsPerTurn = 16;
 
 enum Tag : std::uint64_t {
   kTagListen = 1,
@@ -352,7 +357,8 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
 }
 
 void Server::acceptAll() {
-  while (listen_.valid() && accept_paused_until_ == 0) {
+  for (int accepted = 0;
+       accepted < kMaxAcceptsPerTurn && listen_.valid() && accept_paused_until_ == 0; ++accepted) {
     const std::uint64_t now = nowNs();
     if (pending_.size() >= kMaxPending) {
       // Taken up again as the hellos arrive or time out.
@@ -363,7 +369,7 @@ void Server::acceptAll() {
     if (!fd.valid()) {
       const int err = errno;
       if (err == EAGAIN || err == EWOULDBLOCK) return;
-      if (err == EINTR || err == ECONNABORTED) continue;
+      if (err == EINTR || err == ECONNABORTED) continue;  // (counted as a turn's accept)
       // The listening socket stays readable while the connection waits in
       // the backlog: without a pause epoll would report it forever.
       pauseAccepting(now + kAcceptBackoffNs);
@@ -435,8 +441,11 @@ void Server::expirePending(std::uint64_t now) {
   if (publishCompany(now) || (fleet != 0 && now >= fleet)) steerFleet(now);
   for (auto it = pending_.begin(); it != pending_.end();) {
     if ((*it)->deadline_ns <= now) {
-      STMUX_WARN(kTransport, "closing a connection that sent no hello within {} ms",
-                 options_.hello_timeout_ns / 1'000'000);
+      if (std::uint64_t held = 0; silent_log_.allow(now, held)) {
+        STMUX_WARN(kTransport, "closing a connection that sent no hello within {} ms{}",
+                   options_.hello_timeout_ns / 1'000'000,
+                   held == 0 ? "" : fmt::format(" ({} more such closes not logged)", held));
+      }
       epollDel(epoll_.get(), (*it)->socket.get());
       it = pending_.erase(it);
     } else {
@@ -455,7 +464,10 @@ void Server::expirePending(std::uint64_t now) {
 }
 
 void Server::refuse(int fd, const std::string& reason) {
-  STMUX_WARN(kTransport, "refusing a client: {}", reason);
+  if (std::uint64_t held = 0; refuse_log_.allow(nowNs(), held)) {
+    STMUX_WARN(kTransport, "refusing a client: {}{}", reason,
+               held == 0 ? "" : fmt::format(" ({} more refusals not logged)", held));
+  }
   auto msg = makeMessage<RefuseMsg>(MsgType::kRefuse);
   msg.daemon_version = kProtocolVersion;
   setField(msg.reason, reason);

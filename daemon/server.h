@@ -179,7 +179,10 @@ class Server {
   std::uint64_t next_company_ns_ = 0;
   FleetRoute fleet_;              // the route of the tenants on MPS
   std::uint32_t fleet_word_ = 0;  // as published
-  LogLimiter accept_log_;
+  // One line a second at most for each condition a flood repeats.
+  LogLimiter accept_log_;      // accept() failing; a uid's silent connections
+  LogLimiter silent_log_;      // connections closed for saying no hello
+  LogLimiter refuse_log_;      // hellos refused
   std::vector<int> controls_;  // stmuxctl connections awaiting a query
   std::uint32_t next_id_ = 1;
   std::size_t rotate_ = 0;

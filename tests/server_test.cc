@@ -524,6 +524,73 @@ TEST(Server, OutOfDescriptorsItNeitherSpinsNorFloodsTheLogAndRecovers) {
   EXPECT_TRUE(Connection::open(options(dir)).ok());
 }
 
+// Garbage hellos at full speed from several threads (stmux-fault's dos found
+// them writing a log line each and holding up attached tenants, issue 14): an
+// attached client's requests are still answered, and the log gets about a
+// line a second.
+TEST(Server, AFloodOfGarbageHellosNeitherHoldsUpAttachedClientsNorFloodsTheLog) {
+  TempDir dir;
+  TestSink sink;
+  const std::string log_path = dir.path() + "/stderr";
+  UniqueFd log(::open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  UniqueFd saved(::dup(STDERR_FILENO));
+  ASSERT_GE(::dup2(log.get(), STDERR_FILENO), 0);
+  std::uint64_t worst_ns = 0;
+  std::atomic<long> sent{0};
+  {
+    ServerThread server(testing::serverOptions(dir), sink);
+    auto good = Connection::open(options(dir));
+    ASSERT_TRUE(good.ok());
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> flood;
+    for (int t = 0; t < 3; ++t) {
+      flood.emplace_back([&, t] {
+        const auto address = socketAddress(dir.socket());
+        std::uint64_t x = 0x9e3779b97f4a7c15ull * (t + 1);
+        while (!stop.load()) {
+          UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+          if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+                        sizeof(sockaddr_un)) != 0) {
+            continue;
+          }
+          std::uint64_t bytes[8];
+          for (std::uint64_t& b : bytes)
+            b = x = x * 6364136223846793005ull + 1442695040888963407ull;
+          if (::send(fd.get(), bytes, 8 + x % 56, MSG_NOSIGNAL) > 0) ++sent;
+        }
+      });
+    }
+    ASSERT_TRUE(testing::waitFor([&] { return sent.load() > 1000; }));
+    const std::uint64_t until = nowNs() + 1'500'000'000;
+    for (std::uint32_t i = 0; nowNs() < until; ++i) {
+      Request request{};
+      request.flags = 7;
+      const std::uint64_t start = nowNs();
+      auto ticket = good.value()->submit(request, start + 5 * kSecond);
+      ASSERT_TRUE(ticket.ok()) << "request " << i << ": " << ticket.message();
+      auto result = good.value()->wait(ticket.value(), start + 5 * kSecond, 1'000);
+      ASSERT_EQ(result.outcome, WaitOutcome::kDone) << "request " << i;
+      EXPECT_EQ(result.status, 7);
+      good.value()->release(ticket.value());
+      worst_ns = std::max(worst_ns, nowNs() - start);
+    }
+    stop = true;
+    for (std::thread& t : flood)
+      t.join();
+  }
+  ::dup2(saved.get(), STDERR_FILENO);
+  // Before the fix a request waited over 10 s on a 16-core machine; the bound
+  // is for liveness, not speed.
+  EXPECT_LT(worst_ns, 2 * kSecond) << "a request waited behind the flood";
+  std::ifstream in(log_path);
+  int lines = 0, refusals = 0;
+  for (std::string line; std::getline(in, line); ++lines)
+    refusals += line.find("refusing a client") != std::string::npos ? 1 : 0;
+  EXPECT_GE(refusals, 1) << "the refusals went unreported";
+  EXPECT_LE(lines, 8) << "the log was flooded: " << lines << " lines for " << sent.load()
+                      << " garbage hellos";
+}
+
 // One user's silent connections take at most a few places among those
 // waiting for a hello; another user's status query is answered at once.
 TEST(Server, OneUsersSilentConnectionsDoNotKeepAnotherUserOut) {
