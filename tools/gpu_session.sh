@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu launch bench transport handoff waiters sync modes demo2
+#   info build unit gpu launch bench transport handoff waiters sync modes demo2 demo10 fault
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold);
-# sync, modes and demo2 are the comparisons of issues 17, 12 and 18, each on
+# sync, modes and demo2 (+ demo10) are the comparisons of issues 17, 12 and 18, each on
 # one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
-# GPU, on each thing they can wait on)
+# GPU, on each thing they can wait on); fault runs stmux-fault with
+# $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md)
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -17,7 +18,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -114,8 +115,7 @@ for step in "$@"; do
         grep -E "^(cube|rnn|torch)|^round|^  " "$out/modes-$mode.log" | grep -v "numbers:" | sed "s/^/$mode: /"
       done ;;
     demo2)
-      # Issue 18: the demo twice, each from a fresh clone and build, then a
-      # 10-second run of the same rows (R = 32) with the first clone's build.
+      # Issue 18: the demo twice, each from a fresh clone and build.
       for n in 1 2; do
         fresh=$(mktemp -d)/stmux
         # A fresh clone; where the tree came without its .git (the device
@@ -127,12 +127,19 @@ for step in "$@"; do
         fi
         ( cd "$fresh" && time bash tools/demo.sh ) >"$out/demo$n.log" 2>&1 || status=1
         grep -E "^(cube|rnn)[^ ]* +32 " "$out/demo$n.log" | sed "s/^/demo $n: /"
-        [ "$n" = 1 ] && first=$fresh
-      done
-      "$first/build/tools/stmux-bench" --out /tmp/stmux-demo10 --shapes cube,rnn --tenants 32 \
-        --seconds 10 >"$out/demo10.log" 2>&1 || status=1
+      done ;;
+    demo10)
+      # Issue 18's yardstick for demo2: the demo's R = 32 rows for 10 s each
+      # (its own step: the two demos and this do not fit one 600 s call).
+      "$build/tools/stmux-bench" --out /tmp/stmux-demo10 --shapes cube,rnn --tenants 32 \
+        --seconds 10 --warmup 1 >"$out/demo10.log" 2>&1 || status=1
       grep -E "^(cube|rnn)" "$out/demo10.log" | sed "s/^/10 s: /" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff waiters sync modes demo2" >&2; exit 2 ;;
+    fault)
+      # shellcheck disable=SC2086  # FAULT_ARGS is split into flags on purpose
+      "$build/tools/stmux-fault" ${FAULT_ARGS:-} --out /tmp/stmux-fault >"$out/fault.log" 2>&1 || status=1
+      cp /tmp/stmux-fault/fault.json "$out/fault.json" 2>/dev/null
+      grep -vE "^\[soak\] [0-9]+ of" "$out/fault.log" | tail -40 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff waiters sync modes demo2 demo10 fault" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
