@@ -627,7 +627,12 @@ void stressThread(const Options& o, std::uint64_t seed, std::uint64_t until_ns,
     c.beta = o.beta;
     const Checked call = callChecked(c, handle, stream, d, random);
     if (call.status == CUBLAS_STATUS_SUCCESS) {
-      ++(call.right ? counts.ok : counts.wrong);
+      if (!call.right && counts.wrong.fetch_add(1) < 3) {  // the first few, for whoever looks
+        std::printf("FAIL stress thread seed %llu: m %lld n %lld k %lld beta %g came back wrong\n",
+                    static_cast<unsigned long long>(seed), static_cast<long long>(c.m),
+                    static_cast<long long>(c.n), static_cast<long long>(c.k), c.beta);
+      }
+      if (call.right) ++counts.ok;
     } else if (call.status == CUBLAS_STATUS_EXECUTION_FAILED) {
       ++counts.failed;  // allowed for beta != 0 when the daemon dies mid-call
     } else {

@@ -372,7 +372,6 @@ long gpuUsedAfter(long before) {
 struct Tenant {
   std::string name;  // how to run it again
   Process process;
-  double beta = 0;  // stress; differential calls draw beta themselves
   bool differential = false;
   bool may_fail = false;  // calls may come back failed (the daemon dies under it)
   Clock::time_point started;
@@ -386,6 +385,16 @@ struct Outcome {
   long served = 0, calls = 0;  // the shim's count
   bool printed = false;        // its totals line was found
 };
+
+// Why a checked tenant failed, in a line: the first wrong result it printed
+// (with the command that replays it), else the first line of its errors.
+std::string whyFailed(const Tenant& t) {
+  std::istringstream lines(t.process.out());
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("MISMATCH", 0) == 0 || line.rfind("FAIL", 0) == 0) return line;
+  }
+  return firstLine(t.process.err());
+}
 
 // The sums over a scenario's checked tenants, and what went wrong.
 struct Tally {
@@ -406,8 +415,7 @@ struct Tally {
     } else if (r.status != 0 || !r.printed) {
       ++bad_exit;
       problems.push_back(fmt::format("{} exited {}{}: {}", t.name, r.status,
-                                     r.printed ? "" : " without its totals",
-                                     firstLine(t.process.err())));
+                                     r.printed ? "" : " without its totals", whyFailed(t)));
     }
     if (r.failed > 0 && !t.may_fail)
       problems.push_back(fmt::format("{}: {} calls failed", t.name, r.failed));
@@ -443,7 +451,6 @@ class Tenants {
     Tenant& t = add(args, fmt::format("stmux-cublas-client stress --seconds {:.3f} --threads {} "
                                       "--beta {} --seed {}",
                                       seconds, threads, beta, seed));
-    t.beta = beta;
     t.may_fail = may_fail && beta != 0;
     t.limit_s = seconds + 120;
     return t;
