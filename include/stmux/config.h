@@ -393,8 +393,8 @@ constexpr const VarInfo* findVar(std::string_view name) {
 // Settings of stmux's scripts (tools/*.sh), not of the daemon or the shim:
 // left in a tenant's environment they are no typo, so nobody warns of them.
 inline constexpr std::string_view kScriptVariables[] = {
-    "STMUX_BUILD_DIR", "STMUX_TEST_PASSES", "STMUX_FUZZ_SECONDS",
-    "STMUX_SANITIZE",  "STMUX_FUZZ",        "STMUX_BUILD_TARGETS"};
+    "STMUX_BUILD_DIR", "STMUX_TEST_PASSES",   "STMUX_FUZZ_SECONDS", "STMUX_SANITIZE",
+    "STMUX_FUZZ",      "STMUX_BUILD_TARGETS", "STMUX_PACKAGE"};
 
 // Names of STMUX_* variables in `environ` that the table does not know:
 // usually a typo that would otherwise be ignored without a word.
