@@ -20,6 +20,7 @@
 #include "stmux/cublas_wire.h"
 #include "stmux/gemm.h"
 #include "stmux/log.h"
+#include "stmux/no_device.h"
 #include "stmux/segment.h"
 
 namespace stmux::daemon {
@@ -58,7 +59,7 @@ Result<std::vector<GpuInfo>> listGpus() {
   int count = 0;
   const cudaError_t error = cudaGetDeviceCount(&count);
   if (error != cudaSuccess) {
-    return Status::error(fmt::format("no usable CUDA device or driver: {}", cudaError(error)));
+    return Status::error(fmt::format("no usable CUDA device or driver: {}", noDeviceReason(error)));
   }
   std::vector<GpuInfo> gpus;
   for (int i = 0; i < count; ++i) {

@@ -495,7 +495,7 @@ int main(int argc, char** argv) {
   if (mode == "facts") return facts();
   if (mode == "probe") {
     if (error != cudaSuccess || devices == 0) {
-      std::printf("no CUDA device: %s\n", noDeviceReason(error).c_str());
+      std::printf("no CUDA device: %s\n", stmux::noDeviceReason(error).c_str());
       return 77;
     }
     return 0;

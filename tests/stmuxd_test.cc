@@ -1,6 +1,7 @@
 // stmuxd as a program: what it says and how it exits when it cannot run, and
 // its configuration surface. No GPU needed: CUDA_VISIBLE_DEVICES="" hides any
 // GPU the machine has.
+#include <dlfcn.h>
 #include <gtest/gtest.h>
 
 #include "stmux/config.h"
@@ -23,6 +24,14 @@ TEST(Stmuxd, WithoutAGpuItExitsNonZeroSayingSo) {
   auto ran = stmuxd(dir, {"--socket", dir.socket()}, {{"CUDA_VISIBLE_DEVICES", ""}});
   EXPECT_EQ(ran.status, 1) << ran.err;
   EXPECT_NE(ran.err.find("stmuxd: no usable CUDA device or driver"), std::string::npos) << ran.err;
+  // Where there is no driver at all, it says so, not that the driver is old.
+  if (void* driver = ::dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL); driver != nullptr) {
+    ::dlclose(driver);
+  } else {
+    EXPECT_NE(ran.err.find("no NVIDIA driver is installed (libcuda.so.1 not found)"),
+              std::string::npos)
+        << ran.err;
+  }
   EXPECT_FALSE(std::filesystem::exists(dir.socket())) << "it listened without a GPU";
 }
 

@@ -260,7 +260,7 @@ int main(int argc, char** argv) {
     return std::string_view(argv[1]) == "--help" ? 0 : 2;
   }
   if (const cudaError_t error = cudaFree(nullptr); error != cudaSuccess) {
-    std::printf("GPU test skipped: %s\n", noDeviceReason(error).c_str());
+    std::printf("GPU test skipped: %s\n", stmux::noDeviceReason(error).c_str());
     return 77;
   }
   const Driver* driver = stmux::shim::cudaDriver();

@@ -1028,7 +1028,7 @@ int main(int argc, char** argv) {
   if (const cudaError_t error = cudaGetDeviceCount(&devices);
       error != cudaSuccess || devices == 0) {
     std::fprintf(stderr, "stmux-cublas-client: no CUDA device (%s)\n",
-                 noDeviceReason(error).c_str());
+                 stmux::noDeviceReason(error).c_str());
     return 3;
   }
   if (options.sync_flag != 0) EXIT_ON_CUDA_ERROR(cudaSetDeviceFlags(options.sync_flag));

@@ -5,23 +5,13 @@
 
 #include <cublas_api.h>
 #include <cuda_runtime_api.h>
-#include <dlfcn.h>
 #include <errno.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 
-// Why cudaGetDeviceCount found no device, in words that fit the machine: with
-// no driver at all the runtime says the driver is too old, which misleads.
-inline std::string noDeviceReason(cudaError_t error) {
-  if (error == cudaSuccess) return "no CUDA device found";
-  if (void* driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL); driver != nullptr) {
-    dlclose(driver);
-    return cudaGetErrorString(error);
-  }
-  return "no NVIDIA driver is installed (libcuda.so.1 not found)";
-}
+#include "stmux/no_device.h"  // stmux::noDeviceReason, for their messages
 
 #define EXIT_ON_CUDA_ERROR(call)                                                        \
   do {                                                                                  \
