@@ -411,6 +411,19 @@ void Scheduler::addMetrics(MetricsText& out) const {
   perGpu("stmux_gpu_mapped_allocations", "gauge",
          "Client allocations the daemon holds mapped (the mapping cache).",
          [](const Gpu& g) { return g.channel->gauges().mapped.load(); });
+  perGpu("stmux_gpu_opening_allocations", "gauge",
+         "Client allocations the mapper thread is opening, their requests waiting.",
+         [](const Gpu& g) {
+           return std::count_if(g.memory.begin(), g.memory.end(),
+                                [](const auto& m) { return !m.second.mapped; });
+         });
+  perGpu("stmux_gpu_inline_opens_total", "counter",
+         "Allocations the executor had to open on its own thread (CUDA still answered "
+         "'already mapped' to the mapper).",
+         [](const Gpu& g) { return g.channel->gauges().inline_opens.load(); });
+  perGpu("stmux_gpu_mps", "gauge",
+         "1 where the daemon's context on the GPU runs under an MPS control daemon, else 0.",
+         [](const Gpu& g) { return g.info.mps ? 1 : 0; });
   perGpu("stmux_gpu_broken", "gauge",
          "1 once a sticky CUDA error cost the daemon this GPU (its calls then run directly).",
          [](const Gpu& g) { return g.channel->gauges().broken.load() ? 1 : 0; });

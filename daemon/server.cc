@@ -844,6 +844,15 @@ void Server::addMetrics(MetricsText& out) const {
   perClient("stmux_client_refused_total", "counter",
             "Requests declined for being beyond the tenant's slots.",
             [](const Client& c) { return c.refused; });
+  // Where the tenant's shim has not looked yet (no call made), no sample.
+  out.family("stmux_client_mps", "gauge",
+             "1 where the tenant's CUDA context runs under MPS, 0 where it does not.");
+  for (const ClientPtr& client : clients_) {
+    const auto mps =
+        static_cast<ClientMps>(client->view.header()->counters.mps.load(std::memory_order_relaxed));
+    if (mps == ClientMps::kUnknown) continue;
+    out.sample("stmux_client_mps", labels(*client), mps == ClientMps::kYes ? 1.0 : 0.0);
+  }
   out.family("stmux_client_direct_total", "counter",
              "Calls the tenant's shim ran directly, by reason.");
   for (const ClientPtr& client : clients_) {

@@ -370,6 +370,7 @@ TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
   bad.lda = 1;
   ASSERT_EQ(call(*connection, bad), kStatusInvalidValue);  // answered, never queued
   connection->counters().entry[0].fallback[static_cast<std::size_t>(Fallback::kNoOp)] = 3;
+  connection->counters().mps = static_cast<std::uint32_t>(ClientMps::kYes);
   auto text = [&] {
     std::lock_guard lock(mutex);
     return latest;
@@ -393,6 +394,11 @@ TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_size_sum", {gpu}), 5);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_batch_wait_seconds_count", {gpu}), 5);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_broken", {gpu}), 0);
+  // The fake GPU runs without MPS; the shim said its context does.
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_mps", {gpu}), 0);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_client_mps", {me}), 1);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_opening_allocations", {gpu}), 0);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_inline_opens_total", {gpu}), 0);
   // No request had an epilogue: the family is there, at 0.
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_epilogue_launches_total", {gpu}), 0);
 }
