@@ -1,7 +1,9 @@
 """The Kubernetes manifests in deploy/ (no cluster here): they parse, and the
 fields that must agree between the stmuxd DaemonSet and a tenant pod do: the
 socket's path, the preload library's, the daemon's uid and group, the IPC
-namespace, and only stmux variables that exist. Run by ctest:
+namespace, and only stmux variables that exist; for stmux on MPS also the
+MPS control daemon's sidecar, its pipe directory as all three see it, and
+one uid for daemon and tenants. Run by ctest:
 `python3 tests/deploy_test.py SOURCE_DIR`."""
 import os
 import re
@@ -39,19 +41,24 @@ def host_path(pod_spec, container, path):
 
 
 class Deploy(unittest.TestCase):
+    """stmuxd alone (tenants of any uid in the stmux group)."""
+    DAEMONSET = "stmuxd-daemonset.yaml"
+    TENANT = "tenant-pod.yaml"
+    MPS = False
+
     @classmethod
     def setUpClass(cls):
-        docs = load("stmuxd-daemonset.yaml")
+        docs = load(cls.DAEMONSET)
         cls.daemonset = next(d for d in docs if d["kind"] == "DaemonSet")
         cls.daemon_pod = cls.daemonset["spec"]["template"]["spec"]
         cls.daemon = next(c for c in cls.daemon_pod["containers"] if c["name"] == "stmuxd")
-        cls.tenant_pod = next(d for d in load("tenant-pod.yaml") if d["kind"] == "Pod")["spec"]
+        cls.tenant_pod = next(d for d in load(cls.TENANT) if d["kind"] == "Pod")["spec"]
         cls.tenant = cls.tenant_pod["containers"][0]
         with open(os.path.join(SOURCE, "README.md")) as f:
             cls.known = set(re.findall(r"^\| `(STMUX_[A-Z_]+)` \|", f.read(), re.M))
 
     def test_every_document_names_its_kind_and_api(self):
-        for name in ("stmuxd-daemonset.yaml", "tenant-pod.yaml"):
+        for name in (self.DAEMONSET, self.TENANT):
             for doc in load(name):
                 self.assertIn("apiVersion", doc, name)
                 self.assertIn("kind", doc, name)
@@ -82,20 +89,32 @@ class Deploy(unittest.TestCase):
                                    re.search(re.escape(target) + r"\S*libstmux\.so",
                                              installed).group(0))
         self.assertEqual(node_library, node_installed)
-        self.assertTrue(all(read_only for _, read_only in
-                            mounts(self.tenant_pod, self.tenant).values()),
-                        "a tenant must not be able to write the daemon's directory")
+        for host, read_only in mounts(self.tenant_pod, self.tenant).values():
+            if host not in self.tenant_may_write():
+                self.assertTrue(read_only, f"a tenant must not be able to write {host}")
+
+    def tenant_may_write(self):
+        """The node paths a tenant may mount writable: none of the daemon's."""
+        return set()
 
     def test_identities_agree(self):
         daemon = self.daemon_pod["securityContext"]
+        init = " ".join(self.daemon_pod["initContainers"][0]["command"])
+        self.assertIn(f"-o {daemon['runAsUser']} -g {daemon['runAsGroup']}", init)
+        if self.MPS:
+            # MPS serves one user at a time: the tenant is the daemon's user,
+            # whom its shim trusts without STMUX_DAEMON_USER.
+            tenant = self.tenant_pod["securityContext"]
+            self.assertEqual(tenant["runAsUser"], daemon["runAsUser"])
+            self.assertEqual(tenant["runAsGroup"], daemon["runAsGroup"])
+            self.assertNotIn("STMUX_DAEMON_USER", env(self.tenant))
+            return
         self.assertTrue(daemon["runAsNonRoot"])
         # The tenant's shim attaches only to its daemon's uid ...
         self.assertEqual(env(self.tenant)["STMUX_DAEMON_USER"], str(daemon["runAsUser"]))
         # ... and may connect only as a member of its group (socket 0660).
         self.assertIn(daemon["runAsGroup"],
                       self.tenant_pod["securityContext"]["supplementalGroups"])
-        init = " ".join(self.daemon_pod["initContainers"][0]["command"])
-        self.assertIn(f"-o {daemon['runAsUser']} -g {daemon['runAsGroup']}", init)
 
     def test_namespaces_and_devices(self):
         self.assertTrue(self.daemon_pod["hostIPC"], "CUDA IPC between the pods")
@@ -124,6 +143,39 @@ class Deploy(unittest.TestCase):
             for name in env(container):
                 if name.startswith("STMUX_"):
                     self.assertIn(name, self.known, f"{name} is not in the README's table")
+
+
+class DeployMps(Deploy):
+    """stmux on MPS: the MPS control daemon beside stmuxd, one user for all."""
+    DAEMONSET = "stmuxd-daemonset-mps.yaml"
+    TENANT = "tenant-pod-mps.yaml"
+    MPS = True
+
+    def tenant_may_write(self):
+        """MPS's pipe directory: its clients talk to its server there."""
+        pipes = env(self.daemon)["CUDA_MPS_PIPE_DIRECTORY"]
+        return {host_path(self.daemon_pod, self.daemon, pipes)}
+
+    def test_mps_starts_before_stmuxd_and_all_three_share_its_pipes(self):
+        inits = self.daemon_pod["initContainers"]
+        names = [c["name"] for c in inits]
+        self.assertEqual(names[0], "prepare-run-stmux", "the directory exists first")
+        sidecar = next(c for c in inits if c["command"][0] == "nvidia-cuda-mps-control")
+        # A sidecar: it keeps running, and stmuxd starts once its probe passes.
+        self.assertEqual(sidecar.get("restartPolicy"), "Always")
+        self.assertEqual(sidecar["command"][1:], ["-f"], "in the foreground, as a container must")
+        self.assertIn("startupProbe", sidecar)
+        pipes = env(sidecar)["CUDA_MPS_PIPE_DIRECTORY"]
+        self.assertIn(pipes, " ".join(sidecar["startupProbe"]["exec"]["command"]))
+        node_pipes = host_path(self.daemon_pod, sidecar, pipes)
+        self.assertIsNotNone(node_pipes, "MPS's pipes are not on the node")
+        self.assertEqual(host_path(self.daemon_pod, self.daemon,
+                                   env(self.daemon)["CUDA_MPS_PIPE_DIRECTORY"]), node_pipes)
+        tenant_pipes = env(self.tenant)["CUDA_MPS_PIPE_DIRECTORY"]
+        self.assertEqual(host_path(self.tenant_pod, self.tenant, tenant_pipes), node_pipes)
+        self.assertIn(pipes, " ".join(inits[0]["command"]), "the directory must be made")
+        self.assertIn("compute", env(sidecar)["NVIDIA_DRIVER_CAPABILITIES"],
+                      "the runtime brings nvidia-cuda-mps-control with 'compute'")
 
 
 if __name__ == "__main__":
