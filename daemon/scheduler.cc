@@ -347,8 +347,7 @@ void Scheduler::addStatus(Json& status) const {
     entry["broken"] = gauges.broken.load();
     entry["queued"] = gpu.batcher.queued();
     entry["awaiting"] = gpu.awaiting.size();
-    entry["opening"] = std::count_if(gpu.memory.begin(), gpu.memory.end(),
-                                     [](const auto& m) { return !m.second.mapped; });
+    entry["opening"] = gpu.opening();
     entry["in_flight"] = gpu.batcher.inFlight();
     entry["requests"] = stats.requests;
     entry["batches"] = stats.batches;
@@ -413,10 +412,7 @@ void Scheduler::addMetrics(MetricsText& out) const {
          [](const Gpu& g) { return g.channel->gauges().mapped.load(); });
   perGpu("stmux_gpu_opening_allocations", "gauge",
          "Client allocations the mapper thread is opening, their requests waiting.",
-         [](const Gpu& g) {
-           return std::count_if(g.memory.begin(), g.memory.end(),
-                                [](const auto& m) { return !m.second.mapped; });
-         });
+         [](const Gpu& g) { return g.opening(); });
   perGpu("stmux_gpu_inline_opens_total", "counter",
          "Allocations the executor had to open on its own thread (CUDA still answered "
          "'already mapped' to the mapper).",

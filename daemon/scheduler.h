@@ -4,6 +4,7 @@
 // tested end to end on machines without a GPU against a fake executor.
 #pragma once
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <string>
@@ -84,6 +85,11 @@ class Scheduler : public RequestSink {
     std::vector<Queued> awaiting;
     std::map<MemoryKey, Memory> memory;
     RoundTimes round;
+    // Allocations the mapper is opening (status and metrics).
+    std::size_t opening() const {
+      return static_cast<std::size_t>(std::count_if(
+          memory.begin(), memory.end(), [](const auto& m) { return !m.second.mapped; }));
+    }
   };
   // Moves the ready ones of `gpu.awaiting` to its batcher; sets `wake_at_ns`
   // to when to look again while streams are awaited.
