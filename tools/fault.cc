@@ -626,16 +626,16 @@ Result tenantKills(const Options& o, const fs::path& dir) {
     bool armed = false;  // attached and calling: killed at kill_at
   };
   std::vector<Victim> victims;
-  int started = 0, killed = 0, in_flight = 0, lost = 0, while_checked = 0;
+  int started = 0, killed = 0, in_flight = 0, stillborn = 0, while_checked = 0;
   const std::map<std::string, std::string> env = {{"LD_PRELOAD", o.shim},
                                                   {"STMUX_SOCKET", daemon.socket()}};
   auto checkedRunning = [&] {
     return std::any_of(tenants.all().begin(), tenants.all().end(),
                        [](Tenant& t) { return t.process.wait({}) < 0; });
   };
-  while (killed + lost < o.kills) {
-    if (lost > 5) {
-      result.fail(fmt::format("gave up after {} victims never called", lost));
+  while (killed + stillborn < o.kills) {
+    if (stillborn > 5) {
+      result.fail(fmt::format("gave up after {} victims never called", stillborn));
       break;
     }
     while (static_cast<int>(victims.size()) < kAtOnce && started < o.kills) {
@@ -682,7 +682,7 @@ Result tenantKills(const Options& o, const fs::path& dir) {
         continue;
       }
       if (!why.empty()) {
-        ++lost;
+        ++stillborn;  // a victim that never called
         result.fail(why);
       }
       it = victims.erase(it);
