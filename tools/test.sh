@@ -58,11 +58,14 @@ run_pass() {
   env STMUX_BUILD_DIR="$dir" ${vars[@]+"${vars[@]}"} bash tools/build.sh
   ctest --test-dir "$dir" --output-on-failure -j"$jobs" "$@" || status=$?
   # ctest lists skipped tests without their reason: say why, once per reason.
+  # A GoogleTest skip's reason is the line after its "file:line: Skipped"; a
+  # program's is its "GPU test skipped: ..." line; a script's ends ": skipped".
   local log="$dir/Testing/Temporary/LastTest.log"
   if [ -f "$log" ]; then
-    grep -ho "\(GPU\|PyTorch\) test skipped: .*" "$log" | sort | uniq -c |
-      sed 's/^ *\([0-9]*\) \([A-Za-z]*\) test skipped: /stmux: \1 \2 tests skipped: /' >&2 ||
-      true
+    awk '/: Skipped$/ { if ((getline reason) > 0) print reason; next }
+         /^(GPU|PyTorch) test skipped: / || /: skipped$/ { print }' "$log" | sort | uniq -c |
+      sed -e 's/^ *\([0-9]*\) \(GPU\|PyTorch\) test skipped: /stmux: \1 \2 tests skipped: /' \
+          -e 's/^ *\([0-9]*\) \(.*\)$/stmux: \1 tests skipped: \2/' >&2 || true
   fi
   passed "$name" $status $start
 }
