@@ -2,8 +2,9 @@
 # Checks a stmux .deb (tools/package.sh builds one and runs this): its control
 # fields, that it holds every installed part where Debian and systemd look,
 # that the units name the packaged daemon, and what its maintainer scripts do,
-# run against stand-ins for adduser, getent and systemctl (nothing on this
-# machine changes). Prints each failed check; exits 1 if any failed.
+# run against stand-ins for adduser, getent and systemctl, then a real dpkg
+# install, removal and purge in a throwaway overlay of this machine (nothing
+# on this machine changes). Prints each failed check; exits 1 if any failed.
 set -uo pipefail
 deb=${1:?usage: package_check.sh STMUX.deb}
 work=$(mktemp -d)
@@ -102,9 +103,50 @@ if [ ${#systemd_run[@]} -gt 0 ]; then
   systemd_checked="unit handling with systemd checked"
 fi
 
+# A real install, removal and purge with dpkg, in a throwaway copy of this
+# machine: an overlay over / with its changes on a tmpfs, in a private mount
+# namespace (root, unshare and overlayfs), so that nothing here changes.
+overlay_root() {  # overlay_root DIR: mounts the copy at DIR/root (in the caller's namespace)
+  mkdir -p "$1/layer" "$1/root" &&
+    mount -t tmpfs tmpfs "$1/layer" && mkdir "$1/layer/upper" "$1/layer/work" &&
+    mount -t overlay overlay -o "lowerdir=/,upperdir=$1/layer/upper,workdir=$1/layer/work" \
+      "$1/root"
+}
+roundtrip="install and removal with dpkg not tried (needs root, unshare and overlayfs)"
+if [ "$(id -u)" = 0 ] && command -v chroot >/dev/null &&
+   unshare -m --propagation private sh -c "$(declare -f overlay_root); overlay_root $work/probe" \
+     2>/dev/null; then
+  cp "$deb" "$work/stmux.deb"
+  # shellcheck disable=SC2016  # expanded in the namespace and in the chroot
+  if ! out=$(unshare -m --propagation private bash -ec "$(declare -f overlay_root)"'
+      overlay_root "$1"
+      root=$1/root
+      for d in proc dev sys; do mount --rbind "/$d" "$root/$d"; done
+      # No systemd in the copy: the scripts take their plain branch (the
+      # systemd branch is checked above against stand-ins).
+      mount -t tmpfs tmpfs "$root/run"
+      mount -t tmpfs tmpfs "$root/tmp"
+      cp "$1/stmux.deb" "$root/tmp/"
+      exec chroot "$root" sh -ec "
+        step() { echo \"\$*\" >&2; }
+        step \"dpkg -i\";  dpkg -i /tmp/stmux.deb >/dev/null
+        dpkg -s stmux | grep -q \"^Status: install ok installed\"
+        step \"the user and group\"; getent passwd stmux >/dev/null; getent group stmux >/dev/null
+        step \"the programs run\"; /usr/bin/stmuxd --help >/dev/null; /usr/bin/stmuxctl --help >/dev/null
+        step \"dpkg -r\"; dpkg -r stmux >/dev/null
+        test ! -e /usr/bin/stmuxd; test ! -e /usr/lib/systemd/system/stmuxd.service
+        step \"dpkg -P\"; dpkg -P stmux >/dev/null
+        if dpkg -s stmux >/dev/null 2>&1; then echo \"still known to dpkg after purge\" >&2; exit 1; fi
+        step \"the user stays after purge, as Debian leaves system users\"; getent passwd stmux >/dev/null
+      "' bash "$work" 2>&1); then
+    fail "install, removal and purge in a throwaway root failed at: $(tail -3 <<<"$out" | tr '\n' ' ')"
+  fi
+  roundtrip="installed, removed and purged with dpkg in a throwaway root"
+fi
+
 if [ $failures -ne 0 ]; then
   echo "package_check: $failures check(s) failed for $deb" >&2
   exit 1
 fi
 echo "package_check: $deb: control fields, $(wc -l <<<"$contents") paths, unit and maintainer" \
-  "scripts as expected; $systemd_checked" >&2
+  "scripts as expected; $systemd_checked; $roundtrip" >&2
