@@ -69,6 +69,7 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "stmux: ${missing[*]} missing: updating apt-get's package lists" >&2
   $sudo apt-get update -qq
   for package in ${optional[@]+"${optional[@]}"}; do
     apt-cache show "$package" >/dev/null 2>&1 && missing+=("$package")
