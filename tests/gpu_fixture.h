@@ -17,17 +17,12 @@
 #include "stmux/json.h"
 #include "test_support.h"
 #include "tools/process.h"
+#include "tools/stmux_programs.h"
 
 namespace stmux::testing {
 
-// The daemon's status reply, as stmuxctl gets it.
-inline std::optional<Json> daemonStatus(const std::string& socket) {
-  auto reply = queryDaemonStatus(socket, "stmux-status", 2000);
-  if (!reply.ok()) return std::nullopt;
-  auto json = parseJson(reply.value(), "the status reply", kMaxStatusBytes);
-  if (!json.ok()) return std::nullopt;
-  return std::move(json).value();
-}
+// The daemon's status reply, as stmuxctl gets it (the tools' own).
+using tools::daemonStatus;
 
 // A number from the first GPU's entry of a status reply, or -1.
 inline double gpuField(const Json& status, const char* field) {

@@ -42,6 +42,7 @@
 #include "tools/process.h"
 #include "tools/row_validity.h"
 #include "tools/shim_stats.h"
+#include "tools/stmux_programs.h"
 
 namespace stmux::tools {
 namespace {
@@ -222,14 +223,6 @@ std::optional<Shape> parseShape(const std::string& text) {
   return std::nullopt;
 }
 
-std::string findProgram(const fs::path& self_dir, const std::vector<std::string>& candidates) {
-  for (const std::string& candidate : candidates) {
-    const fs::path path = (self_dir / candidate).lexically_normal();
-    if (fs::exists(path)) return path.string();
-  }
-  return "";
-}
-
 // `text` as a whole integer in [least, most], or nothing.
 std::optional<int> intIn(const std::string& text, int least, int most) {
   char* end = nullptr;
@@ -373,12 +366,8 @@ bool parseArgs(int argc, char** argv, Options& o) {
       }
     }
   }
-  if (o.stmuxd.empty())
-    o.stmuxd = findProgram(self, {"stmuxd", "../daemon/stmuxd", "../sbin/stmuxd"});
-  if (o.shim.empty()) {
-    o.shim = findProgram(self, {"../shim/libstmux.so", "../lib/libstmux.so", "../lib64/libstmux.so",
-                                "../lib/x86_64-linux-gnu/libstmux.so"});
-  }
+  if (o.stmuxd.empty()) o.stmuxd = findProgram(self, kStmuxdBesideTools);
+  if (o.shim.empty()) o.shim = findProgram(self, kShimBesideTools);
   for (const auto& [what, path] :
        {std::pair{"stmux-cublas-client", o.client}, std::pair{"stmuxd", o.stmuxd},
         std::pair{"libstmux.so", o.shim}}) {
@@ -392,24 +381,6 @@ bool parseArgs(int argc, char** argv, Options& o) {
 }
 
 // ---- one measurement ----------------------------------------------------------
-
-std::optional<Json> daemonStatus(const std::string& socket) {
-  auto reply = queryDaemonStatus(socket, "stmux-status", 2000);
-  if (!reply.ok()) return std::nullopt;
-  auto json = parseJson(reply.value(), "the status reply", kMaxStatusBytes);
-  if (!json.ok()) return std::nullopt;
-  return std::move(json).value();
-}
-
-bool waitUntil(const std::function<bool()>& condition, double seconds) {
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::milliseconds(static_cast<long>(seconds * 1000));
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return condition();
-}
 
 // The pids of the tenants attached to the daemon at `socket`.
 std::vector<long> attachedPids(const std::string& socket) {

@@ -36,11 +36,12 @@
 #include <thread>
 #include <vector>
 
-#include "stmux/control.h"
+#include "stmux/control.h"  // socketAddress, UniqueFd
 #include "stmux/json.h"
 #include "tools/barrier.h"
 #include "tools/process.h"
 #include "tools/shim_stats.h"
+#include "tools/stmux_programs.h"
 
 namespace {
 
@@ -48,6 +49,11 @@ namespace fs = std::filesystem;
 using stmux::Json;
 using stmux::Process;
 using Clock = std::chrono::steady_clock;
+using stmux::tools::daemonStatus;
+using stmux::tools::findProgram;
+using stmux::tools::kShimBesideTools;
+using stmux::tools::kStmuxdBesideTools;
+using stmux::tools::waitUntil;
 
 struct Options {
   std::vector<std::string> scenarios;
@@ -90,14 +96,6 @@ std::optional<double> numberIn(const char* text, double least, double most) {
   const double value = std::strtod(text, &end);
   if (end == text || *end != '\0' || !(value >= least && value <= most)) return std::nullopt;
   return value;
-}
-
-std::string findProgram(const fs::path& self_dir, const std::vector<std::string>& candidates) {
-  for (const std::string& candidate : candidates) {
-    const fs::path path = (self_dir / candidate).lexically_normal();
-    if (fs::exists(path)) return path.string();
-  }
-  return "";
 }
 
 bool parse(int argc, char** argv, Options& o) {
@@ -180,12 +178,8 @@ bool parse(int argc, char** argv, Options& o) {
   const fs::path self = fs::canonical("/proc/self/exe").parent_path();
   if (o.client.empty()) o.client = findProgram(self, {"stmux-cublas-client"});
   if (o.differential.empty()) o.differential = findProgram(self, {"stmux-differential"});
-  if (o.stmuxd.empty())
-    o.stmuxd = findProgram(self, {"stmuxd", "../daemon/stmuxd", "../sbin/stmuxd"});
-  if (o.shim.empty()) {
-    o.shim = findProgram(self, {"../shim/libstmux.so", "../lib/libstmux.so", "../lib64/libstmux.so",
-                                "../lib/x86_64-linux-gnu/libstmux.so"});
-  }
+  if (o.stmuxd.empty()) o.stmuxd = findProgram(self, kStmuxdBesideTools);
+  if (o.shim.empty()) o.shim = findProgram(self, kShimBesideTools);
   for (const auto& [what, path] :
        {std::pair{"stmux-cublas-client (--client)", o.client},
         std::pair{"stmux-differential (--differential)", o.differential},
@@ -201,15 +195,6 @@ bool parse(int argc, char** argv, Options& o) {
 
 double since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-bool waitFor(const std::function<bool()>& condition, double seconds) {
-  const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<long>(seconds * 1e3));
-  while (Clock::now() < deadline) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return condition();
 }
 
 std::string firstLine(const std::string& text) {
@@ -232,7 +217,7 @@ class Daemon {
     ++starts_;
     process_ = Process({stmuxd_, "--socket", socket_}, {{"STMUX_LOG", "warn"}},
                        (dir_ / ("stmuxd-" + std::to_string(starts_))).string());
-    if (!waitFor([&] { return status().has_value() || !running(); }, 30) || !running()) {
+    if (!waitUntil([&] { return status().has_value() || !running(); }, 30) || !running()) {
       return "stmuxd did not start: " + firstLine(process_.err());
     }
     return "";
@@ -246,13 +231,7 @@ class Daemon {
     process_.signal(SIGTERM);
     return process_.wait(std::chrono::seconds(60));
   }
-  std::optional<Json> status() const {
-    auto reply = stmux::queryDaemonStatus(socket_, "stmux-fault", 2000);
-    if (!reply.ok()) return std::nullopt;
-    auto json = stmux::parseJson(reply.value(), "the status reply", stmux::kMaxStatusBytes);
-    if (!json.ok()) return std::nullopt;
-    return std::move(json).value();
-  }
+  std::optional<Json> status() const { return daemonStatus(socket_, "stmux-fault"); }
   // Requests served so far, over every GPU (-1: no answer).
   long served() const {
     const auto s = status();
@@ -342,7 +321,7 @@ constexpr long kGpuSlackMib = 2;
 // or the last look after 20 s.
 Usage idleUsage(const Daemon& daemon, const Usage* baseline = nullptr) {
   Usage u;
-  waitFor(
+  waitUntil(
       [&] {
         u = usageOf(daemon);
         return u.clients == 0 && u.mapped == 0 && u.busy == 0 &&
@@ -358,7 +337,7 @@ Usage idleUsage(const Daemon& daemon, const Usage* baseline = nullptr) {
 // it, so this compares like with like.
 long gpuUsedAfter(long before) {
   long now = gpuUsedMib();
-  waitFor(
+  waitUntil(
       [&] {
         now = gpuUsedMib();
         return before < 0 || now <= before + kGpuSlackMib;
@@ -565,48 +544,63 @@ void say(const char* scenario, const std::string& text) {
   std::fflush(stdout);
 }
 
-// The daemon's memory, descriptors and mappings, and the GPU's memory, with
-// no tenants: after against before.
-void compareIdle(Result& result, const char* scenario, const Usage& before, const Usage& after) {
-  say(scenario, "idle before: " + before.text());
-  say(scenario, "idle after:  " + after.text());
-  result.figures["idle_before"] = before.json();
-  result.figures["idle_after"] = after.json();
-  if (after.clients != 0) result.fail(fmt::format("{} clients still attached", after.clients));
-  if (after.busy != 0) result.fail(fmt::format("{} requests still in the daemon", after.busy));
-  if (after.mapped != before.mapped)
-    result.fail(fmt::format("mappings {} after, {} before", after.mapped, before.mapped));
-  if (after.fds != before.fds)
-    result.fail(fmt::format("descriptors {} after, {} before", after.fds, before.fds));
-}
-
-// A daemon, warmed by one short checked tenant so that what it allocates
-// once (handles, workspaces) is in the baseline.
-std::optional<Usage> warmedUp(Daemon& daemon, Tenants& tenants, Result& result, const char* name) {
-  if (const std::string why = daemon.start(); !why.empty()) {
-    result.fail(why);
-    return std::nullopt;
+// One scenario's daemon, started and warmed by one short checked tenant (so
+// that what it allocates once, handles and workspaces, is in its baseline),
+// the scenario's tenants, and what it found.
+struct Scenario {
+  Scenario(const Options& o, const fs::path& dir, const char* scenario, std::uint64_t seed)
+      : name(scenario), daemon(o, dir), tenants(o, dir, daemon, seed) {
+    result.scenario = name;
+    if (const std::string why = daemon.start(); !why.empty()) {
+      result.fail(why);
+      return;
+    }
+    tenants.stress(1.0, 2, 0.5);
+    Tally warm;
+    tenants.reap(warm, true);
+    result.take(warm);
+    if (warm.served == 0) result.fail("the warm-up tenant was not served: " + daemon.errors());
+    before = idleUsage(daemon);
+    say(name, "daemon up and warm: " + before.text());
+    started = true;
   }
-  tenants.stress(1.0, 2, 0.5);
-  Tally warm;
-  tenants.reap(warm, true);
-  result.take(warm);
-  if (warm.served == 0) result.fail("the warm-up tenant was not served: " + daemon.errors());
-  const Usage idle = idleUsage(daemon);
-  say(name, "daemon up and warm: " + idle.text());
-  return idle;
-}
+
+  // The daemon's descriptors and mappings with no tenants, after against
+  // before (idle_after); then it stops, as SIGTERM must stop it.
+  void finish() {
+    idle_after = idleUsage(daemon, &before);
+    say(name, "idle before: " + before.text());
+    say(name, "idle after:  " + idle_after.text());
+    result.figures["idle_before"] = before.json();
+    result.figures["idle_after"] = idle_after.json();
+    if (idle_after.clients != 0) {
+      result.fail(fmt::format("{} clients still attached", idle_after.clients));
+    }
+    if (idle_after.busy != 0) {
+      result.fail(fmt::format("{} requests still in the daemon", idle_after.busy));
+    }
+    if (idle_after.mapped != before.mapped) {
+      result.fail(fmt::format("mappings {} after, {} before", idle_after.mapped, before.mapped));
+    }
+    if (idle_after.fds != before.fds) {
+      result.fail(fmt::format("descriptors {} after, {} before", idle_after.fds, before.fds));
+    }
+    if (daemon.stop() != 0) result.fail("stmuxd did not stop cleanly on SIGTERM");
+  }
+
+  const char* name;
+  Result result;
+  Daemon daemon;
+  Tenants tenants;
+  bool started = false;  // up and warm: the scenario may run
+  Usage before, idle_after;
+};
 
 // ---- tenant-kills ----------------------------------------------------------------
 
 Result tenantKills(const Options& o, const fs::path& dir) {
-  const char* name = "tenant-kills";
-  Result result;
-  result.scenario = name;
-  Daemon daemon(o, dir);
-  Tenants tenants(o, dir, daemon, 0x7e4a47ull);
-  const auto before = warmedUp(daemon, tenants, result, name);
-  if (!before) return result;
+  Scenario s(o, dir, "tenant-kills", 0x7e4a47ull);
+  if (!s.started) return s.result;
 
   // Victims: closed loops of 256^3 sgemm {call; sync}, so that a call is in
   // flight most of the time; each killed once it is attached and calling.
@@ -615,7 +609,7 @@ Result tenantKills(const Options& o, const fs::path& dir) {
   stmux::tools::writeGo(go, {now, now + 86'400'000'000'000ull});
   const double checked_s = 15 + 0.25 * o.kills;  // outlasts the kills (some 5 a second)
   for (int i = 0; i < o.tenants; ++i)
-    tenants.stress(checked_s, 2, i % 2 == 0 ? 0.0 : 0.5);
+    s.tenants.stress(checked_s, 2, i % 2 == 0 ? 0.0 : 0.5);
   const auto start = Clock::now();
   std::mt19937_64 random(0x6b696c6cull);
   constexpr int kAtOnce = 8;
@@ -628,14 +622,14 @@ Result tenantKills(const Options& o, const fs::path& dir) {
   std::vector<Victim> victims;
   int started = 0, killed = 0, in_flight = 0, stillborn = 0, while_checked = 0;
   const std::map<std::string, std::string> env = {{"LD_PRELOAD", o.shim},
-                                                  {"STMUX_SOCKET", daemon.socket()}};
+                                                  {"STMUX_SOCKET", s.daemon.socket()}};
   auto checkedRunning = [&] {
-    return std::any_of(tenants.all().begin(), tenants.all().end(),
+    return std::any_of(s.tenants.all().begin(), s.tenants.all().end(),
                        [](Tenant& t) { return t.process.wait({}) < 0; });
   };
   while (killed + stillborn < o.kills) {
     if (stillborn > 5) {
-      result.fail(fmt::format("gave up after {} victims never called", stillborn));
+      s.result.fail(fmt::format("gave up after {} victims never called", stillborn));
       break;
     }
     while (static_cast<int>(victims.size()) < kAtOnce && started < o.kills) {
@@ -658,8 +652,8 @@ Result tenantKills(const Options& o, const fs::path& dir) {
       std::string why;
       if (v.armed && Clock::now() >= v.kill_at) {
         // Whether the daemon holds any of its requests at this moment.
-        if (const auto s = daemon.status()) {
-          for (const Json& c : s->value("clients", Json::array())) {
+        if (const auto status = s.daemon.status()) {
+          for (const Json& c : status->value("clients", Json::array())) {
             if (c.value("pid", 0L) == v.process.pid() && c.value("outstanding", 0L) > 0)
               ++in_flight;
           }
@@ -669,8 +663,8 @@ Result tenantKills(const Options& o, const fs::path& dir) {
         ++killed;
         while_checked += checkedRunning() ? 1 : 0;
         if (killed % 10 == 0) {
-          say(name, fmt::format("{} of {} killed ({} with requests in the daemon), {:.0f} s",
-                                killed, o.kills, in_flight, since(start)));
+          say(s.name, fmt::format("{} of {} killed ({} with requests in the daemon), {:.0f} s",
+                                  killed, o.kills, in_flight, since(start)));
         }
       } else if (const int status = v.process.wait({}); status >= 0) {
         why = fmt::format("a victim exited {} before its kill: {}", status,
@@ -683,111 +677,99 @@ Result tenantKills(const Options& o, const fs::path& dir) {
       }
       if (!why.empty()) {
         ++stillborn;  // a victim that never called
-        result.fail(why);
+        s.result.fail(why);
       }
       it = victims.erase(it);
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   const double kill_s = since(start);
-  say(name, fmt::format("{} tenants killed in {:.1f} s, {} with requests in the daemon at the "
-                        "kill, {} while the checked tenants ran",
-                        killed, kill_s, in_flight, while_checked));
+  say(s.name, fmt::format("{} tenants killed in {:.1f} s, {} with requests in the daemon at the "
+                          "kill, {} while the checked tenants ran",
+                          killed, kill_s, in_flight, while_checked));
   Tally tally;
-  tenants.reap(tally, true);
-  say(name, tally.text());
-  result.take(tally);
-  if (tally.served == 0) result.fail("the checked tenants were not served");
-  if (!daemon.running()) result.fail("stmuxd died: " + firstLine(daemon.errors()));
-  compareIdle(result, name, *before, idleUsage(daemon, &*before));
-  result.figures["killed"] = killed;
-  result.figures["killed_with_requests_in_daemon"] = in_flight;
-  result.figures["killed_while_checked_ran"] = while_checked;
-  result.figures["kill_seconds"] = kill_s;
-  result.figures["checked"] = tally.json();
-  if (daemon.stop() != 0) result.fail("stmuxd did not stop cleanly on SIGTERM");
-  return result;
+  s.tenants.reap(tally, true);
+  say(s.name, tally.text());
+  s.result.take(tally);
+  if (tally.served == 0) s.result.fail("the checked tenants were not served");
+  if (!s.daemon.running()) s.result.fail("stmuxd died: " + firstLine(s.daemon.errors()));
+  s.finish();
+  s.result.figures["killed"] = killed;
+  s.result.figures["killed_with_requests_in_daemon"] = in_flight;
+  s.result.figures["killed_while_checked_ran"] = while_checked;
+  s.result.figures["kill_seconds"] = kill_s;
+  s.result.figures["checked"] = tally.json();
+  return s.result;
 }
 
 // ---- daemon-kills ------------------------------------------------------------------
 
 Result daemonKills(const Options& o, const fs::path& dir) {
-  const char* name = "daemon-kills";
-  Result result;
-  result.scenario = name;
-  Daemon daemon(o, dir);
-  Tenants tenants(o, dir, daemon, 0xd43e0bull);
-  const auto before = warmedUp(daemon, tenants, result, name);
-  if (!before) return result;
+  Scenario s(o, dir, "daemon-kills", 0xd43e0bull);
+  if (!s.started) return s.result;
 
   const double checked_s = 10 + 2.5 * o.restarts;  // a restart takes some 1.5 s
   for (int i = 0; i < o.tenants; ++i)
-    tenants.stress(checked_s, 2, i % 2 == 0 ? 0.0 : 0.5, /*may_fail=*/true);
+    s.tenants.stress(checked_s, 2, i % 2 == 0 ? 0.0 : 0.5, /*may_fail=*/true);
   // About as long as the stress tenants (some 500 calls/s on two threads).
-  tenants.differential(static_cast<long>(checked_s * 400), 2, /*may_fail=*/true);
+  s.tenants.differential(static_cast<long>(checked_s * 400), 2, /*may_fail=*/true);
   std::mt19937_64 random(0x72657374ull);
   std::vector<double> recover_s;
   const auto start = Clock::now();
   for (int r = 1; r <= o.restarts; ++r) {
     // Served again, then killed a moment later, mid-batch.
     const auto up = Clock::now();
-    if (!waitFor([&] { return daemon.served() > 0; }, 30)) {
-      result.fail(fmt::format("restart {}: no call was served within 30 s", r - 1));
+    if (!waitUntil([&] { return s.daemon.served() > 0; }, 30)) {
+      s.result.fail(fmt::format("restart {}: no call was served within 30 s", r - 1));
       break;
     }
     if (r > 1) recover_s.push_back(since(up));
     std::this_thread::sleep_for(
         std::chrono::milliseconds(std::uniform_int_distribution<int>(300, 1500)(random)));
-    const long served = daemon.served();
-    daemon.kill9();
-    if (const std::string why = daemon.start(); !why.empty()) {
-      result.fail(fmt::format("restart {}: {}", r, why));
+    const long served = s.daemon.served();
+    s.daemon.kill9();
+    if (const std::string why = s.daemon.start(); !why.empty()) {
+      s.result.fail(fmt::format("restart {}: {}", r, why));
       break;
     }
-    say(name, fmt::format("kill {} of {} at {:.1f} s ({} calls served by that daemon)", r,
-                          o.restarts, since(start), served));
+    say(s.name, fmt::format("kill {} of {} at {:.1f} s ({} calls served by that daemon)", r,
+                            o.restarts, since(start), served));
   }
   const auto up = Clock::now();
-  if (waitFor([&] { return daemon.served() > 0; }, 30)) {
+  if (waitUntil([&] { return s.daemon.served() > 0; }, 30)) {
     recover_s.push_back(since(up));
   } else {
-    result.fail("no call was served after the last restart");
+    s.result.fail("no call was served after the last restart");
   }
   Tally tally;
-  tenants.reap(tally, true);
-  say(name, tally.text());
-  result.take(tally);
+  s.tenants.reap(tally, true);
+  say(s.name, tally.text());
+  s.result.take(tally);
   std::sort(recover_s.begin(), recover_s.end());
   if (!recover_s.empty()) {
-    say(name, fmt::format("served again after a restart within {:.2f} s (median {:.2f} s)",
-                          recover_s.back(), recover_s[recover_s.size() / 2]));
-    result.figures["recover_s_max"] = recover_s.back();
-    result.figures["recover_s_median"] = recover_s[recover_s.size() / 2];
+    say(s.name, fmt::format("served again after a restart within {:.2f} s (median {:.2f} s)",
+                            recover_s.back(), recover_s[recover_s.size() / 2]));
+    s.result.figures["recover_s_max"] = recover_s.back();
+    s.result.figures["recover_s_median"] = recover_s[recover_s.size() / 2];
   }
   // A fresh daemon against the first, idle both.
-  compareIdle(result, name, *before, idleUsage(daemon, &*before));
-  result.figures["restarts"] = o.restarts;
-  result.figures["checked"] = tally.json();
-  if (daemon.stop() != 0) result.fail("stmuxd did not stop cleanly on SIGTERM");
-  return result;
+  s.finish();
+  s.result.figures["restarts"] = o.restarts;
+  s.result.figures["checked"] = tally.json();
+  return s.result;
 }
 
 // ---- soak ---------------------------------------------------------------------------
 
 Result soak(const Options& o, const fs::path& dir) {
-  const char* name = "soak";
-  Result result;
-  result.scenario = name;
-  Daemon daemon(o, dir);
-  Tenants tenants(o, dir, daemon, 0x50a6ull);
-  const auto before = warmedUp(daemon, tenants, result, name);
-  if (!before) return result;
+  Scenario s(o, dir, "soak", 0x50a6ull);
+  if (!s.started) return s.result;
 
   // Two tenants for the whole soak; beside them, o.tenants short ones at a
   // time, each replaced as it ends: stress of 1 to 4 s and 1 to 3 threads,
   // or the differential program's 2,000 calls, every entry point.
-  tenants.stress(o.soak_s, 2, 0.0);
-  tenants.stress(o.soak_s, 1, 0.5);
+  s.tenants.stress(o.soak_s, 2, 0.0);
+  s.tenants.stress(o.soak_s, 1, 0.5);
   std::mt19937_64 random(0x736f616bull);
   const auto start = Clock::now();
   Tally tally;
@@ -796,58 +778,56 @@ Result soak(const Options& o, const fs::path& dir) {
   double next_sample = 0;
   int started = 0;
   while (since(start) < o.soak_s) {
-    const int running = static_cast<int>(tenants.all().size()) - 2;
+    const int running = static_cast<int>(s.tenants.all().size()) - 2;
     for (int i = running; i < o.tenants && since(start) + 6 < o.soak_s; ++i, ++started) {
       if (started % 2 == 0) {
-        tenants.stress(std::uniform_real_distribution<double>(1, 4)(random),
-                       std::uniform_int_distribution<int>(1, 3)(random),
-                       started % 4 == 0 ? 0.0 : 1.0);
+        s.tenants.stress(std::uniform_real_distribution<double>(1, 4)(random),
+                         std::uniform_int_distribution<int>(1, 3)(random),
+                         started % 4 == 0 ? 0.0 : 1.0);
       } else {
-        tenants.differential(2'000, std::uniform_int_distribution<int>(1, 3)(random));
+        s.tenants.differential(2'000, std::uniform_int_distribution<int>(1, 3)(random));
       }
     }
     // The short ones that ended (the two long ones end with the soak).
-    tenants.reap(tally, false);
+    s.tenants.reap(tally, false);
     if (since(start) >= next_sample) {
       next_sample += 10;
-      const Usage u = usageOf(daemon);
+      const Usage u = usageOf(s.daemon);
       rss.push_back(u.rss_kib);
       Json sample = u.json();
       sample["t_s"] = since(start);
       samples.push_back(sample);
-      say(name, fmt::format("{:.0f} of {:.0f} s: {} short tenants ended, {} wrong so far; {}",
-                            since(start), o.soak_s, tally.tenants, tally.wrong, u.text()));
+      say(s.name, fmt::format("{:.0f} of {:.0f} s: {} short tenants ended, {} wrong so far; {}",
+                              since(start), o.soak_s, tally.tenants, tally.wrong, u.text()));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  tenants.reap(tally, true);
-  say(name, tally.text());
-  result.take(tally);
-  if (!daemon.running()) result.fail("stmuxd died: " + firstLine(daemon.errors()));
+  s.tenants.reap(tally, true);
+  say(s.name, tally.text());
+  s.result.take(tally);
+  if (!s.daemon.running()) s.result.fail("stmuxd died: " + firstLine(s.daemon.errors()));
   // Growth under load: the daemon's RSS over the second half of the samples.
   if (rss.size() >= 4) {
     const std::size_t half = rss.size() / 2;
     const auto [low, high] = std::minmax_element(rss.begin() + static_cast<long>(half), rss.end());
     const long growth = rss.back() - rss[half];
-    say(name, fmt::format("daemon RSS under load over the second half: {:.1f} to {:.1f} MiB "
-                          "({:+.1f} MiB from its start to its end)",
-                          *low / 1024.0, *high / 1024.0, growth / 1024.0));
-    result.figures["rss_second_half_growth_kib"] = growth;
+    say(s.name, fmt::format("daemon RSS under load over the second half: {:.1f} to {:.1f} MiB "
+                            "({:+.1f} MiB from its start to its end)",
+                            *low / 1024.0, *high / 1024.0, growth / 1024.0));
+    s.result.figures["rss_second_half_growth_kib"] = growth;
     // Under load, a leak shows as growth over the second half; 1% of the
     // RSS is a bound above the samples' own jitter.
     if (growth > rss[half] / 100) {
-      result.fail(fmt::format("the daemon's RSS grew by {} KiB over the second half", growth));
+      s.result.fail(fmt::format("the daemon's RSS grew by {} KiB over the second half", growth));
     }
   }
-  compareIdle(result, name, *before, idleUsage(daemon, &*before));
+  s.finish();
   // RSS idle after against idle before: what the soak left behind.
-  const Usage after = usageOf(daemon);
-  result.figures["rss_growth_idle_kib"] = after.rss_kib - before->rss_kib;
-  result.figures["seconds"] = o.soak_s;
-  result.figures["samples"] = samples;
-  result.figures["checked"] = tally.json();
-  if (daemon.stop() != 0) result.fail("stmuxd did not stop cleanly on SIGTERM");
-  return result;
+  s.result.figures["rss_growth_idle_kib"] = s.idle_after.rss_kib - s.before.rss_kib;
+  s.result.figures["seconds"] = o.soak_s;
+  s.result.figures["samples"] = samples;
+  s.result.figures["checked"] = tally.json();
+  return s.result;
 }
 
 // ---- dos ------------------------------------------------------------------------------
@@ -907,13 +887,8 @@ void garbageHellos(const std::string& socket, const std::atomic<bool>& stop, lon
 }
 
 Result dos(const Options& o, const fs::path& dir) {
-  const char* name = "dos";
-  Result result;
-  result.scenario = name;
-  Daemon daemon(o, dir);
-  Tenants tenants(o, dir, daemon, 0xd05ull);
-  const auto before = warmedUp(daemon, tenants, result, name);
-  if (!before) return result;
+  Scenario s(o, dir, "dos", 0xd05ull);
+  if (!s.started) return s.result;
 
   struct Phase {
     const char* name;
@@ -932,32 +907,33 @@ Result dos(const Options& o, const fs::path& dir) {
     std::atomic<bool> stop{false};
     std::vector<std::thread> abusers;
     std::vector<long> garbage(4, 0);
-    Tenants greedy(o, dir / "greedy", daemon, 0x67ull);
+    Tenants greedy(o, dir / "greedy", s.daemon, 0x67ull);
     if (p == "greedy") {
       fs::create_directories(dir / "greedy");
       greedy.stress(o.dos_s + 4, 16, 0.0);
       std::this_thread::sleep_for(std::chrono::seconds(2));
     } else if (p == "silent") {
-      abusers.emplace_back(silentConnections, daemon.socket(), 2000, std::cref(stop));
+      abusers.emplace_back(silentConnections, s.daemon.socket(), 2000, std::cref(stop));
       std::this_thread::sleep_for(std::chrono::seconds(1));
     } else if (p == "garbage") {
       for (int i = 0; i < 4; ++i)
-        abusers.emplace_back(garbageHellos, daemon.socket(), std::cref(stop), std::ref(garbage[i]));
+        abusers.emplace_back(garbageHellos, s.daemon.socket(), std::cref(stop),
+                             std::ref(garbage[i]));
       std::this_thread::sleep_for(std::chrono::seconds(1));
     }
     // The checked tenants start under the abuse (so their attach is tried
     // under it too) and run for the phase.
     for (int i = 0; i < o.tenants; ++i)
-      tenants.stress(o.dos_s, 1, 0.5);
+      s.tenants.stress(o.dos_s, 1, 0.5);
     Tally tally;
-    tenants.reap(tally, true);
+    s.tenants.reap(tally, true);
     stop = true;
     for (std::thread& t : abusers)
       t.join();
     Tally greedy_tally;
     greedy.reap(greedy_tally, true);
-    result.take(tally);
-    if (p == "greedy") result.take(greedy_tally);
+    s.result.take(tally);
+    if (p == "greedy") s.result.take(greedy_tally);
     const double rate = static_cast<double>(tally.ok) / o.dos_s;
     if (p == "alone") alone_rate = rate;
     const double share = tally.calls > 0 ? static_cast<double>(tally.served) / tally.calls : 0;
@@ -968,14 +944,14 @@ Result dos(const Options& o, const fs::path& dir) {
     if (p == "greedy")
       extra = fmt::format("; the greedy tenant: {:.0f} calls/s", greedy_tally.ok / (o.dos_s + 4));
     if (p == "garbage") extra = fmt::format("; {} garbage hellos sent", sent);
-    say(name,
+    say(s.name,
         fmt::format("{}: {:.0f} checked calls/s ({:.2f}x alone), {:.1f}% served{}", phase.what,
                     rate, alone_rate > 0 ? rate / alone_rate : 0.0, 100 * share, extra));
-    if (!daemon.running()) {
-      result.fail(std::string("stmuxd died ") + phase.what + ": " + firstLine(daemon.errors()));
-      return result;
+    if (!s.daemon.running()) {
+      s.result.fail(std::string("stmuxd died ") + phase.what + ": " + firstLine(s.daemon.errors()));
+      return s.result;
     }
-    if (share == 0) result.fail(std::string("the checked tenants were not served ") + phase.what);
+    if (share == 0) s.result.fail(std::string("the checked tenants were not served ") + phase.what);
     rows.push_back(Json{{"phase", p},
                         {"what", phase.what},
                         {"calls_per_s", rate},
@@ -984,10 +960,9 @@ Result dos(const Options& o, const fs::path& dir) {
                         {"garbage_hellos", sent},
                         {"checked", tally.json()}});
   }
-  result.figures["phases"] = rows;
-  compareIdle(result, name, *before, idleUsage(daemon, &*before));
-  if (daemon.stop() != 0) result.fail("stmuxd did not stop cleanly on SIGTERM");
-  return result;
+  s.result.figures["phases"] = rows;
+  s.finish();
+  return s.result;
 }
 
 }  // namespace
