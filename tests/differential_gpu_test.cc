@@ -30,6 +30,7 @@ using testing::daemonStatus;
 using testing::gpuField;
 using testing::shimStats;
 using testing::ShimStats;
+using testing::TempDir;
 
 // The totals line, "calls N mismatches M lost L expected_direct_REASON N ..."
 // (one for each reason the program predicts), as a map.
@@ -153,6 +154,43 @@ std::string directText(const ShimStats& stats) {
   for (const auto& [reason, n] : stats.direct)
     text += " " + reason + "=" + std::to_string(n);
   return text.empty() ? " none" : text;
+}
+
+// --only narrows the calls to chosen values of chosen classes (for hunting
+// one kind of call under load); a bad class or value is named with what is
+// accepted, on any machine. On a GPU, without the preload: every call made
+// has the chosen values, and only those calls are counted.
+TEST(DifferentialProgram, OnlyMakesTheCallsWithTheChosenValues) {
+  TempDir dir;
+  const struct {
+    std::string arg, said;
+  } bad[] = {
+      {"stream", "--only 'stream': accepted: CLASS=VALUE, CLASS one of stream, write,"},
+      {"colour=red", "--only 'colour=red': accepted: CLASS=VALUE, CLASS one of stream,"},
+      {"alloc=managed,disk", "--only 'alloc=managed,disk': accepted: alloc's values: per_call,"},
+  };
+  for (const auto& b : bad) {
+    const Ran ran = run({DIFFERENTIAL_PATH, "--only", b.arg}, {}, dir.path() + "/bad");
+    EXPECT_EQ(ran.status, 2) << b.arg;
+    EXPECT_NE(ran.err.find(b.said), std::string::npos) << ran.err;
+  }
+  const Ran ran = run({DIFFERENTIAL_PATH, "--seed", "7", "--threads", "2", "--calls", "3000",
+                       "--only", "write=event_other_stream", "--only", "alloc=managed,host"},
+                      {}, dir.path() + "/only");
+  if (ran.status == 3) GTEST_SKIP() << "GPU test skipped: " << ran.err;
+  ASSERT_EQ(ran.status, 0) << ran.out << ran.err;
+  EXPECT_NE(ran.out.find("--only write=event_other_stream --only alloc=managed,host)"),
+            std::string::npos)
+      << "the rerun line must carry --only: " << ran.out;
+  ClassTable table;
+  table.add(ran.out);
+  const long calls = totalsOf(ran.out).at("calls");
+  EXPECT_GT(calls, 0);
+  EXPECT_LT(calls, 3000) << "calls drawn with other values were made";
+  EXPECT_EQ(table.calls("write=event_other_stream"), calls);
+  EXPECT_EQ(table.calls("alloc=managed") + table.calls("alloc=host"), calls);
+  EXPECT_GT(table.calls("alloc=managed"), 0);
+  EXPECT_GT(table.calls("alloc=host"), 0);
 }
 
 // Each test runs in both ways of keeping stream order (STMUX_MODE): host,

@@ -704,13 +704,25 @@ struct Options {
   bool pageable_unordered = false;
   bool lt_pageable_unordered = false;
   bool quiet = false;
+  // --only: per class, the values a call must have to be made (a bit per
+  // value; 0: any). A call drawn with another is skipped and not counted.
+  std::uint64_t only[kClassCount] = {};
+  std::string only_args;  // as given, for the rerun line
+
+  bool selects(const int* value) const {
+    for (int k = 0; k < kClassCount; ++k) {
+      if (only[k] != 0 && (only[k] >> value[k] & 1) == 0) return false;
+    }
+    return true;
+  }
 };
 
 void usage(FILE* out) {
   std::fprintf(
       out,
       "usage: stmux-differential [--seed N] [--calls N] [--threads T] [--replay THREAD:CALL]\n"
-      "                          [--allow-lost-calls] [--quiet]\n"
+      "                          [--allow-lost-calls] [--only CLASS=VALUE[,VALUE...]]...\n"
+      "                          [--quiet]\n"
       "Each call made twice, through the symbol the program links (which\n"
       "LD_PRELOAD=libstmux.so interposes) and through the real library's own function,\n"
       "both checked against a float64 reference: libcublas's cublasSgemm_v2,\n"
@@ -724,6 +736,11 @@ void usage(FILE* out) {
       "  --allow-lost-calls    CUBLAS_STATUS_EXECUTION_FAILED from the interposed call\n"
       "                        with beta != 0 (a daemon that died mid-call) counts as\n"
       "                        lost, not a mismatch; its C is not compared\n"
+      "  --only CLASS=VALUES   make only the calls drawn with one of these values of\n"
+      "                        CLASS (the names of the per-class lines below, e.g.\n"
+      "                        write=event_other_stream,other_thread); the others\n"
+      "                        are drawn and skipped, uncounted. Repeat for more\n"
+      "                        classes: a call must match each\n"
       "  --quiet               no per-class lines\n"
       "Preloaded, and without --allow-lost-calls, plain copies from pageable memory also\n"
       "precede served calls on non-blocking streams, which only stmux's wait orders.\n"
@@ -753,12 +770,43 @@ bool bad(const char* flag, const char* value, const char* accepted) {
   return false;
 }
 
+// --only CLASS=VALUE[,VALUE...] into `only`'s bits for CLASS.
+bool parseOnly(const std::string_view text, std::uint64_t (&only)[kClassCount]) {
+  const std::size_t equals = text.find('=');
+  const std::string_view name = text.substr(0, equals);
+  const ClassInfo* info = std::find_if(std::begin(kClasses), std::end(kClasses),
+                                       [&](const ClassInfo& i) { return i.name == name; });
+  if (equals == std::string_view::npos || info == std::end(kClasses)) {
+    std::string names;
+    for (const ClassInfo& i : kClasses)
+      names += (names.empty() ? "" : ", ") + std::string(i.name);
+    return bad("--only", std::string(text).c_str(), ("CLASS=VALUE, CLASS one of " + names).c_str());
+  }
+  const auto k = static_cast<std::size_t>(info - std::begin(kClasses));
+  std::string_view rest = text.substr(equals + 1);
+  while (true) {
+    const std::string_view value = rest.substr(0, rest.find(','));
+    const auto found = std::find(info->values.begin(), info->values.end(), value);
+    if (found == info->values.end()) {
+      std::string values;
+      for (std::string_view v : info->values)
+        values += (values.empty() ? "" : ", ") + std::string(v);
+      return bad("--only", std::string(text).c_str(),
+                 (std::string(name) + "'s values: " + values).c_str());
+    }
+    only[k] |= std::uint64_t{1} << (found - info->values.begin());
+    if (value.size() == rest.size()) return true;
+    rest.remove_prefix(value.size() + 1);
+  }
+}
+
 bool parse(int argc, char** argv, Options& o) {
   static const option kLong[] = {{"seed", required_argument, nullptr, 's'},
                                  {"calls", required_argument, nullptr, 'c'},
                                  {"threads", required_argument, nullptr, 't'},
                                  {"replay", required_argument, nullptr, 'r'},
                                  {"allow-lost-calls", no_argument, nullptr, 'l'},
+                                 {"only", required_argument, nullptr, 'o'},
                                  {"quiet", no_argument, nullptr, 'q'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
@@ -793,6 +841,10 @@ bool parse(int argc, char** argv, Options& o) {
         break;
       case 'l':
         o.allow_lost = true;
+        break;
+      case 'o':
+        if (!parseOnly(optarg, o.only)) return false;
+        o.only_args += std::string(" --only ") + optarg;
         break;
       case 'q':
         o.quiet = true;
@@ -1202,6 +1254,7 @@ class Worker {
   void run(std::uint64_t call, bool verbose) {
     Case c = draw(options_.seed, index_, call, options_.pageable_unordered,
                   options_.lt_pageable_unordered);
+    if (!options_.selects(c.value)) return;
     std::string problem;
     bool lost = false;
     const bool ok = c.isLt() ? makeAndCheckLt(c, problem, lost) : makeAndCheck(c, problem, lost);
@@ -1687,9 +1740,10 @@ RealFunctions realFunctions() {
 int main(int argc, char** argv) {
   Options options;
   if (!parse(argc, argv, options)) {
-    std::fprintf(stderr,
-                 "stmux-differential: options: --seed N, --calls N, --threads T, "
-                 "--replay THREAD:CALL, --allow-lost-calls, --quiet, --help\n");
+    std::fprintf(
+        stderr,
+        "stmux-differential: options: --seed N, --calls N, --threads T, "
+        "--replay THREAD:CALL, --allow-lost-calls, --only CLASS=VALUES, --quiet, --help\n");
     return 2;
   }
   if (!options.seed_given)
@@ -1699,11 +1753,11 @@ int main(int argc, char** argv) {
                 static_cast<unsigned long long>(options.seed),
                 static_cast<unsigned long long>(options.replay_call), options.replay_thread);
   } else {
-    std::printf("seed %llu (rerun: stmux-differential --seed %llu --threads %d --calls %llu%s)\n",
+    std::printf("seed %llu (rerun: stmux-differential --seed %llu --threads %d --calls %llu%s%s)\n",
                 static_cast<unsigned long long>(options.seed),
                 static_cast<unsigned long long>(options.seed), options.threads,
                 static_cast<unsigned long long>(options.calls),
-                options.allow_lost ? " --allow-lost-calls" : "");
+                options.allow_lost ? " --allow-lost-calls" : "", options.only_args.c_str());
   }
   std::fflush(stdout);
 
