@@ -34,6 +34,7 @@
 #include <initializer_list>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <span>
 #include <string>
@@ -247,6 +248,19 @@ constexpr std::size_t kMaxValues = maxValues();
 constexpr bool applies(int k, int entry) {
   return k < kLtForm || entry == kLtMatmul;
 }
+
+// --only: per class, the values a call must have to be made (a bit per
+// value; 0: any).
+struct Selection {
+  std::uint64_t values[kClassCount] = {};
+
+  bool selects(const int* value) const {
+    for (int k = 0; k < kClassCount; ++k) {
+      if (values[k] != 0 && (values[k] >> value[k] & 1) == 0) return false;
+    }
+    return true;
+  }
+};
 
 // Bounds of what is drawn, which size every buffer below.
 constexpr std::int64_t kSmallDim = 64;
@@ -502,9 +516,12 @@ void makeLtInputs(Case& c, std::mt19937_64& random) {
 
 // `pageable_unordered`: whether a plain cudaMemcpy from pageable memory may
 // precede a call on a non-blocking stream (below); `lt_pageable_unordered`:
-// the same for cublasLtMatmul's calls.
-Case draw(std::uint64_t seed, int thread, std::uint64_t call, bool pageable_unordered,
-          bool lt_pageable_unordered) {
+// the same for cublasLtMatmul's calls. Nothing when the call's values are
+// not among `only`'s (found before its operands are made, which is most of
+// the work).
+std::optional<Case> draw(std::uint64_t seed, int thread, std::uint64_t call,
+                         bool pageable_unordered, bool lt_pageable_unordered,
+                         const Selection& only) {
   std::mt19937_64 random(callSeed(seed, thread, call));
   Case c;
   c.thread = thread;
@@ -608,18 +625,19 @@ Case draw(std::uint64_t seed, int thread, std::uint64_t call, bool pageable_unor
   const int memset = v[kArgs] == kValid ? 8 : 0;
   v[kWrite] = pick(random, {pageable, 10, 10, 14, 10 * legacy, memset, 8, 6 * legacy, 8, 8});
 
-  if (lt) {
-    makeLtInputs(c, random);
-  } else {
-    c.in = v[kAlloc] == kAlias ? stmux::check::makeAliasedInputs(g, random)
-                               : stmux::check::makeInputs(g, random);
-  }
   v[kLd] = g.lda_pad > 0 || g.ldb_pad > 0 || g.ldc_pad > 0 ? 1 : 0;
   const std::int64_t dims[] = {g.m, g.n, g.k};
   v[kSize] = std::ranges::any_of(dims, [](std::int64_t d) { return d == 0; })          ? 0
              : std::ranges::any_of(dims, [](std::int64_t d) { return d == 1; })        ? 1
              : std::ranges::any_of(dims, [](std::int64_t d) { return d > kSmallDim; }) ? 3
                                                                                        : 2;
+  if (!only.selects(v)) return std::nullopt;
+  if (lt) {
+    makeLtInputs(c, random);
+  } else {
+    c.in = v[kAlloc] == kAlias ? stmux::check::makeAliasedInputs(g, random)
+                               : stmux::check::makeInputs(g, random);
+  }
 
   if (v[kWrite] == kMemset) {
     // C is copied in whole, then each problem's block set: all bits (a NaN)
@@ -704,17 +722,9 @@ struct Options {
   bool pageable_unordered = false;
   bool lt_pageable_unordered = false;
   bool quiet = false;
-  // --only: per class, the values a call must have to be made (a bit per
-  // value; 0: any). A call drawn with another is skipped and not counted.
-  std::uint64_t only[kClassCount] = {};
+  // A call drawn with other values is skipped and not counted.
+  Selection only;
   std::string only_args;  // as given, for the rerun line
-
-  bool selects(const int* value) const {
-    for (int k = 0; k < kClassCount; ++k) {
-      if (only[k] != 0 && (only[k] >> value[k] & 1) == 0) return false;
-    }
-    return true;
-  }
 };
 
 void usage(FILE* out) {
@@ -771,7 +781,7 @@ bool bad(const char* flag, const char* value, const char* accepted) {
 }
 
 // --only CLASS=VALUE[,VALUE...] into `only`'s bits for CLASS.
-bool parseOnly(const std::string_view text, std::uint64_t (&only)[kClassCount]) {
+bool parseOnly(const std::string_view text, Selection& only) {
   const std::size_t equals = text.find('=');
   const std::string_view name = text.substr(0, equals);
   const ClassInfo* info = std::find_if(std::begin(kClasses), std::end(kClasses),
@@ -794,7 +804,7 @@ bool parseOnly(const std::string_view text, std::uint64_t (&only)[kClassCount]) 
       return bad("--only", std::string(text).c_str(),
                  (std::string(name) + "'s values: " + values).c_str());
     }
-    only[k] |= std::uint64_t{1} << (found - info->values.begin());
+    only.values[k] |= std::uint64_t{1} << (found - info->values.begin());
     if (value.size() == rest.size()) return true;
     rest.remove_prefix(value.size() + 1);
   }
@@ -1252,9 +1262,10 @@ class Worker {
   // Draws call `call` of this thread, makes it both ways, checks and counts
   // it; prints the case when it is wrong (or always, with `verbose`).
   void run(std::uint64_t call, bool verbose) {
-    Case c = draw(options_.seed, index_, call, options_.pageable_unordered,
-                  options_.lt_pageable_unordered);
-    if (!options_.selects(c.value)) return;
+    std::optional<Case> drawn = draw(options_.seed, index_, call, options_.pageable_unordered,
+                                     options_.lt_pageable_unordered, options_.only);
+    if (!drawn) return;
+    const Case& c = *drawn;
     std::string problem;
     bool lost = false;
     const bool ok = c.isLt() ? makeAndCheckLt(c, problem, lost) : makeAndCheck(c, problem, lost);

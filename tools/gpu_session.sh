@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu launch bench transport handoff waiters sync modes demo2 demo10 fault
+#   info build unit gpu launch bench transport handoff waiters sync modes demo2 demo10 fault hunt
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold);
@@ -9,7 +9,10 @@
 # one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
 # GPU, on each thing they can wait on); fault runs stmux-fault with
-# $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md)
+# $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md); hunt runs
+# $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
+# (--only flags) selects, beside stress tenants of a daemon, without and with
+# the preload
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -18,7 +21,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -139,7 +142,42 @@ for step in "$@"; do
       "$build/tools/stmux-fault" ${FAULT_ARGS:-} --out /tmp/stmux-fault >"$out/fault.log" 2>&1 || status=1
       cp /tmp/stmux-fault/fault.json "$out/fault.json" 2>/dev/null
       grep -vE "^\[soak\] [0-9]+ of" "$out/fault.log" | tail -40 ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff waiters sync modes demo2 demo10 fault" >&2; exit 2 ;;
+    hunt)
+      # A kind of call under load, e.g. the soak's open mismatch
+      # (docs/RELIABILITY.md): $HUNT_PROCS differential processes of 3 threads,
+      # $HUNT_CALLS calls drawn each, beside $HUNT_LOAD stress tenants of 2
+      # threads served by a daemon of its own; first without the preload,
+      # then with it. Mismatch and totals lines in hunt.log.
+      dir=$(mktemp -d)
+      "$build/daemon/stmuxd" --socket "$dir/sock" >"$dir/stmuxd.log" 2>&1 &
+      daemon=$!
+      for _ in $(seq 100); do [ -S "$dir/sock" ] && break; sleep 0.1; done
+      preload=(LD_PRELOAD="$PWD/$build/shim/libstmux.so" STMUX_SOCKET="$dir/sock")
+      for with in no yes; do
+        load=()
+        for i in $(seq "${HUNT_LOAD:-6}"); do
+          env "${preload[@]}" "$build/tools/stmux-cublas-client" stress --seconds "${HUNT_SECONDS:-60}" \
+            --threads 2 --seed "$i" >"$dir/load-$with-$i.log" 2>&1 &
+          load+=($!)
+        done
+        procs=()
+        for i in $(seq "${HUNT_PROCS:-8}"); do
+          [ "$with" = yes ] && env=("${preload[@]}") || env=()
+          # shellcheck disable=SC2086  # HUNT_ONLY is split into flags on purpose
+          env ${env[@]+"${env[@]}"} "$build/tools/stmux-differential" --threads 3 \
+            --calls "${HUNT_CALLS:-3000000}" --quiet ${HUNT_ONLY:-} >"$dir/diff-$with-$i.log" 2>&1 &
+          procs+=($!)
+        done
+        wait "${procs[@]}" || status=1
+        kill "${load[@]}" 2>/dev/null; wait "${load[@]}" 2>/dev/null
+        for i in $(seq "${HUNT_PROCS:-8}"); do
+          grep -hE "^(seed|MISMATCH|calls |elapsed)" "$dir/diff-$with-$i.log" | sed "s/^/preload $with: /"
+        done >>"$out/hunt.log"
+        grep -c MISMATCH "$dir"/diff-$with-*.log | awk -F: -v w="$with" '{n += $2} END {print "preload " w ": " n " mismatches"}'
+      done
+      kill -TERM "$daemon"; wait "$daemon"
+      cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff waiters sync modes demo2 demo10 fault hunt" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
