@@ -184,9 +184,11 @@ TEST(DifferentialProgram, OnlyMakesTheCallsWithTheChosenValues) {
       << "the rerun line must carry --only: " << ran.out;
   ClassTable table;
   table.add(ran.out);
-  const long calls = totalsOf(ran.out).at("calls");
+  const auto totals = totalsOf(ran.out);
+  const long calls = totals.at("calls");
   EXPECT_GT(calls, 0);
   EXPECT_LT(calls, 3000) << "calls drawn with other values were made";
+  EXPECT_EQ(calls + totals.at("skipped"), 3000) << "every call drawn is made or skipped";
   EXPECT_EQ(table.calls("write=event_other_stream"), calls);
   EXPECT_EQ(table.calls("alloc=managed") + table.calls("alloc=host"), calls);
   EXPECT_GT(table.calls("alloc=managed"), 0);
