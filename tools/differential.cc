@@ -722,7 +722,7 @@ struct Options {
   bool pageable_unordered = false;
   bool lt_pageable_unordered = false;
   bool quiet = false;
-  // A call drawn with other values is skipped and not counted.
+  // A call drawn with other values is skipped (counted as such).
   Selection only;
   std::string only_args;  // as given, for the rerun line
 };
@@ -749,8 +749,9 @@ void usage(FILE* out) {
       "  --only CLASS=VALUES   make only the calls drawn with one of these values of\n"
       "                        CLASS (the names of the per-class lines below, e.g.\n"
       "                        write=event_other_stream,other_thread); the others\n"
-      "                        are drawn and skipped, uncounted. Repeat for more\n"
-      "                        classes: a call must match each\n"
+      "                        are drawn, then skipped before their operands are\n"
+      "                        made (counted as skipped). Repeat for more classes:\n"
+      "                        a call must match each\n"
       "  --quiet               no per-class lines\n"
       "Preloaded, and without --allow-lost-calls, plain copies from pageable memory also\n"
       "precede served calls on non-blocking streams, which only stmux's wait orders.\n"
