@@ -693,6 +693,7 @@ class Executor::Impl {
   void completeFront() {
     InFlight flight = std::move(in_flight_.front());
     in_flight_.pop_front();
+    flight.batch->seen_ns = nowNs();
     const std::vector<Queued>& items = flight.batch->items;
     // Publish every status first, then wake the callers that sleep.
     std::vector<Slot*> sleeping;

@@ -300,11 +300,12 @@ bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
   for (Gpu& gpu : gpus_) {
     while (std::unique_ptr<Batch> done = gpu.channel->takeDone()) {
       if (done->launched_ns != 0 && done->submitted_ns >= done->launched_ns &&
-          done->done_ns >= done->submitted_ns) {
+          done->seen_ns >= done->submitted_ns && done->done_ns >= done->seen_ns) {
         const std::uint64_t items = done->items.size();
         gpu.round.completed += items;
         gpu.round.launch_ns += items * (done->submitted_ns - done->launched_ns);
-        gpu.round.gpu_ns += items * (done->done_ns - done->submitted_ns);
+        gpu.round.gpu_ns += items * (done->seen_ns - done->submitted_ns);
+        gpu.round.publish_ns += items * (done->done_ns - done->seen_ns);
       }
       gpu.batcher.completed(*done, now_ns);
       settle(done->items);
@@ -370,6 +371,7 @@ void Scheduler::addStatus(Json& status) const {
     round["batch_wait"] = mean(stats.wait_ns, stats.launched);
     round["launch"] = mean(r.launch_ns, r.completed);
     round["gpu"] = mean(r.gpu_ns, r.completed);
+    round["publish"] = mean(r.publish_ns, r.completed);
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
     entry["mapped"] = gauges.mapped.load();

@@ -62,7 +62,7 @@ class Scheduler : public RequestSink {
   struct RoundTimes {
     std::uint64_t popped = 0, ring_ns = 0;
     std::uint64_t readied = 0, ready_ns = 0;
-    std::uint64_t completed = 0, launch_ns = 0, gpu_ns = 0;
+    std::uint64_t completed = 0, launch_ns = 0, gpu_ns = 0, publish_ns = 0;
   };
   // A client allocation on one GPU, as far as the scheduler knows: mapped
   // (the mapper opened it and the executor adopted it, or the executor maps

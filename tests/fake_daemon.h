@@ -78,6 +78,7 @@ class FakeExecutor {
           const std::uint64_t until = nowNs() + batch_ns_;
           while (nowNs() < until)
             cpuRelax();
+          command->batch->seen_ns = nowNs();
           for (const Queued& item : command->batch->items) {
             Slot& slot = item.client->view.slot(item.request.slot);
             if (slotClaim(slot, item.request.generation)) {
