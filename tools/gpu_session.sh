@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu launch bench transport handoff waiters sync modes demo2 demo10 fault hunt
+#   info build unit gpu asan launch bench transport handoff waiters sync modes demo2 demo10 fault hunt
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
-# "differential" (default all: more than one 600 s call may hold);
+# "differential" (default all: more than one 600 s call may hold); asan
+# builds everything with ASan+UBSan (<build>-asan) and runs those GPU tests;
 # sync, modes and demo2 (+ demo10) are the comparisons of issues 17, 12 and 18, each on
 # one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
@@ -21,7 +22,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -46,6 +47,21 @@ for step in "$@"; do
       ctest --test-dir "$build" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
         >"$out/gpu.log" 2>&1 || status=1
       grep -E "tests passed|\*\*\*Failed|Timeout|Skipped|Failure|FAIL " "$out/gpu.log" | tail -30 ;;
+    asan)
+      # Issue 14: the GPU tests under ASan+UBSan, every target built with
+      # them; sanitizer options as tools/test.sh sets them, and what NVIDIA's
+      # libraries keep to the end left out of the leak report.
+      if ! STMUX_BUILD_DIR="$build-asan" STMUX_SANITIZE=address,undefined bash tools/build.sh \
+           >"$out/asan-build.log" 2>&1; then
+        tail -40 "$out/asan-build.log"; exit 1
+      fi
+      ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0:detect_leaks=1:verify_asan_link_order=0} \
+      LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tools/lsan-cuda.supp:print_suppressions=0} \
+      UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
+        ctest --test-dir "$build-asan" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
+        >"$out/asan.log" 2>&1 || status=1
+      grep -E "tests passed|\*\*\*Failed|Timeout|ERROR: (Address|Leak)Sanitizer|runtime error|SUMMARY" \
+        "$out/asan.log" | sort | uniq -c | sort -rn | head -30 ;;
     launch)
       "$build/tools/stmux-launch-bench" >"$out/launch.log" 2>&1 || status=1
       cat "$out/launch.log" ;;
@@ -177,7 +193,7 @@ for step in "$@"; do
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu launch bench transport handoff waiters sync modes demo2 demo10 fault hunt" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes demo2 demo10 fault hunt" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
