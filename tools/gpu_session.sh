@@ -12,7 +12,8 @@
 # GPU, on each thing they can wait on); fault runs stmux-fault with
 # $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md); hunt runs
 # $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
-# (--only flags) selects, beside stress tenants of a daemon, without and with
+# (--only flags; default the soak's wrong call's kind) selects, beside stress
+# tenants of a daemon, without and with
 # the preload
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
@@ -22,7 +23,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -163,12 +164,14 @@ for step in "$@"; do
       # (docs/RELIABILITY.md): $HUNT_PROCS differential processes of 3 threads,
       # $HUNT_CALLS calls drawn each, beside $HUNT_LOAD stress tenants of 2
       # threads served by a daemon of its own; first without the preload,
-      # then with it. Mismatch and totals lines in hunt.log.
+      # then with it. Mismatch and totals lines in hunt.log. By default the
+      # kind of call the soak found wrong.
+      soak_case="--only write=event_other_stream --only alloc=managed"
       dir=$(mktemp -d)
       "$build/daemon/stmuxd" --socket "$dir/sock" >"$dir/stmuxd.log" 2>&1 &
       daemon=$!
       for _ in $(seq 100); do [ -S "$dir/sock" ] && break; sleep 0.1; done
-      preload=(LD_PRELOAD="$PWD/$build/shim/libstmux.so" STMUX_SOCKET="$dir/sock")
+      preload=(LD_PRELOAD="$(realpath "$build/shim/libstmux.so")" STMUX_SOCKET="$dir/sock")
       for with in no yes; do
         load=()
         for i in $(seq "${HUNT_LOAD:-6}"); do
@@ -181,10 +184,11 @@ for step in "$@"; do
           [ "$with" = yes ] && env=("${preload[@]}") || env=()
           # shellcheck disable=SC2086  # HUNT_ONLY is split into flags on purpose
           env ${env[@]+"${env[@]}"} "$build/tools/stmux-differential" --threads 3 \
-            --calls "${HUNT_CALLS:-3000000}" --quiet ${HUNT_ONLY:-} >"$dir/diff-$with-$i.log" 2>&1 &
+            --calls "${HUNT_CALLS:-3000000}" --quiet ${HUNT_ONLY:-$soak_case} \
+            >"$dir/diff-$with-$i.log" 2>&1 &
           procs+=($!)
         done
-        wait "${procs[@]}" || status=1
+        for p in "${procs[@]}"; do wait "$p" || status=1; done
         kill "${load[@]}" 2>/dev/null; wait "${load[@]}" 2>/dev/null
         for i in $(seq "${HUNT_PROCS:-8}"); do
           grep -hE "^(seed|MISMATCH|calls |elapsed)" "$dir/diff-$with-$i.log" | sed "s/^/preload $with: /"
