@@ -376,15 +376,18 @@ TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
     return latest;
   };
   const std::string gpu = "uuid=\"GPU-abababab-abab-abab-abab-abababababab\"";
+  const std::string me = "program=\"scheduler_test\"";
+  // Every counter set above, in one rendering: the server thread may render
+  // between the two stores.
   ASSERT_TRUE(testing::waitFor([&] {
-    return testing::prometheusValue(text(), "stmux_client_direct_total", {"reason=\"no_op\""}) ==
-               3 &&
-           testing::prometheusValue(text(), "stmux_gpu_requests_total", {gpu}) == 5;
+    const std::string now = text();
+    return testing::prometheusValue(now, "stmux_client_direct_total", {"reason=\"no_op\""}) == 3 &&
+           testing::prometheusValue(now, "stmux_client_mps", {me}).has_value() &&
+           testing::prometheusValue(now, "stmux_gpu_requests_total", {gpu}) == 5;
   })) << text();
   const std::string metrics = text();
   EXPECT_EQ(testing::prometheusFault(metrics), "") << metrics;
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_clients"), 1);
-  const std::string me = "program=\"scheduler_test\"";
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_client_requests_total", {me}), 6);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_client_outstanding_requests", {me}), 0);
   const auto batches = testing::prometheusValue(metrics, "stmux_gpu_batches_total", {gpu});
