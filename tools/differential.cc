@@ -42,6 +42,8 @@
 #include <thread>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "stmux/epilogue.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
@@ -789,10 +791,11 @@ bool parseOnly(const std::string_view text, Selection& only) {
   const ClassInfo* info = std::find_if(std::begin(kClasses), std::end(kClasses),
                                        [&](const ClassInfo& i) { return i.name == name; });
   if (equals == std::string_view::npos || info == std::end(kClasses)) {
-    std::string names;
+    std::vector<std::string_view> names;
     for (const ClassInfo& i : kClasses)
-      names += (names.empty() ? "" : ", ") + std::string(i.name);
-    return bad("--only", std::string(text).c_str(), ("CLASS=VALUE, CLASS one of " + names).c_str());
+      names.push_back(i.name);
+    return bad("--only", std::string(text).c_str(),
+               fmt::format("CLASS=VALUE, CLASS one of {}", fmt::join(names, ", ")).c_str());
   }
   const auto k = static_cast<std::size_t>(info - std::begin(kClasses));
   std::string_view rest = text.substr(equals + 1);
@@ -800,11 +803,8 @@ bool parseOnly(const std::string_view text, Selection& only) {
     const std::string_view value = rest.substr(0, rest.find(','));
     const auto found = std::find(info->values.begin(), info->values.end(), value);
     if (found == info->values.end()) {
-      std::string values;
-      for (std::string_view v : info->values)
-        values += (values.empty() ? "" : ", ") + std::string(v);
       return bad("--only", std::string(text).c_str(),
-                 (std::string(name) + "'s values: " + values).c_str());
+                 fmt::format("{}'s values: {}", name, fmt::join(info->values, ", ")).c_str());
     }
     only.values[k] |= std::uint64_t{1} << (found - info->values.begin());
     if (value.size() == rest.size()) return true;
