@@ -536,9 +536,10 @@ TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
   ASSERT_TRUE(testing::waitFor([&] { return gpuRound("gpu") > 0; }));
   EXPECT_GE(gpuRound("gpu"), 3000) << "the fake GPU's 3 ms per batch";
   EXPECT_LT(gpuRound("gpu"), 1e6);
-  // Publishing two statuses takes microseconds: the GPU's time is not in it.
+  // The fake GPU's 3 ms are in `gpu`, not in the publishing after it (which
+  // takes microseconds, more when the machine is busy).
   EXPECT_GE(gpuRound("publish"), 0);
-  EXPECT_LT(gpuRound("publish"), 1000);
+  EXPECT_LT(gpuRound("publish"), 3000);
   // One of the two requests waited 50 ms for its stream; that is its
   // stream's time, not the batcher's.
   EXPECT_GE(gpuRound("stream_ready"), 25'000);
