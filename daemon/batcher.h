@@ -52,7 +52,7 @@ struct Batch {
   std::uint64_t launched_ns = 0;   // taken from the batcher
   std::uint64_t submitted_ns = 0;  // the executor had queued its launches
   std::uint64_t seen_ns = 0;       // the executor saw its event complete
-  std::uint64_t done_ns = 0;       // ... and had published its statuses and woken the callers
+  std::uint64_t done_ns = 0;       // ... and had published its statuses (daemon/waker.h)
   std::vector<Queued> items;
 };
 

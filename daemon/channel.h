@@ -79,7 +79,8 @@ class Bell {
   std::atomic<std::uint32_t> sleeping_{0};
 };
 
-// What the executor publishes for stmuxctl; written by the executor only.
+// What the executor publishes for stmuxctl; written by the executor only,
+// except where said.
 struct ExecutorGauges {
   std::atomic<std::uint64_t> mapped{0};             // client allocations mapped now
   std::atomic<std::uint64_t> launches{0};           // cuBLAS launches issued
@@ -87,6 +88,11 @@ struct ExecutorGauges {
   // Allocations the executor had to open itself, on its own thread (the
   // mapper could not: memory at the address was still mapped there).
   std::atomic<std::uint64_t> inline_opens{0};
+  // Callers woken from a futex sleep on their completions, and the time from
+  // their batches' being seen done to each wake, summed (daemon/waker.h).
+  // Written by the executor's and the wakers' threads.
+  std::atomic<std::uint64_t> wakes{0};
+  std::atomic<std::uint64_t> wake_ns{0};
   std::atomic<bool> broken{false};  // the GPU context failed; nothing runs here now
 };
 

@@ -17,6 +17,7 @@
 #include "daemon/epilogue_params.h"
 #include "daemon/launch_plan.h"
 #include "daemon/mapping_cache.h"
+#include "daemon/waker.h"
 #include "stmux/cublas_wire.h"
 #include "stmux/gemm.h"
 #include "stmux/log.h"
@@ -26,10 +27,6 @@
 namespace stmux::daemon {
 
 namespace {
-
-// A slot that must not be written: its client cancelled, died, or was
-// already answered.
-constexpr std::int32_t kNoWrite = INT32_MIN;
 
 std::string cudaError(cudaError_t error) {
   return fmt::format("{} ({})", cudaGetErrorString(error), cudaGetErrorName(error));
@@ -91,7 +88,11 @@ class Executor::Impl {
       ready.set_value(std::move(status));
       if (ok) {
         mapper_ = std::thread([this] { runMapper(); });
+        wakers_ = std::make_unique<Wakers>(
+            WakerOptions{options_.wakers, options_.spin_ns, 4 * std::size_t{options_.max_batch}},
+            channel_.gauges());
         run();
+        wakers_.reset();  // every caller woken
         mapper_stop_.store(true, std::memory_order_release);
         channel_.wakeMapper();
         mapper_.join();
@@ -694,17 +695,7 @@ class Executor::Impl {
     InFlight flight = std::move(in_flight_.front());
     in_flight_.pop_front();
     flight.batch->seen_ns = nowNs();
-    const std::vector<Queued>& items = flight.batch->items;
-    // Publish every status first, then wake the callers that sleep.
-    std::vector<Slot*> sleeping;
-    for (std::size_t i = 0; i < items.size(); ++i) {
-      if (flight.status[i] == kNoWrite) continue;
-      if (requestPublish(items[i].client->view, items[i].request, flight.status[i])) {
-        sleeping.push_back(&items[i].client->view.slot(items[i].request.slot));
-      }
-    }
-    for (Slot* slot : sleeping)
-      slotWake(*slot);
+    wakers_->publish(*flight.batch, flight.status);
     flight.batch->done_ns = nowNs();
     cache_->batchCompleted(flight.batch->id);
     channel_.gauges().mapped.store(cache_->size(), std::memory_order_relaxed);
@@ -734,6 +725,7 @@ class Executor::Impl {
   std::size_t next_buffer_ = 0;
   std::deque<InFlight> in_flight_;
   std::unique_ptr<MappingCache> cache_;
+  std::unique_ptr<Wakers> wakers_;
 };
 
 Executor::Executor(ExecutorOptions options, ExecutorChannel& channel)

@@ -5,7 +5,7 @@
 // operand's whole extent against the allocation's real size, claims each
 // request (pending -> running), groups requests by BatchKey, launches, and
 // when the batch's event completes writes each request's status to its slot
-// and wakes the caller.
+// and has the callers that sleep woken (daemon/waker.h).
 #pragma once
 
 #include <atomic>
@@ -29,6 +29,9 @@ struct ExecutorOptions {
   std::uint32_t max_in_flight = 2;
   std::size_t max_mappings = 4096;
   std::uint64_t spin_ns = 1'000'000;
+  // Threads that wake the callers sleeping on their completions
+  // (daemon/waker.h); 0: the executor's own thread wakes them.
+  unsigned wakers = 2;
   LaunchMode launch = LaunchMode::kAuto;
   // auto: one cublasSgemmGroupedBatched when a batch has at least this many
   // keys, else one cublasSgemmBatched per key. Measured on an H200

@@ -258,6 +258,7 @@ int run(int argc, char** argv) {
     options.max_in_flight = batcher.max_in_flight;
     options.max_mappings = static_cast<std::size_t>(config->max_mappings);
     options.spin_ns = static_cast<std::uint64_t>(config->daemon_spin_us) * 1000;
+    options.wakers = static_cast<unsigned>(config->daemon_wakers);
     options.launch = launch;
     executors.push_back(std::make_unique<Executor>(options, *channels.back()));
     if (Status status = executors.back()->start(); !status.ok()) {

@@ -372,6 +372,9 @@ void Scheduler::addStatus(Json& status) const {
     round["launch"] = mean(r.launch_ns, r.completed);
     round["gpu"] = mean(r.gpu_ns, r.completed);
     round["publish"] = mean(r.publish_ns, r.completed);
+    // Per caller woken, not per request: from its batch seen done to its wake.
+    round["wake"] = mean(gauges.wake_ns.load(), gauges.wakes.load());
+    entry["wakes"] = gauges.wakes.load();
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
     entry["mapped"] = gauges.mapped.load();
@@ -401,6 +404,9 @@ void Scheduler::addMetrics(MetricsText& out) const {
   perGpu("stmux_gpu_epilogue_launches_total", "counter",
          "Epilogue kernels (bias, ReLU, GELU) the batches took: one per batch with any.",
          [](const Gpu& g) { return g.channel->gauges().epilogue_launches.load(); });
+  perGpu("stmux_gpu_wakes_total", "counter",
+         "Callers woken from a futex sleep on their completions (the others were still polling).",
+         [](const Gpu& g) { return g.channel->gauges().wakes.load(); });
   perGpu("stmux_gpu_queued_requests", "gauge", "Requests waiting for a batch.",
          [](const Gpu& g) { return g.batcher.queued(); });
   perGpu("stmux_gpu_awaiting_requests", "gauge",

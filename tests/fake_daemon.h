@@ -11,14 +11,27 @@
 
 #include "daemon/channel.h"
 #include "daemon/scheduler.h"
+#include "daemon/waker.h"
 #include "shim/transport.h"
+#include "stmux/config.h"
 #include "stmux/segment.h"
 #include "test_support.h"
 
 namespace stmux::daemon {
 
+// stmuxd's default STMUX_DAEMON_WAKERS.
+inline unsigned defaultWakers() {
+  std::string errors;
+  const Config defaults =
+      parseEachVariable([](std::string_view) -> std::optional<std::string> { return std::nullopt; },
+                        Scope::kDaemon, errors);
+  return static_cast<unsigned>(defaults.daemon_wakers);
+}
+
 // Does what the executor does with a batch, minus the GPU: claim each
-// request, complete it, hand the batch back. Optionally slow, like a GPU.
+// request, complete it (publishing and waking as the executor does, with
+// stmuxd's default number of waker threads), hand the batch back.
+// Optionally slow, like a GPU.
 // Its mapper "opens" every allocation it is asked for (`openAsAsked`), or
 // does what `setOpen` says, and counts the jobs.
 class FakeExecutor {
@@ -33,6 +46,7 @@ class FakeExecutor {
   FakeExecutor(ExecutorChannel& channel, std::uint64_t batch_ns)
       : channel_(channel),
         batch_ns_(batch_ns),
+        wakers_(WakerOptions{defaultWakers(), 1'000'000}, channel.gauges()),
         thread_([this] { run(); }),
         mapper_([this] { runMapper(); }) {}
   ~FakeExecutor() {
@@ -79,12 +93,13 @@ class FakeExecutor {
           while (nowNs() < until)
             cpuRelax();
           command->batch->seen_ns = nowNs();
-          for (const Queued& item : command->batch->items) {
-            Slot& slot = item.client->view.slot(item.request.slot);
-            if (slotClaim(slot, item.request.generation)) {
-              requestComplete(item.client->view, item.request, kStatusSuccess);
-            }
+          const std::vector<Queued>& items = command->batch->items;
+          std::vector<std::int32_t> statuses(items.size(), kNoWrite);
+          for (std::size_t i = 0; i < items.size(); ++i) {
+            Slot& slot = items[i].client->view.slot(items[i].request.slot);
+            if (slotClaim(slot, items[i].request.generation)) statuses[i] = kStatusSuccess;
           }
+          wakers_.publish(*command->batch, statuses);
           sizes_.push_back(command->batch->items.size());
           command->batch->done_ns = nowNs();
           channel_.finish(std::move(command->batch));
@@ -132,6 +147,7 @@ class FakeExecutor {
   std::vector<std::size_t> sizes_;
   std::vector<std::uint32_t> forgotten_;
   std::vector<std::uint64_t> released_;
+  Wakers wakers_;
   std::atomic<bool> stop_{false};
   std::thread thread_;
   std::thread mapper_;

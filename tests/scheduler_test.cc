@@ -510,6 +510,39 @@ TEST(Scheduler, AwaitingRequestsOfAClientThatLeftAreDropped) {
   EXPECT_TRUE(daemon.executor().batchSizes().empty());
 }
 
+// A caller that sleeps on its slot (it does not poll at all, and the fake
+// GPU takes 200 ms) is woken by one of the daemon's waker threads; the wake
+// is counted and timed from the batch's being seen done, not from its launch.
+TEST(Scheduler, ASleepingCallerIsWokenCountedAndTimed) {
+  TempDir dir;
+  Daemon daemon(dir, /*batch_ns=*/200'000'000);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request request = validRequest();
+  auto ticket = connection->submit(request, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok()) << ticket.message();
+  const shim::WaitResult result = connection->wait(ticket.value(), nowNs() + 30 * kSecond, 0);
+  connection->release(ticket.value());
+  ASSERT_EQ(result.outcome, WaitOutcome::kDone);
+  EXPECT_EQ(result.status, kStatusSuccess);
+  auto gpuField = [&](const char* object, const char* field) {
+    auto reply = queryDaemonStatus(dir.socket(), "scheduler_test", 2000);
+    if (!reply.ok()) return -1.0;
+    auto json = parseJson(reply.value());
+    if (!json.ok()) return -1.0;
+    const Json* gpu = jsonAt(jsonFind(json.value(), "gpus"), 0);
+    return jsonNumber(jsonFind(object == nullptr ? gpu : jsonFind(gpu, object), field), -1);
+  };
+  // Counted once the wake returned, and the batch's times once the server
+  // took it back: both may be after the caller ran on.
+  ASSERT_TRUE(testing::waitFor([&] {
+    return gpuField(nullptr, "wakes") == 1 && gpuField("round_us", "gpu") > 0;
+  })) << gpuField(nullptr, "wakes");
+  EXPECT_GT(gpuField("round_us", "wake"), 0);
+  EXPECT_LT(gpuField("round_us", "wake"), 200'000) << "timed from the launch, not from done";
+  EXPECT_GE(gpuField("round_us", "gpu"), 200'000);
+}
+
 // Where a round's time goes, as the daemon sees it (round_us per GPU): the
 // fake GPU takes 3 ms a batch, and a stream-ordered request waits 50 ms for
 // its stream; each shows where it belongs and nowhere else (with margins: the

@@ -86,6 +86,9 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "first.")                                                                                    \
   X(daemon_spin_us, "STMUX_DAEMON_SPIN_US", kInt, "1000", 0, 10000000, "us", kDaemon,            \
     "How long the daemon's threads poll for work after the last request before they sleep.")     \
+  X(daemon_wakers, "STMUX_DAEMON_WAKERS", kInt, "2", 0, 16, "threads", kDaemon,                  \
+    "Threads per GPU that wake the callers sleeping on their completions, so that the "          \
+    "executor's thread goes back to launching at once; 0: the executor wakes them itself.")      \
   X(metrics_file, "STMUX_METRICS_FILE", kFileOrOff, "off", 1, 4095, "", kDaemon,                 \
     "Where stmuxd writes its metrics in the Prometheus text format, once a second, for "         \
     "node-exporter's textfile collector (a *.prom file in the directory it reads); 'off': "      \

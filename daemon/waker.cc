@@ -1,0 +1,81 @@
+#include "daemon/waker.h"
+
+#include "stmux/segment.h"
+#include "stmux/sys.h"
+
+namespace stmux::daemon {
+
+Wakers::Wakers(WakerOptions options, ExecutorGauges& gauges) : options_(options), gauges_(gauges) {
+  for (unsigned i = 0; i < options_.threads; ++i) {
+    threads_.push_back(std::make_unique<Thread>(options_.capacity));
+  }
+  for (auto& thread : threads_) {
+    thread->thread = std::thread([this, t = thread.get()] { run(*t); });
+  }
+}
+
+Wakers::~Wakers() {
+  stop_.store(true, std::memory_order_release);
+  for (auto& thread : threads_) {
+    thread->bell.ring();
+    thread->thread.join();
+  }
+}
+
+void Wakers::publish(const Batch& batch, std::span<const std::int32_t> statuses) {
+  const std::vector<Queued>& items = batch.items;
+  // Every status first: a caller still polling sees its own without waiting
+  // behind the system calls that wake the others.
+  std::vector<std::size_t> sleeping;
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    if (statuses[i] == kNoWrite) continue;
+    if (requestPublish(items[i].client->view, items[i].request, statuses[i])) sleeping.push_back(i);
+  }
+  std::vector<bool> rung(threads_.size(), false);
+  for (std::size_t i : sleeping) {
+    Sleeper sleeper{items[i].client, items[i].request.slot, batch.seen_ns};
+    if (threads_.empty()) {
+      wake(sleeper);
+      continue;
+    }
+    const std::size_t t = next_;
+    next_ = (next_ + 1) % threads_.size();
+    if (threads_[t]->queue.push(sleeper)) {
+      rung[t] = true;
+    } else {
+      wake(sleeper);  // its queue is full: never leave a caller asleep
+    }
+  }
+  for (std::size_t t = 0; t < threads_.size(); ++t) {
+    if (rung[t]) threads_[t]->bell.ring();
+  }
+}
+
+void Wakers::wake(const Sleeper& sleeper) {
+  slotWake(sleeper.client->view.slot(sleeper.slot));
+  const std::uint64_t now = nowNs();
+  gauges_.wakes.fetch_add(1, std::memory_order_relaxed);
+  gauges_.wake_ns.fetch_add(now >= sleeper.seen_ns ? now - sleeper.seen_ns : 0,
+                            std::memory_order_relaxed);
+}
+
+void Wakers::run(Thread& thread) {
+  std::uint64_t last_work = nowNs();
+  while (true) {
+    Sleeper sleeper;
+    if (thread.queue.pop(sleeper)) {
+      wake(sleeper);
+      last_work = nowNs();
+      continue;
+    }
+    if (stop_.load(std::memory_order_acquire)) break;  // and nothing is queued
+    if (nowNs() - last_work < options_.spin_ns) {
+      cpuRelax();
+    } else {
+      // Bounded, so that a stop is noticed.
+      thread.bell.sleep(10'000'000, [&thread] { return thread.queue.read_available() != 0; });
+    }
+  }
+}
+
+}  // namespace stmux::daemon
