@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu asan launch bench transport handoff waiters sync modes demo2 demo10 fault hunt
+#   info build unit gpu asan launch bench transport handoff waiters sync modes wakers demo2 demo10
+#   fault hunt
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -13,8 +14,8 @@
 # $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md); hunt runs
 # $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
 # (--only flags; default the soak's wrong call's kind) selects, beside stress
-# tenants of a daemon, without and with
-# the preload
+# tenants of a daemon, without and with the preload; wakers compares stmux
+# rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS)
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -23,7 +24,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -133,6 +134,19 @@ for step in "$@"; do
           --tenant-env STMUX_SYNC=auto >"$out/modes-$mode.log" 2>&1 || status=1
         cp "/tmp/stmux-modes-$mode/bench.json" "$out/modes-$mode.json" 2>/dev/null
         grep -E "^(cube|rnn|torch)|^round|^  " "$out/modes-$mode.log" | grep -v "numbers:" | sed "s/^/$mode: /"
+      done ;;
+    wakers)
+      # STMUX_DAEMON_WAKERS (daemon/waker.h): stmux rows with each of $WAKERS
+      # (default "0 1 2 4") waker threads, at $TENANTS (default 8,32), twice
+      # round after round so that drift shows; one log per variant and round.
+      for round in 1 2; do
+        for w in ${WAKERS:-0 1 2 4}; do
+          "$build/tools/stmux-bench" --out "/tmp/stmux-wakers-$w-$round" --shapes "${WAKER_SHAPES:-rnn,cube}" \
+            --tenants "${TENANTS:-8,32}" --modes stmux --seconds 3 --stmuxd-args "--daemon-wakers=$w" \
+            >"$out/wakers-$w-$round.log" 2>&1 || status=1
+          grep -E "^(cube|rnn|torch)|^round|^   " "$out/wakers-$w-$round.log" | grep -v "numbers:" |
+            sed "s/^/wakers $w, round $round: /"
+        done
       done ;;
     demo2)
       # Issue 18: the demo twice, each from a fresh clone and build.
