@@ -402,6 +402,8 @@ TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_client_mps", {me}), 1);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_opening_allocations", {gpu}), 0);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_inline_opens_total", {gpu}), 0);
+  // However many of the calls slept (none need to: the fake GPU is quick).
+  EXPECT_TRUE(testing::prometheusValue(metrics, "stmux_gpu_wakes_total", {gpu}).has_value());
   // No request had an epilogue: the family is there, at 0.
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_gpu_epilogue_launches_total", {gpu}), 0);
 }
