@@ -32,7 +32,7 @@ for step in "$@"; do
   start=$(date +%s)
   case "$step" in
     info)
-      { nvidia-smi; nproc; g++ --version | head -1; nvcc --version | tail -1; cmake --version | head -1; } \
+      { nvidia-smi; nproc; lscpu; g++ --version | head -1; nvcc --version | tail -1; cmake --version | head -1; } \
         >"$out/info.log" 2>&1
       grep -E "NVIDIA H|Driver Version" "$out/info.log" | head -3 ;;
     build)
