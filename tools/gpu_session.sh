@@ -159,6 +159,7 @@ for step in "$@"; do
         mkdir -p "$fresh" && tar -cf - --exclude='./build*' --exclude="./$out" --exclude=./.git . |
           tar -xf - -C "$fresh" || exit 1
         ( cd "$fresh" && time bash tools/demo.sh ) >"$out/demo$n.log" 2>&1 || status=1
+        cp "$fresh/build/demo/bench.json" "$out/demo$n.json" 2>/dev/null
         grep -E "^(cube|rnn)[^ ]* +32 " "$out/demo$n.log" | sed "s/^/demo $n: /"
       done ;;
     demo10)
@@ -166,6 +167,7 @@ for step in "$@"; do
       # (its own step: the two demos and this do not fit one 600 s call).
       "$build/tools/stmux-bench" --out /tmp/stmux-demo10 --shapes cube,rnn --tenants 32 \
         --seconds 10 --warmup 1 >"$out/demo10.log" 2>&1 || status=1
+      cp /tmp/stmux-demo10/bench.json "$out/demo10.json" 2>/dev/null
       grep -E "^(cube|rnn)" "$out/demo10.log" | sed "s/^/10 s: /" ;;
     fault)
       # shellcheck disable=SC2086  # FAULT_ARGS is split into flags on purpose
