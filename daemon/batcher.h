@@ -50,7 +50,8 @@ struct Batch {
   std::uint64_t id = 0;  // per GPU, increasing; batches complete in id order
   LaunchReason reason = LaunchReason::kIdle;
   std::uint64_t launched_ns = 0;   // taken from the batcher
-  std::uint64_t submitted_ns = 0;  // the executor had queued its launches
+  std::uint64_t taken_ns = 0;      // the executor took it from its queue
+  std::uint64_t submitted_ns = 0;  // ... and had queued its launches
   std::uint64_t seen_ns = 0;       // the executor saw its event complete
   std::uint64_t done_ns = 0;       // ... and had published its statuses (daemon/waker.h)
   std::vector<Queued> items;

@@ -375,6 +375,7 @@ class Executor::Impl {
   }
 
   void launch(std::unique_ptr<Batch> batch) {
+    batch->taken_ns = nowNs();
     const std::size_t count = batch->items.size();
     InFlight flight;
     flight.status.assign(count, kNoWrite);

@@ -299,11 +299,13 @@ bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
   wake_at_ns = 0;
   for (Gpu& gpu : gpus_) {
     while (std::unique_ptr<Batch> done = gpu.channel->takeDone()) {
-      if (done->launched_ns != 0 && done->submitted_ns >= done->launched_ns &&
-          done->seen_ns >= done->submitted_ns && done->done_ns >= done->seen_ns) {
+      if (done->launched_ns != 0 && done->taken_ns >= done->launched_ns &&
+          done->submitted_ns >= done->taken_ns && done->seen_ns >= done->submitted_ns &&
+          done->done_ns >= done->seen_ns) {
         const std::uint64_t items = done->items.size();
         gpu.round.completed += items;
-        gpu.round.launch_ns += items * (done->submitted_ns - done->launched_ns);
+        gpu.round.handoff_ns += items * (done->taken_ns - done->launched_ns);
+        gpu.round.launch_ns += items * (done->submitted_ns - done->taken_ns);
         gpu.round.gpu_ns += items * (done->seen_ns - done->submitted_ns);
         gpu.round.publish_ns += items * (done->done_ns - done->seen_ns);
       }
@@ -369,6 +371,7 @@ void Scheduler::addStatus(Json& status) const {
     round["ring"] = mean(r.ring_ns, r.popped);
     round["stream_ready"] = mean(r.ready_ns, r.readied);
     round["batch_wait"] = mean(stats.wait_ns, stats.launched);
+    round["handoff"] = mean(r.handoff_ns, r.completed);
     round["launch"] = mean(r.launch_ns, r.completed);
     round["gpu"] = mean(r.gpu_ns, r.completed);
     round["publish"] = mean(r.publish_ns, r.completed);

@@ -56,13 +56,13 @@ class Scheduler : public RequestSink {
   // Where a round's time goes in the daemon, summed over requests
   // (docs/BENCHMARKS.md): the client's push to the daemon's pop; for
   // stream-ordered requests the pop to their streams' being ready; the batch
-  // taken to its launches queued by the executor; those queued to the batch
-  // seen done and its statuses published. The batcher's own wait is its
-  // stats' wait_ns.
+  // taken from the batcher to the executor's taking it from its queue; that
+  // to its launches queued; those queued to the batch seen done; that to its
+  // statuses published. The batcher's own wait is its stats' wait_ns.
   struct RoundTimes {
     std::uint64_t popped = 0, ring_ns = 0;
     std::uint64_t readied = 0, ready_ns = 0;
-    std::uint64_t completed = 0, launch_ns = 0, gpu_ns = 0, publish_ns = 0;
+    std::uint64_t completed = 0, handoff_ns = 0, launch_ns = 0, gpu_ns = 0, publish_ns = 0;
   };
   // A client allocation on one GPU, as far as the scheduler knows: mapped
   // (the mapper opened it and the executor adopted it, or the executor maps

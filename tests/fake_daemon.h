@@ -88,7 +88,8 @@ class FakeExecutor {
       std::lock_guard lock(mutex_);
       switch (command->kind) {
         case ExecCommand::Kind::kRun: {
-          command->batch->submitted_ns = nowNs();
+          command->batch->taken_ns = nowNs();
+          command->batch->submitted_ns = command->batch->taken_ns;
           const std::uint64_t until = nowNs() + batch_ns_;
           while (nowNs() < until)
             cpuRelax();

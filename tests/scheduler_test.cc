@@ -581,6 +581,8 @@ TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
   EXPECT_LT(gpuRound("batch_wait"), 10'000);
   EXPECT_GE(gpuRound("ring"), 0);
   EXPECT_LT(gpuRound("ring"), 10'000);
+  EXPECT_GE(gpuRound("handoff"), 0);
+  EXPECT_LT(gpuRound("handoff"), 3000) << "the fake GPU's 3 ms are not in the executor's queue";
   EXPECT_GE(gpuRound("launch"), 0);
 }
 

@@ -136,13 +136,14 @@ struct Point {
   // stmux rows: where a served call's time went, means in us (-1: not
   // measured): the tenants' wait for their own earlier work (host mode); the
   // ring (push to the daemon's pop); stream-ordered, the pop to the caller's
-  // stream being ready; the batcher's wait; the executor queueing the
-  // launches; the GPU (queued to seen done); publishing the statuses; for
+  // stream being ready; the batcher's wait; the batch's wait for the
+  // executor; the executor queueing the launches; the GPU (queued to seen
+  // done); publishing the statuses; for
   // each caller that slept, its batch seen done to its wake; the tenants
   // seeing the answer (host mode).
   struct Round {
-    double prior_wait = -1, ring = -1, stream_ready = -1, batch_wait = -1, launch = -1, gpu = -1,
-           publish = -1, wake = -1, completion = -1;
+    double prior_wait = -1, ring = -1, stream_ready = -1, batch_wait = -1, handoff = -1,
+           launch = -1, gpu = -1, publish = -1, wake = -1, completion = -1;
   } round;
   // The CPU over the timed span (tools/proc_cpu.h), per second of it: cores
   // busy, context switches and preemptions; of all tenants together, of the
@@ -551,6 +552,7 @@ class Bench {
         point.round.ring = jsonNumber(jsonFind(round, "ring"), -1);
         point.round.stream_ready = jsonNumber(jsonFind(round, "stream_ready"), -1);
         point.round.batch_wait = jsonNumber(jsonFind(round, "batch_wait"), -1);
+        point.round.handoff = jsonNumber(jsonFind(round, "handoff"), -1);
         point.round.launch = jsonNumber(jsonFind(round, "launch"), -1);
         point.round.gpu = jsonNumber(jsonFind(round, "gpu"), -1);
         point.round.publish = jsonNumber(jsonFind(round, "publish"), -1);
@@ -873,18 +875,19 @@ void printRounds(const std::vector<Point>& points, FILE* out) {
   for (const Point& p : points) {
     if (!p.ran || !usesStmux(p.mode)) continue;
     if (!header) {
-      std::fprintf(out,
-                   "\nround (mean us): %-20s %4s %-9s %10s %7s %12s %10s %7s %7s %7s %7s %10s\n",
-                   "shape", "R", "mode", "prior-wait", "ring", "stream-ready", "batch-wait",
-                   "launch", "gpu", "publish", "wake", "completion");
+      std::fprintf(
+          out, "\nround (mean us): %-20s %4s %-9s %10s %7s %12s %10s %7s %7s %7s %7s %7s %10s\n",
+          "shape", "R", "mode", "prior-wait", "ring", "stream-ready", "batch-wait", "handoff",
+          "launch", "gpu", "publish", "wake", "completion");
       header = true;
     }
     const Point::Round& r = p.round;
-    std::fprintf(out, "                  %-20s %4d %-9s %10s %7s %12s %10s %7s %7s %7s %7s %10s\n",
+    std::fprintf(out,
+                 "                  %-20s %4d %-9s %10s %7s %12s %10s %7s %7s %7s %7s %7s %10s\n",
                  p.shape.c_str(), p.tenants, modeName(p.mode), us(r.prior_wait).c_str(),
                  us(r.ring).c_str(), us(r.stream_ready).c_str(), us(r.batch_wait).c_str(),
-                 us(r.launch).c_str(), us(r.gpu).c_str(), us(r.publish).c_str(), us(r.wake).c_str(),
-                 us(r.completion).c_str());
+                 us(r.handoff).c_str(), us(r.launch).c_str(), us(r.gpu).c_str(),
+                 us(r.publish).c_str(), us(r.wake).c_str(), us(r.completion).c_str());
   }
 }
 
@@ -1083,10 +1086,16 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
                            {"direct", entry.direct}};
         }
         const Point::Round& r = p.round;
-        row["round_us"] = {
-            {"prior_wait", r.prior_wait}, {"ring", r.ring},     {"stream_ready", r.stream_ready},
-            {"batch_wait", r.batch_wait}, {"launch", r.launch}, {"gpu", r.gpu},
-            {"publish", r.publish},       {"wake", r.wake},     {"completion", r.completion}};
+        row["round_us"] = {{"prior_wait", r.prior_wait},
+                           {"ring", r.ring},
+                           {"stream_ready", r.stream_ready},
+                           {"batch_wait", r.batch_wait},
+                           {"handoff", r.handoff},
+                           {"launch", r.launch},
+                           {"gpu", r.gpu},
+                           {"publish", r.publish},
+                           {"wake", r.wake},
+                           {"completion", r.completion}};
       }
     }
   }
