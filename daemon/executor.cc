@@ -88,9 +88,8 @@ class Executor::Impl {
       ready.set_value(std::move(status));
       if (ok) {
         mapper_ = std::thread([this] { runMapper(); });
-        wakers_ = std::make_unique<Wakers>(
-            WakerOptions{options_.wakers, options_.spin_ns, 4 * std::size_t{options_.max_batch}},
-            channel_.gauges());
+        wakers_ = std::make_unique<Wakers>(WakerOptions{options_.wakers, options_.spin_ns},
+                                           channel_.gauges());
         run();
         wakers_.reset();  // every caller woken
         mapper_stop_.store(true, std::memory_order_release);

@@ -33,8 +33,9 @@ struct WakerOptions {
   // 0: the publishing thread wakes the sleepers itself.
   unsigned threads = 0;
   std::uint64_t spin_ns = 1'000'000;
-  // Sleepers each thread's queue holds; beyond it the publishing thread wakes
-  // them itself rather than wait.
+  // Sleepers each thread's queue holds (32 bytes each, allocated up front);
+  // beyond it the publishing thread wakes them itself rather than wait. Four
+  // batches of the default STMUX_MAX_BATCH.
   std::size_t capacity = 1024;
 };
 
