@@ -376,8 +376,9 @@ void Scheduler::addStatus(Json& status) const {
     round["gpu"] = mean(r.gpu_ns, r.completed);
     round["publish"] = mean(r.publish_ns, r.completed);
     // Per caller woken, not per request: from its batch seen done to its wake.
-    round["wake"] = mean(gauges.wake_ns.load(), gauges.wakes.load());
-    entry["wakes"] = gauges.wakes.load();
+    const std::uint64_t wakes = gauges.wakes.load();
+    round["wake"] = mean(gauges.wake_ns.load(), wakes);
+    entry["wakes"] = wakes;
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
     entry["mapped"] = gauges.mapped.load();

@@ -13,7 +13,6 @@
 
 #include <atomic>
 #include <boost/lockfree/spsc_queue.hpp>
-#include <climits>
 #include <cstdint>
 #include <memory>
 #include <span>

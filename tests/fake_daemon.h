@@ -19,13 +19,15 @@
 
 namespace stmux::daemon {
 
-// stmuxd's default STMUX_DAEMON_WAKERS.
-inline unsigned defaultWakers() {
+// The wakers stmuxd runs by default: STMUX_DAEMON_WAKERS threads, polling
+// for STMUX_DAEMON_SPIN_US.
+inline WakerOptions defaultWakerOptions() {
   std::string errors;
   const Config defaults =
       parseEachVariable([](std::string_view) -> std::optional<std::string> { return std::nullopt; },
                         Scope::kDaemon, errors);
-  return static_cast<unsigned>(defaults.daemon_wakers);
+  return WakerOptions{static_cast<unsigned>(defaults.daemon_wakers),
+                      static_cast<std::uint64_t>(defaults.daemon_spin_us) * 1000};
 }
 
 // Does what the executor does with a batch, minus the GPU: claim each
@@ -46,7 +48,7 @@ class FakeExecutor {
   FakeExecutor(ExecutorChannel& channel, std::uint64_t batch_ns)
       : channel_(channel),
         batch_ns_(batch_ns),
-        wakers_(WakerOptions{defaultWakers(), 1'000'000}, channel.gauges()),
+        wakers_(defaultWakerOptions(), channel.gauges()),
         thread_([this] { run(); }),
         mapper_([this] { runMapper(); }) {}
   ~FakeExecutor() {

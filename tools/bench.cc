@@ -138,9 +138,8 @@ struct Point {
   // ring (push to the daemon's pop); stream-ordered, the pop to the caller's
   // stream being ready; the batcher's wait; the batch's wait for the
   // executor; the executor queueing the launches; the GPU (queued to seen
-  // done); publishing the statuses; for
-  // each caller that slept, its batch seen done to its wake; the tenants
-  // seeing the answer (host mode).
+  // done); publishing the statuses; for each caller that slept, its batch
+  // seen done to its wake; the tenants seeing the answer (host mode).
   struct Round {
     double prior_wait = -1, ring = -1, stream_ready = -1, batch_wait = -1, handoff = -1,
            launch = -1, gpu = -1, publish = -1, wake = -1, completion = -1;
