@@ -83,13 +83,20 @@ class Executor::Impl {
     std::promise<Status> ready;
     auto started = ready.get_future();
     thread_ = std::thread([this, &ready] {
+      nameThisThread(fmt::format("stmux-exec{}", options_.device));
       Status status = init();
       const bool ok = status.ok();
       ready.set_value(std::move(status));
       if (ok) {
-        mapper_ = std::thread([this] { runMapper(); });
-        wakers_ = std::make_unique<Wakers>(WakerOptions{options_.wakers, options_.spin_ns},
-                                           channel_.gauges());
+        mapper_ = std::thread([this] {
+          nameThisThread(fmt::format("stmux-map{}", options_.device));
+          runMapper();
+        });
+        wakers_ = std::make_unique<Wakers>(
+            WakerOptions{.threads = options_.wakers,
+                         .spin_ns = options_.spin_ns,
+                         .name = fmt::format("stmux-wake{}", options_.device)},
+            channel_.gauges());
         run();
         wakers_.reset();  // every caller woken
         mapper_stop_.store(true, std::memory_order_release);

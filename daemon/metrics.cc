@@ -123,6 +123,7 @@ void MetricsFile::publish(std::string text) {
 }
 
 void MetricsFile::run() {
+  nameThisThread("stmux-metrics");
   LogLimiter failures(60'000'000'000ull);
   const std::string temporary = path_ + ".tmp";
   while (true) {

@@ -9,8 +9,11 @@ Wakers::Wakers(WakerOptions options, ExecutorGauges& gauges) : options_(options)
   for (unsigned i = 0; i < options_.threads; ++i) {
     threads_.push_back(std::make_unique<Thread>(options_.capacity));
   }
-  for (auto& thread : threads_) {
-    thread->thread = std::thread([this, t = thread.get()] { run(*t); });
+  for (std::size_t i = 0; i < threads_.size(); ++i) {
+    threads_[i]->thread = std::thread([this, i, t = threads_[i].get()] {
+      nameThisThread(fmt::format("{}.{}", options_.name, i));
+      run(*t);
+    });
   }
 }
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -36,6 +37,8 @@ struct WakerOptions {
   // beyond it the publishing thread wakes them itself rather than wait. Four
   // batches of the default STMUX_MAX_BATCH.
   std::size_t capacity = 1024;
+  // The threads' names: this, a dot and the thread's index (stmux-wake0.1).
+  std::string name = "stmux-wake";
 };
 
 class Wakers {

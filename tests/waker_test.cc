@@ -7,10 +7,15 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include <fmt/ranges.h>
 #include "stmux/segment.h"
 #include "test_support.h"
 
@@ -149,6 +154,27 @@ TEST(Wakers, ManyBatchesInARowAreAllWoken) {
   }
   wakers.reset();  // a wake is counted once it returned, which may be after its caller ran on
   EXPECT_EQ(gauges.wakes.load(), kBatches);
+}
+
+// The threads are named, as `top -H`, perf and gdb show them.
+TEST(Wakers, ThreadsAreNamed) {
+  const auto names = [] {
+    std::vector<std::string> found;
+    for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+      std::ifstream comm(task.path() / "comm");
+      std::string name;
+      if (std::getline(comm, name)) found.push_back(name);
+    }
+    return found;
+  };
+  ExecutorGauges gauges;
+  Wakers wakers(WakerOptions{.threads = 2, .name = "stmux-wake7"}, gauges);
+  ASSERT_TRUE(testing::waitFor([&] {
+    const auto found = names();
+    return std::count(found.begin(), found.end(), "stmux-wake7.0") == 1 &&
+           std::count(found.begin(), found.end(), "stmux-wake7.1") == 1;
+  })) << "threads now: "
+      << fmt::format("{}", fmt::join(names(), ", "));
 }
 
 }  // namespace
