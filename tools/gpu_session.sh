@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu asan launch bench transport handoff waiters sync modes wakers demo2 demo10
-#   fault hunt
+#   info build unit gpu asan launch bench transport handoff waiters sync modes wakers placement
+#   demo2 demo10 fault hunt
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -15,7 +15,8 @@
 # $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
 # (--only flags; default the soak's wrong call's kind) selects, beside stress
 # tenants of a daemon, without and with the preload; wakers compares stmux
-# rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS)
+# rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS); placement confines stmuxd's threads to
+# each CPU list of $PLACEMENTS (taskset)
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -24,7 +25,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -32,7 +33,7 @@ for step in "$@"; do
   start=$(date +%s)
   case "$step" in
     info)
-      { nvidia-smi; nproc; lscpu; g++ --version | head -1; nvcc --version | tail -1; cmake --version | head -1; } \
+      { nvidia-smi; nproc; lscpu || grep -m1 'model name' /proc/cpuinfo; g++ --version | head -1; nvcc --version | tail -1; cmake --version | head -1; } \
         >"$out/info.log" 2>&1
       grep -E "NVIDIA H|Driver Version" "$out/info.log" | head -3 ;;
     build)
@@ -148,6 +149,38 @@ for step in "$@"; do
             sed "s/^/wakers $w, round $round: /"
         done
       done ;;
+    placement)
+      # Issues 17 and 18: stmux rows with stmuxd's threads confined (taskset)
+      # to each CPU list of $PLACEMENTS (default: unconfined, 4 CPUs of
+      # distinct physical cores and, where cores have hyperthreads, the 4
+      # hyperthreads of 2 cores), at $TENANTS (default 32), round after round
+      # twice; the CPUs' topology first, one log per variant and round.
+      for c in /sys/devices/system/cpu/cpu[0-9]*; do
+        echo "${c##*/} core $(cat "$c/topology/core_id") package $(cat "$c/topology/physical_package_id")" \
+          "siblings $(cat "$c/topology/thread_siblings_list")"
+      done >"$out/topology.log" 2>&1
+      firsts=() pairs=()
+      for c in /sys/devices/system/cpu/cpu[0-9]*; do
+        list=$(cat "$c/topology/thread_siblings_list") n=${c##*/cpu}
+        [ "${list%%[,-]*}" = "$n" ] && firsts+=("$n") && [ "$list" != "$n" ] && pairs+=("$list")
+      done
+      echo "$(nproc) CPUs, ${#firsts[@]} physical cores"
+      variants=${PLACEMENTS:-all $(IFS=,; echo "${firsts[*]:0:4}") ${pairs[1]:+${pairs[0]},${pairs[1]}}}
+      for round in 1 2; do
+        for cpus in $variants; do
+          daemon=$(realpath "$build/daemon/stmuxd")
+          if [ "$cpus" != all ]; then
+            daemon=/tmp/stmuxd-on-${cpus//[,-]/_}
+            printf '#!/bin/sh\nexec taskset -c %s %s "$@"\n' "$cpus" "$(realpath "$build/daemon/stmuxd")" >"$daemon"
+            chmod +x "$daemon"
+          fi
+          "$build/tools/stmux-bench" --out "/tmp/stmux-placement" --shapes "${PLACEMENT_SHAPES:-cube,rnn}" \
+            --tenants "${TENANTS:-32}" --modes stmux --stmuxd "$daemon" \
+            >"$out/placement-${cpus//[,-]/_}-$round.log" 2>&1 || status=1
+          grep -E "^(cube|rnn|torch)|^   " "$out/placement-${cpus//[,-]/_}-$round.log" | grep -v "numbers:" |
+            sed "s/^/cpus $cpus, round $round: /"
+        done
+      done ;;
     demo2)
       # Issue 18: the demo twice, each from a fresh clone and build.
       for n in 1 2; do
@@ -212,7 +245,7 @@ for step in "$@"; do
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes demo2 demo10 fault hunt" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers placement demo2 demo10 fault hunt" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
