@@ -100,6 +100,11 @@ TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
   EXPECT_GT(rate, 3 * 500.0);
   EXPECT_LT(rate, 3 * 5000.0 * 1.05);
   EXPECT_NE(run.out.find("summary:"), std::string::npos) << run.out;
+  // The rate in windows of the span: two for 0.4 s, their mean the row's.
+  const Json* windows = jsonFind(time_only, "window_rates");
+  ASSERT_TRUE(windows != nullptr && windows->size() == 2) << run.out;
+  EXPECT_NEAR((jsonNumber(jsonAt(windows, 0), 0) + jsonNumber(jsonAt(windows, 1), 0)) / 2, rate,
+              rate * 1e-9);
 
   // The CPU over the span, from /proc: each fake step is a 200 us sleep, so
   // every step gives the core up, and little CPU is used (too little to
@@ -134,6 +139,23 @@ TEST(BenchBarrier, RepeatedRowsReportTheirMedianRun) {
   EXPECT_TRUE(std::is_sorted(rates.begin(), rates.end()));
   EXPECT_EQ(jsonNumber(jsonFind(time_only, "gemms_per_s"), 0), rates[1]);
   EXPECT_NE(jsonString(jsonFind(time_only, "note")).find("median of 3 runs"), std::string::npos);
+}
+
+// A row whose rate fell across its span says so, with its windows' rates.
+TEST(BenchBarrier, ARowThatSlowedDownSaysSo) {
+  TempDir dir;
+  const BenchRun run = runBench(dir, "0=slow-later,1=slow-later,2=slow-later");
+  ASSERT_EQ(run.status, 0) << run.out << run.err;
+  const Json* time_only = row(run, "time-only");
+  ASSERT_NE(time_only, nullptr) << run.out;
+  ASSERT_TRUE(jsonBool(jsonFind(time_only, "valid"))) << run.out;
+  const Json* windows = jsonFind(time_only, "window_rates");
+  ASSERT_TRUE(windows != nullptr && windows->size() == 2) << run.out;
+  // Steps of 200 us, then of 600 us: about 2.5x fewer (the sleeps overshoot).
+  EXPECT_LT(jsonNumber(jsonAt(windows, 1), 1e9), 0.7 * jsonNumber(jsonAt(windows, 0), 0))
+      << run.out;
+  EXPECT_NE(jsonString(jsonFind(time_only, "note")).find("rate fell"), std::string::npos)
+      << run.out;
 }
 
 TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {

@@ -8,6 +8,7 @@
 //   exit-in-span       exits 1 once the timed span has begun
 //   stall              its first step after the clock starts lasts past the span
 //   early-stop         claims a result that ends before the span does
+//   slow-later         its steps sleep 600 us from the span's middle on
 // Every tenant prints "ready_ns N" on stdout when it is ready.
 #include <getopt.h>
 #include <unistd.h>
@@ -88,7 +89,9 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
       said_ready = true;
     }
-    sleepUs(200);
+    const bool later = behaviour == "slow-later" && said_ready && spanNow() &&
+                       realtimeNs() >= span->start_ns + (span->stop_ns - span->start_ns) / 2;
+    sleepUs(later ? 600 : 200);
     if (said_ready && spanNow() && realtimeNs() >= span->start_ns) {
       if (behaviour == "exit-in-span") {
         std::fprintf(stderr, "fake tenant %d: failing in the span\n", tenant);

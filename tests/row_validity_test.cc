@@ -4,6 +4,11 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <initializer_list>
+#include <utility>
+#include <vector>
+
 #include "test_support.h"
 
 namespace stmux::tools {
@@ -108,6 +113,50 @@ TEST(BarrierFiles, ResultsAndGoFilesRoundTripAndTruncatedOnesAreRefused) {
   EXPECT_DOUBLE_EQ(span->seconds(), 2.0);
   ASSERT_TRUE(writeAtomically(go, "5 5\n"));  // an empty span
   EXPECT_FALSE(readGo(go).has_value());
+}
+
+// A tenant's timed steps: `count` of `latency_ns` each, then the next group.
+TenantResult steps(std::initializer_list<std::pair<std::uint32_t, std::uint32_t>> groups) {
+  TenantResult result;
+  for (const auto& [count, latency_ns] : groups)
+    result.latencies_ns.insert(result.latencies_ns.end(), count, latency_ns);
+  result.calls = result.latencies_ns.size();
+  return result;
+}
+
+::testing::AssertionResult sharesNear(const std::vector<double>& shares,
+                                      const std::vector<double>& expected) {
+  bool near = shares.size() == expected.size();
+  for (std::size_t i = 0; near && i < shares.size(); ++i)
+    near = std::abs(shares[i] - expected[i]) <= 2e-3;  // a step either side of a boundary
+  if (near) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "shares " << ::testing::PrintToString(shares)
+                                       << ", expected " << ::testing::PrintToString(expected);
+}
+
+TEST(RowWindows, ASteadyRowFallsEvenlyOverItsWindows) {
+  // 1,000 steps of 2 ms fill kSpan's 2 s.
+  const std::vector<TenantResult> steady = {steps({{1000, 2'000'000}})};
+  EXPECT_TRUE(sharesNear(windowShares(steady, kSpan, 2), std::vector<double>{0.5, 0.5}));
+  EXPECT_TRUE(
+      sharesNear(windowShares(steady, kSpan, 4), std::vector<double>{0.25, 0.25, 0.25, 0.25}));
+  // The loop between steps leaves out time (here 10% of the span): spread evenly.
+  EXPECT_TRUE(sharesNear(windowShares({steps({{1000, 1'800'000}})}, kSpan, 2),
+                         std::vector<double>{0.5, 0.5}));
+}
+
+TEST(RowWindows, ARowWhoseRateRoseShowsIt) {
+  // 1 s of 2 ms steps, then 1 s of 1 ms steps: a third of them, then two.
+  const TenantResult rising = steps({{500, 2'000'000}, {1000, 1'000'000}});
+  EXPECT_TRUE(sharesNear(windowShares({rising}, kSpan, 2), std::vector<double>{1.0 / 3, 2.0 / 3}));
+  // Beside a steady tenant of as many steps: (1/2 + 1/3) / 2 and (1/2 + 2/3) / 2.
+  EXPECT_TRUE(sharesNear(windowShares({rising, steps({{1500, 1'333'333}})}, kSpan, 2),
+                         std::vector<double>{5.0 / 12, 7.0 / 12}));
+}
+
+TEST(RowWindows, NoStepsLeaveEveryWindowEmpty) {
+  EXPECT_TRUE(sharesNear(windowShares({steps({})}, kSpan, 3), std::vector<double>{0, 0, 0}));
+  EXPECT_TRUE(sharesNear(windowShares({}, kSpan, 1), std::vector<double>{0}));
 }
 
 }  // namespace

@@ -51,6 +51,11 @@ namespace fs = std::filesystem;
 
 enum class Mode { kTime, kMps, kStmux, kStmuxMps, kCeiling };
 constexpr Mode kModes[] = {Mode::kTime, Mode::kMps, Mode::kStmux, Mode::kStmuxMps, Mode::kCeiling};
+
+// A valid row whose last window's rate differs from its first's by this much
+// or more says so in its note: it was not yet steady (a longer --warmup or
+// --seconds measures it better).
+constexpr double kUnsteady = 0.05;
 const char* modeName(Mode mode) {
   switch (mode) {
     case Mode::kTime:
@@ -151,6 +156,10 @@ struct Point {
     double cores = 0, switches = 0, preemptions = 0;
   } tenants_cpu, busiest_cpu, serving_cpu;
   std::vector<double> repeats;  // --repeat: each valid run's rate
+  // The rate in each of equal windows of the timed span (about a second
+  // each, 2 to 10 of them; tools/row_validity.h), which shows a row that was
+  // still rising or falling.
+  std::vector<double> window_rates;
 };
 
 void usage(FILE* out) {
@@ -163,7 +172,9 @@ void usage(FILE* out) {
                "and a summary, and writes bench.json to --out (stmux-plot draws it). Beside\n"
                "throughput and tails, each row says what the CPU did over the timed span (from\n"
                "/proc): cores busy, the tenants' + the serving processes' (stmuxd, MPS), and\n"
-               "preemptions per second (a core taken from a busy thread).\n\n"
+               "preemptions per second (a core taken from a busy thread); a row whose rate in\n"
+               "the last of its windows (about a second each) differs from the first by %.0f%% or\n"
+               "more says so, as one not yet steady.\n\n"
                "  --shapes LIST    rnn (512x1x512), resnet (256x128x1152), cube (256x256x256),\n"
                "                   mixed (the three, one per tenant in turn) or MxNxK;\n"
                "                   or PyTorch tenants (stmux-torch-tenant; their rows count\n"
@@ -191,7 +202,8 @@ void usage(FILE* out) {
                "  --tenant-env E   variables for every tenant, e.g. \"STMUX_SYNC=auto\"\n"
                "  --python PATH    the Python with PyTorch for torch-* shapes (default python3)\n"
                "  --help           this text\n"
-               "Needs a CUDA device. Progress goes to stderr.\n");
+               "Needs a CUDA device. Progress goes to stderr.\n",
+               100 * kUnsteady);
 }
 
 template <class T, class Parse>
@@ -596,6 +608,18 @@ class Bench {
     point.calls = static_cast<long>(all.size());
     // PyTorch rows count model steps; cuBLAS rows GEMMs.
     point.gemms_per_s = (shape.torch.empty() ? gemms : steps) / span.seconds();
+    std::vector<TenantResult> results;
+    for (const TenantOutcome& outcome : outcomes)
+      results.push_back(*outcome.result);
+    const int windows = std::clamp(static_cast<int>(std::lround(span.seconds())), 2, 10);
+    for (double share : windowShares(results, span, windows))
+      point.window_rates.push_back(point.gemms_per_s * share * windows);
+    if (const double first = point.window_rates.front(), last = point.window_rates.back();
+        first > 0 && std::abs(last / first - 1) >= kUnsteady) {
+      point.note += fmt::format("{}rate {} {:.0f}% from the first to the last of {} windows",
+                                point.note.empty() ? "" : "; ", last > first ? "rose" : "fell",
+                                100 * std::abs(last / first - 1), windows);
+    }
     point.gflops = point.gemms_per_s * shape.flops(tenants) / 1e9;
     point.p50_us = percentileUs(all, 0.50);
     point.p99_us = percentileUs(all, 0.99);
@@ -1071,6 +1095,7 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       row["busiest_tenant_cpu"] = cpu(p.busiest_cpu);
       row["serving_cpu"] = cpu(p.serving_cpu);
       if (!p.repeats.empty()) row["repeats"] = p.repeats;
+      row["window_rates"] = p.window_rates;
       if (usesStmux(p.mode)) {
         row["fallbacks"] = p.fallbacks;
         row["routed_direct"] = p.routed_direct;

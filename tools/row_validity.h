@@ -1,10 +1,12 @@
 // When a stmux-bench row counts: every tenant ran through the whole timed
 // span and made progress in it. A row that fails is printed with the reason
-// and never used for a ratio or a target. Plain C++, tested with fake
+// and never used for a ratio or a target. And whether a valid row was
+// steady: its rate in windows of the span. Plain C++, tested with fake
 // tenants (tests/row_validity_test.cc, tests/bench_test.cc).
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <regex>
 #include <sstream>
@@ -90,6 +92,42 @@ inline RowVerdict judgeRow(const std::vector<TenantOutcome>& tenants, const Span
                             : std::to_string(faulty) + " of " + std::to_string(tenants.size()) +
                                   " tenants failed the row; " + first;
   return verdict;
+}
+
+// How the tenants' steps of a valid row fell over its span: the share of all
+// their timed steps that ended in each of `windows` equal parts of it (the
+// shares add up to 1; a row's rate in a window is its rate times the
+// window's share times `windows`). A tenant records only its steps'
+// latencies, but it runs them back to back from the span's start until the
+// first that ends at or after its stop, so its i-th step ends at about the
+// sum of the first i latencies; that sum is stretched to the span, which
+// spreads what it leaves out (the loop between two steps, and the part of
+// the span after its last timed step, less than one step) evenly.
+inline std::vector<double> windowShares(const std::vector<TenantResult>& results, const Span& span,
+                                        int windows) {
+  std::vector<double> shares(static_cast<std::size_t>(std::max(windows, 1)), 0.0);
+  const double length = static_cast<double>(span.stop_ns - span.start_ns);
+  double steps = 0;
+  for (const TenantResult& result : results) {
+    double total = 0;
+    for (std::uint32_t latency : result.latencies_ns)
+      total += latency;
+    const double stretch = total > 0 && total < length ? length / total : 1.0;
+    double ended = 0;
+    for (std::uint32_t latency : result.latencies_ns) {
+      ended += latency * stretch;
+      // Windows are (from, to]: a step that ends on a boundary is the earlier window's.
+      const double place = std::ceil(ended / length * static_cast<double>(shares.size()));
+      const std::size_t window = place < 1 ? 0 : static_cast<std::size_t>(place) - 1;
+      shares[std::min(window, shares.size() - 1)] += 1;
+    }
+    steps += static_cast<double>(result.latencies_ns.size());
+  }
+  if (steps > 0) {
+    for (double& share : shares)
+      share /= steps;
+  }
+  return shares;
 }
 
 }  // namespace stmux::tools
