@@ -2,7 +2,7 @@
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu asan launch bench transport handoff waiters sync modes wakers placement
-#   demo2 demo10 fault hunt
+#   demo2 demo10 fuzz fault hunt
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -16,7 +16,8 @@
 # (--only flags; default the soak's wrong call's kind) selects, beside stress
 # tenants of a daemon, without and with the preload; wakers compares stmux
 # rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS); placement confines stmuxd's threads to
-# each CPU list of $PLACEMENTS (taskset)
+# each CPU list of $PLACEMENTS (taskset); fuzz runs each carried libFuzzer target
+# for $FUZZ_RUNS inputs
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -25,7 +26,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
@@ -203,6 +204,27 @@ for step in "$@"; do
         --seconds 10 --warmup 3 >"$out/demo10.log" 2>&1 || status=1
       cp /tmp/stmux-demo10/bench.json "$out/demo10.json" 2>/dev/null
       grep -E "^(cube|rnn)" "$out/demo10.log" | sed "s/^/10 s: /" ;;
+    fuzz)
+      # Issue 14: each libFuzzer target for $FUZZ_RUNS inputs (default 10^7)
+      # over every core, from a fuzz build made elsewhere (clang need not be
+      # here) and carried in $FUZZ_DIR (default build-fuzz/tests/fuzz): its
+      # seeds, then its corpus; $FUZZ_TARGETS picks targets (default all).
+      # Crashes and sanitizer reports are counted; what failed is kept in $out.
+      dir=$(realpath "${FUZZ_DIR:-build-fuzz/tests/fuzz}")
+      for target in ${FUZZ_TARGETS:-fuzz_ring fuzz_operands fuzz_json fuzz_handshake fuzz_control}; do
+        begun=$(date +%s) work=$(mktemp -d) artifacts=$(realpath "$out")/$target-
+        mkdir -p "$work/seeds" "$work/corpus"
+        STMUX_FUZZ_SEEDS="$work/seeds" "$dir/$target" >/dev/null 2>&1
+        [ -d "$dir/runs/$target/corpus" ] && cp -r "$dir/runs/$target/corpus/." "$work/corpus/"
+        ( cd "$work" && "$dir/$target" -jobs="$jobs" -workers="$jobs" -runs=$(( ${FUZZ_RUNS:-10000000} / jobs )) \
+            -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 -artifact_prefix="$artifacts" \
+            corpus seeds ) >"$out/fuzz-$target.log" 2>&1 || status=1
+        for log in "$work"/fuzz-*.log; do echo "== ${log##*/}"; tail -12 "$log"; done >>"$out/fuzz-$target.log"
+        inputs=$(cat "$work"/fuzz-*.log | awk '/stat::number_of_executed_units/ {n += $2} END {print n + 0}')
+        reports=$(cat "$work"/fuzz-*.log | grep -cE "ERROR: libFuzzer|SUMMARY: [A-Za-z]+Sanitizer|runtime error")
+        echo "$target: $inputs inputs over $jobs jobs, $reports reports, $(( $(date +%s) - begun )) s"
+        [ "$reports" = 0 ] || status=1
+      done ;;
     fault)
       # shellcheck disable=SC2086  # FAULT_ARGS is split into flags on purpose
       "$build/tools/stmux-fault" ${FAULT_ARGS:-} --out /tmp/stmux-fault >"$out/fault.log" 2>&1 || status=1
@@ -246,7 +268,7 @@ for step in "$@"; do
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers placement demo2 demo10 fault hunt" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers placement demo2 demo10 fuzz fault hunt" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
