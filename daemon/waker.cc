@@ -29,13 +29,15 @@ void Wakers::publish(const Batch& batch, std::span<const std::int32_t> statuses)
   const std::vector<Queued>& items = batch.items;
   // Every status first: a caller still polling sees its own without waiting
   // behind the system calls that wake the others.
-  std::vector<std::size_t> sleeping;
+  sleeping_.clear();
   for (std::size_t i = 0; i < items.size(); ++i) {
     if (statuses[i] == kNoWrite) continue;
-    if (requestPublish(items[i].client->view, items[i].request, statuses[i])) sleeping.push_back(i);
+    if (requestPublish(items[i].client->view, items[i].request, statuses[i])) {
+      sleeping_.push_back(i);
+    }
   }
-  std::vector<bool> rung(threads_.size(), false);
-  for (std::size_t i : sleeping) {
+  rung_.assign(threads_.size(), false);
+  for (std::size_t i : sleeping_) {
     Sleeper sleeper{items[i].client, items[i].request.slot, batch.seen_ns};
     if (threads_.empty()) {
       wake(sleeper);
@@ -44,13 +46,13 @@ void Wakers::publish(const Batch& batch, std::span<const std::int32_t> statuses)
     const std::size_t t = next_;
     next_ = (next_ + 1) % threads_.size();
     if (threads_[t]->queue.push(sleeper)) {
-      rung[t] = true;
+      rung_[t] = true;
     } else {
       wake(sleeper);  // its queue is full: never leave a caller asleep
     }
   }
   for (std::size_t t = 0; t < threads_.size(); ++t) {
-    if (rung[t]) threads_[t]->bell.ring();
+    if (rung_[t]) threads_[t]->bell.ring();
   }
 }
 

@@ -50,7 +50,7 @@ class Wakers {
   Wakers& operator=(const Wakers&) = delete;
 
   // Writes `statuses[i]` to the slot of `batch.items[i]` (kNoWrite: leaves it
-  // alone) and has the callers that sleep on them woken. `batch.seen_ns` is
+  // alone) and has the callers that sleep on them woken. One thread publishes. `batch.seen_ns` is
   // when the batch was seen done: each wake is timed from then.
   void publish(const Batch& batch, std::span<const std::int32_t> statuses);
 
@@ -74,6 +74,10 @@ class Wakers {
   ExecutorGauges& gauges_;
   std::vector<std::unique_ptr<Thread>> threads_;
   std::size_t next_ = 0;  // the thread the next sleeper goes to
+  // publish()'s own, kept so that a batch allocates nothing: the items whose
+  // callers sleep, and the threads handed one.
+  std::vector<std::size_t> sleeping_;
+  std::vector<bool> rung_;
   std::atomic<bool> stop_{false};
 };
 
