@@ -397,7 +397,7 @@ constexpr const VarInfo* findVar(std::string_view name) {
 // left in a tenant's environment they are no typo, so nobody warns of them.
 inline constexpr std::string_view kScriptVariables[] = {
     "STMUX_BUILD_DIR", "STMUX_TEST_PASSES",   "STMUX_FUZZ_SECONDS", "STMUX_SANITIZE",
-    "STMUX_FUZZ",      "STMUX_BUILD_TARGETS", "STMUX_PACKAGE"};
+    "STMUX_FUZZ",      "STMUX_BUILD_TARGETS", "STMUX_PACKAGE",      "STMUX_FUZZ_SEEDS"};
 
 // Names of STMUX_* variables in `environ` that the table does not know:
 // usually a typo that would otherwise be ignored without a word.
