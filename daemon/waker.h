@@ -50,8 +50,9 @@ class Wakers {
   Wakers& operator=(const Wakers&) = delete;
 
   // Writes `statuses[i]` to the slot of `batch.items[i]` (kNoWrite: leaves it
-  // alone) and has the callers that sleep on them woken. One thread publishes. `batch.seen_ns` is
-  // when the batch was seen done: each wake is timed from then.
+  // alone) and has the callers that sleep on them woken. `batch.seen_ns` is
+  // when the batch was seen done: each wake is timed from then. One thread
+  // publishes.
   void publish(const Batch& batch, std::span<const std::int32_t> statuses);
 
  private:

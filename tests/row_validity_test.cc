@@ -115,13 +115,16 @@ TEST(BarrierFiles, ResultsAndGoFilesRoundTripAndTruncatedOnesAreRefused) {
   EXPECT_FALSE(readGo(go).has_value());
 }
 
-// A tenant's timed steps: `count` of `latency_ns` each, then the next group.
-TenantResult steps(std::initializer_list<std::pair<std::uint32_t, std::uint32_t>> groups) {
+// A tenant that ran `count` timed steps of `latency_ns` each, then the next group.
+TenantOutcome steps(std::initializer_list<std::pair<std::uint32_t, std::uint32_t>> groups) {
   TenantResult result;
   for (const auto& [count, latency_ns] : groups)
     result.latencies_ns.insert(result.latencies_ns.end(), count, latency_ns);
   result.calls = result.latencies_ns.size();
-  return result;
+  TenantOutcome outcome;
+  outcome.exit_status = 0;
+  outcome.result = result;
+  return outcome;
 }
 
 ::testing::AssertionResult sharesNear(const std::vector<double>& shares,
@@ -136,7 +139,7 @@ TenantResult steps(std::initializer_list<std::pair<std::uint32_t, std::uint32_t>
 
 TEST(RowWindows, ASteadyRowFallsEvenlyOverItsWindows) {
   // 1,000 steps of 2 ms fill kSpan's 2 s.
-  const std::vector<TenantResult> steady = {steps({{1000, 2'000'000}})};
+  const std::vector<TenantOutcome> steady = {steps({{1000, 2'000'000}})};
   EXPECT_TRUE(sharesNear(windowShares(steady, kSpan, 2), std::vector<double>{0.5, 0.5}));
   EXPECT_TRUE(
       sharesNear(windowShares(steady, kSpan, 4), std::vector<double>{0.25, 0.25, 0.25, 0.25}));
@@ -147,7 +150,7 @@ TEST(RowWindows, ASteadyRowFallsEvenlyOverItsWindows) {
 
 TEST(RowWindows, ARowWhoseRateRoseShowsIt) {
   // 1 s of 2 ms steps, then 1 s of 1 ms steps: a third of them, then two.
-  const TenantResult rising = steps({{500, 2'000'000}, {1000, 1'000'000}});
+  const TenantOutcome rising = steps({{500, 2'000'000}, {1000, 1'000'000}});
   EXPECT_TRUE(sharesNear(windowShares({rising}, kSpan, 2), std::vector<double>{1.0 / 3, 2.0 / 3}));
   // Beside a steady tenant of as many steps: (1/2 + 1/3) / 2 and (1/2 + 2/3) / 2.
   EXPECT_TRUE(sharesNear(windowShares({rising, steps({{1500, 1'333'333}})}, kSpan, 2),

@@ -608,11 +608,8 @@ class Bench {
     point.calls = static_cast<long>(all.size());
     // PyTorch rows count model steps; cuBLAS rows GEMMs.
     point.gemms_per_s = (shape.torch.empty() ? gemms : steps) / span.seconds();
-    std::vector<TenantResult> results;
-    for (const TenantOutcome& outcome : outcomes)
-      results.push_back(*outcome.result);
     const int windows = std::clamp(static_cast<int>(std::lround(span.seconds())), 2, 10);
-    for (double share : windowShares(results, span, windows))
+    for (double share : windowShares(outcomes, span, windows))
       point.window_rates.push_back(point.gemms_per_s * share * windows);
     if (const double first = point.window_rates.front(), last = point.window_rates.back();
         first > 0 && std::abs(last / first - 1) >= kUnsteady) {

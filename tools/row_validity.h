@@ -103,12 +103,14 @@ inline RowVerdict judgeRow(const std::vector<TenantOutcome>& tenants, const Span
 // sum of the first i latencies; that sum is stretched to the span, which
 // spreads what it leaves out (the loop between two steps, and the part of
 // the span after its last timed step, less than one step) evenly.
-inline std::vector<double> windowShares(const std::vector<TenantResult>& results, const Span& span,
+inline std::vector<double> windowShares(const std::vector<TenantOutcome>& tenants, const Span& span,
                                         int windows) {
   std::vector<double> shares(static_cast<std::size_t>(std::max(windows, 1)), 0.0);
   const double length = static_cast<double>(span.stop_ns - span.start_ns);
   double steps = 0;
-  for (const TenantResult& result : results) {
+  for (const TenantOutcome& tenant : tenants) {
+    if (!tenant.result) continue;
+    const TenantResult& result = *tenant.result;
     double total = 0;
     for (std::uint32_t latency : result.latencies_ns)
       total += latency;
