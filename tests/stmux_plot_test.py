@@ -1,12 +1,14 @@
 """stmux-plot (tools/stmux_plot.py): what it draws from stmux-bench's JSON, and
 how it refuses what it cannot draw. Run by ctest with a python3 that has
 matplotlib: `python3 tests/stmux_plot_test.py PATH_TO_stmux-plot`."""
+import importlib.machinery
 import json
 import os
 import struct
 import subprocess
 import sys
 import tempfile
+import types
 import unittest
 
 SCRIPT = None  # the stmux-plot under test, from the command line
@@ -54,6 +56,21 @@ class StmuxPlot(unittest.TestCase):
         self.assertEqual(ran.returncode, 0, ran.stderr)
         self.assertIn("wrote " + self.path("bench.png"), ran.stdout)
         self.assertEqual(png_size(self.path("bench.png")), (1200, 800))  # 2 shapes x 400 px
+
+    def test_a_shape_of_one_r_is_drawn_as_bars_per_mode(self):
+        # The demo's rows: R = 32 alone. Lines against R would be single points.
+        loader = importlib.machinery.SourceFileLoader("stmux_plot", SCRIPT)
+        plot = types.ModuleType(loader.name)
+        loader.exec_module(plot)
+        one_r = [point("cube", 32, m, 1000.0) for m in ("time-only", "mps", "stmux")]
+        self.assertTrue(plot.as_bars(one_r))
+        self.assertFalse(plot.as_bars(one_r + [point("cube", 8, "mps", 10.0)]))
+        self.assertEqual(plot.modes_of([point("cube", 32, m, 1.0) for m in ("x", "stmux", "mps")]),
+                         ["mps", "stmux", "x"])
+        bench_json(self.path("bench.json"), one_r)
+        ran = run(self.path("bench.json"))
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        self.assertEqual(png_size(self.path("bench.png")), (1200, 400))
 
     def test_a_comparison_draws_the_rows_both_files_have(self):
         bench_json(self.path("a.json"), [point("cube", 32, "stmux", 100.0),

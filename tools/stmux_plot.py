@@ -3,7 +3,8 @@
 
   stmux-plot bench.json [-o bench.png]
       for each shape, throughput and tail latency against the number of
-      tenants, one line per mode; invalid rows are left out
+      tenants, one line per mode (bars per mode where a shape has rows of
+      one R alone, as the demo's); invalid rows are left out
   stmux-plot --compare before.json after.json [-o compare.png]
       for every row valid in both, after / before: throughput and the worst
       tenant's p99 (below 1 is better for the tail, above 1 for throughput)
@@ -65,15 +66,49 @@ def pyplot():
     return plt
 
 
+def modes_of(rows):
+    """The modes of `rows`, the bench's own in its order first."""
+    modes = [m for m in MODE_COLORS if any(r["mode"] == m for r in rows)]
+    return modes + sorted({r["mode"] for r in rows} - set(modes))
+
+
+def as_bars(rows):
+    """Whether one shape's rows are drawn as bars, one per mode: when they
+    are all of one R (the demo's), a line against R would be single points."""
+    return len({r["tenants"] for r in rows}) == 1
+
+
+def plot_bars(rate_axis, tail_axis, shape, mine):
+    modes = modes_of(mine)
+    by_mode = {r["mode"]: r for r in mine}
+    colors = [MODE_COLORS.get(m, "#555555") for m in modes]
+    positions = range(len(modes))
+    rate_axis.bar(positions, [by_mode[m]["rate"] for m in modes], color=colors)
+    width = 0.4
+    tail_axis.bar([p - width / 2 for p in positions], [by_mode[m]["worst_p99"] for m in modes],
+                  width, color=colors, label="worst tenant")
+    tail_axis.bar([p + width / 2 for p in positions], [by_mode[m]["p99"] for m in modes],
+                  width, color=colors, alpha=0.5, label="all calls")
+    tenants = mine[0]["tenants"]
+    rate_axis.set(title=f"{shape}, R={tenants}: throughput", ylabel=mine[0]["unit"], yscale="log")
+    tail_axis.set(title=f"{shape}, R={tenants}: p99 latency (worst tenant, all calls)",
+                  ylabel="us", yscale="log")
+    for axis in (rate_axis, tail_axis):
+        axis.set_xticks(list(positions), modes)
+        axis.grid(True, axis="y", which="both", alpha=0.3)
+    tail_axis.legend(fontsize="small")
+
+
 def plot_runs(rows, out):
     plt = pyplot()
     shapes = sorted({r["shape"] for r in rows})
     figure, axes = plt.subplots(len(shapes), 2, figsize=(12, 4 * len(shapes)), squeeze=False)
     for (rate_axis, tail_axis), shape in zip(axes, shapes):
         mine = [r for r in rows if r["shape"] == shape]
-        modes = [m for m in MODE_COLORS if any(r["mode"] == m for r in mine)]
-        modes += sorted({r["mode"] for r in mine} - set(modes))
-        for mode in modes:
+        if as_bars(mine):
+            plot_bars(rate_axis, tail_axis, shape, mine)
+            continue
+        for mode in modes_of(mine):
             line = sorted((r for r in mine if r["mode"] == mode), key=lambda r: r["tenants"])
             color = MODE_COLORS.get(mode)
             tenants = [r["tenants"] for r in line]
