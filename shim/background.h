@@ -5,7 +5,6 @@
 // cudaStreamCaptureModeGlobal on another thread.
 #pragma once
 
-#include <pthread.h>
 #include <signal.h>
 
 #include <string>
@@ -14,6 +13,7 @@
 #include <utility>
 
 #include "shim/driver.h"
+#include "stmux/sys.h"
 
 namespace stmux::shim {
 
@@ -26,7 +26,7 @@ std::string startBackgroundThread(const Driver& driver, const char* name, Body b
   std::string failure;
   try {
     std::thread([&driver, name, body = std::move(body)]() mutable {
-      pthread_setname_np(pthread_self(), name);
+      nameThisThread(name);
       CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
       driver.cuThreadExchangeStreamCaptureMode(&mode);
       body();
