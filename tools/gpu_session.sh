@@ -156,25 +156,26 @@ for step in "$@"; do
       # distinct physical cores and, where cores have hyperthreads, the 4
       # hyperthreads of 2 cores), at $TENANTS (default 32), round after round
       # twice; the CPUs' topology first, one log per variant and round.
-      for c in /sys/devices/system/cpu/cpu[0-9]*; do
-        echo "${c##*/} core $(cat "$c/topology/core_id") package $(cat "$c/topology/physical_package_id")" \
-          "siblings $(cat "$c/topology/thread_siblings_list")"
-      done >"$out/topology.log" 2>&1
       firsts=() pairs=()
+      : >"$out/topology.log"
       for c in /sys/devices/system/cpu/cpu[0-9]*; do
         list=$(cat "$c/topology/thread_siblings_list") n=${c##*/cpu}
+        echo "${c##*/} core $(cat "$c/topology/core_id") package $(cat "$c/topology/physical_package_id")" \
+          "siblings $list" >>"$out/topology.log"
         [ "${list%%[,-]*}" = "$n" ] && firsts+=("$n") && [ "$list" != "$n" ] && pairs+=("$list")
       done
       echo "$(nproc) CPUs, ${#firsts[@]} physical cores"
       variants=${PLACEMENTS:-all $(IFS=,; echo "${firsts[*]:0:4}") ${pairs[1]:+${pairs[0]},${pairs[1]}}}
+      stmuxd=$(realpath "$build/daemon/stmuxd")
+      for cpus in $variants; do  # a wrapper that confines stmuxd, for each list
+        [ "$cpus" = all ] && continue
+        printf '#!/bin/sh\nexec taskset -c %s %s "$@"\n' "$cpus" "$stmuxd" >"/tmp/stmuxd-on-${cpus//[,-]/_}"
+        chmod +x "/tmp/stmuxd-on-${cpus//[,-]/_}"
+      done
       for round in 1 2; do
         for cpus in $variants; do
-          daemon=$(realpath "$build/daemon/stmuxd")
-          if [ "$cpus" != all ]; then
-            daemon=/tmp/stmuxd-on-${cpus//[,-]/_}
-            printf '#!/bin/sh\nexec taskset -c %s %s "$@"\n' "$cpus" "$(realpath "$build/daemon/stmuxd")" >"$daemon"
-            chmod +x "$daemon"
-          fi
+          daemon=$stmuxd
+          [ "$cpus" != all ] && daemon=/tmp/stmuxd-on-${cpus//[,-]/_}
           "$build/tools/stmux-bench" --out "/tmp/stmux-placement" --shapes "${PLACEMENT_SHAPES:-cube,rnn}" \
             --tenants "${TENANTS:-32}" --modes stmux --stmuxd "$daemon" \
             >"$out/placement-${cpus//[,-]/_}-$round.log" 2>&1 || status=1
