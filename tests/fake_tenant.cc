@@ -9,6 +9,7 @@
 //   stall              its first step after the clock starts lasts past the span
 //   early-stop         claims a result that ends before the span does
 //   slow-later         its steps sleep 600 us from the span's middle on
+//   fast-later         its steps sleep 600 us until the span's middle
 // Every tenant prints "ready_ns N" on stdout when it is ready.
 #include <getopt.h>
 #include <unistd.h>
@@ -89,9 +90,10 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
       said_ready = true;
     }
-    const bool later = behaviour == "slow-later" && said_ready && spanNow() &&
+    const bool later = said_ready && spanNow() &&
                        realtimeNs() >= span->start_ns + (span->stop_ns - span->start_ns) / 2;
-    sleepUs(later ? 600 : 200);
+    const bool slow = behaviour == "slow-later" ? later : behaviour == "fast-later" && !later;
+    sleepUs(slow ? 600 : 200);
     if (said_ready && spanNow() && realtimeNs() >= span->start_ns) {
       if (behaviour == "exit-in-span") {
         std::fprintf(stderr, "fake tenant %d: failing in the span\n", tenant);
