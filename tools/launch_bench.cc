@@ -7,10 +7,18 @@
 // executor has them), after a warm-up, as the median of many repetitions. The
 // executor's STMUX_LAUNCH=auto rule comes from this table
 // (docs/BENCHMARKS.md).
+//
+// Then what a batch of one shape costs the executor's thread, the host side
+// of its round: the pointer arrays written to pinned memory, copied to the
+// device, one cublasSgemmBatched and the batch's event, with two batches in
+// flight as the executor keeps them; against the copy and the GEMM captured
+// once per buffer as a CUDA graph and replayed. Medians of each step's host
+// time, and the batches per second each sustains.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -36,6 +44,7 @@ struct Prepared {
   const float** a = nullptr;
   const float** b = nullptr;
   float** c = nullptr;
+  std::vector<const float*> pointers;  // [A... | B... | C...], as the device arrays hold them
   int total = 0;
 };
 
@@ -62,6 +71,9 @@ Prepared prepare(const Mix& mix, std::mt19937& random) {
     }
   }
   p.total = static_cast<int>(as.size());
+  p.pointers = as;
+  p.pointers.insert(p.pointers.end(), bs.begin(), bs.end());
+  p.pointers.insert(p.pointers.end(), cs.begin(), cs.end());
   EXIT_ON_CUDA_ERROR(cudaMalloc(&p.a, p.total * sizeof(float*)));
   EXIT_ON_CUDA_ERROR(cudaMalloc(&p.b, p.total * sizeof(float*)));
   EXIT_ON_CUDA_ERROR(cudaMalloc(&p.c, p.total * sizeof(float*)));
@@ -126,6 +138,140 @@ float medianUs(cudaStream_t stream, Launch&& launch, int reps) {
   return times[reps / 2];
 }
 
+double nowUs() {
+  return std::chrono::duration<double, std::micro>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+double median(std::vector<double> values) {
+  std::nth_element(values.begin(), values.begin() + values.size() / 2, values.end());
+  return values[values.size() / 2];
+}
+
+// One of the executor's batch buffers: the pointer arrays in pinned host
+// memory and on the device, the batch's event, and (for replays) the copy and
+// the GEMM captured from this buffer.
+struct Slot {
+  const float** host = nullptr;
+  const float** device = nullptr;
+  cudaEvent_t done = nullptr;
+  cudaGraphExec_t graph = nullptr;
+};
+
+struct HostCost {
+  double write_us = 0, copy_us = 0, gemm_us = 0, record_us = 0;  // the launch, step by step
+  double launch_us = 0;                                          // all of it
+  double graph_us = 0;     // the arrays written, the graph launched, the event recorded
+  double launch_rate = 0;  // batches per second, two in flight
+  double graph_rate = 0;
+  bool same = false;  // the replays wrote what the launches did
+};
+
+// The executor's launch of a batch from `slot`: the pointer arrays' copy and
+// the GEMMs; `copied`, if given, is when the copy was queued.
+void enqueue(cublasHandle_t handle, cudaStream_t stream, const Shape& s, int count,
+             const Slot& slot, double* copied = nullptr) {
+  const float alpha = 1, beta = 0;
+  EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(slot.device, slot.host, 3 * count * sizeof(float*),
+                                     cudaMemcpyHostToDevice, stream));
+  if (copied != nullptr) *copied = nowUs();
+  EXIT_ON_CUBLAS_ERROR(cublasSgemmBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &alpha,
+                                          slot.device, s.m, slot.device + count, s.k, &beta,
+                                          const_cast<float* const*>(slot.device + 2 * count), s.m,
+                                          count));
+}
+
+std::vector<float> results(const Prepared& p, const Shape& s) {
+  std::vector<float> out(std::size_t(p.total) * s.m * s.n);
+  for (int i = 0; i < p.total; ++i) {
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(out.data() + std::size_t(i) * s.m * s.n,
+                                  p.pointers[2 * p.total + i],
+                                  std::size_t(s.m) * s.n * sizeof(float), cudaMemcpyDeviceToHost));
+  }
+  return out;
+}
+
+HostCost hostCost(cublasHandle_t handle, cudaStream_t stream, const Shape& shape, int count,
+                  std::mt19937& random) {
+  constexpr int kWarmup = 200, kBatches = 5000;
+  const Mix mix{"", {shape}, count};
+  Prepared p = prepare(mix, random);
+  std::vector<Slot> slots(2);  // STMUX_MAX_IN_FLIGHT's default
+  for (Slot& slot : slots) {
+    EXIT_ON_CUDA_ERROR(cudaHostAlloc(reinterpret_cast<void**>(&slot.host),
+                                     3 * count * sizeof(float*), cudaHostAllocDefault));
+    EXIT_ON_CUDA_ERROR(
+        cudaMalloc(reinterpret_cast<void**>(&slot.device), 3 * count * sizeof(float*)));
+    EXIT_ON_CUDA_ERROR(cudaEventCreateWithFlags(&slot.done, cudaEventDisableTiming));
+  }
+  HostCost cost;
+  // Runs kBatches batches round the slots, each waiting (polling, as the
+  // executor does) for its slot's previous batch; returns batches per second.
+  auto run = [&](bool replay, std::vector<double>* steps) {
+    double start = 0;
+    for (int i = 0; i < kWarmup + kBatches; ++i) {
+      if (i == kWarmup) start = nowUs();
+      Slot& slot = slots[i % slots.size()];
+      while (cudaEventQuery(slot.done) == cudaErrorNotReady) {
+      }
+      double t[5];
+      t[0] = nowUs();
+      std::copy(p.pointers.begin(), p.pointers.end(), slot.host);
+      t[1] = nowUs();
+      if (replay) {
+        EXIT_ON_CUDA_ERROR(cudaGraphLaunch(slot.graph, stream));
+        t[2] = t[3] = nowUs();
+      } else {
+        enqueue(handle, stream, shape, count, slot, &t[2]);
+        t[3] = nowUs();
+      }
+      EXIT_ON_CUDA_ERROR(cudaEventRecord(slot.done, stream));
+      t[4] = nowUs();
+      if (i >= kWarmup) {
+        for (int step = 0; step < 4; ++step)
+          steps[step].push_back(t[step + 1] - t[step]);
+        steps[4].push_back(t[4] - t[0]);
+      }
+    }
+    EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+    return kBatches / ((nowUs() - start) / 1e6);
+  };
+  std::vector<double> launched[5], replayed[5];
+  cost.launch_rate = run(false, launched);
+  const std::vector<float> direct = results(p, shape);
+  for (int i = 0; i < p.total; ++i) {  // the replays must write every C again
+    EXIT_ON_CUDA_ERROR(cudaMemset(const_cast<float*>(p.pointers[2 * p.total + i]), 0,
+                                  std::size_t(shape.m) * shape.n * sizeof(float)));
+  }
+  for (Slot& slot : slots) {
+    std::copy(p.pointers.begin(), p.pointers.end(), slot.host);
+    cudaGraph_t graph;
+    EXIT_ON_CUDA_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    enqueue(handle, stream, shape, count, slot);
+    EXIT_ON_CUDA_ERROR(cudaStreamEndCapture(stream, &graph));
+    EXIT_ON_CUDA_ERROR(cudaGraphInstantiate(&slot.graph, graph, 0));
+    EXIT_ON_CUDA_ERROR(cudaGraphDestroy(graph));
+    EXIT_ON_CUDA_ERROR(cudaGraphUpload(slot.graph, stream));
+  }
+  cost.graph_rate = run(true, replayed);
+  cost.same = results(p, shape) == direct;
+  cost.write_us = median(launched[0]);
+  cost.copy_us = median(launched[1]);
+  cost.gemm_us = median(launched[2]);
+  cost.record_us = median(launched[3]);
+  cost.launch_us = median(launched[4]);
+  cost.graph_us = median(replayed[4]);
+  for (Slot& slot : slots) {
+    cudaGraphExecDestroy(slot.graph);
+    cudaEventDestroy(slot.done);
+    cudaFree(slot.device);
+    cudaFreeHost(slot.host);
+  }
+  release(p);
+  return cost;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -138,7 +284,12 @@ int main(int argc, char** argv) {
     std::fprintf(help ? stdout : stderr,
                  "usage: stmux-launch-bench [--help]\n"
                  "Times K cublasSgemmBatched launches against one cublasSgemmGroupedBatched\n"
-                 "for mixes of K shapes; prints a table (needs a CUDA device).\n");
+                 "for mixes of K shapes; then the host time of one batch's launch as the\n"
+                 "executor makes it (pointer arrays written and copied, the GEMMs, the\n"
+                 "event), step by step, against replaying the copy and the GEMMs as a CUDA\n"
+                 "graph, and the batches per second each sustains with two in flight.\n"
+                 "Prints two tables (needs a CUDA device); exits 1 if a replay's results\n"
+                 "differ from the launch's.\n");
     return help ? 0 : 2;
   }
   cudaDeviceProp prop{};
@@ -187,6 +338,22 @@ int main(int argc, char** argv) {
                 batched / grouped);
     release(p);
   }
+
+  std::printf(
+      "\nthe host time of one batch's launch, median us, and batches/s with two in flight\n");
+  std::printf("%-16s %4s %7s %7s %7s %7s %8s %8s %11s %11s %5s\n", "shape", "G", "write", "copy",
+              "gemm", "record", "launch", "graph", "launch b/s", "graph b/s", "same");
+  int status = 0;
+  for (const auto& [name, shape] :
+       {std::pair{"rnn 512x1x512", rnn}, std::pair{"cube 256^3", cube}}) {
+    for (const int count : {10, 32}) {
+      const HostCost c = hostCost(handle, stream, shape, count, random);
+      std::printf("%-16s %4d %7.1f %7.1f %7.1f %7.1f %8.1f %8.1f %11.0f %11.0f %5s\n", name, count,
+                  c.write_us, c.copy_us, c.gemm_us, c.record_us, c.launch_us, c.graph_us,
+                  c.launch_rate, c.graph_rate, c.same ? "yes" : "NO");
+      if (!c.same) status = 1;
+    }
+  }
   cublasDestroy(handle);
-  return 0;
+  return status;
 }
