@@ -95,6 +95,11 @@ TEST(BenchBarrier, TheClockStartsOnlyOnceEveryTenantIsReady) {
     last_ready = std::max(last_ready, ready_ns);
   }
   EXPECT_GT(span->start_ns, last_ready) << "the clock started before the last tenant was ready";
+  // The row says when it was timed: the span the tenants were given.
+  const Json* timed = jsonFind(time_only, "span_unix_s");
+  ASSERT_TRUE(timed != nullptr && timed->size() == 2) << run.out;
+  EXPECT_DOUBLE_EQ(jsonNumber(jsonAt(timed, 0), 0), static_cast<double>(span->start_ns) / 1e9);
+  EXPECT_DOUBLE_EQ(jsonNumber(jsonAt(timed, 1), 0), static_cast<double>(span->stop_ns) / 1e9);
   // 200 us steps: at most 5,000 a second per tenant, and clearly some.
   const double rate = jsonNumber(jsonFind(time_only, "gemms_per_s"), 0);
   EXPECT_GT(rate, 3 * 500.0);

@@ -124,6 +124,7 @@ struct Point {
   bool ran = false;    // ran and valid: every tenant ran through the timed span
   std::string note;    // why it did not run or is invalid, or what went wrong
   double ready_s = 0;  // from the first tenant's start until all were ready
+  Span span;           // the timed span, on the realtime clock
   double gemms_per_s = 0, gflops = 0;
   double p50_us = 0, p99_us = 0, p999_us = 0, worst_p99_us = 0;
   long calls = 0;
@@ -607,6 +608,7 @@ class Bench {
     }
     point.calls = static_cast<long>(all.size());
     // PyTorch rows count model steps; cuBLAS rows GEMMs.
+    point.span = span;
     point.gemms_per_s = (shape.torch.empty() ? gemms : steps) / span.seconds();
     const int windows = std::clamp(static_cast<int>(std::lround(span.seconds())), 2, 10);
     for (double share : windowShares(outcomes, span, windows))
@@ -1093,6 +1095,9 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       row["serving_cpu"] = cpu(p.serving_cpu);
       if (!p.repeats.empty()) row["repeats"] = p.repeats;
       row["window_rates"] = p.window_rates;
+      // When it was timed, to set beside what else the machine recorded.
+      row["span_unix_s"] = std::vector<double>{static_cast<double>(p.span.start_ns) / 1e9,
+                                               static_cast<double>(p.span.stop_ns) / 1e9};
       if (usesStmux(p.mode)) {
         row["fallbacks"] = p.fallbacks;
         row["routed_direct"] = p.routed_direct;

@@ -18,6 +18,9 @@
 # rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS); placement confines stmuxd's threads to
 # each CPU list of $PLACEMENTS (taskset); fuzz runs each carried libFuzzer target
 # for $FUZZ_RUNS inputs
+# The GPU's clocks, power and temperature are sampled every 0.5 s throughout
+# into $OUT/gpu-clocks.csv (nvidia-smi, read only), and the demo and bench
+# steps print each row's SM clock beside its rate.
 # e.g. bash tools/gpu_session.sh info build gpu launch
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -26,10 +29,47 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 status=0
+
+# The card as the steps found it (METHOD.md: measure it as it is, never set
+# its clocks): a sample every 0.5 s, the throttle reasons where this
+# nvidia-smi knows the field.
+fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
+for reasons in clocks_event_reasons.active clocks_throttle_reasons.active; do
+  nvidia-smi -i 0 --query-gpu="$fields,$reasons" --format=csv >/dev/null 2>&1 && fields+=",$reasons" && break
+done
+nvidia-smi -i 0 --query-gpu="$fields" --format=csv,nounits -lms 500 >"$out/gpu-clocks.csv" 2>&1 &
+sampler=$!
+trap 'kill "$sampler" 2>/dev/null' EXIT
+
+# Each valid row of a stmux-bench result ($1) with the SM clock (MHz) and
+# power (W) sampled over its timed span, and the throttle reasons seen.
+clocks_by_row() {
+  python3 - "$1" "$out/gpu-clocks.csv" <<'PY'
+import csv, datetime, json, sys
+samples = []
+with open(sys.argv[2]) as f:
+    for line in csv.reader(f):
+        try:
+            when = datetime.datetime.strptime(line[0].strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            samples.append((when, float(line[1]), float(line[3]), line[5].strip() if len(line) > 5 else ""))
+        except (ValueError, IndexError):
+            continue  # the header, or a field the card does not report
+for p in json.load(open(sys.argv[1]))["points"]:
+    span = p.get("span_unix_s")
+    inside = [s for s in samples if span and span[0] <= s[0] <= span[1]]
+    if not inside:
+        continue
+    sm = [s[1] for s in inside]
+    reasons = sorted({s[3] for s in inside} - {"", "0x0000000000000000"})
+    print(f"{p['shape']} R={p['tenants']} {p['mode']}: {p['gemms_per_s']:,.0f}/s; SM {min(sm):.0f}-{max(sm):.0f} MHz"
+          f" (mean {sum(sm) / len(sm):.0f}), {sum(s[2] for s in inside) / len(inside):.0f} W,"
+          f" {len(inside)} samples{'; reasons ' + ' '.join(reasons) if reasons else ''}")
+PY
+}
 for step in "$@"; do
   start=$(date +%s)
   case "$step" in
@@ -111,7 +151,8 @@ for step in "$@"; do
       cp /tmp/stmux-bench/bench.json "$out/bench${BENCH_TAG:-}.json" 2>/dev/null
       python3 "$build/tools/stmux-plot" /tmp/stmux-bench/bench.json -o "$out/bench${BENCH_TAG:-}.png" \
         >/dev/null 2>&1
-      grep -vE "^\[[0-9]+/" "$out/bench.log" | tail -45 ;;
+      grep -vE "^\[[0-9]+/" "$out/bench.log" | tail -45
+      clocks_by_row /tmp/stmux-bench/bench.json | tee -a "$out/bench.log" ;;
     sync)
       # Issue 17: how tenants wait. stmux on MPS with STMUX_SYNC=keep and
       # auto, MPS alone with its tenants spinning (CUDA's default) and
@@ -196,6 +237,7 @@ for step in "$@"; do
         ( cd "$fresh" && time bash tools/demo.sh ) >"$out/demo$n.log" 2>&1 || status=1
         cp "$fresh/build/demo/bench.json" "$out/demo$n.json" 2>/dev/null
         grep -E "^(cube|rnn)[^ ]* +32 " "$out/demo$n.log" | sed "s/^/demo $n: /"
+        clocks_by_row "$out/demo$n.json" | sed "s/^/demo $n clocks: /"
       done ;;
     demo10)
       # Issue 18's yardstick for demo2: the demo's rows (R = 32, its 3 s
@@ -204,7 +246,8 @@ for step in "$@"; do
       "$build/tools/stmux-bench" --out /tmp/stmux-demo10 --shapes cube,rnn --tenants 32 \
         --seconds 10 --warmup 3 >"$out/demo10.log" 2>&1 || status=1
       cp /tmp/stmux-demo10/bench.json "$out/demo10.json" 2>/dev/null
-      grep -E "^(cube|rnn)" "$out/demo10.log" | sed "s/^/10 s: /" ;;
+      grep -E "^(cube|rnn)" "$out/demo10.log" | sed "s/^/10 s: /"
+      clocks_by_row "$out/demo10.json" | sed "s/^/10 s clocks: /" ;;
     fuzz)
       # Issue 14: each libFuzzer target for $FUZZ_RUNS inputs (default 10^7)
       # over every core, from a fuzz build made elsewhere (clang need not be
