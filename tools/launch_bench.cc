@@ -12,8 +12,10 @@
 // of its round: the pointer arrays written to pinned memory, copied to the
 // device, one cublasSgemmBatched and the batch's event, with two batches in
 // flight as the executor keeps them; against the copy and the GEMM captured
-// once per buffer as a CUDA graph and replayed. Medians of each step's host
-// time, and the batches per second each sustains.
+// once per buffer as a CUDA graph and replayed; for one shape (one
+// cublasSgemmBatched) and for mixes (one per shape, or one grouped call).
+// Medians of each step's host time, the batches per second each sustains,
+// and whether the replays wrote what the launches did.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -161,6 +163,7 @@ struct Slot {
 
 struct HostCost {
   double write_us = 0, copy_us = 0, gemm_us = 0, record_us = 0;  // the launch, step by step
+                                                                 // (gemm: the cuBLAS calls)
   double launch_us = 0;                                          // all of it
   double graph_us = 0;     // the arrays written, the graph launched, the event recorded
   double launch_rate = 0;  // batches per second, two in flight
@@ -168,35 +171,45 @@ struct HostCost {
   bool same = false;  // the replays wrote what the launches did
 };
 
-// The executor's launch of a batch from `slot`: the pointer arrays' copy and
-// the GEMMs; `copied`, if given, is when the copy was queued.
-void enqueue(cublasHandle_t handle, cudaStream_t stream, const Shape& s, int count,
-             const Slot& slot, double* copied = nullptr) {
-  const float alpha = 1, beta = 0;
-  EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(slot.device, slot.host, 3 * count * sizeof(float*),
+// The executor's launch of a batch of `mix` from `slot`: the pointer arrays'
+// copy, then one cublasSgemmBatched per shape or one grouped call;
+// `copied`, if given, is when the copy was queued.
+void enqueue(cublasHandle_t handle, cudaStream_t stream, const Mix& mix, bool grouped,
+             const Slot& slot, int total, double* copied = nullptr) {
+  EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(slot.device, slot.host, 3 * total * sizeof(float*),
                                      cudaMemcpyHostToDevice, stream));
   if (copied != nullptr) *copied = nowUs();
-  EXIT_ON_CUBLAS_ERROR(cublasSgemmBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, s.m, s.n, s.k, &alpha,
-                                          slot.device, s.m, slot.device + count, s.k, &beta,
-                                          const_cast<float* const*>(slot.device + 2 * count), s.m,
-                                          count));
+  Prepared arrays;  // the slot's arrays, as the launches read them
+  arrays.a = slot.device;
+  arrays.b = slot.device + total;
+  arrays.c = const_cast<float**>(slot.device + 2 * total);
+  if (grouped) {
+    launchGrouped(handle, mix, arrays);
+  } else {
+    launchBatched(handle, mix, arrays);
+  }
 }
 
-std::vector<float> results(const Prepared& p, const Shape& s) {
-  std::vector<float> out(std::size_t(p.total) * s.m * s.n);
-  for (int i = 0; i < p.total; ++i) {
-    EXIT_ON_CUDA_ERROR(cudaMemcpy(out.data() + std::size_t(i) * s.m * s.n,
-                                  p.pointers[2 * p.total + i],
-                                  std::size_t(s.m) * s.n * sizeof(float), cudaMemcpyDeviceToHost));
+// Every C of `p`, copied back.
+std::vector<float> results(const Mix& mix, const Prepared& p) {
+  std::vector<float> out;
+  int i = 0;
+  for (const Shape& s : mix.shapes) {
+    for (int g = 0; g < mix.per_shape; ++g, ++i) {
+      const std::size_t at = out.size(), floats = std::size_t(s.m) * s.n;
+      out.resize(at + floats);
+      EXIT_ON_CUDA_ERROR(cudaMemcpy(out.data() + at, p.pointers[2 * p.total + i],
+                                    floats * sizeof(float), cudaMemcpyDeviceToHost));
+    }
   }
   return out;
 }
 
-HostCost hostCost(cublasHandle_t handle, cudaStream_t stream, const Shape& shape, int count,
+HostCost hostCost(cublasHandle_t handle, cudaStream_t stream, const Mix& mix, bool grouped,
                   std::mt19937& random) {
   constexpr int kWarmup = 200, kBatches = 5000;
-  const Mix mix{"", {shape}, count};
   Prepared p = prepare(mix, random);
+  const int count = p.total;
   std::vector<Slot> slots(2);  // STMUX_MAX_IN_FLIGHT's default
   for (Slot& slot : slots) {
     EXIT_ON_CUDA_ERROR(cudaHostAlloc(reinterpret_cast<void**>(&slot.host),
@@ -223,7 +236,7 @@ HostCost hostCost(cublasHandle_t handle, cudaStream_t stream, const Shape& shape
         EXIT_ON_CUDA_ERROR(cudaGraphLaunch(slot.graph, stream));
         t[2] = t[3] = nowUs();
       } else {
-        enqueue(handle, stream, shape, count, slot, &t[2]);
+        enqueue(handle, stream, mix, grouped, slot, count, &t[2]);
         t[3] = nowUs();
       }
       EXIT_ON_CUDA_ERROR(cudaEventRecord(slot.done, stream));
@@ -239,23 +252,24 @@ HostCost hostCost(cublasHandle_t handle, cudaStream_t stream, const Shape& shape
   };
   std::vector<double> launched[5], replayed[5];
   cost.launch_rate = run(false, launched);
-  const std::vector<float> direct = results(p, shape);
+  const std::vector<float> direct = results(mix, p);
   for (int i = 0; i < p.total; ++i) {  // the replays must write every C again
+    const Shape& s = mix.shapes[i / mix.per_shape];
     EXIT_ON_CUDA_ERROR(cudaMemset(const_cast<float*>(p.pointers[2 * p.total + i]), 0,
-                                  std::size_t(shape.m) * shape.n * sizeof(float)));
+                                  std::size_t(s.m) * s.n * sizeof(float)));
   }
   for (Slot& slot : slots) {
     std::copy(p.pointers.begin(), p.pointers.end(), slot.host);
     cudaGraph_t graph;
     EXIT_ON_CUDA_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    enqueue(handle, stream, shape, count, slot);
+    enqueue(handle, stream, mix, grouped, slot, count);
     EXIT_ON_CUDA_ERROR(cudaStreamEndCapture(stream, &graph));
     EXIT_ON_CUDA_ERROR(cudaGraphInstantiate(&slot.graph, graph, 0));
     EXIT_ON_CUDA_ERROR(cudaGraphDestroy(graph));
     EXIT_ON_CUDA_ERROR(cudaGraphUpload(slot.graph, stream));
   }
   cost.graph_rate = run(true, replayed);
-  cost.same = results(p, shape) == direct;
+  cost.same = results(mix, p) == direct;
   cost.write_us = median(launched[0]);
   cost.copy_us = median(launched[1]);
   cost.gemm_us = median(launched[2]);
@@ -302,12 +316,13 @@ int main(int argc, char** argv) {
   std::mt19937 random(1234);
 
   const Shape rnn{512, 1, 512}, conv{256, 128, 1152}, cube{256, 256, 256};
+  const std::vector<Shape> squares = {{64, 64, 64}, {96, 96, 96}, {128, 128, 128}, {160, 160, 160}};
   const std::vector<Mix> mixes = {
       {"1 shape x 32 (256^3)", {cube}, 32},
       {"2 shapes x 16", {cube, rnn}, 16},
       {"3 seed shapes x 11", {rnn, conv, cube}, 11},
       {"3 seed shapes x 86", {rnn, conv, cube}, 86},
-      {"4 squares x 8", {{64, 64, 64}, {96, 96, 96}, {128, 128, 128}, {160, 160, 160}}, 8},
+      {"4 squares x 8", squares, 8},
       {"8 squares x 4",
        {{32, 32, 32},
         {48, 48, 48},
@@ -339,20 +354,34 @@ int main(int argc, char** argv) {
     release(p);
   }
 
+  // The executor's own batches: one shape (its cuBLAS call: one
+  // cublasSgemmBatched), and mixes as STMUX_LAUNCH=auto launches them.
+  struct Launch {
+    Mix mix;
+    bool grouped;
+  };
+  const std::vector<Launch> launches = {
+      {{"rnn 512x1x512", {rnn}, 10}, false},
+      {{"rnn 512x1x512", {rnn}, 32}, false},
+      {{"cube 256^3", {cube}, 10}, false},
+      {{"cube 256^3", {cube}, 32}, false},
+      {{"3 seed x 11", {rnn, conv, cube}, 11}, false},
+      {{"4 squares x 8", squares, 8}, true},
+  };
   std::printf(
       "\nthe host time of one batch's launch, median us, and batches/s with two in flight\n");
-  std::printf("%-16s %4s %7s %7s %7s %7s %8s %8s %11s %11s %5s\n", "shape", "G", "write", "copy",
-              "gemm", "record", "launch", "graph", "launch b/s", "graph b/s", "same");
+  std::printf("%-16s %7s %6s %7s %7s %7s %7s %8s %8s %11s %11s %5s\n", "batch", "launch", "gemms",
+              "write", "copy", "calls", "record", "launch", "graph", "launch b/s", "graph b/s",
+              "same");
   int status = 0;
-  for (const auto& [name, shape] :
-       {std::pair{"rnn 512x1x512", rnn}, std::pair{"cube 256^3", cube}}) {
-    for (const int count : {10, 32}) {
-      const HostCost c = hostCost(handle, stream, shape, count, random);
-      std::printf("%-16s %4d %7.1f %7.1f %7.1f %7.1f %8.1f %8.1f %11.0f %11.0f %5s\n", name, count,
-                  c.write_us, c.copy_us, c.gemm_us, c.record_us, c.launch_us, c.graph_us,
-                  c.launch_rate, c.graph_rate, c.same ? "yes" : "NO");
-      if (!c.same) status = 1;
-    }
+  for (const Launch& l : launches) {
+    const HostCost c = hostCost(handle, stream, l.mix, l.grouped, random);
+    std::printf("%-16s %7s %6zu %7.1f %7.1f %7.1f %7.1f %8.1f %8.1f %11.0f %11.0f %5s\n",
+                l.mix.name.c_str(), l.grouped ? "grouped" : "batched",
+                l.mix.shapes.size() * static_cast<std::size_t>(l.mix.per_shape), c.write_us,
+                c.copy_us, c.gemm_us, c.record_us, c.launch_us, c.graph_us, c.launch_rate,
+                c.graph_rate, c.same ? "yes" : "NO");
+    if (!c.same) status = 1;
   }
   cublasDestroy(handle);
   return status;
