@@ -8,12 +8,12 @@
 // executor's STMUX_LAUNCH=auto rule comes from this table
 // (docs/BENCHMARKS.md).
 //
-// Then what a batch of one shape costs the executor's thread, the host side
-// of its round: the pointer arrays written to pinned memory, copied to the
-// device, one cublasSgemmBatched and the batch's event, with two batches in
-// flight as the executor keeps them; against the copy and the GEMM captured
-// once per buffer as a CUDA graph and replayed; for one shape (one
-// cublasSgemmBatched) and for mixes (one per shape, or one grouped call).
+// Then what a batch costs the executor's thread, the host side of its round:
+// the pointer arrays written to pinned memory, copied to the device, the
+// cuBLAS calls and the batch's event, with two batches in flight as the
+// executor keeps them; against the copy and the calls captured once per
+// buffer as a CUDA graph and replayed; for one shape (one cublasSgemmBatched)
+// and for mixes (one per shape, or one grouped call).
 // Medians of each step's host time, the batches per second each sustains,
 // and whether the replays wrote what the launches did.
 #include <cublas_v2.h>
