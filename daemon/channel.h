@@ -85,6 +85,10 @@ struct ExecutorGauges {
   std::atomic<std::uint64_t> mapped{0};             // client allocations mapped now
   std::atomic<std::uint64_t> launches{0};           // cuBLAS launches issued
   std::atomic<std::uint64_t> epilogue_launches{0};  // epilogue kernels launched (one per batch)
+  // STMUX_LAUNCH_GRAPHS: batches launched by replaying a graph, and graphs
+  // captured (daemon/launch_graphs.h).
+  std::atomic<std::uint64_t> graph_launches{0};
+  std::atomic<std::uint64_t> graph_captures{0};
   // Allocations the executor had to open itself, on its own thread (the
   // mapper could not: memory at the address was still mapped there).
   std::atomic<std::uint64_t> inline_opens{0};

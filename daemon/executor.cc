@@ -15,6 +15,7 @@
 
 #include "daemon/epilogue_fatbin.h"  // generated: stmux_epilogue_fatbin
 #include "daemon/epilogue_params.h"
+#include "daemon/launch_graphs.h"
 #include "daemon/launch_plan.h"
 #include "daemon/mapping_cache.h"
 #include "daemon/waker.h"
@@ -210,12 +211,20 @@ class Executor::Impl {
           return openHandle(h, already_mapped);
         },
         [](const Mapped& m) { closeMapping(m); });
-    STMUX_INFO(kExec, "GPU {}: ready ({} requests per batch, {} batches in flight)",
-               options_.device, options_.max_batch, buffers_.size());
+    if (options_.launch_graphs) {
+      // Enough for every batch size of a few shapes in each buffer.
+      constexpr std::size_t kGraphs = 512;
+      graphs_ = std::make_unique<LaunchGraphs<BatchGraph>>(
+          kGraphs, 2, [](BatchGraph& graph) { cudaGraphExecDestroy(graph.exec); });
+    }
+    STMUX_INFO(kExec, "GPU {}: ready ({} requests per batch, {} batches in flight{})",
+               options_.device, options_.max_batch, buffers_.size(),
+               graphs_ ? ", recurring batches replayed as graphs" : "");
     return Status::okStatus();
   }
 
   void teardown() {
+    graphs_.reset();
     cache_.reset();  // closes every mapping
     for (Buffer& buffer : buffers_) {
       if (buffer.host != nullptr) cudaFreeHost(buffer.host);
@@ -449,9 +458,9 @@ class Executor::Impl {
     in_flight_.push_back(std::move(flight));
   }
 
-  // Uploads the pointer arrays, launches every group, applies the epilogues,
-  // and records the batch's event. A cuBLAS error fails the groups of that
-  // launch alone.
+  // Uploads the pointer arrays, launches every group (or replays a graph of
+  // both), applies the epilogues, and records the batch's event. A cuBLAS
+  // error fails the groups of that launch alone.
   Status submit(const LaunchPlan& plan, const std::vector<Ready>& ordered, Buffer& buffer,
                 InFlight& flight) {
     const std::vector<Group>& groups = plan.groups;
@@ -469,59 +478,138 @@ class Executor::Impl {
           }
         }
       }
-      STMUX_CUDA(cudaMemcpyAsync(buffer.device, buffer.host, 3 * n * sizeof(float*),
-                                 cudaMemcpyHostToDevice, stream_));
     }
     const float* const* a_array = buffer.device;
     const float* const* b_array = buffer.device + n;
     float* const* c_array = const_cast<float* const*>(buffer.device + 2 * n);
-    auto failGroups = [&](std::size_t first, std::size_t last, cublasStatus_t status) {
-      for (std::size_t g = first; g < last; ++g) {
-        STMUX_WARN(kExec, "GPU {}: a launch of {} requests returned {}", options_.device,
-                   groups[g].count, cublasGetStatusString(status));
-        for (std::size_t p = groups[g].start; p < groups[g].start + groups[g].count; ++p) {
-          flight.status[ordered[p].item] = static_cast<std::int32_t>(status);
-        }
-      }
-    };
-
     const bool grouped =
         options_.launch == LaunchMode::kGrouped ||
         (options_.launch == LaunchMode::kAuto &&
          static_cast<std::size_t>(std::count_if(groups.begin(), groups.end(), [](const Group& g) {
            return !g.alone;
          })) >= options_.grouped_min_keys);
-    std::size_t first = 0;
-    while (first < groups.size()) {
-      // One grouped launch shares the handle's math mode: take a run of
-      // groups with the same modes whose sizes fit the int API.
-      std::size_t last = first + 1;
-      if (grouped && !groups[first].alone && fitsInt(groups[first].key)) {
-        while (last < groups.size() && !groups[last].alone && fitsInt(groups[last].key) &&
-               groups[last].key.math_mode == groups[first].key.math_mode &&
-               groups[last].key.emulation == groups[first].key.emulation) {
-          ++last;
+
+    // The arrays' copy and the cuBLAS calls, as a graph replays them too;
+    // the calls made, and the runs of groups whose call failed.
+    struct Failure {
+      std::size_t first, last;
+      cublasStatus_t status;
+    };
+    std::vector<Failure> failures;
+    std::uint32_t calls = 0;
+    auto enqueue = [&]() -> Status {
+      if (n > 0) {
+        STMUX_CUDA(cudaMemcpyAsync(buffer.device, buffer.host, 3 * n * sizeof(float*),
+                                   cudaMemcpyHostToDevice, stream_));
+      }
+      std::size_t first = 0;
+      while (first < groups.size()) {
+        // One grouped launch shares the handle's math mode: take a run of
+        // groups with the same modes whose sizes fit the int API.
+        std::size_t last = first + 1;
+        if (grouped && !groups[first].alone && fitsInt(groups[first].key)) {
+          while (last < groups.size() && !groups[last].alone && fitsInt(groups[last].key) &&
+                 groups[last].key.math_mode == groups[first].key.math_mode &&
+                 groups[last].key.emulation == groups[first].key.emulation) {
+            ++last;
+          }
+        }
+        const std::size_t offset = groups[first].first;
+        cublasStatus_t status = setModes(groups[first].key);
+        if (status == CUBLAS_STATUS_SUCCESS) {
+          if (last - first > 1) {
+            status = launchGrouped(groups, first, last, a_array + offset, b_array + offset,
+                                   c_array + offset);
+          } else if (groups[first].count == 1) {  // alone, or the only request of its key
+            status = launchOne(groups[first].key, ordered[groups[first].start]);
+          } else {
+            status =
+                launchBatched(groups[first], a_array + offset, b_array + offset, c_array + offset);
+          }
+          ++calls;
+        }
+        if (status != CUBLAS_STATUS_SUCCESS) failures.push_back({first, last, status});
+        first = last;
+      }
+      return Status::okStatus();
+    };
+    // A graph holds what is the same at every replay: only batches whose
+    // every call is a cublasSgemmBatched from the arrays (the grouped call
+    // and plain cublasSgemm take host arrays or the operands themselves).
+    const bool graphable = graphs_ != nullptr && n > 0 && !grouped &&
+                           std::all_of(groups.begin(), groups.end(),
+                                       [](const Group& g) { return !g.alone && g.count > 1; });
+    if (Status status =
+            graphable ? enqueueAsGraph(plan, flight.buffer, enqueue, failures, calls) : enqueue();
+        !status.ok()) {
+      return status;
+    }
+    channel_.gauges().launches.fetch_add(calls, std::memory_order_relaxed);
+    for (const Failure& failure : failures) {
+      for (std::size_t g = failure.first; g < failure.last; ++g) {
+        STMUX_WARN(kExec, "GPU {}: a launch of {} requests returned {}", options_.device,
+                   groups[g].count, cublasGetStatusString(failure.status));
+        for (std::size_t p = groups[g].start; p < groups[g].start + groups[g].count; ++p) {
+          flight.status[ordered[p].item] = static_cast<std::int32_t>(failure.status);
         }
       }
-      const std::size_t offset = groups[first].first;
-      cublasStatus_t status = setModes(groups[first].key);
-      if (status == CUBLAS_STATUS_SUCCESS) {
-        if (last - first > 1) {
-          status = launchGrouped(groups, first, last, a_array + offset, b_array + offset,
-                                 c_array + offset);
-        } else if (groups[first].count == 1) {  // alone, or the only request of its key
-          status = launchOne(groups[first].key, ordered[groups[first].start]);
-        } else {
-          status =
-              launchBatched(groups[first], a_array + offset, b_array + offset, c_array + offset);
-        }
-        channel_.gauges().launches.fetch_add(1, std::memory_order_relaxed);
-      }
-      if (status != CUBLAS_STATUS_SUCCESS) failGroups(first, last, status);
-      first = last;
     }
     launchEpilogues(plan, ordered, buffer, flight);
     STMUX_CUDA(cudaEventRecord(buffer.done, stream_));
+    return Status::okStatus();
+  }
+
+  // STMUX_LAUNCH_GRAPHS: replays the graph of this buffer's batches of the
+  // plan's keys and problems, captures one on its second sighting (a capture
+  // queues nothing: the graph is then launched), or calls `enqueue`. A
+  // capture that fails (a call that failed in it, or one cuBLAS cannot make
+  // in a capture) falls back to `enqueue`, as that signature does from then on.
+  template <class Enqueue, class Failures>
+  Status enqueueAsGraph(const LaunchPlan& plan, std::size_t buffer, Enqueue& enqueue,
+                        Failures& failures, std::uint32_t& calls) {
+    LaunchSignature signature{buffer, {}};
+    signature.groups.reserve(plan.groups.size());
+    for (const Group& group : plan.groups)
+      signature.groups.emplace_back(group.key, group.problems);
+    BatchGraph* graph = nullptr;
+    switch (graphs_->next(signature, graph)) {
+      case LaunchGraphs<BatchGraph>::Action::kReplay:
+        STMUX_CUDA(cudaGraphLaunch(graph->exec, stream_));
+        calls = graph->calls;
+        channel_.gauges().graph_launches.fetch_add(1, std::memory_order_relaxed);
+        return Status::okStatus();
+      case LaunchGraphs<BatchGraph>::Action::kLaunch:
+        return enqueue();
+      case LaunchGraphs<BatchGraph>::Action::kCapture:
+        break;
+    }
+    cudaGraph_t captured = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    // Thread-local: the mapper thread's IPC opens go on meanwhile.
+    if (cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+      const Status enqueued = enqueue();
+      const cudaError_t ended = cudaStreamEndCapture(stream_, &captured);
+      if (!enqueued.ok() || !failures.empty() || ended != cudaSuccess || captured == nullptr ||
+          cudaGraphInstantiate(&exec, captured, 0) != cudaSuccess) {
+        exec = nullptr;
+      }
+      if (captured != nullptr) cudaGraphDestroy(captured);
+    }
+    if (exec == nullptr) {
+      (void)cudaGetLastError();  // what the capture left is not the GPU's fault
+      STMUX_INFO(kExec,
+                 "GPU {}: a batch of {} keys could not be captured as a graph; "
+                 "its launches go directly",
+                 options_.device, plan.groups.size());
+      graphs_->captured(signature, std::nullopt);
+      failures.clear();
+      calls = 0;
+      return enqueue();
+    }
+    graphs_->captured(signature, BatchGraph{exec, calls});
+    channel_.gauges().graph_captures.fetch_add(1, std::memory_order_relaxed);
+    STMUX_CUDA(cudaGraphLaunch(exec, stream_));
+    channel_.gauges().graph_launches.fetch_add(1, std::memory_order_relaxed);
     return Status::okStatus();
   }
 
@@ -733,6 +821,13 @@ class Executor::Impl {
   std::deque<InFlight> in_flight_;
   std::unique_ptr<MappingCache> cache_;
   std::unique_ptr<Wakers> wakers_;
+  // STMUX_LAUNCH_GRAPHS: a replayable batch's launches, and how many cuBLAS
+  // calls they are.
+  struct BatchGraph {
+    cudaGraphExec_t exec;
+    std::uint32_t calls;
+  };
+  std::unique_ptr<LaunchGraphs<BatchGraph>> graphs_;
 };
 
 Executor::Executor(ExecutorOptions options, ExecutorChannel& channel)

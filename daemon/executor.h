@@ -39,6 +39,9 @@ struct ExecutorOptions {
   // faster for 2 and 3 keys, the grouped launch 1.2x faster at 4 keys and
   // 2.2-4.5x at 8 to 32.
   std::uint32_t grouped_min_keys = 4;
+  // STMUX_LAUNCH_GRAPHS: replay recurring batches' launches as CUDA graphs
+  // (daemon/launch_graphs.h).
+  bool launch_graphs = false;
 };
 
 // The GPUs of this host, as the daemon's CUDA runtime sees them.

@@ -381,6 +381,8 @@ void Scheduler::addStatus(Json& status) const {
     entry["wakes"] = wakes;
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
+    entry["graph_launches"] = gauges.graph_launches.load();
+    entry["graph_captures"] = gauges.graph_captures.load();
     entry["mapped"] = gauges.mapped.load();
     entry["inline_opens"] = gauges.inline_opens.load();
   }

@@ -168,6 +168,40 @@ TEST_F(ShimOnGpu, ADaemonKilledMidRunLeavesNoCallerHangingOrWrongAndTheyComeBack
   }
 }
 
+// STMUX_LAUNCH_GRAPHS=on: processes calling one shape make batches whose
+// launches recur, which the daemon captures as graphs and replays; every
+// result right (beta != 0: C is read as well), and the replays happened.
+class ShimOnGpuWithGraphs : public ShimOnGpu {
+ protected:
+  std::map<std::string, std::string> daemonEnv() const override {
+    return {{"STMUX_LAUNCH_GRAPHS", "on"}};
+  }
+};
+
+TEST_F(ShimOnGpuWithGraphs, ReplayedBatchesComeOutRight) {
+  std::vector<Process> clients;
+  for (int i = 0; i < 16; ++i) {
+    clients.push_back(client({"stress", "--same-shape", "--m", "64", "--n", "48", "--k", "80",
+                              "--seconds", "4", "--beta", "0.5"},
+                             shimmed(), "graphs" + std::to_string(i)));
+  }
+  for (Process& c : clients) {
+    ASSERT_EQ(c.wait(std::chrono::seconds(120)), 0) << c.out() << c.err();
+    EXPECT_EQ(outValue(c.out(), "wrong"), 0) << c.out();
+    EXPECT_EQ(outValue(c.out(), "other"), 0) << c.out();
+    EXPECT_GT(outValue(c.out(), "ok"), 0) << c.out();
+    EXPECT_GT(shimStats(c.err()).served, 0) << c.err();
+  }
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  EXPECT_GT(gpuField(*status, "graph_captures"), 0) << dumpJson(*status);
+  EXPECT_GT(gpuField(*status, "graph_launches"), gpuField(*status, "graph_captures"))
+      << "captured graphs were never replayed: " << dumpJson(*status);
+  const Json* broken = jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "broken");
+  ASSERT_NE(broken, nullptr);
+  EXPECT_FALSE(jsonBool(broken, true)) << "the daemon lost its GPU";
+}
+
 // Graph capture (in cudaStreamCaptureModeGlobal, one capture held open while
 // the shim's sweeper runs: a capture it disturbed would fail to end, exit 3),
 // device pointer mode, pool and managed memory: each result right, each call

@@ -84,7 +84,8 @@ struct Options {
   std::string apis = "all";
   bool mixed = false;  // loop: --tenant picks a seed shape; ceiling: all three, grouped
   int tenant = 0;
-  int threads = 1;  // stress
+  int threads = 1;          // stress
+  bool same_shape = false;  // stress: every call --m x --n x --k, not a random shape
   // The program's own scheduling choice (cudaSetDeviceFlags before its
   // context): 0 leaves CUDA's default.
   unsigned sync_flag = 0;
@@ -100,9 +101,11 @@ void usage(FILE* out) {
                "  probe                          no GPU needed: symbol binding and refusals\n"
                "  check [--quick] [--seed N] [--api all|v2|v2_64|legacy]\n"
                "                                 the case matrix against a float64 reference\n"
-               "  stress --seconds S [--beta B] [--seed N] [--threads T]\n"
+               "  stress --seconds S [--beta B] [--seed N] [--threads T] [--same-shape]\n"
                "                                 verified calls in a loop; counts statuses;\n"
-               "                                 T threads, each with its own handle\n"
+               "                                 T threads, each with its own handle; random\n"
+               "                                 shapes up to 96^3, or with --same-shape each\n"
+               "                                 --m x --n x --k (default 256^3)\n"
                "  paths                          verified calls the shim must leave to cuBLAS:\n"
                "                                 graph capture, device pointer mode, pool\n"
                "                                 (cudaMallocAsync) and managed memory\n"
@@ -169,16 +172,25 @@ bool parse(int argc, char** argv, Options& o) {
                  o.mode.c_str());
     return false;
   }
-  static const option kLong[] = {
-      {"quick", no_argument, nullptr, 'q'},         {"seed", required_argument, nullptr, 's'},
-      {"seconds", required_argument, nullptr, 'S'}, {"beta", required_argument, nullptr, 'b'},
-      {"m", required_argument, nullptr, 'm'},       {"n", required_argument, nullptr, 'n'},
-      {"k", required_argument, nullptr, 'k'},       {"count", required_argument, nullptr, 'c'},
-      {"ready", required_argument, nullptr, 'r'},   {"go", required_argument, nullptr, 'g'},
-      {"out", required_argument, nullptr, 'o'},     {"api", required_argument, nullptr, 'p'},
-      {"mixed", no_argument, nullptr, 'x'},         {"tenant", required_argument, nullptr, 't'},
-      {"threads", required_argument, nullptr, 'T'}, {"sync", required_argument, nullptr, 'y'},
-      {"help", no_argument, nullptr, 'h'},          {nullptr, 0, nullptr, 0}};
+  static const option kLong[] = {{"quick", no_argument, nullptr, 'q'},
+                                 {"seed", required_argument, nullptr, 's'},
+                                 {"seconds", required_argument, nullptr, 'S'},
+                                 {"beta", required_argument, nullptr, 'b'},
+                                 {"m", required_argument, nullptr, 'm'},
+                                 {"n", required_argument, nullptr, 'n'},
+                                 {"k", required_argument, nullptr, 'k'},
+                                 {"count", required_argument, nullptr, 'c'},
+                                 {"ready", required_argument, nullptr, 'r'},
+                                 {"go", required_argument, nullptr, 'g'},
+                                 {"out", required_argument, nullptr, 'o'},
+                                 {"api", required_argument, nullptr, 'p'},
+                                 {"mixed", no_argument, nullptr, 'x'},
+                                 {"tenant", required_argument, nullptr, 't'},
+                                 {"threads", required_argument, nullptr, 'T'},
+                                 {"sync", required_argument, nullptr, 'y'},
+                                 {"same-shape", no_argument, nullptr, 'e'},
+                                 {"help", no_argument, nullptr, 'h'},
+                                 {nullptr, 0, nullptr, 0}};
   optind = 2;
   int c;
   bool ok = true;
@@ -228,6 +240,9 @@ bool parse(int argc, char** argv, Options& o) {
         break;
       case 'T':
         ok = number("--threads", optarg, 1, 256, o.threads);
+        break;
+      case 'e':
+        o.same_shape = true;
         break;
       case 'y':
         if (std::strcmp(optarg, "spin") == 0) {
@@ -611,8 +626,8 @@ struct StressCounts {
   std::atomic<long> ok{0}, failed{0}, wrong{0}, other{0};
 };
 
-// Verified calls of random small shapes until `until_ns`, on a handle and
-// stream of this thread's own.
+// Verified calls of random small shapes (or all of one, --same-shape) until
+// `until_ns`, on a handle and stream of this thread's own.
 void stressThread(const Options& o, std::uint64_t seed, std::uint64_t until_ns,
                   StressCounts& counts) {
   std::mt19937_64 random(seed);
@@ -620,10 +635,11 @@ void stressThread(const Options& o, std::uint64_t seed, std::uint64_t until_ns,
   cublasHandle_t handle;
   cudaStream_t stream;
   if (!makeHandle(handle, stream)) std::exit(3);
-  GemmCase largest{"stress", 0, 0, 96, 96, 96};
-  Device d = allocate(largest);
+  const GemmCase same{"stress", 0, 0, o.m, o.n, o.k};
+  Device d = allocate(o.same_shape ? same : GemmCase{"stress", 0, 0, 96, 96, 96});
   while (monotonicNs() < until_ns) {
-    GemmCase c{"stress", 0, 0, size(random), size(random), size(random)};
+    GemmCase c =
+        o.same_shape ? same : GemmCase{"stress", 0, 0, size(random), size(random), size(random)};
     c.beta = o.beta;
     const Checked call = callChecked(c, handle, stream, d, random);
     if (call.status == CUBLAS_STATUS_SUCCESS) {
