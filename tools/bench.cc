@@ -138,7 +138,8 @@ struct Point {
   // stmux rows: the tenants' calls by cuBLAS entry point, and how many of
   // them stmuxd served (PyTorch reaches cuBLAS through several).
   std::map<std::string, ShimStats::Entry> entries;
-  double mean_batch = 0;  // stmux rows: the daemon's mean batch
+  double mean_batch = 0;   // stmux rows: the daemon's mean batch
+  double graph_share = 0;  // stmux rows: batches replayed as graphs (STMUX_LAUNCH_GRAPHS)
   // stmux rows: where a served call's time went, means in us (-1: not
   // measured): the tenants' wait for their own earlier work (host mode); the
   // ring (push to the daemon's pop); stream-ordered, the pop to the caller's
@@ -560,6 +561,9 @@ class Bench {
       if (auto status = daemonStatus(socket)) {
         const Json* gpu = jsonAt(jsonFind(*status, "gpus"), 0);
         point.mean_batch = jsonNumber(jsonFind(gpu, "mean_batch"));
+        if (const double batches = jsonNumber(jsonFind(gpu, "batches")); batches > 0) {
+          point.graph_share = jsonNumber(jsonFind(gpu, "graph_launches")) / batches;
+        }
         const Json* round = jsonFind(gpu, "round_us");
         point.round.ring = jsonNumber(jsonFind(round, "ring"), -1);
         point.round.stream_ready = jsonNumber(jsonFind(round, "stream_ready"), -1);
@@ -600,6 +604,10 @@ class Bench {
     if (point.routed_direct >= 0.005) {
       point.note = fmt::format("STMUX_ROUTE=auto ran {:.0f}% of calls direct (measured faster)",
                                100 * point.routed_direct);
+    }
+    if (point.graph_share > 0) {
+      point.note += fmt::format("{}{:.0f}% of batches replayed as graphs",
+                                point.note.empty() ? "" : "; ", 100 * point.graph_share);
     }
     if (point.route_looks > 0) {
       point.note +=
@@ -1103,6 +1111,7 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
         row["routed_direct"] = p.routed_direct;
         row["route_looks"] = p.route_looks;
         row["route_gain"] = p.route_gain;
+        row["graph_share"] = p.graph_share;
         row["mean_batch"] = p.mean_batch;
         Json& entries = row["entry_points"] = Json::object();
         for (const auto& [name, entry] : p.entries) {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu asan launch bench transport handoff waiters sync modes wakers placement
-#   demo2 demo10 fuzz fault hunt
+#   info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs
+#   placement demo2 demo10 fuzz fault hunt
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -15,7 +15,8 @@
 # $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
 # (--only flags; default the soak's wrong call's kind) selects, beside stress
 # tenants of a daemon, without and with the preload; wakers compares stmux
-# rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS); placement confines stmuxd's threads to
+# rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS); graphs compares stmux rows with
+# STMUX_LAUNCH_GRAPHS off and on; placement confines stmuxd's threads to
 # each CPU list of $PLACEMENTS (taskset); fuzz runs each carried libFuzzer target
 # for $FUZZ_RUNS inputs
 # The GPU's clocks, power and temperature are sampled every 0.5 s throughout
@@ -29,7 +30,7 @@ build=${STMUX_BUILD_DIR:-build-gpu}
 jobs=$(nproc)
 mkdir -p "$out"
 if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
-  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"
   exit 0
 fi
 status=0
@@ -191,6 +192,20 @@ for step in "$@"; do
             sed "s/^/wakers $w, round $round: /"
         done
       done ;;
+    graphs)
+      # STMUX_LAUNCH_GRAPHS (daemon/launch_graphs.h): stmux rows with it off
+      # and on, at $TENANTS (default 8,32), twice round after round; each
+      # row's round breakdown (launch is the executor's host time), and its
+      # note says what share of the batches were replays.
+      for round in 1 2; do
+        for g in off on; do
+          "$build/tools/stmux-bench" --out "/tmp/stmux-graphs-$g-$round" --shapes "${GRAPH_SHAPES:-rnn,cube}" \
+            --tenants "${TENANTS:-8,32}" --modes stmux --seconds 3 --stmuxd-args "--launch-graphs=$g" \
+            >"$out/graphs-$g-$round.log" 2>&1 || status=1
+          grep -E "^(cube|rnn|torch)|^round|^   " "$out/graphs-$g-$round.log" | grep -v "numbers:" |
+            sed "s/^/graphs $g, round $round: /"
+        done
+      done ;;
     placement)
       # Issues 17 and 18: stmux rows with stmuxd's threads confined (taskset)
       # to each CPU list of $PLACEMENTS (default: unconfined, 4 CPUs of
@@ -312,7 +327,7 @@ for step in "$@"; do
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers placement demo2 demo10 fuzz fault hunt" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs placement demo2 demo10 fuzz fault hunt" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
