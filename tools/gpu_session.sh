@@ -71,6 +71,21 @@ for p in json.load(open(sys.argv[1]))["points"]:
           f" {len(inside)} samples{'; reasons ' + ' '.join(reasons) if reasons else ''}")
 PY
 }
+# stmux rows at $TENANTS (default 8,32) with stmuxd's --$2 set to each of
+# the values $3, for shapes $4, twice round after round so that drift
+# shows; one log per value and round, $1 naming them.
+daemon_flag_rows() {
+  local tag=$1 flag=$2 values=$3 shapes=$4 round value
+  for round in 1 2; do
+    for value in $values; do
+      "$build/tools/stmux-bench" --out "/tmp/stmux-$tag-$value-$round" --shapes "$shapes" \
+        --tenants "${TENANTS:-8,32}" --modes stmux --seconds 3 --stmuxd-args "--$flag=$value" \
+        >"$out/$tag-$value-$round.log" 2>&1 || status=1
+      grep -E "^(cube|rnn|torch)|^round|^   " "$out/$tag-$value-$round.log" | grep -v "numbers:" |
+        sed "s/^/$tag $value, round $round: /"
+    done
+  done
+}
 for step in "$@"; do
   start=$(date +%s)
   case "$step" in
@@ -181,31 +196,13 @@ for step in "$@"; do
       done ;;
     wakers)
       # STMUX_DAEMON_WAKERS (daemon/waker.h): stmux rows with each of $WAKERS
-      # (default "0 1 2 4") waker threads, at $TENANTS (default 8,32), twice
-      # round after round so that drift shows; one log per variant and round.
-      for round in 1 2; do
-        for w in ${WAKERS:-0 1 2 4}; do
-          "$build/tools/stmux-bench" --out "/tmp/stmux-wakers-$w-$round" --shapes "${WAKER_SHAPES:-rnn,cube}" \
-            --tenants "${TENANTS:-8,32}" --modes stmux --seconds 3 --stmuxd-args "--daemon-wakers=$w" \
-            >"$out/wakers-$w-$round.log" 2>&1 || status=1
-          grep -E "^(cube|rnn|torch)|^round|^   " "$out/wakers-$w-$round.log" | grep -v "numbers:" |
-            sed "s/^/wakers $w, round $round: /"
-        done
-      done ;;
+      # (default "0 1 2 4") waker threads.
+      daemon_flag_rows wakers daemon-wakers "${WAKERS:-0 1 2 4}" "${WAKER_SHAPES:-rnn,cube}" ;;
     graphs)
       # STMUX_LAUNCH_GRAPHS (daemon/launch_graphs.h): stmux rows with it off
-      # and on, at $TENANTS (default 8,32), twice round after round; each
-      # row's round breakdown (launch is the executor's host time), and its
-      # note says what share of the batches were replays.
-      for round in 1 2; do
-        for g in off on; do
-          "$build/tools/stmux-bench" --out "/tmp/stmux-graphs-$g-$round" --shapes "${GRAPH_SHAPES:-rnn,cube}" \
-            --tenants "${TENANTS:-8,32}" --modes stmux --seconds 3 --stmuxd-args "--launch-graphs=$g" \
-            >"$out/graphs-$g-$round.log" 2>&1 || status=1
-          grep -E "^(cube|rnn|torch)|^round|^   " "$out/graphs-$g-$round.log" | grep -v "numbers:" |
-            sed "s/^/graphs $g, round $round: /"
-        done
-      done ;;
+      # and on; each row's round breakdown (launch is the executor's host
+      # time), and its note says what share of the batches were replays.
+      daemon_flag_rows graphs launch-graphs "off on" "${GRAPH_SHAPES:-rnn,cube}" ;;
     placement)
       # Issues 17 and 18: stmux rows with stmuxd's threads confined (taskset)
       # to each CPU list of $PLACEMENTS (default: unconfined, 4 CPUs of
