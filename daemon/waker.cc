@@ -67,13 +67,18 @@ void Wakers::wake(const Sleeper& sleeper) {
 void Wakers::run(Thread& thread) {
   std::uint64_t last_work = nowNs();
   while (true) {
+    // The stop is read before the queue: every push comes before it, so once
+    // it is seen an empty queue stays empty. Read after a pop that found
+    // nothing, a push and the stop could both fall between the two, and that
+    // sleeper would never be woken.
+    const bool stopping = stop_.load(std::memory_order_acquire);
     Sleeper sleeper;
     if (thread.queue.pop(sleeper)) {
       wake(sleeper);
       last_work = nowNs();
       continue;
     }
-    if (stop_.load(std::memory_order_acquire)) break;  // and nothing is queued
+    if (stopping) break;
     if (nowNs() - last_work < options_.spin_ns) {
       cpuRelax();
     } else {

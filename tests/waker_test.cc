@@ -156,6 +156,42 @@ TEST(Wakers, ManyBatchesInARowAreAllWoken) {
   EXPECT_EQ(gauges.wakes.load(), kBatches);
 }
 
+// Ending the wakers right after a publish still wakes everything it queued:
+// a thread that found its queue empty just before the last push, and was
+// preempted before it looked at the stop, must not end with the push unseen.
+// Sleepers are counted by the wakes gauge (a slot whose sleepers word is set
+// needs a wake, whether or not a thread waits on it), many rounds over more
+// spinning threads than this machine has cores, where such preemptions come.
+TEST(Wakers, WhatIsQueuedJustBeforeTheEndIsWoken) {
+  constexpr std::uint32_t kRounds = 400, kSleepers = 8;
+  const unsigned threads = std::max(4u, 2 * std::thread::hardware_concurrency());
+  ClientPtr client = makeClient(kSleepers);
+  ASSERT_TRUE(client);
+  const std::vector<std::int32_t> statuses(kSleepers, kStatusSuccess);
+  for (std::uint32_t round = 0; round < kRounds; ++round) {
+    Batch batch;
+    batch.id = round + 1;
+    for (std::uint32_t i = 0; i < kSleepers; ++i) {
+      Slot& slot = client->view.slot(i);
+      Request request{};
+      request.slot = i;
+      request.generation = slotArm(slot);
+      ASSERT_TRUE(slotClaim(slot, request.generation));
+      slot.sleepers.store(1);
+      batch.items.push_back(Queued{client, request, {}, 0});
+    }
+    ExecutorGauges gauges;
+    {
+      Wakers wakers(WakerOptions{threads, 10'000'000, 1024}, gauges);
+      // Every thread spinning on its queue before the publish.
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      batch.seen_ns = nowNs();
+      wakers.publish(batch, statuses);
+    }
+    ASSERT_EQ(gauges.wakes.load(), kSleepers) << "round " << round << " of " << kRounds;
+  }
+}
+
 // The threads are named, as `top -H`, perf and gdb show them.
 TEST(Wakers, ThreadsAreNamed) {
   const auto names = [] {
