@@ -1,6 +1,7 @@
 #include "daemon/scheduler.h"
 
 #include <algorithm>
+#include <array>
 #include <span>
 
 #include "stmux/gemm.h"
@@ -38,6 +39,26 @@ void forEachTouched(const Request& r, F&& f) {
   if (extents->b != 0) f(r.b);
   if (extents->c != 0) f(r.c);
   if (extents->bias != 0) f(r.bias);
+}
+
+// Whether the operands a request touches describe each allocation they name
+// alike: one handle and base wherever one id appears. An honest shim
+// describes an allocation one way; two descriptions under one id would have
+// the mapper open one, then the other in its place, at every look.
+bool describedAlike(const Request& r) {
+  std::array<const OperandDesc*, 4> seen{};
+  std::size_t count = 0;
+  bool alike = true;
+  forEachTouched(r, [&](const OperandDesc& operand) {
+    for (std::size_t i = 0; i < count; ++i) {
+      if (seen[i]->alloc_id == operand.alloc_id &&
+          (seen[i]->handle != operand.handle || seen[i]->base != operand.base)) {
+        alike = false;
+      }
+    }
+    seen[count++] = &operand;
+  });
+  return alike;
 }
 
 }  // namespace
@@ -94,6 +115,11 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
       (extents->b != 0 && request.b.alloc_id == 0) || request.c.alloc_id == 0 ||
       (extents->bias != 0 && request.bias.alloc_id == 0)) {
     return reject(client, request, kStatusInvalidValue);
+  }
+  if (!describedAlike(request)) {
+    STMUX_DEBUG(kSched, "client {} request {}: operands describe one allocation two ways",
+                client->id, request.request_id);
+    return reject(client, request, kStatusDeclined);  // it runs in its caller
   }
   // One request per completion slot is all an honest shim can have pending;
   // beyond that a client only grows the daemon's memory. Declined: it runs

@@ -67,6 +67,34 @@ TEST(Scheduler, InvalidArgumentsAreAnsweredWithoutTheGpu) {
   EXPECT_EQ(daemon.scheduler().rejected(), 4u);
 }
 
+// Operands of one request that name the same allocation but describe it
+// differently (another handle or base) are a confused or hostile client's:
+// mapping one would unmap the other, and the request would ask for both
+// again at every look, keeping the mapper opening and the server busy for
+// ever. It is declined (the shim runs it itself) before anything is opened.
+TEST(Scheduler, OperandsThatDescribeOneAllocationTwoWaysAreDeclined) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request two_handles = validRequest();
+  two_handles.b.alloc_id = two_handles.a.alloc_id;
+  two_handles.b.handle.bytes[0] = 7;
+  Request two_bases = validRequest();
+  two_bases.c.alloc_id = two_bases.a.alloc_id;
+  two_bases.c.base = 4096;
+  const int opens = daemon.executor().opens();
+  EXPECT_EQ(call(*connection, two_handles), kStatusDeclined);
+  EXPECT_EQ(call(*connection, two_bases), kStatusDeclined);
+  EXPECT_EQ(daemon.executor().opens(), opens) << "nothing opened for them";
+  // The same allocation described alike by two operands is ordinary (A and
+  // B in one cudaMalloc'd block).
+  Request shared = validRequest();
+  shared.b = shared.a;
+  EXPECT_EQ(call(*connection, shared), kStatusSuccess);
+  EXPECT_EQ(daemon.executor().batchSizes(), std::vector<std::size_t>{1});
+}
+
 // An epilogue's bias is an operand like A, B and C: one that will be read
 // has to be described, and the epilogue's bits have to be ones stmux knows.
 TEST(Scheduler, AnEpilogueIsCheckedBeforeTheGpu) {
