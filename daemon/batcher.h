@@ -44,6 +44,9 @@ struct Queued {
   Request request;
   BatchKey key;
   std::uint64_t arrival_ns = 0;  // in the batcher: popped, or, stream-ordered, found ready
+  // Opens the scheduler asked of the mapper for its memory while it waited
+  // (Scheduler::memoryMapped bounds them).
+  std::uint32_t opens = 0;
 };
 
 struct Batch {

@@ -29,6 +29,14 @@ constexpr std::uint64_t kReadyLookMinNs = 20'000;
 // honest clock (a ring holds requests for microseconds, at most the timeout).
 constexpr std::uint64_t kPlausibleRingNs = 3'600'000'000'000;
 constexpr std::uint64_t kReadyLookMaxNs = 1'000'000;
+// The most opens one request may ask of the mapper: each of its (at most
+// four) allocations four times. An honest request needs each once, again
+// only when the scheduler forgot it meanwhile (a freed neighbour, a client
+// with more allocations than are kept mapped). Two requests that describe
+// one allocation two ways unmap each other's at every look and, with more
+// than one such allocation, never both find all theirs mapped: unbounded,
+// the mapper opened for ever (fuzz_ring's inputs that did not settle).
+constexpr std::uint32_t kMostOpensPerRequest = 16;
 
 // Calls `f` with each operand a (valid) request reads or writes.
 template <class F>
@@ -142,7 +150,7 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
     gpu->round.ring_ns += now_ns - request.submit_ns;
   }
   Queued item{client, request, BatchKey::of(request), now_ns};
-  const bool mapped = memoryMapped(*gpu, item);
+  const bool mapped = memoryMapped(*gpu, item) == Mapping::kMapped;
   if (!mapped || !requestReady(client->view.slot(request.slot), request)) {
     gpu->awaiting.push_back(std::move(item));
     return;
@@ -150,17 +158,26 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
   gpu->batcher.add(std::move(item), now_ns);
 }
 
-bool Scheduler::memoryMapped(Gpu& gpu, const Queued& item) {
+Scheduler::Mapping Scheduler::memoryMapped(Gpu& gpu, Queued& item) {
   const std::uint32_t client = item.client->id;
-  bool all = true;
+  bool all = true, unmappable = false;
   forEachTouched(item.request, [&](const OperandDesc& operand) {
-    auto [it, fresh] = gpu.memory.try_emplace(MemoryKey{client, operand.alloc_id});
-    Memory& memory = it->second;
-    if (!fresh &&
-        (!memory.mapped || (memory.handle == operand.handle && memory.base == operand.base))) {
-      all = all && memory.mapped;  // mapped, or being opened (then look again once it is)
+    if (unmappable) return;
+    const MemoryKey key{client, operand.alloc_id};
+    auto found = gpu.memory.find(key);
+    if (found != gpu.memory.end() &&
+        (!found->second.mapped ||
+         (found->second.handle == operand.handle && found->second.base == operand.base))) {
+      all = all && found->second.mapped;  // mapped, or being opened (then look again once it is)
       return;
     }
+    if (item.opens == kMostOpensPerRequest) {
+      unmappable = true;
+      return;
+    }
+    ++item.opens;
+    const auto it = found != gpu.memory.end() ? found : gpu.memory.try_emplace(key).first;
+    Memory& memory = it->second;
     // New, or mapped as other memory under the same id (only a confused
     // client does that): the mapper opens it. The client's mapped
     // allocations that overlap it were freed, since live ones never overlap:
@@ -202,7 +219,8 @@ bool Scheduler::memoryMapped(Gpu& gpu, const Queued& item) {
     job->operand = operand;
     gpu.channel->postOpen(std::move(job));
   });
-  return all;
+  if (unmappable) return Mapping::kUnmappable;
+  return all ? Mapping::kMapped : Mapping::kOpening;
 }
 
 bool Scheduler::takeOpened(Gpu& gpu) {
@@ -264,7 +282,16 @@ bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_a
   auto kept = gpu.awaiting.begin();
   for (auto it = gpu.awaiting.begin(); it != gpu.awaiting.end(); ++it) {
     const bool ready = requestReady(it->client->view.slot(it->request.slot), it->request);
-    if (ready && memoryMapped(gpu, *it)) {
+    const Mapping mapping = ready ? memoryMapped(gpu, *it) : Mapping::kOpening;
+    if (mapping == Mapping::kUnmappable) {
+      STMUX_DEBUG(kSched, "client {} request {}: its memory took {} opens; declined",
+                  it->client->id, it->request.request_id, it->opens);
+      reject(it->client, it->request, kStatusDeclined);  // it runs in its caller
+      settle(std::span<const Queued>(&*it, 1));
+      progressed = true;
+      continue;
+    }
+    if (mapping == Mapping::kMapped) {
       // Its wait in the batcher starts now: the time before was the
       // caller's (and the mapper's).
       if (streamOrdered(it->request)) {

@@ -95,8 +95,11 @@ class Scheduler : public RequestSink {
   // to when to look again while streams are awaited.
   bool admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_at_ns);
   // Whether every allocation the request touches is mapped on `gpu`; has the
-  // mapper open those that are not and are not being opened.
-  bool memoryMapped(Gpu& gpu, const Queued& item);
+  // mapper open those that are not and are not being opened. Unmappable:
+  // it would take more opens than an honest request ever needs (requests of
+  // a confused client that each unmap what another needs).
+  enum class Mapping { kMapped, kOpening, kUnmappable };
+  Mapping memoryMapped(Gpu& gpu, Queued& item);
   // What the mapper did: mappings go to the executor; a failure declines the
   // requests that waited for it (their callers run them themselves).
   bool takeOpened(Gpu& gpu);
