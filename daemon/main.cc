@@ -260,7 +260,7 @@ int run(int argc, char** argv) {
     options.spin_ns = static_cast<std::uint64_t>(config->daemon_spin_us) * 1000;
     options.wakers = static_cast<unsigned>(config->daemon_wakers);
     options.launch = launch;
-    options.launch_graphs = config->launch_graphs == "on";
+    options.launch_graphs = config->launch_graphs;
     executors.push_back(std::make_unique<Executor>(options, *channels.back()));
     if (Status status = executors.back()->start(); !status.ok()) {
       std::fprintf(stderr, "stmuxd: GPU %d (%s): %s\n", gpu.index, formatUuid(gpu.uuid).c_str(),

@@ -96,8 +96,8 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
   X(launch, "STMUX_LAUNCH", kChoice, "auto", 0, 0, "auto|batched|grouped", kDaemon,              \
     "How a batch that mixes shapes launches: one cublasSgemmBatched per shape, one "             \
     "cublasSgemmGroupedBatched, or whichever measured faster for the mix (auto).")               \
-  X(launch_graphs, "STMUX_LAUNCH_GRAPHS", kChoice, "off", 0, 0, "off|on", kDaemon,               \
-    "'on': a batch whose launches recur (the same shapes and counts, one cublasSgemmBatched "    \
+  X(launch_graphs, "STMUX_LAUNCH_GRAPHS", kBool, "0", 0, 1, "", kDaemon,                         \
+    "On: a batch whose launches recur (the same shapes and counts, one cublasSgemmBatched "      \
     "per shape) is captured as a CUDA graph on its second sighting and replayed after, to "      \
     "cut the daemon's host time per batch. Off until measured (docs/BENCHMARKS.md).")
 
