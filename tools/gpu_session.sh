@@ -2,7 +2,7 @@
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs
-#   placement demo2 demo10 fuzz fault hunt
+#   placement demo2 demo10 fuzz fault fault-start fault-end hunt
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -11,7 +11,9 @@
 # one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
 # GPU, on each thing they can wait on); fault runs stmux-fault with
-# $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md); hunt runs
+# $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md), and
+# fault-start the same in the background, for runs longer than one call,
+# which fault-end collects; hunt runs
 # $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
 # (--only flags; default the soak's wrong call's kind) selects, beside stress
 # tenants of a daemon, without and with the preload; wakers compares stmux
@@ -286,6 +288,37 @@ for step in "$@"; do
       "$build/tools/stmux-fault" ${FAULT_ARGS:-} --out /tmp/stmux-fault >"$out/fault.log" 2>&1 || status=1
       cp /tmp/stmux-fault/fault.json "$out/fault.json" 2>/dev/null
       grep -vE "^\[soak\] [0-9]+ of" "$out/fault.log" | tail -40 ;;
+    fault-start)
+      # The fault suite (e.g. issue 14's 10-minute soak) outlasts one 600 s
+      # call: stmux-fault with $FAULT_ARGS in a process session of its own,
+      # which the device machine leaves running when the call returns (until
+      # the machine goes back: keep the next call within its warm time).
+      # Other steps may run meanwhile (its tenants check every result, so
+      # load does not spoil it, but timings taken meanwhile are not clean);
+      # fault-end waits for it and brings its results back.
+      bg=/tmp/stmux-fault-bg
+      rm -rf "$bg" && mkdir -p "$bg"
+      # shellcheck disable=SC2086,SC2016  # FAULT_ARGS split on purpose; the inner
+      # shell expands its own arguments
+      setsid bash -c '"$@" >"$0/fault.log" 2>&1 </dev/null; echo $? >"$0/rc"' "$bg" \
+        "$(realpath "$build/tools/stmux-fault")" ${FAULT_ARGS:-} --out "$bg/out" &
+      echo "stmux-fault ${FAULT_ARGS:-} started in the background (session $!); logs in $bg" ;;
+    fault-end)
+      # Waits (at most $FAULT_WAIT_S, default 540 s) for fault-start's run.
+      bg=/tmp/stmux-fault-bg
+      if [ ! -f "$bg/fault.log" ]; then
+        echo "fault-end: no fault-start ran on this machine ($bg/fault.log is missing)"; exit 1
+      fi
+      while [ ! -f "$bg/rc" ] && [ $(( $(date +%s) - start )) -lt "${FAULT_WAIT_S:-540}" ]; do sleep 5; done
+      cp "$bg/fault.log" "$out/fault.log"
+      cp "$bg/out/fault.json" "$out/fault.json" 2>/dev/null
+      if [ -f "$bg/rc" ]; then
+        echo "stmux-fault exited $(cat "$bg/rc")"
+        [ "$(cat "$bg/rc")" = 0 ] || status=1
+      else
+        echo "stmux-fault is still running: call fault-end again"; status=1
+      fi
+      grep -vE "^\[soak\] [0-9]+ of" "$out/fault.log" | tail -40 ;;
     hunt)
       # A kind of call under load, e.g. the soak's open mismatch
       # (docs/RELIABILITY.md): $HUNT_PROCS differential processes of 3 threads,
@@ -324,7 +357,7 @@ for step in "$@"; do
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs placement demo2 demo10 fuzz fault hunt" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs placement demo2 demo10 fuzz fault fault-start fault-end hunt" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
