@@ -279,6 +279,7 @@ int run(int argc, char** argv) {
   server_options.max_clients = static_cast<std::uint32_t>(config->max_clients);
   server_options.max_clients_per_uid = static_cast<std::uint32_t>(config->max_clients_per_uid);
   server_options.spin_ns = static_cast<std::uint64_t>(config->daemon_spin_us) * 1000;
+  server_options.spinning_tenants = static_cast<std::uint32_t>(config->spinning_tenants);
   for (const GpuInfo& gpu : gpus.value()) {
     server_options.devices.push_back(gpu.uuid);
     server_options.device_mps.push_back(gpu.mps ? 1 : 0);

@@ -710,6 +710,7 @@ std::string Server::statusJson() const {
       }
     }
     entry["route"] = counters.route.load(std::memory_order_relaxed) == 1 ? "direct" : "served";
+    entry["may_spin"] = client->view.header()->may_spin.load(std::memory_order_relaxed) != 0;
     const auto mps = static_cast<ClientMps>(counters.mps.load(std::memory_order_relaxed));
     entry["mps"] = mps == ClientMps::kYes ? "yes" : mps == ClientMps::kNo ? "no" : "unknown";
     const auto mode = static_cast<ClientMode>(counters.mode.load(std::memory_order_relaxed));
@@ -740,10 +741,11 @@ void Server::publishMetrics(std::uint64_t now) {
   options_.publish_metrics(out.str());
 }
 
-// Tells each client how many other tenants made calls in the last second;
-// returns whether it was time to.
+// Tells each client how many other tenants made calls in the last second,
+// and which of them may spin while they wait; returns whether it was time to.
 // Their counts are read from their segments (a client can only make itself
-// look busy, which at worst keeps the others served).
+// look busy, which at worst keeps the others served, or takes a turn to
+// spin that the others then have less often).
 bool Server::publishCompany(std::uint64_t now) {
   if (now < next_company_ns_) return false;
   next_company_ns_ = now + kCompanyPeriodNs;
@@ -756,10 +758,21 @@ bool Server::publishCompany(std::uint64_t now) {
     }
     if (now < client->active_until_ns) ++active;
   }
+  // STMUX_SPINNING_TENANTS: spinning_tenants of the active tenants may spin,
+  // from the one whose turn it is; the next period starts after them, so
+  // that over a second each tenant spins about as often as any other.
+  const std::size_t spinners = std::min<std::size_t>(options_.spinning_tenants, active);
+  if (active > 0) spin_turn_ %= active;
+  std::size_t rank = 0;  // among the active tenants
   for (const ClientPtr& client : clients_) {
-    const std::uint32_t self = now < client->active_until_ns ? 1 : 0;
-    client->view.header()->other_tenants.store(active - self, std::memory_order_relaxed);
+    SegmentHeader& header = *client->view.header();
+    const bool is_active = now < client->active_until_ns;
+    header.other_tenants.store(active - (is_active ? 1 : 0), std::memory_order_relaxed);
+    bool spins = false;
+    if (is_active) spins = (rank++ + active - spin_turn_) % active < spinners;
+    header.may_spin.store(spins ? 1 : 0, std::memory_order_relaxed);
   }
+  if (active > 0) spin_turn_ = (spin_turn_ + spinners) % active;
   return true;
 }
 

@@ -103,6 +103,9 @@ struct ServerOptions {
   // How the route of the tenants on MPS is measured (only where the daemon
   // is on MPS itself).
   FleetRouteOptions fleet;
+  // STMUX_SPINNING_TENANTS: how many active tenants at a time are told they
+  // may spin while they wait (the segment's may_spin word), in turn.
+  std::uint32_t spinning_tenants = 0;
   // Every `metrics_period_ns` the metrics' text goes to `publish_metrics`
   // (a MetricsFile in stmuxd); 0: none are made.
   std::uint64_t metrics_period_ns = 0;
@@ -179,6 +182,7 @@ class Server {
   std::uint64_t next_company_ns_ = 0;
   FleetRoute fleet_;              // the route of the tenants on MPS
   std::uint32_t fleet_word_ = 0;  // as published
+  std::size_t spin_turn_ = 0;     // the active tenant whose turn to spin comes first
   // One line a second at most for each condition a flood repeats.
   LogLimiter accept_log_;      // accept() failing; a uid's silent connections
   LogLimiter silent_log_;      // connections closed for saying no hello

@@ -577,7 +577,8 @@ std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
 // shim's own wait goes.
 SyncChoice Shim::applySync(const Connection& connection, bool served) {
   if (sync_mode_ == SyncMode::kKeep) return {};
-  const SyncChoice choice = chooseSync(sync_mode_, connection.otherTenants() + 1, cores_, served);
+  const SyncChoice choice =
+      chooseSync(sync_mode_, connection.otherTenants() + 1, cores_, served, connection.maySpin());
   CUcontext context = nullptr;
   if (driver_->cuCtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) return choice;
   // What this thread last saw: most calls stop here.
@@ -609,19 +610,25 @@ SyncChoice Shim::applySync(const Connection& connection, bool served) {
                *wanted);
     return choice;
   }
+  // Said at info the first time; later changes (every turn to spin that
+  // STMUX_SPINNING_TENANTS gives, for one) at debug.
+  const Level level = entry == synced_.end() ? Level::kInfo : Level::kDebug;
   if (entry != synced_.end()) {
     entry->second = choice.sched;
   } else {
     synced_.emplace_back(context, choice.sched);
   }
-  STMUX_INFO(kShim,
-             "STMUX_SYNC={}: {} tenants making calls on {} cores, this one's calls {}: CUDA's "
-             "synchronizations here now {}",
-             config_.sync, connection.otherTenants() + 1, cores_, served ? "served" : "direct",
-             choice.sched == kSchedBlocking ? "block"
-             : choice.sched == kSchedYield  ? "yield"
-             : choice.sched == kSchedSpin   ? "spin"
-                                            : "follow CUDA's default");
+  if (logEnabled(level, Subsys::kShim)) {
+    logFormat(level, Subsys::kShim,
+              "STMUX_SYNC={}: {} tenants making calls on {} cores, this one's calls {}{}: CUDA's "
+              "synchronizations here now {}",
+              config_.sync, connection.otherTenants() + 1, cores_, served ? "served" : "direct",
+              connection.maySpin() ? ", its turn to spin" : "",
+              choice.sched == kSchedBlocking ? "block"
+              : choice.sched == kSchedYield  ? "yield"
+              : choice.sched == kSchedSpin   ? "spin"
+                                             : "follow CUDA's default");
+  }
   return choice;
 }
 

@@ -45,8 +45,11 @@ struct SyncChoice {
 // this call goes to the daemon (under 'auto', a process whose calls
 // STMUX_ROUTE=auto sends direct waits as it would without stmux: at R = 32 on
 // MPS, PyTorch tenants sent direct made 17% fewer steps blocking than MPS
-// alone's spinning ones, docs/BENCHMARKS.md).
-inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores, bool served = true) {
+// alone's spinning ones, docs/BENCHMARKS.md), `may_spin` whether the daemon
+// gives this tenant a turn to spin (STMUX_SPINNING_TENANTS: it keeps the
+// spinners fewer than the cores, so that none loses its core to another).
+inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores, bool served = true,
+                             bool may_spin = false) {
   switch (mode) {
     case SyncMode::kKeep:
       return {kSchedAuto, true};
@@ -63,7 +66,7 @@ inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores, bo
   // yields the core after 5 us) PyTorch tenants on MPS at R=32 kept a worst
   // p99 of 4.0 ms (torch-cube); blocking in both met 1 ms on every R=32 row,
   // at a cost in throughput (docs/BENCHMARKS.md, "How tenants wait").
-  if (served && tenants > cores) return {kSchedBlocking, false};
+  if (served && tenants > cores && !may_spin) return {kSchedBlocking, false};
   return {kSchedAuto, true};
 }
 

@@ -97,6 +97,9 @@ class Connection {
   std::uint32_t otherTenants() const {
     return view_.header()->other_tenants.load(std::memory_order_relaxed);
   }
+  // Whether the daemon says this tenant may spin while it waits, when
+  // tenants outnumber cores (STMUX_SPINNING_TENANTS).
+  bool maySpin() const { return view_.header()->may_spin.load(std::memory_order_relaxed) != 0; }
   // The daemon's route for its tenants on MPS (kFleetDirect, kFleetLook).
   std::uint32_t fleetRoute() const {
     return view_.header()->fleet_route.load(std::memory_order_relaxed);

@@ -184,11 +184,72 @@ TEST(Server, EachClientLearnsHowManyOthersMakeCalls) {
   EXPECT_TRUE(testing::waitFor([&] { return others(c) == 2; }, std::chrono::seconds(5)));
   EXPECT_EQ(others(a), 1u);
   EXPECT_EQ(others(b), 1u);
+  // STMUX_SPINNING_TENANTS is 0 by default: nobody is given a turn to spin.
+  EXPECT_FALSE(a.value()->maySpin() || b.value()->maySpin() || c.value()->maySpin());
   stop = true;
   calls.join();
   // A second after their last calls, nobody has company.
   EXPECT_TRUE(testing::waitFor([&] { return others(a) + others(b) + others(c) == 0; },
                                std::chrono::seconds(5)));
+}
+
+// STMUX_SPINNING_TENANTS: that many of the tenants making calls may spin
+// while they wait, taking turns every 100 ms, so that over a second each has
+// its share; an idle tenant has no turn. Sampled every 5 ms for 2 s: the
+// turns move on about 20 times, and the words are rewritten one by one, so a
+// sample may rarely fall between two stores.
+TEST(Server, TenantsMakingCallsTakeTurnsToSpin) {
+  TempDir dir;
+  TestSink sink;
+  daemon::ServerOptions o = testing::serverOptions(dir);
+  o.spinning_tenants = 2;
+  ServerThread server(o, sink);
+  constexpr int kBusy = 4;
+  std::vector<std::unique_ptr<Connection>> busy;
+  for (int i = 0; i < kBusy; ++i) {
+    auto connection = Connection::open(options(dir));
+    ASSERT_TRUE(connection.ok()) << connection.status().message();
+    busy.push_back(std::move(connection).value());
+  }
+  auto idle = Connection::open(options(dir));
+  ASSERT_TRUE(idle.ok());
+  std::atomic<bool> stop{false};
+  std::thread calls([&] {
+    while (!stop.load()) {
+      for (auto& connection : busy)
+        connection->counters().entry[0].forwarded.fetch_add(1);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  });
+  auto spinners = [&] {
+    int n = 0;
+    for (auto& connection : busy)
+      n += connection->maySpin() ? 1 : 0;
+    return n;
+  };
+  ASSERT_TRUE(testing::waitFor([&] { return spinners() == 2; }, std::chrono::seconds(5)));
+  int samples = 0, exactly_two = 0, idle_turns = 0;
+  std::vector<int> turns(kBusy, 0);
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (std::chrono::steady_clock::now() < end) {
+    ++samples;
+    exactly_two += spinners() == 2 ? 1 : 0;
+    for (int i = 0; i < kBusy; ++i)
+      turns[static_cast<std::size_t>(i)] += busy[static_cast<std::size_t>(i)]->maySpin() ? 1 : 0;
+    idle_turns += idle.value()->maySpin() ? 1 : 0;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  stop = true;
+  calls.join();
+  EXPECT_GE(exactly_two, samples * 9 / 10) << "of " << samples << " samples";
+  EXPECT_EQ(idle_turns, 0) << "a tenant making no calls was given a turn";
+  for (int i = 0; i < kBusy; ++i) {
+    // Half of the time each; the turns move on in steps of 100 ms.
+    EXPECT_GT(turns[static_cast<std::size_t>(i)], samples / 4) << "tenant " << i;
+    EXPECT_LT(turns[static_cast<std::size_t>(i)], samples * 3 / 4) << "tenant " << i;
+  }
+  // Once they stop, a second later nobody has a turn.
+  EXPECT_TRUE(testing::waitFor([&] { return spinners() == 0; }, std::chrono::seconds(5)));
 }
 
 // STMUX_ROUTE=auto on MPS: the daemon measures its tenants on MPS both ways

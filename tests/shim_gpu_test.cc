@@ -494,6 +494,52 @@ TEST_F(ShimOnGpu, SyncSetsTheContextsSchedulingUnlessTheProgramChoseItsOwn) {
   }
 }
 
+// STMUX_SPINNING_TENANTS: among more tenants making calls than cores (here a
+// tenant confined to one CPU, beside another making calls), STMUX_SYNC=auto
+// blocks a tenant while it has no turn to spin and leaves it CUDA's default
+// while it has one (with as many turns as tenants: always).
+class ShimOnGpuWithSpinners : public ShimOnGpu {
+ protected:
+  bool startDaemonAtSetUp() const override { return false; }
+  std::map<std::string, std::string> daemonEnv() const override {
+    return {{"STMUX_SPINNING_TENANTS", spinners_}};
+  }
+  std::string spinners_;
+};
+
+TEST_F(ShimOnGpuWithSpinners, ATenantBlocksAmongMoreTenantsThanCoresUnlessItIsItsTurnToSpin) {
+  if (std::system("taskset -c 0 true >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "GPU test skipped: taskset cannot confine a process to CPU 0 here";
+  }
+  for (const auto& [spinners, expected] : {std::pair{"0", "sched 0x4"}, {"2", "sched 0x0"}}) {
+    SCOPED_TRACE(std::string("STMUX_SPINNING_TENANTS=") + spinners);
+    stopDaemon();
+    spinners_ = spinners;
+    startDaemon();
+    std::map<std::string, std::string> env = shimmed();
+    env["STMUX_SYNC"] = "auto";
+    Process company = client({"stress", "--seconds", "8"}, env, std::string("company-") + spinners);
+    // Once the daemon has counted the company, the confined tenant's calls
+    // (2 s of them: the turns are given every 100 ms) find two tenants on its
+    // one core.
+    ASSERT_TRUE(testing::waitFor(
+        [&] {
+          const auto status = daemonStatus(dir_.socket());
+          const Json* clients = status ? jsonFind(*status, "clients") : nullptr;
+          return clients != nullptr && clients->size() == 1 &&
+                 jsonNumber(jsonFind(jsonAt(clients, 0), "forwarded"), 0) > 0;
+        },
+        std::chrono::seconds(60)))
+        << company.err();
+    Process confined({"taskset", "-c", "0", CUBLAS_CLIENT_PATH, "sync-flags", "--seconds", "2"},
+                     env, dir_.path() + "/confined-" + spinners);
+    ASSERT_EQ(confined.wait(std::chrono::seconds(60)), 0) << confined.out() << confined.err();
+    EXPECT_NE(confined.out().find(expected), std::string::npos) << confined.out() << confined.err();
+    EXPECT_GT(shimStats(confined.err()).served, 0) << confined.err();
+    ASSERT_EQ(company.wait(std::chrono::seconds(60)), 0) << company.out() << company.err();
+  }
+}
+
 class ShimBeforeTheDaemon : public ShimOnGpu {
  protected:
   bool startDaemonAtSetUp() const override { return false; }

@@ -30,6 +30,22 @@ TEST(SyncPolicy, AutoBlocksOnlyWhileTenantsOutnumberTheCores) {
   EXPECT_EQ(chooseSync(SyncMode::kAuto, 1, 1).sched, kSchedAuto);
 }
 
+// STMUX_SPINNING_TENANTS: a tenant whose turn to spin it is keeps CUDA's
+// default and the shim's poll among more tenants than cores; the others, and
+// every tenant of the other modes, are as without turns.
+TEST(SyncPolicy, ATenantWhoseTurnToSpinItIsSpinsUnderAuto) {
+  const SyncChoice turn = chooseSync(SyncMode::kAuto, 32, 16, /*served=*/true, /*may_spin=*/true);
+  EXPECT_EQ(turn.sched, kSchedAuto);
+  EXPECT_TRUE(turn.spin);
+  const SyncChoice other = chooseSync(SyncMode::kAuto, 32, 16, /*served=*/true, /*may_spin=*/false);
+  EXPECT_EQ(other.sched, kSchedBlocking);
+  EXPECT_FALSE(other.spin);
+  const SyncChoice blocking = chooseSync(SyncMode::kBlocking, 32, 16, true, /*may_spin=*/true);
+  EXPECT_EQ(blocking.sched, kSchedBlocking) << "an explicit mode is not changed by a turn";
+  EXPECT_FALSE(blocking.spin);
+  EXPECT_EQ(chooseSync(SyncMode::kYield, 32, 16, true, true).sched, kSchedYield);
+}
+
 TEST(SyncPolicy, TheProgramsOwnFlagIsKeptAndTheShimsOwnIsChanged) {
   constexpr unsigned kOther = 0x10;  // a flag that is not about scheduling
   // CUDA's default: set, the other bits kept.

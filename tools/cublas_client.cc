@@ -77,6 +77,7 @@ struct Options {
   bool quick = false;
   std::uint64_t seed = 0;
   double seconds = 5;
+  bool seconds_given = false;  // sync-flags: its calls go on for --seconds
   float beta = 0.0f;
   std::int64_t m = 256, n = 256, k = 256;
   int count = 1;
@@ -118,8 +119,9 @@ void usage(FILE* out) {
                "                                 once warm, times the span the go FILE names,\n"
                "                                 results to --out (stmux-bench's protocol,\n"
                "                                 tools/barrier.h)\n"
-               "  sync-flags                     200 calls {sgemm; sync}, then prints its CUDA\n"
-               "                                 context's scheduling flag: \"sched 0xN\"\n"
+               "  sync-flags [--seconds S]       200 calls {sgemm; sync} (for S s at least,\n"
+               "                                 if given), then prints its CUDA context's\n"
+               "                                 scheduling flag: \"sched 0xN\"\n"
                "  ceiling --count R --m M --n N --k K --ready F --go F --out F\n"
                "                                 one cublasSgemmBatched of R per round\n"
                "  --mixed (loop, ceiling)        the three seed shapes: loop takes shape\n"
@@ -204,6 +206,7 @@ bool parse(int argc, char** argv, Options& o) {
         break;
       case 'S':
         ok = number("--seconds", optarg, 0.001, 86400.0, o.seconds);
+        o.seconds_given = true;
         break;
       case 'b':
         ok = number("--beta", optarg, -1e6f, 1e6f, o.beta);
@@ -858,7 +861,7 @@ int forkMode(const Options& o) {
 // Calls, then the context's scheduling flag as they left it (STMUX_SYNC's
 // GPU test). The driver's cuCtxGetFlags, through the runtime: this program
 // links no libcuda.
-int syncFlags() {
+int syncFlags(const Options& options) {
   cublasHandle_t handle;
   cudaStream_t stream;
   if (!makeHandle(handle, stream)) return 3;
@@ -868,7 +871,9 @@ int syncFlags() {
   EXIT_ON_CUDA_ERROR(cudaMalloc(&b, kN * kN * sizeof(float)));
   EXIT_ON_CUDA_ERROR(cudaMalloc(&c, kN * kN * sizeof(float)));
   const float one = 1.0f, zero = 0.0f;
-  for (int i = 0; i < 200; ++i) {
+  const auto end = std::chrono::steady_clock::now() +
+                   std::chrono::duration<double>(options.seconds_given ? options.seconds : 0.0);
+  for (int i = 0; i < 200 || std::chrono::steady_clock::now() < end; ++i) {
     if (cublasSgemm_v2(handle, CUBLAS_OP_N, CUBLAS_OP_N, kN, kN, kN, &one, a, kN, b, kN, &zero, c,
                        kN) != CUBLAS_STATUS_SUCCESS) {
       std::fprintf(stderr, "stmux-cublas-client: sgemm failed\n");
@@ -1061,6 +1066,6 @@ int main(int argc, char** argv) {
   if (options.mode == "loop") return loop(options);
   if (options.mode == "paths") return paths(options);
   if (options.mode == "idle-free") return idleFree(options);
-  if (options.mode == "sync-flags") return syncFlags();
+  if (options.mode == "sync-flags") return syncFlags(options);
   return ceiling(options);
 }

@@ -2,7 +2,7 @@
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs
-#   placement demo2 demo10 fuzz fault fault-start fault-end hunt
+#   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -18,7 +18,8 @@
 # (--only flags; default the soak's wrong call's kind) selects, beside stress
 # tenants of a daemon, without and with the preload; wakers compares stmux
 # rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS); graphs compares stmux rows with
-# STMUX_LAUNCH_GRAPHS off and on; placement confines stmuxd's threads to
+# STMUX_LAUNCH_GRAPHS off and on; spinners compares stmux-on-MPS rows with
+# $SPINNERS tenants at a time spinning (STMUX_SPINNING_TENANTS); placement confines stmuxd's threads to
 # each CPU list of $PLACEMENTS (taskset); fuzz runs each carried libFuzzer target
 # for $FUZZ_RUNS inputs
 # The GPU's clocks, power and temperature are sampled every 0.5 s throughout
@@ -73,15 +74,15 @@ for p in json.load(open(sys.argv[1]))["points"]:
           f" {len(inside)} samples{'; reasons ' + ' '.join(reasons) if reasons else ''}")
 PY
 }
-# stmux rows at $TENANTS (default 8,32) with stmuxd's --$2 set to each of
-# the values $3, for shapes $4, twice round after round so that drift
-# shows; one log per value and round, $1 naming them.
+# Rows of mode $5 (default stmux) at $TENANTS (default 8,32) with stmuxd's
+# --$2 set to each of the values $3, for shapes $4, twice round after round
+# so that drift shows; one log per value and round, $1 naming them.
 daemon_flag_rows() {
-  local tag=$1 flag=$2 values=$3 shapes=$4 round value
+  local tag=$1 flag=$2 values=$3 shapes=$4 mode=${5:-stmux} round value
   for round in 1 2; do
     for value in $values; do
       "$build/tools/stmux-bench" --out "/tmp/stmux-$tag-$value-$round" --shapes "$shapes" \
-        --tenants "${TENANTS:-8,32}" --modes stmux --seconds 3 --stmuxd-args "--$flag=$value" \
+        --tenants "${TENANTS:-8,32}" --modes "$mode" --seconds 3 --stmuxd-args "--$flag=$value" \
         >"$out/$tag-$value-$round.log" 2>&1 || status=1
       grep -E "^(cube|rnn|torch)|^round|^   " "$out/$tag-$value-$round.log" | grep -v "numbers:" |
         sed "s/^/$tag $value, round $round: /"
@@ -205,6 +206,13 @@ for step in "$@"; do
       # and on; each row's round breakdown (launch is the executor's host
       # time), and its note says what share of the batches were replays.
       daemon_flag_rows graphs launch-graphs "off on" "${GRAPH_SHAPES:-rnn,cube}" ;;
+    spinners)
+      # Issue 17: STMUX_SPINNING_TENANTS (daemon/server.cc), stmux on MPS
+      # rows with each of $SPINNERS (default "0 4 8 12") tenants at a time
+      # spinning while they wait, the rest blocking (STMUX_SYNC=auto, the
+      # default), at $TENANTS (default 8,32).
+      daemon_flag_rows spinners spinning-tenants "${SPINNERS:-0 4 8 12}" \
+        "${SPINNER_SHAPES:-cube,torch-rnn,torch-cube}" stmux-mps ;;
     placement)
       # Issues 17 and 18: stmux rows with stmuxd's threads confined (taskset)
       # to each CPU list of $PLACEMENTS (default: unconfined, 4 CPUs of
@@ -357,7 +365,7 @@ for step in "$@"; do
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs placement demo2 demo10 fuzz fault fault-start fault-end hunt" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done

@@ -89,6 +89,10 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
   X(daemon_wakers, "STMUX_DAEMON_WAKERS", kInt, "2", 0, 16, "threads", kDaemon,                  \
     "Threads per GPU that wake the callers sleeping on their completions, so that the "          \
     "executor's thread goes back to launching at once; 0: the executor wakes them itself.")      \
+  X(spinning_tenants, "STMUX_SPINNING_TENANTS", kInt, "0", 0, 65536, "tenants", kDaemon,         \
+    "Under STMUX_SYNC=auto, while the tenants making calls outnumber the cores, how many of "    \
+    "them at a time still spin while they wait (CUDA's default scheduling and the shim's "       \
+    "poll), taking turns every 100 ms; the others block. 0: all of them block.")                 \
   X(metrics_file, "STMUX_METRICS_FILE", kFileOrOff, "off", 1, 4095, "", kDaemon,                 \
     "Where stmuxd writes its metrics in the Prometheus text format, once a second, for "         \
     "node-exporter's textfile collector (a *.prom file in the directory it reads); 'off': "      \

@@ -34,7 +34,9 @@ namespace stmux {
 //    entry point more.
 // 10: the daemon chooses the route of its tenants on MPS (the header's
 //    fleet_route word).
-inline constexpr std::uint32_t kProtocolVersion = 10;
+// 11: the daemon says which tenants may spin while they wait (the header's
+//    may_spin word).
+inline constexpr std::uint32_t kProtocolVersion = 11;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
@@ -334,6 +336,10 @@ struct SegmentHeader {
   // client on MPS (daemon/fleet_route.h): kFleetDirect or not, and
   // kFleetLook while that is a look at the route not taken.
   std::atomic<std::uint32_t> fleet_route;
+  // Set by the daemon about every 100 ms (STMUX_SPINNING_TENANTS): 1 while
+  // this client is one of the tenants that may spin while they wait when
+  // tenants outnumber cores (shim/sync_policy.h), 0 otherwise.
+  std::atomic<std::uint32_t> may_spin;
   alignas(kCacheLine) ClientCounters counters;
 };
 
