@@ -147,10 +147,10 @@ for step in "$@"; do
       mps=$(mktemp -d)
       if CUDA_MPS_PIPE_DIRECTORY=$mps CUDA_MPS_LOG_DIRECTORY=$mps nvidia-cuda-mps-control -d; then
         for n in ${WAITERS:-0 31}; do
-          for on in none host device kernel; do
+          for on in none host device kernel hostfn; do
             [ "$n" = 0 ] && [ "$on" != none ] && continue
             echo "-- $n waiters on $on" >>"$out/waiters.log"
-            CUDA_MPS_PIPE_DIRECTORY=$mps "$build/tools/stmux-handoff-bench" --mechanisms alone,host,memop \
+            CUDA_MPS_PIPE_DIRECTORY=$mps "$build/tools/stmux-handoff-bench" --mechanisms alone,host,memop,hostfn \
               --rounds 2000 --waiters "$n" --wait-on "$on" --json "$mps/waiters-$n-$on.json" \
               >>"$out/waiters.log" 2>&1 || status=1
           done

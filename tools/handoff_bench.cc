@@ -18,6 +18,10 @@
 //          cuStreamWriteValue32 after a step, cuStreamWaitValue32 before the
 //          next; the tenant queues its wait at once and never waits on the
 //          host for the daemon
+//   hostfn a host function on the tenant's stream (cudaLaunchHostFunc) asks
+//          the daemon and waits on the host for its answer, as host does,
+//          but on CUDA's thread: the tenant's own thread queues its next
+//          step at once, and no stream waits on the GPU for a word
 // The tenant times each round from its first step to the end of a
 // synchronize after its last (a closed loop, as a program's step is).
 // Whether the contexts are on MPS is the environment's doing; it is printed.
@@ -26,10 +30,10 @@
 // the whole run, as the streams of N stream-ordered tenants waiting for
 // their batch do, each with a step queued behind its wait; --wait-on says
 // on what: a stream memory operation on a word in host memory (what
-// stream-ordered mode does) or in device memory, or a one-thread kernel
-// polling a word in host memory; or, for comparison, nothing (N more MPS
-// clients with idle streams). What they cost the two processes above is the
-// question.
+// stream-ordered mode does) or in device memory, a one-thread kernel
+// polling a word in host memory, or a host function that returns when the
+// word is set; or, for comparison, nothing (N more MPS clients with idle
+// streams). What they cost the two processes above is the question.
 #include <getopt.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -58,15 +62,15 @@ namespace {
 
 using stmux::nowNs;
 
-enum class Mechanism { kAlone, kHost, kEvent, kMemop };
-constexpr const char* kNames[] = {"alone", "host", "event", "memop"};
+enum class Mechanism { kAlone, kHost, kEvent, kMemop, kHostFn };
+constexpr const char* kNames[] = {"alone", "host", "event", "memop", "hostfn"};
 
-enum class WaitOn { kNothing, kHostWord, kDeviceWord, kKernel };
-constexpr const char* kWaitOnNames[] = {"none", "host", "device", "kernel"};
+enum class WaitOn { kNothing, kHostWord, kDeviceWord, kKernel, kHostFn };
+constexpr const char* kWaitOnNames[] = {"none", "host", "device", "kernel", "hostfn"};
 
 struct Options {
   std::vector<Mechanism> mechanisms = {Mechanism::kAlone, Mechanism::kHost, Mechanism::kEvent,
-                                       Mechanism::kMemop};
+                                       Mechanism::kMemop, Mechanism::kHostFn};
   int rounds = 5000;
   int warmup = 500;
   std::size_t bytes = 4096;  // each step's memset
@@ -205,6 +209,7 @@ int daemonLoop(Shared* shared, Flags* flags, const Options& o) {
       case Mechanism::kAlone:
         break;
       case Mechanism::kHost:
+      case Mechanism::kHostFn:
         step(side, round);
         EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(side.stream));
         break;
@@ -221,6 +226,15 @@ int daemonLoop(Shared* shared, Flags* flags, const Options& o) {
         break;
     }
     shared->answered.store(round, std::memory_order_release);
+  }
+}
+
+// A waiter's host function: returns once its word (host memory) is set.
+// No CUDA call in it, as CUDA requires.
+void CUDART_CB awaitWord(void* word) {
+  while (std::atomic_ref<std::uint32_t>(*static_cast<std::uint32_t*>(word))
+             .load(std::memory_order_acquire) == 0) {
+    ::usleep(1000);
   }
 }
 
@@ -278,6 +292,9 @@ int waiterLoop(Shared* shared, Flags* flags, const Options& o, int index) {
       }
       break;
     }
+    case WaitOn::kHostFn:
+      if (cudaLaunchHostFunc(side.stream, awaitWord, &host_word) != cudaSuccess) return failed();
+      break;
   }
   step(side, 1);
   shared->waiters_up.fetch_add(1, std::memory_order_acq_rel);
@@ -298,6 +315,23 @@ struct Result {
   Mechanism mechanism;
   double rounds_per_s = 0, p50_us = 0, p99_us = 0;
 };
+
+// hostfn: what the tenant's host function does on CUDA's thread, once the
+// stream reaches it: asks for the daemon's step and waits for it on the
+// host (no CUDA call in it, as CUDA requires). A failure (the daemon gone)
+// is left in `failed`, for the tenant's thread to see after its sync.
+struct HostFnRound {
+  Shared* shared;
+  std::uint32_t round;
+  pid_t daemon;
+  std::atomic<bool> failed{false};
+};
+
+void CUDART_CB askDaemon(void* data) {
+  auto* r = static_cast<HostFnRound*>(data);
+  r->shared->requested.store(r->round, std::memory_order_release);
+  if (!awaitValue(r->shared->answered, r->round, r->daemon)) r->failed = true;
+}
 
 // The tenant: each mechanism's rounds, timed. Round numbers keep rising
 // across mechanisms, so the flags and events never go back.
@@ -321,6 +355,7 @@ bool tenantRun(Shared* shared, Flags* flags, const Options& o, pid_t daemon,
   shared->tenant_ready.store(1, std::memory_order_release);
   const auto cu_stream = reinterpret_cast<CUstream>(side.stream);
   std::uint32_t round = 0;
+  HostFnRound hostfn{shared, 0, daemon};
   for (Mechanism mechanism : o.mechanisms) {
     shared->mechanism.store(static_cast<std::uint32_t>(mechanism), std::memory_order_release);
     std::vector<std::uint32_t> latencies;
@@ -353,9 +388,15 @@ bool tenantRun(Shared* shared, Flags* flags, const Options& o, pid_t daemon,
           EXIT_ON_DRIVER_ERROR(
               side.wait_value(cu_stream, side.to_tenant, round, CU_STREAM_WAIT_VALUE_GEQ));
           break;
+        case Mechanism::kHostFn:
+          // The previous round's function has run: its stream was synchronized.
+          hostfn.round = round;
+          EXIT_ON_CUDA_ERROR(cudaLaunchHostFunc(side.stream, askDaemon, &hostfn));
+          break;
       }
       step(side, round);
       EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(side.stream));
+      if (hostfn.failed) return false;
       const std::uint64_t took = nowNs() - start;
       if (i >= o.warmup) {
         latencies.push_back(static_cast<std::uint32_t>(std::min<std::uint64_t>(took, UINT32_MAX)));
@@ -388,9 +429,11 @@ void usage(FILE* out) {
                "  host   each side synchronizes and tells the other through shared memory\n"
                "  event  interprocess events waited on by the other's stream\n"
                "  memop  cuStreamWriteValue32 / cuStreamWaitValue32 on shared host memory\n"
+               "  hostfn a host function on the tenant's stream asks the daemon and waits\n"
+               "         on the host (cudaLaunchHostFunc)\n"
                "Prints rounds/s and p50/p99 round latency per mechanism. Run it with an MPS\n"
                "control daemon up and without to compare the two.\n"
-               "  --mechanisms LIST  comma-separated, default alone,host,event,memop\n"
+               "  --mechanisms LIST  comma-separated, default alone,host,event,memop,hostfn\n"
                "  --rounds N         timed rounds per mechanism, default 5000\n"
                "  --warmup N         untimed rounds first, default 500\n"
                "  --waiters N        N more processes (0 to 64, default 0) whose streams wait\n"
@@ -399,8 +442,9 @@ void usage(FILE* out) {
                "  --wait-on WHAT     what the waiters wait on: host (a stream memory operation\n"
                "                     on a word in host memory, as stream-ordered mode does;\n"
                "                     the default), device (the same on a word in device\n"
-               "                     memory) or kernel (a one-thread kernel polling a word in\n"
-               "                     host memory), or none (idle streams, for comparison)\n"
+               "                     memory), kernel (a one-thread kernel polling a word in\n"
+               "                     host memory) or hostfn (a host function returning once\n"
+               "                     a word is set), or none (idle streams, for comparison)\n"
                "  --json FILE        the results as JSON too\n"
                "Needs a CUDA device. Exit status: 0 done, 2 bad usage, 3 CUDA error,\n"
                "1 the other process died or stopped answering.\n");
@@ -427,7 +471,7 @@ bool parse(int argc, char** argv, Options& o) {
           if (found == std::end(kNames)) {
             std::fprintf(stderr,
                          "stmux-handoff-bench: --mechanisms '%s': accepted: a comma-separated "
-                         "list of alone, host, event, memop\n",
+                         "list of alone, host, event, memop, hostfn\n",
                          optarg);
             return false;
           }
@@ -469,7 +513,8 @@ bool parse(int argc, char** argv, Options& o) {
                          [](const char* name) { return std::strcmp(name, optarg) == 0; });
         if (found == std::end(kWaitOnNames)) {
           std::fprintf(
-              stderr, "stmux-handoff-bench: --wait-on '%s': accepted: none, host, device, kernel\n",
+              stderr,
+              "stmux-handoff-bench: --wait-on '%s': accepted: none, host, device, kernel, hostfn\n",
               optarg);
           return false;
         }
