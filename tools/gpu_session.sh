@@ -175,9 +175,12 @@ for step in "$@"; do
     sync)
       # Issue 17: how tenants wait. stmux on MPS with STMUX_SYNC=keep and
       # auto, MPS alone with its tenants spinning (CUDA's default) and
-      # blocking; one rows line per variant in sync.log.
+      # blocking, and for the cuBLAS tenants stmux off MPS (which admits
+      # more than MPS's 48 clients: R = 48 and beyond) with auto; one rows
+      # line per variant in sync.log.
       for variant in "keep stmux-mps --tenant-env STMUX_SYNC=keep" \
                      "auto stmux-mps --tenant-env STMUX_SYNC=auto" \
+                     "auto-plain stmux --tenant-env STMUX_SYNC=auto --shapes cube" \
                      "mps-spin mps" "mps-blocking mps --tenant-args=--sync=blocking"; do
         # shellcheck disable=SC2086  # the variant's words are its arguments
         set -- $variant
