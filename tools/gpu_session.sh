@@ -2,11 +2,12 @@
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs
-#   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt
+#   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
-# builds everything with ASan+UBSan (<build>-asan) and runs those GPU tests;
+# builds everything with ASan+UBSan (<build>-asan) and runs those GPU tests
+# (asan-build only builds);
 # sync, modes and demo2 (+ demo10) are the comparisons of issues 17, 12 and 18, each on
 # one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
@@ -110,14 +111,18 @@ for step in "$@"; do
       ctest --test-dir "$build" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
         >"$out/gpu.log" 2>&1 || status=1
       grep -E "tests passed|\*\*\*Failed|Timeout|Skipped|Failure|FAIL " "$out/gpu.log" | tail -30 ;;
-    asan)
+    asan-build|asan)
       # Issue 14: the GPU tests under ASan+UBSan, every target built with
       # them; sanitizer options as tools/test.sh sets them, and what NVIDIA's
-      # libraries keep to the end left out of the leak report.
+      # libraries keep to the end left out of the leak report. asan-build
+      # only builds (no GPU used: it may run beside the soak, whose check of
+      # the GPU's memory another GPU process would spoil); asan then builds
+      # what changed and runs the tests.
       if ! STMUX_BUILD_DIR="$build-asan" STMUX_SANITIZE=address,undefined bash tools/build.sh \
-           >"$out/asan-build.log" 2>&1; then
-        tail -40 "$out/asan-build.log"; exit 1
+           >"$out/$step.log" 2>&1; then
+        tail -40 "$out/$step.log"; exit 1
       fi
+      [ "$step" = asan-build ] && { echo "== $step: $(( $(date +%s) - start )) s"; continue; }
       ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0:detect_leaks=1:verify_asan_link_order=0} \
       LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tools/lsan-cuda.supp:print_suppressions=0} \
       UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
@@ -304,9 +309,10 @@ for step in "$@"; do
       # call: stmux-fault with $FAULT_ARGS in a process session of its own,
       # which the device machine leaves running when the call returns (until
       # the machine goes back: keep the next call within its warm time).
-      # Other steps may run meanwhile (its tenants check every result, so
-      # load does not spoil it, but timings taken meanwhile are not clean);
-      # fault-end waits for it and brings its results back.
+      # Only steps that use no GPU (asan-build) should run meanwhile: each
+      # scenario compares the GPU's memory in use before and after, which
+      # another GPU process spoils. fault-end waits for it and brings its
+      # results back.
       bg=/tmp/stmux-fault-bg
       rm -rf "$bg" && mkdir -p "$bg"
       # shellcheck disable=SC2086,SC2016  # FAULT_ARGS split on purpose; the inner
@@ -368,7 +374,7 @@ for step in "$@"; do
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
