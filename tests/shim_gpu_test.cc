@@ -4,6 +4,7 @@
 // the calls it must leave to cuBLAS; many threads of one process; fork; and
 // memory an idle tenant frees leaving the daemon. Skipped, saying so, where
 // there is no CUDA device.
+#include <cstdlib>
 #include <filesystem>
 #include <regex>
 
@@ -518,7 +519,8 @@ TEST_F(ShimOnGpuWithSpinners, ATenantBlocksAmongMoreTenantsThanCoresUnlessItIsIt
     startDaemon();
     std::map<std::string, std::string> env = shimmed();
     env["STMUX_SYNC"] = "auto";
-    Process company = client({"stress", "--seconds", "8"}, env, std::string("company-") + spinners);
+    Process company =
+        client({"stress", "--seconds", "12"}, env, std::string("company-") + spinners);
     // Once the daemon has counted the company, the confined tenant's calls
     // (2 s of them: the turns are given every 100 ms) find two tenants on its
     // one core.
