@@ -268,7 +268,18 @@ for step in "$@"; do
         cp "$fresh/build/demo/bench.json" "$out/demo$n.json" 2>/dev/null
         grep -E "^(cube|rnn)[^ ]* +32 " "$out/demo$n.log" | sed "s/^/demo $n: /"
         clocks_by_row "$out/demo$n.json" | sed "s/^/demo $n clocks: /"
-      done ;;
+      done
+      # Issue 18's criterion: each R = 32 row's two rates, and how far apart
+      # (the larger over the smaller); demo10's rows are the third to compare.
+      python3 - "$out/demo1.json" "$out/demo2.json" <<'PY'
+import json, sys
+rates = [{(p["shape"], p["mode"]): p["gemms_per_s"] for p in json.load(open(f))["points"]
+          if p["tenants"] == 32 and p.get("valid")} for f in sys.argv[1:]]
+for key in sorted(set(rates[0]) & set(rates[1])):
+    a, b = rates[0][key], rates[1][key]
+    print(f"demo spread {key[0]} {key[1]}: {a:,.0f} / {b:,.0f}: {100 * (max(a, b) / min(a, b) - 1):.1f}%")
+PY
+      ;;
     demo10)
       # Issue 18's yardstick for demo2: the demo's rows (R = 32, its 3 s
       # warm-up) for 10 s each (its own step: the two demos and this do not
