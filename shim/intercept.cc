@@ -577,8 +577,10 @@ std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
 // shim's own wait goes.
 SyncChoice Shim::applySync(const Connection& connection, bool served) {
   if (sync_mode_ == SyncMode::kKeep) return {};
-  const SyncChoice choice =
-      chooseSync(sync_mode_, connection.otherTenants() + 1, cores_, served, connection.maySpin());
+  // Read once: the daemon rewrites both words every 100 ms.
+  const unsigned tenants = connection.otherTenants() + 1;
+  const bool may_spin = connection.maySpin();
+  const SyncChoice choice = chooseSync(sync_mode_, tenants, cores_, served, may_spin);
   CUcontext context = nullptr;
   if (driver_->cuCtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) return choice;
   // What this thread last saw: most calls stop here.
@@ -622,8 +624,8 @@ SyncChoice Shim::applySync(const Connection& connection, bool served) {
     logFormat(level, Subsys::kShim,
               "STMUX_SYNC={}: {} tenants making calls on {} cores, this one's calls {}{}: CUDA's "
               "synchronizations here now {}",
-              config_.sync, connection.otherTenants() + 1, cores_, served ? "served" : "direct",
-              connection.maySpin() ? ", its turn to spin" : "",
+              config_.sync, tenants, cores_, served ? "served" : "direct",
+              may_spin ? ", its turn to spin" : "",
               choice.sched == kSchedBlocking ? "block"
               : choice.sched == kSchedYield  ? "yield"
               : choice.sched == kSchedSpin   ? "spin"

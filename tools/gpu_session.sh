@@ -122,14 +122,15 @@ for step in "$@"; do
            >"$out/$step.log" 2>&1; then
         tail -40 "$out/$step.log"; exit 1
       fi
-      [ "$step" = asan-build ] && { echo "== $step: $(( $(date +%s) - start )) s"; continue; }
-      ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0:detect_leaks=1:verify_asan_link_order=0} \
-      LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tools/lsan-cuda.supp:print_suppressions=0} \
-      UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
-        ctest --test-dir "$build-asan" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
-        >"$out/asan.log" 2>&1 || status=1
-      grep -E "tests passed|\*\*\*Failed|Timeout|ERROR: (Address|Leak)Sanitizer|runtime error|SUMMARY" \
-        "$out/asan.log" | sort | uniq -c | sort -rn | head -30 ;;
+      if [ "$step" = asan ]; then
+        ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0:detect_leaks=1:verify_asan_link_order=0} \
+        LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tools/lsan-cuda.supp:print_suppressions=0} \
+        UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
+          ctest --test-dir "$build-asan" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
+          >"$out/asan.log" 2>&1 || status=1
+        grep -E "tests passed|\*\*\*Failed|Timeout|ERROR: (Address|Leak)Sanitizer|runtime error|SUMMARY" \
+          "$out/asan.log" | sort | uniq -c | sort -rn | head -30
+      fi ;;
     launch)
       "$build/tools/stmux-launch-bench" >"$out/launch.log" 2>&1 || status=1
       cat "$out/launch.log" ;;
