@@ -218,6 +218,53 @@ TEST(Transport, AStaleCompletionCannotTouchTheSlotsNextRequest) {
   EXPECT_EQ(result.status, kStatusSuccess) << "the stale completion landed in the new request";
 }
 
+// A rejection published for an unclaimed request (as validation and the
+// executor's declines do) races the client, which may cancel that request
+// at any moment and arm the slot for its next one: the rejection's status
+// must never land in the next request's. Two threads, many rounds: one
+// publishes the rejection, the other cancels, re-arms and completes the next
+// request as a daemon would, then checks the status it reads.
+TEST(Transport, ARejectionRacingACancelNeverWritesTheNextRequestsStatus) {
+  Slot slot{};
+  std::atomic<std::uint32_t> round{0};  // odd: the publisher may go
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint32_t> target{0};
+  std::thread publisher([&] {
+    std::uint32_t seen = 0;
+    while (!stop.load(std::memory_order_relaxed)) {
+      const std::uint32_t r = round.load(std::memory_order_acquire);
+      if (r == seen || (r & 1) == 0) continue;
+      seen = r;
+      slotComplete(slot, target.load(std::memory_order_relaxed), kStatusDeclined);
+      round.fetch_add(1, std::memory_order_acq_rel);
+    }
+  });
+  int clobbered = 0, cancelled = 0;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  for (int i = 0; i < 2'000'000 && std::chrono::steady_clock::now() < until; ++i) {
+    const std::uint32_t generation = slotArm(slot);
+    target.store(generation, std::memory_order_relaxed);
+    const std::uint32_t go = round.fetch_add(1, std::memory_order_acq_rel) + 1;  // odd
+    if (slotCancel(slot, generation)) {
+      ++cancelled;
+      const std::uint32_t next = slotArm(slot);
+      ASSERT_TRUE(slotClaim(slot, next));
+      slotComplete(slot, next, kStatusSuccess);
+      while (round.load(std::memory_order_acquire) == go) {
+      }
+      ASSERT_EQ(slot.word.load(), slotWord(next, SlotState::kDone));
+      if (slot.status.load() != kStatusSuccess) ++clobbered;
+    } else {
+      while (round.load(std::memory_order_acquire) == go) {
+      }
+    }
+  }
+  stop.store(true);
+  publisher.join();
+  EXPECT_EQ(clobbered, 0) << "of " << cancelled << " requests whose predecessor was cancelled";
+  EXPECT_GT(cancelled, 0) << "the race was never run";
+}
+
 TEST(Transport, NoticesADaemonKilledWithSigkill) {
   TempDir dir;
   const pid_t daemon = ::fork();

@@ -165,23 +165,30 @@ inline bool slotClaim(Slot& slot, std::uint32_t generation) {
 
 // Daemon: publishes a status for a request it claimed (kRunning) or rejects
 // unclaimed (kPending, e.g. failed validation). Does nothing if the slot no
-// longer holds that request. True when the waiter may be asleep and needs
-// slotWake(): a batch publishes every slot first and wakes sleepers after,
-// so callers still spinning see their completion without waiting behind
-// other callers' system calls.
+// longer holds that request. An unclaimed request is claimed first: until
+// then the client may cancel it and arm the slot for its next request at any
+// moment, and a status stored meanwhile would be read as that request's
+// (transport_test's rejection race). True when the waiter may be asleep and
+// needs slotWake(): a batch publishes every slot first and wakes sleepers
+// after, so callers still spinning see their completion without waiting
+// behind other callers' system calls.
 inline bool slotPublish(Slot& slot, std::uint32_t generation, std::int32_t status) {
-  std::uint32_t word = slot.word.load(std::memory_order_acquire);
-  while (slotGeneration(word) == generation &&
-         (slotState(word) == SlotState::kRunning || slotState(word) == SlotState::kPending)) {
-    slot.status.store(status, std::memory_order_relaxed);
-    slot.done_ns.store(nowNs(), std::memory_order_relaxed);
-    // seq_cst pairs with the waiter's store to sleepers and load of word.
-    if (slot.word.compare_exchange_weak(word, slotWord(generation, SlotState::kDone),
-                                        std::memory_order_seq_cst)) {
-      return slot.sleepers.load(std::memory_order_seq_cst) != 0;
-    }
+  const std::uint32_t running = slotWord(generation, SlotState::kRunning);
+  std::uint32_t word = slotWord(generation, SlotState::kPending);
+  if (!slot.word.compare_exchange_strong(word, running, std::memory_order_acq_rel) &&
+      word != running) {
+    return false;  // cancelled, or another request's by now
   }
-  return false;
+  // The slot is this publisher's: the client cannot cancel a running request.
+  slot.status.store(status, std::memory_order_relaxed);
+  slot.done_ns.store(nowNs(), std::memory_order_relaxed);
+  // seq_cst pairs with the waiter's store to sleepers and load of word.
+  std::uint32_t claimed = running;
+  if (!slot.word.compare_exchange_strong(claimed, slotWord(generation, SlotState::kDone),
+                                         std::memory_order_seq_cst)) {
+    return false;
+  }
+  return slot.sleepers.load(std::memory_order_seq_cst) != 0;
 }
 
 inline void slotWake(Slot& slot) {
