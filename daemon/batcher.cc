@@ -17,6 +17,57 @@ std::size_t bucketOf(const double (&bounds)[N], double value) {
   return i;
 }
 
+// What one operand of a request touches: bytes [first, end) of the
+// client's allocation `alloc_id`.
+struct Touched {
+  std::uint64_t alloc_id = 0;  // 0: nothing
+  std::uint64_t first = 0, end = 0;
+};
+
+struct Footprint {
+  Touched reads[3];  // A, B, the bias
+  Touched c;         // read with beta != 0, always written
+};
+
+Touched touched(const OperandDesc& operand, std::uint64_t extent) {
+  if (operand.alloc_id == 0 || extent == 0) return {};
+  const std::uint64_t end = operand.offset + extent;
+  // Validated against the mapping only at launch: never wrap here.
+  return {operand.alloc_id, operand.offset, end < operand.offset ? UINT64_MAX : end};
+}
+
+Footprint footprintOf(const Request& r) {
+  // A request whose extents cannot be computed (the scheduler refuses those)
+  // counts as touching the whole of each allocation it names.
+  const GemmExtents whole{UINT64_MAX, UINT64_MAX, UINT64_MAX,
+                          (r.epilogue & kEpilogueBias) != 0 ? UINT64_MAX : 0};
+  const GemmExtents e = gemmExtents(GemmShape::of(r)).value_or(whole);
+  const auto all = [](const OperandDesc& o, std::uint64_t extent) {
+    return extent == UINT64_MAX && o.alloc_id != 0 ? Touched{o.alloc_id, 0, UINT64_MAX}
+                                                   : touched(o, extent);
+  };
+  return {{all(r.a, e.a), all(r.b, e.b), all(r.bias, e.bias)}, all(r.c, e.c)};
+}
+
+bool overlap(const Touched& x, const Touched& y) {
+  return x.alloc_id != 0 && x.alloc_id == y.alloc_id && x.first < y.end && y.first < x.end;
+}
+
+// Whether two requests of one tenant must not share a launch: one writes
+// what the other reads or writes. In one launch they would run at once,
+// where the tenant's stream (two threads calling on it, say) runs them one
+// after the other: an accumulation lost, a read of half-written data.
+bool hazard(const Footprint& earlier, const Footprint& next) {
+  if (overlap(earlier.c, next.c)) return true;
+  for (const Touched& read : next.reads) {
+    if (overlap(earlier.c, read)) return true;
+  }
+  for (const Touched& read : earlier.reads) {
+    if (overlap(read, next.c)) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 void Batcher::add(Queued item, std::uint64_t now_ns) {
@@ -93,16 +144,32 @@ std::optional<Batch> Batcher::take(std::uint64_t now_ns, std::uint64_t& wake_at_
   batch.items.reserve(limit);
   const std::size_t tenant_count = order_.size();
   const std::size_t first = next_first_ % tenant_count;
-  while (batch.items.size() < limit) {
+  // Round-robin, one request from each tenant in turn. A tenant whose next
+  // request races one of its own already taken (hazard) is done for this
+  // batch, so that its requests keep their order: the rest go in the next.
+  std::vector<bool> done(tenant_count, false);
+  std::vector<std::vector<Footprint>> taken(tenant_count);
+  for (bool progressed = true; progressed && batch.items.size() < limit;) {
+    progressed = false;
     for (std::size_t i = 0; i < tenant_count && batch.items.size() < limit; ++i) {
-      Tenant& tenant = tenants_[order_[(first + i) % tenant_count]];
-      if (tenant.queue.empty()) continue;
+      const std::size_t at = (first + i) % tenant_count;
+      Tenant& tenant = tenants_[order_[at]];
+      if (done[at] || tenant.queue.empty()) continue;
+      const Footprint footprint = footprintOf(tenant.queue.front().request);
+      if (std::any_of(taken[at].begin(), taken[at].end(),
+                      [&](const Footprint& earlier) { return hazard(earlier, footprint); })) {
+        done[at] = true;
+        ++stats_.held_for_hazard;
+        continue;
+      }
+      taken[at].push_back(footprint);
       const std::uint64_t waited = now_ns - tenant.queue.front().arrival_ns;
       stats_.wait_ns += waited;
       ++stats_.waits[bucketOf(kWaitBoundsS, static_cast<double>(waited) / 1e9)];
       batch.items.push_back(std::move(tenant.queue.front()));
       tenant.queue.pop_front();
       ++tenant.in_flight;
+      progressed = true;
     }
   }
   next_first_ = first + 1;

@@ -17,7 +17,9 @@
 //
 // Requests are taken round-robin across tenants, one from each in turn,
 // starting one tenant further on each batch, so a busy tenant cannot starve a
-// quiet one; a tenant's own requests stay in order.
+// quiet one; a tenant's own requests stay in order, and two of them share a
+// batch only if neither writes what the other touches (the requests of one
+// launch run at once).
 #pragma once
 
 #include <cstdint>
@@ -86,6 +88,9 @@ struct BatcherStats {
   std::uint64_t launches[kLaunchReasonCount] = {};
   std::uint64_t batch_sizes[kBatchSizeBuckets] = {};  // batches, by size
   std::uint64_t waits[kWaitBuckets] = {};             // launched requests, by wait
+  // Times a tenant's next request was left for a later batch because it
+  // writes what one of its requests in the batch touches, or the reverse.
+  std::uint64_t held_for_hazard = 0;
 };
 
 class Batcher {

@@ -438,6 +438,7 @@ void Scheduler::addStatus(Json& status) const {
     entry["graph_captures"] = gauges.graph_captures.load();
     entry["mapped"] = gauges.mapped.load();
     entry["inline_opens"] = gauges.inline_opens.load();
+    entry["held_for_hazard"] = stats.held_for_hazard;
   }
 }
 
@@ -484,6 +485,10 @@ void Scheduler::addMetrics(MetricsText& out) const {
          "Allocations the executor had to open on its own thread (CUDA still answered "
          "'already mapped' to the mapper).",
          [](const Gpu& g) { return g.channel->gauges().inline_opens.load(); });
+  perGpu("stmux_gpu_held_for_hazard_total", "counter",
+         "Times a tenant's next request waited for a later batch because it writes what one "
+         "of its requests in the batch touches, or the reverse.",
+         [](const Gpu& g) { return g.batcher.stats().held_for_hazard; });
   perGpu("stmux_gpu_mps", "gauge",
          "1 where the daemon's context on the GPU runs under an MPS control daemon, else 0.",
          [](const Gpu& g) { return g.info.mps ? 1 : 0; });

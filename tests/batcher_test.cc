@@ -229,6 +229,62 @@ TEST_F(BatcherTest, MixedShapesShareABatch) {
   EXPECT_FALSE(batch->items[0].key == batch->items[1].key);
 }
 
+// Operands of m x m column-major matrices (lda = m) in allocations of the
+// tenant's: `a`, `b` and `c` name allocation ids, at byte offsets.
+Queued withOperands(Queued q, std::uint64_t a, std::uint64_t b, std::uint64_t c,
+                    std::uint64_t c_offset = 0, std::uint64_t a_offset = 0) {
+  Request& r = q.request;
+  r.lda = r.ldb = r.ldc = r.m;
+  r.batch_count = 1;
+  r.a.alloc_id = a, r.b.alloc_id = b, r.c.alloc_id = c;
+  r.a.offset = a_offset, r.c.offset = c_offset;
+  for (OperandDesc* o : {&r.a, &r.b, &r.c})
+    o->alloc_bytes = 1 << 20;
+  q.key = BatchKey::of(r);
+  return q;
+}
+
+// Two threads of a process calling on one stream, C += A_i B_i into one C:
+// in one launch both would read the old C and one update would be lost.
+TEST_F(BatcherTest, RequestsOfATenantThatWriteWhatAnotherReadsOrWritesGoInLaterBatches) {
+  BatcherOptions o = options();
+  o.max_in_flight = 100;
+  Batcher b(o);
+  const std::uint64_t bytes = 16 * 16 * sizeof(float);
+  b.add(withOperands(request(1, 0), 10, 11, 12), 0);
+  b.add(withOperands(request(1, 1), 13, 14, 12), 0);                // the same C
+  b.add(withOperands(request(1, 2), 12, 15, 16), 0);                // reads that C as A
+  b.add(withOperands(request(1, 3), 17, 18, 12, bytes), 0);         // C just past it
+  b.add(withOperands(request(2, 0), 10, 11, 12), 0);                // another tenant's ids
+  b.add(withOperands(request(1, 4), 19, 20, 21, 0, bytes - 4), 0);  // untouched by 0 or 1
+  std::uint64_t wake;
+  std::vector<std::vector<std::pair<std::uint32_t, std::uint64_t>>> batches;
+  while (auto batch = b.take(1000 * kUs, wake)) {  // each past the window
+    auto& ids = batches.emplace_back();
+    for (const Queued& q : batch->items)
+      ids.emplace_back(q.client->id, q.request.request_id);
+  }
+  using Ids = std::vector<std::pair<std::uint32_t, std::uint64_t>>;
+  // Tenant 1 stops at its first request that races one already taken; the
+  // ones behind it wait too, in order.
+  ASSERT_EQ(batches.size(), 3u);
+  EXPECT_EQ(batches[0], (Ids{{1, 0}, {2, 0}}));
+  EXPECT_EQ(batches[1], (Ids{{1, 1}}));  // 2 reads what 1 writes
+  EXPECT_EQ(batches[2], (Ids{{1, 2}, {1, 3}, {1, 4}}));
+  EXPECT_EQ(b.stats().held_for_hazard, 2u);
+}
+
+TEST_F(BatcherTest, ARequestThatReadsWhatAnEarlierOneReadsSharesItsBatch) {
+  Batcher b(options());
+  b.add(withOperands(request(1, 0), 10, 11, 12), 0);
+  b.add(withOperands(request(1, 1), 10, 11, 13), 0);  // the same A and B, its own C
+  std::uint64_t wake;
+  auto batch = b.take(0, wake);
+  ASSERT_TRUE(batch.has_value());
+  EXPECT_EQ(batch->items.size(), 2u);
+  EXPECT_EQ(b.stats().held_for_hazard, 0u);
+}
+
 TEST_F(BatcherTest, ARemovedTenantsRequestsAreDropped) {
   Batcher b(options());
   b.add(request(1), 0);
