@@ -124,6 +124,14 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
       (extents->bias != 0 && request.bias.alloc_id == 0)) {
     return reject(client, request, kStatusInvalidValue);
   }
+  // The shim serves only strided batches whose problems write apart
+  // (servedStrides); any other came from a client writing its ring itself,
+  // and would let a tiny C take the GPU for as long as its count says.
+  if (!servedStrides(shape)) {
+    STMUX_DEBUG(kSched, "client {} request {}: strides the shim never serves", client->id,
+                request.request_id);
+    return reject(client, request, kStatusDeclined);  // it runs in its caller
+  }
   if (!describedAlike(request)) {
     STMUX_DEBUG(kSched, "client {} request {}: operands describe one allocation two ways",
                 client->id, request.request_id);

@@ -95,6 +95,30 @@ TEST(Scheduler, OperandsThatDescribeOneAllocationTwoWaysAreDeclined) {
   EXPECT_EQ(daemon.executor().batchSizes(), std::vector<std::size_t>{1});
 }
 
+// A strided batch whose problems write one C is never sent by the shim
+// (servedStrides): a client writing its ring itself could otherwise make a C
+// of one problem's size take the GPU for 2^30 problems.
+TEST(Scheduler, StridedBatchesTheShimNeverSendsAreDeclined) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request one_c = validRequest();
+  one_c.batch_count = 1 << 30;
+  one_c.stride_c = 0;
+  Request overlapping = validRequest();
+  overlapping.batch_count = 2;
+  overlapping.stride_c = overlapping.m;  // the second problem's C starts in the first's
+  EXPECT_EQ(call(*connection, one_c), kStatusDeclined);
+  EXPECT_EQ(call(*connection, overlapping), kStatusDeclined);
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
+  Request apart = validRequest();
+  apart.batch_count = 2;
+  apart.stride_c = apart.ldc * apart.n;
+  EXPECT_EQ(call(*connection, apart), kStatusSuccess);
+  EXPECT_EQ(daemon.executor().batchSizes(), std::vector<std::size_t>{1});
+}
+
 // An epilogue's bias is an operand like A, B and C: one that will be read
 // has to be described, and the epilogue's bits have to be ones stmux knows.
 TEST(Scheduler, AnEpilogueIsCheckedBeforeTheGpu) {
