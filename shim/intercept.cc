@@ -455,7 +455,10 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
                           [this] { return !attaching_; });
     why = refusedToAttach(last_failure_) ? Fallback::kRefused : Fallback::kNoDaemon;
     if (connection_) {
-      const bool suspect = connection_->draining() || now - last_use_ns_ > kIdleCheckNs;
+      // Gone: stream-ordered calls never wait on the host, so their watcher
+      // is what notices a dead daemon.
+      const bool suspect =
+          connection_->gone() || connection_->draining() || now - last_use_ns_ > kIdleCheckNs;
       if (!suspect || connection_->alive()) {
         last_use_ns_ = now;
         return connection_;

@@ -131,6 +131,7 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   if (!segment) return Queued::kHost;
   const CUfunction kernel = kernelFor(context);
   if (kernel == nullptr) return Queued::kHost;
+  if (!watching()) return Queued::kHost;
   if (joinLegacyStream(call.stream, context) != CUDA_SUCCESS) return Queued::kCudaError;
 
   auto ticket = reserve(conn, deadline_ns);
@@ -224,16 +225,25 @@ void StreamOrder::retireLocked(InFlight entry) {
 void StreamOrder::trackLocked(InFlight entry) {
   in_flight_.push_back(std::move(entry));
   if (in_flight_.size() == 1) changed_.notify_all();
-  if (watcher_started_ || stopping_) return;
+}
+
+// A stream-ordered call is queued only while the watcher runs: it alone
+// lets a stream go whose call the daemon will not finish. Started with the
+// first call; without it (no thread to be had, or the process exiting)
+// calls are served in host mode.
+bool StreamOrder::watching() {
+  std::lock_guard lock(mutex_);
+  if (stopping_) return false;
+  if (watcher_started_ || watcher_failed_) return watcher_started_;
   const std::string failure = startBackgroundThread(driver_, "stmux-watch", [this] { watch(); });
   if (failure.empty()) {
     watcher_started_ = true;
   } else {
-    STMUX_WARN(kShim,
-               "cannot start the stream-order watcher ({}); a call the daemon cannot finish is "
-               "run here only when another call needs its slot",
+    watcher_failed_ = true;
+    STMUX_WARN(kShim, "cannot start the stream-order watcher ({}); calls are served in host mode",
                failure);
   }
+  return watcher_started_;
 }
 
 void StreamOrder::reapLocked(bool watcher) {
@@ -291,10 +301,16 @@ void StreamOrder::reapLocked(bool watcher) {
           STMUX_WARN(kShim, "the daemon did not start a call within {} ms; running it directly",
                      timeout_ns_ / 1'000'000);
           takeOver(call, Fallback::kTimeout);
-        } else if (call.ready_ns != 0 && running && now - call.ready_ns > 2 * timeout_ns_) {
-          STMUX_ERROR(kShim, "a call the daemon started did not finish in {} ms; running it here",
+        } else if (call.ready_ns != 0 && running && !call.said_slow &&
+                   now - call.ready_ns > 2 * timeout_ns_) {
+          // Never taken over while the daemon lives: its launch is queued on
+          // its GPU and will write C whenever it runs, which after the
+          // caller's stream had gone on could overwrite later work.
+          call.said_slow = true;
+          STMUX_ERROR(kShim,
+                      "a call the daemon started has not finished in {} ms; its stream waits "
+                      "for it as long as the daemon lives",
                       2 * timeout_ns_ / 1'000'000);
-          takeOver(call, Fallback::kTimeout);
         }
       }
     }
@@ -403,6 +419,7 @@ void StreamOrder::forkChild() {
   kernels_.clear();
   registered_.clear();
   watcher_started_ = false;
+  watcher_failed_ = false;
   mutex_.unlock();
   register_mutex_.unlock();
   kernel_mutex_.unlock();

@@ -82,6 +82,7 @@ class StreamOrder {
     EntryPoint entry = EntryPoint::kSgemm;
     std::uint64_t ready_ns = 0;          // when the watcher first saw the caller's stream reach it
     std::optional<Fallback> taken_over;  // given to the shim's kernel
+    bool said_slow = false;              // its caller was told the daemon is slow with it
     // Set while the caller may still find that the shim's kernel could not
     // be queued: an outcome the caller must act on (and count) goes here.
     std::shared_ptr<std::optional<StreamOutcome>> report;
@@ -93,9 +94,10 @@ class StreamOrder {
   // Keeps a slot whose ready write is still on its way out of use until it
   // lands (InFlight::retired). Under mutex_.
   void retireLocked(InFlight entry);
-  // Adds a call to those in flight, starting the watcher with the first.
-  // Under mutex_.
+  // Adds a call to those in flight. Under mutex_.
   void trackLocked(InFlight entry);
+  // Whether the watcher runs, starting it on first use.
+  bool watching();
   struct Registered {
     const void* host;
     CUcontext context;
@@ -130,6 +132,7 @@ class StreamOrder {
   std::condition_variable changed_;
   std::vector<InFlight> in_flight_;
   bool watcher_started_ = false;
+  bool watcher_failed_ = false;  // it could not be started: host mode from then on
   bool stopping_ = false;
   bool stopped_ = false;
 };

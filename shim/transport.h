@@ -91,6 +91,8 @@ class Connection {
 
   // False once the daemon closed the socket (exited, crashed, was killed).
   bool alive();
+  // Whether a look (alive()) found the daemon gone; no system call.
+  bool gone() const { return gone_.load(std::memory_order_relaxed); }
   // True when the daemon asked clients to submit nothing new.
   bool draining() const { return view_.header()->draining.load(std::memory_order_acquire) != 0; }
   // Other tenants of the daemon that made calls in the last second.

@@ -91,17 +91,18 @@ class FakeExecutor {
       switch (command->kind) {
         case ExecCommand::Kind::kRun: {
           command->batch->taken_ns = nowNs();
-          command->batch->submitted_ns = command->batch->taken_ns;
-          const std::uint64_t until = nowNs() + batch_ns_;
-          while (nowNs() < until)
-            cpuRelax();
-          command->batch->seen_ns = nowNs();
+          // Claimed before the "GPU" runs them, as the real executor does.
           const std::vector<Queued>& items = command->batch->items;
           std::vector<std::int32_t> statuses(items.size(), kNoWrite);
           for (std::size_t i = 0; i < items.size(); ++i) {
             Slot& slot = items[i].client->view.slot(items[i].request.slot);
             if (slotClaim(slot, items[i].request.generation)) statuses[i] = kStatusSuccess;
           }
+          command->batch->submitted_ns = nowNs();
+          const std::uint64_t until = nowNs() + batch_ns_;
+          while (nowNs() < until)
+            cpuRelax();
+          command->batch->seen_ns = nowNs();
           wakers_.publish(*command->batch, statuses);
           sizes_.push_back(command->batch->items.size());
           command->batch->done_ns = nowNs();

@@ -278,9 +278,11 @@ TEST_F(StreamOrderTest, ACallTheDaemonDeclinesIsComputedByTheKernel) {
   EXPECT_EQ(*outcomes()[0].direct, Fallback::kDeclined);
 }
 
-TEST_F(StreamOrderTest, ACallTheDaemonStartedButDidNotFinishInTimeIsComputedByTheKernel) {
-  // A GPU that takes 2 s per batch; the shim gives up after twice its
-  // 0.5 s timeout.
+// A call the daemon started is its own until it finishes or the daemon
+// dies: taken over, the daemon's launch, queued on its GPU, would still
+// write C, perhaps after the caller's stream had gone on.
+TEST_F(StreamOrderTest, ACallTheDaemonStartedIsWaitedForHoweverLongWhileTheDaemonLives) {
+  // A GPU that takes 2 s per batch, four times the shim's 0.5 s timeout.
   connection_.reset();
   daemon_.reset();
   daemon_ = std::make_unique<Daemon>(dir_, 2 * kSecond);
@@ -288,11 +290,18 @@ TEST_F(StreamOrderTest, ACallTheDaemonStartedButDidNotFinishInTimeIsComputedByTh
   ASSERT_NE(connection_, nullptr);
   float c = 0.0f;
   ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
-  ASSERT_TRUE(gpu_.stream.drained(3 * kSecond / 2)) << "the stream was not let go in time";
-  EXPECT_EQ(c, 42.0f);
+  EXPECT_FALSE(gpu_.stream.drained(3 * kSecond / 2)) << "the stream went on without the daemon";
+  ASSERT_TRUE(gpu_.stream.drained(3 * kSecond)) << "the daemon's finishing did not let it go";
+  EXPECT_EQ(gpu_.computed, 0) << "the shim's kernel computed a call the daemon ran";
   ASSERT_TRUE(settled(1));
-  ASSERT_TRUE(outcomes()[0].direct.has_value());
-  EXPECT_EQ(*outcomes()[0].direct, Fallback::kTimeout);
+  EXPECT_FALSE(outcomes()[0].direct.has_value()) << "counted served";
+}
+
+TEST_F(StreamOrderTest, AfterStopCallsAreServedInHostMode) {
+  order_->stop(kSecond);
+  float c = 0.0f;
+  EXPECT_EQ(submit(&c), StreamOrder::Queued::kHost) << "no watcher would let its stream go";
+  EXPECT_EQ(gpu_.launches, 0);
 }
 
 TEST_F(StreamOrderTest, WithoutItsKernelACallIsLeftToItsCallerIfTheDaemonDoesNotFinishIt) {
