@@ -158,6 +158,40 @@ TEST(Transport, NoDaemonSaysWhere) {
   EXPECT_FALSE(shim::refusedToAttach(connection.message())) << "no daemon is no refusal";
 }
 
+// A daemon that is stopped or stuck accepts nothing, and once its backlog
+// is full connect() would wait for ever inside the caller's cuBLAS call.
+TEST(Transport, ADaemonThatAcceptsNothingCostsAnAttachNoMoreThanTheTimeout) {
+  TempDir dir;
+  UniqueFd listener(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(listener.valid());
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::snprintf(address.sun_path, sizeof(address.sun_path), "%s", dir.socket().c_str());
+  ASSERT_EQ(::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)),
+            0);
+  ASSERT_EQ(::listen(listener.get(), 0), 0);
+  // Fills the backlog of 0 (Linux queues one beyond it).
+  std::vector<UniqueFd> queued;
+  for (int i = 0; i < 4; ++i) {
+    UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
+      break;
+    }
+    queued.push_back(std::move(fd));
+  }
+  ASSERT_FALSE(queued.empty());
+  ConnectOptions o = options(dir);
+  o.timeout_ns = kSecond / 5;
+  const std::uint64_t start = nowNs();
+  auto connection = Connection::open(o);
+  const std::uint64_t took = nowNs() - start;
+  ASSERT_FALSE(connection.ok());
+  EXPECT_NE(connection.message().find("did not take the connection within 200 ms"),
+            std::string::npos)
+      << connection.message();
+  EXPECT_LT(took, 2 * kSecond);
+}
+
 TEST(Transport, CancelWinsOnlyBeforeTheDaemonClaims) {
   TempDir dir;
   TestSink sink;
