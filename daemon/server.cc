@@ -44,6 +44,8 @@ constexpr std::uint64_t kAcceptBackoffNs = 100'000'000;
 // keep the loop in accept() and away from the tenants' rings. The listening
 // socket stays readable, so the rest wait for the next turn.
 constexpr int kMaxAcceptsPerTurn = 16;
+// Control messages (release notices) read from one client per turn.
+constexpr int kMaxMessagesPerTurn = 16;
 
 enum Tag : std::uint64_t {
   kTagListen = 1,
@@ -633,7 +635,10 @@ void Server::dropReply(std::uint64_t id) {
 }
 
 void Server::readClient(const ClientPtr& client) {
-  while (true) {
+  // A bounded number per turn (the socket stays readable for the rest): a
+  // client sending notices as fast as it can held up every other client's
+  // calls for up to a second (server_test, 2026-12-05).
+  for (int read = 0; read < kMaxMessagesPerTurn; ++read) {
     auto received = recvMessage(client->socket.get(), /*block=*/false);
     if (!received) return detach(client, received.message().c_str());
     if (received->would_block) return;
