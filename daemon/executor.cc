@@ -449,6 +449,11 @@ class Executor::Impl {
     next_buffer_ = (next_buffer_ + 1) % buffers_.size();
     if (Status status = submit(plan, ordered, buffers_[flight.buffer], flight); !status.ok()) {
       fail(status.message());
+      // What was queued before the failure may still run, and the buffer's
+      // event may not have been recorded: wait, so that no launch of the batch
+      // is left on the GPU when its statuses go out and its mappings may close.
+      (void)cudaStreamSynchronize(stream_);
+      (void)cudaGetLastError();
       for (std::int32_t& s : flight.status) {
         if (s != kNoWrite) s = kStatusExecutionFailed;
       }
