@@ -240,6 +240,25 @@ TEST_F(ShimOnGpu, ManyThreadsOfOneProcessCallAtOnce) {
   EXPECT_TRUE(stats.direct.empty()) << c.err();
 }
 
+// Threads of one process adding into one C on one stream: cuBLAS runs
+// their calls one after the other, and so must stmux, though it receives
+// them at once. In one batched launch both would read the old C
+// (BatcherTest covers the batcher's rule; this, the whole path).
+TEST_F(ShimOnGpu, ThreadsAddingIntoOneCOnOneStreamLoseNoUpdate) {
+  const std::vector<std::string> args = {"accumulate", "--threads", "4", "--count", "300"};
+  Process plain = client(args, {}, "accumulate-plain");
+  ASSERT_EQ(plain.wait(), 0) << plain.out() << plain.err();
+  Process c = client(args, shimmed(), "accumulate");
+  ASSERT_EQ(c.wait(), 0) << c.out() << c.err();
+  EXPECT_EQ(outValue(c.out(), "wrong"), 0) << c.out();
+  const ShimStats stats = shimStats(c.err());
+  EXPECT_EQ(stats.served, 1200) << c.err();
+  // The daemon did get calls of two threads at once, and kept them apart.
+  const auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  EXPECT_GT(gpuField(*status, "held_for_hazard"), 0);
+}
+
 TEST_F(ShimOnGpu, ForkedChildrenAttachOnTheirOwnAndLeaveTheParentsConnectionAlone) {
   Process c = client({"fork"}, shimmed(), "fork");
   ASSERT_EQ(c.wait(), 0) << c.out() << c.err();

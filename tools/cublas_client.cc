@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -122,6 +123,10 @@ void usage(FILE* out) {
                "  sync-flags [--seconds S]       200 calls {sgemm; sync} (for S s at least,\n"
                "                                 if given), then prints its CUDA context's\n"
                "                                 scheduling flag: \"sched 0xN\"\n"
+               "  accumulate --threads T --count N\n"
+               "                                 T threads, a handle each on one shared\n"
+               "                                 stream, each adding A_t B_t into one C N\n"
+               "                                 times (beta 1); C checked exactly\n"
                "  ceiling --count R --m M --n N --k K --ready F --go F --out F\n"
                "                                 one cublasSgemmBatched of R per round\n"
                "  --mixed (loop, ceiling)        the three seed shapes: loop takes shape\n"
@@ -163,14 +168,14 @@ bool parse(int argc, char** argv, Options& o) {
     usage(stdout);
     std::exit(0);
   }
-  static const char* const kModeNames[] = {"probe",     "devices",   "check", "stress",
-                                           "loop",      "ceiling",   "paths", "fork",
-                                           "idle-free", "sync-flags"};
+  static const char* const kModeNames[] = {"probe",     "devices",    "check",     "stress",
+                                           "loop",      "ceiling",    "paths",     "fork",
+                                           "idle-free", "sync-flags", "accumulate"};
   if (std::find_if(std::begin(kModeNames), std::end(kModeNames),
                    [&](const char* name) { return o.mode == name; }) == std::end(kModeNames)) {
     std::fprintf(stderr,
                  "stmux-cublas-client: unknown MODE '%s': accepted: probe, devices, check, "
-                 "stress, paths, fork, idle-free, sync-flags, loop, ceiling\n",
+                 "stress, paths, fork, idle-free, sync-flags, accumulate, loop, ceiling\n",
                  o.mode.c_str());
     return false;
   }
@@ -896,6 +901,98 @@ int syncFlags(const Options& options) {
   return 0;
 }
 
+// --threads threads, each with its own handle on one stream they share,
+// each adding A_t B_t into one C (alpha and beta 1) --count times, as a
+// program's threads may: the stream runs the calls one after the other, so C
+// ends as C0 + count * sum_t A_t B_t. Small integers throughout, so every sum
+// is exact in FP32 whatever the calls' order.
+int accumulate(const Options& o) {
+  constexpr int kN = 64;
+  constexpr std::size_t kFloats = kN * kN;
+  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() + getpid());
+  std::uniform_int_distribution<int> small(-1, 1);
+  cublasHandle_t first_handle;
+  cudaStream_t stream;
+  if (!makeHandle(first_handle, stream)) return 3;
+  std::vector<std::vector<float>> a(o.threads, std::vector<float>(kFloats)),
+      b(o.threads, std::vector<float>(kFloats));
+  std::vector<float> c(kFloats);
+  for (int t = 0; t < o.threads; ++t) {
+    for (std::size_t i = 0; i < kFloats; ++i) {
+      a[t][i] = static_cast<float>(small(random));
+      b[t][i] = static_cast<float>(small(random));
+    }
+  }
+  for (float& x : c)
+    x = static_cast<float>(small(random));
+  std::vector<float*> a_device(o.threads), b_device(o.threads);
+  float* c_device = nullptr;
+  for (int t = 0; t < o.threads; ++t) {
+    EXIT_ON_CUDA_ERROR(cudaMalloc(&a_device[t], kFloats * sizeof(float)));
+    EXIT_ON_CUDA_ERROR(cudaMalloc(&b_device[t], kFloats * sizeof(float)));
+    EXIT_ON_CUDA_ERROR(
+        cudaMemcpy(a_device[t], a[t].data(), kFloats * sizeof(float), cudaMemcpyHostToDevice));
+    EXIT_ON_CUDA_ERROR(
+        cudaMemcpy(b_device[t], b[t].data(), kFloats * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&c_device, kFloats * sizeof(float)));
+  EXIT_ON_CUDA_ERROR(
+      cudaMemcpy(c_device, c.data(), kFloats * sizeof(float), cudaMemcpyHostToDevice));
+
+  std::atomic<long> failed{0};
+  auto work = [&](int t, cublasHandle_t handle) {
+    const float one = 1.0f;
+    for (int i = 0; i < o.count; ++i) {
+      if (cublasSgemm_v2(handle, CUBLAS_OP_N, CUBLAS_OP_N, kN, kN, kN, &one, a_device[t], kN,
+                         b_device[t], kN, &one, c_device, kN) != CUBLAS_STATUS_SUCCESS) {
+        ++failed;
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 1; t < o.threads; ++t) {
+    threads.emplace_back([&, t] {
+      cublasHandle_t handle;
+      EXIT_ON_CUBLAS_ERROR(cublasCreate_v2(&handle));
+      EXIT_ON_CUBLAS_ERROR(cublasSetStream_v2(handle, stream));
+      work(t, handle);
+      EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+      EXIT_ON_CUBLAS_ERROR(cublasDestroy_v2(handle));
+    });
+  }
+  work(0, first_handle);
+  for (std::thread& thread : threads)
+    thread.join();
+  EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+  std::vector<float> result(kFloats);
+  EXIT_ON_CUDA_ERROR(
+      cudaMemcpy(result.data(), c_device, kFloats * sizeof(float), cudaMemcpyDeviceToHost));
+
+  long wrong = 0;
+  double worst = 0;
+  for (int col = 0; col < kN; ++col) {
+    for (int row = 0; row < kN; ++row) {
+      double sum = 0;
+      for (int t = 0; t < o.threads; ++t) {
+        for (int l = 0; l < kN; ++l)
+          sum += static_cast<double>(a[t][row + l * kN]) * b[t][l + col * kN];
+      }
+      const double expected = c[row + col * kN] + static_cast<double>(o.count) * sum;
+      const double error = std::abs(result[row + col * kN] - expected);
+      worst = std::max(worst, error);
+      if (error != 0) ++wrong;
+    }
+  }
+  std::printf("accumulate threads %d calls %ld failed %ld wrong %ld worst_error %g\n", o.threads,
+              static_cast<long>(o.threads) * o.count, failed.load(), wrong, worst);
+  for (int t = 0; t < o.threads; ++t) {
+    EXIT_ON_CUDA_ERROR(cudaFree(a_device[t]));
+    EXIT_ON_CUDA_ERROR(cudaFree(b_device[t]));
+  }
+  EXIT_ON_CUDA_ERROR(cudaFree(c_device));
+  return wrong == 0 && failed == 0 ? 0 : 1;
+}
+
 // One served call, then idleness around freeing C: the test watches the
 // daemon's mappings meanwhile. Each step is printed when it is done.
 int idleFree(const Options& o) {
@@ -1067,5 +1164,6 @@ int main(int argc, char** argv) {
   if (options.mode == "paths") return paths(options);
   if (options.mode == "idle-free") return idleFree(options);
   if (options.mode == "sync-flags") return syncFlags(options);
+  if (options.mode == "accumulate") return accumulate(options);
   return ceiling(options);
 }
