@@ -727,6 +727,9 @@ struct Options {
   // A call drawn with other values is skipped (counted as such).
   Selection only;
   std::string only_args;  // as given, for the rerun line
+  // Each write's copies wait this long on their stream first (a host
+  // function), so that a call not ordered after them finds them late.
+  std::uint64_t delay_writes_us = 0;
 };
 
 void usage(FILE* out) {
@@ -734,7 +737,7 @@ void usage(FILE* out) {
       out,
       "usage: stmux-differential [--seed N] [--calls N] [--threads T] [--replay THREAD:CALL]\n"
       "                          [--allow-lost-calls] [--only CLASS=VALUE[,VALUE...]]...\n"
-      "                          [--quiet]\n"
+      "                          [--delay-writes-us US] [--quiet]\n"
       "Each call made twice, through the symbol the program links (which\n"
       "LD_PRELOAD=libstmux.so interposes) and through the real library's own function,\n"
       "both checked against a float64 reference: libcublas's cublasSgemm_v2,\n"
@@ -754,6 +757,9 @@ void usage(FILE* out) {
       "                        are drawn, then skipped before their operands are\n"
       "                        made (counted as skipped). Repeat for more classes:\n"
       "                        a call must match each\n"
+      "  --delay-writes-us US  hold each write's stream US microseconds (0 to 1000000;\n"
+      "                        default 0) before its copies: a call not ordered after\n"
+      "                        them then finds them late, nearly every time\n"
       "  --quiet               no per-class lines\n"
       "Preloaded, and without --allow-lost-calls, plain copies from pageable memory also\n"
       "precede served calls on non-blocking streams, which only stmux's wait orders.\n"
@@ -820,6 +826,7 @@ bool parse(int argc, char** argv, Options& o) {
                                  {"allow-lost-calls", no_argument, nullptr, 'l'},
                                  {"only", required_argument, nullptr, 'o'},
                                  {"quiet", no_argument, nullptr, 'q'},
+                                 {"delay-writes-us", required_argument, nullptr, 'd'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
   constexpr std::uint64_t kMax = std::numeric_limits<std::uint64_t>::max();
@@ -860,6 +867,12 @@ bool parse(int argc, char** argv, Options& o) {
         break;
       case 'q':
         o.quiet = true;
+        break;
+      case 'd':
+        if (!parseNumber(optarg, 0, 1'000'000, value)) {
+          return bad("--delay-writes-us", optarg, "an integer from 0 to 1000000");
+        }
+        o.delay_writes_us = value;
         break;
       case 'h':
         usage(stdout);
@@ -935,9 +948,19 @@ struct Copy {
 // The other thread of "other_thread" writes: it queues the copies on a stream
 // of its own and records an event there, and tells the worker once the event
 // is recorded (not completed); the worker's stream then waits for the event.
+// --delay-writes-us: a host function that holds its stream `*us` microseconds.
+void CUDART_CB holdStream(void* us) {
+  std::this_thread::sleep_for(std::chrono::microseconds(*static_cast<const std::uint64_t*>(us)));
+}
+void holdFirst(cudaStream_t stream, const std::uint64_t& us) {
+  if (us > 0) {
+    EXIT_ON_CUDA_ERROR(cudaLaunchHostFunc(stream, holdStream, const_cast<std::uint64_t*>(&us)));
+  }
+}
+
 class CopyThread {
  public:
-  CopyThread() {
+  explicit CopyThread(const std::uint64_t& delay_us) : delay_us_(delay_us) {
     EXIT_ON_CUDA_ERROR(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     EXIT_ON_CUDA_ERROR(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
     thread_ = std::thread([this] { loop(); });
@@ -974,6 +997,7 @@ class CopyThread {
       if (stop_) return;
       const std::vector<Copy>& copies = *job_;
       lock.unlock();
+      holdFirst(stream_, delay_us_);
       for (const Copy& c : copies) {
         EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(c.dst, c.src, c.bytes, cudaMemcpyDefault, stream_));
       }
@@ -985,6 +1009,7 @@ class CopyThread {
     }
   }
 
+  const std::uint64_t& delay_us_;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t event_ = nullptr;
   std::mutex mutex_;
@@ -1211,7 +1236,11 @@ stmux::check::Verdict verifyLt(const Case& c, const std::vector<LtProblem>& prob
 class Worker {
  public:
   Worker(int index, const Options& options, RealFunctions real, Counts& counts)
-      : index_(index), options_(options), real_(real), counts_(counts) {
+      : index_(index),
+        options_(options),
+        real_(real),
+        counts_(counts),
+        copy_thread_(options.delay_writes_us) {
     EXIT_ON_CUBLAS_ERROR(cublasCreate_v2(&handle_));
     EXIT_ON_CUBLAS_ERROR(cublasCreate_v2(&helper_));
     EXIT_ON_CUDA_ERROR(cudaStreamCreate(&blocking_));
@@ -1402,6 +1431,7 @@ class Worker {
       case kAsyncLegacy:
       case kMemset: {
         const cudaStream_t on = method == kAsyncLegacy ? cudaStreamLegacy : stream;
+        holdFirst(on, options_.delay_writes_us);
         for (const Target& t : targets) {
           EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(t.dst,
                                              method == kAsyncPageable ? t.pageable : t.pinned,
@@ -1416,6 +1446,7 @@ class Worker {
         // kernel on the same stream; the kernel (not intercepted) writes it.
         const cudaStream_t on = method == kKernelOnLegacy ? cudaStreamLegacy : stream;
         EXIT_ON_CUBLAS_ERROR(cublasSetStream_v2(helper_, on));
+        holdFirst(on, options_.delay_writes_us);
         float* staging = staging_;
         for (const Target& t : targets) {
           EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(staging, t.pinned, t.floats * sizeof(float),
@@ -1427,6 +1458,7 @@ class Worker {
         break;
       }
       case kEventOtherStream:
+        holdFirst(side_, options_.delay_writes_us);
         for (const Target& t : targets) {
           EXIT_ON_CUDA_ERROR(
               cudaMemcpyAsync(t.dst, t.pinned, t.floats * sizeof(float), cudaMemcpyDefault, side_));
@@ -1545,6 +1577,16 @@ class Worker {
     const cublasStatus_t status = call(&cublasSgemm_v2, &cublasGemmEx, &cublasSgemv_v2,
                                        &cublasSgemmStridedBatched, d.c + g.c_offset);
     const std::vector<float> result = readBack(c.value[kRead], d.c, nc, stream);
+    std::optional<stmux::check::Reference> reference;
+    std::optional<stmux::check::Verdict> verdict;  // the interposed call's
+    std::string again;
+    if (c.value[kRoute] != kInvalidArgs) {
+      reference = stmux::check::reference(g, in);
+      verdict = stmux::check::verify(g, in, *reference, result);
+      if (!verdict->ok && status == CUBLAS_STATUS_SUCCESS) {
+        again = lookAgain(g, in, *reference, d.c, nc);
+      }
+    }
     const cublasStatus_t real_status =
         call(real_.sgemm, real_.gemm_ex, real_.gemv, real_.strided, ref_c_ + g.c_offset);
     const std::vector<float> real_result = readBack(kReadAsync, ref_c_, nc, stream);
@@ -1570,18 +1612,34 @@ class Worker {
       problem = std::string(statuses) + ", both must be CUBLAS_STATUS_SUCCESS";
       return false;
     }
-    const stmux::check::Reference reference = stmux::check::reference(g, in);
-    if (!lost) {
-      if (const auto verdict = stmux::check::verify(g, in, reference, result); !verdict.ok) {
-        problem = "interposed call: " + verdict.problem;
-        return false;
-      }
+    if (!lost && !verdict->ok) {
+      problem = "interposed call: " + verdict->problem + again;
+      return false;
     }
-    if (const auto verdict = stmux::check::verify(g, in, reference, real_result); !verdict.ok) {
-      problem = "real cuBLAS: " + verdict.problem;
+    if (const auto real = stmux::check::verify(g, in, *reference, real_result); !real.ok) {
+      problem = "real cuBLAS: " + real.problem;
       return false;
     }
     return true;
+  }
+
+  // A wrong interposed result looked at again once the whole device is idle:
+  // right then, it was read back before it had landed; C as the write left
+  // it, the call's result was lost or the write's copies landed after it.
+  static std::string lookAgain(const GemmCase& g, const Buffers& in,
+                               const stmux::check::Reference& reference, const float* c,
+                               std::size_t floats) {
+    EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
+    std::vector<float> now(floats);
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(now.data(), c, floats * sizeof(float), cudaMemcpyDefault));
+    if (stmux::check::verify(g, in, reference, now).ok) {
+      return "; once the device was idle, C was right (read back too early)";
+    }
+    if (std::memcmp(now.data(), in.c.data(), floats * sizeof(float)) == 0) {
+      return "; once the device was idle, C was as the write left it (the result lost, or the "
+             "write landed after it)";
+    }
+    return "; once the device was idle, C was still wrong";
   }
 
   // cublasLtMatmul: the call through the interposed symbol, then through
@@ -1760,7 +1818,8 @@ int main(int argc, char** argv) {
     std::fprintf(
         stderr,
         "stmux-differential: options: --seed N, --calls N, --threads T, "
-        "--replay THREAD:CALL, --allow-lost-calls, --only CLASS=VALUES, --quiet, --help\n");
+        "--replay THREAD:CALL, --allow-lost-calls, --only CLASS=VALUES, --delay-writes-us US, "
+        "--quiet, --help\n");
     return 2;
   }
   if (!options.seed_given)
@@ -1770,11 +1829,15 @@ int main(int argc, char** argv) {
                 static_cast<unsigned long long>(options.seed),
                 static_cast<unsigned long long>(options.replay_call), options.replay_thread);
   } else {
-    std::printf("seed %llu (rerun: stmux-differential --seed %llu --threads %d --calls %llu%s%s)\n",
-                static_cast<unsigned long long>(options.seed),
-                static_cast<unsigned long long>(options.seed), options.threads,
-                static_cast<unsigned long long>(options.calls),
-                options.allow_lost ? " --allow-lost-calls" : "", options.only_args.c_str());
+    std::printf(
+        "seed %llu (rerun: stmux-differential --seed %llu --threads %d --calls %llu%s%s%s)\n",
+        static_cast<unsigned long long>(options.seed),
+        static_cast<unsigned long long>(options.seed), options.threads,
+        static_cast<unsigned long long>(options.calls),
+        options.allow_lost ? " --allow-lost-calls" : "", options.only_args.c_str(),
+        options.delay_writes_us == 0
+            ? ""
+            : fmt::format(" --delay-writes-us {}", options.delay_writes_us).c_str());
   }
   std::fflush(stdout);
 

@@ -351,10 +351,12 @@ PY
     hunt)
       # A kind of call under load, e.g. the soak's open mismatch
       # (docs/RELIABILITY.md): $HUNT_PROCS differential processes of 3 threads,
-      # $HUNT_CALLS calls drawn each, beside $HUNT_LOAD stress tenants of 2
-      # threads served by a daemon of its own; first without the preload,
-      # then with it. Mismatch and totals lines in hunt.log. By default the
-      # kind of call the soak found wrong.
+      # $HUNT_CALLS calls drawn each, each write's copies held $HUNT_DELAY_US
+      # (default 2000) on their stream first, so that a call not ordered after
+      # them finds them late nearly every time; beside $HUNT_LOAD stress
+      # tenants of 2 threads served by a daemon of its own; first without the
+      # preload (CUDA alone), then with it. Mismatch and totals lines in
+      # hunt.log. By default the kind of call the soak found wrong.
       soak_case="--only write=event_other_stream --only alloc=managed"
       dir=$(mktemp -d)
       "$build/daemon/stmuxd" --socket "$dir/sock" >"$dir/stmuxd.log" 2>&1 &
@@ -373,7 +375,8 @@ PY
           [ "$with" = yes ] && env=("${preload[@]}") || env=()
           # shellcheck disable=SC2086  # HUNT_ONLY is split into flags on purpose
           env ${env[@]+"${env[@]}"} "$build/tools/stmux-differential" --threads 3 \
-            --calls "${HUNT_CALLS:-3000000}" --quiet ${HUNT_ONLY:-$soak_case} \
+            --calls "${HUNT_CALLS:-3000000}" --delay-writes-us "${HUNT_DELAY_US:-2000}" \
+            --quiet ${HUNT_ONLY:-$soak_case} \
             >"$dir/diff-$with-$i.log" 2>&1 &
           procs+=($!)
         done
