@@ -8,6 +8,8 @@
 // finished batches come back. Allocations to map go down to the mapper, which
 // opens them off the executor's thread, and come back opened or not. Both
 // threads ring the scheduler's eventfd so a sleeping scheduler notices.
+// Opens reach the mapper a few at a time, taken in turn from each client's
+// own queue: one client's many (or slow) opens cannot hold up another's.
 #pragma once
 
 #include <sys/eventfd.h>
@@ -17,6 +19,7 @@
 #include <boost/lockfree/spsc_queue.hpp>
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -113,17 +116,30 @@ class ExecutorChannel {
     flush();
   }
   void postOpen(std::unique_ptr<OpenJob> job) {
-    open_overflow_.push_back(std::move(job));
+    const std::uint32_t client = job->client->id;
+    waiting_opens_[client].push_back(std::move(job));
+    ++waiting_open_count_;
     flush();
+  }
+  // The opens of a client that left, not yet given to the mapper.
+  void dropOpens(std::uint32_t client) {
+    if (auto it = waiting_opens_.find(client); it != waiting_opens_.end()) {
+      waiting_open_count_ -= it->second.size();
+      waiting_opens_.erase(it);
+    }
   }
   // Moves overflow into the queues; true while some is still left over.
   bool flush() {
     if (move(overflow_, commands_)) executor_bell_.ring();
-    if (move(open_overflow_, opens_)) mapper_bell_.ring();
-    return !overflow_.empty() || !open_overflow_.empty();
+    if (moveOpens()) mapper_bell_.ring();
+    return !overflow_.empty() || waiting_open_count_ != 0;
   }
   std::unique_ptr<Batch> takeDone() { return take(done_); }
-  std::unique_ptr<OpenJob> takeOpened() { return take(opened_); }
+  std::unique_ptr<OpenJob> takeOpened() {
+    std::unique_ptr<OpenJob> job = take(opened_);
+    if (job) --opens_given_;
+    return job;
+  }
 
   // ---- executor side ----
 
@@ -150,7 +166,7 @@ class ExecutorChannel {
 
   ExecutorGauges& gauges() { return gauges_; }
   const ExecutorGauges& gauges() const { return gauges_; }
-  std::size_t backlog() const { return overflow_.size() + open_overflow_.size(); }
+  std::size_t backlog() const { return overflow_.size() + waiting_open_count_; }
 
   ~ExecutorChannel() {
     while (takeCommand()) {
@@ -165,6 +181,28 @@ class ExecutorChannel {
 
  private:
   static constexpr std::size_t kCapacity = 1024;
+  // Opens given to the mapper and not yet taken back: enough that it never
+  // waits for the scheduler, few enough that a client's next turn comes soon.
+  static constexpr std::size_t kOpensGiven = 2;
+
+  // The clients' waiting opens into the mapper's queue, one client after
+  // another from where the last move stopped.
+  bool moveOpens() {
+    bool moved = false;
+    while (opens_given_ < kOpensGiven && waiting_open_count_ != 0) {
+      auto it = waiting_opens_.upper_bound(last_open_client_);
+      if (it == waiting_opens_.end()) it = waiting_opens_.begin();
+      if (!opens_.push(it->second.front().get())) break;
+      it->second.front().release();
+      it->second.pop_front();
+      --waiting_open_count_;
+      ++opens_given_;
+      last_open_client_ = it->first;
+      if (it->second.empty()) waiting_opens_.erase(it);
+      moved = true;
+    }
+    return moved;
+  }
 
   template <class T, class Queue>
   static bool move(std::deque<std::unique_ptr<T>>& from, Queue& to) {
@@ -202,8 +240,12 @@ class ExecutorChannel {
   boost::lockfree::spsc_queue<Batch*, boost::lockfree::capacity<kCapacity>> done_;
   boost::lockfree::spsc_queue<OpenJob*, boost::lockfree::capacity<kCapacity>> opens_;
   boost::lockfree::spsc_queue<OpenJob*, boost::lockfree::capacity<kCapacity>> opened_;
-  std::deque<std::unique_ptr<ExecCommand>> overflow_;   // scheduler thread only
-  std::deque<std::unique_ptr<OpenJob>> open_overflow_;  // scheduler thread only
+  // Scheduler thread only:
+  std::deque<std::unique_ptr<ExecCommand>> overflow_;
+  std::map<std::uint32_t, std::deque<std::unique_ptr<OpenJob>>> waiting_opens_;  // by client id
+  std::size_t waiting_open_count_ = 0;
+  std::uint32_t last_open_client_ = 0;
+  std::size_t opens_given_ = 0;
   Bell executor_bell_, mapper_bell_;
   int scheduler_wake_fd_;
   ExecutorGauges gauges_;

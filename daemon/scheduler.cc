@@ -256,8 +256,11 @@ bool Scheduler::takeOpened(Gpu& gpu) {
       // the first batch that needs it, closing what is in the way.
       it->second.mapped = true;
     } else if (wanted) {
-      STMUX_WARN(kMem, "client {} (pid {}): cannot map allocation {}: {}", client->id, client->pid,
-                 operand.alloc_id, job->error);
+      if (std::uint64_t held = 0; map_log_.allow(nowNs(), held)) {
+        STMUX_WARN(kMem, "client {} (pid {}): cannot map allocation {}: {}{}", client->id,
+                   client->pid, operand.alloc_id, job->error,
+                   held == 0 ? "" : fmt::format(" ({} more such failures not logged)", held));
+      }
       gpu.memory.erase(it);
       // What waited for it runs in its caller, as a request the executor
       // cannot map is answered.
@@ -335,6 +338,7 @@ void Scheduler::onDetach(const ClientPtr& client) {
     settle(std::span<const Queued>(gone, gpu.awaiting.end()));
     gpu.awaiting.erase(gone, gpu.awaiting.end());
     forgetMemory(gpu, client->id);
+    gpu.channel->dropOpens(client->id);
     auto command = std::make_unique<ExecCommand>();
     command->kind = ExecCommand::Kind::kForget;
     command->client = client;

@@ -14,6 +14,7 @@
 #include "daemon/batcher.h"
 #include "daemon/channel.h"
 #include "daemon/server.h"
+#include "stmux/log.h"
 #include "stmux/sys.h"
 
 namespace stmux::daemon {
@@ -109,6 +110,9 @@ class Scheduler : public RequestSink {
 
   std::vector<Gpu> gpus_;
   std::size_t mappings_per_client_;
+  // Allocations the mapper could not open: a line a second at most (a client
+  // sending garbage handles would otherwise fill the log).
+  LogLimiter map_log_;
   UniqueFd wake_fd_;
   std::uint64_t rejected_ = 0;  // answered without reaching a batcher
 };

@@ -287,6 +287,52 @@ TEST(Scheduler, ATenantWhoseMemoryIsSlowToOpenHoldsUpNoOneElse) {
   EXPECT_EQ(result.status, kStatusSuccess);
 }
 
+// A tenant with many allocations to open, each slow (a churning or hostile
+// tenant: issue 14), does not make another tenant's new memory wait behind
+// them all: the mapper takes the tenants' opens in turn.
+TEST(Scheduler, ATenantWithManySlowOpensDoesNotHoldUpAnothersNewMemory) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto slow = connect(dir);
+  auto other = connect(dir);
+  ASSERT_TRUE(slow && other);
+  std::mutex mutex;
+  std::vector<std::uint64_t> order;  // alloc ids, as opened
+  daemon.executor().setOpen([&](OpenJob& job) {
+    if (job.operand.alloc_id >= 1000) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    {
+      std::lock_guard lock(mutex);
+      order.push_back(job.operand.alloc_id);
+    }
+    FakeExecutor::openAsAsked(job);
+  });
+  constexpr int kSlowRequests = 16;  // 48 allocations
+  std::vector<shim::Ticket> tickets;
+  for (int i = 0; i < kSlowRequests; ++i) {
+    Request request = requestOn(1000 + 3 * i);
+    auto ticket = slow->submit(request, nowNs() + 10 * kSecond);
+    ASSERT_TRUE(ticket.ok()) << ticket.message();
+    tickets.push_back(ticket.value());
+  }
+  ASSERT_TRUE(testing::waitFor([&] { return daemon.executor().opens() >= 1; }));
+  EXPECT_EQ(call(*other, requestOn(1)), kStatusSuccess);
+  std::size_t slow_before = 0;  // the slow tenant's opens before the other's last
+  {
+    std::lock_guard lock(mutex);
+    const auto last = std::find(order.begin(), order.end(), 3);
+    ASSERT_NE(last, order.end());
+    slow_before = static_cast<std::size_t>(
+        std::count_if(order.begin(), last, [](std::uint64_t id) { return id >= 1000; }));
+  }
+  // In turn: about one of the slow tenant's opens for each of the other's,
+  // and the two already given to the mapper. First come, first served: 48.
+  EXPECT_LE(slow_before, 8u) << "the other tenant's memory waited behind the slow tenant's";
+  for (const shim::Ticket& ticket : tickets) {
+    EXPECT_EQ(slow->wait(ticket, nowNs() + 10 * kSecond, 10'000).outcome, WaitOutcome::kDone);
+    slow->release(ticket);
+  }
+}
+
 // Memory the mapper cannot open (a garbage handle, freed memory): the
 // requests that need it are declined, and their callers run them directly.
 TEST(Scheduler, MemoryThatCannotBeMappedIsDeclined) {
