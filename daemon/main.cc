@@ -230,6 +230,17 @@ int run(int argc, char** argv) {
     return 0;
   }
 
+  // Each tenant's own environment sets the precision its cuBLAS computes at
+  // (the shim runs such calls directly: shim/precision.h); the daemon's must
+  // not set it for all of them. Cleared before cuBLAS reads it.
+  for (const char* name : {"NVIDIA_TF32_OVERRIDE", "CUBLAS_EMULATION_STRATEGY"}) {
+    if (const char* value = std::getenv(name); value != nullptr) {
+      STMUX_WARN(kConfig, "{}={} is ignored: each tenant's own environment sets its precision",
+                 name, value);
+      ::unsetenv(name);
+    }
+  }
+
   auto gpus = selectGpus(config->devices);
   if (!gpus) {
     std::fprintf(stderr, "stmuxd: %s\n", gpus.message().c_str());

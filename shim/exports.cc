@@ -118,17 +118,22 @@ std::optional<std::int32_t> fp32MathMode(cublasComputeType_t compute, std::int32
 // A GemmEx: served when it is an SGEMM, all data FP32 and FP32 compute; the
 // compute type sets the precision (fp32MathMode; 32F: the handle's math mode,
 // as cublasSgemm).
+// The tensor-op algorithms (deprecated) let cuBLAS use FP16 kernels for 32F
+// compute "for backward compatibility": not what the daemon's call computes.
 template <class Int>
 Gemm makeGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, Int m,
                 Int n, Int k, const void* alpha, const void* a, cudaDataType atype, Int lda,
                 const void* b, cudaDataType btype, Int ldb, const void* beta, void* c,
-                cudaDataType ctype, Int ldc, cublasComputeType_t compute) {
+                cudaDataType ctype, Int ldc, cublasComputeType_t compute, cublasGemmAlgo_t algo) {
   Gemm gemm = makeGemm(handle, transa, transb, m, n, k, static_cast<const float*>(alpha),
                        static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb,
                        static_cast<const float*>(beta), static_cast<float*>(c), ldc);
   gemm.entry = EntryPoint::kGemmEx;
   const std::optional<std::int32_t> math = fp32MathMode(compute, gemm.math_mode);
-  if (atype != CUDA_R_32F || btype != CUDA_R_32F || ctype != CUDA_R_32F || !math) {
+  const bool tensor_op_algo =
+      algo >= CUBLAS_GEMM_DEFAULT_TENSOR_OP && algo <= CUBLAS_GEMM_ALGO15_TENSOR_OP;
+  if (atype != CUDA_R_32F || btype != CUDA_R_32F || ctype != CUDA_R_32F || !math ||
+      tensor_op_algo) {
     gemm.direct_because = Fallback::kUnservedForm;
     return gemm;
   }
@@ -253,6 +258,7 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
   if (handle == nullptr) return direct(Fallback::kBadHandle);
   const LtReader lt(real);
   std::int32_t compute = 0, scale_type = 0, pointer_mode = 0, transa = 0, transb = 0;
+  std::int32_t transc = CUBLAS_OP_N, fill = CUBLAS_FILL_MODE_FULL;
   std::int32_t bias_type = -1;
   std::uint32_t epilogue = 0;
   const void* bias = nullptr;
@@ -262,6 +268,8 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
       !lt.get(desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, pointer_mode) ||
       !lt.get(desc, CUBLASLT_MATMUL_DESC_TRANSA, transa) ||
       !lt.get(desc, CUBLASLT_MATMUL_DESC_TRANSB, transb) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_TRANSC, transc) ||
+      !lt.get(desc, CUBLASLT_MATMUL_DESC_FILL_MODE, fill) ||
       !lt.get(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue) ||
       !lt.get(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias) ||
       !lt.get(desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, bias_type) ||
@@ -269,12 +277,18 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
     return direct(Fallback::kInvalidArgs);
   }
   if (pointer_mode != CUBLASLT_POINTER_MODE_HOST) return direct(Fallback::kDevicePointerMode);
+  // D transposed, or one triangle of it (cuBLASLt supports neither for these
+  // types today, and reports that itself).
+  if (transc != CUBLAS_OP_N || fill != CUBLAS_FILL_MODE_FULL) {
+    return direct(Fallback::kUnservedForm);
+  }
   // Scaling factors and their like are for narrow types; with FP32 cuBLASLt
   // refuses them, and it reports that itself.
   for (const cublasLtMatmulDescAttributes_t attribute :
        {CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
         CUBLASLT_MATMUL_DESC_C_SCALE_POINTER, CUBLASLT_MATMUL_DESC_D_SCALE_POINTER,
-        CUBLASLT_MATMUL_DESC_AMAX_D_POINTER, CUBLASLT_MATMUL_DESC_EMULATION_DESCRIPTOR}) {
+        CUBLASLT_MATMUL_DESC_D_OUT_SCALE_POINTER, CUBLASLT_MATMUL_DESC_AMAX_D_POINTER,
+        CUBLASLT_MATMUL_DESC_EMULATION_DESCRIPTOR}) {
     const void* pointer = nullptr;
     if (!lt.get(desc, attribute, pointer)) return direct(Fallback::kInvalidArgs);
     if (pointer != nullptr) return direct(Fallback::kUnservedForm);
@@ -450,7 +464,7 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa,
                              beta, C, Ctype, ldc, computeType, algo);
   };
   return intercept(makeGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
-                              beta, C, Ctype, ldc, computeType),
+                              beta, C, Ctype, ldc, computeType, algo),
                    DirectCall(direct));
 }
 
@@ -467,7 +481,7 @@ cublasStatus_t cublasGemmEx_64(cublasHandle_t handle, cublasOperation_t transa,
                                 ldb, beta, C, Ctype, ldc, computeType, algo);
   };
   return intercept(makeGemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
-                              beta, C, Ctype, ldc, computeType),
+                              beta, C, Ctype, ldc, computeType, algo),
                    DirectCall(direct));
 }
 

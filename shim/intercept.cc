@@ -20,6 +20,7 @@
 #include "shim/allocations.h"
 #include "shim/background.h"
 #include "shim/driver.h"
+#include "shim/precision.h"
 #include "shim/real.h"
 #include "shim/route.h"
 #include "shim/stream_order.h"
@@ -33,6 +34,8 @@
 extern char** environ;
 
 namespace stmux::shim {
+static_assert(kTf32MathMode == CUBLAS_TF32_TENSOR_OP_MATH &&
+              kDefaultEmulation == CUBLAS_EMULATION_STRATEGY_DEFAULT);
 static_assert(kSchedAuto == CU_CTX_SCHED_AUTO && kSchedSpin == CU_CTX_SCHED_SPIN &&
               kSchedYield == CU_CTX_SCHED_YIELD && kSchedBlocking == CU_CTX_SCHED_BLOCKING_SYNC &&
               kSchedMask == CU_CTX_SCHED_MASK);
@@ -128,7 +131,8 @@ class Shim {
   std::atomic<bool> said_direct_{false};
   std::unique_ptr<StreamOrder> stream_;  // null when there is no driver
   SyncMode sync_mode_ = SyncMode::kAuto;
-  unsigned cores_ = 1;  // the CPUs this process may run on, at start
+  CallerPrecision precision_;  // what the process's environment does to cuBLAS's precision
+  unsigned cores_ = 1;         // the CPUs this process may run on, at start
   std::mutex sync_mutex_;
   // The contexts whose scheduling flag the shim set, and to what; under
   // sync_mutex_.
@@ -172,6 +176,7 @@ Shim::Shim() : real_(realCublas()) {
         });
   }
   route_auto_ = config_.route == "auto";
+  precision_ = CallerPrecision::of(environmentLookup());
   sync_mode_ = parseSyncMode(config_.sync).value_or(SyncMode::kKeep);
   cpu_set_t cpus;
   if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) cores_ = std::max(1, CPU_COUNT(&cpus));
@@ -306,6 +311,17 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
         static_cast<std::uint32_t>(gemm.emulation >= 0 ? gemm.emulation : emulation);
   }
   if (gemmIsNoOp(request)) return fallback(Fallback::kNoOp, gemm.entry, direct, nullptr);
+  // cublasLtMatmul with alpha 0: what cuBLASLt writes depends on the kernel
+  // it picks (H200: most applied the epilogue to beta C, those for the
+  // smallest shapes left D alone) and on whether it reads A and B (a NaN
+  // there). Left to it.
+  if (gemm.lt && request.alpha == 0.0f) {
+    return fallback(Fallback::kUnservedForm, gemm.entry, direct, nullptr);
+  }
+  if (!precision_.reproducible(static_cast<int>(request.math_mode),
+                               static_cast<int>(request.emulation))) {
+    return fallback(Fallback::kUnservedForm, gemm.entry, direct, nullptr);
+  }
   if (driver_ == nullptr) return fallback(Fallback::kCudaError, gemm.entry, direct, nullptr);
 
   CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;

@@ -104,6 +104,17 @@ TEST(Gemm, AStridedBatchSpansEveryProblemAndAZeroStrideSharesTheOperand) {
   EXPECT_EQ(checkGemmArgs(s), kStatusInvalidValue);
 }
 
+// Valid arguments bound n and ldc one by one; their product may pass 2^63
+// (computed in 64 bits it overflowed: undefined, which UBSan reports).
+TEST(Gemm, StridesAreJudgedWithoutOverflowForAnyValidShape) {
+  GemmShape s = shape(kOpN, kOpN, 1, (std::int64_t{1} << 40) + 1, 1, 1, 1, std::int64_t{1} << 24);
+  s.count = 2, s.stride_c = INT64_MAX;
+  ASSERT_EQ(checkGemmArgs(s), kStatusSuccess);
+  EXPECT_FALSE(servedStrides(s)) << "C spans 2^64 elements: no stride keeps two apart";
+  s.n = 2;
+  EXPECT_TRUE(servedStrides(s));
+}
+
 TEST(Gemm, ARequestsBatchCountOfZeroIsOneProblem) {
   Request r{};
   EXPECT_EQ(problemsOf(r), 1);

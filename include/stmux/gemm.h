@@ -113,7 +113,8 @@ inline bool servedStrides(const GemmShape& s) {
   if (s.count <= 1) return true;
   if (s.stride_a < 0 || s.stride_b < 0) return false;
   if (s.m == 0 || s.n == 0) return s.stride_c >= 0;
-  const std::int64_t c_elements = (s.n - 1) * s.ldc + s.m;  // valid args: no overflow
+  // Valid arguments bound n and ldc one by one, not their product.
+  const __int128 c_elements = static_cast<__int128>(s.n - 1) * s.ldc + s.m;
   return s.stride_c >= c_elements;
 }
 

@@ -205,7 +205,9 @@ inline constexpr bool seqReached(std::uint32_t word, std::uint32_t seq) {
     "a form stmux does not serve: GemmEx with other than FP32 data and compute, GEMV with a "   \
     "negative increment, strided batches with a negative stride or overlapping outputs, "       \
     "cublasLtMatmul with other than FP32 column-major data, an epilogue other than bias, ReLU " \
-    "and GELU, or an output apart from C with beta != 0")
+    "and GELU, an output apart from C with beta != 0, or alpha 0; GemmEx with a tensor-op "     \
+    "algorithm; a precision the caller's environment sets (NVIDIA_TF32_OVERRIDE=0, "            \
+    "CUBLAS_EMULATION_STRATEGY)")
 
 enum class Fallback : std::uint32_t {
 #define STMUX_X(id, name, help) id,

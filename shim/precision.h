@@ -1,0 +1,49 @@
+// Whether the daemon's cuBLAS computes a call at the precision the caller's
+// own cuBLAS would. Two environment variables of the caller's change that
+// precision inside cuBLAS itself, where the handle's state does not show it,
+// and the daemon, another process, never sees them:
+//   NVIDIA_TF32_OVERRIDE=0      TF32 off, whatever the handle or compute
+//                               type asks for;
+//   CUBLAS_EMULATION_STRATEGY   what the DEFAULT emulation strategy means.
+// Such calls run directly. stmuxd clears both from its own environment at
+// start, so that only each caller's asking counts (daemon/main.cc).
+//
+// Pure logic, tested without a GPU (precision_test).
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace stmux::shim {
+
+// cublasMath_t's TF32 mode and cublasEmulationStrategy_t's default (checked
+// against cublas_api.h where the shim includes it).
+inline constexpr int kTf32MathMode = 3;
+inline constexpr int kDefaultEmulation = 0;
+
+struct CallerPrecision {
+  bool tf32_off = false;       // NVIDIA_TF32_OVERRIDE=0
+  bool emulation_set = false;  // CUBLAS_EMULATION_STRATEGY is set
+
+  static CallerPrecision of(
+      const std::function<std::optional<std::string>(std::string_view)>& lookup) {
+    CallerPrecision p;
+    const std::optional<std::string> tf32 = lookup("NVIDIA_TF32_OVERRIDE");
+    p.tf32_off = tf32 && *tf32 == "0";
+    const std::optional<std::string> emulation = lookup("CUBLAS_EMULATION_STRATEGY");
+    p.emulation_set = emulation && !emulation->empty();
+    return p;
+  }
+
+  // Whether a call with these (resolved) settings gets the same precision
+  // from the daemon's cuBLAS as from the caller's.
+  bool reproducible(int math_mode, int emulation) const {
+    if (tf32_off && math_mode == kTf32MathMode) return false;
+    if (emulation_set && emulation == kDefaultEmulation) return false;
+    return true;
+  }
+};
+
+}  // namespace stmux::shim

@@ -1,0 +1,36 @@
+// Which calls the daemon computes at the caller's precision (shim/precision.h).
+#include "shim/precision.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+
+namespace stmux::shim {
+namespace {
+
+CallerPrecision with(std::map<std::string, std::string> env) {
+  return CallerPrecision::of([env](std::string_view name) -> std::optional<std::string> {
+    const auto it = env.find(std::string(name));
+    if (it == env.end()) return std::nullopt;
+    return it->second;
+  });
+}
+
+TEST(CallerPrecision, ACallerWithTf32OverriddenOffRunsItsTf32CallsDirectly) {
+  const CallerPrecision off = with({{"NVIDIA_TF32_OVERRIDE", "0"}});
+  EXPECT_FALSE(off.reproducible(kTf32MathMode, kDefaultEmulation));
+  EXPECT_TRUE(off.reproducible(0, kDefaultEmulation)) << "full FP32 is FP32 anywhere";
+  // Only 0 changes anything (NVIDIA's documentation).
+  EXPECT_TRUE(with({{"NVIDIA_TF32_OVERRIDE", "1"}}).reproducible(kTf32MathMode, kDefaultEmulation));
+  EXPECT_TRUE(with({}).reproducible(kTf32MathMode, kDefaultEmulation));
+}
+
+TEST(CallerPrecision, ACallerWhoseEmulationStrategyIsSetRunsDefaultStrategyCallsDirectly) {
+  const CallerPrecision set = with({{"CUBLAS_EMULATION_STRATEGY", "eager"}});
+  EXPECT_FALSE(set.reproducible(0, kDefaultEmulation));
+  EXPECT_TRUE(set.reproducible(0, kDefaultEmulation + 1)) << "a strategy the handle names";
+  EXPECT_TRUE(with({{"CUBLAS_EMULATION_STRATEGY", ""}}).reproducible(0, kDefaultEmulation));
+}
+
+}  // namespace
+}  // namespace stmux::shim
