@@ -207,6 +207,46 @@ TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {
   }
 }
 
+// A tenant program that cannot be started fails its row at once, saying so,
+// rather than after the ready timeout; one that does not exist is refused
+// before any row.
+TEST(BenchBarrier, ATenantThatCannotBeStartedFailsTheRowAtOnceSayingWhy) {
+  TempDir dir;
+  const BenchRun absent = runBench(dir, "", 60, {"--client", "/nonexistent/stmux-tenant"});
+  EXPECT_EQ(absent.status, 2) << absent.err;
+  EXPECT_NE(absent.err.find("stmux-cublas-client: /nonexistent/stmux-tenant does not exist"),
+            std::string::npos)
+      << absent.err;
+  const std::string program = dir.path() + "/not-executable";
+  std::ofstream(program) << "#!/bin/sh\n";
+  const auto began = std::chrono::steady_clock::now();
+  const BenchRun run = runBench(dir, "", 60, {"--client", program});
+  EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(30));
+  const Json* time_only = row(run, "time-only");
+  ASSERT_NE(time_only, nullptr) << run.out << run.err;
+  EXPECT_FALSE(jsonBool(jsonFind(time_only, "valid"), true));
+  const std::string note(jsonString(jsonFind(time_only, "note")));
+  EXPECT_NE(note.find("tenant 0 could not be started: " + program + ": Permission denied"),
+            std::string::npos)
+      << note;
+}
+
+// A tenant that runs half the span and then stalls in one step past its end
+// ran through the span and made progress: the row is valid, and the stall,
+// which no step ending inside the span shows, is the row's longest step
+// (the step that crossed the span's end is timed). One step of some
+// thousand is no p99: the p99 stays a p99.
+TEST(BenchBarrier, AStallAcrossTheSpansEndIsTheRowsLongestStep) {
+  TempDir dir;
+  const BenchRun run = runBench(dir, "1=stall-late");
+  const Json* time_only = row(run, "time-only");
+  ASSERT_NE(time_only, nullptr) << run.out << run.err;
+  ASSERT_TRUE(jsonBool(jsonFind(time_only, "valid"))) << run.out;
+  // Stalled from the middle of a 0.4 s span to past its end.
+  EXPECT_GE(jsonNumber(jsonFind(time_only, "longest_step_us")), 190'000) << run.out;
+  EXPECT_LT(jsonNumber(jsonFind(time_only, "worst_tenant_p99_us")), 10'000) << run.out;
+}
+
 // The PyTorch shapes stmux-bench offers are the workloads stmux-torch-tenant
 // runs, one for one (the two lists live in two languages), and each is taken
 // as a shape: without a Python its row is skipped, saying why, not refused.

@@ -104,6 +104,12 @@ int main(int argc, char** argv) {
         while (realtimeNs() < span->stop_ns + 10'000'000)
           sleepUs(1000);
       }
+      // Runs half the span, then one step stalls past its end.
+      if (behaviour == "stall-late" && later && !stalled) {
+        stalled = true;
+        while (realtimeNs() < span->stop_ns + 10'000'000)
+          sleepUs(1000);
+      }
       if (behaviour == "early-stop") {
         stmux::tools::TenantResult result;
         result.calls = 1;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "test_support.h"
+#include "tools/latency.h"
 
 namespace stmux::tools {
 namespace {
@@ -102,6 +103,12 @@ TEST(BarrierFiles, ResultsAndGoFilesRoundTripAndTruncatedOnesAreRefused) {
 
   ASSERT_TRUE(writeAtomically(path, "3 1 5\n10\n20\n"));  // one latency short
   EXPECT_FALSE(readResult(path).has_value());
+  // The step that crossed the span's end comes last, timed but not counted.
+  ASSERT_TRUE(writeAtomically(path, "2 1 5\n10\n20\n900\n"));
+  const auto crossed = readResult(path);
+  ASSERT_TRUE(crossed.has_value());
+  EXPECT_EQ(crossed->calls, 2u);
+  EXPECT_EQ(crossed->latencies_ns, (std::vector<std::uint32_t>{10, 20, 900}));
   EXPECT_FALSE(readResult(dir.path() + "/absent").has_value());
 
   const std::string go = dir.path() + "/go";
@@ -160,6 +167,29 @@ TEST(RowWindows, ARowWhoseRateRoseShowsIt) {
 TEST(RowWindows, NoStepsLeaveEveryWindowEmpty) {
   EXPECT_TRUE(sharesNear(windowShares({steps({})}, kSpan, 3), std::vector<double>{0, 0, 0}));
   EXPECT_TRUE(sharesNear(windowShares({}, kSpan, 1), std::vector<double>{0}));
+}
+
+}  // namespace
+}  // namespace stmux::tools
+
+namespace stmux::tools {
+namespace {
+
+// Nearest rank: with few samples a high percentile is their largest, never
+// a value below the tail (p99 of {500 ms, 50 us} was 50 us by rounding down).
+TEST(Percentiles, AreByNearestRankSoAFewSamplesTailIsTheirLargest) {
+  EXPECT_DOUBLE_EQ(percentileUs({500'000'000, 50'000}, 0.99), 500'000);
+  std::vector<std::uint32_t> fifty(49, 10'000);
+  fifty.push_back(400'000'000);
+  EXPECT_DOUBLE_EQ(percentileUs(fifty, 0.99), 400'000);
+  EXPECT_DOUBLE_EQ(percentileUs(fifty, 0.50), 10);
+  std::vector<std::uint32_t> hundred(100);
+  for (std::uint32_t i = 0; i < 100; ++i)
+    hundred[i] = (i + 1) * 1000;  // 1 to 100 us
+  EXPECT_DOUBLE_EQ(percentileUs(hundred, 0.99), 99);
+  EXPECT_DOUBLE_EQ(percentileUs(hundred, 0.50), 50);
+  EXPECT_DOUBLE_EQ(percentileUs(hundred, 1.0), 100);
+  EXPECT_DOUBLE_EQ(percentileUs({}, 0.99), 0);
 }
 
 }  // namespace

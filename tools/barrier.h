@@ -9,10 +9,14 @@
 //   2. it goes on with untimed steps, looking for the go file, which the bench
 //      writes once every tenant of the row is ready: "start_ns stop_ns"
 //      (CLOCK_REALTIME);
-//   3. it times every step that ends in [start, stop) and stops at the first
-//      step that ends at or after stop, which shows it ran through the span;
+//   3. it counts every step that ends in [start, stop) (the one that crosses
+//      start included) and stops at the first step that ends at or after
+//      stop, which shows it ran through the span; it times every step that
+//      overlaps the span, those that cross its edges included, so that a
+//      step stalled across an edge shows in the tail;
 //   4. it writes its result file: "calls gemms_per_step last_end_ns", then one
-//      latency in nanoseconds per line.
+//      latency in nanoseconds per line: the counted steps', then the one
+//      that crossed stop.
 //
 // Files are written to a temporary name and renamed, so the other side never
 // reads half of one. Plain C++ with no CUDA: tests use it with fake tenants.
@@ -68,10 +72,12 @@ inline bool writeGo(const std::string& path, const Span& span) {
 
 // What one tenant measured.
 struct TenantResult {
-  std::uint64_t calls = 0;                  // steps that ended inside the span
-  int gemms_per_step = 1;                   // GEMMs one step makes
-  std::uint64_t last_end_ns = 0;            // when its last step ended: at or after stop
-  std::vector<std::uint32_t> latencies_ns;  // one per timed step
+  std::uint64_t calls = 0;        // steps that ended inside the span
+  int gemms_per_step = 1;         // GEMMs one step makes
+  std::uint64_t last_end_ns = 0;  // when its last step ended: at or after stop
+  // One per step that overlapped the span: the `calls` counted, in order,
+  // then (from a tenant that ran through) the one that crossed stop.
+  std::vector<std::uint32_t> latencies_ns;
 };
 
 inline bool writeResult(const std::string& path, const TenantResult& result) {
@@ -90,10 +96,10 @@ inline std::optional<TenantResult> readResult(const std::string& path) {
       result.gemms_per_step < 1) {
     return std::nullopt;
   }
-  result.latencies_ns.reserve(result.calls);
-  for (std::uint32_t value; result.latencies_ns.size() < result.calls && in >> value;)
+  result.latencies_ns.reserve(result.calls + 1);
+  for (std::uint32_t value; result.latencies_ns.size() <= result.calls && in >> value;)
     result.latencies_ns.push_back(value);
-  if (result.latencies_ns.size() != result.calls) return std::nullopt;
+  if (result.latencies_ns.size() < result.calls) return std::nullopt;
   return result;
 }
 
@@ -132,9 +138,6 @@ int runBarrierLoop(const TenantFiles& files, int gemms_per_step, int warmup_step
       return kExitNoGo;
     }
   }
-  while (realtimeNs() < span->start_ns) {
-    if (!step()) return 1;
-  }
   TenantResult result;
   result.gemms_per_step = gemms_per_step;
   result.latencies_ns.reserve(1 << 20);
@@ -144,16 +147,17 @@ int runBarrierLoop(const TenantFiles& files, int gemms_per_step, int warmup_step
     if (!step()) return 1;
     clock_gettime(CLOCK_MONOTONIC, &end);
     const std::uint64_t ended = realtimeNs();
-    if (ended >= span->stop_ns) {
-      result.last_end_ns = ended;
-      break;
-    }
+    if (ended < span->start_ns) continue;  // before the span
     const std::int64_t took =
         (end.tv_sec - begin.tv_sec) * 1'000'000'000ll + (end.tv_nsec - begin.tv_nsec);
     result.latencies_ns.push_back(
         static_cast<std::uint32_t>(std::clamp<std::int64_t>(took, 0, UINT32_MAX)));
+    if (ended >= span->stop_ns) {
+      result.last_end_ns = ended;
+      break;
+    }
+    ++result.calls;
   }
-  result.calls = result.latencies_ns.size();
   if (!writeResult(files.out, result)) {
     std::fprintf(stderr, "cannot write %s\n", files.out.c_str());
     return 1;

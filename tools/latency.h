@@ -2,17 +2,23 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace stmux::tools {
 
-// The p-quantile (p in 0..1) in microseconds. `values` is taken by value:
-// the selection reorders it, and callers' samples keep their order (a tenant's
-// latencies, in step order, also place its steps in time).
+// The p-quantile (p in 0..1) in microseconds, by nearest rank: the smallest
+// sample that at least a share p of the samples do not exceed. With few
+// samples it is the largest (p99 of 50 samples is their maximum), never a
+// value below the tail. `values` is taken by value: the selection reorders
+// it, and callers' samples keep their order (a tenant's latencies, in step
+// order, also place its steps in time).
 inline double percentileUs(std::vector<std::uint32_t> values, double p) {
   if (values.empty()) return 0;
-  const auto index = static_cast<std::size_t>(p * static_cast<double>(values.size() - 1));
+  const double rank = std::ceil(p * static_cast<double>(values.size()));
+  const auto index =
+      static_cast<std::size_t>(std::clamp(rank - 1, 0.0, static_cast<double>(values.size() - 1)));
   std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(index),
                    values.end());
   return values[index] / 1000.0;

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -51,7 +52,11 @@ class Process {
     posix_spawn_file_actions_addopen(&actions, 2, err_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
                                      0644);
     // A bare program name ("python3") is looked up in PATH.
-    if (posix_spawnp(&pid_, args[0], &actions, nullptr, args.data(), envp.data()) != 0) pid_ = -1;
+    if (const int error = posix_spawnp(&pid_, args[0], &actions, nullptr, args.data(), envp.data());
+        error != 0) {
+      pid_ = -1;
+      spawn_error_ = argv.empty() ? "no program" : argv[0] + ": " + std::strerror(error);
+    }
     posix_spawn_file_actions_destroy(&actions);
   }
   Process(Process&& other) noexcept { *this = std::move(other); }
@@ -60,6 +65,7 @@ class Process {
     std::swap(status_, other.status_);
     std::swap(out_path_, other.out_path_);
     std::swap(err_path_, other.err_path_);
+    std::swap(spawn_error_, other.spawn_error_);
     return *this;
   }
   ~Process() {
@@ -70,6 +76,8 @@ class Process {
   }
 
   bool started() const { return pid_ > 0; }
+  // Why it could not be started, where it could not.
+  const std::string& spawnError() const { return spawn_error_; }
   pid_t pid() const { return pid_; }
   bool running() const { return pid_ > 0 && status_ < 0; }
 
@@ -138,6 +146,7 @@ class Process {
   pid_t pid_ = -1;
   int status_ = -1;
   std::string out_path_, err_path_;
+  std::string spawn_error_;
 };
 
 // Runs a program to completion.

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <optional>
 #include <regex>
+#include <span>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -111,19 +112,23 @@ inline std::vector<double> windowShares(const std::vector<TenantOutcome>& tenant
   for (const TenantOutcome& tenant : tenants) {
     if (!tenant.result) continue;
     const TenantResult& result = *tenant.result;
+    // The counted steps, those that ended inside the span.
+    const auto counted =
+        std::span(result.latencies_ns)
+            .first(std::min<std::size_t>(result.calls, result.latencies_ns.size()));
     double total = 0;
-    for (std::uint32_t latency : result.latencies_ns)
+    for (std::uint32_t latency : counted)
       total += latency;
     const double stretch = total > 0 && total < length ? length / total : 1.0;
     double ended = 0;
-    for (std::uint32_t latency : result.latencies_ns) {
+    for (std::uint32_t latency : counted) {
       ended += latency * stretch;
       // Windows are (from, to]: a step that ends on a boundary is the earlier window's.
       const double place = std::ceil(ended / length * static_cast<double>(shares.size()));
       const std::size_t window = place < 1 ? 0 : static_cast<std::size_t>(place) - 1;
       shares[std::min(window, shares.size() - 1)] += 1;
     }
-    steps += static_cast<double>(result.latencies_ns.size());
+    steps += static_cast<double>(counted.size());
   }
   if (steps > 0) {
     for (double& share : shares)

@@ -161,8 +161,9 @@ def main():
                       file=sys.stderr)
                 return 4
         start, stop = span
-        while time.time_ns() < start:
-            step()
+        # tools/barrier.h: every step that ends in [start, stop) is counted;
+        # every one that overlaps the span is timed, those crossing its
+        # edges included, the one that crosses stop last.
         latencies = []
         clock = time.perf_counter_ns
         while True:
@@ -170,10 +171,12 @@ def main():
             step()
             took = clock() - begin
             ended = time.time_ns()
+            if ended < start:
+                continue
+            latencies.append(took)
             if ended >= stop:
                 break
-            latencies.append(took)
-    lines = [f"{len(latencies)} {WORKLOADS[args.workload]} {ended}"]
+    lines = [f"{len(latencies) - 1} {WORKLOADS[args.workload]} {ended}"]
     lines += [str(min(t, 2**32 - 1)) for t in latencies]
     write_atomically(args.out, "\n".join(lines) + "\n")
     return 0
