@@ -451,7 +451,11 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   drop(connection, "it closed the connection");
   if (conn->cancel(ticket.value()))
     return fallback(Fallback::kDaemonLost, gemm.entry, direct, conn);
-  // It claimed the call, so it may have run, wholly or partly.
+  // It claimed the call, and may have finished it just before it went.
+  if (const std::optional<std::int32_t> status = conn->published(ticket.value())) {
+    return finish(*status, request.beta, gemm.entry, direct, *conn);
+  }
+  // Otherwise it may have run, wholly or partly.
   if (request.beta == 0.0f) return fallback(Fallback::kDaemonLost, gemm.entry, direct, conn);
   STMUX_ERROR(kShim,
               "the daemon vanished during a call with beta != 0; C may be partly "

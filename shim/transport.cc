@@ -326,6 +326,14 @@ WaitResult Connection::wait(const Ticket& ticket, std::uint64_t deadline_ns,
   return result;
 }
 
+std::optional<std::int32_t> Connection::published(const Ticket& ticket) {
+  const Slot& slot = view_.slot(ticket.slot);
+  if (slot.word.load(std::memory_order_acquire) != slotWord(ticket.generation, SlotState::kDone)) {
+    return std::nullopt;
+  }
+  return slot.status.load(std::memory_order_acquire);
+}
+
 bool Connection::cancel(const Ticket& ticket) {
   return slotCancel(view_.slot(ticket.slot), ticket.generation);
 }

@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -83,6 +84,8 @@ class Connection {
 
   // Gives up on a request the daemon has not started. False once it started.
   bool cancel(const Ticket& ticket);
+  // The status the daemon published for the request, if it has.
+  std::optional<std::int32_t> published(const Ticket& ticket);
 
   // Returns the slot for reuse; after kDone or a successful cancel only.
   void release(const Ticket& ticket);

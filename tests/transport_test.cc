@@ -218,7 +218,11 @@ TEST(Transport, CancelWinsOnlyBeforeTheDaemonClaims) {
   ASSERT_TRUE(slotClaim(conn.view().slot(claimed->slot), claimed->generation));
   // ... and from then on the client may not walk away from it.
   EXPECT_FALSE(conn.cancel(claimed.value()));
+  EXPECT_FALSE(conn.published(claimed.value()).has_value()) << "claimed is not done";
   slotComplete(conn.view().slot(claimed->slot), claimed->generation, 5);
+  // What a client that found the daemon gone reads rather than report a
+  // loss: the call was finished after all.
+  EXPECT_EQ(conn.published(claimed.value()), std::optional<std::int32_t>(5));
   auto result = conn.wait(claimed.value(), nowNs() + kSecond, 1'000);
   EXPECT_EQ(result.outcome, WaitOutcome::kDone);
   EXPECT_EQ(result.status, 5);
