@@ -31,7 +31,7 @@ class BatcherTest : public ::testing::Test {
     return client;
   }
   Queued request(std::uint32_t id, std::uint64_t sequence = 0, std::int64_t m = 16) {
-    Queued q;
+    Queued q{};  // every field of the request zero (no operand described)
     q.client = tenant(id);
     q.request.m = q.request.n = q.request.k = m;
     q.request.request_id = sequence;
