@@ -147,22 +147,29 @@ std::optional<Batch> Batcher::take(std::uint64_t now_ns, std::uint64_t& wake_at_
   // Round-robin, one request from each tenant in turn. A tenant whose next
   // request races one of its own already taken (hazard) is done for this
   // batch, so that its requests keep their order: the rest go in the next.
-  std::vector<bool> done(tenant_count, false);
-  std::vector<std::vector<Footprint>> taken(tenant_count);
+  // (Footprints are worked out only for a tenant's second request and on:
+  // most batches take one from each.)
   for (bool progressed = true; progressed && batch.items.size() < limit;) {
     progressed = false;
     for (std::size_t i = 0; i < tenant_count && batch.items.size() < limit; ++i) {
-      const std::size_t at = (first + i) % tenant_count;
-      Tenant& tenant = tenants_[order_[at]];
-      if (done[at] || tenant.queue.empty()) continue;
-      const Footprint footprint = footprintOf(tenant.queue.front().request);
-      if (std::any_of(taken[at].begin(), taken[at].end(),
-                      [&](const Footprint& earlier) { return hazard(earlier, footprint); })) {
-        done[at] = true;
-        ++stats_.held_for_hazard;
-        continue;
+      Tenant& tenant = tenants_[order_[(first + i) % tenant_count]];
+      if (tenant.batch != batch.id) {
+        tenant.batch = batch.id;
+        tenant.taken.clear();
+        tenant.held = false;
       }
-      taken[at].push_back(footprint);
+      if (tenant.held || tenant.queue.empty()) continue;
+      if (!tenant.taken.empty()) {
+        const Footprint next = footprintOf(tenant.queue.front().request);
+        if (std::any_of(tenant.taken.begin(), tenant.taken.end(), [&](std::size_t item) {
+              return hazard(footprintOf(batch.items[item].request), next);
+            })) {
+          tenant.held = true;
+          ++stats_.held_for_hazard;
+          continue;
+        }
+      }
+      tenant.taken.push_back(batch.items.size());
       const std::uint64_t waited = now_ns - tenant.queue.front().arrival_ns;
       stats_.wait_ns += waited;
       ++stats_.waits[bucketOf(kWaitBoundsS, static_cast<double>(waited) / 1e9)];

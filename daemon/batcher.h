@@ -121,6 +121,11 @@ class Batcher {
     std::uint64_t last_completion_ns = 0;
     std::uint64_t think_ns = 0;  // 0: not known yet
     std::uint32_t in_flight = 0;
+    // In the batch being taken (`batch`'s id): its requests there (indices
+    // into its items), and whether the rest wait for the next (a hazard).
+    std::uint64_t batch = 0;
+    std::vector<std::size_t> taken;
+    bool held = false;
   };
 
   BatcherOptions options_;
