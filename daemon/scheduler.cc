@@ -444,6 +444,16 @@ void Scheduler::addStatus(Json& status) const {
     const std::uint64_t wakes = gauges.wakes.load();
     round["wake"] = mean(gauges.wake_ns.load(), wakes);
     entry["wakes"] = wakes;
+    // The same as sums and counts since start, so that a reader can take the
+    // means over a span of its own (stmux-bench's timed span).
+    Json& sums = entry["round_sums"] = Json::object();
+    sums["popped"] = r.popped, sums["ring_ns"] = r.ring_ns;
+    sums["readied"] = r.readied, sums["ready_ns"] = r.ready_ns;
+    sums["launched"] = stats.launched, sums["wait_ns"] = stats.wait_ns;
+    sums["batches"] = stats.batches;
+    sums["completed"] = r.completed, sums["handoff_ns"] = r.handoff_ns;
+    sums["launch_ns"] = r.launch_ns, sums["gpu_ns"] = r.gpu_ns, sums["publish_ns"] = r.publish_ns;
+    sums["wakes"] = wakes, sums["wake_ns"] = gauges.wake_ns.load();
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
     entry["graph_launches"] = gauges.graph_launches.load();

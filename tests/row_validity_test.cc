@@ -11,6 +11,7 @@
 
 #include "test_support.h"
 #include "tools/latency.h"
+#include "tools/round_span.h"
 
 namespace stmux::tools {
 namespace {
@@ -190,6 +191,40 @@ TEST(Percentiles, AreByNearestRankSoAFewSamplesTailIsTheirLargest) {
   EXPECT_DOUBLE_EQ(percentileUs(hundred, 0.50), 50);
   EXPECT_DOUBLE_EQ(percentileUs(hundred, 1.0), 100);
   EXPECT_DOUBLE_EQ(percentileUs({}, 0.99), 0);
+}
+
+}  // namespace
+}  // namespace stmux::tools
+
+namespace stmux::tools {
+namespace {
+
+Json statusWithSums(double launched, double batches, double wait_ns, double completed,
+                    double launch_ns) {
+  Json status;
+  Json& gpu = status["gpus"].emplace_back();
+  Json& sums = gpu["round_sums"] = Json::object();
+  sums["launched"] = launched, sums["batches"] = batches, sums["wait_ns"] = wait_ns;
+  sums["completed"] = completed, sums["launch_ns"] = launch_ns;
+  sums["popped"] = 0, sums["ring_ns"] = 0;
+  return status;
+}
+
+// The means between two status answers are the span's: the warm-up's small
+// batches before it do not count.
+TEST(RoundOverSpan, IsTheDifferenceOfTheDaemonsSumsAndCounts) {
+  const Json before = statusWithSums(100, 100, 100 * 5'000, 100, 100 * 40'000);  // batches of 1
+  const Json after = statusWithSums(100 + 3200, 100 + 200, 100 * 5'000 + 3200 * 20'000,
+                                    100 + 3200, 100 * 40'000 + 3200 * 10'000);
+  const auto r = roundOverSpan(before, after);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_DOUBLE_EQ(r->mean_batch, 16);
+  EXPECT_DOUBLE_EQ(r->batch_wait, 20);
+  EXPECT_DOUBLE_EQ(r->launch, 10);
+  EXPECT_DOUBLE_EQ(r->ring, -1) << "nothing popped in the span: not measured";
+  // A daemon that restarted between them, or one that gives no sums.
+  EXPECT_FALSE(roundOverSpan(after, before).has_value());
+  EXPECT_FALSE(roundOverSpan(Json::object(), after).has_value());
 }
 
 }  // namespace

@@ -688,6 +688,18 @@ TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
   EXPECT_GE(gpuRound("handoff"), 0);
   EXPECT_LT(gpuRound("handoff"), 3000) << "the fake GPU's 3 ms are not in the executor's queue";
   EXPECT_GE(gpuRound("launch"), 0);
+  // The same as sums and counts, for readers that take a span of their own.
+  auto reply = queryDaemonStatus(dir.socket(), "scheduler_test", 2000);
+  ASSERT_TRUE(reply.ok());
+  auto json = parseJson(reply.value());
+  ASSERT_TRUE(json.ok());
+  const Json* gpu = jsonAt(jsonFind(json.value(), "gpus"), 0);
+  const Json* sums = jsonFind(gpu, "round_sums");
+  ASSERT_NE(sums, nullptr);
+  EXPECT_EQ(jsonNumber(jsonFind(sums, "completed")), 2);
+  EXPECT_EQ(jsonNumber(jsonFind(sums, "launched")), 2);
+  EXPECT_DOUBLE_EQ(jsonNumber(jsonFind(sums, "gpu_ns")) / 2 / 1e3,
+                   jsonNumber(jsonFind(jsonFind(gpu, "round_us"), "gpu")));
 }
 
 TEST(Scheduler, StatusReportsEachGpu) {

@@ -40,6 +40,7 @@
 #include "tools/latency.h"
 #include "tools/proc_cpu.h"
 #include "tools/process.h"
+#include "tools/round_span.h"
 #include "tools/row_validity.h"
 #include "tools/shim_stats.h"
 #include "tools/stmux_programs.h"
@@ -551,6 +552,7 @@ class Bench {
       span.stop_ns = span.start_ns + static_cast<std::uint64_t>(o_.seconds * 1e9);
       if (!writeGo(go, span)) invalid = "cannot write " + go;
     }
+    std::optional<Json> daemon_before, daemon_after;
     if (invalid.empty()) {
       std::vector<long> tenant_pids, serving_pids;
       for (const Process& client : clients)
@@ -560,7 +562,15 @@ class Bench {
         for (long pid : mpsProcesses(env.at("CUDA_MPS_PIPE_DIRECTORY")))
           serving_pids.push_back(pid);
       }
-      measureCpu(span, tenant_pids, serving_pids, point);
+      // stmuxd's account at the span's two ends, so that the round and the
+      // mean batch are the span's (tools/round_span.h).
+      const auto sampleDaemon = [&](std::optional<Json>& into) {
+        return [&, socket] {
+          if (usesStmux(mode)) into = daemonStatus(socket);
+        };
+      };
+      measureCpu(span, tenant_pids, serving_pids, point, sampleDaemon(daemon_before),
+                 sampleDaemon(daemon_after));
       const auto deadline =
           std::chrono::steady_clock::now() +
           std::chrono::milliseconds(static_cast<long>((o_.warmup + o_.seconds + 60) * 1000));
@@ -596,6 +606,25 @@ class Bench {
         point.round.gpu = jsonNumber(jsonFind(round, "gpu"), -1);
         point.round.publish = jsonNumber(jsonFind(round, "publish"), -1);
         point.round.wake = jsonNumber(jsonFind(round, "wake"), -1);
+        // Over the span where both ends were read; the daemon's whole life
+        // (warm-up and ramp-up in it) otherwise, as before.
+        const std::optional<RoundOverSpan> spanned =
+            daemon_before && daemon_after ? roundOverSpan(*daemon_before, *daemon_after)
+                                          : std::nullopt;
+        if (spanned) {
+          point.mean_batch = spanned->mean_batch;
+          point.round.ring = spanned->ring;
+          point.round.stream_ready = spanned->stream_ready;
+          point.round.batch_wait = spanned->batch_wait;
+          point.round.handoff = spanned->handoff;
+          point.round.launch = spanned->launch;
+          point.round.gpu = spanned->gpu;
+          point.round.publish = spanned->publish;
+          point.round.wake = spanned->wake;
+        } else {
+          point.note += fmt::format("{}round and mean batch over stmuxd's whole run",
+                                    point.note.empty() ? "" : "; ");
+        }
         const Json* route = jsonFind(*status, "mps_route");
         point.route_looks = jsonNumber(jsonFind(route, "looks"));
         point.route_gain = jsonNumber(jsonFind(route, "last_gain"));
@@ -742,7 +771,9 @@ class Bench {
   // Samples the tenants and the serving processes as the span starts and as
   // it ends (sleeping in between), into the point's CPU figures.
   static void measureCpu(const Span& span, const std::vector<long>& tenants,
-                         const std::vector<long>& serving, Point& point) {
+                         const std::vector<long>& serving, Point& point,
+                         const std::function<void()>& at_start,
+                         const std::function<void()>& at_stop) {
     auto sampleAll = [](const std::vector<long>& pids) {
       std::vector<std::optional<CpuSample>> samples;
       for (long pid : pids)
@@ -756,8 +787,10 @@ class Bench {
     };
     sleepUntil(span.start_ns);
     const auto tenants_before = sampleAll(tenants), serving_before = sampleAll(serving);
+    at_start();
     sleepUntil(span.stop_ns);
     const auto tenants_after = sampleAll(tenants), serving_after = sampleAll(serving);
+    at_stop();
     const double seconds = span.seconds();
     auto perSecond = [seconds](const CpuSample& used) {
       return Point::Cpu{used.cpu_s / seconds, static_cast<double>(used.voluntary) / seconds,
