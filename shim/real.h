@@ -22,7 +22,8 @@ struct RealCublas {
 
 // The real functions: the next definitions after the shim (RTLD_NEXT), or
 // those of a libcublas the program loaded privately (dlopen RTLD_LOCAL, as a
-// Python extension may). A member is null only if no libcublas is loaded.
+// Python extension may). Every member is null while no libcublas is loaded
+// (looked for again at each call until one is).
 const RealCublas& realCublas();
 
 struct RealCublasLt {

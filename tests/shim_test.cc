@@ -132,6 +132,11 @@ TEST(Shim, ALibraryLoadedLaterWithDlopenIsServedToo) {
   ASSERT_EQ(ran.status, 0) << ran.out << ran.err;
   auto values = probeValues(ran.out);
   EXPECT_NE(values["extension_binds_to"].find("libstmux.so"), std::string::npos) << ran.out;
+  // A hooked call before any libcublas was loaded fails, and is not
+  // remembered: the extension's call, once libcublas is in, reaches it and is
+  // counted (it was answered NOT_INITIALIZED unseen for the process's life).
+  EXPECT_EQ(values["early_null_handle"], "1") << "CUBLAS_STATUS_NOT_INITIALIZED\n" << ran.out;
+  EXPECT_NE(ran.err.find("is not loaded yet"), std::string::npos) << ran.err;
   EXPECT_NE(ran.err.find("bad_handle=1"), std::string::npos) << ran.err;
   // What the README says plainly: a lookup on libcublas's own handle finds
   // libcublas's function, which no preloaded library can stand in front of.
