@@ -13,19 +13,46 @@
 namespace stmux::daemon {
 namespace {
 
-// Label values are any text (a tenant names its own program): the format's
-// three escapes, and nothing else, keep them on one line.
+// The length of the UTF-8 sequence `text` starts with, or 0 where it is not
+// one (a stray or missing continuation byte, an overlong form, a surrogate,
+// past U+10FFFF).
+std::size_t utf8Length(std::string_view text) {
+  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(text[i]); };
+  const unsigned char lead = byte(0);
+  if (lead < 0x80) return 1;
+  const std::size_t length = lead >= 0xf0 ? 4 : lead >= 0xe0 ? 3 : lead >= 0xc2 ? 2 : 0;
+  if (length == 0 || lead > 0xf4 || text.size() < length) return 0;
+  for (std::size_t i = 1; i < length; ++i) {
+    if ((byte(i) & 0xc0) != 0x80) return 0;
+  }
+  if (lead == 0xe0 && byte(1) < 0xa0) return 0;   // overlong
+  if (lead == 0xed && byte(1) >= 0xa0) return 0;  // a surrogate
+  if (lead == 0xf0 && byte(1) < 0x90) return 0;   // overlong
+  if (lead == 0xf4 && byte(1) >= 0x90) return 0;  // past U+10FFFF
+  return length;
+}
+
+// Label values are any text (a tenant names its own program, cut to a field's
+// size, perhaps inside a character): the format's three escapes keep them on
+// one line, and a byte that is not UTF-8 becomes U+FFFD, as Prometheus
+// refuses a file with one.
 void appendEscaped(std::string& out, std::string_view value) {
-  for (const char c : value) {
+  for (std::size_t i = 0; i < value.size();) {
+    const char c = value[i];
     if (c == '\\') {
       out += "\\\\";
     } else if (c == '"') {
       out += "\\\"";
     } else if (c == '\n') {
       out += "\\n";
+    } else if (const std::size_t length = utf8Length(value.substr(i)); length == 0) {
+      out += "\xEF\xBF\xBD";
     } else {
-      out += c;
+      out.append(value, i, length);
+      i += length;
+      continue;
     }
+    ++i;
   }
 }
 

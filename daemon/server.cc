@@ -842,26 +842,32 @@ void Server::addMetrics(MetricsText& out) const {
                   {"uid", std::to_string(c.uid)},
                   {"program", c.name}};
   };
+  // Each client's counters summed once (this runs on the server's thread,
+  // once a second, over up to STMUX_MAX_CLIENTS tenants).
+  std::vector<CounterTotals> sums;
+  sums.reserve(clients_.size());
+  for (const ClientPtr& client : clients_)
+    sums.push_back(totals(client->view.header()->counters));
   auto perClient = [&](std::string_view name, std::string_view type, std::string_view help,
                        auto&& value) {
     out.family(name, type, help);
-    for (const ClientPtr& client : clients_)
-      out.sample(name, labels(*client), static_cast<double>(value(*client)));
+    for (std::size_t i = 0; i < clients_.size(); ++i)
+      out.sample(name, labels(*clients_[i]), static_cast<double>(value(*clients_[i], sums[i])));
   };
   perClient("stmux_client_requests_total", "counter",
             "Requests the daemon took from the tenant's ring.",
-            [](const Client& c) { return c.requests; });
+            [](const Client& c, const CounterTotals&) { return c.requests; });
   perClient("stmux_client_served_total", "counter", "Calls the daemon completed for the tenant.",
-            [](const Client& c) { return totals(c.view.header()->counters).forwarded; });
+            [](const Client&, const CounterTotals& sum) { return sum.forwarded; });
   perClient("stmux_client_failed_total", "counter",
             "Calls the tenant returned CUBLAS_STATUS_EXECUTION_FAILED for.",
-            [](const Client& c) { return totals(c.view.header()->counters).failed; });
+            [](const Client&, const CounterTotals& sum) { return sum.failed; });
   perClient("stmux_client_outstanding_requests", "gauge",
             "Requests of the tenant queued or on a GPU.",
-            [](const Client& c) { return c.outstanding; });
+            [](const Client& c, const CounterTotals&) { return c.outstanding; });
   perClient("stmux_client_refused_total", "counter",
             "Requests declined for being beyond the tenant's slots.",
-            [](const Client& c) { return c.refused; });
+            [](const Client& c, const CounterTotals&) { return c.refused; });
   // Where the tenant's shim has not looked yet (no call made), no sample.
   out.family("stmux_client_mps", "gauge",
              "1 where the tenant's CUDA context runs under MPS, 0 where it does not.");
@@ -871,14 +877,17 @@ void Server::addMetrics(MetricsText& out) const {
     if (mps == ClientMps::kUnknown) continue;
     out.sample("stmux_client_mps", labels(*client), mps == ClientMps::kYes ? 1.0 : 0.0);
   }
+  // Only the reasons a tenant has met: 25 series per tenant, most of them 0,
+  // were most of the text (and of the server's time making it).
   out.family("stmux_client_direct_total", "counter",
-             "Calls the tenant's shim ran directly, by reason.");
-  for (const ClientPtr& client : clients_) {
-    const CounterTotals sum = totals(client->view.header()->counters);
+             "Calls the tenant's shim ran directly, by reason (reasons it never met left out).");
+  for (std::size_t c = 0; c < clients_.size(); ++c) {
     for (std::size_t i = 0; i < kFallbackCount; ++i) {
-      Labels with_reason = labels(*client);
+      if (sums[c].fallback[i] == 0) continue;
+      Labels with_reason = labels(*clients_[c]);
       with_reason.emplace_back("reason", std::string(kFallbackNames[i]));
-      out.sample("stmux_client_direct_total", with_reason, static_cast<double>(sum.fallback[i]));
+      out.sample("stmux_client_direct_total", with_reason,
+                 static_cast<double>(sums[c].fallback[i]));
     }
   }
   out.family("stmux_client_entry_point_calls_total", "counter",

@@ -54,7 +54,25 @@ TEST(MetricsText, LabelValuesAreEscaped) {
   EXPECT_NE(text.find(R"(program="evil\"} 1\nstmux_forged 7\\")"), std::string::npos) << text;
 }
 
+// Cut to its field's 31 bytes inside a character, or sent as any bytes by a
+// hostile tenant: a program name that is not UTF-8 would make Prometheus drop
+// the whole file. Each bad byte becomes U+FFFD; good characters stay.
+TEST(MetricsText, LabelValuesThatAreNotUtf8AreMadeSo) {
+  MetricsText out;
+  out.family("stmux_clients_by_name", "gauge", "Tenants.");
+  const std::string cut = "caf\xC3";                        // "café" cut inside the é
+  const std::string garbage = "\xFF\xC0\x80\xED\xA0\x80x";  // invalid, overlong, surrogate
+  out.sample("stmux_clients_by_name", {{"program", cut}}, 1);
+  out.sample("stmux_clients_by_name", {{"program", garbage}}, 2);
+  out.sample("stmux_clients_by_name", {{"program", "caf\xC3\xA9 \xF0\x9F\x98\x80"}}, 3);
+  const std::string text = out.str();
+  EXPECT_EQ(prometheusFault(text), "") << text;
+  EXPECT_NE(text.find("program=\"caf\xEF\xBF\xBD\""), std::string::npos) << text;
+  EXPECT_NE(text.find("program=\"caf\xC3\xA9 \xF0\x9F\x98\x80\""), std::string::npos) << text;
+}
+
 TEST(MetricsText, TheCheckerCatchesWhatIsWrong) {
+  EXPECT_NE(prometheusFault("# HELP a h\n# TYPE a gauge\na{b=\"\xC3\"} 1\n"), "");
   // The checker must be able to fail, or the tests above prove nothing.
   EXPECT_NE(prometheusFault("stmux_x 1\n"), "");  // no HELP/TYPE
   EXPECT_NE(prometheusFault("# HELP a h\n# TYPE a gauge\na{b=\"c} 1\n"), "");

@@ -17,8 +17,36 @@
 
 namespace stmux::testing {
 
+// Whether `text` is UTF-8 (Prometheus's parser refuses a file that is not):
+// each code point decoded, and refused where overlong, a surrogate or past
+// U+10FFFF.
+inline bool isUtf8(const std::string& text) {
+  for (std::size_t i = 0; i < text.size();) {
+    const auto lead = static_cast<unsigned char>(text[i]);
+    const int extra = lead < 0x80         ? 0
+                      : (lead >> 5) == 6  ? 1
+                      : (lead >> 4) == 14 ? 2
+                      : (lead >> 3) == 30 ? 3
+                                          : -1;
+    if (extra < 0 || i + extra >= text.size() + (extra == 0 ? 1 : 0)) return false;
+    unsigned long point = extra == 0 ? lead : lead & (0x3f >> extra);
+    for (int k = 1; k <= extra; ++k) {
+      const auto next = static_cast<unsigned char>(text[i + k]);
+      if ((next >> 6) != 2) return false;
+      point = (point << 6) | (next & 0x3f);
+    }
+    static const unsigned long kLeast[] = {0, 0x80, 0x800, 0x10000};
+    if (point < kLeast[extra] || point > 0x10ffff || (point >= 0xd800 && point <= 0xdfff)) {
+      return false;
+    }
+    i += static_cast<std::size_t>(extra) + 1;
+  }
+  return true;
+}
+
 // Empty when `text` is well formed; else the first fault and its line.
 inline std::string prometheusFault(const std::string& text) {
+  if (!isUtf8(text)) return "the text is not UTF-8";
   static const std::regex help(R"(^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) (.*)$)");
   static const std::regex type(
       R"(^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary|untyped)$)");
