@@ -95,13 +95,15 @@ inline std::string_view levelTag(Level level) {
   return "?    ";
 }
 
+// Never destroyed: lines are logged from exit handlers (the shim's counters)
+// and from threads still running while static objects are destroyed.
 inline const std::string& hostName() {
-  static const std::string name = [] {
+  static const std::string* name = [] {
     char buf[256] = {};
-    if (gethostname(buf, sizeof(buf) - 1) != 0) return std::string("?");
-    return std::string(buf);
+    if (gethostname(buf, sizeof(buf) - 1) != 0) return new std::string("?");
+    return new std::string(buf);
   }();
-  return name;
+  return *name;
 }
 }  // namespace detail
 
