@@ -14,10 +14,18 @@ namespace {
 constexpr const char* kCublasLibrary = STMUX_CUBLAS_LIBRARY;
 constexpr const char* kCublasLtLibrary = STMUX_CUBLASLT_LIBRARY;
 
+// A symbol of `library`'s version node (libcublas's symbols are versioned
+// "libcublas.so.13", its name), so that another cuBLAS loaded first (a .so.12
+// a plugin brought) is never taken for it; unversioned where none matches.
+void* find(void* where, const char* name, const char* library) {
+  void* symbol = ::dlvsym(where, name, library);
+  return symbol != nullptr ? symbol : ::dlsym(where, name);
+}
+
 template <class T>
-void resolve(T& slot, const char* name, void* fallback) {
-  void* symbol = ::dlsym(RTLD_NEXT, name);
-  if (symbol == nullptr && fallback != nullptr) symbol = ::dlsym(fallback, name);
+void resolve(T& slot, const char* name, void* fallback, const char* library) {
+  void* symbol = find(RTLD_NEXT, name, library);
+  if (symbol == nullptr && fallback != nullptr) symbol = find(fallback, name, library);
   slot = reinterpret_cast<T>(symbol);
   if (symbol == nullptr) STMUX_ERROR(kShim, "cannot find the real {}: {}", name, ::dlerror());
 }
@@ -26,7 +34,7 @@ void resolve(T& slot, const char* name, void* fallback) {
 // shim, or privately loaded under `library`'s name (RTLD_NOLOAD never loads).
 bool loaded(const char* library, const char* probe, void*& handle) {
   handle = ::dlopen(library, RTLD_NOW | RTLD_NOLOAD | RTLD_LOCAL);
-  return ::dlsym(RTLD_NEXT, probe) != nullptr || handle != nullptr;
+  return find(RTLD_NEXT, probe, library) != nullptr || handle != nullptr;
 }
 
 // The table `T` once `fill` found its library, resolved once then; until the
@@ -60,24 +68,26 @@ const T& lookUp(const char* library, const char* probe, Fill fill) {
 
 const RealCublas& realCublas() {
   return lookUp<RealCublas>(kCublasLibrary, "cublasCreate_v2", [](RealCublas& real, void* library) {
-#define STMUX_RESOLVE(ret, name, params, args) resolve(real.name, #name, library);
+#define STMUX_RESOLVE(ret, name, params, args) resolve(real.name, #name, library, kCublasLibrary);
     STMUX_HOOKS(STMUX_RESOLVE)
 #undef STMUX_RESOLVE
-    resolve(real.cublasGetStream_v2, "cublasGetStream_v2", library);
-    resolve(real.cublasGetPointerMode_v2, "cublasGetPointerMode_v2", library);
-    resolve(real.cublasGetMathMode, "cublasGetMathMode", library);
-    resolve(real.cublasGetEmulationStrategy, "cublasGetEmulationStrategy", library);
+    resolve(real.cublasGetStream_v2, "cublasGetStream_v2", library, kCublasLibrary);
+    resolve(real.cublasGetPointerMode_v2, "cublasGetPointerMode_v2", library, kCublasLibrary);
+    resolve(real.cublasGetMathMode, "cublasGetMathMode", library, kCublasLibrary);
+    resolve(real.cublasGetEmulationStrategy, "cublasGetEmulationStrategy", library, kCublasLibrary);
   });
 }
 
 const RealCublasLt& realCublasLt() {
   return lookUp<RealCublasLt>(
       kCublasLtLibrary, "cublasLtCreate", [](RealCublasLt& real, void* library) {
-#define STMUX_RESOLVE(ret, name, params, args) resolve(real.name, #name, library);
+#define STMUX_RESOLVE(ret, name, params, args) resolve(real.name, #name, library, kCublasLtLibrary);
         STMUX_LT_HOOKS(STMUX_RESOLVE)
 #undef STMUX_RESOLVE
-        resolve(real.cublasLtMatmulDescGetAttribute, "cublasLtMatmulDescGetAttribute", library);
-        resolve(real.cublasLtMatrixLayoutGetAttribute, "cublasLtMatrixLayoutGetAttribute", library);
+        resolve(real.cublasLtMatmulDescGetAttribute, "cublasLtMatmulDescGetAttribute", library,
+                kCublasLtLibrary);
+        resolve(real.cublasLtMatrixLayoutGetAttribute, "cublasLtMatrixLayoutGetAttribute", library,
+                kCublasLtLibrary);
       });
 }
 
