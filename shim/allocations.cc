@@ -74,8 +74,10 @@ void AllocationCache::sweep(const Driver& driver) {
     unsigned long long id = 0;
     CUpointer_attribute attribute = CU_POINTER_ATTRIBUTE_BUFFER_ID;
     void* value = &id;
+    // A query that failed says nothing of the allocation: kept, looked at
+    // again at the next sweep.
     const CUresult result = driver.cuPointerGetAttributes(1, &attribute, &value, it->first);
-    if (result != CUDA_SUCCESS || id != it->second) {
+    if (result == CUDA_SUCCESS && id != it->second) {
       gone_.push_back(it->second);
       by_id_.erase(it->second);
       it = by_base_.erase(it);
@@ -83,6 +85,11 @@ void AllocationCache::sweep(const Driver& driver) {
       ++it;
     }
   }
+}
+
+void AllocationCache::giveBack(const std::vector<std::uint64_t>& gone) {
+  std::lock_guard lock(mutex_);
+  gone_.insert(gone_.end(), gone.begin(), gone.end());
 }
 
 std::vector<std::uint64_t> AllocationCache::takeGone() {

@@ -34,12 +34,15 @@ class AllocationCache {
   Described describe(const Driver& driver, const void* pointer);
 
   // Asks the driver whether each cached allocation still exists; those that
-  // do not are dropped and handed out by the next takeGone().
+  // do not (another buffer id at its address, or none) are dropped and handed
+  // out by the next takeGone(). One the driver could not answer for stays.
   void sweep(const Driver& driver);
 
   // Ids of allocations found gone since the last call: the daemon should
   // unmap them.
   std::vector<std::uint64_t> takeGone();
+  // Ids taken but not told to the daemon: handed out again.
+  void giveBack(const std::vector<std::uint64_t>& gone);
 
   std::size_t size();
 

@@ -768,7 +768,8 @@ void Shim::sweepLoop() {
 void Shim::releaseGone(Connection& connection) {
   if (std::vector<std::uint64_t> gone = allocations_.takeGone(); !gone.empty()) {
     STMUX_DEBUG(kShim, "telling the daemon {} freed allocations are gone", gone.size());
-    (void)connection.sendRelease(gone);
+    // Not sent (the socket's buffer full): told at the next call or sweep.
+    if (!connection.sendRelease(gone).ok()) allocations_.giveBack(gone);
   }
 }
 
