@@ -273,5 +273,19 @@ TEST(FleetRoute, EachTenantCountsOnceWhateverItsSpeed) {
   EXPECT_LT(f.looks.front().gain, 1.0);
 }
 
+// A tenant writes its own call counts: one claiming a million times its rate
+// on one route sways the fleet's mean by a bounded share, not at will.
+TEST(FleetRoute, NoOneTenantsCountsDecideForTheFleet) {
+  // Seven tenants 2x faster served; one claims to be 10^6 x faster direct.
+  Fleet f(8, [](std::size_t i, bool direct, std::uint64_t) {
+    if (i == 0) return direct ? 1e9 : 1'000.0;
+    return direct ? 1'000.0 : 2'000.0;
+  });
+  f.runFor(20 * kS);
+  EXPECT_FALSE(f.route.direct());
+  ASSERT_FALSE(f.looks.empty());
+  EXPECT_LT(f.looks.back().gain, 1.0);
+}
+
 }  // namespace
 }  // namespace stmux::daemon
