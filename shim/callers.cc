@@ -63,20 +63,32 @@ int visit(dl_phdr_info* info, size_t, void* data) {
 
 }  // namespace
 
-bool calledFromCublas(const void* return_address) {
-  const auto address = reinterpret_cast<std::uintptr_t>(return_address);
+namespace {
+
+// The cached range holding `address`, if any.
+const Range* cached(std::uintptr_t address) {
   const std::size_t reserved = std::min(g_reserved.load(std::memory_order_acquire), kMaxRanges);
   for (std::size_t i = 0; i < reserved; ++i) {
     const Entry& entry = g_entries[i];
     if (entry.set.load(std::memory_order_acquire) && address >= entry.range.start &&
         address < entry.range.end) {
-      return entry.range.cublas;
+      return &entry.range;
     }
   }
+  return nullptr;
+}
+
+}  // namespace
+
+bool calledFromCublas(const void* return_address) {
+  const auto address = reinterpret_cast<std::uintptr_t>(return_address);
+  if (const Range* range = cached(address)) return range->cublas;
   Search search{address, {}};
   dl_iterate_phdr(visit, &search);
   // In no loaded object (code made at run time): not cuBLAS.
   if (!search.hit) return false;
+  // Threads that missed at once would each add it: the first one does.
+  if (cached(address) != nullptr) return search.found.cublas;
   if (const std::size_t index = g_reserved.fetch_add(1, std::memory_order_acq_rel);
       index < kMaxRanges) {
     g_entries[index].range = search.found;
