@@ -214,8 +214,8 @@ Json statusWithSums(double launched, double batches, double wait_ns, double comp
 // batches before it do not count.
 TEST(RoundOverSpan, IsTheDifferenceOfTheDaemonsSumsAndCounts) {
   const Json before = statusWithSums(100, 100, 100 * 5'000, 100, 100 * 40'000);  // batches of 1
-  const Json after = statusWithSums(100 + 3200, 100 + 200, 100 * 5'000 + 3200 * 20'000,
-                                    100 + 3200, 100 * 40'000 + 3200 * 10'000);
+  const Json after = statusWithSums(100 + 3200, 100 + 200, 100 * 5'000 + 3200 * 20'000, 100 + 3200,
+                                    100 * 40'000 + 3200 * 10'000);
   const auto r = roundOverSpan(before, after);
   ASSERT_TRUE(r.has_value());
   EXPECT_DOUBLE_EQ(r->mean_batch, 16);
