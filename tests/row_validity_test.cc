@@ -227,5 +227,18 @@ TEST(RoundOverSpan, IsTheDifferenceOfTheDaemonsSumsAndCounts) {
   EXPECT_FALSE(roundOverSpan(Json::object(), after).has_value());
 }
 
+// Where only one answer was read: the daemon's own means since it started.
+TEST(RoundOverSpan, FallsBackToTheDaemonsWholeRunFromOneAnswer) {
+  Json status;
+  Json& gpu = status["gpus"].emplace_back();
+  gpu["mean_batch"] = 9.5;
+  gpu["round_us"] = {{"launch", 17.0}, {"gpu", 33.0}};
+  const DaemonRound r = roundOverWholeRun(status);
+  EXPECT_DOUBLE_EQ(r.mean_batch, 9.5);
+  EXPECT_DOUBLE_EQ(r.launch, 17);
+  EXPECT_DOUBLE_EQ(r.gpu, 33);
+  EXPECT_DOUBLE_EQ(r.wake, -1) << "not in the answer: not measured";
+}
+
 }  // namespace
 }  // namespace stmux::tools

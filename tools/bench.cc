@@ -593,38 +593,28 @@ class Bench {
       countDirect(clients, point);
       if (auto status = daemonStatus(socket)) {
         const Json* gpu = jsonAt(jsonFind(*status, "gpus"), 0);
-        point.mean_batch = jsonNumber(jsonFind(gpu, "mean_batch"));
         if (const double batches = jsonNumber(jsonFind(gpu, "batches")); batches > 0) {
           point.graph_share = jsonNumber(jsonFind(gpu, "graph_launches")) / batches;
         }
-        const Json* round = jsonFind(gpu, "round_us");
-        point.round.ring = jsonNumber(jsonFind(round, "ring"), -1);
-        point.round.stream_ready = jsonNumber(jsonFind(round, "stream_ready"), -1);
-        point.round.batch_wait = jsonNumber(jsonFind(round, "batch_wait"), -1);
-        point.round.handoff = jsonNumber(jsonFind(round, "handoff"), -1);
-        point.round.launch = jsonNumber(jsonFind(round, "launch"), -1);
-        point.round.gpu = jsonNumber(jsonFind(round, "gpu"), -1);
-        point.round.publish = jsonNumber(jsonFind(round, "publish"), -1);
-        point.round.wake = jsonNumber(jsonFind(round, "wake"), -1);
         // Over the span where both ends were read; the daemon's whole life
         // (warm-up and ramp-up in it) otherwise, as before.
-        const std::optional<RoundOverSpan> spanned =
-            daemon_before && daemon_after ? roundOverSpan(*daemon_before, *daemon_after)
-                                          : std::nullopt;
-        if (spanned) {
-          point.mean_batch = spanned->mean_batch;
-          point.round.ring = spanned->ring;
-          point.round.stream_ready = spanned->stream_ready;
-          point.round.batch_wait = spanned->batch_wait;
-          point.round.handoff = spanned->handoff;
-          point.round.launch = spanned->launch;
-          point.round.gpu = spanned->gpu;
-          point.round.publish = spanned->publish;
-          point.round.wake = spanned->wake;
-        } else {
+        std::optional<DaemonRound> round = daemon_before && daemon_after
+                                               ? roundOverSpan(*daemon_before, *daemon_after)
+                                               : std::nullopt;
+        if (!round) {
+          round = roundOverWholeRun(*status);
           point.note += fmt::format("{}round and mean batch over stmuxd's whole run",
                                     point.note.empty() ? "" : "; ");
         }
+        point.mean_batch = round->mean_batch;
+        point.round.ring = round->ring;
+        point.round.stream_ready = round->stream_ready;
+        point.round.batch_wait = round->batch_wait;
+        point.round.handoff = round->handoff;
+        point.round.launch = round->launch;
+        point.round.gpu = round->gpu;
+        point.round.publish = round->publish;
+        point.round.wake = round->wake;
         const Json* route = jsonFind(*status, "mps_route");
         point.route_looks = jsonNumber(jsonFind(route, "looks"));
         point.route_gain = jsonNumber(jsonFind(route, "last_gain"));
@@ -656,7 +646,11 @@ class Bench {
       // Every step that overlapped the span, those crossing its edges too.
       all.insert(all.end(), result.latencies_ns.begin(), result.latencies_ns.end());
       point.worst_p99_us = std::max(point.worst_p99_us, percentileUs(result.latencies_ns, 0.99));
-      point.longest_us = std::max(point.longest_us, percentileUs(result.latencies_ns, 1.0));
+      if (!result.latencies_ns.empty()) {  // the largest needs no copy nor selection
+        point.longest_us = std::max(
+            point.longest_us,
+            *std::max_element(result.latencies_ns.begin(), result.latencies_ns.end()) / 1000.0);
+      }
       tenant_p50_ns.push_back(
           static_cast<std::uint32_t>(std::lround(1000 * percentileUs(result.latencies_ns, 0.5))));
     }
