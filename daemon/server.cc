@@ -835,24 +835,28 @@ void Server::addMetrics(MetricsText& out) const {
   out.family("stmux_clients", "gauge", "Tenant processes attached.");
   out.sample("stmux_clients", {}, static_cast<double>(clients_.size()));
   // Per tenant; the served, failed and direct counts are the shim's own,
-  // kept in its segment.
-  auto labels = [](const Client& c) {
-    return Labels{{"client", std::to_string(c.id)},
-                  {"pid", std::to_string(c.pid)},
-                  {"uid", std::to_string(c.uid)},
-                  {"program", c.name}};
+  // kept in its segment. Each tenant's labels and summed counters are made
+  // once (this runs on the server's thread, once a second, over up to
+  // STMUX_MAX_CLIENTS tenants).
+  struct Tenant {
+    Labels labels;
+    CounterTotals sum;
   };
-  // Each client's counters summed once (this runs on the server's thread,
-  // once a second, over up to STMUX_MAX_CLIENTS tenants).
-  std::vector<CounterTotals> sums;
-  sums.reserve(clients_.size());
-  for (const ClientPtr& client : clients_)
-    sums.push_back(totals(client->view.header()->counters));
+  std::vector<Tenant> tenants;
+  tenants.reserve(clients_.size());
+  for (const ClientPtr& c : clients_) {
+    tenants.push_back({Labels{{"client", std::to_string(c->id)},
+                              {"pid", std::to_string(c->pid)},
+                              {"uid", std::to_string(c->uid)},
+                              {"program", c->name}},
+                       totals(c->view.header()->counters)});
+  }
   auto perClient = [&](std::string_view name, std::string_view type, std::string_view help,
                        auto&& value) {
     out.family(name, type, help);
-    for (std::size_t i = 0; i < clients_.size(); ++i)
-      out.sample(name, labels(*clients_[i]), static_cast<double>(value(*clients_[i], sums[i])));
+    for (std::size_t i = 0; i < clients_.size(); ++i) {
+      out.sample(name, tenants[i].labels, static_cast<double>(value(*clients_[i], tenants[i].sum)));
+    }
   };
   perClient("stmux_client_requests_total", "counter",
             "Requests the daemon took from the tenant's ring.",
@@ -871,35 +875,35 @@ void Server::addMetrics(MetricsText& out) const {
   // Where the tenant's shim has not looked yet (no call made), no sample.
   out.family("stmux_client_mps", "gauge",
              "1 where the tenant's CUDA context runs under MPS, 0 where it does not.");
-  for (const ClientPtr& client : clients_) {
-    const auto mps =
-        static_cast<ClientMps>(client->view.header()->counters.mps.load(std::memory_order_relaxed));
+  for (std::size_t i = 0; i < clients_.size(); ++i) {
+    const auto mps = static_cast<ClientMps>(
+        clients_[i]->view.header()->counters.mps.load(std::memory_order_relaxed));
     if (mps == ClientMps::kUnknown) continue;
-    out.sample("stmux_client_mps", labels(*client), mps == ClientMps::kYes ? 1.0 : 0.0);
+    out.sample("stmux_client_mps", tenants[i].labels, mps == ClientMps::kYes ? 1.0 : 0.0);
   }
   // Only the reasons a tenant has met: 25 series per tenant, most of them 0,
   // were most of the text (and of the server's time making it).
   out.family("stmux_client_direct_total", "counter",
              "Calls the tenant's shim ran directly, by reason (reasons it never met left out).");
-  for (std::size_t c = 0; c < clients_.size(); ++c) {
+  for (const Tenant& tenant : tenants) {
     for (std::size_t i = 0; i < kFallbackCount; ++i) {
-      if (sums[c].fallback[i] == 0) continue;
-      Labels with_reason = labels(*clients_[c]);
+      if (tenant.sum.fallback[i] == 0) continue;
+      Labels with_reason = tenant.labels;
       with_reason.emplace_back("reason", std::string(kFallbackNames[i]));
       out.sample("stmux_client_direct_total", with_reason,
-                 static_cast<double>(sums[c].fallback[i]));
+                 static_cast<double>(tenant.sum.fallback[i]));
     }
   }
   out.family("stmux_client_entry_point_calls_total", "counter",
              "The tenant's calls by cuBLAS entry point and outcome (served, failed, direct).");
-  for (const ClientPtr& client : clients_) {
+  for (std::size_t i = 0; i < clients_.size(); ++i) {
     for (std::size_t e = 0; e < kEntryPointCount; ++e) {
-      const CounterTotals one = totals(client->view.header()->counters.entry[e]);
+      const CounterTotals one = totals(clients_[i]->view.header()->counters.entry[e]);
       if (one.calls() == 0) continue;
       const std::uint64_t direct = one.calls() - one.forwarded - one.failed;
       for (auto [outcome, value] : {std::pair{"served", one.forwarded},
                                     std::pair{"failed", one.failed}, std::pair{"direct", direct}}) {
-        Labels with = labels(*client);
+        Labels with = tenants[i].labels;
         with.emplace_back("entry_point", std::string(kEntryPointNames[e]));
         with.emplace_back("outcome", outcome);
         out.sample("stmux_client_entry_point_calls_total", with, static_cast<double>(value));
