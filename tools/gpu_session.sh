@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs
+#   info build unit gpu asan launch drift bench transport handoff waiters sync modes wakers graphs
 #   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
@@ -20,7 +20,9 @@
 # tenants of a daemon, without and with the preload; wakers compares stmux
 # rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS); graphs compares stmux rows with
 # STMUX_LAUNCH_GRAPHS off and on; spinners compares stmux-on-MPS rows with
-# $SPINNERS tenants at a time spinning (STMUX_SPINNING_TENANTS); placement confines stmuxd's threads to
+# $SPINNERS tenants at a time spinning (STMUX_SPINNING_TENANTS); drift splits the
+# ceiling's loop over time into the host's call and the GPU's work
+# (stmux-launch-bench --drift); placement confines stmuxd's threads to
 # each CPU list of $PLACEMENTS (taskset); fuzz runs each carried libFuzzer target
 # for $FUZZ_RUNS inputs
 # The GPU's clocks, power and temperature are sampled every 0.5 s throughout
@@ -131,6 +133,18 @@ for step in "$@"; do
         grep -E "tests passed|\*\*\*Failed|Timeout|ERROR: (Address|Leak)Sanitizer|runtime error|SUMMARY" \
           "$out/asan.log" | sort | uniq -c | sort -rn | head -30
       fi ;;
+    drift)
+      # Issue 18: where a ceiling row's rate moves between runs: the ceiling's
+      # loop, rnn then cube, $DRIFT_SECONDS (default 8) each, in
+      # $DRIFT_ROUNDS (default 3) fresh processes, every half second split
+      # into the host's cuBLAS call and the GPU's work.
+      for round in $(seq "${DRIFT_ROUNDS:-3}"); do
+        for shape in 512x1x512 256x256x256; do
+          "$build/tools/stmux-launch-bench" --drift "${DRIFT_SECONDS:-8}" --shape "$shape" \
+            >"$out/drift-$shape-$round.log" 2>&1 || status=1
+          tail -2 "$out/drift-$shape-$round.log" | tr '\n' ' ' | sed "s/^/$shape, round $round: /"; echo
+        done
+      done ;;
     launch)
       "$build/tools/stmux-launch-bench" >"$out/launch.log" 2>&1 || status=1
       cat "$out/launch.log" ;;
@@ -389,7 +403,7 @@ PY
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu asan launch bench transport handoff waiters sync modes wakers graphs spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch drift bench transport handoff waiters sync modes wakers graphs spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done

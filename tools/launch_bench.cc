@@ -16,14 +16,24 @@
 // and for mixes (one per shape, or one grouped call).
 // Medians of each step's host time, the batches per second each sustains,
 // and whether the replays wrote what the launches did.
+//
+// With --drift, instead: stmux-bench's ceiling loop (one cublasSgemmBatched
+// of R, then a stream sync, step after step) for a while, per half second:
+// the rate, the host's cuBLAS call, the GPU's work alone and the CPUs the
+// thread ran on, so that a ceiling that moves between runs shows where.
 #include <cublas_v2.h>
+#include <cuda.h>
 #include <cuda_runtime.h>
+#include <getopt.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 #include "tools/cuda_exit.h"
@@ -286,25 +296,220 @@ HostCost hostCost(cublasHandle_t handle, cudaStream_t stream, const Mix& mix, bo
   return cost;
 }
 
+// ---- --drift ------------------------------------------------------------------
+
+// Pearson's r of two series of the same length (0 when either is flat).
+double correlation(const std::vector<double>& x, const std::vector<double>& y) {
+  const double n = static_cast<double>(x.size());
+  double mx = 0, my = 0;
+  for (std::size_t i = 0; i < x.size(); ++i)
+    mx += x[i] / n, my += y[i] / n;
+  double sxy = 0, sxx = 0, syy = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    sxy += (x[i] - mx) * (y[i] - my);
+    sxx += (x[i] - mx) * (x[i] - mx);
+    syy += (y[i] - my) * (y[i] - my);
+  }
+  return sxx > 0 && syy > 0 ? sxy / std::sqrt(sxx * syy) : 0;
+}
+
+// The ceiling's loop for `seconds`. Every 16th step is split: the stream is
+// held at a gate (cuStreamWaitValue32 on a host-mapped word) until the cuBLAS
+// call has returned, so that events around the launch time the GPU's work
+// alone, and the call itself is timed on the host's clock. The other steps
+// are the ceiling's own and make the rate.
+int drift(double seconds, const Shape& shape, int count, std::mt19937& random) {
+  using WaitValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+  void* function = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  EXIT_ON_CUDA_ERROR(cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &function, 12000,
+                                                      cudaEnableDefault, &found));
+  if (found != cudaDriverEntryPointSuccess || function == nullptr) {
+    std::fprintf(stderr, "stmux-launch-bench: the CUDA driver has no cuStreamWaitValue32\n");
+    return 3;
+  }
+  const auto wait_value = reinterpret_cast<WaitValue>(function);
+  cublasHandle_t handle;
+  EXIT_ON_CUBLAS_ERROR(cublasCreate(&handle));
+  cudaStream_t stream;
+  EXIT_ON_CUDA_ERROR(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  EXIT_ON_CUBLAS_ERROR(cublasSetStream(handle, stream));
+  const Mix mix{"drift", {shape}, count};
+  Prepared p = prepare(mix, random);
+  unsigned* gate = nullptr;
+  EXIT_ON_CUDA_ERROR(
+      cudaHostAlloc(reinterpret_cast<void**>(&gate), sizeof(unsigned), cudaHostAllocMapped));
+  *gate = 0;
+  unsigned* device_gate = nullptr;
+  EXIT_ON_CUDA_ERROR(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_gate), gate, 0));
+  cudaEvent_t start, stop;
+  EXIT_ON_CUDA_ERROR(cudaEventCreate(&start));
+  EXIT_ON_CUDA_ERROR(cudaEventCreate(&stop));
+  unsigned opened = 0;
+  double call_us = 0, gpu_us = 0;
+  int splits = 0;
+  const auto split = [&] {
+    ++opened;
+    if (wait_value(stream, reinterpret_cast<CUdeviceptr>(device_gate), opened,
+                   CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS) {
+      std::fprintf(stderr, "stmux-launch-bench: cuStreamWaitValue32 failed\n");
+      std::exit(3);
+    }
+    EXIT_ON_CUDA_ERROR(cudaEventRecord(start, stream));
+    const double before = nowUs();
+    launchBatched(handle, mix, p);
+    call_us += nowUs() - before;
+    EXIT_ON_CUDA_ERROR(cudaEventRecord(stop, stream));
+    __atomic_store_n(gate, opened, __ATOMIC_RELEASE);
+    EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+    float ms = 0;
+    EXIT_ON_CUDA_ERROR(cudaEventElapsedTime(&ms, start, stop));
+    gpu_us += ms * 1000;
+    ++splits;
+  };
+  const auto step = [&] {
+    launchBatched(handle, mix, p);
+    EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+  };
+  for (int i = 0; i < 2000; ++i)
+    i % 16 == 8 ? split() : step();
+  std::printf("the ceiling's loop, %d x %dx%dx%d per step, for %.0f s; per half second:\n", count,
+              shape.m, shape.n, shape.k, seconds);
+  std::printf("%6s %12s %9s %13s %11s  %s\n", "t s", "GEMMs/s", "step us", "cuBLAS call us",
+              "GPU work us", "CPUs");
+  std::vector<double> rates, steps, calls, gpus;
+  const double began = nowUs();
+  double window_began = began;
+  long window_steps = 0;
+  std::set<int> cpus;
+  call_us = gpu_us = 0, splits = 0;
+  for (long i = 0;; ++i) {
+    if (i % 16 == 8) {
+      split();
+    } else {
+      step();
+      ++window_steps;
+    }
+    if (i % 64 == 0) cpus.insert(sched_getcpu());
+    const double now = nowUs();
+    if (now - window_began < 500'000) continue;
+    // Every step of the window, the split ones (1 in 16, a little longer)
+    // included.
+    const double step_us = (now - window_began) / static_cast<double>(window_steps + splits);
+    rates.push_back(count * 1e6 / step_us);
+    steps.push_back(step_us);
+    calls.push_back(call_us / splits);
+    gpus.push_back(gpu_us / splits);
+    std::string on;
+    for (int cpu : cpus)
+      on += (on.empty() ? "" : ",") + std::to_string(cpu);
+    std::printf("%6.1f %12.0f %9.2f %13.2f %11.2f  %s\n", (now - began) / 1e6, rates.back(),
+                step_us, calls.back(), gpus.back(), on.c_str());
+    window_began = now, window_steps = 0, call_us = gpu_us = 0, splits = 0;
+    cpus.clear();
+    if (now - began >= seconds * 1e6) break;
+  }
+  const auto [low, high] = std::minmax_element(rates.begin(), rates.end());
+  const auto [call_low, call_high] = std::minmax_element(calls.begin(), calls.end());
+  const auto [gpu_low, gpu_high] = std::minmax_element(gpus.begin(), gpus.end());
+  std::printf(
+      "windows: %.0f to %.0f GEMMs/s (%.1f%% apart); cuBLAS call %.2f to %.2f us, GPU "
+      "work %.2f to %.2f us;\nthe step's correlation with the call %.2f, with the GPU's "
+      "work %.2f\n",
+      *low, *high, 100 * (*high / *low - 1), *call_low, *call_high, *gpu_low, *gpu_high,
+      correlation(steps, calls), correlation(steps, gpus));
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaFreeHost(gate);
+  release(p);
+  cublasDestroy(handle);
+  return 0;
+}
+
 }  // namespace
 
+int usage(FILE* to) {
+  if (to != stdout) {
+    std::fprintf(to, "see stmux-launch-bench --help\n");
+    return 2;
+  }
+  std::fprintf(to,
+               "usage: stmux-launch-bench [--drift SECONDS [--shape MxNxK] [--count R]] [--help]\n"
+               "Times K cublasSgemmBatched launches against one cublasSgemmGroupedBatched\n"
+               "for mixes of K shapes; then the host time of one batch's launch as the\n"
+               "executor makes it (pointer arrays written and copied, the GEMMs, the\n"
+               "event), step by step, against replaying the copy and the GEMMs as a CUDA\n"
+               "graph, and the batches per second each sustains with two in flight.\n"
+               "Prints two tables (needs a CUDA device); exits 1 if a replay's results\n"
+               "differ from the launch's.\n"
+               "  --drift SECONDS  instead, stmux-bench's ceiling loop (one cublasSgemmBatched\n"
+               "                   of R, then a sync) for SECONDS (1..600), per half second:\n"
+               "                   the rate, the host's cuBLAS call, the GPU's work alone\n"
+               "                   and the CPUs the thread ran on\n"
+               "  --shape MxNxK    its GEMM (default 512x1x512, the rnn shape)\n"
+               "  --count R        GEMMs per launch (1..4096, default 32)\n");
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  if (argc > 1) {
-    const bool help = std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h";
-    if (!help) {
-      std::fprintf(stderr, "stmux-launch-bench: unexpected argument '%s'; it takes none\n",
-                   argv[1]);
+  double drift_s = 0;
+  Shape drift_shape{512, 1, 512};
+  int drift_count = 32;
+  const option long_options[] = {{"drift", required_argument, nullptr, 'd'},
+                                 {"shape", required_argument, nullptr, 's'},
+                                 {"count", required_argument, nullptr, 'c'},
+                                 {"help", no_argument, nullptr, 'h'},
+                                 {nullptr, 0, nullptr, 0}};
+  const auto bad = [](const char* flag, const char* value, const char* accepted) {
+    std::fprintf(stderr, "stmux-launch-bench: %s '%s' is not %s\n", flag, value, accepted);
+    return usage(stderr);
+  };
+  for (int c; (c = getopt_long(argc, argv, "h", long_options, nullptr)) != -1;) {
+    char* end = nullptr;
+    switch (c) {
+      case 'd':
+        drift_s = std::strtod(optarg, &end);
+        if (*end != '\0' || !(drift_s >= 1 && drift_s <= 600)) {
+          return bad("--drift", optarg, "a number of seconds, 1..600");
+        }
+        break;
+      case 's': {
+        int consumed = 0;
+        if (std::sscanf(optarg, "%dx%dx%d%n", &drift_shape.m, &drift_shape.n, &drift_shape.k,
+                        &consumed) != 3 ||
+            optarg[consumed] != '\0' || drift_shape.m < 1 || drift_shape.n < 1 ||
+            drift_shape.k < 1 || drift_shape.m > 16384 || drift_shape.n > 16384 ||
+            drift_shape.k > 16384) {
+          return bad("--shape", optarg, "MxNxK, each 1..16384");
+        }
+        break;
+      }
+      case 'c': {
+        const long count = std::strtol(optarg, &end, 10);
+        if (*end != '\0' || count < 1 || count > 4096) {
+          return bad("--count", optarg, "a number of GEMMs per launch, 1..4096");
+        }
+        drift_count = static_cast<int>(count);
+        break;
+      }
+      case 'h':
+        return usage(stdout);
+      default:
+        return usage(stderr);
     }
-    std::fprintf(help ? stdout : stderr,
-                 "usage: stmux-launch-bench [--help]\n"
-                 "Times K cublasSgemmBatched launches against one cublasSgemmGroupedBatched\n"
-                 "for mixes of K shapes; then the host time of one batch's launch as the\n"
-                 "executor makes it (pointer arrays written and copied, the GEMMs, the\n"
-                 "event), step by step, against replaying the copy and the GEMMs as a CUDA\n"
-                 "graph, and the batches per second each sustains with two in flight.\n"
-                 "Prints two tables (needs a CUDA device); exits 1 if a replay's results\n"
-                 "differ from the launch's.\n");
-    return help ? 0 : 2;
+  }
+  if (optind < argc) {
+    std::fprintf(stderr, "stmux-launch-bench: unexpected argument '%s'\n", argv[optind]);
+    return usage(stderr);
+  }
+  if (drift_s == 0 &&
+      (drift_shape.m != 512 || drift_shape.n != 1 || drift_shape.k != 512 || drift_count != 32)) {
+    std::fprintf(stderr, "stmux-launch-bench: --shape and --count go with --drift\n");
+    return usage(stderr);
+  }
+  if (drift_s > 0) {
+    std::mt19937 random(1234);
+    return drift(drift_s, drift_shape, drift_count, random);
   }
   cudaDeviceProp prop{};
   EXIT_ON_CUDA_ERROR(cudaGetDeviceProperties(&prop, 0));
