@@ -392,7 +392,9 @@ int drift(double seconds, const Shape& shape, int count, std::mt19937& random) {
     }
     if (i % 64 == 0) cpus.insert(sched_getcpu());
     const double now = nowUs();
-    if (now - window_began < 500'000) continue;
+    // A window is half a second, or longer where that held no split step
+    // (steps of a large shape).
+    if (now - window_began < 500'000 || splits == 0) continue;
     // Every step of the window, the split ones (1 in 16, a little longer)
     // included.
     const double step_us = (now - window_began) / static_cast<double>(window_steps + splits);
