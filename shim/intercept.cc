@@ -35,6 +35,8 @@ extern char** environ;
 
 namespace stmux::shim {
 static_assert(kTf32MathMode == CUBLAS_TF32_TENSOR_OP_MATH &&
+              kMathModeFlags == (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION |
+                                 CUBLAS_FP64_EMULATED_FIXEDPOINT_MATH) &&
               kDefaultEmulation == CUBLAS_EMULATION_STRATEGY_DEFAULT);
 static_assert(kSchedAuto == CU_CTX_SCHED_AUTO && kSchedSpin == CU_CTX_SCHED_SPIN &&
               kSchedYield == CU_CTX_SCHED_YIELD && kSchedBlocking == CU_CTX_SCHED_BLOCKING_SYNC &&

@@ -18,9 +18,12 @@
 
 namespace stmux::shim {
 
-// cublasMath_t's TF32 mode and cublasEmulationStrategy_t's default (checked
-// against cublas_api.h where the shim includes it).
+// cublasMath_t's TF32 mode, the flags a mode may carry beside it (no reduced
+// precision reductions; FP64 emulation, which FP32 routines ignore), and
+// cublasEmulationStrategy_t's default (checked against cublas_api.h where the
+// shim includes it).
 inline constexpr int kTf32MathMode = 3;
+inline constexpr int kMathModeFlags = 16 | 8;
 inline constexpr int kDefaultEmulation = 0;
 
 struct CallerPrecision {
@@ -40,7 +43,7 @@ struct CallerPrecision {
   // Whether a call with these (resolved) settings gets the same precision
   // from the daemon's cuBLAS as from the caller's.
   bool reproducible(int math_mode, int emulation) const {
-    if (tf32_off && math_mode == kTf32MathMode) return false;
+    if (tf32_off && (math_mode & ~kMathModeFlags) == kTf32MathMode) return false;
     if (emulation_set && emulation == kDefaultEmulation) return false;
     return true;
   }

@@ -20,6 +20,10 @@ TEST(CallerPrecision, ACallerWithTf32OverriddenOffRunsItsTf32CallsDirectly) {
   const CallerPrecision off = with({{"NVIDIA_TF32_OVERRIDE", "0"}});
   EXPECT_FALSE(off.reproducible(kTf32MathMode, kDefaultEmulation));
   EXPECT_TRUE(off.reproducible(0, kDefaultEmulation)) << "full FP32 is FP32 anywhere";
+  // The TF32 mode with a flag beside it (cublasSetMathMode takes them or'ed).
+  EXPECT_FALSE(off.reproducible(kTf32MathMode | 16, kDefaultEmulation)) << "no reduced reductions";
+  EXPECT_FALSE(off.reproducible(kTf32MathMode | 8, kDefaultEmulation)) << "FP64 emulation";
+  EXPECT_TRUE(off.reproducible(16, kDefaultEmulation)) << "full FP32, no reduced reductions";
   // Only 0 changes anything (NVIDIA's documentation).
   EXPECT_TRUE(with({{"NVIDIA_TF32_OVERRIDE", "1"}}).reproducible(kTf32MathMode, kDefaultEmulation));
   EXPECT_TRUE(with({}).reproducible(kTf32MathMode, kDefaultEmulation));
