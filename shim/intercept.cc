@@ -494,12 +494,25 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
     next_attempt_ns_ = now + backoff_ns_;
     attaching_ = true;
   }
-  ConnectOptions options;
-  options.socket_path = config_.socket;
-  options.daemon_user = config_.daemon_user;
-  options.name = name_;
-  options.timeout_ns = kWelcomeTimeoutNs;
-  auto opened = Connection::open(options);
+  // Whatever happens, attaching_ is cleared: an exception out of the attempt
+  // (bad_alloc, which intercept() turns into a direct call) must not leave
+  // every later call waiting for an attach nobody is making.
+  auto attempt = [&]() -> Result<std::unique_ptr<Connection>> {
+    try {
+      ConnectOptions options;
+      options.socket_path = config_.socket;
+      options.daemon_user = config_.daemon_user;
+      options.name = name_;
+      options.timeout_ns = kWelcomeTimeoutNs;
+      return Connection::open(options);
+    } catch (...) {
+      std::lock_guard lock(connection_mutex_);
+      attaching_ = false;
+      attached_cv_.notify_all();
+      throw;
+    }
+  };
+  auto opened = attempt();
 
   std::lock_guard lock(connection_mutex_);
   attaching_ = false;
