@@ -131,7 +131,8 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   if (!segment) return Queued::kHost;
   const CUfunction kernel = kernelFor(context);
   if (kernel == nullptr) return Queued::kHost;
-  if (!watching()) return Queued::kHost;
+  std::optional<Queuing> queuing;  // destroyed after every lock below
+  if (!watching(queuing)) return Queued::kHost;
   if (joinLegacyStream(call.stream, context) != CUDA_SUCCESS) return Queued::kCudaError;
 
   auto ticket = reserve(conn, deadline_ns);
@@ -231,19 +232,25 @@ void StreamOrder::trackLocked(InFlight entry) {
 // lets a stream go whose call the daemon will not finish. Started with the
 // first call; without it (no thread to be had, or the process exiting)
 // calls are served in host mode.
-bool StreamOrder::watching() {
+bool StreamOrder::watching(std::optional<Queuing>& queuing) {
   std::lock_guard lock(mutex_);
   if (stopping_) return false;
-  if (watcher_started_ || watcher_failed_) return watcher_started_;
+  const auto counted = [&] {
+    ++queuing_;
+    queuing.emplace(*this);
+    return true;
+  };
+  if (watcher_started_) return counted();
+  if (watcher_failed_) return false;
   const std::string failure = startBackgroundThread(driver_, "stmux-watch", [this] { watch(); });
-  if (failure.empty()) {
-    watcher_started_ = true;
-  } else {
+  if (!failure.empty()) {
     watcher_failed_ = true;
     STMUX_WARN(kShim, "cannot start the stream-order watcher ({}); calls are served in host mode",
                failure);
+    return false;
   }
-  return watcher_started_;
+  watcher_started_ = true;
+  return counted();
 }
 
 void StreamOrder::reapLocked(bool watcher) {
@@ -389,7 +396,7 @@ void StreamOrder::stop(std::uint64_t bound_ns) {
   std::unique_lock lock(mutex_);
   stopping_ = true;
   const std::uint64_t give_up = nowNs() + bound_ns;
-  while (!in_flight_.empty() && watcher_started_ && nowNs() < give_up) {
+  while ((!in_flight_.empty() || queuing_ > 0) && watcher_started_ && nowNs() < give_up) {
     reapLocked(/*watcher=*/false);
     changed_.wait_for(lock, std::chrono::milliseconds(1));
   }
@@ -416,6 +423,7 @@ void StreamOrder::forkParent() {
 // The child has no CUDA of its own from the parent, nor its calls.
 void StreamOrder::forkChild() {
   in_flight_.clear();
+  queuing_ = 0;  // the parent's threads, which the child does not have
   kernels_.clear();
   registered_.clear();
   watcher_started_ = false;

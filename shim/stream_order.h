@@ -96,8 +96,12 @@ class StreamOrder {
   void retireLocked(InFlight entry);
   // Adds a call to those in flight. Under mutex_.
   void trackLocked(InFlight entry);
-  // Whether the watcher runs, starting it on first use.
-  bool watching();
+  // Whether the watcher runs, starting it on first use; if so, counts the
+  // caller among those queuing a call until `queuing` is destroyed, which
+  // stop() waits for (a call queued after the watcher stopped would have
+  // nobody to let its stream go).
+  struct Queuing;
+  bool watching(std::optional<Queuing>& queuing);
   struct Registered {
     const void* host;
     CUcontext context;
@@ -135,6 +139,19 @@ class StreamOrder {
   bool watcher_failed_ = false;  // it could not be started: host mode from then on
   bool stopping_ = false;
   bool stopped_ = false;
+  int queuing_ = 0;  // callers between watching() and their call's tracking
+};
+
+struct StreamOrder::Queuing {
+  explicit Queuing(StreamOrder& order) : order(order) {}
+  Queuing(const Queuing&) = delete;
+  Queuing& operator=(const Queuing&) = delete;
+  ~Queuing() {
+    std::lock_guard lock(order.mutex_);
+    --order.queuing_;
+    order.changed_.notify_all();
+  }
+  StreamOrder& order;
 };
 
 }  // namespace stmux::shim

@@ -98,6 +98,10 @@ struct FakeGpu {
   std::atomic<bool> launch_found_it_stuck{false};
   std::atomic<int> launches{0};
   std::atomic<int> computed{0};
+  // Run on the caller's thread when it queues its stream's wait: between
+  // the shim's deciding to order the call on the stream and its handing the
+  // call to the daemon.
+  std::function<void()> on_wait_queued;
 };
 FakeGpu* gpu = nullptr;
 
@@ -139,6 +143,7 @@ CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, 
   gpu->stream.enqueue([address, value] {
     return seqReached(word(address).load(std::memory_order_acquire), value);
   });
+  if (gpu->on_wait_queued) gpu->on_wait_queued();
   return CUDA_SUCCESS;
 }
 CUresult fakeLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
@@ -302,6 +307,30 @@ TEST_F(StreamOrderTest, AfterStopCallsAreServedInHostMode) {
   float c = 0.0f;
   EXPECT_EQ(submit(&c), StreamOrder::Queued::kHost) << "no watcher would let its stream go";
   EXPECT_EQ(gpu_.launches, 0);
+}
+
+// The process exits (stop()) while a thread is between deciding to order its
+// call on the stream and having it watched: the watcher must stay until that
+// call is settled, or nobody lets its stream go when the daemon declines it.
+TEST_F(StreamOrderTest, AStopWhileACallIsBeingQueuedWaitsForItToBeSettled) {
+  std::thread stopper;
+  std::atomic<bool> stopped{false};
+  gpu_.on_wait_queued = [&] {
+    if (stopper.joinable()) return;
+    stopper = std::thread([&] {
+      order_->stop(kSecond);
+      stopped = true;
+    });
+    // Long enough for a stop() that does not wait for this call to return.
+    testing::waitFor([&] { return stopped.load(); }, std::chrono::milliseconds(200));
+  };
+  Request r = daemon::validRequest();
+  r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve: declined
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c, r), StreamOrder::Queued::kYes);
+  EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the declined call's stream was left waiting";
+  EXPECT_EQ(c, 42.0f) << "the kernel did not compute the declined call";
+  stopper.join();
 }
 
 TEST_F(StreamOrderTest, WithoutItsKernelACallIsLeftToItsCallerIfTheDaemonDoesNotFinishIt) {
