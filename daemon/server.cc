@@ -358,6 +358,15 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
   }
 }
 
+std::uint32_t Server::freshId() {
+  return ids_.take([this](std::uint32_t id) {
+    const auto is = [id](const auto& held) { return held->id == id; };
+    return std::any_of(clients_.begin(), clients_.end(), is) ||
+           std::any_of(pending_.begin(), pending_.end(), is) ||
+           std::any_of(replies_.begin(), replies_.end(), is);
+  });
+}
+
 void Server::acceptAll() {
   for (int accepted = 0;
        accepted < kMaxAcceptsPerTurn && listen_.valid() && accept_paused_until_ == 0; ++accepted) {
@@ -386,7 +395,7 @@ void Server::acceptAll() {
     socklen_t length = sizeof(cred);
     if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0) continue;
     auto pending = std::make_unique<Pending>();
-    pending->id = next_id_++;
+    pending->id = freshId();
     pending->uid = cred.uid;
     pending->deadline_ns = now + options_.hello_timeout_ns;
     pending->socket = std::move(fd);
@@ -529,7 +538,7 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
                                   cred.uid, same_user));
   }
   auto client = std::make_shared<Client>();
-  client->id = next_id_++;
+  client->id = freshId();
   client->pid = cred.pid;
   client->uid = cred.uid;
   client->gid = cred.gid;
@@ -590,7 +599,7 @@ void Server::answerControl(UniqueFd socket) {
                                             replies_.size()));
   }
   auto reply = std::make_unique<Reply>();
-  reply->id = next_id_++;
+  reply->id = freshId();
   reply->socket = std::move(socket);
   reply->json = statusJson();
   reply->deadline_ns = nowNs() + kReplyTimeoutNs;

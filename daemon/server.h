@@ -91,6 +91,28 @@ class RequestSink {
   virtual void addMetrics(MetricsText& /*out*/) const {}
 };
 
+// The ids of the server's connections, clients and status replies, by which
+// epoll's tags and the scheduler's maps tell them apart: never 0, never one
+// in use. They wrap after 2^32 (a user flooding connects gets there in
+// hours); from then on each is checked against those in use.
+class Ids {
+ public:
+  explicit Ids(std::uint32_t first = 1) : next_(first == 0 ? 1 : first) {}
+  template <class InUse>
+  std::uint32_t take(const InUse& in_use) {
+    while (true) {
+      const std::uint32_t id = next_;
+      if (next_ == UINT32_MAX) wrapped_ = true;
+      next_ = next_ == UINT32_MAX ? 1 : next_ + 1;
+      if (!wrapped_ || !in_use(id)) return id;
+    }
+  }
+
+ private:
+  std::uint32_t next_;
+  bool wrapped_ = false;
+};
+
 struct ServerOptions {
   std::string socket_path;
   std::uint32_t slots = 256;
@@ -188,7 +210,8 @@ class Server {
   LogLimiter silent_log_;      // connections closed for saying no hello
   LogLimiter refuse_log_;      // hellos refused
   std::vector<int> controls_;  // stmuxctl connections awaiting a query
-  std::uint32_t next_id_ = 1;
+  Ids ids_;
+  std::uint32_t freshId();
   std::size_t rotate_ = 0;
   bool draining_ = false;
   std::uint64_t started_ns_ = 0;

@@ -81,6 +81,24 @@ std::set<std::string> shmEntries() {
   return names;
 }
 
+// Ids come round after 2^32 connections (hours of a flood of connects);
+// an id still in use must not be handed out again, nor 0.
+TEST(ServerIds, AfterTheyWrapIdsInUseAndZeroAreSkipped) {
+  daemon::Ids ids(UINT32_MAX - 1);
+  int looked = 0;
+  const auto nobody = [&](std::uint32_t) {
+    ++looked;
+    return false;
+  };
+  EXPECT_EQ(ids.take(nobody), UINT32_MAX - 1);
+  EXPECT_EQ(looked, 0) << "before the ids wrap, none can be in use: nothing to look up";
+  EXPECT_EQ(ids.take(nobody), UINT32_MAX);
+  const std::set<std::uint32_t> in_use = {1, 2, 4, UINT32_MAX};
+  const auto held = [&](std::uint32_t id) { return in_use.count(id) != 0; };
+  EXPECT_EQ(ids.take(held), 3u);
+  EXPECT_EQ(ids.take(held), 5u);
+}
+
 TEST(Server, NoticesAClientKilledWithSigkill) {
   TempDir dir;
   // The client is forked before the server thread starts: fork only from a
