@@ -49,7 +49,17 @@ struct Queued {
   // Opens the scheduler asked of the mapper for its memory while it waited
   // (Scheduler::memoryMapped bounds them).
   std::uint32_t opens = 0;
+  // The executor answered it (markAnswered) in a batch not yet settled.
+  bool answered = false;
 };
+
+// The executor's side, before it publishes a request's status: from then on
+// the client may reuse the slot, so the request no longer counts against the
+// client's new ones (Client::answered) until the scheduler settles it.
+inline void markAnswered(Queued& item) {
+  item.answered = true;
+  item.client->answered.fetch_add(1, std::memory_order_relaxed);
+}
 
 struct Batch {
   std::uint64_t id = 0;  // per GPU, increasing; batches complete in id order

@@ -397,7 +397,8 @@ class Executor::Impl {
     if (channel_.gauges().broken.load(std::memory_order_relaxed)) {
       // This GPU is lost to the daemon: decline, and the shims run these
       // themselves.
-      for (const Queued& item : batch->items) {
+      for (Queued& item : batch->items) {
+        markAnswered(item);
         requestComplete(item.client->view, item.request, kStatusDeclined);
       }
       channel_.finish(std::move(batch));
@@ -407,7 +408,7 @@ class Executor::Impl {
     std::vector<Ready> ready;
     ready.reserve(count);
     for (std::size_t i = 0; i < count; ++i) {
-      const Queued& item = batch->items[i];
+      Queued& item = batch->items[i];
       const Request& r = item.request;
       if (item.client->gone.load(std::memory_order_acquire)) continue;
       const GemmShape shape = GemmShape::of(r);
@@ -418,6 +419,7 @@ class Executor::Impl {
       if (status == kStatusSuccess) status = resolve(item, r.c, extents->c, batch->id, c);
       if (status == kStatusSuccess) status = resolve(item, r.bias, extents->bias, batch->id, bias);
       if (status != kStatusSuccess) {
+        markAnswered(item);
         requestComplete(item.client->view, r, status);  // never claimed: C untouched
         continue;
       }

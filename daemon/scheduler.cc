@@ -16,6 +16,7 @@ namespace {
 void settle(std::span<const Queued> items) {
   for (const Queued& item : items) {
     if (item.client->outstanding > 0) --item.client->outstanding;
+    if (item.answered) item.client->answered.fetch_sub(1, std::memory_order_relaxed);
   }
 }
 
@@ -140,12 +141,14 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
   // One request per completion slot is all an honest shim can have pending;
   // beyond that a client only grows the daemon's memory. Declined: it runs
   // directly, should a confused shim be the sender.
-  if (client->outstanding >= client->view.layout().slot_count) {
+  // (The executor's markAnswered came before the status the client saw
+  // before it reused a slot for this request.)
+  if (client->unanswered() >= client->view.layout().slot_count) {
     if (client->refused++ == 0) {
       STMUX_WARN(kSched,
                  "client {} (pid {}) has {} requests outstanding, as many as it has slots; "
                  "declining the excess",
-                 client->id, client->pid, client->outstanding);
+                 client->id, client->pid, client->unanswered());
     }
     return reject(client, request, kStatusDeclined);
   }

@@ -700,7 +700,7 @@ std::string Server::statusJson() const {
     entry["name"] = client->name;
     entry["attached_s"] = static_cast<double>(nowNs() - client->attached_ns) / 1e9;
     entry["requests"] = client->requests;
-    entry["outstanding"] = client->outstanding;
+    entry["outstanding"] = client->unanswered();
     entry["refused"] = client->refused;
     const CounterTotals sum = totals(counters);
     entry["forwarded"] = sum.forwarded;
@@ -877,7 +877,7 @@ void Server::addMetrics(MetricsText& out) const {
             [](const Client&, const CounterTotals& sum) { return sum.failed; });
   perClient("stmux_client_outstanding_requests", "gauge",
             "Requests of the tenant queued or on a GPU.",
-            [](const Client& c, const CounterTotals&) { return c.outstanding; });
+            [](const Client& c, const CounterTotals&) { return c.unanswered(); });
   perClient("stmux_client_refused_total", "counter",
             "Requests declined for being beyond the tenant's slots.",
             [](const Client& c, const CounterTotals&) { return c.refused; });

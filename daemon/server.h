@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -48,11 +49,19 @@ struct Client {
   std::atomic<bool> gone{false};
   std::uint64_t requests = 0;      // popped from the ring
   std::uint64_t bad_requests = 0;  // dropped by the transport (bad slot index)
-  // Requests queued in a batcher or on a GPU and not yet complete. An honest
-  // shim never has more than its slot count; the scheduler refuses the rest,
-  // so that a hostile client cannot grow the daemon's queues (the ring cell is
-  // free again as soon as a request is popped).
+  // Requests taken from its ring and not yet settled (in a batcher, on a
+  // GPU, or answered in a batch the scheduler has not yet taken back).
   std::uint32_t outstanding = 0;
+  // Of those, how many the executor has answered (their statuses are out):
+  // the client may already be reusing their slots.
+  std::atomic<std::uint32_t> answered{0};
+  // Requests it still waits for: an honest shim never has more than its slot
+  // count; the scheduler refuses the rest, so that a hostile client cannot
+  // grow the daemon's queues (the ring cell is free again as soon as a
+  // request is popped). Server thread.
+  std::uint32_t unanswered() const {
+    return outstanding - std::min(outstanding, answered.load(std::memory_order_relaxed));
+  }
   std::uint64_t refused = 0;  // requests refused for being beyond that bound
   // Its calls, served or direct, as its counters said when last looked at,
   // and until when it counts as active for the others' other_tenants.

@@ -25,13 +25,14 @@ Wakers::~Wakers() {
   }
 }
 
-void Wakers::publish(const Batch& batch, std::span<const std::int32_t> statuses) {
-  const std::vector<Queued>& items = batch.items;
+void Wakers::publish(Batch& batch, std::span<const std::int32_t> statuses) {
+  std::vector<Queued>& items = batch.items;
   // Every status first: a caller still polling sees its own without waiting
   // behind the system calls that wake the others.
   sleeping_.clear();
   for (std::size_t i = 0; i < items.size(); ++i) {
     if (statuses[i] == kNoWrite) continue;
+    markAnswered(items[i]);
     if (requestPublish(items[i].client->view, items[i].request, statuses[i])) {
       sleeping_.push_back(i);
     }

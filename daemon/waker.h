@@ -53,7 +53,7 @@ class Wakers {
   // alone) and has the callers that sleep on them woken. `batch.seen_ns` is
   // when the batch was seen done: each wake is timed from then. One thread
   // publishes.
-  void publish(const Batch& batch, std::span<const std::int32_t> statuses);
+  void publish(Batch& batch, std::span<const std::int32_t> statuses);
 
  private:
   struct Sleeper {

@@ -448,6 +448,31 @@ TEST(Scheduler, AClientFloodingItsRingIsHeldToItsSlotsAndOthersAreServed) {
   EXPECT_EQ(clientField(dir, honest->clientId(), "refused"), 0);
 }
 
+// An honest client using every slot at once reuses a slot as soon as its
+// status is out, which can be before the daemon has settled the batch that
+// answered it: that request must not count against the new one.
+TEST(Scheduler, AClientUsingEverySlotIsNeverRefused) {
+  TempDir dir;
+  Daemon daemon(dir, /*batch_ns=*/0, [](ServerOptions& o) { o.slots = 8; });
+  auto client = connect(dir);
+  ASSERT_TRUE(client);
+  const std::uint32_t slots = client->slotCount();
+  ASSERT_EQ(slots, 8u);
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (std::uint32_t t = 0; t < slots; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 1500; ++i) {
+        if (call(*client, validRequest()) != kStatusSuccess) ++wrong;
+      }
+    });
+  }
+  for (std::thread& thread : threads)
+    thread.join();
+  EXPECT_EQ(wrong, 0) << "calls not served";
+  EXPECT_EQ(clientField(dir, client->clientId(), "refused"), 0);
+}
+
 // The metrics the daemon publishes (stmuxd writes them to
 // STMUX_METRICS_FILE) are well formed and count what happened.
 TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
