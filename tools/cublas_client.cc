@@ -887,13 +887,9 @@ int syncFlags(const Options& options) {
     EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
   }
   using GetFlags = CUresult (*)(unsigned int*);
-  void* function = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  EXIT_ON_CUDA_ERROR(cudaGetDriverEntryPointByVersion("cuCtxGetFlags", &function, 7000,
-                                                      cudaEnableDefault, &found));
+  const auto get_flags = driverFunction<GetFlags>("cuCtxGetFlags", 7000);
   unsigned int flags = 0;
-  if (found != cudaDriverEntryPointSuccess ||
-      reinterpret_cast<GetFlags>(function)(&flags) != CUDA_SUCCESS) {
+  if (get_flags(&flags) != CUDA_SUCCESS) {
     std::fprintf(stderr, "stmux-cublas-client: cuCtxGetFlags failed\n");
     return 3;
   }

@@ -1,6 +1,7 @@
 // For the standalone CUDA programs (stmux-cublas-client, stmux-launch-bench,
 // the daemon's test client): a CUDA or cuBLAS call that fails is reported with
-// its expression, and the program ends with exit status 3.
+// its expression, and the program ends with exit status 3; so does a driver
+// function that cannot be found.
 #pragma once
 
 #include <cublas_api.h>
@@ -32,3 +33,19 @@
       std::exit(3);                                                                     \
     }                                                                                   \
   } while (0)
+
+// The driver's `name` at `version` through the runtime (the programs link no
+// libcuda), as F; the program ends with exit status 3 where the driver has
+// none.
+template <class F>
+F driverFunction(const char* name, int version) {
+  void* function = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  EXIT_ON_CUDA_ERROR(
+      cudaGetDriverEntryPointByVersion(name, &function, version, cudaEnableDefault, &found));
+  if (found != cudaDriverEntryPointSuccess || function == nullptr) {
+    std::fprintf(stderr, "%s: the CUDA driver has no %s\n", program_invocation_short_name, name);
+    std::exit(3);
+  }
+  return reinterpret_cast<F>(function);
+}

@@ -115,19 +115,6 @@ static_assert(sizeof(Flags) <= kFlagsBytes);
 using WaitValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 using WriteValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
 
-template <class F>
-F driverFunction(const char* name, int version) {
-  void* function = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  EXIT_ON_CUDA_ERROR(
-      cudaGetDriverEntryPointByVersion(name, &function, version, cudaEnableDefault, &found));
-  if (found != cudaDriverEntryPointSuccess || function == nullptr) {
-    std::fprintf(stderr, "stmux-handoff-bench: the CUDA driver has no %s\n", name);
-    std::exit(3);
-  }
-  return reinterpret_cast<F>(function);
-}
-
 #define EXIT_ON_DRIVER_ERROR(call)                                              \
   do {                                                                          \
     if (const CUresult driver_error_ = (call); driver_error_ != CUDA_SUCCESS) { \

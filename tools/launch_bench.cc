@@ -320,15 +320,7 @@ double correlation(const std::vector<double>& x, const std::vector<double>& y) {
 // are the ceiling's own and make the rate.
 int drift(double seconds, const Shape& shape, int count, std::mt19937& random) {
   using WaitValue = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
-  void* function = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  EXIT_ON_CUDA_ERROR(cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", &function, 12000,
-                                                      cudaEnableDefault, &found));
-  if (found != cudaDriverEntryPointSuccess || function == nullptr) {
-    std::fprintf(stderr, "stmux-launch-bench: the CUDA driver has no cuStreamWaitValue32\n");
-    return 3;
-  }
-  const auto wait_value = reinterpret_cast<WaitValue>(function);
+  const auto wait_value = driverFunction<WaitValue>("cuStreamWaitValue32", 12000);
   cublasHandle_t handle;
   EXIT_ON_CUBLAS_ERROR(cublasCreate(&handle));
   cudaStream_t stream;
