@@ -7,12 +7,10 @@
 
 namespace stmux::daemon {
 namespace {
+
 // A tenant's gain in a look counts for at most 8x either way (the largest
 // measured was 6.7x: one PyTorch rnn tenant off MPS, served against direct).
 const double kMostLogGain = std::log(8.0);
-}  // namespace
-
-namespace {
 
 std::uint64_t callsOf(const std::vector<TenantCalls>& sorted, std::uint32_t id, bool* found) {
   const auto it =
