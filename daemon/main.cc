@@ -20,6 +20,7 @@
 #include "daemon/server.h"
 #include "stmux/config.h"
 #include "stmux/log.h"
+#include "stmux/precision.h"
 
 extern char** environ;
 
@@ -231,9 +232,9 @@ int run(int argc, char** argv) {
   }
 
   // Each tenant's own environment sets the precision its cuBLAS computes at
-  // (the shim runs such calls directly: shim/precision.h); the daemon's must
+  // (the shim runs such calls directly: stmux/precision.h); the daemon's must
   // not set it for all of them. Cleared before cuBLAS reads it.
-  for (const char* name : {"NVIDIA_TF32_OVERRIDE", "CUBLAS_EMULATION_STRATEGY"}) {
+  for (const char* name : kCallerPrecisionVariables) {
     if (const char* value = std::getenv(name); value != nullptr) {
       STMUX_WARN(kConfig, "{}={} is ignored: each tenant's own environment sets its precision",
                  name, value);

@@ -197,7 +197,8 @@ struct LtLayout {
   std::int64_t ld = 0;
   std::int32_t count = 1;
   std::int64_t stride = 0;
-  std::uint32_t batch_mode = 0;  // 0: strided; otherwise arrays of pointers
+  std::uint32_t batch_mode = 0;   // 0: strided; otherwise arrays of pointers
+  std::int64_t plane_offset = 0;  // planar complex data; 0 for real data
 };
 
 bool readLayout(const LtReader& lt, cublasLtMatrixLayout_t layout, LtLayout& out) {
@@ -213,6 +214,7 @@ bool readLayout(const LtReader& lt, cublasLtMatrixLayout_t layout, LtLayout& out
   }
   // A cuBLASLt too old to know batch modes has only strided batches.
   if (!lt.get(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, out.batch_mode)) out.batch_mode = 0;
+  if (!lt.get(layout, CUBLASLT_MATRIX_LAYOUT_PLANE_OFFSET, out.plane_offset)) out.plane_offset = 0;
   return true;
 }
 
@@ -288,10 +290,27 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
        {CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
         CUBLASLT_MATMUL_DESC_C_SCALE_POINTER, CUBLASLT_MATMUL_DESC_D_SCALE_POINTER,
         CUBLASLT_MATMUL_DESC_D_OUT_SCALE_POINTER, CUBLASLT_MATMUL_DESC_AMAX_D_POINTER,
+        CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_SCALE_POINTER,
+        CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_AMAX_POINTER,
         CUBLASLT_MATMUL_DESC_EMULATION_DESCRIPTOR}) {
     const void* pointer = nullptr;
     if (!lt.get(desc, attribute, pointer)) return direct(Fallback::kInvalidArgs);
     if (pointer != nullptr) return direct(Fallback::kUnservedForm);
+  }
+  // So are scaling modes, an auxiliary output's type and FP8's fast
+  // accumulation, each at its default (0, -1, 0) or unknown to this cuBLASLt.
+  for (const cublasLtMatmulDescAttributes_t attribute :
+       {CUBLASLT_MATMUL_DESC_A_SCALE_MODE, CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+        CUBLASLT_MATMUL_DESC_C_SCALE_MODE, CUBLASLT_MATMUL_DESC_D_SCALE_MODE,
+        CUBLASLT_MATMUL_DESC_D_OUT_SCALE_MODE, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_SCALE_MODE}) {
+    std::int32_t mode = 0;
+    if (lt.get(desc, attribute, mode) && mode != 0) return direct(Fallback::kUnservedForm);
+  }
+  std::int32_t aux_type = -1;
+  std::int8_t fast_accum = 0;
+  if ((lt.get(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, aux_type) && aux_type != -1) ||
+      (lt.get(desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, fast_accum) && fast_accum != 0)) {
+    return direct(Fallback::kUnservedForm);
   }
   // No handle: 32F is full FP32, as cuBLASLt computes it.
   const std::optional<std::int32_t> math =
@@ -314,7 +333,7 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
   }
   for (const LtLayout* layout : {&la, &lb, &lc, &ld}) {
     if (layout->type != CUDA_R_32F || layout->order != CUBLASLT_ORDER_COL ||
-        layout->batch_mode != 0 || layout->count != ld.count) {
+        layout->batch_mode != 0 || layout->plane_offset != 0 || layout->count != ld.count) {
       return direct(Fallback::kUnservedForm);
     }
     if (layout->rows > INT64_MAX || layout->cols > INT64_MAX) {
@@ -351,8 +370,10 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
       return direct(Fallback::kUnservedForm);
     }
   }
-  // D in place of C, or C not read at all.
+  // D in place of C, or C not read at all (but described as cuBLASLt
+  // requires, or it refuses the call).
   if (c != d) {
+    if (lc.ld < std::max<std::int64_t>(1, m)) return direct(Fallback::kInvalidArgs);
     if (beta == nullptr) return direct(Fallback::kInvalidArgs);
     if (*static_cast<const float*>(beta) != 0.0f) return direct(Fallback::kUnservedForm);
   } else if (lc.ld != ld.ld || (gemm.count > 1 && lc.stride != ld.stride)) {

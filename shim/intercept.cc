@@ -20,7 +20,6 @@
 #include "shim/allocations.h"
 #include "shim/background.h"
 #include "shim/driver.h"
-#include "shim/precision.h"
 #include "shim/real.h"
 #include "shim/route.h"
 #include "shim/stream_order.h"
@@ -30,11 +29,14 @@
 #include "stmux/cublas_wire.h"
 #include "stmux/gemm.h"
 #include "stmux/log.h"
+#include "stmux/precision.h"
 
 extern char** environ;
 
 namespace stmux::shim {
-static_assert(kTf32MathMode == CUBLAS_TF32_TENSOR_OP_MATH &&
+static_assert(kTensorOpMathMode == CUBLAS_TENSOR_OP_MATH &&
+              kPedanticMathMode == CUBLAS_PEDANTIC_MATH &&
+              kTf32MathMode == CUBLAS_TF32_TENSOR_OP_MATH &&
               kMathModeFlags == (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION |
                                  CUBLAS_FP64_EMULATED_FIXEDPOINT_MATH) &&
               kDefaultEmulation == CUBLAS_EMULATION_STRATEGY_DEFAULT);
@@ -241,6 +243,11 @@ cublasStatus_t Shim::finish(std::int32_t status, float beta, EntryPoint entry, D
     if (beta == 0.0f) return fallback(Fallback::kDaemonFailed, entry, direct, &connection);
     return failed(entry, &connection);
   }
+  // The legacy cublasSgemm reports nothing (beta is 0): whatever the daemon
+  // refused, cuBLAS computes.
+  if (entry == EntryPoint::kSgemmLegacy && status != kStatusSuccess) {
+    return fallback(Fallback::kDaemonFailed, entry, direct, &connection);
+  }
   countServed(entry, connection);
   return static_cast<cublasStatus_t>(status);
 }
@@ -313,11 +320,12 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
         static_cast<std::uint32_t>(gemm.emulation >= 0 ? gemm.emulation : emulation);
   }
   if (gemmIsNoOp(request)) return fallback(Fallback::kNoOp, gemm.entry, direct, nullptr);
-  // cublasLtMatmul with alpha 0: what cuBLASLt writes depends on the kernel
-  // it picks (H200: most applied the epilogue to beta C, those for the
-  // smallest shapes left D alone) and on whether it reads A and B (a NaN
-  // there). Left to it.
-  if (gemm.lt && request.alpha == 0.0f) {
+  // Alpha 0 (or, for cublasLtMatmul, an empty k) only scales C: cuBLAS does
+  // not read A and B, which may then be too small for lda and ldb, or hold
+  // NaNs a batched kernel would multiply by 0. What cuBLASLt writes depends
+  // on the kernel it picks besides (H200: most applied the epilogue to beta
+  // C, those for the smallest shapes left D alone). Left to them.
+  if (request.alpha == 0.0f || (gemm.lt && request.k == 0)) {
     return fallback(Fallback::kUnservedForm, gemm.entry, direct, nullptr);
   }
   if (!precision_.reproducible(static_cast<int>(request.math_mode),

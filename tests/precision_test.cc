@@ -1,11 +1,11 @@
-// Which calls the daemon computes at the caller's precision (shim/precision.h).
-#include "shim/precision.h"
+// Which calls the daemon computes at the caller's precision (stmux/precision.h).
+#include "stmux/precision.h"
 
 #include <gtest/gtest.h>
 
 #include <map>
 
-namespace stmux::shim {
+namespace stmux {
 namespace {
 
 CallerPrecision with(std::map<std::string, std::string> env) {
@@ -25,6 +25,9 @@ TEST(CallerPrecision, ACallerWithTf32OverriddenOffRunsItsTf32CallsDirectly) {
   EXPECT_FALSE(off.reproducible(kTf32MathMode | 8, kDefaultEmulation)) << "FP64 emulation";
   EXPECT_TRUE(off.reproducible(16, kDefaultEmulation)) << "full FP32, no reduced reductions";
   // Only 0 changes anything (NVIDIA's documentation).
+  // The deprecated tensor-op mode may pick TF32 kernels for FP32 routines.
+  EXPECT_FALSE(off.reproducible(kTensorOpMathMode, kDefaultEmulation));
+  EXPECT_TRUE(off.reproducible(kPedanticMathMode, kDefaultEmulation));
   EXPECT_TRUE(with({{"NVIDIA_TF32_OVERRIDE", "1"}}).reproducible(kTf32MathMode, kDefaultEmulation));
   EXPECT_TRUE(with({}).reproducible(kTf32MathMode, kDefaultEmulation));
 }
@@ -36,5 +39,17 @@ TEST(CallerPrecision, ACallerWhoseEmulationStrategyIsSetRunsDefaultStrategyCalls
   EXPECT_TRUE(with({{"CUBLAS_EMULATION_STRATEGY", ""}}).reproducible(0, kDefaultEmulation));
 }
 
+// FP32 emulated with BF16x9 in the caller's cuBLAS (on GPUs that have it):
+// the daemon's would compute plain FP32. Only pedantic calls are left alone.
+TEST(CallerPrecision, ACallerEmulatingSinglePrecisionRunsItsFp32CallsDirectly) {
+  const CallerPrecision set = with({{"CUBLAS_EMULATE_SINGLE_PRECISION", "1"}});
+  EXPECT_FALSE(set.reproducible(0, kDefaultEmulation));
+  EXPECT_FALSE(set.reproducible(kTf32MathMode, kDefaultEmulation));
+  EXPECT_FALSE(set.reproducible(16, kDefaultEmulation)) << "a flag beside the default mode";
+  EXPECT_TRUE(set.reproducible(kPedanticMathMode, kDefaultEmulation));
+  EXPECT_TRUE(with({{"CUBLAS_EMULATE_SINGLE_PRECISION", "0"}}).reproducible(0, kDefaultEmulation));
+  EXPECT_TRUE(with({{"CUBLAS_EMULATE_SINGLE_PRECISION", ""}}).reproducible(0, kDefaultEmulation));
+}
+
 }  // namespace
-}  // namespace stmux::shim
+}  // namespace stmux

@@ -606,8 +606,10 @@ std::optional<Case> draw(std::uint64_t seed, int thread, std::uint64_t call,
     v[kRoute] = kNoOp;
   } else if (lt && v[kLtForm] == kDevicePointers) {
     v[kRoute] = kDevicePointerMode;
-  } else if (lt && (v[kLtForm] != kServedForm || g.alpha == 0.0f)) {
-    v[kRoute] = kUnservedForm;  // alpha 0: cuBLASLt's answer depends on its kernel
+  } else if (lt && v[kLtForm] != kServedForm) {
+    v[kRoute] = kUnservedForm;
+  } else if (g.alpha == 0.0f || (lt && g.k == 0)) {
+    v[kRoute] = kUnservedForm;  // only C is scaled: left to cuBLAS (shim/intercept.cc)
   } else if (v[kAlloc] == kPool || v[kAlloc] == kManaged || v[kAlloc] == kHost) {
     v[kRoute] = kNotExportable;
   } else {
