@@ -305,6 +305,9 @@ int run(int argc, char** argv) {
     };
     STMUX_INFO(kDaemon, "writing metrics to {} once a second", config->metrics_file);
   }
+  // Told as the drain begins, not once it is done: systemd then shows the
+  // service stopping while it refuses new tenants.
+  server_options.on_drain = [] { notifySystemd("STOPPING=1"); };
   Server server(server_options, scheduler);
   if (Status status = server.listen(); !status.ok()) {
     std::fprintf(stderr, "stmuxd: %s\n", status.message().c_str());
@@ -323,10 +326,15 @@ int run(int argc, char** argv) {
              config->socket, gpus->size(), config->window_us, config->max_batch);
   notifySystemd("READY=1");
   server.run();
-  notifySystemd("STOPPING=1");
   gServer = nullptr;
   for (auto& executor : executors)
     executor->stop();
+  if (metrics) {
+    // No stale figures of a daemon that is gone: a collector reading the
+    // file (node_exporter's textfile) drops them with it.
+    metrics.reset();  // the last text written first
+    ::unlink(config->metrics_file.c_str());
+  }
   STMUX_WARN(kDaemon, "stmuxd stopped");
   return 0;
 }

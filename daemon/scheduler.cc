@@ -334,11 +334,20 @@ bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_a
 }
 
 void Scheduler::onDetach(const ClientPtr& client) {
+  // What never reached the GPU is declined, not dropped: a client the daemon
+  // lets go while it lives (the daemon stopping with requests awaiting their
+  // memory or their caller's stream) runs them itself, or its watcher takes
+  // them over, instead of finding them unanswered. A cancel wins as ever.
+  const auto decline = [&](std::span<const Queued> requests) {
+    for (const Queued& q : requests)
+      reject(q.client, q.request, kStatusDeclined);
+    settle(requests);
+  };
   for (Gpu& gpu : gpus_) {
-    settle(gpu.batcher.removeTenant(client->id));
+    decline(gpu.batcher.removeTenant(client->id));
     const auto gone = std::stable_partition(gpu.awaiting.begin(), gpu.awaiting.end(),
                                             [&](const Queued& q) { return q.client != client; });
-    settle(std::span<const Queued>(gone, gpu.awaiting.end()));
+    decline(std::span<const Queued>(gone, gpu.awaiting.end()));
     gpu.awaiting.erase(gone, gpu.awaiting.end());
     forgetMemory(gpu, client->id);
     gpu.channel->dropOpens(client->id);

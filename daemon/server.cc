@@ -191,10 +191,14 @@ void Server::run() {
                  clients_.size());
       epollDel(epoll_.get(), listen_.get());
       listen_.reset();
+      accept_paused_until_ = 0;  // nothing to accept: no timer to sleep until
       ::unlink(options_.socket_path.c_str());
       for (const ClientPtr& client : clients_) {
         client->view.header()->draining.store(1, std::memory_order_release);
       }
+      if (options_.on_drain) options_.on_drain();
+      next_metrics_ns_ = 0;  // draining shows at once, not after the period
+      publishMetrics(now);
     }
     bool progressed = drainRings(now);
     std::uint64_t wake_at = 0;
@@ -324,7 +328,8 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
         drainEventfd(sink_.wakeFd());
         break;
       case kTagStop:
-        break;  // run() looks at stop_ on its next turn
+        drainEventfd(stop_fd_.get());  // or every wait of the drain returns at once
+        break;                         // run() looks at stop_ on its next turn
       case kTagReply: {
         auto it = std::find_if(replies_.begin(), replies_.end(),
                                [id](const auto& r) { return r->id == id; });
@@ -670,10 +675,12 @@ void Server::detach(const ClientPtr& client, const char* why) {
   epollDel(epoll_.get(), keep->socket.get());
   epollDel(epoll_.get(), keep->doorbell.get());
   keep->gone.store(true, std::memory_order_release);
+  // Before the hang-up: what the scheduler declines is answered before the
+  // client sees the daemon gone.
+  sink_.onDetach(keep);
   keep->socket.reset();
   keep->doorbell.reset();
   STMUX_INFO(kTransport, "client {} (pid {}) detached: {}", keep->id, keep->pid, why);
-  sink_.onDetach(keep);
 }
 
 std::string Server::statusJson() const {

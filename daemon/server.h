@@ -141,6 +141,9 @@ struct ServerOptions {
   // (a MetricsFile in stmuxd); 0: none are made.
   std::uint64_t metrics_period_ns = 0;
   std::function<void(std::string)> publish_metrics;
+  // Called on the server thread as the drain begins (stmuxd tells systemd
+  // it is stopping); the metrics are published then too.
+  std::function<void()> on_drain;
 };
 
 class Server {
@@ -155,8 +158,9 @@ class Server {
   Status listen();
 
   // Serves until requestStop(), then drains: no new clients, every segment
-  // marked draining, every request already submitted finished, then every
-  // client's socket closed so that they fall back to cuBLAS.
+  // marked draining, every request already queued or in flight finished,
+  // those awaiting memory or a stream declined, then every client's socket
+  // closed so that they fall back to cuBLAS.
   void run();
 
   // Async-signal-safe: a SIGTERM handler may call it.

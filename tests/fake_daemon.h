@@ -164,6 +164,36 @@ inline Uuid uuid(std::uint8_t tag) {
   return u;
 }
 
+// The scheduler as the server sees it, able to play a daemon that dies:
+// once `vanishing` is set, departures no longer reach the scheduler, which
+// so declines nothing as the sockets close (as when stmuxd is killed).
+class VanishingSink : public RequestSink {
+ public:
+  explicit VanishingSink(RequestSink& inner) : inner_(inner) {}
+  std::atomic<bool> vanishing{false};
+
+  void onAttach(const ClientPtr& client) override { inner_.onAttach(client); }
+  void onDetach(const ClientPtr& client) override {
+    if (!vanishing) inner_.onDetach(client);
+  }
+  void onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) override {
+    inner_.onRequest(client, request, now_ns);
+  }
+  void onRelease(const ClientPtr& client, const std::uint64_t* ids, std::size_t count) override {
+    inner_.onRelease(client, ids, count);
+  }
+  bool poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) override {
+    return inner_.poll(now_ns, wake_at_ns);
+  }
+  bool busy() const override { return inner_.busy(); }
+  int wakeFd() const override { return inner_.wakeFd(); }
+  void addStatus(nlohmann::ordered_json& status) const override { inner_.addStatus(status); }
+  void addMetrics(MetricsText& out) const override { inner_.addMetrics(out); }
+
+ private:
+  RequestSink& inner_;
+};
+
 // A daemon made of the real server and scheduler, one fake GPU.
 class Daemon {
  public:
@@ -179,7 +209,7 @@ class Daemon {
     auto options = testing::serverOptions(dir);
     options.devices = {uuid(0xab)};
     if (adjust) adjust(options);
-    server_ = std::make_unique<testing::ServerThread>(options, scheduler_);
+    server_ = std::make_unique<testing::ServerThread>(options, sink_);
   }
   ~Daemon() { server_.reset(); }
   FakeExecutor& executor() { return executor_; }
@@ -187,11 +217,18 @@ class Daemon {
   // reading it from the test's.
   Scheduler& scheduler() { return scheduler_; }
   void stop() { server_->stop(); }
+  // Gone as a killed daemon goes: the sockets close, and what awaited its
+  // memory or its stream is left unanswered.
+  void vanish() {
+    sink_.vanishing = true;
+    server_->stop();
+  }
 
  private:
   UniqueFd wake_;
   ExecutorChannel channel_;
   Scheduler scheduler_;
+  VanishingSink sink_{scheduler_};
   FakeExecutor executor_;
   std::unique_ptr<testing::ServerThread> server_;
 };

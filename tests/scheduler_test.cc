@@ -642,6 +642,56 @@ TEST(Scheduler, AwaitingRequestsOfAClientThatLeftAreDropped) {
   EXPECT_TRUE(daemon.executor().batchSizes().empty());
 }
 
+// The daemon stops while a request still awaits its memory (a slow mapper,
+// holding every open the request needs): it never reached the GPU, and is
+// declined before the hang-up, so that its caller runs it itself rather
+// than find the daemon gone with the request unanswered.
+TEST(Scheduler, ARequestAwaitingItsMemoryWhenTheDaemonStopsIsDeclinedBeforeItHangsUp) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  std::atomic<bool> let_go{false};
+  daemon.executor().setOpen([&](OpenJob& job) {
+    while (!let_go)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    FakeExecutor::openAsAsked(job);
+  });
+  Request r = validRequest();
+  r.beta = 1.0f;     // C += AB: must never run twice or half
+  r.b.alloc_id = 1;  // A and B in one allocation: two opens, both the mapper's
+  auto ticket = connection->submit(r, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok()) << ticket.message();
+  ASSERT_TRUE(testing::waitFor(
+      [&] { return clientField(dir, connection->clientId(), "outstanding") == 1; }));
+  std::thread stopper([&] { daemon.stop(); });
+  ASSERT_TRUE(testing::waitFor([&] { return !connection->alive(); }));
+  EXPECT_EQ(stateOf(*connection, ticket.value()), SlotState::kDone);
+  EXPECT_EQ(connection->view().slot(ticket.value().slot).status.load(), kStatusDeclined);
+  let_go = true;
+  stopper.join();
+  EXPECT_TRUE(daemon.executor().batchSizes().empty()) << "a declined request ran";
+}
+
+// The same for a stream-ordered request whose caller's stream never got to
+// it: declined, its stream never released, and the shim's watcher told.
+TEST(Scheduler, AStreamOrderedRequestAwaitingItsStreamWhenTheDaemonStopsIsDeclined) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  const StreamRequest sent = submitStreamOrdered(*connection, validRequest());
+  ASSERT_TRUE(testing::waitFor(
+      [&] { return clientField(dir, connection->clientId(), "outstanding") == 1; }));
+  daemon.stop();
+  const Slot& slot = connection->view().slot(sent.ticket.slot);
+  EXPECT_EQ(stateOf(*connection, sent.ticket), SlotState::kDone);
+  EXPECT_EQ(slot.status.load(), kStatusDeclined);
+  EXPECT_EQ(slot.released.load(), 0u);
+  EXPECT_EQ(connection->view().header()->attention.load(), 1u) << "the watcher was not told";
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
+}
+
 // A caller that sleeps on its slot (it does not poll at all, and the fake
 // GPU takes 200 ms) is woken by one of the daemon's waker threads; the wake
 // is counted and timed from the batch's being seen done, not from its launch.

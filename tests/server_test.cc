@@ -743,6 +743,76 @@ TEST(Server, OneUsersSilentConnectionsDoNotKeepAnotherUserOut) {
   EXPECT_LT(took_ns, kSecond) << "the status query waited behind another user's flood";
 }
 
+// CPU seconds this process spends over `wall`.
+double cpuSecondsOver(std::chrono::milliseconds wall) {
+  rusage before{}, after{};
+  ::getrusage(RUSAGE_SELF, &before);
+  std::this_thread::sleep_for(wall);
+  ::getrusage(RUSAGE_SELF, &after);
+  auto seconds = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec / 1e6; };
+  return seconds(after.ru_utime) + seconds(after.ru_stime) - seconds(before.ru_utime) -
+         seconds(before.ru_stime);
+}
+
+// A drain waiting for work in flight sleeps between looks, as the server
+// does while it serves: the stop's eventfd, once read, no longer wakes it.
+// (Before: every wait returned at once, a whole core for the drain.)
+TEST(Server, ADrainWaitingForWorkDoesNotSpin) {
+  TempDir dir;
+  TestSink sink;
+  sink.hold = true;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto connection = Connection::open(options(dir));
+  ASSERT_TRUE(connection.ok());
+  Request request{};
+  auto ticket = connection.value()->submit(request, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok());
+  ASSERT_TRUE(testing::waitFor([&] { return sink.heldCount() == 1; }));
+  std::thread stopper([&] { server.stop(); });
+  ASSERT_TRUE(testing::waitFor([&] { return connection.value()->draining(); }));
+  const double cpu = cpuSecondsOver(std::chrono::milliseconds(1000));
+  sink.releaseHeld();
+  stopper.join();
+  EXPECT_LT(cpu, 0.5) << "CPU seconds over 1 s of a drain waiting for one request";
+}
+
+// The same when the stop comes while accepting is paused (out of
+// descriptors): no timer left to wake for once the socket is gone.
+TEST(Server, ADrainThatBeginsWhileAcceptingIsPausedDoesNotSpin) {
+  TempDir dir;
+  TestSink sink;
+  sink.hold = true;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto connection = Connection::open(options(dir));
+  ASSERT_TRUE(connection.ok());
+  Request request{};
+  auto ticket = connection.value()->submit(request, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok());
+  ASSERT_TRUE(testing::waitFor([&] { return sink.heldCount() == 1; }));
+  std::size_t open_fds = 0;
+  for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd"))
+    ++open_fds;
+  rlimit before{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &before), 0);
+  rlimit tight = before;
+  tight.rlim_cur = open_fds;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &tight), 0);
+  // Connections the daemon cannot accept: it pauses accepting for a while.
+  (void)inChild([&] {
+    ::setrlimit(RLIMIT_NOFILE, &before);
+    return silentConnections(dir, 2, 0) >= 0 ? 0 : 1;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::thread stopper([&] { server.stop(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &before), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // past the pause
+  const double cpu = cpuSecondsOver(std::chrono::milliseconds(1000));
+  sink.releaseHeld();
+  stopper.join();
+  EXPECT_LT(cpu, 0.5) << "CPU seconds over 1 s of a drain begun with accepting paused";
+}
+
 // A status reply once was one message, and failed with EMSGSIZE beyond
 // about 490 clients (issue 14); it now comes in parts, at any count.
 TEST(Server, StatusListsEveryClientOfOverAThousand) {

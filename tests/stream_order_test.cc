@@ -259,7 +259,7 @@ TEST_F(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
   gpu_.stream.pause(true);  // the caller's earlier work is still running
   float c = 0.0f;
   ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
-  daemon_.reset();  // the daemon goes away before the stream is ready
+  daemon_->vanish();  // the daemon dies before the stream is ready
   // Taken over at once, settled only once the stream wrote `ready`.
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   EXPECT_TRUE(outcomes().empty());
@@ -269,6 +269,21 @@ TEST_F(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
   ASSERT_TRUE(settled(1));
   ASSERT_TRUE(outcomes()[0].direct.has_value());
   EXPECT_EQ(*outcomes()[0].direct, Fallback::kDaemonLost);
+}
+
+// A daemon that stops (SIGTERM) declines what still awaits its caller's
+// stream as it hangs up.
+TEST_F(StreamOrderTest, ACallOfADaemonThatStopsIsDeclinedAndComputedByTheKernel) {
+  gpu_.stream.pause(true);  // the caller's earlier work is still running
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  daemon_->stop();
+  gpu_.stream.pause(false);
+  ASSERT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was not let go";
+  EXPECT_EQ(c, 42.0f) << "the kernel did not compute the call";
+  ASSERT_TRUE(settled(1));
+  ASSERT_TRUE(outcomes()[0].direct.has_value());
+  EXPECT_EQ(*outcomes()[0].direct, Fallback::kDeclined);
 }
 
 TEST_F(StreamOrderTest, ACallTheDaemonDeclinesIsComputedByTheKernel) {

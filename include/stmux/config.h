@@ -94,9 +94,9 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "them at a time still spin while they wait (CUDA's default scheduling and the shim's "       \
     "poll), taking turns every 100 ms; the others block. 0: all of them block.")                 \
   X(metrics_file, "STMUX_METRICS_FILE", kFileOrOff, "off", 1, 4095, "", kDaemon,                 \
-    "Where stmuxd writes its metrics in the Prometheus text format, once a second, for "         \
-    "node-exporter's textfile collector (a *.prom file in the directory it reads); 'off': "      \
-    "none.")                                                                                     \
+    "Where stmuxd writes its metrics in the Prometheus text format, once a second and as it "    \
+    "starts to stop, for node-exporter's textfile collector (a *.prom file in the directory it " \
+    "reads); removed when stmuxd exits. 'off': none.")                                           \
   X(launch, "STMUX_LAUNCH", kChoice, "auto", 0, 0, "auto|batched|grouped", kDaemon,              \
     "How a batch that mixes shapes launches: one cublasSgemmBatched per shape, one "             \
     "cublasSgemmGroupedBatched, or whichever measured faster for the mix (auto).")               \
