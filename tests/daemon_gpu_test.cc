@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -158,10 +159,13 @@ TEST_F(StmuxdMetricsOnGpu, TheMetricsFileIsWrittenWellFormedAndCounts) {
       << text;
   EXPECT_EQ(testing::prometheusFault(text), "") << text;
   EXPECT_GT(testing::prometheusValue(text, "stmux_gpu_cublas_launches_total").value_or(0), 0);
+  // Nothing left to report a daemon that is gone.
+  stopDaemon();
+  EXPECT_FALSE(std::filesystem::exists(path)) << "the metrics file outlived the daemon";
 }
 
 // Under systemd (Type=notify) stmuxd says READY=1 once it listens and
-// STOPPING=1 once it has drained, through libsystemd's sd_notify: the test
+// STOPPING=1 as it begins to drain, through libsystemd's sd_notify: the test
 // stands in for systemd at NOTIFY_SOCKET.
 class StmuxdNotifyOnGpu : public StmuxdOnGpu {
  protected:
@@ -192,7 +196,7 @@ class StmuxdNotifyOnGpu : public StmuxdOnGpu {
   UniqueFd notify_;
 };
 
-TEST_F(StmuxdNotifyOnGpu, SystemdHearsReadyOnceItListensAndStoppingOnceDrained) {
+TEST_F(StmuxdNotifyOnGpu, SystemdHearsReadyOnceItListensAndStoppingAsItDrains) {
   // SetUp waited for the daemon to answer status: it listens.
   EXPECT_EQ(nextNotice(std::chrono::seconds(5)), "READY=1") << daemon_.err();
   stopDaemon();
