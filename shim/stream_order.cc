@@ -142,6 +142,10 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   entry.seq = conn.nextSeq(entry.ticket.slot);
   entry.connection = connection;
   entry.entry = call.entry;
+  // Made before the stream waits: from then on an exception (which
+  // intercept() turns into a direct call) would leave a stream waiting that
+  // nobody watches. Tracking it allocates nothing (see watching()).
+  auto report = std::make_shared<std::optional<StreamOutcome>>();
   const CUdeviceptr slot =
       *segment + conn.view().layout().slots_offset + std::size_t{entry.ticket.slot} * sizeof(Slot);
   // The caller's stream marks `ready` and waits for `released`; once the
@@ -166,7 +170,7 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   // before this thread makes another CUDA call.
   call.request.flags |= kRequestStreamOrdered;
   call.request.stream_seq = entry.seq;
-  if (!conn.push(call.request, entry.ticket, deadline_ns).ok()) {
+  if (!conn.push(call.request, entry.ticket, deadline_ns)) {
     (void)conn.cancel(entry.ticket);  // never queued: nobody else knows it
     words.released.store(entry.seq, std::memory_order_release);
     std::lock_guard lock(mutex_);
@@ -186,7 +190,6 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   params.takeover = reinterpret_cast<const std::uint32_t*>(slot + offsetof(Slot, takeover));
   params.seq = entry.seq;
   const Ticket mine = entry.ticket;
-  auto report = std::make_shared<std::optional<StreamOutcome>>();
   entry.report = report;
   {
     std::lock_guard lock(mutex_);
@@ -235,6 +238,10 @@ void StreamOrder::trackLocked(InFlight entry) {
 bool StreamOrder::watching(std::optional<Queuing>& queuing) {
   std::lock_guard lock(mutex_);
   if (stopping_) return false;
+  // Room for the entry of every caller queuing, this one included, so that
+  // tracking one (after its stream waits) never allocates: each queuing
+  // caller adds at most one, and in_flight_ never gives capacity back.
+  in_flight_.reserve(in_flight_.size() + static_cast<std::size_t>(queuing_) + 1);
   const auto counted = [&] {
     ++queuing_;
     queuing.emplace(*this);

@@ -134,7 +134,7 @@ class StreamOrder {
 
   std::mutex mutex_;  // guards what follows
   std::condition_variable changed_;
-  std::vector<InFlight> in_flight_;
+  std::vector<InFlight> in_flight_;  // capacity >= size + queuing_: never shrunk
   bool watcher_started_ = false;
   bool watcher_failed_ = false;  // it could not be started: host mode from then on
   bool stopping_ = false;

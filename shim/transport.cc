@@ -262,9 +262,9 @@ Connection::~Connection() {
 Result<Ticket> Connection::submit(Request& request, std::uint64_t deadline_ns) {
   auto ticket = reserve(deadline_ns);
   if (!ticket) return ticket.status();
-  if (Status pushed = push(request, ticket.value(), deadline_ns); !pushed.ok()) {
+  if (!push(request, ticket.value(), deadline_ns)) {
     abandon(ticket.value());
-    return pushed;
+    return Status::error("the request ring stayed full");
   }
   return ticket;
 }
@@ -285,18 +285,18 @@ Result<Ticket> Connection::reserve(std::uint64_t deadline_ns) {
   return ticket;
 }
 
-Status Connection::push(Request& request, const Ticket& ticket, std::uint64_t deadline_ns) {
+bool Connection::push(Request& request, const Ticket& ticket, std::uint64_t deadline_ns) {
   request.slot = ticket.slot;
   request.generation = ticket.generation;
   request.submit_ns = nowNs();
   while (!producer_.tryPush(request)) {
     // Full: the daemon is behind or stale cancelled entries fill the ring.
-    if (nowNs() >= deadline_ns || !alive()) return Status::error("the request ring stayed full");
+    if (nowNs() >= deadline_ns || !alive()) return false;
     ringDoorbell();
     ::sched_yield();
   }
   ringDoorbell();
-  return Status::okStatus();
+  return true;
 }
 
 void Connection::ringDoorbell() {

@@ -71,9 +71,12 @@ class Connection {
   Result<Ticket> submit(Request& request, std::uint64_t deadline_ns);
   // submit() in two steps, for a caller with work to do between them: a
   // free slot, armed; then the request pushed for it. After a failed push
-  // the slot is still the caller's, to abandon().
+  // the slot is still the caller's, to abandon(). push() fails (false) when
+  // the ring stays full until `deadline_ns` or the daemon is gone, and
+  // allocates nothing: stream-ordered mode pushes after the caller's stream
+  // waits, when an exception would leave that stream waiting.
   Result<Ticket> reserve(std::uint64_t deadline_ns);
-  Status push(Request& request, const Ticket& ticket, std::uint64_t deadline_ns);
+  [[nodiscard]] bool push(Request& request, const Ticket& ticket, std::uint64_t deadline_ns);
   // The next stream sequence number of a slot the caller holds: one more
   // than the slot's last, so its ready and released words only ever rise.
   std::uint32_t nextSeq(std::uint32_t slot) { return ++seqs_[slot]; }

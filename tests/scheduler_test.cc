@@ -547,7 +547,7 @@ StreamRequest submitStreamOrdered(shim::Connection& connection, Request request)
   sent.seq = connection.nextSeq(sent.ticket.slot);
   request.flags |= kRequestStreamOrdered;
   request.stream_seq = sent.seq;
-  EXPECT_TRUE(connection.push(request, sent.ticket, nowNs() + kSecond).ok());
+  EXPECT_TRUE(connection.push(request, sent.ticket, nowNs() + kSecond));
   return sent;
 }
 

@@ -12,13 +12,45 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <thread>
+#include <utility>
 
 #include "fake_daemon.h"
 #include "shim/takeover_params.h"
+
+namespace {
+// While set on a thread, its allocations fail, as with memory gone.
+thread_local bool out_of_memory = false;
+}  // namespace
+
+// Paired with malloc and free, so that sanitizers see matching calls (GCC,
+// seeing free() of what operator new returned once inlined, would warn).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void* operator new(std::size_t size) {
+  if (out_of_memory) throw std::bad_alloc();
+  if (void* memory = std::malloc(size == 0 ? 1 : size)) return memory;
+  throw std::bad_alloc();
+}
+void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
+  if (out_of_memory) return nullptr;
+  return std::malloc(size == 0 ? 1 : size);
+}
+void operator delete(void* memory) noexcept {
+  std::free(memory);
+}
+void operator delete(void* memory, std::size_t) noexcept {
+  std::free(memory);
+}
+void operator delete(void* memory, const std::nothrow_t&) noexcept {
+  std::free(memory);
+}
 
 namespace stmux::shim {
 namespace {
@@ -148,6 +180,12 @@ CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, 
 }
 CUresult fakeLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                           unsigned, CUstream, void** arguments, void**) {
+  // The fake's own allocations stand for the driver's, which do not throw.
+  const bool was_out_of_memory = std::exchange(out_of_memory, false);
+  struct Restore {
+    bool value;
+    ~Restore() { out_of_memory = value; }
+  } restore{was_out_of_memory};
   ++gpu->launches;
   if (gpu->launch_waits_for_drain && !gpu->stream.drained(2 * kSecond)) {
     gpu->launch_found_it_stuck = true;
@@ -346,6 +384,26 @@ TEST_F(StreamOrderTest, AStopWhileACallIsBeingQueuedWaitsForItToBeSettled) {
   EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the declined call's stream was left waiting";
   EXPECT_EQ(c, 42.0f) << "the kernel did not compute the declined call";
   stopper.join();
+}
+
+// Memory runs out once the caller's stream waits for the call: nothing from
+// there on may need it, or the exception (a direct call, in intercept())
+// would leave the stream waiting for a call the watcher does not know of.
+TEST_F(StreamOrderTest, NothingAfterTheStreamWaitsNeedsMemory) {
+  gpu_.on_wait_queued = [] { out_of_memory = true; };
+  Request r = daemon::validRequest();
+  r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve: declined
+  float c = 0.0f;
+  std::optional<StreamOrder::Queued> queued;
+  try {
+    queued = submit(&c, r);
+  } catch (const std::bad_alloc&) {
+  }
+  out_of_memory = false;
+  ASSERT_TRUE(queued.has_value()) << "an allocation failed after the stream's wait was queued";
+  EXPECT_EQ(*queued, StreamOrder::Queued::kYes);
+  EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the declined call's stream was left waiting";
+  EXPECT_EQ(c, 42.0f) << "the kernel did not compute the declined call";
 }
 
 TEST_F(StreamOrderTest, WithoutItsKernelACallIsLeftToItsCallerIfTheDaemonDoesNotFinishIt) {
