@@ -842,7 +842,13 @@ void Shim::printCounters() {
 void Shim::forkPrepare() {
   Shim& shim = get();
   shim.sweep_mutex_.lock();
-  shim.connection_mutex_.lock();
+  std::unique_lock connection(shim.connection_mutex_);
+  // A thread attaching holds its new connection's descriptors where the
+  // child could not close them, keeping the parent attached for the child's
+  // whole life: let it finish (within the welcome timeout), then fork.
+  shim.attached_cv_.wait_for(connection, std::chrono::nanoseconds(2 * kWelcomeTimeoutNs),
+                             [&] { return !shim.attaching_; });
+  connection.release();  // unlocked in forkParent() and forkChild()
   shim.device_mutex_.lock();
   shim.route_mutex_.lock();
   shim.allocations_.forkPrepare();
@@ -895,12 +901,20 @@ void Shim::forkChild() {
 }  // namespace
 
 cublasStatus_t intercept(const Gemm& gemm, DirectCall direct) noexcept {
+  // No cancellation inside: its unwinding would meet the catch below (which
+  // aborts the process) or leave a call half handed over. A pthread_cancel
+  // takes effect at the program's next cancellation point instead.
+  int cancel_state = PTHREAD_CANCEL_ENABLE;
+  pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &cancel_state);
+  cublasStatus_t status;
   try {
-    return Shim::get().call(gemm, direct);
+    status = Shim::get().call(gemm, direct);
   } catch (...) {
     // Out of memory somewhere in the shim: the application's call still runs.
-    return direct();
+    status = direct();
   }
+  pthread_setcancelstate(cancel_state, nullptr);
+  return status;
 }
 
 }  // namespace stmux::shim

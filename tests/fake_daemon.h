@@ -57,6 +57,9 @@ class FakeExecutor {
     mapper_.join();
     thread_.join();
   }
+  // What every claimed request is answered (a cuBLAS status; success by
+  // default), as a GPU's cuBLAS would.
+  void setAnswer(std::int32_t status) { answer_ = status; }
   void setOpen(OpenFn open) {
     std::lock_guard lock(mutex_);
     open_ = std::move(open);
@@ -96,7 +99,7 @@ class FakeExecutor {
           std::vector<std::int32_t> statuses(items.size(), kNoWrite);
           for (std::size_t i = 0; i < items.size(); ++i) {
             Slot& slot = items[i].client->view.slot(items[i].request.slot);
-            if (slotClaim(slot, items[i].request.generation)) statuses[i] = kStatusSuccess;
+            if (slotClaim(slot, items[i].request.generation)) statuses[i] = answer_;
           }
           command->batch->submitted_ns = nowNs();
           const std::uint64_t until = nowNs() + batch_ns_;
@@ -153,6 +156,7 @@ class FakeExecutor {
   std::vector<std::uint64_t> released_;
   Wakers wakers_;
   std::atomic<bool> stop_{false};
+  std::atomic<std::int32_t> answer_{kStatusSuccess};
   std::thread thread_;
   std::thread mapper_;
 };

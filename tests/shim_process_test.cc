@@ -1,0 +1,132 @@
+// libstmux.so's whole path in ordinary processes, on any machine: a tenant
+// (tests/shim_tenant.cc) with the shim preloaded, the fake libcuda and
+// libcublas of tests/fakes on its library path, and this test's daemon (the
+// real server and scheduler, a fake GPU: tests/fake_daemon.h). What a
+// program does to the shim around its calls (fork, pthread_cancel, dlclose)
+// and what the shim sends where, seen from outside. The GPU tests
+// (shim_gpu_test, differential) run the same path with real CUDA.
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <cstring>
+#include <map>
+#include <string>
+
+#include "fake_daemon.h"
+#include "tools/process.h"
+
+namespace stmux {
+namespace {
+
+using daemon::Daemon;
+using testing::TempDir;
+
+constexpr std::uint64_t kSecond = 1'000'000'000;
+
+// "key value" lines.
+std::map<std::string, std::string> values(const std::string& out) {
+  std::map<std::string, std::string> found;
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);) {
+    const auto space = line.find(' ');
+    if (space != std::string::npos) found[line.substr(0, space)] = line.substr(space + 1);
+  }
+  return found;
+}
+
+Ran tenant(const TempDir& dir, const std::vector<std::string>& args, bool preload = true,
+           std::map<std::string, std::string> env = {}) {
+  std::vector<std::string> argv{SHIM_TENANT_PATH};
+  argv.insert(argv.end(), args.begin(), args.end());
+  env.merge(std::map<std::string, std::string>{{"LD_PRELOAD", preload ? SHIM_PATH : ""},
+                                               {"LD_LIBRARY_PATH", FAKES_DIR},
+                                               {"STMUX_SOCKET", dir.socket()},
+                                               {"STMUX_MODE", "host"},
+                                               {"STMUX_LOG", "stats=info"}});
+  return run(argv, env, dir.path() + "/tenant-" + args[0], std::chrono::seconds(60));
+}
+
+TEST(ShimProcess, ATenantsCallsAreServed) {
+  TempDir dir;
+  Daemon daemon(dir);
+  const Ran ran = tenant(dir, {"served", "20"});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(values(ran.out)["failed"], "0");
+  EXPECT_NE(ran.err.find("20 served by stmuxd"), std::string::npos) << ran.err;
+}
+
+// Only C is scaled: cuBLAS computes it (the fake, here: C = 2 C), and the
+// daemon never sees it.
+TEST(ShimProcess, AlphaZeroRunsDirectly) {
+  TempDir dir;
+  Daemon daemon(dir);
+  const Ran ran = tenant(dir, {"alpha0"});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(values(ran.out)["status"], "0");
+  EXPECT_EQ(values(ran.out)["c0"], "2");
+  EXPECT_NE(ran.err.find("unserved_form=1"), std::string::npos) << ran.err;
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
+}
+
+// The legacy cublasSgemm returns no status: whatever the daemon answers but
+// success, cuBLAS computes the call (A and B all 1: each element of C is 8).
+TEST(ShimProcess, ALegacyCallTheDaemonRefusesIsComputedDirectly) {
+  TempDir dir;
+  Daemon daemon(dir);
+  daemon.executor().setAnswer(kStatusInvalidValue);
+  const Ran ran = tenant(dir, {"legacy"});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(values(ran.out)["c0"], "8") << "the refused call was not run";
+  EXPECT_NE(ran.err.find("daemon_failed=1"), std::string::npos) << ran.err;
+  EXPECT_EQ(daemon.executor().batchSizes().size(), 1u) << "the daemon did not get the call";
+}
+
+// A fork while another thread is attaching: the child must not inherit the
+// attempt's socket (the parent stayed attached for as long as the child
+// lived, its client, segment and mappings with it). Here the "daemon"
+// accepts and never answers, so the attempt lasts the welcome timeout.
+TEST(ShimProcess, AForkWhileAttachingLeavesTheChildNoSocket) {
+  TempDir dir;
+  UniqueFd listener(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  ASSERT_TRUE(listener.valid());
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::strncpy(address.sun_path, dir.socket().c_str(), sizeof(address.sun_path) - 1);
+  ASSERT_EQ(::bind(listener.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  ASSERT_EQ(::listen(listener.get(), 8), 0);
+  // Under TSan the child, which has none of the parent's threads, would be
+  // told it leaked them.
+  const char* tsan = std::getenv("TSAN_OPTIONS");
+  const Ran ran = tenant(
+      dir, {"fork-attaching"}, /*preload=*/true,
+      {{"TSAN_OPTIONS", std::string(tsan != nullptr ? tsan : "") + ":report_thread_leaks=0"}});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(values(ran.out)["child_sockets"], "0") << ran.out << ran.err;
+}
+
+// pthread_cancel of a thread waiting in a served call: the unwinding used
+// to meet the shim's catch-all and abort the process ("exception not
+// rethrown"). Now it takes effect at the program's next cancellation point.
+TEST(ShimProcess, CancellingAThreadInAServedCallDoesNotAbort) {
+  TempDir dir;
+  Daemon daemon(dir, /*batch_ns=*/kSecond);  // a slow GPU: the call waits
+  const Ran ran = tenant(dir, {"cancel"});
+  EXPECT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(values(ran.out)["joined"], "1") << ran.out << ran.err;
+}
+
+// A program that loads the shim itself and unloads it: its threads (the
+// sweeper) must not find their code unmapped (SIGSEGV before: it is
+// linked nodelete now).
+TEST(ShimProcess, UnloadingTheShimAfterServedCallsIsHarmless) {
+  TempDir dir;
+  Daemon daemon(dir);
+  const Ran ran = tenant(dir, {"dlclose", SHIM_PATH}, /*preload=*/false);
+  EXPECT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(values(ran.out)["survived"], "1") << ran.out << ran.err;
+  EXPECT_FALSE(daemon.executor().batchSizes().empty()) << "nothing was served: " << ran.err;
+}
+
+}  // namespace
+}  // namespace stmux

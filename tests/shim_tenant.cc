@@ -1,0 +1,171 @@
+// A tenant for shim_process_test: a program linked to the fake libcublas
+// (tests/fakes/cublas.cc) with the fake libcuda (tests/fakes/cuda.cc) on
+// its library path, run with libstmux.so preloaded (or, for `dlclose`,
+// loading it itself). Each mode is one thing a real program may do to the
+// shim; it prints what it saw as "key value" lines and exits 0 unless it
+// could not do its part.
+//
+//   served N          N cublasSgemm_v2 calls (8x8x8)
+//   alpha0            one cublasSgemm_v2 with alpha 0, beta 2, C all 1: prints C[0]
+//   legacy            one legacy cublasSgemm, A and B all 1: prints C[0]
+//   fork-attaching    a thread's first call attaches while the main thread
+//                     forks: the child prints how many sockets it holds
+//   cancel            a thread in a served call (the daemon is slow) is
+//                     cancelled and joined
+//   dlclose SHIM      loads SHIM, makes 3 calls through it, unloads it, and
+//                     lives on 1.5 s (the shim's threads may still run)
+#include <cublas_api.h>
+#include <dirent.h>
+#include <dlfcn.h>
+#include <pthread.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+
+extern "C" void cublasSgemm(char transa, char transb, int m, int n, int k, float alpha,
+                            const float* A, int lda, const float* B, int ldb, float beta, float* C,
+                            int ldc);
+
+namespace {
+
+constexpr int kDim = 8;
+
+// "Device" memory for the fake driver: one 64 KiB allocation per pointer.
+float* allocation(float value) {
+  void* memory = nullptr;
+  if (posix_memalign(&memory, 64 << 10, 64 << 10) != 0) std::abort();
+  float* floats = static_cast<float*>(memory);
+  for (int i = 0; i < kDim * kDim; ++i)
+    floats[i] = value;
+  return floats;
+}
+
+float* const A = allocation(1.0f);
+float* const B = allocation(1.0f);
+float* const C = allocation(1.0f);
+
+cublasHandle_t handle() {
+  static cublasHandle_t h = [] {
+    cublasHandle_t created = nullptr;
+    if (cublasCreate_v2(&created) != CUBLAS_STATUS_SUCCESS) std::abort();
+    return created;
+  }();
+  return h;
+}
+
+cublasStatus_t sgemm(float alpha, float beta) {
+  return cublasSgemm_v2(handle(), CUBLAS_OP_N, CUBLAS_OP_N, kDim, kDim, kDim, &alpha, A, kDim, B,
+                        kDim, &beta, C, kDim);
+}
+
+int socketsHeld() {
+  int sockets = 0;
+  DIR* fds = opendir("/proc/self/fd");
+  if (fds == nullptr) return -1;
+  for (dirent* entry; (entry = readdir(fds)) != nullptr;) {
+    char path[300], target[256];
+    std::snprintf(path, sizeof(path), "/proc/self/fd/%s", entry->d_name);
+    const ssize_t n = readlink(path, target, sizeof(target) - 1);
+    if (n > 0) {
+      target[n] = '\0';
+      if (std::strncmp(target, "socket:", 7) == 0) ++sockets;
+    }
+  }
+  closedir(fds);
+  return sockets;
+}
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: stmux-shim-tenant MODE [ARG]; modes: served N, alpha0, legacy, "
+               "fork-attaching, cancel, dlclose SHIM\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return usage();
+  const std::string mode = argv[1];
+  if (mode == "served" && argc == 3) {
+    const int calls = std::atoi(argv[2]);
+    int failed = 0;
+    for (int i = 0; i < calls; ++i)
+      failed += sgemm(1.0f, 0.0f) == CUBLAS_STATUS_SUCCESS ? 0 : 1;
+    std::printf("failed %d\n", failed);
+    return 0;
+  }
+  if (mode == "alpha0") {
+    std::printf("status %d\n", static_cast<int>(sgemm(0.0f, 2.0f)));
+    std::printf("c0 %g\n", C[0]);
+    return 0;
+  }
+  if (mode == "legacy") {
+    C[0] = -1.0f;
+    cublasSgemm('N', 'N', kDim, kDim, kDim, 1.0f, A, kDim, B, kDim, 0.0f, C, kDim);
+    std::printf("c0 %g\n", C[0]);
+    return 0;
+  }
+  if (mode == "fork-attaching") {
+    // The first call attaches, to a daemon that accepts and never answers:
+    // the attempt lasts until the shim's welcome timeout.
+    std::thread first([] { (void)sgemm(1.0f, 0.0f); });
+    usleep(200'000);
+    const pid_t child = fork();
+    if (child == 0) {
+      std::printf("child_sockets %d\n", socketsHeld());
+      std::fflush(stdout);
+      _exit(0);
+    }
+    first.join();
+    int status = 0;
+    waitpid(child, &status, 0);
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+  }
+  if (mode == "cancel") {
+    (void)sgemm(1.0f, 0.0f);  // attached
+    pthread_t caller;
+    pthread_create(
+        &caller, nullptr,
+        [](void*) -> void* {
+          while (true) {
+            (void)sgemm(1.0f, 0.0f);
+            pthread_testcancel();
+          }
+          return nullptr;
+        },
+        nullptr);
+    usleep(300'000);  // inside a served call, the daemon taking its time
+    pthread_cancel(caller);
+    pthread_join(caller, nullptr);
+    std::printf("joined 1\n");
+    return 0;
+  }
+  if (mode == "dlclose" && argc == 3) {
+    void* shim = dlopen(argv[2], RTLD_NOW | RTLD_LOCAL);
+    if (shim == nullptr) {
+      std::fprintf(stderr, "%s\n", dlerror());
+      return 1;
+    }
+    using Sgemm = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int,
+                                     int, const float*, const float*, int, const float*, int,
+                                     const float*, float*, int);
+    const auto through = reinterpret_cast<Sgemm>(dlsym(shim, "cublasSgemm_v2"));
+    if (through == nullptr) return 1;
+    const float one = 1.0f, zero = 0.0f;
+    for (int i = 0; i < 3; ++i) {
+      (void)through(handle(), CUBLAS_OP_N, CUBLAS_OP_N, kDim, kDim, kDim, &one, A, kDim, B, kDim,
+                    &zero, C, kDim);
+    }
+    dlclose(shim);
+    usleep(1'500'000);
+    std::printf("survived 1\n");
+    return 0;
+  }
+  return usage();
+}
