@@ -312,6 +312,8 @@ class Executor::Impl {
     const cudaError_t error = cudaIpcCloseMemHandle(reinterpret_cast<void*>(mapped.base));
     if (error != cudaSuccess) {
       STMUX_WARN(kMem, "cudaIpcCloseMemHandle: {}", cudaError(error));
+      // Not left for the next cuBLAS call of a batch to take for its own.
+      (void)cudaGetLastError();
     }
   }
 
@@ -778,8 +780,11 @@ class Executor::Impl {
     if (state == cudaErrorNotReady) return false;
     if (state != cudaSuccess) {
       // A sticky error: this context can run nothing more. Whatever was in
-      // flight may have been partly done.
+      // flight may have been partly done. (Should the error not be sticky
+      // after all, nothing of the batches may still run once their callers
+      // are told: those with beta 0 run their calls again.)
       fail(fmt::format("the GPU failed a batch: {}", cudaError(state)));
+      (void)cudaStreamSynchronize(stream_);
       for (InFlight& flight : in_flight_) {
         for (std::int32_t& s : flight.status) {
           if (s != kNoWrite) s = kStatusExecutionFailed;
