@@ -4,6 +4,7 @@
 // run's figures.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -30,7 +31,8 @@ TEST(Fault, ABadFlagOrScenarioIsNamedWithWhatIsAccepted) {
       {{"--soak-seconds", "5"}, "--soak-seconds '5': accepted: seconds from 10 to 86400"},
       {{"--tenants", "x"}, "--tenants 'x': accepted: a whole number from 1 to 64"},
       {{"reboot"}, "scenario 'reboot': accepted: tenant-kills, daemon-kills, soak, dos"},
-      {{"--client", dir.path() + "/none"}, "cannot find stmux-cublas-client (--client)"},
+      {{"--client", dir.path() + "/none"},
+       "stmux-cublas-client (--client): " + dir.path() + "/none does not exist"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> argv = {STMUX_FAULT_PATH};
@@ -43,6 +45,31 @@ TEST(Fault, ABadFlagOrScenarioIsNamedWithWhatIsAccepted) {
   EXPECT_EQ(help.status, 0);
   for (const char* scenario : {"tenant-kills", "daemon-kills", "soak", "dos"})
     EXPECT_NE(help.out.find(scenario), std::string::npos) << help.out;
+}
+
+// --out names a folder of the user's: only an earlier run's files there are
+// replaced (it was emptied whole: `--out ~` would have emptied a home).
+TEST(Fault, OnlyAnEarlierRunsFilesAreReplacedInTheOutFolder) {
+  TempDir dir;
+  const std::string out = dir.path() + "/out";
+  std::filesystem::create_directories(out + "/soak");
+  std::ofstream(out + "/notes.txt") << "mine\n";
+  std::ofstream(out + "/fault.json") << "{}\n";
+  std::ofstream(out + "/soak/old.log") << "old\n";
+  // A client that finds no GPU (here or on one) stops it at the device
+  // probe, which comes after the clearing.
+  const Ran ran = run({STMUX_FAULT_PATH, "--client", "/bin/false", "--out", out, "soak"}, {},
+                      dir.path() + "/run");
+  EXPECT_EQ(ran.status, 3) << ran.err;
+  EXPECT_TRUE(std::filesystem::exists(out + "/notes.txt")) << "a file of the user's was removed";
+  EXPECT_FALSE(std::filesystem::exists(out + "/soak/old.log")) << "an earlier run's log stayed";
+  const std::string file = dir.path() + "/a-file";
+  std::ofstream(file) << "x\n";
+  const Ran onto_file = run({STMUX_FAULT_PATH, "--out", file}, {}, dir.path() + "/file");
+  EXPECT_EQ(onto_file.status, 2);
+  EXPECT_NE(onto_file.err.find("cannot make " + file + " a folder for the logs (--out)"),
+            std::string::npos)
+      << onto_file.err;
 }
 
 #else

@@ -85,7 +85,8 @@ void usage(FILE* out) {
       "  --soak-seconds S  the soak's length (10..86400, default 600)\n"
       "  --dos-seconds S   each dos phase's length (2..3600, default 10)\n"
       "  --tenants N       checked tenants beside the faults (1..64, default 4)\n"
-      "  --out DIR         logs and fault.json (default /tmp/stmux-fault)\n"
+      "  --out DIR         logs and fault.json (default /tmp/stmux-fault; an earlier run's\n"
+      "                    files there are replaced, nothing else)\n"
       "  --stmuxd PATH, --shim PATH, --client PATH, --differential PATH\n"
       "                    the programs (default: next to stmux-fault, as built or installed)\n"
       "Exit 0: every scenario passed; 1: one failed; 2: bad usage; 3: no GPU.\n");
@@ -184,9 +185,13 @@ bool parse(int argc, char** argv, Options& o) {
        {std::pair{"stmux-cublas-client (--client)", o.client},
         std::pair{"stmux-differential (--differential)", o.differential},
         std::pair{"stmuxd (--stmuxd)", o.stmuxd}, std::pair{"libstmux.so (--shim)", o.shim}}) {
-    if (path.empty() || !fs::exists(path)) {
+    if (path.empty()) {
       std::fprintf(
           stderr, "stmux-fault: cannot find %s next to stmux-fault; name it with its flag\n", what);
+      return false;
+    }
+    if (!fs::exists(path)) {
+      std::fprintf(stderr, "stmux-fault: %s: %s does not exist\n", what, path.c_str());
       return false;
     }
   }
@@ -970,18 +975,28 @@ Result dos(const Options& o, const fs::path& dir) {
 int main(int argc, char** argv) {
   Options o;
   if (!parse(argc, argv, o)) return 2;
+  // The run's own files only: an earlier run's report and scenario folders
+  // go, and whatever else is in the folder stays (it may be the user's).
+  std::error_code error;
+  fs::create_directories(o.out, error);
+  if (error || !fs::is_directory(o.out)) {
+    std::fprintf(stderr, "stmux-fault: cannot make %s a folder for the logs (--out): %s\n",
+                 o.out.c_str(), error ? error.message().c_str() : "it is not a folder");
+    return 2;
+  }
+  for (const char* scenario : kScenarios)
+    fs::remove_all(fs::path(o.out) / scenario, error);
+  for (const char* file : {"fault.json", "devices.out", "devices.err"})
+    fs::remove(fs::path(o.out) / file, error);
   // The GPU first, so that a machine without one hears it at once.
   const stmux::Ran devices = stmux::run({o.client, "devices"}, {{"LD_PRELOAD", ""}},
-                                        o.out + "-devices", std::chrono::seconds(60));
+                                        o.out + "/devices", std::chrono::seconds(60));
   if (devices.status != 0) {
     std::fprintf(stderr, "stmux-fault: needs a CUDA device: %s\n",
                  firstLine(devices.err + devices.out).c_str());
     return 3;
   }
   ::signal(SIGPIPE, SIG_IGN);
-  std::error_code error;
-  fs::remove_all(o.out, error);
-  fs::create_directories(o.out);
   Json report = Json::object();
   report["device"] = firstLine(devices.out);
   Json& scenarios = report["scenarios"] = Json::array();
