@@ -210,7 +210,7 @@ TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {
 // A tenant program that cannot be started fails its row at once, saying so,
 // rather than after the ready timeout; one that does not exist is refused
 // before any row.
-TEST(BenchBarrier, ATenantThatCannotBeStartedFailsTheRowAtOnceSayingWhy) {
+TEST(BenchBarrier, ATenantProgramThatCannotBeRunIsNamedBeforeAnyRow) {
   TempDir dir;
   const BenchRun absent = runBench(dir, "", 60, {"--client", "/nonexistent/stmux-tenant"});
   EXPECT_EQ(absent.status, 2) << absent.err;
@@ -219,16 +219,27 @@ TEST(BenchBarrier, ATenantThatCannotBeStartedFailsTheRowAtOnceSayingWhy) {
       << absent.err;
   const std::string program = dir.path() + "/not-executable";
   std::ofstream(program) << "#!/bin/sh\n";
+  const BenchRun run = runBench(dir, "", 60, {"--client", program});
+  EXPECT_EQ(run.status, 2) << run.err;
+  EXPECT_NE(run.err.find("stmux-cublas-client: " + program + " cannot be run: Permission denied"),
+            std::string::npos)
+      << run.err;
+}
+
+// Without a GPU the bench says so at once (its client finds none), rather
+// than from every row's tenants.
+TEST(BenchBarrier, WithoutAGpuTheBenchSaysSoAtOnce) {
+  TempDir dir;
+  const std::string program = dir.path() + "/no-gpu";
+  std::ofstream(program) << "#!/bin/sh\necho 'no CUDA device (none here)' >&2\nexit 3\n";
+  std::filesystem::permissions(program, std::filesystem::perms::owner_all);
   const auto began = std::chrono::steady_clock::now();
   const BenchRun run = runBench(dir, "", 60, {"--client", program});
-  EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(30));
-  const Json* time_only = row(run, "time-only");
-  ASSERT_NE(time_only, nullptr) << run.out << run.err;
-  EXPECT_FALSE(jsonBool(jsonFind(time_only, "valid"), true));
-  const std::string note(jsonString(jsonFind(time_only, "note")));
-  EXPECT_NE(note.find("tenant 0 could not be started: " + program + ": Permission denied"),
+  EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(10));
+  EXPECT_EQ(run.status, 3) << run.err;
+  EXPECT_NE(run.err.find("stmux-bench: needs a CUDA device: no CUDA device (none here)"),
             std::string::npos)
-      << note;
+      << run.err;
 }
 
 // A tenant that runs half the span and then stalls in one step past its end

@@ -1,6 +1,7 @@
 // A stand-in for stmux-bench's tenants with no GPU: it takes the arguments
 // the bench gives stmux-cublas-client, speaks the start barrier
-// (tools/barrier.h), and each "step" sleeps 200 us. FAKE_TENANT_PLAN makes
+// (tools/barrier.h), and each "step" sleeps 200 us; `devices` names one fake
+// GPU, as stmux-cublas-client names the real ones. FAKE_TENANT_PLAN makes
 // some tenants misbehave, "INDEX=BEHAVIOUR[,INDEX=BEHAVIOUR...]":
 //   slow-ready         ready INDEX * 300 ms later than the others
 //   never-ready        sets up forever (until killed)
@@ -48,6 +49,11 @@ void sleepUs(long us) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The bench's probe for a GPU: this one has a fake one.
+  if (argc == 2 && std::strcmp(argv[1], "devices") == 0) {
+    std::printf("GPU 0: fake, 0 MiB\n");
+    return 0;
+  }
   stmux::tools::TenantFiles files;
   int tenant = 0;
   static const option kLong[] = {

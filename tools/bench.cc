@@ -23,8 +23,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -213,7 +215,9 @@ void usage(FILE* out) {
                "  --tenant-env E   variables for every tenant, e.g. \"STMUX_SYNC=auto\"\n"
                "  --python PATH    the Python with PyTorch for torch-* shapes (default python3)\n"
                "  --help           this text\n"
-               "Needs a CUDA device. Progress goes to stderr.\n",
+               "Needs a CUDA device. Progress goes to stderr.\n"
+               "Exit status: 0 if any row ran (invalid rows say why in bench.json), 1 if none\n"
+               "did, 2 for bad arguments, 3 without a CUDA device.\n",
                100 * kUnsteady);
 }
 
@@ -402,6 +406,14 @@ bool parseArgs(int argc, char** argv, Options& o) {
     }
     if (!fs::exists(path)) {
       std::fprintf(stderr, "stmux-bench: %s: %s does not exist\n", what, path.c_str());
+      return false;
+    }
+  }
+  for (const auto& [what, path] :
+       {std::pair{"stmux-cublas-client", o.client}, std::pair{"stmuxd", o.stmuxd}}) {
+    if (::access(path.c_str(), X_OK) != 0) {
+      std::fprintf(stderr, "stmux-bench: %s: %s cannot be run: %s\n", what, path.c_str(),
+                   std::strerror(errno));
       return false;
     }
   }
@@ -1235,6 +1247,14 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "stmux-bench: cannot create %s: %s\n", options.out.c_str(),
                  error.message().c_str());
     return 2;
+  }
+  // A machine without a GPU hears it at once, not from every row's tenants.
+  const Ran devices = stmux::run({options.client, "devices"}, {{"LD_PRELOAD", ""}},
+                                 options.out + "/devices", std::chrono::seconds(60));
+  if (devices.status != 0) {
+    std::fprintf(stderr, "stmux-bench: needs a CUDA device: %s\n",
+                 firstLine(devices.err + devices.out).c_str());
+    return 3;
   }
   if (const std::vector<std::string> inherited = inheritedSettings(); !inherited.empty()) {
     std::string list;

@@ -158,6 +158,7 @@ inline Ran run(const std::vector<std::string>& argv, const std::map<std::string,
                const std::string& log_prefix,
                std::chrono::milliseconds timeout = std::chrono::seconds(300)) {
   Process process(argv, env, log_prefix);
+  if (!process.started()) return {127, "", process.spawnError()};  // as a shell says it
   const int status = process.wait(timeout);
   return {status, process.out(), process.err()};
 }
