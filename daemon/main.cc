@@ -205,8 +205,12 @@ int run(int argc, char** argv) {
   };
   auto config = parseConfig(lookup, Scope::kDaemon);
   if (!config) {
-    std::fprintf(stderr, "stmuxd: invalid configuration:\n%s\n",
-                 nameTheFlags(config.message(), flags.value()).c_str());
+    // One line, so that whoever keeps the first line of what it said (a
+    // benchmark's note, systemd's status) keeps the reason.
+    std::string reasons = nameTheFlags(config.message(), flags.value());
+    for (std::size_t at = reasons.find('\n'); at != std::string::npos; at = reasons.find('\n', at))
+      reasons.replace(at, 1, "; ");
+    std::fprintf(stderr, "stmuxd: invalid configuration: %s\n", reasons.c_str());
     return 2;
   }
   setLogSpec(config->log);
