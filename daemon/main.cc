@@ -217,6 +217,12 @@ int run(int argc, char** argv) {
   for (const std::string& name : unknownVariables(environ)) {
     STMUX_WARN(kConfig, "{} is not a stmux variable; it is ignored (see stmuxd --help)", name);
   }
+  for (const std::string& name : variablesReadElsewhere(environ, Scope::kDaemon)) {
+    STMUX_WARN(kConfig,
+               "{} is read by libstmux.so in each tenant, not by stmuxd; set it in the tenants' "
+               "environment, next to LD_PRELOAD",
+               name);
+  }
 
   if (flags->print_config) {
     std::printf(

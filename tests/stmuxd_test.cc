@@ -55,6 +55,16 @@ TEST(Stmuxd, AnInvalidValueIsAnErrorThatNamesIt) {
       << ran.err;
 }
 
+// A tenant's setting in the daemon's environment changes nothing: said so.
+TEST(Stmuxd, ATenantsSettingInItsEnvironmentIsNamedAsIgnored) {
+  TempDir dir;
+  const auto ran = stmuxd(dir, {"--print-config"}, {{"STMUX_ROUTE", "serve"}});
+  EXPECT_EQ(ran.status, 0) << ran.err;
+  EXPECT_NE(ran.err.find("STMUX_ROUTE is read by libstmux.so in each tenant, not by stmuxd"),
+            std::string::npos)
+      << ran.err;
+}
+
 TEST(Stmuxd, UnknownOptionsAreRefused) {
   TempDir dir;
   auto ran = stmuxd(dir, {"--frobnicate"});

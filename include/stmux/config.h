@@ -425,6 +425,20 @@ inline std::vector<std::string> unknownVariables(char** environ_ptr) {
   return unknown;
 }
 
+// Names of STMUX_* variables in `environ` that only the other side reads
+// (a tenant's setting in the daemon's environment, or the reverse): set
+// there, they change nothing, which is worth a word.
+inline std::vector<std::string> variablesReadElsewhere(char** environ_ptr, Scope here) {
+  std::vector<std::string> elsewhere;
+  for (char** entry = environ_ptr; entry != nullptr && *entry != nullptr; ++entry) {
+    std::string_view text(*entry);
+    if (text.substr(0, 6) != "STMUX_") continue;
+    const VarInfo* var = findVar(text.substr(0, text.find('=')));
+    if (var != nullptr && !detail::inScope(var->scope, here)) elsewhere.emplace_back(var->name);
+  }
+  return elsewhere;
+}
+
 // "STMUX_WINDOW_US" -> "window-us": the daemon flag that mirrors a variable.
 inline std::string flagName(std::string_view variable) {
   std::string flag(variable.substr(6));
