@@ -8,6 +8,13 @@
 #   STMUX_BUILD_TARGETS="t1 t2"                  build only these targets
 # and tools/package.sh sets STMUX_PACKAGE=1: the prefix /usr, no tests.
 set -euo pipefail
+# --help: the comment above.
+case "${1:-}" in
+  -h | --help)
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+    exit 0
+    ;;
+esac
 cd "$(dirname "$0")/.."
 build_dir=${STMUX_BUILD_DIR:-build}
 jobs=$(nproc 2>/dev/null || echo 2)

@@ -5,6 +5,13 @@
 # Needs an NVIDIA GPU. Arguments go to stmux-bench (see its --help), e.g.
 # --shapes rnn --tenants 1,16; STMUX_BUILD_DIR names the build directory.
 set -euo pipefail
+# --help: the comment above (stmux-bench --help lists the arguments).
+case "${1:-}" in
+  -h | --help)
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+    exit 0
+    ;;
+esac
 cd "$(dirname "$0")/.."
 build_dir=${STMUX_BUILD_DIR:-build}
 

@@ -15,6 +15,13 @@
 # pass's ctest, e.g. -L unit. A pass whose tests fail does not stop the next;
 # the script fails at the end if any did.
 set -euo pipefail
+# --help: the comment above.
+case "${1:-}" in
+  -h | --help)
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+    exit 0
+    ;;
+esac
 cd "$(dirname "$0")/.."
 build_dir=${STMUX_BUILD_DIR:-build}
 jobs=$(nproc 2>/dev/null || echo 2)
