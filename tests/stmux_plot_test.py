@@ -107,6 +107,33 @@ class StmuxPlot(unittest.TestCase):
         self.assertIn("cannot read", ran.stderr)
         ran = run("--compare", self.path("invalid.json"))
         self.assertEqual(ran.returncode, 2)
+        with open(self.path("binary.json"), "wb") as f:
+            f.write(b"\xff\xfe\x00")
+        ran = run(self.path("binary.json"))
+        self.assertEqual(ran.returncode, 2)
+        self.assertIn("is not JSON", ran.stderr)
+
+    def test_a_plot_it_cannot_write_is_refused_with_the_reason(self):
+        bench_json(self.path("bench.json"), [point("cube", 1, "mps", 10.0)])
+        ran = run(self.path("bench.json"), "-o", self.path("no/such/folder/plot.png"))
+        self.assertEqual(ran.returncode, 2, ran.stderr)
+        self.assertIn("cannot write", ran.stderr)
+        ran = run(self.path("bench.json"), "-o", self.path("plot.notaformat"))
+        self.assertEqual(ran.returncode, 2, ran.stderr)
+        self.assertIn("cannot write", ran.stderr)
+
+    def test_a_row_with_nothing_before_is_left_out_of_a_comparison(self):
+        bench_json(self.path("before.json"), [point("cube", 1, "mps", 0.0),
+                                              point("cube", 2, "mps", 10.0)])
+        bench_json(self.path("after.json"), [point("cube", 1, "mps", 5.0),
+                                             point("cube", 2, "mps", 20.0)])
+        ran = run("--compare", self.path("before.json"), self.path("after.json"),
+                  "-o", self.path("compare.png"))
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        bench_json(self.path("zero.json"), [point("cube", 1, "mps", 0.0)])
+        ran = run("--compare", self.path("zero.json"), self.path("after.json"))
+        self.assertEqual(ran.returncode, 1, ran.stderr)
+        self.assertIn("above 0 before", ran.stderr)
 
     def test_without_matplotlib_it_says_how_to_get_it(self):
         bench_json(self.path("bench.json"), [point("cube", 1, "mps", 10.0)])

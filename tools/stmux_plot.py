@@ -11,7 +11,7 @@
 
 The bench writes the numbers; plotting is this script's job alone, the way
 nvbench leaves plots to scripts. Exit status: 0 written, 1 nothing to plot,
-2 bad usage or an unreadable file, 3 matplotlib is not installed.
+2 bad usage or an unreadable or unwritable file, 3 matplotlib is not installed.
 """
 import argparse
 import json
@@ -34,7 +34,7 @@ def load(path):
             data = json.load(f)
     except OSError as error:
         fail(2, f"cannot read {path}: {error.strerror}")
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         fail(2, f"{path} is not JSON: {error}")
     points = data.get("points") if isinstance(data, dict) else None
     if not isinstance(points, list):
@@ -124,17 +124,27 @@ def plot_runs(rows, out):
         for axis in (rate_axis, tail_axis):
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize="small")
+    save(figure, out)
+
+
+def save(figure, out):
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
+    try:
+        figure.savefig(out, dpi=100)
+    except (OSError, ValueError) as error:  # no such folder; a format matplotlib lacks
+        fail(2, f"cannot write {out}: {getattr(error, 'strerror', None) or error}")
 
 
 def plot_comparison(before, after, out):
     plt = pyplot()
     key = lambda r: (r["shape"], r["tenants"], r["mode"])  # noqa: E731
     old = {key(r): r for r in before}
-    pairs = [(old[key(r)], r) for r in after if key(r) in old]
+    # A ratio needs a before above 0 (a row that ran and did nothing).
+    pairs = [(old[key(r)], r) for r in after
+             if key(r) in old and old[key(r)]["rate"] > 0 and old[key(r)]["worst_p99"] > 0]
     if not pairs:
-        fail(1, "the two files have no valid row in common (shape, tenants and mode)")
+        fail(1, "the two files have no valid row in common (shape, tenants and mode) "
+                "with a rate and a p99 above 0 before")
     pairs.sort(key=lambda p: key(p[1]))
     labels = [f"{n['shape']} R={n['tenants']} {n['mode']}" for _, n in pairs]
     figure, (rate_axis, tail_axis) = plt.subplots(
@@ -150,14 +160,14 @@ def plot_comparison(before, after, out):
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.grid(True, axis="y", alpha=0.3)
     tail_axis.set_xticks(list(positions), labels, rotation=70, ha="right", fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out, dpi=100)
+    save(figure, out)
 
 
 def main():
     parser = argparse.ArgumentParser(
         prog="stmux-plot", description=__doc__.split("\n\n")[0],
-        epilog="See the top of this script for the exit statuses.")
+        epilog="Exit status: 0 written, 1 nothing to plot, 2 bad usage or an unreadable "
+               "or unwritable file, 3 matplotlib is not installed.")
     parser.add_argument("files", nargs="+", metavar="BENCH_JSON",
                         help="stmux-bench's bench.json (two with --compare)")
     parser.add_argument("--compare", action="store_true",
