@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -530,6 +531,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "see stmux-handoff-bench --help\n");
     return 2;
   }
+  // Opened before the run, so that a path it cannot write costs no run.
+  std::ofstream json_file;
+  if (!o.json.empty()) {
+    json_file.open(o.json);
+    if (!json_file) {
+      std::fprintf(stderr, "stmux-handoff-bench: cannot write %s (--json): %s\n", o.json.c_str(),
+                   std::strerror(errno));
+      return 2;
+    }
+  }
   // Both before CUDA: the shared block and the registered page.
   auto* shared = static_cast<Shared*>(
       ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
@@ -617,7 +628,12 @@ int main(int argc, char** argv) {
       row["p50_us"] = r.p50_us;
       row["p99_us"] = r.p99_us;
     }
-    std::ofstream(o.json) << stmux::dumpJson(json) << "\n";
+    json_file << stmux::dumpJson(json) << "\n";
+    json_file.close();
+    if (!json_file) {
+      std::fprintf(stderr, "stmux-handoff-bench: cannot write %s (--json)\n", o.json.c_str());
+      return 1;
+    }
   }
   return WIFEXITED(status) && WEXITSTATUS(status) == 0 && waiters_ok ? 0 : 1;
 }

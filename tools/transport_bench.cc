@@ -13,7 +13,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <string>
 #include <thread>
@@ -284,6 +286,16 @@ std::optional<Row> runScenario(const Options& options, const std::string& socket
 int run(int argc, char** argv) {
   Options options;
   if (!parseArgs(argc, argv, options)) return 2;
+  // Opened before the run, so that a path it cannot write costs no run.
+  FILE* json_file = nullptr;
+  if (!options.json_path.empty()) {
+    json_file = std::fopen(options.json_path.c_str(), "w");
+    if (json_file == nullptr) {
+      std::fprintf(stderr, "stmux-transport-bench: cannot write %s (--json): %s\n",
+                   options.json_path.c_str(), std::strerror(errno));
+      return 2;
+    }
+  }
   char dir_template[] = "/tmp/stmux-bench-XXXXXX";
   const std::string dir = ::mkdtemp(dir_template);
   const std::string socket = dir + "/stmuxd.sock";
@@ -348,14 +360,14 @@ int run(int argc, char** argv) {
     scenario["requests_per_s"] = rate;
   }
   json["cpus"] = std::thread::hardware_concurrency();
-  if (!options.json_path.empty()) {
-    FILE* file = std::fopen(options.json_path.c_str(), "w");
-    if (file == nullptr) {
-      std::fprintf(stderr, "stmux-transport-bench: cannot write %s\n", options.json_path.c_str());
+  if (json_file != nullptr) {
+    const bool written =
+        std::fprintf(json_file, "%s\n", dumpJson(json).c_str()) > 0 && std::fclose(json_file) == 0;
+    if (!written) {
+      std::fprintf(stderr, "stmux-transport-bench: cannot write %s (--json): %s\n",
+                   options.json_path.c_str(), std::strerror(errno));
       return 1;
     }
-    std::fprintf(file, "%s\n", dumpJson(json).c_str());
-    std::fclose(file);
   }
   bool errors = false;
   for (const Row& row : rows)
