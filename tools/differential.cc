@@ -45,6 +45,7 @@
 #include <fmt/format.h>
 
 #include "stmux/epilogue.h"
+#include "stmux/no_device.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
 
@@ -1847,7 +1848,7 @@ int main(int argc, char** argv) {
   if (const cudaError_t error = cudaGetDeviceCount(&devices);
       error != cudaSuccess || devices == 0) {
     std::fprintf(stderr, "stmux-differential: no CUDA device (%s)\n",
-                 error != cudaSuccess ? cudaGetErrorString(error) : "none found");
+                 stmux::noDeviceReason(error).c_str());
     return 3;
   }
   const RealFunctions real = realFunctions();

@@ -54,6 +54,7 @@
 #include <vector>
 
 #include "stmux/json.h"
+#include "stmux/no_device.h"
 #include "stmux/sys.h"
 #include "tools/cuda_exit.h"
 #include "tools/latency.h"
@@ -574,7 +575,7 @@ int main(int argc, char** argv) {
   if (const cudaError_t error = cudaGetDeviceCount(&devices);
       error != cudaSuccess || devices == 0) {
     std::fprintf(stderr, "stmux-handoff-bench: no usable CUDA device (%s)\n",
-                 error != cudaSuccess ? cudaGetErrorString(error) : "none found");
+                 stmux::noDeviceReason(error).c_str());
     shared->stop.store(1, std::memory_order_release);
     ::waitpid(daemon, nullptr, 0);
     return 3;

@@ -36,6 +36,7 @@
 #include <set>
 #include <string>
 #include <vector>
+#include "stmux/no_device.h"
 #include "tools/cuda_exit.h"
 
 namespace {
@@ -441,7 +442,8 @@ int usage(FILE* to) {
                "                   the rate, the host's cuBLAS call, the GPU's work alone\n"
                "                   and the CPUs the thread ran on\n"
                "  --shape MxNxK    its GEMM (default 512x1x512, the rnn shape)\n"
-               "  --count R        GEMMs per launch (1..4096, default 32)\n");
+               "  --count R        GEMMs per launch (1..4096, default 32)\n"
+               "Exit status: 0 done, 1 a replay differed, 2 bad arguments, 3 no CUDA device.\n");
   return 0;
 }
 
@@ -500,6 +502,13 @@ int main(int argc, char** argv) {
       (drift_shape.m != 512 || drift_shape.n != 1 || drift_shape.k != 512 || drift_count != 32)) {
     std::fprintf(stderr, "stmux-launch-bench: --shape and --count go with --drift\n");
     return usage(stderr);
+  }
+  int devices = 0;
+  if (const cudaError_t error = cudaGetDeviceCount(&devices);
+      error != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "stmux-launch-bench: no CUDA device (%s)\n",
+                 stmux::noDeviceReason(error).c_str());
+    return 3;
   }
   if (drift_s > 0) {
     std::mt19937 random(1234);
