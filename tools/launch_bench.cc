@@ -221,7 +221,7 @@ HostCost hostCost(cublasHandle_t handle, cudaStream_t stream, const Mix& mix, bo
   constexpr int kWarmup = 200, kBatches = 5000;
   Prepared p = prepare(mix, random);
   const int count = p.total;
-  std::vector<Slot> slots(2);  // STMUX_MAX_IN_FLIGHT's default
+  std::vector<Slot> slots(2);  // as the executor: two batches in flight (BatcherOptions)
   for (Slot& slot : slots) {
     EXIT_ON_CUDA_ERROR(cudaHostAlloc(reinterpret_cast<void**>(&slot.host),
                                      3 * count * sizeof(float*), cudaHostAllocDefault));
