@@ -72,18 +72,21 @@ struct Row {
 };
 
 void usage(FILE* out) {
-  std::fprintf(out,
-               "usage: stmux-transport-bench [options]\n"
-               "Measures the shim-daemon transport alone (no GPU): round-trip latency and\n"
-               "requests per second, with a server that only acknowledges.\n\n"
-               "  --scenario C:D      C client processes, D requests in flight each; repeat\n"
-               "                      the flag for several (default 1:1, 4:1, 4:32)\n"
-               "  --requests N        timed requests per client (default 200000)\n"
-               "  --warmup N          untimed requests per client first (default 20000)\n"
-               "  --spin-us N         client spin before sleeping (default 1000000)\n"
-               "  --server-spin-us N  server spin before sleeping (default 1000000)\n"
-               "  --json FILE         also write the results as JSON\n"
-               "  --help              this text\n");
+  std::fprintf(
+      out,
+      "usage: stmux-transport-bench [options]\n"
+      "Measures the shim-daemon transport alone (no GPU): round-trip latency and\n"
+      "requests per second, with a server that only acknowledges.\n\n"
+      "  --scenario C:D      C client processes, D requests in flight each; repeat\n"
+      "                      the flag for several; C and D 1..256 (default 1:1, 4:1, 4:32)\n"
+      "  --requests N        timed requests per client, 1..10^9 (default 200000)\n"
+      "  --warmup N          untimed requests per client first, 0..10^9 (default 20000)\n"
+      "  --spin-us N         client spin before sleeping, 0..10^8 (default 1000000)\n"
+      "  --server-spin-us N  server spin before sleeping, 0..10^8 (default 1000000)\n"
+      "  --json FILE         also write the results as JSON\n"
+      "  --help              this text\n"
+      "Exit status: 0 done, 1 a request failed or the JSON could not be written, 2\n"
+      "bad arguments.\n");
 }
 
 bool parseArgs(int argc, char** argv, Options& options) {
