@@ -62,11 +62,21 @@ constexpr std::uint64_t kExitSettleNs = 2'000'000'000;
 
 class Shim {
  public:
+  // Made by the first call, never destroyed: threads may still be inside a
+  // call while the process exits. Not a function's static: a fork() while
+  // another thread makes it would leave the child's copy of its guard
+  // taken for ever (forkPrepare() waits on create_mutex_ instead).
   static Shim& get() {
-    // Never destroyed: threads may still be inside a call while the process
-    // exits.
-    static Shim* shim = new Shim();
+    if (Shim* shim = instance_.load(std::memory_order_acquire)) return *shim;
+    std::lock_guard lock(create_mutex_);
+    if (Shim* shim = instance_.load(std::memory_order_relaxed)) return *shim;
+    Shim* shim = new Shim();
+    instance_.store(shim, std::memory_order_release);
     return *shim;
+  }
+  // As the library loads, before any thread could be making the Shim.
+  static void registerForkHandlers() {
+    pthread_atfork(&Shim::forkPrepare, &Shim::forkParent, &Shim::forkChild);
   }
 
   cublasStatus_t call(const Gemm& gemm, DirectCall direct);
@@ -106,6 +116,9 @@ class Shim {
   static void forkPrepare();
   static void forkParent();
   static void forkChild();
+
+  static inline std::atomic<Shim*> instance_{nullptr};
+  static inline std::mutex create_mutex_;  // held while the Shim is made, and across fork()
 
   bool config_ok_ = false;
   Config config_;
@@ -185,7 +198,6 @@ Shim::Shim() : real_(realCublas()) {
   cpu_set_t cpus;
   if (sched_getaffinity(0, sizeof(cpus), &cpus) == 0) cores_ = std::max(1, CPU_COUNT(&cpus));
   name_ = program_invocation_short_name;
-  pthread_atfork(&Shim::forkPrepare, &Shim::forkParent, &Shim::forkChild);
   std::atexit([] { Shim::get().atExit(); });
 }
 
@@ -840,7 +852,11 @@ void Shim::printCounters() {
 // fork(): no lock may be held by a thread that will not exist in the child,
 // and the child must not talk to the daemon on the parent's connection.
 void Shim::forkPrepare() {
-  Shim& shim = get();
+  // A thread making the Shim (it loads libcuda, among others) finishes first.
+  create_mutex_.lock();
+  Shim* made = instance_.load(std::memory_order_acquire);
+  if (made == nullptr) return;  // no call yet: nothing of the shim's to mind
+  Shim& shim = *made;
   shim.sweep_mutex_.lock();
   std::unique_lock connection(shim.connection_mutex_);
   // A thread attaching holds its new connection's descriptors where the
@@ -856,17 +872,25 @@ void Shim::forkPrepare() {
 }
 
 void Shim::forkParent() {
-  Shim& shim = get();
-  if (shim.stream_) shim.stream_->forkParent();
-  shim.allocations_.forkParent();
-  shim.route_mutex_.unlock();
-  shim.device_mutex_.unlock();
-  shim.connection_mutex_.unlock();
-  shim.sweep_mutex_.unlock();
+  if (Shim* made = instance_.load(std::memory_order_acquire)) {
+    Shim& shim = *made;
+    if (shim.stream_) shim.stream_->forkParent();
+    shim.allocations_.forkParent();
+    shim.route_mutex_.unlock();
+    shim.device_mutex_.unlock();
+    shim.connection_mutex_.unlock();
+    shim.sweep_mutex_.unlock();
+  }
+  create_mutex_.unlock();
 }
 
 void Shim::forkChild() {
-  Shim& shim = get();
+  Shim* made = instance_.load(std::memory_order_acquire);
+  if (made == nullptr) {
+    create_mutex_.unlock();
+    return;
+  }
+  Shim& shim = *made;
   if (shim.stream_) shim.stream_->forkChild();
   shim.allocations_.forkChild();
   shim.chooser_ = RouteChooser{};  // a new process: measured afresh
@@ -896,6 +920,11 @@ void Shim::forkChild() {
   }
   shim.connection_mutex_.unlock();
   shim.sweep_mutex_.unlock();
+  create_mutex_.unlock();
+}
+
+__attribute__((constructor)) void registerForkHandlers() {
+  Shim::registerForkHandlers();
 }
 
 }  // namespace

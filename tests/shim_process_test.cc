@@ -105,6 +105,20 @@ TEST(ShimProcess, AForkWhileAttachingLeavesTheChildNoSocket) {
   EXPECT_EQ(values(ran.out)["child_sockets"], "0") << ran.out << ran.err;
 }
 
+// A fork while another thread makes the shim (its first call; loading the
+// driver takes 500 ms here): the child's copy of the shim's construction
+// guard stayed taken, and its first call waited for ever.
+TEST(ShimProcess, AForkWhileTheShimIsBeingMadeLeavesTheChildAbleToCall) {
+  TempDir dir;  // no daemon: the calls run directly
+  const char* tsan = std::getenv("TSAN_OPTIONS");
+  const Ran ran = tenant(
+      dir, {"fork-constructing"}, /*preload=*/true,
+      {{"FAKE_CUDA_LOAD_MS", "500"},
+       {"TSAN_OPTIONS", std::string(tsan != nullptr ? tsan : "") + ":report_thread_leaks=0"}});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(values(ran.out)["child_returned"], "1") << "the child's first call never returned";
+}
+
 // pthread_cancel of a thread waiting in a served call: the unwinding used
 // to meet the shim's catch-all and abort the process ("exception not
 // rethrown"). Now it takes effect at the program's next cancellation point.

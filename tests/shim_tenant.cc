@@ -10,6 +10,10 @@
 //   legacy            one legacy cublasSgemm, A and B all 1: prints C[0]
 //   fork-attaching    a thread's first call attaches while the main thread
 //                     forks: the child prints how many sockets it holds
+//   fork-constructing a thread's first call makes the shim (loading the
+//                     driver takes a while: FAKE_CUDA_LOAD_MS) while the
+//                     main thread forks; the child makes a call: prints
+//                     whether it came back within 5 s
 //   cancel            a thread in a served call (the daemon is slow) is
 //                     cancelled and joined
 //   dlclose SHIM      loads SHIM, makes 3 calls through it, unloads it, and
@@ -18,6 +22,7 @@
 #include <dirent.h>
 #include <dlfcn.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -83,7 +88,7 @@ int socketsHeld() {
 int usage() {
   std::fprintf(stderr,
                "usage: stmux-shim-tenant MODE [ARG]; modes: served N, alpha0, legacy, "
-               "fork-attaching, cancel, dlclose SHIM\n");
+               "fork-attaching, fork-constructing, cancel, dlclose SHIM\n");
   return 2;
 }
 
@@ -126,6 +131,28 @@ int main(int argc, char** argv) {
     int status = 0;
     waitpid(child, &status, 0);
     return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+  }
+  if (mode == "fork-constructing") {
+    std::thread first([] { (void)sgemm(1.0f, 0.0f); });
+    usleep(100'000);
+    const pid_t child = fork();
+    if (child == 0) {
+      (void)sgemm(1.0f, 0.0f);
+      _exit(0);
+    }
+    first.join();
+    int status = 0;
+    bool ended = false;
+    for (int waited_ms = 0; waited_ms < 5000 && !ended; waited_ms += 10) {
+      ended = waitpid(child, &status, WNOHANG) == child;
+      if (!ended) usleep(10'000);
+    }
+    if (!ended) {
+      kill(child, SIGKILL);
+      waitpid(child, &status, 0);
+    }
+    std::printf("child_returned %d\n", ended && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    return 0;
   }
   if (mode == "cancel") {
     (void)sgemm(1.0f, 0.0f);  // attached

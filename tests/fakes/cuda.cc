@@ -9,7 +9,10 @@
 // beyond that.
 #include <cuda.h>
 
+#include <unistd.h>
+
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string_view>
 
@@ -172,6 +175,12 @@ const Entry kEntries[] = {
     {"cuStreamWaitValue32", reinterpret_cast<void*>(streamWaitValue32)},
     {"cuMemHostRegister", reinterpret_cast<void*>(memHostRegister)},
 };
+
+// FAKE_CUDA_LOAD_MS: loading takes that long, as a real driver's first load
+// may, for a test to act while a thread is inside it.
+__attribute__((constructor)) void slowLoad() {
+  if (const char* ms = std::getenv("FAKE_CUDA_LOAD_MS")) ::usleep(std::atoi(ms) * 1000);
+}
 
 }  // namespace
 
