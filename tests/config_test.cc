@@ -78,6 +78,13 @@ TEST(Config, DefaultsParseAndMatchTheTable) {
   for (const VarInfo& var : kVars) {
     EXPECT_EQ(formatValue(config.value(), var.member), var.default_text) << var.name;
   }
+  // The table's defaults are the values the code gets: a few, written here
+  // apart from the table, as README.md and the units state them.
+  EXPECT_EQ(config->socket, "/run/stmux/stmuxd.sock");
+  EXPECT_EQ(config->window_us, 20);
+  EXPECT_EQ(config->max_batch, 256);
+  EXPECT_EQ(config->mode, "host");
+  EXPECT_EQ(config->daemon_user, "stmux");
 }
 
 TEST(Config, EveryVariableAcceptsItsValidValues) {

@@ -118,9 +118,17 @@ TEST_F(StmuxdOnGpu, AnOverrunFailsAloneWhileOtherTenantsStayRight) {
 
 TEST_F(StmuxdOnGpu, AClientKilledMidRunHarmsNobody) {
   Process doomed = client({"cases"}, "doomed");
-  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  // Killed once it is attached and its requests reach the daemon, not while
+  // it is still setting CUDA up.
+  ASSERT_TRUE(testing::waitFor(
+      [&] {
+        auto status = daemonStatus(dir_.socket());
+        return status && status->at("clients").size() == 1 && gpuField(*status, "requests") > 0;
+      },
+      std::chrono::seconds(60)))
+      << "the client never made a served call: " << doomed.err();
   doomed.signal(SIGKILL);
-  doomed.wait(std::chrono::seconds(30));
+  EXPECT_EQ(doomed.wait(std::chrono::seconds(30)), 128 + SIGKILL) << "it ended before the kill";
   Process after = client({"cases", "--quick"}, "after");
   expectPasses(after, "a client after another was killed");
   ASSERT_TRUE(testing::waitFor([&] {

@@ -494,9 +494,14 @@ int main(int argc, char** argv) {
   const cudaError_t error = cudaGetDeviceCount(&devices);
   if (mode == "facts") return facts();
   if (mode == "probe") {
-    if (error != cudaSuccess || devices == 0) {
+    if (stmux::noDevice(error, devices)) {
       std::printf("no CUDA device: %s\n", stmux::noDeviceReason(error).c_str());
       return 77;
+    }
+    // A device that fails is no reason to skip: the GPU tests fail, saying why.
+    if (error != cudaSuccess) {
+      std::printf("the CUDA device cannot be used: %s\n", cudaGetErrorString(error));
+      return 1;
     }
     return 0;
   }
@@ -523,7 +528,11 @@ int main(int argc, char** argv) {
       return 2;
   }
   if (socket.empty() || (mode != "cases" && mode != "overrun" && mode != "epilogues")) return 2;
-  if (error != cudaSuccess || devices == 0) return 77;
+  if (stmux::noDevice(error, devices)) return 77;
+  if (error != cudaSuccess) {
+    std::printf("FAIL the CUDA device cannot be used: %s\n", cudaGetErrorString(error));
+    return 1;
+  }
   stmux::shim::ConnectOptions options;
   options.socket_path = socket;
   options.name = "ipc_client";

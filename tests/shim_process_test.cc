@@ -128,6 +128,11 @@ TEST(ShimProcess, CancellingAThreadInAServedCallDoesNotAbort) {
   const Ran ran = tenant(dir, {"cancel"});
   EXPECT_EQ(ran.status, 0) << ran.err;
   EXPECT_EQ(values(ran.out)["joined"], "1") << ran.out << ran.err;
+  // The cancelled thread's call was in the daemon (not run directly, where
+  // nothing waits to be cancelled in).
+  EXPECT_TRUE(testing::waitFor([&] { return daemon.executor().batchSizes().size() >= 2; },
+                               std::chrono::seconds(5)))
+      << "the cancelled call never reached the daemon: " << ran.err;
 }
 
 // A program that loads the shim itself and unloads it: its threads (the

@@ -375,7 +375,8 @@ TEST_F(StreamOrderTest, AStopWhileACallIsBeingQueuedWaitsForItToBeSettled) {
       stopped = true;
     });
     // Long enough for a stop() that does not wait for this call to return.
-    testing::waitFor([&] { return stopped.load(); }, std::chrono::milliseconds(200));
+    EXPECT_FALSE(testing::waitFor([&] { return stopped.load(); }, std::chrono::milliseconds(200)))
+        << "stop() returned while a call was being queued";
   };
   Request r = daemon::validRequest();
   r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve: declined

@@ -260,8 +260,13 @@ int main(int argc, char** argv) {
     return std::string_view(argv[1]) == "--help" ? 0 : 2;
   }
   if (const cudaError_t error = cudaFree(nullptr); error != cudaSuccess) {
-    std::printf("GPU test skipped: %s\n", stmux::noDeviceReason(error).c_str());
-    return 77;
+    int devices = 0;
+    if (stmux::noDevice(cudaGetDeviceCount(&devices), devices)) {
+      std::printf("GPU test skipped: no CUDA device: %s\n", stmux::noDeviceReason(error).c_str());
+      return 77;
+    }
+    std::printf("FAIL the CUDA device cannot be used: %s\n", cudaGetErrorString(error));
+    return 1;
   }
   const Driver* driver = stmux::shim::cudaDriver();
   if (driver == nullptr) {

@@ -112,7 +112,12 @@ for step in "$@"; do
     gpu)
       ctest --test-dir "$build" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
         >"$out/gpu.log" 2>&1 || status=1
-      grep -E "tests passed|\*\*\*Failed|Timeout|Skipped|Failure|FAIL " "$out/gpu.log" | tail -30 ;;
+      grep -E "tests passed|\*\*\*Failed|Timeout|Skipped|Failure|FAIL " "$out/gpu.log" | tail -30
+      # On the GPU machine a test skipped for want of a device found none.
+      if grep -q "GPU test skipped: .*no CUDA device" "$out/gpu.log"; then
+        echo "stmux: GPU tests skipped for want of a CUDA device on the GPU machine" >&2
+        status=1
+      fi ;;
     asan-build|asan)
       # Issue 14: the GPU tests under ASan+UBSan, every target built with
       # them; sanitizer options as tools/test.sh sets them, and what NVIDIA's
@@ -130,8 +135,12 @@ for step in "$@"; do
         UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
           ctest --test-dir "$build-asan" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
           >"$out/asan.log" 2>&1 || status=1
-        grep -E "tests passed|\*\*\*Failed|Timeout|ERROR: (Address|Leak)Sanitizer|runtime error|SUMMARY" \
+        grep -E "tests passed|\*\*\*Failed|Timeout|Skipped|ERROR: (Address|Leak)Sanitizer|runtime error|SUMMARY" \
           "$out/asan.log" | sort | uniq -c | sort -rn | head -30
+        if grep -q "GPU test skipped: .*no CUDA device" "$out/asan.log"; then
+          echo "stmux: GPU tests skipped for want of a CUDA device under ASan" >&2
+          status=1
+        fi
       fi ;;
     drift)
       # Issue 18: where a ceiling row's rate moves between runs: the ceiling's

@@ -20,4 +20,16 @@ inline std::string noDeviceReason(cudaError_t error) {
   return "no NVIDIA driver is installed (libcuda.so.1 not found)";
 }
 
+// Whether cudaGetDeviceCount's answer means there is no CUDA device here to
+// use (none, none visible, or no driver at all), as opposed to a device or
+// driver that fails: a GPU test skips on the first and fails on the second.
+inline bool noDevice(cudaError_t error, int devices) {
+  if (error == cudaSuccess) return devices == 0;
+  if (error == cudaErrorNoDevice) return true;
+  void* driver = ::dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+  if (driver == nullptr) return true;
+  ::dlclose(driver);
+  return false;
+}
+
 }  // namespace stmux
