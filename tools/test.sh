@@ -64,10 +64,21 @@ run_pass() {
   echo "stmux: pass $name: $title ($dir)" >&2
   env STMUX_BUILD_DIR="$dir" ${vars[@]+"${vars[@]}"} bash tools/build.sh
   ctest --test-dir "$dir" --output-on-failure -j"$jobs" "$@" || status=$?
+  # A sanitizer's report fails the pass even where ctest let it go: a test
+  # that skipped after doing real work is listed as skipped whatever its
+  # exit status (GoogleTest's skip pattern wins).
+  local log="$dir/Testing/Temporary/LastTest.log"
+  if [ "$name" = asan ] || [ "$name" = tsan ]; then
+    if [ -f "$log" ] && grep -qE "ERROR: (Address|Leak)Sanitizer|WARNING: ThreadSanitizer|runtime error:" "$log"; then
+      echo "stmux: pass $name: a sanitizer reported (in $log):" >&2
+      grep -E "ERROR: (Address|Leak)Sanitizer|WARNING: ThreadSanitizer|runtime error:" "$log" |
+        sort | uniq -c | head -20 >&2
+      status=1
+    fi
+  fi
   # ctest lists skipped tests without their reason: say why, once per reason.
   # A GoogleTest skip's reason is the line after its "file:line: Skipped"; a
   # program's is its "GPU test skipped: ..." line; a script's ends ": skipped".
-  local log="$dir/Testing/Temporary/LastTest.log"
   if [ -f "$log" ]; then
     awk '/: Skipped$/ { if ((getline reason) > 0) print reason; next }
          /^(GPU|PyTorch) test skipped: / || /: skipped$/ { print }' "$log" | sort | uniq -c |
