@@ -63,9 +63,9 @@ cublasHandle_t handle() {
   return h;
 }
 
-cublasStatus_t sgemm(float alpha, float beta) {
+cublasStatus_t sgemm(float alpha, float beta, float* c = C) {
   return cublasSgemm_v2(handle(), CUBLAS_OP_N, CUBLAS_OP_N, kDim, kDim, kDim, &alpha, A, kDim, B,
-                        kDim, &beta, C, kDim);
+                        kDim, &beta, c, kDim);
 }
 
 int socketsHeld() {
@@ -135,9 +135,10 @@ int main(int argc, char** argv) {
   if (mode == "fork-constructing") {
     std::thread first([] { (void)sgemm(1.0f, 0.0f); });
     usleep(100'000);
+    float* const mine = allocation(0.0f);  // not the C the parent's thread writes
     const pid_t child = fork();
     if (child == 0) {
-      (void)sgemm(1.0f, 0.0f);
+      (void)sgemm(1.0f, 0.0f, mine);
       _exit(0);
     }
     first.join();
