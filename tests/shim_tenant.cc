@@ -152,6 +152,7 @@ int main(int argc, char** argv) {
       kill(child, SIGKILL);
       waitpid(child, &status, 0);
     }
+    std::free(mine);
     std::printf("child_returned %d\n", ended && WIFEXITED(status) && WEXITSTATUS(status) == 0);
     return 0;
   }
