@@ -754,6 +754,17 @@ double cpuSecondsOver(std::chrono::milliseconds wall) {
          seconds(before.ru_stime);
 }
 
+// A client of the server at `dir` with one request that `sink` holds (as a
+// GPU still running it).
+void holdOneRequest(const TempDir& dir, TestSink& sink, std::unique_ptr<Connection>& connection) {
+  auto opened = Connection::open(options(dir));
+  ASSERT_TRUE(opened.ok()) << opened.message();
+  connection = std::move(opened).value();
+  Request request{};
+  ASSERT_TRUE(connection->submit(request, nowNs() + kSecond).ok());
+  ASSERT_TRUE(testing::waitFor([&] { return sink.heldCount() == 1; }));
+}
+
 // A drain waiting for work in flight sleeps between looks, as the server
 // does while it serves: the stop's eventfd, once read, no longer wakes it.
 // (Before: every wait returned at once, a whole core for the drain.)
@@ -762,14 +773,10 @@ TEST(Server, ADrainWaitingForWorkDoesNotSpin) {
   TestSink sink;
   sink.hold = true;
   ServerThread server(testing::serverOptions(dir), sink);
-  auto connection = Connection::open(options(dir));
-  ASSERT_TRUE(connection.ok());
-  Request request{};
-  auto ticket = connection.value()->submit(request, nowNs() + kSecond);
-  ASSERT_TRUE(ticket.ok());
-  ASSERT_TRUE(testing::waitFor([&] { return sink.heldCount() == 1; }));
+  std::unique_ptr<Connection> connection;
+  ASSERT_NO_FATAL_FAILURE(holdOneRequest(dir, sink, connection));
   std::thread stopper([&] { server.stop(); });
-  ASSERT_TRUE(testing::waitFor([&] { return connection.value()->draining(); }));
+  ASSERT_TRUE(testing::waitFor([&] { return connection->draining(); }));
   const double cpu = cpuSecondsOver(std::chrono::milliseconds(1000));
   sink.releaseHeld();
   stopper.join();
@@ -783,12 +790,8 @@ TEST(Server, ADrainThatBeginsWhileAcceptingIsPausedDoesNotSpin) {
   TestSink sink;
   sink.hold = true;
   ServerThread server(testing::serverOptions(dir), sink);
-  auto connection = Connection::open(options(dir));
-  ASSERT_TRUE(connection.ok());
-  Request request{};
-  auto ticket = connection.value()->submit(request, nowNs() + kSecond);
-  ASSERT_TRUE(ticket.ok());
-  ASSERT_TRUE(testing::waitFor([&] { return sink.heldCount() == 1; }));
+  std::unique_ptr<Connection> connection;
+  ASSERT_NO_FATAL_FAILURE(holdOneRequest(dir, sink, connection));
   std::size_t open_fds = 0;
   for ([[maybe_unused]] const auto& entry : std::filesystem::directory_iterator("/proc/self/fd"))
     ++open_fds;

@@ -6,10 +6,8 @@
 // and what the shim sends where, seen from outside. The GPU tests
 // (shim_gpu_test, differential) run the same path with real CUDA.
 #include <gtest/gtest.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 
-#include <cstring>
+#include <cstdlib>
 #include <map>
 #include <string>
 
@@ -20,20 +18,10 @@ namespace stmux {
 namespace {
 
 using daemon::Daemon;
+using testing::keyValues;
 using testing::TempDir;
 
 constexpr std::uint64_t kSecond = 1'000'000'000;
-
-// "key value" lines.
-std::map<std::string, std::string> values(const std::string& out) {
-  std::map<std::string, std::string> found;
-  std::istringstream lines(out);
-  for (std::string line; std::getline(lines, line);) {
-    const auto space = line.find(' ');
-    if (space != std::string::npos) found[line.substr(0, space)] = line.substr(space + 1);
-  }
-  return found;
-}
 
 Ran tenant(const TempDir& dir, const std::vector<std::string>& args, bool preload = true,
            std::map<std::string, std::string> env = {}) {
@@ -47,12 +35,19 @@ Ran tenant(const TempDir& dir, const std::vector<std::string>& args, bool preloa
   return run(argv, env, dir.path() + "/tenant-" + args[0], std::chrono::seconds(60));
 }
 
+// For a tenant that forks while it has threads: under TSan the child, which
+// has none of the parent's threads, would be told it leaked them.
+std::map<std::string, std::string> forkedChildEnv() {
+  const char* tsan = std::getenv("TSAN_OPTIONS");
+  return {{"TSAN_OPTIONS", std::string(tsan != nullptr ? tsan : "") + ":report_thread_leaks=0"}};
+}
+
 TEST(ShimProcess, ATenantsCallsAreServed) {
   TempDir dir;
   Daemon daemon(dir);
   const Ran ran = tenant(dir, {"served", "20"});
   ASSERT_EQ(ran.status, 0) << ran.err;
-  EXPECT_EQ(values(ran.out)["failed"], "0");
+  EXPECT_EQ(keyValues(ran.out)["failed"], "0");
   EXPECT_NE(ran.err.find("20 served by stmuxd"), std::string::npos) << ran.err;
 }
 
@@ -63,8 +58,8 @@ TEST(ShimProcess, AlphaZeroRunsDirectly) {
   Daemon daemon(dir);
   const Ran ran = tenant(dir, {"alpha0"});
   ASSERT_EQ(ran.status, 0) << ran.err;
-  EXPECT_EQ(values(ran.out)["status"], "0");
-  EXPECT_EQ(values(ran.out)["c0"], "2");
+  EXPECT_EQ(keyValues(ran.out)["status"], "0");
+  EXPECT_EQ(keyValues(ran.out)["c0"], "2");
   EXPECT_NE(ran.err.find("unserved_form=1"), std::string::npos) << ran.err;
   EXPECT_TRUE(daemon.executor().batchSizes().empty());
 }
@@ -77,7 +72,7 @@ TEST(ShimProcess, ALegacyCallTheDaemonRefusesIsComputedDirectly) {
   daemon.executor().setAnswer(kStatusInvalidValue);
   const Ran ran = tenant(dir, {"legacy"});
   ASSERT_EQ(ran.status, 0) << ran.err;
-  EXPECT_EQ(values(ran.out)["c0"], "8") << "the refused call was not run";
+  EXPECT_EQ(keyValues(ran.out)["c0"], "8") << "the refused call was not run";
   EXPECT_NE(ran.err.find("daemon_failed=1"), std::string::npos) << ran.err;
   EXPECT_EQ(daemon.executor().batchSizes().size(), 1u) << "the daemon did not get the call";
 }
@@ -88,21 +83,11 @@ TEST(ShimProcess, ALegacyCallTheDaemonRefusesIsComputedDirectly) {
 // accepts and never answers, so the attempt lasts the welcome timeout.
 TEST(ShimProcess, AForkWhileAttachingLeavesTheChildNoSocket) {
   TempDir dir;
-  UniqueFd listener(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  const UniqueFd listener = testing::listenAt(dir.socket());
   ASSERT_TRUE(listener.valid());
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  std::strncpy(address.sun_path, dir.socket().c_str(), sizeof(address.sun_path) - 1);
-  ASSERT_EQ(::bind(listener.get(), reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
-  ASSERT_EQ(::listen(listener.get(), 8), 0);
-  // Under TSan the child, which has none of the parent's threads, would be
-  // told it leaked them.
-  const char* tsan = std::getenv("TSAN_OPTIONS");
-  const Ran ran = tenant(
-      dir, {"fork-attaching"}, /*preload=*/true,
-      {{"TSAN_OPTIONS", std::string(tsan != nullptr ? tsan : "") + ":report_thread_leaks=0"}});
+  const Ran ran = tenant(dir, {"fork-attaching"}, /*preload=*/true, forkedChildEnv());
   ASSERT_EQ(ran.status, 0) << ran.err;
-  EXPECT_EQ(values(ran.out)["child_sockets"], "0") << ran.out << ran.err;
+  EXPECT_EQ(keyValues(ran.out)["child_sockets"], "0") << ran.out << ran.err;
 }
 
 // A fork while another thread makes the shim (its first call; loading the
@@ -110,13 +95,11 @@ TEST(ShimProcess, AForkWhileAttachingLeavesTheChildNoSocket) {
 // guard stayed taken, and its first call waited for ever.
 TEST(ShimProcess, AForkWhileTheShimIsBeingMadeLeavesTheChildAbleToCall) {
   TempDir dir;  // no daemon: the calls run directly
-  const char* tsan = std::getenv("TSAN_OPTIONS");
-  const Ran ran = tenant(
-      dir, {"fork-constructing"}, /*preload=*/true,
-      {{"FAKE_CUDA_LOAD_MS", "500"},
-       {"TSAN_OPTIONS", std::string(tsan != nullptr ? tsan : "") + ":report_thread_leaks=0"}});
+  std::map<std::string, std::string> env = forkedChildEnv();
+  env.emplace("FAKE_CUDA_LOAD_MS", "500");
+  const Ran ran = tenant(dir, {"fork-constructing"}, /*preload=*/true, env);
   ASSERT_EQ(ran.status, 0) << ran.err;
-  EXPECT_EQ(values(ran.out)["child_returned"], "1") << "the child's first call never returned";
+  EXPECT_EQ(keyValues(ran.out)["child_returned"], "1") << "the child's first call never returned";
 }
 
 // pthread_cancel of a thread waiting in a served call: the unwinding used
@@ -127,7 +110,7 @@ TEST(ShimProcess, CancellingAThreadInAServedCallDoesNotAbort) {
   Daemon daemon(dir, /*batch_ns=*/kSecond);  // a slow GPU: the call waits
   const Ran ran = tenant(dir, {"cancel"});
   EXPECT_EQ(ran.status, 0) << ran.err;
-  EXPECT_EQ(values(ran.out)["joined"], "1") << ran.out << ran.err;
+  EXPECT_EQ(keyValues(ran.out)["joined"], "1") << ran.out << ran.err;
   // The cancelled thread's call was in the daemon (not run directly, where
   // nothing waits to be cancelled in).
   EXPECT_TRUE(testing::waitFor([&] { return daemon.executor().batchSizes().size() >= 2; },
@@ -143,7 +126,7 @@ TEST(ShimProcess, UnloadingTheShimAfterServedCallsIsHarmless) {
   Daemon daemon(dir);
   const Ran ran = tenant(dir, {"dlclose", SHIM_PATH}, /*preload=*/false);
   EXPECT_EQ(ran.status, 0) << ran.err;
-  EXPECT_EQ(values(ran.out)["survived"], "1") << ran.out << ran.err;
+  EXPECT_EQ(keyValues(ran.out)["survived"], "1") << ran.out << ran.err;
   EXPECT_FALSE(daemon.executor().batchSizes().empty()) << "nothing was served: " << ran.err;
 }
 

@@ -15,17 +15,8 @@
 namespace stmux {
 namespace {
 
+using testing::keyValues;
 using testing::TempDir;
-
-std::map<std::string, std::string> probeValues(const std::string& out) {
-  std::map<std::string, std::string> values;
-  std::istringstream lines(out);
-  for (std::string line; std::getline(lines, line);) {
-    const auto space = line.find(' ');
-    if (space != std::string::npos) values[line.substr(0, space)] = line.substr(space + 1);
-  }
-  return values;
-}
 
 Ran probe(const TempDir& dir, std::map<std::string, std::string> env) {
   env.emplace("STMUX_SOCKET", dir.path() + "/nobody-here.sock");
@@ -64,7 +55,7 @@ TEST(Shim, TheProgramsCallsReachThePreloadedShimAndStatusesComeBackUnchanged) {
   ASSERT_EQ(plain.status, 0) << plain.err;
   auto shimmed = probe(dir, {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_LOG", "stats=info"}});
   ASSERT_EQ(shimmed.status, 0) << shimmed.err;
-  auto before = probeValues(plain.out), after = probeValues(shimmed.out);
+  auto before = keyValues(plain.out), after = keyValues(shimmed.out);
   EXPECT_NE(before["cublasSgemm_v2"].find("libcublas.so"), std::string::npos) << plain.out;
   EXPECT_NE(after["cublasSgemm_v2"].find("libstmux.so"), std::string::npos) << shimmed.out;
   EXPECT_NE(before["cublasLtMatmul"].find("libcublasLt.so"), std::string::npos) << plain.out;
@@ -110,7 +101,7 @@ TEST(Shim, DisableSendsEveryCallStraightToCublas) {
   auto disabled =
       probe(dir, {{"LD_PRELOAD", SHIM_PATH}, {"STMUX_DISABLE", "1"}, {"STMUX_LOG", "stats=info"}});
   ASSERT_EQ(disabled.status, 0) << disabled.err;
-  EXPECT_EQ(probeValues(plain.out)["v2_null_handle"], probeValues(disabled.out)["v2_null_handle"]);
+  EXPECT_EQ(keyValues(plain.out)["v2_null_handle"], keyValues(disabled.out)["v2_null_handle"]);
   EXPECT_TRUE(std::regex_search(disabled.err, std::regex("direct: disabled=[0-9]+\n")))
       << disabled.err;
 }
@@ -137,7 +128,7 @@ TEST(Shim, ALibraryLoadedLaterWithDlopenIsServedToo) {
                   {"STMUX_LOG", "stats=info"}},
                  dir.path() + "/dlopen");
   ASSERT_EQ(ran.status, 0) << ran.out << ran.err;
-  auto values = probeValues(ran.out);
+  auto values = keyValues(ran.out);
   EXPECT_NE(values["extension_binds_to"].find("libstmux.so"), std::string::npos) << ran.out;
   // A hooked call before any libcublas was loaded fails, and is not
   // remembered: the extension's call, once libcublas is in, reaches it and is

@@ -10,13 +10,16 @@
 #include <chrono>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "daemon/server.h"
+#include "stmux/control.h"
 #include "stmux/segment.h"
 #include "stmux/sys.h"
 
@@ -136,6 +139,31 @@ inline daemon::ServerOptions serverOptions(const TempDir& dir) {
   options.slots = 64;
   options.spin_ns = 200'000;
   return options;
+}
+
+// A socket listening at `path`, as a daemon's would (invalid if it could
+// not be made): one that accepts and never answers, where nothing accepts.
+inline UniqueFd listenAt(const std::string& path) {
+  auto address = socketAddress(path);
+  UniqueFd listener(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!address ||
+      ::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+             sizeof(sockaddr_un)) != 0 ||
+      ::listen(listener.get(), 4) != 0) {
+    return UniqueFd();
+  }
+  return listener;
+}
+
+// A program's "key value" lines, as the test programs print what they saw.
+inline std::map<std::string, std::string> keyValues(const std::string& out) {
+  std::map<std::string, std::string> values;
+  std::istringstream lines(out);
+  for (std::string line; std::getline(lines, line);) {
+    const auto space = line.find(' ');
+    if (space != std::string::npos) values[line.substr(0, space)] = line.substr(space + 1);
+  }
+  return values;
 }
 
 }  // namespace stmux::testing

@@ -34,6 +34,7 @@ namespace {
 using shim::Connection;
 using shim::ConnectOptions;
 using shim::Ticket;
+using testing::listenAt;
 using testing::ServerThread;
 using testing::TempDir;
 using testing::TestSink;
@@ -413,18 +414,6 @@ Result<Handover> forge(const TempDir& dir, const Forgery& forgery) {
 Status sendWelcome(int peer, const Handover& handover) {
   const int fds[2] = {handover.segment.get(), handover.doorbell.get()};
   return sendMessage(peer, &handover.welcome, sizeof(handover.welcome), fds, 2);
-}
-
-UniqueFd listenAt(const std::string& path) {
-  auto address = socketAddress(path);
-  UniqueFd listener(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-  if (!address ||
-      ::bind(listener.get(), reinterpret_cast<const sockaddr*>(&address.value()),
-             sizeof(sockaddr_un)) != 0 ||
-      ::listen(listener.get(), 4) != 0) {
-    return UniqueFd();
-  }
-  return listener;
 }
 
 std::string refusal(const TempDir& dir, std::string_view why) {

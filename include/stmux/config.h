@@ -401,6 +401,18 @@ constexpr const VarInfo* findVar(std::string_view name) {
   return nullptr;
 }
 
+namespace detail {
+// The names of the STMUX_* variables in `environ`.
+inline std::vector<std::string_view> stmuxNames(char** environ_ptr) {
+  std::vector<std::string_view> names;
+  for (char** entry = environ_ptr; entry != nullptr && *entry != nullptr; ++entry) {
+    const std::string_view text(*entry);
+    if (text.substr(0, 6) == "STMUX_") names.push_back(text.substr(0, text.find('=')));
+  }
+  return names;
+}
+}  // namespace detail
+
 // Settings of stmux's scripts (tools/*.sh), not of the daemon or the shim:
 // left in a tenant's environment they are no typo, so nobody warns of them.
 inline constexpr std::string_view kScriptVariables[] = {
@@ -411,16 +423,12 @@ inline constexpr std::string_view kScriptVariables[] = {
 // usually a typo that would otherwise be ignored without a word.
 inline std::vector<std::string> unknownVariables(char** environ_ptr) {
   std::vector<std::string> unknown;
-  for (char** entry = environ_ptr; entry != nullptr && *entry != nullptr; ++entry) {
-    std::string_view text(*entry);
-    if (text.substr(0, 6) != "STMUX_") continue;
-    const std::string_view name = text.substr(0, text.find('='));
-    if (findVar(name) != nullptr ||
-        std::find(std::begin(kScriptVariables), std::end(kScriptVariables), name) !=
+  for (const std::string_view name : detail::stmuxNames(environ_ptr)) {
+    if (findVar(name) == nullptr &&
+        std::find(std::begin(kScriptVariables), std::end(kScriptVariables), name) ==
             std::end(kScriptVariables)) {
-      continue;
+      unknown.emplace_back(name);
     }
-    unknown.emplace_back(name);
   }
   return unknown;
 }
@@ -430,10 +438,8 @@ inline std::vector<std::string> unknownVariables(char** environ_ptr) {
 // there, they change nothing, which is worth a word.
 inline std::vector<std::string> variablesReadElsewhere(char** environ_ptr, Scope here) {
   std::vector<std::string> elsewhere;
-  for (char** entry = environ_ptr; entry != nullptr && *entry != nullptr; ++entry) {
-    std::string_view text(*entry);
-    if (text.substr(0, 6) != "STMUX_") continue;
-    const VarInfo* var = findVar(text.substr(0, text.find('=')));
+  for (const std::string_view name : detail::stmuxNames(environ_ptr)) {
+    const VarInfo* var = findVar(name);
     if (var != nullptr && !detail::inScope(var->scope, here)) elsewhere.emplace_back(var->name);
   }
   return elsewhere;
