@@ -1140,15 +1140,11 @@ int main(int argc, char** argv) {
   if (options.mode == "probe") return probe();
   // Its first children must be forked before this process initializes CUDA.
   if (options.mode == "fork") return forkMode(options);
-  int devices = 0;
-  if (const cudaError_t error = cudaGetDeviceCount(&devices);
-      error != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "stmux-cublas-client: no CUDA device (%s)\n",
-                 stmux::noDeviceReason(error).c_str());
-    return 3;
-  }
+  if (reportedNoDevice()) return 3;
   if (options.sync_flag != 0) EXIT_ON_CUDA_ERROR(cudaSetDeviceFlags(options.sync_flag));
   if (options.mode == "devices") {
+    int devices = 0;
+    EXIT_ON_CUDA_ERROR(cudaGetDeviceCount(&devices));
     for (int i = 0; i < devices; ++i) {
       cudaDeviceProp prop{};
       EXIT_ON_CUDA_ERROR(cudaGetDeviceProperties(&prop, i));

@@ -12,7 +12,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "stmux/no_device.h"  // stmux::noDeviceReason, for their messages
+#include "stmux/no_device.h"
 
 #define EXIT_ON_CUDA_ERROR(call)                                                        \
   do {                                                                                  \
@@ -48,4 +48,17 @@ F driverFunction(const char* name, int version) {
     std::exit(3);
   }
   return reinterpret_cast<F>(function);
+}
+
+// Whether this machine has no CUDA device the program can use; if so, it says
+// so on stderr ("<program>: no CUDA device (<why>)"), the line by which the
+// tests and stmux-bench tell a skip from a failure. The programs then end with
+// exit status 3.
+inline bool reportedNoDevice() {
+  int devices = 0;
+  const cudaError_t error = cudaGetDeviceCount(&devices);
+  if (error == cudaSuccess && devices > 0) return false;
+  std::fprintf(stderr, "%s: no CUDA device (%s)\n", program_invocation_short_name,
+               stmux::noDeviceReason(error).c_str());
+  return true;
 }

@@ -45,7 +45,6 @@
 #include <fmt/format.h>
 
 #include "stmux/epilogue.h"
-#include "stmux/no_device.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
 
@@ -1844,13 +1843,7 @@ int main(int argc, char** argv) {
   }
   std::fflush(stdout);
 
-  int devices = 0;
-  if (const cudaError_t error = cudaGetDeviceCount(&devices);
-      error != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "stmux-differential: no CUDA device (%s)\n",
-                 stmux::noDeviceReason(error).c_str());
-    return 3;
-  }
+  if (reportedNoDevice()) return 3;
   const RealFunctions real = realFunctions();
   // What the program's own calls bind to, looked up as the dynamic linker
   // would: the preloaded shim, when there is one.

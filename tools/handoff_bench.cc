@@ -54,7 +54,6 @@
 #include <vector>
 
 #include "stmux/json.h"
-#include "stmux/no_device.h"
 #include "stmux/sys.h"
 #include "tools/cuda_exit.h"
 #include "tools/latency.h"
@@ -571,11 +570,7 @@ int main(int argc, char** argv) {
     waiters.push_back(waiter);
   }
 
-  int devices = 0;
-  if (const cudaError_t error = cudaGetDeviceCount(&devices);
-      error != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "stmux-handoff-bench: no usable CUDA device (%s)\n",
-                 stmux::noDeviceReason(error).c_str());
+  if (reportedNoDevice()) {
     shared->stop.store(1, std::memory_order_release);
     ::waitpid(daemon, nullptr, 0);
     return 3;

@@ -36,7 +36,6 @@
 #include <set>
 #include <string>
 #include <vector>
-#include "stmux/no_device.h"
 #include "tools/cuda_exit.h"
 
 namespace {
@@ -503,13 +502,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "stmux-launch-bench: --shape and --count go with --drift\n");
     return usage(stderr);
   }
-  int devices = 0;
-  if (const cudaError_t error = cudaGetDeviceCount(&devices);
-      error != cudaSuccess || devices == 0) {
-    std::fprintf(stderr, "stmux-launch-bench: no CUDA device (%s)\n",
-                 stmux::noDeviceReason(error).c_str());
-    return 3;
-  }
+  if (reportedNoDevice()) return 3;
   if (drift_s > 0) {
     std::mt19937 random(1234);
     return drift(drift_s, drift_shape, drift_count, random);
