@@ -130,7 +130,19 @@ class ExecutorChannel {
   }
   // Moves overflow into the queues; true while some is still left over.
   bool flush() {
-    if (move(overflow_, commands_)) executor_bell_.ring();
+    bool moved = move(overflow_, commands_);
+    // What is left waits for room, which the executor's next take makes: it
+    // then wakes the scheduler to move it (otherwise a batch could wait for
+    // an unrelated wake-up, up to the server's longest sleep). Room made
+    // before the executor could see the flag is taken here (the fences pair
+    // with takeCommand's).
+    if (!overflow_.empty()) {
+      overflowing_.store(true, std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      moved |= move(overflow_, commands_);
+    }
+    if (overflow_.empty()) overflowing_.store(false, std::memory_order_relaxed);
+    if (moved) executor_bell_.ring();
     if (moveOpens()) mapper_bell_.ring();
     return !overflow_.empty() || waiting_open_count_ != 0;
   }
@@ -143,7 +155,17 @@ class ExecutorChannel {
 
   // ---- executor side ----
 
-  std::unique_ptr<ExecCommand> takeCommand() { return take(commands_); }
+  std::unique_ptr<ExecCommand> takeCommand() {
+    std::unique_ptr<ExecCommand> command = take(commands_);
+    if (command) {
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      if (overflowing_.load(std::memory_order_relaxed) &&
+          overflowing_.exchange(false, std::memory_order_relaxed)) {
+        wakeScheduler();
+      }
+    }
+    return command;
+  }
   // The done queue holds more than the batcher ever lets be in flight, so
   // this push cannot fail; it spins rather than lose a batch if it ever did.
   void finish(std::unique_ptr<Batch> batch) { handBack(done_, std::move(batch)); }
@@ -236,6 +258,9 @@ class ExecutorChannel {
     }
   }
 
+  // Set by the scheduler while commands wait in overflow_ (the executor's
+  // queue was full), cleared by the executor's take that wakes it.
+  std::atomic<bool> overflowing_{false};
   boost::lockfree::spsc_queue<ExecCommand*, boost::lockfree::capacity<kCapacity>> commands_;
   boost::lockfree::spsc_queue<Batch*, boost::lockfree::capacity<kCapacity>> done_;
   boost::lockfree::spsc_queue<OpenJob*, boost::lockfree::capacity<kCapacity>> opens_;

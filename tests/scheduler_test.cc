@@ -36,6 +36,38 @@ std::int32_t call(shim::Connection& connection, Request request) {
   return result.outcome == WaitOutcome::kDone ? result.status : INT32_MIN + 1;
 }
 
+// Commands that found the executor's queue full wait in the channel; the
+// executor's next take makes room, and wakes the scheduler to move them
+// (they waited for an unrelated wake-up, ~75 ms, before).
+TEST(ExecutorChannel, RoomMadeForWaitingCommandsWakesTheScheduler) {
+  UniqueFd wake = Scheduler::makeWakeFd();
+  ASSERT_GE(wake.get(), 0);
+  ExecutorChannel channel(wake.get());
+  const auto release = [] {
+    auto command = std::make_unique<ExecCommand>();
+    command->kind = ExecCommand::Kind::kRelease;
+    command->alloc_ids = {1};
+    return command;
+  };
+  int posted = 0;
+  while (channel.backlog() == 0) {
+    channel.post(release());
+    ASSERT_LT(++posted, 100'000);
+  }
+  std::uint64_t count = 0;
+  const auto woken = [&] { return ::read(wake.get(), &count, sizeof(count)) == sizeof(count); };
+  (void)woken();  // whatever earlier moves rang
+  EXPECT_FALSE(woken());
+  ASSERT_TRUE(channel.takeCommand());
+  EXPECT_TRUE(woken()) << "the executor made room and did not wake the scheduler";
+  EXPECT_FALSE(channel.flush()) << "the waiting command did not fit in the room made";
+  EXPECT_EQ(channel.backlog(), 0u);
+  ASSERT_TRUE(channel.takeCommand());
+  EXPECT_FALSE(woken()) << "nothing waits: no wake needed";
+  while (channel.takeCommand()) {
+  }
+}
+
 TEST(Scheduler, AValidRequestReachesTheExecutorAndCompletes) {
   TempDir dir;
   Daemon daemon(dir);
