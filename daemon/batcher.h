@@ -25,10 +25,12 @@
 #include <cstdint>
 #include <deque>
 #include <iterator>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "daemon/server.h"
@@ -124,6 +126,9 @@ class Batcher {
   const BatcherStats& stats() const { return stats_; }
 
  private:
+  // Disjoint byte ranges of a client's allocations: (allocation id, first
+  // byte) to the end.
+  using ByteRanges = std::map<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t>;
   struct Tenant {
     std::deque<Queued> queue;
     bool has_completed = false;  // last_completion_ns is meaningful
@@ -131,10 +136,14 @@ class Batcher {
     std::uint64_t last_completion_ns = 0;
     std::uint64_t think_ns = 0;  // 0: not known yet
     std::uint32_t in_flight = 0;
-    // In the batch being taken (`batch`'s id): its requests there (indices
-    // into its items), and whether the rest wait for the next (a hazard).
+    // In the batch being taken (`batch`'s id): how many of its requests are
+    // there (the first at `first_item`), what they write and read once
+    // there are two (ByteRanges), and whether the rest wait for the next (a
+    // hazard).
     std::uint64_t batch = 0;
-    std::vector<std::size_t> taken;
+    std::size_t taken = 0;
+    std::size_t first_item = 0;
+    ByteRanges writes, reads;
     bool held = false;
   };
 
