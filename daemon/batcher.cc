@@ -181,6 +181,7 @@ std::optional<Batch> Batcher::take(std::uint64_t now_ns, std::uint64_t& wake_at_
   // batch, so that its requests keep their order: the rest go in the next.
   // (Footprints are worked out only for a tenant's second request and on:
   // most batches take one from each.)
+  std::size_t last = first;  // the tenant (in order_) last taken from
   for (bool progressed = true; progressed && batch.items.size() < limit;) {
     progressed = false;
     for (std::size_t i = 0; i < tenant_count && batch.items.size() < limit; ++i) {
@@ -212,13 +213,16 @@ std::optional<Batch> Batcher::take(std::uint64_t now_ns, std::uint64_t& wake_at_
       const std::uint64_t waited = now_ns - tenant.queue.front().arrival_ns;
       stats_.wait_ns += waited;
       ++stats_.waits[bucketOf(kWaitBoundsS, static_cast<double>(waited) / 1e9)];
+      last = (first + i) % tenant_count;
       batch.items.push_back(std::move(tenant.queue.front()));
       tenant.queue.pop_front();
       ++tenant.in_flight;
       progressed = true;
     }
   }
-  next_first_ = first + 1;
+  // A batch cut short by its size: the next starts with the tenant after the
+  // last taken, so that those past the cut are first next time.
+  next_first_ = batch.items.size() == options_.max_batch ? last + 1 : first + 1;
   queued_ -= batch.items.size();
   ++in_flight_;
   ++stats_.batches;

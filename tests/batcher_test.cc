@@ -220,6 +220,44 @@ TEST_F(BatcherTest, TheFirstTenantServedRotates) {
   EXPECT_EQ(first_served, (std::vector<std::uint32_t>{1, 2, 1, 2}));
 }
 
+// More tenants with work than a batch holds: the next batch starts where the
+// last was cut, so no tenant misses two batches in a row (starting one
+// further each time left the tenants past the cut out of up to T - max_batch
+// batches in a row: a tail of several batches).
+TEST_F(BatcherTest, ABatchCutShortStartsTheNextWhereItStopped) {
+  BatcherOptions o = options();
+  o.max_batch = 4;
+  o.max_in_flight = 100;
+  Batcher b(o);
+  constexpr std::uint32_t kTenants = 8;
+  for (int i = 0; i < 8; ++i) {
+    for (std::uint32_t t = 1; t <= kTenants; ++t)
+      b.add(request(t, i), 0);
+  }
+  std::map<std::uint32_t, int> served, missed_in_a_row, most_missed;
+  std::uint64_t wake;
+  for (int batch = 0; batch < 16; ++batch) {
+    auto taken = b.take(0, wake);
+    ASSERT_TRUE(taken.has_value());
+    ASSERT_EQ(taken->items.size(), 4u);
+    std::map<std::uint32_t, bool> in;
+    for (const Queued& q : taken->items)
+      in[q.client->id] = true;
+    for (std::uint32_t t = 1; t <= kTenants; ++t) {
+      if (in[t]) {
+        ++served[t];
+        missed_in_a_row[t] = 0;
+      } else {
+        most_missed[t] = std::max(most_missed[t], ++missed_in_a_row[t]);
+      }
+    }
+  }
+  for (std::uint32_t t = 1; t <= kTenants; ++t) {
+    EXPECT_EQ(served[t], 8) << "tenant " << t;
+    EXPECT_LE(most_missed[t], 1) << "tenant " << t << " missed batches in a row";
+  }
+}
+
 TEST_F(BatcherTest, MixedShapesShareABatch) {
   Batcher b(options());
   b.add(request(1, 0, 16), 0);
