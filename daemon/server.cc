@@ -44,6 +44,9 @@ constexpr std::uint64_t kAcceptBackoffNs = 100'000'000;
 // keep the loop in accept() and away from the tenants' rings. The listening
 // socket stays readable, so the rest wait for the next turn.
 constexpr int kMaxAcceptsPerTurn = 16;
+// How long the check for a daemon already at the socket path waits for it to
+// take the connection.
+constexpr std::uint64_t kProbeTimeoutNs = 1'000'000'000;
 // Control messages (release notices) read from one client per turn.
 constexpr int kMaxMessagesPerTurn = 16;
 
@@ -128,9 +131,14 @@ Status Server::listen() {
   // Is somebody answering on this path already?
   {
     UniqueFd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-    if (::connect(probe.get(), addr, sizeof(sockaddr_un)) == 0) {
+    if (connectWithin(probe.get(), address.value(), kProbeTimeoutNs) == 0) {
       return Status::error(
           fmt::format("another stmuxd is already listening on {}", options_.socket_path));
+    }
+    if (errno == EAGAIN) {
+      return Status::error(fmt::format(
+          "another process listens on {} but takes no connection (a stopped or stuck stmuxd?)",
+          options_.socket_path));
     }
     struct stat st {};
     if (::lstat(options_.socket_path.c_str(), &st) == 0) {

@@ -155,19 +155,7 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
   if (!sock.valid()) {
     return Status::error(fmt::format("socket() failed: {}", std::strerror(errno)));
   }
-  // connect() waits while the daemon's backlog is full, for ever where the
-  // daemon is stopped or stuck: the send timeout bounds that wait (Linux),
-  // and only that, since every message is sent with MSG_DONTWAIT.
-  const timeval bound{static_cast<time_t>(options.timeout_ns / 1'000'000'000),
-                      static_cast<suseconds_t>(options.timeout_ns % 1'000'000'000 / 1'000)};
-  if (::setsockopt(sock.get(), SOL_SOCKET, SO_SNDTIMEO, &bound, sizeof(bound)) != 0) {
-    return Status::error(fmt::format("setsockopt(SO_SNDTIMEO) failed: {}", std::strerror(errno)));
-  }
-  int rc;
-  do {
-    rc = ::connect(sock.get(), reinterpret_cast<const sockaddr*>(&address.value()),
-                   sizeof(sockaddr_un));
-  } while (rc < 0 && errno == EINTR);
+  const int rc = connectWithin(sock.get(), address.value(), options.timeout_ns);
   if (rc < 0 && errno == EAGAIN) {
     return Status::error(fmt::format("the daemon at {} did not take the connection within {} ms",
                                      options.socket_path,

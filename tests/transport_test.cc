@@ -19,6 +19,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <string>
 #include <thread>
@@ -191,6 +192,52 @@ TEST(Transport, ADaemonThatAcceptsNothingCostsAnAttachNoMoreThanTheTimeout) {
             std::string::npos)
       << connection.message();
   EXPECT_LT(took, 2 * kSecond);
+}
+
+// stmuxctl's status query and a daemon starting at the same path were left
+// waiting for ever the same way.
+TEST(Transport, ADaemonThatAcceptsNothingCostsAStatusQueryAndAStartNoMoreThanTheirTimeouts) {
+  TempDir dir;
+  UniqueFd listener = listenAt(dir.socket());
+  ASSERT_TRUE(listener.valid());
+  ASSERT_EQ(::listen(listener.get(), 0), 0);
+  auto address = socketAddress(dir.socket());
+  ASSERT_TRUE(address.ok());
+  std::vector<UniqueFd> queued;
+  for (int i = 0; i < 4; ++i) {
+    UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
+                  sizeof(sockaddr_un)) != 0) {
+      break;
+    }
+    queued.push_back(std::move(fd));
+  }
+  ASSERT_FALSE(queued.empty());
+  std::uint64_t start = nowNs();
+  auto reply = queryDaemonStatus(dir.socket(), "transport_test", 200);
+  EXPECT_LT(nowNs() - start, 2 * kSecond);
+  ASSERT_FALSE(reply.ok());
+  EXPECT_NE(reply.message().find("did not take the connection within 200 ms"), std::string::npos)
+      << reply.message();
+
+  TestSink sink;
+  daemon::Server server(testing::serverOptions(dir), sink);
+  start = nowNs();
+  const Status listening = server.listen();
+  EXPECT_LT(nowNs() - start, 3 * kSecond);
+  ASSERT_FALSE(listening.ok());
+  EXPECT_NE(listening.message().find("takes no connection"), std::string::npos)
+      << listening.message();
+}
+
+// A path that is not a socket is named as such, not as a daemon refusing.
+TEST(Transport, AStatusQueryAtAPathThatIsNoSocketSaysSo) {
+  TempDir dir;
+  const std::string file = dir.path() + "/not-a-socket";
+  std::ofstream(file) << "x";
+  auto reply = queryDaemonStatus(file, "transport_test", 200);
+  ASSERT_FALSE(reply.ok());
+  EXPECT_EQ(reply.message(), file + " is not a socket: a daemon's socket is expected there");
 }
 
 TEST(Transport, CancelWinsOnlyBeforeTheDaemonClaims) {

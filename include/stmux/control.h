@@ -7,6 +7,8 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -33,6 +35,22 @@ inline Result<sockaddr_un> socketAddress(std::string_view path) {
   }
   std::memcpy(addr.sun_path, path.data(), path.size());
   return addr;
+}
+
+// Connects `fd` (an AF_UNIX socket) to a daemon's socket. connect() waits
+// while the daemon's backlog is full, for ever where the daemon is stopped,
+// stuck or flooded: the send timeout bounds that wait to `timeout_ns`
+// (Linux), and only that, since every message is sent with MSG_DONTWAIT.
+// 0, or -1 with errno set (EAGAIN: not taken within the timeout).
+inline int connectWithin(int fd, const sockaddr_un& address, std::uint64_t timeout_ns) {
+  const timeval bound{static_cast<time_t>(timeout_ns / 1'000'000'000),
+                      static_cast<suseconds_t>(timeout_ns % 1'000'000'000 / 1'000)};
+  if (::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &bound, sizeof(bound)) != 0) return -1;
+  int rc;
+  do {
+    rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(sockaddr_un));
+  } while (rc != 0 && errno == EINTR);
+  return rc;
 }
 
 // Sends one whole message, with optional descriptors. Never blocks: a peer
@@ -192,13 +210,19 @@ inline Result<std::string> queryDaemonStatus(const std::string& path, std::strin
   if (!address) return address.status();
   UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
   if (!fd.valid()) return Status::error(fmt::format("socket() failed: {}", std::strerror(errno)));
-  int rc;
-  do {
-    rc = ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()),
-                   sizeof(sockaddr_un));
-  } while (rc != 0 && errno == EINTR);
-  if (rc != 0) {
+  const std::uint64_t timeout_ns = std::uint64_t(timeout_ms) * 1'000'000;
+  if (connectWithin(fd.get(), address.value(), timeout_ns) != 0) {
     const int err = errno;
+    if (err == EAGAIN) {
+      return Status::error(fmt::format(
+          "the daemon at {} did not take the connection within {} ms (stopped, stuck or flooded)",
+          path, timeout_ms));
+    }
+    struct stat st {};
+    if (err != ENOENT && ::lstat(path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
+      return Status::error(
+          fmt::format("{} is not a socket: a daemon's socket is expected there", path));
+    }
     // ENOENT: never started or exited cleanly (it removes its socket);
     // ECONNREFUSED: a socket file left by a daemon that died.
     if (err == ENOENT || err == ECONNREFUSED) {
@@ -219,7 +243,7 @@ inline Result<std::string> queryDaemonStatus(const std::string& path, std::strin
 
   // The reply: parts (kStatusPart) then the last one (kStatusReply), all
   // within the timeout.
-  const std::uint64_t deadline = nowNs() + std::uint64_t(timeout_ms) * 1'000'000;
+  const std::uint64_t deadline = nowNs() + timeout_ns;
   std::string json;
   while (true) {
     const std::uint64_t now = nowNs();
