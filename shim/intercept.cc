@@ -54,7 +54,17 @@ constexpr auto kSweepInterval = std::chrono::seconds(1);
 constexpr std::uint64_t kIdleCheckNs = 50'000'000;
 // The first wait between attach attempts; it doubles to STMUX_RECONNECT_MS.
 constexpr std::uint64_t kFirstBackoffNs = 10'000'000;
+// How long an attach waits for the daemon's welcome (and for it to take the
+// connection), at most STMUX_TIMEOUT_MS: the process's first attempt, which
+// other threads' first calls wait for, and the attempts after it, made by one
+// calling thread while the others run directly. A daemon that answers a
+// retry in none of this time is taken for stopped or stuck; the next try
+// comes at least 9 times the attempt (up to a retry's timeout) later, so
+// that such a daemon holds the attaching thread for a tenth of its time (it
+// held every thread for half of it, all of it at STMUX_RECONNECT_MS=10).
 constexpr std::uint64_t kWelcomeTimeoutNs = 1'000'000'000;
+constexpr std::uint64_t kRetryWelcomeTimeoutNs = 100'000'000;
+constexpr std::uint64_t kRetryPauseFactor = 9;
 constexpr int kMaxDevices = 64;
 // How long the exit handler waits for stream-ordered calls still in flight,
 // so that the counters it prints account for them.
@@ -129,6 +139,7 @@ class Shim {
   std::mutex connection_mutex_;
   std::condition_variable attached_cv_;  // signalled when an attach attempt ends
   bool attaching_ = false;               // under connection_mutex_: one thread attaches
+  bool attempted_ = false;               // under connection_mutex_: an attach has ended
   std::shared_ptr<Connection> connection_;
   std::uint64_t next_attempt_ns_ = 0;
   std::uint64_t backoff_ns_ = kFirstBackoffNs;
@@ -487,14 +498,18 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
 
 std::shared_ptr<Connection> Shim::connection(Fallback& why) {
   const std::uint64_t now = nowNs();
+  std::uint64_t welcome_timeout_ns = 0;
   {
     std::unique_lock lock(connection_mutex_);
-    // Another thread is attaching (a program's first calls often come from
-    // several threads at once): wait for its outcome rather than run
-    // directly beside a daemon that is up. The attach is bounded by the
-    // welcome timeout.
-    attached_cv_.wait_for(lock, std::chrono::nanoseconds(2 * kWelcomeTimeoutNs),
-                          [this] { return !attaching_; });
+    // Another thread is making the process's first attach (its first calls
+    // often come from several threads at once): wait for its outcome rather
+    // than run directly beside a daemon that is up. The attach is bounded by
+    // the welcome timeout. Later attempts are not waited for: the daemon was
+    // found absent or lost, and these calls run directly meanwhile.
+    if (!attempted_) {
+      attached_cv_.wait_for(lock, std::chrono::nanoseconds(2 * kWelcomeTimeoutNs),
+                            [this] { return !attaching_; });
+    }
     why = refusedToAttach(last_failure_) ? Fallback::kRefused : Fallback::kNoDaemon;
     if (connection_) {
       // Gone: stream-ordered calls never wait on the host, so their watcher
@@ -513,6 +528,8 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
     if (attaching_ || now < next_attempt_ns_) return nullptr;
     next_attempt_ns_ = now + backoff_ns_;
     attaching_ = true;
+    welcome_timeout_ns = std::min(attempted_ ? kRetryWelcomeTimeoutNs : kWelcomeTimeoutNs,
+                                  static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000);
   }
   // Whatever happens, attaching_ is cleared: an exception out of the attempt
   // (bad_alloc, which intercept() turns into a direct call) must not leave
@@ -523,7 +540,7 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
       options.socket_path = config_.socket;
       options.daemon_user = config_.daemon_user;
       options.name = name_;
-      options.timeout_ns = kWelcomeTimeoutNs;
+      options.timeout_ns = welcome_timeout_ns;
       return Connection::open(options);
     } catch (...) {
       std::lock_guard lock(connection_mutex_);
@@ -532,15 +549,20 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
       throw;
     }
   };
+  const std::uint64_t started = nowNs();
   auto opened = attempt();
 
   std::lock_guard lock(connection_mutex_);
   attaching_ = false;
+  attempted_ = true;
   attached_cv_.notify_all();
   if (!opened) {
     const std::uint64_t limit = static_cast<std::uint64_t>(config_.reconnect_ms) * 1'000'000;
     backoff_ns_ = std::min(backoff_ns_ * 2, limit);
-    next_attempt_ns_ = nowNs() + backoff_ns_;
+    const std::uint64_t ended = nowNs();
+    next_attempt_ns_ =
+        ended + std::max(backoff_ns_,
+                         kRetryPauseFactor * std::min(ended - started, kRetryWelcomeTimeoutNs));
     // One warning per absence; the retries' failures only at debug level.
     if (!warned_absent_) {
       STMUX_WARN(kShim, "not attached to stmuxd: {}; cuBLAS calls run directly, retrying",
@@ -903,6 +925,7 @@ void Shim::forkChild() {
   }
   shim.sweeper_started_ = false;  // threads do not survive fork()
   shim.attaching_ = false;
+  shim.attempted_ = false;  // a new process: its first calls wait for its first attach
   shim.next_attempt_ns_ = 0;
   shim.backoff_ns_ = kFirstBackoffNs;
   shim.calls_ = 0;

@@ -90,6 +90,27 @@ TEST(ShimProcess, AForkWhileAttachingLeavesTheChildNoSocket) {
   EXPECT_EQ(keyValues(ran.out)["child_sockets"], "0") << ran.out << ran.err;
 }
 
+// A daemon that takes connections and never answers (stopped, stuck): each
+// attempt to attach held the calling thread for the welcome timeout (1 s),
+// every other thread waited for it, and the next came STMUX_RECONNECT_MS
+// later, so the tenant spent half its time (all of it at 10 ms) inside
+// calls that then ran directly. Now one thread tries, for 100 ms, at most a
+// tenth of the time, and the rest run directly meanwhile.
+TEST(ShimProcess, ADaemonThatNeverAnswersCostsATenantLittleOfItsTime) {
+  TempDir dir;
+  const UniqueFd listener = testing::listenAt(dir.socket());
+  ASSERT_TRUE(listener.valid());
+  const Ran ran = tenant(dir, {"steady", "4", "4"}, /*preload=*/true,
+                         {{"STMUX_RECONNECT_MS", "10"}, {"STMUX_LOG", "shim=warn"}});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  auto seen = keyValues(ran.out);
+  ASSERT_TRUE(seen.count("inside_share")) << ran.out << ran.err;
+  // Generous bounds (they are 0.03 and ~100 ms here): a test of the
+  // wait's shape, not of speed.
+  EXPECT_LT(std::stod(seen["inside_share"]), 0.25) << ran.out;
+  EXPECT_LT(std::stod(seen["longest_ms"]), 600.0) << ran.out;
+}
+
 // A fork while another thread makes the shim (its first call; loading the
 // driver takes 500 ms here): the child's copy of the shim's construction
 // guard stayed taken, and its first call waited for ever.

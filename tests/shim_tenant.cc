@@ -18,6 +18,10 @@
 //                     cancelled and joined
 //   dlclose SHIM      loads SHIM, makes 3 calls through it, unloads it, and
 //                     lives on 1.5 s (the shim's threads may still run)
+//   steady S T        T threads, each a call every 2 ms for S seconds, each
+//                     with its own C: prints the share of the threads' time
+//                     spent inside calls after the first second, and the
+//                     longest such call (ms)
 #include <cublas_api.h>
 #include <dirent.h>
 #include <dlfcn.h>
@@ -26,11 +30,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 extern "C" void cublasSgemm(char transa, char transb, int m, int n, int k, float alpha,
                             const float* A, int lda, const float* B, int ldb, float beta, float* C,
@@ -88,7 +95,7 @@ int socketsHeld() {
 int usage() {
   std::fprintf(stderr,
                "usage: stmux-shim-tenant MODE [ARG]; modes: served N, alpha0, legacy, "
-               "fork-attaching, fork-constructing, cancel, dlclose SHIM\n");
+               "fork-attaching, fork-constructing, cancel, dlclose SHIM, steady S T\n");
   return 2;
 }
 
@@ -173,6 +180,43 @@ int main(int argc, char** argv) {
     pthread_cancel(caller);
     pthread_join(caller, nullptr);
     std::printf("joined 1\n");
+    return 0;
+  }
+  if (mode == "steady" && argc == 4) {
+    const double seconds = std::atof(argv[2]);
+    const int threads = std::atoi(argv[3]);
+    using Clock = std::chrono::steady_clock;
+    const Clock::time_point start = Clock::now();
+    const Clock::time_point settled = start + std::chrono::seconds(1);
+    const Clock::time_point end =
+        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    std::vector<double> inside_s(threads), longest_s(threads);
+    std::vector<std::thread> callers;
+    for (int t = 0; t < threads; ++t) {
+      callers.emplace_back([&, t] {
+        float* const mine = allocation(0.0f);
+        for (Clock::time_point now = Clock::now(); now < end; now = Clock::now()) {
+          (void)sgemm(1.0f, 0.0f, mine);
+          const Clock::time_point after = Clock::now();
+          if (now >= settled) {
+            const double took = std::chrono::duration<double>(after - now).count();
+            inside_s[t] += took;
+            longest_s[t] = std::max(longest_s[t], took);
+          }
+          usleep(2'000);
+        }
+        std::free(mine);
+      });
+    }
+    for (std::thread& caller : callers)
+      caller.join();
+    double inside = 0, longest = 0;
+    for (int t = 0; t < threads; ++t) {
+      inside += inside_s[t];
+      longest = std::max(longest, longest_s[t]);
+    }
+    const double span = std::chrono::duration<double>(end - settled).count();
+    std::printf("inside_share %.3f\nlongest_ms %.1f\n", inside / (threads * span), longest * 1e3);
     return 0;
   }
   if (mode == "dlclose" && argc == 3) {
