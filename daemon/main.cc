@@ -234,9 +234,10 @@ int run(int argc, char** argv) {
       const char* source = flags->values.count(name) != 0 ? "flag"
                            : environment(name)            ? "environment"
                                                           : "default";
-      std::printf("%s=%s\t# %s; %s\n", name.c_str(),
-                  formatValue(config.value(), var.member).c_str(), source,
-                  std::string(var.help).c_str());
+      // Comments on lines of their own: an environment file (systemd's
+      // EnvironmentFile=, docker --env-file) has no comment after a value.
+      std::printf("# %s (%s): %s\n%s=%s\n", name.c_str(), source, std::string(var.help).c_str(),
+                  name.c_str(), formatValue(config.value(), var.member).c_str());
     }
     return 0;
   }

@@ -4,6 +4,10 @@
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 
+#include <map>
+#include <sstream>
+#include <string>
+
 #include "stmux/config.h"
 #include "test_support.h"
 #include "tools/process.h"
@@ -82,15 +86,41 @@ TEST(Stmuxd, PrintConfigShowsEveryDaemonSettingAndWhereItCameFrom) {
   TempDir dir;
   auto ran = stmuxd(dir, {"--print-config", "--window-us", "250"}, {{"STMUX_MAX_BATCH", "64"}});
   ASSERT_EQ(ran.status, 0) << ran.err;
-  EXPECT_NE(ran.out.find("STMUX_WINDOW_US=250\t# flag"), std::string::npos) << ran.out;
-  EXPECT_NE(ran.out.find("STMUX_MAX_BATCH=64\t# environment"), std::string::npos) << ran.out;
-  EXPECT_NE(ran.out.find("STMUX_SLOTS=256\t# default"), std::string::npos) << ran.out;
+  EXPECT_NE(ran.out.find("# STMUX_WINDOW_US (flag): "), std::string::npos) << ran.out;
+  EXPECT_NE(ran.out.find("\nSTMUX_WINDOW_US=250\n"), std::string::npos) << ran.out;
+  EXPECT_NE(ran.out.find("# STMUX_MAX_BATCH (environment): "), std::string::npos) << ran.out;
+  EXPECT_NE(ran.out.find("\nSTMUX_MAX_BATCH=64\n"), std::string::npos) << ran.out;
+  EXPECT_NE(ran.out.find("# STMUX_SLOTS (default): "), std::string::npos) << ran.out;
+  EXPECT_NE(ran.out.find("\nSTMUX_SLOTS=256\n"), std::string::npos) << ran.out;
   for (const VarInfo& var : kVars) {
     // A line of its own (another's help may name it).
     const bool listed =
         ("\n" + ran.out).find("\n" + std::string(var.name) + "=") != std::string::npos;
     EXPECT_EQ(listed, var.scope != Scope::kShim) << var.name;
   }
+}
+
+// The output is an environment file: read back as one (each line
+// VAR=VALUE or a comment, as systemd's EnvironmentFile= reads it), it gives
+// the daemon the same settings, now from its environment. A comment after the
+// value made every setting invalid (or part of the socket's path).
+TEST(Stmuxd, PrintConfigIsAnEnvironmentFileTheDaemonTakes) {
+  TempDir dir;
+  const auto first = stmuxd(dir, {"--print-config", "--window-us", "250"});
+  ASSERT_EQ(first.status, 0) << first.err;
+  std::map<std::string, std::string> env;
+  std::istringstream lines(first.out);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    const std::size_t equals = line.find('=');
+    ASSERT_NE(equals, std::string::npos) << "not VAR=VALUE: " << line;
+    env[line.substr(0, equals)] = line.substr(equals + 1);
+  }
+  EXPECT_EQ(env["STMUX_WINDOW_US"], "250");
+  const auto again = stmuxd(dir, {"--print-config"}, env);
+  ASSERT_EQ(again.status, 0) << again.err;
+  EXPECT_NE(again.out.find("# STMUX_WINDOW_US (environment): "), std::string::npos) << again.out;
+  EXPECT_NE(again.out.find("\nSTMUX_WINDOW_US=250\n"), std::string::npos) << again.out;
 }
 
 TEST(Stmuxd, HelpListsTheFlags) {
