@@ -39,8 +39,8 @@ Samples samplesFor(const VarInfo& var) {
       return {{str(var.min), str(var.max), str(var.min * 2)},
               {str(var.min / 2), str(var.max * 2), str(var.min + 1), str(var.max - 1), "", "x"}};
     case Kind::kPath:
-      return {{"/tmp/stmux.sock", "relative.sock", "/" + std::string(var.max - 1, 'p')},
-              {"", "/" + std::string(var.max, 'p')}};
+      return {{"/tmp/stmux.sock", "/" + std::string(var.max - 1, 'p')},
+              {"", "relative.sock", "./stmux.sock", "/" + std::string(var.max, 'p')}};
     case Kind::kLog:
       return {{"off", "error", "warn", "info", "debug", "trace", "warn,sched=debug",
                "info,shim=trace,exec=off", "stats=info"},

@@ -558,7 +558,7 @@ TEST(Stmuxctl, ABadStmuxSocketIsAConfigurationError) {
   const CtlRun run = runCtl({"status"}, {"STMUX_SOCKET=" + std::string(120, 'x')});
   EXPECT_EQ(run.exit_code, 2) << describe(run);
   EXPECT_TRUE(contains(run.err, "stmuxctl: STMUX_SOCKET='xxx")) << run.err;
-  EXPECT_TRUE(contains(run.err, "accepted: a path of 1 to 107 bytes")) << run.err;
+  EXPECT_TRUE(contains(run.err, "accepted: an absolute path of at most 107 bytes")) << run.err;
 
   // Only the socket is stmuxctl's business: --socket makes STMUX_SOCKET
   // irrelevant, and a tenant setting left in the shell is ignored.

@@ -187,7 +187,7 @@ inline std::string describeAccepted(const VarInfo& var) {
     case Kind::kPow2:
       return fmt::format("a power of two from {} to {}{}", var.min, var.max, unit);
     case Kind::kPath:
-      return fmt::format("a path of {} to {} bytes", var.min, var.max);
+      return fmt::format("an absolute path of at most {} bytes", var.max);
     case Kind::kLog:
       return "LEVEL[,SUBSYSTEM=LEVEL...], LEVEL one of off|error|warn|info|debug|trace";
     case Kind::kDevices:
@@ -255,6 +255,10 @@ inline Result<std::int64_t> parseValue<Kind::kPow2>(const VarInfo& var, std::str
 template <>
 inline Result<std::string> parseValue<Kind::kPath>(const VarInfo& var, std::string_view text) {
   if (text.empty()) return invalid(var, text, "is empty");
+  // A relative path would be looked up from each process's working
+  // directory at each attach: a tenant that changed directory never finds
+  // the daemon again, and the daemon's own (under systemd) is /.
+  if (text.front() != '/') return invalid(var, text, "is not an absolute path");
   if (static_cast<std::int64_t>(text.size()) > var.max) {
     return invalid(var, text, fmt::format("is too long ({} bytes)", text.size()));
   }
