@@ -156,31 +156,7 @@ void notifySystemd(const char* state) {
 Result<std::vector<GpuInfo>> selectGpus(const std::vector<std::string>& wanted) {
   auto gpus = listGpus();
   if (!gpus) return gpus;
-  if (wanted.empty()) return gpus;
-  std::vector<GpuInfo> chosen;
-  for (const std::string& item : wanted) {
-    auto it = std::find_if(gpus->begin(), gpus->end(), [&](const GpuInfo& gpu) {
-      if (std::isdigit(static_cast<unsigned char>(item[0]))) {
-        return std::to_string(gpu.index) == item;
-      }
-      std::string uuid = formatUuid(gpu.uuid), lower = item;
-      std::transform(lower.begin(), lower.end(), lower.begin(),
-                     [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-      std::transform(uuid.begin(), uuid.end(), uuid.begin(),
-                     [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-      return uuid == lower;
-    });
-    if (it == gpus->end()) {
-      std::string have;
-      for (const GpuInfo& gpu : gpus.value()) {
-        have += fmt::format("{}{} ({})", have.empty() ? "" : ", ", gpu.index, formatUuid(gpu.uuid));
-      }
-      return Status::error(fmt::format(
-          "STMUX_DEVICES names '{}', which is not a GPU here; the GPUs are: {}", item, have));
-    }
-    chosen.push_back(*it);
-  }
-  return chosen;
+  return chooseGpus(gpus.value(), wanted);
 }
 
 int run(int argc, char** argv) {

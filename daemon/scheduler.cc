@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <span>
+#include <string>
 
 #include "stmux/gemm.h"
 #include "stmux/json.h"
@@ -79,6 +81,42 @@ std::string formatUuid(const Uuid& uuid) {
       "{:02x}{:02x}",
       b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
       b[15]);
+}
+
+Result<std::vector<GpuInfo>> chooseGpus(const std::vector<GpuInfo>& gpus,
+                                        const std::vector<std::string>& wanted) {
+  if (wanted.empty()) return gpus;
+  const auto lower = [](std::string text) {
+    std::transform(text.begin(), text.end(), text.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    return text;
+  };
+  std::vector<GpuInfo> chosen;
+  std::vector<std::string> named_by;  // the item that chose each
+  for (const std::string& item : wanted) {
+    const bool index = !item.empty() && std::isdigit(static_cast<unsigned char>(item[0]));
+    auto it = std::find_if(gpus.begin(), gpus.end(), [&](const GpuInfo& gpu) {
+      // Items are validated: an index is 1 to 4 digits ("00" is GPU 0).
+      if (index) return std::stoi(item) == gpu.index;
+      return lower(formatUuid(gpu.uuid)) == lower(item);
+    });
+    std::string have;
+    for (const GpuInfo& gpu : gpus)
+      have += fmt::format("{}{} ({})", have.empty() ? "" : ", ", gpu.index, formatUuid(gpu.uuid));
+    if (it == gpus.end()) {
+      return Status::error(fmt::format(
+          "STMUX_DEVICES names '{}', which is not a GPU here; the GPUs are: {}", item, have));
+    }
+    for (std::size_t i = 0; i < chosen.size(); ++i) {
+      if (chosen[i].index == it->index) {
+        return Status::error(fmt::format("STMUX_DEVICES names GPU {} twice ('{}' and '{}')",
+                                         it->index, named_by[i], item));
+      }
+    }
+    chosen.push_back(*it);
+    named_by.push_back(item);
+  }
+  return chosen;
 }
 
 Scheduler::Scheduler(BatcherOptions options, std::vector<GpuInfo> gpus,

@@ -28,6 +28,13 @@ struct GpuInfo {
 
 std::string formatUuid(const Uuid& uuid);  // GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx
 
+// The GPUs of `gpus` that STMUX_DEVICES's items (`wanted`: indices and
+// UUIDs, as the configuration parsed them; none: all) name, in their order.
+// A GPU named twice (an index and its UUID, say) or an item naming none is
+// an error that lists the GPUs there are.
+Result<std::vector<GpuInfo>> chooseGpus(const std::vector<GpuInfo>& gpus,
+                                        const std::vector<std::string>& wanted);
+
 class Scheduler : public RequestSink {
  public:
   // One channel per GPU, in the same order as `gpus`; the channels' executors

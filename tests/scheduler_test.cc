@@ -68,6 +68,38 @@ TEST(ExecutorChannel, RoomMadeForWaitingCommandsWakesTheScheduler) {
   }
 }
 
+// STMUX_DEVICES's items against the GPUs there are: by index or UUID (any
+// case), in the order named; one GPU named twice two ways was served by two
+// executors (one idle) and listed twice in status and metrics.
+TEST(Scheduler, StmuxDevicesChoosesEachGpuOnceByIndexOrUuid) {
+  const std::vector<GpuInfo> gpus{{0, uuid(0xab), "a"}, {1, uuid(0xcd), "b"}};
+  const std::string upper_cd = "GPU-CDCDCDCD-CDCD-CDCD-CDCD-CDCDCDCDCDCD";
+  const auto indices = [](const Result<std::vector<GpuInfo>>& chosen) {
+    std::vector<int> out;
+    for (const GpuInfo& gpu : chosen.value())
+      out.push_back(gpu.index);
+    return out;
+  };
+  auto chosen = chooseGpus(gpus, {});
+  ASSERT_TRUE(chosen.ok()) << chosen.message();
+  EXPECT_EQ(indices(chosen), (std::vector<int>{0, 1}));
+  chosen = chooseGpus(gpus, {upper_cd, "00"});
+  ASSERT_TRUE(chosen.ok()) << chosen.message();
+  EXPECT_EQ(indices(chosen), (std::vector<int>{1, 0}));
+
+  chosen = chooseGpus(gpus, {"1", upper_cd});
+  ASSERT_FALSE(chosen.ok());
+  EXPECT_EQ(chosen.message(), "STMUX_DEVICES names GPU 1 twice ('1' and '" + upper_cd + "')");
+  chosen = chooseGpus(gpus, {formatUuid(uuid(0xab)), "0"});
+  ASSERT_FALSE(chosen.ok());
+  EXPECT_NE(chosen.message().find("names GPU 0 twice"), std::string::npos) << chosen.message();
+  chosen = chooseGpus(gpus, {"2"});
+  ASSERT_FALSE(chosen.ok());
+  EXPECT_EQ(chosen.message(),
+            "STMUX_DEVICES names '2', which is not a GPU here; the GPUs are: 0 (" +
+                formatUuid(uuid(0xab)) + "), 1 (" + formatUuid(uuid(0xcd)) + ")");
+}
+
 TEST(Scheduler, AValidRequestReachesTheExecutorAndCompletes) {
   TempDir dir;
   Daemon daemon(dir);
