@@ -31,6 +31,14 @@ constexpr int kBurst = 64;
 // be served at once; the rest are refused.
 constexpr std::uint64_t kReplyTimeoutNs = 5'000'000'000;
 constexpr std::size_t kMaxReplies = 16;
+// And this many to one uid at once, so that one user's readers that take
+// nothing cannot keep every other (an operator, a liveness probe) out.
+constexpr std::size_t kMaxRepliesPerUid = 4;
+// A status built is given to later queries for up to this many times as long
+// as it took to build (1,000 clients: ~5 ms, so for 100 ms): a flood of
+// queries then costs the server thread at most a twentieth of its time,
+// where each built anew held the tenants' rings up for the whole flood.
+constexpr std::uint64_t kStatusReuseFactor = 20;
 // Connections accepted that have not said hello yet: at most this many, and
 // this many per uid, so that one user's flood of silent connections neither
 // grows the daemon nor keeps others (stmuxctl, tenants) out.
@@ -100,8 +108,9 @@ struct Server::Pending {
 
 struct Server::Reply {
   std::uint64_t id = 0;
+  std::uint32_t uid = 0;
   UniqueFd socket;
-  std::string json;
+  std::shared_ptr<const std::string> json;
   std::size_t sent = 0;  // bytes of json sent
   std::uint64_t deadline_ns = 0;
 };
@@ -479,7 +488,7 @@ void Server::expirePending(std::uint64_t now) {
   for (std::size_t i = 0; i < replies_.size();) {
     if (replies_[i]->deadline_ns <= now) {
       STMUX_WARN(kTransport, "a status reader took {} of {} bytes in {} s; closing it",
-                 replies_[i]->sent, replies_[i]->json.size(), kReplyTimeoutNs / 1'000'000'000);
+                 replies_[i]->sent, replies_[i]->json->size(), kReplyTimeoutNs / 1'000'000'000);
       dropReply(replies_[i]->id);
     } else {
       ++i;
@@ -529,7 +538,7 @@ void Server::greet(std::unique_ptr<Pending> pending) {
     case Role::kTenant:
       return admitTenant(std::move(pending->socket), cred, hello);
     case Role::kControl:
-      return answerControl(std::move(pending->socket));
+      return answerControl(std::move(pending->socket), cred.uid);
   }
   refuse(fd,
          fmt::format("unknown role {} in hello; accepted: 1 (tenant), 2 (control)", hello.role));
@@ -586,7 +595,11 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
   }
   const int fds[2] = {memfd.get(), client->doorbell.get()};
   if (Status status = sendMessage(fd, &welcome, sizeof(welcome), fds, 2); !status.ok()) {
-    STMUX_WARN(kTransport, "could not welcome pid {}: {}", cred.pid, status.message());
+    // Most often a client gone after its hello: at most once a second.
+    if (std::uint64_t held = 0; refuse_log_.allow(nowNs(), held)) {
+      STMUX_WARN(kTransport, "could not welcome pid {}: {}{}", cred.pid, status.message(),
+                 held == 0 ? "" : fmt::format(" ({} more refusals or failures not logged)", held));
+    }
     return;
   }
   client->mapping = std::move(mapping).value();
@@ -605,16 +618,34 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
 // The status goes out in parts of kStatusPartBytes, as fast as the reader
 // takes them: one message of it all failed beyond about 490 clients (larger
 // than the socket buffer), and the daemon never waits for a reader.
-void Server::answerControl(UniqueFd socket) {
+void Server::answerControl(UniqueFd socket, std::uint32_t uid) {
   if (replies_.size() >= kMaxReplies) {
     return refuse(socket.get(), fmt::format("the daemon is answering {} status queries already; "
                                             "try again",
                                             replies_.size()));
   }
+  if (std::count_if(replies_.begin(), replies_.end(), [uid](const auto& r) {
+        return r->uid == uid;
+      }) >= static_cast<std::ptrdiff_t>(kMaxRepliesPerUid)) {
+    return refuse(socket.get(), fmt::format("the daemon is answering {} status queries of uid {} "
+                                            "already; try again",
+                                            kMaxRepliesPerUid, uid));
+  }
+  // A reader that hung up after its hello is owed nothing.
+  pollfd peer{socket.get(), POLLRDHUP, 0};
+  if (::poll(&peer, 1, 0) > 0 && (peer.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0) return;
   auto reply = std::make_unique<Reply>();
   reply->id = freshId();
+  reply->uid = uid;
   reply->socket = std::move(socket);
-  reply->json = statusJson();
+  const std::uint64_t now = nowNs();
+  if (!status_ || now - status_built_ns_ >= kStatusReuseFactor * status_cost_ns_) {
+    status_ = std::make_shared<const std::string>(statusJson());
+    status_built_ns_ = nowNs();
+    status_cost_ns_ = status_built_ns_ - now;
+    ++status_builds_;
+  }
+  reply->json = status_;
   reply->deadline_ns = nowNs() + kReplyTimeoutNs;
   if (!pumpReply(*reply)) return;
   epollAdd(epoll_.get(), reply->socket.get(), EPOLLOUT, tag(kTagReply, reply->id));
@@ -624,23 +655,32 @@ void Server::answerControl(UniqueFd socket) {
 bool Server::pumpReply(Reply& reply) {
   std::vector<char> message;
   while (true) {
-    const std::size_t part = std::min(reply.json.size() - reply.sent, kStatusPartBytes);
-    const bool last = reply.sent + part == reply.json.size();
+    const std::string& json = *reply.json;
+    const std::size_t part = std::min(json.size() - reply.sent, kStatusPartBytes);
+    const bool last = reply.sent + part == json.size();
     const MsgHeader header{
         kControlMagic, kProtocolVersion,
         static_cast<std::uint32_t>(last ? MsgType::kStatusReply : MsgType::kStatusPart),
         static_cast<std::uint32_t>(sizeof(MsgHeader) + part)};
     message.resize(sizeof(header) + part);
     std::memcpy(message.data(), &header, sizeof(header));
-    std::memcpy(message.data() + sizeof(header), reply.json.data() + reply.sent, part);
+    std::memcpy(message.data() + sizeof(header), json.data() + reply.sent, part);
     ssize_t n;
     do {
       n = ::send(reply.socket.get(), message.data(), message.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;  // when it is writable
     if (n != static_cast<ssize_t>(message.size())) {
-      STMUX_WARN(kTransport, "could not send a status reply: {}",
-                 n < 0 ? std::strerror(errno) : "a part was cut short");
+      // A reader gone (EPIPE, ECONNRESET) is its own business; anything else
+      // at most once a second, a flood of them being one user's doing.
+      const int error = n < 0 ? errno : 0;
+      if (error == EPIPE || error == ECONNRESET) {
+        STMUX_DEBUG(kTransport, "a status reader left mid-reply: {}", std::strerror(error));
+      } else if (std::uint64_t held = 0; reply_log_.allow(nowNs(), held)) {
+        STMUX_WARN(kTransport, "could not send a status reply: {}{}",
+                   n < 0 ? std::strerror(error) : "a part was cut short",
+                   held == 0 ? "" : fmt::format(" ({} more not logged)", held));
+      }
       return false;
     }
     reply.sent += part;
@@ -698,6 +738,7 @@ std::string Server::statusJson() const {
   daemon["protocol"] = kProtocolVersion;
   daemon["uptime_s"] = static_cast<double>(nowNs() - started_ns_) / 1e9;
   daemon["draining"] = draining_;
+  daemon["status_builds"] = status_builds_ + 1;  // this one among them
   // STMUX_ROUTE=auto's route for the tenants on MPS (daemon/fleet_route.h).
   Json& fleet = status["mps_route"];
   fleet["route"] = fleet_.direct() ? "direct" : "served";

@@ -188,7 +188,9 @@ class Server {
   void addPending(std::unique_ptr<Pending> pending);
   void refuse(int fd, const std::string& reason);
   void admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& hello);
-  void answerControl(UniqueFd socket);
+  // A status query from `uid`: refused where too many are being answered
+  // (kMaxReplies, kMaxRepliesPerUid), else answered in parts.
+  void answerControl(UniqueFd socket, std::uint32_t uid);
   // Sends what the socket takes now; false once the reply is done or failed.
   bool pumpReply(Reply& reply);
   void dropReply(std::uint64_t id);
@@ -212,6 +214,11 @@ class Server {
   std::vector<ClientPtr> clients_;
   std::vector<std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Reply>> replies_;
+  // The status last built, when, and how long that took (kStatusReuseFactor).
+  std::shared_ptr<const std::string> status_;
+  std::uint64_t status_built_ns_ = 0;
+  std::uint64_t status_cost_ns_ = 0;
+  std::uint64_t status_builds_ = 0;
   std::uint64_t accept_paused_until_ = 0;  // 0: the listening socket is watched
   std::uint64_t next_metrics_ns_ = 0;
   std::uint64_t next_company_ns_ = 0;
@@ -221,7 +228,8 @@ class Server {
   // One line a second at most for each condition a flood repeats.
   LogLimiter accept_log_;      // accept() failing; a uid's silent connections
   LogLimiter silent_log_;      // connections closed for saying no hello
-  LogLimiter refuse_log_;      // hellos refused
+  LogLimiter refuse_log_;      // hellos refused, welcomes not sent
+  LogLimiter reply_log_;       // status replies not sent
   std::vector<int> controls_;  // stmuxctl connections awaiting a query
   Ids ids_;
   std::uint32_t freshId();

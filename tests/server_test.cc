@@ -535,6 +535,74 @@ TEST(Server, AnswersAStatusQueryWithJson) {
   EXPECT_NE(json.find(fmt::format("\"pid\":{}", ::getpid())), std::string::npos) << json;
 }
 
+// A control hello on a connection of its own.
+UniqueFd statusQuery(const TempDir& dir) {
+  UniqueFd fd = rawConnect(dir);
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.role = static_cast<std::uint32_t>(Role::kControl);
+  if (!sendMessage(fd.get(), &hello, sizeof(hello)).ok()) return UniqueFd();
+  return fd;
+}
+
+// Each status query built the status anew (~5 ms at 1,000 clients) on the
+// server thread, the tenants' rings unread meanwhile: a flood of them, even
+// of hellos whose senders left at once, held every tenant up (calls in 15 s
+// 83,199 -> 15,787 in a review's run). A status now serves the queries of 20
+// times as long as it took to build, and a reader gone is owed none.
+TEST(Server, AFloodOfStatusQueriesBuildsTheStatusFewTimes) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  std::vector<std::unique_ptr<Connection>> tenants;
+  for (int i = 0; i < 20; ++i) {
+    auto tenant = Connection::open(options(dir));
+    ASSERT_TRUE(tenant.ok()) << tenant.message();
+    tenants.push_back(std::move(tenant).value());
+  }
+  constexpr int kLeaving = 100, kReading = 200;
+  for (int i = 0; i < kLeaving; ++i)
+    ASSERT_TRUE(statusQuery(dir).valid());  // closed at once
+  std::string json;
+  for (int i = 0; i < kReading; ++i) {
+    auto reply = queryDaemonStatus(dir.socket(), "server_test", 10'000);
+    ASSERT_TRUE(reply.ok()) << reply.message();
+    json = std::move(reply).value();
+  }
+  const auto builds = parseJson(json).value()["daemon"]["status_builds"].get<std::uint64_t>();
+  EXPECT_GE(builds, 1u);
+  EXPECT_LT(builds, static_cast<std::uint64_t>(kReading / 2))
+      << "of " << kLeaving + kReading << " queries";
+}
+
+// Readers that take nothing of a reply larger than the socket's buffer hold
+// their places for the reply's timeout: one uid may hold 4 of the 16, and
+// so cannot keep another's operator or liveness probe out.
+TEST(Server, OneUidsStatusReadersHoldAFewPlacesOnly) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  // ~600 bytes of status each: the whole more than a socket buffer holds.
+  std::vector<std::unique_ptr<Connection>> tenants;
+  for (int i = 0; i < 500; ++i) {
+    auto tenant = Connection::open(options(dir));
+    ASSERT_TRUE(tenant.ok()) << tenant.message();
+    tenants.push_back(std::move(tenant).value());
+  }
+  std::vector<UniqueFd> idle;
+  for (int i = 0; i < 4; ++i) {
+    idle.push_back(statusQuery(dir));
+    ASSERT_TRUE(idle.back().valid());
+  }
+  auto refused = queryDaemonStatus(dir.socket(), "server_test", 10'000);
+  ASSERT_FALSE(refused.ok()) << "the reply fit in the socket's buffer: too few tenants";
+  EXPECT_NE(refused.message().find(fmt::format("status queries of uid {} already", ::getuid())),
+            std::string::npos)
+      << refused.message();
+  idle.clear();  // gone: their places are free
+  EXPECT_TRUE(testing::waitFor(
+      [&] { return queryDaemonStatus(dir.socket(), "server_test", 10'000).ok(); }));
+}
+
 // Opens `count` connections to the daemon that never say hello, holds them
 // for `hold_ms`, and returns how many the daemon closed meanwhile (254: a
 // connect failed). For a forked child: no gtest assertions.
