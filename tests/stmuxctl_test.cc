@@ -330,8 +330,12 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   TempDir dir;
   ScriptedDaemon daemon(dir.socket(), ScriptedDaemon::reply(kFullReply));
   const CtlRun run = runCtl({"status", "--socket=" + dir.socket()});
-  ASSERT_EQ(run.exit_code, 0) << describe(run);
-  EXPECT_EQ(run.err, "");
+  // GPU 1 is broken: exit 3, said on stderr, so that a liveness probe
+  // restarts the daemon (it kept passing while every call ran direct).
+  ASSERT_EQ(run.exit_code, 3) << describe(run);
+  EXPECT_EQ(run.err,
+            "stmuxctl: 1 GPU of the daemon's is broken: its context failed, and the tenants' "
+            "calls there run in their own cuBLAS until stmuxd restarts\n");
   const std::string& out = run.out;
   EXPECT_EQ(lines(out)[0], "stmuxd: pid 4242, protocol 1, up 1h 02m 05s, serving");
   EXPECT_EQ(lines(out)[1],
@@ -389,6 +393,19 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   EXPECT_EQ(hellos[0].role, static_cast<std::uint32_t>(Role::kControl));
   EXPECT_EQ(hellos[0].pid, run.pid);
   EXPECT_EQ(fieldString(hellos[0].name), "stmuxctl");
+}
+
+TEST(Stmuxctl, ABrokenGpuExits3WithTheJsonToo) {
+  TempDir dir;
+  ScriptedDaemon daemon(dir.socket(),
+                        ScriptedDaemon::reply(R"({"gpus":[{"broken":false},{"broken":true}]})"));
+  CtlRun run = runCtl({"status", "--json", "--socket=" + dir.socket()});
+  EXPECT_EQ(run.exit_code, 3) << describe(run);
+  EXPECT_NE(run.out.find("\"broken\":true"), std::string::npos) << run.out;
+  ScriptedDaemon healthy(dir.socket() + "2",
+                         ScriptedDaemon::reply(R"({"gpus":[{"broken":false}]})"));
+  run = runCtl({"status", "--json", "--socket=" + dir.socket() + "2"});
+  EXPECT_EQ(run.exit_code, 0) << describe(run);
 }
 
 TEST(Stmuxctl, JsonIsPrintedAsReceived) {

@@ -42,6 +42,7 @@ namespace {
 constexpr int kExitOk = 0;
 constexpr int kExitFailed = 1;
 constexpr int kExitUsage = 2;
+constexpr int kExitBroken = 3;
 
 // The daemon answers from its event loop, which looks at new connections at
 // least every 100 us while busy: 2 s of silence means it is stuck.
@@ -66,7 +67,10 @@ void usage(std::FILE* out) {
              "  help, --help     this text\n"
              "\n"
              "Exit status: 0 done; 1 the daemon could not be asked (not running,\n"
-             "refused, no answer); 2 bad usage or configuration.\n",
+             "refused, no answer); 2 bad usage or configuration; 3 the daemon answered\n"
+             "but a GPU of its is broken (its context failed: the tenants' calls there\n"
+             "run in their own cuBLAS until stmuxd restarts), so that a liveness probe\n"
+             "restarts it.\n",
              defaultSocket());
 }
 
@@ -309,6 +313,16 @@ std::string mpsRouteLine(const Json* route) {
                      count(member(route, "looks")), last);
 }
 
+// How many of the GPUs the status lists are broken.
+int brokenGpus(const Json* gpus) {
+  int broken = 0;
+  for (std::size_t i = 0; gpus != nullptr && gpus->is_array() && i < gpus->size(); ++i) {
+    const Json* is_broken = member(jsonAt(gpus, i), "broken");
+    broken += isBool(is_broken) && jsonBool(is_broken);
+  }
+  return broken;
+}
+
 std::string gpuTable(const Json* gpus) {
   if (gpus == nullptr) return "GPUs: not reported by this daemon\n";
   if (!gpus->is_array()) return "GPUs: -\n";
@@ -317,12 +331,11 @@ std::string gpuTable(const Json* gpus) {
                "BATCHES>", "MEAN BATCH>", "MAPPED>", "LAUNCHES"});
   Sum queued, in_flight, requests, batches, mapped;
   Reasons launches;
-  int broken = 0;
+  const int broken = brokenGpus(gpus);
   for (std::size_t i = 0; i < gpus->size(); ++i) {
     const Json* gpu = jsonAt(gpus, i);
     const Json* is_broken = member(gpu, "broken");
     const bool known = isBool(is_broken);
-    broken += known && jsonBool(is_broken);
     Reasons row_launches;
     row_launches.add(member(gpu, "launches"));
     launches.add(member(gpu, "launches"));
@@ -453,10 +466,10 @@ int run(int argc, char** argv) {
     fmt::print(stderr, "stmuxctl: {}\n", reply.message());
     return kExitFailed;
   }
+  auto status = parseJson(reply.value(), "the status reply", kMaxStatusBytes);
   if (options->json) {
     fmt::print("{}\n", reply.value());
   } else {
-    auto status = parseJson(reply.value(), "the status reply", kMaxStatusBytes);
     if (!status) {
       fmt::print(stderr,
                  "stmuxctl: the daemon's status reply is not valid JSON: {} "
@@ -469,6 +482,13 @@ int run(int argc, char** argv) {
   if (std::fflush(stdout) != 0) {
     fmt::print(stderr, "stmuxctl: cannot write the output: {}\n", std::strerror(errno));
     return kExitFailed;
+  }
+  if (const int broken = status ? brokenGpus(member(&status.value(), "gpus")) : 0; broken > 0) {
+    fmt::print(stderr,
+               "stmuxctl: {} GPU{} of the daemon's {} broken: its context failed, and the "
+               "tenants' calls there run in their own cuBLAS until stmuxd restarts\n",
+               broken, broken == 1 ? "" : "s", broken == 1 ? "is" : "are");
+    return kExitBroken;
   }
   return kExitOk;
 }
