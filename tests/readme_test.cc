@@ -10,6 +10,7 @@
 #include <string>
 
 #include "stmux/config.h"
+#include "tools/process.h"
 
 namespace stmux {
 namespace {
@@ -70,6 +71,36 @@ TEST(Readme, ItsTestCommandIsWhatCiRuns) {
   ASSERT_EQ(last, "bash tools/test.sh");
   EXPECT_NE(readme.find("\n" + last + "\n"), std::string::npos)
       << "the README does not show CI's test command";
+}
+
+// The project's scripts say what they take: --help and -h, and an argument
+// they do not take refused (exit 2) rather than ignored (package.sh -h built
+// a package; demo.sh --out plotted the last run's results).
+TEST(Scripts, RefuseWhatTheyDoNotTake) {
+  const std::string tmp = std::filesystem::temp_directory_path() / "stmux-scripts-test";
+  std::filesystem::create_directories(tmp);
+  for (const char* script : {"build.sh", "package.sh", "demo.sh", "test.sh"}) {
+    for (const char* help : {"--help", "-h"}) {
+      const Ran ran = run({"bash", std::string(STMUX_SOURCE_DIR "/tools/") + script, help}, {},
+                          tmp + "/" + script, std::chrono::seconds(30));
+      EXPECT_EQ(ran.status, 0) << script << " " << help << ": " << ran.err;
+      EXPECT_FALSE(ran.out.empty()) << script << " " << help;
+    }
+  }
+  const std::pair<std::vector<std::string>, std::string> refused[] = {
+      {{"build.sh", "--jobs"}, "takes no arguments"},
+      {{"package.sh", "now"}, "takes no arguments"},
+      {{"demo.sh", "--tenants", "1", "--out", "/tmp/x"}, "writes its results to"},
+      {{"demo.sh", "--out=/tmp/x"}, "writes its results to"},
+  };
+  for (const auto& [args, said] : refused) {
+    std::vector<std::string> argv{"bash", std::string(STMUX_SOURCE_DIR "/tools/") + args[0]};
+    argv.insert(argv.end(), args.begin() + 1, args.end());
+    const Ran ran = run(argv, {}, tmp + "/refused", std::chrono::seconds(30));
+    EXPECT_EQ(ran.status, 2) << args[0] << ": " << ran.err;
+    EXPECT_NE(ran.err.find(said), std::string::npos) << args[0] << ": " << ran.err;
+  }
+  std::filesystem::remove_all(tmp);
 }
 
 }  // namespace

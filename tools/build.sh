@@ -14,6 +14,11 @@ case "${1:-}" in
     sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
     exit 0
     ;;
+  "") ;;
+  *)
+    echo "stmux: tools/build.sh takes no arguments, only the environment variables of --help" >&2
+    exit 2
+    ;;
 esac
 cd "$(dirname "$0")/.."
 build_dir=${STMUX_BUILD_DIR:-build}

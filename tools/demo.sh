@@ -12,6 +12,15 @@ case "${1:-}" in
     exit 0
     ;;
 esac
+for arg in "$@"; do
+  case $arg in
+    --out | --out=*)
+      echo "stmux: the demo writes its results to \$STMUX_BUILD_DIR/demo; for another folder" \
+           "run stmux-bench --out itself" >&2
+      exit 2
+      ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 build_dir=${STMUX_BUILD_DIR:-build}
 
@@ -41,7 +50,13 @@ if [ $# -eq 0 ]; then
 fi
 echo "stmux: running stmux-bench $*; results in $build_dir/demo" >&2
 status=0
+# An earlier run's results must not pass for this one's.
+rm -f "$build_dir/demo/bench.json" "$build_dir/demo/bench.png"
 "$build_dir/tools/stmux-bench" --out "$build_dir/demo" "$@" || status=$?
+if [ ! -f "$build_dir/demo/bench.json" ]; then
+  echo "stmux: stmux-bench wrote no results (exit status $status); nothing to plot" >&2
+  exit $status
+fi
 # The plot, by stmux-plot with whichever python3 has matplotlib.
 for py in python3 /usr/bin/python3; do
   if "$py" -c 'import matplotlib' 2>/dev/null; then

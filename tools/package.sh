@@ -6,10 +6,17 @@
 # path last. Install it with: apt-get install ./stmux_VERSION_ARCH.deb
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" = --help ]; then
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
-  exit 0
-fi
+case "${1:-}" in
+  -h | --help)
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
+  "") ;;
+  *)
+    echo "stmux: tools/package.sh takes no arguments (see --help)" >&2
+    exit 2
+    ;;
+esac
 build_dir=${STMUX_BUILD_DIR:-build}-deb
 command -v dpkg-deb >/dev/null 2>&1 || {
   echo "stmux: building a Debian package needs dpkg-deb (Debian or Ubuntu)" >&2
