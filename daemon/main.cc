@@ -229,6 +229,22 @@ int run(int argc, char** argv) {
     }
   }
 
+  if (!config->metrics_file.empty()) {
+    // Its writer replaces the file by a rename: at the socket's path it
+    // would take the socket's name away from the tenants.
+    if (config->metrics_file == config->socket) {
+      std::fprintf(stderr,
+                   "stmuxd: STMUX_METRICS_FILE and STMUX_SOCKET are both %s; the metrics file "
+                   "needs a path of its own\n",
+                   config->socket.c_str());
+      return 2;
+    }
+    if (Status status = MetricsFile::check(config->metrics_file); !status.ok()) {
+      std::fprintf(stderr, "stmuxd: STMUX_METRICS_FILE: %s\n", status.message().c_str());
+      return 1;
+    }
+  }
+
   auto gpus = selectGpus(config->devices);
   if (!gpus) {
     std::fprintf(stderr, "stmuxd: %s\n", gpus.message().c_str());

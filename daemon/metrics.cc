@@ -149,10 +149,29 @@ void MetricsFile::publish(std::string text) {
   wake_.notify_one();
 }
 
+namespace {
+std::string temporaryOf(const std::string& path) {
+  return path + ".tmp";
+}
+}  // namespace
+
+Status MetricsFile::check(const std::string& path) {
+  const std::string temporary = temporaryOf(path);
+  UniqueFd fd(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd.valid()) {
+    return Status::error(
+        fmt::format("cannot create {} (the file is written there, then renamed "
+                    "to {}): {}",
+                    temporary, path, std::strerror(errno)));
+  }
+  ::unlink(temporary.c_str());
+  return Status::okStatus();
+}
+
 void MetricsFile::run() {
   nameThisThread("stmux-metrics");
   LogLimiter failures(60'000'000'000ull);
-  const std::string temporary = path_ + ".tmp";
+  const std::string temporary = temporaryOf(path_);
   while (true) {
     std::string text;
     {

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "stmux/status.h"
+
 namespace stmux::daemon {
 
 using Labels = std::vector<std::pair<std::string_view, std::string>>;
@@ -49,6 +51,11 @@ class MetricsFile {
 
   // Hands a text over; a newer one replaces one not yet written.
   void publish(std::string text);
+
+  // Whether the file can be written as the writer does (its temporary
+  // beside it, then a rename): checked at start, so that a path too long or
+  // a folder missing or read-only is an error then, not a warning a minute.
+  static Status check(const std::string& path);
 
  private:
   void run();

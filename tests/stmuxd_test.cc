@@ -123,6 +123,28 @@ TEST(Stmuxd, PrintConfigIsAnEnvironmentFileTheDaemonTakes) {
   EXPECT_NE(again.out.find("\nSTMUX_WINDOW_US=250\n"), std::string::npos) << again.out;
 }
 
+// A metrics file that cannot be written (its folder missing, its name too
+// long for the temporary beside it) failed a warning a minute for ever; at
+// the socket's path its rename would take the socket's name away.
+TEST(Stmuxd, AMetricsFileItCannotWriteIsAnErrorAtStart) {
+  TempDir dir;
+  auto ran = stmuxd(dir, {"--socket", dir.socket()},
+                    {{"STMUX_METRICS_FILE", dir.path() + "/missing/stmuxd.prom"}});
+  EXPECT_EQ(ran.status, 1) << ran.err;
+  EXPECT_NE(ran.err.find("stmuxd: STMUX_METRICS_FILE: cannot create " + dir.path() +
+                         "/missing/stmuxd.prom.tmp"),
+            std::string::npos)
+      << ran.err;
+  ran = stmuxd(dir, {"--socket", dir.socket()},
+               {{"STMUX_METRICS_FILE", dir.path() + "/" + std::string(253, 'm')}});
+  EXPECT_EQ(ran.status, 1) << ran.err;
+  EXPECT_NE(ran.err.find("File name too long"), std::string::npos) << ran.err;
+  ran = stmuxd(dir, {"--socket", dir.socket()}, {{"STMUX_METRICS_FILE", dir.socket()}});
+  EXPECT_EQ(ran.status, 2) << ran.err;
+  EXPECT_NE(ran.err.find("STMUX_METRICS_FILE and STMUX_SOCKET are both"), std::string::npos)
+      << ran.err;
+}
+
 TEST(Stmuxd, HelpListsTheFlags) {
   TempDir dir;
   auto ran = stmuxd(dir, {"--help"});
