@@ -195,6 +195,12 @@ Shim::Shim() : real_(realCublas()) {
   for (const std::string& name : unknownVariables(environ)) {
     STMUX_WARN(kConfig, "{} is not a stmux variable; it is ignored", name);
   }
+  for (const std::string& name : variablesReadElsewhere(environ, Scope::kShim)) {
+    STMUX_WARN(kConfig,
+               "{} is read by stmuxd, not by libstmux.so; set in a tenant it changes "
+               "nothing",
+               name);
+  }
   if (config_ok_ && !config_.disable) driver_ = cudaDriver();
   if (driver_ != nullptr && config_.mode == "stream") {
     stream_ = std::make_unique<StreamOrder>(

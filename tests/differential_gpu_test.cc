@@ -10,6 +10,7 @@
 // command. Skipped, saying so, where there is no CUDA device.
 #include <stdlib.h>
 
+#include <charconv>
 #include <chrono>
 #include <cstdint>
 #include <iostream>
@@ -18,6 +19,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "gpu_fixture.h"
@@ -138,7 +140,12 @@ class ClassTable {
 
 std::uint64_t masterSeed() {
   if (const char* text = getenv("STMUX_DIFF_SEED"); text != nullptr && *text != '\0') {
-    return std::strtoull(text, nullptr, 10);
+    std::uint64_t seed = 0;
+    const std::string_view value(text);
+    const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), seed);
+    if (error == std::errc() && end == value.data() + value.size()) return seed;
+    ADD_FAILURE() << "STMUX_DIFF_SEED='" << value
+                  << "' is not a seed; accepted: an unsigned 64-bit integer; using the clock's";
   }
   return static_cast<std::uint64_t>(std::chrono::system_clock::now().time_since_epoch().count());
 }

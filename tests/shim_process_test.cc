@@ -51,6 +51,25 @@ TEST(ShimProcess, ATenantsCallsAreServed) {
   EXPECT_NE(ran.err.find("20 served by stmuxd"), std::string::npos) << ran.err;
 }
 
+// What the tenant's environment says to the shim about stmux's variables: a
+// typo, and a daemon's setting (which changes nothing in a tenant: said so,
+// as stmuxd says of a tenant's in its own environment), each named once; a
+// test program's setting is neither.
+TEST(ShimProcess, VariablesThatChangeNothingInATenantAreNamed) {
+  TempDir dir;
+  Daemon daemon(dir);
+  const Ran ran = tenant(dir, {"served", "1"}, /*preload=*/true,
+                         {{"STMUX_WINDOWS_US", "5"},
+                          {"STMUX_WINDOW_US", "5"},
+                          {"STMUX_DIFF_SEED", "7"},
+                          {"STMUX_LOG", "warn"}});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(countOf(ran.err, "STMUX_WINDOWS_US is not a stmux variable"), 1) << ran.err;
+  EXPECT_EQ(countOf(ran.err, "STMUX_WINDOW_US is read by stmuxd, not by libstmux.so"), 1)
+      << ran.err;
+  EXPECT_EQ(ran.err.find("STMUX_DIFF_SEED"), std::string::npos) << ran.err;
+}
+
 // Only C is scaled: cuBLAS computes it (the fake, here: C = 2 C), and the
 // daemon never sees it.
 TEST(ShimProcess, AlphaZeroRunsDirectly) {

@@ -418,11 +418,13 @@ inline std::vector<std::string_view> stmuxNames(char** environ_ptr) {
 }
 }  // namespace detail
 
-// Settings of stmux's scripts (tools/*.sh), not of the daemon or the shim:
-// left in a tenant's environment they are no typo, so nobody warns of them.
+// Settings of stmux's scripts (tools/*.sh) and tests, not of the daemon or
+// the shim: left in a tenant's environment they are no typo, so nobody warns
+// of them.
 inline constexpr std::string_view kScriptVariables[] = {
-    "STMUX_BUILD_DIR", "STMUX_TEST_PASSES",   "STMUX_FUZZ_SECONDS", "STMUX_SANITIZE",
-    "STMUX_FUZZ",      "STMUX_BUILD_TARGETS", "STMUX_PACKAGE",      "STMUX_FUZZ_SEEDS"};
+    "STMUX_BUILD_DIR", "STMUX_TEST_PASSES", "STMUX_FUZZ_SECONDS",
+    "STMUX_SANITIZE",  "STMUX_FUZZ",        "STMUX_BUILD_TARGETS",
+    "STMUX_PACKAGE",   "STMUX_FUZZ_SEEDS",  "STMUX_DIFF_SEED"};
 
 // Names of STMUX_* variables in `environ` that the table does not know:
 // usually a typo that would otherwise be ignored without a word.
