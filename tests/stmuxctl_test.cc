@@ -408,6 +408,21 @@ TEST(Stmuxctl, ABrokenGpuExits3WithTheJsonToo) {
   EXPECT_EQ(run.exit_code, 0) << describe(run);
 }
 
+// The total's mean batch is the GPUs' means weighted by their batches, as
+// each row's is launched over batches; the requests count those still queued
+// or dropped too (requests over batches showed 10.0 beside a row's 9.0).
+TEST(Stmuxctl, TheTotalMeanBatchAgreesWithTheRows) {
+  TempDir dir;
+  ScriptedDaemon daemon(dir.socket(), ScriptedDaemon::reply(R"({"gpus":[
+      {"index":0,"broken":false,"requests":1000,"batches":100,"mean_batch":9.0},
+      {"index":1,"broken":false,"requests":50,"batches":10,"mean_batch":2.0}]})"));
+  const CtlRun run = runCtl({"status", "--socket=" + dir.socket()});
+  ASSERT_EQ(run.exit_code, 0) << describe(run);
+  const std::string total = lineStarting(run.out, "total  2 GPUs");
+  ASSERT_FALSE(total.empty()) << run.out;
+  EXPECT_TRUE(contains(total, " 8.4 ")) << total;  // (9 x 100 + 2 x 10) / 110
+}
+
 TEST(Stmuxctl, JsonIsPrintedAsReceived) {
   TempDir dir;
   const std::string reply = R"({"daemon": {"pid": 1} ,  "later": [1, 2.50, "x"]})";

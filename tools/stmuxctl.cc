@@ -330,6 +330,9 @@ std::string gpuTable(const Json* gpus) {
   Table table({"GPU", "NAME", "UUID", "STATE", "MPS", "QUEUED>", "IN FLIGHT>", "REQUESTS>",
                "BATCHES>", "MEAN BATCH>", "MAPPED>", "LAUNCHES"});
   Sum queued, in_flight, requests, batches, mapped;
+  // The mean batch over every GPU: each GPU's weighted by its batches (the
+  // requests also count those queued and those dropped, which no batch took).
+  Sum launched;
   Reasons launches;
   const int broken = brokenGpus(gpus);
   for (std::size_t i = 0; i < gpus->size(); ++i) {
@@ -343,6 +346,10 @@ std::string gpuTable(const Json* gpus) {
     in_flight.add(member(gpu, "in_flight"));
     requests.add(member(gpu, "requests"));
     batches.add(member(gpu, "batches"));
+    if (const Json* b = member(gpu, "batches"), *m = member(gpu, "mean_batch");
+        isNumber(b) && isNumber(m)) {
+      launched.total = launched.total.value_or(0) + jsonNumber(b) * jsonNumber(m);
+    }
     mapped.add(member(gpu, "mapped"));
     table.add({count(member(gpu, "index")), text(member(gpu, "name")), text(member(gpu, "uuid")),
                !known                ? "-"
@@ -365,11 +372,11 @@ std::string gpuTable(const Json* gpus) {
           count(member(jsonAt(gpus, i), "index")), count(inline_opens));
     }
   }
-  const bool mean = requests.total && batches.total && *batches.total > 0;
+  const bool mean = launched.total && batches.total && *batches.total > 0;
   table.add({"total", fmt::format("{} GPU{}", gpus->size(), gpus->size() == 1 ? "" : "s"), "",
              broken > 0 ? fmt::format("{} BROKEN", broken) : "", "", queued.str(), in_flight.str(),
              requests.str(), batches.str(),
-             mean ? fmt::format("{:.1f}", *requests.total / *batches.total) : "-", mapped.str(),
+             mean ? fmt::format("{:.1f}", *launched.total / *batches.total) : "-", mapped.str(),
              launches.str(/*non_zero_only=*/false)});
   return table.str() + notes;
 }
