@@ -21,8 +21,10 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "daemon/batcher.h"
@@ -147,6 +149,12 @@ class ExecutorChannel {
     return !overflow_.empty() || waiting_open_count_ != 0;
   }
   std::unique_ptr<Batch> takeDone() { return take(done_); }
+  // The allocations the executor gave up on its own since the last call
+  // (MappingCache::GaveUpFn): (client, allocation id).
+  std::vector<std::pair<std::uint32_t, std::uint64_t>> takeGivenUp() {
+    std::lock_guard lock(given_up_mutex_);
+    return std::exchange(given_up_, {});
+  }
   std::unique_ptr<OpenJob> takeOpened() {
     std::unique_ptr<OpenJob> job = take(opened_);
     if (job) --opens_given_;
@@ -172,6 +180,14 @@ class ExecutorChannel {
   // Sleeps until a command may be waiting or `timeout_ns` passes.
   void sleep(std::uint64_t timeout_ns) {
     executor_bell_.sleep(timeout_ns, [this] { return commands_.read_available() != 0; });
+  }
+
+  void gaveUp(std::uint32_t client, std::uint64_t alloc_id) {
+    {
+      std::lock_guard lock(given_up_mutex_);
+      given_up_.emplace_back(client, alloc_id);
+    }
+    wakeScheduler();
   }
 
   // ---- mapper side ----
@@ -258,6 +274,9 @@ class ExecutorChannel {
     }
   }
 
+  // Rare (a client beyond STMUX_MAX_MAPPINGS): a lock will do.
+  std::mutex given_up_mutex_;
+  std::vector<std::pair<std::uint32_t, std::uint64_t>> given_up_;
   // Set by the scheduler while commands wait in overflow_ (the executor's
   // queue was full), cleared by the executor's take that wakes it.
   std::atomic<bool> overflowing_{false};

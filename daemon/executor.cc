@@ -210,7 +210,10 @@ class Executor::Impl {
           channel_.gauges().inline_opens.fetch_add(1, std::memory_order_relaxed);
           return openHandle(h, already_mapped);
         },
-        [](const Mapped& m) { closeMapping(m); });
+        [](const Mapped& m) { closeMapping(m); },
+        [this](std::uint32_t client, std::uint64_t alloc_id) {
+          channel_.gaveUp(client, alloc_id);
+        });
     if (options_.launch_graphs) {
       // Enough for every batch size of a few shapes in each buffer.
       constexpr std::size_t kGraphs = 512;

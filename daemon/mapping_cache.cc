@@ -35,7 +35,7 @@ Result<Mapped> MappingCache::acquire(std::uint32_t client, const OperandDesc& op
   if (!dropOverlapping(maps, operand.base, operand.alloc_bytes)) {
     return Status::error("it overlaps an allocation a batch in flight still uses");
   }
-  evictIfFull(maps);
+  evictIfFull(client, maps);
   bool already_mapped = false;
   auto opened = open_(operand.handle, already_mapped);
   if (!opened && already_mapped) {
@@ -48,7 +48,7 @@ Result<Mapped> MappingCache::acquire(std::uint32_t client, const OperandDesc& op
       if (!inUse(entry)) idle.push_back(id);
     }
     for (std::uint64_t id : idle)
-      drop(maps, id);
+      giveUp(client, maps, id);
     opened = open_(operand.handle, already_mapped);
   }
   if (!opened) return opened;
@@ -68,7 +68,7 @@ bool MappingCache::adopt(std::uint32_t client, const OperandDesc& operand, const
     drop(maps, operand.alloc_id);
   }
   if (!dropOverlapping(maps, operand.base, operand.alloc_bytes)) return false;
-  evictIfFull(maps);
+  evictIfFull(client, maps);
   insert(maps, operand, mapped, /*batch_id=*/0);
   STMUX_DEBUG(kMem, "client {}: adopted allocation {} ({} bytes)", client, operand.alloc_id,
               mapped.bytes);
@@ -104,7 +104,12 @@ bool MappingCache::dropOverlapping(ClientMaps& maps, std::uint64_t base, std::ui
   return true;
 }
 
-void MappingCache::evictIfFull(ClientMaps& maps) {
+void MappingCache::giveUp(std::uint32_t client, ClientMaps& maps, std::uint64_t alloc_id) {
+  drop(maps, alloc_id);
+  if (gave_up_) gave_up_(client, alloc_id);
+}
+
+void MappingCache::evictIfFull(std::uint32_t client, ClientMaps& maps) {
   // Oldest first; one still used by a batch in flight stays (the limit is
   // then exceeded until that batch completes).
   std::vector<std::uint64_t> evict;
@@ -115,7 +120,7 @@ void MappingCache::evictIfFull(ClientMaps& maps) {
     --size;
   }
   for (std::uint64_t id : evict)
-    drop(maps, id);
+    giveUp(client, maps, id);
 }
 
 void MappingCache::retire(const Entry& entry) {

@@ -54,9 +54,18 @@ class MappingCache {
   // that address is mapped already.
   using OpenFn = std::function<Result<Mapped>(const IpcHandle&, bool& already_mapped)>;
   using CloseFn = std::function<void(const Mapped&)>;
+  // Told of each allocation the cache gives up on its own (the client's least
+  // recently used beyond its limit, or idle ones closed to make room at an
+  // address), not of those the client released or left: whoever routes
+  // requests here (the scheduler) then has the next use opened off this
+  // thread again, instead of taking it for mapped.
+  using GaveUpFn = std::function<void(std::uint32_t client, std::uint64_t alloc_id)>;
 
-  MappingCache(std::size_t per_client_limit, OpenFn open, CloseFn close)
-      : limit_(per_client_limit), open_(std::move(open)), close_(std::move(close)) {}
+  MappingCache(std::size_t per_client_limit, OpenFn open, CloseFn close, GaveUpFn gave_up = {})
+      : limit_(per_client_limit),
+        open_(std::move(open)),
+        close_(std::move(close)),
+        gave_up_(std::move(gave_up)) {}
   ~MappingCache();
 
   // The mapping for the allocation an operand describes, opened if need be,
@@ -98,7 +107,9 @@ class MappingCache {
   void retire(const Entry& entry);
   // Retires and forgets one entry of `maps`.
   void drop(ClientMaps& maps, std::uint64_t alloc_id);
-  void evictIfFull(ClientMaps& maps);
+  // Drops one entry the client did not ask to, and says so (gave_up_).
+  void giveUp(std::uint32_t client, ClientMaps& maps, std::uint64_t alloc_id);
+  void evictIfFull(std::uint32_t client, ClientMaps& maps);
   // Drops entries overlapping [base, base + bytes); false if one is in use.
   bool dropOverlapping(ClientMaps& maps, std::uint64_t base, std::uint64_t bytes);
   void insert(ClientMaps& maps, const OperandDesc& operand, const Mapped& mapped,
@@ -107,6 +118,7 @@ class MappingCache {
   std::size_t limit_;
   OpenFn open_;
   CloseFn close_;
+  GaveUpFn gave_up_;
   std::unordered_map<std::uint32_t, ClientMaps> clients_;
   std::vector<std::pair<std::uint64_t, Mapped>> deferred_;  // (last batch, mapping)
   std::uint64_t completed_ = 0;

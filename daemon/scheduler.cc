@@ -429,6 +429,16 @@ bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
       progressed = true;
     }
     progressed |= takeOpened(gpu);
+    // What the executor closed on its own is opened by the mapper again at
+    // its next use: taken for mapped, the executor opened it on its own
+    // thread, every tenant's launches waiting (a tenant cycling through more
+    // allocations than STMUX_MAX_MAPPINGS did so at every request).
+    for (const auto& [client, alloc_id] : gpu.channel->takeGivenUp()) {
+      if (auto it = gpu.memory.find(MemoryKey{client, alloc_id});
+          it != gpu.memory.end() && it->second.mapped) {
+        gpu.memory.erase(it);
+      }
+    }
     gpu.channel->flush();
     std::uint64_t wake = 0;
     progressed |= admitReady(gpu, now_ns, wake_at_ns);

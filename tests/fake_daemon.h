@@ -217,6 +217,8 @@ class Daemon {
   }
   ~Daemon() { server_.reset(); }
   FakeExecutor& executor() { return executor_; }
+  // For a test to say what the real executor would (MappingCache's gave-up).
+  ExecutorChannel& channel() { return channel_; }
   // The scheduler is the server thread's: stop() (join that thread) before
   // reading it from the test's.
   Scheduler& scheduler() { return scheduler_; }

@@ -6,7 +6,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <set>
+#include <utility>
+#include <vector>
 
 namespace stmux::daemon {
 namespace {
@@ -35,6 +38,9 @@ class MappingCacheTest : public ::testing::Test {
         [this](const Mapped& mapped) {
           EXPECT_EQ(open_.erase(mapped.base), 1u) << "closed twice or never opened";
           ++closes_;
+        },
+        [this](std::uint32_t client, std::uint64_t alloc_id) {
+          given_up_.emplace_back(client, alloc_id);
         });
   }
   // An operand in allocation `id` of the client, at `base` there.
@@ -50,6 +56,8 @@ class MappingCacheTest : public ::testing::Test {
   }
 
   int opens_ = 0, closes_ = 0;
+  std::vector<std::pair<std::uint32_t, std::uint64_t>> given_up_;
+  using GivenUp = std::vector<std::pair<std::uint32_t, std::uint64_t>>;
   std::uint64_t next_ = 1;
   std::set<std::uint64_t> open_;
 };
@@ -138,6 +146,8 @@ TEST_F(MappingCacheTest, AlreadyMappedClosesIdleMappingsAndRetries) {
   // but only after closing client 1's idle mappings 1 and 2.
   EXPECT_FALSE(cache.acquire(1, clashing, 2).ok());
   EXPECT_EQ(closes_, 2);
+  std::sort(given_up_.begin(), given_up_.end());
+  EXPECT_EQ(given_up_, (GivenUp{{1, 1}, {1, 2}})) << "closed unasked: said so";
   EXPECT_EQ(cache.clientSize(1), 1u);
   EXPECT_EQ(cache.clientSize(2), 1u);
 }
@@ -175,9 +185,13 @@ TEST_F(MappingCacheTest, TheLeastRecentlyUsedGoesFirstAtTheLimit) {
   ASSERT_TRUE(cache.acquire(1, operand(3, 3), 3).ok());  // evicts 2
   EXPECT_EQ(cache.clientSize(1), 2u);
   EXPECT_EQ(closes_, 1);
+  EXPECT_EQ(given_up_, (GivenUp{{1, 2}})) << "the scheduler must hear of the eviction";
   const int opens = opens_;
   ASSERT_TRUE(cache.acquire(1, operand(1, 1), 3).ok());
   EXPECT_EQ(opens_, opens) << "the recently used mapping was evicted";
+  cache.release(1, 3);
+  cache.forgetClient(1);
+  EXPECT_EQ(given_up_.size(), 1u) << "what the client asked for is not news";
 }
 
 TEST_F(MappingCacheTest, MappingsInUseAreNotEvictedEvenAtTheLimit) {

@@ -322,6 +322,27 @@ TEST(Scheduler, MemoryIsOpenedOnceByTheMapperAndAdoptedByTheExecutor) {
   EXPECT_EQ(sorted(daemon.executor().adopted()), (std::vector<std::uint64_t>{1, 2, 3}));
 }
 
+// An allocation the executor closed on its own (its client beyond
+// STMUX_MAX_MAPPINGS) is opened by the mapper again at its next use; taken
+// for mapped, the executor opened it on its own thread, every tenant's
+// launches waiting, at every request of a tenant cycling through more
+// allocations than the limit.
+TEST(Scheduler, MemoryTheExecutorGaveUpIsOpenedByTheMapperAgain) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  EXPECT_EQ(call(*connection, requestOn(1)), kStatusSuccess);
+  EXPECT_EQ(daemon.executor().opens(), 3);
+  daemon.channel().gaveUp(connection->clientId(), 2);
+  // A call the server read before it took the news still finds 2 mapped.
+  EXPECT_TRUE(testing::waitFor([&] {
+    EXPECT_EQ(call(*connection, requestOn(1)), kStatusSuccess);
+    return daemon.executor().opens() == 4;
+  })) << "allocation 2 was taken for mapped";
+  EXPECT_EQ(sorted(daemon.executor().adopted()), (std::vector<std::uint64_t>{1, 2, 2, 3}));
+}
+
 // An allocation being opened (slowly: a churning or hostile tenant, issue 14)
 // holds up only the requests that need it; other tenants' batches go on.
 TEST(Scheduler, ATenantWhoseMemoryIsSlowToOpenHoldsUpNoOneElse) {
