@@ -2,12 +2,14 @@
 // starts it); SIGTERM drains and exits 0.
 #include <dlfcn.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
@@ -21,6 +23,7 @@
 #include "stmux/config.h"
 #include "stmux/log.h"
 #include "stmux/precision.h"
+#include "stmux/segment.h"
 
 extern char** environ;
 
@@ -153,6 +156,44 @@ void notifySystemd(const char* state) {
   }
 }
 
+// The memory limit of the daemon's cgroup (v2: systemd's MemoryMax=, a
+// container's limit), or 0 where there is none or it cannot be read.
+std::uint64_t cgroupMemoryLimit() {
+  std::ifstream cgroups("/proc/self/cgroup");
+  for (std::string line; std::getline(cgroups, line);) {
+    if (line.rfind("0::", 0) != 0) continue;
+    std::ifstream limit("/sys/fs/cgroup" + line.substr(3) + "/memory.max");
+    std::uint64_t bytes = 0;
+    return limit >> bytes ? bytes : 0;  // "max": none
+  }
+  return 0;
+}
+
+// Says where STMUX_MAX_CLIENTS and STMUX_SLOTS ask for more than the
+// process may have: each client holds two descriptors and a shared segment
+// whose pages count against the daemon's memory. Past the descriptors,
+// tenants' attaches time out and their calls run directly; past the memory,
+// the kernel kills the daemon under every tenant.
+void warnOfLimits(const Config& config) {
+  const auto clients = static_cast<std::uint64_t>(config.max_clients);
+  if (rlimit files{}; ::getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur != RLIM_INFINITY &&
+                      2 * clients + 64 > files.rlim_cur) {
+    STMUX_WARN(kConfig,
+               "STMUX_MAX_CLIENTS={} needs about {} file descriptors (2 a client), but the limit "
+               "is {} (LimitNOFILE=): tenants past about {} clients will run directly",
+               clients, 2 * clients + 64, static_cast<std::uint64_t>(files.rlim_cur),
+               files.rlim_cur > 64 ? (files.rlim_cur - 64) / 2 : 0);
+  }
+  const std::uint64_t segment =
+      SegmentLayout::compute(static_cast<std::uint32_t>(config.slots)).total_bytes;
+  if (const std::uint64_t limit = cgroupMemoryLimit(); limit != 0 && segment * clients > limit) {
+    STMUX_WARN(kConfig,
+               "STMUX_SLOTS={} makes each client's segment {} KiB: STMUX_MAX_CLIENTS={} of them "
+               "need {} MiB, more than the memory limit of {} MiB (MemoryMax=)",
+               config.slots, segment >> 10, clients, (segment * clients) >> 20, limit >> 20);
+  }
+}
+
 Result<std::vector<GpuInfo>> selectGpus(const std::vector<std::string>& wanted) {
   auto gpus = listGpus();
   if (!gpus) return gpus;
@@ -229,6 +270,7 @@ int run(int argc, char** argv) {
     }
   }
 
+  warnOfLimits(config.value());
   if (!config->metrics_file.empty()) {
     // Its writer replaces the file by a rename: at the socket's path it
     // would take the socket's name away from the tenants.

@@ -3,6 +3,7 @@
 // GPU the machine has.
 #include <dlfcn.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <map>
 #include <sstream>
@@ -142,6 +143,23 @@ TEST(Stmuxd, AMetricsFileItCannotWriteIsAnErrorAtStart) {
   ran = stmuxd(dir, {"--socket", dir.socket()}, {{"STMUX_METRICS_FILE", dir.socket()}});
   EXPECT_EQ(ran.status, 2) << ran.err;
   EXPECT_NE(ran.err.find("STMUX_METRICS_FILE and STMUX_SOCKET are both"), std::string::npos)
+      << ran.err;
+}
+
+// More clients than the descriptor limit allows (2 each) is said at start:
+// past it, tenants' attaches time out and they run directly.
+TEST(Stmuxd, ClientsBeyondTheDescriptorLimitAreForetold) {
+  TempDir dir;
+  rlimit before{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &before), 0);
+  rlimit lowered = before;
+  lowered.rlim_cur = 512;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &lowered), 0);
+  const auto ran = stmuxd(dir, {"--socket", dir.socket()}, {{"STMUX_MAX_CLIENTS", "1024"}});
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &before), 0);
+  EXPECT_NE(ran.err.find("STMUX_MAX_CLIENTS=1024 needs about 2112 file descriptors (2 a client), "
+                         "but the limit is 512 (LimitNOFILE=): tenants past about 224 clients"),
+            std::string::npos)
       << ran.err;
 }
 
