@@ -521,9 +521,10 @@ void Server::greet(std::unique_ptr<Pending> pending) {
     return refuse(fd, "malformed hello: " + status.message());
   }
   if (header.version != kProtocolVersion) {
-    return refuse(fd, fmt::format("protocol version mismatch: the client speaks {}, the daemon "
-                                  "speaks {}; use a libstmux.so and stmuxd of one release",
-                                  header.version, kProtocolVersion));
+    return refuse(
+        fd, fmt::format("protocol version mismatch: the client speaks {}, the daemon "
+                        "speaks {}; use a libstmux.so (or stmuxctl) and stmuxd of one release",
+                        header.version, kProtocolVersion));
   }
   HelloMsg hello;
   if (Status status = decodeMessage(received.value(), MsgType::kHello, hello); !status.ok()) {

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -176,6 +177,24 @@ TEST(Json, DumpJsonReplacesWhatIsNotUtf8) {
   EXPECT_EQ(name.rfind("ok\xef\xbf\xbd", 0), 0u) << name;
   EXPECT_NE(name.find('('), std::string::npos) << name;
   EXPECT_EQ(name.find('\xff'), std::string::npos) << name;
+}
+
+// A name a tenant chose goes out as ASCII: U+009B (CSI, a terminal's control
+// sequence start, which is UTF-8 too) reached `stmuxctl status --json`'s
+// terminal raw. It reads back the same.
+TEST(Json, DumpJsonWritesAsciiOnly) {
+  Json json;
+  json["name"] = std::string(
+      "ev\xc2\x9b"
+      "31mil \xc3\xa9");
+  const std::string text = dumpJson(json);
+  EXPECT_TRUE(std::all_of(text.begin(), text.end(), [](char c) {
+    return static_cast<unsigned char>(c) < 0x80;
+  })) << text;
+  EXPECT_NE(text.find("\\u009b"), std::string::npos) << text;
+  auto read = parseJson(text);
+  ASSERT_TRUE(read.ok()) << read.message();
+  EXPECT_EQ(read->at("name"), json["name"]);
 }
 
 TEST(Json, NestingIsLimited) {

@@ -144,7 +144,8 @@ TEST(Transport, VersionMismatchIsRefusedNamingBothVersions) {
   auto connection = Connection::open(o);
   ASSERT_FALSE(connection.ok());
   EXPECT_NE(connection.message().find(
-                fmt::format("protocol version mismatch: the client speaks {}, the daemon speaks {}",
+                fmt::format("protocol version mismatch: the client speaks {}, the daemon speaks "
+                            "{}; use a libstmux.so (or stmuxctl) and stmuxd of one release",
                             kProtocolVersion + 1, kProtocolVersion)),
             std::string::npos)
       << connection.message();

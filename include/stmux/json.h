@@ -137,11 +137,14 @@ inline Result<Json> parseJson(std::string_view text, std::string_view what = "th
   }
 }
 
-// Compact JSON text. Bytes in strings that are not UTF-8 become U+FFFD
-// (the library would throw), so the text is always valid JSON; NaN and
-// infinity become null, as JSON has neither.
+// Compact JSON text, ASCII only: other characters are \u escapes, so that a
+// string a tenant chose (its name) cannot carry a terminal's control
+// sequences (C1 controls are UTF-8 too) to whoever prints the text, as
+// `stmuxctl status --json` does. Bytes in strings that are not UTF-8 become
+// U+FFFD (the library would throw), so the text is always valid JSON; NaN
+// and infinity become null, as JSON has neither.
 inline std::string dumpJson(const Json& value) {
-  return value.dump(-1, ' ', /*ensure_ascii=*/false, Json::error_handler_t::replace);
+  return value.dump(-1, ' ', /*ensure_ascii=*/true, Json::error_handler_t::replace);
 }
 
 // The member named `key` of an object; nullptr when `object` is nullptr, not
