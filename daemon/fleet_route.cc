@@ -94,17 +94,29 @@ FleetRoute::Rates FleetRoute::windowRates(std::uint64_t now_ns,
 FleetLook FleetRoute::finishLook(const Rates& after) const {
   FleetLook look;
   look.direct_before = direct_;
-  double log_sum = 0;
+  std::vector<double> log_gains;
+  log_gains.reserve(before_.size());
   for (const auto& [id, before] : before_) {
     const double later = rateOf(after, id);
     const double other = rateOf(other_, id);
     if (later <= 0 || other <= 0) continue;
-    // Bounded, so that no one tenant (whose counts are its own word) decides
-    // for the fleet: a route changes a tenant's rate by less than this.
-    log_sum += std::clamp(std::log(other / ((before + later) / 2)), -kMostLogGain, kMostLogGain);
-    ++look.tenants;
+    // Bounded: a route changes a tenant's rate by less than this.
+    log_gains.push_back(
+        std::clamp(std::log(other / ((before + later) / 2)), -kMostLogGain, kMostLogGain));
   }
-  look.gain = look.tenants == 0 ? 0 : std::exp(log_sum / static_cast<double>(look.tenants));
+  look.tenants = log_gains.size();
+  if (log_gains.empty()) return look;
+  // The median tenant's gain, so that no one tenant (whose counts are its own
+  // word) decides for the fleet: with the mean of the bounded gains one liar
+  // among fewer than about 15 tenants did (1 of 4 kept the fleet direct while
+  // the other 3 were 1.3x faster served).
+  const std::size_t half = log_gains.size() / 2;
+  std::nth_element(log_gains.begin(), log_gains.begin() + half, log_gains.end());
+  double median = log_gains[half];
+  if (log_gains.size() % 2 == 0) {
+    median = (median + *std::max_element(log_gains.begin(), log_gains.begin() + half)) / 2;
+  }
+  look.gain = std::exp(median);
   return look;
 }
 
