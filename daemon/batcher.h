@@ -17,9 +17,9 @@
 //
 // Requests are taken round-robin across tenants, one from each in turn,
 // starting one tenant further on each batch (after the last one taken, where
-// the batch was full), so a busy tenant cannot starve a quiet one; a tenant's own requests stay in
-// order, and two of them share a batch only if neither writes what the other touches (the requests
-// of one launch run at once).
+// the batch was full), so a busy tenant cannot starve a quiet one; a tenant's
+// own requests stay in order, and two of them share a batch only if neither
+// writes what the other touches (the requests of one launch run at once).
 #pragma once
 
 #include <cstdint>

@@ -13,21 +13,24 @@
 // served ones runs its GEMMs beside their batches, alone on MPS, and wins its
 // own comparison even where the tenants as a whole lose when all do the same
 // (the batches shrink for everyone). So every look flips all of them: a window
-// of calls on the route taken, one on the other, one on the route taken
-// again, with a short unmeasured pause after each flip for calls already under
-// way. Each tenant's calls per second (its closed loop's speed) on the other
-// route is compared with the mean of its two windows around it, which cancels
-// a steady drift; the look's gain is the median over the tenants that made
-// calls in all three windows, so that each tenant counts once whatever its
-// speed and no one tenant's word decides. A route is left only when the other won in
-// `confirmations` looks in a row: direct must beat served by `margin`, served need only be as fast
-// as direct (`back_margin`), since served is what batches and, at many tenants, what keeps the tail
-// (cube 256³ at R = 32 on the H200: worst p99 197 us served against MPS alone's 4,060 us, as many
-// calls); each look that confirms the route doubles the time to the next. A change in how many
-// tenants take part voids a look under way and starts over from the first interval (the answer may
-// have changed with them), with the next look no later than one already due; the first look after
-// it only warms up (one-off costs on the route not taken: a cuBLAS tenant on the H200 made 0.03x as
-// many calls in its first direct window as served) and is followed at once by one that counts.
+// of calls on the route taken, one on the other, one on the route taken again,
+// with a short unmeasured pause after each flip for calls already under way.
+// Each tenant's calls per second (its closed loop's speed) on the other route
+// is compared with the mean of its two windows around it, which cancels a
+// steady drift; the look's gain is the median over the tenants that made calls
+// in all three windows, so that each tenant counts once whatever its speed and
+// no one tenant's word decides. A route is left only when the other won in
+// `confirmations` looks in a row: direct must beat served by `margin`, served
+// need only be as fast as direct (`back_margin`), since served is what batches
+// and, at many tenants, what keeps the tail (cube 256³ at R = 32 on the H200:
+// worst p99 197 us served against MPS alone's 4,060 us, as many calls); each
+// look that confirms the route doubles the time to the next. A change in how
+// many tenants take part voids a look under way and starts over from the first
+// interval (the answer may have changed with them), with the next look no later
+// than one already due; the first look after it only warms up (one-off costs on
+// the route not taken: a cuBLAS tenant on the H200 made 0.03x as many calls in
+// its first direct window as served) and is followed at once by one that
+// counts.
 //
 // Pure logic on a clock the caller passes in; the server holds one.
 #pragma once
