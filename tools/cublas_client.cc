@@ -528,8 +528,10 @@ int check(const Options& o) {
   if (std::find(apis.begin(), apis.end(), Api::kLegacy) != apis.end()) cublasInit();
 
   // What a reader of the output needs to account for each call: no-ops
-  // (cuBLAS returns at once) and legacy calls with beta != 0 counted apart.
-  int failures = 0, calls = 0, no_ops = 0, legacy_nonzero_beta = 0;
+  // (cuBLAS returns at once), legacy calls with beta != 0 and other calls
+  // with alpha 0 (which only scale C: stmux leaves them to cuBLAS) counted
+  // apart.
+  int failures = 0, calls = 0, no_ops = 0, legacy_nonzero_beta = 0, alpha_zero = 0;
   for (const GemmCase& c : stmux::check::caseMatrix(o.quick)) {
     for (Api api : apis) {
       // The legacy API has no handle: its math mode is the default, and
@@ -546,6 +548,8 @@ int check(const Options& o) {
         ++legacy_nonzero_beta;
       } else if (c.noOp()) {
         ++no_ops;
+      } else if (c.alpha == 0.0f) {
+        ++alpha_zero;
       }
       if (status != CUBLAS_STATUS_SUCCESS) {
         std::printf("FAIL %s %s: status %d\n", c.name.c_str(), apiName(api), status);
@@ -602,7 +606,11 @@ int check(const Options& o) {
       std::vector<float> result;
       const cublasStatus_t status = runStrided(batch, handle, stream, result);
       ++calls, ++strided;
-      if (c.noOp()) ++no_ops;
+      if (c.noOp()) {
+        ++no_ops;
+      } else if (c.alpha == 0.0f) {
+        ++alpha_zero;
+      }
       const auto verdict =
           status == CUBLAS_STATUS_SUCCESS
               ? stmux::check::verifyStrided(batch, result)
@@ -623,8 +631,8 @@ int check(const Options& o) {
     std::printf("FAIL bad-lda: status %d, cuBLAS says %d\n", bad, CUBLAS_STATUS_INVALID_VALUE);
     ++failures;
   }
-  std::printf("calls %d no_op %d refused 1 legacy_nonzero_beta %d failures %d\n", calls, no_ops,
-              legacy_nonzero_beta, failures);
+  std::printf("calls %d no_op %d refused 1 legacy_nonzero_beta %d alpha_zero %d failures %d\n",
+              calls, no_ops, legacy_nonzero_beta, alpha_zero, failures);
   if (std::find(apis.begin(), apis.end(), Api::kLegacy) != apis.end()) cublasShutdown();
   cublasDestroy_v2(handle);
   return failures == 0 ? 0 : 1;
