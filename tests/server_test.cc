@@ -43,6 +43,21 @@ ConnectOptions options(const TempDir& dir) {
   return o;
 }
 
+// `count` tenants attached to the daemon at `dir` (fewer, with a failure
+// reported, where one could not attach).
+std::vector<std::unique_ptr<Connection>> attachTenants(const TempDir& dir, int count) {
+  std::vector<std::unique_ptr<Connection>> tenants;
+  for (int i = 0; i < count; ++i) {
+    auto tenant = Connection::open(options(dir));
+    if (!tenant.ok()) {
+      ADD_FAILURE() << "tenant " << i << ": " << tenant.message();
+      break;
+    }
+    tenants.push_back(std::move(tenant).value());
+  }
+  return tenants;
+}
+
 // Connects and says hello by hand, so a test can send what a real client
 // never would.
 UniqueFd rawConnect(const TempDir& dir) {
@@ -51,6 +66,15 @@ UniqueFd rawConnect(const TempDir& dir) {
   EXPECT_EQ(
       ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address.value()), sizeof(sockaddr_un)),
       0);
+  return fd;
+}
+
+// A control hello on a connection of its own.
+UniqueFd statusQuery(const TempDir& dir) {
+  UniqueFd fd = rawConnect(dir);
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.role = static_cast<std::uint32_t>(Role::kControl);
+  if (!sendMessage(fd.get(), &hello, sizeof(hello)).ok()) return UniqueFd();
   return fd;
 }
 
@@ -521,10 +545,8 @@ TEST(Server, AnswersAStatusQueryWithJson) {
   ServerThread server(testing::serverOptions(dir), sink);
   auto tenant = Connection::open(options(dir));
   ASSERT_TRUE(tenant.ok());
-  UniqueFd fd = rawConnect(dir);
-  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
-  hello.role = static_cast<std::uint32_t>(Role::kControl);
-  ASSERT_TRUE(sendMessage(fd.get(), &hello, sizeof(hello)).ok());
+  UniqueFd fd = statusQuery(dir);
+  ASSERT_TRUE(fd.valid());
   auto reply = recvMessage(fd.get(), true, kMaxMessageBytes);
   ASSERT_TRUE(reply.ok());
   MsgHeader header;
@@ -533,15 +555,6 @@ TEST(Server, AnswersAStatusQueryWithJson) {
   const std::string json(reply->bytes.begin() + sizeof(MsgHeader), reply->bytes.end());
   EXPECT_NE(json.find("\"name\":\"server_test\""), std::string::npos) << json;
   EXPECT_NE(json.find(fmt::format("\"pid\":{}", ::getpid())), std::string::npos) << json;
-}
-
-// A control hello on a connection of its own.
-UniqueFd statusQuery(const TempDir& dir) {
-  UniqueFd fd = rawConnect(dir);
-  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
-  hello.role = static_cast<std::uint32_t>(Role::kControl);
-  if (!sendMessage(fd.get(), &hello, sizeof(hello)).ok()) return UniqueFd();
-  return fd;
 }
 
 // Each status query built the status anew (~5 ms at 1,000 clients) on the
@@ -553,12 +566,8 @@ TEST(Server, AFloodOfStatusQueriesBuildsTheStatusFewTimes) {
   TempDir dir;
   TestSink sink;
   ServerThread server(testing::serverOptions(dir), sink);
-  std::vector<std::unique_ptr<Connection>> tenants;
-  for (int i = 0; i < 20; ++i) {
-    auto tenant = Connection::open(options(dir));
-    ASSERT_TRUE(tenant.ok()) << tenant.message();
-    tenants.push_back(std::move(tenant).value());
-  }
+  const auto tenants = attachTenants(dir, 20);
+  ASSERT_EQ(tenants.size(), 20u);
   constexpr int kLeaving = 100, kReading = 200;
   for (int i = 0; i < kLeaving; ++i)
     ASSERT_TRUE(statusQuery(dir).valid());  // closed at once
@@ -582,12 +591,8 @@ TEST(Server, OneUidsStatusReadersHoldAFewPlacesOnly) {
   TestSink sink;
   ServerThread server(testing::serverOptions(dir), sink);
   // ~600 bytes of status each: the whole more than a socket buffer holds.
-  std::vector<std::unique_ptr<Connection>> tenants;
-  for (int i = 0; i < 500; ++i) {
-    auto tenant = Connection::open(options(dir));
-    ASSERT_TRUE(tenant.ok()) << tenant.message();
-    tenants.push_back(std::move(tenant).value());
-  }
+  const auto tenants = attachTenants(dir, 500);
+  ASSERT_EQ(tenants.size(), 500u);
   std::vector<UniqueFd> idle;
   for (int i = 0; i < 4; ++i) {
     idle.push_back(statusQuery(dir));
@@ -905,12 +910,8 @@ TEST(Server, StatusListsEveryClientOfOverAThousand) {
     server_options.max_clients = 2 * kClients;
     server_options.max_clients_per_uid = 2 * kClients;  // all of them are this test's
     ServerThread server(server_options, sink);
-    std::vector<std::unique_ptr<Connection>> tenants;
-    for (int i = 0; i < kClients; ++i) {
-      auto tenant = Connection::open(options(dir));
-      ASSERT_TRUE(tenant.ok()) << "tenant " << i << ": " << tenant.message();
-      tenants.push_back(std::move(tenant).value());
-    }
+    const auto tenants = attachTenants(dir, kClients);
+    ASSERT_EQ(tenants.size(), std::size_t{kClients});
     auto reply = queryDaemonStatus(dir.socket(), "server_test", 10'000);
     ASSERT_TRUE(reply.ok()) << reply.message();
     EXPECT_GT(reply->size(), 4 * kStatusPartBytes) << "too small to need several parts";
