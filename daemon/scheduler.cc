@@ -100,10 +100,10 @@ Result<std::vector<GpuInfo>> chooseGpus(const std::vector<GpuInfo>& gpus,
       if (index) return std::stoi(item) == gpu.index;
       return lower(formatUuid(gpu.uuid)) == lower(item);
     });
-    std::string have;
-    for (const GpuInfo& gpu : gpus)
-      have += fmt::format("{}{} ({})", have.empty() ? "" : ", ", gpu.index, formatUuid(gpu.uuid));
     if (it == gpus.end()) {
+      std::string have;
+      for (const GpuInfo& gpu : gpus)
+        have += fmt::format("{}{} ({})", have.empty() ? "" : ", ", gpu.index, formatUuid(gpu.uuid));
       return Status::error(fmt::format(
           "STMUX_DEVICES names '{}', which is not a GPU here; the GPUs are: {}", item, have));
     }

@@ -532,6 +532,13 @@ int check(const Options& o) {
   // with alpha 0 (which only scale C: stmux leaves them to cuBLAS) counted
   // apart.
   int failures = 0, calls = 0, no_ops = 0, legacy_nonzero_beta = 0, alpha_zero = 0;
+  const auto countUnserved = [&](const GemmCase& c) {
+    if (c.noOp()) {
+      ++no_ops;
+    } else if (c.alpha == 0.0f) {
+      ++alpha_zero;
+    }
+  };
   for (const GemmCase& c : stmux::check::caseMatrix(o.quick)) {
     for (Api api : apis) {
       // The legacy API has no handle: its math mode is the default, and
@@ -546,10 +553,8 @@ int check(const Options& o) {
       ++calls;
       if (api == Api::kLegacy && c.beta != 0.0f) {
         ++legacy_nonzero_beta;
-      } else if (c.noOp()) {
-        ++no_ops;
-      } else if (c.alpha == 0.0f) {
-        ++alpha_zero;
+      } else {
+        countUnserved(c);
       }
       if (status != CUBLAS_STATUS_SUCCESS) {
         std::printf("FAIL %s %s: status %d\n", c.name.c_str(), apiName(api), status);
@@ -606,11 +611,7 @@ int check(const Options& o) {
       std::vector<float> result;
       const cublasStatus_t status = runStrided(batch, handle, stream, result);
       ++calls, ++strided;
-      if (c.noOp()) {
-        ++no_ops;
-      } else if (c.alpha == 0.0f) {
-        ++alpha_zero;
-      }
+      countUnserved(c);
       const auto verdict =
           status == CUBLAS_STATUS_SUCCESS
               ? stmux::check::verifyStrided(batch, result)
