@@ -40,6 +40,10 @@ constexpr std::uint64_t kReadyLookMaxNs = 1'000'000;
 // than one such allocation, never both find all theirs mapped: unbounded,
 // the mapper opened for ever (fuzz_ring's inputs that did not settle).
 constexpr std::uint32_t kMostOpensPerRequest = 16;
+// Commands (and opens) waiting for an executor's queue beyond which release
+// notices are no longer taken from the clients (takesNotices): as many as
+// the queue holds, some 63,000 allocation ids.
+constexpr std::size_t kMostWaitingCommands = 1024;
 
 // Calls `f` with each operand a (valid) request reads or writes.
 template <class F>
@@ -454,6 +458,14 @@ bool Scheduler::poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) {
     if (wake != 0 && (wake_at_ns == 0 || wake < wake_at_ns)) wake_at_ns = wake;
   }
   return progressed;
+}
+
+bool Scheduler::takesNotices() const {
+  // Each notice is a command for every GPU's executor, posted at once; an
+  // executor that takes none for a while (a long batch, an open on its own
+  // thread) left a flood of them piling up here without bound.
+  return std::all_of(gpus_.begin(), gpus_.end(),
+                     [](const Gpu& gpu) { return gpu.channel->backlog() < kMostWaitingCommands; });
 }
 
 bool Scheduler::busy() const {

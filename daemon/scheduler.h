@@ -48,6 +48,7 @@ class Scheduler : public RequestSink {
   void onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) override;
   void onRelease(const ClientPtr& client, const std::uint64_t* alloc_ids,
                  std::size_t count) override;
+  bool takesNotices() const override;
   bool poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) override;
   bool busy() const override;
   int wakeFd() const override { return wake_fd_.get(); }

@@ -87,6 +87,15 @@ void epollAdd(int epoll, int fd, std::uint32_t events, std::uint64_t data) {
   }
 }
 
+void epollMod(int epoll, int fd, std::uint32_t events, std::uint64_t data) {
+  epoll_event event{};
+  event.events = events;
+  event.data.u64 = data;
+  if (::epoll_ctl(epoll, EPOLL_CTL_MOD, fd, &event) != 0) {
+    STMUX_ERROR(kTransport, "epoll_ctl(MOD, fd {}) failed: {}", fd, std::strerror(errno));
+  }
+}
+
 void epollDel(int epoll, int fd) {
   if (fd >= 0) ::epoll_ctl(epoll, EPOLL_CTL_DEL, fd, nullptr);
 }
@@ -220,6 +229,7 @@ void Server::run() {
     bool progressed = drainRings(now);
     std::uint64_t wake_at = 0;
     progressed |= sink_.poll(now, wake_at);
+    if (notices_paused_ && sink_.takesNotices()) resumeNotices();
     if (draining_ && !progressed && !sink_.busy()) {
       bool readable = false;
       for (const ClientPtr& client : clients_)
@@ -371,6 +381,9 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
         if (it == clients_.end()) break;
         if (tagKind(data) == kTagDoorbell) {
           drainEventfd((*it)->doorbell.get());
+        } else if (notices_paused_ && (events[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
+          // Its notices unread no longer matter: what it mapped goes with it.
+          detach(*it, "it closed its connection");
         } else {
           readClient(*it);
         }
@@ -608,7 +621,7 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
   client->ring = RingConsumer<Request>(client->view.cells(), layout_.ring_capacity);
   client->view.header()->fleet_route.store(fleet_word_, std::memory_order_relaxed);
   client->socket = std::move(socket);
-  epollAdd(epoll_.get(), client->socket.get(), EPOLLIN | EPOLLRDHUP, tag(kTagSocket, client->id));
+  epollAdd(epoll_.get(), client->socket.get(), socketEvents(), tag(kTagSocket, client->id));
   epollAdd(epoll_.get(), client->doorbell.get(), EPOLLIN, tag(kTagDoorbell, client->id));
   clients_.push_back(client);
   STMUX_INFO(kTransport, "client {} attached: pid {} ({}) uid {}", client->id, client->pid,
@@ -702,6 +715,7 @@ void Server::readClient(const ClientPtr& client) {
   // client sending notices as fast as it can held up every other client's
   // calls for up to a second (server_test, 2026-12-05).
   for (int read = 0; read < kMaxMessagesPerTurn; ++read) {
+    if (!sink_.takesNotices()) return pauseNotices();
     auto received = recvMessage(client->socket.get(), /*block=*/false);
     if (!received) return detach(client, received.message().c_str());
     if (received->would_block) return;
@@ -714,6 +728,25 @@ void Server::readClient(const ClientPtr& client) {
     }
     sink_.onRelease(client, release.alloc_ids, release.count);
   }
+}
+
+std::uint32_t Server::socketEvents() const {
+  return notices_paused_ ? EPOLLRDHUP : EPOLLIN | EPOLLRDHUP;
+}
+
+void Server::pauseNotices() {
+  if (notices_paused_) return;
+  notices_paused_ = true;
+  STMUX_DEBUG(kTransport, "the executor is behind: release notices wait in the sockets");
+  for (const ClientPtr& client : clients_)
+    epollMod(epoll_.get(), client->socket.get(), socketEvents(), tag(kTagSocket, client->id));
+}
+
+void Server::resumeNotices() {
+  notices_paused_ = false;
+  STMUX_DEBUG(kTransport, "reading release notices again");
+  for (const ClientPtr& client : clients_)
+    epollMod(epoll_.get(), client->socket.get(), socketEvents(), tag(kTagSocket, client->id));
 }
 
 void Server::detach(const ClientPtr& client, const char* why) {

@@ -82,6 +82,11 @@ class RequestSink {
   virtual void onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) = 0;
   virtual void onRelease(const ClientPtr&, const std::uint64_t* /*alloc_ids*/,
                          std::size_t /*count*/) {}
+  // False while the notices given already wait beyond a bound for the
+  // executor to take them: the server then leaves the rest in the clients'
+  // sockets (a shim keeps what its socket does not take and tells it later),
+  // and asks again at its next turn.
+  virtual bool takesNotices() const { return true; }
   // Timed work: launch decisions, completions. Returns whether it made
   // progress; sets `wake_at_ns` to when it next needs a turn (0: not before
   // something arrives).
@@ -195,6 +200,12 @@ class Server {
   bool pumpReply(Reply& reply);
   void dropReply(std::uint64_t id);
   void readClient(const ClientPtr& client);
+  // Stops reading release notices (RequestSink::takesNotices): the clients'
+  // sockets are watched for hang-ups only, until resumeNotices().
+  void pauseNotices();
+  void resumeNotices();
+  // The events a client's socket is watched for now.
+  std::uint32_t socketEvents() const;
   void detach(const ClientPtr& client, const char* why);
   void expirePending(std::uint64_t now);
   void sleepUntil(std::uint64_t wake_at_ns);
@@ -220,6 +231,7 @@ class Server {
   std::uint64_t status_cost_ns_ = 0;
   std::uint64_t status_builds_ = 0;
   std::uint64_t accept_paused_until_ = 0;  // 0: the listening socket is watched
+  bool notices_paused_ = false;
   std::uint64_t next_metrics_ns_ = 0;
   std::uint64_t next_company_ns_ = 0;
   FleetRoute fleet_;              // the route of the tenants on MPS

@@ -60,6 +60,8 @@ class FakeExecutor {
   // What every claimed request is answered (a cuBLAS status; success by
   // default), as a GPU's cuBLAS would.
   void setAnswer(std::int32_t status) { answer_ = status; }
+  // While paused it takes no command, as an executor busy with a long batch.
+  void pause(bool paused) { paused_ = paused; }
   void setOpen(OpenFn open) {
     std::lock_guard lock(mutex_);
     open_ = std::move(open);
@@ -85,6 +87,10 @@ class FakeExecutor {
  private:
   void run() {
     while (!stop_) {
+      if (paused_) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        continue;
+      }
       std::unique_ptr<ExecCommand> command = channel_.takeCommand();
       if (!command) {
         channel_.sleep(1'000'000);
@@ -156,6 +162,7 @@ class FakeExecutor {
   std::vector<std::uint64_t> released_;
   Wakers wakers_;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> paused_{false};
   std::atomic<std::int32_t> answer_{kStatusSuccess};
   std::thread thread_;
   std::thread mapper_;
@@ -186,6 +193,7 @@ class VanishingSink : public RequestSink {
   void onRelease(const ClientPtr& client, const std::uint64_t* ids, std::size_t count) override {
     inner_.onRelease(client, ids, count);
   }
+  bool takesNotices() const override { return inner_.takesNotices(); }
   bool poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) override {
     return inner_.poll(now_ns, wake_at_ns);
   }

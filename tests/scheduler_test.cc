@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+
 #include <mutex>
 #include <thread>
 
@@ -480,6 +482,55 @@ double clientField(const TempDir& dir, std::uint32_t id, const char* field) {
     }
   }
   return -1;
+}
+
+// Release notices sent while the executor takes nothing (a long batch, an
+// open on its thread) waited in the scheduler without bound: one client
+// flooding them grew the daemon as fast as it could send. They now wait in
+// the client's socket, whose sender keeps what does not fit (the shim tells
+// it later); none is lost, and a client that leaves meanwhile is let go.
+TEST(Scheduler, ReleaseNoticesWaitInTheSocketWhileTheExecutorTakesNothing) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto flooder = connect(dir);
+  auto leaver = connect(dir);
+  ASSERT_TRUE(flooder && leaver);
+  const std::uint32_t leaver_id = leaver->clientId();
+  daemon.executor().pause(true);
+  std::vector<std::uint64_t> sent;
+  std::vector<std::uint64_t> ids(kMaxReleaseIds);
+  rusage before{}, after{};
+  ::getrusage(RUSAGE_SELF, &before);
+  const std::uint64_t until = nowNs() + kSecond;
+  std::uint64_t next_id = 1;
+  while (nowNs() < until && sent.size() < 10'000'000) {
+    if (leaver && nowNs() > until - kSecond / 2) leaver.reset();
+    for (std::uint64_t& id : ids)
+      id = next_id++;
+    if (flooder->sendRelease(ids).ok()) {
+      sent.insert(sent.end(), ids.begin(), ids.end());
+    } else {
+      next_id -= ids.size();  // full: the same ids again, as the shim keeps them
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  ::getrusage(RUSAGE_SELF, &after);
+  // The executor's queue and one more of its size, in messages of
+  // kMaxReleaseIds ids, and what the socket buffers (a few hundred).
+  EXPECT_LT(sent.size(), 4096 * kMaxReleaseIds)
+      << "the daemon took every notice while its executor took none";
+  const auto seconds = [](const timeval& t) { return t.tv_sec + t.tv_usec / 1e6; };
+  EXPECT_LT(seconds(after.ru_utime) + seconds(after.ru_stime) - seconds(before.ru_utime) -
+                seconds(before.ru_stime),
+            0.5)
+      << "CPU seconds over 1 s of notices left in the socket: the daemon spun";
+  EXPECT_TRUE(testing::waitFor([&] { return clientField(dir, leaver_id, "id") == -1; }))
+      << "a client that left while notices waited was not let go";
+  daemon.executor().pause(false);
+  ASSERT_TRUE(testing::waitFor([&] { return daemon.executor().released().size() >= sent.size(); },
+                               std::chrono::seconds(10)));
+  EXPECT_EQ(daemon.executor().released(), sent) << "notices lost or reordered";
+  EXPECT_TRUE(testing::waitFor([&] { return daemon.executor().forgotten().size() == 1; }));
 }
 
 // The ring frees a cell as soon as the daemon pops it, so a client that
