@@ -150,6 +150,26 @@ std::uint64_t masterSeed() {
   return static_cast<std::uint64_t>(std::chrono::system_clock::now().time_since_epoch().count());
 }
 
+// The largest test's calls: STMUX_DIFF_CALLS, 100,000 by default (fewer
+// under a sanitizer, which makes the program's checks some 20 times slower).
+long largestTestCalls() {
+  constexpr long kDefault = 100'000;
+  if (const char* text = getenv("STMUX_DIFF_CALLS"); text != nullptr && *text != '\0') {
+    long calls = 0;
+    const std::string_view value(text);
+    const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), calls);
+    if (error == std::errc() && end == value.data() + value.size() && calls >= 1'000 &&
+        calls <= 10'000'000) {
+      return calls;
+    }
+    ADD_FAILURE() << "STMUX_DIFF_CALLS='" << value
+                  << "' is not a call count; accepted: a whole number from 1000 to 10000000; "
+                     "making "
+                  << kDefault;
+  }
+  return kDefault;
+}
+
 // The run's "elapsed S s, R calls/s" line.
 std::string elapsedOf(const std::string& out) {
   const std::size_t at = out.find("\nelapsed ");
@@ -239,7 +259,8 @@ class Preloaded : public testing::DaemonFixture, public ::testing::WithParamInte
   }
 };
 
-// 8 processes of 1 to 16 threads, at least 100,000 calls: no mismatch, and
+// 8 processes of 1 to 16 threads, at least 100,000 calls (STMUX_DIFF_CALLS):
+// no mismatch, and
 // the shim's counters account for every call exactly: served, except the
 // no-ops, the calls cuBLAS refuses, those on memory CUDA IPC cannot export,
 // the cublasLtMatmul forms stmux does not serve and those with alpha and
@@ -252,7 +273,7 @@ TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
             << " ctest -R differential)" << std::endl;
   std::mt19937_64 random(master);
   constexpr int kProcesses = 8;
-  constexpr long kCalls = 100'000;
+  const long total = largestTestCalls();
   std::vector<int> threads(kProcesses);
   int all_threads = 0;
   for (int i = 0; i < kProcesses; ++i) {
@@ -262,7 +283,7 @@ TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
   // Calls in proportion to threads, so that the processes end together.
   std::vector<Run> runs;
   for (int i = 0; i < kProcesses; ++i) {
-    const long calls = (kCalls * threads[i] + all_threads - 1) / all_threads;
+    const long calls = (total * threads[i] + all_threads - 1) / all_threads;
     runs.push_back(start(i, random(), threads[i], calls));
   }
 

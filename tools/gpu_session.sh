@@ -133,6 +133,7 @@ for step in "$@"; do
         ASAN_OPTIONS=${ASAN_OPTIONS:-protect_shadow_gap=0:detect_leaks=1:verify_asan_link_order=0} \
         LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/tools/lsan-cuda.supp:print_suppressions=0} \
         UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1} \
+        STMUX_DIFF_CALLS=${STMUX_DIFF_CALLS:-20000} \
           ctest --test-dir "$build-asan" -L gpu -R "${GPU_TESTS:-.}" --timeout 900 --output-on-failure -V \
           >"$out/asan.log" 2>&1 || status=1
         grep -E "tests passed|\*\*\*Failed|Timeout|Skipped|ERROR: (Address|Leak)Sanitizer|runtime error|SUMMARY" \

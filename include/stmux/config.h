@@ -422,9 +422,9 @@ inline std::vector<std::string_view> stmuxNames(char** environ_ptr) {
 // the shim: left in a tenant's environment they are no typo, so nobody warns
 // of them.
 inline constexpr std::string_view kScriptVariables[] = {
-    "STMUX_BUILD_DIR", "STMUX_TEST_PASSES", "STMUX_FUZZ_SECONDS",
-    "STMUX_SANITIZE",  "STMUX_FUZZ",        "STMUX_BUILD_TARGETS",
-    "STMUX_PACKAGE",   "STMUX_FUZZ_SEEDS",  "STMUX_DIFF_SEED"};
+    "STMUX_BUILD_DIR", "STMUX_TEST_PASSES",   "STMUX_FUZZ_SECONDS", "STMUX_SANITIZE",
+    "STMUX_FUZZ",      "STMUX_BUILD_TARGETS", "STMUX_PACKAGE",      "STMUX_FUZZ_SEEDS",
+    "STMUX_DIFF_SEED", "STMUX_DIFF_CALLS"};
 
 // Names of STMUX_* variables in `environ` that the table does not know:
 // usually a typo that would otherwise be ignored without a word.
