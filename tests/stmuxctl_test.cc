@@ -166,11 +166,10 @@ class ScriptedDaemon {
     return hellos_;
   }
 
-  static std::function<void(int)> reply(std::string json) {
-    return [json](int fd) {
+  static std::function<void(int)> reply(std::string json, MsgType type = MsgType::kStatusReply) {
+    return [json, type](int fd) {
       std::string message(sizeof(MsgHeader), '\0');
-      const MsgHeader header{kControlMagic, kProtocolVersion,
-                             static_cast<std::uint32_t>(MsgType::kStatusReply),
+      const MsgHeader header{kControlMagic, kProtocolVersion, static_cast<std::uint32_t>(type),
                              static_cast<std::uint32_t>(sizeof(MsgHeader) + json.size())};
       std::memcpy(message.data(), &header, sizeof(header));
       message += json;
@@ -507,6 +506,18 @@ TEST(Stmuxctl, ADaemonThatHangsUpOrSaysNothingIsReported) {
     EXPECT_EQ(run.err, "stmuxctl: the daemon at " + dir.socket() + " did not answer within 2 s\n");
     EXPECT_GE(run.seconds, 1.9);
     EXPECT_LT(run.seconds, 2.9) << "it waited for the daemon, not for its timeout";
+  }
+  {
+    // A part of the status, then nothing: said as such ("did not answer" before).
+    TempDir dir;
+    ScriptedDaemon daemon(dir.socket(), [](int fd) {
+      ScriptedDaemon::reply(R"({"daemon":)", MsgType::kStatusPart)(fd);
+      ::sleep(3);
+    });
+    const CtlRun run = runCtl({"status", "--socket", dir.socket()});
+    EXPECT_EQ(run.exit_code, 1) << describe(run);
+    EXPECT_EQ(run.err, "stmuxctl: the daemon at " + dir.socket() +
+                           " sent 10 bytes of its status, then nothing more within 2 s\n");
   }
   {
     TempDir dir;

@@ -252,8 +252,15 @@ inline Result<std::string> queryDaemonStatus(const std::string& path, std::strin
       return Status::error(fmt::format("no answer from {}: {}", path, received.message()));
     }
     if (received->would_block) {
+      const std::string within = timeout_ms % 1000 == 0 ? fmt::format("{} s", timeout_ms / 1000)
+                                                        : fmt::format("{} ms", timeout_ms);
+      if (json.empty()) {
+        return Status::error(
+            fmt::format("the daemon at {} did not answer within {}", path, within));
+      }
       return Status::error(
-          fmt::format("the daemon at {} did not answer within {} s", path, timeout_ms / 1000));
+          fmt::format("the daemon at {} sent {} bytes of its status, then nothing more within {}",
+                      path, json.size(), within));
     }
     if (received->eof) {
       return Status::error(fmt::format("the daemon at {} closed the connection {}", path,
