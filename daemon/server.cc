@@ -380,7 +380,7 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
                                [id](const ClientPtr& c) { return c->id == id; });
         if (it == clients_.end()) break;
         if (tagKind(data) == kTagDoorbell) {
-          drainEventfd((*it)->doorbell.get());
+          // Nothing to read: the wake-up was the point (edge-triggered).
         } else if (notices_paused_ && (events[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
           // Its notices unread no longer matter: what it mapped goes with it.
           detach(*it, "it closed its connection");
@@ -622,7 +622,11 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
   client->view.header()->fleet_route.store(fleet_word_, std::memory_order_relaxed);
   client->socket = std::move(socket);
   epollAdd(epoll_.get(), client->socket.get(), socketEvents(), tag(kTagSocket, client->id));
-  epollAdd(epoll_.get(), client->doorbell.get(), EPOLLIN, tag(kTagDoorbell, client->id));
+  // Edge-triggered, and never read: the client shares the eventfd's file
+  // description, O_NONBLOCK included, and one that cleared it would leave a
+  // read here blocked for good, the server thread with it (each write of the
+  // client's is an edge; its counter is the client's business).
+  epollAdd(epoll_.get(), client->doorbell.get(), EPOLLIN | EPOLLET, tag(kTagDoorbell, client->id));
   clients_.push_back(client);
   STMUX_INFO(kTransport, "client {} attached: pid {} ({}) uid {}", client->id, client->pid,
              client->name, client->uid);

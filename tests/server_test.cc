@@ -786,6 +786,37 @@ TEST(Server, AFloodOfReleaseNoticesHoldsUpNoOtherClient) {
       << "a request waited behind " << sent.load() << " release notices";
 }
 
+// A tenant's doorbell is an eventfd it shares with the daemon, file flags
+// and all. One that cleared O_NONBLOCK on it and rang it left the daemon's
+// server thread blocked in read() for good (found by review): no tenant was
+// served again, and SIGTERM could not stop the daemon. The daemon no longer
+// reads it.
+TEST(Server, ATenantThatMakesItsDoorbellBlockingHoldsUpNoOne) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto victim = Connection::open(options(dir));
+  ASSERT_TRUE(victim.ok()) << victim.message();
+  UniqueFd hostile = rawConnect(dir);
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.pid = static_cast<std::int32_t>(::getpid());
+  hello.role = static_cast<std::uint32_t>(Role::kTenant);
+  ASSERT_TRUE(sendMessage(hostile.get(), &hello, sizeof(hello)).ok());
+  auto welcome = recvMessage(hostile.get(), /*block=*/true);
+  ASSERT_TRUE(welcome.ok() && welcome->fds.size() == 2);
+  const int doorbell = welcome->fds[1].get();
+  const int flags = ::fcntl(doorbell, F_GETFL);
+  ASSERT_EQ(::fcntl(doorbell, F_SETFL, flags & ~O_NONBLOCK), 0);
+  const std::uint64_t one = 1;
+  ASSERT_EQ(::write(doorbell, &one, sizeof(one)), 8);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::uint64_t worst_ns = 0;
+  roundTrips(*victim.value(), 300'000'000, worst_ns);
+  // Let a daemon blocked in read() go, so that the test ends either way.
+  ::fcntl(doorbell, F_SETFL, flags);
+  ASSERT_EQ(::write(doorbell, &one, sizeof(one)), 8);
+}
+
 // One user's silent connections take at most a few places among those
 // waiting for a hello; another user's status query is answered at once.
 TEST(Server, OneUsersSilentConnectionsDoNotKeepAnotherUserOut) {
