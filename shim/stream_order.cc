@@ -19,6 +19,8 @@ constexpr std::uint64_t kWatchSliceNs = 5'000'000;
 // How long a thread that found no free slot waits for one before it settles
 // finished calls again.
 constexpr std::uint64_t kSlotWaitNs = 50'000;
+// How far a slot's takeover word may fall behind its calls (submit()).
+constexpr std::uint32_t kTakeoverLagMost = 1u << 30;
 
 }  // namespace
 
@@ -88,20 +90,42 @@ CUresult StreamOrder::joinLegacyStream(CUstream stream, CUcontext context) {
   if ((flags & CU_STREAM_NON_BLOCKING) == 0) return CUDA_SUCCESS;
   const CUresult idle = driver_.cuStreamQuery(CU_STREAM_LEGACY);
   if (idle != CUDA_ERROR_NOT_READY) return idle;
-  thread_local CUcontext event_context = nullptr;
-  thread_local CUevent event = nullptr;
-  if (event_context != context) {
-    if (const CUresult result = driver_.cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
-        result != CUDA_SUCCESS) {
-      return result;
-    }
-    event_context = context;
+  CUevent event = nullptr;
+  if (const CUresult result = legacyEventFor(context, event); result != CUDA_SUCCESS) {
+    return result;
   }
   if (const CUresult result = driver_.cuEventRecord(event, CU_STREAM_LEGACY);
       result != CUDA_SUCCESS) {
     return result;
   }
   return driver_.cuStreamWaitEvent(stream, event, 0);
+}
+
+// One event per context for the process: made per thread (and again at
+// each change of context), none destroyed, a thread-per-request server grew
+// one per thread. Two threads recording it at once is harmless: a stream
+// that waits for the later record waits for more of the legacy stream's
+// work, never for less.
+CUresult StreamOrder::legacyEventFor(CUcontext context, CUevent& event) {
+  thread_local CUcontext seen_context = nullptr;
+  thread_local CUevent seen_event = nullptr;
+  if (context != seen_context) {
+    std::lock_guard lock(kernel_mutex_);
+    auto found = std::find_if(legacy_events_.begin(), legacy_events_.end(),
+                              [&](const auto& e) { return e.first == context; });
+    if (found == legacy_events_.end()) {
+      CUevent made = nullptr;
+      if (const CUresult result = driver_.cuEventCreate(&made, CU_EVENT_DISABLE_TIMING);
+          result != CUDA_SUCCESS) {
+        return result;
+      }
+      found = legacy_events_.insert(legacy_events_.end(), {context, made});
+    }
+    seen_context = context;
+    seen_event = found->second;
+  }
+  event = seen_event;
+  return CUDA_SUCCESS;
 }
 
 Result<Ticket> StreamOrder::reserve(Connection& connection, std::uint64_t deadline_ns) {
@@ -137,9 +161,27 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
 
   auto ticket = reserve(conn, deadline_ns);
   if (!ticket) return Queued::kBusy;
+  {
+    // stop() waits for this thread a bounded time, and reserve() may take
+    // up to the call's deadline: once it gave up, no watcher is left to let
+    // the stream go should the daemon decline the call.
+    std::lock_guard lock(mutex_);
+    if (stopping_) {
+      conn.abandon(ticket.value());
+      return Queued::kHost;
+    }
+  }
   InFlight entry;
   entry.ticket = ticket.value();
   entry.seq = conn.nextSeq(entry.ticket.slot);
+  Slot& words = conn.view().slot(entry.ticket.slot);
+  // The kernel's test of the takeover word is cyclic, and the word moves
+  // only at takeovers: 2^31 calls on a slot later, every call served would
+  // pass it and be computed again by the kernel. Kept within 2^30 behind
+  // (no call still in flight on the slot is that far behind).
+  if (entry.seq - words.takeover.load(std::memory_order_relaxed) > kTakeoverLagMost) {
+    words.takeover.store(entry.seq - kTakeoverLagMost, std::memory_order_release);
+  }
   entry.connection = connection;
   entry.entry = call.entry;
   // Made before the stream waits: from then on an exception (which
@@ -156,7 +198,6 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
     conn.abandon(entry.ticket);
     return Queued::kCudaError;
   }
-  Slot& words = conn.view().slot(entry.ticket.slot);
   if (driver_.cuStreamWaitValue32(call.stream, slot + offsetof(Slot, released), entry.seq,
                                   CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS) {
     std::lock_guard lock(mutex_);
@@ -432,6 +473,7 @@ void StreamOrder::forkChild() {
   in_flight_.clear();
   queuing_ = 0;  // the parent's threads, which the child does not have
   kernels_.clear();
+  legacy_events_.clear();
   registered_.clear();
   watcher_started_ = false;
   watcher_failed_ = false;

@@ -110,6 +110,8 @@ class StreamOrder {
 
   std::optional<CUdeviceptr> segmentOnGpu(Connection& connection, CUcontext context);
   CUresult joinLegacyStream(CUstream stream, CUcontext context);
+  // The event that joins the legacy stream in `context`, made on first use.
+  CUresult legacyEventFor(CUcontext context, CUevent& event);
   Result<Ticket> reserve(Connection& connection, std::uint64_t deadline_ns);
   // Settles what it can; only the watcher (`watcher`) takes calls over.
   void reapLocked(bool watcher);
@@ -130,7 +132,8 @@ class StreamOrder {
   // Apart from mutex_, which the watcher needs to let streams go: loading
   // the kernel may wait on CUDA's locks.
   std::mutex kernel_mutex_;
-  std::vector<std::pair<CUcontext, CUfunction>> kernels_;  // never removed (but at fork)
+  std::vector<std::pair<CUcontext, CUfunction>> kernels_;     // never removed (but at fork)
+  std::vector<std::pair<CUcontext, CUevent>> legacy_events_;  // the same
 
   std::mutex mutex_;  // guards what follows
   std::condition_variable changed_;

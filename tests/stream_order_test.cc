@@ -134,6 +134,12 @@ struct FakeGpu {
   // the shim's deciding to order the call on the stream and its handing the
   // call to the daemon.
   std::function<void()> on_wait_queued;
+  // The context current on every thread, whether the caller's stream is
+  // non-blocking with work left on the legacy stream (joinLegacyStream),
+  // and the events made for that.
+  std::atomic<CUcontext> context{reinterpret_cast<CUcontext>(0x10)};
+  std::atomic<bool> legacy_busy{false};
+  std::atomic<int> events_made{0};
 };
 FakeGpu* gpu = nullptr;
 
@@ -142,7 +148,7 @@ std::atomic_ref<std::uint32_t> word(CUdeviceptr address) {
 }
 
 CUresult fakeCtxGetCurrent(CUcontext* context) {
-  *context = kContext;
+  *context = gpu->context.load();
   return CUDA_SUCCESS;
 }
 CUresult fakeMemHostRegister(void*, size_t, unsigned) {
@@ -161,7 +167,22 @@ CUresult fakeModuleGetFunction(CUfunction* function, CUmodule, const char*) {
   return CUDA_SUCCESS;
 }
 CUresult fakeStreamGetFlags(CUstream, unsigned* flags) {
-  *flags = CU_STREAM_DEFAULT;  // a blocking stream: no legacy-stream join
+  // A blocking stream needs no legacy-stream join; non-blocking, its call
+  // makes one while the legacy stream is busy.
+  *flags = gpu->legacy_busy ? CU_STREAM_NON_BLOCKING : CU_STREAM_DEFAULT;
+  return CUDA_SUCCESS;
+}
+CUresult fakeStreamQuery(CUstream) {
+  return gpu->legacy_busy ? CUDA_ERROR_NOT_READY : CUDA_SUCCESS;
+}
+CUresult fakeEventCreate(CUevent* event, unsigned) {
+  *event = reinterpret_cast<CUevent>(std::uintptr_t{0x1000} + ++gpu->events_made);
+  return CUDA_SUCCESS;
+}
+CUresult fakeEventRecord(CUevent, CUstream) {
+  return CUDA_SUCCESS;
+}
+CUresult fakeStreamWaitEvent(CUstream, CUevent, unsigned) {
   return CUDA_SUCCESS;
 }
 CUresult fakeStreamWriteValue32(CUstream, CUdeviceptr address, cuuint32_t value, unsigned) {
@@ -216,6 +237,10 @@ Driver fakeDriver() {
   d.cuModuleLoadData = fakeModuleLoadData;
   d.cuModuleGetFunction = fakeModuleGetFunction;
   d.cuStreamGetFlags = fakeStreamGetFlags;
+  d.cuStreamQuery = fakeStreamQuery;
+  d.cuEventCreate = fakeEventCreate;
+  d.cuEventRecord = fakeEventRecord;
+  d.cuStreamWaitEvent = fakeStreamWaitEvent;
   d.cuStreamWriteValue32 = fakeStreamWriteValue32;
   d.cuStreamWaitValue32 = fakeStreamWaitValue32;
   d.cuLaunchKernel = fakeLaunchKernel;
@@ -385,6 +410,73 @@ TEST_F(StreamOrderTest, AStopWhileACallIsBeingQueuedWaitsForItToBeSettled) {
   EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the declined call's stream was left waiting";
   EXPECT_EQ(c, 42.0f) << "the kernel did not compute the declined call";
   stopper.join();
+}
+
+// stop() (the exit handler) waits a bounded time for a thread queuing a
+// call, which may wait for a slot up to its deadline: one that got its slot
+// after stop() gave up queued its call with no watcher left, and a decline
+// then left its stream waiting for ever (found by review).
+TEST_F(StreamOrderTest, ACallThatGetsItsSlotAfterStopGaveUpIsNotQueuedOnItsStream) {
+  connection_.reset();
+  daemon_.reset();  // for one with few slots
+  daemon_ = std::make_unique<Daemon>(dir_, 0, [](daemon::ServerOptions& o) { o.slots = 8; });
+  connection_ = daemon::connectTo(dir_, "stream_order_test");
+  ASSERT_NE(connection_, nullptr);
+  gpu_.stream.pause(true);  // earlier work still running: every slot stays in flight
+  float c = 0.0f;
+  for (int i = 0; i < 8; ++i)
+    ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  std::optional<StreamOrder::Queued> late;
+  std::thread caller([&] {
+    Request r = daemon::validRequest();
+    r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve: declined
+    StreamCall call{r, kStream, nullptr, nullptr, &c, nullptr, EntryPoint::kSgemm};
+    late = order_->submit(connection_, call, nowNs() + 5 * kSecond);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  order_->stop(kSecond / 5);  // gives up on the caller waiting for a slot
+  gpu_.stream.pause(false);
+  caller.join();
+  ASSERT_TRUE(late.has_value());
+  EXPECT_EQ(*late, StreamOrder::Queued::kHost) << "queued with no watcher left";
+  EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was left waiting";
+}
+
+// A slot's takeover word moved only at takeovers, and the kernel's test of it
+// is cyclic: 2^31 calls on a slot later, every call the daemon served there
+// was computed a second time by the shim's kernel (found by review).
+TEST_F(StreamOrderTest, TwoToThe31CallsOnASlotLaterItsServedCallsAreStillLeftAlone) {
+  // The first free slot is the one the next call takes.
+  auto ticket = connection_->reserve(nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok());
+  const std::uint32_t slot = ticket->slot;
+  connection_->abandon(ticket.value());
+  for (std::uint64_t i = 0; i < (std::uint64_t{1} << 31); ++i)
+    (void)connection_->nextSeq(slot);
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  ASSERT_TRUE(gpu_.stream.drained(2 * kSecond));
+  ASSERT_TRUE(settled(1));
+  EXPECT_FALSE(outcomes()[0].direct.has_value()) << "not served by the daemon";
+  EXPECT_EQ(gpu_.computed, 0) << "the shim's kernel computed a call the daemon ran";
+  EXPECT_EQ(c, 0.0f);
+}
+
+// The event that joins the legacy stream was made per thread and again at
+// each change of context, and never destroyed: a thread-per-request server,
+// or one thread driving two GPUs, grew them without end (found by review).
+TEST_F(StreamOrderTest, TheLegacyStreamIsJoinedWithOneEventPerContext) {
+  gpu_.legacy_busy = true;
+  float c = 0.0f;
+  for (int i = 0; i < 20; ++i) {
+    gpu_.context = reinterpret_cast<CUcontext>(i % 2 == 0 ? 0x10 : 0x11);
+    ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  }
+  for (int t = 0; t < 20; ++t) {
+    std::thread([&] { EXPECT_EQ(submit(&c), StreamOrder::Queued::kYes); }).join();
+  }
+  ASSERT_TRUE(gpu_.stream.drained(2 * kSecond));
+  EXPECT_EQ(gpu_.events_made, 2) << "events made for two contexts";
 }
 
 // Memory runs out once the caller's stream waits for the call: nothing from
