@@ -32,7 +32,7 @@ Result<Mapped> MappingCache::acquire(std::uint32_t client, const OperandDesc& op
     if (inUse(entry)) return Status::error("its allocation id names memory still in use");
     drop(maps, operand.alloc_id);
   }
-  if (!dropOverlapping(maps, operand.base, operand.alloc_bytes)) {
+  if (!dropOverlapping(client, maps, operand.base, operand.alloc_bytes)) {
     return Status::error("it overlaps an allocation a batch in flight still uses");
   }
   evictIfFull(client, maps);
@@ -67,7 +67,7 @@ bool MappingCache::adopt(std::uint32_t client, const OperandDesc& operand, const
     if (inUse(it->second)) return false;
     drop(maps, operand.alloc_id);
   }
-  if (!dropOverlapping(maps, operand.base, operand.alloc_bytes)) return false;
+  if (!dropOverlapping(client, maps, operand.base, operand.alloc_bytes)) return false;
   evictIfFull(client, maps);
   insert(maps, operand, mapped, /*batch_id=*/0);
   STMUX_DEBUG(kMem, "client {}: adopted allocation {} ({} bytes)", client, operand.alloc_id,
@@ -84,8 +84,9 @@ void MappingCache::insert(ClientMaps& maps, const OperandDesc& operand, const Ma
   ++open_count_;
 }
 
-bool MappingCache::dropOverlapping(ClientMaps& maps, std::uint64_t base, std::uint64_t bytes) {
-  const std::uint64_t end = base + std::max<std::uint64_t>(bytes, 1);
+bool MappingCache::dropOverlapping(std::uint32_t client, ClientMaps& maps, std::uint64_t base,
+                                   std::uint64_t bytes) {
+  const std::uint64_t end = allocationEnd(base, bytes);
   // Entries starting before `end`, from the last one starting at or before
   // `base` (which may reach into the range) onwards.
   auto it = maps.by_base.upper_bound(base);
@@ -97,9 +98,13 @@ bool MappingCache::dropOverlapping(ClientMaps& maps, std::uint64_t base, std::ui
     if (inUse(entry)) return false;
     overlapping.push_back(it->second);
   }
+  // Freed, as live allocations never overlap; reported, as the scheduler
+  // may still take it for mapped (two ids a confused client described over
+  // the same bytes), and would send it straight to a batch to be opened on
+  // this thread again.
   for (std::uint64_t id : overlapping) {
     STMUX_DEBUG(kMem, "allocation {} was freed (a new one overlaps it): closing it", id);
-    drop(maps, id);
+    giveUp(client, maps, id);
   }
   return true;
 }

@@ -40,12 +40,18 @@ struct Mapped {
   std::uint64_t bytes = 0;  // its real size, as the driver reports it
 };
 
-// Whether two allocations of a client overlap in its address space (one of
-// 0 bytes counts as 1, as it still holds its address).
+// Where an allocation of a client ends in its address space: one of 0 bytes
+// counts as 1, as it still holds its address; the end of the address space
+// for sizes a client made up that would go past it.
+inline std::uint64_t allocationEnd(std::uint64_t base, std::uint64_t bytes) {
+  const std::uint64_t size = std::max<std::uint64_t>(bytes, 1);
+  return size > UINT64_MAX - base ? UINT64_MAX : base + size;
+}
+
+// Whether two allocations of a client overlap in its address space.
 inline bool allocationsOverlap(std::uint64_t base, std::uint64_t bytes, std::uint64_t other_base,
                                std::uint64_t other_bytes) {
-  return base < other_base + std::max<std::uint64_t>(other_bytes, 1) &&
-         other_base < base + std::max<std::uint64_t>(bytes, 1);
+  return base < allocationEnd(other_base, other_bytes) && other_base < allocationEnd(base, bytes);
 }
 
 class MappingCache {
@@ -55,8 +61,9 @@ class MappingCache {
   using OpenFn = std::function<Result<Mapped>(const IpcHandle&, bool& already_mapped)>;
   using CloseFn = std::function<void(const Mapped&)>;
   // Told of each allocation the cache gives up on its own (the client's least
-  // recently used beyond its limit, or idle ones closed to make room at an
-  // address), not of those the client released or left: whoever routes
+  // recently used beyond its limit, idle ones closed to make room at an
+  // address, or ones a new allocation of the client overlaps), not of those
+  // the client released or left: whoever routes
   // requests here (the scheduler) then has the next use opened off this
   // thread again, instead of taking it for mapped.
   using GaveUpFn = std::function<void(std::uint32_t client, std::uint64_t alloc_id)>;
@@ -110,8 +117,9 @@ class MappingCache {
   // Drops one entry the client did not ask to, and says so (gave_up_).
   void giveUp(std::uint32_t client, ClientMaps& maps, std::uint64_t alloc_id);
   void evictIfFull(std::uint32_t client, ClientMaps& maps);
-  // Drops entries overlapping [base, base + bytes); false if one is in use.
-  bool dropOverlapping(ClientMaps& maps, std::uint64_t base, std::uint64_t bytes);
+  // Gives up entries overlapping [base, base + bytes); false if one is in use.
+  bool dropOverlapping(std::uint32_t client, ClientMaps& maps, std::uint64_t base,
+                       std::uint64_t bytes);
   void insert(ClientMaps& maps, const OperandDesc& operand, const Mapped& mapped,
               std::uint64_t batch_id);
 
