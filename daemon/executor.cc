@@ -416,6 +416,9 @@ class Executor::Impl {
       Queued& item = batch->items[i];
       const Request& r = item.request;
       if (item.client->gone.load(std::memory_order_acquire)) continue;
+      // Its caller gave up on it (its claim below would fail): nothing is
+      // mapped for it, as its memory may be freed, and released, by now.
+      if (!slotPending(item.client->view.slot(r.slot), r.generation)) continue;
       const GemmShape shape = GemmShape::of(r);
       const auto extents = gemmExtents(shape);  // validated by the scheduler
       std::uint64_t a = 0, b = 0, c = 0, bias = 0;

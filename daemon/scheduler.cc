@@ -337,7 +337,16 @@ bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_a
   bool streams_awaited = false;
   auto kept = gpu.awaiting.begin();
   for (auto it = gpu.awaiting.begin(); it != gpu.awaiting.end(); ++it) {
-    const bool ready = requestReady(it->client->view.slot(it->request.slot), it->request);
+    const Slot& slot = it->client->view.slot(it->request.slot);
+    if (!slotPending(slot, it->request.generation)) {
+      // Its caller gave up on it (its timeout: it ran the call itself) and
+      // may have freed its memory and said so since: opening that memory
+      // now would keep it mapped for good (found by review).
+      settle(std::span<const Queued>(&*it, 1));
+      progressed = true;
+      continue;
+    }
+    const bool ready = requestReady(slot, it->request);
     const Mapping mapping = ready ? memoryMapped(gpu, *it) : Mapping::kOpening;
     if (mapping == Mapping::kUnmappable) {
       STMUX_DEBUG(kSched, "client {} request {}: its memory took {} opens; declined",

@@ -345,6 +345,38 @@ TEST(Scheduler, MemoryTheExecutorGaveUpIsOpenedByTheMapperAgain) {
   EXPECT_EQ(sorted(daemon.executor().adopted()), (std::vector<std::uint64_t>{1, 2, 2, 3}));
 }
 
+// A request its caller gave up on (its timeout: cancelled, run directly)
+// while its memory was being opened, memory the program then freed and the
+// shim released: the daemon opened it again when the first opens came back,
+// and no release would ever come for it a second time (found by review).
+TEST(Scheduler, MemoryReleasedAfterItsRequestWasCancelledIsNotOpenedAgain) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  std::atomic<bool> let_go{false};
+  daemon.executor().setOpen([&](OpenJob& job) {
+    while (!let_go)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    FakeExecutor::openAsAsked(job);
+  });
+  Request request = requestOn(100);
+  auto ticket = connection->submit(request, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok());
+  ASSERT_TRUE(testing::waitFor([&] { return daemon.executor().opens() >= 1; }));
+  ASSERT_TRUE(connection->cancel(ticket.value()));
+  connection->release(ticket.value());
+  ASSERT_TRUE(connection->sendRelease({100, 101, 102}).ok());
+  ASSERT_TRUE(testing::waitFor([&] { return daemon.executor().released().size() == 3; }));
+  let_go = true;
+  // A call on other memory: done once the server has looked at what waits.
+  EXPECT_EQ(call(*connection, requestOn(1)), kStatusSuccess);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(daemon.executor().opens(), 6) << "3 for the cancelled request, 3 for the call";
+  EXPECT_EQ(sorted(daemon.executor().adopted()), (std::vector<std::uint64_t>{1, 2, 3}))
+      << "memory released before its opens came back was adopted";
+}
+
 // An allocation being opened (slowly: a churning or hostile tenant, issue 14)
 // holds up only the requests that need it; other tenants' batches go on.
 TEST(Scheduler, ATenantWhoseMemoryIsSlowToOpenHoldsUpNoOneElse) {
