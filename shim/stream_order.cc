@@ -101,11 +101,11 @@ CUresult StreamOrder::joinLegacyStream(CUstream stream, CUcontext context) {
   return driver_.cuStreamWaitEvent(stream, event, 0);
 }
 
-// One event per context for the process: made per thread (and again at
-// each change of context), none destroyed, a thread-per-request server grew
-// one per thread. Two threads recording it at once is harmless: a stream
-// that waits for the later record waits for more of the legacy stream's
-// work, never for less.
+// One event per context for the process (made per thread before, and again
+// at each change of context, none destroyed: a thread-per-request server
+// grew one per thread). Two threads recording it at once is harmless: a
+// stream that waits for the later record waits for more of the legacy
+// stream's work, never for less.
 CUresult StreamOrder::legacyEventFor(CUcontext context, CUevent& event) {
   thread_local CUcontext seen_context = nullptr;
   thread_local CUevent seen_event = nullptr;

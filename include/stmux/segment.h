@@ -155,14 +155,14 @@ inline bool slotCancel(Slot& slot, std::uint32_t generation) {
                                            std::memory_order_acq_rel);
 }
 
-// Daemon: claims a request before it may touch the caller's memory. False when
-// the client cancelled it, or the slot has moved on to another request.
 // Daemon: whether the request of `generation` still waits in the slot (its
 // caller has not given up on it), as far as one look can tell.
 inline bool slotPending(const Slot& slot, std::uint32_t generation) {
   return slot.word.load(std::memory_order_acquire) == slotWord(generation, SlotState::kPending);
 }
 
+// Daemon: claims a request before it may touch the caller's memory. False when
+// the client cancelled it, or the slot has moved on to another request.
 inline bool slotClaim(Slot& slot, std::uint32_t generation) {
   std::uint32_t expected = slotWord(generation, SlotState::kPending);
   return slot.word.compare_exchange_strong(expected, slotWord(generation, SlotState::kRunning),
