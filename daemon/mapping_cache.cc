@@ -26,11 +26,14 @@ Result<Mapped> MappingCache::acquire(std::uint32_t client, const OperandDesc& op
       maps.lru.splice(maps.lru.begin(), maps.lru, entry.lru);
       return entry.mapped;
     }
-    // Same id, other memory: only a broken or hostile client does this.
-    STMUX_WARN(kMem, "client {} reused allocation id {} for another allocation", client,
-               operand.alloc_id);
-    if (inUse(entry)) return Status::error("its allocation id names memory still in use");
-    drop(maps, operand.alloc_id);
+    // Same id, other memory: only a broken or hostile client does this, and
+    // a batch meets it only where requests describing the id two ways are
+    // in flight together (the scheduler has the mapper open a new
+    // description first). Not opened here, every tenant's launches waiting
+    // (a client alternating two was, at every batch): declined, and
+    // reported, so that its next use goes to the mapper.
+    if (gave_up_) gave_up_(client, operand.alloc_id);
+    return Status::error("its allocation id names other memory than is mapped under it");
   }
   if (!dropOverlapping(client, maps, operand.base, operand.alloc_bytes)) {
     return Status::error("it overlaps an allocation a batch in flight still uses");

@@ -62,7 +62,8 @@ class MappingCache {
   using CloseFn = std::function<void(const Mapped&)>;
   // Told of each allocation the cache gives up on its own (the client's least
   // recently used beyond its limit, idle ones closed to make room at an
-  // address, or ones a new allocation of the client overlaps), not of those
+  // address, or ones a new allocation of the client overlaps), and of an id
+  // a request names as other memory than is mapped under it; not of those
   // the client released or left: whoever routes
   // requests here (the scheduler) then has the next use opened off this
   // thread again, instead of taking it for mapped.
@@ -76,7 +77,9 @@ class MappingCache {
   ~MappingCache();
 
   // The mapping for the allocation an operand describes, opened if need be,
-  // marked as used by `batch_id` (not closable until that batch completes).
+  // marked as used by `batch_id` (not closable until that batch completes);
+  // an error for an id mapped as other memory (reported: the mapper opens
+  // such a new description).
   Result<Mapped> acquire(std::uint32_t client, const OperandDesc& operand, std::uint64_t batch_id);
 
   // Takes a mapping opened elsewhere (the mapper) for the allocation an
