@@ -78,22 +78,19 @@ std::uint64_t tagId(std::uint64_t value) {
   return value & ((std::uint64_t{1} << 56) - 1);
 }
 
-void epollAdd(int epoll, int fd, std::uint32_t events, std::uint64_t data) {
+// EPOLL_CTL_ADD or EPOLL_CTL_MOD.
+void epollSet(int epoll, int op, int fd, std::uint32_t events, std::uint64_t data) {
   epoll_event event{};
   event.events = events;
   event.data.u64 = data;
-  if (::epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &event) != 0) {
-    STMUX_ERROR(kTransport, "epoll_ctl(ADD, fd {}) failed: {}", fd, std::strerror(errno));
+  if (::epoll_ctl(epoll, op, fd, &event) != 0) {
+    STMUX_ERROR(kTransport, "epoll_ctl({}, fd {}) failed: {}", op == EPOLL_CTL_ADD ? "ADD" : "MOD",
+                fd, std::strerror(errno));
   }
 }
 
-void epollMod(int epoll, int fd, std::uint32_t events, std::uint64_t data) {
-  epoll_event event{};
-  event.events = events;
-  event.data.u64 = data;
-  if (::epoll_ctl(epoll, EPOLL_CTL_MOD, fd, &event) != 0) {
-    STMUX_ERROR(kTransport, "epoll_ctl(MOD, fd {}) failed: {}", fd, std::strerror(errno));
-  }
+void epollAdd(int epoll, int fd, std::uint32_t events, std::uint64_t data) {
+  epollSet(epoll, EPOLL_CTL_ADD, fd, events, data);
 }
 
 void epollDel(int epoll, int fd) {
@@ -229,7 +226,7 @@ void Server::run() {
     bool progressed = drainRings(now);
     std::uint64_t wake_at = 0;
     progressed |= sink_.poll(now, wake_at);
-    if (notices_paused_ && sink_.takesNotices()) resumeNotices();
+    if (notices_paused_ && sink_.takesNotices()) pauseNotices(false);
     if (draining_ && !progressed && !sink_.busy()) {
       bool readable = false;
       for (const ClientPtr& client : clients_)
@@ -374,14 +371,13 @@ void Server::handleEvents(std::optional<std::uint64_t> timeout_ns) {
         }
         break;
       }
-      case kTagSocket:
-      case kTagDoorbell: {
+      case kTagDoorbell:
+        break;  // nothing to read: the wake-up was the point (edge-triggered)
+      case kTagSocket: {
         auto it = std::find_if(clients_.begin(), clients_.end(),
                                [id](const ClientPtr& c) { return c->id == id; });
         if (it == clients_.end()) break;
-        if (tagKind(data) == kTagDoorbell) {
-          // Nothing to read: the wake-up was the point (edge-triggered).
-        } else if (notices_paused_ && (events[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
+        if (notices_paused_ && (events[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
           // Its notices unread no longer matter: what it mapped goes with it.
           detach(*it, "it closed its connection");
         } else {
@@ -719,7 +715,7 @@ void Server::readClient(const ClientPtr& client) {
   // client sending notices as fast as it can held up every other client's
   // calls for up to a second (server_test, 2026-12-05).
   for (int read = 0; read < kMaxMessagesPerTurn; ++read) {
-    if (!sink_.takesNotices()) return pauseNotices();
+    if (!sink_.takesNotices()) return pauseNotices(true);
     auto received = recvMessage(client->socket.get(), /*block=*/false);
     if (!received) return detach(client, received.message().c_str());
     if (received->would_block) return;
@@ -738,19 +734,16 @@ std::uint32_t Server::socketEvents() const {
   return notices_paused_ ? EPOLLRDHUP : EPOLLIN | EPOLLRDHUP;
 }
 
-void Server::pauseNotices() {
-  if (notices_paused_) return;
-  notices_paused_ = true;
-  STMUX_DEBUG(kTransport, "the executor is behind: release notices wait in the sockets");
-  for (const ClientPtr& client : clients_)
-    epollMod(epoll_.get(), client->socket.get(), socketEvents(), tag(kTagSocket, client->id));
-}
-
-void Server::resumeNotices() {
-  notices_paused_ = false;
-  STMUX_DEBUG(kTransport, "reading release notices again");
-  for (const ClientPtr& client : clients_)
-    epollMod(epoll_.get(), client->socket.get(), socketEvents(), tag(kTagSocket, client->id));
+void Server::pauseNotices(bool paused) {
+  if (notices_paused_ == paused) return;
+  notices_paused_ = paused;
+  STMUX_DEBUG(kTransport, "{}",
+              paused ? "the executor is behind: release notices wait in the sockets"
+                     : "reading release notices again");
+  for (const ClientPtr& client : clients_) {
+    epollSet(epoll_.get(), EPOLL_CTL_MOD, client->socket.get(), socketEvents(),
+             tag(kTagSocket, client->id));
+  }
 }
 
 void Server::detach(const ClientPtr& client, const char* why) {

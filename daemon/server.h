@@ -200,10 +200,9 @@ class Server {
   bool pumpReply(Reply& reply);
   void dropReply(std::uint64_t id);
   void readClient(const ClientPtr& client);
-  // Stops reading release notices (RequestSink::takesNotices): the clients'
-  // sockets are watched for hang-ups only, until resumeNotices().
-  void pauseNotices();
-  void resumeNotices();
+  // Stops reading release notices (RequestSink::takesNotices), the clients'
+  // sockets watched for hang-ups only, or takes them up again.
+  void pauseNotices(bool paused);
   // The events a client's socket is watched for now.
   std::uint32_t socketEvents() const;
   void detach(const ClientPtr& client, const char* why);
