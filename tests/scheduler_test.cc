@@ -305,6 +305,16 @@ Request requestOn(std::uint64_t first) {
   return r;
 }
 
+// Has the mapper open allocations from id `first` on only once `let_go`
+// is set (a slow open), the others at once.
+void holdOpens(FakeExecutor& executor, const std::atomic<bool>& let_go, std::uint64_t first = 0) {
+  executor.setOpen([&let_go, first](OpenJob& job) {
+    while (job.operand.alloc_id >= first && !let_go)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    FakeExecutor::openAsAsked(job);
+  });
+}
+
 template <class T>
 std::vector<T> sorted(std::vector<T> v) {
   std::sort(v.begin(), v.end());
@@ -355,11 +365,7 @@ TEST(Scheduler, MemoryReleasedAfterItsRequestWasCancelledIsNotOpenedAgain) {
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
   std::atomic<bool> let_go{false};
-  daemon.executor().setOpen([&](OpenJob& job) {
-    while (!let_go)
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    FakeExecutor::openAsAsked(job);
-  });
+  holdOpens(daemon.executor(), let_go);
   Request request = requestOn(100);
   auto ticket = connection->submit(request, nowNs() + kSecond);
   ASSERT_TRUE(ticket.ok());
@@ -387,11 +393,7 @@ TEST(Scheduler, ATenantWhoseMemoryIsSlowToOpenHoldsUpNoOneElse) {
   ASSERT_TRUE(slow && other);
   EXPECT_EQ(call(*other, requestOn(1)), kStatusSuccess);  // its memory mapped
   std::atomic<bool> let_go{false};
-  daemon.executor().setOpen([&](OpenJob& job) {
-    while (job.operand.alloc_id >= 100 && !let_go)
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    FakeExecutor::openAsAsked(job);
-  });
+  holdOpens(daemon.executor(), let_go, /*first=*/100);
   Request request = requestOn(100);
   auto ticket = slow->submit(request, nowNs() + kSecond);
   ASSERT_TRUE(ticket.ok());
@@ -820,11 +822,7 @@ TEST(Scheduler, ARequestAwaitingItsMemoryWhenTheDaemonStopsIsDeclinedBeforeItHan
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
   std::atomic<bool> let_go{false};
-  daemon.executor().setOpen([&](OpenJob& job) {
-    while (!let_go)
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    FakeExecutor::openAsAsked(job);
-  });
+  holdOpens(daemon.executor(), let_go);
   Request r = validRequest();
   r.beta = 1.0f;     // C += AB: must never run twice or half
   r.b.alloc_id = 1;  // A and B in one allocation: two opens, both the mapper's
