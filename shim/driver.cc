@@ -51,4 +51,14 @@ const Driver* cudaDriver() {
   return result;
 }
 
+std::optional<ContextId> currentContext(const Driver& driver) {
+  CUcontext context = nullptr;
+  ContextId id = 0;
+  if (driver.cuCtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr ||
+      driver.cuCtxGetId(context, &id) != CUDA_SUCCESS) {
+    return std::nullopt;
+  }
+  return id;
+}
+
 }  // namespace stmux::shim

@@ -11,6 +11,8 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <optional>
+
 namespace stmux::shim {
 
 #define STMUX_DRIVER_FUNCTIONS(X)             \
@@ -21,6 +23,7 @@ namespace stmux::shim {
   X(cuCtxSynchronize, 2000)                   \
   X(cuCtxGetDevice, 2000)                     \
   X(cuCtxGetCurrent, 4000)                    \
+  X(cuCtxGetId, 12000)                        \
   X(cuCtxGetFlags, 7000)                      \
   X(cuCtxSetFlags, 12010)                     \
   X(cuStreamSynchronize, 2000)                \
@@ -51,5 +54,12 @@ struct Driver {
 
 // Null when libcuda or one of these functions cannot be found.
 const Driver* cudaDriver();
+
+// The id of the calling thread's current context (cuCtxGetId), none without
+// one. What the shim keeps for a context is known by this id, never by the
+// context's handle: a context destroyed (cudaDeviceReset) and made again may
+// come back under the same handle, without what was made in the old one.
+using ContextId = unsigned long long;
+std::optional<ContextId> currentContext(const Driver& driver);
 
 }  // namespace stmux::shim

@@ -164,7 +164,7 @@ class Shim {
   std::mutex sync_mutex_;
   // The contexts whose scheduling flag the shim set, and to what; under
   // sync_mutex_.
-  std::vector<std::pair<CUcontext, unsigned>> synced_;
+  std::vector<std::pair<ContextId, unsigned>> synced_;
 
   std::atomic<std::uint64_t> calls_{0};
   std::atomic<std::uint64_t> forwarded_{0};
@@ -667,10 +667,10 @@ SyncChoice Shim::applySync(const Connection& connection, bool served) {
   const unsigned tenants = connection.otherTenants() + 1;
   const bool may_spin = connection.maySpin();
   const SyncChoice choice = chooseSync(sync_mode_, tenants, cores_, served, may_spin);
-  CUcontext context = nullptr;
-  if (driver_->cuCtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) return choice;
+  const std::optional<ContextId> context = currentContext(*driver_);
+  if (!context) return choice;
   // What this thread last saw: most calls stop here.
-  thread_local CUcontext seen_context = nullptr;
+  thread_local std::optional<ContextId> seen_context;
   thread_local unsigned seen_sched = ~0u;
   if (context == seen_context && choice.sched == seen_sched) return choice;
   seen_context = context;
@@ -678,7 +678,7 @@ SyncChoice Shim::applySync(const Connection& connection, bool served) {
 
   std::lock_guard lock(sync_mutex_);
   auto entry = std::find_if(synced_.begin(), synced_.end(),
-                            [&](const auto& synced) { return synced.first == context; });
+                            [&](const auto& synced) { return synced.first == *context; });
   std::optional<unsigned> ours;
   if (entry != synced_.end()) ours = entry->second;
   unsigned flags = 0;
@@ -704,7 +704,7 @@ SyncChoice Shim::applySync(const Connection& connection, bool served) {
   if (entry != synced_.end()) {
     entry->second = choice.sched;
   } else {
-    synced_.emplace_back(context, choice.sched);
+    synced_.emplace_back(*context, choice.sched);
   }
   if (logEnabled(level, Subsys::kShim)) {
     logFormat(level, Subsys::kShim,

@@ -27,43 +27,40 @@ constexpr std::uint32_t kTakeoverLagMost = 1u << 30;
 StreamOrder::StreamOrder(const Driver& driver, std::uint64_t timeout_ns, StreamAccount account)
     : driver_(driver), timeout_ns_(timeout_ns), account_(std::move(account)) {}
 
-// The segment's address on the GPU in `context`. Registered with CUDA once
-// per segment (portable: every context of the process may use it); from then
-// on it is never unmapped, since a stream may still wait on it.
-std::optional<CUdeviceptr> StreamOrder::segmentOnGpu(Connection& connection, CUcontext context) {
+// The segment's address on the GPU in `context`. Registered with CUDA in
+// each context the process calls from: the first registration is portable,
+// so the later ones find it made (and a context destroyed with the
+// registration made in it gets a new one). From the first on the segment is
+// never unmapped, since a stream may still wait on it.
+std::optional<CUdeviceptr> StreamOrder::segmentOnGpu(Connection& connection, ContextId context) {
   const void* host = connection.view().header();
   thread_local const void* seen_host = nullptr;
-  thread_local CUcontext seen_context = nullptr;
+  thread_local std::optional<ContextId> seen_context;
   thread_local CUdeviceptr seen_device = 0;
-  if (host == seen_host && context == seen_context) return seen_device;
+  if (host == seen_host && seen_context == context) return seen_device;
 
   std::lock_guard lock(register_mutex_);
-  const bool known = std::any_of(registered_.begin(), registered_.end(),
-                                 [&](const Registered& r) { return r.host == host; });
   auto found = std::find_if(registered_.begin(), registered_.end(), [&](const Registered& r) {
-    return r.host == host && (r.context == context || r.device == 0);
+    return r.host == host && r.context == context;
   });
   if (found == registered_.end()) {
-    if (!known) {
-      // Kept mapped whatever the outcome, so that no later segment can come
-      // to this address and be taken for this one.
-      connection.keepSegmentMapped();
-      const CUresult result =
-          driver_.cuMemHostRegister(const_cast<void*>(host), connection.view().layout().total_bytes,
-                                    CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP);
-      if (result != CUDA_SUCCESS && result != CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED) {
-        STMUX_WARN(kShim,
-                   "cannot register the daemon's segment with CUDA (cuMemHostRegister: {}); "
-                   "calls are served in host mode",
-                   static_cast<int>(result));
-        registered_.push_back(Registered{host, nullptr, 0});
-        return std::nullopt;
-      }
-    }
+    // Kept mapped whatever the outcome, so that no later segment can come
+    // to this address and be taken for this one.
+    connection.keepSegmentMapped();
     CUdeviceptr device = 0;
-    if (driver_.cuMemHostGetDevicePointer(&device, const_cast<void*>(host), 0) != CUDA_SUCCESS ||
-        device == 0) {
-      return std::nullopt;
+    CUresult result =
+        driver_.cuMemHostRegister(const_cast<void*>(host), connection.view().layout().total_bytes,
+                                  CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP);
+    if (result == CUDA_SUCCESS || result == CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED) {
+      result = driver_.cuMemHostGetDevicePointer(&device, const_cast<void*>(host), 0);
+      if (result == CUDA_SUCCESS && device == 0) result = CUDA_ERROR_INVALID_VALUE;
+    }
+    if (result != CUDA_SUCCESS) {
+      STMUX_WARN(kShim,
+                 "cannot map the daemon's segment into this CUDA context (CUDA error {}); its "
+                 "calls are served in host mode",
+                 static_cast<int>(result));
+      device = 0;
     }
     found = registered_.insert(registered_.end(), Registered{host, context, device});
   }
@@ -79,7 +76,7 @@ std::optional<CUdeviceptr> StreamOrder::segmentOnGpu(Connection& connection, CUc
 // stream and the per-thread default stream wait for it by CUDA's own rules,
 // and the legacy stream is itself; only a non-blocking stream must be made
 // to, and only while something is left on the legacy stream.
-CUresult StreamOrder::joinLegacyStream(CUstream stream, CUcontext context) {
+CUresult StreamOrder::joinLegacyStream(CUstream stream, ContextId context) {
   if (stream == nullptr || stream == CU_STREAM_LEGACY || stream == CU_STREAM_PER_THREAD) {
     return CUDA_SUCCESS;
   }
@@ -106,8 +103,8 @@ CUresult StreamOrder::joinLegacyStream(CUstream stream, CUcontext context) {
 // grew one per thread). Two threads recording it at once is harmless: a
 // stream that waits for the later record waits for more of the legacy
 // stream's work, never for less.
-CUresult StreamOrder::legacyEventFor(CUcontext context, CUevent& event) {
-  thread_local CUcontext seen_context = nullptr;
+CUresult StreamOrder::legacyEventFor(ContextId context, CUevent& event) {
+  thread_local std::optional<ContextId> seen_context;
   thread_local CUevent seen_event = nullptr;
   if (context != seen_context) {
     std::lock_guard lock(kernel_mutex_);
@@ -147,10 +144,9 @@ Result<Ticket> StreamOrder::reserve(Connection& connection, std::uint64_t deadli
 StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& connection,
                                         StreamCall& call, std::uint64_t deadline_ns) {
   Connection& conn = *connection;
-  CUcontext context = nullptr;
-  if (driver_.cuCtxGetCurrent(&context) != CUDA_SUCCESS || context == nullptr) {
-    return Queued::kHost;
-  }
+  const std::optional<ContextId> current = currentContext(driver_);
+  if (!current) return Queued::kHost;
+  const ContextId context = *current;
   const std::optional<CUdeviceptr> segment = segmentOnGpu(conn, context);
   if (!segment) return Queued::kHost;
   const CUfunction kernel = kernelFor(context);
@@ -398,10 +394,10 @@ void StreamOrder::takeOver(InFlight& call, Fallback why) {
   slot.released.store(call.seq, std::memory_order_release);
 }
 
-CUfunction StreamOrder::kernelFor(CUcontext context) {
-  thread_local CUcontext seen_context = nullptr;
+CUfunction StreamOrder::kernelFor(ContextId context) {
+  thread_local std::optional<ContextId> seen_context;
   thread_local CUfunction seen_kernel = nullptr;
-  if (context == seen_context) return seen_kernel;
+  if (seen_context == context) return seen_kernel;
   std::lock_guard lock(kernel_mutex_);
   auto found = std::find_if(kernels_.begin(), kernels_.end(),
                             [&](const auto& k) { return k.first == context; });

@@ -104,14 +104,14 @@ class StreamOrder {
   bool watching(std::optional<Queuing>& queuing);
   struct Registered {
     const void* host;
-    CUcontext context;
-    CUdeviceptr device;
+    ContextId context;
+    CUdeviceptr device;  // 0: cannot be used in that context
   };
 
-  std::optional<CUdeviceptr> segmentOnGpu(Connection& connection, CUcontext context);
-  CUresult joinLegacyStream(CUstream stream, CUcontext context);
+  std::optional<CUdeviceptr> segmentOnGpu(Connection& connection, ContextId context);
+  CUresult joinLegacyStream(CUstream stream, ContextId context);
   // The event that joins the legacy stream in `context`, made on first use.
-  CUresult legacyEventFor(CUcontext context, CUevent& event);
+  CUresult legacyEventFor(ContextId context, CUevent& event);
   Result<Ticket> reserve(Connection& connection, std::uint64_t deadline_ns);
   // Settles what it can; only the watcher (`watcher`) takes calls over.
   void reapLocked(bool watcher);
@@ -119,7 +119,7 @@ class StreamOrder {
   // The takeover kernel in `context`, loaded on first use (before the
   // context's first call, so never while one of its streams waits); null if
   // it cannot be.
-  CUfunction kernelFor(CUcontext context);
+  CUfunction kernelFor(ContextId context);
   void watch();
 
   const Driver& driver_;
@@ -132,8 +132,8 @@ class StreamOrder {
   // Apart from mutex_, which the watcher needs to let streams go: loading
   // the kernel may wait on CUDA's locks.
   std::mutex kernel_mutex_;
-  std::vector<std::pair<CUcontext, CUfunction>> kernels_;     // never removed (but at fork)
-  std::vector<std::pair<CUcontext, CUevent>> legacy_events_;  // the same
+  std::vector<std::pair<ContextId, CUfunction>> kernels_;     // never removed (but at fork)
+  std::vector<std::pair<ContextId, CUevent>> legacy_events_;  // the same
 
   std::mutex mutex_;  // guards what follows
   std::condition_variable changed_;

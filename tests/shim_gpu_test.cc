@@ -294,6 +294,26 @@ TEST_F(ShimOnGpu, ForkedChildrenAttachOnTheirOwnAndLeaveTheParentsConnectionAlon
       << c.err();
 }
 
+// cudaDeviceReset, then a new handle, three times: the context made next may
+// come back under the old one's handle, and stream-ordered mode made in
+// each context what it needs (its segment's registration, its kernel) again.
+TEST_F(ShimOnGpu, AProgramThatResetsItsGpuIsServedAfterEachReset) {
+  for (const std::string mode : {"host", "stream"}) {
+    SCOPED_TRACE("STMUX_MODE=" + mode);
+    auto env = shimmed();
+    env["STMUX_MODE"] = mode;
+    Process c = client({"reset"}, env, "reset-" + mode);
+    ASSERT_EQ(c.wait(), 0) << c.out() << c.err();
+    EXPECT_EQ(countOf(c.out(), "FAIL"), 0) << c.out();
+    ASSERT_EQ(outValue(c.out(), "rounds"), 3) << c.out();
+    const ShimStats stats = shimStats(c.err());
+    EXPECT_EQ(stats.served, 18) << c.err();  // six calls with beta 0 a round
+    EXPECT_EQ(stats.stream_ordered, mode == "stream" ? 18 : 0) << c.err();
+    EXPECT_EQ(stats.failed, 0) << c.err();
+    EXPECT_TRUE(stats.direct.empty()) << c.err();
+  }
+}
+
 // Frees are invisible to the shim: its sweeper finds them, so memory freed by
 // a tenant that then makes no call is unmapped in the daemon within seconds,
 // while memory still in use stays mapped.

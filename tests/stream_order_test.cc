@@ -140,6 +140,13 @@ struct FakeGpu {
   std::atomic<CUcontext> context{reinterpret_cast<CUcontext>(0x10)};
   std::atomic<bool> legacy_busy{false};
   std::atomic<int> events_made{0};
+  // Bumped when the context is destroyed and made again (cudaDeviceReset):
+  // its handle comes back, its id does not, and nothing made in the old one
+  // (the segment's registration, the module, events) can be used in it.
+  std::atomic<int> incarnation{0};
+  std::atomic<int> registered_in{-1};  // the incarnation the segment is registered in
+  std::atomic<int> registrations{0};
+  std::atomic<int> modules_loaded{0};
 };
 FakeGpu* gpu = nullptr;
 
@@ -151,19 +158,38 @@ CUresult fakeCtxGetCurrent(CUcontext* context) {
   *context = gpu->context.load();
   return CUDA_SUCCESS;
 }
+CUresult fakeCtxGetId(CUcontext context, unsigned long long* id) {
+  *id = (reinterpret_cast<std::uintptr_t>(context) << 16) + gpu->incarnation;
+  return CUDA_SUCCESS;
+}
+// Handles of what is made in a context carry its incarnation, and are
+// refused in another.
+std::uintptr_t madeNow(std::uintptr_t base) {
+  return base + (static_cast<std::uintptr_t>(gpu->incarnation) << 24);
+}
+bool madeNow(const void* handle, std::uintptr_t base) {
+  return reinterpret_cast<std::uintptr_t>(handle) >> 24 == madeNow(base) >> 24;
+}
 CUresult fakeMemHostRegister(void*, size_t, unsigned) {
+  // Portable: one registration serves every context.
+  if (gpu->registered_in.exchange(gpu->incarnation) == gpu->incarnation) {
+    return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
+  }
+  ++gpu->registrations;
   return CUDA_SUCCESS;
 }
 CUresult fakeMemHostGetDevicePointer(CUdeviceptr* device, void* host, unsigned) {
+  if (gpu->registered_in != gpu->incarnation) return CUDA_ERROR_INVALID_VALUE;
   *device = reinterpret_cast<CUdeviceptr>(host);  // one address space, as with UVA
   return CUDA_SUCCESS;
 }
 CUresult fakeModuleLoadData(CUmodule* module, const void*) {
+  ++gpu->modules_loaded;
   *module = reinterpret_cast<CUmodule>(0x30);
   return CUDA_SUCCESS;
 }
 CUresult fakeModuleGetFunction(CUfunction* function, CUmodule, const char*) {
-  *function = reinterpret_cast<CUfunction>(0x40);
+  *function = reinterpret_cast<CUfunction>(madeNow(0x40));
   return CUDA_SUCCESS;
 }
 CUresult fakeStreamGetFlags(CUstream, unsigned* flags) {
@@ -176,11 +202,11 @@ CUresult fakeStreamQuery(CUstream) {
   return gpu->legacy_busy ? CUDA_ERROR_NOT_READY : CUDA_SUCCESS;
 }
 CUresult fakeEventCreate(CUevent* event, unsigned) {
-  *event = reinterpret_cast<CUevent>(std::uintptr_t{0x1000} + ++gpu->events_made);
+  *event = reinterpret_cast<CUevent>(madeNow(0x1000) + ++gpu->events_made);
   return CUDA_SUCCESS;
 }
-CUresult fakeEventRecord(CUevent, CUstream) {
-  return CUDA_SUCCESS;
+CUresult fakeEventRecord(CUevent event, CUstream) {
+  return madeNow(event, 0x1000) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 CUresult fakeStreamWaitEvent(CUstream, CUevent, unsigned) {
   return CUDA_SUCCESS;
@@ -199,8 +225,8 @@ CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, 
   if (gpu->on_wait_queued) gpu->on_wait_queued();
   return CUDA_SUCCESS;
 }
-CUresult fakeLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
-                          unsigned, CUstream, void** arguments, void**) {
+CUresult fakeLaunchKernel(CUfunction function, unsigned, unsigned, unsigned, unsigned, unsigned,
+                          unsigned, unsigned, CUstream, void** arguments, void**) {
   // The fake's own allocations stand for the driver's, which do not throw.
   const bool was_out_of_memory = std::exchange(out_of_memory, false);
   struct Restore {
@@ -208,6 +234,7 @@ CUresult fakeLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, un
     ~Restore() { out_of_memory = value; }
   } restore{was_out_of_memory};
   ++gpu->launches;
+  if (!madeNow(function, 0x40)) return CUDA_ERROR_INVALID_HANDLE;
   if (gpu->launch_waits_for_drain && !gpu->stream.drained(2 * kSecond)) {
     gpu->launch_found_it_stuck = true;
   }
@@ -232,6 +259,7 @@ CUresult fakeThreadExchangeStreamCaptureMode(CUstreamCaptureMode*) {
 Driver fakeDriver() {
   Driver d;
   d.cuCtxGetCurrent = fakeCtxGetCurrent;
+  d.cuCtxGetId = fakeCtxGetId;
   d.cuMemHostRegister = fakeMemHostRegister;
   d.cuMemHostGetDevicePointer = fakeMemHostGetDevicePointer;
   d.cuModuleLoadData = fakeModuleLoadData;
@@ -477,6 +505,33 @@ TEST_F(StreamOrderTest, TheLegacyStreamIsJoinedWithOneEventPerContext) {
   }
   ASSERT_TRUE(gpu_.stream.drained(2 * kSecond));
   EXPECT_EQ(gpu_.events_made, 2) << "events made for two contexts";
+}
+
+// cudaDeviceReset destroys the context, and the one made next may come back
+// under the same handle, without the old one's segment registration, kernel
+// or events: the shim knew them by handle, and its calls failed (or used a
+// stale device address) from then on.
+TEST_F(StreamOrderTest, AContextMadeAgainUnderTheSameHandleGetsItsOwnSegmentKernelAndEvent) {
+  gpu_.legacy_busy = true;  // each call joins the legacy stream with the context's event
+  float c = 0.0f;
+  // On a thread of its own, as what a thread saw last is kept per thread.
+  std::thread([&] {
+    EXPECT_EQ(submit(&c), StreamOrder::Queued::kYes);
+    EXPECT_EQ(submit(&c), StreamOrder::Queued::kYes);
+    EXPECT_TRUE(settled(2));
+    ++gpu_.incarnation;  // the context destroyed and made again under its handle
+    EXPECT_EQ(submit(&c), StreamOrder::Queued::kYes);
+    EXPECT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  }).join();
+  std::thread([&] { EXPECT_EQ(submit(&c), StreamOrder::Queued::kYes); }).join();
+  ASSERT_TRUE(settled(5));
+  for (const StreamOutcome& outcome : outcomes()) {
+    EXPECT_FALSE(outcome.direct.has_value()) << "not served by the daemon";
+  }
+  EXPECT_EQ(gpu_.registrations, 2) << "the segment registered in each context";
+  EXPECT_EQ(gpu_.modules_loaded, 2) << "the kernel loaded in each context";
+  EXPECT_EQ(gpu_.events_made, 2) << "one legacy-join event for each context";
+  EXPECT_EQ(gpu_.computed, 0);
 }
 
 // Memory runs out once the caller's stream waits for the call: nothing from

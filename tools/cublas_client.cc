@@ -116,6 +116,8 @@ void usage(FILE* out) {
                "                                 this process touches CUDA, then in itself\n"
                "                                 around a child forked after\n"
                "  idle-free --seconds S          one call; S s idle; C freed; S s idle\n"
+               "  reset                          verified calls, then cudaDeviceReset and a new\n"
+               "                                 handle, three times\n"
                "  loop --m M --n N --k K --ready FILE --go FILE --out FILE\n"
                "                                 closed loop {sgemm; sync}: writes FILE ready\n"
                "                                 once warm, times the span the go FILE names,\n"
@@ -170,14 +172,14 @@ bool parse(int argc, char** argv, Options& o) {
     usage(stdout);
     std::exit(0);
   }
-  static const char* const kModeNames[] = {"probe",     "devices",    "check",     "stress",
-                                           "loop",      "ceiling",    "paths",     "fork",
-                                           "idle-free", "sync-flags", "accumulate"};
+  static const char* const kModeNames[] = {"probe",      "devices",    "check", "stress",
+                                           "loop",       "ceiling",    "paths", "idle-free",
+                                           "sync-flags", "accumulate", "fork",  "reset"};
   if (std::find_if(std::begin(kModeNames), std::end(kModeNames),
                    [&](const char* name) { return o.mode == name; }) == std::end(kModeNames)) {
     std::fprintf(stderr,
                  "stmux-cublas-client: unknown MODE '%s': accepted: probe, devices, check, "
-                 "stress, paths, fork, idle-free, sync-flags, accumulate, loop, ceiling\n",
+                 "stress, paths, fork, reset, idle-free, sync-flags, accumulate, loop, ceiling\n",
                  o.mode.c_str());
     return false;
   }
@@ -795,6 +797,26 @@ int verifiedCalls(cublasHandle_t handle, cudaStream_t stream, std::mt19937_64& r
   return failures;
 }
 
+// A program that resets its GPU (cudaDeviceReset) and goes on with a new
+// handle: the context made next may come back under the old one's handle,
+// without anything made in the old one.
+int resetMode(const Options& o) {
+  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() + getpid());
+  constexpr int kRounds = 3;
+  int failures = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    cublasHandle_t handle;
+    cudaStream_t stream;
+    if (!makeHandle(handle, stream)) return 3;
+    failures += verifiedCalls(handle, stream, random);
+    cublasDestroy_v2(handle);
+    EXIT_ON_CUDA_ERROR(cudaStreamDestroy(stream));
+    EXIT_ON_CUDA_ERROR(cudaDeviceReset());
+  }
+  std::printf("rounds %d failures %d\n", kRounds, failures);
+  return failures == 0 ? 0 : 1;
+}
+
 // Exit status of child `pid`, 128 + signal when killed.
 int reap(pid_t pid) {
   int raw = 0;
@@ -1168,5 +1190,6 @@ int main(int argc, char** argv) {
   if (options.mode == "idle-free") return idleFree(options);
   if (options.mode == "sync-flags") return syncFlags(options);
   if (options.mode == "accumulate") return accumulate(options);
+  if (options.mode == "reset") return resetMode(options);
   return ceiling(options);
 }

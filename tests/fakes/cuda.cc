@@ -119,6 +119,10 @@ CUresult streamWriteValue32(CUstream, CUdeviceptr address, cuuint32_t value, uns
 CUresult ctxSynchronize() {
   return CUDA_SUCCESS;
 }
+CUresult ctxGetId(CUcontext, unsigned long long* id) {
+  *id = 1;
+  return CUDA_SUCCESS;
+}
 CUresult streamSynchronize(CUstream) {
   return CUDA_SUCCESS;
 }
@@ -151,6 +155,7 @@ const Entry kEntries[] = {
     {"cuIpcGetMemHandle", reinterpret_cast<void*>(ipcGetMemHandle)},
     {"cuStreamIsCapturing", reinterpret_cast<void*>(streamIsCapturing)},
     {"cuCtxGetCurrent", reinterpret_cast<void*>(ctxGetCurrent)},
+    {"cuCtxGetId", reinterpret_cast<void*>(ctxGetId)},
     {"cuCtxGetDevice", reinterpret_cast<void*>(ctxGetDevice)},
     {"cuCtxGetFlags", reinterpret_cast<void*>(ctxGetFlags)},
     {"cuDeviceGet", reinterpret_cast<void*>(deviceGet)},
