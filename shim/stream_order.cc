@@ -1,6 +1,7 @@
 #include "shim/stream_order.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstddef>
 
@@ -300,13 +301,22 @@ bool StreamOrder::watching(std::optional<Queuing>& queuing) {
 void StreamOrder::reapLocked(bool watcher) {
   if (in_flight_.empty()) return;
   const std::uint64_t now = nowNs();
-  std::vector<const Connection*> gone;  // asked once per look
-  std::vector<const Connection*> here;
+  // Each connection asked once per look (a system call), for the first few
+  // of them, in place: the watcher allocates nothing, as a bad_alloc on its
+  // thread would end the process.
+  struct Asked {
+    const Connection* connection;
+    bool alive;
+  };
+  std::array<Asked, 8> asked;
+  std::size_t asked_count = 0;
   auto alive = [&](Connection& connection) {
-    if (std::find(here.begin(), here.end(), &connection) != here.end()) return true;
-    if (std::find(gone.begin(), gone.end(), &connection) != gone.end()) return false;
+    const auto end = asked.begin() + static_cast<std::ptrdiff_t>(asked_count);
+    const auto found = std::find_if(asked.begin(), end,
+                                    [&](const Asked& a) { return a.connection == &connection; });
+    if (found != end) return found->alive;
     const bool is = connection.alive();
-    (is ? here : gone).push_back(&connection);
+    if (asked_count < asked.size()) asked[asked_count++] = Asked{&connection, is};
     return is;
   };
   std::size_t kept = 0;

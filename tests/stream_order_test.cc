@@ -9,10 +9,12 @@
 #include "shim/stream_order.h"
 
 #include <gtest/gtest.h>
+#include <sys/prctl.h>
 
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <mutex>
@@ -26,6 +28,15 @@
 namespace {
 // While set on a thread, its allocations fail, as with memory gone.
 thread_local bool out_of_memory = false;
+// While set, the shim's watcher thread's allocations fail.
+std::atomic<bool> watcher_out_of_memory{false};
+bool onTheWatcher() {
+  char name[16] = {};
+  return ::prctl(PR_GET_NAME, name) == 0 && std::strcmp(name, "stmux-watch") == 0;
+}
+bool allocationFails() {
+  return out_of_memory || (watcher_out_of_memory.load(std::memory_order_relaxed) && onTheWatcher());
+}
 }  // namespace
 
 // Paired with malloc and free, so that sanitizers see matching calls (GCC,
@@ -34,12 +45,12 @@ thread_local bool out_of_memory = false;
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 #endif
 void* operator new(std::size_t size) {
-  if (out_of_memory) throw std::bad_alloc();
+  if (allocationFails()) throw std::bad_alloc();
   if (void* memory = std::malloc(size == 0 ? 1 : size)) return memory;
   throw std::bad_alloc();
 }
 void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  if (out_of_memory) return nullptr;
+  if (allocationFails()) return nullptr;
   return std::malloc(size == 0 ? 1 : size);
 }
 void operator delete(void* memory) noexcept {
@@ -280,6 +291,7 @@ class StreamOrderTest : public ::testing::Test {
  protected:
   void SetUp() override {
     gpu = &gpu_;
+    outcomes_.reserve(64);  // counting an outcome, on the watcher too, allocates nothing
     daemon_ = std::make_unique<Daemon>(dir_);
     connection_ = daemon::connectTo(dir_, "stream_order_test");
     ASSERT_NE(connection_, nullptr);
@@ -356,6 +368,24 @@ TEST_F(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
   EXPECT_TRUE(outcomes().empty());
   gpu_.stream.pause(false);
   ASSERT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was not let go";
+  EXPECT_EQ(c, 42.0f) << "the kernel did not compute the call";
+  ASSERT_TRUE(settled(1));
+  ASSERT_TRUE(outcomes()[0].direct.has_value());
+  EXPECT_EQ(*outcomes()[0].direct, Fallback::kDaemonLost);
+}
+
+// The watcher takes a lost daemon's call over with memory gone: it allocates
+// nothing (a bad_alloc on its thread ended the process).
+TEST_F(StreamOrderTest, TheWatcherTakesACallOverWithoutMemory) {
+  gpu_.stream.pause(true);
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  watcher_out_of_memory = true;
+  daemon_->vanish();
+  gpu_.stream.pause(false);
+  const bool drained = gpu_.stream.drained(2 * kSecond);
+  watcher_out_of_memory = false;
+  ASSERT_TRUE(drained) << "the stream was not let go";
   EXPECT_EQ(c, 42.0f) << "the kernel did not compute the call";
   ASSERT_TRUE(settled(1));
   ASSERT_TRUE(outcomes()[0].direct.has_value());
