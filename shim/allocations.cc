@@ -67,23 +67,37 @@ AllocationCache::Described AllocationCache::describe(const Driver& driver, const
 }
 
 void AllocationCache::sweep(const Driver& driver) {
-  std::lock_guard lock(mutex_);
-  for (auto it = by_base_.begin(); it != by_base_.end();) {
+  // The driver is asked without the lock, which every served call takes to
+  // describe its operands: a sweep of many allocations held it for one
+  // query each, and the calls meanwhile waited for all of them.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> cached;  // base, buffer id
+  {
+    std::lock_guard lock(mutex_);
+    cached.assign(by_base_.begin(), by_base_.end());
+  }
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> freed;
+  for (const auto& [base, id] : cached) {
     // The plural query reports a freed address as buffer id 0 rather than
     // failing, and needs no current context (the sweeper thread has none).
-    unsigned long long id = 0;
+    unsigned long long now = 0;
     CUpointer_attribute attribute = CU_POINTER_ATTRIBUTE_BUFFER_ID;
-    void* value = &id;
+    void* value = &now;
     // A query that failed says nothing of the allocation: kept, looked at
-    // again at the next sweep.
-    const CUresult result = driver.cuPointerGetAttributes(1, &attribute, &value, it->first);
-    if (result == CUDA_SUCCESS && id != it->second) {
-      gone_.push_back(it->second);
-      by_id_.erase(it->second);
-      it = by_base_.erase(it);
-    } else {
-      ++it;
+    // again at the next sweep. Buffer ids are never reused, so another id
+    // (or none) at its base means it was freed.
+    if (driver.cuPointerGetAttributes(1, &attribute, &value, base) == CUDA_SUCCESS && now != id) {
+      freed.emplace_back(base, id);
     }
+  }
+  if (freed.empty()) return;
+  std::lock_guard lock(mutex_);
+  for (const auto& [base, id] : freed) {
+    // Unless describe() found its base reused meanwhile, and said so.
+    const auto it = by_base_.find(base);
+    if (it == by_base_.end() || it->second != id) continue;
+    gone_.push_back(id);
+    by_id_.erase(id);
+    by_base_.erase(it);
   }
 }
 

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <thread>
@@ -822,8 +823,13 @@ void Shim::sweepLoop() {
     // Detached, the daemon holds none of this process's memory; sweep when
     // there is a daemon to tell.
     if (!connection) continue;
-    allocations_.sweep(*driver_);
-    releaseGone(*connection);
+    // Memory running out costs this sweep (the cache stays whole), not the
+    // process.
+    try {
+      allocations_.sweep(*driver_);
+      releaseGone(*connection);
+    } catch (const std::bad_alloc&) {
+    }
   }
 }
 

@@ -7,8 +7,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <map>
+#include <mutex>
+#include <thread>
 
 namespace stmux::shim {
 namespace {
@@ -16,15 +21,28 @@ namespace {
 // One 1 MiB allocation per base the test makes, with a buffer id; an
 // address the map does not hold is not CUDA's.
 struct FakeMemory {
+  std::mutex mutex;  // guards ids while a sweep runs on a thread of its own
   std::map<CUdeviceptr, unsigned long long> ids;
   bool failing = false;  // every query fails, as with a driver in trouble
+  // A sweep's query of this address waits (up to 2 s) until let go.
+  CUdeviceptr held = 0;
+  std::condition_variable changed;
+  bool holding = false;
+  bool let_go = false;
 };
 FakeMemory* g_memory = nullptr;
 constexpr std::size_t kBytes = 1 << 20;
 
 CUresult fakePointerGetAttributes(unsigned count, CUpointer_attribute* attributes, void** values,
                                   CUdeviceptr address) {
+  std::unique_lock lock(g_memory->mutex);
   if (g_memory->failing) return CUDA_ERROR_UNKNOWN;
+  if (count == 1 && address == g_memory->held) {  // the sweep's query
+    g_memory->holding = true;
+    g_memory->changed.notify_all();
+    g_memory->changed.wait_for(lock, std::chrono::seconds(2), [] { return g_memory->let_go; });
+    g_memory->holding = false;
+  }
   const auto it = g_memory->ids.find(address);
   for (unsigned i = 0; i < count; ++i) {
     switch (attributes[i]) {
@@ -102,6 +120,41 @@ TEST_F(AllocationsTest, IdsNotToldToTheDaemonAreHandedOutAgain) {
   ASSERT_EQ(gone, std::vector<std::uint64_t>{21});
   cache_.giveBack(gone);  // the release message could not be sent
   EXPECT_EQ(cache_.takeGone(), std::vector<std::uint64_t>{21});
+}
+
+// The sweep asks the driver about each allocation without the cache's lock,
+// which every served call takes to describe its operands: they waited for a
+// whole sweep. An allocation described again at a reused base meanwhile is
+// handed out as gone once.
+TEST_F(AllocationsTest, CallsAreDescribedWhileASweepWaitsForTheDriver) {
+  memory_.ids = {{0x10000000, 31}, {0x20000000, 32}};
+  (void)cache_.describe(driver_, at(0x10000000));
+  (void)cache_.describe(driver_, at(0x20000000));
+  memory_.held = 0x10000000;
+  std::atomic<bool> swept{false};
+  std::thread sweeper([&] {
+    cache_.sweep(driver_);
+    swept = true;
+  });
+  {
+    std::unique_lock lock(memory_.mutex);
+    ASSERT_TRUE(
+        memory_.changed.wait_for(lock, std::chrono::seconds(2), [&] { return memory_.holding; }));
+    memory_.ids[0x10000000] = 33;  // freed, and its address reused
+    memory_.ids[0x30000000] = 34;
+  }
+  EXPECT_EQ(cache_.describe(driver_, at(0x30000000)).desc.alloc_id, 34u);
+  EXPECT_EQ(cache_.describe(driver_, at(0x10000000)).desc.alloc_id, 33u);
+  EXPECT_FALSE(swept) << "describe() waited for the sweep's queries";
+  {
+    std::lock_guard lock(memory_.mutex);
+    memory_.let_go = true;
+  }
+  memory_.changed.notify_all();
+  sweeper.join();
+  EXPECT_EQ(cache_.takeGone(), std::vector<std::uint64_t>{31}) << "the freed allocation, once";
+  EXPECT_EQ(cache_.size(), 3u);
+  EXPECT_EQ(cache_.describe(driver_, at(0x10000000)).desc.alloc_id, 33u);
 }
 
 }  // namespace
