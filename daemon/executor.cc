@@ -386,9 +386,11 @@ class Executor::Impl {
       return kStatusDeclined;
     }
     if (!operandFits(operand.offset, extent, mapped->bytes)) {
+      // Not the daemon's to touch; run in its caller, as it would be
+      // without stmux.
       STMUX_DEBUG(kExec, "client {}: operand at offset {} spans {} bytes of a {}-byte allocation",
                   item.client->id, operand.offset, extent, mapped->bytes);
-      return kStatusInvalidValue;
+      return kStatusDeclined;
     }
     address = mapped->base + operand.offset;
     return kStatusSuccess;
@@ -564,8 +566,10 @@ class Executor::Impl {
       for (std::size_t g = failure.first; g < failure.last; ++g) {
         STMUX_WARN(kExec, "GPU {}: a launch of {} requests returned {}", options_.device,
                    groups[g].count, cublasGetStatusString(failure.status));
+        const std::int32_t answer =
+            answerForRefusedLaunch(static_cast<std::int32_t>(failure.status));
         for (std::size_t p = groups[g].start; p < groups[g].start + groups[g].count; ++p) {
-          flight.status[ordered[p].item] = static_cast<std::int32_t>(failure.status);
+          flight.status[ordered[p].item] = answer;
         }
       }
     }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "stmux/gemm.h"
+#include "stmux/wire.h"
 
 namespace stmux::daemon {
 
@@ -75,6 +76,28 @@ inline LaunchPlan planLaunches(const std::vector<PlanItem>& items, std::size_t m
     plan.order[plan.groups[g].start + fill[g]++] = j;
   }
   return plan;
+}
+
+// What the requests of a launch cuBLAS refused (its status, as the wire
+// writes cuBLAS's) are told. An error cuBLAS finds before it launches
+// anything (its arguments, its handle, memory for its workspace, the GPU)
+// left C untouched: declined, the caller runs the call itself and gets
+// cuBLAS's own answer, which for a call the daemon's cuBLAS refused and the
+// caller's accepts (another cuBLAS version, the daemon's GPU memory full) is
+// its result. Any other error may come after part of the launch ran: a
+// failure, which a caller with beta == 0 runs again and any other reports.
+inline std::int32_t answerForRefusedLaunch(std::int32_t cublas_status) {
+  switch (cublas_status) {
+    case kStatusNotInitialized:
+    case kStatusAllocFailed:
+    case kStatusInvalidValue:
+    case kStatusArchMismatch:
+    case kStatusMappingError:
+    case kStatusNotSupported:
+      return kStatusDeclined;
+    default:
+      return kStatusExecutionFailed;
+  }
 }
 
 }  // namespace stmux::daemon

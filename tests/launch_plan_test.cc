@@ -105,5 +105,22 @@ TEST(LaunchPlan, RandomBatchesNeverOverflowTheArraysAndPlaceEveryRequestOnce) {
   }
 }
 
+// What cuBLAS refuses before launching anything leaves C untouched: the
+// caller runs the call itself and gets its own cuBLAS's answer (which may be
+// success: another cuBLAS version, the daemon's GPU memory full), not the
+// daemon's cuBLAS's status handed on as if the call were wrong (found by
+// review). Anything else may have run in part: a failure.
+TEST(AnswerForRefusedLaunch, WhatCublasRefusesBeforeLaunchingIsDeclinedAndTheRestFailed) {
+  for (const std::int32_t status :
+       {kStatusNotInitialized, kStatusAllocFailed, kStatusInvalidValue, kStatusArchMismatch,
+        kStatusMappingError, kStatusNotSupported}) {
+    EXPECT_EQ(answerForRefusedLaunch(status), kStatusDeclined) << status;
+  }
+  for (const std::int32_t status :
+       std::initializer_list<std::int32_t>{kStatusExecutionFailed, kStatusInternalError, 16, 99}) {
+    EXPECT_EQ(answerForRefusedLaunch(status), kStatusExecutionFailed) << status;
+  }
+}
+
 }  // namespace
 }  // namespace stmux::daemon
