@@ -234,25 +234,25 @@ int overrun(stmux::shim::Connection& connection) {
   EXIT_ON_CUDA_ERROR(
       cudaMemcpy(small_c.base, sentinel.data(), small_c.bytes, cudaMemcpyHostToDevice));
   EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
-  expect("C past its allocation", describe(c, a, b, small_c, device), stmux::kStatusInvalidValue,
+  expect("C past its allocation", describe(c, a, b, small_c, device), stmux::kStatusDeclined,
          small_c, sentinel);
   Request lying = describe(c, a, b, small_c, device);
   lying.c.alloc_bytes = 64 * 64 * sizeof(float);  // claims the allocation is big enough
-  expect("C with a lie about its size", lying, stmux::kStatusInvalidValue, small_c, sentinel);
+  expect("C with a lie about its size", lying, stmux::kStatusDeclined, small_c, sentinel);
   GemmCase fits{"fits", 0, 0, 32, 32, 32};
   Request offset = describe(fits, a, b, small_c, device);
   offset.c.offset = small_c.bytes - 16;  // starts four floats before the end
-  expect("C starting near the end", offset, stmux::kStatusInvalidValue, small_c, sentinel);
+  expect("C starting near the end", offset, stmux::kStatusDeclined, small_c, sentinel);
   Request misaligned = describe(fits, a, b, small_c, device);
   misaligned.c.offset = 2;
-  expect("C misaligned", misaligned, stmux::kStatusInvalidValue, small_c, sentinel);
+  expect("C misaligned", misaligned, stmux::kStatusDeclined, small_c, sentinel);
   Request huge_ld = describe(fits, a, b, small_c, device);
   huge_ld.ldc = std::int64_t{1} << 40;
-  expect("C with a huge leading dimension", huge_ld, stmux::kStatusInvalidValue, small_c, sentinel);
+  expect("C with a huge leading dimension", huge_ld, stmux::kStatusDeclined, small_c, sentinel);
   Request past_a = describe(c, small_c, b, a, device);  // A is the small one now
   std::vector<float> a_before(64 * 64);
   EXIT_ON_CUDA_ERROR(cudaMemcpy(a_before.data(), a.base, a.bytes, cudaMemcpyDeviceToHost));
-  expect("A past its allocation", past_a, stmux::kStatusInvalidValue, a, a_before);
+  expect("A past its allocation", past_a, stmux::kStatusDeclined, a, a_before);
   std::printf("overrun failures %d\n", failures);
   return failures == 0 ? 0 : 1;
 }
