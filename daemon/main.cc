@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -231,6 +232,25 @@ int run(int argc, char** argv) {
     return 2;
   }
   setLogSpec(config->log);
+  // Each tenant's own environment sets the precision its cuBLAS computes at
+  // (the shim runs such calls directly: stmux/precision.h); the daemon's must
+  // not set it for all of them. cuBLAS, loaded with stmuxd, may have read it
+  // already: cleared, stmuxd starts again (the same process, arguments and
+  // settings), so that no library of it ever sees it.
+  bool cleared = false;
+  for (const char* name : kCallerPrecisionVariables) {
+    if (const char* value = std::getenv(name); value != nullptr) {
+      STMUX_WARN(kConfig, "{}={} is ignored: each tenant's own environment sets its precision",
+                 name, value);
+      ::unsetenv(name);
+      cleared = true;
+    }
+  }
+  if (cleared) {
+    ::execv("/proc/self/exe", argv);
+    STMUX_WARN(kConfig, "cannot start stmuxd again without them ({}); cuBLAS may have read them",
+               std::strerror(errno));
+  }
   for (const std::string& name : unknownVariables(environ)) {
     STMUX_WARN(kConfig, "{} is not a stmux variable; it is ignored (see stmuxd --help)", name);
   }
@@ -257,17 +277,6 @@ int run(int argc, char** argv) {
                   name.c_str(), formatValue(config.value(), var.member).c_str());
     }
     return 0;
-  }
-
-  // Each tenant's own environment sets the precision its cuBLAS computes at
-  // (the shim runs such calls directly: stmux/precision.h); the daemon's must
-  // not set it for all of them. Cleared before cuBLAS reads it.
-  for (const char* name : kCallerPrecisionVariables) {
-    if (const char* value = std::getenv(name); value != nullptr) {
-      STMUX_WARN(kConfig, "{}={} is ignored: each tenant's own environment sets its precision",
-                 name, value);
-      ::unsetenv(name);
-    }
   }
 
   warnOfLimits(config.value());

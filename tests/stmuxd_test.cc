@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <sstream>
 #include <string>
@@ -68,6 +70,27 @@ TEST(Stmuxd, ATenantsSettingInItsEnvironmentIsNamedAsIgnored) {
   EXPECT_NE(ran.err.find("STMUX_ROUTE is read by libstmux.so in each tenant, not by stmuxd"),
             std::string::npos)
       << ran.err;
+}
+
+// A tenant's precision variable in the daemon's environment would set the
+// precision of every tenant's calls, had cuBLAS read it as it loaded:
+// stmuxd clears it and starts again, so that none of its libraries sees it.
+TEST(Stmuxd, APrecisionVariableIsClearedBeforeAnyLibrarySeesIt) {
+  TempDir dir;
+  const std::string probed = dir.path() + "/probed";
+  const auto ran = stmuxd(dir, {"--print-config"},
+                          {{"NVIDIA_TF32_OVERRIDE", "0"},
+                           {"LD_PRELOAD", ENV_PROBE_PATH},
+                           {"ENV_PROBE_NAME", "NVIDIA_TF32_OVERRIDE"},
+                           {"ENV_PROBE_FILE", probed}});
+  EXPECT_EQ(ran.status, 0) << ran.err;
+  const std::string warning =
+      "NVIDIA_TF32_OVERRIDE=0 is ignored: each tenant's own environment sets its precision";
+  EXPECT_EQ(countOf(ran.err, warning), 1) << ran.err;
+  std::ifstream in(probed);
+  const std::string seen((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(seen, "0\nunset\n") << "as each image of stmuxd started";
+  EXPECT_NE(ran.out.find("\nSTMUX_SLOTS=256\n"), std::string::npos) << "the same run went on";
 }
 
 TEST(Stmuxd, UnknownOptionsAreRefused) {
