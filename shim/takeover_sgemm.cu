@@ -67,7 +67,10 @@ extern "C" __global__ void __launch_bounds__(kTile* kTile)
         }
         if (row < p.m && col < p.n) {
           float* out = c + row + col * p.ldc;
-          const float value = p.beta == 0.0f ? p.alpha * sum : p.alpha * sum + p.beta * *out;
+          // As BLAS: with k == 0 (or alpha 0) there is no product, so a
+          // non-finite alpha gives no NaN and a negative one no -0.
+          const float product = reads ? p.alpha * sum : 0.0f;
+          const float value = p.beta == 0.0f ? product : product + p.beta * *out;
           const float bias = (p.epilogue & stmux::kEpilogueBias) != 0 ? p.bias[row] : 0.0f;
           *out = stmux::applyEpilogue(p.epilogue, value, bias);
         }

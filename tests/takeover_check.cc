@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <thread>
 #include <vector>
@@ -304,6 +305,14 @@ int main(int argc, char** argv) {
                          false, random);
   failures += !checkCase(*driver, kernel, stream, GemmCase{"wide-1x1100000x2", 0, 1, 1, 1100000, 2},
                          1, false, random);
+  // k == 0: no product, whatever alpha is (BLAS; it was alpha * 0, NaN here).
+  for (const float alpha :
+       {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(), -2.0f}) {
+    GemmCase k0{"k-0-alpha", 0, 0, 12, 9, 0};
+    k0.alpha = alpha;
+    failures += !checkCase(*driver, kernel, stream, k0, 1, false, random);
+    ++cases;
+  }
   cases += 2;
   failures += !checkEpilogues(*driver, kernel, stream);
   failures += !checkRunsWhileAStreamWaits(*driver, kernel, stream);

@@ -183,8 +183,11 @@ inline Reference reference(const GemmCase& c, const Buffers& in) {
     for (std::int64_t i = 0; i < c.m; ++i) {
       const std::size_t index = c.c_offset + j * c.ldc() + i;
       const double c0 = c.beta == 0.0f ? 0.0 : in.c0[index];
-      ref.expected[j * m + i] = c.alpha * row_sum[i] + c.beta * c0;
-      ref.scale[j * m + i] = std::fabs(c.alpha) * row_abs[i] + std::fabs(c.beta * c0);
+      // As BLAS: with k == 0 (or alpha 0) there is no product term.
+      const bool product = c.k > 0 && c.alpha != 0.0f;
+      ref.expected[j * m + i] = (product ? c.alpha * row_sum[i] : 0.0) + c.beta * c0;
+      ref.scale[j * m + i] =
+          (product ? std::fabs(c.alpha) * row_abs[i] : 0.0) + std::fabs(c.beta * c0);
     }
   }
   return ref;
