@@ -178,8 +178,9 @@ CUresult fakeCtxGetId(CUcontext context, unsigned long long* id) {
 std::uintptr_t madeNow(std::uintptr_t base) {
   return base + (static_cast<std::uintptr_t>(gpu->incarnation) << 24);
 }
-bool madeNow(const void* handle, std::uintptr_t base) {
-  return reinterpret_cast<std::uintptr_t>(handle) >> 24 == madeNow(base) >> 24;
+bool ofThisIncarnation(const void* handle) {
+  return reinterpret_cast<std::uintptr_t>(handle) >> 24 ==
+         static_cast<std::uintptr_t>(gpu->incarnation);
 }
 CUresult fakeMemHostRegister(void*, size_t, unsigned) {
   // Portable: one registration serves every context.
@@ -217,7 +218,7 @@ CUresult fakeEventCreate(CUevent* event, unsigned) {
   return CUDA_SUCCESS;
 }
 CUresult fakeEventRecord(CUevent event, CUstream) {
-  return madeNow(event, 0x1000) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+  return ofThisIncarnation(event) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 CUresult fakeStreamWaitEvent(CUstream, CUevent, unsigned) {
   return CUDA_SUCCESS;
@@ -245,7 +246,7 @@ CUresult fakeLaunchKernel(CUfunction function, unsigned, unsigned, unsigned, uns
     ~Restore() { out_of_memory = value; }
   } restore{was_out_of_memory};
   ++gpu->launches;
-  if (!madeNow(function, 0x40)) return CUDA_ERROR_INVALID_HANDLE;
+  if (!ofThisIncarnation(function)) return CUDA_ERROR_INVALID_HANDLE;
   if (gpu->launch_waits_for_drain && !gpu->stream.drained(2 * kSecond)) {
     gpu->launch_found_it_stuck = true;
   }
