@@ -495,7 +495,18 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (const std::optional<std::int32_t> status = conn->published(ticket.value())) {
     return finish(*status, request.beta, gemm.entry, direct, *conn);
   }
-  // Otherwise it may have run, wholly or partly.
+  // Its launch may still be queued on its GPU, and would write C whenever it
+  // ran: nothing more is said to the program before the daemon's process
+  // has ended (its end tears that launch down), or been given the time a
+  // call has.
+  if (conn->daemonProcess(nowNs() + timeout_ns) == DaemonProcess::kLives) {
+    STMUX_ERROR(kShim,
+                "the daemon hung up during a call it started and has not ended in {} ms; its "
+                "launch may still write C, returning CUBLAS_STATUS_EXECUTION_FAILED",
+                config_.timeout_ms);
+    return failed(gemm.entry, conn);
+  }
+  // It may have run, wholly or partly.
   if (request.beta == 0.0f) return fallback(Fallback::kDaemonLost, gemm.entry, direct, conn);
   STMUX_ERROR(kShim,
               "the daemon vanished during a call with beta != 0; C may be partly "

@@ -355,8 +355,22 @@ void StreamOrder::reapLocked(bool watcher) {
         const bool running = word == slotWord(generation, SlotState::kRunning);
         if (!alive(connection)) {
           // Not started: cancelled, it is the shim's. Started: with beta == 0
-          // running it again gives the same C.
-          if (running || connection.cancel(call.ticket)) takeOver(call, Fallback::kDaemonLost);
+          // running it again gives the same C, once the daemon's process has
+          // ended (its end tears down the launch it queued, which would
+          // otherwise write C whenever it ran, perhaps after the stream went
+          // on); until then its stream waits.
+          if (running) {
+            if (connection.daemonProcess(0) != DaemonProcess::kLives) {
+              takeOver(call, Fallback::kDaemonLost);
+            } else if (!call.said_slow) {
+              call.said_slow = true;
+              STMUX_WARN(kShim,
+                         "the daemon hung up during a call it started; its stream waits until "
+                         "the daemon's process has ended");
+            }
+          } else if (connection.cancel(call.ticket)) {
+            takeOver(call, Fallback::kDaemonLost);
+          }
         } else if (call.ready_ns != 0 && !running && now - call.ready_ns > timeout_ns_ &&
                    connection.cancel(call.ticket)) {
           STMUX_WARN(kShim, "the daemon did not start a call within {} ms; running it directly",

@@ -1,12 +1,16 @@
 #include "shim/transport.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <pwd.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -64,13 +68,17 @@ Result<uid_t> resolveUser(const std::string& user) {
 // itself gains nothing) and the service user. SO_PEERCRED gives the daemon's
 // effective uid when it called listen(), so this process's effective uid is
 // the one compared.
-Status checkDaemonUid(int sock, const ConnectOptions& options) {
+Result<ucred> daemonCredentials(int sock, const ConnectOptions& options) {
   ucred cred{};
   socklen_t length = sizeof(cred);
   if (::getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &length) != 0) {
     return Status::error(fmt::format("{}{}: cannot read its credentials: {}", kRefusing,
                                      options.socket_path, std::strerror(errno)));
   }
+  return cred;
+}
+
+Status checkDaemonUid(const ucred& cred, const ConnectOptions& options) {
   const uid_t self = ::geteuid();
   if (cred.uid == 0 || cred.uid == self) return Status::okStatus();
   // Looked up only now: a daemon running as root or as this process's uid
@@ -84,6 +92,25 @@ Status checkDaemonUid(int sock, const ConnectOptions& options) {
               : fmt::format("; STMUX_DAEMON_USER={} {}", options.daemon_user, service.message());
   return Status::error(fmt::format("{}{}: it runs as uid {}, accepted: {}", kRefusing,
                                    options.socket_path, cred.uid, accepted));
+}
+
+// A pidfd of the daemon's process, to learn when it has ended
+// (Connection::daemonProcess): the socket's own (SO_PEERPIDFD, Linux 6.5),
+// which names the process in any pid namespace, else one opened by its pid,
+// which is the daemon's still, as it keeps the socket open. None for a daemon
+// in this very process: it cannot be outlived.
+UniqueFd watchDaemonProcess(int sock, const ucred& cred) {
+#ifndef SO_PEERPIDFD
+  constexpr int SO_PEERPIDFD = 77;  // asm-generic/socket.h; older headers lack it
+#endif
+  if (cred.pid == ::getpid()) return {};
+  int pidfd = -1;
+  socklen_t length = sizeof(pidfd);
+  if (::getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &length) == 0 && pidfd >= 0) {
+    return UniqueFd(pidfd);
+  }
+  if (cred.pid <= 0) return {};  // not in this pid namespace
+  return UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, cred.pid, 0)));
 }
 
 std::string sealNames(int seals) {
@@ -166,7 +193,10 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
         fmt::format("cannot connect to {}: {}", options.socket_path, std::strerror(errno)));
   }
   // Before the hello: an untrusted daemon learns nothing, not even the pid.
-  STMUX_TRY(checkDaemonUid(sock.get(), options));
+  auto cred = daemonCredentials(sock.get(), options);
+  if (!cred) return cred.status();
+  STMUX_TRY(checkDaemonUid(cred.value(), options));
+  UniqueFd daemon_process = watchDaemonProcess(sock.get(), cred.value());
 
   auto hello = makeMessage<HelloMsg>(MsgType::kHello);
   hello.header.version = options.version;
@@ -229,6 +259,7 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
 
   connection->socket_ = std::move(sock);
   connection->doorbell_ = std::move(received->fds[1]);
+  connection->daemon_process_ = std::move(daemon_process);
   connection->mapping_ = std::move(mapping).value();
   connection->view_ = SegmentView(connection->mapping_.base(), layout.value());
   connection->producer_ = RingProducer<Request>(connection->view_.ringHeader(),
@@ -352,10 +383,24 @@ bool Connection::alive() {
   return true;
 }
 
+DaemonProcess Connection::daemonProcess(std::uint64_t until_ns) {
+  if (!daemon_process_.valid()) return DaemonProcess::kUnknown;
+  while (true) {
+    const std::uint64_t now = nowNs();
+    const std::uint64_t left_ms = until_ns > now ? (until_ns - now + 999'999) / 1'000'000 : 0;
+    pollfd watched{daemon_process_.get(), POLLIN, 0};
+    const int rc = ::poll(&watched, 1, static_cast<int>(std::min<std::uint64_t>(left_ms, 1'000)));
+    if (rc > 0) return DaemonProcess::kExited;  // readable once the process has ended
+    if (rc < 0 && errno != EINTR) return DaemonProcess::kUnknown;
+    if (rc == 0 && nowNs() >= until_ns) return DaemonProcess::kLives;
+  }
+}
+
 void Connection::abandonAfterFork() {
   gone_.store(true, std::memory_order_relaxed);
   socket_.reset();
   doorbell_.reset();
+  daemon_process_.reset();
   mapping_.reset();
 }
 

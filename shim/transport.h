@@ -49,6 +49,14 @@ struct WaitResult {
   std::uint64_t done_ns = 0;                   // with kDone: when the daemon published the status
 };
 
+// What became of the daemon's process (Connection::daemonProcess).
+enum class DaemonProcess {
+  kExited,   // it has ended: nothing it queued on a GPU can run any more
+  kLives,    // it still runs (or is still ending)
+  kUnknown,  // it cannot be watched: no pidfd (an old kernel, another pid
+             // namespace and no SO_PEERPIDFD) or it is this very process
+};
+
 // True when Connection::open failed because one side refused the other: the
 // daemon this process, or this process a daemon it does not trust. False when
 // no daemon answered.
@@ -97,6 +105,12 @@ class Connection {
 
   // False once the daemon closed the socket (exited, crashed, was killed).
   bool alive();
+  // After the hang-up: whether the daemon's process has ended, waiting for
+  // that until `until_ns` at most (0: only looks). Its socket closes while it
+  // exits, before the driver (on a plain context) has torn down what it
+  // queued on its GPU; a claimed call is run again only once it has ended.
+  // Allocates nothing.
+  DaemonProcess daemonProcess(std::uint64_t until_ns);
   // Whether a look (alive()) found the daemon gone; no system call.
   bool gone() const { return gone_.load(std::memory_order_relaxed); }
   // True when the daemon asked clients to submit nothing new.
@@ -140,6 +154,7 @@ class Connection {
 
   UniqueFd socket_;
   UniqueFd doorbell_;
+  UniqueFd daemon_process_;  // a pidfd of the daemon's process, if one could be had
   Mapping mapping_;
   SegmentView view_;
   RingProducer<Request> producer_;

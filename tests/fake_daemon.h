@@ -2,6 +2,13 @@
 // transport, with a fake executor standing in for the GPU.
 #pragma once
 
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -245,6 +252,72 @@ class Daemon {
   VanishingSink sink_{scheduler_};
   FakeExecutor executor_;
   std::unique_ptr<testing::ServerThread> server_;
+};
+
+// A daemon that dies as a SIGKILLed one does, in a process of its own: it
+// claims each request it is given (its launch is now queued on its GPU) and
+// hangs up on that client at once, while its process lives on until end().
+// A killed process closes its files, sockets among them, before the driver
+// has torn down what it queued; end() is the rest of its exit.
+class HangingUpDaemon {
+ public:
+  explicit HangingUpDaemon(const testing::TempDir& dir) {
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0) return;
+    said_.reset(ends[0]);
+    UniqueFd says(ends[1]);
+    pid_ = ::fork();
+    if (pid_ != 0) return;
+    // The child: only async-signal-safe work until the server runs, then
+    // that server alone, on this thread.
+    said_.reset();
+    class Sink : public RequestSink {
+     public:
+      explicit Sink(int says) : says_(says) {}
+      void onRequest(const ClientPtr& client, const Request& request, std::uint64_t) override {
+        if (!slotClaim(client->view.slot(request.slot), request.generation)) return;
+        ::shutdown(client->socket.get(), SHUT_RDWR);
+        tell(says_, 'h');
+      }
+
+     private:
+      int says_;
+    } sink(says.get());
+    auto options = testing::serverOptions(dir);
+    options.devices = {uuid(0xab)};
+    Server server(options, sink);
+    if (!server.listen().ok()) ::_exit(1);
+    tell(says.get(), 'l');
+    server.run();
+    ::_exit(0);
+  }
+  ~HangingUpDaemon() { end(); }
+  HangingUpDaemon(const HangingUpDaemon&) = delete;
+  HangingUpDaemon& operator=(const HangingUpDaemon&) = delete;
+
+  // Whether it listens (waits for that).
+  bool listening() { return heard('l'); }
+  // Whether it claimed a request and hung up on its client (waits for that).
+  bool hungUp() { return heard('h'); }
+  // Ends its process; waits for that.
+  void end() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+ private:
+  static void tell(int fd, char what) { [[maybe_unused]] ssize_t n = ::write(fd, &what, 1); }
+  bool heard(char what) {
+    pollfd readable{said_.get(), POLLIN, 0};
+    char got = 0;
+    return pid_ > 0 && ::poll(&readable, 1, 20'000) == 1 && ::read(said_.get(), &got, 1) == 1 &&
+           got == what;
+  }
+
+  pid_t pid_ = -1;
+  UniqueFd said_;  // what the child says: 'l' listening, 'h' hung up
 };
 
 // A tenant's connection to the daemon at `dir`; null (the test failed) if

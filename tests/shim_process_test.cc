@@ -23,16 +23,27 @@ using testing::TempDir;
 
 constexpr std::uint64_t kSecond = 1'000'000'000;
 
-Ran tenant(const TempDir& dir, const std::vector<std::string>& args, bool preload = true,
-           std::map<std::string, std::string> env = {}) {
+std::vector<std::string> tenantArgv(const std::vector<std::string>& args) {
   std::vector<std::string> argv{SHIM_TENANT_PATH};
   argv.insert(argv.end(), args.begin(), args.end());
+  return argv;
+}
+
+// `env` over the tenant's defaults (host mode, stats at exit).
+std::map<std::string, std::string> tenantEnv(const TempDir& dir, bool preload,
+                                             std::map<std::string, std::string> env) {
   env.merge(std::map<std::string, std::string>{{"LD_PRELOAD", preload ? SHIM_PATH : ""},
                                                {"LD_LIBRARY_PATH", FAKES_DIR},
                                                {"STMUX_SOCKET", dir.socket()},
                                                {"STMUX_MODE", "host"},
                                                {"STMUX_LOG", "stats=info"}});
-  return run(argv, env, dir.path() + "/tenant-" + args[0], std::chrono::seconds(60));
+  return env;
+}
+
+Ran tenant(const TempDir& dir, const std::vector<std::string>& args, bool preload = true,
+           std::map<std::string, std::string> env = {}) {
+  return run(tenantArgv(args), tenantEnv(dir, preload, std::move(env)),
+             dir.path() + "/tenant-" + args[0], std::chrono::seconds(60));
 }
 
 // For a tenant that forks while it has threads: under TSan the child, which
@@ -107,6 +118,36 @@ TEST(ShimProcess, AForkWhileAttachingLeavesTheChildNoSocket) {
   const Ran ran = tenant(dir, {"fork-attaching"}, /*preload=*/true, forkedChildEnv());
   ASSERT_EQ(ran.status, 0) << ran.err;
   EXPECT_EQ(keyValues(ran.out)["child_sockets"], "0") << ran.out << ran.err;
+}
+
+// A daemon killed during a call it started: its socket closes before its
+// process has ended, and until then the launch it queued on its GPU may
+// still write C. The call (beta 0) runs again only once that process has
+// ended; where the end does not come within the call's timeout, the call
+// fails rather than run twice.
+TEST(ShimProcess, ACallTheDaemonStartedRunsAgainOnlyOnceTheDaemonsProcessHasEnded) {
+  TempDir dir;
+  {
+    daemon::HangingUpDaemon dying(dir);
+    ASSERT_TRUE(dying.listening());
+    Process waiting(tenantArgv({"served", "1"}),
+                    tenantEnv(dir, true, {{"STMUX_TIMEOUT_MS", "60000"}}),
+                    dir.path() + "/tenant-waiting");
+    ASSERT_TRUE(dying.hungUp());
+    EXPECT_EQ(waiting.wait(std::chrono::milliseconds(300)), -1)
+        << "the call ran again while the daemon's process lived";
+    dying.end();
+    ASSERT_EQ(waiting.wait(std::chrono::seconds(60)), 0) << waiting.err();
+    EXPECT_EQ(keyValues(waiting.out())["failed"], "0");
+    EXPECT_NE(waiting.err().find("direct: daemon_lost=1"), std::string::npos) << waiting.err();
+  }
+  daemon::HangingUpDaemon dying(dir);
+  ASSERT_TRUE(dying.listening());
+  const Ran ran = tenant(dir, {"served", "1"}, true,
+                         {{"STMUX_TIMEOUT_MS", "300"}, {"STMUX_LOG", "stats=info,shim=error"}});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_EQ(keyValues(ran.out)["failed"], "1");
+  EXPECT_NE(ran.err.find("has not ended in 300 ms"), std::string::npos) << ran.err;
 }
 
 // A daemon that takes connections and never answers (stopped, stuck): each

@@ -439,6 +439,28 @@ TEST_F(StreamOrderTest, ACallTheDaemonStartedIsWaitedForHoweverLongWhileTheDaemo
   EXPECT_FALSE(outcomes()[0].direct.has_value()) << "counted served";
 }
 
+// A daemon killed during a call it started closes its socket before its
+// process has ended; until then the launch it queued may still write C. The
+// stream waits for that end, then the shim's kernel computes the call.
+TEST_F(StreamOrderTest, ACallTheDaemonStartedIsTakenOverOnlyOnceTheDaemonsProcessHasEnded) {
+  TempDir dir;
+  daemon::HangingUpDaemon dying(dir);
+  ASSERT_TRUE(dying.listening());
+  connection_ = daemon::connectTo(dir, "stream_order_test");
+  ASSERT_NE(connection_, nullptr);
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  ASSERT_TRUE(dying.hungUp());
+  EXPECT_FALSE(gpu_.stream.drained(kSecond / 2)) << "taken over while the daemon's process lived";
+  EXPECT_EQ(gpu_.computed, 0);
+  dying.end();
+  ASSERT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the daemon's end did not let the stream go";
+  EXPECT_EQ(c, 42.0f) << "the kernel did not compute the call";
+  ASSERT_TRUE(settled(1));
+  ASSERT_TRUE(outcomes()[0].direct.has_value());
+  EXPECT_EQ(*outcomes()[0].direct, Fallback::kDaemonLost);
+}
+
 TEST_F(StreamOrderTest, AfterStopCallsAreServedInHostMode) {
   order_->stop(kSecond);
   float c = 0.0f;

@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "fake_daemon.h"
 #include "stmux/control.h"
 #include "test_support.h"
 
@@ -397,6 +398,42 @@ TEST(Transport, NoticesADaemonKilledWithSigkill) {
   // Never started, so the shim may run it itself.
   EXPECT_TRUE(connection.value()->cancel(ticket.value()));
   EXPECT_FALSE(connection.value()->alive());
+  EXPECT_EQ(connection.value()->daemonProcess(nowNs() + 10 * kSecond),
+            shim::DaemonProcess::kExited);
+}
+
+// A killed daemon's socket closes before its process has ended, and so
+// before the driver has torn down what it queued on its GPU: the client
+// tells the hang-up from that end.
+TEST(Transport, TellsTheDaemonsHangUpFromTheEndOfItsProcess) {
+  TempDir dir;
+  daemon::HangingUpDaemon dying(dir);
+  ASSERT_TRUE(dying.listening());
+  auto connection = Connection::open(options(dir));
+  ASSERT_TRUE(connection.ok()) << connection.message();
+  Connection& client = *connection.value();
+  EXPECT_EQ(client.daemonProcess(0), shim::DaemonProcess::kLives);
+  Request request = withStatus(0);
+  auto ticket = client.submit(request, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok());
+  ASSERT_TRUE(dying.hungUp());
+  const auto result = client.wait(ticket.value(), nowNs() + 10 * kSecond, 20'000);
+  EXPECT_EQ(result.outcome, WaitOutcome::kGone);
+  EXPECT_EQ(result.state, SlotState::kRunning);
+  EXPECT_EQ(client.daemonProcess(nowNs() + kSecond / 5), shim::DaemonProcess::kLives);
+  dying.end();
+  EXPECT_EQ(client.daemonProcess(nowNs() + 10 * kSecond), shim::DaemonProcess::kExited);
+}
+
+// A daemon in this very process (a test's, a benchmark's) cannot be
+// outlived: its end is unknown, not awaited.
+TEST(Transport, TheEndOfADaemonInThisProcessIsUnknown) {
+  TempDir dir;
+  TestSink sink;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto connection = Connection::open(options(dir));
+  ASSERT_TRUE(connection.ok()) << connection.message();
+  EXPECT_EQ(connection.value()->daemonProcess(nowNs() + kSecond), shim::DaemonProcess::kUnknown);
 }
 
 // ---- fake daemons: what the client checks before it trusts what it is handed ----
