@@ -226,6 +226,7 @@ void Server::run() {
     bool progressed = drainRings(now);
     std::uint64_t wake_at = 0;
     progressed |= sink_.poll(now, wake_at);
+    if (!lingering_.empty()) closeAnswered();
     if (notices_paused_ && sink_.takesNotices()) pauseNotices(false);
     if (draining_ && !progressed && !sink_.busy()) {
       bool readable = false;
@@ -253,6 +254,11 @@ void Server::run() {
   }
   while (!clients_.empty())
     detach(clients_.back(), "the daemon is shutting down");
+  // Nothing of theirs runs any more (or, where the scheduler was kept from
+  // hearing of departures, nothing ever will).
+  for (const ClientPtr& client : lingering_)
+    client->socket.reset();
+  lingering_.clear();
   pending_.clear();
   replies_.clear();
   STMUX_INFO(kTransport, "drained");
@@ -757,9 +763,27 @@ void Server::detach(const ClientPtr& client, const char* why) {
   // Before the hang-up: what the scheduler declines is answered before the
   // client sees the daemon gone.
   sink_.onDetach(keep);
-  keep->socket.reset();
   keep->doorbell.reset();
+  // Outstanding, not unanswered: a status is counted answered a moment
+  // before it is published, and the client must not see the hang-up first.
+  if (keep->outstanding > 0) {
+    STMUX_INFO(kTransport,
+               "client {} (pid {}) detached: {}; its socket closes once its {} calls on the GPU "
+               "are answered",
+               keep->id, keep->pid, why, keep->outstanding);
+    lingering_.push_back(std::move(keep));
+    return;
+  }
+  keep->socket.reset();
   STMUX_INFO(kTransport, "client {} (pid {}) detached: {}", keep->id, keep->pid, why);
+}
+
+void Server::closeAnswered() {
+  std::erase_if(lingering_, [](const ClientPtr& client) {
+    if (client->outstanding > 0) return false;
+    client->socket.reset();
+    return true;
+  });
 }
 
 std::string Server::statusJson() const {

@@ -206,6 +206,8 @@ class Server {
   // The events a client's socket is watched for now.
   std::uint32_t socketEvents() const;
   void detach(const ClientPtr& client, const char* why);
+  // Closes the sockets of the clients let go whose calls are all answered.
+  void closeAnswered();
   void expirePending(std::uint64_t now);
   void sleepUntil(std::uint64_t wake_at_ns);
   std::string statusJson() const;
@@ -222,6 +224,11 @@ class Server {
   UniqueFd stop_fd_;  // an eventfd: requestStop() wakes a sleeping run()
   std::atomic<bool> stop_{false};
   std::vector<ClientPtr> clients_;
+  // Clients let go while calls of theirs still ran on a GPU: each socket
+  // stays open until those are answered. A client reads the hang-up as the
+  // daemon gone and runs a started call (beta 0) again itself, which the
+  // daemon's launch, still queued, could then overwrite.
+  std::vector<ClientPtr> lingering_;
   std::vector<std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Reply>> replies_;
   // The status last built, when, and how long that took (kStatusReuseFactor).

@@ -111,6 +111,31 @@ TEST(Scheduler, AValidRequestReachesTheExecutorAndCompletes) {
   EXPECT_EQ(daemon.executor().batchSizes(), std::vector<std::size_t>{1});
 }
 
+// A client the daemon lets go (here for a malformed control message) while
+// its call runs on the GPU reads the hang-up as the daemon gone, and would
+// run the call (beta 0) again itself, beside the daemon's launch, still
+// queued. Its socket stays open until the call is answered.
+TEST(Scheduler, AClientLetGoWhileItsCallRunsIsHungUpOnOnlyOnceTheCallIsAnswered) {
+  TempDir dir;
+  Daemon daemon(dir, /*batch_ns=*/kSecond);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request request = validRequest();
+  auto ticket = connection->submit(request, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok()) << ticket.message();
+  const Slot& slot = connection->view().slot(ticket->slot);
+  ASSERT_TRUE(testing::waitFor([&] { return slotState(slot.word.load()) == SlotState::kRunning; }));
+  const char garbage[] = "not a control message";
+  ASSERT_EQ(::send(connection->socketFd(), garbage, sizeof(garbage), 0),
+            static_cast<ssize_t>(sizeof(garbage)));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_TRUE(connection->alive()) << "hung up on while its call ran";
+  const auto result = connection->wait(ticket.value(), nowNs() + 10 * kSecond, 10'000);
+  EXPECT_EQ(result.outcome, WaitOutcome::kDone);
+  EXPECT_EQ(result.status, kStatusSuccess);
+  EXPECT_TRUE(testing::waitFor([&] { return !connection->alive(); })) << "never hung up on";
+}
+
 TEST(Scheduler, InvalidArgumentsAreAnsweredWithoutTheGpu) {
   TempDir dir;
   Daemon daemon(dir);
