@@ -10,6 +10,7 @@
 // command. Skipped, saying so, where there is no CUDA device.
 #include <stdlib.h>
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <cstdint>
@@ -259,7 +260,7 @@ class Preloaded : public testing::DaemonFixture, public ::testing::WithParamInte
   }
 };
 
-// 8 processes of 1 to 16 threads, at least 100,000 calls (STMUX_DIFF_CALLS):
+// 8 processes of 1 to 16 threads, 100,000 calls (STMUX_DIFF_CALLS) at least:
 // no mismatch, and
 // the shim's counters account for every call exactly: served, except the
 // no-ops, the calls cuBLAS refuses, those on memory CUDA IPC cannot export,
@@ -360,11 +361,14 @@ TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
             << total_should << " ("
             << (total_should > 0 ? 100.0 * total_served / total_should : 100.0) << "%), direct"
             << direct << std::endl;
-  EXPECT_GE(total_calls, 100'000);
+  EXPECT_GE(total_calls, total);
   EXPECT_GE(requests(), total_served) << "the daemon counted fewer requests than the shims";
-  // Every value of every class was drawn often enough to mean something.
+  // Every value of every class was drawn often enough to mean something: 50
+  // times in the default 100,000 calls, as often in proportion to fewer
+  // (the rarest values come some 1 in 900 calls), 10 at the least.
+  const long least_draws = std::max(10L, total / 2'000);
   for (const std::string& name : classes.names()) {
-    EXPECT_GE(classes.calls(name), 50) << "class " << name << " was hardly drawn";
+    EXPECT_GE(classes.calls(name), least_draws) << "class " << name << " was hardly drawn";
   }
 }
 
