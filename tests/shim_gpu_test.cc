@@ -38,6 +38,45 @@ class ShimOnGpu : public testing::DaemonFixture {
     argv.insert(argv.end(), args.begin(), args.end());
     return Process(argv, env, dir_.path() + "/" + log);
   }
+
+  // The daemon SIGKILLed while a call it started runs on its GPU (a 32768^3
+  // GEMM, about a second), in each mode, the daemon restarted after each:
+  // the call comes back right, and C, zeroed by the program once it came
+  // back, stays zero: nothing of the dead daemon's launch writes it later.
+  void killTheDaemonDuringACall(const std::map<std::string, std::string>& extra_env) {
+    for (const std::string mode : {"host", "stream"}) {
+      SCOPED_TRACE("STMUX_MODE=" + mode);
+      std::map<std::string, std::string> env = extra_env;
+      env.merge(shimmed());
+      env["STMUX_MODE"] = mode;
+      env["STMUX_TIMEOUT_MS"] = "30000";
+      Process c =
+          client({"outlive", "--m", "32768", "--n", "32768", "--k", "32768", "--seconds", "3"}, env,
+                 "outlive-" + mode);
+      ASSERT_TRUE(testing::waitFor([&] { return c.out().find("calling") != std::string::npos; },
+                                   std::chrono::seconds(120)))
+          << c.out() << c.err();
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      const auto killed = std::chrono::steady_clock::now();
+      daemon_.signal(SIGKILL);
+      ASSERT_EQ(daemon_.wait(std::chrono::seconds(60)), 128 + SIGKILL);
+      std::cout << "STMUX_MODE=" << mode << ": stmuxd ended "
+                << std::chrono::duration_cast<std::chrono::milliseconds>(
+                       std::chrono::steady_clock::now() - killed)
+                       .count()
+                << " ms after its SIGKILL" << std::endl;
+      ASSERT_EQ(c.wait(std::chrono::seconds(120)), 0) << c.out() << c.err();
+      EXPECT_EQ(outValue(c.out(), "result_ok"), 1) << c.out();
+      EXPECT_EQ(outValue(c.out(), "late_written"), 0)
+          << "the dead daemon's launch wrote C after the call came back: " << c.out();
+      const ShimStats stats = shimStats(c.err());
+      const auto lost = stats.direct.find("daemon_lost");
+      EXPECT_EQ(lost != stats.direct.end() ? lost->second : 0, 1)
+          << "the kill did not find the call in the daemon: " << c.err();
+      std::cout << c.out();
+      startDaemon();
+    }
+  }
 };
 
 TEST_F(ShimOnGpu, TheSameResultsWithAndWithoutThePreloadAndTheDaemonServedThem) {
@@ -314,6 +353,11 @@ TEST_F(ShimOnGpu, AProgramThatResetsItsGpuIsServedAfterEachReset) {
   }
 }
 
+TEST_F(ShimOnGpu,
+       ACallOfADaemonKilledWithItsLaunchOnTheGpuComesBackRightAndCStaysTheProgramsLater) {
+  killTheDaemonDuringACall({});
+}
+
 // Frees are invisible to the shim: its sweeper finds them, so memory freed by
 // a tenant that then makes no call is unmapped in the daemon within seconds,
 // while memory still in use stays mapped.
@@ -432,6 +476,13 @@ class MpsRouteOnGpu : public RouteOnGpu {
   }
   bool mps_started_ = false;
 };
+
+// The same on MPS, where the MPS server, not the daemon's exit, tears the
+// dead daemon's work down.
+TEST_F(MpsRouteOnGpu,
+       ACallOfADaemonKilledWithItsLaunchOnTheGpuComesBackRightAndCStaysTheProgramsLater) {
+  killTheDaemonDuringACall(tenantEnv());
+}
 
 // A lone rnn tenant on MPS makes more calls direct (no batch to join, each
 // call a round trip through stmuxd): the daemon measures that, sends its calls

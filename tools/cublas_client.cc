@@ -118,6 +118,10 @@ void usage(FILE* out) {
                "  idle-free --seconds S          one call; S s idle; C freed; S s idle\n"
                "  reset                          verified calls, then cudaDeviceReset and a new\n"
                "                                 handle, three times\n"
+               "  outlive [--m M --n N --k K] [--seconds S]\n"
+               "                                 one call, beta 0 (prints \"calling\" first),\n"
+               "                                 checked; then C zeroed, S s idle (default 5),\n"
+               "                                 and C checked still zero: \"late_written 0\"\n"
                "  loop --m M --n N --k K --ready FILE --go FILE --out FILE\n"
                "                                 closed loop {sgemm; sync}: writes FILE ready\n"
                "                                 once warm, times the span the go FILE names,\n"
@@ -172,14 +176,15 @@ bool parse(int argc, char** argv, Options& o) {
     usage(stdout);
     std::exit(0);
   }
-  static const char* const kModeNames[] = {"probe",      "devices",    "check", "stress",
-                                           "loop",       "ceiling",    "paths", "idle-free",
-                                           "sync-flags", "accumulate", "fork",  "reset"};
+  static const char* const kModeNames[] = {
+      "probe",     "devices",    "check",      "stress", "loop",  "ceiling", "paths",
+      "idle-free", "sync-flags", "accumulate", "fork",   "reset", "outlive"};
   if (std::find_if(std::begin(kModeNames), std::end(kModeNames),
                    [&](const char* name) { return o.mode == name; }) == std::end(kModeNames)) {
     std::fprintf(stderr,
                  "stmux-cublas-client: unknown MODE '%s': accepted: probe, devices, check, "
-                 "stress, paths, fork, reset, idle-free, sync-flags, accumulate, loop, ceiling\n",
+                 "stress, paths, fork, reset, outlive, idle-free, sync-flags, accumulate, loop, "
+                 "ceiling\n",
                  o.mode.c_str());
     return false;
   }
@@ -817,6 +822,60 @@ int resetMode(const Options& o) {
   return failures == 0 ? 0 : 1;
 }
 
+// For a test that kills the daemon during a call: one call (beta 0), long
+// enough on the GPU for the kill to find it there, checked; then C zeroed,
+// and after --seconds checked still zero, so that a launch of the dead
+// daemon that wrote C after the call came back is seen.
+int outlive(const Options& o) {
+  if (o.m * o.n > INT32_MAX) {
+    std::fprintf(stderr, "stmux-cublas-client: outlive: --m x --n must be at most 2^31 - 1\n");
+    return 2;
+  }
+  cublasHandle_t handle;
+  cudaStream_t stream;
+  if (!makeHandle(handle, stream)) return 3;
+  const std::size_t a_bytes = sizeof(float) * o.m * o.k, b_bytes = sizeof(float) * o.k * o.n,
+                    c_bytes = sizeof(float) * o.m * o.n;
+  float *a = nullptr, *b = nullptr, *c = nullptr;
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&a, a_bytes));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&b, b_bytes));
+  EXIT_ON_CUDA_ERROR(cudaMalloc(&c, c_bytes));
+  // Every byte 0x3f: every element the same float, near 0.75.
+  EXIT_ON_CUDA_ERROR(cudaMemset(a, 0x3f, a_bytes));
+  EXIT_ON_CUDA_ERROR(cudaMemset(b, 0x3f, b_bytes));
+  EXIT_ON_CUDA_ERROR(cudaMemset(c, 0, c_bytes));
+  EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
+  float element = 0.0f;
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(&element, a, sizeof(float), cudaMemcpyDeviceToHost));
+  std::printf("calling\n");
+  std::fflush(stdout);
+  const float one = 1.0f, zero = 0.0f;
+  const cublasStatus_t status =
+      cublasSgemm_v2(handle, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(o.m), static_cast<int>(o.n),
+                     static_cast<int>(o.k), &one, a, static_cast<int>(o.m), b,
+                     static_cast<int>(o.k), &zero, c, static_cast<int>(o.m));
+  EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+  float last = 0.0f;
+  EXIT_ON_CUDA_ERROR(cudaMemcpy(&last, c + (o.m * o.n - 1), sizeof(float), cudaMemcpyDeviceToHost));
+  const double expected = static_cast<double>(o.k) * element * element;
+  // Loose: it tells a computed C from a zero or garbage one; FP32 sums of
+  // k equal terms drift by up to k ulps.
+  const bool right = std::fabs(last - expected) <= 1e-2 * expected;
+  EXIT_ON_CUDA_ERROR(cudaMemsetAsync(c, 0, c_bytes, stream));
+  EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+  std::printf("status %d result_ok %d (%g, expected %g)\n", static_cast<int>(status), right ? 1 : 0,
+              last, expected);
+  std::fflush(stdout);
+  std::this_thread::sleep_for(std::chrono::duration<double>(o.seconds));
+  float sum = 0.0f;  // of |C|: not a call stmux serves
+  if (cublasSasum_v2(handle, static_cast<int>(o.m * o.n), c, 1, &sum) != CUBLAS_STATUS_SUCCESS) {
+    std::printf("FAIL cublasSasum\n");
+    return 3;
+  }
+  std::printf("late_written %d (sum of |C| %g)\n", sum != 0.0f ? 1 : 0, sum);
+  return status == CUBLAS_STATUS_SUCCESS && right && sum == 0.0f ? 0 : 1;
+}
+
 // Exit status of child `pid`, 128 + signal when killed.
 int reap(pid_t pid) {
   int raw = 0;
@@ -1191,5 +1250,6 @@ int main(int argc, char** argv) {
   if (options.mode == "sync-flags") return syncFlags(options);
   if (options.mode == "accumulate") return accumulate(options);
   if (options.mode == "reset") return resetMode(options);
+  if (options.mode == "outlive") return outlive(options);
   return ceiling(options);
 }
