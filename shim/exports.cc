@@ -120,6 +120,8 @@ std::optional<std::int32_t> fp32MathMode(cublasComputeType_t compute, std::int32
 // as cublasSgemm).
 // The tensor-op algorithms (deprecated) let cuBLAS use FP16 kernels for 32F
 // compute "for backward compatibility": not what the daemon's call computes.
+// An algorithm this cuBLAS does not list, or one it may pick by timing
+// (CUBLAS_GEMM_AUTOTUNE), gets cuBLAS's own answer: run directly.
 template <class Int>
 Gemm makeGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, Int m,
                 Int n, Int k, const void* alpha, const void* a, cudaDataType atype, Int lda,
@@ -130,10 +132,8 @@ Gemm makeGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation
                        static_cast<const float*>(beta), static_cast<float*>(c), ldc);
   gemm.entry = EntryPoint::kGemmEx;
   const std::optional<std::int32_t> math = fp32MathMode(compute, gemm.math_mode);
-  const bool tensor_op_algo =
-      algo >= CUBLAS_GEMM_DEFAULT_TENSOR_OP && algo <= CUBLAS_GEMM_ALGO15_TENSOR_OP;
-  if (atype != CUDA_R_32F || btype != CUDA_R_32F || ctype != CUDA_R_32F || !math ||
-      tensor_op_algo) {
+  const bool plain_algo = algo >= CUBLAS_GEMM_DEFAULT && algo <= CUBLAS_GEMM_ALGO23;
+  if (atype != CUDA_R_32F || btype != CUDA_R_32F || ctype != CUDA_R_32F || !math || !plain_algo) {
     gemm.direct_because = Fallback::kUnservedForm;
     return gemm;
   }

@@ -120,6 +120,18 @@ TEST(ShimProcess, AForkWhileAttachingLeavesTheChildNoSocket) {
   EXPECT_EQ(keyValues(ran.out)["child_sockets"], "0") << ran.out << ran.err;
 }
 
+// cublasGemmEx's algorithm: the plain ones (default, 0 to 23) are served;
+// the tensor-op ones (which may compute FP32 in FP16), one this cuBLAS does
+// not list, and autotuning get cuBLAS's own answer.
+TEST(ShimProcess, GemmExIsServedForThePlainAlgorithmsOnly) {
+  TempDir dir;
+  Daemon daemon(dir);
+  const Ran ran = tenant(dir, {"gemm-ex", "-1", "0", "23", "24", "99", "115", "999", "-2"});
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  EXPECT_NE(ran.err.find("8 calls: 3 served by stmuxd"), std::string::npos) << ran.err;
+  EXPECT_NE(ran.err.find("unserved_form=5"), std::string::npos) << ran.err;
+}
+
 // A daemon killed during a call it started: its socket closes before its
 // process has ended, and until then the launch it queued on its GPU may
 // still write C. The call (beta 0) runs again only once that process has

@@ -8,6 +8,8 @@
 //   served N          N cublasSgemm_v2 calls (8x8x8)
 //   alpha0            one cublasSgemm_v2 with alpha 0, beta 2, C all 1: prints C[0]
 //   legacy            one legacy cublasSgemm, A and B all 1: prints C[0]
+//   gemm-ex ALGO...   one cublasGemmEx (FP32 data and compute) per ALGO,
+//                     a cublasGemmAlgo_t's value: prints each status
 //   fork-attaching    a thread's first call attaches while the main thread
 //                     forks: the child prints how many sockets it holds
 //   fork-constructing a thread's first call makes the shim (loading the
@@ -93,9 +95,10 @@ int socketsHeld() {
 }
 
 int usage() {
-  std::fprintf(stderr,
-               "usage: stmux-shim-tenant MODE [ARG]; modes: served N, alpha0, legacy, "
-               "fork-attaching, fork-constructing, cancel, dlclose SHIM, steady S T\n");
+  std::fprintf(
+      stderr,
+      "usage: stmux-shim-tenant MODE [ARG]; modes: served N, alpha0, legacy, gemm-ex ALGO..., "
+      "fork-attaching, fork-constructing, cancel, dlclose SHIM, steady S T\n");
   return 2;
 }
 
@@ -115,6 +118,17 @@ int main(int argc, char** argv) {
   if (mode == "alpha0") {
     std::printf("status %d\n", static_cast<int>(sgemm(0.0f, 2.0f)));
     std::printf("c0 %g\n", C[0]);
+    return 0;
+  }
+  if (mode == "gemm-ex" && argc >= 3) {
+    const float one = 1.0f, zero = 0.0f;
+    for (int i = 2; i < argc; ++i) {
+      const auto algo = static_cast<cublasGemmAlgo_t>(std::atoi(argv[i]));
+      const cublasStatus_t status = cublasGemmEx(
+          handle(), CUBLAS_OP_N, CUBLAS_OP_N, kDim, kDim, kDim, &one, A, CUDA_R_32F, kDim, B,
+          CUDA_R_32F, kDim, &zero, C, CUDA_R_32F, kDim, CUBLAS_COMPUTE_32F, algo);
+      std::printf("status_%s %d\n", argv[i], static_cast<int>(status));
+    }
     return 0;
   }
   if (mode == "legacy") {

@@ -178,37 +178,38 @@ inline constexpr bool seqReached(std::uint32_t word, std::uint32_t seq) {
 
 // Why a call went straight to cuBLAS instead of to the daemon. The shim counts
 // each in its segment, where stmuxctl can read them.
-#define STMUX_FALLBACK_REASONS(X)                                                                \
-  X(kDisabled, "disabled", "STMUX_DISABLE is set")                                               \
-  X(kBadConfig, "bad_config", "an STMUX_* variable is invalid")                                  \
-  X(kNoDaemon, "no_daemon", "no daemon is attached")                                             \
-  X(kRefused, "refused", "the daemon refused this process, or this process the daemon")          \
-  X(kDraining, "draining", "the daemon is shutting down")                                        \
-  X(kBadHandle, "bad_handle", "the cuBLAS handle is null or unusable")                           \
-  X(kNoOp, "no_op", "nothing to compute: cuBLAS returns at once")                                \
-  X(kInvalidArgs, "invalid_args", "the arguments are invalid; cuBLAS reports it")                \
-  X(kGraphCapture, "graph_capture", "the stream is being captured into a CUDA graph")            \
-  X(kDevicePointerMode, "device_pointer_mode", "alpha and beta are in device memory")            \
-  X(kNotExportable, "not_exportable", "an operand is in memory CUDA IPC cannot export")          \
-  X(kMixedDevices, "mixed_devices", "the operands live on different GPUs")                       \
-  X(kDeviceNotServed, "device_not_served", "the daemon does not serve this GPU")                 \
-  X(kLegacyBeta, "legacy_beta", "legacy cublasSgemm with beta != 0 could not report a loss")     \
-  X(kCudaError, "cuda_error", "a CUDA driver query failed")                                      \
-  X(kBusy, "busy", "no ring space or slot came free before the timeout")                         \
-  X(kTimeout, "timeout", "STMUX_TIMEOUT_MS passed before the daemon started the call")           \
-  X(kDaemonLost, "daemon_lost", "the daemon went away; the call had not started, or beta == 0")  \
-  X(kDeclined, "declined", "the daemon could not serve the call and did not start it")           \
-  X(kDaemonFailed, "daemon_failed",                                                              \
-    "the daemon's GPU failed the call (or the daemon refused a legacy cublasSgemm, which "       \
-    "cannot report it); beta == 0, so re-run")                                                   \
-  X(kMeasuredDirect, "measured_direct",                                                          \
-    "STMUX_ROUTE=auto measured this process faster with its calls direct")                       \
-  X(kUnservedForm, "unserved_form",                                                              \
-    "a form stmux does not serve: GemmEx with other than FP32 data and compute, GEMV with a "    \
-    "negative increment, strided batches with a negative stride or overlapping outputs, "        \
-    "cublasLtMatmul with other than FP32 column-major data, an epilogue other than bias, ReLU "  \
-    "and GELU, an output apart from C with beta != 0, or k 0; alpha 0; GemmEx with a tensor-op " \
-    "algorithm; a precision the caller's environment sets (NVIDIA_TF32_OVERRIDE=0, "             \
+#define STMUX_FALLBACK_REASONS(X)                                                                 \
+  X(kDisabled, "disabled", "STMUX_DISABLE is set")                                                \
+  X(kBadConfig, "bad_config", "an STMUX_* variable is invalid")                                   \
+  X(kNoDaemon, "no_daemon", "no daemon is attached")                                              \
+  X(kRefused, "refused", "the daemon refused this process, or this process the daemon")           \
+  X(kDraining, "draining", "the daemon is shutting down")                                         \
+  X(kBadHandle, "bad_handle", "the cuBLAS handle is null or unusable")                            \
+  X(kNoOp, "no_op", "nothing to compute: cuBLAS returns at once")                                 \
+  X(kInvalidArgs, "invalid_args", "the arguments are invalid; cuBLAS reports it")                 \
+  X(kGraphCapture, "graph_capture", "the stream is being captured into a CUDA graph")             \
+  X(kDevicePointerMode, "device_pointer_mode", "alpha and beta are in device memory")             \
+  X(kNotExportable, "not_exportable", "an operand is in memory CUDA IPC cannot export")           \
+  X(kMixedDevices, "mixed_devices", "the operands live on different GPUs")                        \
+  X(kDeviceNotServed, "device_not_served", "the daemon does not serve this GPU")                  \
+  X(kLegacyBeta, "legacy_beta", "legacy cublasSgemm with beta != 0 could not report a loss")      \
+  X(kCudaError, "cuda_error", "a CUDA driver query failed")                                       \
+  X(kBusy, "busy", "no ring space or slot came free before the timeout")                          \
+  X(kTimeout, "timeout", "STMUX_TIMEOUT_MS passed before the daemon started the call")            \
+  X(kDaemonLost, "daemon_lost", "the daemon went away; the call had not started, or beta == 0")   \
+  X(kDeclined, "declined", "the daemon could not serve the call and did not start it")            \
+  X(kDaemonFailed, "daemon_failed",                                                               \
+    "the daemon's GPU failed the call (or the daemon refused a legacy cublasSgemm, which "        \
+    "cannot report it); beta == 0, so re-run")                                                    \
+  X(kMeasuredDirect, "measured_direct",                                                           \
+    "STMUX_ROUTE=auto measured this process faster with its calls direct")                        \
+  X(kUnservedForm, "unserved_form",                                                               \
+    "a form stmux does not serve: GemmEx with other than FP32 data and compute, GEMV with a "     \
+    "negative increment, strided batches with a negative stride or overlapping outputs, "         \
+    "cublasLtMatmul with other than FP32 column-major data, an epilogue other than bias, ReLU "   \
+    "and GELU, an output apart from C with beta != 0, or k 0; alpha 0; GemmEx with an algorithm " \
+    "other than the default and 0 to 23; a precision the caller's environment sets "              \
+    "(NVIDIA_TF32_OVERRIDE=0, "                                                                   \
     "CUBLAS_EMULATION_STRATEGY, CUBLAS_EMULATE_SINGLE_PRECISION)")
 
 enum class Fallback : std::uint32_t {
