@@ -767,6 +767,8 @@ void Server::detach(const ClientPtr& client, const char* why) {
   // Outstanding, not unanswered: a status is counted answered a moment
   // before it is published, and the client must not see the hang-up first.
   if (keep->outstanding > 0) {
+    // Its ring is no longer read: the shim runs new calls directly.
+    keep->view.header()->draining.store(1, std::memory_order_release);
     STMUX_INFO(kTransport,
                "client {} (pid {}) detached: {}; its socket closes once its {} calls on the GPU "
                "are answered",

@@ -70,6 +70,11 @@ constexpr int kMaxDevices = 64;
 // How long the exit handler waits for stream-ordered calls still in flight,
 // so that the counters it prints account for them.
 constexpr std::uint64_t kExitSettleNs = 2'000'000'000;
+// How long a call the daemon started waits, after the daemon hung up, for
+// its process to end (at least; STMUX_TIMEOUT_MS where that is longer): the
+// driver's teardown of a context with many GiB mapped takes a while, and a
+// low timeout, chosen for quick fallbacks, must not fail such calls.
+constexpr std::uint64_t kDaemonEndWaitNs = 10'000'000'000;
 
 class Shim {
  public:
@@ -492,20 +497,23 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (conn->cancel(ticket.value()))
     return fallback(Fallback::kDaemonLost, gemm.entry, direct, conn);
   // It claimed the call, and may have finished it just before it went.
-  if (const std::optional<std::int32_t> status = conn->published(ticket.value())) {
-    return finish(*status, request.beta, gemm.entry, direct, *conn);
+  std::optional<std::int32_t> status = conn->published(ticket.value());
+  if (!status) {
+    // Its launch may still be queued on its GPU, and would write C whenever
+    // it ran: nothing more is said to the program before the daemon's
+    // process has ended (its end tears that launch down).
+    const std::uint64_t wait_ns = std::max(timeout_ns, kDaemonEndWaitNs);
+    const DaemonProcess ended = conn->daemonProcess(nowNs() + wait_ns);
+    status = conn->published(ticket.value());
+    if (!status && ended == DaemonProcess::kLives) {
+      STMUX_ERROR(kShim,
+                  "the daemon hung up during a call it started and has not ended in {} ms; its "
+                  "launch may still write C, returning CUBLAS_STATUS_EXECUTION_FAILED",
+                  wait_ns / 1'000'000);
+      return failed(gemm.entry, conn);
+    }
   }
-  // Its launch may still be queued on its GPU, and would write C whenever it
-  // ran: nothing more is said to the program before the daemon's process
-  // has ended (its end tears that launch down), or been given the time a
-  // call has.
-  if (conn->daemonProcess(nowNs() + timeout_ns) == DaemonProcess::kLives) {
-    STMUX_ERROR(kShim,
-                "the daemon hung up during a call it started and has not ended in {} ms; its "
-                "launch may still write C, returning CUBLAS_STATUS_EXECUTION_FAILED",
-                config_.timeout_ms);
-    return failed(gemm.entry, conn);
-  }
+  if (status) return finish(*status, request.beta, gemm.entry, direct, *conn);
   // It may have run, wholly or partly.
   if (request.beta == 0.0f) return fallback(Fallback::kDaemonLost, gemm.entry, direct, conn);
   STMUX_ERROR(kShim,

@@ -95,18 +95,26 @@ Status checkDaemonUid(const ucred& cred, const ConnectOptions& options) {
 }
 
 // A pidfd of the daemon's process, to learn when it has ended
-// (Connection::daemonProcess): the socket's own (SO_PEERPIDFD, Linux 6.5),
-// which names the process in any pid namespace, else one opened by its pid,
-// which is the daemon's still, as it keeps the socket open. None for a daemon
+// (Connection::daemonProcess). Both SO_PEERCRED and SO_PEERPIDFD name the
+// process that called listen(), which is stmuxd itself: it makes its socket
+// (a socket passed by systemd's activation would name pid 1, which is not
+// watched). The socket's own pidfd (SO_PEERPIDFD, Linux 6.5) names it in any
+// pid namespace; else one is opened by its pid, still the daemon's as the
+// socket is still open (pid reuse needs the process gone). None for a daemon
 // in this very process: it cannot be outlived.
 UniqueFd watchDaemonProcess(int sock, const ucred& cred) {
-#ifndef SO_PEERPIDFD
-  constexpr int SO_PEERPIDFD = 77;  // asm-generic/socket.h; older headers lack it
+  if (cred.pid == ::getpid() || cred.pid == 1) return {};
+#if defined(SO_PEERPIDFD)
+  constexpr int kPeerPidfd = SO_PEERPIDFD;
+#elif defined(__x86_64__) || defined(__aarch64__)
+  constexpr int kPeerPidfd = 77;  // asm-generic/socket.h; older headers lack it
+#else
+  constexpr int kPeerPidfd = -1;
 #endif
-  if (cred.pid == ::getpid()) return {};
   int pidfd = -1;
   socklen_t length = sizeof(pidfd);
-  if (::getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &length) == 0 && pidfd >= 0) {
+  if (kPeerPidfd >= 0 && ::getsockopt(sock, SOL_SOCKET, kPeerPidfd, &pidfd, &length) == 0 &&
+      pidfd >= 0) {
     return UniqueFd(pidfd);
   }
   if (cred.pid <= 0) return {};  // not in this pid namespace

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -266,10 +267,13 @@ class HangingUpDaemon {
     if (::pipe2(ends, O_CLOEXEC) != 0) return;
     said_.reset(ends[0]);
     UniqueFd says(ends[1]);
+    const pid_t parent = ::getpid();
     pid_ = ::fork();
     if (pid_ != 0) return;
     // The child: only async-signal-safe work until the server runs, then
-    // that server alone, on this thread.
+    // that server alone, on this thread. It dies with the test, whatever
+    // ends it: a child left running would hold ctest's output open.
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) ::_exit(1);
     said_.reset();
     class Sink : public RequestSink {
      public:

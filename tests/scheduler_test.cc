@@ -114,10 +114,11 @@ TEST(Scheduler, AValidRequestReachesTheExecutorAndCompletes) {
 // A client the daemon lets go (here for a malformed control message) while
 // its call runs on the GPU reads the hang-up as the daemon gone, and would
 // run the call (beta 0) again itself, beside the daemon's launch, still
-// queued. Its socket stays open until the call is answered.
+// queued. Its socket stays open until the call is answered; meanwhile its
+// segment says draining, so that it runs new calls directly.
 TEST(Scheduler, AClientLetGoWhileItsCallRunsIsHungUpOnOnlyOnceTheCallIsAnswered) {
   TempDir dir;
-  Daemon daemon(dir, /*batch_ns=*/kSecond);
+  Daemon daemon(dir, /*batch_ns=*/2 * kSecond);
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
   Request request = validRequest();
@@ -130,6 +131,7 @@ TEST(Scheduler, AClientLetGoWhileItsCallRunsIsHungUpOnOnlyOnceTheCallIsAnswered)
             static_cast<ssize_t>(sizeof(garbage)));
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   EXPECT_TRUE(connection->alive()) << "hung up on while its call ran";
+  EXPECT_TRUE(connection->draining()) << "new calls would wait on a ring nobody reads";
   const auto result = connection->wait(ticket.value(), nowNs() + 10 * kSecond, 10'000);
   EXPECT_EQ(result.outcome, WaitOutcome::kDone);
   EXPECT_EQ(result.status, kStatusSuccess);

@@ -42,7 +42,11 @@ class ShimOnGpu : public testing::DaemonFixture {
   // The daemon SIGKILLed while a call it started runs on its GPU (a 32768^3
   // GEMM, about a second), in each mode, the daemon restarted after each:
   // the call comes back right, and C, zeroed by the program once it came
-  // back, stays zero: nothing of the dead daemon's launch writes it later.
+  // back, stays zero for 3 s: nothing of the dead daemon's launch writes it
+  // later. (A late write within the call's run again, a second in host mode
+  // and longer by the shim's kernel in stream mode, would be overwritten by
+  // it: this catches one that comes later, an MPS server slow to tear the
+  // dead daemon's work down, say.)
   void killTheDaemonDuringACall(const std::map<std::string, std::string>& extra_env) {
     for (const std::string mode : {"host", "stream"}) {
       SCOPED_TRACE("STMUX_MODE=" + mode);
@@ -53,10 +57,17 @@ class ShimOnGpu : public testing::DaemonFixture {
       Process c =
           client({"outlive", "--m", "32768", "--n", "32768", "--k", "32768", "--seconds", "3"}, env,
                  "outlive-" + mode);
-      ASSERT_TRUE(testing::waitFor([&] { return c.out().find("calling") != std::string::npos; },
-                                   std::chrono::seconds(120)))
-          << c.out() << c.err();
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      // Killed once its batch is launched (its memory opened, the launch
+      // handed to the GPU), and a little after: in the GPU's hands.
+      const auto launched = [&] {
+        const auto status = daemonStatus(dir_.socket());
+        if (!status) return false;
+        const Json* sums = jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "round_sums");
+        return jsonNumber(jsonFind(sums, "launched"), 0) >
+               jsonNumber(jsonFind(sums, "completed"), 0);
+      };
+      ASSERT_TRUE(testing::waitFor(launched, std::chrono::seconds(120))) << c.out() << c.err();
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
       const auto killed = std::chrono::steady_clock::now();
       daemon_.signal(SIGKILL);
       ASSERT_EQ(daemon_.wait(std::chrono::seconds(60)), 128 + SIGKILL);
@@ -72,7 +83,7 @@ class ShimOnGpu : public testing::DaemonFixture {
       const ShimStats stats = shimStats(c.err());
       const auto lost = stats.direct.find("daemon_lost");
       EXPECT_EQ(lost != stats.direct.end() ? lost->second : 0, 1)
-          << "the kill did not find the call in the daemon: " << c.err();
+          << "the call was not counted run again for a lost daemon: " << c.err();
       std::cout << c.out();
       startDaemon();
     }

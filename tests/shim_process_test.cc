@@ -135,8 +135,8 @@ TEST(ShimProcess, GemmExIsServedForThePlainAlgorithmsOnly) {
 // A daemon killed during a call it started: its socket closes before its
 // process has ended, and until then the launch it queued on its GPU may
 // still write C. The call (beta 0) runs again only once that process has
-// ended; where the end does not come within the call's timeout, the call
-// fails rather than run twice.
+// ended; where the end does not come within the call's timeout (10 s at
+// least), the call fails rather than run twice.
 TEST(ShimProcess, ACallTheDaemonStartedRunsAgainOnlyOnceTheDaemonsProcessHasEnded) {
   TempDir dir;
   {
@@ -156,10 +156,10 @@ TEST(ShimProcess, ACallTheDaemonStartedRunsAgainOnlyOnceTheDaemonsProcessHasEnde
   daemon::HangingUpDaemon dying(dir);
   ASSERT_TRUE(dying.listening());
   const Ran ran = tenant(dir, {"served", "1"}, true,
-                         {{"STMUX_TIMEOUT_MS", "300"}, {"STMUX_LOG", "stats=info,shim=error"}});
+                         {{"STMUX_TIMEOUT_MS", "1000"}, {"STMUX_LOG", "stats=info,shim=error"}});
   ASSERT_EQ(ran.status, 0) << ran.err;
   EXPECT_EQ(keyValues(ran.out)["failed"], "1");
-  EXPECT_NE(ran.err.find("has not ended in 300 ms"), std::string::npos) << ran.err;
+  EXPECT_NE(ran.err.find("has not ended in 10000 ms"), std::string::npos) << ran.err;
 }
 
 // A daemon that takes connections and never answers (stopped, stuck): each
