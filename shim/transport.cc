@@ -1,7 +1,6 @@
 #include "shim/transport.h"
 
 #include <fcntl.h>
-#include <poll.h>
 #include <pwd.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -393,14 +392,14 @@ bool Connection::alive() {
 
 DaemonProcess Connection::daemonProcess(std::uint64_t until_ns) {
   if (!daemon_process_.valid()) return DaemonProcess::kUnknown;
-  while (true) {
-    const std::uint64_t now = nowNs();
-    const std::uint64_t left_ms = until_ns > now ? (until_ns - now + 999'999) / 1'000'000 : 0;
-    pollfd watched{daemon_process_.get(), POLLIN, 0};
-    const int rc = ::poll(&watched, 1, static_cast<int>(std::min<std::uint64_t>(left_ms, 1'000)));
-    if (rc > 0) return DaemonProcess::kExited;  // readable once the process has ended
-    if (rc < 0 && errno != EINTR) return DaemonProcess::kUnknown;
-    if (rc == 0 && nowNs() >= until_ns) return DaemonProcess::kLives;
+  // A pidfd is readable once its process has ended.
+  switch (awaitReadable(daemon_process_.get(), until_ns)) {
+    case 1:
+      return DaemonProcess::kExited;
+    case 0:
+      return DaemonProcess::kLives;
+    default:
+      return DaemonProcess::kUnknown;
   }
 }
 

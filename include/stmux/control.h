@@ -136,15 +136,7 @@ inline Result<Received> recvMessage(int fd, bool block, std::size_t max_bytes = 
 // in time comes back as `would_block`.
 inline Result<Received> awaitMessage(int fd, std::uint64_t timeout_ns,
                                      std::size_t max_bytes = 4096) {
-  pollfd pfd{fd, POLLIN, 0};
-  const std::uint64_t deadline = nowNs() + timeout_ns;
-  int ready;
-  do {
-    const std::uint64_t now = nowNs();
-    const int left_ms =
-        now >= deadline ? 0 : static_cast<int>((deadline - now + 999'999) / 1'000'000);
-    ready = ::poll(&pfd, 1, left_ms);
-  } while (ready < 0 && errno == EINTR);
+  const int ready = awaitReadable(fd, nowNs() + timeout_ns);
   if (ready < 0) return Status::error(fmt::format("poll failed: {}", std::strerror(errno)));
   if (ready == 0) {
     Received nothing;

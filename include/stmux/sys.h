@@ -4,14 +4,17 @@
 
 #include <fmt/format.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -120,6 +123,20 @@ inline std::uint64_t nowNs() {
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull +
          static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
+// Waits until `deadline_ns` (nowNs()) at most for `fd` to be readable, through
+// EINTR: 1 readable, 0 not by then, -1 an error (errno says which).
+inline int awaitReadable(int fd, std::uint64_t deadline_ns) {
+  pollfd watched{fd, POLLIN, 0};
+  while (true) {
+    const std::uint64_t now = nowNs();
+    const std::uint64_t left_ms =
+        now >= deadline_ns ? 0 : (deadline_ns - now + 999'999) / 1'000'000;
+    const int ready =
+        ::poll(&watched, 1, static_cast<int>(std::min<std::uint64_t>(left_ms, INT_MAX)));
+    if (ready >= 0 || errno != EINTR) return ready > 0 ? 1 : ready;
+  }
 }
 
 // Futexes on shared memory: no FUTEX_PRIVATE_FLAG, since waiter and waker are
