@@ -15,35 +15,36 @@
 
 namespace stmux::shim {
 
-#define STMUX_DRIVER_FUNCTIONS(X)             \
-  X(cuPointerGetAttributes, 7000)             \
-  X(cuMemGetAddressRange, 3020)               \
-  X(cuIpcGetMemHandle, 4010)                  \
-  X(cuStreamIsCapturing, 10000)               \
-  X(cuCtxSynchronize, 2000)                   \
-  X(cuCtxGetDevice, 2000)                     \
-  X(cuCtxGetCurrent, 4000)                    \
-  X(cuCtxGetId, 12000)                        \
-  X(cuCtxGetFlags, 7000)                      \
-  X(cuCtxSetFlags, 12010)                     \
-  X(cuStreamSynchronize, 2000)                \
-  X(cuDeviceGet, 2000)                        \
-  X(cuDeviceGetUuid, 11040)                   \
-  X(cuDeviceGetAttribute, 2000)               \
-  X(cuThreadExchangeStreamCaptureMode, 10010) \
-  X(cuCtxSetCurrent, 4000)                    \
-  X(cuStreamCreate, 2000)                     \
-  X(cuStreamGetFlags, 5050)                   \
-  X(cuStreamQuery, 2000)                      \
-  X(cuStreamWaitEvent, 3020)                  \
-  X(cuEventCreate, 2000)                      \
-  X(cuEventRecord, 2000)                      \
-  X(cuStreamWriteValue32, 11070)              \
-  X(cuStreamWaitValue32, 11070)               \
-  X(cuMemHostRegister, 6050)                  \
-  X(cuMemHostGetDevicePointer, 3020)          \
-  X(cuModuleLoadData, 2000)                   \
-  X(cuModuleGetFunction, 2000)                \
+#define STMUX_DRIVER_FUNCTIONS(X)                      \
+  X(cuPointerGetAttributes, 7000)                      \
+  X(cuMemGetAddressRange, 3020)                        \
+  X(cuIpcGetMemHandle, 4010)                           \
+  X(cuStreamIsCapturing, 10000)                        \
+  X(cuCtxSynchronize, 2000)                            \
+  X(cuCtxGetDevice, 2000)                              \
+  X(cuCtxGetCurrent, 4000)                             \
+  X(cuCtxGetId, 12000)                                 \
+  X(cuCtxGetFlags, 7000)                               \
+  X(cuCtxSetFlags, 12010)                              \
+  X(cuStreamSynchronize, 2000)                         \
+  X(cuDeviceGet, 2000)                                 \
+  X(cuDeviceGetUuid, 11040)                            \
+  X(cuDeviceGetAttribute, 2000)                        \
+  X(cuThreadExchangeStreamCaptureMode, 10010)          \
+  X(cuCtxSetCurrent, 4000)                             \
+  X(cuStreamCreate, 2000)                              \
+  X(cuStreamGetFlags, 5050)                            \
+  X(cuStreamQuery, 2000)                               \
+  X(cuStreamWaitEvent, 3020)                           \
+  X(cuEventCreate, 2000)                               \
+  X(cuEventRecord, 2000)                               \
+  X(cuStreamWriteValue32, 11070)                       \
+  X(cuStreamWaitValue32, 11070)                        \
+  X(cuMemHostRegister, 6050)                           \
+  X(cuMemHostGetDevicePointer, 3020)                   \
+  X(cuModuleLoadData, 2000)                            \
+  X(cuModuleGetFunction, 2000)                         \
+  X(cuOccupancyMaxActiveBlocksPerMultiprocessor, 6050) \
   X(cuLaunchKernel, 4000)
 
 struct Driver {

@@ -33,12 +33,11 @@ StreamOrder::StreamOrder(const Driver& driver, std::uint64_t timeout_ns, StreamA
 // so the later ones find it made (and a context destroyed with the
 // registration made in it gets a new one). From the first on the segment is
 // never unmapped, since a stream may still wait on it.
-std::optional<CUdeviceptr> StreamOrder::segmentOnGpu(Connection& connection, ContextId context) {
+std::optional<StreamOrder::Registered> StreamOrder::segmentOnGpu(Connection& connection,
+                                                                 ContextId context) {
   const void* host = connection.view().header();
-  thread_local const void* seen_host = nullptr;
-  thread_local std::optional<ContextId> seen_context;
-  thread_local CUdeviceptr seen_device = 0;
-  if (host == seen_host && seen_context == context) return seen_device;
+  thread_local std::optional<Registered> seen;
+  if (seen && seen->host == host && seen->context == context) return seen;
 
   std::lock_guard lock(register_mutex_);
   auto found = std::find_if(registered_.begin(), registered_.end(), [&](const Registered& r) {
@@ -63,13 +62,13 @@ std::optional<CUdeviceptr> StreamOrder::segmentOnGpu(Connection& connection, Con
                  static_cast<int>(result));
       device = 0;
     }
-    found = registered_.insert(registered_.end(), Registered{host, context, device});
+    // Never 0 (no gate), nor 2^31 or more (TakeoverParams::caller).
+    const std::uint32_t caller = next_caller_ < (1u << 31) ? next_caller_++ : 0;
+    found = registered_.insert(registered_.end(), Registered{host, context, device, caller});
   }
   if (found->device == 0) return std::nullopt;
-  seen_host = host;
-  seen_context = context;
-  seen_device = found->device;
-  return found->device;
+  seen = *found;
+  return seen;
 }
 
 // The ordering guarantee's second item on the GPU (docs/ARCHITECTURE.md,
@@ -148,10 +147,10 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   const std::optional<ContextId> current = currentContext(driver_);
   if (!current) return Queued::kHost;
   const ContextId context = *current;
-  const std::optional<CUdeviceptr> segment = segmentOnGpu(conn, context);
+  const std::optional<Registered> segment = segmentOnGpu(conn, context);
   if (!segment) return Queued::kHost;
-  const CUfunction kernel = kernelFor(context);
-  if (kernel == nullptr) return Queued::kHost;
+  const TakeoverKernel kernel = kernelFor(context);
+  if (kernel.function == nullptr) return Queued::kHost;
   std::optional<Queuing> queuing;  // destroyed after every lock below
   if (!watching(queuing)) return Queued::kHost;
   if (joinLegacyStream(call.stream, context) != CUDA_SUCCESS) return Queued::kCudaError;
@@ -185,8 +184,8 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   // intercept() turns into a direct call) would leave a stream waiting that
   // nobody watches. Tracking it allocates nothing (see watching()).
   auto report = std::make_shared<std::optional<StreamOutcome>>();
-  const CUdeviceptr slot =
-      *segment + conn.view().layout().slots_offset + std::size_t{entry.ticket.slot} * sizeof(Slot);
+  const CUdeviceptr slot = segment->device + conn.view().layout().slots_offset +
+                           std::size_t{entry.ticket.slot} * sizeof(Slot);
   // The caller's stream marks `ready` and waits for `released`; once the
   // daemon and the watcher know of the call, the shim's kernel is queued
   // behind, to compute it should the shim give up on the daemon.
@@ -227,6 +226,12 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   params.transa = r.transa, params.transb = r.transb;
   params.takeover = reinterpret_cast<const std::uint32_t*>(slot + offsetof(Slot, takeover));
   params.seq = entry.seq;
+  // The slot's own entry while this context has few connections: (caller,
+  // seq) names one call of one slot, a name never given again.
+  params.caller = segment->caller;
+  params.gate = static_cast<std::uint32_t>(
+      (std::uint64_t{segment->caller} * conn.view().layout().slot_count + entry.ticket.slot) %
+      kTakeoverGates);
   const Ticket mine = entry.ticket;
   entry.report = report;
   {
@@ -418,9 +423,9 @@ void StreamOrder::takeOver(InFlight& call, Fallback why) {
   slot.released.store(call.seq, std::memory_order_release);
 }
 
-CUfunction StreamOrder::kernelFor(ContextId context) {
+TakeoverKernel StreamOrder::kernelFor(ContextId context) {
   thread_local std::optional<ContextId> seen_context;
-  thread_local CUfunction seen_kernel = nullptr;
+  thread_local TakeoverKernel seen_kernel;
   if (seen_context == context) return seen_kernel;
   std::lock_guard lock(kernel_mutex_);
   auto found = std::find_if(kernels_.begin(), kernels_.end(),
@@ -428,13 +433,13 @@ CUfunction StreamOrder::kernelFor(ContextId context) {
   if (found == kernels_.end()) {
     // Tried once per context: a failure is remembered (null), and that
     // context's calls are served in host mode.
-    CUfunction kernel = nullptr;
+    TakeoverKernel kernel;
     if (const CUresult result = loadTakeoverKernel(driver_, &kernel); result != CUDA_SUCCESS) {
       STMUX_WARN(kShim,
                  "cannot load the kernel that runs stream-ordered calls the daemon does not "
                  "finish (CUDA error {}); this context's calls are served in host mode",
                  static_cast<int>(result));
-      kernel = nullptr;
+      kernel = TakeoverKernel{};
     }
     found = kernels_.insert(kernels_.end(), {context, kernel});
   }

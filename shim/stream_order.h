@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "shim/driver.h"
+#include "shim/takeover_kernel.h"
 #include "shim/transport.h"
 
 namespace stmux::shim {
@@ -105,10 +106,12 @@ class StreamOrder {
   struct Registered {
     const void* host;
     ContextId context;
-    CUdeviceptr device;  // 0: cannot be used in that context
+    CUdeviceptr device;    // 0: cannot be used in that context
+    std::uint32_t caller;  // names its calls in the kernel's gates (TakeoverParams::caller)
   };
 
-  std::optional<CUdeviceptr> segmentOnGpu(Connection& connection, ContextId context);
+  // The connection's segment as registered in `context`; none if it cannot be.
+  std::optional<Registered> segmentOnGpu(Connection& connection, ContextId context);
   CUresult joinLegacyStream(CUstream stream, ContextId context);
   // The event that joins the legacy stream in `context`, made on first use.
   CUresult legacyEventFor(ContextId context, CUevent& event);
@@ -117,9 +120,9 @@ class StreamOrder {
   void reapLocked(bool watcher);
   void takeOver(InFlight& call, Fallback why);
   // The takeover kernel in `context`, loaded on first use (before the
-  // context's first call, so never while one of its streams waits); null if
-  // it cannot be.
-  CUfunction kernelFor(ContextId context);
+  // context's first call, so never while one of its streams waits); its
+  // function null if it cannot be.
+  TakeoverKernel kernelFor(ContextId context);
   void watch();
 
   const Driver& driver_;
@@ -128,12 +131,13 @@ class StreamOrder {
 
   std::mutex register_mutex_;
   std::vector<Registered> registered_;  // under register_mutex_
+  std::uint32_t next_caller_ = 1;       // the same
 
   // Apart from mutex_, which the watcher needs to let streams go: loading
   // the kernel may wait on CUDA's locks.
   std::mutex kernel_mutex_;
-  std::vector<std::pair<ContextId, CUfunction>> kernels_;     // never removed (but at fork)
-  std::vector<std::pair<ContextId, CUevent>> legacy_events_;  // the same
+  std::vector<std::pair<ContextId, TakeoverKernel>> kernels_;  // never removed (but at fork)
+  std::vector<std::pair<ContextId, CUevent>> legacy_events_;   // the same
 
   std::mutex mutex_;  // guards what follows
   std::condition_variable changed_;

@@ -8,17 +8,28 @@
 namespace stmux::shim {
 namespace {
 
-constexpr unsigned kTile = 16;  // as in takeover_sgemm.cu
-constexpr std::int64_t kMaxGridX = 0x7fffffff;
-constexpr std::int64_t kMaxGridYZ = 65535;
+constexpr std::int64_t kMaxGrid = 0x7fffffff;
+// Where the GPU's size cannot be learned: a wave on any GPU stmux serves.
+constexpr unsigned kFallbackWave = 64;
 
-unsigned gridSize(std::int64_t tiles, std::int64_t limit) {
-  return static_cast<unsigned>(std::clamp<std::int64_t>(tiles, 1, limit));
+// The blocks of the kernel that the current context's GPU runs at once.
+unsigned waveOf(const Driver& driver, CUfunction function) {
+  CUdevice device = 0;
+  int processors = 0, per_processor = 0;
+  if (driver.cuCtxGetDevice(&device) != CUDA_SUCCESS ||
+      driver.cuDeviceGetAttribute(&processors, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device) !=
+          CUDA_SUCCESS ||
+      driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_processor, function, kTakeoverThreads,
+                                                         0) != CUDA_SUCCESS ||
+      processors <= 0 || per_processor <= 0) {
+    return kFallbackWave;
+  }
+  return static_cast<unsigned>(processors) * static_cast<unsigned>(per_processor);
 }
 
 }  // namespace
 
-CUresult loadTakeoverKernel(const Driver& driver, CUfunction* function) {
+CUresult loadTakeoverKernel(const Driver& driver, TakeoverKernel* kernel) {
   CUmodule module = nullptr;
   if (const CUresult result = driver.cuModuleLoadData(&module, stmux_takeover_fatbin);
       result != CUDA_SUCCESS) {
@@ -26,22 +37,29 @@ CUresult loadTakeoverKernel(const Driver& driver, CUfunction* function) {
   }
   // Under lazy loading this is what loads the function (CUDA Programming
   // Guide, "Lazy Loading").
-  return driver.cuModuleGetFunction(function, module, "stmux_takeover_sgemm");
+  CUfunction function = nullptr;
+  if (const CUresult result = driver.cuModuleGetFunction(&function, module, "stmux_takeover_sgemm");
+      result != CUDA_SUCCESS) {
+    return result;
+  }
+  *kernel = TakeoverKernel{function, waveOf(driver, function)};
+  return CUDA_SUCCESS;
 }
 
-CUresult launchTakeoverKernel(const Driver& driver, CUfunction function, CUstream stream,
+CUresult launchTakeoverKernel(const Driver& driver, const TakeoverKernel& kernel, CUstream stream,
                               const TakeoverParams& params) {
-  // The kernel loops over whatever the grid does not cover. Queued behind
-  // every stream-ordered call, where it almost always returns at once, it
-  // gets at most 64 blocks, a single wave on the GPUs stmux serves, and is
-  // still fast enough for the rare call it computes.
-  const bool standby = params.takeover != nullptr;
-  const unsigned x = gridSize((params.m + kTile - 1) / kTile, standby ? 8 : kMaxGridX);
-  const unsigned y = gridSize((params.n + kTile - 1) / kTile, standby ? 8 : kMaxGridYZ);
-  const unsigned z = gridSize(params.count, standby ? 1 : kMaxGridYZ);
+  // The blocks loop over the tiles the grid does not cover. Queued behind
+  // every stream-ordered call, where it almost always returns at once, the
+  // kernel gets a single wave: what fills the GPU should it compute, and
+  // no more blocks to start for nothing.
+  const std::int64_t tiles = (params.m + kTakeoverTile - 1) / kTakeoverTile *
+                             ((params.n + kTakeoverTile - 1) / kTakeoverTile) * params.count;
+  const std::int64_t most = params.takeover != nullptr ? std::max(kernel.wave, 1u) : kMaxGrid;
+  const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(tiles, 1, most));
   TakeoverParams copy = params;
   void* arguments[] = {&copy};
-  return driver.cuLaunchKernel(function, x, y, z, kTile, kTile, 1, 0, stream, arguments, nullptr);
+  return driver.cuLaunchKernel(kernel.function, blocks, 1, 1, kTakeoverThreads, 1, 1, 0, stream,
+                               arguments, nullptr);
 }
 
 }  // namespace stmux::shim

@@ -13,12 +13,20 @@
 
 namespace stmux::shim {
 
+// The kernel as loaded into one context.
+struct TakeoverKernel {
+  CUfunction function = nullptr;
+  // The blocks that run at once on the context's GPU: the grid of a standby
+  // launch (TakeoverParams::takeover set).
+  unsigned wave = 0;
+};
+
 // Loads the kernel into the current context, the function loaded too (not
 // left to first use). The module stays for the context's life.
-CUresult loadTakeoverKernel(const Driver& driver, CUfunction* function);
+CUresult loadTakeoverKernel(const Driver& driver, TakeoverKernel* kernel);
 
-// Queues `params` on `stream` (of the function's context).
-CUresult launchTakeoverKernel(const Driver& driver, CUfunction function, CUstream stream,
+// Queues `params` on `stream` (of the kernel's context).
+CUresult launchTakeoverKernel(const Driver& driver, const TakeoverKernel& kernel, CUstream stream,
                               const TakeoverParams& params);
 
 }  // namespace stmux::shim

@@ -8,6 +8,12 @@
 
 namespace stmux::shim {
 
+// The kernel's shape: a block of 256 threads computes 64 x 64 tiles of C.
+constexpr int kTakeoverThreads = 256;
+constexpr int kTakeoverTile = 64;
+// Entries of the kernel's gate table (TakeoverParams::gate).
+constexpr uint32_t kTakeoverGates = 4096;
+
 // Column-major, as cuBLAS: for each of `count` problems,
 // C = alpha * op(A) * op(B) + beta * C, with C not read when beta == 0 and A
 // and B not read when alpha == 0 or k == 0, then the epilogue
@@ -31,6 +37,13 @@ struct TakeoverParams {
   // and returns at once otherwise.
   const uint32_t* takeover;
   uint32_t seq;
+  // Where the launch's blocks learn that word from the one of them that reads
+  // it: reads of one word of host memory from many blocks at once are
+  // served one after another (about 1 us each on an H100). When `caller` is
+  // not 0, (caller, seq) must name this launch alone among those given
+  // entry `gate` (< kTakeoverGates); with 0, each block reads the word.
+  uint32_t gate;
+  uint32_t caller;  // below 2^31
 };
 
 }  // namespace stmux::shim

@@ -140,6 +140,7 @@ struct FakeGpu {
   std::atomic<bool> launch_fails{false};
   std::atomic<bool> launch_found_it_stuck{false};
   std::atomic<int> launches{0};
+  std::atomic<unsigned> last_blocks{0};  // the last launch's grid
   std::atomic<int> computed{0};
   // Run on the caller's thread when it queues its stream's wait: between
   // the shim's deciding to order the call on the stream and its handing the
@@ -204,6 +205,20 @@ CUresult fakeModuleGetFunction(CUfunction* function, CUmodule, const char*) {
   *function = reinterpret_cast<CUfunction>(madeNow(0x40));
   return CUDA_SUCCESS;
 }
+// A GPU of 3 multiprocessors, each running 2 of the kernel's blocks at once.
+CUresult fakeCtxGetDevice(CUdevice* device) {
+  *device = 0;
+  return CUDA_SUCCESS;
+}
+CUresult fakeDeviceGetAttribute(int* value, CUdevice_attribute attribute, CUdevice) {
+  if (attribute != CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT) return CUDA_ERROR_INVALID_VALUE;
+  *value = 3;
+  return CUDA_SUCCESS;
+}
+CUresult fakeOccupancy(int* blocks, CUfunction, int, size_t) {
+  *blocks = 2;
+  return CUDA_SUCCESS;
+}
 CUresult fakeStreamGetFlags(CUstream, unsigned* flags) {
   // A blocking stream needs no legacy-stream join; non-blocking, its call
   // makes one while the legacy stream is busy.
@@ -237,8 +252,8 @@ CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, 
   if (gpu->on_wait_queued) gpu->on_wait_queued();
   return CUDA_SUCCESS;
 }
-CUresult fakeLaunchKernel(CUfunction function, unsigned, unsigned, unsigned, unsigned, unsigned,
-                          unsigned, unsigned, CUstream, void** arguments, void**) {
+CUresult fakeLaunchKernel(CUfunction function, unsigned blocks, unsigned, unsigned, unsigned,
+                          unsigned, unsigned, unsigned, CUstream, void** arguments, void**) {
   // The fake's own allocations stand for the driver's, which do not throw.
   const bool was_out_of_memory = std::exchange(out_of_memory, false);
   struct Restore {
@@ -246,6 +261,7 @@ CUresult fakeLaunchKernel(CUfunction function, unsigned, unsigned, unsigned, uns
     ~Restore() { out_of_memory = value; }
   } restore{was_out_of_memory};
   ++gpu->launches;
+  gpu->last_blocks = blocks;
   if (!ofThisIncarnation(function)) return CUDA_ERROR_INVALID_HANDLE;
   if (gpu->launch_waits_for_drain && !gpu->stream.drained(2 * kSecond)) {
     gpu->launch_found_it_stuck = true;
@@ -276,6 +292,9 @@ Driver fakeDriver() {
   d.cuMemHostGetDevicePointer = fakeMemHostGetDevicePointer;
   d.cuModuleLoadData = fakeModuleLoadData;
   d.cuModuleGetFunction = fakeModuleGetFunction;
+  d.cuCtxGetDevice = fakeCtxGetDevice;
+  d.cuDeviceGetAttribute = fakeDeviceGetAttribute;
+  d.cuOccupancyMaxActiveBlocksPerMultiprocessor = fakeOccupancy;
   d.cuStreamGetFlags = fakeStreamGetFlags;
   d.cuStreamQuery = fakeStreamQuery;
   d.cuEventCreate = fakeEventCreate;
@@ -345,6 +364,26 @@ TEST_F(StreamOrderTest, AServedCallReleasesItsStreamAndItsKernelLeavesCAlone) {
   EXPECT_EQ(gpu_.launches, 1);
   EXPECT_EQ(gpu_.computed, 0);
   EXPECT_EQ(c, 0.0f);
+}
+
+// The kernel behind a call gets a block per tile of C, at most as many as
+// the GPU runs at once: a call larger than that is computed in one wave, and
+// an empty launch starts no blocks it does not need.
+TEST_F(StreamOrderTest, TheKernelBehindACallGetsABlockPerTileUpToOneWaveOfTheGpu) {
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);  // 8 x 8: one tile
+  EXPECT_EQ(gpu_.last_blocks, 1u);
+  Request r = daemon::validRequest();
+  r.m = 65;  // two tiles
+  r.lda = r.ldc = 65;
+  ASSERT_EQ(submit(&c, r), StreamOrder::Queued::kYes);
+  EXPECT_EQ(gpu_.last_blocks, 2u);
+  r.m = r.n = 1024;
+  r.lda = r.ldb = r.ldc = 1024;
+  ASSERT_EQ(submit(&c, r), StreamOrder::Queued::kYes);
+  EXPECT_EQ(gpu_.last_blocks, 6u) << "3 multiprocessors, 2 blocks each";
+  ASSERT_TRUE(settled(3));
+  EXPECT_EQ(gpu_.computed, 0);
 }
 
 // The deadlock seen on the H200: a launch made while the call's stream waits

@@ -5,11 +5,13 @@
 // - that it runs while another stream of its context waits on the GPU for a
 //   word no one has written yet;
 // - that, queued behind a stream-ordered call, it computes only when the
-//   takeover word says the shim gave up on the daemon.
+//   takeover word says the shim gave up on the daemon;
+// and prints what it costs behind a served call and how fast it computes.
 // Exit 0: all passed; 1: a failure (printed); 77: no CUDA device (skipped).
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -28,6 +30,7 @@ namespace {
 
 using stmux::check::GemmCase;
 using stmux::shim::Driver;
+using stmux::shim::TakeoverKernel;
 using stmux::shim::TakeoverParams;
 
 int failures = 0;
@@ -86,8 +89,8 @@ bool verify(const Staged& s) {
   return true;
 }
 
-bool checkCase(const Driver& driver, CUfunction kernel, CUstream stream, const GemmCase& c,
-               int count, bool broadcast, std::mt19937_64& random) {
+bool checkCase(const Driver& driver, const TakeoverKernel& kernel, CUstream stream,
+               const GemmCase& c, int count, bool broadcast, std::mt19937_64& random) {
   Staged s(c, count, broadcast, random);
   if (!stage(s)) return false;
   CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, s.params));
@@ -99,7 +102,7 @@ bool checkCase(const Driver& driver, CUfunction kernel, CUstream stream, const G
 // run without the epilogue (checked against the reference), then with it,
 // where every element must be the epilogue of the first result with its
 // row's bias, and nothing outside C written.
-bool checkEpilogues(const Driver& driver, CUfunction kernel, CUstream stream) {
+bool checkEpilogues(const Driver& driver, const TakeoverKernel& kernel, CUstream stream) {
   using namespace stmux;
   std::mt19937_64 random(13);
   bool ok = true;
@@ -163,7 +166,8 @@ bool checkEpilogues(const Driver& driver, CUfunction kernel, CUstream stream) {
 // One stream waits on the GPU for a host word; the kernel must still run to
 // completion on another stream of the same context. Nothing that waits for
 // the whole device (cudaMalloc, cudaFree) may happen while the stream waits.
-bool checkRunsWhileAStreamWaits(const Driver& driver, CUfunction kernel, CUstream stream) {
+bool checkRunsWhileAStreamWaits(const Driver& driver, const TakeoverKernel& kernel,
+                                CUstream stream) {
   std::mt19937_64 random(7);
   Staged s(GemmCase{"while-waiting", 0, 0, 64, 64, 64}, 1, false, random);
   if (!stage(s)) return false;
@@ -200,8 +204,10 @@ bool checkRunsWhileAStreamWaits(const Driver& driver, CUfunction kernel, CUstrea
 
 // Queued behind a call, the kernel computes only once the shim has given up
 // on the daemon: the takeover word at the call's number or past it
-// (cyclically); below it, C is left exactly as it was.
-bool checkStandby(const Driver& driver, CUfunction kernel, CUstream stream) {
+// (cyclically); below it, C is left exactly as it was. Each block reading the
+// word, and through a gate, where one block reads it for all: every launch
+// at the same entry, each under its own name.
+bool checkStandby(const Driver& driver, const TakeoverKernel& kernel, CUstream stream) {
   std::uint32_t* word = nullptr;
   CHECK_CUDA(cudaHostAlloc(&word, sizeof(std::uint32_t), cudaHostAllocMapped));
   CUdeviceptr device_word = 0;
@@ -217,37 +223,120 @@ bool checkStandby(const Driver& driver, CUfunction kernel, CUstream stream) {
                {9, 7, true},
                {3, 0xfffffff0u, true} /* past it, wrapped */,
                {0xfffffff0u, 3, false} /* below it, wrapped */};
-  for (const Case& c : cases) {
-    Staged s(GemmCase{"standby", 1, 0, 33, 17, 29}, 2, false, random);
-    if (!stage(s)) return false;
-    *word = c.word;
-    s.params.takeover = reinterpret_cast<const std::uint32_t*>(device_word);
-    s.params.seq = c.seq;
-    CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, s.params));
-    CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
-    if (c.computes) {
-      ok &= verify(s);
-      continue;
-    }
-    std::vector<float> after(s.batch.c_all.size());
-    CHECK_CUDA(cudaMemcpy(after.data(), s.c, sizeof(float) * after.size(), cudaMemcpyDeviceToHost));
-    if (std::memcmp(after.data(), s.batch.c_all.data(), sizeof(float) * after.size()) != 0) {
-      std::printf("FAIL standby: takeover word %u, call %u: C was written\n", c.word, c.seq);
-      ok = false;
+  std::uint32_t caller = 0;
+  for (const bool gated : {false, true}) {
+    for (const Case& c : cases) {
+      // 12 tiles a problem: blocks that wait at the gate for the one reading.
+      Staged s(GemmCase{"standby", 1, 0, 200, 150, 29}, 2, false, random);
+      if (!stage(s)) return false;
+      *word = c.word;
+      s.params.takeover = reinterpret_cast<const std::uint32_t*>(device_word);
+      s.params.seq = c.seq;
+      s.params.caller = gated ? ++caller : 0;
+      s.params.gate = 5;
+      CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, s.params));
+      CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+      if (c.computes) {
+        ok &= verify(s);
+        continue;
+      }
+      std::vector<float> after(s.batch.c_all.size());
+      CHECK_CUDA(
+          cudaMemcpy(after.data(), s.c, sizeof(float) * after.size(), cudaMemcpyDeviceToHost));
+      if (std::memcmp(after.data(), s.batch.c_all.data(), sizeof(float) * after.size()) != 0) {
+        std::printf("FAIL standby%s: takeover word %u, call %u: C was written\n",
+                    gated ? " (gated)" : "", c.word, c.seq);
+        ok = false;
+      }
     }
   }
-  // A call larger than the standby grid: its loops cover every tile and
-  // problem.
-  Staged large(GemmCase{"standby-large", 1, 1, 300, 260, 70}, 5, false, random);
-  if (!stage(large)) return false;
-  *word = 12;
-  large.params.takeover = reinterpret_cast<const std::uint32_t*>(device_word);
-  large.params.seq = 12;
-  CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, large.params));
-  CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
-  ok &= verify(large);
+  // A call larger than the standby grid (a wave of 7 blocks here, the GPU's
+  // own too): its loops cover every tile and problem.
+  TakeoverKernel narrow = kernel;
+  narrow.wave = 7;
+  for (const TakeoverKernel* k : std::array<const TakeoverKernel*, 2>{&narrow, &kernel}) {
+    Staged large(GemmCase{"standby-large", 1, 1, 300, 260, 70}, 5, false, random);
+    if (!stage(large)) return false;
+    *word = 12;
+    large.params.takeover = reinterpret_cast<const std::uint32_t*>(device_word);
+    large.params.seq = 12;
+    large.params.caller = ++caller;
+    large.params.gate = 5;
+    CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, *k, stream, large.params));
+    CHECK_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+    ok &= verify(large);
+  }
   cudaFreeHost(word);
   return ok;
+}
+
+// Prints (not checked: tests assert no speed) what the kernel costs behind a
+// call the daemon served, a launch whose blocks return at once, with the
+// GPU's wave as its grid and with 64 blocks; and how fast it computes a
+// large call it takes over.
+bool timeIt(const Driver& driver, const TakeoverKernel& kernel, CUstream stream) {
+  std::uint32_t* word = nullptr;
+  CHECK_CUDA(cudaHostAlloc(&word, sizeof(std::uint32_t), cudaHostAllocMapped));
+  CUdeviceptr device_word = 0;
+  CHECK_CUDA(driver.cuMemHostGetDevicePointer(&device_word, word, 0));
+  cudaEvent_t start = nullptr, end = nullptr;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&end));
+  const auto cs = reinterpret_cast<cudaStream_t>(stream);
+  const auto elapsed_ms = [&] {
+    float ms = -1;
+    cudaEventSynchronize(end);
+    cudaEventElapsedTime(&ms, start, end);
+    return ms;
+  };
+  constexpr std::int64_t kSide = 8192;
+  float *a = nullptr, *b = nullptr, *c = nullptr;
+  for (float** buffer : {&a, &b, &c}) {
+    CHECK_CUDA(cudaMalloc(buffer, sizeof(float) * kSide * kSide));
+    CHECK_CUDA(cudaMemset(*buffer, 0, sizeof(float) * kSide * kSide));
+  }
+  TakeoverParams p{};
+  p.a = a, p.b = b, p.c = c;
+  p.m = p.n = p.k = p.lda = p.ldb = p.ldc = kSide;
+  p.count = 1;
+  p.alpha = 1.0f;
+  p.takeover = reinterpret_cast<const std::uint32_t*>(device_word);
+  p.seq = 2;
+  *word = 1;  // served: every block returns at once
+  TakeoverKernel sixty_four = kernel;
+  sixty_four.wave = 64;
+  constexpr int kLaunches = 2000;
+  for (const TakeoverKernel* k : std::array<const TakeoverKernel*, 2>{&kernel, &sixty_four}) {
+    for (const bool gated : {true, false}) {
+      // Each launch its own name (TakeoverParams::caller), the first not timed.
+      p.caller = gated ? 1 : 0;
+      CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, *k, stream, p));
+      CHECK_CUDA(cudaEventRecord(start, cs));
+      for (int i = 0; i < kLaunches; ++i) {
+        ++p.seq;
+        CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, *k, stream, p));
+      }
+      ++p.seq;
+      CHECK_CUDA(cudaEventRecord(end, cs));
+      std::printf("timing: a served call's kernel, %u blocks, %s: %.2f us on the GPU\n", k->wave,
+                  gated ? "one block reading the word" : "each block reading it",
+                  1000.0 * elapsed_ms() / kLaunches);
+    }
+  }
+  p.caller = 1;
+  *word = p.seq;  // taken over: computed, in one wave
+  CHECK_CUDA(cudaEventRecord(start, cs));
+  CHECK_CUDA(stmux::shim::launchTakeoverKernel(driver, kernel, stream, p));
+  CHECK_CUDA(cudaEventRecord(end, cs));
+  const double ms = elapsed_ms();
+  std::printf("timing: a %lldx%lldx%lld call taken over: %.1f ms, %.0f GFLOP/s\n",
+              static_cast<long long>(kSide), static_cast<long long>(kSide),
+              static_cast<long long>(kSide), ms, 2.0 * kSide * kSide * kSide / ms / 1e6);
+  CHECK_CUDA(cudaGetLastError());
+  cudaFree(a), cudaFree(b), cudaFree(c);
+  cudaEventDestroy(start), cudaEventDestroy(end);
+  cudaFreeHost(word);
+  return true;
 }
 
 }  // namespace
@@ -274,7 +363,7 @@ int main(int argc, char** argv) {
     std::printf("FAIL the CUDA driver's functions could not be found\n");
     return 1;
   }
-  CUfunction kernel = nullptr;
+  TakeoverKernel kernel;
   if (const CUresult result = stmux::shim::loadTakeoverKernel(*driver, &kernel);
       result != CUDA_SUCCESS) {
     std::printf("FAIL loading the kernel: CUDA error %d\n", static_cast<int>(result));
@@ -318,6 +407,8 @@ int main(int argc, char** argv) {
   failures += !checkRunsWhileAStreamWaits(*driver, kernel, stream);
   failures += !checkStandby(*driver, kernel, stream);
   cases += 3;
+  failures += !timeIt(*driver, kernel, stream);
+  ++cases;
   std::printf("%d of %d checks passed\n", cases - failures, cases);
   return failures == 0 ? 0 : 1;
 }

@@ -107,6 +107,10 @@ CUresult moduleLoadData(CUmodule*, const void*) {
 CUresult moduleGetFunction(CUfunction*, CUmodule, const char*) {
   return CUDA_ERROR_NOT_SUPPORTED;
 }
+CUresult occupancy(int* blocks, CUfunction, int, size_t) {
+  *blocks = 1;
+  return CUDA_SUCCESS;
+}
 CUresult launchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                       unsigned, CUstream, void**, void**) {
   return CUDA_ERROR_NOT_SUPPORTED;
@@ -168,6 +172,7 @@ const Entry kEntries[] = {
     {"cuMemHostGetDevicePointer", reinterpret_cast<void*>(hostGetDevicePointer)},
     {"cuModuleLoadData", reinterpret_cast<void*>(moduleLoadData)},
     {"cuModuleGetFunction", reinterpret_cast<void*>(moduleGetFunction)},
+    {"cuOccupancyMaxActiveBlocksPerMultiprocessor", reinterpret_cast<void*>(occupancy)},
     {"cuLaunchKernel", reinterpret_cast<void*>(launchKernel)},
     {"cuCtxSynchronize", reinterpret_cast<void*>(ctxSynchronize)},
     {"cuStreamSynchronize", reinterpret_cast<void*>(streamSynchronize)},
