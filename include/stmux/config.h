@@ -62,7 +62,7 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "How a served call keeps its stream's order. 'host': the caller's thread waits for its "      \
     "stream, then for the daemon; 'stream': the call returns once queued, as cuBLAS's does, "     \
     "and the GPU keeps the order (calls with beta != 0 and the legacy API still go 'host'). "     \
-    "'host' measured faster on every row so far (docs/BENCHMARKS.md).")                           \
+    "'host' measured faster on all rows but one (docs/BENCHMARKS.md).")                           \
   X(daemon_user, "STMUX_DAEMON_USER", kUser, "stmux", 0, 4294967294, "", kShim,                   \
     "The user stmuxd runs as. A tenant attaches only to a daemon running as root, as the "        \
     "tenant's own uid or as this user, and otherwise runs every call directly.")                  \
