@@ -204,6 +204,14 @@ class ExecutorChannel {
 
   ExecutorGauges& gauges() { return gauges_; }
   const ExecutorGauges& gauges() const { return gauges_; }
+  // The executor's: its GPU context failed. Wakes the scheduler, whose
+  // server may have to end the daemon for it (Scheduler::mustEnd). Whether
+  // it was not broken before.
+  bool markBroken() {
+    const bool first = !gauges_.broken.exchange(true);
+    wakeScheduler();
+    return first;
+  }
   std::size_t backlog() const { return overflow_.size() + waiting_open_count_; }
 
   ~ExecutorChannel() {

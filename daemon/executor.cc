@@ -109,7 +109,7 @@ class Executor::Impl {
     Status status = started.get();
     if (!status.ok()) {
       thread_.join();
-      channel_.gauges().broken = true;
+      channel_.markBroken();
     }
     return status;
   }
@@ -820,7 +820,7 @@ class Executor::Impl {
   }
 
   void fail(const std::string& why) {
-    if (!channel_.gauges().broken.exchange(true)) {
+    if (channel_.markBroken()) {
       STMUX_ERROR(kExec, "GPU {}: {}; its calls now go back to the callers' own cuBLAS",
                   options_.device, why);
     }

@@ -389,6 +389,11 @@ int run(int argc, char** argv) {
     metrics.reset();  // the last text written first
     ::unlink(config->metrics_file.c_str());
   }
+  if (!server.failure().empty()) {
+    // Restart=on-failure starts it again, once the MPS server takes clients.
+    STMUX_ERROR(kDaemon, "stmuxd stopped: {}", server.failure());
+    return 1;
+  }
   STMUX_WARN(kDaemon, "stmuxd stopped");
   return 0;
 }

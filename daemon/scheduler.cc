@@ -483,6 +483,18 @@ bool Scheduler::busy() const {
   });
 }
 
+std::string Scheduler::mustEnd() const {
+  for (const Gpu& gpu : gpus_) {
+    if (gpu.info.mps && gpu.channel->gauges().broken.load(std::memory_order_relaxed)) {
+      return fmt::format(
+          "GPU {} failed on MPS: the MPS server takes no new client until every client it "
+          "faulted has exited, this daemon included",
+          gpu.info.index);
+    }
+  }
+  return {};
+}
+
 void Scheduler::addStatus(Json& status) const {
   Json& gpus = status["gpus"] = Json::array();
   for (const Gpu& gpu : gpus_) {

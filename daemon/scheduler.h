@@ -52,6 +52,9 @@ class Scheduler : public RequestSink {
   bool poll(std::uint64_t now_ns, std::uint64_t& wake_at_ns) override;
   bool busy() const override;
   int wakeFd() const override { return wake_fd_.get(); }
+  // A GPU on MPS whose context failed: the MPS server takes no new client
+  // until every client it faulted has exited, the daemon included.
+  std::string mustEnd() const override;
   void addStatus(nlohmann::ordered_json& status) const override;
   void addMetrics(MetricsText& out) const override;
 

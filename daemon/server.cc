@@ -208,6 +208,13 @@ void Server::run() {
   std::uint64_t last_control = 0;
   while (true) {
     std::uint64_t now = nowNs();
+    if (!draining_ && failure_.empty()) {
+      failure_ = sink_.mustEnd();
+      if (!failure_.empty()) {
+        STMUX_ERROR(kTransport, "{}: stmuxd ends", failure_);
+        stop_.store(true, std::memory_order_relaxed);
+      }
+    }
     if (stop_.load(std::memory_order_relaxed) && !draining_) {
       draining_ = true;
       STMUX_INFO(kTransport, "draining: no new clients; finishing {} clients' work",

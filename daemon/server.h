@@ -98,6 +98,9 @@ class RequestSink {
   virtual bool busy() const { return false; }
   // An eventfd the sink's other threads write to wake the server, or -1.
   virtual int wakeFd() const { return -1; }
+  // Why the daemon must end (and be started again), or empty: asked at
+  // every turn of the server's loop, so it must be cheap.
+  virtual std::string mustEnd() const { return {}; }
   // Adds its members to the status object that `stmuxctl status --json`
   // prints (a stmux::Json, stmux/json.h).
   virtual void addStatus(nlohmann::ordered_json& /*status*/) const {}
@@ -162,11 +165,13 @@ class Server {
   // stale socket file left by one that died.
   Status listen();
 
-  // Serves until requestStop(), then drains: no new clients, every segment
-  // marked draining, every request already queued or in flight finished,
-  // those awaiting memory or a stream declined, then every client's socket
-  // closed so that they fall back to cuBLAS.
+  // Serves until requestStop() or the sink's mustEnd(), then drains: no new
+  // clients, every segment marked draining, every request already queued or
+  // in flight finished, those awaiting memory or a stream declined, then
+  // every client's socket closed so that they fall back to cuBLAS.
   void run();
+  // Why run() ended other than by requestStop(): the sink's mustEnd().
+  const std::string& failure() const { return failure_; }
 
   // Async-signal-safe: a SIGTERM handler may call it.
   void requestStop();
@@ -253,6 +258,7 @@ class Server {
   std::uint32_t freshId();
   std::size_t rotate_ = 0;
   bool draining_ = false;
+  std::string failure_;
   std::uint64_t started_ns_ = 0;
 };
 

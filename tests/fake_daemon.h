@@ -207,6 +207,7 @@ class VanishingSink : public RequestSink {
   }
   bool busy() const override { return inner_.busy(); }
   int wakeFd() const override { return inner_.wakeFd(); }
+  std::string mustEnd() const override { return inner_.mustEnd(); }
   void addStatus(nlohmann::ordered_json& status) const override { inner_.addStatus(status); }
   void addMetrics(MetricsText& out) const override { inner_.addMetrics(out); }
 
@@ -214,15 +215,16 @@ class VanishingSink : public RequestSink {
   RequestSink& inner_;
 };
 
-// A daemon made of the real server and scheduler, one fake GPU.
+// A daemon made of the real server and scheduler, one fake GPU (`on_mps`:
+// the daemon's context on it an MPS client).
 class Daemon {
  public:
   explicit Daemon(const testing::TempDir& dir, std::uint64_t batch_ns = 0,
                   const std::function<void(daemon::ServerOptions&)>& adjust = {},
-                  std::size_t mappings_per_client = 4096)
+                  std::size_t mappings_per_client = 4096, bool on_mps = false)
       : wake_(Scheduler::makeWakeFd()),
         channel_(wake_.get()),
-        scheduler_(BatcherOptions{}, {GpuInfo{0, uuid(0xab), "fake"}}, {&channel_},
+        scheduler_(BatcherOptions{}, {GpuInfo{0, uuid(0xab), "fake", on_mps}}, {&channel_},
                    mappings_per_client),
         executor_(channel_, batch_ns) {
     scheduler_.adoptWakeFd(std::move(wake_));
@@ -239,6 +241,9 @@ class Daemon {
   // reading it from the test's.
   Scheduler& scheduler() { return scheduler_; }
   void stop() { server_->stop(); }
+  // Whether the server ended of itself, and why (Server::failure()).
+  bool ended() const { return server_->ended(); }
+  const std::string& failure() const { return server_->failure(); }
   // Gone as a killed daemon goes: the sockets close, and what awaited its
   // memory or its stream is left unanswered.
   void vanish() {

@@ -116,6 +116,37 @@ TEST(Scheduler, AValidRequestReachesTheExecutorAndCompletes) {
 // run the call (beta 0) again itself, beside the daemon's launch, still
 // queued. Its socket stays open until the call is answered; meanwhile its
 // segment says draining, so that it runs new calls directly.
+// A GPU whose context failed on MPS ends the daemon, which says why (exit
+// status 1 in stmuxd, for systemd to start it again): the MPS server takes
+// no new client until every client it faulted has exited, the daemon
+// included. Its clients are let go, and call cuBLAS directly.
+TEST(Scheduler, AGpuThatFailsOnMpsEndsTheDaemonWhichSaysWhy) {
+  TempDir dir;
+  Daemon daemon(dir, 0, {}, 4096, /*on_mps=*/true);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  ASSERT_EQ(call(*connection, validRequest()), kStatusSuccess);
+  EXPECT_TRUE(daemon.channel().markBroken());  // as the executor does on a sticky error
+  ASSERT_TRUE(testing::waitFor([&] { return daemon.ended(); })) << "the daemon did not end";
+  EXPECT_NE(daemon.failure().find("GPU 0 failed on MPS"), std::string::npos) << daemon.failure();
+  EXPECT_TRUE(testing::waitFor([&] { return !connection->alive(); })) << "the client was kept";
+}
+
+// Off MPS the daemon stays up: that GPU's calls are declined (their shims
+// run them directly), its other GPUs served.
+TEST(Scheduler, AGpuThatFailsOffMpsLeavesTheDaemonUpDecliningItsCalls) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  EXPECT_TRUE(daemon.channel().markBroken());
+  EXPECT_FALSE(daemon.channel().markBroken()) << "broken once";
+  EXPECT_EQ(call(*connection, validRequest()), kStatusDeclined);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_FALSE(daemon.ended());
+  EXPECT_EQ(call(*connection, validRequest()), kStatusDeclined);
+}
+
 TEST(Scheduler, AClientLetGoWhileItsCallRunsIsHungUpOnOnlyOnceTheCallIsAnswered) {
   TempDir dir;
   Daemon daemon(dir, /*batch_ns=*/2 * kSecond);

@@ -120,16 +120,26 @@ class ServerThread {
       : server_(std::move(options), sink) {
     Status status = server_.listen();
     EXPECT_TRUE(status.ok()) << status.message();
-    if (status.ok()) thread_ = std::thread([this] { server_.run(); });
+    if (status.ok()) {
+      thread_ = std::thread([this] {
+        server_.run();
+        ended_ = true;
+      });
+    }
   }
   ~ServerThread() { stop(); }
   void stop() {
     server_.requestStop();
     if (thread_.joinable()) thread_.join();
   }
+  // Whether run() returned of itself (Server::failure()), which may be read
+  // once it has.
+  bool ended() const { return ended_; }
+  const std::string& failure() const { return server_.failure(); }
 
  private:
   daemon::Server server_;
+  std::atomic<bool> ended_{false};
   std::thread thread_;
 };
 
