@@ -503,6 +503,66 @@ TEST_F(MpsRouteOnGpu, ACallOfADaemonStoppedWithItsLaunchOnTheGpuIsServedAndCStay
   endTheDaemonDuringACall(tenantEnv(), SIGTERM);
 }
 
+// A client of the MPS server killed with its kernels running faults every
+// client of the GPU (docs/ARCHITECTURE.md, "Known limits"), stmuxd's
+// context with them: stmuxd, finding its GPU broken, ends with status 1,
+// and once every faulted client has exited, a daemon started again (as
+// systemd's Restart=on-failure would, its starts failing until then)
+// serves.
+TEST_F(MpsRouteOnGpu, AFaultOnMpsEndsTheDaemonAndADaemonStartedAgainServes) {
+  std::map<std::string, std::string> env = tenantEnv();
+  env.merge(shimmed());
+  Process tenant = client({"stress", "--seconds", "20"}, env, "tenant");
+  ASSERT_TRUE(testing::waitFor(
+      [&] {
+        const auto status = daemonStatus(dir_.socket());
+        return status && gpuField(*status, "requests") > 0;
+      },
+      std::chrono::seconds(60)))
+      << tenant.err();
+  // A process of its own on the same MPS server, no stmux: one long GEMM,
+  // killed while it runs.
+  Process victim =
+      client({"outlive", "--m", "32768", "--n", "32768", "--k", "32768"}, tenantEnv(), "victim");
+  ASSERT_TRUE(testing::waitFor([&] { return victim.out().find("calling") != std::string::npos; },
+                               std::chrono::seconds(120)))
+      << victim.err();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  victim.signal(SIGKILL);
+  ASSERT_EQ(victim.wait(std::chrono::seconds(60)), 128 + SIGKILL);
+  EXPECT_EQ(daemon_.wait(std::chrono::seconds(60)), 1) << daemon_.err();
+  EXPECT_NE(daemon_.err().find("failed on MPS"), std::string::npos) << daemon_.err();
+  EXPECT_NE(tenant.wait(std::chrono::seconds(120)), -1) << "the faulted tenant hung";
+  const std::string said = daemon_.err();
+  std::cout << "tenant: " << tenant.out()
+            << "stmuxd's last words: " << said.substr(said.size() > 600 ? said.size() - 600 : 0)
+            << std::endl;
+  // Started again every second until one stays up.
+  const auto began = std::chrono::steady_clock::now();
+  int starts = 0;
+  bool up = false;
+  while (!up && std::chrono::steady_clock::now() - began < std::chrono::seconds(60)) {
+    std::map<std::string, std::string> daemon_env = daemonEnv();
+    daemon_env["STMUX_LOG"] = "info";
+    daemon_ = Process({STMUXD_PATH, "--socket", dir_.socket()}, daemon_env,
+                      dir_.path() + "/stmuxd-again" + std::to_string(++starts));
+    const auto ended = [&] { return daemon_.wait(std::chrono::milliseconds(0)) != -1; };
+    up = testing::waitFor([&] { return ended() || daemonStatus(dir_.socket()).has_value(); },
+                          std::chrono::seconds(30)) &&
+         !ended();
+    if (!up) std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  std::cout << "stmuxd served again after " << starts << " start(s), "
+            << std::chrono::duration_cast<std::chrono::milliseconds>(
+                   std::chrono::steady_clock::now() - began)
+                   .count()
+            << " ms" << std::endl;
+  ASSERT_TRUE(up) << daemon_.err();
+  Process fresh = client({"stress", "--seconds", "2"}, env, "fresh");
+  ASSERT_EQ(fresh.wait(std::chrono::seconds(120)), 0) << fresh.out() << fresh.err();
+  EXPECT_GT(shimStats(fresh.err()).served, 0) << fresh.err();
+}
+
 // A lone rnn tenant on MPS makes more calls direct (no batch to join, each
 // call a round trip through stmuxd): the daemon measures that, sends its calls
 // direct, the shim says so once, and stmuxctl's status shows it.

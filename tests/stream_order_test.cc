@@ -140,7 +140,8 @@ struct FakeGpu {
   std::atomic<bool> launch_fails{false};
   std::atomic<bool> launch_found_it_stuck{false};
   std::atomic<int> launches{0};
-  std::atomic<unsigned> last_blocks{0};  // the last launch's grid
+  std::atomic<unsigned> last_blocks{0};                     // the last launch's grid
+  std::atomic<std::uint32_t> last_caller{0}, last_gate{0};  // and its gate (TakeoverParams)
   std::atomic<int> computed{0};
   // Run on the caller's thread when it queues its stream's wait: between
   // the shim's deciding to order the call on the stream and its handing the
@@ -268,6 +269,8 @@ CUresult fakeLaunchKernel(CUfunction function, unsigned blocks, unsigned, unsign
   }
   if (gpu->launch_fails) return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
   const TakeoverParams params = *static_cast<const TakeoverParams*>(arguments[0]);
+  gpu->last_caller = params.caller;
+  gpu->last_gate = params.gate;
   gpu->stream.enqueue([params] {
     // The kernel: computes only once the shim gave up on the daemon.
     const std::uint32_t takeover =
@@ -384,6 +387,11 @@ TEST_F(StreamOrderTest, TheKernelBehindACallGetsABlockPerTileUpToOneWaveOfTheGpu
   EXPECT_EQ(gpu_.last_blocks, 6u) << "3 multiprocessors, 2 blocks each";
   ASSERT_TRUE(settled(3));
   EXPECT_EQ(gpu_.computed, 0);
+  // One block of it reads the takeover word for all, through an entry of
+  // the kernel's gate table, under the connection's name.
+  EXPECT_NE(gpu_.last_caller, 0u);
+  EXPECT_LT(gpu_.last_caller, 1u << 31);
+  EXPECT_LT(gpu_.last_gate, kTakeoverGates);
 }
 
 // The deadlock seen on the H200: a launch made while the call's stream waits
