@@ -570,13 +570,23 @@ void Server::greet(std::unique_ptr<Pending> pending) {
 void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& hello) {
   const int fd = socket.get();
   if (draining_) return refuse(fd, "the daemon is shutting down");
-  if (clients_.size() >= options_.max_clients) {
-    return refuse(fd, fmt::format("the daemon already serves its maximum of {} clients "
-                                  "(STMUX_MAX_CLIENTS)",
-                                  options_.max_clients));
+  // A client let go while its calls run still holds its place (its socket
+  // and segment) until they are answered: counted, or a client could hold
+  // any number by being let go and attaching again.
+  if (clients_.size() + lingering_.size() >= options_.max_clients) {
+    return refuse(
+        fd, fmt::format("the daemon already serves its maximum of {} clients (STMUX_MAX_CLIENTS){}",
+                        options_.max_clients,
+                        lingering_.empty()
+                            ? ""
+                            : fmt::format("; {} of them let go, their calls still on the GPU",
+                                          lingering_.size())));
   }
-  const auto same_user = static_cast<std::size_t>(std::count_if(
-      clients_.begin(), clients_.end(), [&](const ClientPtr& c) { return c->uid == cred.uid; }));
+  const auto of_user = [&](const std::vector<ClientPtr>& list) {
+    return static_cast<std::size_t>(std::count_if(
+        list.begin(), list.end(), [&](const ClientPtr& c) { return c->uid == cred.uid; }));
+  };
+  const std::size_t same_user = of_user(clients_) + of_user(lingering_);
   if (same_user >= options_.max_clients_per_uid) {
     return refuse(fd, fmt::format("uid {} already has {} clients attached, the most one user may "
                                   "have (STMUX_MAX_CLIENTS_PER_UID)",

@@ -169,6 +169,38 @@ TEST(Scheduler, AClientLetGoWhileItsCallRunsIsHungUpOnOnlyOnceTheCallIsAnswered)
   EXPECT_TRUE(testing::waitFor([&] { return !connection->alive(); })) << "never hung up on";
 }
 
+// Such a client keeps its place (STMUX_MAX_CLIENTS, and its user's share)
+// until it is hung up on: otherwise being let go and attaching again, with
+// calls on the GPU each time, would hold any number of sockets and segments.
+TEST(Scheduler, AClientLetGoWhileItsCallRunsKeepsItsPlaceUntilItIsHungUpOn) {
+  TempDir dir;
+  Daemon daemon(dir, /*batch_ns=*/kSecond,
+                [](daemon::ServerOptions& options) { options.max_clients = 1; });
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request request = validRequest();
+  auto ticket = connection->submit(request, nowNs() + kSecond);
+  ASSERT_TRUE(ticket.ok()) << ticket.message();
+  const Slot& slot = connection->view().slot(ticket->slot);
+  ASSERT_TRUE(testing::waitFor([&] { return slotState(slot.word.load()) == SlotState::kRunning; }));
+  const char garbage[] = "not a control message";
+  ASSERT_EQ(::send(connection->socketFd(), garbage, sizeof(garbage), 0),
+            static_cast<ssize_t>(sizeof(garbage)));
+  ASSERT_TRUE(testing::waitFor([&] { return connection->draining(); }));
+  shim::ConnectOptions options;
+  options.socket_path = dir.socket();
+  options.name = "second";
+  auto second = shim::Connection::open(options);
+  ASSERT_FALSE(second.ok()) << "attached beside a client let go whose call still runs";
+  EXPECT_NE(second.message().find("maximum of 1 clients (STMUX_MAX_CLIENTS); 1 of them let go"),
+            std::string::npos)
+      << second.message();
+  EXPECT_TRUE(testing::waitFor([&] { return !connection->alive(); }, std::chrono::seconds(10)));
+  connection->release(ticket.value());
+  EXPECT_TRUE(testing::waitFor([&] { return shim::Connection::open(options).ok(); }))
+      << "its place was not given back once it was hung up on";
+}
+
 TEST(Scheduler, InvalidArgumentsAreAnsweredWithoutTheGpu) {
   TempDir dir;
   Daemon daemon(dir);
