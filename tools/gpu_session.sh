@@ -2,7 +2,7 @@
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu asan launch drift bench transport handoff waiters sync modes wakers graphs
-#   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build
+#   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build mpskill
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -15,6 +15,9 @@
 # $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md), and
 # fault-start the same in the background, for runs longer than one call,
 # which fault-end collects; hunt runs
+# mpskill runs tools/mps_kill_probe.py (what a SIGKILLed CUDA process does to
+# another's work, no stmux) on an MPS control daemon of its own, the victim
+# busy ($MPSKILL_ROUNDS rounds, default 3) and idle (1), then without MPS;
 # $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
 # (--only flags; default the soak's wrong call's kind) selects, beside stress
 # tenants of a daemon, without and with the preload; wakers compares stmux
@@ -171,6 +174,21 @@ for step in "$@"; do
         echo quit | CUDA_MPS_PIPE_DIRECTORY=$mps nvidia-cuda-mps-control
       fi
       cat "$out/handoff.log" ;;
+    mpskill)
+      mps=$(mktemp -d)
+      if CUDA_MPS_PIPE_DIRECTORY=$mps CUDA_MPS_LOG_DIRECTORY=$mps nvidia-cuda-mps-control -d; then
+        for victim in "busy ${MPSKILL_ROUNDS:-3}" "idle 1"; do
+          read -r kind rounds <<<"$victim"
+          CUDA_MPS_PIPE_DIRECTORY=$mps timeout 300 python3 tools/mps_kill_probe.py --victim "$kind" \
+            --rounds "$rounds" >>"$out/mpskill-mps.log" 2>&1 || status=1
+        done
+        echo quit | CUDA_MPS_PIPE_DIRECTORY=$mps nvidia-cuda-mps-control
+      else
+        status=1
+      fi
+      timeout 300 python3 tools/mps_kill_probe.py --rounds 2 >"$out/mpskill-plain.log" 2>&1 || status=1
+      [ -f "$out/mpskill-mps.log" ] && sed 's/^/on MPS: /' "$out/mpskill-mps.log"
+      sed 's/^/no MPS: /' "$out/mpskill-plain.log" ;;
     waiters)
       # Issue 12: what streams waiting on the GPU, as stream-ordered tenants'
       # do, cost another process's hand-off; on an MPS control daemon of its own.
