@@ -54,11 +54,16 @@ class DaemonFixture : public ::testing::Test {
   // The daemon's environment beyond STMUX_LOG; a test may add to it.
   virtual std::map<std::string, std::string> daemonEnv() const { return {}; }
 
-  void startDaemon() {
+  // Starts stmuxd as daemon_, not waiting for it.
+  void spawnDaemon() {
     std::map<std::string, std::string> env = daemonEnv();
     env["STMUX_LOG"] = "info";
     daemon_ = Process({STMUXD_PATH, "--socket", dir_.socket()}, env,
                       dir_.path() + "/stmuxd" + std::to_string(++daemons_));
+  }
+
+  void startDaemon() {
+    spawnDaemon();
     ASSERT_TRUE(
         waitFor([&] { return daemonStatus(dir_.socket()).has_value(); }, std::chrono::seconds(60)))
         << "stmuxd did not come up: " << daemon_.err();

@@ -8,7 +8,9 @@
 
 #include <sys/resource.h>
 
+#include <cstring>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "fake_daemon.h"
@@ -147,23 +149,41 @@ TEST(Scheduler, AGpuThatFailsOffMpsLeavesTheDaemonUpDecliningItsCalls) {
   EXPECT_EQ(call(*connection, validRequest()), kStatusDeclined);
 }
 
+// Submits a call and, once the daemon runs it, sends a malformed control
+// message, for which the daemon lets the client go. The call's ticket; none
+// (the failure said) where a step failed.
+std::optional<shim::Ticket> letGoWhileACallRuns(shim::Connection& connection) {
+  Request request = validRequest();
+  auto ticket = connection.submit(request, nowNs() + kSecond);
+  if (!ticket.ok()) {
+    ADD_FAILURE() << ticket.message();
+    return std::nullopt;
+  }
+  const Slot& slot = connection.view().slot(ticket->slot);
+  if (!testing::waitFor([&] { return slotState(slot.word.load()) == SlotState::kRunning; })) {
+    ADD_FAILURE() << "the daemon never ran the call";
+    return std::nullopt;
+  }
+  const char garbage[] = "not a control message";
+  if (::send(connection.socketFd(), garbage, sizeof(garbage), 0) !=
+      static_cast<ssize_t>(sizeof(garbage))) {
+    ADD_FAILURE() << "send: " << std::strerror(errno);
+    return std::nullopt;
+  }
+  return ticket.value();
+}
+
 TEST(Scheduler, AClientLetGoWhileItsCallRunsIsHungUpOnOnlyOnceTheCallIsAnswered) {
   TempDir dir;
   Daemon daemon(dir, /*batch_ns=*/2 * kSecond);
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
-  Request request = validRequest();
-  auto ticket = connection->submit(request, nowNs() + kSecond);
-  ASSERT_TRUE(ticket.ok()) << ticket.message();
-  const Slot& slot = connection->view().slot(ticket->slot);
-  ASSERT_TRUE(testing::waitFor([&] { return slotState(slot.word.load()) == SlotState::kRunning; }));
-  const char garbage[] = "not a control message";
-  ASSERT_EQ(::send(connection->socketFd(), garbage, sizeof(garbage), 0),
-            static_cast<ssize_t>(sizeof(garbage)));
+  const std::optional<shim::Ticket> ticket = letGoWhileACallRuns(*connection);
+  ASSERT_TRUE(ticket);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   EXPECT_TRUE(connection->alive()) << "hung up on while its call ran";
   EXPECT_TRUE(connection->draining()) << "new calls would wait on a ring nobody reads";
-  const auto result = connection->wait(ticket.value(), nowNs() + 10 * kSecond, 10'000);
+  const auto result = connection->wait(*ticket, nowNs() + 10 * kSecond, 10'000);
   EXPECT_EQ(result.outcome, WaitOutcome::kDone);
   EXPECT_EQ(result.status, kStatusSuccess);
   EXPECT_TRUE(testing::waitFor([&] { return !connection->alive(); })) << "never hung up on";
@@ -178,14 +198,8 @@ TEST(Scheduler, AClientLetGoWhileItsCallRunsKeepsItsPlaceUntilItIsHungUpOn) {
                 [](daemon::ServerOptions& options) { options.max_clients = 1; });
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
-  Request request = validRequest();
-  auto ticket = connection->submit(request, nowNs() + kSecond);
-  ASSERT_TRUE(ticket.ok()) << ticket.message();
-  const Slot& slot = connection->view().slot(ticket->slot);
-  ASSERT_TRUE(testing::waitFor([&] { return slotState(slot.word.load()) == SlotState::kRunning; }));
-  const char garbage[] = "not a control message";
-  ASSERT_EQ(::send(connection->socketFd(), garbage, sizeof(garbage), 0),
-            static_cast<ssize_t>(sizeof(garbage)));
+  const std::optional<shim::Ticket> ticket = letGoWhileACallRuns(*connection);
+  ASSERT_TRUE(ticket);
   ASSERT_TRUE(testing::waitFor([&] { return connection->draining(); }));
   shim::ConnectOptions options;
   options.socket_path = dir.socket();
@@ -196,7 +210,7 @@ TEST(Scheduler, AClientLetGoWhileItsCallRunsKeepsItsPlaceUntilItIsHungUpOn) {
             std::string::npos)
       << second.message();
   EXPECT_TRUE(testing::waitFor([&] { return !connection->alive(); }, std::chrono::seconds(10)));
-  connection->release(ticket.value());
+  connection->release(*ticket);
   EXPECT_TRUE(testing::waitFor([&] { return shim::Connection::open(options).ok(); }))
       << "its place was not given back once it was hung up on";
 }

@@ -542,10 +542,8 @@ TEST_F(MpsRouteOnGpu, AFaultOnMpsEndsTheDaemonAndADaemonStartedAgainServes) {
   int starts = 0;
   bool up = false;
   while (!up && std::chrono::steady_clock::now() - began < std::chrono::seconds(60)) {
-    std::map<std::string, std::string> daemon_env = daemonEnv();
-    daemon_env["STMUX_LOG"] = "info";
-    daemon_ = Process({STMUXD_PATH, "--socket", dir_.socket()}, daemon_env,
-                      dir_.path() + "/stmuxd-again" + std::to_string(++starts));
+    spawnDaemon();
+    ++starts;
     const auto ended = [&] { return daemon_.wait(std::chrono::milliseconds(0)) != -1; };
     up = testing::waitFor([&] { return ended() || daemonStatus(dir_.socket()).has_value(); },
                           std::chrono::seconds(30)) &&
