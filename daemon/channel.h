@@ -90,6 +90,10 @@ struct ExecutorGauges {
   std::atomic<std::uint64_t> mapped{0};             // client allocations mapped now
   std::atomic<std::uint64_t> launches{0};           // cuBLAS launches issued
   std::atomic<std::uint64_t> epilogue_launches{0};  // epilogue kernels launched (one per batch)
+  // Of those, the launches whose items were copied to device memory first
+  // (more than kEpilogueInlineItems epilogues in the batch); the others
+  // carried theirs in the launch's parameters.
+  std::atomic<std::uint64_t> epilogue_copies{0};
   // STMUX_LAUNCH_GRAPHS: batches launched by replaying a graph, and graphs
   // captured (daemon/launch_graphs.h).
   std::atomic<std::uint64_t> graph_launches{0};

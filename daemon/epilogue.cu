@@ -6,13 +6,17 @@
 //
 // blockIdx.y picks the request (looping when the batch has more than the
 // grid), and the grid's x dimension strides over that request's problems * m
-// * n elements. Loaded by daemon/executor.cc from the fat binary embedded in
-// it (daemon/epilogue_fatbin.h, generated).
+// * n elements. Two entry points: the items in device memory (copied there
+// ahead of the launch), or in the launch's parameters for a batch of at most
+// kEpilogueInlineItems. Loaded by daemon/executor.cc from the fat binary
+// embedded in it (daemon/epilogue_fatbin.h, generated).
 #include "daemon/epilogue_params.h"
 #include "stmux/epilogue.h"
 
-extern "C" __global__ void __launch_bounds__(256)
-    stmux_epilogue(const stmux::daemon::EpilogueItem* items, int64_t count) {
+namespace {
+
+__device__ __forceinline__ void applyEpilogues(const stmux::daemon::EpilogueItem* items,
+                                               int64_t count) {
   const uint64_t first = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const uint64_t step = static_cast<uint64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.y; i < count; i += gridDim.y) {
@@ -44,4 +48,20 @@ extern "C" __global__ void __launch_bounds__(256)
       p0 += take;
     }
   }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(256)
+    stmux_epilogue(const stmux::daemon::EpilogueItem* items, int64_t count) {
+  applyEpilogues(items, count);
+}
+
+// __grid_constant__: the items are read where the launch put them, not copied
+// to each thread's local memory, as indexing a by-value parameter otherwise
+// needs.
+extern "C" __global__ void __launch_bounds__(256)
+    stmux_epilogue_inline(const __grid_constant__ stmux::daemon::EpilogueInline inline_items,
+                          int64_t count) {
+  applyEpilogues(inline_items.items, count);
 }

@@ -23,4 +23,13 @@ struct EpilogueItem {
 
 static_assert(sizeof(EpilogueItem) == 64, "EpilogueItem must be laid out alike by nvcc and g++");
 
+// A batch with at most this many epilogues passes them in the launch's own
+// parameters (2 KiB, within the 4 KiB every CUDA version takes), to the
+// kernel stmux_epilogue_inline: no copy to device memory ahead of the launch,
+// which is an operation of its own on the stream. Larger batches copy theirs.
+constexpr int kEpilogueInlineItems = 32;
+struct EpilogueInline {
+  EpilogueItem items[kEpilogueInlineItems];
+};
+
 }  // namespace stmux::daemon

@@ -189,11 +189,15 @@ class Executor::Impl {
     STMUX_CUDA(cudaLibraryLoadData(&epilogue_library_, stmux_epilogue_fatbin, nullptr, nullptr, 0,
                                    nullptr, nullptr, 0));
     STMUX_CUDA(cudaLibraryGetKernel(&epilogue_kernel_, epilogue_library_, "stmux_epilogue"));
+    STMUX_CUDA(
+        cudaLibraryGetKernel(&epilogue_inline_kernel_, epilogue_library_, "stmux_epilogue_inline"));
     // The attributes are those of the code loaded for this GPU: asking for
     // them loads it now rather than at the first epilogue (lazy loading), and
     // a fat binary with nothing this GPU runs fails here, at start.
-    cudaFuncAttributes attributes{};
-    STMUX_CUDA(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(epilogue_kernel_)));
+    for (cudaKernel_t kernel : {epilogue_kernel_, epilogue_inline_kernel_}) {
+      cudaFuncAttributes attributes{};
+      STMUX_CUDA(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)));
+    }
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
     // At the version its type was declared for (see shim/driver.h).
@@ -668,21 +672,32 @@ class Executor::Impl {
       }
     }
     if (count == 0) return;
-    cudaError_t error =
-        cudaMemcpyAsync(buffer.epilogue_device, buffer.epilogue_host, count * sizeof(EpilogueItem),
-                        cudaMemcpyHostToDevice, stream_);
-    if (error == cudaSuccess) {
-      const dim3 grid(static_cast<unsigned>(std::min(
-                          (widest + kEpilogueThreads - 1) / kEpilogueThreads, kEpilogueBlocks)),
-                      static_cast<unsigned>(std::min<std::size_t>(count, 65535)));
-      const EpilogueItem* items = buffer.epilogue_device;
-      std::int64_t items_count = static_cast<std::int64_t>(count);
-      void* arguments[] = {&items, &items_count};
-      error = cudaLaunchKernel(reinterpret_cast<const void*>(epilogue_kernel_), grid,
+    const dim3 grid(static_cast<unsigned>(std::min(
+                        (widest + kEpilogueThreads - 1) / kEpilogueThreads, kEpilogueBlocks)),
+                    static_cast<unsigned>(std::min<std::size_t>(count, 65535)));
+    std::int64_t items_count = static_cast<std::int64_t>(count);
+    const bool copied = count > static_cast<std::size_t>(kEpilogueInlineItems);
+    cudaError_t error = cudaSuccess;
+    if (!copied) {
+      // In the launch's parameters: no copy on the stream ahead of it.
+      EpilogueInline inline_items{};
+      std::copy_n(buffer.epilogue_host, count, inline_items.items);
+      void* arguments[] = {&inline_items, &items_count};
+      error = cudaLaunchKernel(reinterpret_cast<const void*>(epilogue_inline_kernel_), grid,
                                dim3(kEpilogueThreads), arguments, 0, stream_);
+    } else {
+      error = cudaMemcpyAsync(buffer.epilogue_device, buffer.epilogue_host,
+                              count * sizeof(EpilogueItem), cudaMemcpyHostToDevice, stream_);
+      if (error == cudaSuccess) {
+        const EpilogueItem* items = buffer.epilogue_device;
+        void* arguments[] = {&items, &items_count};
+        error = cudaLaunchKernel(reinterpret_cast<const void*>(epilogue_kernel_), grid,
+                                 dim3(kEpilogueThreads), arguments, 0, stream_);
+      }
     }
     if (error == cudaSuccess) {
       channel_.gauges().epilogue_launches.fetch_add(1, std::memory_order_relaxed);
+      if (copied) channel_.gauges().epilogue_copies.fetch_add(1, std::memory_order_relaxed);
       return;
     }
     // Not sticky (a sticky error fails the batch's event): clear it, or the
@@ -836,7 +851,8 @@ class Executor::Impl {
   cublasHandle_t handle_ = nullptr;
   void* scratch_ = nullptr;
   cudaLibrary_t epilogue_library_ = nullptr;
-  cudaKernel_t epilogue_kernel_ = nullptr;
+  cudaKernel_t epilogue_kernel_ = nullptr;         // items in device memory
+  cudaKernel_t epilogue_inline_kernel_ = nullptr;  // items in its parameters
   PFN_cuMemGetAddressRange_v3020 get_address_range_ = nullptr;
   std::vector<Buffer> buffers_;
   std::size_t next_buffer_ = 0;

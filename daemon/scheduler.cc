@@ -549,6 +549,7 @@ void Scheduler::addStatus(Json& status) const {
     sums["wakes"] = wakes, sums["wake_ns"] = gauges.wake_ns.load();
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
+    entry["epilogue_copies"] = gauges.epilogue_copies.load();
     entry["graph_launches"] = gauges.graph_launches.load();
     entry["graph_captures"] = gauges.graph_captures.load();
     entry["mapped"] = gauges.mapped.load();

@@ -89,6 +89,26 @@ TEST_F(StmuxdOnGpu, EpiloguesAreAppliedAfterTheLaunchesTheyShareWithPlainRequest
   // One epilogue kernel for each batch that had an epilogue in it.
   EXPECT_GE(gpuField(*status, "epilogue_launches"), 1);
   EXPECT_LE(gpuField(*status, "epilogue_launches"), gpuField(*status, "batches"));
+  EXPECT_EQ(gpuField(*status, "epilogue_copies"), 0) << "10 epilogues fit a launch's parameters";
+  const Json* broken = jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "broken");
+  ASSERT_NE(broken, nullptr);
+  EXPECT_FALSE(jsonBool(broken, true)) << "the daemon lost its GPU";
+}
+
+// Four rounds of the cases: 40 epilogues, more than a launch carries in its
+// parameters (kEpilogueInlineItems), so that a batch copies its items to
+// device memory first; the smaller batches take the other path.
+TEST_F(StmuxdOnGpu, ABatchWithMoreEpiloguesThanALaunchCarriesIsRight) {
+  Process c = client({"epilogues", "--rounds", "4"}, "epilogues");
+  expectPasses(c, "four rounds of requests with and without epilogues submitted at once");
+  EXPECT_EQ(countOf(c.out(), "FAIL"), 0) << c.out();
+  EXPECT_EQ(countOf(c.out(), "ok "), 4 * 13) << c.out();
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ(gpuField(*status, "requests"), 4 * 13 + 2);
+  EXPECT_GE(gpuField(*status, "epilogue_copies"), 1)
+      << "no batch had more epilogues than a launch carries: the cases did not meet";
+  EXPECT_LE(gpuField(*status, "epilogue_copies"), gpuField(*status, "epilogue_launches"));
   const Json* broken = jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "broken");
   ASSERT_NE(broken, nullptr);
   EXPECT_FALSE(jsonBool(broken, true)) << "the daemon lost its GPU";

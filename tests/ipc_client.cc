@@ -17,13 +17,15 @@
 //                              described with a lie about the allocation's
 //                              size: each must come back INVALID_VALUE and
 //                              leave memory alone
-//   epilogues [--seed N]       every epilogue (bias, ReLU, GELU, each activation
+//   epilogues [--seed N] [--rounds N]
+//                              every epilogue (bias, ReLU, GELU, each activation
 //                              with a bias), strided batches of 3 with a bias,
-//                              and plain requests of the same shapes, submitted
-//                              at once behind two long GEMMs that hold the
-//                              daemon at its batches in flight, so that they
-//                              meet in one batch; each C against a float64 GEMM
-//                              with the epilogue applied, each bias unchanged
+//                              and plain requests of the same shapes, N times
+//                              over (default 1: 10 epilogues), submitted at
+//                              once behind two long GEMMs that hold the daemon
+//                              at its batches in flight, so that they meet in
+//                              one batch; each C against a float64 GEMM with
+//                              the epilogue applied, each bias unchanged
 // Always with --socket PATH (except probe). Exit 0: every answer was right.
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -322,7 +324,7 @@ stmux::check::Verdict verifyEpilogue(const GemmCase& c, const Buffers& in, const
   return stmux::check::verify(c, in, ref, result);
 }
 
-int epilogues(stmux::shim::Connection& connection, std::uint64_t seed) {
+int epilogues(stmux::shim::Connection& connection, std::uint64_t seed, int rounds) {
   std::mt19937_64 random(seed);
   std::uniform_real_distribution<float> value(-1.0f, 1.0f);
   const stmux::Uuid device = deviceUuid();
@@ -336,7 +338,14 @@ int epilogues(stmux::shim::Connection& connection, std::uint64_t seed) {
     bool submitted = false;
   };
   std::vector<Sent> sent;
-  for (const EpilogueCase& e : epilogueCases()) {
+  std::vector<EpilogueCase> cases;
+  for (int round = 0; round < rounds; ++round) {
+    for (EpilogueCase e : epilogueCases()) {
+      if (rounds > 1) e.name += "-" + std::to_string(round);
+      cases.push_back(std::move(e));
+    }
+  }
+  for (const EpilogueCase& e : cases) {
     Sent s;
     s.e = e;
     s.in = stmux::check::makeStridedInputs(e.c, e.count, false, random);
@@ -357,8 +366,9 @@ int epilogues(stmux::shim::Connection& connection, std::uint64_t seed) {
   }
   // The ballast: two GEMMs of some milliseconds each, values irrelevant. The
   // daemon launches each alone and then, with two batches in flight, holds
-  // what comes next until one is done: the cases, all waiting by then.
-  constexpr std::int64_t kBallast = 4096;
+  // what comes next until one is done: the cases, all waiting by then (their
+  // memory mapped too: four allocations a case, longer ballast for more).
+  const std::int64_t kBallast = rounds > 1 ? 8192 : 4096;
   Allocation ballast_a(kBallast * kBallast), ballast_b(kBallast * kBallast);
   Allocation ballast_c[2] = {Allocation(kBallast * kBallast), Allocation(kBallast * kBallast)};
   for (const Allocation* m : {&ballast_a, &ballast_b})
@@ -486,7 +496,7 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: stmux-ipc-client probe | cases|overrun|epilogues --socket PATH "
-                 "[--quick] [--together] [--unaligned] [--seed N]\n");
+                 "[--quick] [--together] [--unaligned] [--seed N] [--rounds N]\n");
     return 2;
   }
   const std::string mode = argv[1];
@@ -507,11 +517,15 @@ int main(int argc, char** argv) {
   }
   std::string socket;
   bool quick = false, together = false, unaligned = false;
+  int rounds = 1;
   std::uint64_t seed = stmux::nowNs() ^ static_cast<std::uint64_t>(getpid());
-  static const option kLong[] = {
-      {"socket", required_argument, nullptr, 's'}, {"quick", no_argument, nullptr, 'q'},
-      {"together", no_argument, nullptr, 't'},     {"unaligned", no_argument, nullptr, 'u'},
-      {"seed", required_argument, nullptr, 'r'},   {nullptr, 0, nullptr, 0}};
+  static const option kLong[] = {{"socket", required_argument, nullptr, 's'},
+                                 {"quick", no_argument, nullptr, 'q'},
+                                 {"together", no_argument, nullptr, 't'},
+                                 {"unaligned", no_argument, nullptr, 'u'},
+                                 {"seed", required_argument, nullptr, 'r'},
+                                 {"rounds", required_argument, nullptr, 'n'},
+                                 {nullptr, 0, nullptr, 0}};
   optind = 2;
   for (int c; (c = getopt_long(argc, argv, "", kLong, nullptr)) != -1;) {
     if (c == 's')
@@ -524,8 +538,15 @@ int main(int argc, char** argv) {
       unaligned = true;
     else if (c == 'r')
       seed = std::strtoull(optarg, nullptr, 10);
-    else
+    else if (c == 'n') {
+      rounds = std::atoi(optarg);
+      if (rounds < 1 || rounds > 16) {
+        std::fprintf(stderr, "ipc_client: --rounds takes 1 to 16, not '%s'\n", optarg);
+        return 2;
+      }
+    } else {
       return 2;
+    }
   }
   if (socket.empty() || (mode != "cases" && mode != "overrun" && mode != "epilogues")) return 2;
   if (stmux::noDevice(error, devices)) return 77;
@@ -542,7 +563,7 @@ int main(int argc, char** argv) {
     return 4;
   }
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  if (mode == "epilogues") return epilogues(*connection.value(), seed);
+  if (mode == "epilogues") return epilogues(*connection.value(), seed, rounds);
   return mode == "cases" ? cases(*connection.value(), quick, together, unaligned, seed)
                          : overrun(*connection.value());
 }
