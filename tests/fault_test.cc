@@ -33,6 +33,8 @@ TEST(Fault, ABadFlagOrScenarioIsNamedWithWhatIsAccepted) {
       {{"reboot"}, "scenario 'reboot': accepted: tenant-kills, daemon-kills, soak, dos"},
       {{"--client", dir.path() + "/none"},
        "stmux-cublas-client (--client): " + dir.path() + "/none does not exist"},
+      {{"--raw-client", dir.path() + "/none"},
+       "stmux-ipc-client (--raw-client): " + dir.path() + "/none does not exist"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> argv = {STMUX_FAULT_PATH};

@@ -26,6 +26,17 @@
 //                              at its batches in flight, so that they meet in
 //                              one batch; each C against a float64 GEMM with
 //                              the epilogue applied, each bias unchanged
+//   flood --seconds S [--garbage]
+//                              a hostile client (issue 14): for S seconds it
+//                              pushes requests into its ring as fast as the
+//                              ring takes them, re-arming its slots without
+//                              waiting for their answers, so that only the
+//                              daemon's own bound holds it; valid 64^3 GEMMs,
+//                              or with --garbage operands whose memory handles
+//                              are random bytes under a fresh allocation id
+//                              each time (every one an open for the daemon's
+//                              mapper that fails). Prints how many it pushed;
+//                              stmux-fault's dos scenario runs it
 // Always with --socket PATH (except probe). Exit 0: every answer was right.
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -39,11 +50,13 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "shim/transport.h"
 #include "stmux/epilogue.h"
 #include "stmux/gemm.h"
+#include "stmux/ring.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
 
@@ -490,13 +503,62 @@ int facts() {
   return 0;
 }
 
+int flood(stmux::shim::Connection& connection, double seconds, bool garbage, std::uint64_t seed) {
+  std::mt19937_64 random(seed);
+  const GemmCase shape{"flood", 0, 0, 64, 64, 64};
+  Allocation a(64 * 64), b(64 * 64), c(64 * 64);
+  for (const Allocation* m : {&a, &b, &c})
+    EXIT_ON_CUDA_ERROR(cudaMemset(m->base, 0, m->bytes));
+  EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
+  Request request = describe(shape, a, b, c, deviceUuid());
+  stmux::SegmentView& view = connection.view();
+  stmux::RingProducer<Request> ring(view.ringHeader(), view.cells(), view.layout().ring_capacity);
+  const std::uint32_t slots = connection.slotCount();
+  // Ids far above the ones the Allocations take, each used once.
+  std::uint64_t garbage_id = std::uint64_t{1} << 40;
+  const auto forge = [&](stmux::OperandDesc& operand) {
+    operand.alloc_id = garbage_id++;
+    // Where nothing of this process lies (so that no mapping of its own real
+    // memory is in the way), 2 MiB aligned as cudaMalloc's are.
+    operand.base = (std::uint64_t{0x6000} << 32) + (random() % (std::uint64_t{1} << 20) << 21);
+    for (auto& byte : operand.handle.bytes)
+      byte = static_cast<std::uint8_t>(random());
+  };
+  std::uint64_t pushed = 0, full = 0;
+  const std::uint64_t end = stmux::nowNs() + static_cast<std::uint64_t>(seconds * 1e9);
+  for (std::uint32_t i = 0; stmux::nowNs() < end; ++i) {
+    request.slot = i % slots;
+    request.generation = stmux::slotArm(view.slot(request.slot));
+    if (garbage) {
+      forge(request.a);
+      forge(request.b);
+      forge(request.c);
+    }
+    if (ring.tryPush(request)) {
+      ++pushed;
+    } else {
+      // Full, and the daemon may be asleep: a control message wakes it (this
+      // client bypasses the shim's doorbell along with its slots).
+      ++full;
+      if (!connection.sendRelease({0}).ok()) break;  // the daemon hung up on it
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+  std::printf("flood pushed %llu requests in %.1f s (%s), the ring full %llu times\n",
+              static_cast<unsigned long long>(pushed), seconds,
+              garbage ? "garbage handles" : "valid requests",
+              static_cast<unsigned long long>(full));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
-                 "usage: stmux-ipc-client probe | cases|overrun|epilogues --socket PATH "
-                 "[--quick] [--together] [--unaligned] [--seed N] [--rounds N]\n");
+                 "usage: stmux-ipc-client probe | cases|overrun|epilogues|flood --socket PATH "
+                 "[--quick] [--together] [--unaligned] [--seed N] [--rounds N] [--seconds S] "
+                 "[--garbage]\n");
     return 2;
   }
   const std::string mode = argv[1];
@@ -516,8 +578,9 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::string socket;
-  bool quick = false, together = false, unaligned = false;
+  bool quick = false, together = false, unaligned = false, garbage = false;
   int rounds = 1;
+  double seconds = 0;
   std::uint64_t seed = stmux::nowNs() ^ static_cast<std::uint64_t>(getpid());
   static const option kLong[] = {{"socket", required_argument, nullptr, 's'},
                                  {"quick", no_argument, nullptr, 'q'},
@@ -525,6 +588,8 @@ int main(int argc, char** argv) {
                                  {"unaligned", no_argument, nullptr, 'u'},
                                  {"seed", required_argument, nullptr, 'r'},
                                  {"rounds", required_argument, nullptr, 'n'},
+                                 {"seconds", required_argument, nullptr, 'S'},
+                                 {"garbage", no_argument, nullptr, 'g'},
                                  {nullptr, 0, nullptr, 0}};
   optind = 2;
   for (int c; (c = getopt_long(argc, argv, "", kLong, nullptr)) != -1;) {
@@ -544,11 +609,26 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "ipc_client: --rounds takes 1 to 16, not '%s'\n", optarg);
         return 2;
       }
+    } else if (c == 'S') {
+      seconds = std::atof(optarg);
+      if (!(seconds >= 0.1 && seconds <= 3600)) {
+        std::fprintf(stderr, "ipc_client: --seconds takes 0.1 to 3600, not '%s'\n", optarg);
+        return 2;
+      }
+    } else if (c == 'g') {
+      garbage = true;
     } else {
       return 2;
     }
   }
-  if (socket.empty() || (mode != "cases" && mode != "overrun" && mode != "epilogues")) return 2;
+  if (socket.empty() ||
+      (mode != "cases" && mode != "overrun" && mode != "epilogues" && mode != "flood")) {
+    return 2;
+  }
+  if (mode == "flood" && seconds == 0) {
+    std::fprintf(stderr, "ipc_client: flood needs --seconds\n");
+    return 2;
+  }
   if (stmux::noDevice(error, devices)) return 77;
   if (error != cudaSuccess) {
     std::printf("FAIL the CUDA device cannot be used: %s\n", cudaGetErrorString(error));
@@ -564,6 +644,7 @@ int main(int argc, char** argv) {
   }
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
   if (mode == "epilogues") return epilogues(*connection.value(), seed, rounds);
+  if (mode == "flood") return flood(*connection.value(), seconds, garbage, seed);
   return mode == "cases" ? cases(*connection.value(), quick, together, unaligned, seed)
                          : overrun(*connection.value());
 }

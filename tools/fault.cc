@@ -6,7 +6,9 @@
 //   soak          checked tenants of several kinds coming and going
 //   dos           checked tenants' calls/s alone, then beside each abuse: a
 //                 greedy tenant, a flood of silent connections, garbage
-//                 hellos at full speed
+//                 hellos at full speed, a client flooding its ring with
+//                 requests it never waits for, the same with garbage memory
+//                 handles (stmux-ipc-client flood, a client of the wire alone)
 // Checked tenants are stmux-cublas-client stress (sgemm against a float64
 // reference) and stmux-differential (every entry point against cuBLAS run
 // directly). A scenario passes when no result came back wrong, no tenant hung,
@@ -63,7 +65,7 @@ struct Options {
   double dos_s = 10;
   int tenants = 4;  // checked tenants beside the faults
   std::string out = "/tmp/stmux-fault";
-  std::string stmuxd, shim, client, differential;
+  std::string stmuxd, shim, client, differential, raw_client;
 };
 
 const char* const kScenarios[] = {"tenant-kills", "daemon-kills", "soak", "dos"};
@@ -78,7 +80,9 @@ void usage(FILE* out) {
       "  daemon-kills  stmuxd SIGKILLed and started again --restarts times under load\n"
       "  soak          --soak-seconds of checked tenants of several kinds coming and going\n"
       "  dos           checked tenants' calls/s alone, then beside a greedy tenant, a\n"
-      "                flood of silent connections and garbage hellos (--dos-seconds each)\n"
+      "                flood of silent connections, garbage hellos, a client flooding its\n"
+      "                ring, and one flooding it with garbage memory handles (--dos-seconds\n"
+      "                each)\n"
       "Options:\n"
       "  --kills N         tenants to kill (1..100000, default 100)\n"
       "  --restarts N      daemon kills (1..1000, default 10)\n"
@@ -89,6 +93,8 @@ void usage(FILE* out) {
       "                    files there are replaced, nothing else)\n"
       "  --stmuxd PATH, --shim PATH, --client PATH, --differential PATH\n"
       "                    the programs (default: next to stmux-fault, as built or installed)\n"
+      "  --raw-client PATH the dos scenario's flooding client, stmux-ipc-client (default:\n"
+      "                    as built, in tests/ beside tools/)\n"
       "Exit 0: every scenario passed; 1: one failed; 2: bad usage; 3: no GPU.\n");
 }
 
@@ -110,6 +116,7 @@ bool parse(int argc, char** argv, Options& o) {
                                  {"shim", required_argument, nullptr, 'S'},
                                  {"client", required_argument, nullptr, 'C'},
                                  {"differential", required_argument, nullptr, 'F'},
+                                 {"raw-client", required_argument, nullptr, 'R'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
   auto bad = [](const char* flag, const char* value, const char* accepted) {
@@ -159,6 +166,9 @@ bool parse(int argc, char** argv, Options& o) {
       case 'F':
         o.differential = optarg;
         break;
+      case 'R':
+        o.raw_client = optarg;
+        break;
       case 'h':
         usage(stdout);
         std::exit(0);
@@ -181,10 +191,12 @@ bool parse(int argc, char** argv, Options& o) {
   if (o.differential.empty()) o.differential = findProgram(self, {"stmux-differential"});
   if (o.stmuxd.empty()) o.stmuxd = findProgram(self, kStmuxdBesideTools);
   if (o.shim.empty()) o.shim = findProgram(self, kShimBesideTools);
+  if (o.raw_client.empty()) o.raw_client = findProgram(self, {"../tests/stmux-ipc-client"});
   for (const auto& [what, path] :
        {std::pair{"stmux-cublas-client (--client)", o.client},
         std::pair{"stmux-differential (--differential)", o.differential},
-        std::pair{"stmuxd (--stmuxd)", o.stmuxd}, std::pair{"libstmux.so (--shim)", o.shim}}) {
+        std::pair{"stmuxd (--stmuxd)", o.stmuxd}, std::pair{"libstmux.so (--shim)", o.shim},
+        std::pair{"stmux-ipc-client (--raw-client)", o.raw_client}}) {
     if (path.empty()) {
       std::fprintf(
           stderr, "stmux-fault: cannot find %s next to stmux-fault; name it with its flag\n", what);
@@ -904,6 +916,9 @@ Result dos(const Options& o, const fs::path& dir) {
       {"greedy", "beside one tenant of 16 threads calling without pause"},
       {"silent", "beside 2,000 connections that never say hello, reopened as they are closed"},
       {"garbage", "beside 4 threads opening connections that send random bytes as their hello"},
+      {"flood", "beside a client pushing requests into its ring without waiting for them"},
+      {"garbage-handles",
+       "beside a client pushing requests with garbage memory handles into its ring"},
   };
   double alone_rate = 0;
   Json rows = Json::array();
@@ -926,12 +941,35 @@ Result dos(const Options& o, const fs::path& dir) {
                              std::ref(garbage[i]));
       std::this_thread::sleep_for(std::chrono::seconds(1));
     }
+    // Flooding through the phase: the checked tenants' start (CUDA's, some
+    // seconds at most) and their dos_s.
+    Process flooder;
+    if (p == "flood" || p == "garbage-handles") {
+      std::vector<std::string> argv = {o.raw_client, "flood",
+                                       "--socket",   s.daemon.socket(),
+                                       "--seconds",  fmt::format("{}", o.dos_s + 6)};
+      if (p == "garbage-handles") argv.emplace_back("--garbage");
+      flooder = Process(argv, {{"LD_PRELOAD", ""}}, (dir / p).string());
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
     // The checked tenants start under the abuse (so their attach is tried
     // under it too) and run for the phase.
     for (int i = 0; i < o.tenants; ++i)
       s.tenants.stress(o.dos_s, 1, 0.5);
     Tally tally;
     s.tenants.reap(tally, true);
+    // The flooding client's place in the daemon while it still floods: what
+    // it has outstanding (bounded by its slots) and how much was refused.
+    double flood_outstanding = -1, flood_refused = -1;
+    if (flooder.running()) {
+      if (auto status = s.daemon.status()) {
+        for (const Json& client : (*status)["clients"]) {
+          if (client.value("name", "") != "ipc_client") continue;
+          flood_outstanding = client.value("outstanding", 0.0);
+          flood_refused = client.value("refused", 0.0);
+        }
+      }
+    }
     stop = true;
     for (std::thread& t : abusers)
       t.join();
@@ -949,6 +987,17 @@ Result dos(const Options& o, const fs::path& dir) {
     if (p == "greedy")
       extra = fmt::format("; the greedy tenant: {:.0f} calls/s", greedy_tally.ok / (o.dos_s + 4));
     if (p == "garbage") extra = fmt::format("; {} garbage hellos sent", sent);
+    std::string flooded;
+    if (p == "flood" || p == "garbage-handles") {
+      const int code = flooder.wait(std::chrono::seconds(60));
+      flooded = firstLine(flooder.out());
+      if (code != 0) {
+        s.result.fail(fmt::format("the flooding client ended with {} {}: {}", code, phase.what,
+                                  firstLine(flooder.err() + flooder.out())));
+      }
+      extra = fmt::format("; {}; it had {:.0f} requests outstanding, {:.0f} refused", flooded,
+                          flood_outstanding, flood_refused);
+    }
     say(s.name,
         fmt::format("{}: {:.0f} checked calls/s ({:.2f}x alone), {:.1f}% served{}", phase.what,
                     rate, alone_rate > 0 ? rate / alone_rate : 0.0, 100 * share, extra));
@@ -963,6 +1012,9 @@ Result dos(const Options& o, const fs::path& dir) {
                         {"vs_alone", alone_rate > 0 ? rate / alone_rate : 0.0},
                         {"served_share", share},
                         {"garbage_hellos", sent},
+                        {"flooder", flooded},
+                        {"flooder_outstanding", flood_outstanding},
+                        {"flooder_refused", flood_refused},
                         {"checked", tally.json()}});
   }
   s.result.figures["phases"] = rows;
