@@ -525,7 +525,9 @@ int flood(stmux::shim::Connection& connection, double seconds, bool garbage, std
       byte = static_cast<std::uint8_t>(random());
   };
   std::uint64_t pushed = 0, full = 0;
-  const std::uint64_t end = stmux::nowNs() + static_cast<std::uint64_t>(seconds * 1e9);
+  const std::uint64_t start = stmux::nowNs();
+  const std::uint64_t end = start + static_cast<std::uint64_t>(seconds * 1e9);
+  std::string ended = "its time ran out";
   for (std::uint32_t i = 0; stmux::nowNs() < end; ++i) {
     request.slot = i % slots;
     request.generation = stmux::slotArm(view.slot(request.slot));
@@ -540,14 +542,20 @@ int flood(stmux::shim::Connection& connection, double seconds, bool garbage, std
       // Full, and the daemon may be asleep: a control message wakes it (this
       // client bypasses the shim's doorbell along with its slots).
       ++full;
-      if (!connection.sendRelease({0}).ok()) break;  // the daemon hung up on it
+      if (!connection.sendRelease({0}).ok()) {
+        char why[64];
+        std::snprintf(why, sizeof why, "the daemon hung up on it after %.1f s",
+                      static_cast<double>(stmux::nowNs() - start) / 1e9);
+        ended = why;
+        break;
+      }
       std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   }
-  std::printf("flood pushed %llu requests in %.1f s (%s), the ring full %llu times\n",
-              static_cast<unsigned long long>(pushed), seconds,
-              garbage ? "garbage handles" : "valid requests",
-              static_cast<unsigned long long>(full));
+  std::printf("flood pushed %llu %s, the ring full %llu times; %s\n",
+              static_cast<unsigned long long>(pushed),
+              garbage ? "requests with garbage handles" : "valid requests",
+              static_cast<unsigned long long>(full), ended.c_str());
   return 0;
 }
 
