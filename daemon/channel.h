@@ -121,10 +121,27 @@ class ExecutorChannel {
     overflow_.push_back(std::move(command));
     flush();
   }
-  void postOpen(std::unique_ptr<OpenJob> job) {
-    const std::uint32_t client = job->client->id;
-    waiting_opens_[client].push_back(std::move(job));
+  // At most `most` of a client's opens wait: beyond, its oldest is dropped,
+  // handed back (takeOpened) as an open that failed. A client whose requests
+  // are cancelled while their memory waits to be opened (a hostile one
+  // re-arming its slots, issue 14) left their opens queued here without
+  // bound; the oldest is the likeliest no longer wanted, and a request that
+  // still wanted it is declined, to run in its caller.
+  void postOpen(std::unique_ptr<OpenJob> job, std::size_t most) {
+    auto& waiting = waiting_opens_[job->client->id];
+    waiting.push_back(std::move(job));
     ++waiting_open_count_;
+    if (waiting.size() > most) {
+      std::unique_ptr<OpenJob> oldest = std::move(waiting.front());
+      waiting.pop_front();
+      --waiting_open_count_;
+      oldest->ok = false;
+      oldest->error =
+          "dropped unopened: its client had more allocations waiting to be opened "
+          "than its requests can use";
+      dropped_opens_.push_back(std::move(oldest));
+      wakeScheduler();
+    }
     flush();
   }
   // The opens of a client that left, not yet given to the mapper.
@@ -159,7 +176,13 @@ class ExecutorChannel {
     std::lock_guard lock(given_up_mutex_);
     return std::exchange(given_up_, {});
   }
+  // The mapper's answers, and the opens dropped unopened (postOpen).
   std::unique_ptr<OpenJob> takeOpened() {
+    if (!dropped_opens_.empty()) {
+      std::unique_ptr<OpenJob> job = std::move(dropped_opens_.front());
+      dropped_opens_.pop_front();
+      return job;
+    }
     std::unique_ptr<OpenJob> job = take(opened_);
     if (job) --opens_given_;
     return job;
@@ -216,7 +239,12 @@ class ExecutorChannel {
     wakeScheduler();
     return first;
   }
-  std::size_t backlog() const { return overflow_.size() + waiting_open_count_; }
+  // What waits for the executor or the mapper (the daemon is busy while any
+  // does), and what waits for the executor alone.
+  std::size_t backlog() const {
+    return overflow_.size() + waiting_open_count_ + dropped_opens_.size();
+  }
+  std::size_t commandBacklog() const { return overflow_.size(); }
 
   ~ExecutorChannel() {
     while (takeCommand()) {
@@ -300,6 +328,7 @@ class ExecutorChannel {
   std::deque<std::unique_ptr<ExecCommand>> overflow_;
   std::map<std::uint32_t, std::deque<std::unique_ptr<OpenJob>>> waiting_opens_;  // by client id
   std::size_t waiting_open_count_ = 0;
+  std::deque<std::unique_ptr<OpenJob>> dropped_opens_;
   std::uint32_t last_open_client_ = 0;
   std::size_t opens_given_ = 0;
   Bell executor_bell_, mapper_bell_;

@@ -40,10 +40,16 @@ constexpr std::uint64_t kReadyLookMaxNs = 1'000'000;
 // than one such allocation, never both find all theirs mapped: unbounded,
 // the mapper opened for ever (fuzz_ring's inputs that did not settle).
 constexpr std::uint32_t kMostOpensPerRequest = 16;
-// Commands (and opens) waiting for an executor's queue beyond which release
-// notices are no longer taken from the clients (takesNotices): as many as
-// the queue holds, some 63,000 allocation ids.
+// Commands waiting for an executor's queue beyond which release notices are
+// no longer taken from the clients (takesNotices): as many as the queue
+// holds, some 63,000 allocation ids. Opens waiting for the mapper do not
+// count: a notice adds none, and one client's opens held back every client's
+// notices (issue 14, a flood of garbage memory handles).
 constexpr std::size_t kMostWaitingCommands = 1024;
+// A client's opens waiting for the mapper, per slot: one request's operands
+// (A, B, C and a bias), as many as its requests can use at once
+// (ExecutorChannel::postOpen).
+constexpr std::size_t kMostOpensPerSlot = 4;
 
 // Calls `f` with each operand a (valid) request reads or writes.
 template <class F>
@@ -270,7 +276,8 @@ Scheduler::Mapping Scheduler::memoryMapped(Gpu& gpu, Queued& item) {
     auto job = std::make_unique<OpenJob>();
     job->client = item.client;
     job->operand = operand;
-    gpu.channel->postOpen(std::move(job));
+    gpu.channel->postOpen(std::move(job),
+                          kMostOpensPerSlot * item.client->view.layout().slot_count);
   });
   if (unmappable) return Mapping::kUnmappable;
   return all ? Mapping::kMapped : Mapping::kOpening;
@@ -473,8 +480,9 @@ bool Scheduler::takesNotices() const {
   // Each notice is a command for every GPU's executor, posted at once; an
   // executor that takes none for a while (a long batch, an open on its own
   // thread) left a flood of them piling up here without bound.
-  return std::all_of(gpus_.begin(), gpus_.end(),
-                     [](const Gpu& gpu) { return gpu.channel->backlog() < kMostWaitingCommands; });
+  return std::all_of(gpus_.begin(), gpus_.end(), [](const Gpu& gpu) {
+    return gpu.channel->commandBacklog() < kMostWaitingCommands;
+  });
 }
 
 bool Scheduler::busy() const {
