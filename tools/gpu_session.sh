@@ -3,6 +3,7 @@
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu asan launch drift bench transport handoff waiters sync modes wakers graphs
 #   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build mpskill
+#   daemon-ab
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -27,7 +28,8 @@
 # ceiling's loop over time into the host's call and the GPU's work
 # (stmux-launch-bench --drift); placement confines stmuxd's threads to
 # each CPU list of $PLACEMENTS (taskset); fuzz runs each carried libFuzzer target
-# for $FUZZ_RUNS inputs
+# for $FUZZ_RUNS inputs; daemon-ab runs $BENCH_ARGS with this tree's stmuxd,
+# the one of $OLD_TARBALL (a gzipped git archive), and this tree's again
 # The GPU's clocks, power and temperature are sampled every 0.5 s throughout
 # into $OUT/gpu-clocks.csv (nvidia-smi, read only), and the demo and bench
 # steps print each row's SM clock beside its rate.
@@ -220,6 +222,33 @@ for step in "$@"; do
         >/dev/null 2>&1
       grep -vE "^\[[0-9]+/" "$out/bench.log" | tail -45
       clocks_by_row /tmp/stmux-bench/bench.json | tee -a "$out/bench.log" ;;
+    daemon-ab)
+      # A change to stmuxd measured against the tree before it, in one call:
+      # $OLD_TARBALL (`git archive <commit> | gzip`, carried with the work
+      # tree) is unpacked and its stmuxd alone built, then stmux-bench runs
+      # $BENCH_ARGS three times, with this tree's stmuxd, the old one (--stmuxd),
+      # and this tree's again, so that drift over the call shows; everything
+      # but the daemon is this tree's.
+      old=/tmp/stmux-old-tree
+      if [ ! -f "${OLD_TARBALL:-}" ]; then
+        echo "stmux: daemon-ab needs OLD_TARBALL, a gzipped git archive of the tree to compare with" >&2
+        status=1; continue
+      fi
+      generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
+      rm -rf "$old" && mkdir -p "$old" && tar xzf "$OLD_TARBALL" -C "$old"
+      if ! { cmake -S "$old" -B "$old/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+             && cmake --build "$old/build" -j"$jobs" --target stmuxd; } >"$out/daemon-ab-build.log" 2>&1; then
+        tail -20 "$out/daemon-ab-build.log"; status=1; continue
+      fi
+      for run in new old new-again; do
+        daemon=$build/daemon/stmuxd
+        [ "$run" = old ] && daemon=$old/build/daemon/stmuxd
+        # shellcheck disable=SC2086  # BENCH_ARGS is split into flags on purpose
+        "$build/tools/stmux-bench" --out "/tmp/stmux-ab-$run" --stmuxd "$daemon" ${BENCH_ARGS:-} \
+          >"$out/daemon-ab-$run.log" 2>&1 || status=1
+        cp "/tmp/stmux-ab-$run/bench.json" "$out/daemon-ab-$run.json" 2>/dev/null
+        grep -E "^(cube|rnn|resnet|mixed|torch|[0-9]+x)" "$out/daemon-ab-$run.log" | sed "s/^/$run: /"
+      done ;;
     sync)
       # Issue 17: how tenants wait. stmux on MPS with STMUX_SYNC=keep and
       # auto, MPS alone with its tenants spinning (CUDA's default) and
