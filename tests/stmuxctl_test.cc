@@ -325,6 +325,41 @@ TEST(Stmuxctl, ATenantsNameCannotDriveTheTerminal) {
   EXPECT_TRUE(contains(human.out, R"(evil\x1b]0;owned\x07\u009b)")) << human.out;
 }
 
+// The status of more clients than one message of the socket holds (issue 14:
+// it failed beyond about 490) comes in parts, and stmuxctl reads them all.
+TEST(Stmuxctl, ShowsEveryClientOfADaemonWithOverAThousand) {
+  constexpr int kClients = 1100;
+  const testing::FileLimit files(8 * kClients);  // both ends of each connection live here
+  if (!files.ok()) GTEST_SKIP() << "needs " << 8 * kClients << " open files, past the hard limit";
+  TempDir dir;
+  testing::TestSink sink;
+  auto options = testing::serverOptions(dir);
+  options.slots = 8;
+  options.max_clients = 2 * kClients;
+  options.max_clients_per_uid = 2 * kClients;  // all of them are this test's
+  testing::ServerThread server(options, sink);
+  std::vector<std::unique_ptr<shim::Connection>> tenants;
+  shim::ConnectOptions connect;
+  connect.socket_path = dir.socket();
+  for (int i = 0; i < kClients; ++i) {
+    connect.name = "tenant-" + std::to_string(i);
+    auto tenant = shim::Connection::open(connect);
+    ASSERT_TRUE(tenant.ok()) << "tenant " << i << ": " << tenant.message();
+    tenants.push_back(std::move(tenant).value());
+  }
+  const CtlRun json = runCtl({"status", "--json"}, {"STMUX_SOCKET=" + dir.socket()});
+  ASSERT_EQ(json.exit_code, 0) << describe(json);
+  auto parsed = parseJson(json.out, "stmuxctl's output", kMaxStatusBytes);
+  ASSERT_TRUE(parsed.ok()) << parsed.message();
+  const Json* clients = jsonFind(parsed.value(), "clients");
+  ASSERT_NE(clients, nullptr);
+  EXPECT_EQ(clients->size(), std::size_t{kClients});
+  const CtlRun human = runCtl({"status"}, {"STMUX_SOCKET=" + dir.socket()});
+  ASSERT_EQ(human.exit_code, 0) << describe(human);
+  EXPECT_TRUE(contains(human.out, " tenant-1099 ")) << "the last client is missing";
+  EXPECT_TRUE(contains(lineStarting(human.out, "total"), "1100 clients")) << human.out;
+}
+
 TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   TempDir dir;
   ScriptedDaemon daemon(dir.socket(), ScriptedDaemon::reply(kFullReply));

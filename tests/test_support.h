@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -141,6 +142,30 @@ class ServerThread {
   daemon::Server server_;
   std::atomic<bool> ended_{false};
   std::thread thread_;
+};
+
+// This process's soft limit on open files raised to at least `needed` for
+// the object's life, where the hard limit allows (ok(); a test skips where
+// not).
+class FileLimit {
+ public:
+  explicit FileLimit(rlim_t needed) {
+    if (::getrlimit(RLIMIT_NOFILE, &before_) != 0) return;
+    if (before_.rlim_max != RLIM_INFINITY && before_.rlim_max < needed) return;
+    rlimit raised = before_;
+    raised.rlim_cur = std::max<rlim_t>(raised.rlim_cur, needed);
+    ok_ = ::setrlimit(RLIMIT_NOFILE, &raised) == 0;
+  }
+  ~FileLimit() {
+    if (ok_) ::setrlimit(RLIMIT_NOFILE, &before_);
+  }
+  FileLimit(const FileLimit&) = delete;
+  FileLimit& operator=(const FileLimit&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  rlimit before_{};
+  bool ok_ = false;
 };
 
 inline daemon::ServerOptions serverOptions(const TempDir& dir) {
