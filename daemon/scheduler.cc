@@ -492,13 +492,29 @@ bool Scheduler::busy() const {
 }
 
 std::string Scheduler::mustEnd() const {
+  const auto broken = [](const Gpu& gpu) {
+    return gpu.channel->gauges().broken.load(std::memory_order_relaxed);
+  };
   for (const Gpu& gpu : gpus_) {
-    if (gpu.info.mps && gpu.channel->gauges().broken.load(std::memory_order_relaxed)) {
+    if (gpu.info.mps && broken(gpu)) {
       return fmt::format(
           "GPU {} failed on MPS: the MPS server takes no new client until every client it "
           "faulted has exited, this daemon included",
           gpu.info.index);
     }
+  }
+  // Off MPS a failed context is this process's alone: one started again
+  // gets a new one. A daemon with a GPU still working stays up for it.
+  if (!gpus_.empty() && std::all_of(gpus_.begin(), gpus_.end(), broken)) {
+    return gpus_.size() == 1
+               ? fmt::format(
+                     "GPU {} failed, the only one this daemon serves: a daemon started "
+                     "again has a new CUDA context on it",
+                     gpus_.front().info.index)
+               : fmt::format(
+                     "all {} GPUs this daemon serves failed: a daemon started again has "
+                     "new CUDA contexts on them",
+                     gpus_.size());
   }
   return {};
 }

@@ -134,19 +134,40 @@ TEST(Scheduler, AGpuThatFailsOnMpsEndsTheDaemonWhichSaysWhy) {
   EXPECT_TRUE(testing::waitFor([&] { return !connection->alive(); })) << "the client was kept";
 }
 
-// Off MPS the daemon stays up: that GPU's calls are declined (their shims
-// run them directly), its other GPUs served.
-TEST(Scheduler, AGpuThatFailsOffMpsLeavesTheDaemonUpDecliningItsCalls) {
+// Off MPS, a daemon whose only GPU failed ends too (a daemon started again
+// gets a new context); it stayed up declining every call until someone
+// restarted it.
+TEST(Scheduler, ADaemonWhoseOnlyGpuFailsOffMpsEnds) {
   TempDir dir;
   Daemon daemon(dir);
   auto connection = connect(dir);
   ASSERT_TRUE(connection);
+  ASSERT_EQ(call(*connection, validRequest()), kStatusSuccess);
   EXPECT_TRUE(daemon.channel().markBroken());
   EXPECT_FALSE(daemon.channel().markBroken()) << "broken once";
-  EXPECT_EQ(call(*connection, validRequest()), kStatusDeclined);
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  EXPECT_FALSE(daemon.ended());
-  EXPECT_EQ(call(*connection, validRequest()), kStatusDeclined);
+  ASSERT_TRUE(testing::waitFor([&] { return daemon.ended(); })) << "the daemon did not end";
+  EXPECT_NE(daemon.failure().find("GPU 0 failed, the only one this daemon serves"),
+            std::string::npos)
+      << daemon.failure();
+  EXPECT_TRUE(testing::waitFor([&] { return !connection->alive(); })) << "the client was kept";
+}
+
+// Off MPS, with a GPU still working, the daemon stays up for it: the failed
+// one's calls are declined (their shims run them directly).
+TEST(Scheduler, ADaemonWithAGpuStillWorkingOffMpsStaysUpUntilEveryGpuFailed) {
+  UniqueFd wake = Scheduler::makeWakeFd();
+  ExecutorChannel first(wake.get()), second(wake.get());
+  Scheduler scheduler(
+      BatcherOptions{},
+      {GpuInfo{0, uuid(0xa0), "fake", false}, GpuInfo{1, uuid(0xa1), "fake", false}},
+      {&first, &second});
+  EXPECT_EQ(scheduler.mustEnd(), "");
+  first.markBroken();
+  EXPECT_EQ(scheduler.mustEnd(), "") << "GPU 1 still serves";
+  second.markBroken();
+  EXPECT_EQ(scheduler.mustEnd(),
+            "all 2 GPUs this daemon serves failed: a daemon started again has new CUDA contexts "
+            "on them");
 }
 
 // Submits a call and, once the daemon runs it, sends a malformed control
