@@ -8,7 +8,9 @@
 
 #include <sys/resource.h>
 
+#include <atomic>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -430,6 +432,45 @@ Request requestOn(std::uint64_t first) {
   return r;
 }
 
+// A hostile client writing its ring itself, bypassing the shim's slots: a
+// thread pushes `next()`'s requests as fast as the ring takes them, re-arming
+// slot after slot without waiting for answers, until the object goes.
+class RingFlood {
+ public:
+  RingFlood(shim::Connection& client, std::function<Request()> next)
+      : client_(client),
+        ring_(client.view().ringHeader(), client.view().cells(),
+              client.view().layout().ring_capacity),
+        thread_([this, next = std::move(next)] {
+          const std::uint32_t slots = client_.slotCount();
+          for (std::uint32_t i = 0; flooding_; ++i) {
+            Request request = next();
+            request.slot = i % slots;
+            request.generation = slotArm(client_.view().slot(request.slot));
+            if (ring_.tryPush(request)) {
+              ++pushed_;
+            } else {
+              // Full, and the daemon may be asleep: a control message wakes it
+              // (this client bypasses the shim's doorbell along with its slots).
+              (void)client_.sendRelease({0});
+              std::this_thread::sleep_for(std::chrono::microseconds(200));
+            }
+          }
+        }) {}
+  ~RingFlood() {
+    flooding_ = false;
+    thread_.join();
+  }
+  std::uint64_t pushed() const { return pushed_; }
+
+ private:
+  shim::Connection& client_;
+  RingProducer<Request> ring_;
+  std::atomic<bool> flooding_{true};
+  std::atomic<std::uint64_t> pushed_{0};
+  std::thread thread_;  // last: it starts once the rest is made
+};
+
 // Has the mapper open allocations from id `first` on only once `let_go`
 // is set (a slow open), the others at once.
 void holdOpens(FakeExecutor& executor, const std::atomic<bool>& let_go, std::uint64_t first = 0) {
@@ -714,34 +755,9 @@ TEST(Scheduler, AClientFloodingItsRingIsHeldToItsSlotsAndOthersAreServed) {
   auto honest = connect(dir);
   ASSERT_TRUE(hostile && honest);
   const std::uint32_t slots = hostile->slotCount();
-  RingProducer<Request> ring(hostile->view().ringHeader(), hostile->view().cells(),
-                             hostile->view().layout().ring_capacity);
-  std::atomic<bool> flooding{true};
-  std::atomic<std::uint64_t> pushed{0};
-  std::thread flood([&] {
-    Request request = validRequest();
-    for (std::uint32_t i = 0; flooding; ++i) {
-      request.slot = i % slots;
-      request.generation = slotArm(hostile->view().slot(request.slot));
-      if (ring.tryPush(request)) {
-        ++pushed;
-      } else {
-        // Full, and the daemon may be asleep: a control message wakes it (this
-        // client bypasses the shim's doorbell along with its slots).
-        (void)hostile->sendRelease({0});
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
-      }
-    }
-  });
-  struct StopFlood {
-    std::atomic<bool>& flooding;
-    std::thread& thread;
-    ~StopFlood() {
-      flooding = false;
-      thread.join();
-    }
-  } stop_flood{flooding, flood};
-  ASSERT_TRUE(testing::waitFor([&] { return pushed > 20 * slots; }, std::chrono::seconds(20)));
+  const RingFlood flood(*hostile, validRequest);
+  ASSERT_TRUE(
+      testing::waitFor([&] { return flood.pushed() > 20 * slots; }, std::chrono::seconds(20)));
   double most = 0;
   for (int i = 0; i < 20; ++i) {
     most = std::max(most, clientField(dir, hostile->clientId(), "outstanding"));
@@ -773,34 +789,14 @@ TEST(Scheduler, AFloodOfUnopenableMemoryHoldsUpNoOtherClientsNotices) {
   ASSERT_TRUE(hostile && honest);
   ASSERT_EQ(call(*honest, requestOn(1)), kStatusSuccess);  // 1, 2, 3 mapped
   const std::uint32_t slots = hostile->slotCount();
-  RingProducer<Request> ring(hostile->view().ringHeader(), hostile->view().cells(),
-                             hostile->view().layout().ring_capacity);
-  std::atomic<bool> flooding{true};
-  std::atomic<std::uint64_t> pushed{0};
-  std::thread flood([&] {
-    std::uint64_t next = kGarbage;
-    for (std::uint32_t i = 0; flooding; ++i) {
-      Request request = requestOn(next);
-      next += 3;
-      request.slot = i % slots;
-      request.generation = slotArm(hostile->view().slot(request.slot));
-      if (ring.tryPush(request)) {
-        ++pushed;
-      } else {
-        (void)hostile->sendRelease({0});
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
-      }
-    }
+  std::uint64_t next = kGarbage;  // the flood's thread alone uses it
+  const RingFlood flood(*hostile, [&next] {
+    const Request request = requestOn(next);
+    next += 3;
+    return request;
   });
-  struct StopFlood {
-    std::atomic<bool>& flooding;
-    std::thread& thread;
-    ~StopFlood() {
-      flooding = false;
-      thread.join();
-    }
-  } stop_flood{flooding, flood};
-  ASSERT_TRUE(testing::waitFor([&] { return pushed > 40 * slots; }, std::chrono::seconds(20)));
+  ASSERT_TRUE(
+      testing::waitFor([&] { return flood.pushed() > 40 * slots; }, std::chrono::seconds(20)));
   // What waits to be opened stays about what the client's own requests can
   // use (4 operands a slot; those dropped in the scheduler's last look
   // still counted): without the bound it grew by every re-armed slot's.

@@ -45,6 +45,7 @@ if [ $# -eq 0 ] || [ "$1" = "--help" ]; then
   exit 0
 fi
 status=0
+generator=(); command -v ninja >/dev/null && generator=(-G Ninja)  # the build steps'
 
 # The card as the steps found it (METHOD.md: measure it as it is, never set
 # its clocks): a sample every 0.5 s, the throttle reasons where this
@@ -105,7 +106,6 @@ for step in "$@"; do
         >"$out/info.log" 2>&1
       grep -E "NVIDIA H|Driver Version" "$out/info.log" | head -3 ;;
     build)
-      generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
       if ! { cmake -S . -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTMUX_WERROR=ON \
              && cmake --build "$build" -j"$jobs"; } >"$out/build.log" 2>&1; then
         tail -40 "$out/build.log"; exit 1
@@ -234,7 +234,6 @@ for step in "$@"; do
         echo "stmux: daemon-ab needs OLD_TARBALL, a gzipped git archive of the tree to compare with" >&2
         status=1; continue
       fi
-      generator=(); command -v ninja >/dev/null && generator=(-G Ninja)
       rm -rf "$old" && mkdir -p "$old" && tar xzf "$OLD_TARBALL" -C "$old"
       if ! { cmake -S "$old" -B "$old/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
              && cmake --build "$old/build" -j"$jobs" --target stmuxd; } >"$out/daemon-ab-build.log" 2>&1; then
