@@ -943,8 +943,9 @@ Result dos(const Options& o, const fs::path& dir) {
     }
     // Flooding through the phase: the checked tenants' start (CUDA's, some
     // seconds at most) and their dos_s.
+    const bool floods = p == "flood" || p == "garbage-handles";
     Process flooder;
-    if (p == "flood" || p == "garbage-handles") {
+    if (floods) {
       std::vector<std::string> argv = {o.raw_client, "flood",
                                        "--socket",   s.daemon.socket(),
                                        "--seconds",  fmt::format("{}", o.dos_s + 6)};
@@ -988,7 +989,7 @@ Result dos(const Options& o, const fs::path& dir) {
       extra = fmt::format("; the greedy tenant: {:.0f} calls/s", greedy_tally.ok / (o.dos_s + 4));
     if (p == "garbage") extra = fmt::format("; {} garbage hellos sent", sent);
     std::string flooded;
-    if (p == "flood" || p == "garbage-handles") {
+    if (floods) {
       const int code = flooder.wait(std::chrono::seconds(60));
       // Its one line of figures, after the seed it printed.
       const std::string out = flooder.out();
