@@ -492,20 +492,23 @@ bool Scheduler::busy() const {
 }
 
 std::string Scheduler::mustEnd() const {
-  const auto broken = [](const Gpu& gpu) {
-    return gpu.channel->gauges().broken.load(std::memory_order_relaxed);
-  };
+  // Each executor marks its GPU broken on its own thread: each flag is read
+  // once, so that a GPU failing on MPS between two reads is not taken for
+  // one that failed off it.
+  std::size_t broken = 0;
   for (const Gpu& gpu : gpus_) {
-    if (gpu.info.mps && broken(gpu)) {
+    if (!gpu.channel->gauges().broken.load(std::memory_order_relaxed)) continue;
+    if (gpu.info.mps) {
       return fmt::format(
           "GPU {} failed on MPS: the MPS server takes no new client until every client it "
           "faulted has exited, this daemon included",
           gpu.info.index);
     }
+    ++broken;
   }
   // Off MPS a failed context is this process's alone: one started again
   // gets a new one. A daemon with a GPU still working stays up for it.
-  if (!gpus_.empty() && std::all_of(gpus_.begin(), gpus_.end(), broken)) {
+  if (!gpus_.empty() && broken == gpus_.size()) {
     return gpus_.size() == 1
                ? fmt::format(
                      "GPU {} failed, the only one this daemon serves: a daemon started "
