@@ -94,6 +94,9 @@ struct ExecutorGauges {
   // (more than kEpilogueInlineItems epilogues in the batch); the others
   // carried theirs in the launch's parameters.
   std::atomic<std::uint64_t> epilogue_copies{0};
+  // Batches whose pointer arrays were copied to device memory: those with a
+  // batched or grouped launch, the only launches that read them.
+  std::atomic<std::uint64_t> pointer_copies{0};
   // STMUX_LAUNCH_GRAPHS: batches launched by replaying a graph, and graphs
   // captured (daemon/launch_graphs.h).
   std::atomic<std::uint64_t> graph_launches{0};

@@ -577,6 +577,7 @@ void Scheduler::addStatus(Json& status) const {
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
     entry["epilogue_copies"] = gauges.epilogue_copies.load();
+    entry["pointer_copies"] = gauges.pointer_copies.load();
     entry["graph_launches"] = gauges.graph_launches.load();
     entry["graph_captures"] = gauges.graph_captures.load();
     entry["mapped"] = gauges.mapped.load();

@@ -42,6 +42,12 @@ TEST_F(StmuxdOnGpu, TheCaseMatrixFromOneProcessIsRight) {
   expectPasses(c, "case matrix");
   EXPECT_EQ(countOf(c.out(), "FAIL"), 0) << c.out();
   EXPECT_GE(countOf(c.out(), "ok "), 20) << c.out();
+  // One call at a time: each batch is one request, launched with its
+  // operands themselves, so no pointer array goes to the GPU.
+  auto status = daemonStatus(dir_.socket());
+  ASSERT_TRUE(status.has_value());
+  EXPECT_GE(gpuField(*status, "batches"), 20);
+  EXPECT_EQ(gpuField(*status, "pointer_copies"), 0);
 }
 
 TEST_F(StmuxdOnGpu, MixedShapesShareBatchesAndStayRight) {
@@ -90,6 +96,7 @@ TEST_F(StmuxdOnGpu, EpiloguesAreAppliedAfterTheLaunchesTheyShareWithPlainRequest
   EXPECT_GE(gpuField(*status, "epilogue_launches"), 1);
   EXPECT_LE(gpuField(*status, "epilogue_launches"), gpuField(*status, "batches"));
   EXPECT_EQ(gpuField(*status, "epilogue_copies"), 0) << "10 epilogues fit a launch's parameters";
+  EXPECT_GE(gpuField(*status, "pointer_copies"), 1) << "the cases' batched launches read arrays";
   const Json* broken = jsonFind(jsonAt(jsonFind(*status, "gpus"), 0), "broken");
   ASSERT_NE(broken, nullptr);
   EXPECT_FALSE(jsonBool(broken, true)) << "the daemon lost its GPU";
