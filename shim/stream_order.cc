@@ -246,7 +246,7 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
              f.ticket.generation == mine.generation;
     });
   };
-  if (queued) {
+  if (queued && !stopped_) {
     if (auto found = mineIn(); found != in_flight_.end()) {
       found->report.reset();
     } else if (report->has_value()) {
@@ -255,13 +255,20 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
     return Queued::kYes;
   }
   // No kernel behind the wait: should the shim take the call over, nothing
-  // would compute it. Wait until it is settled; if the daemon did not finish
-  // it, the caller runs it directly, behind the wait.
+  // would compute it. Or no watcher left: stop() gave up waiting for this
+  // thread (a push waits for room in the ring up to the call's deadline), and
+  // nobody else would let the stream go should the daemon decline the call.
+  // Wait until it is settled, taking it over here once the watcher is gone;
+  // if the daemon did not finish it, the kernel computes it, or else the
+  // caller runs it directly, behind the wait.
   while (mineIn() != in_flight_.end()) {
-    reapLocked(/*watcher=*/false);
+    reapLocked(/*watcher=*/stopped_);
     changed_.wait_for(lock, std::chrono::microseconds(20));
   }
-  return report->has_value() && (*report)->direct ? Queued::kCudaError : Queued::kYes;
+  if (!report->has_value() || !(*report)->direct) return Queued::kYes;
+  if (!queued) return Queued::kCudaError;
+  account_(conn, **report);
+  return Queued::kYes;
 }
 
 void StreamOrder::retireLocked(InFlight entry) {

@@ -570,6 +570,24 @@ TEST_F(StreamOrderTest, ACallThatGetsItsSlotAfterStopGaveUpIsNotQueuedOnItsStrea
   EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the stream was left waiting";
 }
 
+// The same with the thread past its slot: stop() gave up while it was
+// between its stream's wait and the daemon's having the call (a push waits
+// for room in the ring up to the call's deadline), the watcher left, and a
+// decline left the stream waiting for ever (found by review).
+TEST_F(StreamOrderTest, ACallHandedToTheDaemonAfterStopGaveUpIsStillLetGoWhenDeclined) {
+  gpu_.on_wait_queued = [&] { order_->stop(kSecond / 5); };  // gives up on this thread
+  Request r = daemon::validRequest();
+  r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve: declined
+  float c = 0.0f;
+  EXPECT_EQ(submit(&c, r), StreamOrder::Queued::kYes);
+  gpu_.on_wait_queued = nullptr;
+  EXPECT_TRUE(gpu_.stream.drained(2 * kSecond)) << "the declined call's stream was left waiting";
+  EXPECT_EQ(c, 42.0f) << "the kernel did not compute the declined call";
+  ASSERT_TRUE(settled(1));
+  ASSERT_TRUE(outcomes()[0].direct.has_value());
+  EXPECT_EQ(*outcomes()[0].direct, Fallback::kDeclined);
+}
+
 // A slot's takeover word moved only at takeovers, and the kernel's test of it
 // is cyclic: 2^31 calls on a slot later, every call the daemon served there
 // was computed a second time by the shim's kernel (found by review).
