@@ -561,8 +561,9 @@ void Scheduler::addStatus(Json& status) const {
     round["gpu"] = mean(r.gpu_ns, r.completed);
     round["publish"] = mean(r.publish_ns, r.completed);
     // Per caller woken, not per request: from its batch seen done to its wake.
-    const std::uint64_t wakes = gauges.wakes.load();
-    round["wake"] = mean(gauges.wake_ns.load(), wakes);
+    const std::uint64_t wakes = gauges.wakes.load(std::memory_order_acquire);
+    const std::uint64_t wake_ns = gauges.wake_ns.load(std::memory_order_relaxed);
+    round["wake"] = mean(wake_ns, wakes);
     entry["wakes"] = wakes;
     // The same as sums and counts since start, so that a reader can take the
     // means over a span of its own (stmux-bench's timed span).
@@ -573,7 +574,7 @@ void Scheduler::addStatus(Json& status) const {
     sums["batches"] = stats.batches;
     sums["completed"] = r.completed, sums["handoff_ns"] = r.handoff_ns;
     sums["launch_ns"] = r.launch_ns, sums["gpu_ns"] = r.gpu_ns, sums["publish_ns"] = r.publish_ns;
-    sums["wakes"] = wakes, sums["wake_ns"] = gauges.wake_ns.load();
+    sums["wakes"] = wakes, sums["wake_ns"] = wake_ns;
     entry["cublas_launches"] = gauges.launches.load();
     entry["epilogue_launches"] = gauges.epilogue_launches.load();
     entry["epilogue_copies"] = gauges.epilogue_copies.load();

@@ -60,9 +60,11 @@ void Wakers::publish(Batch& batch, std::span<const std::int32_t> statuses) {
 void Wakers::wake(const Sleeper& sleeper) {
   slotWake(sleeper.client->view.slot(sleeper.slot));
   const std::uint64_t now = nowNs();
-  gauges_.wakes.fetch_add(1, std::memory_order_relaxed);
+  // The time first, the count after it (release): a reader that loads the
+  // count, then the time, has every counted wake's time in the sum.
   gauges_.wake_ns.fetch_add(now >= sleeper.seen_ns ? now - sleeper.seen_ns : 0,
                             std::memory_order_relaxed);
+  gauges_.wakes.fetch_add(1, std::memory_order_release);
 }
 
 void Wakers::run(Thread& thread) {

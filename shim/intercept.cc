@@ -761,10 +761,12 @@ Route Shim::chooseRoute(Connection& connection) {
   RouteDecision decision;
   Route route;
   {
+    // The word stored under the lock: two threads' stores out of the
+    // chooser's order could leave it saying the route before the last change.
     std::lock_guard lock(route_mutex_);
     route = chooser_.onCall(nowNs(), connection.otherTenants() > 0, &decision);
+    connection.counters().route.store(static_cast<std::uint32_t>(route), std::memory_order_relaxed);
   }
-  connection.counters().route.store(static_cast<std::uint32_t>(route), std::memory_order_relaxed);
   if (decision.company) {
     STMUX_INFO(kShim, "other tenants are making calls: this process's calls go to stmuxd again");
     return route;

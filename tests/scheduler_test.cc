@@ -203,9 +203,10 @@ TEST(Scheduler, AClientLetGoWhileItsCallRunsIsHungUpOnOnlyOnceTheCallIsAnswered)
   ASSERT_TRUE(connection);
   const std::optional<shim::Ticket> ticket = letGoWhileACallRuns(*connection);
   ASSERT_TRUE(ticket);
+  EXPECT_TRUE(testing::waitFor([&] { return connection->draining(); }))
+      << "new calls would wait on a ring nobody reads";
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
   EXPECT_TRUE(connection->alive()) << "hung up on while its call ran";
-  EXPECT_TRUE(connection->draining()) << "new calls would wait on a ring nobody reads";
   const auto result = connection->wait(*ticket, nowNs() + 10 * kSecond, 10'000);
   EXPECT_EQ(result.outcome, WaitOutcome::kDone);
   EXPECT_EQ(result.status, kStatusSuccess);
@@ -1095,6 +1096,9 @@ TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
   ASSERT_TRUE(connection);
   EXPECT_EQ(call(*connection, validRequest()), kStatusSuccess);
   const StreamRequest sent = submitStreamOrdered(*connection, validRequest());
+  // Its stream's time runs from the daemon's pop: popped first, so that a
+  // pop late on a loaded machine does not shorten it.
+  ASSERT_TRUE(testing::waitFor([&] { return gpuField(dir, "round_sums", "popped") == 2; }));
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   connection->view().slot(sent.ticket.slot).ready.store(sent.seq);
   ASSERT_TRUE(
@@ -1112,9 +1116,11 @@ TEST(Scheduler, StatusSaysWhereARoundsTimeGoes) {
   // One of the two requests waited 50 ms for its stream; that is its
   // stream's time, not the batcher's.
   EXPECT_GE(gpuRound("stream_ready"), 25'000);
-  EXPECT_LT(gpuRound("batch_wait"), 10'000);
+  // Well under the GPU's 30 ms and the stream's 50 ms, with room for a
+  // server thread that a loaded machine keeps off its core for a while.
+  EXPECT_LT(gpuRound("batch_wait"), 25'000);
   EXPECT_GE(gpuRound("ring"), 0);
-  EXPECT_LT(gpuRound("ring"), 10'000);
+  EXPECT_LT(gpuRound("ring"), 25'000);
   EXPECT_GE(gpuRound("handoff"), 0);
   EXPECT_LT(gpuRound("handoff"), 30'000) << "the fake GPU's 30 ms are not in the executor's queue";
   EXPECT_GE(gpuRound("launch"), 0);
