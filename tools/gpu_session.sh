@@ -29,7 +29,8 @@
 # (stmux-launch-bench --drift); placement confines stmuxd's threads to
 # each CPU list of $PLACEMENTS (taskset); fuzz runs each carried libFuzzer target
 # for $FUZZ_RUNS inputs; daemon-ab runs $BENCH_ARGS with this tree's stmuxd,
-# the one of $OLD_TARBALL (a gzipped git archive), and this tree's again
+# the one of each of $OLD_TARBALL (gzipped git archives, space-separated), and
+# this tree's again
 # The GPU's clocks, power and temperature are sampled every 0.5 s throughout
 # into $OUT/gpu-clocks.csv (nvidia-smi, read only), and the demo and bench
 # steps print each row's SM clock beside its rate.
@@ -223,27 +224,37 @@ for step in "$@"; do
       grep -vE "^\[[0-9]+/" "$out/bench.log" | tail -45
       clocks_by_row /tmp/stmux-bench/bench.json | tee -a "$out/bench.log" ;;
     daemon-ab)
-      # A change to stmuxd measured against the tree before it, in one call:
-      # $OLD_TARBALL (`git archive <commit> | gzip`, carried with the work
-      # tree) is unpacked and its stmuxd alone built, then stmux-bench runs
-      # $BENCH_ARGS three times, with this tree's stmuxd, the old one (--stmuxd),
-      # and this tree's again, so that drift over the call shows; everything
-      # but the daemon is this tree's.
-      old=/tmp/stmux-old-tree
-      if [ ! -f "${OLD_TARBALL:-}" ]; then
-        echo "stmux: daemon-ab needs OLD_TARBALL, a gzipped git archive of the tree to compare with" >&2
+      # A change to stmuxd measured against other trees, in one call: each
+      # of $OLD_TARBALL (one or more, space-separated: `git archive <commit>
+      # | gzip`, carried with the work tree) is unpacked and its stmuxd alone
+      # built, then stmux-bench runs $BENCH_ARGS with this tree's stmuxd,
+      # each other one in turn (--stmuxd), and this tree's again, so that
+      # drift over the call shows; everything but the daemon is this tree's.
+      # Each run is named after its tarball (new, <name>..., new-again).
+      read -r -a tarballs <<<"${OLD_TARBALL:-}"
+      if [ ${#tarballs[@]} -eq 0 ]; then
+        echo "stmux: daemon-ab needs OLD_TARBALL, gzipped git archives of the trees to compare with" >&2
         status=1; continue
       fi
-      rm -rf "$old" && mkdir -p "$old" && tar xzf "$OLD_TARBALL" -C "$old"
-      if ! { cmake -S "$old" -B "$old/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-             && cmake --build "$old/build" -j"$jobs" --target stmuxd; } >"$out/daemon-ab-build.log" 2>&1; then
-        tail -20 "$out/daemon-ab-build.log"; status=1; continue
-      fi
-      for run in new old new-again; do
-        daemon=$build/daemon/stmuxd
-        [ "$run" = old ] && daemon=$old/build/daemon/stmuxd
+      runs=(new); declare -A daemons=([new]=$build/daemon/stmuxd [new-again]=$build/daemon/stmuxd)
+      for tarball in "${tarballs[@]}"; do
+        name=$(basename "$tarball"); name=${name%%.*}
+        old=/tmp/stmux-ab-tree-$name
+        if [ ! -f "$tarball" ] || [ -n "${daemons[$name]:-}" ]; then
+          echo "stmux: daemon-ab: $tarball is not a file, or its name ($name) is taken" >&2
+          status=1; continue 2
+        fi
+        rm -rf "$old" && mkdir -p "$old" && tar xzf "$tarball" -C "$old"
+        if ! { cmake -S "$old" -B "$old/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+               && cmake --build "$old/build" -j"$jobs" --target stmuxd; } >"$out/daemon-ab-build-$name.log" 2>&1; then
+          tail -20 "$out/daemon-ab-build-$name.log"; status=1; continue 2
+        fi
+        runs+=("$name"); daemons[$name]=$old/build/daemon/stmuxd
+      done
+      runs+=(new-again)
+      for run in "${runs[@]}"; do
         # shellcheck disable=SC2086  # BENCH_ARGS is split into flags on purpose
-        "$build/tools/stmux-bench" --out "/tmp/stmux-ab-$run" --stmuxd "$daemon" ${BENCH_ARGS:-} \
+        "$build/tools/stmux-bench" --out "/tmp/stmux-ab-$run" --stmuxd "${daemons[$run]}" ${BENCH_ARGS:-} \
           >"$out/daemon-ab-$run.log" 2>&1 || status=1
         cp "/tmp/stmux-ab-$run/bench.json" "$out/daemon-ab-$run.json" 2>/dev/null
         grep -E "^(cube|rnn|resnet|mixed|torch|[0-9]+x)" "$out/daemon-ab-$run.log" | sed "s/^/$run: /"
