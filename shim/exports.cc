@@ -339,10 +339,18 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
     if (layout->rows > INT64_MAX || layout->cols > INT64_MAX) {
       return direct(Fallback::kInvalidArgs);
     }
+    // cuBLASLt "usually" takes only sizes an int32_t holds (cublasLt.h),
+    // where the daemon's cuBLAS would run the _64 calls: left to it.
+    if (layout->rows > INT32_MAX || layout->cols > INT32_MAX || layout->ld > INT32_MAX) {
+      return direct(Fallback::kUnservedForm);
+    }
   }
   if (!validTranspose(transa) || !validTranspose(transb) || ld.count < 1) {
     return direct(Fallback::kInvalidArgs);
   }
+  // The conjugate transpose of real data is its transpose to cuBLAS, but
+  // cuBLASLt does not say so for FP32: left to it.
+  if (transa == kOpC || transb == kOpC) return direct(Fallback::kUnservedForm);
   // D is m x n; op(A) m x k; op(B) k x n; C as D.
   const auto m = static_cast<std::int64_t>(ld.rows), n = static_cast<std::int64_t>(ld.cols);
   const auto a_rows = static_cast<std::int64_t>(la.rows),

@@ -122,6 +122,25 @@ TEST_F(LtRouteTest, PlanarComplexLayoutsRunDirectly) {
   EXPECT_EQ(route(), "unserved_form");
 }
 
+// Forms cuBLASLt does not document for FP32 data, which the daemon's cuBLAS
+// would run all the same: left to cuBLASLt (found by review).
+TEST_F(LtRouteTest, AConjugateTransposeAndSizesBeyondInt32RunDirectly) {
+  set(CUBLASLT_MATMUL_DESC_TRANSA, std::int32_t{CUBLAS_OP_C});
+  EXPECT_EQ(route(), "unserved_form") << "A conjugate-transposed";
+  fresh();
+  set(CUBLASLT_MATMUL_DESC_TRANSB, std::int32_t{CUBLAS_OP_C});
+  EXPECT_EQ(route(), "unserved_form") << "B conjugate-transposed";
+  fresh();
+  set(CUBLASLT_MATMUL_DESC_TRANSA, std::int32_t{CUBLAS_OP_T});
+  EXPECT_EQ(route(), "served") << "A transposed";
+  fresh();
+  set(a_, CUBLASLT_MATRIX_LAYOUT_LD, std::int64_t{1} << 31);
+  EXPECT_EQ(route(), "unserved_form") << "a leading dimension of 2^31";
+  fresh();
+  set(d_, CUBLASLT_MATRIX_LAYOUT_ROWS, std::uint64_t{1} << 31);
+  EXPECT_EQ(route(), "unserved_form") << "2^31 rows";
+}
+
 // cuBLASLt checks C's layout even when beta 0 leaves C unread.
 TEST_F(LtRouteTest, ACLayoutCuBlasLtRefusesRunsDirectlyWhenDIsApart) {
   set(c_, CUBLASLT_MATRIX_LAYOUT_LD, std::int64_t{4});  // fewer than its 8 rows
