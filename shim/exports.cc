@@ -5,7 +5,12 @@
 #include <cublasLt.h>
 #include <cublas_api.h>
 
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <iterator>
 #include <optional>
+#include <unordered_map>
 
 #include "shim/callers.h"
 #include "shim/hooks.h"
@@ -239,6 +244,47 @@ std::optional<std::uint32_t> epilogueOf(std::uint32_t lt) {
   }
 }
 
+// The caller's algorithm (cublasLtMatmul's `algo`): the daemon runs the call
+// its own way, but where cuBLASLt would refuse this algorithm (it does not
+// fit the call, or needs more workspace than the caller gave), the call runs
+// directly, for cuBLASLt to say so (found by review: an autotuner trying
+// every candidate got success from each). cublasLtMatmulAlgoCheck costs
+// microseconds, and a framework passes the same algorithm for the same call
+// again and again: each thread keeps its answers, by what the shim read of
+// the call (all it serves is in `key`) and the algorithm's bytes.
+class AlgoChecks {
+ public:
+  static constexpr std::size_t kKeyWords = 20 + std::size(cublasLtMatmulAlgo_t{}.data);
+  using Key = std::array<std::uint64_t, kKeyWords>;
+
+  static bool fits(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
+                   cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+                   cublasLtMatrixLayout_t d, const cublasLtMatmulAlgo_t& algo,
+                   std::size_t workspace, const Key& key) {
+    thread_local std::unordered_map<Key, bool, Hash> known;
+    if (const auto found = known.find(key); found != known.end()) return found->second;
+    cublasLtMatmulHeuristicResult_t result{};
+    const bool fits = real.cublasLtMatmulAlgoCheck != nullptr &&
+                      real.cublasLtMatmulAlgoCheck(handle, desc, a, b, c, d, &algo, &result) ==
+                          CUBLAS_STATUS_SUCCESS &&
+                      result.state == CUBLAS_STATUS_SUCCESS && result.workspaceSize <= workspace;
+    if (known.size() >= kMostKept) known.clear();  // a few calls' checks again
+    known.emplace(key, fits);
+    return fits;
+  }
+
+ private:
+  static constexpr std::size_t kMostKept = 256;
+  struct Hash {
+    std::size_t operator()(const Key& key) const {
+      std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the words
+      for (const std::uint64_t word : key)
+        h = (h ^ word) * 1099511628211ull;
+      return static_cast<std::size_t>(h);
+    }
+  };
+};
+
 // A cublasLtMatmul: served when it is an FP32 GEMM (all four matrices FP32,
 // column-major, strided batches of one count; FP32 scalars in host memory;
 // compute 32F, 32F_PEDANTIC or 32F_FAST_TF32, which sets the precision as
@@ -248,7 +294,7 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
                   const void* alpha, const void* a, cublasLtMatrixLayout_t a_layout, const void* b,
                   cublasLtMatrixLayout_t b_layout, const void* beta, const void* c,
                   cublasLtMatrixLayout_t c_layout, void* d, cublasLtMatrixLayout_t d_layout,
-                  cudaStream_t stream) {
+                  const cublasLtMatmulAlgo_t* algo, std::size_t workspace, cudaStream_t stream) {
   Gemm gemm;
   gemm.entry = EntryPoint::kLtMatmul;
   gemm.lt = true;
@@ -402,6 +448,33 @@ Gemm makeLtMatmul(const RealCublasLt& real, cublasLtHandle_t handle, cublasLtMat
                         gemm.epilogue};
   if (checkGemmArgs(shape) != kStatusSuccess) return direct(Fallback::kInvalidArgs);
   if (!servedStrides(shape)) return direct(Fallback::kUnservedForm);
+  if (algo != nullptr) {
+    AlgoChecks::Key key{reinterpret_cast<std::uintptr_t>(handle),
+                        static_cast<std::uint64_t>(gemm.transa),
+                        static_cast<std::uint64_t>(gemm.transb),
+                        static_cast<std::uint64_t>(m),
+                        static_cast<std::uint64_t>(n),
+                        static_cast<std::uint64_t>(k),
+                        static_cast<std::uint64_t>(gemm.lda),
+                        static_cast<std::uint64_t>(gemm.ldb),
+                        static_cast<std::uint64_t>(gemm.ldc),
+                        static_cast<std::uint64_t>(lc.ld),
+                        c == d,
+                        static_cast<std::uint64_t>(gemm.count),
+                        static_cast<std::uint64_t>(gemm.stride_a),
+                        static_cast<std::uint64_t>(gemm.stride_b),
+                        static_cast<std::uint64_t>(gemm.stride_c),
+                        static_cast<std::uint64_t>(lc.stride),
+                        gemm.epilogue,
+                        static_cast<std::uint64_t>(bias_type),
+                        static_cast<std::uint64_t>(gemm.math_mode),
+                        workspace};
+    std::copy(std::begin(algo->data), std::end(algo->data), key.end() - std::size(algo->data));
+    if (!AlgoChecks::fits(real, handle, desc, a_layout, b_layout, c_layout, d_layout, *algo,
+                          workspace, key)) {
+      return direct(Fallback::kInvalidArgs);
+    }
+  }
   return gemm;
 }
 
@@ -565,7 +638,7 @@ cublasStatus_t cublasLtMatmul(const void* caller, cublasLtHandle_t lightHandle,
   };
   if (calledFromCublas(caller)) return direct();
   return intercept(makeLtMatmul(real, lightHandle, computeDesc, alpha, A, Adesc, B, Bdesc, beta, C,
-                                Cdesc, D, Ddesc, stream),
+                                Cdesc, D, Ddesc, algo, workspaceSizeInBytes, stream),
                    DirectCall(direct));
 }
 

@@ -88,6 +88,7 @@ const RealCublasLt& realCublasLt() {
                 kCublasLtLibrary);
         resolve(real.cublasLtMatrixLayoutGetAttribute, "cublasLtMatrixLayoutGetAttribute", library,
                 kCublasLtLibrary);
+        resolve(real.cublasLtMatmulAlgoCheck, "cublasLtMatmulAlgoCheck", library, kCublasLtLibrary);
       });
 }
 

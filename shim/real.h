@@ -37,6 +37,12 @@ struct RealCublasLt {
   cublasStatus_t (*cublasLtMatrixLayoutGetAttribute)(cublasLtMatrixLayout_t,
                                                      cublasLtMatrixLayoutAttribute_t, void*, size_t,
                                                      size_t*) = nullptr;
+  // Whether a caller's algorithm fits its call, and the workspace it needs.
+  cublasStatus_t (*cublasLtMatmulAlgoCheck)(cublasLtHandle_t, cublasLtMatmulDesc_t,
+                                            cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+                                            cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+                                            const cublasLtMatmulAlgo_t*,
+                                            cublasLtMatmulHeuristicResult_t*) = nullptr;
 };
 
 // The same for cuBLASLt, resolved on its first use (a program may call

@@ -13,6 +13,7 @@
 
 #include "shim/hooks.h"
 #include "shim/intercept.h"
+#include "shim/real.h"
 
 namespace stmux::shim {
 
@@ -68,11 +69,12 @@ class LtRouteTest : public ::testing::Test {
     CHECK_LT(cublasLtMatrixLayoutSetAttribute(layout, attribute, &value, sizeof(value)));
   }
   // "served", or the fallback reason the entry point gave.
-  std::string route(float alpha = 1.0f, float beta = 0.0f, bool d_apart = false) {
+  std::string route(float alpha = 1.0f, float beta = 0.0f, bool d_apart = false,
+                    const cublasLtMatmulAlgo_t* algo = nullptr, std::size_t workspace = 0) {
     seen.reset();
     hooks::cublasLtMatmul(nullptr, reinterpret_cast<cublasLtHandle_t>(0x1), desc_, &alpha, a_mem_,
-                          a_, b_mem_, b_, &beta, c_mem_, c_, d_apart ? d_mem_ : c_mem_, d_, nullptr,
-                          nullptr, 0, nullptr);
+                          a_, b_mem_, b_, &beta, c_mem_, c_, d_apart ? d_mem_ : c_mem_, d_, algo,
+                          nullptr, workspace, nullptr);
     if (!seen) return "not intercepted";
     if (!seen->direct_because) return "served";
     return std::string(kFallbackNames[static_cast<std::size_t>(*seen->direct_because)]);
@@ -139,6 +141,41 @@ TEST_F(LtRouteTest, AConjugateTransposeAndSizesBeyondInt32RunDirectly) {
   fresh();
   set(d_, CUBLASLT_MATRIX_LAYOUT_ROWS, std::uint64_t{1} << 31);
   EXPECT_EQ(route(), "unserved_form") << "2^31 rows";
+}
+
+// The caller's algorithm is checked as cuBLASLt checks it: one that does not
+// fit the call, or needs more workspace than the caller gave, runs directly,
+// for cuBLASLt to refuse (found by review: served, each got success). A
+// thread keeps its answers.
+TEST_F(LtRouteTest, AnAlgorithmCuBlasLtWouldRefuseRunsDirectly) {
+  static int checks = 0;
+  static std::size_t needs = 0;
+  static cublasStatus_t answer = CUBLAS_STATUS_SUCCESS;
+  auto& real = const_cast<RealCublasLt&>(realCublasLt());
+  const auto saved = real.cublasLtMatmulAlgoCheck;
+  real.cublasLtMatmulAlgoCheck = [](cublasLtHandle_t, cublasLtMatmulDesc_t, cublasLtMatrixLayout_t,
+                                    cublasLtMatrixLayout_t, cublasLtMatrixLayout_t,
+                                    cublasLtMatrixLayout_t, const cublasLtMatmulAlgo_t*,
+                                    cublasLtMatmulHeuristicResult_t* result) {
+    ++checks;
+    result->workspaceSize = needs;
+    result->state = CUBLAS_STATUS_SUCCESS;
+    return answer;
+  };
+  cublasLtMatmulAlgo_t algo{};
+  algo.data[0] = 1;
+  needs = 1024;
+  EXPECT_EQ(route(1.0f, 0.0f, false, &algo, 1024), "served");
+  EXPECT_EQ(route(1.0f, 0.0f, false, &algo, 1024), "served");
+  EXPECT_EQ(checks, 1) << "checked again for the same call and algorithm";
+  EXPECT_EQ(route(1.0f, 0.0f, false, &algo, 512), "invalid_args") << "less workspace than needed";
+  algo.data[0] = 2;
+  answer = CUBLAS_STATUS_NOT_SUPPORTED;
+  EXPECT_EQ(route(1.0f, 0.0f, false, &algo, 1 << 20), "invalid_args")
+      << "an algorithm that does not fit the call";
+  EXPECT_EQ(checks, 3);
+  EXPECT_EQ(route(), "served") << "no algorithm: cuBLASLt would pick one";
+  real.cublasLtMatmulAlgoCheck = saved;
 }
 
 // cuBLASLt checks C's layout even when beta 0 leaves C unread.
