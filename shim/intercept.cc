@@ -820,7 +820,7 @@ Route Shim::followFleet(Connection& connection) {
 // own sweeps the cache once a second and tells the daemon what is gone.
 void Shim::startSweeper() {
   const std::string failure =
-      startBackgroundThread(*driver_, "stmux-sweep", [this] { sweepLoop(); });
+      startBackgroundThread(*driver_, "stmux-sweep", /*calls_cuda=*/true, [this] { sweepLoop(); });
   if (failure.empty()) {
     sweeper_started_ = true;
   } else {

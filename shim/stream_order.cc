@@ -299,7 +299,8 @@ bool StreamOrder::watching(std::optional<Queuing>& queuing) {
   };
   if (watcher_started_) return counted();
   if (watcher_failed_) return false;
-  const std::string failure = startBackgroundThread(driver_, "stmux-watch", [this] { watch(); });
+  const std::string failure =
+      startBackgroundThread(driver_, "stmux-watch", /*calls_cuda=*/false, [this] { watch(); });
   if (!failure.empty()) {
     watcher_failed_ = true;
     STMUX_WARN(kShim, "cannot start the stream-order watcher ({}); calls are served in host mode",

@@ -34,6 +34,12 @@ bool onTheWatcher() {
   char name[16] = {};
   return ::prctl(PR_GET_NAME, name) == 0 && std::strcmp(name, "stmux-watch") == 0;
 }
+// Driver calls made on the watcher thread, which must make none: it alone
+// lets streams go, and a driver call may wait on CUDA's locks behind them.
+std::atomic<int> watcher_driver_calls{0};
+void noteDriverCall() {
+  if (onTheWatcher()) ++watcher_driver_calls;
+}
 bool allocationFails() {
   return out_of_memory || (watcher_out_of_memory.load(std::memory_order_relaxed) && onTheWatcher());
 }
@@ -168,10 +174,12 @@ std::atomic_ref<std::uint32_t> word(CUdeviceptr address) {
 }
 
 CUresult fakeCtxGetCurrent(CUcontext* context) {
+  noteDriverCall();
   *context = gpu->context.load();
   return CUDA_SUCCESS;
 }
 CUresult fakeCtxGetId(CUcontext context, unsigned long long* id) {
+  noteDriverCall();
   *id = (reinterpret_cast<std::uintptr_t>(context) << 16) + gpu->incarnation;
   return CUDA_SUCCESS;
 }
@@ -185,6 +193,7 @@ bool ofThisIncarnation(const void* handle) {
          static_cast<std::uintptr_t>(gpu->incarnation);
 }
 CUresult fakeMemHostRegister(void*, size_t, unsigned) {
+  noteDriverCall();
   // Portable: one registration serves every context.
   if (gpu->registered_in.exchange(gpu->incarnation) == gpu->incarnation) {
     return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
@@ -193,53 +202,65 @@ CUresult fakeMemHostRegister(void*, size_t, unsigned) {
   return CUDA_SUCCESS;
 }
 CUresult fakeMemHostGetDevicePointer(CUdeviceptr* device, void* host, unsigned) {
+  noteDriverCall();
   if (gpu->registered_in != gpu->incarnation) return CUDA_ERROR_INVALID_VALUE;
   *device = reinterpret_cast<CUdeviceptr>(host);  // one address space, as with UVA
   return CUDA_SUCCESS;
 }
 CUresult fakeModuleLoadData(CUmodule* module, const void*) {
+  noteDriverCall();
   ++gpu->modules_loaded;
   *module = reinterpret_cast<CUmodule>(0x30);
   return CUDA_SUCCESS;
 }
 CUresult fakeModuleGetFunction(CUfunction* function, CUmodule, const char*) {
+  noteDriverCall();
   *function = reinterpret_cast<CUfunction>(madeNow(0x40));
   return CUDA_SUCCESS;
 }
 // A GPU of 3 multiprocessors, each running 2 of the kernel's blocks at once.
 CUresult fakeCtxGetDevice(CUdevice* device) {
+  noteDriverCall();
   *device = 0;
   return CUDA_SUCCESS;
 }
 CUresult fakeDeviceGetAttribute(int* value, CUdevice_attribute attribute, CUdevice) {
+  noteDriverCall();
   if (attribute != CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT) return CUDA_ERROR_INVALID_VALUE;
   *value = 3;
   return CUDA_SUCCESS;
 }
 CUresult fakeOccupancy(int* blocks, CUfunction, int, size_t) {
+  noteDriverCall();
   *blocks = 2;
   return CUDA_SUCCESS;
 }
 CUresult fakeStreamGetFlags(CUstream, unsigned* flags) {
+  noteDriverCall();
   // A blocking stream needs no legacy-stream join; non-blocking, its call
   // makes one while the legacy stream is busy.
   *flags = gpu->legacy_busy ? CU_STREAM_NON_BLOCKING : CU_STREAM_DEFAULT;
   return CUDA_SUCCESS;
 }
 CUresult fakeStreamQuery(CUstream) {
+  noteDriverCall();
   return gpu->legacy_busy ? CUDA_ERROR_NOT_READY : CUDA_SUCCESS;
 }
 CUresult fakeEventCreate(CUevent* event, unsigned) {
+  noteDriverCall();
   *event = reinterpret_cast<CUevent>(madeNow(0x1000) + ++gpu->events_made);
   return CUDA_SUCCESS;
 }
 CUresult fakeEventRecord(CUevent event, CUstream) {
+  noteDriverCall();
   return ofThisIncarnation(event) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
 CUresult fakeStreamWaitEvent(CUstream, CUevent, unsigned) {
+  noteDriverCall();
   return CUDA_SUCCESS;
 }
 CUresult fakeStreamWriteValue32(CUstream, CUdeviceptr address, cuuint32_t value, unsigned) {
+  noteDriverCall();
   gpu->stream.enqueue([address, value] {
     word(address).store(value, std::memory_order_release);
     return true;
@@ -247,6 +268,7 @@ CUresult fakeStreamWriteValue32(CUstream, CUdeviceptr address, cuuint32_t value,
   return CUDA_SUCCESS;
 }
 CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, unsigned) {
+  noteDriverCall();
   gpu->stream.enqueue([address, value] {
     return seqReached(word(address).load(std::memory_order_acquire), value);
   });
@@ -255,6 +277,7 @@ CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, 
 }
 CUresult fakeLaunchKernel(CUfunction function, unsigned blocks, unsigned, unsigned, unsigned,
                           unsigned, unsigned, unsigned, CUstream, void** arguments, void**) {
+  noteDriverCall();
   // The fake's own allocations stand for the driver's, which do not throw.
   const bool was_out_of_memory = std::exchange(out_of_memory, false);
   struct Restore {
@@ -284,6 +307,7 @@ CUresult fakeLaunchKernel(CUfunction function, unsigned blocks, unsigned, unsign
   return CUDA_SUCCESS;
 }
 CUresult fakeThreadExchangeStreamCaptureMode(CUstreamCaptureMode*) {
+  noteDriverCall();
   return CUDA_SUCCESS;
 }
 
@@ -586,6 +610,21 @@ TEST_F(StreamOrderTest, ACallHandedToTheDaemonAfterStopGaveUpIsStillLetGoWhenDec
   ASSERT_TRUE(settled(1));
   ASSERT_TRUE(outcomes()[0].direct.has_value());
   EXPECT_EQ(*outcomes()[0].direct, Fallback::kDeclined);
+}
+
+// The watcher makes no driver call, not even when its thread starts: the
+// caller's stream already waits for it then, and another thread may hold
+// CUDA's locks waiting for that stream (found by review: the thread was put
+// in the relaxed capture mode, a driver call, as it started).
+TEST_F(StreamOrderTest, TheWatcherMakesNoDriverCall) {
+  Request r = daemon::validRequest();
+  r.device = daemon::uuid(0xcd);  // declined: the watcher takes it over
+  float c = 0.0f;
+  ASSERT_EQ(submit(&c, r), StreamOrder::Queued::kYes);
+  EXPECT_TRUE(gpu_.stream.drained(2 * kSecond));
+  ASSERT_TRUE(settled(1));
+  EXPECT_EQ(c, 42.0f);
+  EXPECT_EQ(watcher_driver_calls.load(), 0);
 }
 
 // A slot's takeover word moved only at takeovers, and the kernel's test of it
