@@ -157,6 +157,19 @@ TEST(Ring, TenMillionAcrossForkWithSeveralProducerThreads) {
 // A hostile client owns its segment and may write anything into it. The
 // consumer must keep to its own cells, never loop, and at most see garbage
 // requests (which the daemon validates) or none.
+// A cell marked ahead of the ring's position, which no producer writes (a
+// scribbling peer does): the push gives up, as on a full ring, where it
+// looped for ever (found by review).
+TEST(Ring, AProducerGivesUpOnACellAheadOfThePosition) {
+  SharedRing ring(8);
+  auto producer = ring.producer();
+  ASSERT_TRUE(producer.tryPush(numbered(0, 0)));
+  ring.cells()[1].seq.store(5);  // position 1's cell claims a later round
+  EXPECT_FALSE(producer.tryPush(numbered(0, 1)));
+  ring.cells()[1].seq.store(1);  // as it was
+  EXPECT_TRUE(producer.tryPush(numbered(0, 1)));
+}
+
 TEST(Ring, ConsumerSurvivesAScribblingProducer) {
   SharedRing ring(64);
   auto consumer = ring.consumer();

@@ -60,14 +60,17 @@ inline void ringInit(RingHeader* header, RingCell<T>* cells, std::uint32_t capac
 template <class T>
 class RingProducer {
  public:
+  static constexpr std::uint32_t kMostUnmovedLooks = 1024;
+
   RingProducer() = default;
   RingProducer(RingHeader* header, RingCell<T>* cells, std::uint32_t capacity)
       : header_(header), cells_(cells), mask_(capacity - 1) {}
 
-  // False when the ring is full.
+  // False when the ring is full, or its cells say what no producer did.
   bool tryPush(const T& value) {
     std::uint64_t pos = header_->enqueue_pos.load(std::memory_order_relaxed);
     RingCell<T>* cell;
+    std::uint32_t unmoved = 0;
     while (true) {
       cell = &cells_[pos & mask_];
       const std::uint64_t seq = cell->seq.load(std::memory_order_acquire);
@@ -79,7 +82,12 @@ class RingProducer {
       } else if (diff < 0) {
         return false;
       } else {
-        pos = header_->enqueue_pos.load(std::memory_order_relaxed);
+        // Another producer took the cell, and moved the position past it.
+        // A cell ahead of a position that stays put is no producer's doing
+        // (a peer scribbled on the ring): full, rather than a spin for ever.
+        const std::uint64_t now = header_->enqueue_pos.load(std::memory_order_relaxed);
+        if (now == pos && ++unmoved > kMostUnmovedLooks) return false;
+        pos = now;
       }
     }
     std::memcpy(static_cast<void*>(&cell->value), &value, sizeof(T));
