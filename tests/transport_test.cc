@@ -641,6 +641,29 @@ TEST(Transport, ADaemonThatShrinksTheSegmentCannotKillTheClient) {
       << report;
 }
 
+// A daemon that sent something after its welcome (which the shim never
+// reads) and then hung up: the peek at the next message found those bytes,
+// not the hang-up, and the client took the daemon for alive for ever (found
+// by review).
+TEST(Transport, AHangUpBehindAnUnreadMessageIsSeen) {
+  TempDir dir;
+  UniqueFd listener = listenAt(dir.socket());
+  ASSERT_TRUE(listener.valid());
+  auto handover = forge(dir, {});
+  ASSERT_TRUE(handover.ok()) << handover.message();
+  std::thread fake([&] {
+    UniqueFd peer(::accept(listener.get(), nullptr, nullptr));
+    auto hello = recvMessage(peer.get(), true);
+    EXPECT_TRUE(sendWelcome(peer.get(), handover.value()).ok());
+    const char extra[] = "a message after the welcome";
+    EXPECT_EQ(::send(peer.get(), extra, sizeof(extra), 0), static_cast<ssize_t>(sizeof(extra)));
+  });  // and hangs up, as it goes
+  auto connection = Connection::open(options(dir));
+  fake.join();
+  ASSERT_TRUE(connection.ok()) << connection.message();
+  EXPECT_FALSE(connection.value()->alive()) << "the hang-up behind the message was not seen";
+}
+
 // ---- the daemon's uid ----
 
 constexpr uid_t kDaemonUid = 65534;  // nobody
