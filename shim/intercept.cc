@@ -55,6 +55,8 @@ constexpr auto kSweepInterval = std::chrono::seconds(1);
 constexpr std::uint64_t kIdleCheckNs = 50'000'000;
 // The first wait between attach attempts; it doubles to STMUX_RECONNECT_MS.
 constexpr std::uint64_t kFirstBackoffNs = 10'000'000;
+// A stopped daemon's back-off doubles up to 2^(this - 1) times the timeout.
+constexpr std::uint32_t kMostStallDoublings = 7;
 // How long an attach waits for the daemon's welcome (and for it to take the
 // connection), at most STMUX_TIMEOUT_MS: the process's first attempt, which
 // other threads' first calls wait for, and the attempts after it, made by one
@@ -149,6 +151,9 @@ class Shim {
   std::shared_ptr<Connection> connection_;
   std::uint64_t next_attempt_ns_ = 0;
   std::uint64_t backoff_ns_ = kFirstBackoffNs;
+  // Connections dropped in a row because the daemon started no call in
+  // STMUX_TIMEOUT_MS (a stopped daemon); reset by a call it served.
+  std::atomic<std::uint32_t> stalls_{0};
   std::uint64_t last_use_ns_ = 0;
   bool warned_absent_ = false;
   std::string last_failure_;
@@ -255,6 +260,7 @@ void Shim::account(Connection& connection, const StreamOutcome& outcome) {
   } else {
     countServed(outcome.entry, connection);
     stream_served_.fetch_add(1, std::memory_order_relaxed);
+    if (stalls_.load(std::memory_order_relaxed) != 0) stalls_.store(0, std::memory_order_relaxed);
   }
 }
 
@@ -465,6 +471,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (result.outcome == WaitOutcome::kTimedOut) {
     if (conn->cancel(ticket.value())) {
       conn->release(ticket.value());
+      conn->markStalled();
       STMUX_WARN(kShim, "the daemon did not start a call within {} ms; running it directly",
                  config_.timeout_ms);
       return fallback(Fallback::kTimeout, gemm.entry, direct, conn);
@@ -481,6 +488,7 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (result.outcome == WaitOutcome::kDone) {
     const std::uint64_t seen = nowNs();
     conn->release(ticket.value());
+    if (stalls_.load(std::memory_order_relaxed) != 0) stalls_.store(0, std::memory_order_relaxed);
     // Where the round's time went on this side (docs/BENCHMARKS.md).
     const std::uint64_t completion_ns = seen >= result.done_ns ? seen - result.done_ns : 0;
     ClientCounters& counters = conn->counters();
@@ -537,6 +545,26 @@ std::shared_ptr<Connection> Shim::connection(Fallback& why) {
                             [this] { return !attaching_; });
     }
     why = refusedToAttach(last_failure_) ? Fallback::kRefused : Fallback::kNoDaemon;
+    if (connection_ && connection_->stalled()) {
+      // The daemon started no call in STMUX_TIMEOUT_MS: stopped or stuck
+      // (its socket still open, so that it seems alive), each call would
+      // wait as long again (found by review). Detached, the calls run
+      // directly; the next attach comes after that timeout, twice as long
+      // after each stall in a row (up to 64 times): a daemon whose server
+      // still welcomes tenants while its GPU side is stuck costs a tenant
+      // one timed-out call per such wait.
+      const std::uint32_t stalls = std::min<std::uint32_t>(stalls_.load() + 1, kMostStallDoublings);
+      stalls_.store(stalls);
+      const std::uint64_t wait_ns = (static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000)
+                                    << (stalls - 1);
+      STMUX_WARN(kShim,
+                 "stmuxd started no call within {} ms: taken for stopped; calls run directly, "
+                 "attaching again in {} ms",
+                 config_.timeout_ms, wait_ns / 1'000'000);
+      connection_.reset();
+      backoff_ns_ = kFirstBackoffNs;
+      next_attempt_ns_ = now + wait_ns;
+    }
     if (connection_) {
       // Gone: stream-ordered calls never wait on the host, so their watcher
       // is what notices a dead daemon.
@@ -961,6 +989,7 @@ void Shim::forkChild() {
   shim.attempted_ = false;  // a new process: its first calls wait for its first attach
   shim.next_attempt_ns_ = 0;
   shim.backoff_ns_ = kFirstBackoffNs;
+  shim.stalls_ = 0;
   shim.calls_ = 0;
   shim.forwarded_ = 0;
   shim.stream_served_ = 0;

@@ -388,6 +388,7 @@ void StreamOrder::reapLocked(bool watcher) {
                    connection.cancel(call.ticket)) {
           STMUX_WARN(kShim, "the daemon did not start a call within {} ms; running it directly",
                      timeout_ns_ / 1'000'000);
+          connection.markStalled();
           takeOver(call, Fallback::kTimeout);
         } else if (call.ready_ns != 0 && running && !call.said_slow &&
                    now - call.ready_ns > 2 * timeout_ns_) {

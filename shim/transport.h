@@ -113,6 +113,12 @@ class Connection {
   DaemonProcess daemonProcess(std::uint64_t until_ns);
   // Whether a look (alive()) found the daemon gone; no system call.
   bool gone() const { return gone_.load(std::memory_order_relaxed); }
+  // A call waited STMUX_TIMEOUT_MS and the daemon had not started it: the
+  // daemon is taken for stopped (SIGSTOP, a frozen cgroup, a stuck
+  // executor), and the shim detaches at its next call rather than have each
+  // call wait as long (Shim::connection).
+  void markStalled() { stalled_.store(true, std::memory_order_relaxed); }
+  bool stalled() const { return stalled_.load(std::memory_order_relaxed); }
   // True when the daemon asked clients to submit nothing new.
   bool draining() const { return view_.header()->draining.load(std::memory_order_acquire) != 0; }
   // Other tenants of the daemon that made calls in the last second.
@@ -162,6 +168,7 @@ class Connection {
   std::vector<Uuid> devices_;
   std::vector<std::uint8_t> device_mps_;
   std::atomic<bool> gone_{false};
+  std::atomic<bool> stalled_{false};
   std::atomic<bool> keep_mapped_{false};
   std::vector<std::uint32_t> seqs_;  // per slot: its last stream sequence number
 

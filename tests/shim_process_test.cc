@@ -183,6 +183,26 @@ TEST(ShimProcess, ADaemonThatNeverAnswersCostsATenantLittleOfItsTime) {
   EXPECT_LT(std::stod(seen["longest_ms"]), 600.0) << ran.out;
 }
 
+// A daemon that takes calls and starts none (stopped, its executor stuck,
+// its socket open all the while): each call waited STMUX_TIMEOUT_MS and then
+// ran directly, and the next the same, for ever (found by review). Now the
+// shim detaches after such a wait and attaches again after as long, twice as
+// long after each stall in a row.
+TEST(ShimProcess, ADaemonThatStartsNoCallCostsATenantFewTimeouts) {
+  TempDir dir;
+  Daemon daemon(dir);
+  daemon.executor().pause(true);
+  const Ran ran = tenant(dir, {"steady", "3", "2"}, /*preload=*/true,
+                         {{"STMUX_TIMEOUT_MS", "100"}, {"STMUX_LOG", "shim=error"}});
+  daemon.executor().pause(false);
+  ASSERT_EQ(ran.status, 0) << ran.err;
+  auto seen = keyValues(ran.out);
+  ASSERT_TRUE(seen.count("inside_share")) << ran.out << ran.err;
+  // 0.10 here (two timed-out waits in the two seconds measured); 1.0 before,
+  // every call waiting.
+  EXPECT_LT(std::stod(seen["inside_share"]), 0.35) << ran.out;
+}
+
 // A fork while another thread makes the shim (its first call; loading the
 // driver takes 500 ms here): the child's copy of the shim's construction
 // guard stayed taken, and its first call waited for ever.

@@ -30,80 +30,81 @@ enum class Scope { kShim, kDaemon, kBoth };
 enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFileOrOff };
 
 // X(member, variable, kind, default, min, max, unit-or-choices, scope, help)
-#define STMUX_CONFIG_VARS(X)                                                                      \
-  X(disable, "STMUX_DISABLE", kBool, "0", 0, 1, "", kShim,                                        \
-    "Send every intercepted call straight to cuBLAS (the preload stays harmless).")               \
-  X(socket, "STMUX_SOCKET", kPath, "/run/stmux/stmuxd.sock", 1, 107, "", kBoth,                   \
-    "Path of the daemon's Unix control socket.")                                                  \
-  X(log, "STMUX_LOG", kLog, "warn", 0, 0, "", kBoth,                                              \
-    "Log threshold, e.g. 'info' or 'warn,sched=debug'; 'stats=info' prints the shim's "           \
-    "counters at exit.")                                                                          \
-  X(timeout_ms, "STMUX_TIMEOUT_MS", kInt, "10000", 100, 3600000, "ms", kShim,                     \
-    "How long a call waits for the daemon to start it (then it runs directly) and, once "         \
-    "started, to finish it (then it fails and the shim detaches); attaching waits at most this.") \
-  X(spin_us, "STMUX_SPIN_US", kInt, "100", 0, 1000000, "us", kShim,                               \
-    "How long a caller polls (yielding the core after 5 us) for its completion before it "        \
-    "sleeps on a futex.")                                                                         \
-  X(reconnect_ms, "STMUX_RECONNECT_MS", kInt, "1000", 10, 600000, "ms", kShim,                    \
-    "Longest back-off between attempts to attach to an absent daemon.")                           \
-  X(sync, "STMUX_SYNC", kChoice, "auto", 0, 0, "keep|auto|spin|yield|blocking", kShim,            \
-    "How the tenant's threads wait for its GPU: its CUDA context's scheduling flag (set at its "  \
-    "first GEMM; a flag the program chose itself is kept), which CUDA's own synchronizations "    \
-    "follow. 'keep': CUDA's default (spin while the process has fewer contexts than cores); "     \
-    "'spin', 'yield', 'blocking': that flag, 'blocking' also with no spinning before the "        \
-    "shim's own futex wait; 'auto': 'blocking' while the tenants making calls outnumber this "    \
-    "process's cores and its calls are served, else CUDA's default.")                             \
-  X(route, "STMUX_ROUTE", kChoice, "auto", 0, 0, "auto|serve", kShim,                             \
-    "Which calls stmuxd serves: 'serve': every call it can; 'auto': the same, but measured now "  \
-    "and then with calls direct, which they take while that is clearly faster: on MPS stmuxd "    \
-    "measures all its tenants on MPS together and sends them all one way; off MPS a process "     \
-    "measures itself while no other tenant makes calls.")                                         \
-  X(mode, "STMUX_MODE", kChoice, "host", 0, 0, "host|stream", kShim,                              \
-    "How a served call keeps its stream's order. 'host': the caller's thread waits for its "      \
-    "stream, then for the daemon; 'stream': the call returns once queued, as cuBLAS's does, "     \
-    "and the GPU keeps the order (calls with beta != 0 and the legacy API still go 'host'). "     \
-    "'host' measured faster on all rows but one (docs/BENCHMARKS.md).")                           \
-  X(daemon_user, "STMUX_DAEMON_USER", kUser, "stmux", 0, 4294967294, "", kShim,                   \
-    "The user stmuxd runs as. A tenant attaches only to a daemon running as root, as the "        \
-    "tenant's own uid or as this user, and otherwise runs every call directly.")                  \
-  X(window_us, "STMUX_WINDOW_US", kInt, "20", 0, 1000000, "us", kDaemon,                          \
-    "Longest a request waits for others to batch with.")                                          \
-  X(max_batch, "STMUX_MAX_BATCH", kInt, "256", 1, 65536, "requests", kDaemon,                     \
-    "Most requests launched in one batch.")                                                       \
-  X(active_us, "STMUX_ACTIVE_US", kInt, "2000", 0, 10000000, "us", kDaemon,                       \
-    "A tenant that submitted within this long counts as active when deciding whether all "        \
-    "tenants are waiting.")                                                                       \
-  X(devices, "STMUX_DEVICES", kDevices, "all", 0, 0, "", kDaemon,                                 \
-    "GPUs the daemon serves: 'all' or a comma-separated list of indices and GPU-UUIDs.")          \
-  X(slots, "STMUX_SLOTS", kPow2, "256", 8, 16384, "requests", kDaemon,                            \
-    "Requests one client process may have in flight (its ring holds twice as many).")             \
-  X(max_clients, "STMUX_MAX_CLIENTS", kInt, "1024", 1, 65536, "clients", kDaemon,                 \
-    "Most client processes attached at once; more are refused and run directly.")                 \
-  X(max_clients_per_uid, "STMUX_MAX_CLIENTS_PER_UID", kInt, "512", 1, 65536, "clients", kDaemon,  \
-    "Most client processes of one user attached at once, so that one user cannot take "           \
-    "every place; more are refused and run directly.")                                            \
-  X(max_mappings, "STMUX_MAX_MAPPINGS", kInt, "4096", 1, 1000000, "allocations", kDaemon,         \
-    "Client allocations the daemon keeps mapped per client; the least recently used closes "      \
-    "first.")                                                                                     \
-  X(daemon_spin_us, "STMUX_DAEMON_SPIN_US", kInt, "1000", 0, 10000000, "us", kDaemon,             \
-    "How long the daemon's threads poll for work after the last request before they sleep.")      \
-  X(daemon_wakers, "STMUX_DAEMON_WAKERS", kInt, "2", 0, 16, "threads", kDaemon,                   \
-    "Threads per GPU that wake the callers sleeping on their completions, so that the "           \
-    "executor's thread goes back to launching at once; 0: the executor wakes them itself.")       \
-  X(spinning_tenants, "STMUX_SPINNING_TENANTS", kInt, "0", 0, 65536, "tenants", kDaemon,          \
-    "Under STMUX_SYNC=auto, while the tenants making calls outnumber the cores, how many of "     \
-    "them at a time still spin while they wait (CUDA's default scheduling and the shim's "        \
-    "poll), taking turns every 100 ms; the others block. 0: all of them block.")                  \
-  X(metrics_file, "STMUX_METRICS_FILE", kFileOrOff, "off", 1, 4095, "", kDaemon,                  \
-    "Where stmuxd writes its metrics in the Prometheus text format, once a second and as it "     \
-    "starts to stop, for node-exporter's textfile collector (a *.prom file in the directory it "  \
-    "reads); removed when stmuxd exits. 'off': none.")                                            \
-  X(launch, "STMUX_LAUNCH", kChoice, "auto", 0, 0, "auto|batched|grouped", kDaemon,               \
-    "How a batch that mixes shapes launches: one cublasSgemmBatched per shape, one "              \
-    "cublasSgemmGroupedBatched, or whichever measured faster for the mix (auto).")                \
-  X(launch_graphs, "STMUX_LAUNCH_GRAPHS", kBool, "0", 0, 1, "", kDaemon,                          \
-    "On: a batch whose launches recur (the same shapes and counts, one cublasSgemmBatched "       \
-    "per shape) is captured as a CUDA graph on its second sighting and replayed after, to "       \
+#define STMUX_CONFIG_VARS(X)                                                                     \
+  X(disable, "STMUX_DISABLE", kBool, "0", 0, 1, "", kShim,                                       \
+    "Send every intercepted call straight to cuBLAS (the preload stays harmless).")              \
+  X(socket, "STMUX_SOCKET", kPath, "/run/stmux/stmuxd.sock", 1, 107, "", kBoth,                  \
+    "Path of the daemon's Unix control socket.")                                                 \
+  X(log, "STMUX_LOG", kLog, "warn", 0, 0, "", kBoth,                                             \
+    "Log threshold, e.g. 'info' or 'warn,sched=debug'; 'stats=info' prints the shim's "          \
+    "counters at exit.")                                                                         \
+  X(timeout_ms, "STMUX_TIMEOUT_MS", kInt, "10000", 100, 3600000, "ms", kShim,                    \
+    "How long a call waits for the daemon to start it (then it runs directly, and the shim "     \
+    "detaches for as long, twice as long after each such stall in a row) and, once started, to " \
+    "finish it (then it fails and the shim detaches); attaching waits at most this.")            \
+  X(spin_us, "STMUX_SPIN_US", kInt, "100", 0, 1000000, "us", kShim,                              \
+    "How long a caller polls (yielding the core after 5 us) for its completion before it "       \
+    "sleeps on a futex.")                                                                        \
+  X(reconnect_ms, "STMUX_RECONNECT_MS", kInt, "1000", 10, 600000, "ms", kShim,                   \
+    "Longest back-off between attempts to attach to an absent daemon.")                          \
+  X(sync, "STMUX_SYNC", kChoice, "auto", 0, 0, "keep|auto|spin|yield|blocking", kShim,           \
+    "How the tenant's threads wait for its GPU: its CUDA context's scheduling flag (set at its " \
+    "first GEMM; a flag the program chose itself is kept), which CUDA's own synchronizations "   \
+    "follow. 'keep': CUDA's default (spin while the process has fewer contexts than cores); "    \
+    "'spin', 'yield', 'blocking': that flag, 'blocking' also with no spinning before the "       \
+    "shim's own futex wait; 'auto': 'blocking' while the tenants making calls outnumber this "   \
+    "process's cores and its calls are served, else CUDA's default.")                            \
+  X(route, "STMUX_ROUTE", kChoice, "auto", 0, 0, "auto|serve", kShim,                            \
+    "Which calls stmuxd serves: 'serve': every call it can; 'auto': the same, but measured now " \
+    "and then with calls direct, which they take while that is clearly faster: on MPS stmuxd "   \
+    "measures all its tenants on MPS together and sends them all one way; off MPS a process "    \
+    "measures itself while no other tenant makes calls.")                                        \
+  X(mode, "STMUX_MODE", kChoice, "host", 0, 0, "host|stream", kShim,                             \
+    "How a served call keeps its stream's order. 'host': the caller's thread waits for its "     \
+    "stream, then for the daemon; 'stream': the call returns once queued, as cuBLAS's does, "    \
+    "and the GPU keeps the order (calls with beta != 0 and the legacy API still go 'host'). "    \
+    "'host' measured faster on all rows but one (docs/BENCHMARKS.md).")                          \
+  X(daemon_user, "STMUX_DAEMON_USER", kUser, "stmux", 0, 4294967294, "", kShim,                  \
+    "The user stmuxd runs as. A tenant attaches only to a daemon running as root, as the "       \
+    "tenant's own uid or as this user, and otherwise runs every call directly.")                 \
+  X(window_us, "STMUX_WINDOW_US", kInt, "20", 0, 1000000, "us", kDaemon,                         \
+    "Longest a request waits for others to batch with.")                                         \
+  X(max_batch, "STMUX_MAX_BATCH", kInt, "256", 1, 65536, "requests", kDaemon,                    \
+    "Most requests launched in one batch.")                                                      \
+  X(active_us, "STMUX_ACTIVE_US", kInt, "2000", 0, 10000000, "us", kDaemon,                      \
+    "A tenant that submitted within this long counts as active when deciding whether all "       \
+    "tenants are waiting.")                                                                      \
+  X(devices, "STMUX_DEVICES", kDevices, "all", 0, 0, "", kDaemon,                                \
+    "GPUs the daemon serves: 'all' or a comma-separated list of indices and GPU-UUIDs.")         \
+  X(slots, "STMUX_SLOTS", kPow2, "256", 8, 16384, "requests", kDaemon,                           \
+    "Requests one client process may have in flight (its ring holds twice as many).")            \
+  X(max_clients, "STMUX_MAX_CLIENTS", kInt, "1024", 1, 65536, "clients", kDaemon,                \
+    "Most client processes attached at once; more are refused and run directly.")                \
+  X(max_clients_per_uid, "STMUX_MAX_CLIENTS_PER_UID", kInt, "512", 1, 65536, "clients", kDaemon, \
+    "Most client processes of one user attached at once, so that one user cannot take "          \
+    "every place; more are refused and run directly.")                                           \
+  X(max_mappings, "STMUX_MAX_MAPPINGS", kInt, "4096", 1, 1000000, "allocations", kDaemon,        \
+    "Client allocations the daemon keeps mapped per client; the least recently used closes "     \
+    "first.")                                                                                    \
+  X(daemon_spin_us, "STMUX_DAEMON_SPIN_US", kInt, "1000", 0, 10000000, "us", kDaemon,            \
+    "How long the daemon's threads poll for work after the last request before they sleep.")     \
+  X(daemon_wakers, "STMUX_DAEMON_WAKERS", kInt, "2", 0, 16, "threads", kDaemon,                  \
+    "Threads per GPU that wake the callers sleeping on their completions, so that the "          \
+    "executor's thread goes back to launching at once; 0: the executor wakes them itself.")      \
+  X(spinning_tenants, "STMUX_SPINNING_TENANTS", kInt, "0", 0, 65536, "tenants", kDaemon,         \
+    "Under STMUX_SYNC=auto, while the tenants making calls outnumber the cores, how many of "    \
+    "them at a time still spin while they wait (CUDA's default scheduling and the shim's "       \
+    "poll), taking turns every 100 ms; the others block. 0: all of them block.")                 \
+  X(metrics_file, "STMUX_METRICS_FILE", kFileOrOff, "off", 1, 4095, "", kDaemon,                 \
+    "Where stmuxd writes its metrics in the Prometheus text format, once a second and as it "    \
+    "starts to stop, for node-exporter's textfile collector (a *.prom file in the directory it " \
+    "reads); removed when stmuxd exits. 'off': none.")                                           \
+  X(launch, "STMUX_LAUNCH", kChoice, "auto", 0, 0, "auto|batched|grouped", kDaemon,              \
+    "How a batch that mixes shapes launches: one cublasSgemmBatched per shape, one "             \
+    "cublasSgemmGroupedBatched, or whichever measured faster for the mix (auto).")               \
+  X(launch_graphs, "STMUX_LAUNCH_GRAPHS", kBool, "0", 0, 1, "", kDaemon,                         \
+    "On: a batch whose launches recur (the same shapes and counts, one cublasSgemmBatched "      \
+    "per shape) is captured as a CUDA graph on its second sighting and replayed after, to "      \
     "cut the daemon's host time per batch. Off until measured (docs/BENCHMARKS.md).")
 
 // The C++ type a kind parses to.
