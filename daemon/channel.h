@@ -36,8 +36,12 @@ namespace stmux::daemon {
 struct ExecCommand {
   enum class Kind { kRun, kAdopt, kClose, kRelease, kForget };
   Kind kind = Kind::kRun;
-  std::unique_ptr<Batch> batch;          // kRun
-  ClientPtr client;                      // kAdopt, kRelease, kForget
+  std::unique_ptr<Batch> batch;  // kRun
+  // kAdopt, kRelease, kForget: the client's id alone. Its Client (and so
+  // its segment's mapping) is not kept alive by commands that wait for an
+  // executor busy with a long batch: clients attaching and leaving meanwhile
+  // grew the daemon by a segment each (found by review).
+  std::uint32_t client_id = 0;
   OperandDesc operand;                   // kAdopt: the allocation, as the client described it
   Mapped mapped;                         // kAdopt, kClose: the mapper's mapping of it
   std::vector<std::uint64_t> alloc_ids;  // kRelease

@@ -358,7 +358,7 @@ class Executor::Impl {
       case ExecCommand::Kind::kRun:
         return launch(std::move(command->batch));
       case ExecCommand::Kind::kAdopt:
-        if (!cache_->adopt(command->client->id, command->operand, command->mapped)) {
+        if (!cache_->adopt(command->client_id, command->operand, command->mapped)) {
           closeMapping(command->mapped);
         }
         break;
@@ -367,10 +367,10 @@ class Executor::Impl {
         break;
       case ExecCommand::Kind::kRelease:
         for (std::uint64_t id : command->alloc_ids)
-          cache_->release(command->client->id, id);
+          cache_->release(command->client_id, id);
         break;
       case ExecCommand::Kind::kForget:
-        cache_->forgetClient(command->client->id);
+        cache_->forgetClient(command->client_id);
         break;
     }
     channel_.gauges().mapped.store(cache_->size(), std::memory_order_relaxed);

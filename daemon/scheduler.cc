@@ -270,7 +270,7 @@ Scheduler::Mapping Scheduler::memoryMapped(Gpu& gpu, Queued& item) {
     }
     if (!release->alloc_ids.empty()) {
       release->kind = ExecCommand::Kind::kRelease;
-      release->client = item.client;
+      release->client_id = item.client->id;
       gpu.channel->post(std::move(release));
     }
     auto job = std::make_unique<OpenJob>();
@@ -297,7 +297,7 @@ bool Scheduler::takeOpened(Gpu& gpu) {
     if (job->ok) {
       auto command = std::make_unique<ExecCommand>();
       command->kind = wanted ? ExecCommand::Kind::kAdopt : ExecCommand::Kind::kClose;
-      command->client = client;
+      command->client_id = client->id;
       command->operand = operand;
       command->mapped = job->mapped;
       gpu.channel->post(std::move(command));
@@ -411,7 +411,7 @@ void Scheduler::onDetach(const ClientPtr& client) {
     gpu.channel->dropOpens(client->id);
     auto command = std::make_unique<ExecCommand>();
     command->kind = ExecCommand::Kind::kForget;
-    command->client = client;
+    command->client_id = client->id;
     gpu.channel->post(std::move(command));
   }
 }
@@ -423,7 +423,7 @@ void Scheduler::onRelease(const ClientPtr& client, const std::uint64_t* alloc_id
       gpu.memory.erase(MemoryKey{client->id, alloc_ids[i]});
     auto command = std::make_unique<ExecCommand>();
     command->kind = ExecCommand::Kind::kRelease;
-    command->client = client;
+    command->client_id = client->id;
     command->alloc_ids.assign(alloc_ids, alloc_ids + count);
     gpu.channel->post(std::move(command));
   }

@@ -135,7 +135,7 @@ class FakeExecutor {
           released_.insert(released_.end(), command->alloc_ids.begin(), command->alloc_ids.end());
           break;
         case ExecCommand::Kind::kForget:
-          forgotten_.push_back(command->client->id);
+          forgotten_.push_back(command->client_id);
           break;
       }
     }

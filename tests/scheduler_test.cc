@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -404,6 +405,48 @@ TEST(Scheduler, ConcurrentClientsShareBatches) {
   EXPECT_EQ(total, std::size_t{kClients} * kCalls) << "requests lost or run twice";
   EXPECT_GT(largest, 1u) << "no two clients' requests ever shared a batch";
   EXPECT_LE(largest, std::size_t{kClients});
+}
+
+// Clients the daemon lists as attached; -1 where it does not answer.
+int clientCount(const TempDir& dir) {
+  auto reply = queryDaemonStatus(dir.socket(), "scheduler_test", 2000);
+  if (!reply.ok()) return -1;
+  auto json = parseJson(reply.value());
+  if (!json.ok()) return -1;
+  const Json* clients = jsonFind(json.value(), "clients");
+  int count = 0;
+  while (jsonAt(clients, static_cast<std::size_t>(count)) != nullptr)
+    ++count;
+  return count;
+}
+
+// Mappings of client segments in this process ("memfd:stmux-client").
+int segmentMappings() {
+  std::ifstream maps("/proc/self/maps");
+  int count = 0;
+  for (std::string line; std::getline(maps, line);)
+    count += line.find("memfd:stmux-client") != std::string::npos ? 1 : 0;
+  return count;
+}
+
+// The commands a departure leaves for the executor held its Client, and so
+// kept its segment mapped, until the executor took them: clients attaching
+// and leaving while the executor was busy with a long batch grew the daemon
+// by a segment each, without bound (found by review). They carry its id.
+TEST(Scheduler, ClientsLeavingWhileTheExecutorIsBusyLeaveNoSegmentMapped) {
+  TempDir dir;
+  Daemon daemon(dir);
+  daemon.executor().pause(true);  // takes no command, as one busy with a long batch
+  const int before = segmentMappings();
+  for (int i = 0; i < 20; ++i) {
+    auto connection = connect(dir);
+    ASSERT_TRUE(connection);
+    ASSERT_TRUE(testing::waitFor([&] { return clientCount(dir) == 1; }));
+  }  // each leaves as the next comes
+  EXPECT_TRUE(testing::waitFor([&] { return clientCount(dir) == 0; }));
+  EXPECT_TRUE(testing::waitFor([&] { return segmentMappings() == before; }))
+      << segmentMappings() - before << " segments of clients gone still mapped";
+  daemon.executor().pause(false);
 }
 
 TEST(Scheduler, FreesAndDeparturesReachTheExecutor) {
