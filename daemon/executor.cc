@@ -385,8 +385,11 @@ class Executor::Impl {
     }
     auto mapped = cache_->acquire(item.client->id, operand, batch_id);
     if (!mapped) {
-      STMUX_WARN(kMem, "client {} (pid {}): cannot map allocation {}: {}", item.client->id,
-                 item.client->pid, operand.alloc_id, mapped.message());
+      if (std::uint64_t held = 0; map_log_.allow(nowNs(), held)) {
+        STMUX_WARN(kMem, "client {} (pid {}): cannot map allocation {}: {}{}", item.client->id,
+                   item.client->pid, operand.alloc_id, mapped.message(),
+                   held == 0 ? "" : fmt::format(" ({} more such failures not logged)", held));
+      }
       return kStatusDeclined;
     }
     if (!operandFits(operand.offset, extent, mapped->bytes)) {
@@ -579,8 +582,11 @@ class Executor::Impl {
     channel_.gauges().launches.fetch_add(calls, std::memory_order_relaxed);
     for (const Failure& failure : failures) {
       for (std::size_t g = failure.first; g < failure.last; ++g) {
-        STMUX_WARN(kExec, "GPU {}: a launch of {} requests returned {}", options_.device,
-                   groups[g].count, cublasGetStatusString(failure.status));
+        if (std::uint64_t held = 0; launch_log_.allow(nowNs(), held)) {
+          STMUX_WARN(kExec, "GPU {}: a launch of {} requests returned {}{}", options_.device,
+                     groups[g].count, cublasGetStatusString(failure.status),
+                     held == 0 ? "" : fmt::format(" ({} more such launches not logged)", held));
+        }
         const std::int32_t answer =
             answerForRefusedLaunch(static_cast<std::int32_t>(failure.status));
         for (std::size_t p = groups[g].start; p < groups[g].start + groups[g].count; ++p) {
@@ -870,6 +876,9 @@ class Executor::Impl {
   std::deque<InFlight> in_flight_;
   std::unique_ptr<MappingCache> cache_;
   std::unique_ptr<Wakers> wakers_;
+  // A line a second at most for what a client's requests can make repeat
+  // (operands it cannot have mapped, launches cuBLAS refuses).
+  LogLimiter map_log_, launch_log_;
   // STMUX_LAUNCH_GRAPHS: a replayable batch's launches, and how many cuBLAS
   // calls they are.
   struct BatchGraph {

@@ -9,6 +9,7 @@
 #include "stmux/gemm.h"
 #include "stmux/json.h"
 #include "stmux/log.h"
+#include "stmux/precision.h"
 #include "stmux/segment.h"
 
 namespace stmux::daemon {
@@ -184,6 +185,14 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
   if (!describedAlike(request)) {
     STMUX_DEBUG(kSched, "client {} request {}: operands describe one allocation two ways",
                 client->id, request.request_id);
+    return reject(client, request, kStatusDeclined);  // it runs in its caller
+  }
+  // A math mode or emulation strategy this cuBLAS does not name: its launch
+  // would fail, with a warning a request (a flood of them, found by review).
+  // The shim sends the handle's own, which cuBLAS would have refused to set.
+  if (!knownPrecision(request.math_mode, request.emulation)) {
+    STMUX_DEBUG(kSched, "client {} request {}: math mode {} or emulation {} unknown", client->id,
+                request.request_id, request.math_mode, request.emulation);
     return reject(client, request, kStatusDeclined);  // it runs in its caller
   }
   // One request per completion slot is all an honest shim can have pending;

@@ -40,7 +40,9 @@ static_assert(kTensorOpMathMode == CUBLAS_TENSOR_OP_MATH &&
               kTf32MathMode == CUBLAS_TF32_TENSOR_OP_MATH &&
               kMathModeFlags == (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION |
                                  CUBLAS_FP64_EMULATED_FIXEDPOINT_MATH) &&
-              kDefaultEmulation == CUBLAS_EMULATION_STRATEGY_DEFAULT);
+              kDefaultEmulation == CUBLAS_EMULATION_STRATEGY_DEFAULT &&
+              kLastMathMode == CUBLAS_FP32_EMULATED_BF16X9_MATH &&
+              kLastEmulation == CUBLAS_EMULATION_STRATEGY_EAGER);
 static_assert(kSchedAuto == CU_CTX_SCHED_AUTO && kSchedSpin == CU_CTX_SCHED_SPIN &&
               kSchedYield == CU_CTX_SCHED_YIELD && kSchedBlocking == CU_CTX_SCHED_BLOCKING_SYNC &&
               kSchedMask == CU_CTX_SCHED_MASK);

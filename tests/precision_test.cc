@@ -51,5 +51,19 @@ TEST(CallerPrecision, ACallerEmulatingSinglePrecisionRunsItsFp32CallsDirectly) {
   EXPECT_TRUE(with({{"CUBLAS_EMULATE_SINGLE_PRECISION", ""}}).reproducible(0, kDefaultEmulation));
 }
 
+// The math modes and emulation strategies cuBLAS names (the shim checks the
+// constants against cublas_api.h), each mode with or without its flags.
+TEST(KnownPrecision, CublasModesWithTheirFlagsAndStrategiesOnly) {
+  for (std::uint32_t mode = 0; mode <= kLastMathMode; ++mode) {
+    EXPECT_TRUE(knownPrecision(mode, 0)) << mode;
+    EXPECT_TRUE(knownPrecision(mode | 16, 0)) << mode;
+    EXPECT_TRUE(knownPrecision(mode | 8 | 16, kLastEmulation)) << mode;
+  }
+  EXPECT_FALSE(knownPrecision(kLastMathMode + 1, 0));
+  EXPECT_FALSE(knownPrecision(32, 0)) << "an unknown flag";
+  EXPECT_FALSE(knownPrecision(0xffffffffu, 0));
+  EXPECT_FALSE(knownPrecision(0, kLastEmulation + 1));
+}
+
 }  // namespace
 }  // namespace stmux

@@ -262,6 +262,28 @@ TEST(Scheduler, InvalidArgumentsAreAnsweredWithoutTheGpu) {
   EXPECT_EQ(daemon.scheduler().rejected(), 4u);
 }
 
+// A math mode or emulation strategy cuBLAS does not name failed the launch
+// on the executor, a warning for each such request (found by review): it is
+// declined before the GPU, and runs in its caller, whose cuBLAS says what
+// it makes of it.
+TEST(Scheduler, UnknownPrecisionSettingsAreDeclinedWithoutTheGpu) {
+  TempDir dir;
+  Daemon daemon(dir);
+  auto connection = connect(dir);
+  ASSERT_TRUE(connection);
+  Request mode = validRequest();
+  mode.math_mode = 5;
+  EXPECT_EQ(call(*connection, mode), kStatusDeclined);
+  Request emulation = validRequest();
+  emulation.emulation = 3;
+  EXPECT_EQ(call(*connection, emulation), kStatusDeclined);
+  EXPECT_TRUE(daemon.executor().batchSizes().empty());
+  Request flagged = validRequest();
+  flagged.math_mode = 3 | 16;  // TF32, reductions in FP32
+  EXPECT_EQ(call(*connection, flagged), kStatusSuccess);
+  EXPECT_EQ(daemon.executor().batchSizes(), std::vector<std::size_t>{1});
+}
+
 // Operands of one request that name the same allocation but describe it
 // differently (another handle or base) are a confused or hostile client's:
 // mapping one would unmap the other, and the request would ask for both

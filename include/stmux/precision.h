@@ -15,6 +15,7 @@
 // Pure logic, tested without a GPU (precision_test).
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <optional>
 #include <string>
@@ -31,6 +32,16 @@ inline constexpr int kPedanticMathMode = 2;
 inline constexpr int kTf32MathMode = 3;
 inline constexpr int kMathModeFlags = 16 | 8;
 inline constexpr int kDefaultEmulation = 0;
+inline constexpr int kLastMathMode = 4;   // CUBLAS_FP32_EMULATED_BF16X9_MATH
+inline constexpr int kLastEmulation = 2;  // CUBLAS_EMULATION_STRATEGY_EAGER
+
+// Whether cuBLAS names this math mode (one mode, with the flags it may
+// carry) and emulation strategy: the daemon runs no request with others.
+inline bool knownPrecision(std::uint32_t math_mode, std::uint32_t emulation) {
+  return (math_mode & ~static_cast<std::uint32_t>(kMathModeFlags)) <=
+             static_cast<std::uint32_t>(kLastMathMode) &&
+         emulation <= static_cast<std::uint32_t>(kLastEmulation);
+}
 
 inline constexpr const char* kCallerPrecisionVariables[] = {
     "NVIDIA_TF32_OVERRIDE", "CUBLAS_EMULATION_STRATEGY", "CUBLAS_EMULATE_SINGLE_PRECISION"};
