@@ -238,7 +238,7 @@ void Server::run() {
     if (draining_ && !progressed && !sink_.busy()) {
       bool readable = false;
       for (const ClientPtr& client : clients_)
-        readable |= client->ring.readable();
+        readable |= client->ring.readable() && client->popped_draining < layout_.ring_capacity;
       if (!readable) break;
     }
     if (progressed) {
@@ -277,7 +277,10 @@ bool Server::drainRings(std::uint64_t now) {
   for (std::size_t i = 0; i < count; ++i) {
     const ClientPtr& client = clients_[(rotate_ + i) % count];
     Request request;
-    for (int burst = 0; burst < kBurst && client->ring.tryPop(request); ++burst) {
+    for (int burst = 0; burst < kBurst; ++burst) {
+      if (draining_ && client->popped_draining >= layout_.ring_capacity) break;
+      if (!client->ring.tryPop(request)) break;
+      if (draining_) ++client->popped_draining;
       any = true;
       ++client->requests;
       if (request.slot >= layout_.slot_count) {

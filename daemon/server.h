@@ -49,6 +49,11 @@ struct Client {
   std::atomic<bool> gone{false};
   std::uint64_t requests = 0;      // popped from the ring
   std::uint64_t bad_requests = 0;  // dropped by the transport (bad slot index)
+  // Popped since the daemon began to drain: at most a ring's worth (what it
+  // held then); beyond, the client pushes what it was told not to, and its
+  // ring is read no more (a client that kept pushing kept the drain going
+  // for ever; found by review).
+  std::uint32_t popped_draining = 0;
   // Requests taken from its ring and not yet settled (in a batcher, on a
   // GPU, or answered in a batch the scheduler has not yet taken back).
   std::uint32_t outstanding = 0;

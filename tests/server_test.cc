@@ -23,6 +23,7 @@
 #include "shim/transport.h"
 #include "stmux/control.h"
 #include "stmux/json.h"
+#include "stmux/ring.h"
 #include "test_support.h"
 
 namespace stmux {
@@ -555,6 +556,48 @@ TEST(Server, AnswersAStatusQueryWithJson) {
   const std::string json(reply->bytes.begin() + sizeof(MsgHeader), reply->bytes.end());
   EXPECT_NE(json.find("\"name\":\"server_test\""), std::string::npos) << json;
   EXPECT_NE(json.find(fmt::format("\"pid\":{}", ::getpid())), std::string::npos) << json;
+}
+
+// A client that pushes a request for each one the daemon pops, once the
+// daemon drains (told to push nothing more): its ring never ran dry, and the
+// drain never ended (found by review); systemd would then kill the daemon,
+// on MPS with launches of it on the GPU. A ring's worth is read after the
+// drain began (what it can have held then), no more. Here the sink refills
+// the ring as each request is popped, the fastest a client could.
+TEST(Server, AClientPushingWhileTheDaemonDrainsCannotKeepItFromEnding) {
+  class Refilling : public daemon::RequestSink {
+   public:
+    void onRequest(const daemon::ClientPtr& client, const Request& request,
+                   std::uint64_t) override {
+      ++popped;
+      RingProducer<Request> ring(client->view.ringHeader(), client->view.cells(),
+                                 client->view.layout().ring_capacity);
+      if (refill) (void)ring.tryPush(request);
+    }
+    std::atomic<bool> refill{false};
+    std::atomic<std::uint64_t> popped{0};
+  } sink;
+  TempDir dir;
+  auto server = std::make_unique<testing::ServerThread>(testing::serverOptions(dir), sink);
+  auto tenant = Connection::open(options(dir));
+  ASSERT_TRUE(tenant.ok()) << tenant.message();
+  const std::uint32_t capacity = tenant.value()->view().layout().ring_capacity;
+  sink.refill = true;
+  Request request{};
+  RingProducer<Request> ring(tenant.value()->view().ringHeader(), tenant.value()->view().cells(),
+                             capacity);
+  ASSERT_TRUE(ring.tryPush(request));
+  (void)tenant.value()->sendRelease({0});  // wakes the daemon, were it asleep
+  ASSERT_TRUE(testing::waitFor([&] { return sink.popped > 1000; }));
+  std::atomic<bool> stopped{false};
+  std::thread stopper([&] {
+    server->stop();
+    stopped = true;
+  });
+  const bool ended = testing::waitFor([&] { return stopped.load(); }, std::chrono::seconds(10));
+  sink.refill = false;  // so that a daemon still draining ends now
+  stopper.join();
+  EXPECT_TRUE(ended) << "the drain went on while the client pushed";
 }
 
 // Each status query built the status anew (~5 ms at 1,000 clients) on the
