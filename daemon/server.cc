@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -139,6 +140,7 @@ Server::~Server() {
 }
 
 Status Server::listen() {
+  own_pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0)));
   auto address = socketAddress(options_.socket_path);
   if (!address) return address.status();
   const auto* addr = reinterpret_cast<const sockaddr*>(&address.value());
@@ -629,8 +631,9 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
   for (std::uint32_t i = 0; i < welcome.device_count && i < options_.device_mps.size(); ++i) {
     welcome.device_mps[i] = options_.device_mps[i];
   }
-  const int fds[2] = {memfd.get(), client->doorbell.get()};
-  if (Status status = sendMessage(fd, &welcome, sizeof(welcome), fds, 2); !status.ok()) {
+  const int fds[3] = {memfd.get(), client->doorbell.get(), own_pidfd_.get()};
+  if (Status status = sendMessage(fd, &welcome, sizeof(welcome), fds, own_pidfd_.valid() ? 3 : 2);
+      !status.ok()) {
     // Most often a client gone after its hello: at most once a second.
     if (std::uint64_t held = 0; refuse_log_.allow(nowNs(), held)) {
       STMUX_WARN(kTransport, "could not welcome pid {}: {}{}", cred.pid, status.message(),

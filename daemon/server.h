@@ -232,6 +232,10 @@ class Server {
   UniqueFd listen_;
   UniqueFd epoll_;
   UniqueFd stop_fd_;  // an eventfd: requestStop() wakes a sleeping run()
+  // This process's own pidfd (Linux 5.3), handed to each tenant in its
+  // welcome: it tells the tenant when this process has ended, in any pid
+  // namespace (Connection::daemonProcess). Invalid where the kernel has none.
+  UniqueFd own_pidfd_;
   std::atomic<bool> stop_{false};
   std::vector<ClientPtr> clients_;
   // Clients let go while calls of theirs still ran on a GPU: each socket

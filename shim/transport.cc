@@ -121,6 +121,14 @@ UniqueFd watchDaemonProcess(int sock, const ucred& cred) {
   return UniqueFd(static_cast<int>(::syscall(SYS_pidfd_open, cred.pid, 0)));
 }
 
+// Whether `fd` is a pidfd: signal 0 through it is refused as a bad
+// descriptor for anything else, and allowed, refused for permission or for
+// a process gone for a pidfd.
+bool isPidfd(int fd) {
+  if (::syscall(SYS_pidfd_send_signal, fd, 0, nullptr, 0) == 0) return true;
+  return errno == EPERM || errno == ESRCH;
+}
+
 std::string sealNames(int seals) {
   std::string names;
   for (auto [seal, name] : {std::pair{F_SEAL_SHRINK, "F_SEAL_SHRINK"},
@@ -238,9 +246,9 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
   }
   WelcomeMsg welcome;
   STMUX_TRY(decodeMessage(received.value(), MsgType::kWelcome, welcome));
-  if (received->fds.size() != 2) {
+  if (received->fds.size() != 2 && received->fds.size() != 3) {
     return Status::error(
-        fmt::format("the welcome carried {} descriptors, expected 2", received->fds.size()));
+        fmt::format("the welcome carried {} descriptors, expected 2 or 3", received->fds.size()));
   }
   if (welcome.device_count > kMaxDevices) {
     return Status::error(fmt::format("the welcome lists {} devices", welcome.device_count));
@@ -255,6 +263,19 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
     return refuse(why);
   }
   if (Status why = checkDoorbell(received->fds[1].get()); !why.ok()) return refuse(why);
+  // The daemon's own pidfd, where its kernel has them: it names the daemon's
+  // process in any pid namespace and under systemd's socket activation,
+  // where the socket's peer is pid 1, or is not in this pid namespace at all
+  // (a tenant pod without hostPID on a kernel before SO_PEERPIDFD: its
+  // calls were run again while a killed daemon's launch could still write C;
+  // found by review).
+  if (received->fds.size() == 3) {
+    if (!isPidfd(received->fds[2].get())) {
+      return refuse(Status::error("the welcome's third descriptor is not a pidfd"));
+    }
+    // None for a daemon in this very process, as for its socket's pid.
+    if (cred->pid != ::getpid()) daemon_process = std::move(received->fds[2]);
+  }
   if (welcome.segment_bytes < sizeof(SegmentHeader)) {
     return Status::error(fmt::format("the segment is {} bytes, smaller than its header ({})",
                                      welcome.segment_bytes, sizeof(SegmentHeader)));

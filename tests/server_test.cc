@@ -846,7 +846,7 @@ TEST(Server, ATenantThatMakesItsDoorbellBlockingHoldsUpNoOne) {
   hello.role = static_cast<std::uint32_t>(Role::kTenant);
   ASSERT_TRUE(sendMessage(hostile.get(), &hello, sizeof(hello)).ok());
   auto welcome = recvMessage(hostile.get(), /*block=*/true);
-  ASSERT_TRUE(welcome.ok() && welcome->fds.size() == 2);
+  ASSERT_TRUE(welcome.ok() && welcome->fds.size() >= 2);
   const int doorbell = welcome->fds[1].get();
   const int flags = ::fcntl(doorbell, F_GETFL);
   ASSERT_EQ(::fcntl(doorbell, F_SETFL, flags & ~O_NONBLOCK), 0);

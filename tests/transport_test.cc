@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 
 #include <cstring>
@@ -662,6 +663,71 @@ TEST(Transport, AHangUpBehindAnUnreadMessageIsSeen) {
   fake.join();
   ASSERT_TRUE(connection.ok()) << connection.message();
   EXPECT_FALSE(connection.value()->alive()) << "the hang-up behind the message was not seen";
+}
+
+// The welcome's third descriptor, the daemon's own pidfd: what tells a
+// tenant the daemon's process has ended, in any pid namespace. A client in
+// another process than the daemon watches it (here a pidfd of a process
+// that has ended, while the daemon lives: the client says ended).
+TEST(Transport, TheDaemonsPidfdInTheWelcomeIsWhatTheClientWatches) {
+  TempDir dir;
+  UniqueFd listener = listenAt(dir.socket());
+  ASSERT_TRUE(listener.valid());
+  const pid_t decoy = ::fork();
+  ASSERT_GE(decoy, 0);
+  if (decoy == 0) ::_exit(0);
+  UniqueFd decoy_pidfd(static_cast<int>(::syscall(SYS_pidfd_open, decoy, 0)));
+  ASSERT_EQ(::waitpid(decoy, nullptr, 0), decoy);
+  if (!decoy_pidfd.valid()) GTEST_SKIP() << "this kernel has no pidfd_open";
+  int reports[2];
+  ASSERT_EQ(::pipe2(reports, O_CLOEXEC), 0);
+  UniqueFd report_read(reports[0]), report_write(reports[1]);
+  const pid_t client = ::fork();
+  ASSERT_GE(client, 0);
+  if (client == 0) {
+    auto connection = Connection::open(options(dir));
+    const std::string report =
+        !connection.ok() ? connection.message()
+        : connection.value()->daemonProcess(0) == shim::DaemonProcess::kExited ? "ended"
+                                                                               : "not ended";
+    (void)!::write(report_write.get(), report.data(), report.size());
+    ::_exit(0);
+  }
+  report_write.reset();
+  auto handover = forge(dir, {});
+  ASSERT_TRUE(handover.ok()) << handover.message();
+  UniqueFd peer(::accept(listener.get(), nullptr, nullptr));
+  auto hello = recvMessage(peer.get(), true);
+  ASSERT_TRUE(hello.ok() && !hello->eof);
+  const int fds[3] = {handover->segment.get(), handover->doorbell.get(), decoy_pidfd.get()};
+  ASSERT_TRUE(sendMessage(peer.get(), &handover->welcome, sizeof(handover->welcome), fds, 3).ok());
+  char text[4096];
+  const ssize_t n = ::read(report_read.get(), text, sizeof(text));
+  ASSERT_EQ(::waitpid(client, nullptr, 0), client);
+  EXPECT_EQ(std::string(text, n > 0 ? static_cast<std::size_t>(n) : 0), "ended");
+}
+
+TEST(Transport, RefusesAWelcomesThirdDescriptorThatIsNoPidfd) {
+  TempDir dir;
+  UniqueFd listener = listenAt(dir.socket());
+  ASSERT_TRUE(listener.valid());
+  auto handover = forge(dir, {});
+  ASSERT_TRUE(handover.ok()) << handover.message();
+  UniqueFd other(::eventfd(0, EFD_CLOEXEC));
+  std::thread fake([&] {
+    UniqueFd peer(::accept(listener.get(), nullptr, nullptr));
+    auto hello = recvMessage(peer.get(), true);
+    const int fds[3] = {handover->segment.get(), handover->doorbell.get(), other.get()};
+    EXPECT_TRUE(
+        sendMessage(peer.get(), &handover->welcome, sizeof(handover->welcome), fds, 3).ok());
+    char byte;
+    (void)::recv(peer.get(), &byte, 1, 0);  // until the client hangs up
+  });
+  auto connection = Connection::open(options(dir));
+  const std::string message = connection.ok() ? "attached" : connection.message();
+  connection = Status::error("closed");
+  fake.join();
+  EXPECT_EQ(message, refusal(dir, "the welcome's third descriptor is not a pidfd"));
 }
 
 // ---- the daemon's uid ----

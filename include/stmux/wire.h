@@ -36,7 +36,9 @@ namespace stmux {
 //    fleet_route word).
 // 11: the daemon says which tenants may spin while they wait (the header's
 //    may_spin word).
-inline constexpr std::uint32_t kProtocolVersion = 11;
+// 12: the welcome carries the daemon's own pidfd as a third descriptor,
+//    where its kernel has pidfds.
+inline constexpr std::uint32_t kProtocolVersion = 12;
 inline constexpr std::uint64_t kSegmentMagic = 0x4745534d58554d53ull;  // "SMUXMSEG"
 inline constexpr std::uint32_t kControlMagic = 0x584d5453u;            // "STMX"
 inline constexpr std::size_t kCacheLine = 64;
