@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -123,10 +124,13 @@ UniqueFd watchDaemonProcess(int sock, const ucred& cred) {
 
 // Whether `fd` is a pidfd: signal 0 through it is refused as a bad
 // descriptor for anything else, and allowed, refused for permission or for
-// a process gone for a pidfd.
-bool isPidfd(int fd) {
+// a process gone for a pidfd. Nothing where this process cannot tell (a
+// seccomp filter answering ENOSYS for the system call).
+std::optional<bool> isPidfd(int fd) {
   if (::syscall(SYS_pidfd_send_signal, fd, 0, nullptr, 0) == 0) return true;
-  return errno == EPERM || errno == ESRCH;
+  if (errno == EPERM || errno == ESRCH) return true;
+  if (errno == ENOSYS) return std::nullopt;
+  return false;
 }
 
 std::string sealNames(int seals) {
@@ -270,11 +274,12 @@ Result<std::unique_ptr<Connection>> Connection::open(const ConnectOptions& optio
   // calls were run again while a killed daemon's launch could still write C;
   // found by review).
   if (received->fds.size() == 3) {
-    if (!isPidfd(received->fds[2].get())) {
+    const std::optional<bool> pidfd = isPidfd(received->fds[2].get());
+    if (pidfd == false)
       return refuse(Status::error("the welcome's third descriptor is not a pidfd"));
-    }
-    // None for a daemon in this very process, as for its socket's pid.
-    if (cred->pid != ::getpid()) daemon_process = std::move(received->fds[2]);
+    // None for a daemon in this very process, as for its socket's pid; and
+    // not one this process cannot tell from another descriptor.
+    if (pidfd == true && cred->pid != ::getpid()) daemon_process = std::move(received->fds[2]);
   }
   if (welcome.segment_bytes < sizeof(SegmentHeader)) {
     return Status::error(fmt::format("the segment is {} bytes, smaller than its header ({})",
