@@ -40,6 +40,10 @@ constexpr std::size_t kMaxRepliesPerUid = 4;
 // queries then costs the server thread at most a twentieth of its time,
 // where each built anew held the tenants' rings up for the whole flood.
 constexpr std::uint64_t kStatusReuseFactor = 20;
+// ... and never for longer than this: a build whose thread lost its core
+// for half a second served a status 10 s old (a test waiting for a count
+// in it timed out on a loaded machine).
+constexpr std::uint64_t kMostStatusReuseNs = 100'000'000;
 // Connections accepted that have not said hello yet: at most this many, and
 // this many per uid, so that one user's flood of silent connections neither
 // grows the daemon nor keeps others (stmuxctl, tenants) out.
@@ -682,7 +686,8 @@ void Server::answerControl(UniqueFd socket, std::uint32_t uid) {
   reply->uid = uid;
   reply->socket = std::move(socket);
   const std::uint64_t now = nowNs();
-  if (!status_ || now - status_built_ns_ >= kStatusReuseFactor * status_cost_ns_) {
+  if (!status_ || now - status_built_ns_ >=
+                      std::min(kStatusReuseFactor * status_cost_ns_, kMostStatusReuseNs)) {
     status_ = std::make_shared<const std::string>(statusJson());
     status_built_ns_ = nowNs();
     status_cost_ns_ = status_built_ns_ - now;

@@ -626,6 +626,33 @@ TEST(Server, AFloodOfStatusQueriesBuildsTheStatusFewTimes) {
       << "of " << kLeaving + kReading << " queries";
 }
 
+// A status whose build took long (its thread lost the core) was served for
+// twenty times as long: half a second made it 10 s old, and a test waiting
+// for a count in it timed out on a loaded machine. It is served for 100 ms
+// at most.
+TEST(Server, AStatusSlowToBuildIsNotServedLongAfter) {
+  class Slow : public TestSink {
+   public:
+    void addStatus(nlohmann::ordered_json&) const override {
+      if (builds_++ == 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    }
+
+   private:
+    mutable int builds_ = 0;
+  } sink;
+  TempDir dir;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto builds = [&] {
+    auto reply = queryDaemonStatus(dir.socket(), "server_test", 10'000);
+    EXPECT_TRUE(reply.ok()) << reply.message();
+    if (!reply.ok()) return std::uint64_t{0};
+    return parseJson(reply.value()).value()["daemon"]["status_builds"].get<std::uint64_t>();
+  };
+  EXPECT_EQ(builds(), 1u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(builds(), 2u) << "a status 200 ms old was served";
+}
+
 // Readers that take nothing of a reply larger than the socket's buffer hold
 // their places for the reply's timeout: one uid may hold 4 of the 16, and
 // so cannot keep another's operator or liveness probe out.
