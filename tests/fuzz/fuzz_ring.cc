@@ -135,7 +135,7 @@ class FakeExecutor {
           launch(std::move(command->batch));
           break;
         case ExecCommand::Kind::kAdopt:
-          if (!cache_.adopt(command->client->id, command->operand, command->mapped)) {
+          if (!cache_.adopt(command->client_id, command->operand, command->mapped)) {
             close(command->mapped);
           }
           break;
@@ -144,10 +144,10 @@ class FakeExecutor {
           break;
         case ExecCommand::Kind::kRelease:
           for (std::uint64_t id : command->alloc_ids)
-            cache_.release(command->client->id, id);
+            cache_.release(command->client_id, id);
           break;
         case ExecCommand::Kind::kForget:
-          cache_.forgetClient(command->client->id);
+          cache_.forgetClient(command->client_id);
           break;
       }
     }
