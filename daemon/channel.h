@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -54,6 +55,7 @@ struct OpenJob {
   OperandDesc operand;
   bool ok = false;
   bool already_mapped = false;  // memory at its address is mapped already (by the executor)
+  bool dropped = false;         // not ok: never given to the mapper (postOpen, dropOpens)
   Mapped mapped;                // ok
   std::string error;            // not ok
 };
@@ -143,6 +145,7 @@ class ExecutorChannel {
       waiting.pop_front();
       --waiting_open_count_;
       oldest->ok = false;
+      oldest->dropped = true;
       oldest->error =
           "dropped unopened: its client had more allocations waiting to be opened "
           "than its requests can use";
@@ -157,6 +160,20 @@ class ExecutorChannel {
       waiting_open_count_ -= it->second.size();
       waiting_opens_.erase(it);
     }
+  }
+  // The same for a client still here: they are handed back (takeOpened) as
+  // opens that failed, for `why`.
+  void dropOpens(std::uint32_t client, std::string_view why) {
+    const auto it = waiting_opens_.find(client);
+    if (it == waiting_opens_.end()) return;
+    for (std::unique_ptr<OpenJob>& job : it->second) {
+      job->ok = false;
+      job->dropped = true;
+      job->error = why;
+      dropped_opens_.push_back(std::move(job));
+    }
+    waiting_open_count_ -= it->second.size();
+    waiting_opens_.erase(it);
   }
   // Moves overflow into the queues; true while some is still left over.
   bool flush() {

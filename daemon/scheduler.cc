@@ -51,6 +51,27 @@ constexpr std::size_t kMostWaitingCommands = 1024;
 // (A, B, C and a bias), as many as its requests can use at once
 // (ExecutorChannel::postOpen).
 constexpr std::size_t kMostOpensPerSlot = 4;
+// Opens of a client's memory that may fail: kFailedOpenBurst at once, then
+// one every kFailedOpenEveryNs (a budget kept as the time it is full again).
+// A failed open costs the driver what one that succeeds does, and the
+// executor's launches share its locks: a client flooding garbage handles
+// had the mapper fail 62,000 opens a second and took the other tenants to
+// 0.33x of their calls/s (H100, stmux-fault dos). An honest shim sends only
+// live, exportable allocations, whose opens fail rarely. Beyond the budget
+// the client's requests that need an open are declined unopened (its
+// callers run them) and its waiting opens dropped.
+constexpr std::uint64_t kFailedOpenEveryNs = 10'000'000;
+constexpr std::uint64_t kFailedOpenBurst = 32;
+
+bool openBudgetSpent(const Client& client, std::uint64_t now_ns) {
+  return client.open_budget_full_ns > now_ns + kFailedOpenBurst * kFailedOpenEveryNs;
+}
+// Charges a failed open; whether that spent the budget.
+bool chargeFailedOpen(Client& client, std::uint64_t now_ns) {
+  ++client.failed_opens;
+  client.open_budget_full_ns = std::max(client.open_budget_full_ns, now_ns) + kFailedOpenEveryNs;
+  return openBudgetSpent(client, now_ns);
+}
 
 // Calls `f` with each operand a (valid) request reads or writes.
 template <class F>
@@ -243,6 +264,11 @@ Scheduler::Mapping Scheduler::memoryMapped(Gpu& gpu, Queued& item) {
       unmappable = true;
       return;
     }
+    if (openBudgetSpent(*item.client, nowNs())) {
+      ++item.client->declined_unopened;
+      unmappable = true;
+      return;
+    }
     ++item.opens;
     const auto it = found != gpu.memory.end() ? found : gpu.memory.try_emplace(key).first;
     Memory& memory = it->second;
@@ -316,7 +342,14 @@ bool Scheduler::takeOpened(Gpu& gpu) {
       // predecessor it has not closed yet): the executor maps it itself at
       // the first batch that needs it, closing what is in the way.
       it->second.mapped = true;
-    } else if (wanted) {
+    } else {
+      if (!job->dropped && !job->already_mapped && chargeFailedOpen(*client, nowNs())) {
+        // Its other opens would most likely fail too: they are answered
+        // unopened, declining what waited for them.
+        gpu.channel->dropOpens(client->id,
+                               "dropped unopened: too many of its client's opens failed");
+      }
+      if (!wanted) continue;
       if (std::uint64_t held = 0; map_log_.allow(nowNs(), held)) {
         STMUX_WARN(kMem, "client {} (pid {}): cannot map allocation {}: {}{}", client->id,
                    client->pid, operand.alloc_id, job->error,
@@ -365,7 +398,9 @@ bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_a
     const bool ready = requestReady(slot, it->request);
     const Mapping mapping = ready ? memoryMapped(gpu, *it) : Mapping::kOpening;
     if (mapping == Mapping::kUnmappable) {
-      STMUX_DEBUG(kSched, "client {} request {}: its memory took {} opens; declined",
+      STMUX_DEBUG(kSched,
+                  "client {} request {}: its memory took {} opens, or its client's failed opens "
+                  "spent their budget; declined",
                   it->client->id, it->request.request_id, it->opens);
       reject(it->client, it->request, kStatusDeclined);  // it runs in its caller
       settle(std::span<const Queued>(&*it, 1));

@@ -843,6 +843,8 @@ std::string Server::statusJson() const {
     entry["requests"] = client->requests;
     entry["outstanding"] = client->unanswered();
     entry["refused"] = client->refused;
+    entry["failed_opens"] = client->failed_opens;
+    entry["declined_unopened"] = client->declined_unopened;
     const CounterTotals sum = totals(counters);
     entry["forwarded"] = sum.forwarded;
     entry["failed"] = sum.failed;
@@ -1022,6 +1024,13 @@ void Server::addMetrics(MetricsText& out) const {
   perClient("stmux_client_refused_total", "counter",
             "Requests declined for being beyond the tenant's slots.",
             [](const Client& c, const CounterTotals&) { return c.refused; });
+  perClient("stmux_client_failed_opens_total", "counter",
+            "Opens of the tenant's memory that failed (a few a second are allowed; beyond, "
+            "its requests needing one are declined unopened).",
+            [](const Client& c, const CounterTotals&) { return c.failed_opens; });
+  perClient("stmux_client_declined_unopened_total", "counter",
+            "Requests of the tenant declined unopened: too many of its opens had failed.",
+            [](const Client& c, const CounterTotals&) { return c.declined_unopened; });
   // Where the tenant's shim has not looked yet (no call made), no sample.
   out.family("stmux_client_mps", "gauge",
              "1 where the tenant's CUDA context runs under MPS, 0 where it does not.");

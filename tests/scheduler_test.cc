@@ -883,6 +883,52 @@ TEST(Scheduler, AFloodOfUnopenableMemoryHoldsUpNoOtherClientsNotices) {
   EXPECT_EQ(call(*honest, requestOn(4)), kStatusSuccess);
 }
 
+// A failed open costs the driver what one that succeeds does, and so every
+// tenant: a client flooding garbage handles gets a few failed opens a
+// second (then its requests that need one are declined unopened, and run in
+// its callers); an honest client beside it still has its memory opened.
+TEST(Scheduler, AClientWhoseOpensFailGetsFewOfThemAndOthersStillHaveTheirsOpened) {
+  TempDir dir;
+  Daemon daemon(dir);
+  constexpr std::uint64_t kGarbage = std::uint64_t{1} << 40;
+  std::atomic<std::uint64_t> failed{0};
+  daemon.executor().setOpen([&failed](OpenJob& job) {
+    if (job.operand.alloc_id < kGarbage) return FakeExecutor::openAsAsked(job);
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+    ++failed;
+    job.ok = false;
+    job.error = "invalid argument";
+  });
+  auto hostile = connect(dir);
+  auto honest = connect(dir);
+  ASSERT_TRUE(hostile && honest);
+  ASSERT_EQ(call(*honest, requestOn(1)), kStatusSuccess);
+  std::uint64_t next = kGarbage;  // the flood's thread alone uses it
+  const auto started = std::chrono::steady_clock::now();
+  {
+    const RingFlood flood(*hostile, [&next] {
+      const Request request = requestOn(next);
+      next += 3;
+      return request;
+    });
+    ASSERT_TRUE(testing::waitFor([&] { return failed >= 32; }, std::chrono::seconds(20)))
+        << "the flood's opens never failed";
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+    // The honest client's new memory is opened, flood or not.
+    EXPECT_EQ(call(*honest, requestOn(100)), kStatusSuccess);
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  // 32 at once, then 100 a second, and the mapper's two in hand when the
+  // budget ran out; without the budget, some 8,000 a second.
+  EXPECT_LE(static_cast<double>(failed), 40 + 100 * seconds + 20)
+      << "failed opens in " << seconds << " s";
+  EXPECT_GE(clientField(dir, hostile->clientId(), "failed_opens"), 32);
+  EXPECT_GT(clientField(dir, hostile->clientId(), "declined_unopened"), 0);
+  EXPECT_EQ(clientField(dir, honest->clientId(), "failed_opens"), 0);
+  EXPECT_EQ(clientField(dir, honest->clientId(), "declined_unopened"), 0);
+}
+
 // An honest client using every slot at once reuses a slot as soon as its
 // status is out, which can be before the daemon has settled the batch that
 // answered it: that request must not count against the new one.

@@ -960,14 +960,17 @@ Result dos(const Options& o, const fs::path& dir) {
     Tally tally;
     s.tenants.reap(tally, true);
     // The flooding client's place in the daemon while it still floods: what
-    // it has outstanding (bounded by its slots) and how much was refused.
-    double flood_outstanding = -1, flood_refused = -1;
+    // it has outstanding (bounded by its slots), how much was refused, and
+    // how many opens of its memory failed (the budget for them).
+    double flood_outstanding = -1, flood_refused = -1, flood_failed_opens = -1, flood_unopened = -1;
     if (flooder.running()) {
       if (auto status = s.daemon.status()) {
         for (const Json& client : (*status)["clients"]) {
           if (client.value("name", "") != "ipc_client") continue;
           flood_outstanding = client.value("outstanding", 0.0);
           flood_refused = client.value("refused", 0.0);
+          flood_failed_opens = client.value("failed_opens", 0.0);
+          flood_unopened = client.value("declined_unopened", 0.0);
         }
       }
     }
@@ -1002,6 +1005,11 @@ Result dos(const Options& o, const fs::path& dir) {
       }
       extra = fmt::format("; {}; it had {:.0f} requests outstanding, {:.0f} refused", flooded,
                           flood_outstanding, flood_refused);
+      if (p == "garbage-handles") {
+        extra +=
+            fmt::format("; {:.0f} opens of its memory failed, {:.0f} requests declined unopened",
+                        flood_failed_opens, flood_unopened);
+      }
     }
     say(s.name,
         fmt::format("{}: {:.0f} checked calls/s ({:.2f}x alone), {:.1f}% served{}", phase.what,
