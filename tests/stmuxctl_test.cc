@@ -214,7 +214,8 @@ constexpr char kFullReply[] = R"({
      "fallbacks": {"no_daemon": 1, "busy": 2, "timeout": 0}, "route": "served", "mps": "yes",
      "mode": "stream"},
     {"id": 7, "pid": 1002, "uid": 1000, "name": "infer-b", "attached_s": 3.25,
-     "requests": 7345, "forwarded": 7345, "failed": 0,
+     "requests": 7345, "forwarded": 7345, "failed": 0, "refused": 0, "failed_opens": 40,
+     "declined_unopened": 912,
      "fallbacks": {"no_daemon": 0, "busy": 0, "timeout": 0}, "route": "direct", "mps": "no",
      "mode": "host"}
   ],
@@ -401,6 +402,10 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
             "GPU 0: 12 allocations were opened on the executor's thread, not the mapper's "
             "(memory still mapped at their address, or closed since)");
   EXPECT_EQ(lineStarting(out, "GPU 1: "), "") << out;
+  // What an honest shim never makes the daemon do, for the client that did.
+  EXPECT_EQ(lineStarting(out, "client 7 "),
+            "client 7 (pid 1002): 40 opens of its memory failed, 912 requests declined unopened");
+  EXPECT_EQ(lineStarting(out, "client 1 "), "") << out;
 
   const std::string a = lineStarting(out, "1      1001 ");
   const std::string b = lineStarting(out, "7      1002 ");
@@ -413,7 +418,11 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   EXPECT_TRUE(a.ends_with(" no_daemon=1 busy=2")) << "only non-zero fallbacks: " << a;
   EXPECT_TRUE(contains(b, " 3.2s ")) << b;
   EXPECT_TRUE(b.ends_with(" -")) << "no fallbacks at all: " << b;
-  const std::string client_total = lines(out)[lines(out).size() - 1];
+  // The clients' table comes after the GPUs': its total is the last.
+  std::string client_total;
+  for (const std::string& line : lines(out)) {
+    if (line.starts_with("total ")) client_total = line;
+  }
   ASSERT_FALSE(client_total.empty()) << out;
   for (const char* part :
        {"total ", " 2 clients ", " 12345 ", " 12335 ", " 2 ", " no_daemon=1 busy=2"}) {

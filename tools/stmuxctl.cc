@@ -407,7 +407,28 @@ std::string clientTable(const Json* clients) {
              fmt::format("{} client{}", clients->size(), clients->size() == 1 ? "" : "s"), "", "",
              "", "", requests.str(), forwarded.str(), failed.str(),
              fallbacks.str(/*non_zero_only=*/true)});
-  return table.str();
+  // What an honest shim never makes the daemon do (docs/ARCHITECTURE.md,
+  // "Client memory"): said for the clients that did.
+  std::string notes;
+  auto positive = [](const Json* v) { return isNumber(v) && jsonNumber(v) > 0; };
+  for (std::size_t i = 0; i < clients->size(); ++i) {
+    const Json* client = jsonAt(clients, i);
+    const Json* refused = member(client, "refused");
+    const Json* failed_opens = member(client, "failed_opens");
+    const Json* unopened = member(client, "declined_unopened");
+    std::string what;
+    if (positive(refused))
+      what = fmt::format("{} requests refused beyond its slots", count(refused));
+    if (positive(failed_opens)) {
+      what += fmt::format("{}{} opens of its memory failed, {} requests declined unopened",
+                          what.empty() ? "" : "; ", count(failed_opens), count(unopened));
+    }
+    if (!what.empty()) {
+      notes += fmt::format("client {} (pid {}): {}\n", count(member(client, "id")),
+                           count(member(client, "pid")), what);
+    }
+  }
+  return table.str() + notes;
 }
 
 // The clients' calls summed by cuBLAS entry point, in the order of the
