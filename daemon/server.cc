@@ -108,11 +108,36 @@ void drainEventfd(int fd) {
   }
 }
 
+// SO_PASSRIGHTS (Linux 6.16), where the C library's headers predate it;
+// the value of asm-generic/socket.h, which x86-64 and arm64 use.
+#ifdef SO_PASSRIGHTS
+constexpr int kSoPassRights = SO_PASSRIGHTS;
+#else
+constexpr int kSoPassRights = 83;
+#endif
+
+// Descriptors a client passed the daemon (none is ever wanted): a socket's
+// linger is turned off, so that its close does not wait for its unsent
+// data, and each is closed aside (a file whose close waits otherwise, on a
+// FUSE mount the tenant serves, keeps the closer's thread waiting, not the
+// server's).
+void dropPassed(std::vector<UniqueFd>& fds) {
+  for (UniqueFd& fd : fds) {
+    struct stat st {};
+    if (::fstat(fd.get(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+      const linger off{0, 0};
+      (void)::setsockopt(fd.get(), SOL_SOCKET, SO_LINGER, &off, sizeof(off));
+    }
+    closeAside(std::move(fd));
+  }
+  fds.clear();
+}
+
 }  // namespace
 
 struct Server::Pending {
   std::uint64_t id = 0;
-  UniqueFd socket;
+  AsideFd socket;
   uid_t uid = 0;
   std::uint64_t deadline_ns = 0;
 };
@@ -120,7 +145,7 @@ struct Server::Pending {
 struct Server::Reply {
   std::uint64_t id = 0;
   std::uint32_t uid = 0;
-  UniqueFd socket;
+  AsideFd socket;
   std::shared_ptr<const std::string> json;
   std::size_t sent = 0;  // bytes of json sent
   std::uint64_t deadline_ns = 0;
@@ -176,6 +201,17 @@ Status Server::listen() {
   if (!listen_.valid()) {
     return Status::error(fmt::format("socket() failed: {}", std::strerror(errno)));
   }
+  // No client passes the daemon a descriptor: from Linux 6.16 its
+  // connections refuse them (inherited at connect, before accept), and
+  // what a tenant could pass cannot make a close block (daemon/aside.h).
+  // Older kernels do not know the option; there the closer thread closes.
+  if (const int off = 0;
+      ::setsockopt(listen_.get(), SOL_SOCKET, kSoPassRights, &off, sizeof(off)) != 0) {
+    STMUX_DEBUG(kTransport,
+                "this kernel cannot refuse passed descriptors at the socket (SO_PASSRIGHTS, "
+                "Linux 6.16): {}; connections close on a thread of their own",
+                std::strerror(errno));
+  }
   // Tenants reach the daemon through group membership (README, systemd unit),
   // so the socket is made at most 0660, and the umask may take more away. bind
   // gives it that mode from the start: a chmod afterwards would leave a window
@@ -226,8 +262,8 @@ void Server::run() {
       STMUX_INFO(kTransport, "draining: no new clients; finishing {} clients' work",
                  clients_.size());
       epollDel(epoll_.get(), listen_.get());
-      listen_.reset();
-      accept_paused_until_ = 0;  // nothing to accept: no timer to sleep until
+      closeAside(std::move(listen_));  // its backlog's queues may hold passed descriptors
+      accept_paused_until_ = 0;        // nothing to accept: no timer to sleep until
       ::unlink(options_.socket_path.c_str());
       for (const ClientPtr& client : clients_) {
         client->view.header()->draining.store(1, std::memory_order_release);
@@ -429,7 +465,7 @@ void Server::acceptAll() {
       pauseAccepting(now + options_.hello_timeout_ns / 20);
       return;
     }
-    UniqueFd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+    AsideFd fd(UniqueFd(::accept4(listen_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK)));
     if (!fd.valid()) {
       const int err = errno;
       if (err == EAGAIN || err == EWOULDBLOCK) return;
@@ -544,7 +580,9 @@ void Server::greet(std::unique_ptr<Pending> pending) {
   if (!received || received->eof) return;                            // gone before it said anything
   if (received->would_block) return addPending(std::move(pending));  // not yet
   if (!received->fds.empty()) {
-    // Received's destructor closes them: a client hands the daemon nothing.
+    // A client hands the daemon nothing (and on Linux 6.16 and later the
+    // listening socket refuses them).
+    dropPassed(received->fds);
     return refuse(fd, "a hello must not carry file descriptors");
   }
   MsgHeader header;
@@ -576,7 +614,7 @@ void Server::greet(std::unique_ptr<Pending> pending) {
          fmt::format("unknown role {} in hello; accepted: 1 (tenant), 2 (control)", hello.role));
 }
 
-void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& hello) {
+void Server::admitTenant(AsideFd socket, const ::ucred& cred, const HelloMsg& hello) {
   const int fd = socket.get();
   if (draining_) return refuse(fd, "the daemon is shutting down");
   // A client let go while its calls run still holds its place (its socket
@@ -665,7 +703,7 @@ void Server::admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& h
 // The status goes out in parts of kStatusPartBytes, as fast as the reader
 // takes them: one message of it all failed beyond about 490 clients (larger
 // than the socket buffer), and the daemon never waits for a reader.
-void Server::answerControl(UniqueFd socket, std::uint32_t uid) {
+void Server::answerControl(AsideFd socket, std::uint32_t uid) {
   if (replies_.size() >= kMaxReplies) {
     return refuse(socket.get(), fmt::format("the daemon is answering {} status queries already; "
                                             "try again",
@@ -755,8 +793,9 @@ void Server::readClient(const ClientPtr& client) {
     if (received->would_block) return;
     if (received->eof) return detach(client, "it closed its connection");
     ReleaseMsg release;
-    if (!received->fds.empty() ||
-        !decodeMessage(received.value(), MsgType::kRelease, release).ok() ||
+    const bool passed = !received->fds.empty();
+    dropPassed(received->fds);
+    if (passed || !decodeMessage(received.value(), MsgType::kRelease, release).ok() ||
         release.count > kMaxReleaseIds) {
       return detach(client, "it sent a malformed control message");
     }

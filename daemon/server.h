@@ -21,6 +21,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "daemon/aside.h"
 #include "daemon/fleet_route.h"
 #include "daemon/metrics.h"
 #include "stmux/log.h"
@@ -41,7 +42,7 @@ struct Client {
   gid_t gid = 0;
   std::string name;
   std::uint64_t attached_ns = 0;
-  UniqueFd socket;
+  AsideFd socket;  // its queue may hold descriptors it passed (daemon/aside.h)
   UniqueFd doorbell;
   Mapping mapping;
   SegmentView view;
@@ -209,10 +210,10 @@ class Server {
   void greet(std::unique_ptr<Pending> pending);
   void addPending(std::unique_ptr<Pending> pending);
   void refuse(int fd, const std::string& reason);
-  void admitTenant(UniqueFd socket, const ::ucred& cred, const HelloMsg& hello);
+  void admitTenant(AsideFd socket, const ::ucred& cred, const HelloMsg& hello);
   // A status query from `uid`: refused where too many are being answered
   // (kMaxReplies, kMaxRepliesPerUid), else answered in parts.
-  void answerControl(UniqueFd socket, std::uint32_t uid);
+  void answerControl(AsideFd socket, std::uint32_t uid);
   // Sends what the socket takes now; false once the reply is done or failed.
   bool pumpReply(Reply& reply);
   void dropReply(std::uint64_t id);

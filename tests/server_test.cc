@@ -5,6 +5,7 @@
 
 #include <dirent.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -164,9 +165,114 @@ TEST(Server, AHelloCarryingDescriptorsIsRefused) {
   auto hello = makeMessage<HelloMsg>(MsgType::kHello);
   hello.role = static_cast<std::uint32_t>(Role::kTenant);
   const int fds[1] = {offered.get()};
-  ASSERT_TRUE(sendMessage(fd.get(), &hello, sizeof(hello), fds, 1).ok());
-  EXPECT_EQ(refusalReason(fd.get()), "a hello must not carry file descriptors");
+  const Status sent = sendMessage(fd.get(), &hello, sizeof(hello), fds, 1);
+  if (sent.ok()) {
+    EXPECT_EQ(refusalReason(fd.get()), "a hello must not carry file descriptors");
+  } else {
+    // Linux 6.16 and later: the daemon's socket takes no descriptor at all.
+    EXPECT_TRUE(sent.message().ends_with(std::strerror(EPERM))) << sent.message();
+  }
   EXPECT_EQ(sink.attached.load(), 0);
+}
+
+// A TCP connection whose close waits `linger_s` seconds: SO_LINGER, and
+// data its peer (a listener's backlog, never read) has no room for.
+struct LingeringSocket {
+  UniqueFd listener, socket;
+  explicit LingeringSocket(int linger_s) {
+    listener.reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    const int small = 4096;
+    ::setsockopt(listener.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t length = sizeof(address);
+    EXPECT_EQ(::bind(listener.get(), reinterpret_cast<sockaddr*>(&address), length), 0);
+    EXPECT_EQ(::listen(listener.get(), 1), 0);
+    EXPECT_EQ(::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&address), &length), 0);
+    socket.reset(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ::setsockopt(socket.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+    EXPECT_EQ(::connect(socket.get(), reinterpret_cast<sockaddr*>(&address), length), 0);
+    char bytes[4096] = {};
+    while (::send(socket.get(), bytes, sizeof(bytes), MSG_DONTWAIT | MSG_NOSIGNAL) > 0) {
+    }
+    const linger on{1, linger_s};
+    EXPECT_EQ(::setsockopt(socket.get(), SOL_SOCKET, SO_LINGER, &on, sizeof(on)), 0);
+  }
+};
+
+TEST(Aside, ACloseThatWaitsHoldsUpNoCaller) {
+  LingeringSocket lingering(2);
+  const std::uint64_t before = daemon::closedAside();
+  const auto start = std::chrono::steady_clock::now();
+  daemon::closeAside(std::move(lingering.socket));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(200));
+  EXPECT_EQ(daemon::closedAside(), before) << "the close was not still waiting out its linger";
+  EXPECT_TRUE(testing::waitFor([&] { return daemon::closedAside() == before + 1; },
+                               std::chrono::seconds(10)));
+}
+
+// A tenant passing the daemon a descriptor whose close waits (with a hello,
+// with a notice, or left in its connection's queue) stalled the server's
+// thread, and every tenant, for as long as it chose. The server's thread
+// is held (in an attach) while they are passed and the tenant's own copies
+// closed, so that the daemon's closes are the last, the ones that wait.
+TEST(Server, ADescriptorWhoseCloseWaitsHoldsUpNoOtherClient) {
+  struct HoldingSink : TestSink {
+    std::atomic<bool> hold_next{false}, holding{false}, let_go{false};
+    void onAttach(const daemon::ClientPtr& client) override {
+      if (hold_next.exchange(false)) {
+        holding = true;
+        while (!let_go)
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      TestSink::onAttach(client);
+    }
+  } sink;
+  TempDir dir;
+  ServerThread server(testing::serverOptions(dir), sink);
+  auto attached = Connection::open(options(dir));
+  ASSERT_TRUE(attached.ok()) << attached.message();
+  sink.hold_next = true;
+  std::thread held([&] { (void)Connection::open(options(dir)); });
+  ASSERT_TRUE(testing::waitFor([&] { return sink.holding.load(); }));
+  std::vector<LingeringSocket> lingering;
+  for (int i = 0; i < 3; ++i)
+    lingering.emplace_back(2);
+  int refused_at_socket = 0;
+  auto pass = [&](int fd, const void* message, std::size_t bytes, LingeringSocket& passed) {
+    const int fds[1] = {passed.socket.get()};
+    const Status sent = sendMessage(fd, message, bytes, fds, 1);
+    if (!sent.ok()) {
+      EXPECT_TRUE(sent.message().ends_with(std::strerror(EPERM))) << sent.message();
+      ++refused_at_socket;  // Linux 6.16 and later (SO_PASSRIGHTS)
+      const linger off{0, 0};
+      ::setsockopt(passed.socket.get(), SOL_SOCKET, SO_LINGER, &off, sizeof(off));
+    }
+  };
+  auto hello = makeMessage<HelloMsg>(MsgType::kHello);
+  hello.role = static_cast<std::uint32_t>(Role::kTenant);
+  UniqueFd hostile = rawConnect(dir);
+  pass(hostile.get(), &hello, sizeof(hello), lingering[0]);
+  auto release = makeMessage<ReleaseMsg>(MsgType::kRelease);
+  release.count = 1;
+  pass(attached.value()->socketFd(), &release, sizeof(release), lingering[1]);
+  // A hello cut short, refused, and one behind it that the daemon never
+  // reads: closing the connection releases it.
+  UniqueFd leaving = rawConnect(dir);
+  ASSERT_TRUE(sendMessage(leaving.get(), &hello, 1).ok());
+  pass(leaving.get(), &hello, sizeof(hello), lingering[2]);
+  leaving.reset();
+  for (LingeringSocket& l : lingering)
+    l.socket.reset();  // what the daemon took, it alone holds now
+  const auto start = std::chrono::steady_clock::now();
+  sink.let_go = true;
+  held.join();
+  auto reply = queryDaemonStatus(dir.socket(), "server_test", 10'000);
+  ASSERT_TRUE(reply.ok()) << reply.message();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1))
+      << "the daemon waited on a close (" << refused_at_socket
+      << " of 3 descriptors refused at the socket)";
 }
 
 TEST(Server, MalformedHellosAreRefusedWithAReason) {

@@ -1,0 +1,54 @@
+// Descriptors a tenant may have had a hand in, closed on a thread of their
+// own.
+//
+// A close can block: the last close of a TCP socket with SO_LINGER and
+// unsent data waits out its linger time, which its owner sets. A tenant can
+// pass the daemon such a socket (SCM_RIGHTS) with any message, or leave it
+// in its connection's queue, whose close releases it: on the server's
+// thread, either stalled every tenant for as long as the tenant chose
+// (found by review). Since Linux 6.16 the listening socket refuses passed
+// descriptors (SO_PASSRIGHTS) and none arrive; on the kernels before, the
+// connections and anything received from them close here.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include "stmux/sys.h"
+
+namespace stmux::daemon {
+
+// Hands `fd` to the closer thread (started at the first call, and kept for
+// the process's life: a close it waits in must not hold up the daemon's
+// exit). Never blocks; an invalid `fd` is ignored.
+void closeAside(UniqueFd fd);
+
+// Descriptors closed through closeAside so far (tests).
+std::uint64_t closedAside();
+
+// A UniqueFd that closes aside: for the sockets of clients.
+class AsideFd {
+ public:
+  AsideFd() = default;
+  explicit AsideFd(UniqueFd fd) : fd_(std::move(fd)) {}
+  AsideFd(AsideFd&&) noexcept = default;
+  AsideFd& operator=(AsideFd&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::move(other.fd_);
+    }
+    return *this;
+  }
+  ~AsideFd() { reset(); }
+
+  int get() const { return fd_.get(); }
+  bool valid() const { return fd_.valid(); }
+  void reset() {
+    if (fd_.valid()) closeAside(std::move(fd_));
+  }
+
+ private:
+  UniqueFd fd_;
+};
+
+}  // namespace stmux::daemon
