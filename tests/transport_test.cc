@@ -449,6 +449,7 @@ struct Forgery {
   off_t extra_bytes = 0;       // the segment's size beyond what the welcome says
   bool regular_file = false;   // the segment is a file in the test's directory
   bool pipe_doorbell = false;  // the doorbell is a pipe nobody drains
+  int third = -1;              // a third descriptor to hand over (the daemon's pidfd), copied
 };
 
 struct Handover {
@@ -456,6 +457,7 @@ struct Handover {
   UniqueFd segment;
   UniqueFd doorbell;
   UniqueFd drain;  // a pipe doorbell's read end
+  UniqueFd third;  // sent where valid
 };
 
 // No gtest macros: it also runs in child processes.
@@ -489,6 +491,7 @@ Result<Handover> forge(const TempDir& dir, const Forgery& forgery) {
   } else {
     handover.doorbell.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   }
+  if (forgery.third >= 0) handover.third.reset(::fcntl(forgery.third, F_DUPFD_CLOEXEC, 0));
   handover.welcome = makeMessage<WelcomeMsg>(MsgType::kWelcome);
   handover.welcome.client_id = 7;
   handover.welcome.slot_count = 64;
@@ -498,8 +501,9 @@ Result<Handover> forge(const TempDir& dir, const Forgery& forgery) {
 }
 
 Status sendWelcome(int peer, const Handover& handover) {
-  const int fds[2] = {handover.segment.get(), handover.doorbell.get()};
-  return sendMessage(peer, &handover.welcome, sizeof(handover.welcome), fds, 2);
+  const int fds[3] = {handover.segment.get(), handover.doorbell.get(), handover.third.get()};
+  return sendMessage(peer, &handover.welcome, sizeof(handover.welcome), fds,
+                     handover.third.valid() ? 3 : 2);
 }
 
 std::string refusal(const TempDir& dir, std::string_view why) {
@@ -694,13 +698,12 @@ TEST(Transport, TheDaemonsPidfdInTheWelcomeIsWhatTheClientWatches) {
     ::_exit(0);
   }
   report_write.reset();
-  auto handover = forge(dir, {});
+  auto handover = forge(dir, {.third = decoy_pidfd.get()});
   ASSERT_TRUE(handover.ok()) << handover.message();
   UniqueFd peer(::accept(listener.get(), nullptr, nullptr));
   auto hello = recvMessage(peer.get(), true);
   ASSERT_TRUE(hello.ok() && !hello->eof);
-  const int fds[3] = {handover->segment.get(), handover->doorbell.get(), decoy_pidfd.get()};
-  ASSERT_TRUE(sendMessage(peer.get(), &handover->welcome, sizeof(handover->welcome), fds, 3).ok());
+  ASSERT_TRUE(sendWelcome(peer.get(), handover.value()).ok());
   char text[4096];
   const ssize_t n = ::read(report_read.get(), text, sizeof(text));
   ASSERT_EQ(::waitpid(client, nullptr, 0), client);
@@ -709,25 +712,9 @@ TEST(Transport, TheDaemonsPidfdInTheWelcomeIsWhatTheClientWatches) {
 
 TEST(Transport, RefusesAWelcomesThirdDescriptorThatIsNoPidfd) {
   TempDir dir;
-  UniqueFd listener = listenAt(dir.socket());
-  ASSERT_TRUE(listener.valid());
-  auto handover = forge(dir, {});
-  ASSERT_TRUE(handover.ok()) << handover.message();
   UniqueFd other(::eventfd(0, EFD_CLOEXEC));
-  std::thread fake([&] {
-    UniqueFd peer(::accept(listener.get(), nullptr, nullptr));
-    auto hello = recvMessage(peer.get(), true);
-    const int fds[3] = {handover->segment.get(), handover->doorbell.get(), other.get()};
-    EXPECT_TRUE(
-        sendMessage(peer.get(), &handover->welcome, sizeof(handover->welcome), fds, 3).ok());
-    char byte;
-    (void)::recv(peer.get(), &byte, 1, 0);  // until the client hangs up
-  });
-  auto connection = Connection::open(options(dir));
-  const std::string message = connection.ok() ? "attached" : connection.message();
-  connection = Status::error("closed");
-  fake.join();
-  EXPECT_EQ(message, refusal(dir, "the welcome's third descriptor is not a pidfd"));
+  EXPECT_EQ(attachForged(dir, {.third = other.get()}),
+            refusal(dir, "the welcome's third descriptor is not a pidfd"));
 }
 
 // ---- the daemon's uid ----
