@@ -249,9 +249,9 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
 
 Scheduler::Mapping Scheduler::memoryMapped(Gpu& gpu, Queued& item) {
   const std::uint32_t client = item.client->id;
-  bool all = true, unmappable = false;
+  bool all = true, unmappable = false, over_budget = false;
   forEachTouched(item.request, [&](const OperandDesc& operand) {
-    if (unmappable) return;
+    if (unmappable || over_budget) return;
     const MemoryKey key{client, operand.alloc_id};
     auto found = gpu.memory.find(key);
     if (found != gpu.memory.end() &&
@@ -265,8 +265,7 @@ Scheduler::Mapping Scheduler::memoryMapped(Gpu& gpu, Queued& item) {
       return;
     }
     if (openBudgetSpent(*item.client, nowNs())) {
-      ++item.client->declined_unopened;
-      unmappable = true;
+      over_budget = true;
       return;
     }
     ++item.opens;
@@ -315,6 +314,7 @@ Scheduler::Mapping Scheduler::memoryMapped(Gpu& gpu, Queued& item) {
                           kMostOpensPerSlot * item.client->view.layout().slot_count);
   });
   if (unmappable) return Mapping::kUnmappable;
+  if (over_budget) return Mapping::kOverOpenBudget;
   return all ? Mapping::kMapped : Mapping::kOpening;
 }
 
@@ -397,11 +397,13 @@ bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_a
     }
     const bool ready = requestReady(slot, it->request);
     const Mapping mapping = ready ? memoryMapped(gpu, *it) : Mapping::kOpening;
-    if (mapping == Mapping::kUnmappable) {
-      STMUX_DEBUG(kSched,
-                  "client {} request {}: its memory took {} opens, or its client's failed opens "
-                  "spent their budget; declined",
-                  it->client->id, it->request.request_id, it->opens);
+    if (mapping == Mapping::kUnmappable || mapping == Mapping::kOverOpenBudget) {
+      if (mapping == Mapping::kOverOpenBudget) ++it->client->declined_unopened;
+      STMUX_DEBUG(kSched, "client {} request {}: {}; declined", it->client->id,
+                  it->request.request_id,
+                  mapping == Mapping::kUnmappable
+                      ? fmt::format("its memory took {} opens", it->opens)
+                      : std::string("its client's failed opens spent their budget"));
       reject(it->client, it->request, kStatusDeclined);  // it runs in its caller
       settle(std::span<const Queued>(&*it, 1));
       progressed = true;

@@ -109,9 +109,10 @@ class Scheduler : public RequestSink {
   // Whether every allocation the request touches is mapped on `gpu`; has the
   // mapper open those that are not and are not being opened. Unmappable:
   // it would take more opens than an honest request ever needs (requests of
-  // a confused client that each unmap what another needs), or its client's
-  // opens failed beyond their budget (garbage handles).
-  enum class Mapping { kMapped, kOpening, kUnmappable };
+  // a confused client that each unmap what another needs). Over the open
+  // budget: it needs an open, and its client's opens failed beyond their
+  // budget (garbage handles). Both are declined.
+  enum class Mapping { kMapped, kOpening, kUnmappable, kOverOpenBudget };
   Mapping memoryMapped(Gpu& gpu, Queued& item);
   // What the mapper did: mappings go to the executor; a failure declines the
   // requests that waited for it (their callers run them themselves).
