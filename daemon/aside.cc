@@ -1,15 +1,24 @@
 #include "daemon/aside.h"
 
+#include <unistd.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <system_error>
 #include <thread>
+
+#include "stmux/log.h"
 
 namespace stmux::daemon {
 namespace {
 
 struct Closer {
+  // Where closes are inline: without its thread (none could be made), and
+  // in a child forked since (which has no copy of the thread).
+  bool running = false;
+  pid_t pid = ::getpid();
   std::mutex mutex;
   std::condition_variable wake;
   std::deque<UniqueFd> waiting;
@@ -35,7 +44,17 @@ struct Closer {
 Closer& closer() {
   static Closer* const made = [] {
     auto* c = new Closer;
-    std::thread([c] { c->loop(); }).detach();
+    try {
+      std::thread([c] { c->loop(); }).detach();
+      c->running = true;
+    } catch (const std::system_error& e) {
+      // Out of threads (TasksMax): closing inline is what the daemon did
+      // before; that thread's close may wait, but nothing is lost.
+      STMUX_WARN(kTransport,
+                 "cannot start the thread that closes clients' descriptors ({}); they close "
+                 "on the server's thread",
+                 e.what());
+    }
     return c;
   }();
   return *made;
@@ -46,6 +65,11 @@ Closer& closer() {
 void closeAside(UniqueFd fd) {
   if (!fd.valid()) return;
   Closer& c = closer();
+  if (!c.running || ::getpid() != c.pid) {
+    fd.reset();
+    c.closed.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
   {
     std::lock_guard lock(c.mutex);
     c.waiting.push_back(std::move(fd));

@@ -203,6 +203,7 @@ struct LingeringSocket {
 
 TEST(Aside, ACloseThatWaitsHoldsUpNoCaller) {
   LingeringSocket lingering(2);
+  ASSERT_TRUE(lingering.socket.valid()) << std::strerror(errno);
   const std::uint64_t before = daemon::closedAside();
   const auto start = std::chrono::steady_clock::now();
   daemon::closeAside(std::move(lingering.socket));
