@@ -60,10 +60,20 @@ Closer& closer() {
   return *made;
 }
 
+std::atomic<bool> g_closes_may_wait{true};
+
 }  // namespace
+
+void closesMayWait(bool may_wait) {
+  g_closes_may_wait.store(may_wait, std::memory_order_relaxed);
+}
 
 void closeAside(UniqueFd fd) {
   if (!fd.valid()) return;
+  if (!g_closes_may_wait.load(std::memory_order_relaxed)) {
+    fd.reset();
+    return;
+  }
   Closer& c = closer();
   if (!c.running || ::getpid() != c.pid) {
     fd.reset();

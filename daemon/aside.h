@@ -20,8 +20,16 @@ namespace stmux::daemon {
 
 // Hands `fd` to the closer thread (started at the first call, and kept for
 // the process's life: a close it waits in must not hold up the daemon's
-// exit). Never blocks; an invalid `fd` is ignored.
+// exit). Never blocks; an invalid `fd` is ignored. Closes inline instead
+// once closesMayWait(false) was said, where no thread could be made, and in
+// a process forked after the thread was (a child has no copy of it).
 void closeAside(UniqueFd fd);
+
+// Whether a close of a client's descriptor may wait: true until said
+// otherwise. The server says false once its listening socket refuses passed
+// descriptors (SO_PASSRIGHTS): then none reaches the daemon, and no thread
+// is needed.
+void closesMayWait(bool may_wait);
 
 // Descriptors closed through closeAside so far (tests).
 std::uint64_t closedAside();

@@ -206,7 +206,9 @@ Status Server::listen() {
   // what a tenant could pass cannot make a close block (daemon/aside.h).
   // Older kernels do not know the option; there the closer thread closes.
   if (const int off = 0;
-      ::setsockopt(listen_.get(), SOL_SOCKET, kSoPassRights, &off, sizeof(off)) != 0) {
+      ::setsockopt(listen_.get(), SOL_SOCKET, kSoPassRights, &off, sizeof(off)) == 0) {
+    closesMayWait(false);
+  } else {
     STMUX_DEBUG(kTransport,
                 "this kernel cannot refuse passed descriptors at the socket (SO_PASSRIGHTS, "
                 "Linux 6.16): {}; connections close on a thread of their own",

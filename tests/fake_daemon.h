@@ -273,6 +273,9 @@ class HangingUpDaemon {
     said_.reset(ends[0]);
     UniqueFd says(ends[1]);
     const pid_t parent = ::getpid();
+    // The closer thread, where the server needs one (daemon/aside.h), is
+    // this process's: the child of a process with threads starts none.
+    (void)closedAside();
     pid_ = ::fork();
     if (pid_ != 0) return;
     // The child: only async-signal-safe work until the server runs, then
