@@ -53,10 +53,10 @@ constexpr std::size_t kMostWaitingCommands = 1024;
 constexpr std::size_t kMostOpensPerSlot = 4;
 // Opens of a client's memory that may fail: kFailedOpenBurst at once, then
 // one every kFailedOpenEveryNs (a budget kept as the time it is full again).
-// A failed open costs the driver what one that succeeds does, and the
-// executor's launches share its locks: a client flooding garbage handles
-// had the mapper fail 62,000 opens a second and took the other tenants to
-// 0.33x of their calls/s (H100, stmux-fault dos). An honest shim sends only
+// Each failed open is still a driver call, made beside the executor's
+// launches: a client pushing 62,000 requests a second with garbage handles,
+// each needing opens that failed, took the other tenants to 0.33x of their
+// calls/s (H100, stmux-fault dos; with the budget 1.00x to 1.16x). An honest shim sends only
 // live, exportable allocations, whose opens fail rarely. Beyond the budget
 // the client's requests that need an open are declined unopened (its
 // callers run them) and its waiting opens dropped.
