@@ -31,7 +31,9 @@ void closeAside(UniqueFd fd);
 // is needed.
 void closesMayWait(bool may_wait);
 
-// Descriptors closed through closeAside so far (tests).
+// Descriptors closeAside has closed so far, on the closer thread or inline
+// in its stead; not those closed inline once closesMayWait(false) was said
+// (tests). Makes the closer thread if it is not made yet.
 std::uint64_t closedAside();
 
 // A UniqueFd that closes aside: for the sockets of clients.

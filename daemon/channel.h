@@ -144,12 +144,9 @@ class ExecutorChannel {
       std::unique_ptr<OpenJob> oldest = std::move(waiting.front());
       waiting.pop_front();
       --waiting_open_count_;
-      oldest->ok = false;
-      oldest->dropped = true;
-      oldest->error =
-          "dropped unopened: its client had more allocations waiting to be opened "
-          "than its requests can use";
-      dropped_opens_.push_back(std::move(oldest));
+      dropUnopened(std::move(oldest),
+                   "dropped unopened: its client had more allocations waiting to be opened "
+                   "than its requests can use");
       wakeScheduler();
     }
     flush();
@@ -166,12 +163,8 @@ class ExecutorChannel {
   void dropOpens(std::uint32_t client, std::string_view why) {
     const auto it = waiting_opens_.find(client);
     if (it == waiting_opens_.end()) return;
-    for (std::unique_ptr<OpenJob>& job : it->second) {
-      job->ok = false;
-      job->dropped = true;
-      job->error = why;
-      dropped_opens_.push_back(std::move(job));
-    }
+    for (std::unique_ptr<OpenJob>& job : it->second)
+      dropUnopened(std::move(job), why);
     waiting_open_count_ -= it->second.size();
     waiting_opens_.erase(it);
   }
@@ -287,6 +280,14 @@ class ExecutorChannel {
   // waits for the scheduler, few enough that a client's next turn comes soon.
   static constexpr std::size_t kOpensGiven = 2;
 
+  // Hands `job` back (takeOpened) as an open that failed, for `why`,
+  // without the mapper having tried it.
+  void dropUnopened(std::unique_ptr<OpenJob> job, std::string_view why) {
+    job->ok = false;
+    job->dropped = true;
+    job->error = why;
+    dropped_opens_.push_back(std::move(job));
+  }
   // The clients' waiting opens into the mapper's queue, one client after
   // another from where the last move stopped.
   bool moveOpens() {

@@ -56,10 +56,10 @@ constexpr std::size_t kMostOpensPerSlot = 4;
 // Each failed open is still a driver call, made beside the executor's
 // launches: a client pushing 62,000 requests a second with garbage handles,
 // each needing opens that failed, took the other tenants to 0.33x of their
-// calls/s (H100, stmux-fault dos; with the budget 1.00x to 1.16x). An honest shim sends only
-// live, exportable allocations, whose opens fail rarely. Beyond the budget
-// the client's requests that need an open are declined unopened (its
-// callers run them) and its waiting opens dropped.
+// calls/s (H100, stmux-fault dos; with the budget 1.00x to 1.16x). An
+// honest shim sends only live, exportable allocations, whose opens fail
+// rarely. Beyond the budget the client's requests that need an open are
+// declined unopened (its callers run them) and its waiting opens dropped.
 constexpr std::uint64_t kFailedOpenEveryNs = 10'000'000;
 constexpr std::uint64_t kFailedOpenBurst = 32;
 

@@ -69,10 +69,10 @@ struct Client {
     return outstanding - std::min(outstanding, answered.load(std::memory_order_relaxed));
   }
   std::uint64_t refused = 0;  // requests refused for being beyond that bound
-  // Opens of its memory that failed (the scheduler's budget for them: a
-  // garbage handle costs the driver, and so every tenant, what a real one
-  // does), when the budget is next back to full, and the requests declined
-  // unopened because it was spent. Server thread.
+  // Opens of its memory that failed (the scheduler's budget for them: each
+  // is a driver call beside the executor's launches, and garbage handles
+  // slowed every tenant), when the budget is next back to full, and the
+  // requests declined unopened because it was spent. Server thread.
   std::uint64_t failed_opens = 0;
   std::uint64_t open_budget_full_ns = 0;
   std::uint64_t declined_unopened = 0;

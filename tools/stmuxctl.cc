@@ -175,6 +175,11 @@ bool isNumber(const Json* value) {
   return value != nullptr && value->is_number();
 }
 
+// A count the daemon reported, above zero.
+bool positive(const Json* value) {
+  return isNumber(value) && jsonNumber(value) > 0;
+}
+
 bool isBool(const Json* value) {
   return value != nullptr && value->is_boolean();
 }
@@ -365,7 +370,7 @@ std::string gpuTable(const Json* gpus) {
   std::string notes;
   for (std::size_t i = 0; i < gpus->size(); ++i) {
     const Json* inline_opens = member(jsonAt(gpus, i), "inline_opens");
-    if (isNumber(inline_opens) && jsonNumber(inline_opens) > 0) {
+    if (positive(inline_opens)) {
       notes += fmt::format(
           "GPU {}: {} allocations were opened on the executor's thread, not the mapper's "
           "(memory still mapped at their address, or closed since)\n",
@@ -410,7 +415,6 @@ std::string clientTable(const Json* clients) {
   // What an honest shim never makes the daemon do (docs/ARCHITECTURE.md,
   // "Client memory"): said for the clients that did.
   std::string notes;
-  auto positive = [](const Json* v) { return isNumber(v) && jsonNumber(v) > 0; };
   for (std::size_t i = 0; i < clients->size(); ++i) {
     const Json* client = jsonAt(clients, i);
     const Json* refused = member(client, "refused");
