@@ -405,13 +405,15 @@ PY
       # Only steps that use no GPU (asan-build) should run meanwhile: each
       # scenario compares the GPU's memory in use before and after, which
       # another GPU process spoils. fault-end waits for it and brings its
-      # results back.
+      # results back. The background shell holds none of this script's
+      # output: a caller reading it through a pipe (| tail) would otherwise
+      # wait for the whole run.
       bg=/tmp/stmux-fault-bg
       rm -rf "$bg" && mkdir -p "$bg"
       # shellcheck disable=SC2086,SC2016  # FAULT_ARGS split on purpose; the inner
       # shell expands its own arguments
       setsid bash -c '"$@" >"$0/fault.log" 2>&1 </dev/null; echo $? >"$0/rc"' "$bg" \
-        "$(realpath "$build/tools/stmux-fault")" ${FAULT_ARGS:-} --out "$bg/out" &
+        "$(realpath "$build/tools/stmux-fault")" ${FAULT_ARGS:-} --out "$bg/out" </dev/null >/dev/null 2>&1 &
       echo "stmux-fault ${FAULT_ARGS:-} started in the background (session $!); logs in $bg" ;;
     fault-end)
       # Waits (at most $FAULT_WAIT_S, default 540 s) for fault-start's run.
