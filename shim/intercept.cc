@@ -218,6 +218,7 @@ Shim::Shim() : real_(realCublas()) {
   if (driver_ != nullptr && config_.mode == "stream") {
     stream_ = std::make_unique<StreamOrder>(
         *driver_, static_cast<std::uint64_t>(config_.timeout_ms) * 1'000'000,
+        config_.stream_wait == "kernel" ? StreamWait::kKernel : StreamWait::kMemop,
         [this](Connection& connection, const StreamOutcome& outcome) {
           account(connection, outcome);
         });

@@ -25,8 +25,9 @@ constexpr std::uint32_t kTakeoverLagMost = 1u << 30;
 
 }  // namespace
 
-StreamOrder::StreamOrder(const Driver& driver, std::uint64_t timeout_ns, StreamAccount account)
-    : driver_(driver), timeout_ns_(timeout_ns), account_(std::move(account)) {}
+StreamOrder::StreamOrder(const Driver& driver, std::uint64_t timeout_ns, StreamWait wait,
+                         StreamAccount account)
+    : driver_(driver), timeout_ns_(timeout_ns), wait_(wait), account_(std::move(account)) {}
 
 // The segment's address on the GPU in `context`. Registered with CUDA in
 // each context the process calls from: the first registration is portable,
@@ -188,19 +189,25 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
                            std::size_t{entry.ticket.slot} * sizeof(Slot);
   // The caller's stream marks `ready` and waits for `released`; once the
   // daemon and the watcher know of the call, the shim's kernel is queued
-  // behind, to compute it should the shim give up on the daemon.
+  // behind, to compute it should the shim give up on the daemon. A stream
+  // memory operation waits from here; the wait kernel (STMUX_STREAM_WAIT)
+  // is launched with the takeover kernel, once the daemon and the watcher
+  // have the call: a launch may return only once its kernel has run
+  // (CUDA_LAUNCH_BLOCKING=1), which the wait kernel does only after that.
+  const CUdeviceptr released = slot + offsetof(Slot, released);
   if (driver_.cuStreamWriteValue32(call.stream, slot + offsetof(Slot, ready), entry.seq,
                                    CU_STREAM_WRITE_VALUE_DEFAULT) != CUDA_SUCCESS) {
     conn.abandon(entry.ticket);
     return Queued::kCudaError;
   }
-  if (driver_.cuStreamWaitValue32(call.stream, slot + offsetof(Slot, released), entry.seq,
-                                  CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS) {
+  if (wait_ == StreamWait::kMemop &&
+      driver_.cuStreamWaitValue32(call.stream, released, entry.seq, CU_STREAM_WAIT_VALUE_GEQ) !=
+          CUDA_SUCCESS) {
     std::lock_guard lock(mutex_);
     retireLocked(std::move(entry));
     return Queued::kCudaError;
   }
-  // From here on the stream waits for this call, and the caller's other
+  // From here on the stream may wait for this call, and the caller's other
   // threads may be inside CUDA calls that wait for the stream (cudaFree,
   // a lazy module load) holding locks any CUDA call here would queue on
   // (seen on the H200): the call must reach the daemon, and the watcher,
@@ -238,7 +245,12 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
     std::lock_guard lock(mutex_);
     trackLocked(std::move(entry));
   }
-  const bool queued = launchTakeoverKernel(driver_, kernel, call.stream, params) == CUDA_SUCCESS;
+  // Without its wait the kernel is not queued either: it would test the
+  // takeover word before the daemon's answer.
+  const bool queued =
+      (wait_ == StreamWait::kMemop ||
+       launchWaitKernel(driver_, kernel, call.stream, released, params.seq) == CUDA_SUCCESS) &&
+      launchTakeoverKernel(driver_, kernel, call.stream, params) == CUDA_SUCCESS;
   std::unique_lock lock(mutex_);
   auto mineIn = [&] {
     return std::find_if(in_flight_.begin(), in_flight_.end(), [&](const InFlight& f) {

@@ -5,7 +5,9 @@
 // words of the call's completion slot, host memory that this process and
 // stmuxd share (the segment, registered with CUDA here), and a kernel:
 //   write ready = seq     once the work queued before the call is done
-//   wait released >= seq  before anything queued after it
+//   wait released >= seq  before anything queued after it (a stream memory
+//                         operation, or with StreamWait::kKernel a
+//                         one-thread kernel polling the word)
 //   the shim's own kernel computes the call if takeover >= seq
 // The daemon starts the request only once it sees `ready` (it never touches
 // the operands earlier, and a stream still busy holds up no batch), and on
@@ -54,9 +56,13 @@ struct StreamCall {
   EntryPoint entry = EntryPoint::kSgemm;
 };
 
+// What a caller's stream waits in for `released` (STMUX_STREAM_WAIT).
+enum class StreamWait { kMemop, kKernel };
+
 class StreamOrder {
  public:
-  StreamOrder(const Driver& driver, std::uint64_t timeout_ns, StreamAccount account);
+  StreamOrder(const Driver& driver, std::uint64_t timeout_ns, StreamWait wait,
+              StreamAccount account);
 
   enum class Queued {
     kYes,        // queued: return CUBLAS_STATUS_SUCCESS
@@ -127,6 +133,7 @@ class StreamOrder {
 
   const Driver& driver_;
   std::uint64_t timeout_ns_;
+  StreamWait wait_;
   StreamAccount account_;
 
   std::mutex register_mutex_;

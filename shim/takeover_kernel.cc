@@ -37,12 +37,16 @@ CUresult loadTakeoverKernel(const Driver& driver, TakeoverKernel* kernel) {
   }
   // Under lazy loading this is what loads the function (CUDA Programming
   // Guide, "Lazy Loading").
-  CUfunction function = nullptr;
+  CUfunction function = nullptr, wait = nullptr;
   if (const CUresult result = driver.cuModuleGetFunction(&function, module, "stmux_takeover_sgemm");
       result != CUDA_SUCCESS) {
     return result;
   }
-  *kernel = TakeoverKernel{function, waveOf(driver, function)};
+  if (const CUresult result = driver.cuModuleGetFunction(&wait, module, "stmux_wait_released");
+      result != CUDA_SUCCESS) {
+    return result;
+  }
+  *kernel = TakeoverKernel{function, wait, waveOf(driver, function)};
   return CUDA_SUCCESS;
 }
 
@@ -60,6 +64,12 @@ CUresult launchTakeoverKernel(const Driver& driver, const TakeoverKernel& kernel
   void* arguments[] = {&copy};
   return driver.cuLaunchKernel(kernel.function, blocks, 1, 1, kTakeoverThreads, 1, 1, 0, stream,
                                arguments, nullptr);
+}
+
+CUresult launchWaitKernel(const Driver& driver, const TakeoverKernel& kernel, CUstream stream,
+                          CUdeviceptr released, uint32_t seq) {
+  void* arguments[] = {&released, &seq};
+  return driver.cuLaunchKernel(kernel.wait, 1, 1, 1, 1, 1, 1, 0, stream, arguments, nullptr);
 }
 
 }  // namespace stmux::shim

@@ -13,6 +13,10 @@ constexpr int kTakeoverThreads = 256;
 constexpr int kTakeoverTile = 64;
 // Entries of the kernel's gate table (TakeoverParams::gate).
 constexpr uint32_t kTakeoverGates = 4096;
+// How long the wait kernel (stmux_wait_released) sleeps between its reads of
+// the word it waits for: the interval stmux-handoff-bench's polling waiters
+// were measured with.
+constexpr unsigned kWaitSleepNs = 2000;
 
 // Column-major, as cuBLAS: for each of `count` problems,
 // C = alpha * op(A) * op(B) + beta * C, with C not read when beta == 0 and A

@@ -172,3 +172,17 @@ extern "C" __global__ void __launch_bounds__(kTakeoverThreads)
     }
   }
 }
+
+// STMUX_STREAM_WAIT=kernel: holds its stream until the slot's `released`
+// word (host memory) reaches `seq`, compared cyclically, in place of a
+// cuStreamWaitValue32 on that word. One thread, sleeping between reads so as
+// to cost the memory system little. On MPS, streams waiting this way taxed
+// other processes' work about half as much as streams waiting in a stream
+// memory operation (docs/BENCHMARKS.md, twenty-sixth session), and the word
+// stays one the shim's watcher can set from the host.
+extern "C" __global__ void __launch_bounds__(1)
+    stmux_wait_released(const uint32_t* released, uint32_t seq) {
+  while (static_cast<int32_t>(*static_cast<const volatile uint32_t*>(released) - seq) < 0) {
+    __nanosleep(stmux::shim::kWaitSleepNs);
+  }
+}

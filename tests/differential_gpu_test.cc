@@ -227,9 +227,13 @@ TEST(DifferentialProgram, OnlyMakesTheCallsWithTheChosenValues) {
 }
 
 // Each test runs in both ways of keeping stream order (STMUX_MODE): host,
-// and stream, where the call returns once queued and the GPU keeps the order.
+// and stream, where the call returns once queued and the GPU keeps the order,
+// the latter with each wait for the daemon (STMUX_STREAM_WAIT): "stream"
+// (memop) and "stream-kernel".
 class Preloaded : public testing::DaemonFixture, public ::testing::WithParamInterface<std::string> {
  protected:
+  bool streamMode() const { return GetParam().starts_with("stream"); }
+
   struct Run {
     std::uint64_t seed;
     int threads;
@@ -249,7 +253,9 @@ class Preloaded : public testing::DaemonFixture, public ::testing::WithParamInte
                                                     {"STMUX_SOCKET", dir_.socket()},
                                                     {"STMUX_LOG", "stats=info"},
                                                     {"STMUX_ROUTE", "serve"},
-                                                    {"STMUX_MODE", GetParam()}};
+                                                    {"STMUX_MODE", streamMode() ? "stream" : "host"},
+                                                    {"STMUX_STREAM_WAIT",
+                                                     GetParam() == "stream-kernel" ? "kernel" : "memop"}};
     return Run{seed, threads, calls,
                Process(argv, env, dir_.path() + "/differential" + std::to_string(index))};
   }
@@ -338,7 +344,7 @@ TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
     const double share = should > 0 ? static_cast<double>(stats.served) / should : 1.0;
     EXPECT_GE(share, 0.999) << name;
     // Stream order takes the calls with beta == 0 (the others go the host way).
-    if (GetParam() == "stream") {
+    if (streamMode()) {
       EXPECT_GT(stats.stream_ordered, 0) << name << ": " << run.process.err();
     } else {
       EXPECT_EQ(stats.stream_ordered, 0) << name;
@@ -508,9 +514,11 @@ TEST_P(Preloaded, TwoDaemonRestartsMidRunLoseNoCallAndTheProcessesComeBack) {
   EXPECT_GT(requests(), 0) << "nothing served after the last restart";
 }
 
-INSTANTIATE_TEST_SUITE_P(Mode, Preloaded, ::testing::Values("host", "stream"),
+INSTANTIATE_TEST_SUITE_P(Mode, Preloaded, ::testing::Values("host", "stream", "stream-kernel"),
                          [](const ::testing::TestParamInfo<std::string>& info) {
-                           return info.param;
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');  // gtest's names
+                           return name;
                          });
 
 }  // namespace

@@ -19,6 +19,8 @@
 #include <functional>
 #include <mutex>
 #include <new>
+#include <ostream>
+#include <string>
 #include <thread>
 #include <utility>
 
@@ -70,6 +72,16 @@ void operator delete(void* memory, const std::nothrow_t&) noexcept {
 }
 
 namespace stmux::shim {
+
+const char* nameOf(StreamWait wait) {
+  return wait == StreamWait::kKernel ? "kernel" : "memop";
+}
+// How GoogleTest shows the parameter (found by argument-dependent lookup,
+// so outside the unnamed namespace).
+void PrintTo(StreamWait wait, std::ostream* out) {
+  *out << nameOf(wait);
+}
+
 namespace {
 
 using daemon::Daemon;
@@ -144,14 +156,20 @@ struct FakeGpu {
   // queued on CUDA's lock behind another thread's cudaFree would.
   std::atomic<bool> launch_waits_for_drain{false};
   std::atomic<bool> launch_fails{false};
+  // A launch returns only once its kernel has run (up to 2 s), as with
+  // CUDA_LAUNCH_BLOCKING=1.
+  std::atomic<bool> launch_returns_once_run{false};
   std::atomic<bool> launch_found_it_stuck{false};
-  std::atomic<int> launches{0};
+  std::atomic<int> launches{0};  // of the takeover kernel
+  // The waits queued for `released`: stream memory operations, wait kernels.
+  std::atomic<int> memop_waits{0}, kernel_waits{0};
   std::atomic<unsigned> last_blocks{0};                     // the last launch's grid
   std::atomic<std::uint32_t> last_caller{0}, last_gate{0};  // and its gate (TakeoverParams)
   std::atomic<int> computed{0};
-  // Run on the caller's thread when it queues its stream's wait: between
-  // the shim's deciding to order the call on the stream and its handing the
-  // call to the daemon.
+  // Run on the caller's thread when it queues its stream's wait: a stream
+  // memory operation's between the shim's deciding to order the call on the
+  // stream and its handing the call to the daemon, a wait kernel's once the
+  // daemon and the watcher have it.
   std::function<void()> on_wait_queued;
   // The context current on every thread, whether the caller's stream is
   // non-blocking with work left on the legacy stream (joinLegacyStream),
@@ -213,9 +231,12 @@ CUresult fakeModuleLoadData(CUmodule* module, const void*) {
   *module = reinterpret_cast<CUmodule>(0x30);
   return CUDA_SUCCESS;
 }
-CUresult fakeModuleGetFunction(CUfunction* function, CUmodule, const char*) {
+// The takeover kernel and the wait kernel (stmux_wait_released).
+constexpr std::uintptr_t kTakeoverFunction = 0x40, kWaitFunction = 0x48;
+CUresult fakeModuleGetFunction(CUfunction* function, CUmodule, const char* name) {
   noteDriverCall();
-  *function = reinterpret_cast<CUfunction>(madeNow(0x40));
+  const bool wait = std::strcmp(name, "stmux_wait_released") == 0;
+  *function = reinterpret_cast<CUfunction>(madeNow(wait ? kWaitFunction : kTakeoverFunction));
   return CUDA_SUCCESS;
 }
 // A GPU of 3 multiprocessors, each running 2 of the kernel's blocks at once.
@@ -267,12 +288,18 @@ CUresult fakeStreamWriteValue32(CUstream, CUdeviceptr address, cuuint32_t value,
   });
   return CUDA_SUCCESS;
 }
-CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, unsigned) {
-  noteDriverCall();
+// The stream waits until the word at `address` reaches `value`.
+void queueWait(CUdeviceptr address, std::uint32_t value) {
   gpu->stream.enqueue([address, value] {
     return seqReached(word(address).load(std::memory_order_acquire), value);
   });
   if (gpu->on_wait_queued) gpu->on_wait_queued();
+}
+CUresult fakeStreamWaitValue32(CUstream, CUdeviceptr address, cuuint32_t value, unsigned flags) {
+  noteDriverCall();
+  if (flags != CU_STREAM_WAIT_VALUE_GEQ) return CUDA_ERROR_INVALID_VALUE;
+  ++gpu->memop_waits;
+  queueWait(address, value);
   return CUDA_SUCCESS;
 }
 CUresult fakeLaunchKernel(CUfunction function, unsigned blocks, unsigned, unsigned, unsigned,
@@ -284,26 +311,37 @@ CUresult fakeLaunchKernel(CUfunction function, unsigned blocks, unsigned, unsign
     bool value;
     ~Restore() { out_of_memory = value; }
   } restore{was_out_of_memory};
-  ++gpu->launches;
-  gpu->last_blocks = blocks;
   if (!ofThisIncarnation(function)) return CUDA_ERROR_INVALID_HANDLE;
   if (gpu->launch_waits_for_drain && !gpu->stream.drained(2 * kSecond)) {
     gpu->launch_found_it_stuck = true;
   }
   if (gpu->launch_fails) return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
-  const TakeoverParams params = *static_cast<const TakeoverParams*>(arguments[0]);
-  gpu->last_caller = params.caller;
-  gpu->last_gate = params.gate;
-  gpu->stream.enqueue([params] {
-    // The kernel: computes only once the shim gave up on the daemon.
-    const std::uint32_t takeover =
-        std::atomic_ref<const std::uint32_t>(*params.takeover).load(std::memory_order_acquire);
-    if (seqReached(takeover, params.seq)) {
-      *params.c = 42.0f;
-      ++gpu->computed;
-    }
-    return true;
-  });
+  if ((reinterpret_cast<std::uintptr_t>(function) & 0xff) == kWaitFunction) {
+    // One thread, polling the word.
+    if (blocks != 1) return CUDA_ERROR_INVALID_VALUE;
+    ++gpu->kernel_waits;
+    queueWait(*static_cast<const CUdeviceptr*>(arguments[0]),
+              *static_cast<const std::uint32_t*>(arguments[1]));
+  } else {
+    ++gpu->launches;
+    gpu->last_blocks = blocks;
+    const TakeoverParams params = *static_cast<const TakeoverParams*>(arguments[0]);
+    gpu->last_caller = params.caller;
+    gpu->last_gate = params.gate;
+    gpu->stream.enqueue([params] {
+      // The kernel: computes only once the shim gave up on the daemon.
+      const std::uint32_t takeover =
+          std::atomic_ref<const std::uint32_t>(*params.takeover).load(std::memory_order_acquire);
+      if (seqReached(takeover, params.seq)) {
+        *params.c = 42.0f;
+        ++gpu->computed;
+      }
+      return true;
+    });
+  }
+  if (gpu->launch_returns_once_run && !gpu->stream.drained(2 * kSecond)) {
+    gpu->launch_found_it_stuck = true;
+  }
   return CUDA_SUCCESS;
 }
 CUresult fakeThreadExchangeStreamCaptureMode(CUstreamCaptureMode*) {
@@ -334,7 +372,8 @@ Driver fakeDriver() {
   return d;  // anything else is null: a call to it fails the test by crashing
 }
 
-class StreamOrderTest : public ::testing::Test {
+// Every test runs with each wait for `released` (STMUX_STREAM_WAIT).
+class StreamOrderTest : public ::testing::TestWithParam<StreamWait> {
  protected:
   void SetUp() override {
     gpu = &gpu_;
@@ -348,7 +387,7 @@ class StreamOrderTest : public ::testing::Test {
     static auto* kept = new std::vector<std::unique_ptr<StreamOrder>>;  // not even at exit
     static const Driver driver = fakeDriver();
     order_ = kept->emplace_back(std::make_unique<StreamOrder>(
-                                    driver, /*timeout_ns=*/kSecond / 2,
+                                    driver, /*timeout_ns=*/kSecond / 2, GetParam(),
                                     [this](Connection&, const StreamOutcome& outcome) {
                                       std::lock_guard lock(mutex_);
                                       outcomes_.push_back(outcome);
@@ -382,7 +421,7 @@ class StreamOrderTest : public ::testing::Test {
   std::vector<StreamOutcome> outcomes_;
 };
 
-TEST_F(StreamOrderTest, AServedCallReleasesItsStreamAndItsKernelLeavesCAlone) {
+TEST_P(StreamOrderTest, AServedCallReleasesItsStreamAndItsKernelLeavesCAlone) {
   float c = 0.0f;
   ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
   ASSERT_TRUE(gpu_.stream.drained(2 * kSecond));
@@ -391,12 +430,16 @@ TEST_F(StreamOrderTest, AServedCallReleasesItsStreamAndItsKernelLeavesCAlone) {
   EXPECT_EQ(gpu_.launches, 1);
   EXPECT_EQ(gpu_.computed, 0);
   EXPECT_EQ(c, 0.0f);
+  // The stream waited the way it was told to.
+  const bool kernel = GetParam() == StreamWait::kKernel;
+  EXPECT_EQ(gpu_.memop_waits, kernel ? 0 : 1);
+  EXPECT_EQ(gpu_.kernel_waits, kernel ? 1 : 0);
 }
 
 // The kernel behind a call gets a block per tile of C, at most as many as
 // the GPU runs at once: a call larger than that is computed in one wave, and
 // an empty launch starts no blocks it does not need.
-TEST_F(StreamOrderTest, TheKernelBehindACallGetsABlockPerTileUpToOneWaveOfTheGpu) {
+TEST_P(StreamOrderTest, TheKernelBehindACallGetsABlockPerTileUpToOneWaveOfTheGpu) {
   float c = 0.0f;
   ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);  // 8 x 8: one tile
   EXPECT_EQ(gpu_.last_blocks, 1u);
@@ -420,7 +463,7 @@ TEST_F(StreamOrderTest, TheKernelBehindACallGetsABlockPerTileUpToOneWaveOfTheGpu
 
 // The deadlock seen on the H200: a launch made while the call's stream waits
 // for a request the daemon has not been given can never finish.
-TEST_F(StreamOrderTest, ALaunchThatWaitsForTheStreamToDrainNeverWaitsOnACallTheDaemonLacks) {
+TEST_P(StreamOrderTest, ALaunchThatWaitsForTheStreamToDrainNeverWaitsOnACallTheDaemonLacks) {
   gpu_.launch_waits_for_drain = true;
   float c = 0.0f;
   for (int i = 0; i < 3; ++i)
@@ -430,7 +473,19 @@ TEST_F(StreamOrderTest, ALaunchThatWaitsForTheStreamToDrainNeverWaitsOnACallTheD
   EXPECT_EQ(gpu_.computed, 0);
 }
 
-TEST_F(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
+// With CUDA_LAUNCH_BLOCKING=1 a launch returns once its kernel has run: the
+// wait kernel, launched before the daemon had the call, would never return.
+TEST_P(StreamOrderTest, ALaunchThatReturnsOnceItsKernelRanNeverWaitsOnACallTheDaemonLacks) {
+  gpu_.launch_returns_once_run = true;
+  float c = 0.0f;
+  for (int i = 0; i < 3; ++i)
+    ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+  EXPECT_FALSE(gpu_.launch_found_it_stuck) << "a launch waited on a call the daemon did not have";
+  ASSERT_TRUE(settled(3));
+  EXPECT_EQ(gpu_.computed, 0);
+}
+
+TEST_P(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
   gpu_.stream.pause(true);  // the caller's earlier work is still running
   float c = 0.0f;
   ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
@@ -448,7 +503,7 @@ TEST_F(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
 
 // The watcher takes a lost daemon's call over with memory gone: it allocates
 // nothing (a bad_alloc on its thread ended the process).
-TEST_F(StreamOrderTest, TheWatcherTakesACallOverWithoutMemory) {
+TEST_P(StreamOrderTest, TheWatcherTakesACallOverWithoutMemory) {
   gpu_.stream.pause(true);
   float c = 0.0f;
   ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
@@ -466,7 +521,7 @@ TEST_F(StreamOrderTest, TheWatcherTakesACallOverWithoutMemory) {
 
 // A daemon that stops (SIGTERM) declines what still awaits its caller's
 // stream as it hangs up.
-TEST_F(StreamOrderTest, ACallOfADaemonThatStopsIsDeclinedAndComputedByTheKernel) {
+TEST_P(StreamOrderTest, ACallOfADaemonThatStopsIsDeclinedAndComputedByTheKernel) {
   gpu_.stream.pause(true);  // the caller's earlier work is still running
   float c = 0.0f;
   ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
@@ -479,7 +534,7 @@ TEST_F(StreamOrderTest, ACallOfADaemonThatStopsIsDeclinedAndComputedByTheKernel)
   EXPECT_EQ(*outcomes()[0].direct, Fallback::kDeclined);
 }
 
-TEST_F(StreamOrderTest, ACallTheDaemonDeclinesIsComputedByTheKernel) {
+TEST_P(StreamOrderTest, ACallTheDaemonDeclinesIsComputedByTheKernel) {
   Request r = daemon::validRequest();
   r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve
   float c = 0.0f;
@@ -494,7 +549,7 @@ TEST_F(StreamOrderTest, ACallTheDaemonDeclinesIsComputedByTheKernel) {
 // A call the daemon started is its own until it finishes or the daemon
 // dies: taken over, the daemon's launch, queued on its GPU, would still
 // write C, perhaps after the caller's stream had gone on.
-TEST_F(StreamOrderTest, ACallTheDaemonStartedIsWaitedForHoweverLongWhileTheDaemonLives) {
+TEST_P(StreamOrderTest, ACallTheDaemonStartedIsWaitedForHoweverLongWhileTheDaemonLives) {
   // A GPU that takes 2 s per batch, four times the shim's 0.5 s timeout.
   connection_.reset();
   daemon_.reset();
@@ -513,7 +568,7 @@ TEST_F(StreamOrderTest, ACallTheDaemonStartedIsWaitedForHoweverLongWhileTheDaemo
 // A daemon killed during a call it started closes its socket before its
 // process has ended; until then the launch it queued may still write C. The
 // stream waits for that end, then the shim's kernel computes the call.
-TEST_F(StreamOrderTest, ACallTheDaemonStartedIsTakenOverOnlyOnceTheDaemonsProcessHasEnded) {
+TEST_P(StreamOrderTest, ACallTheDaemonStartedIsTakenOverOnlyOnceTheDaemonsProcessHasEnded) {
   TempDir dir;
   daemon::HangingUpDaemon dying(dir);
   ASSERT_TRUE(dying.listening());
@@ -532,7 +587,7 @@ TEST_F(StreamOrderTest, ACallTheDaemonStartedIsTakenOverOnlyOnceTheDaemonsProces
   EXPECT_EQ(*outcomes()[0].direct, Fallback::kDaemonLost);
 }
 
-TEST_F(StreamOrderTest, AfterStopCallsAreServedInHostMode) {
+TEST_P(StreamOrderTest, AfterStopCallsAreServedInHostMode) {
   order_->stop(kSecond);
   float c = 0.0f;
   EXPECT_EQ(submit(&c), StreamOrder::Queued::kHost) << "no watcher would let its stream go";
@@ -542,7 +597,7 @@ TEST_F(StreamOrderTest, AfterStopCallsAreServedInHostMode) {
 // The process exits (stop()) while a thread is between deciding to order its
 // call on the stream and having it watched: the watcher must stay until that
 // call is settled, or nobody lets its stream go when the daemon declines it.
-TEST_F(StreamOrderTest, AStopWhileACallIsBeingQueuedWaitsForItToBeSettled) {
+TEST_P(StreamOrderTest, AStopWhileACallIsBeingQueuedWaitsForItToBeSettled) {
   std::thread stopper;
   std::atomic<bool> stopped{false};
   gpu_.on_wait_queued = [&] {
@@ -568,7 +623,7 @@ TEST_F(StreamOrderTest, AStopWhileACallIsBeingQueuedWaitsForItToBeSettled) {
 // call, which may wait for a slot up to its deadline: one that got its slot
 // after stop() gave up queued its call with no watcher left, and a decline
 // then left its stream waiting for ever (found by review).
-TEST_F(StreamOrderTest, ACallThatGetsItsSlotAfterStopGaveUpIsNotQueuedOnItsStream) {
+TEST_P(StreamOrderTest, ACallThatGetsItsSlotAfterStopGaveUpIsNotQueuedOnItsStream) {
   connection_.reset();
   daemon_.reset();  // for one with few slots
   daemon_ = std::make_unique<Daemon>(dir_, 0, [](daemon::ServerOptions& o) { o.slots = 8; });
@@ -598,7 +653,7 @@ TEST_F(StreamOrderTest, ACallThatGetsItsSlotAfterStopGaveUpIsNotQueuedOnItsStrea
 // between its stream's wait and the daemon's having the call (a push waits
 // for room in the ring up to the call's deadline), the watcher left, and a
 // decline left the stream waiting for ever (found by review).
-TEST_F(StreamOrderTest, ACallHandedToTheDaemonAfterStopGaveUpIsStillLetGoWhenDeclined) {
+TEST_P(StreamOrderTest, ACallHandedToTheDaemonAfterStopGaveUpIsStillLetGoWhenDeclined) {
   gpu_.on_wait_queued = [&] { order_->stop(kSecond / 5); };  // gives up on this thread
   Request r = daemon::validRequest();
   r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve: declined
@@ -616,7 +671,7 @@ TEST_F(StreamOrderTest, ACallHandedToTheDaemonAfterStopGaveUpIsStillLetGoWhenDec
 // caller's stream already waits for it then, and another thread may hold
 // CUDA's locks waiting for that stream (found by review: the thread was put
 // in the relaxed capture mode, a driver call, as it started).
-TEST_F(StreamOrderTest, TheWatcherMakesNoDriverCall) {
+TEST_P(StreamOrderTest, TheWatcherMakesNoDriverCall) {
   Request r = daemon::validRequest();
   r.device = daemon::uuid(0xcd);  // declined: the watcher takes it over
   float c = 0.0f;
@@ -630,7 +685,7 @@ TEST_F(StreamOrderTest, TheWatcherMakesNoDriverCall) {
 // A slot's takeover word moved only at takeovers, and the kernel's test of it
 // is cyclic: 2^31 calls on a slot later, every call the daemon served there
 // was computed a second time by the shim's kernel (found by review).
-TEST_F(StreamOrderTest, TwoToThe31CallsOnASlotLaterItsServedCallsAreStillLeftAlone) {
+TEST_P(StreamOrderTest, TwoToThe31CallsOnASlotLaterItsServedCallsAreStillLeftAlone) {
   // The first free slot is the one the next call takes.
   auto ticket = connection_->reserve(nowNs() + kSecond);
   ASSERT_TRUE(ticket.ok());
@@ -650,7 +705,7 @@ TEST_F(StreamOrderTest, TwoToThe31CallsOnASlotLaterItsServedCallsAreStillLeftAlo
 // The event that joins the legacy stream was made per thread and again at
 // each change of context, and never destroyed: a thread-per-request server,
 // or one thread driving two GPUs, grew them without end (found by review).
-TEST_F(StreamOrderTest, TheLegacyStreamIsJoinedWithOneEventPerContext) {
+TEST_P(StreamOrderTest, TheLegacyStreamIsJoinedWithOneEventPerContext) {
   gpu_.legacy_busy = true;
   float c = 0.0f;
   for (int i = 0; i < 20; ++i) {
@@ -668,7 +723,7 @@ TEST_F(StreamOrderTest, TheLegacyStreamIsJoinedWithOneEventPerContext) {
 // under the same handle, without the old one's segment registration, kernel
 // or events: the shim knew them by handle, and its calls failed (or used a
 // stale device address) from then on.
-TEST_F(StreamOrderTest, AContextMadeAgainUnderTheSameHandleGetsItsOwnSegmentKernelAndEvent) {
+TEST_P(StreamOrderTest, AContextMadeAgainUnderTheSameHandleGetsItsOwnSegmentKernelAndEvent) {
   gpu_.legacy_busy = true;  // each call joins the legacy stream with the context's event
   float c = 0.0f;
   // On a thread of its own, as what a thread saw last is kept per thread.
@@ -694,7 +749,7 @@ TEST_F(StreamOrderTest, AContextMadeAgainUnderTheSameHandleGetsItsOwnSegmentKern
 // Memory runs out once the caller's stream waits for the call: nothing from
 // there on may need it, or the exception (a direct call, in intercept())
 // would leave the stream waiting for a call the watcher does not know of.
-TEST_F(StreamOrderTest, NothingAfterTheStreamWaitsNeedsMemory) {
+TEST_P(StreamOrderTest, NothingAfterTheStreamWaitsNeedsMemory) {
   gpu_.on_wait_queued = [] { out_of_memory = true; };
   Request r = daemon::validRequest();
   r.device = daemon::uuid(0xcd);  // a GPU this daemon does not serve: declined
@@ -711,7 +766,7 @@ TEST_F(StreamOrderTest, NothingAfterTheStreamWaitsNeedsMemory) {
   EXPECT_EQ(c, 42.0f) << "the kernel did not compute the declined call";
 }
 
-TEST_F(StreamOrderTest, WithoutItsKernelACallIsLeftToItsCallerIfTheDaemonDoesNotFinishIt) {
+TEST_P(StreamOrderTest, WithoutItsKernelACallIsLeftToItsCallerIfTheDaemonDoesNotFinishIt) {
   gpu_.launch_fails = true;
   float c = 0.0f;
   // The daemon finishes it: served, nothing left to the caller.
@@ -725,6 +780,12 @@ TEST_F(StreamOrderTest, WithoutItsKernelACallIsLeftToItsCallerIfTheDaemonDoesNot
   EXPECT_EQ(outcomes().size(), 1u) << "counted twice";
   EXPECT_EQ(gpu_.computed, 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Waits, StreamOrderTest,
+                         ::testing::Values(StreamWait::kMemop, StreamWait::kKernel),
+                         [](const ::testing::TestParamInfo<StreamWait>& info) {
+                           return std::string(nameOf(info.param));
+                         });
 
 }  // namespace
 }  // namespace stmux::shim

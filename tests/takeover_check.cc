@@ -6,6 +6,8 @@
 //   word no one has written yet;
 // - that, queued behind a stream-ordered call, it computes only when the
 //   takeover word says the shim gave up on the daemon;
+// - that the wait kernel holds its stream until a host word reaches its
+//   value, compared cyclically;
 // and prints what it costs behind a served call and how fast it computes.
 // Exit 0: all passed; 1: a failure (printed); 77: no CUDA device (skipped).
 #include <cuda.h>
@@ -160,6 +162,51 @@ bool checkEpilogues(const Driver& driver, const TakeoverKernel& kernel, CUstream
       }
     }
   }
+  return ok;
+}
+
+// The wait kernel (STMUX_STREAM_WAIT=kernel) holds its stream while the host
+// word is short of `seq`, compared cyclically (`below`: a value short of it,
+// across the wrap when `start` is near 2^32), and lets it go once the host
+// stores `seq`; prints how long that took to be seen.
+bool checkWaitKernel(const Driver& driver, const TakeoverKernel& kernel, CUstream stream,
+                     unsigned start, unsigned below, unsigned seq) {
+  unsigned* words = nullptr;  // [0]: the word waited for; [1]: set by the stream after the wait
+  CHECK_CUDA(cudaHostAlloc(&words, 2 * sizeof(unsigned), cudaHostAllocMapped));
+  words[0] = start, words[1] = 0;
+  CUdeviceptr device_words = 0;
+  CHECK_CUDA(driver.cuMemHostGetDevicePointer(&device_words, words, 0));
+  CHECK_CUDA(stmux::shim::launchWaitKernel(driver, kernel, stream, device_words, seq));
+  CHECK_CUDA(driver.cuStreamWriteValue32(stream, device_words + sizeof(unsigned), 1,
+                                         CU_STREAM_WRITE_VALUE_DEFAULT));
+  bool ok = true;
+  for (const unsigned value : {start, below}) {
+    __atomic_store_n(&words[0], value, __ATOMIC_RELEASE);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (driver.cuStreamQuery(stream) != CUDA_ERROR_NOT_READY ||
+        __atomic_load_n(&words[1], __ATOMIC_ACQUIRE) != 0) {
+      std::printf("FAIL the wait kernel for %u let its stream go at %u\n", seq, value);
+      ok = false;
+    }
+  }
+  const auto released = std::chrono::steady_clock::now();
+  __atomic_store_n(&words[0], seq, __ATOMIC_RELEASE);
+  while (__atomic_load_n(&words[1], __ATOMIC_ACQUIRE) == 0 &&
+         std::chrono::steady_clock::now() - released < kWaitBound) {
+  }
+  const double us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - released)
+          .count();
+  if (__atomic_load_n(&words[1], __ATOMIC_ACQUIRE) == 0) {
+    std::printf("FAIL the wait kernel for %u kept its stream after the word reached it\n", seq);
+    __atomic_store_n(&words[0], seq + (1u << 30), __ATOMIC_RELEASE);  // let it go, whatever broke
+    ok = false;
+  } else {
+    std::printf("wait kernel: waited from %u for %u, let go %.1f us after the host's store\n",
+                start, seq, us);
+  }
+  CHECK_CUDA(driver.cuStreamSynchronize(stream));
+  cudaFreeHost(words);
   return ok;
 }
 
@@ -406,7 +453,9 @@ int main(int argc, char** argv) {
   failures += !checkEpilogues(*driver, kernel, stream);
   failures += !checkRunsWhileAStreamWaits(*driver, kernel, stream);
   failures += !checkStandby(*driver, kernel, stream);
-  cases += 3;
+  failures += !checkWaitKernel(*driver, kernel, stream, 5, 6, 7);
+  failures += !checkWaitKernel(*driver, kernel, stream, 0xfffffffeu, 0, 1);  // across the wrap
+  cases += 5;
   failures += !timeIt(*driver, kernel, stream);
   ++cases;
   std::printf("%d of %d checks passed\n", cases - failures, cases);
