@@ -110,8 +110,9 @@ class Scheduler : public RequestSink {
   // mapper open those that are not and are not being opened. Unmappable:
   // it would take more opens than an honest request ever needs (requests of
   // a confused client that each unmap what another needs). Over the open
-  // budget: it needs an open, and its client's opens failed beyond their
-  // budget (garbage handles). Both are declined.
+  // budget: it needs an open, and its client's opens, or those of its
+  // client's user, failed beyond their budget (garbage handles). Both are
+  // declined.
   enum class Mapping { kMapped, kOpening, kUnmappable, kOverOpenBudget };
   Mapping memoryMapped(Gpu& gpu, Queued& item);
   // What the mapper did: mappings go to the executor; a failure declines the
@@ -120,12 +121,19 @@ class Scheduler : public RequestSink {
   void forgetMemory(Gpu& gpu, std::uint32_t client);
   Gpu* route(const Uuid& uuid);
   void reject(const ClientPtr& client, const Request& request, std::int32_t status);
+  // The failed-open budgets (scheduler.cc): whether the client's, or its
+  // user's, is spent; charging a failure to both, whether that spent either.
+  bool openBudgetSpent(const Client& client, std::uint64_t now_ns) const;
+  bool chargeFailedOpen(Client& client, std::uint64_t now_ns);
 
   std::vector<Gpu> gpus_;
   std::size_t mappings_per_client_;
   // Allocations the mapper could not open: a line a second at most (a client
   // sending garbage handles would otherwise fill the log).
   LogLimiter map_log_;
+  // Per user, when its failed-open budget is full again; only users whose
+  // budget is not full are kept (Client::open_budget_full_ns, per client).
+  std::map<uid_t, std::uint64_t> user_open_budget_full_ns_;
   UniqueFd wake_fd_;
   std::uint64_t rejected_ = 0;  // answered without reaching a batcher
 };

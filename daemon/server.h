@@ -72,7 +72,8 @@ struct Client {
   // Opens of its memory that failed (the scheduler's budget for them: each
   // is a driver call beside the executor's launches, and garbage handles
   // slowed every tenant), when the budget is next back to full, and the
-  // requests declined unopened because it was spent. Server thread.
+  // requests declined unopened because it was spent, or its user's (the
+  // scheduler keeps that one). Server thread.
   std::uint64_t failed_opens = 0;
   std::uint64_t open_budget_full_ns = 0;
   std::uint64_t declined_unopened = 0;

@@ -8,6 +8,7 @@
 
 #include <sys/resource.h>
 
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <fstream>
@@ -927,6 +928,61 @@ TEST(Scheduler, AClientWhoseOpensFailGetsFewOfThemAndOthersStillHaveTheirsOpened
   EXPECT_GT(clientField(dir, hostile->clientId(), "declined_unopened"), 0);
   EXPECT_EQ(clientField(dir, honest->clientId(), "failed_opens"), 0);
   EXPECT_EQ(clientField(dir, honest->clientId(), "declined_unopened"), 0);
+}
+
+// Each client of a user has its own budget of failed opens: without one per
+// user too, many clients of one user (up to STMUX_MAX_CLIENTS_PER_UID)
+// together failed as many times more.
+TEST(Scheduler, ManyClientsOfOneUserWhoseOpensFailGetFewOfThemTogether) {
+  TempDir dir;
+  Daemon daemon(dir);
+  constexpr std::uint64_t kGarbage = std::uint64_t{1} << 40;
+  std::atomic<std::uint64_t> failed{0};
+  daemon.executor().setOpen([&failed](OpenJob& job) {
+    if (job.operand.alloc_id < kGarbage) return FakeExecutor::openAsAsked(job);
+    ++failed;
+    job.ok = false;
+    job.error = "invalid argument";
+  });
+  auto honest = connect(dir);
+  ASSERT_TRUE(honest);
+  ASSERT_EQ(call(*honest, requestOn(1)), kStatusSuccess);
+  // Clients of this test's user, each making calls on memory whose opens
+  // fail, one after another, as many as its own budget's burst allows twice.
+  constexpr int kClients = 8;
+  constexpr int kCalls = 64;
+  std::vector<std::unique_ptr<shim::Connection>> clients;
+  for (int i = 0; i < kClients; ++i) {
+    clients.push_back(connect(dir));
+    ASSERT_TRUE(clients.back());
+  }
+  std::atomic<int> served{0};
+  const auto started = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kClients; ++i) {
+    threads.emplace_back([&, i] {
+      for (std::uint64_t c = 0; c < kCalls; ++c) {
+        const std::uint64_t first = kGarbage + (std::uint64_t(i) << 32) + 3 * c;
+        if (call(*clients[i], requestOn(first)) == kStatusSuccess) ++served;
+      }
+    });
+  }
+  for (std::thread& thread : threads)
+    thread.join();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  EXPECT_EQ(served, 0) << "calls on memory that cannot be opened were served";
+  // The user's 128 at once and 400 a second, the mapper's in hand when it
+  // ran out and one more for each client; with a budget per client alone,
+  // each client's 32 at once: 256 and more.
+  EXPECT_LE(static_cast<double>(failed), 128 + 400 * seconds + 2 + kClients)
+      << "failed opens in " << seconds << " s";
+  double declined = 0;
+  for (const auto& client : clients)
+    declined += clientField(dir, client->clientId(), "declined_unopened");
+  EXPECT_GT(declined, 0);
+  // Memory of the user's that is mapped already is still served.
+  EXPECT_EQ(call(*honest, requestOn(1)), kStatusSuccess);
 }
 
 // An honest client using every slot at once reuses a slot as soon as its
