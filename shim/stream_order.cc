@@ -398,10 +398,11 @@ void StreamOrder::reapLocked(bool watcher) {
           }
         } else if (call.ready_ns != 0 && !running && now - call.ready_ns > timeout_ns_ &&
                    connection.cancel(call.ticket)) {
+          // The stream let go first: a write to stderr may block.
+          takeOver(call, Fallback::kTimeout);
+          connection.markStalled();
           STMUX_WARN(kShim, "the daemon did not start a call within {} ms; running it directly",
                      timeout_ns_ / 1'000'000);
-          connection.markStalled();
-          takeOver(call, Fallback::kTimeout);
         } else if (call.ready_ns != 0 && running && !call.said_slow &&
                    now - call.ready_ns > 2 * timeout_ns_) {
           // Never taken over while the daemon lives: its launch is queued on
