@@ -26,7 +26,7 @@
 //                              at its batches in flight, so that they meet in
 //                              one batch; each C against a float64 GEMM with
 //                              the epilogue applied, each bias unchanged
-//   flood --seconds S [--garbage]
+//   flood --seconds S [--garbage] [--clients N]
 //                              a hostile client (issue 14): for S seconds it
 //                              pushes requests into its ring as fast as the
 //                              ring takes them, re-arming its slots without
@@ -35,8 +35,10 @@
 //                              or with --garbage operands whose memory handles
 //                              are random bytes under a fresh allocation id
 //                              each time (every one an open for the daemon's
-//                              mapper that fails). Prints how many it pushed;
-//                              stmux-fault's dos scenario runs it
+//                              mapper that fails); with --clients N (1 to
+//                              64), as N clients of one user, their rings
+//                              filled in turn by one thread. Prints how many
+//                              it pushed; stmux-fault's dos scenario runs it
 // Always with --socket PATH (except probe). Exit 0: every answer was right.
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -47,6 +49,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <random>
 #include <string>
@@ -505,17 +508,31 @@ int facts() {
   return 0;
 }
 
-int flood(stmux::shim::Connection& connection, double seconds, bool garbage, std::uint64_t seed) {
+// Each of `connections` floods its own ring, in turn, on this one thread: as
+// many clients of one user as there are connections, at the CPU cost of one.
+int flood(const std::vector<stmux::shim::Connection*>& connections, double seconds, bool garbage,
+          std::uint64_t seed) {
   std::mt19937_64 random(seed);
   const GemmCase shape{"flood", 0, 0, 64, 64, 64};
   Allocation a(64 * 64), b(64 * 64), c(64 * 64);
   for (const Allocation* m : {&a, &b, &c})
     EXIT_ON_CUDA_ERROR(cudaMemset(m->base, 0, m->bytes));
   EXIT_ON_CUDA_ERROR(cudaDeviceSynchronize());
+  struct Flooded {
+    stmux::shim::Connection* connection;
+    stmux::RingProducer<Request> ring;
+    std::uint32_t slots;
+    std::uint32_t next = 0;  // its next slot
+  };
+  std::deque<Flooded> floods;  // in place: a ring producer stays where it is made
+  for (stmux::shim::Connection* connection : connections) {
+    stmux::SegmentView& view = connection->view();
+    floods.emplace_back(
+        connection,
+        stmux::RingProducer<Request>(view.ringHeader(), view.cells(), view.layout().ring_capacity),
+        connection->slotCount());
+  }
   Request request = describe(shape, a, b, c, deviceUuid());
-  stmux::SegmentView& view = connection.view();
-  stmux::RingProducer<Request> ring(view.ringHeader(), view.cells(), view.layout().ring_capacity);
-  const std::uint32_t slots = connection.slotCount();
   // Ids far above the ones the Allocations take, each used once.
   std::uint64_t garbage_id = std::uint64_t{1} << 40;
   const auto forge = [&](stmux::OperandDesc& operand) {
@@ -530,41 +547,50 @@ int flood(stmux::shim::Connection& connection, double seconds, bool garbage, std
   const std::uint64_t start = stmux::nowNs();
   const std::uint64_t end = start + static_cast<std::uint64_t>(seconds * 1e9);
   std::string ended = "its time ran out";
-  for (std::uint32_t i = 0; stmux::nowNs() < end; ++i) {
-    request.slot = i % slots;
-    request.generation = stmux::slotArm(view.slot(request.slot));
-    if (garbage) {
-      forge(request.a);
-      forge(request.b);
-      forge(request.c);
-    }
-    if (ring.tryPush(request)) {
-      ++pushed;
-    } else {
+  bool hung_up = false;
+  while (!hung_up && stmux::nowNs() < end) {
+    bool any = false;  // pushed into some ring this round
+    for (Flooded& f : floods) {
+      stmux::SegmentView& view = f.connection->view();
+      request.slot = f.next++ % f.slots;
+      request.generation = stmux::slotArm(view.slot(request.slot));
+      if (garbage) {
+        forge(request.a);
+        forge(request.b);
+        forge(request.c);
+      }
+      if (f.ring.tryPush(request)) {
+        ++pushed;
+        any = true;
+        continue;
+      }
       // Full, and the daemon may be asleep: a control message wakes it (this
       // client bypasses the shim's doorbell along with its slots). A message
       // that does not go is the daemon no longer reading them (its notices
       // held back while its executor is behind, the socket's buffer full),
       // not a hang-up, unless the connection is gone.
       ++full;
-      if (!connection.sendRelease({0}).ok()) {
+      if (!f.connection->sendRelease({0}).ok()) {
         ++unsent;
-        if (!connection.alive()) {
+        if (!f.connection->alive()) {
           char why[64];
           std::snprintf(why, sizeof why, "the daemon hung up on it after %.1f s",
                         static_cast<double>(stmux::nowNs() - start) / 1e9);
           ended = why;
+          hung_up = true;
           break;
         }
       }
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
+    if (!any) std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
-  std::printf("flood pushed %llu %s, the ring full %llu times (%llu wake-ups not taken); %s\n",
-              static_cast<unsigned long long>(pushed),
-              garbage ? "requests with garbage handles" : "valid requests",
-              static_cast<unsigned long long>(full), static_cast<unsigned long long>(unsent),
-              ended.c_str());
+  std::printf(
+      "flood pushed %llu %s through %zu client(s), the rings full %llu times (%llu "
+      "wake-ups not taken); %s\n",
+      static_cast<unsigned long long>(pushed),
+      garbage ? "requests with garbage handles" : "valid requests", floods.size(),
+      static_cast<unsigned long long>(full), static_cast<unsigned long long>(unsent),
+      ended.c_str());
   return 0;
 }
 
@@ -575,7 +601,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "usage: stmux-ipc-client probe | cases|overrun|epilogues|flood --socket PATH "
                  "[--quick] [--together] [--unaligned] [--seed N] [--rounds N] [--seconds S] "
-                 "[--garbage]\n");
+                 "[--garbage] [--clients N]\n");
     return 2;
   }
   const std::string mode = argv[1];
@@ -596,18 +622,15 @@ int main(int argc, char** argv) {
   }
   std::string socket;
   bool quick = false, together = false, unaligned = false, garbage = false;
-  int rounds = 1;
+  int rounds = 1, clients = 1;
   double seconds = 0;
   std::uint64_t seed = stmux::nowNs() ^ static_cast<std::uint64_t>(getpid());
-  static const option kLong[] = {{"socket", required_argument, nullptr, 's'},
-                                 {"quick", no_argument, nullptr, 'q'},
-                                 {"together", no_argument, nullptr, 't'},
-                                 {"unaligned", no_argument, nullptr, 'u'},
-                                 {"seed", required_argument, nullptr, 'r'},
-                                 {"rounds", required_argument, nullptr, 'n'},
-                                 {"seconds", required_argument, nullptr, 'S'},
-                                 {"garbage", no_argument, nullptr, 'g'},
-                                 {nullptr, 0, nullptr, 0}};
+  static const option kLong[] = {
+      {"socket", required_argument, nullptr, 's'},  {"quick", no_argument, nullptr, 'q'},
+      {"together", no_argument, nullptr, 't'},      {"unaligned", no_argument, nullptr, 'u'},
+      {"seed", required_argument, nullptr, 'r'},    {"rounds", required_argument, nullptr, 'n'},
+      {"seconds", required_argument, nullptr, 'S'}, {"garbage", no_argument, nullptr, 'g'},
+      {"clients", required_argument, nullptr, 'c'}, {nullptr, 0, nullptr, 0}};
   optind = 2;
   for (int c; (c = getopt_long(argc, argv, "", kLong, nullptr)) != -1;) {
     if (c == 's')
@@ -634,6 +657,12 @@ int main(int argc, char** argv) {
       }
     } else if (c == 'g') {
       garbage = true;
+    } else if (c == 'c') {
+      clients = std::atoi(optarg);
+      if (clients < 1 || clients > 64) {
+        std::fprintf(stderr, "ipc_client: --clients takes 1 to 64, not '%s'\n", optarg);
+        return 2;
+      }
     } else {
       return 2;
     }
@@ -654,14 +683,28 @@ int main(int argc, char** argv) {
   stmux::shim::ConnectOptions options;
   options.socket_path = socket;
   options.name = "ipc_client";
-  auto connection = stmux::shim::Connection::open(options);
-  if (!connection) {
-    std::fprintf(stderr, "ipc_client: %s\n", connection.message().c_str());
-    return 4;
+  if (clients > 1 && mode != "flood") {
+    std::fprintf(stderr, "ipc_client: --clients is for flood only\n");
+    return 2;
   }
+  std::vector<std::unique_ptr<stmux::shim::Connection>> connections;
+  for (int i = 0; i < clients; ++i) {
+    auto opened = stmux::shim::Connection::open(options);
+    if (!opened) {
+      std::fprintf(stderr, "ipc_client: %s\n", opened.message().c_str());
+      return 4;
+    }
+    connections.push_back(std::move(opened.value()));
+  }
+  auto& connection = connections.front();
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  if (mode == "epilogues") return epilogues(*connection.value(), seed, rounds);
-  if (mode == "flood") return flood(*connection.value(), seconds, garbage, seed);
-  return mode == "cases" ? cases(*connection.value(), quick, together, unaligned, seed)
-                         : overrun(*connection.value());
+  if (mode == "epilogues") return epilogues(*connection, seed, rounds);
+  if (mode == "flood") {
+    std::vector<stmux::shim::Connection*> all;
+    for (const auto& c : connections)
+      all.push_back(c.get());
+    return flood(all, seconds, garbage, seed);
+  }
+  return mode == "cases" ? cases(*connection, quick, together, unaligned, seed)
+                         : overrun(*connection);
 }

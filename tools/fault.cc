@@ -8,7 +8,8 @@
 //                 greedy tenant, a flood of silent connections, garbage
 //                 hellos at full speed, a client flooding its ring with
 //                 requests it never waits for, the same with garbage memory
-//                 handles (stmux-ipc-client flood, a client of the wire alone)
+//                 handles, and that as 16 clients of one user
+//                 (stmux-ipc-client flood, a client of the wire alone)
 // Checked tenants are stmux-cublas-client stress (sgemm against a float64
 // reference) and stmux-differential (every entry point against cuBLAS run
 // directly). A scenario passes when no result came back wrong, no tenant hung,
@@ -81,8 +82,8 @@ void usage(FILE* out) {
       "  soak          --soak-seconds of checked tenants of several kinds coming and going\n"
       "  dos           checked tenants' calls/s alone, then beside a greedy tenant, a\n"
       "                flood of silent connections, garbage hellos, a client flooding its\n"
-      "                ring, and one flooding it with garbage memory handles (--dos-seconds\n"
-      "                each)\n"
+      "                ring, one flooding it with garbage memory handles, and 16 clients\n"
+      "                of one user doing that (--dos-seconds each)\n"
       "Options:\n"
       "  --kills N         tenants to kill (1..100000, default 100)\n"
       "  --restarts N      daemon kills (1..1000, default 10)\n"
@@ -919,6 +920,9 @@ Result dos(const Options& o, const fs::path& dir) {
       {"flood", "beside a client pushing requests into its ring without waiting for them"},
       {"garbage-handles",
        "beside a client pushing requests with garbage memory handles into its ring"},
+      {"garbage-handles-16",
+       "beside 16 clients of one user pushing requests with garbage memory handles into their "
+       "rings"},
   };
   double alone_rate = 0;
   Json rows = Json::array();
@@ -943,13 +947,17 @@ Result dos(const Options& o, const fs::path& dir) {
     }
     // Flooding through the phase: the checked tenants' start (CUDA's, some
     // seconds at most) and their dos_s.
-    const bool floods = p == "flood" || p == "garbage-handles";
+    const bool garbage_handles = p.starts_with("garbage-handles");
+    const bool floods = p == "flood" || garbage_handles;
     Process flooder;
     if (floods) {
       std::vector<std::string> argv = {o.raw_client, "flood",
                                        "--socket",   s.daemon.socket(),
                                        "--seconds",  fmt::format("{}", o.dos_s + 6)};
-      if (p == "garbage-handles") argv.emplace_back("--garbage");
+      if (garbage_handles) argv.emplace_back("--garbage");
+      // One thread filling the rings of 16 clients in turn: the user's budget
+      // of failed opens, at one flooder's CPU.
+      if (p == "garbage-handles-16") argv.insert(argv.end(), {"--clients", "16"});
       flooder = Process(argv, {{"LD_PRELOAD", ""}}, (dir / p).string());
       std::this_thread::sleep_for(std::chrono::seconds(1));
     }
@@ -959,18 +967,20 @@ Result dos(const Options& o, const fs::path& dir) {
       s.tenants.stress(o.dos_s, 1, 0.5);
     Tally tally;
     s.tenants.reap(tally, true);
-    // The flooding client's place in the daemon while it still floods: what
-    // it has outstanding (bounded by its slots), how much was refused, and
-    // how many opens of its memory failed (the budget for them).
+    // The flooding clients' place in the daemon while they still flood,
+    // summed: what they have outstanding (bounded by their slots), how much
+    // was refused, and how many opens of their memory failed (the budgets
+    // for them).
     double flood_outstanding = -1, flood_refused = -1, flood_failed_opens = -1, flood_unopened = -1;
     if (flooder.running()) {
       if (auto status = s.daemon.status()) {
+        flood_outstanding = flood_refused = flood_failed_opens = flood_unopened = 0;
         for (const Json& client : (*status)["clients"]) {
           if (client.value("name", "") != "ipc_client") continue;
-          flood_outstanding = client.value("outstanding", 0.0);
-          flood_refused = client.value("refused", 0.0);
-          flood_failed_opens = client.value("failed_opens", 0.0);
-          flood_unopened = client.value("declined_unopened", 0.0);
+          flood_outstanding += client.value("outstanding", 0.0);
+          flood_refused += client.value("refused", 0.0);
+          flood_failed_opens += client.value("failed_opens", 0.0);
+          flood_unopened += client.value("declined_unopened", 0.0);
         }
       }
     }
@@ -1005,7 +1015,7 @@ Result dos(const Options& o, const fs::path& dir) {
       }
       extra = fmt::format("; {}; it had {:.0f} requests outstanding, {:.0f} refused", flooded,
                           flood_outstanding, flood_refused);
-      if (p == "garbage-handles") {
+      if (garbage_handles) {
         extra +=
             fmt::format("; {:.0f} opens of its memory failed, {:.0f} requests declined unopened",
                         flood_failed_opens, flood_unopened);
