@@ -837,20 +837,30 @@ TEST(Scheduler, AClientFloodingItsRingIsHeldToItsSlotsAndOthersAreServed) {
   EXPECT_EQ(clientField(dir, honest->clientId(), "refused"), 0);
 }
 
+// Allocation ids from here up stand for garbage handles: the fake mapper's
+// opens of them fail, each taking `cost` and counted in `failed` (which must
+// outlive the daemon); the rest are opened as asked.
+constexpr std::uint64_t kGarbage = std::uint64_t{1} << 40;
+void failOpensOfGarbage(Daemon& daemon, std::atomic<std::uint64_t>& failed,
+                        std::chrono::microseconds cost) {
+  daemon.executor().setOpen([&failed, cost](OpenJob& job) {
+    if (job.operand.alloc_id < kGarbage) return FakeExecutor::openAsAsked(job);
+    if (cost.count() > 0) std::this_thread::sleep_for(cost);
+    ++failed;
+    job.ok = false;
+    job.error = "invalid argument";
+  });
+}
+
 // A client flooding its ring with requests whose memory handles are garbage
 // (issue 14), each under a fresh allocation id: every one is an open for the
 // mapper, which fails, slowly. Another client's release notices are still
 // taken meanwhile, and its calls served.
 TEST(Scheduler, AFloodOfUnopenableMemoryHoldsUpNoOtherClientsNotices) {
   TempDir dir;
+  std::atomic<std::uint64_t> failed{0};  // outlives the daemon's mapper, which counts in it
   Daemon daemon(dir);
-  constexpr std::uint64_t kGarbage = std::uint64_t{1} << 40;
-  daemon.executor().setOpen([](OpenJob& job) {
-    if (job.operand.alloc_id < kGarbage) return FakeExecutor::openAsAsked(job);
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-    job.ok = false;
-    job.error = "invalid argument";
-  });
+  failOpensOfGarbage(daemon, failed, std::chrono::microseconds(200));
   auto hostile = connect(dir);
   auto honest = connect(dir);
   ASSERT_TRUE(hostile && honest);
@@ -890,16 +900,9 @@ TEST(Scheduler, AFloodOfUnopenableMemoryHoldsUpNoOtherClientsNotices) {
 // its callers); an honest client beside it still has its memory opened.
 TEST(Scheduler, AClientWhoseOpensFailGetsFewOfThemAndOthersStillHaveTheirsOpened) {
   TempDir dir;
+  std::atomic<std::uint64_t> failed{0};  // outlives the daemon's mapper, which counts in it
   Daemon daemon(dir);
-  constexpr std::uint64_t kGarbage = std::uint64_t{1} << 40;
-  std::atomic<std::uint64_t> failed{0};
-  daemon.executor().setOpen([&failed](OpenJob& job) {
-    if (job.operand.alloc_id < kGarbage) return FakeExecutor::openAsAsked(job);
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
-    ++failed;
-    job.ok = false;
-    job.error = "invalid argument";
-  });
+  failOpensOfGarbage(daemon, failed, std::chrono::microseconds(100));
   auto hostile = connect(dir);
   auto honest = connect(dir);
   ASSERT_TRUE(hostile && honest);
@@ -935,15 +938,9 @@ TEST(Scheduler, AClientWhoseOpensFailGetsFewOfThemAndOthersStillHaveTheirsOpened
 // together failed as many times more.
 TEST(Scheduler, ManyClientsOfOneUserWhoseOpensFailGetFewOfThemTogether) {
   TempDir dir;
+  std::atomic<std::uint64_t> failed{0};  // outlives the daemon's mapper, which counts in it
   Daemon daemon(dir);
-  constexpr std::uint64_t kGarbage = std::uint64_t{1} << 40;
-  std::atomic<std::uint64_t> failed{0};
-  daemon.executor().setOpen([&failed](OpenJob& job) {
-    if (job.operand.alloc_id < kGarbage) return FakeExecutor::openAsAsked(job);
-    ++failed;
-    job.ok = false;
-    job.error = "invalid argument";
-  });
+  failOpensOfGarbage(daemon, failed, std::chrono::microseconds(0));
   auto honest = connect(dir);
   ASSERT_TRUE(honest);
   ASSERT_EQ(call(*honest, requestOn(1)), kStatusSuccess);

@@ -411,6 +411,16 @@ class StreamOrderTest : public ::testing::TestWithParam<StreamWait> {
   bool settled(std::size_t count) {
     return testing::waitFor([&] { return outcomes().size() >= count; });
   }
+  // Three calls, each served, none of their launches stuck on a call the
+  // daemon did not have yet (the fake's launch set to wait in some way).
+  void expectThreeServedWithNoLaunchStuck() {
+    float c = 0.0f;
+    for (int i = 0; i < 3; ++i)
+      ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
+    EXPECT_FALSE(gpu_.launch_found_it_stuck) << "a launch waited on a call the daemon did not have";
+    ASSERT_TRUE(settled(3));
+    EXPECT_EQ(gpu_.computed, 0);
+  }
 
   TempDir dir_;
   FakeGpu gpu_;
@@ -465,24 +475,14 @@ TEST_P(StreamOrderTest, TheKernelBehindACallGetsABlockPerTileUpToOneWaveOfTheGpu
 // for a request the daemon has not been given can never finish.
 TEST_P(StreamOrderTest, ALaunchThatWaitsForTheStreamToDrainNeverWaitsOnACallTheDaemonLacks) {
   gpu_.launch_waits_for_drain = true;
-  float c = 0.0f;
-  for (int i = 0; i < 3; ++i)
-    ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
-  EXPECT_FALSE(gpu_.launch_found_it_stuck) << "a launch waited on a call the daemon did not have";
-  ASSERT_TRUE(settled(3));
-  EXPECT_EQ(gpu_.computed, 0);
+  expectThreeServedWithNoLaunchStuck();
 }
 
 // With CUDA_LAUNCH_BLOCKING=1 a launch returns once its kernel has run: the
 // wait kernel, launched before the daemon had the call, would never return.
 TEST_P(StreamOrderTest, ALaunchThatReturnsOnceItsKernelRanNeverWaitsOnACallTheDaemonLacks) {
   gpu_.launch_returns_once_run = true;
-  float c = 0.0f;
-  for (int i = 0; i < 3; ++i)
-    ASSERT_EQ(submit(&c), StreamOrder::Queued::kYes);
-  EXPECT_FALSE(gpu_.launch_found_it_stuck) << "a launch waited on a call the daemon did not have";
-  ASSERT_TRUE(settled(3));
-  EXPECT_EQ(gpu_.computed, 0);
+  expectThreeServedWithNoLaunchStuck();
 }
 
 TEST_P(StreamOrderTest, ACallOfALostDaemonIsComputedByTheKernelBehindItsWait) {
