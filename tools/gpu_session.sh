@@ -9,7 +9,7 @@
 # "differential" (default all: more than one 600 s call may hold); asan
 # builds everything with ASan+UBSan (<build>-asan) and runs those GPU tests
 # (asan-build only builds);
-# sync, modes (host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
+# sync, modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
 # (+ demo10) are the comparisons of issues 17, 12 and 18, each on one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
 # GPU, on each thing they can wait on); fault runs stmux-fault with
@@ -280,11 +280,14 @@ for step in "$@"; do
     modes)
       # Issue 12: host against stream-ordered mode on MPS, the latter with
       # each wait (STMUX_STREAM_WAIT), with where a round's time goes;
-      # tenants' CUDA waits as STMUX_SYNC=auto sets them.
-      for mode in host stream stream-kernel; do
+      # tenants' CUDA waits as STMUX_SYNC=auto sets them; and first MPS
+      # alone, the same shapes, for the targets' ratios.
+      for mode in mps host stream stream-kernel; do
         wait=memop; [ "$mode" = stream-kernel ] && wait=kernel
+        modes=stmux-mps shim_mode=${mode%-kernel}
+        [ "$mode" = mps ] && modes=mps shim_mode=host  # no preload there: unread
         "$build/tools/stmux-bench" --out "/tmp/stmux-modes-$mode" --shapes cube,rnn,torch-rnn,torch-cube \
-          --tenants "${TENANTS:-1,32}" --modes stmux-mps --tenant-env "STMUX_MODE=${mode%-kernel}" \
+          --tenants "${TENANTS:-1,32}" --modes "$modes" --tenant-env "STMUX_MODE=$shim_mode" \
           --tenant-env "STMUX_STREAM_WAIT=$wait" \
           --tenant-env STMUX_SYNC=auto >"$out/modes-$mode.log" 2>&1 || status=1
         cp "/tmp/stmux-modes-$mode/bench.json" "$out/modes-$mode.json" 2>/dev/null
