@@ -2,9 +2,9 @@
 //
 // One thread runs Server::run(): it accepts and greets clients, hands each a
 // sealed memfd segment and a doorbell eventfd, drains every ring round-robin
-// into a RequestSink, notices EOF, and sleeps on epoll when there is nothing
-// to do. It never blocks on a client: sockets are non-blocking, a greeting
-// must arrive within a bound, and a message that would block is dropped.
+// into a RequestSink (a share of each turn per user, not per client), notices EOF, and sleeps on
+// epoll when there is nothing to do. It never blocks on a client: sockets are non-blocking, a
+// greeting must arrive within a bound, and a message that would block is dropped.
 #pragma once
 
 #include <sys/socket.h>
@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -32,6 +33,16 @@
 
 namespace stmux::daemon {
 
+// What one user's clients had of the server's turns: each user gets one
+// client's share of each turn, however many clients it has. Shared by the
+// user's clients. Server thread.
+struct UserShare {
+  std::uint64_t ring_turn = 0;   // Server::drainRings'
+  int requests = 0;              // taken from their rings in that turn
+  std::uint64_t event_turn = 0;  // Server::handleEvents'
+  int messages = 0;              // control messages read in that turn
+};
+
 // An attached tenant process. Shared: batches in flight keep it (and so its
 // segment mapping) alive after it detaches, so completions can still be
 // written safely.
@@ -48,8 +59,9 @@ struct Client {
   SegmentView view;
   RingConsumer<Request> ring;
   std::atomic<bool> gone{false};
-  std::uint64_t requests = 0;      // popped from the ring
-  std::uint64_t bad_requests = 0;  // dropped by the transport (bad slot index)
+  std::uint64_t requests = 0;             // popped from the ring
+  std::uint64_t bad_requests = 0;         // dropped by the transport (bad slot index)
+  std::shared_ptr<UserShare> user_share;  // its uid's
   // Popped since the daemon began to drain: at most a ring's worth (what it
   // held then); beyond, the client pushes what it was told not to, and its
   // ring is read no more (a client that kept pushing kept the drain going
@@ -198,6 +210,9 @@ class Server {
   struct Reply;    // a status reply not yet wholly sent
 
   bool drainRings(std::uint64_t now);
+  // One request of `client`'s into the sink, if its user's share of this
+  // turn allows and its ring has one; whether it took one.
+  bool takeRequest(const ClientPtr& client, std::uint64_t now);
   // Handles what epoll reports within `timeout_ns` (0: only what is ready
   // now; none: waits for something).
   void handleEvents(std::optional<std::uint64_t> timeout_ns);
@@ -275,6 +290,10 @@ class Server {
   Ids ids_;
   std::uint32_t freshId();
   std::size_t rotate_ = 0;
+  std::vector<std::size_t> busy_;  // drainRings': clients_ with requests still coming
+  std::uint64_t ring_turn_ = 0;    // drainRings' turns so far
+  std::uint64_t event_turn_ = 0;   // handleEvents'
+  std::map<uid_t, std::weak_ptr<UserShare>> user_shares_;  // of the users with clients
   bool draining_ = false;
   std::string failure_;
   std::uint64_t started_ns_ = 0;
