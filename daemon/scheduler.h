@@ -121,8 +121,9 @@ class Scheduler : public RequestSink {
   void forgetMemory(Gpu& gpu, std::uint32_t client);
   Gpu* route(const Uuid& uuid);
   void reject(const ClientPtr& client, const Request& request, std::int32_t status);
-  // The failed-open budgets (scheduler.cc): whether the client's, or its
-  // user's, is spent; charging a failure to both, whether that spent either.
+  // The failed-open budgets (scheduler.cc): whether the client's is spent,
+  // or its user's where its own opens failed; charging a failure to both,
+  // whether that spent either for it.
   bool openBudgetSpent(const Client& client, std::uint64_t now_ns) const;
   bool chargeFailedOpen(Client& client, std::uint64_t now_ns);
 

@@ -11,6 +11,7 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <functional>
 #include <mutex>
@@ -499,31 +500,41 @@ Request requestOn(std::uint64_t first) {
   return r;
 }
 
-// A hostile client writing its ring itself, bypassing the shim's slots: a
-// thread pushes `next()`'s requests as fast as the ring takes them, re-arming
-// slot after slot without waiting for answers, until the object goes.
+// Hostile clients writing their rings themselves, bypassing the shim's
+// slots: one thread pushes `next()`'s requests into each ring in turn, as
+// fast as the rings take them, re-arming slot after slot without waiting for
+// answers, until the object goes (as many clients of one user, at one
+// thread's CPU, as stmux-fault's flood).
 class RingFlood {
  public:
   RingFlood(shim::Connection& client, std::function<Request()> next)
-      : client_(client),
-        ring_(client.view().ringHeader(), client.view().cells(),
-              client.view().layout().ring_capacity),
-        thread_([this, next = std::move(next)] {
-          const std::uint32_t slots = client_.slotCount();
-          for (std::uint32_t i = 0; flooding_; ++i) {
-            Request request = next();
-            request.slot = i % slots;
-            request.generation = slotArm(client_.view().slot(request.slot));
-            if (ring_.tryPush(request)) {
-              ++pushed_;
-            } else {
-              // Full, and the daemon may be asleep: a control message wakes it
-              // (this client bypasses the shim's doorbell along with its slots).
-              (void)client_.sendRelease({0});
-              std::this_thread::sleep_for(std::chrono::microseconds(200));
-            }
+      : RingFlood(std::vector<shim::Connection*>{&client}, std::move(next)) {}
+  RingFlood(const std::vector<shim::Connection*>& clients, std::function<Request()> next) {
+    for (shim::Connection* client : clients) {
+      rings_.emplace_back(*client,
+                          RingProducer<Request>(client->view().ringHeader(), client->view().cells(),
+                                                client->view().layout().ring_capacity));
+    }
+    thread_ = std::thread([this, next = std::move(next)] {
+      for (std::uint32_t i = 0; flooding_; ++i) {
+        bool any = false;  // pushed into some ring this round
+        for (auto& [client, ring] : rings_) {
+          Request request = next();
+          request.slot = i % client.slotCount();
+          request.generation = slotArm(client.view().slot(request.slot));
+          if (ring.tryPush(request)) {
+            ++pushed_;
+            any = true;
+          } else {
+            // Full, and the daemon may be asleep: a control message wakes it
+            // (this client bypasses the shim's doorbell along with its slots).
+            (void)client.sendRelease({0});
           }
-        }) {}
+        }
+        if (!any) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    });
+  }
   ~RingFlood() {
     flooding_ = false;
     thread_.join();
@@ -531,11 +542,10 @@ class RingFlood {
   std::uint64_t pushed() const { return pushed_; }
 
  private:
-  shim::Connection& client_;
-  RingProducer<Request> ring_;
+  std::deque<std::pair<shim::Connection&, RingProducer<Request>>> rings_;  // in place
   std::atomic<bool> flooding_{true};
   std::atomic<std::uint64_t> pushed_{0};
-  std::thread thread_;  // last: it starts once the rest is made
+  std::thread thread_;
 };
 
 // Has the mapper open allocations from id `first` on only once `let_go`
@@ -980,6 +990,47 @@ TEST(Scheduler, ManyClientsOfOneUserWhoseOpensFailGetFewOfThemTogether) {
   EXPECT_GT(declined, 0);
   // Memory of the user's that is mapped already is still served.
   EXPECT_EQ(call(*honest, requestOn(1)), kStatusSuccess);
+}
+
+// 16 clients of one user flooding their rings with garbage handles, from
+// one thread: their user's budget of failed opens is spent, and their
+// requests then declined unopened, as one such client's are. Each of them
+// had a turn of the server's loop of its own, whose requests each cost the
+// scheduler a look through what waited (milliseconds a turn): the mapper
+// was given opens too slowly to spend any budget, and the other tenants'
+// calls went to 0.03x (H100, stmux-fault dos, 2026-12-06).
+TEST(Scheduler, ManyClientsOfOneUserFloodingUnopenableMemorySpendTheirUsersBudget) {
+  TempDir dir;
+  std::atomic<std::uint64_t> failed{0};  // outlives the daemon's mapper, which counts in it
+  Daemon daemon(dir);
+  failOpensOfGarbage(daemon, failed, std::chrono::microseconds(0));
+  auto honest = connect(dir);
+  ASSERT_TRUE(honest);
+  ASSERT_EQ(call(*honest, requestOn(1)), kStatusSuccess);
+  std::vector<std::unique_ptr<shim::Connection>> hostile;
+  std::vector<shim::Connection*> flooded;
+  for (int i = 0; i < 16; ++i) {
+    hostile.push_back(connect(dir));
+    ASSERT_TRUE(hostile.back());
+    flooded.push_back(hostile.back().get());
+  }
+  std::uint64_t next = kGarbage;  // the flood's thread alone uses it
+  const RingFlood flood(flooded, [&next] {
+    const Request request = requestOn(next);
+    next += 3;
+    return request;
+  });
+  const auto declined = [&] {
+    double sum = 0;
+    for (const auto& client : hostile)
+      sum += std::max(0.0, clientField(dir, client->clientId(), "declined_unopened"));
+    return sum;
+  };
+  EXPECT_TRUE(testing::waitFor([&] { return declined() > 0; }, std::chrono::seconds(20)))
+      << "no request of theirs declined unopened: their user's budget never spent ("
+      << failed.load() << " failed opens)";
+  EXPECT_EQ(call(*honest, requestOn(1)), kStatusSuccess);
+  EXPECT_EQ(call(*honest, requestOn(100)), kStatusSuccess);  // new memory, opened
 }
 
 // An honest client using every slot at once reuses a slot as soon as its
