@@ -2,9 +2,10 @@
 //
 // One thread runs Server::run(): it accepts and greets clients, hands each a
 // sealed memfd segment and a doorbell eventfd, drains every ring round-robin
-// into a RequestSink (a share of each turn per user, not per client), notices EOF, and sleeps on
-// epoll when there is nothing to do. It never blocks on a client: sockets are non-blocking, a
-// greeting must arrive within a bound, and a message that would block is dropped.
+// into a RequestSink (a part of each turn per user, not per client),
+// notices EOF, and sleeps on epoll when there is nothing to do. It never
+// blocks on a client: sockets are non-blocking, a greeting must arrive
+// within a bound, and a message that would block is dropped.
 #pragma once
 
 #include <sys/socket.h>
@@ -34,7 +35,7 @@
 namespace stmux::daemon {
 
 // What one user's clients had of the server's turns: each user gets one
-// client's share of each turn, however many clients it has. Shared by the
+// client's part of each turn, however many clients it has. Shared by the
 // user's clients. Server thread.
 struct UserShare {
   std::uint64_t ring_turn = 0;   // Server::drainRings'
