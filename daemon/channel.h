@@ -56,6 +56,7 @@ struct OpenJob {
   bool ok = false;
   bool already_mapped = false;  // memory at its address is mapped already (by the executor)
   bool dropped = false;         // not ok: never given to the mapper (postOpen, dropOpens)
+  bool crowded_out = false;     // dropped: its client had more opens waiting than it can use
   Mapped mapped;                // ok
   std::string error;            // not ok
 };
@@ -144,6 +145,7 @@ class ExecutorChannel {
       std::unique_ptr<OpenJob> oldest = std::move(waiting.front());
       waiting.pop_front();
       --waiting_open_count_;
+      oldest->crowded_out = true;
       dropUnopened(std::move(oldest),
                    "dropped unopened: its client had more allocations waiting to be opened "
                    "than its requests can use");

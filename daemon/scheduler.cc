@@ -379,7 +379,13 @@ bool Scheduler::takeOpened(Gpu& gpu) {
       // the first batch that needs it, closing what is in the way.
       it->second.mapped = true;
     } else {
-      if (!job->dropped && !job->already_mapped && chargeFailedOpen(*client, nowNs())) {
+      // An open crowded out counts as one that failed: a client re-arming
+      // its slots over requests with garbage handles had its opens dropped
+      // at that bound faster than the mapper failed any, and, under no
+      // budget, cost the scheduler an open to try at every request (a
+      // slower mapper, or the CPU tests under TSan).
+      if ((!job->dropped || job->crowded_out) && !job->already_mapped &&
+          chargeFailedOpen(*client, nowNs())) {
         // Its other opens would most likely fail too: they are answered
         // unopened, declining what waited for them.
         gpu.channel->dropOpens(client->id,

@@ -1103,8 +1103,9 @@ void Server::addMetrics(MetricsText& out) const {
             "Requests declined for being beyond the tenant's slots.",
             [](const Client& c, const CounterTotals&) { return c.refused; });
   perClient("stmux_client_failed_opens_total", "counter",
-            "Opens of the tenant's memory that failed (a few a second are allowed; beyond, "
-            "its requests needing one are declined unopened).",
+            "Opens of the tenant's memory that failed, or were dropped for its having more "
+            "waiting than its requests can use (a few a second are allowed; beyond, its "
+            "requests needing one are declined unopened).",
             [](const Client& c, const CounterTotals&) { return c.failed_opens; });
   perClient("stmux_client_declined_unopened_total", "counter",
             "Requests of the tenant declined unopened: too many of its opens had failed.",

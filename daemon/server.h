@@ -82,7 +82,8 @@ struct Client {
     return outstanding - std::min(outstanding, answered.load(std::memory_order_relaxed));
   }
   std::uint64_t refused = 0;  // requests refused for being beyond that bound
-  // Opens of its memory that failed (the scheduler's budget for them: each
+  // Opens of its memory that failed, or were dropped for its having more
+  // waiting than its requests can use (the scheduler's budget for them: each
   // is a driver call beside the executor's launches, and garbage handles
   // slowed every tenant), when the budget is next back to full, and the
   // requests declined unopened because it was spent, or its user's (the

@@ -404,7 +404,8 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   EXPECT_EQ(lineStarting(out, "GPU 1: "), "") << out;
   // What an honest shim never makes the daemon do, for the client that did.
   EXPECT_EQ(lineStarting(out, "client 7 "),
-            "client 7 (pid 1002): 40 opens of its memory failed, 912 requests declined unopened");
+            "client 7 (pid 1002): 40 opens of its memory failed or crowded out, 912 requests "
+            "declined unopened");
   EXPECT_EQ(lineStarting(out, "client 1 "), "") << out;
 
   const std::string a = lineStarting(out, "1      1001 ");

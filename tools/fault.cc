@@ -1016,9 +1016,10 @@ Result dos(const Options& o, const fs::path& dir) {
       extra = fmt::format("; {}; it had {:.0f} requests outstanding, {:.0f} refused", flooded,
                           flood_outstanding, flood_refused);
       if (garbage_handles) {
-        extra +=
-            fmt::format("; {:.0f} opens of its memory failed, {:.0f} requests declined unopened",
-                        flood_failed_opens, flood_unopened);
+        extra += fmt::format(
+            "; {:.0f} opens of its memory failed or crowded out, {:.0f} requests declined "
+            "unopened",
+            flood_failed_opens, flood_unopened);
       }
     }
     say(s.name,

@@ -424,8 +424,9 @@ std::string clientTable(const Json* clients) {
     if (positive(refused))
       what = fmt::format("{} requests refused beyond its slots", count(refused));
     if (positive(failed_opens)) {
-      what += fmt::format("{}{} opens of its memory failed, {} requests declined unopened",
-                          what.empty() ? "" : "; ", count(failed_opens), count(unopened));
+      what += fmt::format(
+          "{}{} opens of its memory failed or crowded out, {} requests declined unopened",
+          what.empty() ? "" : "; ", count(failed_opens), count(unopened));
     }
     if (!what.empty()) {
       notes += fmt::format("client {} (pid {}): {}\n", count(member(client, "id")),
