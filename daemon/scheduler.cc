@@ -250,12 +250,28 @@ void Scheduler::onRequest(const ClientPtr& client, const Request& request, std::
     gpu->round.ring_ns += now_ns - request.submit_ns;
   }
   Queued item{client, request, BatchKey::of(request), now_ns};
-  const bool mapped = memoryMapped(*gpu, item) == Mapping::kMapped;
-  if (!mapped || !requestReady(client->view.slot(request.slot), request)) {
+  const Mapping mapping = memoryMapped(*gpu, item);
+  if (mapping == Mapping::kUnmappable || mapping == Mapping::kOverOpenBudget) {
+    // At once: waiting to be declined at the next look, a flooding client's
+    // requests were cancelled first (their slots re-armed), uncounted.
+    return declineUnmapped(item, mapping);
+  }
+  if (mapping != Mapping::kMapped || !requestReady(client->view.slot(request.slot), request)) {
     gpu->awaiting.push_back(std::move(item));
     return;
   }
   gpu->batcher.add(std::move(item), now_ns);
+}
+
+void Scheduler::declineUnmapped(const Queued& item, Mapping mapping) {
+  if (mapping == Mapping::kOverOpenBudget) ++item.client->declined_unopened;
+  STMUX_DEBUG(kSched, "client {} request {}: {}; declined", item.client->id,
+              item.request.request_id,
+              mapping == Mapping::kUnmappable
+                  ? fmt::format("its memory took {} opens", item.opens)
+                  : std::string("its client's failed opens spent their budget"));
+  reject(item.client, item.request, kStatusDeclined);  // it runs in its caller
+  settle(std::span<const Queued>(&item, 1));
 }
 
 bool Scheduler::openBudgetSpent(const Client& client, std::uint64_t now_ns) const {
@@ -447,14 +463,7 @@ bool Scheduler::admitReady(Gpu& gpu, std::uint64_t now_ns, std::uint64_t& wake_a
     const bool ready = requestReady(slot, it->request);
     const Mapping mapping = ready ? memoryMapped(gpu, *it) : Mapping::kOpening;
     if (mapping == Mapping::kUnmappable || mapping == Mapping::kOverOpenBudget) {
-      if (mapping == Mapping::kOverOpenBudget) ++it->client->declined_unopened;
-      STMUX_DEBUG(kSched, "client {} request {}: {}; declined", it->client->id,
-                  it->request.request_id,
-                  mapping == Mapping::kUnmappable
-                      ? fmt::format("its memory took {} opens", it->opens)
-                      : std::string("its client's failed opens spent their budget"));
-      reject(it->client, it->request, kStatusDeclined);  // it runs in its caller
-      settle(std::span<const Queued>(&*it, 1));
+      declineUnmapped(*it, mapping);
       progressed = true;
       continue;
     }

@@ -114,6 +114,9 @@ class Scheduler : public RequestSink {
   // client's user, failed beyond their budget (garbage handles). Both are
   // declined.
   enum class Mapping { kMapped, kOpening, kUnmappable, kOverOpenBudget };
+  // Answers a request whose memory is unmappable or over the open budget:
+  // declined, to run in its caller.
+  void declineUnmapped(const Queued& item, Mapping mapping);
   Mapping memoryMapped(Gpu& gpu, Queued& item);
   // What the mapper did: mappings go to the executor; a failure declines the
   // requests that waited for it (their callers run them themselves).

@@ -993,17 +993,27 @@ TEST(Scheduler, ManyClientsOfOneUserWhoseOpensFailGetFewOfThemTogether) {
 }
 
 // 16 clients of one user flooding their rings with garbage handles, from
-// one thread: their user's budget of failed opens is spent, and their
-// requests then declined unopened, as one such client's are. Each of them
-// had a turn of the server's loop of its own, whose requests each cost the
-// scheduler a look through what waited (milliseconds a turn): the mapper
-// was given opens too slowly to spend any budget, and the other tenants'
-// calls went to 0.03x (H100, stmux-fault dos, 2026-12-06).
-TEST(Scheduler, ManyClientsOfOneUserFloodingUnopenableMemorySpendTheirUsersBudget) {
+// one thread, while the mapper is slow to fail them (here: not before the
+// test lets it). Their opens crowded out of their queues count as failed:
+// before, they were dropped there faster than the mapper failed any, no
+// budget was ever spent, and each of their requests cost the scheduler an
+// open to try (with each client its own part of the server's turns, the
+// other tenants' calls went to 0.03x; H100, stmux-fault dos, 2026-12-06).
+// A client of the same user none of whose opens failed still has its new
+// memory opened.
+TEST(Scheduler, ManyClientsOfOneUserWhoseOpensAreCrowdedOutSpendTheirBudgets) {
   TempDir dir;
-  std::atomic<std::uint64_t> failed{0};  // outlives the daemon's mapper, which counts in it
+  std::atomic<bool> let_go{false};  // outlive the daemon's mapper, which reads them
+  std::atomic<std::uint64_t> failed{0};
   Daemon daemon(dir);
-  failOpensOfGarbage(daemon, failed, std::chrono::microseconds(0));
+  daemon.executor().setOpen([&](OpenJob& job) {
+    if (job.operand.alloc_id < kGarbage) return FakeExecutor::openAsAsked(job);
+    while (!let_go)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    ++failed;
+    job.ok = false;
+    job.error = "invalid argument";
+  });
   auto honest = connect(dir);
   ASSERT_TRUE(honest);
   ASSERT_EQ(call(*honest, requestOn(1)), kStatusSuccess);
@@ -1026,11 +1036,13 @@ TEST(Scheduler, ManyClientsOfOneUserFloodingUnopenableMemorySpendTheirUsersBudge
       sum += std::max(0.0, clientField(dir, client->clientId(), "declined_unopened"));
     return sum;
   };
-  EXPECT_TRUE(testing::waitFor([&] { return declined() > 0; }, std::chrono::seconds(20)))
-      << "no request of theirs declined unopened: their user's budget never spent ("
-      << failed.load() << " failed opens)";
+  EXPECT_TRUE(testing::waitFor([&] { return declined() > 0; }, std::chrono::seconds(30)))
+      << "no request of theirs declined unopened: their opens crowded out spent no budget";
+  EXPECT_EQ(failed, 0u) << "the mapper failed opens before it was let";
+  let_go = true;
   EXPECT_EQ(call(*honest, requestOn(1)), kStatusSuccess);
-  EXPECT_EQ(call(*honest, requestOn(100)), kStatusSuccess);  // new memory, opened
+  EXPECT_EQ(call(*honest, requestOn(100)), kStatusSuccess) << "new memory of a clean client";
+  EXPECT_EQ(clientField(dir, honest->clientId(), "declined_unopened"), 0);
 }
 
 // An honest client using every slot at once reuses a slot as soon as its
