@@ -8,7 +8,8 @@
 //                 greedy tenant, a flood of silent connections, garbage
 //                 hellos at full speed, a client flooding its ring with
 //                 requests it never waits for, the same with garbage memory
-//                 handles, and that as 16 clients of one user
+//                 handles, and that as 16 clients of one user, of the
+//                 checked tenants' and (as root) of another
 //                 (stmux-ipc-client flood, a client of the wire alone)
 // Checked tenants are stmux-cublas-client stress (sgemm against a float64
 // reference) and stmux-differential (every entry point against cuBLAS run
@@ -22,6 +23,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -83,7 +85,8 @@ void usage(FILE* out) {
       "  dos           checked tenants' calls/s alone, then beside a greedy tenant, a\n"
       "                flood of silent connections, garbage hellos, a client flooding its\n"
       "                ring, one flooding it with garbage memory handles, and 16 clients\n"
-      "                of one user doing that (--dos-seconds each)\n"
+      "                of one user doing that: of the checked tenants' user, then (when\n"
+      "                run as root, through setpriv) of uid 65534 (--dos-seconds each)\n"
       "Options:\n"
       "  --kills N         tenants to kill (1..100000, default 100)\n"
       "  --restarts N      daemon kills (1..1000, default 10)\n"
@@ -233,8 +236,12 @@ class Daemon {
   // Starts it and waits until it answers; an error says why.
   std::string start() {
     ++starts_;
+    // The unit's umask (UMask=0007): its socket 0660, open to its group, as
+    // the dos scenario's flooders of another user need.
+    const mode_t umask_before = ::umask(0007);
     process_ = Process({stmuxd_, "--socket", socket_}, {{"STMUX_LOG", "warn"}},
                        (dir_ / ("stmuxd-" + std::to_string(starts_))).string());
+    ::umask(umask_before);
     if (!waitUntil([&] { return status().has_value() || !running(); }, 30) || !running()) {
       return "stmuxd did not start: " + firstLine(process_.err());
     }
@@ -904,6 +911,50 @@ void garbageHellos(const std::string& socket, const std::atomic<bool>& stop, lon
   }
 }
 
+// The command that runs the flooding client as uid 65534 (nobody), kept in
+// the daemon socket's group (root's: the socket is made 0660), from a copy
+// in `dir` that the user can reach; none, with why, where that cannot be
+// done: stmux-fault not run as root, no setpriv, or the GPU out of that
+// user's reach (its device files).
+std::vector<std::string> otherUser(const Options& o, const fs::path& dir, std::string& why_not) {
+  if (::geteuid() != 0) {
+    why_not = "it takes root to run a client as another user";
+    return {};
+  }
+  std::error_code error;
+  fs::create_directories(dir, error);
+  const fs::path copy = dir / "stmux-ipc-client";
+  if (!error) fs::copy_file(o.raw_client, copy, fs::copy_options::overwrite_existing, error);
+  // Search rights on the way to the copy and to the daemon's socket.
+  const auto search = fs::perms::group_exec | fs::perms::others_exec;
+  for (const fs::path& p : {dir, dir.parent_path(), fs::path(o.out)}) {
+    if (!error) fs::permissions(p, search, fs::perm_options::add, error);
+  }
+  if (!error) {
+    fs::permissions(copy,
+                    fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                        fs::perms::others_read | fs::perms::others_exec,
+                    error);
+  }
+  if (error) {
+    why_not = fmt::format("cannot copy {} where another user reaches it: {}", o.raw_client,
+                          error.message());
+    return {};
+  }
+  const std::vector<std::string> command = {"setpriv", "--reuid=65534", "--regid=0",
+                                            "--clear-groups", copy.string()};
+  std::vector<std::string> probe = command;
+  probe.emplace_back("probe");
+  Process check(probe, {{"LD_PRELOAD", ""}}, (dir / "probe").string());
+  const int code = check.wait(std::chrono::seconds(60));
+  if (code != 0) {
+    why_not = fmt::format("uid 65534 cannot run the client on the GPU (setpriv ... probe: {} {})",
+                          code, firstLine(check.spawnError() + check.err() + check.out()));
+    return {};
+  }
+  return command;
+}
+
 Result dos(const Options& o, const fs::path& dir) {
   Scenario s(o, dir, "dos", 0xd05ull);
   if (!s.started) return s.result;
@@ -923,11 +974,28 @@ Result dos(const Options& o, const fs::path& dir) {
       {"garbage-handles-16",
        "beside 16 clients of one user pushing requests with garbage memory handles into their "
        "rings"},
+      {"garbage-handles-16-other-user",
+       "beside 16 clients of another user (uid 65534) pushing requests with garbage memory "
+       "handles into their rings"},
   };
   double alone_rate = 0;
   Json rows = Json::array();
   for (const Phase& phase : phases) {
     const std::string p = phase.name;
+    // The flooders of the last phase run as another user: the checked
+    // tenants, of this one, have a share of their own of the server's turns
+    // and of the failed-open budgets (where every process is one user, as in
+    // the phases before, they share them with the flood).
+    std::vector<std::string> as_user;
+    if (p.ends_with("other-user")) {
+      std::string why_not;
+      as_user = otherUser(o, dir / p, why_not);
+      if (as_user.empty()) {
+        say(s.name, fmt::format("{}: not run: {}", phase.what, why_not));
+        rows.push_back(Json{{"phase", p}, {"what", phase.what}, {"not_run", why_not}});
+        continue;
+      }
+    }
     std::atomic<bool> stop{false};
     std::vector<std::thread> abusers;
     std::vector<long> garbage(4, 0);
@@ -951,13 +1019,14 @@ Result dos(const Options& o, const fs::path& dir) {
     const bool floods = p == "flood" || garbage_handles;
     Process flooder;
     if (floods) {
-      std::vector<std::string> argv = {o.raw_client, "flood",
-                                       "--socket",   s.daemon.socket(),
-                                       "--seconds",  fmt::format("{}", o.dos_s + 6)};
+      std::vector<std::string> argv =
+          as_user.empty() ? std::vector<std::string>{o.raw_client} : as_user;
+      argv.insert(argv.end(), {"flood", "--socket", s.daemon.socket(), "--seconds",
+                               fmt::format("{}", o.dos_s + 6)});
       if (garbage_handles) argv.emplace_back("--garbage");
       // One thread filling the rings of 16 clients in turn: the user's budget
       // of failed opens, at one flooder's CPU.
-      if (p == "garbage-handles-16") argv.insert(argv.end(), {"--clients", "16"});
+      if (p.starts_with("garbage-handles-16")) argv.insert(argv.end(), {"--clients", "16"});
       flooder = Process(argv, {{"LD_PRELOAD", ""}}, (dir / p).string());
       std::this_thread::sleep_for(std::chrono::seconds(1));
     }
