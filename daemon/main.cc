@@ -23,6 +23,7 @@
 #include "daemon/server.h"
 #include "stmux/config.h"
 #include "stmux/log.h"
+#include "stmux/mps_seats.h"
 #include "stmux/precision.h"
 #include "stmux/segment.h"
 
@@ -195,6 +196,34 @@ void warnOfLimits(const Config& config) {
   }
 }
 
+// The tenants' places on MPS (stmux/mps_seats.h): STMUX_MPS_CLIENTS less
+// stmuxd's own where it is a client. Not fatal: without them a tenant beyond
+// MPS's limit cannot start CUDA at all, as without stmux.
+void keepMpsSeats(const Config& config, const std::vector<GpuInfo>& gpus) {
+  const std::string directory = mpsSeatsDirectory(config.socket);
+  if (config.mps_clients == 0) {
+    if (Status status = removeMpsSeats(directory); !status.ok()) {
+      STMUX_WARN(kDaemon, "STMUX_MPS_CLIENTS=0, but {}", status.message());
+    }
+    return;
+  }
+  const bool on_mps =
+      std::any_of(gpus.begin(), gpus.end(), [](const GpuInfo& gpu) { return gpu.mps; });
+  const long seats = std::max<long>(0, config.mps_clients - (on_mps ? 1 : 0));
+  const char* pipes = std::getenv("CUDA_MPS_PIPE_DIRECTORY");
+  if (Status status =
+          prepareMpsSeats(directory, seats, pipes != nullptr ? pipes : kMpsDefaultPipeDirectory);
+      !status.ok()) {
+    STMUX_WARN(kDaemon,
+               "cannot keep the tenants' places on MPS: {}; a tenant beyond MPS's limit of "
+               "clients will not start CUDA at all",
+               status.message());
+    return;
+  }
+  STMUX_INFO(kDaemon, "keeping {} places on MPS for tenants in {} (STMUX_MPS_CLIENTS={}{})", seats,
+             directory, config.mps_clients, on_mps ? ", less stmuxd's own" : "");
+}
+
 Result<std::vector<GpuInfo>> selectGpus(const std::vector<std::string>& wanted) {
   auto gpus = listGpus();
   if (!gpus) return gpus;
@@ -362,6 +391,7 @@ int run(int argc, char** argv) {
   // Told as the drain begins, not once it is done: systemd then shows the
   // service stopping while it refuses new tenants.
   server_options.on_drain = [] { notifySystemd("STOPPING=1"); };
+  keepMpsSeats(config.value(), gpus.value());
   Server server(server_options, scheduler);
   if (Status status = server.listen(); !status.ok()) {
     std::fprintf(stderr, "stmuxd: %s\n", status.message().c_str());

@@ -21,6 +21,7 @@
 #include "shim/allocations.h"
 #include "shim/background.h"
 #include "shim/driver.h"
+#include "shim/mps_steer.h"
 #include "shim/real.h"
 #include "shim/route.h"
 #include "shim/stream_order.h"
@@ -432,9 +433,10 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   const auto found = std::find(served.begin(), served.end(), info->uuid);
   if (found == served.end()) return fallback(Fallback::kDeviceNotServed, gemm.entry, direct, conn);
   request.device = info->uuid;
-  conn->counters().mps.store(
-      static_cast<std::uint32_t>(info->mps ? ClientMps::kYes : ClientMps::kNo),
-      std::memory_order_relaxed);
+  conn->counters().mps.store(static_cast<std::uint32_t>(info->mps      ? ClientMps::kYes
+                                                        : keptOffMps() ? ClientMps::kKeptOff
+                                                                       : ClientMps::kNo),
+                             std::memory_order_relaxed);
 
   releaseGone(*conn);
 

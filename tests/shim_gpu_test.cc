@@ -587,6 +587,52 @@ TEST_F(MpsRouteOnGpu, TheDaemonSendsTenantsOnMpsDirectWhenThatIsFasterAndSaysSo)
   EXPECT_EQ(countOf(c.err(), "stmuxd measured the tenants on MPS faster"), 1) << c.err();
 }
 
+// MPS admits a fixed number of client processes (48 on CUDA 13.0), and the
+// next cannot make a CUDA context at all. stmuxd keeps places for its
+// tenants (STMUX_MPS_CLIENTS, here 3: stmuxd and two tenants); a third
+// tenant, which MPS would refuse, runs off MPS, right and served, and says
+// so once, and stmuxd's status shows which one.
+class MpsPlacesOnGpu : public MpsRouteOnGpu {
+ protected:
+  std::map<std::string, std::string> daemonEnv() const override {
+    std::map<std::string, std::string> env = MpsRouteOnGpu::daemonEnv();
+    env["STMUX_MPS_CLIENTS"] = "3";
+    return env;
+  }
+};
+
+TEST_F(MpsPlacesOnGpu, ATenantBeyondMpssPlacesRunsOffItRightAndServed) {
+  std::map<std::string, std::string> env = tenantEnv();
+  env.merge(shimmed());
+  env["STMUX_ROUTE"] = "serve";
+  std::vector<Process> tenants;
+  for (const char* name : {"first", "second", "third"})
+    tenants.push_back(client({"stress", "--seconds", "8"}, env, name));
+  std::map<std::string, int> mps;  // "yes", "no: MPS full", ...: how many
+  const bool listed = testing::waitFor(
+      [&] {
+        const auto status = daemonStatus(dir_.socket());
+        if (!status) return false;
+        const Json* clients = jsonFind(*status, "clients");
+        if (clients == nullptr || clients->size() != 3) return false;
+        mps.clear();
+        for (std::size_t i = 0; i < 3; ++i)
+          ++mps[std::string(jsonString(jsonFind(jsonAt(clients, i), "mps")))];
+        return mps.count("unknown") == 0;
+      },
+      std::chrono::seconds(60));
+  ASSERT_TRUE(listed) << tenants[0].err() << tenants[1].err() << tenants[2].err();
+  EXPECT_EQ(mps["yes"], 2);
+  EXPECT_EQ(mps["no: MPS full"], 1);
+  int kept_off = 0;
+  for (Process& tenant : tenants) {
+    ASSERT_EQ(tenant.wait(std::chrono::seconds(120)), 0) << tenant.out() << tenant.err();
+    EXPECT_GT(shimStats(tenant.err()).served, 0) << tenant.err();
+    kept_off += countOf(tenant.err(), "MPS has no place left for this process");
+  }
+  EXPECT_EQ(kept_off, 1);
+}
+
 // A lone tenant whose calls run faster direct (no other tenant to batch
 // with, every call a hand-off between two contexts) is measured so, its
 // calls go direct, it says so once, and stmuxctl shows it.

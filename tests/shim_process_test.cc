@@ -8,11 +8,16 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <string>
 
 #include "fake_daemon.h"
+#include "stmux/json.h"
+#include "stmux/mps_seats.h"
 #include "tools/process.h"
+#include "tools/stmux_programs.h"
 
 namespace stmux {
 namespace {
@@ -241,6 +246,53 @@ TEST(ShimProcess, UnloadingTheShimAfterServedCallsIsHarmless) {
   EXPECT_EQ(ran.status, 0) << ran.err;
   EXPECT_EQ(keyValues(ran.out)["survived"], "1") << ran.out << ran.err;
   EXPECT_FALSE(daemon.executor().batchSizes().empty()) << "nothing was served: " << ran.err;
+}
+
+// The CUDA driver asks where MPS's pipes are as it starts. A tenant that
+// finds every place stmuxd keeps on MPS taken is told a directory without
+// MPS in it (so that its context can still be made, off MPS), says so once,
+// and stmuxd's status shows why it is not on MPS; its calls are still
+// served. With a place free, and for anybody but the driver, the
+// environment's answer stands.
+TEST(ShimProcess, ATenantFindingEveryPlaceOnMpsTakenIsKeptOffItAndServed) {
+  TempDir dir;
+  Daemon daemon(dir);
+  const std::string pipes = dir.path() + "/mps-pipe";
+  std::filesystem::create_directories(pipes);
+  std::ofstream(pipes + "/control") << "";  // as a running MPS control daemon leaves it
+  const std::string seats = mpsSeatsDirectory(dir.socket());
+  ASSERT_TRUE(prepareMpsSeats(seats, 1, pipes).ok());
+  const std::map<std::string, std::string> env{{"CUDA_MPS_PIPE_DIRECTORY", pipes}};
+
+  const Ran seated = tenant(dir, {"mps-pipes", "0"}, true, env);
+  ASSERT_EQ(seated.status, 0) << seated.err;
+  EXPECT_EQ(keyValues(seated.out)["driver_pipes"], pipes) << seated.err;
+  EXPECT_EQ(countOf(seated.err, "MPS has no place left"), 0) << seated.err;
+
+  const MpsSeat held = takeMpsSeat(seats, pipes, ::geteuid());  // the one place
+  ASSERT_EQ(held.outcome, MpsSeat::Outcome::kSeated) << held.why << "; the first tenant kept it";
+  Process kept(tenantArgv({"mps-pipes", "5"}), tenantEnv(dir, true, env), dir.path() + "/kept");
+  ASSERT_TRUE(testing::waitFor([&] { return kept.out().find("status") != std::string::npos; },
+                               std::chrono::seconds(30)))
+      << kept.err();
+  const auto said = keyValues(kept.out());
+  EXPECT_EQ(said.at("driver_pipes"), seats);
+  EXPECT_EQ(said.at("own_pipes"), pipes) << "only the driver's question is answered otherwise";
+  EXPECT_EQ(said.at("status"), "0");
+  const auto status = tools::daemonStatus(dir.socket());
+  ASSERT_TRUE(status);
+  const Json* clients = jsonFind(*status, "clients");
+  ASSERT_TRUE(clients != nullptr && clients->size() == 1) << kept.err();
+  EXPECT_EQ(jsonString(jsonFind(jsonAt(clients, 0), "mps")), "no: MPS full");
+  ASSERT_EQ(kept.wait(std::chrono::seconds(30)), 0) << kept.err();
+  EXPECT_EQ(countOf(kept.err(), "MPS has no place left for this process"), 1) << kept.err();
+  EXPECT_NE(kept.err().find("1 served by stmuxd"), std::string::npos) << kept.err();
+
+  const Ran disabled = tenant(dir, {"mps-pipes", "0"}, true,
+                              {{"CUDA_MPS_PIPE_DIRECTORY", pipes}, {"STMUX_DISABLE", "1"}});
+  ASSERT_EQ(disabled.status, 0) << disabled.err;
+  EXPECT_EQ(keyValues(disabled.out)["driver_pipes"], pipes) << "STMUX_DISABLE leaves MPS alone";
+  ::close(held.fd);
 }
 
 }  // namespace

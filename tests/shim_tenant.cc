@@ -20,6 +20,10 @@
 //                     cancelled and joined
 //   dlclose SHIM      loads SHIM, makes 3 calls through it, unloads it, and
 //                     lives on 1.5 s (the shim's threads may still run)
+//   mps-pipes S       starts the driver (cuInit), which asks where MPS's
+//                     pipes are, makes one call and lives on S seconds:
+//                     prints what the driver was told, and what the
+//                     program itself is told when it asks
 //   steady S T        T threads, each a call every 2 ms for S seconds, each
 //                     with its own C: prints the share of the threads' time
 //                     spent inside calls after the first second, and the
@@ -98,7 +102,7 @@ int usage() {
   std::fprintf(
       stderr,
       "usage: stmux-shim-tenant MODE [ARG]; modes: served N, alpha0, legacy, gemm-ex ALGO..., "
-      "fork-attaching, fork-constructing, cancel, dlclose SHIM, steady S T\n");
+      "fork-attaching, fork-constructing, cancel, dlclose SHIM, mps-pipes S, steady S T\n");
   return 2;
 }
 
@@ -113,6 +117,21 @@ int main(int argc, char** argv) {
     for (int i = 0; i < calls; ++i)
       failed += sgemm(1.0f, 0.0f) == CUBLAS_STATUS_SUCCESS ? 0 : 1;
     std::printf("failed %d\n", failed);
+    return 0;
+  }
+  if (mode == "mps-pipes" && argc == 3) {
+    void* cuda = dlopen("libcuda.so.1", RTLD_NOW);
+    auto init =
+        cuda != nullptr ? reinterpret_cast<int (*)(unsigned)>(dlsym(cuda, "cuInit")) : nullptr;
+    auto told = cuda != nullptr
+                    ? reinterpret_cast<const char* (*)()>(dlsym(cuda, "fakeCudaMpsPipeDirectory"))
+                    : nullptr;
+    if (init == nullptr || told == nullptr || init(0) != 0) return 1;
+    const char* own = std::getenv("CUDA_MPS_PIPE_DIRECTORY");
+    std::printf("driver_pipes %s\nown_pipes %s\n", told(), own != nullptr ? own : "(unset)");
+    std::printf("status %d\n", static_cast<int>(sgemm(1.0f, 0.0f)));
+    std::fflush(stdout);
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(argv[2]) * 1000));
     return 0;
   }
   if (mode == "alpha0") {

@@ -36,8 +36,9 @@ inline std::string lastLine(const std::string& text) {
 // stmux's own log lines ("host:pid:tid LEVEL subsystem: ..."), which a
 // preloaded shim may print before it, or, under a Python traceback, the
 // exception at its end. A GPU that refused the tenant a context while MPS
-// serves it is most often MPS's client limit, which stmuxd counts against
-// when it is on MPS too: said so.
+// serves it is most often MPS's client limit (stmux/mps_seats.h: stmuxd keeps
+// its own tenants beyond it off MPS, but not processes without the
+// preload): said so.
 inline std::string tenantError(const std::string& err) {
   static const std::regex stmux_line("^[^ :]+:[0-9]+:[0-9]+ [A-Z]+ +[a-z]+: ");
   std::istringstream lines(err);
@@ -49,7 +50,7 @@ inline std::string tenantError(const std::string& err) {
   }
   if (said.find("busy or unavailable") != std::string::npos ||
       said.find("MPS_MAX_CLIENTS") != std::string::npos) {
-    said += " (on MPS: its client limit, which stmuxd counts against in mode stmux-mps)";
+    said += " (on MPS: its client limit)";
   }
   return said;
 }

@@ -88,6 +88,12 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
   X(max_clients_per_uid, "STMUX_MAX_CLIENTS_PER_UID", kInt, "512", 1, 65536, "clients", kDaemon, \
     "Most client processes of one user attached at once, so that one user cannot take "          \
     "every place; more are refused and run directly.")                                           \
+  X(mps_clients, "STMUX_MPS_CLIENTS", kInt, "48", 0, 65536, "clients", kDaemon,                  \
+    "MPS's limit of client processes per GPU (48 on CUDA 13.0), stmuxd included. stmuxd keeps "  \
+    "a place on MPS for each of the others, which a tenant takes as its CUDA starts; one that "  \
+    "finds none free runs without MPS, where its context can still be made, and is still "       \
+    "served. Lower it to leave places to CUDA processes without stmux; 0: no places kept (a "    \
+    "process beyond the limit then cannot start CUDA at all, as without stmux).")                \
   X(max_mappings, "STMUX_MAX_MAPPINGS", kInt, "4096", 1, 1000000, "allocations", kDaemon,        \
     "Client allocations the daemon keeps mapped per client; the least recently used closes "     \
     "first.")                                                                                    \

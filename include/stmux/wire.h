@@ -260,8 +260,8 @@ struct EntryCounters {
 struct ClientCounters {
   EntryCounters entry[kEntryPointCount];
   std::atomic<std::uint32_t> route;  // shim::Route: 0 served, 1 direct (STMUX_ROUTE=auto)
-  std::atomic<std::uint32_t> mps;    // ClientMps: whether the client's context is on MPS
-  std::atomic<std::uint32_t> mode;   // ClientMode: how its served calls are ordered (STMUX_MODE)
+  std::atomic<std::uint32_t> mps;  // ClientMps: whether the client's context is on MPS, and why not
+  std::atomic<std::uint32_t> mode;  // ClientMode: how its served calls are ordered (STMUX_MODE)
   // 1 once the client's calls follow the daemon's route for its tenants on
   // MPS (STMUX_ROUTE=auto, its context and the daemon's on MPS): only such
   // clients are measured for it.
@@ -309,7 +309,8 @@ inline CounterTotals totals(const ClientCounters& counters) {
 inline constexpr std::uint32_t kFleetDirect = 1;
 inline constexpr std::uint32_t kFleetLook = 2;
 
-enum class ClientMps : std::uint32_t { kUnknown = 0, kNo = 1, kYes = 2 };
+// kKeptOff: not on MPS because every place on it was taken (stmux/mps_seats.h).
+enum class ClientMps : std::uint32_t { kUnknown = 0, kNo = 1, kYes = 2, kKeptOff = 3 };
 enum class ClientMode : std::uint32_t { kUnknown = 0, kHost = 1, kStream = 2 };
 
 // The first bytes of every client segment. The client checks magic, version

@@ -194,6 +194,20 @@ __attribute__((constructor)) void slowLoad() {
 
 }  // namespace
 
+// The real driver reads CUDA_MPS_PIPE_DIRECTORY through getenv once, as it
+// starts, to find the MPS control daemon (shim/mps_steer.cc); this one does
+// the same in cuInit and tells what it was told.
+namespace {
+const char* g_mps_pipes = nullptr;
+}  // namespace
+extern "C" CUresult cuInit(unsigned) {
+  g_mps_pipes = std::getenv("CUDA_MPS_PIPE_DIRECTORY");
+  return CUDA_SUCCESS;
+}
+extern "C" const char* fakeCudaMpsPipeDirectory() {
+  return g_mps_pipes != nullptr ? g_mps_pipes : "(unset)";
+}
+
 extern "C" CUresult cuGetProcAddress_v2(const char* symbol, void** function, int, cuuint64_t,
                                         CUdriverProcAddressQueryResult* status) {
   for (const Entry& entry : kEntries) {
