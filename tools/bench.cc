@@ -603,6 +603,17 @@ class Bench {
 
     if (usesStmux(mode)) {
       countDirect(clients, point);
+      // Tenants beyond stmuxd's places on MPS (stmux/mps_seats.h) run off it.
+      if (daemon_after) {
+        const Json* attached = jsonFind(*daemon_after, "clients");
+        std::size_t kept_off = 0;
+        for (std::size_t i = 0; attached != nullptr && i < attached->size(); ++i)
+          kept_off += jsonString(jsonFind(jsonAt(attached, i), "mps")) == "no: MPS full";
+        if (kept_off != 0) {
+          point.note += fmt::format("{}{} of {} tenants ran off MPS: every place on it was taken",
+                                    point.note.empty() ? "" : "; ", kept_off, tenants);
+        }
+      }
       if (auto status = daemonStatus(socket)) {
         const Json* gpu = jsonAt(jsonFind(*status, "gpus"), 0);
         if (const double batches = jsonNumber(jsonFind(gpu, "batches")); batches > 0) {
@@ -639,7 +650,7 @@ class Bench {
     if (usesMps(mode)) stopMps(env);
     if (!invalid.empty()) {
       point.note = "invalid: " + invalid;
-      if (usesMps(mode) && tenants > 48) {
+      if (usesMps(mode) && tenants + (usesStmux(mode) ? 1 : 0) > 48) {
         point.note += " (MPS admits at most 48 clients on CUDA 13.0)";
       }
       return point;
@@ -668,8 +679,8 @@ class Bench {
     }
     point.ran = true;
     if (point.routed_direct >= 0.005) {
-      point.note = fmt::format("STMUX_ROUTE=auto ran {:.0f}% of calls direct (measured faster)",
-                               100 * point.routed_direct);
+      point.note += fmt::format("{}STMUX_ROUTE=auto ran {:.0f}% of calls direct (measured faster)",
+                                point.note.empty() ? "" : "; ", 100 * point.routed_direct);
     }
     if (point.graph_share > 0) {
       point.note += fmt::format("{}{:.0f}% of batches replayed as graphs",
