@@ -68,7 +68,8 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "Under STMUX_MODE=stream, what a served call's stream waits in until the daemon is done: "   \
     "'memop': a stream memory operation on a word in host memory; 'kernel': a one-thread "       \
     "kernel polling that word, whose waiting streams taxed other processes' GPU work on MPS "    \
-    "half as much (docs/BENCHMARKS.md). 'memop' until the mode is measured with both.")          \
+    "half as much, and which made more calls than 'memop' but with far worse tails "             \
+    "(docs/BENCHMARKS.md).")                                                                     \
   X(daemon_user, "STMUX_DAEMON_USER", kUser, "stmux", 0, 4294967294, "", kShim,                  \
     "The user stmuxd runs as. A tenant attaches only to a daemon running as root, as the "       \
     "tenant's own uid or as this user, and otherwise runs every call directly.")                 \
