@@ -391,12 +391,13 @@ int run(int argc, char** argv) {
   // Told as the drain begins, not once it is done: systemd then shows the
   // service stopping while it refuses new tenants.
   server_options.on_drain = [] { notifySystemd("STOPPING=1"); };
-  keepMpsSeats(config.value(), gpus.value());
   Server server(server_options, scheduler);
   if (Status status = server.listen(); !status.ok()) {
     std::fprintf(stderr, "stmuxd: %s\n", status.message().c_str());
     return 1;
   }
+  // Once the socket is this daemon's: the places beside another's are its.
+  keepMpsSeats(config.value(), gpus.value());
 
   gServer = &server;
   struct sigaction action {};

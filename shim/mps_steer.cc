@@ -60,12 +60,14 @@ const char* decide() {
   std::string errors;
   const Config config = parseEachVariable(environmentLookup(), Scope::kShim, errors);
   if (!errors.empty() || config.disable) return given;  // the shim says why at its first call
+  setLogSpec(config.log);  // as the shim will: CUDA may start long before its first GEMM
   struct stat socket {};
   if (::stat(config.socket.c_str(), &socket) != 0) {
     STMUX_DEBUG(kShim, "no places on MPS counted: no stmuxd at {}", config.socket);
     return given;
   }
-  static const std::string directory = mpsSeatsDirectory(config.socket);
+  // Never destroyed: the driver may keep the answer as long as it likes.
+  static const std::string& directory = *new std::string(mpsSeatsDirectory(config.socket));
   const MpsSeat seat =
       takeMpsSeat(directory, given != nullptr ? std::string_view(given) : kMpsDefaultPipeDirectory,
                   socket.st_uid);

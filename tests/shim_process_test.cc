@@ -264,14 +264,17 @@ TEST(ShimProcess, ATenantFindingEveryPlaceOnMpsTakenIsKeptOffItAndServed) {
   ASSERT_TRUE(prepareMpsSeats(seats, 1, pipes).ok());
   const std::map<std::string, std::string> env{{"CUDA_MPS_PIPE_DIRECTORY", pipes}};
 
-  const Ran seated = tenant(dir, {"mps-pipes", "0"}, true, env);
+  std::map<std::string, std::string> logged = env;
+  logged["STMUX_LOG"] = "stats=info,shim=debug";
+  const Ran seated = tenant(dir, {"mps-pipes", "0"}, true, logged);
   ASSERT_EQ(seated.status, 0) << seated.err;
   EXPECT_EQ(keyValues(seated.out)["driver_pipes"], pipes) << seated.err;
+  EXPECT_EQ(countOf(seated.err, "took one of stmuxd's 1 places on MPS"), 1) << seated.err;
   EXPECT_EQ(countOf(seated.err, "MPS has no place left"), 0) << seated.err;
 
   const MpsSeat held = takeMpsSeat(seats, pipes, ::geteuid());  // the one place
   ASSERT_EQ(held.outcome, MpsSeat::Outcome::kSeated) << held.why << "; the first tenant kept it";
-  Process kept(tenantArgv({"mps-pipes", "5"}), tenantEnv(dir, true, env), dir.path() + "/kept");
+  Process kept(tenantArgv({"mps-pipes", "3"}), tenantEnv(dir, true, env), dir.path() + "/kept");
   ASSERT_TRUE(testing::waitFor([&] { return kept.out().find("status") != std::string::npos; },
                                std::chrono::seconds(30)))
       << kept.err();
