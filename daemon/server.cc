@@ -947,10 +947,7 @@ std::string Server::statusJson() const {
     entry["route"] = counters.route.load(std::memory_order_relaxed) == 1 ? "direct" : "served";
     entry["may_spin"] = client->view.header()->may_spin.load(std::memory_order_relaxed) != 0;
     const auto mps = static_cast<ClientMps>(counters.mps.load(std::memory_order_relaxed));
-    entry["mps"] = mps == ClientMps::kYes       ? "yes"
-                   : mps == ClientMps::kNo      ? "no"
-                   : mps == ClientMps::kKeptOff ? "no: MPS full"
-                                                : "unknown";
+    entry["mps"] = clientMpsName(mps);
     const auto mode = static_cast<ClientMode>(counters.mode.load(std::memory_order_relaxed));
     entry["mode"] = mode == ClientMode::kStream ? "stream"
                     : mode == ClientMode::kHost ? "host"

@@ -608,7 +608,8 @@ class Bench {
         const Json* attached = jsonFind(*daemon_after, "clients");
         std::size_t kept_off = 0;
         for (std::size_t i = 0; attached != nullptr && i < attached->size(); ++i)
-          kept_off += jsonString(jsonFind(jsonAt(attached, i), "mps")) == "no: MPS full";
+          kept_off += jsonString(jsonFind(jsonAt(attached, i), "mps")) ==
+                      clientMpsName(ClientMps::kKeptOff);
         if (kept_off != 0) {
           point.note += fmt::format("{}{} of {} tenants ran off MPS: every place on it was taken",
                                     point.note.empty() ? "" : "; ", kept_off, tenants);

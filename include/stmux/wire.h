@@ -311,6 +311,20 @@ inline constexpr std::uint32_t kFleetLook = 2;
 
 // kKeptOff: not on MPS because every place on it was taken (stmux/mps_seats.h).
 enum class ClientMps : std::uint32_t { kUnknown = 0, kNo = 1, kYes = 2, kKeptOff = 3 };
+// How stmuxd's status names each (stmuxctl and stmux-bench read it).
+inline std::string_view clientMpsName(ClientMps mps) {
+  switch (mps) {
+    case ClientMps::kYes:
+      return "yes";
+    case ClientMps::kNo:
+      return "no";
+    case ClientMps::kKeptOff:
+      return "no: MPS full";
+    case ClientMps::kUnknown:
+      break;
+  }
+  return "unknown";
+}
 enum class ClientMode : std::uint32_t { kUnknown = 0, kHost = 1, kStream = 2 };
 
 // The first bytes of every client segment. The client checks magic, version
