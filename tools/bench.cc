@@ -149,6 +149,10 @@ struct Point {
   // stmux rows: the tenants' calls by cuBLAS entry point, and how many of
   // them stmuxd served (PyTorch reaches cuBLAS through several).
   std::map<std::string, ShimStats::Entry> entries;
+  // stmux rows on MPS: tenants stmuxd's places kept off MPS (stmux/mps_seats.h),
+  // and where there were any, the MPS state of the tenant with the worst p99.
+  int tenants_off_mps = 0;
+  std::string worst_tenant_mps;
   double mean_batch = 0;   // stmux rows: the daemon's mean batch
   double graph_share = 0;  // stmux rows: batches replayed as graphs (STMUX_LAUNCH_GRAPHS)
   // stmux rows: where a served call's time went, means in us (-1: not
@@ -565,6 +569,7 @@ class Bench {
       if (!writeGo(go, span)) invalid = "cannot write " + go;
     }
     std::optional<Json> daemon_before, daemon_after;
+    std::map<long, std::string> mps_by_pid;  // stmux rows: each tenant's MPS state, by pid
     if (invalid.empty()) {
       std::vector<long> tenant_pids, serving_pids;
       for (const Process& client : clients)
@@ -606,13 +611,15 @@ class Bench {
       // Tenants beyond stmuxd's places on MPS (stmux/mps_seats.h) run off it.
       if (daemon_after) {
         const Json* attached = jsonFind(*daemon_after, "clients");
-        std::size_t kept_off = 0;
-        for (std::size_t i = 0; attached != nullptr && i < attached->size(); ++i)
-          kept_off += jsonString(jsonFind(jsonAt(attached, i), "mps")) ==
-                      clientMpsName(ClientMps::kKeptOff);
-        if (kept_off != 0) {
+        for (std::size_t i = 0; attached != nullptr && i < attached->size(); ++i) {
+          const Json* client = jsonAt(attached, i);
+          const std::string_view mps = jsonString(jsonFind(client, "mps"));
+          mps_by_pid[static_cast<long>(jsonNumber(jsonFind(client, "pid")))] = mps;
+          point.tenants_off_mps += mps == clientMpsName(ClientMps::kKeptOff);
+        }
+        if (point.tenants_off_mps != 0) {
           point.note += fmt::format("{}{} of {} tenants ran off MPS: every place on it was taken",
-                                    point.note.empty() ? "" : "; ", kept_off, tenants);
+                                    point.note.empty() ? "" : "; ", point.tenants_off_mps, tenants);
         }
       }
       if (auto status = daemonStatus(socket)) {
@@ -660,6 +667,7 @@ class Bench {
     std::vector<std::uint32_t> all;
     std::vector<std::uint32_t> tenant_p50_ns;
     double gemms = 0, steps = 0, flops = 0;
+    std::size_t worst = 0;  // the tenant with the worst p99
     for (std::size_t i = 0; i < outcomes.size(); ++i) {
       TenantResult& result = *outcomes[i].result;
       steps += static_cast<double>(result.calls);
@@ -669,7 +677,10 @@ class Bench {
                (mode == Mode::kCeiling ? shape.flops(tenants) : shape.flopsOf(static_cast<int>(i)));
       // Every step that overlapped the span, those crossing its edges too.
       all.insert(all.end(), result.latencies_ns.begin(), result.latencies_ns.end());
-      point.worst_p99_us = std::max(point.worst_p99_us, percentileUs(result.latencies_ns, 0.99));
+      if (const double p99 = percentileUs(result.latencies_ns, 0.99); p99 > point.worst_p99_us) {
+        point.worst_p99_us = p99;
+        worst = i;
+      }
       if (!result.latencies_ns.empty()) {  // the largest needs no copy nor selection
         point.longest_us = std::max(
             point.longest_us,
@@ -679,6 +690,13 @@ class Bench {
           static_cast<std::uint32_t>(std::lround(1000 * percentileUs(result.latencies_ns, 0.5))));
     }
     point.ran = true;
+    // Whether a tenant kept off MPS, time-sliced, set the row's worst p99.
+    if (point.tenants_off_mps != 0) {
+      const auto found = mps_by_pid.find(clients[worst].pid());
+      point.worst_tenant_mps = found != mps_by_pid.end() ? found->second : "unknown";
+      point.note += fmt::format("{}the worst p99's tenant: MPS {}", point.note.empty() ? "" : "; ",
+                                point.worst_tenant_mps);
+    }
     if (point.routed_direct >= 0.005) {
       point.note += fmt::format("{}STMUX_ROUTE=auto ran {:.0f}% of calls direct (measured faster)",
                                 point.note.empty() ? "" : "; ", 100 * point.routed_direct);
@@ -1201,6 +1219,10 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       row["worst_tenant_p99_us"] = p.worst_p99_us;
       row["longest_step_us"] = p.longest_us;
       row["median_tenant_p50_us"] = p.median_p50_us;
+      if (p.tenants_off_mps != 0) {
+        row["tenants_off_mps"] = p.tenants_off_mps;
+        row["worst_tenant_mps"] = p.worst_tenant_mps;
+      }
       row["calls"] = p.calls;
       row["unit"] = unit(p.shape);
       // CPU over the timed span, per second of it (tools/proc_cpu.h).
