@@ -130,8 +130,13 @@ struct Point {
   std::string shape;
   int tenants = 0;
   Mode mode = Mode::kTime;
-  bool ran = false;    // ran and valid: every tenant ran through the timed span
-  std::string note;    // why it did not run or is invalid, or what went wrong
+  bool ran = false;  // ran and valid: every tenant ran through the timed span
+  std::string note;  // why it did not run or is invalid, or what went wrong
+  // Adds `text` to the note, after what it says already.
+  void addNote(std::string_view text) {
+    note += note.empty() ? "" : "; ";
+    note += text;
+  }
   double ready_s = 0;  // from the first tenant's start until all were ready
   Span span;           // the timed span, on the realtime clock
   double gemms_per_s = 0, gflops = 0;
@@ -618,8 +623,8 @@ class Bench {
           point.tenants_off_mps += mps == clientMpsName(ClientMps::kKeptOff);
         }
         if (point.tenants_off_mps != 0) {
-          point.note += fmt::format("{}{} of {} tenants ran off MPS: every place on it was taken",
-                                    point.note.empty() ? "" : "; ", point.tenants_off_mps, tenants);
+          point.addNote(fmt::format("{} of {} tenants ran off MPS: every place on it was taken",
+                                    point.tenants_off_mps, tenants));
         }
       }
       if (auto status = daemonStatus(socket)) {
@@ -634,8 +639,7 @@ class Bench {
                                                : std::nullopt;
         if (!round) {
           round = roundOverWholeRun(*status);
-          point.note += fmt::format("{}round and mean batch over stmuxd's whole run",
-                                    point.note.empty() ? "" : "; ");
+          point.addNote("round and mean batch over stmuxd's whole run");
         }
         point.mean_batch = round->mean_batch;
         point.round.ring = round->ring;
@@ -694,21 +698,18 @@ class Bench {
     if (point.tenants_off_mps != 0) {
       const auto found = mps_by_pid.find(clients[worst].pid());
       point.worst_tenant_mps = found != mps_by_pid.end() ? found->second : "unknown";
-      point.note += fmt::format("{}the worst p99's tenant: MPS {}", point.note.empty() ? "" : "; ",
-                                point.worst_tenant_mps);
+      point.addNote(fmt::format("the worst p99's tenant: MPS {}", point.worst_tenant_mps));
     }
     if (point.routed_direct >= 0.005) {
-      point.note += fmt::format("{}STMUX_ROUTE=auto ran {:.0f}% of calls direct (measured faster)",
-                                point.note.empty() ? "" : "; ", 100 * point.routed_direct);
+      point.addNote(fmt::format("STMUX_ROUTE=auto ran {:.0f}% of calls direct (measured faster)",
+                                100 * point.routed_direct));
     }
     if (point.graph_share > 0) {
-      point.note += fmt::format("{}{:.0f}% of batches replayed as graphs",
-                                point.note.empty() ? "" : "; ", 100 * point.graph_share);
+      point.addNote(fmt::format("{:.0f}% of batches replayed as graphs", 100 * point.graph_share));
     }
     if (point.route_looks > 0) {
-      point.note +=
-          fmt::format("{}{:.0f} route looks, the last {:.2f}x the other way",
-                      point.note.empty() ? "" : "; ", point.route_looks, point.route_gain);
+      point.addNote(fmt::format("{:.0f} route looks, the last {:.2f}x the other way",
+                                point.route_looks, point.route_gain));
     }
     point.calls = static_cast<long>(steps);
     // PyTorch rows count model steps; cuBLAS rows GEMMs.
@@ -719,9 +720,9 @@ class Bench {
       point.window_rates.push_back(point.gemms_per_s * share * windows);
     if (const double first = point.window_rates.front(), last = point.window_rates.back();
         first > 0 && std::abs(last / first - 1) >= kUnsteady) {
-      point.note += fmt::format("{}rate {} {:.0f}% from the first to the last of {} windows",
-                                point.note.empty() ? "" : "; ", last > first ? "rose" : "fell",
-                                100 * std::abs(last / first - 1), windows);
+      point.addNote(fmt::format("rate {} {:.0f}% from the first to the last of {} windows",
+                                last > first ? "rose" : "fell", 100 * std::abs(last / first - 1),
+                                windows));
     }
     point.gflops = flops / span.seconds() / 1e9;
     point.median_p50_us = percentileUs(tenant_p50_ns, 0.5);
