@@ -210,9 +210,8 @@ void keepMpsSeats(const Config& config, const std::vector<GpuInfo>& gpus) {
   const bool on_mps =
       std::any_of(gpus.begin(), gpus.end(), [](const GpuInfo& gpu) { return gpu.mps; });
   const long seats = std::max<long>(0, config.mps_clients - (on_mps ? 1 : 0));
-  const char* pipes = std::getenv("CUDA_MPS_PIPE_DIRECTORY");
-  if (Status status =
-          prepareMpsSeats(directory, seats, pipes != nullptr ? pipes : kMpsDefaultPipeDirectory);
+  if (Status status = prepareMpsSeats(directory, seats,
+                                      mpsPipeDirectory(std::getenv("CUDA_MPS_PIPE_DIRECTORY")));
       !status.ok()) {
     STMUX_WARN(kDaemon,
                "cannot keep the tenants' places on MPS: {}; a tenant beyond MPS's limit of "

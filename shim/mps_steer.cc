@@ -68,9 +68,7 @@ const char* decide() {
   }
   // Never destroyed: the driver may keep the answer as long as it likes.
   static const std::string& directory = *new std::string(mpsSeatsDirectory(config.socket));
-  const MpsSeat seat =
-      takeMpsSeat(directory, given != nullptr ? std::string_view(given) : kMpsDefaultPipeDirectory,
-                  socket.st_uid);
+  const MpsSeat seat = takeMpsSeat(directory, mpsPipeDirectory(given), socket.st_uid);
   switch (seat.outcome) {
     case MpsSeat::Outcome::kNotCounted:
       STMUX_DEBUG(kShim, "no place on MPS taken: {}", seat.why);

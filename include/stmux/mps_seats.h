@@ -45,11 +45,21 @@ inline std::string mpsSeatsDirectory(std::string_view socket_path) {
   return std::string(socket_path) + ".mps-seats";
 }
 
+// The pipe directory MPS's clients use, given CUDA_MPS_PIPE_DIRECTORY's value
+// (null: unset).
+inline std::string_view mpsPipeDirectory(const char* given) {
+  return given != nullptr ? std::string_view(given) : kMpsDefaultPipeDirectory;
+}
+
 namespace detail {
 inline std::string withoutTrailingSlashes(std::string_view path) {
   while (path.size() > 1 && path.back() == '/')
     path.remove_suffix(1);
   return std::string(path);
+}
+// The file of place `index`.
+inline std::string seatName(long index) {
+  return fmt::format("{}{}", kMpsSeatPrefix, index);
 }
 // seat-N's N, or -1 for any other name.
 inline long seatIndex(std::string_view name) {
@@ -108,7 +118,7 @@ inline Status prepareMpsSeats(const std::string& directory, long seats,
         fmt::format("cannot rename {}/{}: {}", directory, temporary, std::strerror(errno)));
   }
   for (long i = 0; i < seats; ++i) {
-    const std::string name = fmt::format("{}{}", kMpsSeatPrefix, i);
+    const std::string name = detail::seatName(i);
     UniqueFd seat(
         ::openat(dir.get(), name.c_str(), O_RDONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0640));
     if (!seat.valid()) {
@@ -196,7 +206,7 @@ inline MpsSeat takeMpsSeat(const std::string& directory, std::string_view pipe_d
     return seat;
   }
   for (long i = 0;; ++i) {
-    const std::string name = fmt::format("{}{}", kMpsSeatPrefix, i);
+    const std::string name = detail::seatName(i);
     UniqueFd place(::openat(dir.get(), name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
     if (!place.valid()) break;  // past the last place
     seat.seats = i + 1;
