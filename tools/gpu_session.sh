@@ -9,7 +9,7 @@
 # "differential" (default all: more than one 600 s call may hold); asan
 # builds everything with ASan+UBSan (<build>-asan) and runs those GPU tests
 # (asan-build only builds);
-# sync, modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
+# sync (variants $SYNC_VARIANTS, shapes $SYNC_SHAPES), modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
 # (+ demo10) are the comparisons of issues 17, 12 and 18, each on one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
 # GPU, on each thing they can wait on); fault runs stmux-fault with
@@ -265,14 +265,19 @@ for step in "$@"; do
       # blocking, and for the cuBLAS tenants stmux off MPS (which admits
       # more than MPS's 48 clients: R = 48 and beyond) with auto; one rows
       # line per variant in sync.log.
+      # $SYNC_VARIANTS picks variants by tag (default all but the yield
+      # ones), $SYNC_SHAPES the shapes.
       for variant in "keep stmux-mps --tenant-env STMUX_SYNC=keep" \
                      "auto stmux-mps --tenant-env STMUX_SYNC=auto" \
+                     "yield stmux-mps --tenant-env STMUX_SYNC=yield" \
                      "auto-plain stmux --tenant-env STMUX_SYNC=auto --shapes cube" \
-                     "mps-spin mps" "mps-blocking mps --tenant-args=--sync=blocking"; do
+                     "mps-spin mps" "mps-yield mps --tenant-args=--sync=yield" \
+                     "mps-blocking mps --tenant-args=--sync=blocking"; do
         # shellcheck disable=SC2086  # the variant's words are its arguments
         set -- $variant
         tag=$1 mode=$2; shift 2
-        "$build/tools/stmux-bench" --out "/tmp/stmux-sync-$tag" --shapes cube,torch-rnn,torch-cube \
+        [[ " ${SYNC_VARIANTS:-keep auto auto-plain mps-spin mps-blocking} " == *" $tag "* ]] || continue
+        "$build/tools/stmux-bench" --out "/tmp/stmux-sync-$tag" --shapes "${SYNC_SHAPES:-cube,torch-rnn,torch-cube}" \
           --tenants "${TENANTS:-8,32,48}" --modes "$mode" "$@" >"$out/sync-$tag.log" 2>&1 || status=1
         cp "/tmp/stmux-sync-$tag/bench.json" "$out/sync-$tag.json" 2>/dev/null
         grep -E "^(cube|torch)" "$out/sync-$tag.log" | sed "s/^/$tag: /"
