@@ -16,6 +16,7 @@
 #include "stmux/control.h"
 #include "stmux/json.h"
 #include "stmux/log.h"
+#include "stmux/mps_seats.h"
 
 namespace stmux::daemon {
 namespace {
@@ -909,6 +910,11 @@ std::string Server::statusJson() const {
   fleet["looks"] = fleet_.looks();
   fleet["last_gain"] = fleet_.lastLook().gain;  // the other route's calls/s over the taken one's
   fleet["last_tenants"] = fleet_.lastLook().tenants;
+  // The places on MPS kept for tenants (stmux/mps_seats.h), where kept.
+  if (const Result<MpsSeatCount> places = countMpsSeats(mpsSeatsDirectory(options_.socket_path))) {
+    status["mps_places"]["kept"] = places->kept;
+    status["mps_places"]["taken"] = places->taken;
+  }
   Json& clients = status["clients"] = Json::array();
   for (const ClientPtr& client : clients_) {
     const ClientCounters& counters = client->view.header()->counters;
@@ -1062,6 +1068,13 @@ void Server::addMetrics(MetricsText& out) const {
   out.family("stmux_mps_route_looks_total", "counter",
              "Looks at both routes of the tenants on MPS, each three windows of their calls.");
   out.sample("stmux_mps_route_looks_total", {}, static_cast<double>(fleet_.looks()));
+  if (const Result<MpsSeatCount> places = countMpsSeats(mpsSeatsDirectory(options_.socket_path))) {
+    out.family("stmux_mps_places", "gauge",
+               "Places on MPS kept for tenants (STMUX_MPS_CLIENTS), and those a tenant holds; a "
+               "tenant that finds none free runs off MPS.");
+    out.sample("stmux_mps_places", {{"state", "kept"}}, static_cast<double>(places->kept));
+    out.sample("stmux_mps_places", {{"state", "taken"}}, static_cast<double>(places->taken));
+  }
   out.family("stmux_clients", "gauge", "Tenant processes attached.");
   out.sample("stmux_clients", {}, static_cast<double>(clients_.size()));
   // Per tenant; the served, failed and direct counts are the shim's own,

@@ -174,5 +174,46 @@ TEST_F(MpsSeats, ADirectoryTheDaemonCannotOwnIsAnErrorThatSaysSo) {
   EXPECT_FALSE(prepareMpsSeats(seats(), 1, pipes()).ok()) << "a symlink is not followed";
 }
 
+// stmuxctl's count reads the kernel's locks and takes none: a place counted
+// stays free for the tenant starting then.
+TEST_F(MpsSeats, ThePlacesTakenAreCountedFromTheKernelsLocksWithoutTakingAny) {
+  ASSERT_TRUE(prepareMpsSeats(seats(), 3, pipes()).ok());
+  auto count = countMpsSeats(seats());
+  ASSERT_TRUE(count.ok()) << count.message();
+  EXPECT_EQ(count->kept, 3);
+  EXPECT_EQ(count->taken, 0);
+  const MpsSeat first = take();
+  ASSERT_EQ(take().outcome, Outcome::kSeated);
+  count = countMpsSeats(seats());
+  ASSERT_TRUE(count.ok()) << count.message();
+  EXPECT_EQ(count->taken, 2);
+  release(first);
+  count = countMpsSeats(seats());
+  ASSERT_TRUE(count.ok()) << count.message();
+  EXPECT_EQ(count->taken, 1);
+  EXPECT_EQ(take().outcome, Outcome::kSeated);
+  EXPECT_EQ(take().outcome, Outcome::kSeated) << "counting took no place";
+  EXPECT_EQ(countMpsSeats(seats())->taken, 3);
+  EXPECT_FALSE(countMpsSeats(dir_.path() + "/none").ok());
+}
+
+// /proc/locks as the kernel writes it: only flock locks held count, not
+// POSIX, OFD or lease ones, nor a process waiting for a lock ("->").
+TEST(MpsSeatLocks, OnlyFlockLocksHeldAreRead) {
+  const auto held = detail::heldFlocks(
+      "1: POSIX  ADVISORY  WRITE 812 00:1a:100 0 EOF\n"
+      "2: FLOCK  ADVISORY  WRITE 9001 00:1a:4242 0 EOF\n"
+      "2: -> FLOCK  ADVISORY  WRITE 9002 00:1a:4242 0 EOF\n"
+      "3: OFDLCK ADVISORY  READ  -1 fd:01:77 0 EOF\n"
+      "4: LEASE  ACTIVE    READ  33 00:1a:55 0 EOF\n"
+      "5: FLOCK  ADVISORY  READ  -1 103:1f:18446744073709551 0 EOF\n"
+      "garbage\n"
+      "6: FLOCK  ADVISORY  WRITE 17 00:1a:9");
+  ASSERT_EQ(held.size(), 3u);
+  EXPECT_EQ(held[0], std::make_pair(makedev(0, 0x1a), ino_t{4242}));
+  EXPECT_EQ(held[1], std::make_pair(makedev(0x103, 0x1f), ino_t{18446744073709551ull}));
+  EXPECT_EQ(held[2], std::make_pair(makedev(0, 0x1a), ino_t{9}));
+}
+
 }  // namespace
 }  // namespace stmux

@@ -24,6 +24,7 @@
 #include "stmux/control.h"
 #include "stmux/epilogue.h"
 #include "stmux/json.h"
+#include "stmux/mps_seats.h"
 #include "test_support.h"
 
 namespace stmux::daemon {
@@ -1074,6 +1075,11 @@ TEST(Scheduler, AClientUsingEverySlotIsNeverRefused) {
 // STMUX_METRICS_FILE) are well formed and count what happened.
 TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
   TempDir dir;
+  // Two places on MPS kept (stmuxd's keepMpsSeats), one taken.
+  ASSERT_TRUE(prepareMpsSeats(mpsSeatsDirectory(dir.socket()), 2, dir.path()).ok());
+  std::ofstream(dir.path() + "/control") << "";
+  const MpsSeat place = takeMpsSeat(mpsSeatsDirectory(dir.socket()), dir.path(), ::geteuid());
+  ASSERT_EQ(place.outcome, MpsSeat::Outcome::kSeated) << place.why;
   std::mutex mutex;
   std::string latest;
   Daemon daemon(dir, 0, [&](daemon::ServerOptions& options) {
@@ -1109,6 +1115,12 @@ TEST(Scheduler, MetricsCountWhatTheDaemonDid) {
   const std::string metrics = text();
   EXPECT_EQ(testing::prometheusFault(metrics), "") << metrics;
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_clients"), 1);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_mps_places", {"state=\"kept\""}), 2);
+  EXPECT_EQ(testing::prometheusValue(metrics, "stmux_mps_places", {"state=\"taken\""}), 1);
+  ::close(place.fd);
+  EXPECT_TRUE(testing::waitFor([&] {
+    return testing::prometheusValue(text(), "stmux_mps_places", {"state=\"taken\""}) == 0;
+  })) << text();
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_client_requests_total", {me}), 6);
   EXPECT_EQ(testing::prometheusValue(metrics, "stmux_client_outstanding_requests", {me}), 0);
   const auto batches = testing::prometheusValue(metrics, "stmux_gpu_batches_total", {gpu});

@@ -609,6 +609,7 @@ TEST_F(MpsPlacesOnGpu, ATenantBeyondMpssPlacesRunsOffItRightAndServed) {
   for (const char* name : {"first", "second", "third"})
     tenants.push_back(client({"stress", "--seconds", "8"}, env, name));
   std::map<std::string, int> mps;  // "yes", "no: MPS full", ...: how many
+  double kept = -1, taken = -1;    // the places, as the status counts them
   const bool listed = testing::waitFor(
       [&] {
         const auto status = daemonStatus(dir_.socket());
@@ -618,12 +619,16 @@ TEST_F(MpsPlacesOnGpu, ATenantBeyondMpssPlacesRunsOffItRightAndServed) {
         mps.clear();
         for (std::size_t i = 0; i < 3; ++i)
           ++mps[std::string(jsonString(jsonFind(jsonAt(clients, i), "mps")))];
+        kept = jsonNumber(jsonFind(jsonFind(*status, "mps_places"), "kept"));
+        taken = jsonNumber(jsonFind(jsonFind(*status, "mps_places"), "taken"));
         return mps.count("unknown") == 0;
       },
       std::chrono::seconds(60));
   ASSERT_TRUE(listed) << tenants[0].err() << tenants[1].err() << tenants[2].err();
   EXPECT_EQ(mps["yes"], 2);
   EXPECT_EQ(mps["no: MPS full"], 1);
+  EXPECT_EQ(kept, 2) << "STMUX_MPS_CLIENTS less stmuxd's own";
+  EXPECT_EQ(taken, 2);
   int kept_off = 0;
   for (Process& tenant : tenants) {
     ASSERT_EQ(tenant.wait(std::chrono::seconds(120)), 0) << tenant.out() << tenant.err();

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <regex>
 #include <string>
@@ -23,6 +24,7 @@
 #include "shim/transport.h"
 #include "stmux/control.h"
 #include "stmux/json.h"
+#include "stmux/mps_seats.h"
 #include "test_support.h"
 
 #ifndef STMUXCTL_PATH
@@ -307,6 +309,36 @@ TEST(Stmuxctl, ShowsARealDaemonAndItsTenant) {
   EXPECT_TRUE(contains(sgemm, " 4 ") && contains(sgemm, " busy=3")) << human.out;
   EXPECT_FALSE(lineStarting(human.out, "strided_batched ").empty()) << human.out;
   EXPECT_TRUE(lineStarting(human.out, "gemv ").empty()) << human.out;
+}
+
+// The places on MPS the daemon keeps (stmux/mps_seats.h), and how many are
+// taken; no line where it keeps none.
+TEST(Stmuxctl, ShowsHowManyPlacesOnMpsAreTaken) {
+  TempDir dir;
+  testing::TestSink sink;
+  testing::ServerThread server(testing::serverOptions(dir), sink);
+  const CtlRun none = runCtl({"status"}, {"STMUX_SOCKET=" + dir.socket()});
+  ASSERT_EQ(none.exit_code, 0) << describe(none);
+  EXPECT_FALSE(contains(none.out, "places on MPS")) << none.out;
+
+  ASSERT_TRUE(prepareMpsSeats(mpsSeatsDirectory(dir.socket()), 3, dir.path()).ok());
+  std::ofstream(dir.path() + "/control") << "";
+  const MpsSeat place = takeMpsSeat(mpsSeatsDirectory(dir.socket()), dir.path(), ::geteuid());
+  ASSERT_EQ(place.outcome, MpsSeat::Outcome::kSeated) << place.why;
+  // The daemon reuses a status it built within the last 100 ms.
+  ::usleep(150'000);
+  const CtlRun human = runCtl({"status"}, {"STMUX_SOCKET=" + dir.socket()});
+  ::close(place.fd);
+  ASSERT_EQ(human.exit_code, 0) << describe(human);
+  EXPECT_TRUE(contains(human.out, "\nplaces on MPS: 1 of 3 taken (")) << human.out;
+  ::usleep(150'000);
+  const CtlRun json = runCtl({"status", "--json"}, {"STMUX_SOCKET=" + dir.socket()});
+  ASSERT_EQ(json.exit_code, 0) << describe(json);
+  auto parsed = parseJson(json.out);
+  ASSERT_TRUE(parsed.ok()) << parsed.message() << "\n" << json.out;
+  const Json* places = jsonFind(parsed.value(), "mps_places");
+  EXPECT_EQ(jsonNumber(jsonFind(places, "kept")), 3) << json.out;
+  EXPECT_EQ(jsonNumber(jsonFind(places, "taken")), 0) << "the place was given back: " << json.out;
 }
 
 TEST(Stmuxctl, ATenantsNameCannotDriveTheTerminal) {

@@ -318,6 +318,15 @@ std::string mpsRouteLine(const Json* route) {
                      count(member(route, "looks")), last);
 }
 
+// The places on MPS stmuxd keeps for tenants; nothing where it keeps none.
+std::string mpsPlacesLine(const Json* places) {
+  if (places == nullptr || !places->is_object()) return "";
+  return fmt::format(
+      "places on MPS: {} of {} taken (STMUX_MPS_CLIENTS; a tenant finding none "
+      "free runs off MPS)\n",
+      count(member(places, "taken")), count(member(places, "kept")));
+}
+
 // How many of the GPUs the status lists are broken.
 int brokenGpus(const Json* gpus) {
   int broken = 0;
@@ -464,8 +473,9 @@ std::string summary(const Json& status) {
   const Json* daemon = member(&status, "daemon");
   const Json* clients = member(&status, "clients");
   return daemonLine(daemon != nullptr && daemon->is_object() ? daemon : nullptr) +
-         mpsRouteLine(member(&status, "mps_route")) + "\n" + gpuTable(member(&status, "gpus")) +
-         "\n" + clientTable(clients) + entryPointTable(clients);
+         mpsRouteLine(member(&status, "mps_route")) + mpsPlacesLine(member(&status, "mps_places")) +
+         "\n" + gpuTable(member(&status, "gpus")) + "\n" + clientTable(clients) +
+         entryPointTable(clients);
 }
 
 int run(int argc, char** argv) {

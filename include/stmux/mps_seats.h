@@ -20,13 +20,20 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "stmux/status.h"
 #include "stmux/sys.h"
@@ -155,6 +162,71 @@ inline Status removeMpsSeats(const std::string& directory) {
     return Status::error(fmt::format("cannot remove {}: {}", directory, std::strerror(errno)));
   }
   return Status::okStatus();
+}
+
+// The places as they stand, for stmuxctl status and the metrics.
+struct MpsSeatCount {
+  long kept = 0;   // seat files in the directory
+  long taken = 0;  // those a process holds
+};
+
+namespace detail {
+// The (device, inode) of each lock /proc/locks lists as held with flock, in
+// its format "ID: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE START END" (the
+// device numbers in hex; a line with "->" is a process waiting, not holding).
+inline std::vector<std::pair<dev_t, ino_t>> heldFlocks(std::string_view proc_locks) {
+  std::vector<std::pair<dev_t, ino_t>> held;
+  while (!proc_locks.empty()) {
+    const std::size_t end = proc_locks.find('\n');
+    const std::string line(proc_locks.substr(0, end));
+    proc_locks.remove_prefix(end == std::string_view::npos ? proc_locks.size() : end + 1);
+    char kind[16] = {}, arrow[3] = {};
+    unsigned major = 0, minor = 0;
+    unsigned long long inode = 0;
+    if (std::sscanf(line.c_str(), "%*[^:]: %2s", arrow) == 1 && std::string_view(arrow) == "->") {
+      continue;
+    }
+    if (std::sscanf(line.c_str(), "%*[^:]: %15s %*s %*s %*d %x:%x:%llu", kind, &major, &minor,
+                    &inode) == 4 &&
+        std::string_view(kind) == "FLOCK") {
+      held.emplace_back(makedev(major, minor), static_cast<ino_t>(inode));
+    }
+  }
+  return held;
+}
+}  // namespace detail
+
+// How many places `directory` keeps and how many are taken, given the text
+// of /proc/locks (a lock is the kernel's: taken means a live process holds
+// it). Reads without locking anything: taking a place even for an instant
+// could send a tenant starting then off MPS.
+inline Result<MpsSeatCount> countMpsSeats(const std::string& directory,
+                                          std::string_view proc_locks) {
+  DIR* entries = ::opendir(directory.c_str());
+  if (entries == nullptr) {
+    return Status::error(fmt::format("cannot list {}: {}", directory, std::strerror(errno)));
+  }
+  const std::vector<std::pair<dev_t, ino_t>> held = detail::heldFlocks(proc_locks);
+  MpsSeatCount count;
+  while (const dirent* entry = ::readdir(entries)) {
+    if (detail::seatIndex(entry->d_name) < 0) continue;
+    struct stat st {};
+    if (::fstatat(::dirfd(entries), entry->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+    ++count.kept;
+    const std::pair<dev_t, ino_t> place(st.st_dev, st.st_ino);
+    count.taken += std::find(held.begin(), held.end(), place) != held.end();
+  }
+  ::closedir(entries);
+  return count;
+}
+
+// The same, from this machine's /proc/locks.
+inline Result<MpsSeatCount> countMpsSeats(const std::string& directory) {
+  std::ifstream in("/proc/locks");
+  std::stringstream text;
+  text << in.rdbuf();
+  if (!in) return Status::error(fmt::format("cannot read /proc/locks: {}", std::strerror(errno)));
+  return countMpsSeats(directory, text.str());
 }
 
 // A tenant's place, as it came out.
