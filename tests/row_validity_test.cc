@@ -170,6 +170,30 @@ TEST(RowWindows, NoStepsLeaveEveryWindowEmpty) {
   EXPECT_TRUE(sharesNear(windowShares({}, kSpan, 1), std::vector<double>{0}));
 }
 
+// One tenant's stall or everyone's: the tenants with a long step (a quarter
+// of the longest at least) at the same time as the longest.
+TEST(RowLongestStep, SaysWhoseItWasWhenAndWhoStalledWithIt) {
+  // 0.9 s of 2 ms steps, one of 100 ms, 0.9 s more: it ends at 1.0 s of the
+  // 1.9 s stepped, stretched to kSpan's 2 s.
+  const TenantOutcome stalled = steps({{450, 2'000'000}, {1, 100'000'000}, {450, 2'000'000}});
+  const TenantOutcome steady = steps({{1000, 2'000'000}});
+  LongestStep longest = longestStep({steady, stalled}, kSpan);
+  EXPECT_DOUBLE_EQ(longest.us, 100'000);
+  EXPECT_EQ(longest.tenant, 1);
+  EXPECT_NEAR(longest.at_s, 1.0 * 2 / 1.9, 1e-6);
+  EXPECT_EQ(longest.together, 1) << "the steady tenant went on";
+  // A 60 ms step over the same time counts; a 20 ms one (under a quarter)
+  // and one elsewhere do not.
+  const TenantOutcome with = steps({{470, 2'000'000}, {1, 60'000'000}, {440, 2'000'000}});
+  const TenantOutcome short_one = steps({{470, 2'000'000}, {1, 20'000'000}, {460, 2'000'000}});
+  const TenantOutcome elsewhere = steps({{10, 2'000'000}, {1, 90'000'000}, {900, 2'000'000}});
+  longest = longestStep({steady, stalled, with, short_one, elsewhere}, kSpan);
+  EXPECT_EQ(longest.tenant, 1);
+  EXPECT_EQ(longest.together, 2);
+  EXPECT_EQ(longestStep({}, kSpan).tenant, -1);
+  EXPECT_EQ(longestStep({steps({})}, kSpan).us, 0);
+}
+
 }  // namespace
 }  // namespace stmux::tools
 

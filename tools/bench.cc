@@ -141,7 +141,7 @@ struct Point {
   Span span;           // the timed span, on the realtime clock
   double gemms_per_s = 0, gflops = 0;
   double p50_us = 0, p99_us = 0, p999_us = 0, worst_p99_us = 0;
-  double longest_us = 0;     // the longest step of any tenant that overlapped the span
+  LongestStep longest;       // the longest step of any tenant that overlapped the span
   double median_p50_us = 0;  // the median of the tenants' own p50s
   long calls = 0;
   long fallbacks = -1;       // stmux rows: calls the shims sent straight to cuBLAS
@@ -685,15 +685,11 @@ class Bench {
         point.worst_p99_us = p99;
         worst = i;
       }
-      if (!result.latencies_ns.empty()) {  // the largest needs no copy nor selection
-        point.longest_us = std::max(
-            point.longest_us,
-            *std::max_element(result.latencies_ns.begin(), result.latencies_ns.end()) / 1000.0);
-      }
       tenant_p50_ns.push_back(
           static_cast<std::uint32_t>(std::lround(1000 * percentileUs(result.latencies_ns, 0.5))));
     }
     point.ran = true;
+    point.longest = longestStep(outcomes, span);
     // Whether a tenant kept off MPS, time-sliced, set the row's worst p99.
     if (point.tenants_off_mps != 0) {
       const auto found = mps_by_pid.find(clients[worst].pid());
@@ -1082,10 +1078,12 @@ void printTargets(const Options& o, const std::vector<Point>& points, FILE* out)
       // absolute tail goes beside it.
       line(s32->worst_p99_us <= 3 * s32->median_p50_us,
            fmt::format("{} worst-tenant p99 {:.1f} us = {:.2f}x the median tenant's p50 of {:.1f} "
-                       "us (target <= 3x); longest step {:.1f} us",
+                       "us (target <= 3x); longest step {:.1f} us (tenant {}, {:.2f} s in; "
+                       "{} of {} tenants stalled with it)",
                        who, s32->worst_p99_us,
                        s32->worst_p99_us / std::max(s32->median_p50_us, 1e-9), s32->median_p50_us,
-                       s32->longest_us));
+                       s32->longest.us, s32->longest.tenant, s32->longest.at_s,
+                       s32->longest.together, s32->tenants));
       const Point* mps = find(points, shape.name, 32, Mode::kMps);
       line(
           s32->worst_p99_us <= 1000,
@@ -1218,7 +1216,12 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       row["p99_us"] = p.p99_us;
       row["p999_us"] = p.p999_us;
       row["worst_tenant_p99_us"] = p.worst_p99_us;
-      row["longest_step_us"] = p.longest_us;
+      row["longest_step_us"] = p.longest.us;
+      // Whose, when (s from the span's start), and how many tenants had a
+      // step at least a quarter as long at the same time (row_validity.h).
+      row["longest_step_tenant"] = p.longest.tenant;
+      row["longest_step_at_s"] = p.longest.at_s;
+      row["longest_step_together"] = p.longest.together;
       row["median_tenant_p50_us"] = p.median_p50_us;
       if (p.tenants_off_mps != 0) {
         row["tenants_off_mps"] = p.tenants_off_mps;

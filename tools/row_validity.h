@@ -96,6 +96,29 @@ inline RowVerdict judgeRow(const std::vector<TenantOutcome>& tenants, const Span
   return verdict;
 }
 
+namespace detail {
+// Calls `visit(from_ns, to_ns, latency_ns)` for each step of `result` that
+// overlapped the span, placed in it as offsets from its start: back to back
+// from the start, stretched so that the counted steps (those that ended
+// inside it) fill it, since the loop between steps is left out of each
+// step's time; the step that crossed stop comes after them.
+template <class Visit>
+void placeSteps(const TenantResult& result, const Span& span, Visit&& visit) {
+  const double length = static_cast<double>(span.stop_ns - span.start_ns);
+  const std::size_t counted = std::min<std::size_t>(result.calls, result.latencies_ns.size());
+  double total = 0;
+  for (std::size_t i = 0; i < counted; ++i)
+    total += result.latencies_ns[i];
+  const double stretch = total > 0 && total < length ? length / total : 1.0;
+  double ended = 0;
+  for (std::uint32_t latency : result.latencies_ns) {
+    const double from = ended;
+    ended += latency * stretch;
+    visit(from, ended, latency);
+  }
+}
+}  // namespace detail
+
 // How the tenants' steps of a valid row fell over its span: the share of all
 // their timed steps that ended in each of `windows` equal parts of it (the
 // shares add up to 1; a row's rate in a window is its rate times the
@@ -112,30 +135,61 @@ inline std::vector<double> windowShares(const std::vector<TenantOutcome>& tenant
   double steps = 0;
   for (const TenantOutcome& tenant : tenants) {
     if (!tenant.result) continue;
-    const TenantResult& result = *tenant.result;
-    // The counted steps, those that ended inside the span.
-    const auto counted =
-        std::span(result.latencies_ns)
-            .first(std::min<std::size_t>(result.calls, result.latencies_ns.size()));
-    double total = 0;
-    for (std::uint32_t latency : counted)
-      total += latency;
-    const double stretch = total > 0 && total < length ? length / total : 1.0;
-    double ended = 0;
-    for (std::uint32_t latency : counted) {
-      ended += latency * stretch;
+    const std::size_t counted =
+        std::min<std::size_t>(tenant.result->calls, tenant.result->latencies_ns.size());
+    std::size_t placed = 0;
+    detail::placeSteps(*tenant.result, span, [&](double, double ended, std::uint32_t) {
+      if (placed++ >= counted) return;  // the step that crossed stop
       // Windows are (from, to]: a step that ends on a boundary is the earlier window's.
       const double place = std::ceil(ended / length * static_cast<double>(shares.size()));
       const std::size_t window = place < 1 ? 0 : static_cast<std::size_t>(place) - 1;
       shares[std::min(window, shares.size() - 1)] += 1;
-    }
-    steps += static_cast<double>(counted.size());
+    });
+    steps += static_cast<double>(counted);
   }
   if (steps > 0) {
     for (double& share : shares)
       share /= steps;
   }
   return shares;
+}
+
+// A row's longest step: whose, when in the span it ended (placed as
+// windowShares places steps), and how many tenants, its own among them, had
+// a step at least a quarter as long over the same time. Many: something
+// stalled them all (the daemon, the GPU, the machine); one: that tenant
+// alone.
+struct LongestStep {
+  double us = 0;     // 0: no steps
+  int tenant = -1;   // its index in the row
+  double at_s = 0;   // when it ended, from the span's start
+  int together = 0;  // tenants with a step at least us / 4 overlapping it
+};
+
+inline LongestStep longestStep(const std::vector<TenantOutcome>& tenants, const Span& span) {
+  LongestStep longest;
+  double from = 0, to = 0;
+  for (std::size_t i = 0; i < tenants.size(); ++i) {
+    if (!tenants[i].result) continue;
+    detail::placeSteps(*tenants[i].result, span, [&](double start, double end, std::uint32_t ns) {
+      if (ns / 1000.0 <= longest.us) return;
+      longest.us = ns / 1000.0;
+      longest.tenant = static_cast<int>(i);
+      from = start;
+      to = end;
+    });
+  }
+  if (longest.tenant < 0) return longest;
+  longest.at_s = to / 1e9;
+  for (const TenantOutcome& tenant : tenants) {
+    if (!tenant.result) continue;
+    bool with = false;
+    detail::placeSteps(*tenant.result, span, [&](double start, double end, std::uint32_t ns) {
+      with = with || (ns / 1000.0 >= longest.us / 4 && start < to && end > from);
+    });
+    longest.together += with;
+  }
+  return longest;
 }
 
 }  // namespace stmux::tools
