@@ -42,12 +42,9 @@ struct SyncChoice {
 
 // What the context should have: `tenants` are those making calls (this one
 // among them), `cores` the CPUs this process may run on, `served` whether
-// this call goes to the daemon (under 'auto', a process whose calls
-// STMUX_ROUTE=auto sends direct waits as it would without stmux: at R = 32 on
-// MPS, PyTorch tenants sent direct made 17% fewer steps blocking than MPS
-// alone's spinning ones, docs/BENCHMARKS.md), `may_spin` whether the daemon
-// gives this tenant a turn to spin (STMUX_SPINNING_TENANTS: it keeps the
-// spinners fewer than the cores, so that none loses its core to another).
+// this call goes to the daemon, `may_spin` whether the daemon gives this
+// tenant a turn to spin (STMUX_SPINNING_TENANTS: it keeps the spinners fewer
+// than the cores, so that none loses its core to another).
 inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores, bool served = true,
                              bool may_spin = false) {
   switch (mode) {
@@ -62,12 +59,18 @@ inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores, bo
     case SyncMode::kAuto:
       break;
   }
-  // Blocking in both waits: with the shim's own wait still polling (it
-  // yields the core after 5 us) PyTorch tenants on MPS at R=32 kept a worst
-  // p99 of 4.0 ms (torch-cube); blocking in both met 1 ms on every R=32 row,
-  // at a cost in throughput (docs/BENCHMARKS.md, "How tenants wait").
-  if (served && tenants > cores && !may_spin) return {kSchedBlocking, false};
-  return {kSchedAuto, true};
+  if (tenants <= cores || may_spin) return {kSchedAuto, true};
+  // Served: blocking in both waits. With the shim's own wait still polling
+  // (it yields the core after 5 us) PyTorch tenants on MPS at R=32 kept a
+  // worst p99 of 4.0 ms (torch-cube); blocking in both met 1 ms on every
+  // R=32 row, at a cost in throughput; yielding in both left the daemon too
+  // little of the cores (cube: worst p99 4.3 ms) (docs/BENCHMARKS.md).
+  if (served) return {kSchedBlocking, false};
+  // Direct (STMUX_ROUTE=auto found it faster, on MPS): yielding. MPS alone at
+  // R=32 on 16 cores made 2% fewer PyTorch rnn steps with its tenants
+  // yielding than spinning, at a worst p99 of 389 us against 4,141; blocking
+  // cost 17% of the steps (docs/BENCHMARKS.md, thirty-third session).
+  return {kSchedYield, true};
 }
 
 // The flags to set on a context whose flags are `current`, given what the

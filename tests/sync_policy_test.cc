@@ -19,15 +19,21 @@ TEST(SyncPolicy, EachModeNamesItsFlag) {
   EXPECT_TRUE(chooseSync(SyncMode::kKeep, 500, 2).spin);
 }
 
-TEST(SyncPolicy, AutoBlocksOnlyWhileTenantsOutnumberTheCores) {
+TEST(SyncPolicy, AutoChangesNothingUnlessTenantsOutnumberTheCores) {
   EXPECT_EQ(chooseSync(SyncMode::kAuto, 16, 16).sched, kSchedAuto);
   EXPECT_TRUE(chooseSync(SyncMode::kAuto, 16, 16).spin);
+  EXPECT_EQ(chooseSync(SyncMode::kAuto, 16, 16, /*served=*/false).sched, kSchedAuto);
+  EXPECT_EQ(chooseSync(SyncMode::kAuto, 1, 1).sched, kSchedAuto);
+}
+
+// Beyond the cores a served tenant blocks in both waits, and one whose calls
+// go direct yields (its CUDA waits are its only ones).
+TEST(SyncPolicy, AutoBlocksServedTenantsAndYieldsDirectOnesBeyondTheCores) {
   EXPECT_EQ(chooseSync(SyncMode::kAuto, 17, 16).sched, kSchedBlocking);
   EXPECT_FALSE(chooseSync(SyncMode::kAuto, 17, 16).spin);
-  // Calls sent direct: the process waits as it would without stmux.
-  EXPECT_EQ(chooseSync(SyncMode::kAuto, 17, 16, /*served=*/false).sched, kSchedAuto);
+  EXPECT_EQ(chooseSync(SyncMode::kAuto, 17, 16, /*served=*/false).sched, kSchedYield);
   EXPECT_EQ(chooseSync(SyncMode::kBlocking, 17, 16, /*served=*/false).sched, kSchedBlocking);
-  EXPECT_EQ(chooseSync(SyncMode::kAuto, 1, 1).sched, kSchedAuto);
+  EXPECT_EQ(chooseSync(SyncMode::kKeep, 17, 16, /*served=*/false).sched, kSchedAuto);
 }
 
 // STMUX_SPINNING_TENANTS: a tenant whose turn to spin it is keeps CUDA's

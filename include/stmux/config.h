@@ -52,8 +52,9 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "first GEMM; a flag the program chose itself is kept), which CUDA's own synchronizations "   \
     "follow. 'keep': CUDA's default (spin while the process has fewer contexts than cores); "    \
     "'spin', 'yield', 'blocking': that flag, 'blocking' also with no spinning before the "       \
-    "shim's own futex wait; 'auto': 'blocking' while the tenants making calls outnumber this "   \
-    "process's cores and its calls are served, else CUDA's default.")                            \
+    "shim's own futex wait; 'auto': while the tenants making calls outnumber this process's "    \
+    "cores, 'blocking' where its calls are served and 'yield' where they go direct, else "       \
+    "CUDA's default.")                                                                           \
   X(route, "STMUX_ROUTE", kChoice, "auto", 0, 0, "auto|serve", kShim,                            \
     "Which calls stmuxd serves: 'serve': every call it can; 'auto': the same, but measured now " \
     "and then with calls direct, which they take while that is clearly faster: on MPS stmuxd "   \
