@@ -67,9 +67,10 @@ inline SyncChoice chooseSync(SyncMode mode, unsigned tenants, unsigned cores, bo
   // little of the cores (cube: worst p99 4.3 ms) (docs/BENCHMARKS.md).
   if (served) return {kSchedBlocking, false};
   // Direct (STMUX_ROUTE=auto found it faster, on MPS): yielding. MPS alone at
-  // R=32 on 16 cores made 2% fewer PyTorch rnn steps with its tenants
-  // yielding than spinning, at a worst p99 of 389 us against 4,141; blocking
-  // cost 17% of the steps (docs/BENCHMARKS.md, thirty-third session).
+  // R=32 on 16 cores made 2% to 10% fewer PyTorch rnn steps with its tenants
+  // yielding than spinning, at a worst p99 of 0.39 to 3.4 ms against 4.1 to
+  // 4.2; blocking cost 33% of the steps (docs/BENCHMARKS.md, thirty-third
+  // session).
   return {kSchedYield, true};
 }
 
