@@ -954,6 +954,8 @@ std::string Server::statusJson() const {
     entry["may_spin"] = client->view.header()->may_spin.load(std::memory_order_relaxed) != 0;
     const auto mps = static_cast<ClientMps>(counters.mps.load(std::memory_order_relaxed));
     entry["mps"] = clientMpsName(mps);
+    entry["sync"] = clientSyncName(
+        static_cast<ClientSync>(client->view.header()->sync.load(std::memory_order_relaxed)));
     const auto mode = static_cast<ClientMode>(counters.mode.load(std::memory_order_relaxed));
     entry["mode"] = mode == ClientMode::kStream ? "stream"
                     : mode == ClientMode::kHost ? "host"

@@ -715,19 +715,38 @@ std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
 // scheduling flag the mode wants, once per context and change; says how the
 // shim's own wait goes.
 SyncChoice Shim::applySync(const Connection& connection, bool served) {
-  if (sync_mode_ == SyncMode::kKeep) return {};
+  std::atomic<std::uint32_t>& said = connection.syncWord();  // what stmuxctl shows
+  auto say = [&](ClientSync sync) {
+    said.store(static_cast<std::uint32_t>(sync), std::memory_order_relaxed);
+  };
+  if (sync_mode_ == SyncMode::kKeep) {
+    if (said.load(std::memory_order_relaxed) != static_cast<std::uint32_t>(ClientSync::kKept)) {
+      say(ClientSync::kKept);
+    }
+    return {};
+  }
   // Read once: the daemon rewrites both words every 100 ms.
   const unsigned tenants = connection.otherTenants() + 1;
   const bool may_spin = connection.maySpin();
   const SyncChoice choice = chooseSync(sync_mode_, tenants, cores_, served, may_spin);
   const std::optional<ContextId> context = currentContext(*driver_);
   if (!context) return choice;
-  // What this thread last saw: most calls stop here.
+  // What this thread last saw: most calls stop here (unless a new
+  // connection's segment has not been told yet).
   thread_local std::optional<ContextId> seen_context;
   thread_local unsigned seen_sched = ~0u;
-  if (context == seen_context && choice.sched == seen_sched) return choice;
+  if (context == seen_context && choice.sched == seen_sched &&
+      said.load(std::memory_order_relaxed) != static_cast<std::uint32_t>(ClientSync::kUnknown)) {
+    return choice;
+  }
   seen_context = context;
   seen_sched = choice.sched;
+  auto syncOf = [](unsigned sched) {
+    return sched == kSchedBlocking ? ClientSync::kBlocking
+           : sched == kSchedYield  ? ClientSync::kYield
+           : sched == kSchedSpin   ? ClientSync::kSpin
+                                   : ClientSync::kDefault;
+  };
 
   std::lock_guard lock(sync_mutex_);
   auto entry = std::find_if(synced_.begin(), synced_.end(),
@@ -743,14 +762,19 @@ SyncChoice Shim::applySync(const Connection& connection, bool served) {
                  "the program chose its own CUDA scheduling (context flags {:#x}); "
                  "STMUX_SYNC leaves it",
                  flags);
+      say(ClientSync::kOwn);
+    } else {
+      say(syncOf(choice.sched));
     }
     return choice;
   }
   if (driver_->cuCtxSetFlags(*wanted) != CUDA_SUCCESS) {
     STMUX_WARN(kShim, "cannot set the CUDA context's flags to {:#x}; STMUX_SYNC leaves them",
                *wanted);
+    say(syncOf(flags & kSchedMask));
     return choice;
   }
+  say(syncOf(choice.sched));
   // Said at info the first time; later changes (every turn to spin that
   // STMUX_SPINNING_TENANTS gives, for one) at debug.
   const Level level = entry == synced_.end() ? Level::kInfo : Level::kDebug;

@@ -146,6 +146,8 @@ class Connection {
   Status sendRelease(const std::vector<std::uint64_t>& alloc_ids);
 
   ClientCounters& counters() const { return view_.header()->counters; }
+  // How this process's threads wait for the GPU (STMUX_SYNC), for stmuxctl.
+  std::atomic<std::uint32_t>& syncWord() const { return view_.header()->sync; }
   const std::vector<Uuid>& devices() const { return devices_; }
   // Whether the daemon's context on devices()[i] is on MPS.
   bool deviceOnMps(std::size_t i) const { return i < device_mps_.size() && device_mps_[i] != 0; }

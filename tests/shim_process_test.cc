@@ -248,6 +248,42 @@ TEST(ShimProcess, UnloadingTheShimAfterServedCallsIsHarmless) {
   EXPECT_FALSE(daemon.executor().batchSizes().empty()) << "nothing was served: " << ran.err;
 }
 
+// STMUX_SYNC: how a tenant's threads wait, as its shim left its context's
+// scheduling flag, shows in stmuxd's status: the flag set, "keep" where the
+// shim sets none, and "program's" where the program chose one itself (the
+// fake driver keeps a context's flags; FAKE_CUDA_CTX_FLAGS is the program's).
+TEST(ShimProcess, HowATenantWaitsShowsInTheStatus) {
+  TempDir dir;
+  Daemon daemon(dir);
+  const struct {
+    std::map<std::string, std::string> env;
+    const char* shown;
+  } cases[] = {
+      {{{"STMUX_SYNC", "blocking"}}, "block"},
+      {{{"STMUX_SYNC", "yield"}}, "yield"},
+      {{{"STMUX_SYNC", "keep"}}, "keep"},
+      {{{"STMUX_SYNC", "auto"}}, "default"},  // one tenant: it does not outnumber the cores
+      {{{"STMUX_SYNC", "blocking"}, {"FAKE_CUDA_CTX_FLAGS", "1"}}, "program's"},
+  };
+  for (const auto& c : cases) {
+    Process p(tenantArgv({"mps-pipes", "2"}), tenantEnv(dir, true, c.env), dir.path() + "/sync");
+    ASSERT_TRUE(testing::waitFor([&] { return p.out().find("status") != std::string::npos; },
+                                 std::chrono::seconds(30)))
+        << p.err();
+    const auto status = tools::daemonStatus(dir.socket());
+    ASSERT_TRUE(status);
+    const Json* clients = jsonFind(*status, "clients");
+    std::string shown = "(not listed)";
+    for (std::size_t i = 0; clients != nullptr && i < clients->size(); ++i) {
+      if (jsonNumber(jsonFind(jsonAt(clients, i), "pid")) == p.pid()) {
+        shown = jsonString(jsonFind(jsonAt(clients, i), "sync"));
+      }
+    }
+    EXPECT_EQ(shown, c.shown) << "STMUX_SYNC=" << c.env.at("STMUX_SYNC") << "\n" << p.err();
+    ASSERT_EQ(p.wait(std::chrono::seconds(30)), 0) << p.err();
+  }
+}
+
 // The CUDA driver asks where MPS's pipes are as it starts. A tenant that
 // finds every place stmuxd keeps on MPS taken is told a directory without
 // MPS in it (so that its context can still be made, off MPS), says so once,

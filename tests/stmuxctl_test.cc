@@ -214,7 +214,7 @@ constexpr char kFullReply[] = R"({
     {"id": 1, "pid": 1001, "uid": 1000, "name": "infer-a", "attached_s": 65.2,
      "requests": 5000, "forwarded": 4990, "failed": 2,
      "fallbacks": {"no_daemon": 1, "busy": 2, "timeout": 0}, "route": "served", "mps": "yes",
-     "mode": "stream"},
+     "mode": "stream", "sync": "block"},
     {"id": 7, "pid": 1002, "uid": 1000, "name": "infer-b", "attached_s": 3.25,
      "requests": 7345, "forwarded": 7345, "failed": 0, "refused": 0, "failed_opens": 40,
      "declined_unopened": 912,
@@ -256,6 +256,7 @@ TEST(Stmuxctl, ShowsARealDaemonAndItsTenant) {
       .fallback[static_cast<std::size_t>(Fallback::kBusy)]
       .store(3);
   counters.entry[static_cast<std::size_t>(EntryPoint::kStridedBatched)].forwarded.store(2);
+  tenant.value()->syncWord().store(static_cast<std::uint32_t>(ClientSync::kYield));
   const std::string pid = std::to_string(::getpid());
 
   const CtlRun json = runCtl({"status", "--json"}, {"STMUX_SOCKET=" + dir.socket()});
@@ -273,6 +274,7 @@ TEST(Stmuxctl, ShowsARealDaemonAndItsTenant) {
   EXPECT_EQ(jsonNumber(jsonFind(client, "pid")), ::getpid());
   EXPECT_EQ(jsonNumber(jsonFind(client, "requests")), 1);
   EXPECT_EQ(jsonNumber(jsonFind(client, "forwarded")), 3) << "summed over entry points";
+  EXPECT_EQ(jsonString(jsonFind(client, "sync")), "yield");
   EXPECT_EQ(jsonNumber(jsonFind(jsonFind(client, "fallbacks"), "busy")), 3);
   const Json* entry_points = jsonFind(client, "entry_points");
   EXPECT_EQ(jsonNumber(jsonFind(jsonFind(entry_points, "sgemm"), "calls")), 4) << json.out;
@@ -444,10 +446,11 @@ TEST(Stmuxctl, PrintsGpusClientsAndTotals) {
   const std::string b = lineStarting(out, "7      1002 ");
   ASSERT_FALSE(a.empty() || b.empty()) << out;
   EXPECT_TRUE(contains(a, " infer-a ")) << a;
-  // The tenant's MPS state, the route STMUX_ROUTE=auto chose for it and how
-  // its served calls keep order (STMUX_MODE).
-  EXPECT_TRUE(std::regex_search(a, std::regex(" 1m 05s +yes +served +stream +5000 "))) << a;
-  EXPECT_TRUE(std::regex_search(b, std::regex(" 3.2s +no +direct +host +7345 "))) << b;
+  // The tenant's MPS state, the route STMUX_ROUTE=auto chose for it, how its
+  // served calls keep order (STMUX_MODE) and how its threads wait
+  // (STMUX_SYNC; "-" from a daemon that does not say).
+  EXPECT_TRUE(std::regex_search(a, std::regex(" 1m 05s +yes +served +stream +block +5000 "))) << a;
+  EXPECT_TRUE(std::regex_search(b, std::regex(" 3.2s +no +direct +host +- +7345 "))) << b;
   EXPECT_TRUE(a.ends_with(" no_daemon=1 busy=2")) << "only non-zero fallbacks: " << a;
   EXPECT_TRUE(contains(b, " 3.2s ")) << b;
   EXPECT_TRUE(b.ends_with(" -")) << "no fallbacks at all: " << b;

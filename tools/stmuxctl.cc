@@ -398,8 +398,8 @@ std::string gpuTable(const Json* gpus) {
 std::string clientTable(const Json* clients) {
   if (clients == nullptr || !clients->is_array()) return "clients: -\n";
   if (clients->size() == 0) return "clients: none attached\n";
-  Table table({"ID", "PID>", "UID>", "NAME", "ATTACHED>", "MPS", "ROUTE", "MODE", "REQUESTS>",
-               "FORWARDED>", "FAILED>", "FALLBACKS"});
+  Table table({"ID", "PID>", "UID>", "NAME", "ATTACHED>", "MPS", "ROUTE", "MODE", "SYNC",
+               "REQUESTS>", "FORWARDED>", "FAILED>", "FALLBACKS"});
   Sum requests, forwarded, failed;
   Reasons fallbacks;
   for (std::size_t i = 0; i < clients->size(); ++i) {
@@ -414,12 +414,13 @@ std::string clientTable(const Json* clients) {
                count(member(client, "uid")), text(member(client, "name")),
                duration(member(client, "attached_s")), text(member(client, "mps")),
                text(member(client, "route")), text(member(client, "mode")),
-               count(member(client, "requests")), count(member(client, "forwarded")),
-               count(member(client, "failed")), row_fallbacks.str(/*non_zero_only=*/true)});
+               text(member(client, "sync")), count(member(client, "requests")),
+               count(member(client, "forwarded")), count(member(client, "failed")),
+               row_fallbacks.str(/*non_zero_only=*/true)});
   }
   table.add({"total", "", "",
              fmt::format("{} client{}", clients->size(), clients->size() == 1 ? "" : "s"), "", "",
-             "", "", requests.str(), forwarded.str(), failed.str(),
+             "", "", "", requests.str(), forwarded.str(), failed.str(),
              fallbacks.str(/*non_zero_only=*/true)});
   // What an honest shim never makes the daemon do (docs/ARCHITECTURE.md,
   // "Client memory"): said for the clients that did.

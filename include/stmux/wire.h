@@ -326,6 +326,37 @@ inline std::string_view clientMpsName(ClientMps mps) {
   return "unknown";
 }
 enum class ClientMode : std::uint32_t { kUnknown = 0, kHost = 1, kStream = 2 };
+// How the client's threads wait for its GPU: the scheduling flag of its CUDA
+// context as STMUX_SYNC last left it (shim/sync_policy.h).
+enum class ClientSync : std::uint32_t {
+  kUnknown = 0,  // not said yet, or by a shim from before it was said
+  kKept = 1,     // STMUX_SYNC=keep: the shim sets nothing
+  kDefault = 2,  // CUDA's default (spinning while the process has fewer contexts than cores)
+  kSpin = 3,
+  kYield = 4,
+  kBlocking = 5,
+  kOwn = 6,  // the program chose a flag itself, and keeps it
+};
+// How stmuxd's status names each (stmuxctl reads it).
+inline std::string_view clientSyncName(ClientSync sync) {
+  switch (sync) {
+    case ClientSync::kKept:
+      return "keep";
+    case ClientSync::kDefault:
+      return "default";
+    case ClientSync::kSpin:
+      return "spin";
+    case ClientSync::kYield:
+      return "yield";
+    case ClientSync::kBlocking:
+      return "block";
+    case ClientSync::kOwn:
+      return "program's";
+    case ClientSync::kUnknown:
+      break;
+  }
+  return "unknown";
+}
 
 // The first bytes of every client segment. The client checks magic, version
 // and every size before it uses the segment, and refuses to attach otherwise.
@@ -338,7 +369,9 @@ struct SegmentHeader {
   std::uint32_t ring_capacity;
   std::uint32_t slot_count;
   std::uint32_t client_id;
-  std::uint32_t reserved;
+  // Set by the shim (ClientSync): how its threads wait for the GPU. Was an
+  // unused word, 0 in every segment: a shim from before says nothing.
+  std::atomic<std::uint32_t> sync;
   std::uint64_t ring_offset;
   std::uint64_t slots_offset;
   std::uint64_t total_bytes;

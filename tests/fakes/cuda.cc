@@ -11,6 +11,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -65,8 +66,17 @@ CUresult ctxGetDevice(CUdevice* device) {
   *device = 0;
   return CUDA_SUCCESS;
 }
+// The context's flags, as cuCtxSetFlags leaves them; FAKE_CUDA_CTX_FLAGS
+// sets them at first (a program's own choice, made before the shim's).
+std::atomic<unsigned>& contextFlags() {
+  static std::atomic<unsigned> flags{[] {
+    const char* given = std::getenv("FAKE_CUDA_CTX_FLAGS");
+    return given != nullptr ? static_cast<unsigned>(std::strtoul(given, nullptr, 0)) : 0u;
+  }()};
+  return flags;
+}
 CUresult ctxGetFlags(unsigned* flags) {
-  *flags = CU_CTX_SCHED_AUTO;
+  *flags = contextFlags().load();
   return CUDA_SUCCESS;
 }
 CUresult deviceGet(CUdevice* device, int ordinal) {
@@ -130,7 +140,8 @@ CUresult ctxGetId(CUcontext, unsigned long long* id) {
 CUresult streamSynchronize(CUstream) {
   return CUDA_SUCCESS;
 }
-CUresult ctxSetFlags(unsigned) {
+CUresult ctxSetFlags(unsigned flags) {
+  contextFlags().store(flags);
   return CUDA_SUCCESS;
 }
 CUresult ctxSetCurrent(CUcontext) {
