@@ -711,6 +711,14 @@ std::optional<Shim::DeviceInfo> Shim::deviceInfo(int device) {
   return devices_[device];
 }
 
+// What stmuxctl shows for a context with scheduling flag `sched`.
+ClientSync syncOf(unsigned sched) {
+  return sched == kSchedBlocking ? ClientSync::kBlocking
+         : sched == kSchedYield  ? ClientSync::kYield
+         : sched == kSchedSpin   ? ClientSync::kSpin
+                                 : ClientSync::kDefault;
+}
+
 // STMUX_SYNC (shim/sync_policy.h): gives the calling thread's context the
 // scheduling flag the mode wants, once per context and change; says how the
 // shim's own wait goes.
@@ -741,12 +749,6 @@ SyncChoice Shim::applySync(const Connection& connection, bool served) {
   }
   seen_context = context;
   seen_sched = choice.sched;
-  auto syncOf = [](unsigned sched) {
-    return sched == kSchedBlocking ? ClientSync::kBlocking
-           : sched == kSchedYield  ? ClientSync::kYield
-           : sched == kSchedSpin   ? ClientSync::kSpin
-                                   : ClientSync::kDefault;
-  };
 
   std::lock_guard lock(sync_mutex_);
   auto entry = std::find_if(synced_.begin(), synced_.end(),
@@ -785,14 +787,10 @@ SyncChoice Shim::applySync(const Connection& connection, bool served) {
   }
   if (logEnabled(level, Subsys::kShim)) {
     logFormat(level, Subsys::kShim,
-              "STMUX_SYNC={}: {} tenants making calls on {} cores, this one's calls {}{}: CUDA's "
-              "synchronizations here now {}",
+              "STMUX_SYNC={}: {} tenants making calls on {} cores, this one's calls {}{}: how "
+              "CUDA's synchronizations wait here now: {}",
               config_.sync, tenants, cores_, served ? "served" : "direct",
-              may_spin ? ", its turn to spin" : "",
-              choice.sched == kSchedBlocking ? "block"
-              : choice.sched == kSchedYield  ? "yield"
-              : choice.sched == kSchedSpin   ? "spin"
-                                             : "follow CUDA's default");
+              may_spin ? ", its turn to spin" : "", clientSyncName(syncOf(choice.sched)));
   }
   return choice;
 }
