@@ -11,6 +11,7 @@
 //   early-stop         claims a result that ends before the span does
 //   slow-later         its steps sleep 600 us from the span's middle on
 //   fast-later         its steps sleep 600 us until the span's middle
+//   busy               its steps keep the core busy for 200 us, not sleep
 // Every tenant prints "ready_ns N" on stdout when it is ready.
 #include <getopt.h>
 #include <unistd.h>
@@ -99,7 +100,13 @@ int main(int argc, char** argv) {
     const bool later = said_ready && spanNow() &&
                        realtimeNs() >= span->start_ns + (span->stop_ns - span->start_ns) / 2;
     const bool slow = behaviour == "slow-later" ? later : behaviour == "fast-later" && !later;
-    sleepUs(slow ? 600 : 200);
+    if (behaviour == "busy") {
+      const std::uint64_t until = realtimeNs() + 200'000;
+      while (realtimeNs() < until) {
+      }
+    } else {
+      sleepUs(slow ? 600 : 200);
+    }
     if (said_ready && spanNow() && realtimeNs() >= span->start_ns) {
       if (behaviour == "exit-in-span") {
         std::fprintf(stderr, "fake tenant %d: failing in the span\n", tenant);

@@ -39,6 +39,7 @@
 #include "stmux/control.h"
 #include "stmux/json.h"
 #include "tools/barrier.h"
+#include "tools/cpu_groups.h"
 #include "tools/latency.h"
 #include "tools/proc_cpu.h"
 #include "tools/process.h"
@@ -124,6 +125,7 @@ struct Options {
   int stmuxd_nice = 0;                            // stmuxd runs under `nice -n`
   std::string tenant_args;                        // appended to every tenant's
   std::map<std::string, std::string> tenant_env;  // added to every tenant's
+  double tenant_cpu_quota = 0;  // cores each tenant may use (a cgroup of its own); 0: none
 };
 
 struct Point {
@@ -177,6 +179,9 @@ struct Point {
   struct Cpu {
     double cores = 0, switches = 0, preemptions = 0;
   } tenants_cpu, busiest_cpu, serving_cpu;
+  // --tenant-cpu-quota: the share of the timed span each tenant's quota held
+  // it back (cgroup cpu.stat), the mean over tenants and the most (-1: none).
+  double throttled_mean = -1, throttled_most = -1;
   std::vector<double> repeats;  // --repeat: each valid run's rate
   // The rate in each of equal windows of the timed span (about a second
   // each, 2 to 10 of them; tools/row_validity.h), which shows a row that was
@@ -222,6 +227,10 @@ void usage(FILE* out) {
                "  --tenant-args A  extra arguments for every tenant, e.g. \"--sync blocking\"\n"
                "                   (the program's own choice of how CUDA waits)\n"
                "  --tenant-env E   variables for every tenant, e.g. \"STMUX_SYNC=auto\"\n"
+               "  --tenant-cpu-quota C  each tenant in a cgroup of its own limited to C\n"
+               "                   cores, 0.01..1024, as a pod with limits.cpu (needs root\n"
+               "                   and a cgroup hierarchy with the cpu controller); rows\n"
+               "                   report the share of the span the quota held tenants back\n"
                "  --python PATH    the Python with PyTorch for torch-* shapes (default python3)\n"
                "  --help           this text\n"
                "Needs a CUDA device. Progress goes to stderr.\n"
@@ -285,6 +294,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
                                  {"repeat", required_argument, nullptr, 'n'},
                                  {"tenant-args", required_argument, nullptr, 'A'},
                                  {"tenant-env", required_argument, nullptr, 'E'},
+                                 {"tenant-cpu-quota", required_argument, nullptr, 'Q'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
   auto bad = [](const char* flag, const char* value, const char* accepted) {
@@ -373,6 +383,15 @@ bool parseArgs(int argc, char** argv, Options& o) {
           }
           o.tenant_env[item.substr(0, equals)] = item.substr(equals + 1);
         }
+        break;
+      }
+      case 'Q': {
+        char* end = nullptr;
+        const double cores = std::strtod(optarg, &end);
+        if (end == optarg || *end != '\0' || !(cores >= 0.01 && cores <= 1024)) {
+          return bad("--tenant-cpu-quota", optarg, "a number of cores, 0.01..1024");
+        }
+        o.tenant_cpu_quota = cores;
         break;
       }
       case 'h':
@@ -534,7 +553,16 @@ class Bench {
     }
 
     const int processes = mode == Mode::kCeiling ? 1 : tenants;
+    // Before the clients, so that it is removed after they are gone.
+    CpuQuotaGroups groups;
+    const bool limited = o_.tenant_cpu_quota > 0 && mode != Mode::kCeiling;
+    if (std::string why; limited && !groups.make(processes, o_.tenant_cpu_quota, why)) {
+      point.note = "--tenant-cpu-quota: " + why;
+      if (usesMps(mode)) stopMps(env);
+      return point;
+    }
     std::vector<Process> clients;
+    std::string placement_error;
     auto file = [&](const std::string& name, int i) {
       return (dir / (name + std::to_string(i))).string();
     };
@@ -559,12 +587,18 @@ class Bench {
       for (std::string word; extra >> word;)
         args.push_back(word);
       clients.emplace_back(args, env, file("client", i));
+      if (std::string why; limited && clients.back().started() && placement_error.empty() &&
+                           !groups.place(i, clients.back().pid(), why)) {
+        placement_error = "--tenant-cpu-quota: " + why;
+      }
       // Spaced out: many CUDA processes starting at once saw cublasCreate
       // fail with "not initialized".
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
 
-    std::string invalid = awaitReady(clients, file, socket, usesStmux(mode));
+    std::string invalid = !placement_error.empty()
+                              ? placement_error
+                              : awaitReady(clients, file, socket, usesStmux(mode));
     point.ready_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
     Span span;
     std::vector<TenantOutcome> outcomes(processes);
@@ -586,13 +620,34 @@ class Bench {
       }
       // stmuxd's account at the span's two ends, so that the round and the
       // mean batch are the span's (tools/round_span.h).
-      const auto sampleDaemon = [&](std::optional<Json>& into) {
+      // With --tenant-cpu-quota, how long each tenant's quota has held it
+      // back, at the same two ends.
+      std::vector<std::optional<double>> throttled_before, throttled_after;
+      const auto sampleEnds = [&](std::optional<Json>& into,
+                                  std::vector<std::optional<double>>& throttled) {
         return [&, socket] {
           if (usesStmux(mode)) into = daemonStatus(socket);
+          for (int i = 0; i < groups.size(); ++i)
+            throttled.push_back(groups.throttledSeconds(i));
         };
       };
-      measureCpu(span, tenant_pids, serving_pids, point, sampleDaemon(daemon_before),
-                 sampleDaemon(daemon_after));
+      measureCpu(span, tenant_pids, serving_pids, point,
+                 sampleEnds(daemon_before, throttled_before),
+                 sampleEnds(daemon_after, throttled_after));
+      if (groups.size() > 0) {
+        double sum = 0, most = 0;
+        for (int i = 0; i < groups.size(); ++i) {
+          if (!throttled_before[i] || !throttled_after[i]) continue;
+          const double share = (*throttled_after[i] - *throttled_before[i]) / span.seconds();
+          sum += share;
+          most = std::max(most, share);
+        }
+        point.throttled_mean = sum / groups.size();
+        point.throttled_most = most;
+        point.addNote(fmt::format(
+            "{:g}-core quotas held tenants back {:.1f}% of the span (most {:.1f}%)",
+            o_.tenant_cpu_quota, 100 * point.throttled_mean, 100 * point.throttled_most));
+      }
       const auto deadline =
           std::chrono::steady_clock::now() +
           std::chrono::milliseconds(static_cast<long>((o_.warmup + o_.seconds + 60) * 1000));
@@ -1194,6 +1249,7 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
   json["ready_timeout"] = o.ready_timeout;
   json["stmuxd_args"] = o.stmuxd_args;
   json["stmuxd_nice"] = o.stmuxd_nice;
+  json["tenant_cpu_quota"] = o.tenant_cpu_quota;
   json["repeat"] = o.repeat;
   json["tenant_args"] = o.tenant_args;
   std::string tenant_env;
@@ -1240,6 +1296,12 @@ std::string toJson(const Options& o, const std::vector<Point>& points) {
       row["tenants_cpu"] = cpu(p.tenants_cpu);
       row["busiest_tenant_cpu"] = cpu(p.busiest_cpu);
       row["serving_cpu"] = cpu(p.serving_cpu);
+      if (p.throttled_mean >= 0) {
+        Json throttled;
+        throttled["mean"] = p.throttled_mean;
+        throttled["most"] = p.throttled_most;
+        row["throttled_share"] = throttled;
+      }
       if (!p.repeats.empty()) row["repeats"] = p.repeats;
       row["window_rates"] = p.window_rates;
       // When it was timed, to set beside what else the machine recorded.

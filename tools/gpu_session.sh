@@ -266,10 +266,11 @@ for step in "$@"; do
       # more than MPS's 48 clients: R = 48 and beyond) with auto; one rows
       # line per variant in sync.log.
       # $SYNC_VARIANTS picks variants by tag (default all but the yield
-      # ones), $SYNC_SHAPES the shapes.
+      # ones and serve, auto with every call served), $SYNC_SHAPES the shapes.
       for variant in "keep stmux-mps --tenant-env STMUX_SYNC=keep" \
                      "auto stmux-mps --tenant-env STMUX_SYNC=auto" \
                      "yield stmux-mps --tenant-env STMUX_SYNC=yield" \
+                     "serve stmux-mps --tenant-env STMUX_SYNC=auto --tenant-env STMUX_ROUTE=serve" \
                      "auto-plain stmux --tenant-env STMUX_SYNC=auto --shapes cube" \
                      "mps-spin mps" "mps-yield mps --tenant-args=--sync=yield" \
                      "mps-blocking mps --tenant-args=--sync=blocking"; do
