@@ -79,6 +79,10 @@ TEST(Fault, OnlyAnEarlierRunsFilesAreReplacedInTheOutFolder) {
 // Every scenario, shortened: what the suite finds wrong fails it.
 TEST(FaultOnGpu, EveryScenarioShortenedPasses) {
   TempDir dir;
+  // Searchable by others, as a folder of logs usually is: dos's last phase
+  // runs its flooders as uid 65534 (when root), who must reach the socket.
+  std::filesystem::permissions(dir.path(), std::filesystem::perms::others_exec,
+                               std::filesystem::perm_options::add);
   const Ran ran = run({STMUX_FAULT_PATH, "--kills", "12", "--restarts", "2", "--soak-seconds", "20",
                        "--dos-seconds", "3", "--out", dir.path() + "/out"},
                       {}, dir.path() + "/fault", std::chrono::seconds(600));

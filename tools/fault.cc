@@ -911,12 +911,27 @@ void garbageHellos(const std::string& socket, const std::atomic<bool>& stop, lon
   }
 }
 
+// The first folder on the way to `path` that uid `uid` of group `gid` may
+// not search, or "" if there is none.
+std::string closedFolderOnTheWay(const fs::path& path, uid_t uid, gid_t gid) {
+  for (fs::path folder = fs::absolute(path).parent_path();; folder = folder.parent_path()) {
+    struct stat st {};
+    if (::stat(folder.c_str(), &st) != 0) return folder.string();
+    const bool may = st.st_uid == uid   ? (st.st_mode & S_IXUSR) != 0
+                     : st.st_gid == gid ? (st.st_mode & S_IXGRP) != 0
+                                        : (st.st_mode & S_IXOTH) != 0;
+    if (!may) return folder.string();
+    if (folder == folder.root_path()) return "";
+  }
+}
+
 // The command that runs the flooding client as uid 65534 (nobody), kept in
 // the daemon socket's group (root's: the socket is made 0660), from a copy
 // in `dir` that the user can reach; none, with why, where that cannot be
-// done: stmux-fault not run as root, no setpriv, or the GPU out of that
-// user's reach (its device files).
-std::vector<std::string> otherUser(const Options& o, const fs::path& dir, std::string& why_not) {
+// done: stmux-fault not run as root, a folder above --out closed to that
+// user, no setpriv, or the GPU out of that user's reach (its device files).
+std::vector<std::string> otherUser(const Options& o, const fs::path& dir, const std::string& socket,
+                                   std::string& why_not) {
   if (::geteuid() != 0) {
     why_not = "it takes root to run a client as another user";
     return {};
@@ -940,6 +955,16 @@ std::vector<std::string> otherUser(const Options& o, const fs::path& dir, std::s
     why_not = fmt::format("cannot copy {} where another user reaches it: {}", o.raw_client,
                           error.message());
     return {};
+  }
+  // Above --out the folders are the user's own: said, not opened.
+  for (const fs::path& reached : {copy, fs::path(socket)}) {
+    if (const std::string closed = closedFolderOnTheWay(reached, 65534, 0); !closed.empty()) {
+      why_not = fmt::format(
+          "uid 65534 cannot reach {}: {} is closed to it (give others search rights, e.g. "
+          "chmod o+x, or choose another --out)",
+          reached.string(), closed);
+      return {};
+    }
   }
   const std::vector<std::string> command = {"setpriv", "--reuid=65534", "--regid=0",
                                             "--clear-groups", copy.string()};
@@ -989,7 +1014,7 @@ Result dos(const Options& o, const fs::path& dir) {
     std::vector<std::string> as_user;
     if (p.ends_with("other-user")) {
       std::string why_not;
-      as_user = otherUser(o, dir / p, why_not);
+      as_user = otherUser(o, dir / p, s.daemon.socket(), why_not);
       if (as_user.empty()) {
         say(s.name, fmt::format("{}: not run: {}", phase.what, why_not));
         rows.push_back(Json{{"phase", p}, {"what", phase.what}, {"not_run", why_not}});
