@@ -562,7 +562,6 @@ class Bench {
       return point;
     }
     std::vector<Process> clients;
-    std::string placement_error;
     auto file = [&](const std::string& name, int i) {
       return (dir / (name + std::to_string(i))).string();
     };
@@ -586,19 +585,13 @@ class Bench {
       std::stringstream extra(o_.tenant_args);
       for (std::string word; extra >> word;)
         args.push_back(word);
-      clients.emplace_back(args, env, file("client", i));
-      if (std::string why; limited && clients.back().started() && placement_error.empty() &&
-                           !groups.place(i, clients.back().pid(), why)) {
-        placement_error = "--tenant-cpu-quota: " + why;
-      }
+      clients.emplace_back(limited ? groups.startingIn(i, args) : args, env, file("client", i));
       // Spaced out: many CUDA processes starting at once saw cublasCreate
       // fail with "not initialized".
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
 
-    std::string invalid = !placement_error.empty()
-                              ? placement_error
-                              : awaitReady(clients, file, socket, usesStmux(mode));
+    std::string invalid = awaitReady(clients, file, socket, usesStmux(mode));
     point.ready_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
     Span span;
     std::vector<TenantOutcome> outcomes(processes);

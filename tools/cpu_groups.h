@@ -1,26 +1,92 @@
 // stmux-bench --tenant-cpu-quota: each tenant in a cgroup of its own with a
 // CPU quota, as a Kubernetes pod with `limits.cpu` runs (its affinity still
 // names every core), and how long the quota held each one back. The groups
-// are made in the process's cpu hierarchy (v2 where its cpu controller is
-// there, else v1's), which takes root, and removed once their processes are.
+// are made in a cpu hierarchy (v2 where its cpu controller is there, else
+// v1's), which takes root, and removed once their processes are. A thread
+// that spins in a wait spends the quota as if it worked, and once the quota
+// is spent the kernel stops the whole process until the next period.
 #pragma once
 
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
-#include "stmux/cpu_quota.h"
-
 namespace stmux::tools {
+
+namespace detail {
+
+// A hierarchy that can hold a CPU quota, as mounted: where, and whether it
+// is v2.
+struct CgroupMount {
+  std::string dir;
+  bool v2 = false;
+};
+
+// mountinfo escapes a space, tab, newline and backslash as \ and three
+// octal digits.
+inline std::string unescapeMountField(std::string_view field) {
+  std::string out;
+  for (std::size_t i = 0; i < field.size(); ++i) {
+    if (field[i] == '\\' && i + 3 < field.size() &&
+        field.substr(i + 1, 3).find_first_not_of("01234567") == std::string_view::npos) {
+      out.push_back(static_cast<char>((field[i + 1] - '0') * 64 + (field[i + 2] - '0') * 8 +
+                                      (field[i + 3] - '0')));
+      i += 3;
+    } else {
+      out.push_back(field[i]);
+    }
+  }
+  return out;
+}
+
+// From the text of /proc/self/mountinfo ("ID PARENT MAJ:MIN ROOT MOUNTPOINT
+// OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS"): every cgroup2 mount,
+// and every v1 cgroup mount with the cpu controller.
+inline std::vector<CgroupMount> cpuCgroupMounts(std::string_view mountinfo) {
+  std::vector<CgroupMount> mounts;
+  std::istringstream lines{std::string(mountinfo)};
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream words(line);
+    std::vector<std::string> fields;
+    for (std::string word; words >> word;)
+      fields.push_back(word);
+    const auto dash = std::find(fields.begin(), fields.end(), "-");
+    if (fields.size() < 6 || dash == fields.end() || fields.end() - dash < 4) continue;
+    const std::string& type = dash[1];
+    const std::string& options = dash[3];
+    bool v1_cpu = false;
+    if (type == "cgroup") {
+      std::istringstream each(options);
+      for (std::string option; std::getline(each, option, ',');)
+        v1_cpu = v1_cpu || option == "cpu";
+    }
+    if (type != "cgroup2" && !v1_cpu) continue;
+    mounts.push_back({unescapeMountField(fields[4]), type == "cgroup2"});
+  }
+  return mounts;
+}
+
+inline std::optional<std::string> readSmallFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return std::nullopt;
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+}  // namespace detail
 
 class CpuQuotaGroups {
  public:
@@ -80,6 +146,16 @@ class CpuQuotaGroups {
     return writeFile(groups_.at(i) + "/cgroup.procs", std::to_string(pid), why);
   }
 
+  // `argv` started in group `i`: a shell that moves itself there, then
+  // becomes the program, so that the program's first instruction already
+  // runs under the quota (the same pid throughout).
+  std::vector<std::string> startingIn(int i, const std::vector<std::string>& argv) const {
+    std::vector<std::string> wrapped = {"/bin/sh", "-c", "echo $$ >\"$0\" && exec \"$@\"",
+                                        groups_.at(i) + "/cgroup.procs"};
+    wrapped.insert(wrapped.end(), argv.begin(), argv.end());
+    return wrapped;
+  }
+
   // How long group `i`'s processes have been held back by the quota so far,
   // in seconds (cpu.stat: v2's throttled_usec, v1's throttled_time in ns).
   std::optional<double> throttledSeconds(int i) const {
@@ -89,9 +165,10 @@ class CpuQuotaGroups {
     const std::string wanted = v2_ ? "throttled_usec" : "throttled_time";
     for (std::string name, value; lines >> name >> value;) {
       if (name != wanted) continue;
-      const auto number = detail::wholeNumber(value);
-      if (!number) return std::nullopt;
-      return static_cast<double>(*number) / (v2_ ? 1e6 : 1e9);
+      char* end = nullptr;
+      const double number = std::strtod(value.c_str(), &end);
+      if (end == value.c_str() || *end != '\0') return std::nullopt;
+      return number / (v2_ ? 1e6 : 1e9);
     }
     return std::nullopt;
   }
