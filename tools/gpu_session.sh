@@ -9,7 +9,7 @@
 # "differential" (default all: more than one 600 s call may hold); asan
 # builds everything with ASan+UBSan (<build>-asan) and runs those GPU tests
 # (asan-build only builds);
-# sync (variants $SYNC_VARIANTS, shapes $SYNC_SHAPES), modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
+# sync (variants $SYNC_VARIANTS, shapes $SYNC_SHAPES, a CPU quota per tenant $SYNC_QUOTA), modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
 # (+ demo10) are the comparisons of issues 17, 12 and 18, each on one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
 # GPU, on each thing they can wait on); fault runs stmux-fault with
@@ -266,7 +266,9 @@ for step in "$@"; do
       # more than MPS's 48 clients: R = 48 and beyond) with auto; one rows
       # line per variant in sync.log.
       # $SYNC_VARIANTS picks variants by tag (default all but the yield
-      # ones and serve, auto with every call served), $SYNC_SHAPES the shapes.
+      # ones and serve, auto with every call served), $SYNC_SHAPES the shapes;
+      # $SYNC_QUOTA puts each tenant under a CPU quota of that many cores
+      # (stmux-bench --tenant-cpu-quota).
       for variant in "keep stmux-mps --tenant-env STMUX_SYNC=keep" \
                      "auto stmux-mps --tenant-env STMUX_SYNC=auto" \
                      "yield stmux-mps --tenant-env STMUX_SYNC=yield" \
@@ -279,7 +281,8 @@ for step in "$@"; do
         tag=$1 mode=$2; shift 2
         [[ " ${SYNC_VARIANTS:-keep auto auto-plain mps-spin mps-blocking} " == *" $tag "* ]] || continue
         "$build/tools/stmux-bench" --out "/tmp/stmux-sync-$tag" --shapes "${SYNC_SHAPES:-cube,torch-rnn,torch-cube}" \
-          --tenants "${TENANTS:-8,32,48}" --modes "$mode" "$@" >"$out/sync-$tag.log" 2>&1 || status=1
+          --tenants "${TENANTS:-8,32,48}" --modes "$mode" ${SYNC_QUOTA:+--tenant-cpu-quota "$SYNC_QUOTA"} \
+          "$@" >"$out/sync-$tag.log" 2>&1 || status=1
         cp "/tmp/stmux-sync-$tag/bench.json" "$out/sync-$tag.json" 2>/dev/null
         grep -E "^(cube|torch)" "$out/sync-$tag.log" | sed "s/^/$tag: /"
       done ;;
