@@ -14,8 +14,8 @@ timed. Workloads (cuBLAS calls per step in brackets):
          q, k, v and output nn.Linear(512, 512) with bias, and
          softmax(bmm(q, k^T)) and its bmm with v, 32 GEMMs each
 Exit status: 0 done, 1 a failed step or an unwritable file, 2 bad usage,
-3 no usable CUDA device or --sync refused, 4 no go file in time, 5 PyTorch is
-not installed.
+3 no usable CUDA device or --sync or --slice-us refused, 4 no go file in time,
+5 PyTorch is not installed.
 """
 import argparse
 import os
@@ -55,6 +55,30 @@ def set_sync(flag):
     status = ctypes.CDLL(path).cudaSetDeviceFlags(ctypes.c_uint(flag))
     if status != 0:
         raise RuntimeError(f"cudaSetDeviceFlags({flag}) returned {status}")
+
+
+def set_slice(microseconds):
+    """The calling thread's slice request to the kernel's EEVDF scheduler
+    (sched_setattr's sched_runtime for SCHED_OTHER, Linux 6.12 and later;
+    the kernel clamps it to 0.1 .. 100 ms): a shorter slice gives an earlier
+    deadline, so the thread runs sooner once it wakes."""
+    import ctypes
+    import platform
+    number = {"x86_64": 314, "aarch64": 274}.get(platform.machine())
+    if number is None:
+        raise RuntimeError(f"no sched_setattr number known for {platform.machine()}")
+
+    class SchedAttr(ctypes.Structure):  # SCHED_ATTR_SIZE_VER0
+        _fields_ = [("size", ctypes.c_uint32), ("policy", ctypes.c_uint32),
+                    ("flags", ctypes.c_uint64), ("nice", ctypes.c_int32),
+                    ("priority", ctypes.c_uint32), ("runtime", ctypes.c_uint64),
+                    ("deadline", ctypes.c_uint64), ("period", ctypes.c_uint64)]
+
+    attr = SchedAttr(size=ctypes.sizeof(SchedAttr), policy=0,
+                     nice=os.getpriority(os.PRIO_PROCESS, 0), runtime=microseconds * 1000)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(ctypes.c_long(number), 0, ctypes.byref(attr), 0) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
 def make_step(torch, workload, tenant):
@@ -123,7 +147,12 @@ def main():
                         help="longest wait for the go file once ready (default 600)")
     parser.add_argument("--sync", choices=sorted(SYNC_FLAGS),
                         help="how CUDA waits, chosen by the program (default CUDA's)")
+    parser.add_argument("--slice-us", type=int,
+                        help="the main thread's EEVDF slice request, 100..100000 us "
+                             "(default the kernel's)")
     args = parser.parse_args()
+    if args.slice_us is not None and not 100 <= args.slice_us <= 100000:
+        parser.error(f"--slice-us {args.slice_us}: accepted: 100..100000")
 
     try:
         import torch
@@ -139,6 +168,12 @@ def main():
             set_sync(SYNC_FLAGS[args.sync])
         except (OSError, RuntimeError) as error:
             print(f"stmux-torch-tenant: --sync {args.sync}: {error}", file=sys.stderr)
+            return 3
+    if args.slice_us is not None:
+        try:
+            set_slice(args.slice_us)
+        except (OSError, RuntimeError) as error:
+            print(f"stmux-torch-tenant: --slice-us {args.slice_us}: {error}", file=sys.stderr)
             return 3
     torch.backends.cuda.matmul.allow_tf32 = False  # FP32, as the cuBLAS tenants
     with torch.inference_mode():
