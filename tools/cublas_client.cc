@@ -22,6 +22,9 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <getopt.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -32,6 +35,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -91,6 +95,7 @@ struct Options {
   // The program's own scheduling choice (cudaSetDeviceFlags before its
   // context): 0 leaves CUDA's default.
   unsigned sync_flag = 0;
+  unsigned slice_us = 0;  // --slice-us: the main thread's slice request; 0: the kernel's
 };
 
 // The seed shapes, for mixed-shape runs: RNN mat-vec, ResNet-18 conv2_2, a cube.
@@ -143,7 +148,11 @@ void usage(FILE* out) {
                "  --sync spin|yield|blocking (any mode)  the program's own choice of how\n"
                "                                 CUDA waits (cudaSetDeviceFlags before its\n"
                "                                 context); default CUDA's\n"
-               "Exit status: 0 all right, 1 a wrong result or status, 2 bad usage, 3 CUDA error,\n"
+               "  --slice-us N (any mode)        the main thread's EEVDF slice request to the\n"
+               "                                 kernel (sched_setattr, Linux 6.12 and later),\n"
+               "                                 100..100000; default the kernel's\n"
+               "Exit status: 0 all right, 1 a wrong result or status, 2 bad usage, 3 CUDA error\n"
+               "or --slice-us refused,\n"
                "4 (loop, ceiling) no go file within 600 s of being ready.\n");
 }
 
@@ -188,25 +197,17 @@ bool parse(int argc, char** argv, Options& o) {
                  o.mode.c_str());
     return false;
   }
-  static const option kLong[] = {{"quick", no_argument, nullptr, 'q'},
-                                 {"seed", required_argument, nullptr, 's'},
-                                 {"seconds", required_argument, nullptr, 'S'},
-                                 {"beta", required_argument, nullptr, 'b'},
-                                 {"m", required_argument, nullptr, 'm'},
-                                 {"n", required_argument, nullptr, 'n'},
-                                 {"k", required_argument, nullptr, 'k'},
-                                 {"count", required_argument, nullptr, 'c'},
-                                 {"ready", required_argument, nullptr, 'r'},
-                                 {"go", required_argument, nullptr, 'g'},
-                                 {"out", required_argument, nullptr, 'o'},
-                                 {"api", required_argument, nullptr, 'p'},
-                                 {"mixed", no_argument, nullptr, 'x'},
-                                 {"tenant", required_argument, nullptr, 't'},
-                                 {"threads", required_argument, nullptr, 'T'},
-                                 {"sync", required_argument, nullptr, 'y'},
-                                 {"same-shape", no_argument, nullptr, 'e'},
-                                 {"help", no_argument, nullptr, 'h'},
-                                 {nullptr, 0, nullptr, 0}};
+  static const option kLong[] = {
+      {"quick", no_argument, nullptr, 'q'},          {"seed", required_argument, nullptr, 's'},
+      {"seconds", required_argument, nullptr, 'S'},  {"beta", required_argument, nullptr, 'b'},
+      {"m", required_argument, nullptr, 'm'},        {"n", required_argument, nullptr, 'n'},
+      {"k", required_argument, nullptr, 'k'},        {"count", required_argument, nullptr, 'c'},
+      {"ready", required_argument, nullptr, 'r'},    {"go", required_argument, nullptr, 'g'},
+      {"out", required_argument, nullptr, 'o'},      {"api", required_argument, nullptr, 'p'},
+      {"mixed", no_argument, nullptr, 'x'},          {"tenant", required_argument, nullptr, 't'},
+      {"threads", required_argument, nullptr, 'T'},  {"sync", required_argument, nullptr, 'y'},
+      {"slice-us", required_argument, nullptr, 'L'}, {"same-shape", no_argument, nullptr, 'e'},
+      {"help", no_argument, nullptr, 'h'},           {nullptr, 0, nullptr, 0}};
   optind = 2;
   int c;
   bool ok = true;
@@ -275,6 +276,9 @@ bool parse(int argc, char** argv, Options& o) {
           ok = false;
         }
         break;
+      case 'L':
+        ok = number("--slice-us", optarg, 100u, 100000u, o.slice_us);
+        break;
       case 'h':
         usage(stdout);
         std::exit(0);
@@ -290,6 +294,31 @@ bool parse(int argc, char** argv, Options& o) {
   if ((o.mode == "loop" || o.mode == "ceiling") &&
       (o.files.ready.empty() || o.files.go.empty() || o.files.out.empty())) {
     std::fprintf(stderr, "stmux-cublas-client: %s needs --ready, --go and --out\n", o.mode.c_str());
+    return false;
+  }
+  return true;
+}
+
+// --slice-us: asks the kernel's EEVDF scheduler for a slice of `us` for the
+// calling thread (sched_setattr's sched_runtime under SCHED_OTHER; the
+// kernel clamps it to 0.1 .. 100 ms): a shorter slice gives an earlier
+// deadline, so the thread runs sooner once it wakes. glibc has no wrapper.
+bool requestSlice(unsigned us) {
+  struct {
+    std::uint32_t size, policy;
+    std::uint64_t flags;
+    std::int32_t nice;
+    std::uint32_t priority;
+    std::uint64_t runtime, deadline, period;
+  } attr{};  // SCHED_ATTR_SIZE_VER0
+  attr.size = sizeof attr;
+  attr.policy = SCHED_OTHER;
+  errno = 0;
+  attr.nice = ::getpriority(PRIO_PROCESS, 0);
+  attr.runtime = std::uint64_t{us} * 1000;
+  if (::syscall(SYS_sched_setattr, 0, &attr, 0) != 0) {
+    std::fprintf(stderr, "stmux-cublas-client: --slice-us %u: sched_setattr: %s\n", us,
+                 std::strerror(errno));
     return false;
   }
   return true;
@@ -1227,6 +1256,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "see stmux-cublas-client --help\n");
     return 2;
   }
+  if (options.slice_us != 0 && !requestSlice(options.slice_us)) return 3;
   if (options.mode == "probe") return probe();
   // Its first children must be forked before this process initializes CUDA.
   if (options.mode == "fork") return forkMode(options);

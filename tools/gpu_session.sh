@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu asan launch drift bench transport handoff waiters sync modes wakers graphs
+#   info build unit gpu asan launch drift bench transport handoff waiters sync slice modes wakers graphs
 #   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build mpskill
 #   daemon-ab
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
@@ -9,7 +9,7 @@
 # "differential" (default all: more than one 600 s call may hold); asan
 # builds everything with ASan+UBSan (<build>-asan) and runs those GPU tests
 # (asan-build only builds);
-# sync (variants $SYNC_VARIANTS, shapes $SYNC_SHAPES, a CPU quota per tenant $SYNC_QUOTA), modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
+# sync (variants $SYNC_VARIANTS, shapes $SYNC_SHAPES, a CPU quota per tenant $SYNC_QUOTA), slice (a shorter scheduler slice for MPS's tenants: $SLICE_US, $SLICE_ROUNDS, $SLICE_SHAPES), modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
 # (+ demo10) are the comparisons of issues 17, 12 and 18, each on one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
 # GPU, on each thing they can wait on); fault runs stmux-fault with
@@ -285,6 +285,25 @@ for step in "$@"; do
           "$@" >"$out/sync-$tag.log" 2>&1 || status=1
         cp "/tmp/stmux-sync-$tag/bench.json" "$out/sync-$tag.json" 2>/dev/null
         grep -E "^(cube|torch)" "$out/sync-$tag.log" | sed "s/^/$tag: /"
+      done ;;
+    slice)
+      # Issue 17: what a shorter EEVDF slice (sched_setattr, Linux 6.12 and
+      # later; the tenants' --slice-us) does to the tails: MPS alone, its
+      # tenants spinning and yielding, with the kernel's slice and with
+      # $SLICE_US us (default 100), $SLICE_ROUNDS rounds (default 2) of
+      # shapes $SLICE_SHAPES (default torch-rnn,cube) at $TENANTS (32,48).
+      for round in $(seq "${SLICE_ROUNDS:-2}"); do
+        for sync in spin yield; do
+          for slice in "" "${SLICE_US:-100}"; do
+            tag="r$round-$sync${slice:+-slice$slice}"
+            "$build/tools/stmux-bench" --out "/tmp/stmux-slice-$tag" \
+              --shapes "${SLICE_SHAPES:-torch-rnn,cube}" --tenants "${TENANTS:-32,48}" --modes mps \
+              --tenant-args="--sync=$sync${slice:+ --slice-us=$slice}" >"$out/slice-$tag.log" 2>&1 ||
+              status=1
+            cp "/tmp/stmux-slice-$tag/bench.json" "$out/slice-$tag.json" 2>/dev/null
+            grep -E "^(cube|torch)" "$out/slice-$tag.log" | sed "s/^/$tag: /"
+          done
+        done
       done ;;
     modes)
       # Issue 12: host against stream-ordered mode on MPS, the latter with
