@@ -38,14 +38,14 @@ TEST(CpuGroupMounts, TheHierarchiesThatCanHoldAQuotaAreFound) {
 
 TEST(CpuQuotaGroups, AProcessStartedInAGroupIsInItFromItsStartAndIsHeldBack) {
   CpuQuotaGroups groups;
-  if (std::string why; !groups.make(1, 0.2, why)) {
+  if (std::string why; !groups.make(1, 0.05, why)) {
     GTEST_SKIP() << "cannot make cgroups with a CPU quota here: " << why;
   }
   testing::TempDir dir;
   const std::optional<double> before = groups.throttledSeconds(0);
   ASSERT_TRUE(before.has_value());
   // Its first command already reads the group as its own; then half a
-  // second of busy work, which a fifth of a core takes longer to do.
+  // second of busy work, which a twentieth of a core takes far longer to do.
   Process busy(groups.startingIn(0, {"/bin/sh", "-c",
                                      "cat /proc/self/cgroup; end=$(($(date +%s%N) + 500000000)); "
                                      "while [ $(date +%s%N) -lt $end ]; do :; done"}),

@@ -141,11 +141,6 @@ class CpuQuotaGroups {
     return true;
   }
 
-  // Moves process `pid` (all its threads) into group `i`.
-  bool place(int i, pid_t pid, std::string& why) const {
-    return writeFile(groups_.at(i) + "/cgroup.procs", std::to_string(pid), why);
-  }
-
   // `argv` started in group `i`: a shell that moves itself there, then
   // becomes the program, so that the program's first instruction already
   // runs under the quota (the same pid throughout).
