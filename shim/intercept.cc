@@ -3,6 +3,8 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -719,10 +721,52 @@ ClientSync syncOf(unsigned sched) {
                                  : ClientSync::kDefault;
 }
 
+// STMUX_SLICE_US: asks the kernel's scheduler, once for the calling thread,
+// for a slice of `us` (sched_setattr's sched_runtime under SCHED_OTHER,
+// EEVDF's slice request from Linux 6.12; earlier kernels ignore it). The
+// thread's nice value and reset-on-fork flag stay; a thread the program put
+// under another policy (batch, idle, real-time) is left alone. glibc has no
+// wrapper for either call.
+void requestSlice(unsigned us) {
+  thread_local bool asked = false;
+  if (us == 0 || asked) return;
+  asked = true;
+  struct {
+    std::uint32_t size, policy;
+    std::uint64_t flags;
+    std::int32_t nice;
+    std::uint32_t priority;
+    std::uint64_t runtime, deadline, period;
+  } attr{};                                     // SCHED_ATTR_SIZE_VER0
+  constexpr std::uint64_t kResetOnFork = 0x01;  // SCHED_FLAG_RESET_ON_FORK
+  if (::syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0) {
+    STMUX_WARN(kShim, "STMUX_SLICE_US={}: cannot read this thread's scheduling: {}", us,
+               std::strerror(errno));
+    return;
+  }
+  if (attr.policy != SCHED_OTHER) {
+    STMUX_INFO(kShim,
+               "STMUX_SLICE_US={}: this thread's scheduling policy is the program's ({}); "
+               "left alone",
+               us, attr.policy);
+    return;
+  }
+  attr.size = sizeof attr;
+  attr.flags &= kResetOnFork;
+  attr.runtime = std::uint64_t{us} * 1000;
+  if (::syscall(SYS_sched_setattr, 0, &attr, 0) != 0) {
+    STMUX_WARN(kShim, "STMUX_SLICE_US={}: the kernel refused the slice: {}", us,
+               std::strerror(errno));
+    return;
+  }
+  STMUX_DEBUG(kShim, "STMUX_SLICE_US={}: this thread asked for a {} us slice", us, us);
+}
+
 // STMUX_SYNC (shim/sync_policy.h): gives the calling thread's context the
 // scheduling flag the mode wants, once per context and change; says how the
-// shim's own wait goes.
+// shim's own wait goes. STMUX_SLICE_US's request goes with it.
 SyncChoice Shim::applySync(const Connection& connection, bool served) {
+  requestSlice(static_cast<unsigned>(config_.slice_us));
   std::atomic<std::uint32_t>& said = connection.syncWord();  // what stmuxctl shows
   auto say = [&](ClientSync sync) {
     said.store(static_cast<std::uint32_t>(sync), std::memory_order_relaxed);

@@ -180,7 +180,7 @@ TEST(BenchBarrier, TenantsUnderACpuQuotaAreHeldBackAndTheRowSaysHowMuch) {
   }
   TempDir dir;
   const BenchRun run =
-      runBench(dir, "0=busy,1=busy,2=busy", 5, {"--tenant-cpu-quota", "0.05", "--seconds", "1"});
+      runBench(dir, "0=busy,1=busy,2=busy", 30, {"--tenant-cpu-quota", "0.05", "--seconds", "1"});
   ASSERT_EQ(run.status, 0) << run.out << run.err;
   EXPECT_DOUBLE_EQ(jsonNumber(jsonFind(*run.json, "tenant_cpu_quota"), 0), 0.05);
   const Json* time_only = row(run, "time-only");
@@ -188,11 +188,13 @@ TEST(BenchBarrier, TenantsUnderACpuQuotaAreHeldBackAndTheRowSaysHowMuch) {
   ASSERT_TRUE(jsonBool(jsonFind(time_only, "valid"))) << run.out;
   const Json* throttled = jsonFind(time_only, "throttled_share");
   ASSERT_NE(throttled, nullptr) << run.out;
-  // Busy all the time on a twentieth of a core: held back about 95% of it.
-  EXPECT_GT(jsonNumber(jsonFind(throttled, "mean"), 0), 0.5) << run.out;
+  // Busy all the time on a twentieth of a core: held back about 95% of it
+  // (not held back at all without the quota).
+  EXPECT_GT(jsonNumber(jsonFind(throttled, "mean"), 0), 0.3) << run.out;
   EXPECT_GE(jsonNumber(jsonFind(throttled, "most"), 0), jsonNumber(jsonFind(throttled, "mean"), 1));
-  // Three tenants, at most a twentieth of a core each (and /proc's ticks).
-  EXPECT_LT(jsonNumber(jsonFind(jsonFind(time_only, "tenants_cpu"), "cores"), 9), 0.3) << run.out;
+  // Three busy tenants, at most a twentieth of a core each (and /proc's
+  // ticks), not the machine's cores.
+  EXPECT_LT(jsonNumber(jsonFind(jsonFind(time_only, "tenants_cpu"), "cores"), 9), 0.5) << run.out;
   EXPECT_NE(jsonString(jsonFind(time_only, "note")).find("0.05-core quotas held tenants back"),
             std::string::npos)
       << run.out;

@@ -284,6 +284,37 @@ TEST(ShimProcess, HowATenantWaitsShowsInTheStatus) {
   }
 }
 
+// STMUX_SLICE_US: the calling thread asks the kernel for that slice at its
+// first GEMM, keeping its policy; without it the kernel's slice stays, and a
+// thread the program put under SCHED_BATCH is left alone.
+TEST(ShimProcess, SliceUsAsksTheKernelForTheCallingThreadsSlice) {
+  TempDir dir;
+  Daemon daemon(dir);
+  const Ran plain = tenant(dir, {"slice"});
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  auto said = keyValues(plain.out);
+  EXPECT_EQ(said["status"], "0");
+  const std::string kernels = said["before"];
+  if (kernels.rfind("0 ", 0) != 0 || kernels == "0 0") {
+    GTEST_SKIP() << "this kernel reports no slice for SCHED_OTHER (before Linux 6.12): " << kernels;
+  }
+  EXPECT_EQ(said["after"], kernels) << "without STMUX_SLICE_US the kernel's slice stays";
+
+  const Ran asked = tenant(dir, {"slice"}, true, {{"STMUX_SLICE_US", "300"}});
+  ASSERT_EQ(asked.status, 0) << asked.err;
+  said = keyValues(asked.out);
+  EXPECT_EQ(said["before"], kernels);
+  EXPECT_EQ(said["after"], "0 300000") << asked.err;
+
+  const Ran batch = tenant(dir, {"slice", "batch"}, true,
+                           {{"STMUX_SLICE_US", "300"}, {"STMUX_LOG", "stats=info,shim=info"}});
+  ASSERT_EQ(batch.status, 0) << batch.err;
+  said = keyValues(batch.out);
+  EXPECT_EQ(said["before"].rfind("3 ", 0), 0u) << "SCHED_BATCH: " << said["before"];
+  EXPECT_EQ(said["after"], said["before"]) << batch.err;
+  EXPECT_NE(batch.err.find("left alone"), std::string::npos) << batch.err;
+}
+
 // The CUDA driver asks where MPS's pipes are as it starts. A tenant that
 // finds every place stmuxd keeps on MPS taken is told a directory without
 // MPS in it (so that its context can still be made, off MPS), says so once,

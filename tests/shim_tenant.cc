@@ -24,6 +24,10 @@
 //                     pipes are, makes one call and lives on S seconds:
 //                     prints what the driver was told, and what the
 //                     program itself is told when it asks
+//   slice [batch]     reads its main thread's scheduling, makes one call and
+//                     reads it again (SCHED_BATCH first, the program's own
+//                     choice, with `batch`): prints "before"/"after" lines
+//                     of "POLICY SLICE_NS" (sched_getattr) and the status
 //   steady S T        T threads, each a call every 2 ms for S seconds, each
 //                     with its own C: prints the share of the threads' time
 //                     spent inside calls after the first second, and the
@@ -32,12 +36,15 @@
 #include <dirent.h>
 #include <dlfcn.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -98,11 +105,26 @@ int socketsHeld() {
   return sockets;
 }
 
+// The calling thread's policy and slice request (sched_getattr's
+// sched_runtime: the slice, for SCHED_OTHER, from Linux 6.12).
+std::string scheduling() {
+  struct {
+    std::uint32_t size, policy;
+    std::uint64_t flags;
+    std::int32_t nice;
+    std::uint32_t priority;
+    std::uint64_t runtime, deadline, period;
+  } attr{};
+  if (syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0) return "error";
+  return std::to_string(attr.policy) + " " + std::to_string(attr.runtime);
+}
+
 int usage() {
   std::fprintf(
       stderr,
       "usage: stmux-shim-tenant MODE [ARG]; modes: served N, alpha0, legacy, gemm-ex ALGO..., "
-      "fork-attaching, fork-constructing, cancel, dlclose SHIM, mps-pipes S, steady S T\n");
+      "fork-attaching, fork-constructing, cancel, dlclose SHIM, mps-pipes S, slice [batch], "
+      "steady S T\n");
   return 2;
 }
 
@@ -132,6 +154,16 @@ int main(int argc, char** argv) {
     std::printf("status %d\n", static_cast<int>(sgemm(1.0f, 0.0f)));
     std::fflush(stdout);
     std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(argv[2]) * 1000));
+    return 0;
+  }
+  if (mode == "slice" && (argc == 2 || (argc == 3 && std::string(argv[2]) == "batch"))) {
+    if (argc == 3) {
+      const sched_param none{};
+      if (sched_setscheduler(0, SCHED_BATCH, &none) != 0) return 1;
+    }
+    std::printf("before %s\n", scheduling().c_str());
+    std::printf("status %d\n", static_cast<int>(sgemm(1.0f, 0.0f)));
+    std::printf("after %s\n", scheduling().c_str());
     return 0;
   }
   if (mode == "alpha0") {

@@ -266,13 +266,15 @@ for step in "$@"; do
       # more than MPS's 48 clients: R = 48 and beyond) with auto; one rows
       # line per variant in sync.log.
       # $SYNC_VARIANTS picks variants by tag (default all but the yield
-      # ones and serve, auto with every call served), $SYNC_SHAPES the shapes;
+      # ones, serve (auto with every call served) and auto-slice (auto with
+      # STMUX_SLICE_US=$SLICE_US, default 100)), $SYNC_SHAPES the shapes;
       # $SYNC_QUOTA puts each tenant under a CPU quota of that many cores
       # (stmux-bench --tenant-cpu-quota).
       for variant in "keep stmux-mps --tenant-env STMUX_SYNC=keep" \
                      "auto stmux-mps --tenant-env STMUX_SYNC=auto" \
                      "yield stmux-mps --tenant-env STMUX_SYNC=yield" \
                      "serve stmux-mps --tenant-env STMUX_SYNC=auto --tenant-env STMUX_ROUTE=serve" \
+                     "auto-slice stmux-mps --tenant-env STMUX_SYNC=auto --tenant-env STMUX_SLICE_US=${SLICE_US:-100}" \
                      "auto-plain stmux --tenant-env STMUX_SYNC=auto --shapes cube" \
                      "mps-spin mps" "mps-yield mps --tenant-args=--sync=yield" \
                      "mps-blocking mps --tenant-args=--sync=blocking"; do

@@ -55,6 +55,13 @@ enum class Kind { kBool, kInt, kPow2, kPath, kLog, kDevices, kChoice, kUser, kFi
     "shim's own futex wait; 'auto': while the tenants making calls outnumber this process's "    \
     "cores, 'blocking' where its calls are served and 'yield' where they go direct, else "       \
     "CUDA's default.")                                                                           \
+  X(slice_us, "STMUX_SLICE_US", kInt, "0", 0, 100000, "us", kShim,                               \
+    "The scheduler slice the shim asks the kernel for (EEVDF's, Linux 6.12 and later, which "    \
+    "raises a request below 100 us to 100), once for each thread that makes a GEMM call while "  \
+    "attached to stmuxd; a shorter slice lets a thread run sooner once it wakes or another "     \
+    "yields. 0: the kernel's. "                                                                  \
+    "A thread under a policy other than SCHED_OTHER keeps it. Not yet measured in stmux's "      \
+    "rows (docs/BENCHMARKS.md, thirty-fourth session).")                                         \
   X(route, "STMUX_ROUTE", kChoice, "auto", 0, 0, "auto|serve", kShim,                            \
     "Which calls stmuxd serves: 'serve': every call it can; 'auto': the same, but measured now " \
     "and then with calls direct, which they take while that is clearly faster: on MPS stmuxd "   \
