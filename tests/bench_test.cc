@@ -170,10 +170,11 @@ TEST(BenchBarrier, ARowWhoseRateChangedSaysWhichWay) {
   }
 }
 
-// --tenant-cpu-quota, where this machine lets the bench make cgroups: busy
-// tenants limited to a twentieth of a core each are held back most of the
-// span (even on a loaded machine: 5 ms a period is soon spent), and the row
-// says by how much; the ceiling's one process is not limited.
+// --tenant-cpu-quota, where this machine lets the bench make cgroups:
+// tenants busy half the time, limited to a twentieth of a core each, are
+// held back most of the span (even on a loaded machine: 5 ms a period is
+// soon spent), and the row says by how much; the ceiling's one process is
+// not limited.
 TEST(BenchBarrier, TenantsUnderACpuQuotaAreHeldBackAndTheRowSaysHowMuch) {
   if (std::string why; !tools::CpuQuotaGroups().make(1, 0.2, why)) {
     GTEST_SKIP() << "cannot make cgroups with a CPU quota here: " << why;
@@ -185,10 +186,16 @@ TEST(BenchBarrier, TenantsUnderACpuQuotaAreHeldBackAndTheRowSaysHowMuch) {
   EXPECT_DOUBLE_EQ(jsonNumber(jsonFind(*run.json, "tenant_cpu_quota"), 0), 0.05);
   const Json* time_only = row(run, "time-only");
   ASSERT_NE(time_only, nullptr) << run.out;
+  // A machine loaded enough (a sanitizer's pass, the other tests) can leave
+  // a limited tenant without its core for the whole span.
+  if (const std::string note(jsonString(jsonFind(time_only, "note")));
+      note.find("completed no step inside the timed span") != std::string::npos) {
+    GTEST_SKIP() << "this machine was too busy for a tenant to make a step in the span: " << note;
+  }
   ASSERT_TRUE(jsonBool(jsonFind(time_only, "valid"))) << run.out;
   const Json* throttled = jsonFind(time_only, "throttled_share");
   ASSERT_NE(throttled, nullptr) << run.out;
-  // Busy all the time on a twentieth of a core: held back about 95% of it
+  // Busy half the time on a twentieth of a core: held back about 90% of it
   // (not held back at all without the quota).
   EXPECT_GT(jsonNumber(jsonFind(throttled, "mean"), 0), 0.3) << run.out;
   EXPECT_GE(jsonNumber(jsonFind(throttled, "most"), 0), jsonNumber(jsonFind(throttled, "mean"), 1));

@@ -11,7 +11,8 @@
 //   early-stop         claims a result that ends before the span does
 //   slow-later         its steps sleep 600 us from the span's middle on
 //   fast-later         its steps sleep 600 us until the span's middle
-//   busy               its steps keep the core busy for 200 us, not sleep
+//   busy               its steps keep the core busy for 200 us, then sleep
+//                      200 us
 // Every tenant prints "ready_ns N" on stdout when it is ready.
 #include <getopt.h>
 #include <unistd.h>
@@ -104,9 +105,8 @@ int main(int argc, char** argv) {
       const std::uint64_t until = realtimeNs() + 200'000;
       while (realtimeNs() < until) {
       }
-    } else {
-      sleepUs(slow ? 600 : 200);
     }
+    sleepUs(slow ? 600 : 200);
     if (said_ready && spanNow() && realtimeNs() >= span->start_ns) {
       if (behaviour == "exit-in-span") {
         std::fprintf(stderr, "fake tenant %d: failing in the span\n", tenant);
