@@ -3,8 +3,6 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -34,6 +32,7 @@
 #include "stmux/gemm.h"
 #include "stmux/log.h"
 #include "stmux/precision.h"
+#include "stmux/sys.h"
 
 extern char** environ;
 
@@ -725,21 +724,13 @@ ClientSync syncOf(unsigned sched) {
 // for a slice of `us` (sched_setattr's sched_runtime under SCHED_OTHER,
 // EEVDF's slice request from Linux 6.12; earlier kernels ignore it). The
 // thread's nice value and reset-on-fork flag stay; a thread the program put
-// under another policy (batch, idle, real-time) is left alone. glibc has no
-// wrapper for either call.
+// under another policy (batch, idle, real-time) is left alone.
 void requestSlice(unsigned us) {
   thread_local bool asked = false;
   if (us == 0 || asked) return;
   asked = true;
-  struct {
-    std::uint32_t size, policy;
-    std::uint64_t flags;
-    std::int32_t nice;
-    std::uint32_t priority;
-    std::uint64_t runtime, deadline, period;
-  } attr{};                                     // SCHED_ATTR_SIZE_VER0
-  constexpr std::uint64_t kResetOnFork = 0x01;  // SCHED_FLAG_RESET_ON_FORK
-  if (::syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0) {
+  SchedAttr attr;
+  if (schedGetattr(attr) != 0) {
     STMUX_WARN(kShim, "STMUX_SLICE_US={}: cannot read this thread's scheduling: {}", us,
                std::strerror(errno));
     return;
@@ -751,10 +742,9 @@ void requestSlice(unsigned us) {
                us, attr.policy);
     return;
   }
-  attr.size = sizeof attr;
-  attr.flags &= kResetOnFork;
+  attr.flags &= kSchedResetOnFork;
   attr.runtime = std::uint64_t{us} * 1000;
-  if (::syscall(SYS_sched_setattr, 0, &attr, 0) != 0) {
+  if (schedSetattr(attr) != 0) {
     STMUX_WARN(kShim, "STMUX_SLICE_US={}: the kernel refused the slice: {}", us,
                std::strerror(errno));
     return;

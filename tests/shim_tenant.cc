@@ -38,7 +38,6 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -51,6 +50,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "stmux/sys.h"
 
 extern "C" void cublasSgemm(char transa, char transb, int m, int n, int k, float alpha,
                             const float* A, int lda, const float* B, int ldb, float beta, float* C,
@@ -108,14 +109,8 @@ int socketsHeld() {
 // The calling thread's policy and slice request (sched_getattr's
 // sched_runtime: the slice, for SCHED_OTHER, from Linux 6.12).
 std::string scheduling() {
-  struct {
-    std::uint32_t size, policy;
-    std::uint64_t flags;
-    std::int32_t nice;
-    std::uint32_t priority;
-    std::uint64_t runtime, deadline, period;
-  } attr{};
-  if (syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0) != 0) return "error";
+  stmux::SchedAttr attr;
+  if (stmux::schedGetattr(attr) != 0) return "error";
   return std::to_string(attr.policy) + " " + std::to_string(attr.runtime);
 }
 

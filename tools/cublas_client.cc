@@ -22,9 +22,6 @@
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <getopt.h>
-#include <sched.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -45,6 +42,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "stmux/sys.h"
 #include "tools/barrier.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
@@ -302,21 +300,17 @@ bool parse(int argc, char** argv, Options& o) {
 // --slice-us: asks the kernel's EEVDF scheduler for a slice of `us` for the
 // calling thread (sched_setattr's sched_runtime under SCHED_OTHER; the
 // kernel clamps it to 0.1 .. 100 ms): a shorter slice gives an earlier
-// deadline, so the thread runs sooner once it wakes. glibc has no wrapper.
+// deadline, so the thread runs sooner once it wakes.
 bool requestSlice(unsigned us) {
-  struct {
-    std::uint32_t size, policy;
-    std::uint64_t flags;
-    std::int32_t nice;
-    std::uint32_t priority;
-    std::uint64_t runtime, deadline, period;
-  } attr{};  // SCHED_ATTR_SIZE_VER0
-  attr.size = sizeof attr;
-  attr.policy = SCHED_OTHER;
-  errno = 0;
-  attr.nice = ::getpriority(PRIO_PROCESS, 0);
+  stmux::SchedAttr attr;  // this thread's: its policy and nice value stay
+  if (stmux::schedGetattr(attr) != 0) {
+    std::fprintf(stderr, "stmux-cublas-client: --slice-us %u: sched_getattr: %s\n", us,
+                 std::strerror(errno));
+    return false;
+  }
+  attr.flags &= stmux::kSchedResetOnFork;
   attr.runtime = std::uint64_t{us} * 1000;
-  if (::syscall(SYS_sched_setattr, 0, &attr, 0) != 0) {
+  if (stmux::schedSetattr(attr) != 0) {
     std::fprintf(stderr, "stmux-cublas-client: --slice-us %u: sched_setattr: %s\n", us,
                  std::strerror(errno));
     return false;

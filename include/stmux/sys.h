@@ -160,6 +160,28 @@ inline void nameThisThread(const std::string& name) {
   ::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str());
 }
 
+// The calling thread's scheduling as sched_getattr and sched_setattr take
+// it (SCHED_ATTR_SIZE_VER0; glibc wraps neither). For SCHED_OTHER,
+// `runtime` is the thread's slice request to EEVDF (Linux 6.12 and later:
+// the slice; earlier kernels report 0 and ignore it).
+struct SchedAttr {
+  std::uint32_t size = sizeof(SchedAttr), policy = 0;
+  std::uint64_t flags = 0;
+  std::int32_t nice = 0;
+  std::uint32_t priority = 0;
+  std::uint64_t runtime = 0, deadline = 0, period = 0;
+};
+inline constexpr std::uint64_t kSchedResetOnFork = 0x01;  // SCHED_FLAG_RESET_ON_FORK
+
+// 0, or -1 with errno.
+inline int schedGetattr(SchedAttr& attr) {
+  return static_cast<int>(::syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0));
+}
+inline int schedSetattr(SchedAttr attr) {
+  attr.size = sizeof attr;
+  return static_cast<int>(::syscall(SYS_sched_setattr, 0, &attr, 0));
+}
+
 inline void cpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
