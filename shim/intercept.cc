@@ -742,9 +742,7 @@ void requestSlice(unsigned us) {
                us, attr.policy);
     return;
   }
-  attr.flags &= kSchedResetOnFork;
-  attr.runtime = std::uint64_t{us} * 1000;
-  if (schedSetattr(attr) != 0) {
+  if (schedRequestSlice(attr, us) != 0) {
     STMUX_WARN(kShim, "STMUX_SLICE_US={}: the kernel refused the slice: {}", us,
                std::strerror(errno));
     return;

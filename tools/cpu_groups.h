@@ -23,6 +23,8 @@
 #include <string_view>
 #include <vector>
 
+#include "tools/proc_cpu.h"
+
 namespace stmux::tools {
 
 namespace detail {
@@ -78,14 +80,6 @@ inline std::vector<CgroupMount> cpuCgroupMounts(std::string_view mountinfo) {
   return mounts;
 }
 
-inline std::optional<std::string> readSmallFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return std::nullopt;
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
 }  // namespace detail
 
 class CpuQuotaGroups {
@@ -102,11 +96,10 @@ class CpuQuotaGroups {
   // Makes `count` groups, each limited to `cores`; false with `why` where it
   // cannot (no writable cpu hierarchy: not root, or no cgroups here).
   bool make(int count, double cores, std::string& why) {
-    const auto mountinfo = detail::readSmallFile("/proc/self/mountinfo");
     std::optional<detail::CgroupMount> chosen;
-    for (const detail::CgroupMount& mount : detail::cpuCgroupMounts(mountinfo.value_or(""))) {
-      const auto controllers = detail::readSmallFile(mount.dir + "/cgroup.controllers");
-      const bool usable = !mount.v2 || (controllers && hasWord(*controllers, "cpu"));
+    for (const detail::CgroupMount& mount :
+         detail::cpuCgroupMounts(readText("/proc/self/mountinfo"))) {
+      const bool usable = !mount.v2 || hasWord(readText(mount.dir + "/cgroup.controllers"), "cpu");
       if (usable && (!chosen || mount.v2)) chosen = mount;
     }
     if (!chosen) {
@@ -154,9 +147,7 @@ class CpuQuotaGroups {
   // How long group `i`'s processes have been held back by the quota so far,
   // in seconds (cpu.stat: v2's throttled_usec, v1's throttled_time in ns).
   std::optional<double> throttledSeconds(int i) const {
-    const auto stat = detail::readSmallFile(groups_.at(i) + "/cpu.stat");
-    if (!stat) return std::nullopt;
-    std::istringstream lines(*stat);
+    std::istringstream lines(readText(groups_.at(i) + "/cpu.stat"));
     const std::string wanted = v2_ ? "throttled_usec" : "throttled_time";
     for (std::string name, value; lines >> name >> value;) {
       if (name != wanted) continue;

@@ -308,9 +308,7 @@ bool requestSlice(unsigned us) {
                  std::strerror(errno));
     return false;
   }
-  attr.flags &= stmux::kSchedResetOnFork;
-  attr.runtime = std::uint64_t{us} * 1000;
-  if (stmux::schedSetattr(attr) != 0) {
+  if (stmux::schedRequestSlice(attr, us) != 0) {
     std::fprintf(stderr, "stmux-cublas-client: --slice-us %u: sched_setattr: %s\n", us,
                  std::strerror(errno));
     return false;

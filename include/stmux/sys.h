@@ -171,8 +171,6 @@ struct SchedAttr {
   std::uint32_t priority = 0;
   std::uint64_t runtime = 0, deadline = 0, period = 0;
 };
-inline constexpr std::uint64_t kSchedResetOnFork = 0x01;  // SCHED_FLAG_RESET_ON_FORK
-
 // 0, or -1 with errno.
 inline int schedGetattr(SchedAttr& attr) {
   return static_cast<int>(::syscall(SYS_sched_getattr, 0, &attr, sizeof attr, 0));
@@ -180,6 +178,15 @@ inline int schedGetattr(SchedAttr& attr) {
 inline int schedSetattr(SchedAttr attr) {
   attr.size = sizeof attr;
   return static_cast<int>(::syscall(SYS_sched_setattr, 0, &attr, 0));
+}
+// `attr` (the thread's, as read) with a slice request of `us`: its policy,
+// nice value and reset-on-fork flag stay, and no other flag is sent (each
+// would change something else). 0, or -1 with errno.
+inline int schedRequestSlice(SchedAttr attr, unsigned us) {
+  constexpr std::uint64_t kResetOnFork = 0x01;  // SCHED_FLAG_RESET_ON_FORK
+  attr.flags &= kResetOnFork;
+  attr.runtime = std::uint64_t{us} * 1000;
+  return schedSetattr(attr);
 }
 
 inline void cpuRelax() {
