@@ -956,10 +956,8 @@ std::string Server::statusJson() const {
     entry["mps"] = clientMpsName(mps);
     entry["sync"] = clientSyncName(
         static_cast<ClientSync>(client->view.header()->sync.load(std::memory_order_relaxed)));
-    const auto mode = static_cast<ClientMode>(counters.mode.load(std::memory_order_relaxed));
-    entry["mode"] = mode == ClientMode::kStream ? "stream"
-                    : mode == ClientMode::kHost ? "host"
-                                                : "unknown";
+    entry["mode"] =
+        clientModeName(static_cast<ClientMode>(counters.mode.load(std::memory_order_relaxed)));
     // The client's side of a round (host mode), in means.
     const std::uint64_t timed = counters.timed_calls.load(std::memory_order_relaxed);
     auto mean = [&](const std::atomic<std::uint64_t>& ns) {

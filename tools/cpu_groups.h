@@ -4,7 +4,10 @@
 // are made in a cpu hierarchy (v2 where its cpu controller is there, else
 // v1's), which takes root, and removed once their processes are. A thread
 // that spins in a wait spends the quota as if it worked, and once the quota
-// is spent the kernel stops the whole process until the next period.
+// is spent the kernel stops the whole process until the next period. The
+// groups share one parent (stmux-bench-PID), as pods share kubepods: under
+// contention the kernel weighs the tenants together, as one group, against
+// the other groups at the top of the hierarchy (stmuxd's among them).
 #pragma once
 
 #include <sys/stat.h>

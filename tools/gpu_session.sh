@@ -9,7 +9,7 @@
 # "differential" (default all: more than one 600 s call may hold); asan
 # builds everything with ASan+UBSan (<build>-asan) and runs those GPU tests
 # (asan-build only builds);
-# sync (variants $SYNC_VARIANTS, shapes $SYNC_SHAPES, a CPU quota per tenant $SYNC_QUOTA), slice (a shorter scheduler slice for MPS's tenants: $SLICE_US, $SLICE_ROUNDS, $SLICE_SHAPES), modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
+# sync (variants $SYNC_VARIANTS, shapes $SYNC_SHAPES, a CPU quota per tenant $SYNC_QUOTA, $SYNC_ROUNDS rounds), slice (a shorter scheduler slice for MPS's tenants: $SLICE_US, $SLICE_ROUNDS, $SLICE_SHAPES), modes (MPS alone; host, stream, and stream with STMUX_STREAM_WAIT=kernel) and demo2
 # (+ demo10) are the comparisons of issues 17, 12 and 18, each on one machine; $TENANTS overrides their tenant counts; waiters runs the
 # hand-off on MPS with $WAITERS (default "0 31") other streams waiting on the
 # GPU, on each thing they can wait on); fault runs stmux-fault with
@@ -269,24 +269,28 @@ for step in "$@"; do
       # ones, serve (auto with every call served) and auto-slice (auto with
       # STMUX_SLICE_US=$SLICE_US, default 100)), $SYNC_SHAPES the shapes;
       # $SYNC_QUOTA puts each tenant under a CPU quota of that many cores
-      # (stmux-bench --tenant-cpu-quota).
-      for variant in "keep stmux-mps --tenant-env STMUX_SYNC=keep" \
-                     "auto stmux-mps --tenant-env STMUX_SYNC=auto" \
-                     "yield stmux-mps --tenant-env STMUX_SYNC=yield" \
-                     "serve stmux-mps --tenant-env STMUX_SYNC=auto --tenant-env STMUX_ROUTE=serve" \
-                     "auto-slice stmux-mps --tenant-env STMUX_SYNC=auto --tenant-env STMUX_SLICE_US=${SLICE_US:-100}" \
-                     "auto-plain stmux --tenant-env STMUX_SYNC=auto --shapes cube" \
-                     "mps-spin mps" "mps-yield mps --tenant-args=--sync=yield" \
-                     "mps-blocking mps --tenant-args=--sync=blocking"; do
-        # shellcheck disable=SC2086  # the variant's words are its arguments
-        set -- $variant
-        tag=$1 mode=$2; shift 2
-        [[ " ${SYNC_VARIANTS:-keep auto auto-plain mps-spin mps-blocking} " == *" $tag "* ]] || continue
-        "$build/tools/stmux-bench" --out "/tmp/stmux-sync-$tag" --shapes "${SYNC_SHAPES:-cube,torch-rnn,torch-cube}" \
-          --tenants "${TENANTS:-8,32,48}" --modes "$mode" ${SYNC_QUOTA:+--tenant-cpu-quota "$SYNC_QUOTA"} \
-          "$@" >"$out/sync-$tag.log" 2>&1 || status=1
-        cp "/tmp/stmux-sync-$tag/bench.json" "$out/sync-$tag.json" 2>/dev/null
-        grep -E "^(cube|torch)" "$out/sync-$tag.log" | sed "s/^/$tag: /"
+      # (stmux-bench --tenant-cpu-quota); $SYNC_ROUNDS (default 1) runs the
+      # variants that many times in turn, each round's tags prefixed rN-.
+      for round in $(seq "${SYNC_ROUNDS:-1}"); do
+        for variant in "keep stmux-mps --tenant-env STMUX_SYNC=keep" \
+                       "auto stmux-mps --tenant-env STMUX_SYNC=auto" \
+                       "yield stmux-mps --tenant-env STMUX_SYNC=yield" \
+                       "serve stmux-mps --tenant-env STMUX_SYNC=auto --tenant-env STMUX_ROUTE=serve" \
+                       "auto-slice stmux-mps --tenant-env STMUX_SYNC=auto --tenant-env STMUX_SLICE_US=${SLICE_US:-100}" \
+                       "auto-plain stmux --tenant-env STMUX_SYNC=auto --shapes cube" \
+                       "mps-spin mps" "mps-yield mps --tenant-args=--sync=yield" \
+                       "mps-blocking mps --tenant-args=--sync=blocking"; do
+          # shellcheck disable=SC2086  # the variant's words are its arguments
+          set -- $variant
+          tag=$1 mode=$2; shift 2
+          [[ " ${SYNC_VARIANTS:-keep auto auto-plain mps-spin mps-blocking} " == *" $tag "* ]] || continue
+          [ "${SYNC_ROUNDS:-1}" = 1 ] || tag="r$round-$tag"
+          "$build/tools/stmux-bench" --out "/tmp/stmux-sync-$tag" --shapes "${SYNC_SHAPES:-cube,torch-rnn,torch-cube}" \
+            --tenants "${TENANTS:-8,32,48}" --modes "$mode" ${SYNC_QUOTA:+--tenant-cpu-quota "$SYNC_QUOTA"} \
+            "$@" >"$out/sync-$tag.log" 2>&1 || status=1
+          cp "/tmp/stmux-sync-$tag/bench.json" "$out/sync-$tag.json" 2>/dev/null
+          grep -E "^(cube|torch)" "$out/sync-$tag.log" | sed "s/^/$tag: /"
+        done
       done ;;
     slice)
       # Issue 17: what a shorter EEVDF slice (sched_setattr, Linux 6.12 and

@@ -326,6 +326,18 @@ inline std::string_view clientMpsName(ClientMps mps) {
   return "unknown";
 }
 enum class ClientMode : std::uint32_t { kUnknown = 0, kHost = 1, kStream = 2 };
+// How stmuxd's status names each (stmuxctl reads it).
+inline std::string_view clientModeName(ClientMode mode) {
+  switch (mode) {
+    case ClientMode::kHost:
+      return "host";
+    case ClientMode::kStream:
+      return "stream";
+    case ClientMode::kUnknown:
+      break;
+  }
+  return "unknown";
+}
 // How the client's threads wait for its GPU: the scheduling flag of its CUDA
 // context as STMUX_SYNC last left it (shim/sync_policy.h).
 enum class ClientSync : std::uint32_t {
