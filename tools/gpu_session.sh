@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
-#   info build unit gpu asan launch drift bench transport handoff waiters sync slice modes wakers graphs
+#   info build unit gpu asan launch drift bench transport handoff waiters sync wake slice modes wakers graphs
 #   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build mpskill
 #   daemon-ab
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
@@ -291,6 +291,17 @@ for step in "$@"; do
           cp "/tmp/stmux-sync-$tag/bench.json" "$out/sync-$tag.json" 2>/dev/null
           grep -E "^(cube|torch)" "$out/sync-$tag.log" | sed "s/^/$tag: /"
         done
+      done ;;
+    wake)
+      # Issue 17: the CPU's share of a tenant's tail, no GPU: how late a
+      # spinning, yielding or blocking process gets its core back at each of
+      # $TENANTS (default 16,32,48) processes, with the kernel's slice and
+      # $SLICE_US (default 100).
+      procs_list=${TENANTS:-16,32,48}
+      for procs in ${procs_list//,/ }; do
+        "$build/tools/stmux-wake-probe" --procs "$procs" --slice-us "0,${SLICE_US:-100}" \
+          --json "$out/wake-$procs.json" >"$out/wake-$procs.log" 2>&1 || status=1
+        cat "$out/wake-$procs.log"
       done ;;
     slice)
       # Issue 17: what a shorter EEVDF slice (sched_setattr, Linux 6.12 and
