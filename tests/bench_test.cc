@@ -252,6 +252,28 @@ TEST(BenchBarrier, ARowWithAFaultyTenantIsInvalidSaysWhyAndIsUsedForNoRatio) {
   }
 }
 
+// --tenant-args given twice passes both to every tenant, in order: the
+// first is not lost. The fake tenant refuses a flag it does not know.
+TEST(BenchBarrier, TenantArgsGivenTwiceReachTheTenantsBoth) {
+  {
+    TempDir dir;
+    const BenchRun run =
+        runBench(dir, "", 30, {"--tenant-args", "--m=1", "--tenant-args", "--k=1"});
+    ASSERT_EQ(run.status, 0) << run.out << run.err;
+    ASSERT_TRUE(run.json);
+    EXPECT_EQ(jsonString(jsonFind(*run.json, "tenant_args")), "--m=1 --k=1");
+    EXPECT_TRUE(jsonBool(jsonFind(row(run, "time-only"), "valid"))) << run.out;
+  }
+  TempDir dir;
+  const BenchRun run =
+      runBench(dir, "", 30, {"--tenant-args", "--no-such-flag", "--tenant-args", "--k=1"});
+  const Json* time_only = row(run, "time-only");
+  ASSERT_NE(time_only, nullptr) << run.out << run.err;
+  EXPECT_FALSE(jsonBool(jsonFind(time_only, "valid"), true))
+      << "the first --tenant-args was dropped:\n"
+      << run.out;
+}
+
 // A tenant program that cannot be started fails its row at once, saying so,
 // rather than after the ready timeout; one that does not exist is refused
 // before any row.

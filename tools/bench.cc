@@ -220,12 +220,14 @@ void usage(FILE* out) {
                "  --out DIR        where results go (default bench-out)\n"
                "  --client PATH, --stmuxd PATH, --shim PATH\n"
                "                   the programs (default: found next to stmux-bench)\n"
-               "  --stmuxd-args A  extra flags for stmuxd, e.g. \"--window-us=50\"\n"
+               "  --stmuxd-args A  extra flags for stmuxd, e.g. \"--window-us=50\" (repeated:\n"
+               "                   all of them)\n"
                "  --repeat N       run every row N times, round after round, and report\n"
                "                   the run of median rate, 1..20 (default 1)\n"
                "  --stmuxd-nice N  run stmuxd at niceness N (-20..19; below 0 needs root)\n"
                "  --tenant-args A  extra arguments for every tenant, e.g. \"--sync blocking\"\n"
-               "                   (the program's own choice of how CUDA waits)\n"
+               "                   (the program's own choice of how CUDA waits; repeated:\n"
+               "                   all of them)\n"
                "  --tenant-env E   variables for every tenant, e.g. \"STMUX_SYNC=auto\"\n"
                "  --tenant-cpu-quota C  each tenant in a cgroup of its own limited to C\n"
                "                   cores, 0.01..1024, as a pod with limits.cpu (needs root\n"
@@ -354,7 +356,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
         o.shim = optarg;
         break;
       case 'a':
-        o.stmuxd_args = optarg;
+        o.stmuxd_args += (o.stmuxd_args.empty() ? "" : " ") + std::string(optarg);
         break;
       case 'P':
         o.python = optarg;
@@ -366,7 +368,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
         break;
       }
       case 'A':
-        o.tenant_args = optarg;
+        o.tenant_args += (o.tenant_args.empty() ? "" : " ") + std::string(optarg);
         break;
       case 'n': {
         const auto repeat = intIn(optarg, 1, 20);

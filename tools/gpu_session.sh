@@ -266,8 +266,10 @@ for step in "$@"; do
       # more than MPS's 48 clients: R = 48 and beyond) with auto; one rows
       # line per variant in sync.log.
       # $SYNC_VARIANTS picks variants by tag (default all but the yield
-      # ones, serve (auto with every call served) and auto-slice (auto with
-      # STMUX_SLICE_US=$SLICE_US, default 100)), $SYNC_SHAPES the shapes;
+      # ones, serve (auto with every call served) and the slice ones
+      # (auto-slice: auto with STMUX_SLICE_US=$SLICE_US, default 100;
+      # mps-yield-slice: MPS alone's tenants yielding, with --slice-us)),
+      # $SYNC_SHAPES the shapes;
       # $SYNC_QUOTA puts each tenant under a CPU quota of that many cores
       # (stmux-bench --tenant-cpu-quota); $SYNC_ROUNDS (default 1) runs the
       # variants that many times in turn, each round's tags prefixed rN-.
@@ -279,6 +281,7 @@ for step in "$@"; do
                        "auto-slice stmux-mps --tenant-env STMUX_SYNC=auto --tenant-env STMUX_SLICE_US=${SLICE_US:-100}" \
                        "auto-plain stmux --tenant-env STMUX_SYNC=auto --shapes cube" \
                        "mps-spin mps" "mps-yield mps --tenant-args=--sync=yield" \
+                       "mps-yield-slice mps --tenant-args=--sync=yield --tenant-args=--slice-us=${SLICE_US:-100}" \
                        "mps-blocking mps --tenant-args=--sync=blocking"; do
           # shellcheck disable=SC2086  # the variant's words are its arguments
           set -- $variant
