@@ -38,6 +38,7 @@
 
 #include "stmux/control.h"
 #include "stmux/json.h"
+#include "tools/args.h"
 #include "tools/barrier.h"
 #include "tools/cpu_groups.h"
 #include "tools/latency.h"
@@ -272,11 +273,8 @@ std::optional<Shape> parseShape(const std::string& text) {
 }
 
 // `text` as a whole integer in [least, most], or nothing.
-std::optional<int> intIn(const std::string& text, int least, int most) {
-  char* end = nullptr;
-  const long value = std::strtol(text.c_str(), &end, 10);
-  if (end == text.c_str() || *end != '\0' || value < least || value > most) return std::nullopt;
-  return static_cast<int>(value);
+std::optional<int> intIn(std::string_view text, int least, int most) {
+  return wholeIn<int>(text, least, most);
 }
 
 bool parseArgs(int argc, char** argv, Options& o) {
@@ -332,15 +330,13 @@ bool parseArgs(int argc, char** argv, Options& o) {
       case 'S':
       case 'w':
       case 'R': {
-        char* end = nullptr;
-        const double value = std::strtod(optarg, &end);
-        const double least = c == 'w' ? 0.0 : 0.1;
+        const auto value = realIn(optarg, c == 'w' ? 0.0 : 0.1, 600);
         const char* flag = c == 'S' ? "--seconds" : c == 'w' ? "--warmup" : "--ready-timeout";
-        if (end == optarg || *end != '\0' || !(value >= least && value <= 600)) {
+        if (!value) {
           return bad(flag, optarg,
                      c == 'w' ? "a number of seconds, 0..600" : "a number of seconds, 0.1..600");
         }
-        (c == 'S' ? o.seconds : c == 'w' ? o.warmup : o.ready_timeout) = value;
+        (c == 'S' ? o.seconds : c == 'w' ? o.warmup : o.ready_timeout) = *value;
         break;
       }
       case 'o':
@@ -388,12 +384,9 @@ bool parseArgs(int argc, char** argv, Options& o) {
         break;
       }
       case 'Q': {
-        char* end = nullptr;
-        const double cores = std::strtod(optarg, &end);
-        if (end == optarg || *end != '\0' || !(cores >= 0.01 && cores <= 1024)) {
-          return bad("--tenant-cpu-quota", optarg, "a number of cores, 0.01..1024");
-        }
-        o.tenant_cpu_quota = cores;
+        const auto cores = realIn(optarg, 0.01, 1024);
+        if (!cores) return bad("--tenant-cpu-quota", optarg, "a number of cores, 0.01..1024");
+        o.tenant_cpu_quota = *cores;
         break;
       }
       case 'h':

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "stmux/sys.h"
+#include "tools/args.h"
 #include "tools/barrier.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
@@ -61,6 +62,8 @@ namespace {
 
 using stmux::check::Buffers;
 using stmux::check::GemmCase;
+using stmux::tools::realIn;
+using stmux::tools::wholeIn;
 
 std::uint64_t monotonicNs() {
   timespec ts;
@@ -158,17 +161,19 @@ void usage(FILE* out) {
 // what value and what it accepts.
 template <class T>
 bool number(const char* flag, const char* text, T least, T most, T& into) {
-  char* end = nullptr;
-  errno = 0;
-  const long double value = std::strtold(text, &end);
-  if (end == text || *end != '\0' || errno != 0 || !(value >= least && value <= most) ||
-      (std::is_integral_v<T> && value != static_cast<long double>(static_cast<long long>(value)))) {
+  std::optional<T> value;
+  if constexpr (std::is_integral_v<T>) {
+    value = wholeIn<T>(text, least, most);
+  } else if (const auto real = realIn(text, least, most)) {
+    value = static_cast<T>(*real);
+  }
+  if (!value) {
     std::fprintf(stderr, "stmux-cublas-client: %s '%s': accepted: %s from %s to %s\n", flag, text,
                  std::is_integral_v<T> ? "an integer" : "a number", std::to_string(least).c_str(),
                  std::to_string(most).c_str());
     return false;
   }
-  into = static_cast<T>(value);
+  into = *value;
   return true;
 }
 

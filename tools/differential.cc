@@ -45,6 +45,7 @@
 #include <fmt/format.h>
 
 #include "stmux/epilogue.h"
+#include "tools/args.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
 
@@ -53,6 +54,7 @@ namespace {
 using stmux::check::Buffers;
 using stmux::check::GemmCase;
 using stmux::check::kSentinel;
+using stmux::tools::wholeIn;
 
 #define DIFFERENTIAL_STR_(x) #x
 #define DIFFERENTIAL_STR(x) DIFFERENTIAL_STR_(x)
@@ -777,14 +779,10 @@ void usage(FILE* out) {
 }
 
 // A whole unsigned number in [lo, hi], or false.
-bool parseNumber(const char* text, std::uint64_t lo, std::uint64_t hi, std::uint64_t& out) {
-  if (text == nullptr || *text < '0' || *text > '9') return false;
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long value = std::strtoull(text, &end, 10);
-  if (errno != 0 || *end != '\0' || value < lo || value > hi) return false;
-  out = value;
-  return true;
+bool parseNumber(std::string_view text, std::uint64_t lo, std::uint64_t hi, std::uint64_t& out) {
+  const auto value = wholeIn<std::uint64_t>(text, lo, hi);
+  if (value) out = *value;
+  return value.has_value();
 }
 
 bool bad(const char* flag, const char* value, const char* accepted) {
@@ -892,8 +890,8 @@ bool parse(int argc, char** argv, Options& o) {
     const std::size_t colon = replay.find(':');
     std::uint64_t thread = 0;
     if (colon == std::string::npos ||
-        !parseNumber(replay.substr(0, colon).c_str(), 0, kMaxThreads - 1, thread) ||
-        !parseNumber(replay.substr(colon + 1).c_str(), 0, kMax, o.replay_call)) {
+        !parseNumber(std::string_view(replay).substr(0, colon), 0, kMaxThreads - 1, thread) ||
+        !parseNumber(std::string_view(replay).substr(colon + 1), 0, kMax, o.replay_call)) {
       return bad("--replay", replay.c_str(), "THREAD:CALL, THREAD from 0 to 15, CALL from 0");
     }
     o.replay_thread = static_cast<int>(thread);

@@ -43,6 +43,7 @@
 
 #include "stmux/control.h"  // socketAddress, UniqueFd
 #include "stmux/json.h"
+#include "tools/args.h"
 #include "tools/barrier.h"
 #include "tools/process.h"
 #include "tools/shim_stats.h"
@@ -58,7 +59,9 @@ using stmux::tools::daemonStatus;
 using stmux::tools::findProgram;
 using stmux::tools::kShimBesideTools;
 using stmux::tools::kStmuxdBesideTools;
+using stmux::tools::realIn;
 using stmux::tools::waitUntil;
+using stmux::tools::wholeIn;
 
 struct Options {
   std::vector<std::string> scenarios;
@@ -102,13 +105,6 @@ void usage(FILE* out) {
       "Exit 0: every scenario passed; 1: one failed; 2: bad usage; 3: no GPU.\n");
 }
 
-std::optional<double> numberIn(const char* text, double least, double most) {
-  char* end = nullptr;
-  const double value = std::strtod(text, &end);
-  if (end == text || *end != '\0' || !(value >= least && value <= most)) return std::nullopt;
-  return value;
-}
-
 bool parse(int argc, char** argv, Options& o) {
   static const option kLong[] = {{"kills", required_argument, nullptr, 'k'},
                                  {"restarts", required_argument, nullptr, 'r'},
@@ -128,32 +124,33 @@ bool parse(int argc, char** argv, Options& o) {
     return false;
   };
   for (int c; (c = getopt_long(argc, argv, "h", kLong, nullptr)) != -1;) {
-    std::optional<double> n;
+    std::optional<int> whole;
+    std::optional<double> seconds;
     switch (c) {
       case 'k':
-        if (!(n = numberIn(optarg, 1, 100000)) || *n != static_cast<int>(*n))
+        if (!(whole = wholeIn(optarg, 1, 100000)))
           return bad("--kills", optarg, "a whole number from 1 to 100000");
-        o.kills = static_cast<int>(*n);
+        o.kills = *whole;
         break;
       case 'r':
-        if (!(n = numberIn(optarg, 1, 1000)) || *n != static_cast<int>(*n))
+        if (!(whole = wholeIn(optarg, 1, 1000)))
           return bad("--restarts", optarg, "a whole number from 1 to 1000");
-        o.restarts = static_cast<int>(*n);
+        o.restarts = *whole;
         break;
       case 's':
-        if (!(n = numberIn(optarg, 10, 86400)))
+        if (!(seconds = realIn(optarg, 10, 86400)))
           return bad("--soak-seconds", optarg, "seconds from 10 to 86400");
-        o.soak_s = *n;
+        o.soak_s = *seconds;
         break;
       case 'd':
-        if (!(n = numberIn(optarg, 2, 3600)))
+        if (!(seconds = realIn(optarg, 2, 3600)))
           return bad("--dos-seconds", optarg, "seconds from 2 to 3600");
-        o.dos_s = *n;
+        o.dos_s = *seconds;
         break;
       case 't':
-        if (!(n = numberIn(optarg, 1, 64)) || *n != static_cast<int>(*n))
+        if (!(whole = wholeIn(optarg, 1, 64)))
           return bad("--tenants", optarg, "a whole number from 1 to 64");
-        o.tenants = static_cast<int>(*n);
+        o.tenants = *whole;
         break;
       case 'o':
         o.out = optarg;

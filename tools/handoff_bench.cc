@@ -55,6 +55,7 @@
 
 #include "stmux/json.h"
 #include "stmux/sys.h"
+#include "tools/args.h"
 #include "tools/cuda_exit.h"
 #include "tools/latency.h"
 #include "tools/spin_wait_fatbin.h"  // generated: stmux_spin_wait_fatbin
@@ -62,6 +63,7 @@
 namespace {
 
 using stmux::nowNs;
+using stmux::tools::wholeIn;
 
 enum class Mechanism { kAlone, kHost, kEvent, kMemop, kHostFn };
 constexpr const char* kNames[] = {"alone", "host", "event", "memop", "hostfn"};
@@ -470,29 +472,27 @@ bool parse(int argc, char** argv, Options& o) {
       }
       case 'r':
       case 'w': {
-        char* end = nullptr;
-        const long value = std::strtol(optarg, &end, 10);
-        const long least = c == 'r' ? 1 : 0;
-        if (end == optarg || *end != '\0' || value < least || value > 10'000'000) {
-          std::fprintf(stderr, "stmux-handoff-bench: %s '%s': accepted: %ld to 10000000\n",
+        const int least = c == 'r' ? 1 : 0;
+        const auto value = wholeIn(optarg, least, 10'000'000);
+        if (!value) {
+          std::fprintf(stderr, "stmux-handoff-bench: %s '%s': accepted: %d to 10000000\n",
                        c == 'r' ? "--rounds" : "--warmup", optarg, least);
           return false;
         }
-        (c == 'r' ? o.rounds : o.warmup) = static_cast<int>(value);
+        (c == 'r' ? o.rounds : o.warmup) = *value;
         break;
       }
       case 'j':
         o.json = optarg;
         break;
       case 'n': {
-        char* end = nullptr;
-        const long value = std::strtol(optarg, &end, 10);
-        if (end == optarg || *end != '\0' || value < 0 || value > kMostWaiters) {
+        const auto value = wholeIn(optarg, 0, kMostWaiters);
+        if (!value) {
           std::fprintf(stderr, "stmux-handoff-bench: --waiters '%s': accepted: 0 to %d\n", optarg,
                        kMostWaiters);
           return false;
         }
-        o.waiters = static_cast<int>(value);
+        o.waiters = *value;
         break;
       }
       case 'o': {

@@ -36,9 +36,13 @@
 #include <set>
 #include <string>
 #include <vector>
+#include "tools/args.h"
 #include "tools/cuda_exit.h"
 
 namespace {
+
+using stmux::tools::realIn;
+using stmux::tools::wholeIn;
 
 struct Shape {
   int m, n, k;
@@ -460,11 +464,11 @@ int main(int argc, char** argv) {
     return usage(stderr);
   };
   for (int c; (c = getopt_long(argc, argv, "h", long_options, nullptr)) != -1;) {
-    char* end = nullptr;
     switch (c) {
       case 'd':
-        drift_s = std::strtod(optarg, &end);
-        if (*end != '\0' || !(drift_s >= 1 && drift_s <= 600)) {
+        if (const auto seconds = realIn(optarg, 1, 600)) {
+          drift_s = *seconds;
+        } else {
           return bad("--drift", optarg, "a number of seconds, 1..600");
         }
         break;
@@ -480,11 +484,9 @@ int main(int argc, char** argv) {
         break;
       }
       case 'c': {
-        const long count = std::strtol(optarg, &end, 10);
-        if (*end != '\0' || count < 1 || count > 4096) {
-          return bad("--count", optarg, "a number of GEMMs per launch, 1..4096");
-        }
-        drift_count = static_cast<int>(count);
+        const auto count = wholeIn(optarg, 1, 4096);
+        if (!count) return bad("--count", optarg, "a number of GEMMs per launch, 1..4096");
+        drift_count = *count;
         break;
       }
       case 'h':

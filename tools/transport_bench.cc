@@ -26,6 +26,7 @@
 #include "stmux/json.h"
 #include "stmux/log.h"
 #include "stmux/segment.h"
+#include "tools/args.h"
 #include "tools/latency.h"
 
 namespace stmux::tools {
@@ -101,13 +102,11 @@ bool parseArgs(int argc, char** argv, Options& options) {
   bool custom = false;
   auto number = [](const char* text, const char* flag, std::uint64_t lo,
                    std::uint64_t hi) -> std::optional<std::uint64_t> {
-    char* end = nullptr;
-    const unsigned long long value = std::strtoull(text, &end, 10);
-    if (end == text || *end != '\0' || value < lo || value > hi) {
+    const auto value = wholeIn<std::uint64_t>(text, lo, hi);
+    if (!value) {
       std::fprintf(stderr,
                    "stmux-transport-bench: %s '%s': accepted: an integer from %llu to %llu\n", flag,
                    text, static_cast<unsigned long long>(lo), static_cast<unsigned long long>(hi));
-      return std::nullopt;
     }
     return value;
   };

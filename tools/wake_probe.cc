@@ -31,6 +31,7 @@
 
 #include "stmux/json.h"
 #include "stmux/sys.h"
+#include "tools/args.h"
 #include "tools/latency.h"
 
 namespace stmux::tools {
@@ -198,15 +199,11 @@ bool parseList(std::string_view text, auto&& one) {
   }
 }
 
-std::optional<unsigned long> number(const char* text, const char* flag, unsigned long lo,
-                                    unsigned long hi) {
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long value = std::strtoul(text, &end, 10);
-  if (end == text || *end != '\0' || errno != 0 || value < lo || value > hi || text[0] == '-') {
-    std::fprintf(stderr, "stmux-wake-probe: %s '%s': accepted: an integer from %lu to %lu\n", flag,
+std::optional<unsigned> number(const char* text, const char* flag, unsigned lo, unsigned hi) {
+  const auto value = wholeIn<unsigned>(text, lo, hi);
+  if (!value) {
+    std::fprintf(stderr, "stmux-wake-probe: %s '%s': accepted: an integer from %u to %u\n", flag,
                  text, lo, hi);
-    return std::nullopt;
   }
   return value;
 }
@@ -223,7 +220,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
                                  {nullptr, 0, nullptr, 0}};
   int c;
   while ((c = getopt_long(argc, argv, "h", kLong, nullptr)) != -1) {
-    std::optional<unsigned long> value;
+    std::optional<unsigned> value;
     switch (c) {
       case 'p':
         if (!(value = number(optarg, "--procs", 1, 4096))) return false;
@@ -231,23 +228,22 @@ bool parseArgs(int argc, char** argv, Options& o) {
         break;
       case 'w':
         if (!(value = number(optarg, "--work-us", 0, 1'000'000))) return false;
-        o.work_us = static_cast<unsigned>(*value);
+        o.work_us = *value;
         break;
       case 'g':
         if (!(value = number(optarg, "--gpu-us", 1, 1'000'000))) return false;
-        o.gpu_us = static_cast<unsigned>(*value);
+        o.gpu_us = *value;
         break;
-      case 's': {
-        char* end = nullptr;
-        o.seconds = std::strtod(optarg, &end);
-        if (end == optarg || *end != '\0' || !(o.seconds >= 0.1 && o.seconds <= 600)) {
+      case 's':
+        if (const auto seconds = realIn(optarg, 0.1, 600)) {
+          o.seconds = *seconds;
+        } else {
           std::fprintf(stderr,
                        "stmux-wake-probe: --seconds '%s': accepted: a number from 0.1 to 600\n",
                        optarg);
           return false;
         }
         break;
-      }
       case 'W':
         o.waits.clear();
         if (!parseList(optarg, [&](std::string_view name) {
@@ -279,7 +275,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
                 }
                 return false;
               }
-              o.slices.push_back(static_cast<unsigned>(*us));
+              o.slices.push_back(*us);
               return true;
             })) {
           return false;
