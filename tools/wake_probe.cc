@@ -12,6 +12,7 @@
 // EEVDF, Linux 6.12 and later).
 #include <getopt.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -55,13 +56,6 @@ struct ProcResult {
   double late_p50_us = 0, late_p99_us = 0, late_max_us = 0;
   int error = 0;  // errno of a refused slice request, else 0
 };
-
-std::uint64_t nowNs() {
-  timespec t{};
-  ::clock_gettime(CLOCK_MONOTONIC, &t);
-  return static_cast<std::uint64_t>(t.tv_sec) * 1'000'000'000 +
-         static_cast<std::uint64_t>(t.tv_nsec);
-}
 
 // Waits until `due` as `wait` says; returns when this thread next runs after it.
 std::uint64_t waitUntil(Wait wait, std::uint64_t due) {
@@ -139,6 +133,8 @@ Row runRow(const Options& o, Wait wait, unsigned slice_us) {
     }
     if (pid < 0) {
       std::perror("stmux-wake-probe: fork");
+      for (pid_t child : children)
+        ::kill(child, SIGKILL);
       std::exit(1);
     }
     children.push_back(pid);
