@@ -272,11 +272,6 @@ std::optional<Shape> parseShape(const std::string& text) {
   return std::nullopt;
 }
 
-// `text` as a whole integer in [least, most], or nothing.
-std::optional<int> intIn(std::string_view text, int least, int most) {
-  return wholeIn<int>(text, least, most);
-}
-
 bool parseArgs(int argc, char** argv, Options& o) {
   static const option kLong[] = {{"shapes", required_argument, nullptr, 's'},
                                  {"tenants", required_argument, nullptr, 'r'},
@@ -309,7 +304,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
         break;
       case 'r': {
         auto list =
-            splitList<int>(optarg, [](const std::string& item) { return intIn(item, 1, 256); });
+            splitList<int>(optarg, [](const std::string& item) { return wholeIn(item, 1, 256); });
         if (!list) return bad("--tenants", optarg, "a comma-separated list of 1..256");
         o.tenants = *list;
         break;
@@ -358,7 +353,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
         o.python = optarg;
         break;
       case 'N': {
-        const auto nice = intIn(optarg, -20, 19);
+        const auto nice = wholeIn(optarg, -20, 19);
         if (!nice) return bad("--stmuxd-nice", optarg, "a niceness from -20 to 19");
         o.stmuxd_nice = *nice;
         break;
@@ -367,7 +362,7 @@ bool parseArgs(int argc, char** argv, Options& o) {
         o.tenant_args += (o.tenant_args.empty() ? "" : " ") + std::string(optarg);
         break;
       case 'n': {
-        const auto repeat = intIn(optarg, 1, 20);
+        const auto repeat = wholeIn(optarg, 1, 20);
         if (!repeat) return bad("--repeat", optarg, "a number of runs per row, 1..20");
         o.repeat = *repeat;
         break;

@@ -36,6 +36,7 @@
 #include <set>
 #include <string>
 #include <vector>
+
 #include "tools/args.h"
 #include "tools/cuda_exit.h"
 
