@@ -14,11 +14,14 @@ namespace stmux::tools {
 // value below the tail. `values` is taken by value: the selection reorders
 // it, and callers' samples keep their order (a tenant's latencies, in step
 // order, also place its steps in time).
+// nearestRank is where that sample stands among `count` sorted ones.
+inline std::size_t nearestRank(std::size_t count, double p) {
+  const double rank = std::ceil(p * static_cast<double>(count));
+  return static_cast<std::size_t>(std::clamp(rank - 1, 0.0, static_cast<double>(count - 1)));
+}
 inline double percentileUs(std::vector<std::uint32_t> values, double p) {
   if (values.empty()) return 0;
-  const double rank = std::ceil(p * static_cast<double>(values.size()));
-  const auto index =
-      static_cast<std::size_t>(std::clamp(rank - 1, 0.0, static_cast<double>(values.size() - 1)));
+  const std::size_t index = nearestRank(values.size(), p);
   std::nth_element(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(index),
                    values.end());
   return values[index] / 1000.0;

@@ -101,9 +101,12 @@ void runTenant(const Options& o, Wait wait, unsigned slice_us, std::uint64_t sta
     late.push_back(static_cast<std::uint32_t>(std::min<std::uint64_t>(now - due, UINT32_MAX)));
   }
   result.steps = late.size();
-  result.late_p50_us = percentileUs(late, 0.5);
-  result.late_p99_us = percentileUs(late, 0.99);
-  result.late_max_us = percentileUs(late, 1.0);
+  if (late.empty()) return;
+  std::sort(late.begin(), late.end());
+  auto at = [&](double p) { return late[nearestRank(late.size(), p)] / 1000.0; };
+  result.late_p50_us = at(0.5);
+  result.late_p99_us = at(0.99);
+  result.late_max_us = at(1.0);
 }
 
 struct Row {
