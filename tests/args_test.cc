@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <string_view>
+#include <vector>
 
 namespace stmux::tools {
 namespace {
@@ -28,6 +30,15 @@ TEST(Args, ARealNumberIsTakenOnlyFiniteWholeAndInRange) {
   for (const char* text :
        {"", "0.05", "601", "nan", "inf", "-inf", "2s", " 2", "+2", "0x10", "1e999"}) {
     EXPECT_FALSE(realIn(text, 0.1, 600)) << "'" << text << "'";
+  }
+}
+
+TEST(Args, AListIsTakenOnlyIfEveryItemIsEvenAnEmptyOne) {
+  auto number = [](std::string_view item) { return wholeIn(item, 1, 256); };
+  EXPECT_EQ(splitList<int>("32", number), std::vector<int>({32}));
+  EXPECT_EQ(splitList<int>("1,8,32", number), std::vector<int>({1, 8, 32}));
+  for (const char* text : {"", ",", "1,", ",1", "1,,8", "1,x"}) {
+    EXPECT_FALSE(splitList<int>(text, number)) << "'" << text << "'";
   }
 }
 

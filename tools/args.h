@@ -8,6 +8,8 @@
 #include <optional>
 #include <string_view>
 #include <system_error>
+#include <utility>
+#include <vector>
 
 namespace stmux::tools {
 
@@ -35,6 +37,22 @@ inline std::optional<double> realIn(std::string_view text, double least, double 
     return std::nullopt;
   }
   return value;
+}
+
+// `text`'s comma-separated items, each read by `parse` (string_view to an
+// optional), or nothing where `parse` refuses any item, an empty one too
+// ("", "a,,b" and "a," each hold one).
+template <class T, class Parse>
+std::optional<std::vector<T>> splitList(std::string_view text, Parse&& parse) {
+  std::vector<T> items;
+  for (;;) {
+    const std::size_t comma = text.find(',');
+    auto parsed = parse(text.substr(0, comma));
+    if (!parsed) return std::nullopt;
+    items.push_back(std::move(*parsed));
+    if (comma == std::string_view::npos) return items;
+    text.remove_prefix(comma + 1);
+  }
 }
 
 }  // namespace stmux::tools

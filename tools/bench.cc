@@ -242,19 +242,6 @@ void usage(FILE* out) {
                100 * kUnsteady);
 }
 
-template <class T, class Parse>
-std::optional<std::vector<T>> splitList(const std::string& text, Parse&& parse) {
-  std::vector<T> items;
-  std::stringstream stream(text);
-  for (std::string item; std::getline(stream, item, ',');) {
-    auto parsed = parse(item);
-    if (!parsed) return std::nullopt;
-    items.push_back(*parsed);
-  }
-  if (items.empty()) return std::nullopt;
-  return items;
-}
-
 std::optional<Shape> parseShape(const std::string& text) {
   if (text == "rnn") return Shape{"rnn-512x1x512", 512, 1, 512, false, ""};
   if (text == "resnet") return Shape{"resnet-256x128x1152", 256, 128, 1152, false, ""};
@@ -304,13 +291,13 @@ bool parseArgs(int argc, char** argv, Options& o) {
         break;
       case 'r': {
         auto list =
-            splitList<int>(optarg, [](const std::string& item) { return wholeIn(item, 1, 256); });
+            splitList<int>(optarg, [](std::string_view item) { return wholeIn(item, 1, 256); });
         if (!list) return bad("--tenants", optarg, "a comma-separated list of 1..256");
         o.tenants = *list;
         break;
       }
       case 'm': {
-        auto list = splitList<Mode>(optarg, [](const std::string& item) -> std::optional<Mode> {
+        auto list = splitList<Mode>(optarg, [](std::string_view item) -> std::optional<Mode> {
           for (Mode mode : kModes) {
             if (item == modeName(mode)) return mode;
           }
@@ -393,7 +380,8 @@ bool parseArgs(int argc, char** argv, Options& o) {
     }
   }
   if (optind != argc) return bad("argument", argv[optind], "options only (see --help)");
-  auto parsed = splitList<Shape>(shapes, parseShape);
+  auto parsed =
+      splitList<Shape>(shapes, [](std::string_view item) { return parseShape(std::string(item)); });
   if (!parsed)
     return bad("--shapes", shapes.c_str(),
                "rnn, resnet, cube, mixed, MxNxK, torch-rnn, torch-cube, torch-mlp, "
