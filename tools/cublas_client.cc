@@ -65,12 +65,6 @@ using stmux::check::GemmCase;
 using stmux::tools::realIn;
 using stmux::tools::wholeIn;
 
-std::uint64_t monotonicNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull + ts.tv_nsec;
-}
-
 cublasOperation_t op(int t) {
   return static_cast<cublasOperation_t>(t);
 }
@@ -545,7 +539,7 @@ cublasStatus_t runStrided(const stmux::check::StridedBatch& batch, cublasHandle_
 
 int check(const Options& o) {
   std::mt19937_64 random(o.seed != 0 ? o.seed
-                                     : monotonicNs() ^ (std::uint64_t{1} << 32) * getpid());
+                                     : stmux::nowNs() ^ (std::uint64_t{1} << 32) * getpid());
   std::vector<Api> apis;
   if (o.apis == "all" || o.apis == "v2") apis.push_back(Api::kV2);
   if (o.apis == "all" || o.apis == "v2_64") apis.push_back(Api::kV2_64);
@@ -689,7 +683,7 @@ void stressThread(const Options& o, std::uint64_t seed, std::uint64_t until_ns,
   if (!makeHandle(handle, stream)) std::exit(3);
   const GemmCase same{"stress", 0, 0, o.m, o.n, o.k};
   Device d = allocate(o.same_shape ? same : GemmCase{"stress", 0, 0, 96, 96, 96});
-  while (monotonicNs() < until_ns) {
+  while (stmux::nowNs() < until_ns) {
     GemmCase c =
         o.same_shape ? same : GemmCase{"stress", 0, 0, size(random), size(random), size(random)};
     c.beta = o.beta;
@@ -713,8 +707,8 @@ void stressThread(const Options& o, std::uint64_t seed, std::uint64_t until_ns,
 }
 
 int stress(const Options& o) {
-  const std::uint64_t seed = o.seed != 0 ? o.seed : monotonicNs() * 31 + getpid();
-  const std::uint64_t until = monotonicNs() + static_cast<std::uint64_t>(o.seconds * 1e9);
+  const std::uint64_t seed = o.seed != 0 ? o.seed : stmux::nowNs() * 31 + getpid();
+  const std::uint64_t until = stmux::nowNs() + static_cast<std::uint64_t>(o.seconds * 1e9);
   StressCounts counts;
   std::vector<std::thread> threads;
   for (int t = 1; t < o.threads; ++t)
@@ -738,7 +732,7 @@ int stress(const Options& o) {
 // application would, beside plain calls it must send. Prints how many of
 // each, for the test to compare with the shim's counters.
 int paths(const Options& o) {
-  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() + getpid());
+  std::mt19937_64 random(o.seed != 0 ? o.seed : stmux::nowNs() + getpid());
   cublasHandle_t handle;
   cudaStream_t stream;
   if (!makeHandle(handle, stream)) return 3;
@@ -832,7 +826,7 @@ int verifiedCalls(cublasHandle_t handle, cudaStream_t stream, std::mt19937_64& r
 // handle: the context made next may come back under the old one's handle,
 // without anything made in the old one.
 int resetMode(const Options& o) {
-  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() + getpid());
+  std::mt19937_64 random(o.seed != 0 ? o.seed : stmux::nowNs() + getpid());
   constexpr int kRounds = 3;
   int failures = 0;
   for (int round = 0; round < kRounds; ++round) {
@@ -915,7 +909,7 @@ int reap(pid_t pid) {
 // forked after it attached (as a data loader's workers are) leaves the
 // parent's connection alone, and the parent's calls go on being served.
 int forkMode(const Options& o) {
-  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() + getpid());
+  std::mt19937_64 random(o.seed != 0 ? o.seed : stmux::nowNs() + getpid());
   // A call cuBLAS refuses at once (no handle) loads whatever sits in front of
   // cuBLAS without making a CUDA context.
   const float one = 1.0f;
@@ -1023,7 +1017,7 @@ int syncFlags(const Options& options) {
 int accumulate(const Options& o) {
   constexpr int kN = 64;
   constexpr std::size_t kFloats = kN * kN;
-  std::mt19937_64 random(o.seed != 0 ? o.seed : monotonicNs() + getpid());
+  std::mt19937_64 random(o.seed != 0 ? o.seed : stmux::nowNs() + getpid());
   std::uniform_int_distribution<int> small(-1, 1);
   cublasHandle_t first_handle;
   cudaStream_t stream;
@@ -1110,7 +1104,7 @@ int accumulate(const Options& o) {
 // One served call, then idleness around freeing C: the test watches the
 // daemon's mappings meanwhile. Each step is printed when it is done.
 int idleFree(const Options& o) {
-  std::mt19937_64 random(monotonicNs() + getpid());
+  std::mt19937_64 random(stmux::nowNs() + getpid());
   cublasHandle_t handle;
   cudaStream_t stream;
   if (!makeHandle(handle, stream)) return 3;
@@ -1160,7 +1154,7 @@ int loop(Options o) {
     const auto& shape = kSeedShapes[o.tenant % 3];
     o.m = shape[0], o.n = shape[1], o.k = shape[2];
   }
-  std::mt19937_64 random(monotonicNs() + getpid());
+  std::mt19937_64 random(stmux::nowNs() + getpid());
   cublasHandle_t handle;
   cudaStream_t stream;
   if (!makeHandle(handle, stream)) return 3;
@@ -1183,7 +1177,7 @@ int loop(Options o) {
 }
 
 int ceiling(const Options& o) {
-  std::mt19937_64 random(monotonicNs() + getpid());
+  std::mt19937_64 random(stmux::nowNs() + getpid());
   cublasHandle_t handle;
   cudaStream_t stream;
   if (!makeHandle(handle, stream)) return 3;

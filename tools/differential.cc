@@ -45,6 +45,7 @@
 #include <fmt/format.h>
 
 #include "stmux/epilogue.h"
+#include "stmux/sys.h"
 #include "tools/args.h"
 #include "tools/cuda_exit.h"
 #include "tools/gemm_check.h"
@@ -1778,12 +1779,6 @@ class Worker {
   CopyThread copy_thread_;
 };
 
-std::uint64_t monotonicNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull + ts.tv_nsec;
-}
-
 // libcublas's and libcublasLt's own functions: dlsym on a library's handle
 // searches that library (and what it needs), never a preloaded one. Both
 // are loaded already: the program links them (libcublasLt also as
@@ -1823,7 +1818,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (!options.seed_given)
-    options.seed = splitmix(monotonicNs() ^ static_cast<std::uint64_t>(getpid()) << 40);
+    options.seed = splitmix(stmux::nowNs() ^ static_cast<std::uint64_t>(getpid()) << 40);
   if (options.replay) {
     std::printf("seed %llu (replaying call %llu of thread %d)\n",
                 static_cast<unsigned long long>(options.seed),
@@ -1859,7 +1854,7 @@ int main(int argc, char** argv) {
               options.pageable_unordered ? "drawn" : "not drawn");
 
   Counts counts;
-  const std::uint64_t start = monotonicNs();
+  const std::uint64_t start = stmux::nowNs();
   std::uint64_t requested = options.calls;
   if (options.replay) {
     requested = 1;
@@ -1879,7 +1874,7 @@ int main(int argc, char** argv) {
     for (std::thread& thread : threads)
       thread.join();
   }
-  const double seconds = static_cast<double>(monotonicNs() - start) / 1e9;
+  const double seconds = static_cast<double>(stmux::nowNs() - start) / 1e9;
 
   if (!options.quiet) {
     for (int k = 0; k < kClassCount; ++k) {
