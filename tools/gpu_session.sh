@@ -487,19 +487,22 @@ PY
       grep -vE "^\[soak\] [0-9]+ of" "$out/fault.log" | tail -40 ;;
     hunt)
       # A kind of call under load, e.g. the soak's open mismatch
-      # (docs/RELIABILITY.md): $HUNT_PROCS differential processes of 3 threads,
-      # $HUNT_CALLS calls drawn each, each write's copies held $HUNT_DELAY_US
-      # (default 2000) on their stream first, so that a call not ordered after
-      # them finds them late nearly every time; beside $HUNT_LOAD stress
-      # tenants of 2 threads served by a daemon of its own; first without the
-      # preload (CUDA alone), then with it. Mismatch and totals lines in
-      # hunt.log. By default the kind of call the soak found wrong.
+      # (docs/RELIABILITY.md): $HUNT_PROCS differential processes of
+      # $HUNT_THREADS threads (default 3), $HUNT_CALLS calls drawn each, each
+      # write's copies held $HUNT_DELAY_US (default 2000; 0 holds none) on
+      # their stream first, so that a call not ordered after them finds them
+      # late nearly every time; beside $HUNT_LOAD stress tenants of 2 threads
+      # served by a daemon of its own; first without the preload (CUDA alone),
+      # then with it, in STMUX_MODE=$HUNT_MODE (default host). Mismatch and
+      # totals lines in hunt.log. By default the kind of call the soak found
+      # wrong.
       soak_case="--only write=event_other_stream --only alloc=managed"
       dir=$(mktemp -d)
       "$build/daemon/stmuxd" --socket "$dir/sock" >"$dir/stmuxd.log" 2>&1 &
       daemon=$!
       for _ in $(seq 100); do [ -S "$dir/sock" ] && break; sleep 0.1; done
-      preload=(LD_PRELOAD="$(realpath "$build/shim/libstmux.so")" STMUX_SOCKET="$dir/sock")
+      preload=(LD_PRELOAD="$(realpath "$build/shim/libstmux.so")" STMUX_SOCKET="$dir/sock"
+               STMUX_MODE="${HUNT_MODE:-host}")
       for with in no yes; do
         load=()
         for i in $(seq "${HUNT_LOAD:-6}"); do
@@ -511,7 +514,7 @@ PY
         for i in $(seq "${HUNT_PROCS:-8}"); do
           [ "$with" = yes ] && env=("${preload[@]}") || env=()
           # shellcheck disable=SC2086  # HUNT_ONLY is split into flags on purpose
-          env ${env[@]+"${env[@]}"} "$build/tools/stmux-differential" --threads 3 \
+          env ${env[@]+"${env[@]}"} "$build/tools/stmux-differential" --threads "${HUNT_THREADS:-3}" \
             --calls "${HUNT_CALLS:-3000000}" --delay-writes-us "${HUNT_DELAY_US:-2000}" \
             --quiet ${HUNT_ONLY:-$soak_case} \
             >"$dir/diff-$with-$i.log" 2>&1 &
