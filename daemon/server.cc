@@ -40,14 +40,18 @@ constexpr std::size_t kMaxReplies = 16;
 // And this many to one uid at once, so that one user's readers that take
 // nothing cannot keep every other (an operator, a liveness probe) out.
 constexpr std::size_t kMaxRepliesPerUid = 4;
-// A status built is given to later queries for up to this many times as long
-// as it took to build (1,000 clients: ~5 ms, so for 100 ms): a flood of
+// A status built is given to later queries for up to this many times the
+// CPU time its build took (1,000 clients: ~5 ms, so for 100 ms): a flood of
 // queries then costs the server thread at most a twentieth of its time,
 // where each built anew held the tenants' rings up for the whole flood.
+// CPU time, not the clock's: a build whose thread lost its core for a
+// while cost the server no more, and timed by the clock it was served for
+// 20 times the wait (a loaded CI machine's ASan run read one status,
+// built before a flood, for all 20 of a test's reads).
 constexpr std::uint64_t kStatusReuseFactor = 20;
-// ... and never for longer than this: a build whose thread lost its core
-// for half a second served a status 10 s old (a test waiting for a count
-// in it timed out on a loaded machine).
+// ... and never for longer than this: a build that used half a second of
+// CPU (a debug build, tens of thousands of clients) would serve a status
+// 10 s old.
 constexpr std::uint64_t kMostStatusReuseNs = 100'000'000;
 // Connections accepted that have not said hello yet: at most this many, and
 // this many per uid, so that one user's flood of silent connections neither
@@ -761,9 +765,10 @@ void Server::answerControl(AsideFd socket, std::uint32_t uid) {
   const std::uint64_t now = nowNs();
   if (!status_ || now - status_built_ns_ >=
                       std::min(kStatusReuseFactor * status_cost_ns_, kMostStatusReuseNs)) {
+    const std::uint64_t cpu = threadCpuNs();
     status_ = std::make_shared<const std::string>(statusJson());
+    status_cost_ns_ = threadCpuNs() - cpu;
     status_built_ns_ = nowNs();
-    status_cost_ns_ = status_built_ns_ - now;
     ++status_builds_;
   }
   reply->json = status_;

@@ -271,7 +271,7 @@ class Server {
   std::vector<ClientPtr> lingering_;
   std::vector<std::unique_ptr<Pending>> pending_;
   std::vector<std::unique_ptr<Reply>> replies_;
-  // The status last built, when, and how long that took (kStatusReuseFactor).
+  // The status last built, when, and the CPU time that took (kStatusReuseFactor).
   std::shared_ptr<const std::string> status_;
   std::uint64_t status_built_ns_ = 0;
   std::uint64_t status_cost_ns_ = 0;

@@ -125,6 +125,15 @@ inline std::uint64_t nowNs() {
          static_cast<std::uint64_t>(ts.tv_nsec);
 }
 
+// The CPU time the calling thread has used: unlike nowNs(), it does not
+// count the time the thread waited for a core.
+inline std::uint64_t threadCpuNs() {
+  timespec ts;
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000ull +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
 // Waits until `deadline_ns` (nowNs()) at most for `fd` to be readable, through
 // EINTR: 1 readable, 0 not by then, -1 an error (errno says which).
 inline int awaitReadable(int fd, std::uint64_t deadline_ns) {
