@@ -735,6 +735,9 @@ struct Options {
   // Each write's copies wait this long on their stream first (a host
   // function), so that a call not ordered after them finds them late.
   std::uint64_t delay_writes_us = 0;
+  // event_other_stream writes also mark their stream, and the call's stream
+  // reads the mark right after its wait (Worker::joinReport).
+  bool mark_joins = false;
 };
 
 void usage(FILE* out) {
@@ -742,7 +745,7 @@ void usage(FILE* out) {
       out,
       "usage: stmux-differential [--seed N] [--calls N] [--threads T] [--replay THREAD:CALL]\n"
       "                          [--allow-lost-calls] [--only CLASS=VALUE[,VALUE...]]...\n"
-      "                          [--delay-writes-us US] [--quiet]\n"
+      "                          [--delay-writes-us US] [--mark-joins] [--quiet]\n"
       "Each call made twice, through the symbol the program links (which\n"
       "LD_PRELOAD=libstmux.so interposes) and through the real library's own function,\n"
       "both checked against a float64 reference: libcublas's cublasSgemm_v2,\n"
@@ -765,6 +768,11 @@ void usage(FILE* out) {
       "  --delay-writes-us US  hold each write's stream US microseconds (0 to 1000000;\n"
       "                        default 0) before its copies: a call not ordered after\n"
       "                        them then finds them late, nearly every time\n"
+      "  --mark-joins          event_other_stream writes also set a word to a mark of\n"
+      "                        their own on their stream before its event, and the\n"
+      "                        call's stream copies the word right after waiting for\n"
+      "                        the event: a wrong result then says whether the\n"
+      "                        call's stream went on before the write was done\n"
       "  --quiet               no per-class lines\n"
       "Preloaded, and without --allow-lost-calls, plain copies from pageable memory also\n"
       "precede served calls on non-blocking streams, which only stmux's wait orders.\n"
@@ -828,6 +836,7 @@ bool parse(int argc, char** argv, Options& o) {
                                  {"only", required_argument, nullptr, 'o'},
                                  {"quiet", no_argument, nullptr, 'q'},
                                  {"delay-writes-us", required_argument, nullptr, 'd'},
+                                 {"mark-joins", no_argument, nullptr, 'j'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
   constexpr std::uint64_t kMax = std::numeric_limits<std::uint64_t>::max();
@@ -868,6 +877,9 @@ bool parse(int argc, char** argv, Options& o) {
         break;
       case 'q':
         o.quiet = true;
+        break;
+      case 'j':
+        o.mark_joins = true;
         break;
       case 'd':
         if (!parseNumber(optarg, 0, 1'000'000, value)) {
@@ -1265,6 +1277,10 @@ class Worker {
     lt_c_ = deviceAlloc(kMaxOperandFloats);
     aux_ = deviceAlloc(kAuxFloats);
     scalars_ = deviceAlloc(2);
+    if (options_.mark_joins) {
+      EXIT_ON_CUDA_ERROR(cudaMalloc(&marks_, 2 * sizeof(std::uint32_t)));
+      EXIT_ON_CUDA_ERROR(cudaMemset(marks_, 0, 2 * sizeof(std::uint32_t)));
+    }
     EXIT_ON_CUDA_ERROR(cudaMallocHost(reinterpret_cast<void**>(&lt_pinned_),
                                       (kBiasFloats + kMaxOperandFloats + 2) * sizeof(float)));
   }
@@ -1281,6 +1297,7 @@ class Worker {
     EXIT_ON_CUDA_ERROR(cudaFree(workspace_));
     for (float* p : {bias_, lt_c_, aux_, scalars_})
       EXIT_ON_CUDA_ERROR(cudaFree(p));
+    EXIT_ON_CUDA_ERROR(cudaFree(marks_));
     EXIT_ON_CUDA_ERROR(cudaFreeHost(lt_pinned_));
     EXIT_ON_CUBLAS_ERROR(cublasLtDestroy(lt_handle_));
     EXIT_ON_CUDA_ERROR(cudaEventDestroy(side_event_));
@@ -1310,11 +1327,12 @@ class Worker {
       std::lock_guard lock(g_print_mutex);
       if (!ok) {
         std::printf(
-            "MISMATCH %s: %s; replay: stmux-differential --seed %llu --threads %d%s "
+            "MISMATCH %s: %s; replay: stmux-differential --seed %llu --threads %d%s%s "
             "--replay %d:%llu\n",
             describe(c, options_.seed).c_str(), problem.c_str(),
             static_cast<unsigned long long>(options_.seed), options_.threads,
-            options_.allow_lost ? " --allow-lost-calls" : "", index_,
+            options_.allow_lost ? " --allow-lost-calls" : "",
+            options_.mark_joins ? " --mark-joins" : "", index_,
             static_cast<unsigned long long>(call));
       } else {
         std::printf("ok %s%s\n", describe(c, options_.seed).c_str(), lost ? " (lost)" : "");
@@ -1464,8 +1482,16 @@ class Worker {
           EXIT_ON_CUDA_ERROR(
               cudaMemcpyAsync(t.dst, t.pinned, t.floats * sizeof(float), cudaMemcpyDefault, side_));
         }
+        if (options_.mark_joins) {
+          mark_ = mark_ % 255 + 1;  // a byte, never 0, other than the last write's
+          EXIT_ON_CUDA_ERROR(cudaMemsetAsync(marks_, mark_, sizeof(std::uint32_t), side_));
+        }
         EXIT_ON_CUDA_ERROR(cudaEventRecord(side_event_, side_));
         EXIT_ON_CUDA_ERROR(cudaStreamWaitEvent(stream, side_event_, 0));
+        if (options_.mark_joins) {
+          EXIT_ON_CUDA_ERROR(cudaMemcpyAsync(marks_ + 1, marks_, sizeof(std::uint32_t),
+                                             cudaMemcpyDeviceToDevice, stream));
+        }
         break;
       case kOtherThread: {
         std::vector<Copy> copies;
@@ -1578,6 +1604,7 @@ class Worker {
     const cublasStatus_t status = call(&cublasSgemm_v2, &cublasGemmEx, &cublasSgemv_v2,
                                        &cublasSgemmStridedBatched, d.c + g.c_offset);
     const std::vector<float> result = readBack(c.value[kRead], d.c, nc, stream);
+    const std::string join = joinProblem(c);
     std::optional<stmux::check::Reference> reference;
     std::optional<stmux::check::Verdict> verdict;  // the interposed call's
     std::string again;
@@ -1585,13 +1612,18 @@ class Worker {
       reference = stmux::check::reference(g, in);
       verdict = stmux::check::verify(g, in, *reference, result);
       if (!verdict->ok && status == CUBLAS_STATUS_SUCCESS) {
-        again = lookAgain(g, in, *reference, d.c, nc);
+        again = lookAgain(g, in, *reference, d.c, nc) + (join.empty() ? joinHeld(c) : "");
       }
     }
     const cublasStatus_t real_status =
         call(real_.sgemm, real_.gemm_ex, real_.gemv, real_.strided, ref_c_ + g.c_offset);
     const std::vector<float> real_result = readBack(kReadAsync, ref_c_, nc, stream);
     release(c, d, stream);
+    if (!join.empty()) {
+      problem = join;
+      if (verdict && !verdict->ok) problem += "; interposed call: " + verdict->problem + again;
+      return false;
+    }
 
     char statuses[96];
     std::snprintf(statuses, sizeof(statuses), "status %d, real cuBLAS %d", status, real_status);
@@ -1641,6 +1673,27 @@ class Worker {
              "write landed after it)";
     }
     return "; once the device was idle, C was still wrong";
+  }
+
+  // With --mark-joins, an event_other_stream write's mark as the call's
+  // stream read it right after its wait for the write's event (the stream
+  // synchronized since): "" where it was the write's, else what went wrong.
+  std::string joinProblem(const Case& c) const {
+    if (!options_.mark_joins || c.value[kWrite] != kEventOtherStream) return "";
+    std::uint32_t seen = 0;
+    EXIT_ON_CUDA_ERROR(cudaMemcpy(&seen, marks_ + 1, sizeof(seen), cudaMemcpyDeviceToHost));
+    if (seen == mark_ * 0x01010101u) return "";
+    return fmt::format(
+        "the call's stream went on past its wait for the write's event before the "
+        "write was done: right after the wait it read {:#x}, not the write's mark "
+        "{}",
+        seen, mark_);
+  }
+  // ... and what a wrong result adds where the mark was right.
+  std::string joinHeld(const Case& c) const {
+    return options_.mark_joins && c.value[kWrite] == kEventOtherStream
+               ? "; the call's stream did wait for the write (it read the write's mark)"
+               : "";
   }
 
   // cublasLtMatmul: the call through the interposed symbol, then through
@@ -1702,11 +1755,16 @@ class Worker {
     };
     const cublasStatus_t status = call(&cublasLtMatmul, d.c);
     const std::vector<float> result = readBack(v[kRead], d.c, nc, stream);
+    const std::string join = joinProblem(c);
     const cublasStatus_t real_status = call(real_.lt_matmul, ref_c_);
     const std::vector<float> real_result = readBack(kReadAsync, ref_c_, nc, stream);
     std::vector<float> c_after;
     if (c.dApart()) c_after = readBack(kReadAsync, lt_c_, lt.c.size(), stream);
     release(c, d, stream);
+    if (!join.empty()) {
+      problem = join;
+      return false;
+    }
 
     char statuses[96];
     std::snprintf(statuses, sizeof(statuses), "status %d, real cuBLASLt %d", status, real_status);
@@ -1743,7 +1801,7 @@ class Worker {
     const std::vector<LtProblem> problems = ltReferences(c);
     if (!lost) {
       if (const auto verdict = verifyLt(c, problems, result); !verdict.ok) {
-        problem = "interposed call: " + verdict.problem;
+        problem = "interposed call: " + verdict.problem + joinHeld(c);
         return false;
       }
     }
@@ -1761,6 +1819,11 @@ class Worker {
   cublasHandle_t handle_ = nullptr;  // the calls
   cublasHandle_t helper_ = nullptr;  // the kernels that write operands
   cudaStream_t blocking_ = nullptr, non_blocking_ = nullptr, side_ = nullptr;
+  // --mark-joins: the last event_other_stream write's mark (a byte, 1 to
+  // 255), and on the device that mark as set by the write (memset: the byte
+  // four times) and as the call's stream read it after its wait.
+  std::uint32_t mark_ = 0;
+  std::uint32_t* marks_ = nullptr;
   cudaEvent_t side_event_ = nullptr;
   float* arena_ = nullptr;                // device memory, A, B and C at offsets in it
   float* managed_ = nullptr;              // the same in managed memory
@@ -1825,11 +1888,12 @@ int main(int argc, char** argv) {
                 static_cast<unsigned long long>(options.replay_call), options.replay_thread);
   } else {
     std::printf(
-        "seed %llu (rerun: stmux-differential --seed %llu --threads %d --calls %llu%s%s%s)\n",
+        "seed %llu (rerun: stmux-differential --seed %llu --threads %d --calls %llu%s%s%s%s)\n",
         static_cast<unsigned long long>(options.seed),
         static_cast<unsigned long long>(options.seed), options.threads,
         static_cast<unsigned long long>(options.calls),
-        options.allow_lost ? " --allow-lost-calls" : "", options.only_args.c_str(),
+        options.allow_lost ? " --allow-lost-calls" : "", options.mark_joins ? " --mark-joins" : "",
+        options.only_args.c_str(),
         options.delay_writes_us == 0
             ? ""
             : fmt::format(" --delay-writes-us {}", options.delay_writes_us).c_str());
