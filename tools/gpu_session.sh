@@ -493,16 +493,17 @@ PY
       # their stream first, so that a call not ordered after them finds them
       # late nearly every time; beside $HUNT_LOAD stress tenants of 2 threads
       # served by a daemon of its own; first without the preload (CUDA alone),
-      # then with it, in STMUX_MODE=$HUNT_MODE (default host). Mismatch and
-      # totals lines in hunt.log. By default the kind of call the soak found
-      # wrong.
+      # then with it, in STMUX_MODE=$HUNT_MODE (default host) and, as in the
+      # differential suite, STMUX_ROUTE=serve (auto may send a lone process
+      # off MPS direct). Mismatch and totals lines in hunt.log. By default
+      # the kind of call the soak found wrong.
       soak_case="--only write=event_other_stream --only alloc=managed"
       dir=$(mktemp -d)
       "$build/daemon/stmuxd" --socket "$dir/sock" >"$dir/stmuxd.log" 2>&1 &
       daemon=$!
       for _ in $(seq 100); do [ -S "$dir/sock" ] && break; sleep 0.1; done
       preload=(LD_PRELOAD="$(realpath "$build/shim/libstmux.so")" STMUX_SOCKET="$dir/sock"
-               STMUX_MODE="${HUNT_MODE:-host}")
+               STMUX_MODE="${HUNT_MODE:-host}" STMUX_ROUTE=serve)
       for with in no yes; do
         load=()
         for i in $(seq "${HUNT_LOAD:-6}"); do
