@@ -260,6 +260,17 @@ class Preloaded : public testing::DaemonFixture, public ::testing::WithParamInte
                Process(argv, env, dir_.path() + "/differential" + std::to_string(index))};
   }
 
+  // Waits for a lone run, which must end well; its totals, empty (and said
+  // so) where it printed none.
+  std::map<std::string, long> totalsOnceEnded(Run& run) {
+    const int status = run.process.wait(std::chrono::seconds(300));
+    if (status < 0) ADD_FAILURE() << "stuck:\n" << run.process.stuckReport();
+    EXPECT_EQ(status, 0) << failureText(run.process);
+    auto totals = totalsOf(run.process.out());
+    if (totals.empty()) ADD_FAILURE() << "no totals:\n" << failureText(run.process);
+    return totals;
+  }
+
   double requests() const {
     auto status = daemonStatus(dir_.socket());
     return status ? gpuField(*status, "requests") : -1;
@@ -384,11 +395,8 @@ TEST_P(Preloaded, EveryCallMatchesRealCublasAndTheDaemonServesAllItShould) {
 // soak's mismatch, docs/RELIABILITY.md). No mismatch, in either mode.
 TEST_P(Preloaded, CallsWhoseOperandsAreWrittenLateStillFindThem) {
   Run run = start(0, masterSeed(), 4, 2'000, {"--delay-writes-us", "2000"});
-  const int status = run.process.wait(std::chrono::seconds(300));
-  if (status < 0) ADD_FAILURE() << "stuck:\n" << run.process.stuckReport();
-  EXPECT_EQ(status, 0) << failureText(run.process);
-  const auto totals = totalsOf(run.process.out());
-  ASSERT_FALSE(totals.empty()) << "no totals:\n" << failureText(run.process);
+  const auto totals = totalsOnceEnded(run);
+  ASSERT_FALSE(totals.empty());
   EXPECT_EQ(totals.at("mismatches"), 0);
   EXPECT_EQ(totals.at("calls"), 2'000);
   EXPECT_GT(shimStats(run.process.err()).served, 0) << run.process.err();
@@ -405,11 +413,8 @@ TEST_P(Preloaded, CallsOnTheLegacyStreamAfterAnEventJoinedWriteSeeTheWriteDone) 
   Run run = start(0, masterSeed(), 16, 160'000,
                   {"--mark-joins", "--only", "stream=legacy", "--only", "write=event_other_stream",
                    "--only", "read=async_on_stream"});
-  const int status = run.process.wait(std::chrono::seconds(300));
-  if (status < 0) ADD_FAILURE() << "stuck:\n" << run.process.stuckReport();
-  EXPECT_EQ(status, 0) << failureText(run.process);
-  const auto totals = totalsOf(run.process.out());
-  ASSERT_FALSE(totals.empty()) << "no totals:\n" << failureText(run.process);
+  const auto totals = totalsOnceEnded(run);
+  ASSERT_FALSE(totals.empty());
   EXPECT_EQ(totals.at("mismatches"), 0);
   // About 1 draw in 95 is of this kind (the rest are skipped).
   EXPECT_GE(totals.at("calls"), 1'000) << run.process.out();

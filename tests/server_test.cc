@@ -746,22 +746,28 @@ TEST(Server, AFloodOfStatusQueriesBuildsTheStatusFewTimes) {
       << "of " << kLeaving + kReading << " queries";
 }
 
+// A sink whose first status build does `first` on the server thread.
+class FirstBuild : public TestSink {
+ public:
+  explicit FirstBuild(std::function<void()> first) : first_(std::move(first)) {}
+  void addStatus(nlohmann::ordered_json&) const override {
+    if (builds_++ == 0) first_();
+  }
+
+ private:
+  std::function<void()> first_;
+  mutable int builds_ = 0;
+};
+
 // A status is reused for 20 times the CPU time its build took, and for
 // 100 ms at most: a build that used 300 ms of CPU would otherwise serve a
 // status 6 s old.
 TEST(Server, AStatusCostlyToBuildIsNotServedLongAfter) {
-  class Costly : public TestSink {
-   public:
-    void addStatus(nlohmann::ordered_json&) const override {
-      if (builds_++ != 0) return;
-      const std::uint64_t until = threadCpuNs() + 300'000'000;
-      while (threadCpuNs() < until) {
-      }
+  FirstBuild sink([] {
+    const std::uint64_t until = threadCpuNs() + 300'000'000;
+    while (threadCpuNs() < until) {
     }
-
-   private:
-    mutable int builds_ = 0;
-  } sink;
+  });
   TempDir dir;
   ServerThread server(testing::serverOptions(dir), sink);
   EXPECT_EQ(statusBuilds(dir), 1u);
@@ -774,15 +780,7 @@ TEST(Server, AStatusCostlyToBuildIsNotServedLongAfter) {
 // times the wait, 100 ms at most, and a loaded CI machine's ASan run read
 // one status, built before a flood, for all 20 of a test's reads.
 TEST(Server, AStatusWhoseBuildWaitedIsNotServedForTheWait) {
-  class Waiting : public TestSink {
-   public:
-    void addStatus(nlohmann::ordered_json&) const override {
-      if (builds_++ == 0) std::this_thread::sleep_for(std::chrono::seconds(1));
-    }
-
-   private:
-    mutable int builds_ = 0;
-  } sink;
+  FirstBuild sink([] { std::this_thread::sleep_for(std::chrono::seconds(1)); });
   TempDir dir;
   ServerThread server(testing::serverOptions(dir), sink);
   EXPECT_EQ(statusBuilds(dir), 1u);

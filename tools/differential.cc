@@ -1675,11 +1675,15 @@ class Worker {
     return "; once the device was idle, C was still wrong";
   }
 
-  // With --mark-joins, an event_other_stream write's mark as the call's
-  // stream read it right after its wait for the write's event (the stream
-  // synchronized since): "" where it was the write's, else what went wrong.
+  // Whether the case's write marked its stream (--mark-joins).
+  bool marked(const Case& c) const {
+    return options_.mark_joins && c.value[kWrite] == kEventOtherStream;
+  }
+  // A marked write's mark as the call's stream read it right after its wait
+  // for the write's event (the stream synchronized since): "" where it was
+  // the write's, else what went wrong.
   std::string joinProblem(const Case& c) const {
-    if (!options_.mark_joins || c.value[kWrite] != kEventOtherStream) return "";
+    if (!marked(c)) return "";
     std::uint32_t seen = 0;
     EXIT_ON_CUDA_ERROR(cudaMemcpy(&seen, marks_ + 1, sizeof(seen), cudaMemcpyDeviceToHost));
     if (seen == mark_ * 0x01010101u) return "";
@@ -1691,9 +1695,7 @@ class Worker {
   }
   // ... and what a wrong result adds where the mark was right.
   std::string joinHeld(const Case& c) const {
-    return options_.mark_joins && c.value[kWrite] == kEventOtherStream
-               ? "; the call's stream did wait for the write (it read the write's mark)"
-               : "";
+    return marked(c) ? "; the call's stream did wait for the write (it read the write's mark)" : "";
   }
 
   // cublasLtMatmul: the call through the interposed symbol, then through
