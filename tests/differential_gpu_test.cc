@@ -226,6 +226,41 @@ TEST(DifferentialProgram, OnlyMakesTheCallsWithTheChosenValues) {
   EXPECT_GT(table.calls("alloc=host"), 0);
 }
 
+// --seconds bounds a run by time (for hunts sized to a device call): a bad
+// value is named with what is accepted, on any machine. On a GPU, without
+// the preload: a run of a billion calls stops soon after its second, says
+// so, and accounts for every call it drew.
+TEST(DifferentialProgram, StopsDrawingCallsAtItsSecondsLimit) {
+  TempDir dir;
+  for (const char* bad : {"0", "0.05", "86401", "1s", "nan"}) {
+    const Ran ran = run({DIFFERENTIAL_PATH, "--seconds", bad}, {}, dir.path() + "/bad");
+    EXPECT_EQ(ran.status, 2) << bad;
+    EXPECT_NE(ran.err.find(std::string("--seconds '") + bad +
+                           "': accepted: a number of seconds from 0.1 to 86400"),
+              std::string::npos)
+        << ran.err;
+  }
+  const auto began = std::chrono::steady_clock::now();
+  const Ran ran = run({DIFFERENTIAL_PATH, "--seed", "11", "--threads", "2", "--calls", "1000000000",
+                       "--seconds", "1", "--quiet"},
+                      {}, dir.path() + "/timed", std::chrono::seconds(120));
+  if (ran.status == 3 && ran.err.find("no CUDA device") != std::string::npos) {
+    GTEST_SKIP() << "GPU test skipped: " << ran.err;
+  }
+  ASSERT_EQ(ran.status, 0) << ran.out << ran.err;
+  // The context's start, one second of calls and the last call of each thread.
+  EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(60));
+  EXPECT_NE(ran.out.find("--calls 1000000000 --seconds 1)"), std::string::npos)
+      << "the rerun line must carry --seconds: " << ran.out;
+  const std::size_t at = ran.out.find("stopped at the --seconds limit: ");
+  ASSERT_NE(at, std::string::npos) << ran.out;
+  const long drawn = std::strtol(ran.out.c_str() + at + 32, nullptr, 10);
+  EXPECT_NE(ran.out.find(" of 1000000000 calls drawn", at), std::string::npos) << ran.out;
+  const auto totals = totalsOf(ran.out);
+  EXPECT_GT(drawn, 0);
+  EXPECT_EQ(totals.at("calls") + totals.at("skipped"), drawn) << ran.out;
+}
+
 // Each test runs in both ways of keeping stream order (STMUX_MODE): host,
 // and stream, where the call returns once queued and the GPU keeps the order,
 // the latter with each wait for the daemon (STMUX_STREAM_WAIT): "stream"

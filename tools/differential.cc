@@ -55,6 +55,7 @@ namespace {
 using stmux::check::Buffers;
 using stmux::check::GemmCase;
 using stmux::check::kSentinel;
+using stmux::tools::realIn;
 using stmux::tools::wholeIn;
 
 #define DIFFERENTIAL_STR_(x) #x
@@ -738,6 +739,8 @@ struct Options {
   // event_other_stream writes also mark their stream, and the call's stream
   // reads the mark right after its wait (Worker::joinReport).
   bool mark_joins = false;
+  // Each thread draws no call after this many seconds (0: no limit).
+  double seconds = 0;
 };
 
 void usage(FILE* out) {
@@ -745,7 +748,8 @@ void usage(FILE* out) {
       out,
       "usage: stmux-differential [--seed N] [--calls N] [--threads T] [--replay THREAD:CALL]\n"
       "                          [--allow-lost-calls] [--only CLASS=VALUE[,VALUE...]]...\n"
-      "                          [--delay-writes-us US] [--mark-joins] [--quiet]\n"
+      "                          [--delay-writes-us US] [--mark-joins] [--seconds S]\n"
+      "                          [--quiet]\n"
       "Each call made twice, through the symbol the program links (which\n"
       "LD_PRELOAD=libstmux.so interposes) and through the real library's own function,\n"
       "both checked against a float64 reference: libcublas's cublasSgemm_v2,\n"
@@ -773,6 +777,9 @@ void usage(FILE* out) {
       "                        call's stream copies the word right after waiting for\n"
       "                        the event: a wrong result then says whether the\n"
       "                        call's stream went on before the write was done\n"
+      "  --seconds S           draw no call after S seconds (0.1 to 86400; default no\n"
+      "                        limit): each thread stops at its next call, before\n"
+      "                        --calls when time runs out first, and the run says so\n"
       "  --quiet               no per-class lines\n"
       "Preloaded, and without --allow-lost-calls, plain copies from pageable memory also\n"
       "precede served calls on non-blocking streams, which only stmux's wait orders.\n"
@@ -837,6 +844,7 @@ bool parse(int argc, char** argv, Options& o) {
                                  {"quiet", no_argument, nullptr, 'q'},
                                  {"delay-writes-us", required_argument, nullptr, 'd'},
                                  {"mark-joins", no_argument, nullptr, 'j'},
+                                 {"seconds", required_argument, nullptr, 'S'},
                                  {"help", no_argument, nullptr, 'h'},
                                  {nullptr, 0, nullptr, 0}};
   constexpr std::uint64_t kMax = std::numeric_limits<std::uint64_t>::max();
@@ -886,6 +894,13 @@ bool parse(int argc, char** argv, Options& o) {
           return bad("--delay-writes-us", optarg, "an integer from 0 to 1000000");
         }
         o.delay_writes_us = value;
+        break;
+      case 'S':
+        if (const auto seconds = realIn(optarg, 0.1, 86'400)) {
+          o.seconds = *seconds;
+        } else {
+          return bad("--seconds", optarg, "a number of seconds from 0.1 to 86400");
+        }
         break;
       case 'h':
         usage(stdout);
@@ -1879,7 +1894,7 @@ int main(int argc, char** argv) {
         stderr,
         "stmux-differential: options: --seed N, --calls N, --threads T, "
         "--replay THREAD:CALL, --allow-lost-calls, --only CLASS=VALUES, --delay-writes-us US, "
-        "--quiet, --help\n");
+        "--mark-joins, --seconds S, --quiet, --help\n");
     return 2;
   }
   if (!options.seed_given)
@@ -1890,7 +1905,7 @@ int main(int argc, char** argv) {
                 static_cast<unsigned long long>(options.replay_call), options.replay_thread);
   } else {
     std::printf(
-        "seed %llu (rerun: stmux-differential --seed %llu --threads %d --calls %llu%s%s%s%s)\n",
+        "seed %llu (rerun: stmux-differential --seed %llu --threads %d --calls %llu%s%s%s%s%s)\n",
         static_cast<unsigned long long>(options.seed),
         static_cast<unsigned long long>(options.seed), options.threads,
         static_cast<unsigned long long>(options.calls),
@@ -1898,7 +1913,8 @@ int main(int argc, char** argv) {
         options.only_args.c_str(),
         options.delay_writes_us == 0
             ? ""
-            : fmt::format(" --delay-writes-us {}", options.delay_writes_us).c_str());
+            : fmt::format(" --delay-writes-us {}", options.delay_writes_us).c_str(),
+        options.seconds == 0 ? "" : fmt::format(" --seconds {}", options.seconds).c_str());
   }
   std::fflush(stdout);
 
@@ -1927,18 +1943,30 @@ int main(int argc, char** argv) {
     Worker worker(options.replay_thread, options, real, counts);
     worker.run(options.replay_call, !options.quiet);
   } else {
+    const std::uint64_t deadline =
+        options.seconds == 0 ? 0 : start + static_cast<std::uint64_t>(options.seconds * 1e9);
+    std::atomic<std::uint64_t> drawn{0};
     std::vector<std::thread> threads;
     for (int t = 0; t < options.threads; ++t) {
       const std::uint64_t share = options.calls / options.threads +
                                   (static_cast<std::uint64_t>(t) < options.calls % options.threads);
       threads.emplace_back([&, t, share] {
         Worker worker(t, options, real, counts);
-        for (std::uint64_t call = 0; call < share; ++call)
+        for (std::uint64_t call = 0; call < share && (deadline == 0 || stmux::nowNs() < deadline);
+             ++call) {
           worker.run(call, false);
+          drawn.fetch_add(1, std::memory_order_relaxed);
+        }
       });
     }
     for (std::thread& thread : threads)
       thread.join();
+    if (drawn.load() < options.calls) {
+      std::printf("stopped at the --seconds limit: %llu of %llu calls drawn\n",
+                  static_cast<unsigned long long>(drawn.load()),
+                  static_cast<unsigned long long>(options.calls));
+      requested = drawn.load();
+    }
   }
   const double seconds = static_cast<double>(stmux::nowNs() - start) / 1e9;
 

@@ -488,7 +488,8 @@ PY
     hunt)
       # A kind of call under load, e.g. the soak's open mismatch
       # (docs/RELIABILITY.md): $HUNT_PROCS differential processes of
-      # $HUNT_THREADS threads (default 3), $HUNT_CALLS calls drawn each, each
+      # $HUNT_THREADS threads (default 3), each drawing calls for
+      # $HUNT_SECONDS (default 60; at most $HUNT_CALLS calls, if set), each
       # write's copies held $HUNT_DELAY_US (default 2000; 0 holds none) on
       # their stream first, so that a call not ordered after them finds them
       # late nearly every time; beside $HUNT_LOAD stress tenants of 2 threads
@@ -507,7 +508,7 @@ PY
       for with in no yes; do
         load=()
         for i in $(seq "${HUNT_LOAD:-6}"); do
-          env "${preload[@]}" "$build/tools/stmux-cublas-client" stress --seconds "${HUNT_SECONDS:-60}" \
+          env "${preload[@]}" "$build/tools/stmux-cublas-client" stress --seconds "$(( ${HUNT_SECONDS:-60} + 60 ))" \
             --threads 2 --seed "$i" >"$dir/load-$with-$i.log" 2>&1 &
           load+=($!)
         done
@@ -516,7 +517,7 @@ PY
           [ "$with" = yes ] && env=("${preload[@]}") || env=()
           # shellcheck disable=SC2086  # HUNT_ONLY is split into flags on purpose
           env ${env[@]+"${env[@]}"} "$build/tools/stmux-differential" --threads "${HUNT_THREADS:-3}" \
-            --calls "${HUNT_CALLS:-3000000}" --delay-writes-us "${HUNT_DELAY_US:-2000}" \
+            --calls "${HUNT_CALLS:-1000000000}" --seconds "${HUNT_SECONDS:-60}" --delay-writes-us "${HUNT_DELAY_US:-2000}" \
             --quiet ${HUNT_ONLY:-$soak_case} \
             >"$dir/diff-$with-$i.log" 2>&1 &
           procs+=($!)
