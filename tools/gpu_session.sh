@@ -2,8 +2,8 @@
 # Runs steps of stmux's GPU work on a machine with a CUDA device, each logged
 # under $OUT (default gpu-logs/), with a short summary on stdout:
 #   info build unit gpu asan launch drift bench transport handoff waiters sync wake slice modes wakers graphs
-#   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build mpskill
-#   daemon-ab
+#   spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt join asan-build
+#   mpskill daemon-ab
 # (bench takes its arguments from $BENCH_ARGS, e.g. "--shapes cube --tenants 1,32";
 # gpu runs the GPU tests whose names match $GPU_TESTS, a ctest -R regex, e.g.
 # "differential" (default all: more than one 600 s call may hold); asan
@@ -16,12 +16,15 @@
 # $FAULT_ARGS, e.g. "--soak-seconds 300" (docs/RELIABILITY.md), and
 # fault-start the same in the background, for runs longer than one call,
 # which fault-end collects; hunt runs
+# $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
+# (--only flags; default the soak's wrong call's kind) selects, for
+# $HUNT_SECONDS, beside stress tenants of a daemon, without and with the
+# preload; join runs $JOIN_PROCS (default 4) stmux-join-probe processes of 16
+# threads at once, with each compute kind, $JOIN_ITERATIONS (default 10000) a
+# thread (CUDA alone keeping an event join on the legacy stream; no stmux);
 # mpskill runs tools/mps_kill_probe.py (what a SIGKILLed CUDA process does to
 # another's work, no stmux) on an MPS control daemon of its own, the victim
-# busy ($MPSKILL_ROUNDS rounds, default 3) and idle (1), then without MPS;
-# $HUNT_PROCS stmux-differential processes making only the calls $HUNT_ONLY
-# (--only flags; default the soak's wrong call's kind) selects, beside stress
-# tenants of a daemon, without and with the preload; wakers compares stmux
+# busy ($MPSKILL_ROUNDS rounds, default 3) and idle (1), then without MPS; wakers compares stmux
 # rows with $WAKERS waker threads (STMUX_DAEMON_WAKERS); graphs compares stmux rows with
 # STMUX_LAUNCH_GRAPHS off and on; spinners compares stmux-on-MPS rows with
 # $SPINNERS tenants at a time spinning (STMUX_SPINNING_TENANTS); drift splits the
@@ -531,7 +534,20 @@ PY
       done
       kill -TERM "$daemon"; wait "$daemon"
       cp "$dir/stmuxd.log" "$out/hunt-stmuxd.log" ;;
-    *) echo "unknown step '$step'; steps: info build unit gpu asan launch drift bench transport handoff waiters sync modes wakers graphs spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt asan-build" >&2; exit 2 ;;
+    join)
+      for compute in kernel copy; do
+        pids=()
+        for i in $(seq "${JOIN_PROCS:-4}"); do
+          "$build/tools/stmux-join-probe" --compute "$compute" --iterations "${JOIN_ITERATIONS:-10000}" \
+            >"$out/join-$compute-$i.log" 2>&1 &
+          pids+=($!)
+        done
+        for p in "${pids[@]}"; do wait "$p" || status=1; done
+        grep -h '^iterations' "$out"/join-"$compute"-*.log |
+          awk -v c="$compute" '{n += $2; w += $4} END {print "join " c ": iterations " n " wrong " w}'
+        grep -h WRONG "$out"/join-"$compute"-*.log | head -5
+      done ;;
+    *) echo "unknown step '$step'; steps: info build unit gpu asan launch drift bench transport handoff waiters sync wake slice modes wakers graphs spinners placement demo2 demo10 fuzz fault fault-start fault-end hunt join asan-build mpskill daemon-ab" >&2; exit 2 ;;
   esac
   echo "== $step: $(( $(date +%s) - start )) s"
 done
