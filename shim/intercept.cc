@@ -380,13 +380,18 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   }
   if (driver_ == nullptr) return fallback(Fallback::kCudaError, gemm.entry, direct, nullptr);
 
+  // Asked of the legacy stream while a blocking stream captures, CUDA says
+  // CUDA_ERROR_STREAM_CAPTURE_IMPLICIT and leaves the capture be: the call
+  // is queued into that capture's reach, the program's doing, as without
+  // stmux.
   CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_NONE;
-  if (driver_->cuStreamIsCapturing(reinterpret_cast<CUstream>(stream), &capture) != CUDA_SUCCESS) {
-    return fallback(Fallback::kCudaError, gemm.entry, direct, nullptr);
-  }
-  if (capture != CU_STREAM_CAPTURE_STATUS_NONE) {
+  const CUresult captured =
+      driver_->cuStreamIsCapturing(reinterpret_cast<CUstream>(stream), &capture);
+  if (captured == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT ||
+      (captured == CUDA_SUCCESS && capture != CU_STREAM_CAPTURE_STATUS_NONE)) {
     return fallback(Fallback::kGraphCapture, gemm.entry, direct, nullptr);
   }
+  if (captured != CUDA_SUCCESS) return fallback(Fallback::kCudaError, gemm.entry, direct, nullptr);
 
   Fallback absent = Fallback::kNoDaemon;
   std::shared_ptr<Connection> connection = this->connection(absent);
@@ -399,6 +404,17 @@ cublasStatus_t Shim::call(const Gemm& gemm, DirectCall direct) {
   if (route_auto_ && chooseRoute(*conn) == Route::kDirect) {
     (void)applySync(*conn, /*served=*/false);
     return fallback(Fallback::kMeasuredDirect, gemm.entry, direct, conn);
+  }
+  // Served, the call waits for the legacy stream's earlier work (host mode:
+  // waitForPriorWork; stream mode, on a non-blocking stream: the legacy
+  // stream joined by an event). While another thread captures a blocking
+  // stream CUDA forbids any use of the legacy stream, and a wait there would
+  // invalidate that capture; asking is allowed. Such a call runs directly,
+  // which touches only the caller's stream, as cuBLAS would.
+  if (stream != nullptr && reinterpret_cast<CUstream>(stream) != CU_STREAM_LEGACY &&
+      driver_->cuStreamIsCapturing(CU_STREAM_LEGACY, &capture) ==
+          CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) {
+    return fallback(Fallback::kGraphCapture, gemm.entry, direct, conn);
   }
   const SyncChoice sync = applySync(*conn, /*served=*/true);
 

@@ -17,6 +17,7 @@
 #include "stmux/json.h"
 #include "stmux/mps_seats.h"
 #include "tools/process.h"
+#include "tools/shim_stats.h"
 #include "tools/stmux_programs.h"
 
 namespace stmux {
@@ -65,6 +66,39 @@ TEST(ShimProcess, ATenantsCallsAreServed) {
   ASSERT_EQ(ran.status, 0) << ran.err;
   EXPECT_EQ(keyValues(ran.out)["failed"], "0");
   EXPECT_NE(ran.err.find("20 served by stmuxd"), std::string::npos) << ran.err;
+}
+
+// While another thread captures a blocking stream, CUDA forbids any use of
+// the legacy stream (a wait there invalidates the capture) and says so when
+// asked (the fake driver models it: FAKE_CUDA_BLOCKING_CAPTURE). A served
+// call waits for the legacy stream's earlier work, so in each mode the shim
+// runs such calls directly, counted as graph_capture, on their own stream
+// (other) as on the legacy stream; nothing of the shim's touches the legacy
+// stream meanwhile.
+TEST(ShimProcess, CallsBesideAnotherThreadsCaptureOfABlockingStreamRunDirectlyAndLeaveItBe) {
+  TempDir dir;
+  Daemon daemon(dir);
+  for (const char* mode : {"host", "stream"}) {
+    for (const char* stream : {"other", "legacy"}) {
+      const std::string what = std::string(mode) + " mode, " + stream + " stream";
+      const Ran ran = tenant(dir, {"beside-capture", "6", stream}, /*preload=*/true,
+                             {{"FAKE_CUDA_BLOCKING_CAPTURE", "1"}, {"STMUX_MODE", mode}});
+      ASSERT_EQ(ran.status, 0) << what << "\n" << ran.err;
+      auto said = keyValues(ran.out);
+      EXPECT_EQ(said["failed"], "0") << what;
+      EXPECT_EQ(said["invalidations"], "0")
+          << what << ": the shim used the legacy stream during the capture\n"
+          << ran.err;
+      const tools::ShimStats stats = tools::shimStats(ran.err);
+      EXPECT_EQ(stats.served, 0) << what << "\n" << ran.err;
+      EXPECT_EQ(stats.directCalls("graph_capture"), 6) << what << "\n" << ran.err;
+    }
+  }
+  // Without the capture the same calls are served.
+  const Ran plain = tenant(dir, {"beside-capture", "6", "other"});
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  EXPECT_EQ(keyValues(plain.out)["invalidations"], "0");
+  EXPECT_EQ(tools::shimStats(plain.err).served, 6) << plain.err;
 }
 
 // What the tenant's environment says to the shim about stmux's variables: a

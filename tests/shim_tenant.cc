@@ -28,6 +28,13 @@
 //                     reads it again (SCHED_BATCH first, the program's own
 //                     choice, with `batch`): prints "before"/"after" lines
 //                     of "POLICY SLICE_NS" (sched_getattr) and the status
+//   beside-capture N STREAM
+//                     N cublasSgemm_v2 calls on STREAM (legacy, or other: a
+//                     blocking stream of its own) while the fake driver has
+//                     another thread's capture of a blocking stream open
+//                     (FAKE_CUDA_BLOCKING_CAPTURE): prints the calls failed
+//                     and the uses of the legacy stream that would have
+//                     invalidated the capture
 //   steady S T        T threads, each a call every 2 ms for S seconds, each
 //                     with its own C: prints the share of the threads' time
 //                     spent inside calls after the first second, and the
@@ -119,7 +126,7 @@ int usage() {
       stderr,
       "usage: stmux-shim-tenant MODE [ARG]; modes: served N, alpha0, legacy, gemm-ex ALGO..., "
       "fork-attaching, fork-constructing, cancel, dlclose SHIM, mps-pipes S, slice [batch], "
-      "steady S T\n");
+      "beside-capture N legacy|other, steady S T\n");
   return 2;
 }
 
@@ -134,6 +141,26 @@ int main(int argc, char** argv) {
     for (int i = 0; i < calls; ++i)
       failed += sgemm(1.0f, 0.0f) == CUBLAS_STATUS_SUCCESS ? 0 : 1;
     std::printf("failed %d\n", failed);
+    return 0;
+  }
+  if (mode == "beside-capture" && argc == 4) {
+    const std::string stream = argv[3];
+    if (stream != "legacy" && stream != "other") return usage();
+    void* cuda = dlopen("libcuda.so.1", RTLD_NOW);
+    auto invalidations =
+        cuda != nullptr ? reinterpret_cast<int (*)()>(dlsym(cuda, "fakeCudaCaptureInvalidations"))
+                        : nullptr;
+    if (invalidations == nullptr) return 1;
+    // Any handle the fake driver takes for a stream that is not the legacy one.
+    if (stream == "other" && cublasSetStream_v2(handle(), reinterpret_cast<cudaStream_t>(0x61)) !=
+                                 CUBLAS_STATUS_SUCCESS) {
+      return 1;
+    }
+    const int calls = std::atoi(argv[2]);
+    int failed = 0;
+    for (int i = 0; i < calls; ++i)
+      failed += sgemm(1.0f, 0.0f) == CUBLAS_STATUS_SUCCESS ? 0 : 1;
+    std::printf("failed %d\ninvalidations %d\n", failed, invalidations());
     return 0;
   }
   if (mode == "mps-pipes" && argc == 3) {

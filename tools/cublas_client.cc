@@ -9,8 +9,9 @@
 //            cublasSgemm_v2, cublasSgemm_v2_64 and the legacy cublasSgemm
 //   stress   verified calls in a loop for a while, counting what came back,
 //            from one thread or several
-//   paths    calls the shim must hand to cuBLAS itself (graph capture, device
-//            pointer mode, pool and managed memory), verified
+//   paths    calls the shim must hand to cuBLAS itself (graph capture, another
+//            thread's capture of a blocking stream, device pointer mode, pool
+//            and managed memory), verified
 //   fork     children forked before and after this process used CUDA
 //   idle-free  one call, then memory freed while the process stays idle
 //   loop     a closed loop {sgemm; wait}, a tenant of stmux-bench (its start
@@ -36,6 +37,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <future>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -110,7 +113,8 @@ void usage(FILE* out) {
                "                                 shapes up to 96^3, or with --same-shape each\n"
                "                                 --m x --n x --k (default 256^3)\n"
                "  paths                          verified calls the shim must leave to cuBLAS:\n"
-               "                                 graph capture, device pointer mode, pool\n"
+               "                                 graph capture, another thread's capture of\n"
+               "                                 a blocking stream, device pointer mode, pool\n"
                "                                 (cudaMallocAsync) and managed memory\n"
                "  fork                           verified calls in children forked before\n"
                "                                 this process touches CUDA, then in itself\n"
@@ -393,9 +397,50 @@ const char* apiName(Api api) {
   return api == Api::kV2 ? "v2" : api == Api::kV2_64 ? "v2_64" : "legacy";
 }
 
-// How a v2 call is made: plainly, with alpha and beta in device memory, or
-// captured into a CUDA graph that is then launched.
-enum class Via { kPlain, kDevicePointers, kGraph };
+// How a v2 call is made: plainly, with alpha and beta in device memory,
+// captured into a CUDA graph that is then launched, or plainly while another
+// thread captures a blocking stream of its own (kBesideCapture).
+enum class Via { kPlain, kDevicePointers, kGraph, kBesideCapture };
+
+// Another thread's capture of a blocking stream (cudaStreamCaptureModeThreadLocal,
+// so that this thread's calls are its own business), open from construction
+// until close(): a memset captured, the graph launched. CUDA forbids any use
+// of the legacy stream meanwhile, and such a use invalidates the capture, which
+// then fails to end (exit 3).
+class CaptureBeside {
+ public:
+  CaptureBeside() {
+    EXIT_ON_CUDA_ERROR(cudaMalloc(&scratch_, 256));
+    thread_ = std::thread([this] {
+      cudaStream_t blocking = nullptr;
+      EXIT_ON_CUDA_ERROR(cudaStreamCreate(&blocking));
+      EXIT_ON_CUDA_ERROR(cudaStreamBeginCapture(blocking, cudaStreamCaptureModeThreadLocal));
+      EXIT_ON_CUDA_ERROR(cudaMemsetAsync(scratch_, 1, 256, blocking));
+      open_.set_value();
+      done_.get_future().wait();
+      cudaGraph_t graph;
+      EXIT_ON_CUDA_ERROR(cudaStreamEndCapture(blocking, &graph));
+      cudaGraphExec_t exec;
+      EXIT_ON_CUDA_ERROR(cudaGraphInstantiate(&exec, graph, 0));
+      EXIT_ON_CUDA_ERROR(cudaGraphLaunch(exec, blocking));
+      EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(blocking));
+      EXIT_ON_CUDA_ERROR(cudaGraphExecDestroy(exec));
+      EXIT_ON_CUDA_ERROR(cudaGraphDestroy(graph));
+      EXIT_ON_CUDA_ERROR(cudaStreamDestroy(blocking));
+    });
+    open_.get_future().wait();
+  }
+  void close() {
+    done_.set_value();
+    thread_.join();
+    EXIT_ON_CUDA_ERROR(cudaFree(scratch_));
+  }
+
+ private:
+  void* scratch_ = nullptr;
+  std::promise<void> open_, done_;
+  std::thread thread_;
+};
 
 // Runs one case: inputs copied in on the call's own stream with no wait, so
 // the call is correct only if it is ordered after them.
@@ -431,6 +476,8 @@ cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaSt
         EXIT_ON_CUBLAS_ERROR(cublasSetPointerMode_v2(handle, CUBLAS_POINTER_MODE_DEVICE));
         alpha = scalars, beta = scalars + 1;
       }
+      std::optional<CaptureBeside> beside;
+      if (via == Via::kBesideCapture) beside.emplace();
       if (via == Via::kGraph) {
         // Global: any thread's unsafe call during the capture invalidates it.
         EXIT_ON_CUDA_ERROR(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
@@ -440,6 +487,7 @@ cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaSt
                               static_cast<int>(c.n), static_cast<int>(c.k), alpha, a,
                               static_cast<int>(c.lda()), b, static_cast<int>(c.ldb()), beta, cc,
                               static_cast<int>(c.ldc()));
+      if (beside) beside->close();
       if (via == Via::kGraph) {
         cudaGraph_t graph;
         EXIT_ON_CUDA_ERROR(cudaStreamEndCapture(stream, &graph));
@@ -748,6 +796,10 @@ int paths(const Options& o) {
                          {"graph_capture", Via::kGraph, Memory::kDevice},
                          // Long enough for the shim's sweeper to run meanwhile.
                          {"graph_capture_held", Via::kGraph, Memory::kDevice, 2.5},
+                         // While another thread captures a blocking stream:
+                         // a served call's wait for the legacy stream would
+                         // invalidate that capture.
+                         {"beside_capture", Via::kBesideCapture, Memory::kDevice},
                          {"pool", Via::kPlain, Memory::kPool},
                          {"managed", Via::kPlain, Memory::kManaged}};
   const GemmCase cases[] = {{"nt-odd", 0, 1, 33, 17, 29},

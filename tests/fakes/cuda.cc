@@ -54,7 +54,32 @@ CUresult ipcGetMemHandle(CUipcMemHandle* handle, CUdeviceptr pointer) {
   std::memcpy(handle, &pointer, sizeof(pointer));
   return CUDA_SUCCESS;
 }
-CUresult streamIsCapturing(CUstream, CUstreamCaptureStatus* status) {
+// FAKE_CUDA_BLOCKING_CAPTURE: a blocking stream of the context is being
+// captured (another thread's), throughout. As CUDA documents it: asked about
+// the legacy stream, cuStreamIsCapturing answers
+// CUDA_ERROR_STREAM_CAPTURE_IMPLICIT and leaves the capture be; any other use
+// of the legacy stream (work queued, a wait, a query) or a wait for the whole
+// context is refused and would invalidate the capture, counted here
+// (fakeCudaCaptureInvalidations).
+bool blockingCapture() {
+  static const bool on = std::getenv("FAKE_CUDA_BLOCKING_CAPTURE") != nullptr;
+  return on;
+}
+std::atomic<int> g_invalidations{0};
+extern "C" int fakeCudaCaptureInvalidations() {
+  return g_invalidations.load();
+}
+bool isLegacy(CUstream stream) {
+  return stream == nullptr || stream == CU_STREAM_LEGACY;
+}
+// CUDA_SUCCESS, or the refusal of a use of the legacy stream in a capture.
+CUresult useOf(CUstream stream) {
+  if (!blockingCapture() || !isLegacy(stream)) return CUDA_SUCCESS;
+  ++g_invalidations;
+  return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+}
+CUresult streamIsCapturing(CUstream stream, CUstreamCaptureStatus* status) {
+  if (blockingCapture() && isLegacy(stream)) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
   *status = CU_STREAM_CAPTURE_STATUS_NONE;
   return CUDA_SUCCESS;
 }
@@ -125,20 +150,23 @@ CUresult launchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsign
                       unsigned, CUstream, void**, void**) {
   return CUDA_ERROR_NOT_SUPPORTED;
 }
-CUresult streamWriteValue32(CUstream, CUdeviceptr address, cuuint32_t value, unsigned) {
+CUresult streamWriteValue32(CUstream stream, CUdeviceptr address, cuuint32_t value, unsigned) {
+  if (const CUresult refused = useOf(stream); refused != CUDA_SUCCESS) return refused;
   __atomic_store_n(reinterpret_cast<cuuint32_t*>(address), value, __ATOMIC_RELEASE);
   return CUDA_SUCCESS;
 }
 // Waits and what needs no answer: an idle stream has nothing to wait for.
 CUresult ctxSynchronize() {
-  return CUDA_SUCCESS;
+  if (!blockingCapture()) return CUDA_SUCCESS;
+  ++g_invalidations;
+  return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
 }
 CUresult ctxGetId(CUcontext, unsigned long long* id) {
   *id = 1;
   return CUDA_SUCCESS;
 }
-CUresult streamSynchronize(CUstream) {
-  return CUDA_SUCCESS;
+CUresult streamSynchronize(CUstream stream) {
+  return useOf(stream);
 }
 CUresult ctxSetFlags(unsigned flags) {
   contextFlags().store(flags);
@@ -147,14 +175,14 @@ CUresult ctxSetFlags(unsigned flags) {
 CUresult ctxSetCurrent(CUcontext) {
   return CUDA_SUCCESS;
 }
-CUresult streamWaitEvent(CUstream, CUevent, unsigned) {
-  return CUDA_SUCCESS;
+CUresult streamWaitEvent(CUstream stream, CUevent, unsigned) {
+  return useOf(stream);
 }
-CUresult eventRecord(CUevent, CUstream) {
-  return CUDA_SUCCESS;
+CUresult eventRecord(CUevent, CUstream stream) {
+  return useOf(stream);
 }
-CUresult streamWaitValue32(CUstream, CUdeviceptr, cuuint32_t, unsigned) {
-  return CUDA_SUCCESS;
+CUresult streamWaitValue32(CUstream stream, CUdeviceptr, cuuint32_t, unsigned) {
+  return useOf(stream);
 }
 CUresult memHostRegister(void*, size_t, unsigned) {
   return CUDA_SUCCESS;
