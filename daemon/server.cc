@@ -284,9 +284,11 @@ void Server::run() {
       next_metrics_ns_ = 0;  // draining shows at once, not after the period
       publishMetrics(now);
     }
-    bool progressed = drainRings(now);
+    bool progressed = drainRings();
     std::uint64_t wake_at = 0;
-    progressed |= sink_.poll(now, wake_at);
+    // Not the turn's `now`: the requests just taken were timed as each was
+    // taken, later than that (drainRings).
+    progressed |= sink_.poll(nowNs(), wake_at);
     if (!lingering_.empty()) closeAnswered();
     if (notices_paused_ && sink_.takesNotices()) pauseNotices(false);
     if (draining_ && !progressed && !sink_.busy()) {
@@ -329,19 +331,19 @@ void Server::run() {
 // has had kBurst this turn or its ring is empty: a user's clients share one
 // client's part of the turn, and each gets its own part of that (a tenant
 // flooding its ring holds up the others of its uid a round at most).
-bool Server::drainRings(std::uint64_t now) {
+bool Server::drainRings() {
   ++ring_turn_;
   const std::size_t count = clients_.size();
   busy_.clear();  // the clients that gave a request in the last round
   for (std::size_t i = 0; i < count; ++i) {
     const std::size_t index = (rotate_ + i) % count;
-    if (takeRequest(clients_[index], now)) busy_.push_back(index);
+    if (takeRequest(clients_[index])) busy_.push_back(index);
   }
   const bool any = !busy_.empty();
   while (!busy_.empty()) {
     std::size_t kept = 0;
     for (const std::size_t index : busy_) {
-      if (takeRequest(clients_[index], now)) busy_[kept++] = index;
+      if (takeRequest(clients_[index])) busy_[kept++] = index;
     }
     busy_.resize(kept);
   }
@@ -349,7 +351,7 @@ bool Server::drainRings(std::uint64_t now) {
   return any;
 }
 
-bool Server::takeRequest(const ClientPtr& client, std::uint64_t now) {
+bool Server::takeRequest(const ClientPtr& client) {
   UserShare& user = *client->user_share;
   if (user.ring_turn != ring_turn_) {
     user.ring_turn = ring_turn_;
@@ -369,7 +371,10 @@ bool Server::takeRequest(const ClientPtr& client, std::uint64_t now) {
     }
     return true;
   }
-  sink_.onRequest(client, request, now);
+  // Timed as it is taken: a turn goes on as long as clients give requests,
+  // and one pushed after the turn began, timed at its start, seemed taken
+  // before it was sent (the status then left it out of the ring's count).
+  sink_.onRequest(client, request, nowNs());
   return true;
 }
 

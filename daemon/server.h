@@ -107,6 +107,8 @@ class RequestSink {
   // The client is gone (EOF) or the daemon dropped it.
   virtual void onDetach(const ClientPtr&) {}
   // A request whose slot index is in range; nothing else is checked yet.
+  // `now_ns`: when the server took it from its ring, after the client
+  // stamped it (submit_ns), and no later than the next poll's `now_ns`.
   virtual void onRequest(const ClientPtr& client, const Request& request, std::uint64_t now_ns) = 0;
   virtual void onRelease(const ClientPtr&, const std::uint64_t* /*alloc_ids*/,
                          std::size_t /*count*/) {}
@@ -211,10 +213,11 @@ class Server {
   struct Pending;  // accepted, greeting not yet received
   struct Reply;    // a status reply not yet wholly sent
 
-  bool drainRings(std::uint64_t now);
-  // One request of `client`'s into the sink, if its user's share of this
-  // turn allows and its ring has one; whether it took one.
-  bool takeRequest(const ClientPtr& client, std::uint64_t now);
+  bool drainRings();
+  // One request of `client`'s into the sink, timed as it is taken, if its
+  // user's share of this turn allows and its ring has one; whether it took
+  // one.
+  bool takeRequest(const ClientPtr& client);
   // Handles what epoll reports within `timeout_ns` (0: only what is ready
   // now; none: waits for something).
   void handleEvents(std::optional<std::uint64_t> timeout_ns);

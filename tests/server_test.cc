@@ -712,6 +712,42 @@ TEST(Server, AClientPushingWhileTheDaemonDrainsCannotKeepItFromEnding) {
   EXPECT_TRUE(ended) << "the drain went on while the client pushed";
 }
 
+// Each request is timed as the server takes it from its ring, not at the
+// start of the turn: a turn goes on while clients give requests, and one
+// pushed meanwhile seemed taken before it was sent, so the status left it out
+// of its ring count (CI's normal pass: Scheduler.StatusSaysWhereARoundsTimeGoes
+// waited 10 s for a pop the daemon never counted). Here the sink pushes the
+// next request, stamped then, as each is taken: it comes in the same turn.
+TEST(Server, ARequestIsTimedNoEarlierThanItWasSent) {
+  constexpr int kRequests = 1000;
+  class Refilling : public daemon::RequestSink {
+   public:
+    void onRequest(const daemon::ClientPtr& client, const Request& request,
+                   std::uint64_t now_ns) override {
+      if (now_ns < request.submit_ns) ++early;
+      if (++taken == kRequests) return;
+      RingProducer<Request> ring(client->view.ringHeader(), client->view.cells(),
+                                 client->view.layout().ring_capacity);
+      Request next = request;
+      next.submit_ns = nowNs();
+      (void)ring.tryPush(next);
+    }
+    std::atomic<int> taken{0}, early{0};
+  } sink;
+  TempDir dir;
+  testing::ServerThread server(testing::serverOptions(dir), sink);
+  auto tenant = Connection::open(options(dir));
+  ASSERT_TRUE(tenant.ok()) << tenant.message();
+  Request request{};
+  request.submit_ns = nowNs();
+  RingProducer<Request> ring(tenant.value()->view().ringHeader(), tenant.value()->view().cells(),
+                             tenant.value()->view().layout().ring_capacity);
+  ASSERT_TRUE(ring.tryPush(request));
+  (void)tenant.value()->sendRelease({0});  // wakes the daemon, were it asleep
+  ASSERT_TRUE(testing::waitFor([&] { return sink.taken == kRequests; })) << sink.taken;
+  EXPECT_EQ(sink.early, 0) << "of " << kRequests << " requests";
+}
+
 // How many statuses the daemon has built, this query's among them.
 std::uint64_t statusBuilds(const TempDir& dir) {
   auto reply = queryDaemonStatus(dir.socket(), "server_test", 10'000);
