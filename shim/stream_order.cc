@@ -236,9 +236,7 @@ StreamOrder::Queued StreamOrder::submit(const std::shared_ptr<Connection>& conne
   // The slot's own entry while this context has few connections: (caller,
   // seq) names one call of one slot, a name never given again.
   params.caller = segment->caller;
-  params.gate = static_cast<std::uint32_t>(
-      (std::uint64_t{segment->caller} * conn.view().layout().slot_count + entry.ticket.slot) %
-      kTakeoverGates);
+  params.gate = takeoverGate(segment->caller, entry.ticket.slot, conn.view().layout().slot_count);
   const Ticket mine = entry.ticket;
   entry.report = report;
   {

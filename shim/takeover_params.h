@@ -18,6 +18,19 @@ constexpr uint32_t kTakeoverGates = 4096;
 // were measured with.
 constexpr unsigned kWaitSleepNs = 2000;
 
+// The gate entry of the launch for slot `slot` of a caller with
+// `slot_count` slots (TakeoverParams::gate). A name (caller, seq) is one
+// call only among the caller's slots of one entry, and seqs are counted per
+// slot: each slot of a caller has an entry of its own while the caller's
+// slots fit the table; beyond it (STMUX_SLOTS above kTakeoverGates) two
+// slots would share one with the same seq in flight, and one launch could
+// take the other's answer, so none has an entry (each block reads its word).
+constexpr uint32_t takeoverGate(uint32_t caller, uint32_t slot, uint32_t slot_count) {
+  return slot_count <= kTakeoverGates
+             ? static_cast<uint32_t>((uint64_t{caller} * slot_count + slot) % kTakeoverGates)
+             : kTakeoverGates;
+}
+
 // Column-major, as cuBLAS: for each of `count` problems,
 // C = alpha * op(A) * op(B) + beta * C, with C not read when beta == 0 and A
 // and B not read when alpha == 0 or k == 0, then the epilogue

@@ -20,6 +20,7 @@
 #include <mutex>
 #include <new>
 #include <ostream>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -430,6 +431,30 @@ class StreamOrderTest : public ::testing::TestWithParam<StreamWait> {
   std::mutex mutex_;
   std::vector<StreamOutcome> outcomes_;
 };
+
+// Each slot of a caller has a gate entry of its own, or none (STMUX_SLOTS
+// above the table): seqs are counted per slot, so two slots of one caller on
+// one entry could have the same seq in flight, and one's launch take the
+// other's answer, computing nothing where it had to (found by review).
+TEST(TakeoverGate, EachSlotOfACallerHasAnEntryOfItsOwnOrNone) {
+  for (const std::uint32_t slot_count : {8u, 256u, kTakeoverGates, 2 * kTakeoverGates, 16384u}) {
+    for (const std::uint32_t caller : {1u, 2u, 77u, (1u << 31) - 1}) {
+      std::set<std::uint32_t> entries;
+      std::uint32_t none = 0;
+      for (std::uint32_t slot = 0; slot < slot_count; ++slot) {
+        const std::uint32_t gate = takeoverGate(caller, slot, slot_count);
+        if (gate == kTakeoverGates) {
+          ++none;
+        } else {
+          EXPECT_LT(gate, kTakeoverGates);
+          EXPECT_TRUE(entries.insert(gate).second)
+              << "slots " << slot_count << ", caller " << caller << ": entry " << gate << " twice";
+        }
+      }
+      EXPECT_EQ(none, slot_count <= kTakeoverGates ? 0u : slot_count) << slot_count;
+    }
+  }
+}
 
 TEST_P(StreamOrderTest, AServedCallReleasesItsStreamAndItsKernelLeavesCAlone) {
   float c = 0.0f;
