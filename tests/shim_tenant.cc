@@ -96,6 +96,14 @@ cublasStatus_t sgemm(float alpha, float beta, float* c = C) {
                         kDim, &beta, c, kDim);
 }
 
+// Of `calls` plain calls (C = A B), how many failed.
+int failedOf(int calls) {
+  int failed = 0;
+  for (int i = 0; i < calls; ++i)
+    failed += sgemm(1.0f, 0.0f) == CUBLAS_STATUS_SUCCESS ? 0 : 1;
+  return failed;
+}
+
 int socketsHeld() {
   int sockets = 0;
   DIR* fds = opendir("/proc/self/fd");
@@ -136,11 +144,7 @@ int main(int argc, char** argv) {
   if (argc < 2) return usage();
   const std::string mode = argv[1];
   if (mode == "served" && argc == 3) {
-    const int calls = std::atoi(argv[2]);
-    int failed = 0;
-    for (int i = 0; i < calls; ++i)
-      failed += sgemm(1.0f, 0.0f) == CUBLAS_STATUS_SUCCESS ? 0 : 1;
-    std::printf("failed %d\n", failed);
+    std::printf("failed %d\n", failedOf(std::atoi(argv[2])));
     return 0;
   }
   if (mode == "beside-capture" && argc == 4) {
@@ -156,10 +160,7 @@ int main(int argc, char** argv) {
                                  CUBLAS_STATUS_SUCCESS) {
       return 1;
     }
-    const int calls = std::atoi(argv[2]);
-    int failed = 0;
-    for (int i = 0; i < calls; ++i)
-      failed += sgemm(1.0f, 0.0f) == CUBLAS_STATUS_SUCCESS ? 0 : 1;
+    const int failed = failedOf(std::atoi(argv[2]));  // before the count is read
     std::printf("failed %d\ninvalidations %d\n", failed, invalidations());
     return 0;
   }

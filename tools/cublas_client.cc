@@ -402,6 +402,18 @@ const char* apiName(Api api) {
 // thread captures a blocking stream of its own (kBesideCapture).
 enum class Via { kPlain, kDevicePointers, kGraph, kBesideCapture };
 
+// Ends the capture on `stream`, then launches its graph there and waits for it.
+void launchCaptured(cudaStream_t stream) {
+  cudaGraph_t graph;
+  EXIT_ON_CUDA_ERROR(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec;
+  EXIT_ON_CUDA_ERROR(cudaGraphInstantiate(&exec, graph, 0));
+  EXIT_ON_CUDA_ERROR(cudaGraphLaunch(exec, stream));
+  EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
+  EXIT_ON_CUDA_ERROR(cudaGraphExecDestroy(exec));
+  EXIT_ON_CUDA_ERROR(cudaGraphDestroy(graph));
+}
+
 // Another thread's capture of a blocking stream (cudaStreamCaptureModeThreadLocal,
 // so that this thread's calls are its own business), open from construction
 // until close(): a memset captured, the graph launched. CUDA forbids any use
@@ -418,14 +430,7 @@ class CaptureBeside {
       EXIT_ON_CUDA_ERROR(cudaMemsetAsync(scratch_, 1, 256, blocking));
       open_.set_value();
       done_.get_future().wait();
-      cudaGraph_t graph;
-      EXIT_ON_CUDA_ERROR(cudaStreamEndCapture(blocking, &graph));
-      cudaGraphExec_t exec;
-      EXIT_ON_CUDA_ERROR(cudaGraphInstantiate(&exec, graph, 0));
-      EXIT_ON_CUDA_ERROR(cudaGraphLaunch(exec, blocking));
-      EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(blocking));
-      EXIT_ON_CUDA_ERROR(cudaGraphExecDestroy(exec));
-      EXIT_ON_CUDA_ERROR(cudaGraphDestroy(graph));
+      launchCaptured(blocking);
       EXIT_ON_CUDA_ERROR(cudaStreamDestroy(blocking));
     });
     open_.get_future().wait();
@@ -488,16 +493,7 @@ cublasStatus_t runCase(const GemmCase& c, Api api, cublasHandle_t handle, cudaSt
                               static_cast<int>(c.lda()), b, static_cast<int>(c.ldb()), beta, cc,
                               static_cast<int>(c.ldc()));
       if (beside) beside->close();
-      if (via == Via::kGraph) {
-        cudaGraph_t graph;
-        EXIT_ON_CUDA_ERROR(cudaStreamEndCapture(stream, &graph));
-        cudaGraphExec_t exec;
-        EXIT_ON_CUDA_ERROR(cudaGraphInstantiate(&exec, graph, 0));
-        EXIT_ON_CUDA_ERROR(cudaGraphLaunch(exec, stream));
-        EXIT_ON_CUDA_ERROR(cudaStreamSynchronize(stream));
-        EXIT_ON_CUDA_ERROR(cudaGraphExecDestroy(exec));
-        EXIT_ON_CUDA_ERROR(cudaGraphDestroy(graph));
-      }
+      if (via == Via::kGraph) launchCaptured(stream);
       if (via == Via::kDevicePointers) {
         EXIT_ON_CUBLAS_ERROR(cublasSetPointerMode_v2(handle, CUBLAS_POINTER_MODE_HOST));
       }

@@ -69,17 +69,18 @@ std::atomic<int> g_invalidations{0};
 extern "C" int fakeCudaCaptureInvalidations() {
   return g_invalidations.load();
 }
-bool isLegacy(CUstream stream) {
-  return stream == nullptr || stream == CU_STREAM_LEGACY;
+// Whether `stream` is the legacy stream while the capture is open.
+bool legacyInCapture(CUstream stream) {
+  return blockingCapture() && (stream == nullptr || stream == CU_STREAM_LEGACY);
 }
 // CUDA_SUCCESS, or the refusal of a use of the legacy stream in a capture.
 CUresult useOf(CUstream stream) {
-  if (!blockingCapture() || !isLegacy(stream)) return CUDA_SUCCESS;
+  if (!legacyInCapture(stream)) return CUDA_SUCCESS;
   ++g_invalidations;
   return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
 }
 CUresult streamIsCapturing(CUstream stream, CUstreamCaptureStatus* status) {
-  if (blockingCapture() && isLegacy(stream)) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+  if (legacyInCapture(stream)) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
   *status = CU_STREAM_CAPTURE_STATUS_NONE;
   return CUDA_SUCCESS;
 }
